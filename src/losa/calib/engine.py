@@ -1,0 +1,190 @@
+"""Layer-sequential calibration engine.
+
+It captures the inputs of the first decoder layer, then for each decoder layer in turn:
+
+1. moves the layer to the compute device (the rest of the model stays offloaded when it does not fit),
+2. runs it over all calibration samples with hooks that feed the statistics a visitor asks for,
+3. hands everything to the visitor (which may prune or measure the layer),
+4. recomputes the layer's outputs if the visitor modified it, and uses them as the next layer's inputs.
+
+Memory is the model, one layer's work and the calibration activations. Pruning (Wanda, SparseGPT),
+RMI Gram matrices and reconstruction errors are all visitors of this one engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from losa.calib.hooks import collect_inputs
+from losa.calib.stats import InputStat
+from losa.errors import LosaError
+from losa.models.linear import in_features
+from losa.models.registry import ArchSpec, get_arch, get_decoder_layers, linear_modules
+from losa.utils.device import resolve_device
+
+
+@dataclass
+class LayerContext:
+    """What a visitor sees for one decoder layer."""
+
+    index: int
+    layer: nn.Module
+    linears: dict[str, nn.Module]
+    stats: dict[str, InputStat]
+    inputs: list[torch.Tensor]  #: per calibration batch, ``[b, seq, hidden]``
+    outputs: list[torch.Tensor]  #: the layer's outputs before any modification
+    engine: LayerwiseEngine
+    modified: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def forward(self, inputs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Run this layer (as it is now) over ``inputs`` (default: the calibration inputs)."""
+        return self.engine.forward_layer(self.layer, self.inputs if inputs is None else inputs)
+
+
+class LayerVisitor(Protocol):
+    def stats_for(self, index: int, linears: dict[str, nn.Module]) -> dict[str, InputStat]:
+        """The statistics to gather for this layer's linear modules (may be empty)."""
+        ...
+
+    def visit(self, ctx: LayerContext) -> None:
+        """Inspect or modify the layer; set ``ctx.modified = True`` after changing weights."""
+        ...
+
+
+class _Captured(Exception):
+    pass
+
+
+def _layer_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+class LayerwiseEngine:
+    """Runs calibration samples through a causal LM one decoder layer at a time."""
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, device: str | torch.device | None = "auto",
+                 batch_size: int = 1, offload: bool | None = None, progress: bool = True,
+                 desc: str = "calibrating") -> None:
+        if input_ids.ndim != 2 or input_ids.numel() == 0:
+            raise LosaError("calibration input_ids must be a non-empty [nsamples, seqlen] tensor")
+        self.model = model
+        self.spec: ArchSpec = get_arch(model)
+        self.layers = get_decoder_layers(model, self.spec)
+        self.device = resolve_device(device)
+        self.input_ids = input_ids
+        self.batch_size = max(1, int(batch_size))
+        self.progress = progress
+        self.desc = desc
+        self.offload = self._decide_offload() if offload is None else offload
+        self._kwargs: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ devices
+    def _decide_offload(self) -> bool:
+        if self.device.type != "cuda":
+            return False
+        need = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return need > 0.7 * free
+
+    @contextlib.contextmanager
+    def _placement(self) -> Iterator[None]:
+        """Everything except the decoder layers on the device; layers come over one at a time when
+        offloading, otherwise the whole model is moved. The original placement is restored after."""
+        orig = next(self.model.parameters()).device
+        if self.device == orig:
+            yield
+            return
+        if self.offload:
+            parent_path, _, attr = self.spec.layers_path.rpartition(".")
+            parent = self.model.get_submodule(parent_path) if parent_path else self.model
+            layers = getattr(parent, attr)
+            setattr(parent, attr, nn.ModuleList())
+            try:
+                self.model.to(self.device)
+            finally:
+                setattr(parent, attr, layers)
+        else:
+            self.model.to(self.device)
+        try:
+            yield
+        finally:
+            self.model.to(orig)
+
+    # ------------------------------------------------------------------ capture
+    def capture(self) -> list[torch.Tensor]:
+        """Inputs (and keyword arguments) of the first decoder layer for every calibration batch."""
+        captured: list[torch.Tensor] = []
+        self._kwargs = []
+
+        def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values",
+                                                                 "past_key_value", "layer_past")}
+            kw["use_cache"] = False
+            captured.append(hidden.detach())
+            self._kwargs.append(kw)
+            raise _Captured
+
+        handle = self.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+        try:
+            for start in range(0, len(self.input_ids), self.batch_size):
+                batch = self.input_ids[start:start + self.batch_size].to(self.device)
+                with contextlib.suppress(_Captured):
+                    self.model(input_ids=batch, use_cache=False)
+        finally:
+            handle.remove()
+        if len(captured) != -(-len(self.input_ids) // self.batch_size):
+            raise LosaError(f"could not capture the inputs of the first decoder layer of {type(self.model).__name__}")
+        return captured
+
+    def forward_layer(self, layer: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [_layer_output(layer(x, **kw)).detach() for x, kw in zip(inputs, self._kwargs)]
+
+    # ------------------------------------------------------------------ main loop
+    @torch.no_grad()
+    def run(self, visitor: LayerVisitor, layer_indices: Sequence[int] | None = None) -> None:
+        """Visit every decoder layer in order (or only up to the last of ``layer_indices``)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._placement():
+                hidden = self.capture()
+                indices = range(len(self.layers)) if layer_indices is None else sorted(set(layer_indices))
+                last = max(indices) if len(indices) else -1
+                wanted = set(indices)
+                bar = tqdm(range(last + 1), desc=self.desc, unit="layer", disable=not self.progress)
+                for i in bar:
+                    layer = self.layers[i]
+                    if self.offload:
+                        layer.to(self.device)
+                    try:
+                        if i in wanted:
+                            hidden = self._visit_layer(i, layer, hidden, visitor)
+                        else:
+                            hidden = self.forward_layer(layer, hidden)
+                    finally:
+                        if self.offload:
+                            layer.to("cpu")
+        finally:
+            self.model.train(was_training)
+
+    def _visit_layer(self, i: int, layer: nn.Module, hidden: list[torch.Tensor],
+                     visitor: LayerVisitor) -> list[torch.Tensor]:
+        linears = linear_modules(layer, self.spec)
+        stats = visitor.stats_for(i, linears)
+        for name, st in stats.items():
+            if st.in_features != in_features(linears[name]):
+                raise LosaError(f"layer {i} {name}: statistic shape does not match the module")
+        with collect_inputs(linears, stats):
+            outputs = self.forward_layer(layer, hidden)
+        ctx = LayerContext(i, layer, linears, stats, hidden, outputs, self)
+        visitor.visit(ctx)
+        return ctx.forward() if ctx.modified else outputs

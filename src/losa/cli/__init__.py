@@ -1,0 +1,67 @@
+"""The ``losa`` command line. Each command lives in its own module exposing ``register(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from losa.errors import LosaError
+
+#: command modules, in help order; a module that is absent (optional feature) is skipped
+COMMAND_MODULES = ("prune", "eval", "inspect", "run", "generate", "report")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import losa
+
+    parser = argparse.ArgumentParser(
+        prog="losa",
+        description="Make LLMs sparse without losing quality: one-shot pruning, LoSA, evaluation, sparse inference.",
+    )
+    parser.add_argument("--version", action="version", version=f"losa {losa.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"losa.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"losa.cli.{name}":
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except LosaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""``losa eval``: perplexity (``ppl``) and zero-shot tasks (``zeroshot``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from losa.cli.common import add_data_dir_arg, add_model_arg, add_quiet_arg
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model: perplexity or zero-shot tasks")
+    esub = p.add_subparsers(dest="eval_command", metavar="KIND")
+    pp = esub.add_parser("ppl", help="perplexity on wikitext2 / c4 / ptb or a local text file",
+                         description="Standard protocol: join the test rows, tokenize once, non-overlapping "
+                                     "windows of --seqlen, exp(mean token NLL).")
+    add_model_arg(pp)
+    pp.add_argument("--datasets", default="wikitext2", help="comma-separated: wikitext2, c4, ptb or file paths")
+    pp.add_argument("--seqlen", type=int, default=2048, help="window length (default: 2048)")
+    pp.add_argument("--max-windows", type=int, default=None, help="only the first N windows")
+    pp.add_argument("--batch-size", type=int, default=1, help="windows per forward (default: 1)")
+    pp.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    pp.add_argument("--out", help="write the results to this JSON file")
+    add_data_dir_arg(pp)
+    add_quiet_arg(pp)
+    pp.set_defaults(func=run_ppl)
+    try:
+        importlib.import_module("losa.cli.eval_zeroshot").register(esub)
+    except ModuleNotFoundError as e:
+        if e.name != "losa.cli.eval_zeroshot":
+            raise
+    p.set_defaults(func=lambda a: (p.print_help(), 1)[1])
+
+
+def run_ppl(args: argparse.Namespace) -> int:
+    import losa
+    from losa.eval.ppl import perplexity
+    from losa.utils.device import resolve_device
+    from losa.utils.io import atomic_write_json
+
+    model, tok = losa.load_model(args.model, dtype=args.dtype)
+    model.to(resolve_device(args.device))
+    results = {}
+    for d in [x.strip() for x in args.datasets.split(",") if x.strip()]:
+        r = perplexity(model, tok, d, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size,
+                       data_dir=args.data_dir, progress=not args.quiet, return_details=True)
+        results[d] = r.as_dict()
+        print(f"{d}: perplexity {r.ppl:.4f} ({r.windows} windows x {r.seqlen} tokens)")
+    if args.out:
+        atomic_write_json(args.out, {"model": args.model, "perplexity": results})
+    return 0

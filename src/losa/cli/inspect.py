@@ -1,0 +1,53 @@
+"""``losa inspect``: sparsity of every linear module, per layer and overall, and N:M checks."""
+
+from __future__ import annotations
+
+import argparse
+
+from losa.cli.common import add_model_arg
+from losa.config import parse_nm
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="report the sparsity of a model and check N:M patterns",
+                       description="Per-module, per-layer and overall sparsity of the decoder's linear layers.")
+    add_model_arg(p, default=None)
+    p.add_argument("--nm", help="check this N:M pattern (e.g. 2:4) on every module")
+    p.add_argument("--modules", action="store_true", help="list every module, not only layers")
+    p.add_argument("--json", dest="json_out", help="also write the full report to this JSON file")
+    p.add_argument("--min-sparsity", type=float, default=None,
+                   help="exit with status 1 if the overall sparsity is below this value")
+    p.set_defaults(func=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import losa
+    from losa.utils.io import atomic_write_json
+    from losa.verify import sparsity_report
+
+    nm = parse_nm(args.nm) if args.nm else None
+    model, _ = losa.load_model(args.model, dtype=args.dtype)
+    rep = sparsity_report(model, nm)
+    print(f"{'layer':>5}  {'params':>12}  {'sparsity':>8}")
+    for row in rep["layers"]:
+        print(f"{row['layer']:>5}  {row['numel']:>12,}  {row['sparsity']:>8.4f}")
+    if args.modules:
+        for name, m in rep["modules"].items():
+            extra = f"  {m['nm']} {'ok' if m['nm_ok'] else 'VIOLATED'}" if "nm" in m else ""
+            print(f"  {name:<48} {str(tuple(m['shape'])):>14}  {m['sparsity']:.4f}{extra}")
+    print(f"overall sparsity: {rep['overall']:.4f} ({rep['numel']:,} weights in decoder linear layers)")
+    ok = True
+    if nm is not None:
+        bad = [n for n, m in rep["modules"].items() if not m["nm_ok"]]
+        ok = not bad
+        print(f"{args.nm} pattern: {'satisfied by every module' if ok else f'VIOLATED in {len(bad)} modules'}")
+    else:
+        for m_ in (4, 8):
+            worst = max((m["max_nonzeros_per_group"][str(m_)] or m_) for m in rep["modules"].values())
+            print(f"at most {worst} non-zeros in any group of {m_} (satisfies {worst}:{m_})")
+    if args.json_out:
+        atomic_write_json(args.json_out, rep)
+    if args.min_sparsity is not None and rep["overall"] < args.min_sparsity:
+        print(f"overall sparsity {rep['overall']:.4f} is below --min-sparsity {args.min_sparsity}")
+        ok = False
+    return 0 if ok else 1

@@ -1,0 +1,104 @@
+"""``losa prune``: one-shot pruning of a causal LM, verified, evaluated and saved."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from losa.cli.common import add_data_dir_arg, add_model_arg, add_quiet_arg, data_available
+from losa.config import PruneConfig, build_config, load_recipe
+
+#: flag name -> PruneConfig field
+_FIELDS = ("method", "sparsity", "nm", "nm_n", "calib", "nsamples", "seqlen", "seed", "data_dir",
+           "calib_batch_size", "blocksize", "percdamp", "device")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help="one-shot prune a model (magnitude, Wanda, SparseGPT)",
+                       description="Prune every linear layer of the decoder, verify the result, report "
+                                   "perplexity and save an HF checkpoint with losa.json.")
+    add_model_arg(p)
+    p.add_argument("--recipe", help="YAML file with PruneConfig fields; flags given explicitly override it")
+    p.add_argument("--method", help="magnitude | wanda | sparsegpt (default: wanda)")
+    p.add_argument("--sparsity", type=float, help="unstructured sparsity in [0, 1) (default: 0.5)")
+    p.add_argument("--nm", help="semi-structured N:M pattern, e.g. 2:4 or 4:8 (replaces --sparsity)")
+    p.add_argument("--nm-n", type=lambda s: [int(x) for x in s.split(",")],
+                   help="mixed N:M: comma-separated N per decoder layer (M from --nm)")
+    p.add_argument("--calib", help="calibration source: c4, wikitext2, ptb, self (model-generated), or a "
+                                   ".txt/.json/.jsonl file (default: c4 when a data dir is set, else self)")
+    p.add_argument("--nsamples", type=int, help="calibration windows (default: 128)")
+    p.add_argument("--seqlen", type=int, help="calibration window length in tokens (default: 2048)")
+    p.add_argument("--seed", type=int, help="calibration sampling seed (default: 0)")
+    p.add_argument("--calib-batch-size", type=int, help="windows per forward during calibration (default: 1)")
+    p.add_argument("--blocksize", type=int, help="SparseGPT block size (default: 128)")
+    p.add_argument("--percdamp", type=float, help="SparseGPT dampening, fraction of mean diag(H) (default: 0.01)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto)")
+    add_data_dir_arg(p)
+    p.add_argument("--eval", default=None,
+                   help="comma-separated perplexity datasets after pruning (default: wikitext2 when a data dir "
+                        "is set); 'none' to skip")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window length (default: --seqlen)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--compare-dense", action="store_true", help="also measure the dense model's perplexity first")
+    p.add_argument("--out", help="output directory for the pruned checkpoint (default: runs/<model>-<recipe>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--no-save", action="store_true", help="do not write a checkpoint")
+    add_quiet_arg(p)
+    p.set_defaults(func=run_prune)
+
+
+def config_from_args(args: argparse.Namespace) -> PruneConfig:
+    values = load_recipe(args.recipe) if args.recipe else {}
+    for f in _FIELDS:
+        v = getattr(args, f, None)
+        if v is not None:
+            values[f] = v
+    if "nm" in values and "sparsity" not in values:
+        values.pop("sparsity", None)
+    if "calib" not in values:
+        values["calib"] = "c4" if data_available(values.get("data_dir")) else "self"
+    return build_config(PruneConfig, values)
+
+
+def _default_out(model: str, cfg: PruneConfig) -> Path:
+    tag = cfg.nm.replace(":", "of") if cfg.nm else (f"{round(cfg.sparsity * 100)}" if isinstance(cfg.sparsity, float)
+                                                    else "layerwise")
+    return Path("runs") / f"{Path(model).name.removesuffix('.gguf')}-{cfg.method}-{tag}"
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    import losa
+    from losa.eval.ppl import perplexity
+
+    cfg = config_from_args(args)
+    progress = not args.quiet
+    evals = args.eval if args.eval is not None else ("wikitext2" if data_available(cfg.data_dir) else "none")
+    datasets = [] if evals == "none" else [d.strip() for d in evals.split(",") if d.strip()]
+    eval_seqlen = args.eval_seqlen or cfg.seqlen
+    print(f"losa prune: {args.model} | {cfg.describe()} | calibration {cfg.calib} "
+          f"{cfg.nsamples}x{cfg.seqlen} seed {cfg.seed}")
+    model, tok = losa.load_model(args.model, dtype=args.dtype)
+
+    def ppl_all(tag: str) -> dict[str, float]:
+        out = {}
+        for d in datasets:
+            out[d] = perplexity(model, tok, d, seqlen=eval_seqlen, max_windows=args.max_windows,
+                                data_dir=cfg.data_dir, progress=progress)
+            print(f"  {tag} {d} perplexity (seqlen {eval_seqlen}, windows {args.max_windows or 'all'}): {out[d]:.3f}")
+        return out
+
+    dense = ppl_all("dense") if args.compare_dense else {}
+    report = losa.prune(model, tok, cfg, progress=progress)
+    sp = report["sparsity"]
+    print(f"  verified: overall sparsity {sp['overall']:.4f} over {len(sp['modules'])} linear modules "
+          f"in {len(sp['layers'])} layers; prune time {report['timings']['total_s']:.1f}s")
+    pruned = ppl_all("pruned")
+    if not args.no_save:
+        out = Path(args.out) if args.out else _default_out(args.model, cfg)
+        manifest = {"source_model": args.model, "recipe": report["recipe"], "nm": report["nm"],
+                    "layer_targets": report["targets"], "sparsity": sp, "timings": report["timings"],
+                    "results": {"ppl": pruned, "dense_ppl": dense, "eval_seqlen": eval_seqlen,
+                                "max_windows": args.max_windows}}
+        losa.save_checkpoint(model, tok, out, manifest, overwrite=args.overwrite)
+        print(f"  saved checkpoint to {out} (losa.json holds the recipe and per-module sparsity)")
+    return 0

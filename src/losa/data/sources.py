@@ -1,0 +1,156 @@
+"""Named datasets (wikitext2, c4, ptb) from a local directory or the HF hub, and local text files.
+
+Local layout (as in ``shared/data``): ``wikitext-2-raw/wiki.{train,valid,test}.raw``,
+``c4/c4_{train,validation}_part0.jsonl``, ``ptb/ptb.{train,valid,test}.txt``. The directory comes
+from ``data_dir``, else ``$LOSA_DATA_DIR``. Only when neither is set does losa try the HF hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from losa.errors import LosaError
+
+NAMED_FILES: dict[str, dict[str, str]] = {
+    "wikitext2": {
+        "train": "wikitext-2-raw/wiki.train.raw",
+        "validation": "wikitext-2-raw/wiki.valid.raw",
+        "test": "wikitext-2-raw/wiki.test.raw",
+    },
+    "c4": {"train": "c4/c4_train_part0.jsonl", "validation": "c4/c4_validation_part0.jsonl"},
+    "ptb": {"train": "ptb/ptb.train.txt", "validation": "ptb/ptb.valid.txt", "test": "ptb/ptb.test.txt"},
+}
+#: the split each dataset is evaluated on (C4 has no public test split)
+EVAL_SPLIT = {"wikitext2": "test", "c4": "validation", "ptb": "test"}
+_SPLIT_ALIASES = {"valid": "validation", "val": "validation"}
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
+    d = data_dir if data_dir is not None else os.environ.get("LOSA_DATA_DIR")
+    if d is None or d == "":
+        return None
+    p = Path(d).expanduser()
+    if not p.is_dir():
+        raise LosaError(f"data directory {p} does not exist; fix --data-dir / LOSA_DATA_DIR")
+    return p
+
+
+def is_named(source: str) -> bool:
+    return source in NAMED_FILES
+
+
+def _wikitext_rows(raw: str) -> list[str]:
+    """Rows as in HF ``wikitext-2-raw-v1``: one per line, newline kept, blank lines as ''."""
+    return ["" if line.strip() == "" else line for line in raw.splitlines(keepends=True)]
+
+
+def _read_local(source: str, split: str, path: Path) -> list[str]:
+    if source == "wikitext2":
+        return _wikitext_rows(path.read_text(encoding="utf-8"))
+    if source == "ptb":
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_text_file(path)
+
+
+def _read_hub(source: str, split: str) -> list[str]:
+    from datasets import load_dataset
+
+    if source == "wikitext2":
+        return list(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+    if source == "ptb":
+        return list(load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"])
+    files = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+    return list(load_dataset("allenai/c4", data_files={split: files[split]}, split=split)["text"])
+
+
+def load_documents(source: str, split: str = "test", data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Rows/documents of a named dataset split, or of a local ``.txt``/``.json``/``.jsonl`` file."""
+    split = _SPLIT_ALIASES.get(split, split)
+    if not is_named(source):
+        return read_text_file(Path(source))
+    files = NAMED_FILES[source]
+    if split not in files:
+        raise LosaError(f"{source} has no {split!r} split; available: {', '.join(files)}")
+    root = resolve_data_dir(data_dir)
+    if root is not None:
+        path = root / files[split]
+        if not path.is_file():
+            raise LosaError(f"{source} {split} split not found: {path} is missing; put the file there or "
+                            f"point --data-dir / LOSA_DATA_DIR at a directory that has it")
+        return _read_local(source, split, path)
+    try:
+        return _read_hub(source, split)
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
+        raise LosaError(f"{source} {split}: no --data-dir / LOSA_DATA_DIR given and the HF hub failed "
+                        f"({type(e).__name__}); pass --data-dir with a local copy") from None
+
+
+def join_for_eval(source: str, docs: list[str]) -> str:
+    """The standard evaluation text: WikiText rows joined by blank lines, C4/PTB by spaces."""
+    if source == "wikitext2":
+        return "\n\n".join(docs)
+    return " ".join(docs)
+
+
+def eval_text(source: str, data_dir: str | os.PathLike | None = None, split: str | None = None) -> str:
+    """The evaluation text of a dataset (its standard split) or of a local file."""
+    if is_named(source):
+        return join_for_eval(source, load_documents(source, split or EVAL_SPLIT[source], data_dir))
+    return "\n\n".join(read_text_file(Path(source)))
+
+
+def format_alpaca(rec: dict) -> tuple[str, str]:
+    """(prompt, response) of an Alpaca record (instruction, optional input, output)."""
+    instr, inp = rec.get("instruction", ""), rec.get("input", "")
+    if inp:
+        prompt = (f"Below is an instruction that describes a task, paired with an input that provides further "
+                  f"context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                  f"{instr}\n\n### Input:\n{inp}\n\n### Response:\n")
+    else:
+        prompt = (f"Below is an instruction that describes a task. Write a response that appropriately completes "
+                  f"the request.\n\n### Instruction:\n{instr}\n\n### Response:\n")
+    return prompt, str(rec.get("output", ""))
+
+
+def _record_text(rec: object, path: Path) -> str:
+    if isinstance(rec, str):
+        return rec
+    if isinstance(rec, dict):
+        if "text" in rec:
+            return str(rec["text"])
+        if "instruction" in rec and "output" in rec:
+            prompt, resp = format_alpaca(rec)
+            return prompt + resp
+    raise LosaError(f"{path}: records need a 'text' field or Alpaca 'instruction'/'output' fields")
+
+
+def read_records(path: Path) -> list:
+    """Raw records of a ``.json`` (list, or {'data': list}) or ``.jsonl`` file."""
+    if not path.is_file():
+        raise LosaError(f"data file {path} not found; check the path")
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LosaError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix the file") from None
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        obj = obj["data"]
+    if not isinstance(obj, list):
+        raise LosaError(f"{path}: expected a JSON list of records")
+    return obj
+
+
+def read_text_file(path: Path) -> list[str]:
+    """Documents of a local file: ``.txt`` is one document; ``.json``/``.jsonl`` one per record."""
+    path = Path(path)
+    if not path.is_file():
+        raise LosaError(f"data file {path} not found; give a wikitext2/c4/ptb/self source or an existing "
+                        ".txt/.json/.jsonl file")
+    if path.suffix in (".json", ".jsonl"):
+        return [_record_text(r, path) for r in read_records(path)]
+    if path.suffix in (".txt", ".raw", ".md", ""):
+        return [path.read_text(encoding="utf-8")]
+    raise LosaError(f"unsupported data file type {path.suffix!r} for {path}; use .txt, .json or .jsonl")

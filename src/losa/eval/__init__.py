@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (``ppl``) and zero-shot tasks through lm-evaluation-harness (``zeroshot``)."""

