@@ -50,6 +50,18 @@ def make_tiny_model(model_type: str = "llama", seed: int = 0, layers: int = 2, h
     return model
 
 
+def make_tiny_tokenizer(vocab: int = 128):
+    """A word-level tokenizer over ``vocab`` ids (built offline with ``tokenizers``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"word{i}" for i in range(vocab - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
 @pytest.fixture
 def tiny_model():
     return make_tiny_model

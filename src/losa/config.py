@@ -66,6 +66,15 @@ class PruneConfig(BaseModel):
                 raise ValueError(f"sparsity {s} is outside [0, 1); use e.g. 0.5 for 50 %")
         return v
 
+    @field_validator("calib")
+    @classmethod
+    def _calib(cls, v: str) -> str:
+        from losa.data.sources import NAMED_FILES
+
+        if v != "self" and v not in NAMED_FILES and not Path(v).is_file():
+            raise ValueError(f"calibration source {v!r} is not c4/wikitext2/ptb/self and no such file exists")
+        return v
+
     @field_validator("nm")
     @classmethod
     def _nm(cls, v: str | None) -> str | None:

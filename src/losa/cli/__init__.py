@@ -35,13 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(progress: bool = True) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        if not progress:
+            transformers.utils.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
 
@@ -52,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
-    _quiet_libraries()
+    _quiet_libraries(progress=not getattr(args, "quiet", False))
     try:
         return int(args.func(args) or 0)
     except LosaError as e:

@@ -75,8 +75,11 @@ def run_prune(args: argparse.Namespace) -> int:
     evals = args.eval if args.eval is not None else ("wikitext2" if data_available(cfg.data_dir) else "none")
     datasets = [] if evals == "none" else [d.strip() for d in evals.split(",") if d.strip()]
     eval_seqlen = args.eval_seqlen or cfg.seqlen
-    print(f"losa prune: {args.model} | {cfg.describe()} | calibration {cfg.calib} "
-          f"{cfg.nsamples}x{cfg.seqlen} seed {cfg.seed}")
+    from losa.pruning import get_pruner
+
+    calib = (f"calibration {cfg.calib} {cfg.nsamples}x{cfg.seqlen} seed {cfg.seed}"
+             if get_pruner(cfg.method).stat is not None else "no calibration needed")
+    print(f"losa prune: {args.model} | {cfg.describe()} | {calib}")
     model, tok = losa.load_model(args.model, dtype=args.dtype)
 
     def ppl_all(tag: str) -> dict[str, float]:

@@ -120,7 +120,7 @@ def _load_hf(name: str, dtype: torch.dtype, **kwargs):
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as e:  # noqa: BLE001 - tokenizer is optional for some local checkpoints
-        log.warning("no tokenizer for %s (%s)", name, e)
+        log.warning("no tokenizer for %s (%s)", name, str(e).splitlines()[0])
         tok = None
     return model, tok
 

@@ -1,0 +1,99 @@
+"""Data sources: the WikiText protocol, seeded calibration windows, self-generated text, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from losa.data import eval_text, get_calibration, load_documents
+from losa.errors import LosaError
+
+
+class CharTok:
+    """A character-level tokenizer: token id = byte value (independent of transformers)."""
+
+    pad_token_id = 0
+    eos_token_id = 0
+
+    def __call__(self, text, return_tensors=None):
+        texts = [text] if isinstance(text, str) else text
+        ids = torch.tensor([[b % 128 for b in t.encode()] for t in texts])
+
+        class Enc:
+            input_ids = ids
+            attention_mask = torch.ones_like(ids)
+        return Enc
+
+
+def test_wikitext_rows_follow_hf_layout(data_dir):
+    rows = load_documents("wikitext2", "test", data_dir)
+    raw = (data_dir / "wikitext-2-raw/wiki.test.raw").read_text()
+    assert rows[0] == "" and rows[1] == " = Robert Boulter = \n" and rows[2] == ""
+    assert len(rows) == raw.count("\n") == 4358
+    text = eval_text("wikitext2", data_dir)
+    assert text.startswith("\n\n = Robert Boulter = \n" + "\n\n" + "" + "\n\n" + " Robert Boulter is an English film")
+
+
+def test_ptb_and_c4(data_dir):
+    ptb = eval_text("ptb", data_dir)
+    assert ptb.startswith("no it was n't black monday but while")
+    c4 = load_documents("c4", "train", data_dir)
+    assert len(c4) == 1041 and c4[0].startswith("Beginners BBQ Class Taking Place in Missoula!")
+
+
+def test_calibration_windows_are_seeded_slices(tmp_path):
+    text = "".join(chr(97 + (i * 7) % 26) for i in range(500))
+    f = tmp_path / "t.txt"
+    f.write_text(text)
+    a = get_calibration(CharTok(), str(f), nsamples=4, seqlen=32, seed=1)
+    b = get_calibration(CharTok(), str(f), nsamples=4, seqlen=32, seed=1)
+    c = get_calibration(CharTok(), str(f), nsamples=4, seqlen=32, seed=2)
+    assert a.shape == (4, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    full = CharTok()(text).input_ids[0]
+    for row in a:  # every window is a contiguous slice of the token stream
+        assert any(torch.equal(full[s:s + 32], row) for s in range(len(full) - 31))
+
+
+def test_c4_protocol_windows_inside_one_document(data_dir):
+    docs = load_documents("c4", "train", data_dir)
+    ids = get_calibration(CharTok(), "c4", nsamples=3, seqlen=64, seed=0, data_dir=data_dir)
+    for row in ids:
+        s = bytes(row.tolist()).decode("latin-1")
+        assert any(s in bytes(b % 128 for b in d.encode()).decode("latin-1") for d in docs)
+
+
+def test_alpaca_json_as_text(tmp_path):
+    f = tmp_path / "a.json"
+    f.write_text(json.dumps([{"instruction": "Say hi", "input": "", "output": "Hi!"}]))
+    (doc,) = load_documents(str(f))
+    assert "### Instruction:\nSay hi" in doc and doc.endswith("### Response:\nHi!")
+
+
+def test_self_generated_reproducible():
+    from transformers import AutoTokenizer  # noqa: F401 - only to check transformers imports
+
+    model = make_tiny_model("llama", layers=1)
+
+    class Tok(CharTok):
+        pass
+
+    a = get_calibration(Tok(), "self", nsamples=3, seqlen=12, seed=5, model=model, progress=False)
+    b = get_calibration(Tok(), "self", nsamples=3, seqlen=12, seed=5, model=model, progress=False)
+    c = get_calibration(Tok(), "self", nsamples=3, seqlen=12, seed=6, model=model, progress=False)
+    assert a.shape == (3, 12) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_errors(tmp_path, data_dir):
+    with pytest.raises(LosaError, match="not found"):
+        get_calibration(CharTok(), str(tmp_path / "missing.txt"), 2, 8)
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    with pytest.raises(LosaError, match="too short for seqlen 64"):
+        get_calibration(CharTok(), str(short), 2, 64)
+    with pytest.raises(LosaError, match="wiki.train.raw is missing"):
+        get_calibration(CharTok(), "wikitext2", 2, 8, data_dir=data_dir)
+    with pytest.raises(LosaError, match="does not exist"):
+        load_documents("c4", "train", tmp_path / "nodir")

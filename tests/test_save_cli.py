@@ -1,0 +1,117 @@
+"""Checkpoint round trip, atomic output, CLI commands and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+import losa
+from losa.cli import main
+from losa.models.linear import get_weight
+from losa.models.registry import get_decoder_layers, linear_modules
+from losa.utils.io import atomic_directory
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    model = make_tiny_model("llama", layers=2)
+    d = tmp_path / "tiny"
+    model.save_pretrained(d)
+    make_tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_save_load_keeps_zeros(tmp_path):
+    model = make_tiny_model("qwen2", layers=2)
+    ids = torch.randint(3, 128, (2, 16))
+    rep = losa.prune(model, None, losa.PruneConfig(method="wanda", nm="2:4"), calib_ids=ids, progress=False)
+    out = losa.save_checkpoint(model, None, tmp_path / "ck", {"recipe": rep["recipe"], "sparsity": rep["sparsity"]})
+    loaded, _ = losa.load_model(str(out))
+    for a, b in zip(get_decoder_layers(model), get_decoder_layers(loaded)):
+        for (_, ma), (_, mb) in zip(linear_modules(a).items(), linear_modules(b).items()):
+            assert torch.equal(get_weight(ma), get_weight(mb))
+            assert torch.equal(get_weight(mb) == 0, get_weight(ma) == 0)
+    manifest = json.loads((out / "losa.json").read_text())
+    assert manifest["recipe"]["nm"] == "2:4" and "torch" in manifest["versions"]
+    assert losa.sparsity_report(loaded)["overall"] == pytest.approx(0.5)
+
+
+def test_atomic_directory_leaves_nothing_on_crash(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("crash")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    with pytest.raises(losa.LosaError, match="already exists"):
+        target.mkdir()
+        with atomic_directory(target):
+            pass
+
+
+def test_cli_prune_inspect_eval(tiny_dir, tmp_path, capsys, data_dir):
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i % 50}" for i in range(3000)))
+    out = tmp_path / "pruned"
+    rc = main(["prune", str(tiny_dir), "--method", "magnitude", "--sparsity", "0.6", "--eval", "none",
+               "--out", str(out), "--quiet"])
+    assert rc == 0
+    assert "overall sparsity 0.59" in capsys.readouterr().out  # floor(in·0.6) per matrix
+    rc = main(["inspect", str(out), "--min-sparsity", "0.59", "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["overall"] == pytest.approx(0.6, abs=1e-3)
+    assert main(["inspect", str(out), "--min-sparsity", "0.7"]) == 1
+    # Wanda with calibration from a local text file, then perplexity on the same file
+    rc = main(["prune", str(tiny_dir), "--method", "wanda", "--sparsity", "0.5", "--calib", str(text),
+               "--nsamples", "4", "--seqlen", "32", "--eval", str(text), "--max-windows", "3", "--compare-dense",
+               "--out", str(tmp_path / "w"), "--quiet"])
+    assert rc == 0
+    manifest = json.loads((tmp_path / "w" / "losa.json").read_text())
+    ppl = manifest["results"]["ppl"][str(text)]
+    assert ppl > 1 and manifest["results"]["dense_ppl"][str(text)] != ppl
+    capsys.readouterr()
+    assert main(["eval", "ppl", str(tmp_path / "w"), "--datasets", str(text), "--seqlen", "32", "--max-windows", "3",
+                 "--quiet"]) == 0
+    assert f"perplexity {ppl:.4f}" in capsys.readouterr().out
+
+
+def test_cli_recipe_yaml(tiny_dir, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: magnitude\nnm: '2:4'\n")
+    out = tmp_path / "nm"
+    assert main(["prune", str(tiny_dir), "--recipe", str(recipe), "--eval", "none", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--nm", "2:4"]) == 0
+    assert "satisfied by every module" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--sparsity", "1.2"], "outside [0, 1)"),
+    (["--nm", "4:4"], "1 <= N < M"),
+    (["--nm", "two:four"], "write it as N:M"),
+    (["--method", "obs"], "unknown method 'obs'"),
+    (["--calib", "/nonexistent/file.txt", "--method", "wanda"], "no such file exists"),
+])
+def test_cli_bad_input_one_line(tiny_dir, capsys, argv, msg):
+    rc = main(["prune", str(tiny_dir), "--eval", "none", "--no-save", "--quiet", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: ") and msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_architecture(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, BloomConfig
+
+    m = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4))
+    m.save_pretrained(tmp_path / "bloom")
+    rc = main(["inspect", str(tmp_path / "bloom")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unsupported architecture model_type='bloom'" in err and "register_arch" in err
+
+
+def test_missing_model_path(capsys):
+    assert main(["inspect", "./no/such/dir"]) == 2
+    assert "does not exist" in capsys.readouterr().err
