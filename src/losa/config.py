@@ -44,7 +44,8 @@ class PruneConfig(BaseModel):
     seqlen: int = Field(2048, ge=2)
     seed: int = 0
     data_dir: str | None = None
-    calib_batch_size: int = Field(1, ge=1)
+    #: windows per calibration forward; None = as many as fit in about 4096 tokens
+    calib_batch_size: int | None = Field(None, ge=1)
     blocksize: int = Field(128, ge=1)
     percdamp: float = Field(0.01, gt=0)
     device: str = "auto"

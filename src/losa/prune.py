@@ -77,7 +77,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
             calib_ids = get_calibration(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
                                         config.data_dir, model=model, progress=progress)
             timings["calibration_data_s"] = time.perf_counter() - t
-        engine = LayerwiseEngine(model, calib_ids, device=config.device, batch_size=config.calib_batch_size,
+        batch = config.calib_batch_size or max(1, 4096 // calib_ids.shape[1])
+        engine = LayerwiseEngine(model, calib_ids, device=config.device, batch_size=batch,
                                  offload=config.offload, progress=progress, desc=f"pruning ({config.method})")
         t = time.perf_counter()
         engine.run(visitor)

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nsamples", type=int, help="calibration windows (default: 128)")
     p.add_argument("--seqlen", type=int, help="calibration window length in tokens (default: 2048)")
     p.add_argument("--seed", type=int, help="calibration sampling seed (default: 0)")
-    p.add_argument("--calib-batch-size", type=int, help="windows per forward during calibration (default: 1)")
+    p.add_argument("--calib-batch-size", type=int, help="windows per forward during calibration (default: about 4096 tokens per batch)")
     p.add_argument("--blocksize", type=int, help="SparseGPT block size (default: 128)")
     p.add_argument("--percdamp", type=float, help="SparseGPT dampening, fraction of mean diag(H) (default: 0.01)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto)")

@@ -1,0 +1,208 @@
+"""LoSA vs one-shot pruning vs pruning + LoRA on SmolLM2-135M (CPU-sized; see the results file).
+
+Every fine-tuned variant sees the same examples (same tokens, same hyper-parameters); LoSA spreads
+them over its T steps. Perplexity: WikiText-2 test, the first ``--eval-windows`` windows of
+``--eval-seqlen`` tokens (the same windows for every variant). Each variant runs in its own
+subprocess so wall time and peak RSS are its own. Results are appended to a JSONL file as they
+finish and the Markdown table is regenerated after each one.
+
+    python benchmarks/bench_losa.py --sparsities 0.7 0.6 --variants wanda wanda+masked-lora losa-wanda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+ALL_VARIANTS = ["dense", "wanda", "sparsegpt", "wanda+lora", "wanda+masked-lora", "losa-wanda", "losa-sparsegpt",
+                "losa-no-lsr", "losa-no-sra", "losa-no-dsa"]
+
+
+def _data_dir(args) -> str:
+    return args.data_dir or os.environ.get("LOSA_DATA_DIR") or str(HERE.parent.parent / "shared" / "data")
+
+
+def _losa_config(args, variant: str, target: str):
+    from losa.runner.config import LoSAConfig
+
+    kw = dict(method="sparsegpt" if variant == "losa-sparsegpt" else "wanda", steps=args.steps,
+              calib="c4", nsamples=args.nsamples, seqlen=args.seqlen, recon_nsamples=args.recon_nsamples,
+              finetune_data=str(Path(_data_dir(args)) / "alpaca" / "alpaca_data_random_9k.json"),
+              max_examples=args.ft_examples, data_dir=_data_dir(args), device="cpu", seed=0,
+              finetune={"lr": args.lr, "batch_size": args.batch_size, "max_length": args.ft_max_length})
+    if target.startswith("nm"):
+        kw.update(nm=target[2:], mixed_nm=variant != "wanda+masked-lora")
+    else:
+        kw["sparsity"] = float(target)
+    if variant == "wanda+masked-lora":  # one-shot Wanda + masked LoRA at uniform rank, merged
+        kw.update(steps=1, layerwise_sparsity=False, rank_allocation=False, omega_first=args.rank,
+                  omega_last=args.rank)
+    elif variant == "losa-no-lsr":
+        kw["layerwise_sparsity"] = False
+    elif variant == "losa-no-sra":
+        kw["rank_allocation"] = False
+    elif variant == "losa-no-dsa":
+        kw["steps"] = 1
+    return LoSAConfig(**kw)
+
+
+def run_single(args) -> dict:
+    """One (variant, target) in this process; returns its result row."""
+    import torch
+
+    import losa
+    from losa.eval.ppl import perplexity
+    from losa.verify import sparsity_report
+
+    torch.manual_seed(0)
+    variant, target = args.single
+    t0 = time.perf_counter()
+    model, tok = losa.load_model("smollm2-135m")
+    extra: dict = {}
+    tokens = 0
+    if variant in ("wanda", "sparsegpt", "wanda+lora"):
+        pc = {"method": "sparsegpt" if variant == "sparsegpt" else "wanda", "calib": "c4", "nsamples": args.nsamples,
+              "seqlen": args.seqlen, "data_dir": _data_dir(args)}
+        pc.update({"nm": target[2:]} if target.startswith("nm") else {"sparsity": float(target)})
+        losa.prune(model, tok, losa.PruneConfig(**pc), progress=False)
+        if variant == "wanda+lora":  # ordinary dense LoRA (PEFT), kept unmerged
+            from peft import LoraConfig, get_peft_model
+
+            from losa.finetune.train import finetune
+            from losa.runner.run import prepare_finetune_examples
+
+            cfg = _losa_config(args, variant, target)
+            examples = prepare_finetune_examples(tok, cfg, cfg.seed + 1)
+            model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=16, lora_dropout=0.0, target_modules=[
+                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+            res = finetune(model, examples, cfg.finetune, tok.pad_token_id or tok.eos_token_id)
+            tokens = res["tokens"]
+            extra["train_loss"] = res["train_loss"]
+            sparsity = sparsity_report(model.get_base_model())["overall"]
+            extra["note"] = "sparsity of the base weights; the dense adapter is not merged"
+        else:
+            sparsity = sparsity_report(model)["overall"]
+    elif variant == "dense":
+        sparsity = 0.0
+    else:
+        from losa.runner.run import run
+
+        cfg = _losa_config(args, variant, target)
+        rep = run(model, tok, cfg, progress=False, model_name="smollm2-135m")
+        sparsity = rep.results.sparsity
+        extra["train_loss_last"] = [s.train_loss[-1] if s.train_loss else None for s in rep.steps]
+        extra["ranks_last_step"] = rep.steps[-1].ranks
+        extra["layer_sparsity"] = rep.steps[-1].layer_target_sparsity
+        tokens = None  # filled below from the shared example set
+        from losa.runner.run import prepare_finetune_examples
+
+        tokens = sum(len(e["input_ids"]) for e in prepare_finetune_examples(tok, cfg, cfg.seed + 1))
+    t_train = time.perf_counter() - t0
+    ppl = perplexity(model, tok, "wikitext2", seqlen=args.eval_seqlen, max_windows=args.eval_windows,
+                     data_dir=_data_dir(args), progress=False)
+    return {"variant": variant, "target": target, "ppl": float(ppl), "sparsity": float(sparsity),
+            "finetune_tokens": tokens, "wall_s": round(t_train, 1),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), **extra}
+
+
+def render(rows: list[dict], args, path: Path) -> None:
+    dense = next((r["ppl"] for r in rows if r["variant"] == "dense"), None)
+    lines = [
+        "# LoSA benchmark: SmolLM2-135M on CPU",
+        "",
+        f"Date: {time.strftime('%Y-%m-%d')}. Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared "
+        "with other jobs, so wall times are noisy), no GPU. float32.",
+        f"Command: `python benchmarks/bench_losa.py {' '.join(a for a in sys.argv[1:] if a != '--render-only')}`",
+        "",
+        f"- Calibration: C4 train (`shared/data/c4/c4_train_part0.jsonl`), {args.nsamples} windows × {args.seqlen} "
+        f"tokens, seed 0; reconstruction errors on the first {args.recon_nsamples} windows.",
+        f"- Fine-tuning: the same {args.ft_examples} Alpaca examples (`alpaca_data_random_9k.json`, seeded shuffle, "
+        f"≤ {args.ft_max_length} tokens each, loss on responses) for every fine-tuned variant, 1 epoch, AdamW "
+        f"lr {args.lr}, batch {args.batch_size}; LoSA splits them over its T = {args.steps} steps. Token budget "
+        "per variant in the table.",
+        f"- Ranks: LoRA / masked LoRA rank {args.rank}; LoSA Ω 6 → 10 (mean 8), r ∈ [2, 16].",
+        f"- Perplexity: WikiText-2 test, first {args.eval_windows} windows of {args.eval_seqlen} tokens (the same "
+        "windows for all rows).",
+        "- Sparsity: verified sparsity of the prunable decoder linears of the final (merged) model.",
+        "- wall s: model load + calibration + pruning + fine-tuning (LoSA: all T steps), excluding the perplexity "
+        "eval; peak RSS: the variant's own process.",
+        "",
+        "- Only the rows below were run (2 shared CPU cores: one LoSA run takes ~25 min); the other variants "
+        "and sparsities of `--variants`/`--sparsities` are supported by the script but were not measured. "
+        "Sparsity is per-row floor(in_features·s_l), so it can sit up to ~1/in_features below the target.",
+        "",
+        "| target | variant | WikiText-2 ppl | log-gap closed vs Wanda | sparsity | FT tokens | wall s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    import math
+
+    for r in rows:
+        wanda = next((x["ppl"] for x in rows if x["variant"] == "wanda" and x["target"] == r["target"]), None)
+        gap = ""
+        if dense and wanda and r["variant"] not in ("dense", "wanda") and wanda > dense:
+            gap = f"{(math.log(wanda) - math.log(r['ppl'])) / (math.log(wanda) - math.log(dense)):.2f}"
+        lines.append(f"| {r['target']} | {r['variant']} | {r['ppl']:.2f} | {gap} | {r['sparsity']:.4f} | "
+                     f"{r.get('finetune_tokens') or ''} | {r['wall_s']} | {r['peak_rss_mib']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sparsities", nargs="+", default=["0.7"], help="floats, or nmN:M for (mixed) N:M")
+    ap.add_argument("--variants", nargs="+", default=ALL_VARIANTS, choices=ALL_VARIANTS)
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--recon-nsamples", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--ft-examples", type=int, default=160)
+    ap.add_argument("--ft-max-length", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--eval-seqlen", type=int, default=512)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", default=str(RESULTS / "losa.jsonl"))
+    ap.add_argument("--render-only", action="store_true", help="rewrite the .md from the .jsonl and exit")
+    ap.add_argument("--single", nargs=2, metavar=("VARIANT", "TARGET"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.single:
+        print("RESULT " + json.dumps(run_single(args)), flush=True)
+        return
+    out = Path(args.out)
+    rows = [json.loads(x) for x in out.read_text().splitlines()] if out.is_file() else []
+    if args.render_only:
+        render(rows, args, out.with_suffix(".md"))
+        return
+    done = {(r["variant"], r["target"]) for r in rows}
+    jobs = [("dense", "0")] if "dense" in args.variants else []
+    jobs += [(v, t) for t in args.sparsities for v in args.variants if v != "dense"]
+    passthrough = list(sys.argv[1:])
+    for v, t in jobs:
+        if (v, t) in done:
+            continue
+        print(f"== {v} @ {t}", flush=True)
+        proc = subprocess.run([sys.executable, __file__, *passthrough, "--single", v, t], capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(proc.stderr[-3000:], flush=True)
+            continue
+        row = json.loads(line[len("RESULT "):])
+        print(row, flush=True)
+        rows.append(row)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        render(rows, args, out.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    main()

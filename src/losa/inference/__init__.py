@@ -1,0 +1,30 @@
+"""Sparse inference runtime: compact pruned weights and a compiled CPU kernel (plus 2:4 on CUDA).
+
+Typical use::
+
+    losa.prune(model, tok, PruneConfig(method="wanda", sparsity=0.7))
+    summary = losa.sparsify_for_inference(model, value_dtype="bfloat16")
+    model.generate(...)                      # decode runs the sparse kernel
+    save_sparse(model, "model.sparse.safetensors")
+"""
+
+from __future__ import annotations
+
+from losa.inference.checkpoint import load_sparse, save_sparse
+from losa.inference.formats import FORMATS, Packed, pack, unpack
+from losa.inference.kernel import kernel_available
+from losa.inference.sparse_linear import DENSE_BATCH_THRESHOLD, SparseLinear
+from losa.inference.sparsify import sparsify_for_inference
+
+__all__ = [
+    "DENSE_BATCH_THRESHOLD",
+    "FORMATS",
+    "Packed",
+    "SparseLinear",
+    "kernel_available",
+    "load_sparse",
+    "pack",
+    "save_sparse",
+    "sparsify_for_inference",
+    "unpack",
+]

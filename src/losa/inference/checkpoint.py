@@ -1,0 +1,80 @@
+"""Save and load a sparsified model in the compact format (one safetensors file).
+
+The file holds every tensor of the model's state dict; a :class:`SparseLinear` contributes its
+``meta``/``values``/``row_ptr``(/``bias``) instead of a dense weight, so the file shrinks with the
+sparsity. The safetensors metadata key ``losa_sparse`` lists those modules (shape, format), so
+:func:`load_sparse` can rebuild them inside a freshly loaded (dense) model of the same architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from losa.errors import LosaError
+from losa.inference.formats import Packed
+from losa.inference.sparse_linear import SparseLinear
+from losa.utils.io import atomic_write_bytes
+
+_KEY = "losa_sparse"
+
+
+def save_sparse(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model`` (after :func:`sparsify_for_inference`) to ``path`` (a ``.safetensors`` file)."""
+    from safetensors.torch import save
+
+    sparse = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    if not sparse:
+        raise LosaError("the model has no sparse layers; call losa.sparsify_for_inference(model) before saving")
+    info = {n: {"shape": [m.out_features, m.in_features], "fmt": m.fmt} for n, m in sparse.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, t in model.state_dict().items():
+        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+        if ptr in seen and ptr != -1:  # tied weights (embeddings / LM head) are stored once
+            continue
+        seen.add(ptr)
+        tensors[key] = t.detach().contiguous().cpu()
+    path = Path(path)
+    atomic_write_bytes(path, save(tensors, metadata={_KEY: json.dumps(info)}))
+    return path
+
+
+def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a file written by :func:`save_sparse` into ``model`` (same architecture), in place."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise LosaError(f"compact checkpoint {path} not found; write one with losa.inference.save_sparse")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if _KEY not in meta:
+            raise LosaError(f"{path} is not a losa compact checkpoint (no '{_KEY}' metadata); use save_sparse")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    info = json.loads(meta[_KEY])
+    for name, spec in info.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise LosaError(f"{path}: module {name!r} is not in this model; load the matching base model") from None
+        packed = Packed(tensors[f"{name}.meta"], tensors[f"{name}.values"], tensors[f"{name}.row_ptr"],
+                        tuple(spec["shape"]), spec["fmt"])
+        threshold = getattr(old, "dense_batch_threshold", None)
+        new = SparseLinear(packed, tensors.get(f"{name}.bias"),
+                           **({"dense_batch_threshold": threshold} if threshold is not None else {}))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise LosaError(f"{path}: tensors {unexpected[:3]} do not fit this model; load the matching base model")
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if missing and not (tied and all(k.endswith("lm_head.weight") for k in missing)):
+        raise LosaError(f"{path}: missing tensors {missing[:3]}; the file is incomplete or for another model")
+    if tied and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model

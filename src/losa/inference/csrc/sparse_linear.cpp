@@ -1,0 +1,431 @@
+// Sparse linear kernels for CPU: y = x · Wᵀ + b with W stored compactly.
+//
+// Layout (built by losa/inference/formats.py), for W of shape [N, K], K32 = K rounded up to 32:
+//   meta    uint8, one row of `meta_stride` bytes per output row:
+//             fmt 0 (bitmask): K32 bits, bit j of the row = W[o, j] != 0 (little-endian bit order)
+//             fmt 1 (2:4):     two 2-bit indices per group of 4 inputs (4 indices per byte)
+//             fmt 2 (1:4):     one 2-bit index per group of 4 inputs
+//   values  float32 or bfloat16 (raw uint16), the kept weights row by row in input order, padded at
+//           the end with >= 64 zero elements so that vector loads never leave the buffer
+//   row_ptr int64 [N + 1], offset of each row's first value
+// Inputs x are float32 [B, K]; all arithmetic is float32 (bf16 values are widened exactly).
+//
+// Every format is decoded to one 32-bit lane mask per block of 32 inputs; the ISA paths (AVX-512 with
+// VBMI2 expand-loads, AVX2+FMA with permute tables, portable scalar) share that decoding. The ISA is
+// chosen at run time (__builtin_cpu_supports); no -march flag is needed to build.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LOSA_X86 1
+#else
+#define LOSA_X86 0
+#endif
+
+namespace {
+
+enum Fmt : int { BITMASK = 0, NM24 = 1, NM14 = 2 };
+enum Isa : int { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
+
+struct Tables {
+  uint8_t nm24[256];   // byte of four 2-bit indices (two groups of 4) -> 8-bit lane mask
+  uint16_t nm14[256];  // byte of four 2-bit indices (four groups of 4) -> 16-bit lane mask
+  alignas(32) int32_t perm[256][8];   // AVX2 expand: lane i takes packed element perm[m][i]
+  alignas(32) int32_t zmask[256][8];  // AVX2 expand: all-ones where bit i of m is set
+};
+
+Tables make_tables() {
+  Tables t{};
+  for (int b = 0; b < 256; ++b) {
+    int i0 = b & 3, i1 = (b >> 2) & 3, i2 = (b >> 4) & 3, i3 = (b >> 6) & 3;
+    t.nm24[b] = static_cast<uint8_t>((1 << i0) | (1 << i1) | (((1 << i2) | (1 << i3)) << 4));
+    t.nm14[b] = static_cast<uint16_t>((1 << i0) | (1 << (4 + i1)) | (1 << (8 + i2)) | (1 << (12 + i3)));
+    int k = 0;
+    for (int i = 0; i < 8; ++i) {
+      bool on = (b >> i) & 1;
+      t.perm[b][i] = on ? k : 0;
+      t.zmask[b][i] = on ? -1 : 0;
+      k += on;
+    }
+  }
+  return t;
+}
+
+const Tables T = make_tables();
+
+inline int64_t meta_stride(int fmt, int64_t k32) { return fmt == NM14 ? k32 / 16 : k32 / 8; }
+
+template <int F>
+inline uint32_t block_mask(const uint8_t* meta, int64_t blk) {
+  if constexpr (F == BITMASK) {
+    uint32_t m;
+    std::memcpy(&m, meta + 4 * blk, 4);
+    return m;
+  } else if constexpr (F == NM24) {
+    const uint8_t* p = meta + 4 * blk;
+    return uint32_t(T.nm24[p[0]]) | (uint32_t(T.nm24[p[1]]) << 8) | (uint32_t(T.nm24[p[2]]) << 16) |
+           (uint32_t(T.nm24[p[3]]) << 24);
+  } else {
+    const uint8_t* p = meta + 2 * blk;
+    return uint32_t(T.nm14[p[0]]) | (uint32_t(T.nm14[p[1]]) << 16);
+  }
+}
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// ---------------------------------------------------------------- portable scalar path
+template <int F, int BT, typename V>
+void row_scalar(const uint8_t* meta, const V* v, const float* x, int64_t ldx, int64_t nblk, float* res) {
+  float acc[BT];
+  for (int b = 0; b < BT; ++b) acc[b] = 0.f;
+  for (int64_t k = 0; k < nblk; ++k) {
+    uint32_t m = block_mask<F>(meta, k);
+    const float* xk = x + 32 * k;
+    while (m) {
+      int j = __builtin_ctz(m);
+      m &= m - 1;
+      float w = to_f32(*v++);
+      for (int b = 0; b < BT; ++b) acc[b] += w * xk[b * ldx + j];
+    }
+  }
+  for (int b = 0; b < BT; ++b) res[b] = acc[b];
+}
+
+template <int F, typename V>
+void expand_scalar(const uint8_t* meta, const V* v, int64_t nblk, float* dst) {
+  for (int64_t k = 0; k < nblk; ++k) {
+    uint32_t m = block_mask<F>(meta, k);
+    for (int j = 0; j < 32; ++j) dst[32 * k + j] = ((m >> j) & 1) ? to_f32(*v++) : 0.f;
+  }
+}
+
+#if LOSA_X86
+// ---------------------------------------------------------------- AVX2 + FMA path
+#define LOSA_AVX2 __attribute__((target("avx2,fma,popcnt")))
+
+template <typename V>
+LOSA_AVX2 inline __m256 load8(const V* v) {
+  if constexpr (sizeof(V) == 4) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(v));
+  } else {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+// Expand the next popcount(m8) packed values into the lanes set in m8 (zeros elsewhere).
+template <typename V>
+LOSA_AVX2 inline __m256 expand8(uint32_t m8, const V*& v) {
+  __m256 raw = load8(v);
+  __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(T.perm[m8]));
+  __m256 keep = _mm256_load_ps(reinterpret_cast<const float*>(T.zmask[m8]));
+  v += _mm_popcnt_u32(m8);
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(raw, perm), keep);
+}
+
+LOSA_AVX2 inline float hsum256(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int F, int BT, typename V>
+LOSA_AVX2 void row_avx2(const uint8_t* meta, const V* v, const float* x, int64_t ldx, int64_t nblk,
+                        float* res) {
+  __m256 a0[BT], a1[BT];
+  for (int b = 0; b < BT; ++b) a0[b] = a1[b] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < nblk; ++k) {
+    uint32_t m = block_mask<F>(meta, k);
+    const float* xk = x + 32 * k;
+    __m256 w0 = expand8(m & 0xff, v);
+    __m256 w1 = expand8((m >> 8) & 0xff, v);
+    for (int b = 0; b < BT; ++b) {
+      a0[b] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xk + b * ldx), a0[b]);
+      a1[b] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xk + b * ldx + 8), a1[b]);
+    }
+    __m256 w2 = expand8((m >> 16) & 0xff, v);
+    __m256 w3 = expand8(m >> 24, v);
+    for (int b = 0; b < BT; ++b) {
+      a0[b] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xk + b * ldx + 16), a0[b]);
+      a1[b] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xk + b * ldx + 24), a1[b]);
+    }
+  }
+  for (int b = 0; b < BT; ++b) res[b] = hsum256(_mm256_add_ps(a0[b], a1[b]));
+}
+
+template <int F, typename V>
+LOSA_AVX2 void expand_avx2(const uint8_t* meta, const V* v, int64_t nblk, float* dst) {
+  for (int64_t k = 0; k < nblk; ++k) {
+    uint32_t m = block_mask<F>(meta, k);
+    for (int q = 0; q < 4; ++q) _mm256_storeu_ps(dst + 32 * k + 8 * q, expand8((m >> (8 * q)) & 0xff, v));
+  }
+}
+
+// ---------------------------------------------------------------- AVX-512 (F, BW, VBMI2) path
+#define LOSA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,popcnt")))
+
+// Expand the next popcount(m) packed values into the 32 lanes set in m, as two float32 vectors.
+template <typename V>
+LOSA_AVX512 inline void expand32(uint32_t m, const V*& v, __m512& lo, __m512& hi) {
+  if constexpr (sizeof(V) == 4) {
+    const float* f = reinterpret_cast<const float*>(v);
+    uint32_t m0 = m & 0xffff, m1 = m >> 16;
+    int c0 = _mm_popcnt_u32(m0);
+    __m512 r0 = _mm512_loadu_ps(f), r1 = _mm512_loadu_ps(f + c0);
+    // keep the loads in registers: the memory form of vexpandps is microcoded (slow) on AMD Zen 4
+    asm("" : "+v"(r0), "+v"(r1));
+    lo = _mm512_maskz_expand_ps(static_cast<__mmask16>(m0), r0);
+    hi = _mm512_maskz_expand_ps(static_cast<__mmask16>(m1), r1);
+  } else {
+    // widen first, then expand 32-bit lanes: vpexpandw is several times slower than vexpandps on Zen 4
+    uint32_t m0 = m & 0xffff, m1 = m >> 16;
+    int c0 = _mm_popcnt_u32(m0);
+    __m512 r0 = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v))), 16));
+    __m512 r1 = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + c0))), 16));
+    lo = _mm512_maskz_expand_ps(static_cast<__mmask16>(m0), r0);
+    hi = _mm512_maskz_expand_ps(static_cast<__mmask16>(m1), r1);
+  }
+  v += _mm_popcnt_u32(m);
+}
+
+template <int F, int BT, typename V>
+LOSA_AVX512 void row_avx512(const uint8_t* meta, const V* v, const float* x, int64_t ldx, int64_t nblk,
+                            float* res) {
+  __m512 a0[BT], a1[BT];
+  for (int b = 0; b < BT; ++b) a0[b] = a1[b] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < nblk; ++k) {
+    __m512 w0, w1;
+    expand32(block_mask<F>(meta, k), v, w0, w1);
+    const float* xk = x + 32 * k;
+    for (int b = 0; b < BT; ++b) {
+      a0[b] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xk + b * ldx), a0[b]);
+      a1[b] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xk + b * ldx + 16), a1[b]);
+    }
+  }
+  for (int b = 0; b < BT; ++b) res[b] = _mm512_reduce_add_ps(_mm512_add_ps(a0[b], a1[b]));
+}
+
+template <int F, typename V>
+LOSA_AVX512 void expand_avx512(const uint8_t* meta, const V* v, int64_t nblk, float* dst) {
+  for (int64_t k = 0; k < nblk; ++k) {
+    __m512 lo, hi;
+    expand32(block_mask<F>(meta, k), v, lo, hi);
+    _mm512_storeu_ps(dst + 32 * k, lo);
+    _mm512_storeu_ps(dst + 32 * k + 16, hi);
+  }
+}
+#endif  // LOSA_X86
+
+template <int ISA, int F, int BT, typename V>
+inline void row_dot(const uint8_t* meta, const V* v, const float* x, int64_t ldx, int64_t nblk, float* res) {
+#if LOSA_X86
+  if constexpr (ISA == AVX512) return row_avx512<F, BT, V>(meta, v, x, ldx, nblk, res);
+  if constexpr (ISA == AVX2) return row_avx2<F, BT, V>(meta, v, x, ldx, nblk, res);
+#endif
+  row_scalar<F, BT, V>(meta, v, x, ldx, nblk, res);
+}
+
+template <int ISA, int F, typename V>
+inline void expand_row(const uint8_t* meta, const V* v, int64_t nblk, float* dst) {
+#if LOSA_X86
+  if constexpr (ISA == AVX512) return expand_avx512<F, V>(meta, v, nblk, dst);
+  if constexpr (ISA == AVX2) return expand_avx2<F, V>(meta, v, nblk, dst);
+#endif
+  expand_scalar<F, V>(meta, v, nblk, dst);
+}
+
+struct Packed {
+  const uint8_t* meta;
+  const void* values;
+  const int64_t* row_ptr;
+  int64_t n, k, k32, stride;
+};
+
+// y[b, o] = sum_j W[o, j] x[b, j] (+ bias[o]) for rows o in [o0, o1); x is [B, ldx] with zero padding.
+template <int ISA, int F, typename V>
+void gemv_rows(const Packed& p, const float* x, int64_t B, int64_t ldx, const float* bias, float* y,
+               int64_t o0, int64_t o1) {
+  const V* vals = static_cast<const V*>(p.values);
+  const int64_t nblk = p.k32 / 32;
+  float res[8];
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* meta = p.meta + o * p.stride;
+    const V* v = vals + p.row_ptr[o];
+    const float bo = bias ? bias[o] : 0.f;
+    int64_t b = 0;
+    while (b < B) {
+      const float* xb = x + b * ldx;
+      int64_t r = B - b, bt;
+      if (r >= 8) { row_dot<ISA, F, 8, V>(meta, v, xb, ldx, nblk, res); bt = 8; }
+      else if (r >= 4) { row_dot<ISA, F, 4, V>(meta, v, xb, ldx, nblk, res); bt = 4; }
+      else if (r >= 2) { row_dot<ISA, F, 2, V>(meta, v, xb, ldx, nblk, res); bt = 2; }
+      else { row_dot<ISA, F, 1, V>(meta, v, xb, ldx, nblk, res); bt = 1; }
+      for (int64_t t = 0; t < bt; ++t) y[(b + t) * p.n + o] = res[t] + bo;
+      b += bt;
+    }
+  }
+}
+
+template <int ISA, int F, typename V>
+void expand_rows(const Packed& p, float* dst, int64_t ld, int64_t o0, int64_t o1) {
+  const V* vals = static_cast<const V*>(p.values);
+  for (int64_t o = o0; o < o1; ++o)
+    expand_row<ISA, F, V>(p.meta + o * p.stride, vals + p.row_ptr[o], p.k32 / 32, dst + (o - o0) * ld);
+}
+
+using GemvFn = void (*)(const Packed&, const float*, int64_t, int64_t, const float*, float*, int64_t, int64_t);
+using ExpandFn = void (*)(const Packed&, float*, int64_t, int64_t, int64_t);
+
+template <int ISA, typename V>
+void pick(int fmt, GemvFn& g, ExpandFn& e) {
+  switch (fmt) {
+    case BITMASK: g = gemv_rows<ISA, BITMASK, V>; e = expand_rows<ISA, BITMASK, V>; break;
+    case NM24: g = gemv_rows<ISA, NM24, V>; e = expand_rows<ISA, NM24, V>; break;
+    default: g = gemv_rows<ISA, NM14, V>; e = expand_rows<ISA, NM14, V>; break;
+  }
+}
+
+template <typename V>
+void pick_isa(int isa, int fmt, GemvFn& g, ExpandFn& e) {
+#if LOSA_X86
+  if (isa == AVX512) return pick<AVX512, V>(fmt, g, e);
+  if (isa == AVX2) return pick<AVX2, V>(fmt, g, e);
+#endif
+  pick<SCALAR, V>(fmt, g, e);
+}
+
+int best_isa() {
+#if LOSA_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2"))
+    return AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt"))
+    return AVX2;
+#endif
+  return SCALAR;
+}
+
+Packed make_packed(const torch::Tensor& meta, const torch::Tensor& values, const torch::Tensor& row_ptr,
+                   int64_t n, int64_t k, int64_t fmt) {
+  TORCH_CHECK(fmt >= BITMASK && fmt <= NM14, "unknown sparse format ", fmt);
+  TORCH_CHECK(meta.dtype() == torch::kUInt8 && meta.is_contiguous() && meta.device().is_cpu(),
+              "meta must be a contiguous CPU uint8 tensor");
+  TORCH_CHECK(values.is_contiguous() && values.device().is_cpu() &&
+                  (values.dtype() == torch::kFloat32 || values.dtype() == torch::kBFloat16),
+              "values must be a contiguous CPU float32 or bfloat16 tensor");
+  TORCH_CHECK(row_ptr.dtype() == torch::kInt64 && row_ptr.is_contiguous() && row_ptr.numel() == n + 1,
+              "row_ptr must be a contiguous int64 tensor of N + 1 offsets");
+  const int64_t k32 = (k + 31) / 32 * 32;
+  const int64_t stride = meta_stride(static_cast<int>(fmt), k32);
+  TORCH_CHECK(meta.numel() == n * stride, "meta has ", meta.numel(), " bytes, expected ", n * stride);
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[n] + 32 <= values.numel(), "values must hold row_ptr[N] + 32 (padding) elements");
+  return Packed{meta.data_ptr<uint8_t>(), values.data_ptr(), rp, n, k, k32, stride};
+}
+
+void select(const torch::Tensor& values, int64_t isa, int64_t fmt, GemvFn& g, ExpandFn& e) {
+  TORCH_CHECK(isa >= SCALAR && isa <= best_isa(), "ISA level ", isa, " is not supported by this CPU");
+  if (values.dtype() == torch::kFloat32) pick_isa<float>(static_cast<int>(isa), static_cast<int>(fmt), g, e);
+  else pick_isa<uint16_t>(static_cast<int>(isa), static_cast<int>(fmt), g, e);
+}
+
+torch::Tensor pad_input(const torch::Tensor& x, int64_t k, int64_t k32) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.dtype() == torch::kFloat32 && x.device().is_cpu(),
+              "x must be a float32 CPU tensor of shape [B, ", k, "]");
+  if (k == k32 && x.is_contiguous()) return x;
+  auto xp = torch::zeros({x.size(0), k32}, x.options());
+  xp.narrow(1, 0, k).copy_(x);
+  return xp;
+}
+
+// ---------------------------------------------------------------- exported functions
+
+// Sparse GEMV/GEMM for small batches: y [B, N] = x [B, K] · Wᵀ (+ bias).
+torch::Tensor spmm(const torch::Tensor& x, const torch::Tensor& meta, const torch::Tensor& values,
+                   const torch::Tensor& row_ptr, const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k,
+                   int64_t fmt, int64_t isa) {
+  Packed p = make_packed(meta, values, row_ptr, n, k, fmt);
+  GemvFn g;
+  ExpandFn e;
+  select(values, isa, fmt, g, e);
+  torch::Tensor xp = pad_input(x, k, p.k32);
+  const int64_t B = xp.size(0);
+  auto y = torch::empty({B, n}, x.options());
+  const float* bp = nullptr;
+  torch::Tensor bc;
+  if (bias.has_value() && bias->defined()) {
+    bc = bias->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(bc.numel() == n, "bias must have N elements");
+    bp = bc.data_ptr<float>();
+  }
+  const float* xptr = xp.data_ptr<float>();
+  float* yptr = y.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t o0, int64_t o1) { g(p, xptr, B, p.k32, bp, yptr, o0, o1); });
+  return y;
+}
+
+// Dense float32 rows [o0, o1) of W, shape [o1 - o0, K].
+torch::Tensor decompress(const torch::Tensor& meta, const torch::Tensor& values, const torch::Tensor& row_ptr,
+                         int64_t n, int64_t k, int64_t fmt, int64_t isa, int64_t o0, int64_t o1) {
+  Packed p = make_packed(meta, values, row_ptr, n, k, fmt);
+  TORCH_CHECK(0 <= o0 && o0 <= o1 && o1 <= n, "row range out of bounds");
+  GemvFn g;
+  ExpandFn e;
+  select(values, isa, fmt, g, e);
+  auto out = torch::empty({o1 - o0, p.k32}, torch::TensorOptions().dtype(torch::kFloat32));
+  float* d = out.data_ptr<float>();
+  at::parallel_for(o0, o1, 16, [&](int64_t a, int64_t b) { e(p, d + (a - o0) * p.k32, p.k32, a, b); });
+  return out.narrow(1, 0, k);
+}
+
+// Large batches: decompress `tile` rows at a time into a cache-resident buffer and run a dense GEMM.
+torch::Tensor dense_mm(const torch::Tensor& x, const torch::Tensor& meta, const torch::Tensor& values,
+                       const torch::Tensor& row_ptr, const c10::optional<torch::Tensor>& bias, int64_t n,
+                       int64_t k, int64_t fmt, int64_t isa, int64_t tile) {
+  Packed p = make_packed(meta, values, row_ptr, n, k, fmt);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.dtype() == torch::kFloat32, "x must be float32 [B, K]");
+  GemvFn g;
+  ExpandFn e;
+  select(values, isa, fmt, g, e);
+  tile = std::max<int64_t>(1, std::min(tile, n));
+  auto scratch = torch::empty({tile, p.k32}, x.options());
+  auto out = torch::empty({n, x.size(0)}, x.options());  // Wx as [N, B]: each tile is a contiguous slice
+  auto xt = x.t();
+  float* s = scratch.data_ptr<float>();
+  for (int64_t o0 = 0; o0 < n; o0 += tile) {
+    const int64_t o1 = std::min(n, o0 + tile);
+    at::parallel_for(o0, o1, 16, [&](int64_t a, int64_t b) { e(p, s + (a - o0) * p.k32, p.k32, a, b); });
+    auto w = scratch.narrow(0, 0, o1 - o0).narrow(1, 0, k);
+    auto slice = out.narrow(0, o0, o1 - o0);
+    at::mm_out(slice, w, xt);
+  }
+  auto y = out.t();
+  if (bias.has_value() && bias->defined()) y = y + bias->to(torch::kFloat32);
+  return y.contiguous();
+}
+
+int64_t cpu_isa() { return best_isa(); }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("spmm", &spmm, "sparse y = x W^T + b for small batches");
+  m.def("dense_mm", &dense_mm, "tiled decompress + dense GEMM for large batches");
+  m.def("decompress", &decompress, "dense float32 rows of a packed weight");
+  m.def("cpu_isa", &cpu_isa, "best ISA level: 0 scalar, 1 AVX2+FMA, 2 AVX-512 (F/BW/VL/VBMI2)");
+}

@@ -1,0 +1,83 @@
+"""Build (once) and dispatch the compiled CPU sparse kernel.
+
+The C++ source ships with the package (``csrc/sparse_linear.cpp``) and is compiled on first use with
+``torch.utils.cpp_extension.load`` (ninja + the system C++ compiler; about a minute once, then cached in
+torch's extension directory, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). Where that is
+impossible (no compiler) :func:`load_kernel` returns ``None`` after one clear warning, and the sparse
+module falls back to a dense matmul with the same numbers.
+
+The instruction set is chosen at run time by the kernel (``__builtin_cpu_supports``); set
+``LOSA_SPARSE_ISA`` to ``scalar``, ``avx2`` or ``avx512`` to force a lower level (tests use this to
+check every path).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+
+from losa.errors import LosaError
+
+_SRC = Path(__file__).parent / "csrc" / "sparse_linear.cpp"
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
+_ISA_CODES = {v: k for k, v in ISA_NAMES.items()}
+
+
+class KernelUnavailable(RuntimeError):
+    """The C++ kernel could not be compiled or loaded here."""
+
+
+@lru_cache(maxsize=1)
+def _build() -> ModuleType:
+    if os.environ.get("LOSA_DISABLE_KERNEL"):
+        raise KernelUnavailable("LOSA_DISABLE_KERNEL is set")
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="losa_sparse_kernels",
+            sources=[str(_SRC)],
+            extra_cflags=["-O3", "-fopenmp", "-std=c++17"],
+            extra_ldflags=["-fopenmp"],
+            verbose=bool(os.environ.get("LOSA_VERBOSE_BUILD")),
+        )
+    except Exception as exc:  # compiler missing, headers missing, ninja missing ...
+        raise KernelUnavailable(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}") from exc
+
+
+@lru_cache(maxsize=1)
+def load_kernel() -> ModuleType | None:
+    """The compiled kernel module, or ``None`` (with one warning) when it cannot be built here."""
+    try:
+        return _build()
+    except KernelUnavailable as exc:
+        warnings.warn(
+            f"losa sparse kernel unavailable ({exc}); sparse layers fall back to a dense matmul "
+            "(same outputs, no speed-up). Install a C++ compiler (e.g. apt install g++) and ninja to enable it.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+def kernel_available() -> bool:
+    return load_kernel() is not None
+
+
+def best_isa() -> int:
+    """ISA level the kernel will use: the CPU's best, lowered by ``LOSA_SPARSE_ISA`` if set."""
+    k = load_kernel()
+    if k is None:
+        raise LosaError("the losa sparse kernel is not built; install a C++ compiler and ninja, then retry")
+    cpu = int(k.cpu_isa())
+    forced = os.environ.get("LOSA_SPARSE_ISA")
+    if not forced:
+        return cpu
+    if forced not in _ISA_CODES:
+        raise LosaError(f"LOSA_SPARSE_ISA={forced!r} is unknown; use one of {', '.join(_ISA_CODES)}")
+    if _ISA_CODES[forced] > cpu:
+        raise LosaError(f"LOSA_SPARSE_ISA={forced!r} is not supported by this CPU (best: {ISA_NAMES[cpu]})")
+    return _ISA_CODES[forced]

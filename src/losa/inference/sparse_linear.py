@@ -1,0 +1,111 @@
+"""``SparseLinear``: an inference-only linear layer holding a pruned weight in compact form.
+
+Small batches (decode) run the compiled sparse kernel; batches above ``dense_batch_threshold`` rows
+(prefill) decompress ``DENSE_TILE_ROWS`` rows at a time into a cache-resident buffer and run torch's
+dense GEMM on it, so no dense copy of the weight is ever kept. Without a compiler the layer
+materialises its dense weight once and uses ``F.linear`` (same outputs, no speed-up).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from losa.errors import LosaError
+from losa.inference import kernel as _kernel
+from losa.inference.formats import FORMAT_CODES, Packed, pack, resolve_value_dtype, unpack
+
+#: Batch rows (batch x new tokens) at or below which the sparse kernel beats decompress + dense GEMM.
+#: Measured by benchmarks/bench_inference.py ("crossover" section of benchmarks/results/inference.md):
+#: on the 4096x4096 layer (1 thread, Zen 4) the sparse kernel wins up to 12 rows and loses from 16 on,
+#: both at 70 % bf16 and at 50 % fp32.
+DENSE_BATCH_THRESHOLD = 12
+#: Rows decompressed per dense tile in the prefill path (measured there: 256 ~ 1024 < 64 < whole matrix).
+DENSE_TILE_ROWS = 256
+
+
+class SparseLinear(nn.Module):
+    """``y = x · Wᵀ + b`` with ``W`` stored as bitmask/N:M metadata plus packed values.
+
+    ``value_dtype`` (``torch.float32`` or ``torch.bfloat16``) is the precision of the stored weights;
+    activations and accumulation are always float32. Inference only (no gradients).
+    """
+
+    def __init__(self, packed: Packed, bias: torch.Tensor | None = None,
+                 dense_batch_threshold: int = DENSE_BATCH_THRESHOLD) -> None:
+        super().__init__()
+        self.out_features, self.in_features = packed.shape
+        self.fmt = packed.fmt
+        self.dense_batch_threshold = int(dense_batch_threshold)
+        self.register_buffer("meta", packed.meta)
+        self.register_buffer("values", packed.values)
+        self.register_buffer("row_ptr", packed.row_ptr)
+        if bias is not None:
+            bias = bias.detach().to("cpu", torch.float32).clone()
+            if bias.shape != (self.out_features,):
+                raise LosaError(f"bias shape {tuple(bias.shape)} does not match out_features={self.out_features}")
+        self.register_buffer("bias", bias)
+        self._dense_cache: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   value_dtype: str | torch.dtype = torch.float32, fmt: str = "auto",
+                   dense_batch_threshold: int = DENSE_BATCH_THRESHOLD) -> SparseLinear:
+        """Pack ``weight [out, in]`` (zeros are the pruned entries)."""
+        return cls(pack(weight, resolve_value_dtype(value_dtype), fmt), bias, dense_batch_threshold)
+
+    @property
+    def packed(self) -> Packed:
+        return Packed(self.meta, self.values, self.row_ptr, (self.out_features, self.in_features), self.fmt)
+
+    @property
+    def value_dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def nnz(self) -> int:
+        return int(self.row_ptr[-1])
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of stored zeros (for N:M formats: of the weights outside the index slots)."""
+        return 1.0 - self.nnz / float(self.out_features * self.in_features)
+
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense ``[out, in]`` weight (values widened exactly to ``dtype``)."""
+        return unpack(self.packed, dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.fmt}, value_dtype={str(self.value_dtype).replace('torch.', '')}, "
+                f"sparsity={self.sparsity:.3f}")
+
+    def _apply(self, fn, recurse=True):
+        # The packed buffers stay on the CPU in their own dtypes: ``model.to(bfloat16)`` or ``.half()``
+        # must not reinterpret them. Precision is chosen once, by ``value_dtype``.
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise LosaError(f"input has {x.shape[-1]} features, SparseLinear expects {self.in_features}")
+        if x.device.type != "cpu":
+            raise LosaError(f"SparseLinear runs on the CPU, got an input on {x.device}; move the model and inputs to CPU")
+        lead = x.shape[:-1]
+        x2 = x.detach().reshape(-1, self.in_features).to(torch.float32).contiguous()
+        k = _kernel.load_kernel()
+        if k is None:
+            if self._dense_cache is None:
+                self._dense_cache = self.to_dense()
+            y = F.linear(x2, self._dense_cache, self.bias)
+        else:
+            isa = _kernel.best_isa()
+            args = (self.meta, self.values, self.row_ptr, self.bias, self.out_features, self.in_features,
+                    FORMAT_CODES[self.fmt], isa)
+            if x2.shape[0] <= self.dense_batch_threshold:
+                y = k.spmm(x2, *args)
+            else:
+                y = k.dense_mm(x2, *args, DENSE_TILE_ROWS)
+        return y.reshape(*lead, self.out_features).to(x.dtype)

@@ -1,0 +1,89 @@
+"""Swap the pruned linear layers of a loaded model for sparse inference modules.
+
+On the CPU every pruned linear inside the decoder layers becomes a :class:`SparseLinear`. On CUDA,
+2:4 layers get PyTorch's semi-structured sparse weight (``torch.sparse.to_sparse_semi_structured``,
+fp16/bf16 tensor cores) and other layers stay dense. The LM head and embeddings are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from losa.errors import LosaError
+from losa.inference.formats import nm_fits, resolve_value_dtype
+from losa.inference.sparse_linear import DENSE_BATCH_THRESHOLD, SparseLinear
+from losa.models.linear import get_weight
+from losa.models.registry import get_arch, get_decoder_layers, linear_modules
+
+log = logging.getLogger(__name__)
+
+
+def _set_child(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _semi_structured(mod: nn.Module) -> bool:
+    """Give a CUDA 2:4 ``nn.Linear`` a semi-structured sparse weight; False if it does not qualify."""
+    w = mod.weight
+    if not isinstance(mod, nn.Linear) or w.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not nm_fits(w.detach() != 0, 2, 4):
+        return False
+    from torch.sparse import to_sparse_semi_structured
+
+    mod.weight = nn.Parameter(to_sparse_semi_structured(w.detach()), requires_grad=False)
+    return True
+
+
+def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "float32", fmt: str = "auto",
+                           min_sparsity: float = 0.25,
+                           dense_batch_threshold: int = DENSE_BATCH_THRESHOLD) -> dict:
+    """Replace, in place, every decoder linear with sparsity >= ``min_sparsity`` by a sparse module.
+
+    ``value_dtype`` ("float32" or "bfloat16") is the stored precision on the CPU (see
+    ``SparseLinear.value_dtype``); ``fmt`` is "auto", "bitmask", "nm24" or "nm14". Returns a summary:
+    ``{"replaced", "kept_dense", "dense_bytes", "sparse_bytes", "device", "value_dtype"}`` (bytes are
+    over the replaced CPU layers). ``model.generate`` keeps working (KV cache included).
+    """
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise LosaError(f"min_sparsity={min_sparsity} is outside [0, 1]; use e.g. 0.25")
+    vdtype = resolve_value_dtype(value_dtype)
+    spec = get_arch(model)
+    device = next(model.parameters()).device
+    summary = {"replaced": 0, "kept_dense": 0, "dense_bytes": 0, "sparse_bytes": 0, "device": device.type,
+               "value_dtype": str(vdtype).replace("torch.", "")}
+    prefix = {id(layer): name for name, layer in model.named_modules()}
+    for layer in get_decoder_layers(model, spec):
+        if any(isinstance(m, SparseLinear) for m in layer.modules()):
+            linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}  # already converted
+        else:
+            linears = linear_modules(layer, spec)
+        for name, mod in linears.items():
+            w = get_weight(mod).detach()
+            sparsity = float((w == 0).float().mean())
+            if sparsity < min_sparsity:
+                summary["kept_dense"] += 1
+                continue
+            if device.type == "cuda":
+                if _semi_structured(mod):
+                    summary["replaced"] += 1
+                else:
+                    summary["kept_dense"] += 1
+                continue
+            if device.type != "cpu":
+                raise LosaError(f"sparse inference supports CPU (and CUDA 2:4), not {device.type}; move the model to CPU")
+            bias = getattr(mod, "bias", None)
+            new = SparseLinear.from_dense(w, bias, vdtype, fmt, dense_batch_threshold)
+            summary["dense_bytes"] += w.numel() * w.element_size()
+            summary["sparse_bytes"] += new.packed.nbytes()
+            _set_child(model, f"{prefix[id(layer)]}.{name}", new)
+            summary["replaced"] += 1
+    if device.type == "cuda" and summary["replaced"] == 0:
+        log.warning("no 2:4 fp16/bf16 layer found: CUDA semi-structured sparsity needs 2:4 masks and a "
+                    "half-precision model (load with dtype='bfloat16')")
+    return summary

@@ -1,0 +1,142 @@
+"""A frozen linear module with a masked low-rank adapter of capacity r_max and active rank r ≤ r_max.
+
+``y = W x + (α / r_max) · ((B[:, :r] A[:r, :]) ⊙ M) x``
+
+``M`` is a stored boolean buffer (the mask the pruner produced), never recomputed from ``W ≠ 0``, so
+a kept weight that happens to be exactly zero still receives adapter updates. The computation uses
+:class:`losa.lora.function.MaskedLoRAFunction` (one fused GEMM; see its docstring for the measured
+choice).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from losa.errors import LosaError
+from losa.lora.function import effective_weight, masked_lora_linear
+from losa.models.linear import get_weight, set_weight
+
+
+class SparseLoRALinear(nn.Module):
+    """Wraps ``base`` (``nn.Linear`` or GPT-2 ``Conv1D``); only ``lora_A`` and ``lora_B`` are trainable."""
+
+    def __init__(self, base: nn.Module, r_max: int, alpha: float, rank: int | None = None,
+                 mask: torch.Tensor | None = None, dropout: float = 0.0,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        w = get_weight(base)
+        d_out, d_in = w.shape
+        if r_max < 1:
+            raise LosaError(f"LoRA capacity r_max must be ≥ 1, got {r_max}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.r_max = int(r_max)
+        self.scale = float(alpha) / self.r_max
+        self.lora_A = nn.Parameter(torch.empty(self.r_max, d_in, dtype=torch.float32, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, self.r_max, dtype=torch.float32, device=w.device))
+        self._init_a(slice(0, self.r_max), generator)
+        self.register_buffer("mask", torch.ones(d_out, d_in, dtype=torch.bool, device=w.device))
+        self.register_buffer("active_rank", torch.tensor(self.r_max if rank is None else int(rank)))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self._pre_merge: torch.Tensor | None = None
+        if mask is not None:
+            self.set_mask(mask)
+        self.set_rank(int(self.active_rank))
+
+    # ------------------------------------------------------------------ state
+    def _init_a(self, rows: slice, generator: torch.Generator | None) -> None:
+        """Kaiming-uniform rows of A (as PEFT/nn.Linear do); B stays zero so the update starts at 0."""
+        bound = 1.0 / math.sqrt(self.lora_A.shape[1])
+        with torch.no_grad():
+            fresh = torch.rand(self.lora_A[rows].shape, generator=generator, dtype=torch.float32) * 2 - 1
+            self.lora_A[rows] = (fresh * bound).to(self.lora_A.device)
+
+    @property
+    def rank(self) -> int:
+        return int(self.active_rank)
+
+    def set_rank(self, rank: int, generator: torch.Generator | None = None) -> None:
+        """Use the first ``rank`` components. Ranks that leave the active set are reset (A re-drawn,
+        B zeroed), so a later increase starts them from a zero update; ranks < min(old, new) keep
+        their trained values."""
+        if not 0 <= rank <= self.r_max:
+            raise LosaError(f"LoRA rank {rank} outside [0, r_max={self.r_max}]; raise r_max or lower the rank")
+        if self.merged:
+            raise LosaError("cannot change the rank of a merged adapter; unmerge first")
+        old = self.rank
+        if rank < old:
+            with torch.no_grad():
+                self.lora_B[:, rank:old] = 0
+            self._init_a(slice(rank, old), generator)
+        self.active_rank.fill_(rank)
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        if mask.shape != self.mask.shape:
+            raise LosaError(f"mask shape {tuple(mask.shape)} does not match the weight {tuple(self.mask.shape)}")
+        self.mask.copy_(mask.to(torch.bool))
+
+    def delta(self) -> torch.Tensor:
+        """The masked update ``s·((B A) ⊙ M)`` as a dense [out, in] float32 matrix (merge / tests)."""
+        r = self.rank
+        return (self.lora_B[:, :r] @ self.lora_A[:r]).mul(self.scale) * self.mask
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.rank
+        if self.merged or r == 0:
+            return self.base(x)
+        w = get_weight(self.base)
+        bias = getattr(self.base, "bias", None)
+        return masked_lora_linear(self.dropout(x), w, bias, self.lora_A[:r], self.lora_B[:, :r], self.mask,
+                                  self.scale)
+
+    # ------------------------------------------------------------------ merge
+    def merge(self, keep_original: bool = True) -> None:
+        """``W ← W + s·((B A) ⊙ M)``: positions outside M keep W's value (zero after pruning).
+
+        With ``keep_original`` the pre-merge weight is kept (one weight copy) so that :meth:`unmerge`
+        restores it bit-exactly; the runner merges one decoder layer at a time, so that is the extra
+        memory of one layer.
+        """
+        if self.merged:
+            return
+        w = get_weight(self.base)
+        self._pre_merge = w.detach().clone() if keep_original else None
+        with torch.no_grad():
+            r = self.rank
+            set_weight(self.base, effective_weight(w.float(), self.lora_A[:r].detach(), self.lora_B[:, :r].detach(),
+                                                   self.mask, self.scale))
+        self.merged = True
+
+    def unmerge(self, pruned_weight: torch.Tensor | None = None, new_mask: torch.Tensor | None = None) -> None:
+        """Undo :meth:`merge`, optionally after the merged weight ``W'`` was pruned.
+
+        Without arguments W is restored. After pruning ``W'`` into ``pruned_weight`` with keep-mask
+        ``new_mask``: ``W ← (W_old + (pruned_weight − W')) ⊙ M_new`` and ``M ← M_new``. That keeps W on
+        the surviving positions (plus any compensation the pruner applied there, e.g. SparseGPT's
+        update; exactly W_old for Wanda/magnitude) and drops the adapter mass on newly pruned positions,
+        since the new mask masks it out. The adapter's forward then equals ``pruned_weight`` up to
+        float rounding.
+        """
+        if not self.merged:
+            raise LosaError("adapter is not merged; nothing to unmerge")
+        if (pruned_weight is None) != (new_mask is None):
+            raise LosaError("unmerge after pruning needs both the pruned weight and its mask")
+        with torch.no_grad():
+            w_merged = get_weight(self.base).float()
+            if self._pre_merge is not None:
+                w_old = self._pre_merge.float()
+            else:
+                w_old = w_merged - self.delta()
+            if pruned_weight is not None:
+                keep = new_mask.to(torch.bool)
+                w_old = torch.where(keep, w_old + (pruned_weight.float() - w_merged), torch.zeros_like(w_old))
+                self.set_mask(keep)
+            set_weight(self.base, w_old)
+        self._pre_merge = None
+        self.merged = False

@@ -1,0 +1,295 @@
+"""``losa.run(model, tokenizer, LoSAConfig(...))``: the LoSA dynamic prune / fine-tune schedule.
+
+For t = 1..T: compute the RMI Grams of the (adapter-merged) model in one sequential calibration
+pass → per-layer sparsities at S_t → prune the merged weights layer by layer and unmerge with the
+new masks → reconstruction error of every layer against the stored dense outputs → ranks from the
+Ω_t budget → fine-tune the adapters on this step's data slice. After step T the adapters are merged
+for good and the sparsity is verified. Every step is checkpointed atomically (``--resume``) and
+appended to ``report.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from losa.calib.engine import LayerwiseEngine
+from losa.config import build_config, parse_nm
+from losa.data.calibration import get_calibration
+from losa.errors import LosaError
+from losa.finetune.data import load_records, split_for_steps, tokenize_records
+from losa.finetune.train import finetune
+from losa.lora.config import SparseLoRAConfig
+from losa.lora.layer import SparseLoRALinear
+from losa.lora.model import add_sparse_lora, merge_and_unload, set_layer_ranks, sparse_lora_modules
+from losa.models.linear import get_weight
+from losa.models.registry import get_arch, get_decoder_layers, linear_modules
+from losa.pruning.base import get_pruner
+from losa.pruning.target import Target
+from losa.report.schema import FinalResults, RunMeta, RunReport, StepRecord, save_report
+from losa.runner.config import LoSAConfig, check_finetune_size
+from losa.runner.ranks import allocate_ranks
+from losa.runner.recon import DenseTargets, reconstruction_errors
+from losa.runner.schedule import rank_budget_at, sparsity_at
+from losa.runner.state import load_state, save_state, seed_everything
+from losa.runner.visitors import AdapterPruneVisitor, RMIVisitor
+from losa.sparsity.allocators import allocate, rmi_importance
+from losa.sparsity.cka import GramAccumulator
+from losa.sparsity.mixed_nm import allocate_mixed_nm
+from losa.utils.io import atomic_write_json
+from losa.verify import sparsity_report, verify_targets
+
+
+def layer_sizes(model: nn.Module) -> list[int]:
+    spec = get_arch(model)
+    return [sum(get_weight(m).numel() for m in linear_modules(layer, spec).values())
+            for layer in get_decoder_layers(model, spec)]
+
+
+def prepare_finetune_examples(tokenizer, cfg: LoSAConfig, calib_source_seed: int) -> list[dict[str, list[int]]]:
+    ft = cfg.finetune
+    if cfg.finetune_data is not None:
+        examples = tokenize_records(load_records(cfg.finetune_data), tokenizer, ft.max_length)
+    elif ft.distill:  # label-free distillation on fresh calibration-source windows
+        n = cfg.max_examples or 16 * cfg.steps * ft.batch_size
+        ids = get_calibration(tokenizer, cfg.calib, n, ft.max_length, calib_source_seed, cfg.data_dir, progress=False)
+        examples = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
+    else:
+        return []
+    if cfg.max_examples is not None:
+        examples = split_for_steps(examples, 1, seed=cfg.seed)[0][: cfg.max_examples]
+    check_finetune_size(len(examples), cfg)
+    return examples
+
+
+def _step_targets(cfg: LoSAConfig, step: int, sizes: list[int], cka: np.ndarray | None,
+                  outliers: list[float] | None) -> tuple[list[Target], list[float], list[int] | None]:
+    """Per-layer targets at ``step``: unstructured s_l at S_t, or (N:M runs) the (mixed) N:M pattern.
+
+    An N:M pattern has one sparsity, so the cubic ramp does not apply: every step prunes the merged
+    weights to the pattern (mixed N:M re-allocates N per layer from the current RMI / OWL scores).
+    Pruning to intermediate unstructured sparsities first would leave groups with fewer than N
+    non-zeros, i.e. a model sparser than the pattern needs.
+    """
+    alloc = cfg.effective_allocator
+    s_t = sparsity_at(step, cfg.steps, cfg.target_sparsity)
+    if cfg.nm is not None:
+        n, m = parse_nm(cfg.nm)
+        if cfg.mixed_nm and alloc != "uniform":
+            imp = rmi_importance(cka, cfg.beta) if cka is not None else np.asarray(outliers)
+            ns = allocate_mixed_nm(n, m, imp, sizes, cfg.nm_max_dev)
+        else:
+            ns = [n] * len(sizes)
+        return [Target(n=k, m=m) for k in ns], [1.0 - k / m for k in ns], ns
+    kw: dict[str, Any] = {}
+    if alloc == "rmi":
+        kw = {"cka": cka, "beta": cfg.beta, "delta": cfg.delta}
+    elif alloc == "owl":
+        kw = {"outlier_ratios": outliers, "lam": cfg.owl_lambda}
+    s = [float(x) for x in allocate(alloc, s_t, sizes, **kw)]
+    return [Target(sparsity=x) for x in s], s, None
+
+
+def _rmi_pass(model: nn.Module, calib_ids: torch.Tensor, cfg: LoSAConfig, progress: bool,
+              wrappers: dict[int, SparseLoRALinear]) -> tuple[np.ndarray | None, list[float] | None]:
+    alloc = cfg.effective_allocator
+    need_cka = alloc == "rmi" or (cfg.mixed_nm and alloc != "uniform")
+    need_owl = alloc == "owl"
+    if not (need_cka or need_owl):
+        return None, None
+    n_layers = len(get_decoder_layers(model))
+    visitor = RMIVisitor(GramAccumulator(n_layers, len(calib_ids)), cfg.rmi_features,
+                         owl_m=cfg.owl_m if need_owl else None, wrappers=wrappers)
+    LayerwiseEngine(model, calib_ids, device=cfg.device, batch_size=cfg.calib_batch_size, progress=progress,
+                    desc="RMI grams").run(visitor)
+    cka = visitor.acc.cka().numpy() if need_cka else None
+    outliers = [visitor.outlier_ratios[i] for i in range(n_layers)] if need_owl else None
+    return cka, outliers
+
+
+def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, out_dir: str | Path | None = None,
+        resume: bool = False, progress: bool = True, calib_ids: torch.Tensor | None = None,
+        model_name: str | None = None) -> RunReport:
+    """Run LoSA on ``model`` in place (it ends merged and sparse).
+
+    Returns the :class:`~losa.report.schema.RunReport` (also written to ``<out>/report.json`` after
+    every step); ``<out>/details.json`` adds per-step extras (Ω_t, N per layer, OWL ratios, timings).
+    ``calib_ids`` (``[n, seqlen]``) overrides the calibration source of the config.
+    """
+    cfg = build_config(LoSAConfig, config) if isinstance(config, dict) else (config or LoSAConfig())
+    if resume and out_dir is None:
+        raise LosaError("--resume needs the --out directory of the run to continue")
+    t_start = time.perf_counter()
+    tmp_root = None
+    if out_dir is None:
+        tmp_root = Path(tempfile.mkdtemp(prefix="losa-run-"))
+        out = tmp_root
+    else:
+        out = Path(out_dir)
+        if out.exists() and not resume and (out / "state").exists():
+            raise LosaError(f"{out} already holds a LoSA run; pass --resume to continue it or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+    recipe = cfg.model_dump()
+    name = model_name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+    try:
+        return _run(model, tokenizer, cfg, out, resume, progress, calib_ids, recipe, t_start,
+                    write_report=out_dir is not None, model_name=name)
+    finally:
+        if tmp_root is not None:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def _run(model, tokenizer, cfg: LoSAConfig, out: Path, resume: bool, progress: bool, calib_ids, recipe: dict,
+         t_start: float, write_report: bool, model_name: str) -> RunReport:
+    seed_everything(cfg.seed)
+    if calib_ids is None:
+        calib_ids = get_calibration(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.data_dir,
+                                    model=model, progress=progress)
+    recon_ids = calib_ids[: cfg.recon_nsamples]
+    examples = prepare_finetune_examples(tokenizer, cfg, cfg.seed + 1)
+    slices = split_for_steps(examples, cfg.steps, seed=cfg.seed) if examples else [[] for _ in range(cfg.steps)]
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = pad_id if pad_id is not None else (getattr(tokenizer, "eos_token_id", None) or 0)
+    teacher = None
+    if cfg.finetune.distill and examples:
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+
+    targets_path = out / "dense_targets.npy"
+    state = None
+    sizes = layer_sizes(model)
+    init_rank = int(round(min(max(cfg.omega_first, cfg.r_min), cfg.r_max)))
+    if not (resume and targets_path.is_file()):
+        t = time.perf_counter()
+        DenseTargets.compute(model, recon_ids, targets_path, cfg.calib_batch_size)
+        dense_s = time.perf_counter() - t
+    else:
+        dense_s = 0.0
+    dense = DenseTargets(targets_path)
+    add_sparse_lora(model, SparseLoRAConfig(r_max=cfg.r_max, rank=init_rank, alpha=cfg.lora_alpha,
+                                            init_seed=cfg.seed))
+    wrappers = {id(m.base): m for m in sparse_lora_modules(model).values()}
+    rows: list[dict] = []
+    first = 1
+    if resume:
+        state = load_state(out, model, recipe)
+        if state is not None:
+            first, rows = state[0] + 1, state[1]
+    pruner = get_pruner(cfg.method, blocksize=cfg.blocksize, percdamp=cfg.percdamp)
+    final_targets: list[Target] | None = None
+    if rows:
+        last = rows[-1]
+        final_targets = ([Target(n=k, m=parse_nm(cfg.nm)[1]) for k in last["nm_n"]] if last.get("nm_n")
+                         else [Target(sparsity=s) for s in last["layer_sparsity"]])
+
+    for step in range(first, cfg.steps + 1):
+        seed_everything(cfg.seed * 1000 + step)
+        times: dict[str, float] = {}
+        s_t = cfg.target_sparsity if cfg.nm else sparsity_at(step, cfg.steps, cfg.target_sparsity)
+        omega = rank_budget_at(step, cfg.steps, cfg.omega_first, cfg.omega_last)
+
+        t = time.perf_counter()
+        cka, outliers = _rmi_pass(model, calib_ids, cfg, progress, wrappers)
+        times["rmi_s"] = time.perf_counter() - t
+        targets, layer_s, nm_n = _step_targets(cfg, step, sizes, cka, outliers)
+        final_targets = targets
+
+        t = time.perf_counter()
+        LayerwiseEngine(model, calib_ids, device=cfg.device, batch_size=cfg.calib_batch_size, progress=progress,
+                        desc=f"step {step}/{cfg.steps}: pruning ({cfg.method})").run(
+            AdapterPruneVisitor(pruner, targets, wrappers))
+        times["prune_s"] = time.perf_counter() - t
+        achieved = _mask_sparsity(model)
+
+        t = time.perf_counter()
+        errors = reconstruction_errors(model, recon_ids, dense, cfg.calib_batch_size)
+        times["recon_s"] = time.perf_counter() - t
+        if cfg.rank_allocation:
+            ranks = allocate_ranks(errors, omega, cfg.r_min, cfg.r_max)
+        else:
+            ranks = [int(round(omega))] * len(sizes)
+        set_layer_ranks(model, ranks)
+
+        t = time.perf_counter()
+        ft: dict[str, Any] = {"losses": [], "steps": 0, "tokens": 0, "optimizer_state": None, "train_loss": None}
+        if slices[step - 1]:
+            ftc = cfg.finetune.model_copy(update={"seed": cfg.finetune.seed + cfg.seed * 1000 + step})
+            ft = finetune(model, slices[step - 1], ftc, pad_id, teacher=teacher)
+        times["finetune_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        errors_after = reconstruction_errors(model, recon_ids, dense, cfg.calib_batch_size) if ft["steps"] else errors
+        times["recon_after_s"] = time.perf_counter() - t
+        times["total_s"] = sum(times.values())
+
+        rows.append({
+            "step": step, "sparsity_target": s_t, "layer_sparsity": layer_s, "layer_achieved": achieved,
+            "nm_n": nm_n, "cka": None if cka is None else cka.tolist(), "outlier_ratios": outliers,
+            "recon_errors": errors, "recon_errors_after": errors_after, "omega": omega, "ranks": ranks,
+            "train_losses": ft["losses"],
+            "train_loss": ft["train_loss"], "finetune_steps": ft["steps"], "finetune_tokens": ft["tokens"],
+            "times": times,
+        })
+        if write_report:  # a run without out_dir cannot be resumed, so it skips the checkpoint
+            save_state(out, model, step, recipe, rows, ft["optimizer_state"])
+            _write(out, _report(cfg, rows, None, model_name), rows, sizes, dense_s)
+
+    t = time.perf_counter()
+    merge_and_unload(model)
+    nm_list = [(tg.n, tg.m) if tg.is_nm else None for tg in final_targets]  # type: ignore[union-attr]
+    rep = sparsity_report(model, nm_list)
+    verify_targets(rep, final_targets)  # type: ignore[arg-type]
+    final = FinalResults(sparsity=rep["overall"], layer_target_sparsity=[tg.sparsity for tg in final_targets],
+                         layer_achieved_sparsity=[r["sparsity"] for r in rep["layers"]])
+    report = _report(cfg, rows, final, model_name)
+    if write_report:
+        _write(out, report, rows, sizes, dense_s, {"merge_verify_s": time.perf_counter() - t,
+                                                   "wall_s": time.perf_counter() - t_start})
+    return report
+
+
+def _mask_sparsity(model: nn.Module) -> list[float]:
+    """Per decoder layer: fraction of adapted weights outside the current masks."""
+    out = []
+    for layer in get_decoder_layers(model):
+        mods = [m for m in layer.modules() if isinstance(m, SparseLoRALinear)]
+        total = sum(m.mask.numel() for m in mods)
+        out.append(1.0 - sum(int(m.mask.sum()) for m in mods) / max(total, 1))
+    return out
+
+
+def _pattern(cfg: LoSAConfig) -> str:
+    if cfg.nm is None:
+        return "unstructured"
+    return f"mixed {cfg.nm}" if cfg.mixed_nm else cfg.nm
+
+
+def _report(cfg: LoSAConfig, rows: list[dict], final: FinalResults | None, model_name: str) -> RunReport:
+    import transformers
+
+    import losa
+
+    steps = [StepRecord(step=r["step"], target_sparsity=r["sparsity_target"], layer_target_sparsity=r["layer_sparsity"],
+                        layer_achieved_sparsity=r["layer_achieved"], cka=r["cka"], recon_error_before=r["recon_errors"],
+                        recon_error_after=r["recon_errors_after"], ranks=r["ranks"], train_loss=r["train_losses"],
+                        wall_time_s=r["times"]["total_s"]) for r in rows]
+    meta = RunMeta(model=model_name, method=cfg.method, finetune="losa", sparsity=cfg.target_sparsity,
+                   pattern=_pattern(cfg), config=cfg.model_dump(mode="json"),
+                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   versions={"losa": losa.__version__, "torch": torch.__version__,
+                             "transformers": transformers.__version__})
+    return RunReport(meta=meta, steps=steps, results=final or FinalResults())
+
+
+def _write(out: Path, report: RunReport, rows: list[dict], sizes: list[int], dense_s: float,
+           final_extra: dict | None = None) -> None:
+    save_report(report, out)
+    atomic_write_json(out / "details.json", {"layer_sizes": sizes, "dense_targets_s": dense_s, "steps": rows,
+                                             "final": final_extra})

@@ -1,0 +1,92 @@
+"""Calibration-engine visitors used by LoSA: RMI Grams (+ OWL outlier ratios) and adapter-aware pruning.
+
+Both see the model with its sparse LoRA adapters active, which computes exactly what the merged
+model computes, so "merge, then measure / prune" needs no global merge: the prune visitor merges
+one decoder layer's adapters just before that layer's calibration forward, prunes the merged
+weights, and unmerges them with the new masks (see :meth:`SparseLoRALinear.unmerge`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from losa.calib.engine import LayerContext
+from losa.calib.stats import InputNormStat, InputStat
+from losa.lora.layer import SparseLoRALinear
+from losa.models.linear import get_weight, in_features
+from losa.pruning.base import Pruner
+from losa.pruning.target import Target
+from losa.pruning.wanda import wanda_scores
+from losa.sparsity.allocators import outlier_ratio
+from losa.sparsity.cka import GramAccumulator
+
+
+@dataclass
+class RMIVisitor:
+    """Accumulates each layer's n×n Gram of its inputs (or outputs); optionally OWL outlier ratios."""
+
+    acc: GramAccumulator
+    features: str = "inputs"
+    owl_m: float | None = None
+    wrappers: dict[int, SparseLoRALinear] = field(default_factory=dict)
+    outlier_ratios: dict[int, float] = field(default_factory=dict)
+
+    def stats_for(self, index: int, linears: dict[str, nn.Module]) -> dict[str, InputStat]:
+        if self.owl_m is None:
+            return {}
+        for m in linears.values():  # merged, so the base modules (and their input hooks) run
+            w = self.wrappers.get(id(m))
+            if w is not None:
+                w.merge(keep_original=True)
+        return {n: InputNormStat(in_features(m), device=get_weight(m).device) for n, m in linears.items()}
+
+    def visit(self, ctx: LayerContext) -> None:
+        feats = ctx.inputs if self.features == "inputs" else ctx.outputs
+        # Grams are sums over feature columns; with batched calibration the rows arrive in pieces, so
+        # assemble the full [n, ...] block one sequence chunk at a time to bound the float64 copy.
+        _, seq, hidden = feats[0].shape
+        step = max(1, (1 << 24) // max(1, self.acc.n * hidden))
+        for s in range(0, seq, step):
+            self.acc.update(ctx.index, torch.cat([f[:, s:s + step] for f in feats], 0))
+        if self.owl_m is not None:
+            scores = [wanda_scores(get_weight(m).detach(), ctx.stats[n].norm).reshape(-1)
+                      for n, m in ctx.linears.items()]
+            self.outlier_ratios[ctx.index] = outlier_ratio(torch.cat(scores), self.owl_m)
+            for m in ctx.linears.values():
+                w = self.wrappers.get(id(m))
+                if w is not None and w.merged:
+                    w.unmerge()  # bit-exact restore of the pre-merge weight
+
+
+@dataclass
+class AdapterPruneVisitor:
+    """Per decoder layer: merge its adapters, prune the merged weights to the layer's target, unmerge
+    with the new masks. ``wrappers`` maps ``id(base linear)`` to its :class:`SparseLoRALinear`."""
+
+    pruner: Pruner
+    targets: list[Target]
+    wrappers: dict[int, SparseLoRALinear]
+
+    def stats_for(self, index: int, linears: dict[str, nn.Module]) -> dict[str, InputStat]:
+        for m in linears.values():
+            w = self.wrappers.get(id(m))
+            if w is not None:
+                w.merge(keep_original=True)  # the calibration forward now runs the merged weights
+        if self.pruner.stat is None:
+            return {}
+        return {n: self.pruner.stat(in_features(m), device=get_weight(m).device) for n, m in linears.items()}
+
+    def visit(self, ctx: LayerContext) -> None:
+        for name, mod in ctx.linears.items():
+            res = self.pruner.prune(get_weight(mod).detach(), ctx.stats.get(name), self.targets[ctx.index])
+            w = self.wrappers.get(id(mod))
+            if w is not None:
+                w.unmerge(res.weight, res.mask)
+            else:
+                from losa.models.linear import set_weight
+
+                set_weight(mod, res.weight)
+        ctx.modified = True

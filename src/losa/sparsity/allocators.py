@@ -1,0 +1,161 @@
+"""Layer-wise sparsity allocators (pure functions; a registry so variants are one name away).
+
+Every allocator returns per-layer sparsities ``s`` (float64 array, one per decoder layer) whose
+parameter-count-weighted mean equals the target exactly (up to float rounding):
+``Σ_l p_l s_l / Σ_l p_l = target``.
+
+- ``uniform``: ``s_l = target``.
+- ``rmi`` (LoSA): redundancy ``R_l = Σ_{j≠l} CKA(l, j)``, normalised to sum to 1, importance
+  ``Imp_l = exp(−β R̃_l)``; minimise ``Σ Imp_l s_l`` subject to the weighted mean and
+  ``target − δ ≤ s_l ≤ target + δ``. This is a fractional knapsack LP, solved exactly by sorting.
+- ``owl`` (outlier-weighted layerwise sparsity): more Wanda outliers → lower sparsity, within ±λ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from losa.errors import LosaError
+
+Allocator = Callable[..., np.ndarray]
+ALLOCATORS: dict[str, Allocator] = {}
+
+
+def register_allocator(name: str) -> Callable[[Allocator], Allocator]:
+    def deco(fn: Allocator) -> Allocator:
+        ALLOCATORS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_allocator(name: str) -> Allocator:
+    try:
+        return ALLOCATORS[name]
+    except KeyError:
+        raise LosaError(f"unknown sparsity allocator {name!r}; choose one of {sorted(ALLOCATORS)}") from None
+
+
+def allocate(name: str, target: float, sizes: Sequence[float], **kwargs) -> np.ndarray:
+    """Run allocator ``name`` for ``target`` over layers with parameter counts ``sizes``."""
+    return get_allocator(name)(target, sizes, **kwargs)
+
+
+def default_delta(target: float) -> float:
+    """Half-width δ of the per-layer sparsity band around ``target``.
+
+    Official LoSA schedule: 0.01 for S ≤ 0.5, 0.02 for S ≤ 0.6, 0.03 for S ≤ 0.7. Above 0.7 the
+    official code silently reuses the last value; here δ = min(0.03, (1 − S)/4), so the most
+    pruned layer never exceeds S + (1 − S)/4 (e.g. 0.925 at S = 0.9) and δ shrinks as the
+    remaining density shrinks.
+    """
+    if target <= 0.5:
+        return 0.01
+    if target <= 0.6:
+        return 0.02
+    if target <= 0.7:
+        return 0.03
+    return min(0.03, (1.0 - target) / 4.0)
+
+
+def _check(target: float, sizes: Sequence[float]) -> np.ndarray:
+    if not 0.0 <= target < 1.0:
+        raise LosaError(f"target sparsity {target} must be in [0, 1); pass e.g. sparsity=0.5")
+    p = np.asarray(sizes, dtype=np.float64)
+    if p.ndim != 1 or p.size == 0 or np.any(p <= 0):
+        raise LosaError("layer sizes must be a non-empty list of positive parameter counts")
+    return p
+
+
+@register_allocator("uniform")
+def uniform(target: float, sizes: Sequence[float], **_: object) -> np.ndarray:
+    p = _check(target, sizes)
+    return np.full(p.size, float(target))
+
+
+def rmi_importance(cka: np.ndarray, beta: float = 1.0) -> np.ndarray:
+    """``Imp_l = exp(−β R̃_l)`` with ``R_l = Σ_{j≠l} CKA(l, j)`` normalised to sum to 1."""
+    c = np.asarray(cka, dtype=np.float64)
+    if c.ndim != 2 or c.shape[0] != c.shape[1]:
+        raise LosaError(f"CKA matrix must be square, got shape {c.shape}")
+    r = c.sum(1) - np.diag(c)
+    total = r.sum()
+    r_norm = r / total if total > 0 else np.full(r.size, 1.0 / r.size)
+    return np.exp(-beta * r_norm)
+
+
+def solve_band_lp(cost: np.ndarray, weights: np.ndarray, target: float, lo: np.ndarray,
+                  hi: np.ndarray) -> np.ndarray:
+    """Exact solution of ``min Σ c_l s_l  s.t.  Σ w_l s_l = target, lo ≤ s ≤ hi`` (w > 0, Σw = 1).
+
+    Start every layer at its lower bound, then raise layers to their upper bound in order of
+    increasing cost per unit of weighted budget ``c_l / w_l`` until the budget is spent; the last
+    raised layer takes the fractional remainder (the classic fractional-knapsack optimum).
+    """
+    s = lo.astype(np.float64).copy()
+    budget = target - float(weights @ s)
+    if budget < -1e-12 or float(weights @ hi) < target - 1e-12:
+        raise LosaError(f"sparsity target {target} is outside the per-layer bounds; widen delta")
+    for l in np.argsort(cost / weights, kind="stable"):  # noqa: E741
+        if budget <= 0:
+            break
+        room = (hi[l] - lo[l]) * weights[l]
+        take = min(room, budget)
+        s[l] = lo[l] + take / weights[l]
+        budget -= take
+    return s
+
+
+@register_allocator("rmi")
+def rmi(target: float, sizes: Sequence[float], *, cka: np.ndarray, beta: float = 1.0,
+        delta: float | None = None, **_: object) -> np.ndarray:
+    """LoSA's RMI allocation (see module docstring); ``delta=None`` uses :func:`default_delta`."""
+    p = _check(target, sizes)
+    c = np.asarray(cka, dtype=np.float64)
+    if c.shape != (p.size, p.size):
+        raise LosaError(f"CKA matrix is {c.shape} but there are {p.size} layers")
+    d = default_delta(target) if delta is None else float(delta)
+    if d < 0:
+        raise LosaError(f"delta must be ≥ 0, got {d}")
+    imp = rmi_importance(c, beta)
+    w = p / p.sum()
+    lo = np.full(p.size, max(0.0, target - d))
+    hi = np.full(p.size, min(1.0, target + d))
+    return solve_band_lp(imp, w, target, lo, hi)
+
+
+def outlier_ratio(scores, m: float = 5.0) -> float:
+    """Fraction of entries of ``scores`` (e.g. Wanda |W|·‖X‖ of a layer) above ``m × mean``."""
+    import torch
+
+    s = torch.as_tensor(scores).detach().to(torch.float64).reshape(-1)
+    if s.numel() == 0:
+        raise LosaError("outlier_ratio needs a non-empty score tensor")
+    return float((s > m * s.mean()).double().mean())
+
+
+@register_allocator("owl")
+def owl(target: float, sizes: Sequence[float], *, outlier_ratios: Sequence[float], lam: float = 0.08,
+        **_: object) -> np.ndarray:
+    """OWL: sparsity decreases linearly with the layer's outlier ratio, within ``target ± lam``.
+
+    The ratios are min-max normalised to [0, 1], centred on their parameter-weighted mean and
+    scaled so the largest deviation is exactly ``lam`` (OWL's official code spans 2λ; here the band
+    is symmetric so it matches ``rmi``'s ±δ semantics). The weighted mean is exactly ``target``.
+    """
+    p = _check(target, sizes)
+    d = np.asarray(outlier_ratios, dtype=np.float64)
+    if d.shape != (p.size,):
+        raise LosaError(f"got {d.size} outlier ratios for {p.size} layers")
+    if lam < 0 or target + lam > 1 or target - lam < 0:
+        raise LosaError(f"OWL band target±lam = {target}±{lam} leaves [0, 1]; lower lam")
+    w = p / p.sum()
+    span = d.max() - d.min()
+    if span <= 0:
+        return np.full(p.size, float(target))
+    c = (d - d.min()) / span
+    c = c - w @ c
+    c = c / np.abs(c).max()
+    return target - lam * c

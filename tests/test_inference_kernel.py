@@ -1,0 +1,157 @@
+"""The compact formats and the compiled sparse kernel against dense ``F.linear`` on the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losa.errors import LosaError
+from losa.inference import SparseLinear, pack, unpack
+from losa.inference import kernel as kmod
+from losa.inference.formats import choose_format
+
+KERNEL = kmod.load_kernel()
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason="C++ sparse kernel could not be built here")
+ISAS = [name for code, name in kmod.ISA_NAMES.items() if KERNEL is not None and code <= KERNEL.cpu_isa()]
+
+
+def random_mask(rows: int, cols: int, pattern: str | float, gen: torch.Generator) -> torch.Tensor:
+    """Keep-mask: unstructured at a sparsity, or "n:m" with exactly n kept per group (independent of losa)."""
+    if isinstance(pattern, float):
+        return torch.rand(rows, cols, generator=gen) >= pattern
+    n, m = map(int, pattern.split(":"))
+    ranks = torch.rand(rows, cols // m, m, generator=gen).argsort(-1).argsort(-1)
+    return (ranks < n).reshape(rows, cols)
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, vdtype: torch.dtype) -> torch.Tensor:
+    return F.linear(x.double(), w.to(vdtype).double(), None if b is None else b.double()).float()
+
+
+# ------------------------------------------------------------------ formats (pure tensor math)
+
+def test_bitmask_layout_by_hand():
+    w = torch.tensor([[0.0, 2.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 5.0]])
+    p = pack(w, torch.float32, "bitmask")
+    # bits 1 and 3 of byte 0, bit 0 of byte 1 (input 8); 9 inputs pad to 32 bits = 4 bytes
+    assert p.meta.tolist() == [[0b1010, 1, 0, 0]]
+    assert p.values[:3].tolist() == [2.0, 3.0, 5.0] and p.row_ptr.tolist() == [0, 3]
+    assert torch.equal(unpack(p), w)
+
+
+def test_nm24_layout_by_hand():
+    w = torch.tensor([[0.0, 5.0, 0.0, 7.0, 1.0, 0.0, 0.0, 2.0]])
+    p = pack(w, torch.float32, "nm24")
+    # group 0 keeps inputs 1, 3; group 1 keeps 0, 3 -> 2-bit indices 1, 3, 0, 3 packed little-endian
+    assert p.meta[0, 0].item() == 1 | 3 << 2 | 0 << 4 | 3 << 6
+    assert p.values[:4].tolist() == [5.0, 7.0, 1.0, 2.0]
+    assert torch.equal(unpack(p), w)
+
+
+@pytest.mark.parametrize("fmt,pattern", [("bitmask", 0.0), ("bitmask", 0.7), ("bitmask", 0.99),
+                                         ("nm24", "2:4"), ("nm14", "1:4"), ("nm24", "1:4")])
+def test_pack_roundtrip(fmt, pattern):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(19, 36, generator=gen) * random_mask(19, 36, pattern, gen)
+    for vdtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(unpack(pack(w, vdtype, fmt)), w.to(vdtype).float())
+
+
+def test_choose_format():
+    gen = torch.Generator().manual_seed(2)
+    assert choose_format(random_mask(64, 64, "1:4", gen)) == "nm14"
+    assert choose_format(random_mask(64, 64, 0.7, gen)) == "bitmask"
+    assert choose_format(random_mask(64, 64, "2:4", gen)) in ("nm24", "bitmask")
+
+
+def test_format_errors():
+    w = torch.randn(4, 8)
+    with pytest.raises(LosaError, match="at most 2 kept"):
+        pack(w, torch.float32, "nm24")
+    with pytest.raises(LosaError, match="unknown sparse format"):
+        pack(w, torch.float32, "csr")
+    with pytest.raises(LosaError, match="value_dtype"):
+        SparseLinear.from_dense(w, value_dtype="float16")
+    with pytest.raises(LosaError, match="2-D"):
+        pack(torch.randn(8), torch.float32)
+
+
+# ------------------------------------------------------------------ kernel vs F.linear
+
+CASES = [  # (out, in, pattern, fmt)
+    (37, 53, 0.5, "bitmask"), (5, 1, 0.0, "bitmask"), (64, 96, 0.7, "bitmask"), (33, 130, 0.8, "bitmask"),
+    (40, 200, 0.95, "bitmask"), (24, 64, "2:4", "nm24"), (24, 68, "2:4", "bitmask"), (17, 44, "1:4", "nm14"),
+    (29, 72, "4:8", "bitmask"), (16, 32, 1.0, "bitmask"),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_f,in_f,pattern,fmt", CASES)
+def test_sparse_linear_matches_dense(monkeypatch, isa, vdtype, out_f, in_f, pattern, fmt):
+    monkeypatch.setenv("LOSA_SPARSE_ISA", isa)
+    gen = torch.Generator().manual_seed(out_f * 1000 + in_f)
+    w = torch.randn(out_f, in_f, generator=gen) * random_mask(out_f, in_f, pattern, gen)
+    b = torch.randn(out_f, generator=gen)
+    layer = SparseLinear.from_dense(w, b, vdtype, fmt, dense_batch_threshold=8)
+    assert layer.fmt == fmt and layer.value_dtype == vdtype
+    for batch in (1, 2, 3, 5, 8, 13, 40):  # <= 8 sparse kernel, above: tiled decompress + GEMM
+        x = torch.randn(batch, in_f)  # fresh inputs every time
+        torch.testing.assert_close(layer(x), reference(x, w, b, vdtype), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_leading_dims_dtype_and_no_bias():
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(30, 45, generator=gen) * random_mask(30, 45, 0.6, gen)
+    layer = SparseLinear.from_dense(w)
+    x = torch.randn(2, 3, 45, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.shape == (2, 3, 30) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, F.linear(x.float(), w).to(torch.bfloat16), rtol=1e-2, atol=1e-2)
+
+
+@needs_kernel
+def test_decompress_kernel_is_exact():
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(50, 77, generator=gen) * random_mask(50, 77, 0.6, gen)
+    for vdtype in (torch.float32, torch.bfloat16):
+        p = pack(w, vdtype)
+        for isa in range(KERNEL.cpu_isa() + 1):
+            d = KERNEL.decompress(p.meta, p.values, p.row_ptr, 50, 77, 0, isa, 10, 50)
+            assert torch.equal(d, w.to(vdtype).float()[10:])
+
+
+def test_fallback_without_compiler(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(12, 20, generator=gen) * random_mask(12, 20, 0.5, gen)
+    layer = SparseLinear.from_dense(w, value_dtype="bfloat16")
+    monkeypatch.setattr(kmod, "load_kernel", lambda: None)
+    x = torch.randn(3, 20)
+    torch.testing.assert_close(layer(x), reference(x, w, None, torch.bfloat16), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_build_failure_warns(monkeypatch):
+    monkeypatch.setenv("LOSA_DISABLE_KERNEL", "1")
+    kmod._build.cache_clear()
+    kmod.load_kernel.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="fall back to a dense matmul"):
+            assert kmod.load_kernel() is None
+    finally:
+        monkeypatch.delenv("LOSA_DISABLE_KERNEL")
+        kmod._build.cache_clear()
+        kmod.load_kernel.cache_clear()
+
+
+@needs_kernel
+def test_bad_inputs(monkeypatch):
+    layer = SparseLinear.from_dense(torch.eye(8))
+    assert "value_dtype=float32" in repr(layer) and "format=" in repr(layer)
+    with pytest.raises(LosaError, match="expects 8"):
+        layer(torch.randn(2, 7))
+    monkeypatch.setenv("LOSA_SPARSE_ISA", "neon")
+    with pytest.raises(LosaError, match="LOSA_SPARSE_ISA"):
+        layer(torch.randn(2, 8))

@@ -1,0 +1,173 @@
+"""Whole models with the sparse runtime: generation, compact checkpoints, SmolLM2-135M, CUDA 2:4, CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from losa.errors import LosaError
+from losa.inference import SparseLinear, load_sparse, save_sparse, sparsify_for_inference
+from losa.inference.formats import PAD
+from losa.models.linear import get_weight, is_prunable, set_weight
+from losa.models.registry import get_decoder_layers, linear_modules
+
+
+def prune_random(model, sparsity: float, seed: int = 0) -> None:
+    """Zero a random fraction of every decoder linear (independent of losa's pruners)."""
+    gen = torch.Generator().manual_seed(seed)
+    for layer in get_decoder_layers(model):
+        for mod in linear_modules(layer).values():
+            w = get_weight(mod)
+            set_weight(mod, w * (torch.rand(w.shape, generator=gen) >= sparsity))
+
+
+def dense_weights(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, layer in enumerate(get_decoder_layers(model)):
+        for name, mod in layer.named_modules():
+            if isinstance(mod, SparseLinear):
+                out[f"{i}.{name}"] = mod.to_dense()
+            elif is_prunable(mod):
+                out[f"{i}.{name}"] = get_weight(mod).detach().clone()
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "gpt2"])
+def test_generate_matches_dense(family):
+    model = make_tiny_model(family, hidden=72)
+    prune_random(model, 0.6)
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        ref_tokens = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        ref_logits = model(ids).logits
+    n_linear = sum(len(linear_modules(layer)) for layer in get_decoder_layers(model))
+    summary = sparsify_for_inference(model)
+    assert summary["replaced"] == n_linear and summary["kept_dense"] == 0
+    assert summary["sparse_bytes"] < 0.5 * summary["dense_bytes"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref_logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0), ref_tokens)
+    assert sparsify_for_inference(model)["replaced"] == 0  # idempotent
+
+
+def test_dense_layers_stay_dense_and_bf16_values():
+    model = make_tiny_model("llama")
+    layers = get_decoder_layers(model)
+    prune_random(model, 0.5)
+    q = layers[0].self_attn.q_proj
+    set_weight(q, torch.randn_like(q.weight))  # one unpruned layer
+    summary = sparsify_for_inference(model, value_dtype="bfloat16")
+    assert summary["kept_dense"] == 1 and isinstance(layers[0].self_attn.q_proj, torch.nn.Linear)
+    k = layers[0].self_attn.k_proj
+    assert isinstance(k, SparseLinear) and k.value_dtype == torch.bfloat16 and "bfloat16" in repr(k)
+    with pytest.raises(LosaError, match="min_sparsity"):
+        sparsify_for_inference(model, min_sparsity=2.0)
+
+
+@pytest.mark.parametrize("value_dtype", ["float32", "bfloat16"])
+def test_compact_checkpoint_roundtrip_and_size(tmp_path, value_dtype):
+    from safetensors.torch import save_model
+
+    model = make_tiny_model("llama", layers=2, hidden=128, vocab=64)
+    prune_random(model, 0.7)
+    save_model(model, str(tmp_path / "dense.safetensors"))
+    sparsify_for_inference(model, value_dtype=value_dtype)
+    expected = dense_weights(model)
+    path = save_sparse(model, tmp_path / "sparse.safetensors")
+
+    fresh = make_tiny_model("llama", layers=2, hidden=128, vocab=64, seed=7)  # different weights
+    load_sparse(fresh, path)
+    got = dense_weights(fresh)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    ids = torch.randint(3, 64, (1, 6))
+    torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+    # size: decoder linears shrink to (1 - sparsity) x value bytes + 1 bit per weight (+ 8 bytes of row
+    # offset per row and PAD values per layer); the rest is unchanged
+    linear = sum(w.numel() for w in expected.values())
+    rows = sum(w.shape[0] for w in expected.values())
+    other = sum(p.numel() for n, p in model.named_parameters()) * 4
+    dense_size = (tmp_path / "dense.safetensors").stat().st_size
+    vbytes = 4 if value_dtype == "float32" else 2
+    predicted = other + linear * (0.3 * vbytes + 1 / 8) + rows * 8 + len(expected) * (PAD * vbytes + 8)
+    assert dense_size > other + linear * 4 * 0.99
+    assert abs((tmp_path / "sparse.safetensors").stat().st_size - predicted) < 0.03 * predicted
+
+
+def test_load_sparse_errors(tmp_path):
+    model = make_tiny_model("llama")
+    with pytest.raises(LosaError, match="no sparse layers"):
+        save_sparse(model, tmp_path / "x.safetensors")
+    with pytest.raises(LosaError, match="not found"):
+        load_sparse(model, tmp_path / "missing.safetensors")
+    from safetensors.torch import save_model
+
+    save_model(model, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(LosaError, match="not a losa compact checkpoint"):
+        load_sparse(model, tmp_path / "plain.safetensors")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for semi-structured 2:4")
+def test_cuda_semi_structured_24():
+    model = make_tiny_model("llama", hidden=128).to(torch.float16)
+    for layer in get_decoder_layers(model):
+        for mod in linear_modules(layer).values():
+            w = get_weight(mod)
+            keep = (torch.rand(w.shape[0], w.shape[1] // 4, 4).argsort(-1) < 2).reshape(w.shape)
+            set_weight(mod, w * keep)
+    model = model.cuda()
+    ids = torch.randint(3, 128, (1, 32), device="cuda")
+    ref = model(ids).logits
+    summary = sparsify_for_inference(model)
+    assert summary["device"] == "cuda" and summary["replaced"] > 0
+    torch.testing.assert_close(model(ids).logits, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_cli_generate_errors(tmp_path, capsys):
+    from losa.cli import main
+
+    model = make_tiny_model("llama")
+    model.save_pretrained(tmp_path / "tiny")
+    assert main(["generate", str(tmp_path / "tiny"), "--prompt", "hi", "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "tiny"), "--prompt", "hi"]) == 2
+    assert "tokenizer" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the real SmolLM2-135M
+
+@pytest.mark.slow
+def test_smollm2_50pct_sparse_matches_dense(smollm2, data_dir):
+    import copy
+
+    model, tok = smollm2
+    model = copy.deepcopy(model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic and fast on a shared 2-core machine
+    try:
+        _check_smollm2(model, tok, data_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_smollm2(model, tok, data_dir) -> None:
+    import losa
+    from losa.eval.ppl import perplexity
+
+    losa.prune(model, tok, losa.PruneConfig(method="wanda", sparsity=0.5, nsamples=4, seqlen=256,
+                                            data_dir=str(data_dir)), progress=False)
+    prompt = tok("The history of the city", return_tensors="pt").input_ids
+
+    def run() -> tuple[float, torch.Tensor]:
+        ppl = perplexity(model, tok, "wikitext2", seqlen=512, max_windows=4, data_dir=data_dir, progress=False)
+        with torch.no_grad():
+            return ppl, model.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+
+    ppl_dense, tokens_dense = run()
+    summary = sparsify_for_inference(model, value_dtype="float32")
+    assert summary["replaced"] == 30 * 7
+    ppl_sparse, tokens_sparse = run()
+    assert tokens_sparse.shape[1] == prompt.shape[1] + 32
+    assert torch.equal(tokens_sparse, tokens_dense)
+    assert abs(ppl_sparse / ppl_dense - 1) < 1e-3

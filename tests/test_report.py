@@ -1,0 +1,188 @@
+"""Run reports and comparison tables from the recorded run directories in tests/fixtures/runs."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from losa.errors import LosaError
+from losa.report import compare, load_run, write_report
+from losa.report.schema import RunReport, save_report
+
+RUNS = Path(__file__).parent / "fixtures" / "runs"
+LOSA, WANDA, DENSE = RUNS / "losa_smollm2_50", RUNS / "wanda_smollm2_50", RUNS / "dense_smollm2"
+TASKS = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa"]
+# the tables print 2 (ppl, %), 4 (loss) or 1 (seconds) decimals: a cell equals the fixture's value
+# when they differ by at most half a unit of the last printed digit
+HALF2, HALF4, HALF1 = 0.5e-2 + 1e-9, 0.5e-4 + 1e-9, 0.5e-1 + 1e-9
+HEADERS = ["BoolQ", "RTE", "HellaSwag", "WinoGrande", "ARC-e", "ARC-c", "OBQA", "PIQA"]
+
+
+def md_tables(md: str) -> list[list[dict[str, str]]]:
+    """Every markdown table as a list of {header: cell} rows."""
+    tables, cur = [], None
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if cur is None:
+                cur = {"header": cells, "rows": []}
+            elif not set("".join(cells)) <= set("-:"):
+                cur["rows"].append(dict(zip(cur["header"], cells)))
+        elif cur is not None:
+            tables.append(cur["rows"])
+            cur = None
+    if cur is not None:
+        tables.append(cur["rows"])
+    return tables
+
+
+@pytest.fixture(scope="module")
+def losa_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("losa_report")
+    md_path, html_path = write_report(LOSA, out)
+    return out, md_path, html_path
+
+
+def test_images_exist_are_png_and_not_blank(losa_report):
+    out, md_path, _ = losa_report
+    md = md_path.read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert sorted(Path(p).stem for p in links) == sorted(
+        ["layer_sparsity", "lora_ranks", "cka", "recon_error", "train_loss", "ppl_per_step"])
+    for rel in links:
+        path = out / rel
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        img = np.asarray(Image.open(path).convert("L"), dtype=float)
+        assert img.shape[0] > 300 and img.shape[1] > 500
+        assert img.std() > 10  # a blank or single-colour image has (near) zero spread
+        assert (img < 128).mean() > 0.005  # some dark ink: axes, text, data
+
+
+def test_results_table_numbers_equal_the_fixture(losa_report):
+    _, md_path, _ = losa_report
+    fx = json.loads((LOSA / "report.json").read_text())
+    tables = md_tables(md_path.read_text())
+    row = tables[0][0]
+    res = fx["results"]
+    assert float(row["WikiText-2 ppl"]) == pytest.approx(res["ppl"]["wikitext2"], abs=HALF2)
+    assert float(row["PTB ppl"]) == pytest.approx(res["ppl"]["ptb"], abs=HALF2)
+    for task, head in zip(TASKS, HEADERS):
+        assert float(row[head]) == pytest.approx(100 * res["zeroshot"][task]["acc"], abs=HALF2)
+    accs = [res["zeroshot"][t]["acc"] for t in TASKS]
+    assert float(row["Mean"]) == pytest.approx(100 * sum(accs) / 8, abs=HALF2)
+    assert float(row["Sparsity (%)"]) == pytest.approx(100 * res["sparsity"], abs=HALF2)
+    steps = tables[1]
+    assert [int(s["step"]) for s in steps] == [1, 2, 3]
+    for s, f in zip(steps, fx["steps"]):
+        assert float(s["target S_t (%)"]) == pytest.approx(100 * f["target_sparsity"], abs=HALF2)
+        ach = f["layer_achieved_sparsity"]
+        assert float(s["achieved, layer mean (%)"]) == pytest.approx(100 * sum(ach) / len(ach), abs=HALF2)
+        assert float(s["WikiText-2 ppl"]) == pytest.approx(f["ppl"]["wikitext2"], abs=HALF2)
+        assert float(s["mean rank"]) == pytest.approx(sum(f["ranks"]) / len(f["ranks"]), abs=HALF2)
+        assert float(s["final train loss"]) == pytest.approx(f["train_loss"][-1], abs=HALF4)
+        assert float(s["wall time (s)"]) == pytest.approx(f["wall_time_s"], abs=HALF1)
+
+
+def test_html_is_self_contained_with_the_same_images(losa_report):
+    out, md_path, html_path = losa_report
+    page = html_path.read_text()
+    assert "<img" in page and 'src="report_files' not in page and "http" not in page
+    blobs = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    files = sorted((out / "report_files").glob("*.png"))
+    assert len(blobs) == len(files) == 6
+    assert sorted(base64.b64decode(b) for b in blobs) == sorted(f.read_bytes() for f in files)
+    assert "31.47" in page and "66.32" in page
+
+
+def test_one_shot_prune_dir_with_only_losa_json(tmp_path):
+    md_path, _ = write_report(WANDA, tmp_path)
+    md = md_path.read_text()
+    assert sorted(p.name for p in (tmp_path / "report_files").iterdir()) == ["layer_sparsity.png"]
+    manifest = json.loads((WANDA / "losa.json").read_text())
+    zs = json.loads((WANDA / "zeroshot.json").read_text())
+    row = md_tables(md)[0][0]
+    assert float(row["WikiText-2 ppl"]) == pytest.approx(manifest["results"]["ppl"]["wikitext2"], abs=HALF2)
+    assert float(row["PIQA"]) == pytest.approx(100 * zs["tasks"]["piqa"]["acc"], abs=HALF2)
+    assert float(row["Sparsity (%)"]) == pytest.approx(100 * manifest["sparsity"]["overall"], abs=HALF2)
+    r = load_run(WANDA)
+    assert r.meta.method == "wanda" and r.meta.sparsity == 0.5 and r.meta.finetune == "none"
+    assert r.results.layer_achieved_sparsity == [x["sparsity"] for x in manifest["sparsity"]["layers"]]
+
+
+def test_plots_without_data_are_skipped(tmp_path):
+    md_path, html_path = write_report(DENSE, tmp_path)
+    assert not (tmp_path / "report_files").exists()
+    assert "![" not in md_path.read_text() and "<img" not in html_path.read_text()
+
+
+def test_compare_two_runs_paper_layout():
+    md, text = compare([WANDA, DENSE])
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [r["Method"] for r in rows] == ["Dense", "Wanda"]  # dense first, whatever the argument order
+    assert [r["Sparsity"] for r in rows] == ["0%", "50%"]
+    assert list(rows[0]) == ["Sparsity", "Method", "WikiText-2 ppl", *HEADERS, "Mean"]
+    dense = json.loads((DENSE / "report.json").read_text())["results"]
+    wanda_zs = json.loads((WANDA / "zeroshot.json").read_text())["tasks"]
+    assert float(rows[0]["WikiText-2 ppl"]) == pytest.approx(dense["ppl"]["wikitext2"], abs=HALF2)
+    assert float(rows[1]["WikiText-2 ppl"]) == pytest.approx(44.83, abs=HALF2)
+    for task, head in zip(TASKS, HEADERS):
+        assert float(rows[0][head]) == pytest.approx(100 * dense["zeroshot"][task]["acc"], abs=HALF2)
+        assert float(rows[1][head]) == pytest.approx(100 * wanda_zs[task]["acc"], abs=HALF2)
+    wanda_mean = sum(wanda_zs[t]["acc"] for t in TASKS) / 8
+    assert float(rows[1]["Mean"]) == pytest.approx(100 * wanda_mean, abs=HALF2)
+    assert md_tables(md)[0] == rows  # markdown and CSV carry the same cells
+
+
+def test_compare_orders_method_lora_losa_and_acc_norm():
+    md, text = compare([LOSA, DENSE, WANDA], metric="acc_norm")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [r["Method"] for r in rows] == ["Dense", "Wanda", "Wanda + LoSA"]
+    losa = json.loads((LOSA / "report.json").read_text())["results"]["zeroshot"]
+    assert float(rows[2]["HellaSwag"]) == pytest.approx(100 * losa["hellaswag"]["acc_norm"], abs=HALF2)
+    assert float(rows[2]["BoolQ"]) == pytest.approx(100 * losa["boolq"]["acc"], abs=HALF2)  # no acc_norm
+
+
+def test_report_roundtrip_and_bad_inputs(tmp_path):
+    r = load_run(LOSA)
+    save_report(r, tmp_path)
+    assert RunReport.model_validate_json((tmp_path / "report.json").read_text()) == r
+    with pytest.raises(LosaError, match="neither report.json nor losa.json"):
+        load_run(tmp_path / "..")
+    with pytest.raises(LosaError, match="does not exist"):
+        load_run(tmp_path / "missing")
+    bad = tmp_path / "bad"
+    shutil.copytree(LOSA, bad)
+    data = json.loads((bad / "report.json").read_text())
+    data["steps"][0]["ranks"] = [1, 2]
+    (bad / "report.json").write_text(json.dumps(data))
+    with pytest.raises(LosaError, match=r"steps\.0.*ranks has 2 layers, expected 8"):
+        load_run(bad)
+    (bad / "report.json").write_text("{not json")
+    with pytest.raises(LosaError, match="not valid JSON"):
+        load_run(bad)
+    with pytest.raises(LosaError, match="at least one run"):
+        compare([])
+
+
+def test_cli_report_and_compare(tmp_path, capsys):
+    from losa.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(LOSA, run)
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.md").is_file() and (run / "report.html").is_file()
+    out_md, out_csv = tmp_path / "t.md", tmp_path / "t.csv"
+    assert main(["compare", str(WANDA), str(DENSE), "--out-md", str(out_md), "--out-csv", str(out_csv)]) == 0
+    assert out_md.read_text() == compare([WANDA, DENSE])[0]
+    assert out_csv.read_text() == compare([WANDA, DENSE])[1]
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err

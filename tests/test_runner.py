@@ -1,0 +1,172 @@
+"""The LoSA runner on tiny models: end-to-end run, resume after an interruption, config errors."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from losa.errors import LosaError
+from losa.models.registry import get_decoder_layers
+from losa.runner import LoSAConfig, run
+
+
+class CharTokenizer:
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + ord(c) % 120 for c in text]}
+
+
+def _data(tmp_path, n=32):
+    f = tmp_path / "ft.jsonl"
+    f.write_text("\n".join(json.dumps({"text": f"{i % 3} abcdabcdabcd"}) for i in range(n)) + "\n")
+    return str(f)
+
+
+def _cfg(data, **kw):
+    base = dict(sparsity=0.6, steps=2, nsamples=4, seqlen=16, recon_nsamples=2, r_max=8, r_min=1,
+                omega_first=4, omega_last=6, finetune_data=data, device="cpu",
+                finetune={"batch_size": 4, "max_length": 32, "lr": 1e-2, "epochs": 2})
+    base.update(kw)
+    return LoSAConfig(**base)
+
+
+def _weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture
+def calib():
+    return torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+
+
+def test_end_to_end_loss_decreases_and_exact_sparsity(tmp_path, tiny_model, calib):
+    model = tiny_model("llama", seed=0, layers=3, hidden=32)
+    rep = run(model, CharTokenizer(), _cfg(_data(tmp_path)), out_dir=tmp_path / "out", calib_ids=calib, progress=False)
+    steps = rep.steps
+    assert [s.step for s in steps] == [1, 2]
+    assert steps[0].target_sparsity == pytest.approx(0.6 - 0.6 * 0.5**3)
+    losses = steps[0].train_loss + steps[1].train_loss
+    assert np.mean(losses[-2:]) < 0.95 * np.mean(losses[:2])
+    for s, omega in zip(steps, (4, 6)):
+        w = np.full(3, 1 / 3)
+        assert w @ np.asarray(s.layer_target_sparsity) == pytest.approx(s.target_sparsity, abs=1e-12)
+        assert sum(s.ranks) == 3 * omega and max(s.ranks) <= 8
+        assert len(s.cka) == 3 and s.cka[0][0] == pytest.approx(1.0)
+        assert all(a >= t - 1 / 32 for a, t in zip(s.layer_achieved_sparsity, s.layer_target_sparsity))
+        assert len(s.recon_error_after) == 3 and min(s.recon_error_before) > 0
+    # merged model: every adapted module is plain again and at its layer's target (per-row floor)
+    for i, layer in enumerate(get_decoder_layers(model)):
+        target = steps[-1].layer_target_sparsity[i]
+        for name, mod in layer.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                w = mod.weight
+                per_row = (w == 0).sum(1)
+                assert bool((per_row >= int(w.shape[1] * target + 1e-9)).all()), name
+    assert rep.results.sparsity == pytest.approx(float(np.mean(rep.results.layer_achieved_sparsity)))
+    from losa.report.schema import load_run
+
+    assert load_run(tmp_path / "out").steps[1].ranks == steps[1].ranks  # report.json matches the schema
+
+
+def test_resume_after_interruption_identical(tmp_path, tiny_model, calib, monkeypatch):
+    runmod = importlib.import_module("losa.runner.run")  # the module (losa.runner.run is also the function)
+
+    data = _data(tmp_path, n=16)
+    cfg = _cfg(data, steps=2, finetune={"batch_size": 4, "max_length": 32, "lr": 5e-3, "epochs": 1})
+    ref_model = tiny_model("llama", seed=0, layers=2, hidden=32)
+    run(ref_model, CharTokenizer(), cfg, out_dir=tmp_path / "a", calib_ids=calib, progress=False)
+
+    real = runmod.finetune
+    calls = {"n": 0}
+
+    def dying(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed during step 2's fine-tune
+        return real(*a, **kw)
+
+    monkeypatch.setattr(runmod, "finetune", dying)
+    model = tiny_model("llama", seed=0, layers=2, hidden=32)
+    with pytest.raises(KeyboardInterrupt):
+        run(model, CharTokenizer(), cfg, out_dir=tmp_path / "b", calib_ids=calib, progress=False)
+    assert json.loads((tmp_path / "b" / "state" / "state.json").read_text())["step"] == 1
+    monkeypatch.setattr(runmod, "finetune", real)
+    with pytest.raises(LosaError, match="--resume"):
+        run(tiny_model("llama", seed=0, layers=2, hidden=32), CharTokenizer(), cfg, out_dir=tmp_path / "b",
+            calib_ids=calib, progress=False)
+    fresh = tiny_model("llama", seed=0, layers=2, hidden=32)
+    rep = run(fresh, CharTokenizer(), cfg, out_dir=tmp_path / "b", resume=True, calib_ids=calib, progress=False)
+    assert [s.step for s in rep.steps] == [1, 2]
+    a_ad = load_file(str(tmp_path / "a" / "state" / "adapters.safetensors"))
+    b_ad = load_file(str(tmp_path / "b" / "state" / "adapters.safetensors"))
+    assert a_ad.keys() == b_ad.keys()
+    for k in a_ad:  # identical masks, ranks and adapters
+        assert torch.equal(a_ad[k], b_ad[k]), k
+    wa, wb = _weights(ref_model), _weights(fresh)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    other = _cfg(data, steps=2, finetune={"batch_size": 4, "max_length": 32, "lr": 1e-3, "epochs": 1})
+    with pytest.raises(LosaError, match="recipe .* differs"):
+        run(tiny_model("llama", seed=0, layers=2, hidden=32), CharTokenizer(), other, out_dir=tmp_path / "b",
+            resume=True, calib_ids=calib, progress=False)
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(LosaError, match="r_min=8 > r_max=4"):
+        LoSAConfig(r_min=8, r_max=4)
+    with pytest.raises(LosaError, match="steps T=0"):
+        LoSAConfig(steps=0)
+    with pytest.raises(LosaError, match="must be in \\(0, 1\\)"):
+        LoSAConfig(sparsity=1.0)
+    with pytest.raises(LosaError, match="mixed_nm needs nm"):
+        LoSAConfig(mixed_nm=True)
+
+
+def test_finetune_set_too_small(tmp_path, tiny_model, calib):
+    model = tiny_model("llama", seed=0, layers=2, hidden=32)
+    with pytest.raises(LosaError, match="too few for 5 steps"):
+        run(model, CharTokenizer(), _cfg(_data(tmp_path, n=6), steps=5), calib_ids=calib, progress=False)
+
+
+def test_owl_mixed_nm_without_finetuning(tiny_model, calib):
+    """OWL ratios come from real input norms; every step applies per-layer N:M with the exact mean N."""
+    model = tiny_model("llama", seed=0, layers=4, hidden=32)
+    rep = run(model, CharTokenizer(), LoSAConfig(nm="2:4", mixed_nm=True, allocator="owl", owl_lambda=0.05, steps=2,
+                                                 nsamples=4, seqlen=16, recon_nsamples=2, r_min=1, r_max=8,
+                                                 omega_first=4, omega_last=4, device="cpu"),
+              calib_ids=calib, progress=False)
+    last = rep.steps[-1]
+    ns = [round(4 * (1 - s)) for s in last.layer_target_sparsity]
+    assert sum(ns) == 8 and set(ns) <= {1, 2, 3}
+    assert len(set(rep.steps[0].layer_target_sparsity)) > 1  # OWL spread N over the layers
+    for i, layer in enumerate(get_decoder_layers(model)):
+        for mod in layer.modules():
+            if isinstance(mod, torch.nn.Linear):
+                groups = (mod.weight != 0).reshape(mod.weight.shape[0], -1, 4).sum(-1)
+                assert int(groups.max()) <= ns[i]
+    assert rep.results.sparsity == pytest.approx(0.5, abs=1e-9)
+
+
+def test_reconstruction_errors_match_hidden_states(tmp_path, tiny_model, calib):
+    from losa.runner.recon import DenseTargets, reconstruction_errors
+
+    dense = tiny_model("llama", seed=0, layers=3, hidden=32)
+    targets = DenseTargets.compute(dense, calib, tmp_path / "t.npy", batch_size=3)
+    assert max(reconstruction_errors(dense, calib, targets, batch_size=2)) < 1e-4  # only bf16 storage rounding
+    sparse = tiny_model("llama", seed=0, layers=3, hidden=32)
+    with torch.no_grad():
+        sparse.model.layers[1].mlp.down_proj.weight.mul_(torch.rand(32, 64, generator=torch.Generator().manual_seed(1)) > 0.5)
+    got = reconstruction_errors(sparse, calib, targets)
+    with torch.no_grad():  # independent: HF hidden_states[i + 1] is layer i's output (except the last, normed)
+        hd = dense(calib, output_hidden_states=True).hidden_states
+        hs = sparse(calib, output_hidden_states=True).hidden_states
+    for i in range(2):
+        ref = float((hd[i + 1] - hs[i + 1]).square().sum() / hd[i + 1].square().sum())
+        assert got[i] == pytest.approx(ref, rel=0.02, abs=1e-4)
+    assert got[0] < 1e-4 and got[1] > 20 * got[0]  # layer 0 untouched, layer 1 perturbed

@@ -1,0 +1,199 @@
+"""Sparse (masked) LoRA: gradients vs a dense-masked reference, ranks, merge/unmerge, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from losa.errors import LosaError
+from losa.lora import (
+    SparseLoRAConfig,
+    SparseLoRALinear,
+    add_sparse_lora,
+    load_adapters,
+    merge_and_unload,
+    save_adapters,
+    set_layer_ranks,
+    sparse_lora_modules,
+)
+from losa.pruning.masks import nm_mask
+
+
+def _module(d_out=12, d_in=16, r_max=6, rank=4, sparsity=0.5, seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(d_in, d_out)
+    mask = torch.rand(d_out, d_in) >= sparsity
+    with torch.no_grad():
+        base.weight.mul_(mask)
+    mod = SparseLoRALinear(base, r_max=r_max, alpha=12.0, rank=rank, mask=mask)
+    with torch.no_grad():
+        mod.lora_B.normal_()  # non-zero B so the update is non-trivial
+    return mod, mask
+
+
+def test_forward_and_gradients_match_dense_masked_reference():
+    mod, mask = _module()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    y = mod(x)
+    y.sin().sum().backward()
+    # independent reference: plain autograd through the dense masked matrix with the first 4 ranks
+    a = mod.lora_A.detach().clone().requires_grad_()
+    b = mod.lora_B.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    w_eff = mod.base.weight + (12.0 / 6) * (b[:, :4] @ a[:4]) * mask
+    y_ref = x2 @ w_eff.T + mod.base.bias
+    y_ref.sin().sum().backward()
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(mod.lora_A.grad, a.grad)
+    torch.testing.assert_close(mod.lora_B.grad, b.grad)
+    torch.testing.assert_close(x.grad, x2.grad)
+    # ranks beyond the active rank get exactly zero gradient; the base never gets one
+    assert torch.all(mod.lora_A.grad[4:] == 0) and torch.all(mod.lora_B.grad[:, 4:] == 0)
+    assert mod.base.weight.grad is None and not mod.base.weight.requires_grad
+
+
+def test_effective_weight_gradient_zero_on_masked_positions():
+    mod, mask = _module()
+    x = torch.randn(7, 16)
+    w_delta = torch.zeros(12, 16, requires_grad=True)  # a probe: d loss / d (effective update)
+
+    def loss_fn(delta):
+        return ((x @ (mod.base.weight + delta * mask).T) ** 2).sum()
+
+    loss_fn(w_delta).backward()
+    assert torch.all(w_delta.grad[~mask] == 0) and w_delta.grad[mask].abs().sum() > 0
+    # the adapter's effective update ((BA)⊙M) is zero on masked positions, whatever A and B are
+    assert torch.all(mod.delta()[~mask] == 0)
+
+
+def test_rank_really_used_and_changeable_without_losing_state():
+    mod, _ = _module(rank=6)
+    x = torch.randn(4, 16)
+    full = mod(x)
+    mod.set_rank(2)
+    assert mod.rank == 2
+    a_kept, b_kept = mod.lora_A[:2].clone(), mod.lora_B[:, :2].clone()
+    out2 = mod(x)
+    assert not torch.allclose(out2, full)
+    ref = mod.base(x) + x @ ((2.0 * mod.lora_B[:, :2] @ mod.lora_A[:2]) * mod.mask).T
+    torch.testing.assert_close(out2, ref)
+    assert torch.all(mod.lora_B[:, 2:] == 0)  # dropped ranks reset: growing back starts from zero update
+    mod.set_rank(5)
+    torch.testing.assert_close(mod(x), out2)  # new ranks contribute nothing yet
+    torch.testing.assert_close(mod.lora_A[:2], a_kept)
+    torch.testing.assert_close(mod.lora_B[:, :2], b_kept)
+    with pytest.raises(LosaError, match="r_max"):
+        mod.set_rank(7)
+
+
+def test_merge_leaves_exactly_mask_zeros_and_matches_forward():
+    mod, mask = _module()
+    x = torch.randn(4, 16)
+    before = mod(x)
+    mod.merge()
+    w = mod.base.weight
+    assert torch.equal(w == 0, ~mask | (w == 0))  # no new non-zeros outside M
+    assert torch.all(w[~mask] == 0)
+    torch.testing.assert_close(mod(x), before)
+    mod.unmerge()
+    torch.testing.assert_close(mod(x), before)
+
+
+def _groups_ok(w: torch.Tensor, n: int, m: int) -> bool:
+    """Independent N:M check: at most n non-zeros in every group of m consecutive inputs."""
+    return bool(((w.reshape(w.shape[0], -1, m) != 0).sum(-1) <= n).all())
+
+
+def test_nm_after_merge():
+    from losa.verify import check_nm
+
+    torch.manual_seed(1)
+    base = nn.Linear(32, 8, bias=False)
+    mask = nm_mask(base.weight.abs(), 2, 4)
+    with torch.no_grad():
+        base.weight.mul_(mask)
+    mod = SparseLoRALinear(base, r_max=4, alpha=8, rank=4, mask=mask)
+    with torch.no_grad():
+        mod.lora_B.normal_()
+    assert (mod.lora_B @ mod.lora_A != 0).all()  # the unmasked update is dense
+    mod.merge(keep_original=False)
+    assert _groups_ok(mod.base.weight, 2, 4)
+    assert check_nm(mod.base.weight, 2, 4)
+    # but a dense (unmasked) merge would break it - the check can fail
+    assert not _groups_ok(mod.base.weight + mod.lora_B @ mod.lora_A, 2, 4)
+
+
+def test_unmerge_after_pruning_keeps_w_on_survivors_and_drops_new_pruned():
+    mod, mask = _module(sparsity=0.3)
+    w_old = mod.base.weight.detach().clone()
+    mod.merge()
+    w_merged = mod.base.weight.detach().clone()
+    new_mask = mask & (torch.rand_like(w_merged) > 0.4)  # prune further
+    mod.unmerge(w_merged * new_mask, new_mask)
+    assert torch.equal(mod.mask, new_mask)
+    assert torch.equal(mod.base.weight, w_old * new_mask)  # bit-exact W on survivors, 0 elsewhere
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(mod(x), x @ (w_merged * new_mask).T + mod.base.bias)
+
+
+def test_model_wrap_ranks_save_load_merge(tmp_path, tiny_model):
+    model = tiny_model("llama", seed=0, layers=2)
+    ids = torch.randint(3, 128, (2, 10))
+    dense_logits = model(ids).logits
+    mods = add_sparse_lora(model, SparseLoRAConfig(r_max=8, rank=4, alpha=16))
+    assert len(mods) == 14 and all(m.rank == 4 for m in mods.values())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    torch.testing.assert_close(model(ids).logits, dense_logits)  # B = 0: identity at init
+    set_layer_ranks(model, [3, 8])
+    assert [m.rank for m in mods.values()] == [3] * 7 + [8] * 7
+    with torch.no_grad():
+        for m in mods.values():
+            m.lora_B.normal_(std=0.02)
+            m.set_mask(torch.rand_like(m.mask, dtype=torch.float) > 0.5)
+    logits = model(ids).logits
+    save_adapters(model, tmp_path / "ad")
+    other = tiny_model("llama", seed=0, layers=2)
+    add_sparse_lora(other, SparseLoRAConfig(r_max=8, rank=1, alpha=16, init_seed=5))
+    load_adapters(other, tmp_path / "ad")
+    torch.testing.assert_close(other(ids).logits, logits)
+    merge_and_unload(other)
+    assert not sparse_lora_modules(other)
+    torch.testing.assert_close(other(ids).logits, logits, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_inputs(tiny_model):
+    with pytest.raises(LosaError, match="r_max"):
+        SparseLoRAConfig(r_max=4, rank=8)
+    mod, _ = _module()
+    with pytest.raises(LosaError, match="mask shape"):
+        mod.set_mask(torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(LosaError, match="not merged"):
+        mod.unmerge()
+    model = tiny_model("llama", layers=1)
+    add_sparse_lora(model, SparseLoRAConfig())
+    with pytest.raises(LosaError, match="already has"):
+        add_sparse_lora(model, SparseLoRAConfig())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_merge_equals_adapter_forward_other_families(tiny_model, family):
+    """GPT-2 (Conv1D, transposed weights) and OPT (biases): merged model == model with adapters."""
+    model = tiny_model(family, seed=0, layers=1)
+    ids = torch.randint(3, 128, (2, 8))
+    mods = add_sparse_lora(model, SparseLoRAConfig(r_max=4, rank=3, alpha=8))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in mods.values():
+            m.lora_B.normal_(std=0.05, generator=g)
+            m.set_mask(torch.rand(m.mask.shape, generator=g) > 0.5)
+            m.base.weight.mul_(m.mask if family != "gpt2" else m.mask.T)  # pruned base: zeros where M is False
+    before = model(ids).logits
+    masks = {q: m.mask.clone() for q, m in mods.items()}
+    merge_and_unload(model)
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-5)
+    for q, mask in masks.items():
+        w = model.get_submodule(q).weight
+        w = w.T if family == "gpt2" else w
+        assert torch.all(w[~mask] == 0)
