@@ -1,7 +1,8 @@
 """One pruning run in its own process (so its wall time and peak RSS are its own).
 
-Usage: python benchmarks/_prune_worker.py METHOD TARGET CALIB_PT MODEL_DIR OUT_DIR
-TARGET is a sparsity like 0.5 or an N:M pattern like 2:4. Prints one JSON line.
+Usage: python benchmarks/_prune_worker.py METHOD TARGET CALIB_PT MODEL_DIR OUT_DIR [SEQUENTIAL]
+TARGET is a sparsity like 0.5 or an N:M pattern like 2:4; SEQUENTIAL is auto (default), layer or module.
+Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -16,18 +17,19 @@ import torch
 
 def main() -> None:
     method, target, calib_pt, model_dir, out_dir = sys.argv[1:6]
+    sequential = sys.argv[6] if len(sys.argv) > 6 else "auto"
     import losa
 
     torch.manual_seed(0)
     ids = torch.load(calib_pt)
     model, tok = losa.load_model(model_dir)
-    cfg = {"method": method, "nsamples": ids.shape[0], "seqlen": ids.shape[1]}
+    cfg = {"method": method, "nsamples": ids.shape[0], "seqlen": ids.shape[1], "sequential": sequential}
     cfg.update({"nm": target} if ":" in target else {"sparsity": float(target)})
     t = time.perf_counter()
-    losa.prune(model, tok, losa.PruneConfig(**cfg), calib_ids=ids, progress=False)
+    rep = losa.prune(model, tok, losa.PruneConfig(**cfg), calib_ids=ids, progress=False)
     wall = time.perf_counter() - t
     model.save_pretrained(out_dir)
-    print(json.dumps({"prune_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"prune_s": wall, "sequential": rep["sequential"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ import torch
 
 from losa.calib.stats import HessianStat, InputNormStat
 from losa.errors import LosaError
-from losa.pruning import Target, get_pruner, nm_mask, unstructured_mask
-from losa.pruning.sparsegpt import sparsegpt_prune
+from losa.pruning import Target, get_pruner, nm_mask, sparsegpt, unstructured_mask
+from losa.pruning.sparsegpt import inverse_hessian_cholesky, sparsegpt_prune
 
 
 def _rand(*shape, seed=0):
@@ -89,6 +89,91 @@ def test_sparsegpt_beats_magnitude_reconstruction():
         assert err_sg < 1.3 * torch.linalg.norm(X @ W.T - X @ opt.T)
         assert abs(float((sg.weight == 0).float().mean()) - target.sparsity) < 1 / 64 + 1e-6
         assert torch.equal(sg.weight == 0, ~sg.mask)
+
+
+def _naive_obs_nm(W, H, n, m, percdamp=0.01):
+    """Column-by-column OBS, no blocks, no lazy updates: the textbook form SparseGPT batches."""
+    W = W.double().clone()
+    H = H.double().clone()
+    H += percdamp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    for i in range(W.shape[1]):
+        if i % m == 0:
+            sal = W[:, i:i + m] ** 2 / U.diagonal()[i:i + m] ** 2
+            for r in range(W.shape[0]):
+                for j in sorted(range(m), key=lambda j: float(sal[r, j]))[:m - n]:
+                    pruned[r, i + j] = True
+        err = torch.where(pruned[:, i], W[:, i], 0.0) / U[i, i]
+        W[:, i:] -= err[:, None] * U[i, i:][None, :]
+        W[pruned[:, i], i] = 0.0
+    return W
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("blocksize", [4, 16, 128])
+def test_sparsegpt_nm_equals_naive_obs(blocksize, kernel, monkeypatch):
+    if not kernel:  # the pure-torch column loop (the fallback without a compiler)
+        monkeypatch.setattr(sparsegpt, "obs_kernel", lambda: None)
+    elif sparsegpt.obs_kernel() is None:
+        pytest.skip("no C++ compiler here")
+    X = (_rand(400, 32, seed=7) + 0.5 * _rand(400, 1, seed=8)) * (0.3 + _rand(32, seed=9).abs())
+    W = _rand(12, 32, seed=10)
+    hs = HessianStat(32)
+    hs.update(X)
+    got = sparsegpt_prune(W, hs.hessian, Target(n=2, m=4), blocksize=blocksize).weight
+    torch.testing.assert_close(got.double(), _naive_obs_nm(W, hs.hessian, 2, 4), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (33, 64), (5, 1)])
+@pytest.mark.parametrize("nm", [None, (2, 4), (1, 3)])
+def test_obs_block_kernel_equals_torch_loop(shape, nm):
+    if sparsegpt.obs_kernel() is None:
+        pytest.skip("no C++ compiler here")
+    rows, cols = shape
+    m, n_prune = (0, 0) if nm is None else (nm[1], nm[1] - nm[0])
+    A = _rand(cols, cols, seed=11)
+    U = torch.linalg.cholesky(torch.linalg.inv(A @ A.T + cols * torch.eye(cols)), upper=True)
+    W = _rand(rows, cols, seed=12)
+    prune = (_rand(rows, cols, seed=13) > 0.3) if nm is None else torch.zeros(rows, cols, dtype=torch.bool)
+    outs = []
+    for fn in (sparsegpt._obs_block_torch, sparsegpt.obs_kernel().obs_block):
+        w, p, e = W.clone(), prune.clone(), torch.empty_like(W)
+        fn(w, U.contiguous(), p, e, m, n_prune)
+        outs.append((w, p, e))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(outs[0][1], outs[1][1])
+    torch.testing.assert_close(outs[0][2], outs[1][2], atol=1e-5, rtol=1e-5)
+    assert not outs[1][0][outs[1][1]].any()  # pruned weights are exactly zero
+
+
+def test_inverse_hessian_cholesky_is_the_upper_factor_of_the_inverse():
+    X = _rand(300, 24, seed=14)
+    X[:, 5] = 0  # a dead input
+    H = 2 * X.T @ X / 300
+    U, dead = inverse_hessian_cholesky(H, 0.01)
+    assert dead.tolist() == [i == 5 for i in range(24)]
+    Hd = H.clone().double()
+    Hd[5, 5] = 1.0
+    Hd += 0.01 * Hd.diagonal().mean() * torch.eye(24, dtype=Hd.dtype)
+    assert torch.equal(U, U.triu())
+    torch.testing.assert_close((U.T @ U).double(), torch.linalg.inv(Hd), atol=1e-4, rtol=1e-4)
+
+
+def test_hessian_stat_blocked_upper_matches_full_product():
+    X = _rand(50, 600, seed=15)  # wide enough for the row-blocked upper-triangle accumulation
+    hs = HessianStat(600)
+    hs.update(X[:20])
+    hs.update(X[20:])
+    torch.testing.assert_close(hs.hessian, 2 * X.T @ X / 50, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(hs.sq_norm, X.double().square().sum(0), rtol=1e-5, atol=1e-4)
+
+
+def test_unstructured_per_row_exact_count_with_ties():
+    scores = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0, 2.0], [3.0, 1.0, 1.0, 1.0, 5.0, 0.5]])
+    keep = unstructured_mask(scores, 0.5, per_row=True)
+    assert (~keep).sum(1).tolist() == [3, 3]
+    assert keep[0, 4:].all() and keep[1, 0] and keep[1, 4] and not keep[1, 5]
 
 
 def test_hessian_stat_matches_hand():

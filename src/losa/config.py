@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -46,6 +46,12 @@ class PruneConfig(BaseModel):
     data_dir: str | None = None
     #: windows per calibration forward; None = as many as fit in about 4096 tokens
     calib_batch_size: int | None = Field(None, ge=1)
+    #: "layer": every linear's statistics come from the layer before pruning (statistics pass, then a
+    #: second pass to propagate; what llm-compressor and the Wanda/SparseGPT reference code do).
+    #: "module": one forward per layer; each linear is pruned at its first call, so later modules of the
+    #: layer see the already-pruned earlier ones ("true sequential"); needs all samples in one batch.
+    #: "auto": "module" when that batch fits in memory, else "layer".
+    sequential: Literal["auto", "layer", "module"] = "auto"
     blocksize: int = Field(128, ge=1)
     percdamp: float = Field(0.01, gt=0)
     device: str = "auto"

@@ -17,6 +17,7 @@ from losa.models.linear import get_weight, in_features, set_weight
 from losa.models.registry import get_arch, get_decoder_layers, linear_modules
 from losa.pruning.base import Pruner, get_pruner
 from losa.pruning.target import Target
+from losa.utils.device import activation_budget, resolve_device
 from losa.verify import sparsity_report, verify_targets
 
 
@@ -28,6 +29,8 @@ class PruneVisitor:
     targets: list[Target]
     keep_masks: bool = False
     masks: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    #: prune each module at its first call in one forward per layer (see :mod:`losa.calib.engine`)
+    single_pass: bool = False
 
     def stats_for(self, index: int, linears: dict[str, nn.Module]) -> dict[str, InputStat]:
         if self.pruner.stat is None:
@@ -35,15 +38,33 @@ class PruneVisitor:
         return {name: self.pruner.stat(in_features(mod), device=mod.weight.device) for name, mod in linears.items()}
 
     def visit(self, ctx: LayerContext) -> None:
+        seen = ctx.extra.get("seen", set())
         for name, mod in ctx.linears.items():
-            self.prune_module(ctx.index, name, mod, ctx.stats.get(name))
-        ctx.modified = True
+            if name not in seen:  # in single-pass mode: modules the forward never called (e.g. idle experts)
+                self.prune_module(ctx.index, name, mod, ctx.stats.get(name))
+        ctx.modified = not ctx.extra.get("single_pass", False)
+
+    def visit_module(self, index: int, name: str, mod: nn.Module, stat: InputStat) -> None:
+        self.prune_module(index, name, mod, stat)
 
     def prune_module(self, index: int, name: str, mod: nn.Module, stat: InputStat | None) -> None:
         res = self.pruner.prune(get_weight(mod).detach(), stat, self.targets[index])
         set_weight(mod, res.weight)
         if self.keep_masks:
             self.masks[(index, name)] = res.mask.cpu()
+
+
+def _use_single_pass(config: PruneConfig, model: nn.Module, layers: nn.ModuleList, calib_ids: torch.Tensor) -> bool:
+    """``sequential: module`` always, ``layer`` never; ``auto`` when one batch of all samples fits memory."""
+    if config.sequential != "auto":
+        return config.sequential == "module"
+    if config.calib_batch_size is not None and config.calib_batch_size < len(calib_ids):
+        return False
+    widths = [max(get_weight(m).shape) for m in linear_modules(layers[0], get_arch(model)).values()]
+    itemsize = next(model.parameters()).element_size()
+    # the widest activation, a few of them alive at once, plus the kept layer inputs and outputs
+    need = calib_ids.numel() * (6 * max(widths, default=1) + 2 * model.config.hidden_size) * max(itemsize, 4)
+    return need <= activation_budget(resolve_device(config.device))
 
 
 def _nm_for_report(targets: list[Target]) -> list[tuple[int, int] | None]:
@@ -67,6 +88,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     pruner = get_pruner(config.method, blocksize=config.blocksize, percdamp=config.percdamp)
     visitor = visitor or PruneVisitor(pruner, targets)
     timings: dict[str, float] = {}
+    sequential = "none"  # data-free pruners need no calibration pass
     if pruner.stat is None:  # data-free: no calibration pass needed
         for i, layer in enumerate(tqdm(layers, desc=f"pruning ({config.method})", unit="layer", disable=not progress)):
             for name, mod in linear_modules(layer, spec).items():
@@ -77,12 +99,18 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
             calib_ids = get_calibration(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
                                         config.data_dir, model=model, progress=progress)
             timings["calibration_data_s"] = time.perf_counter() - t
-        batch = config.calib_batch_size or max(1, 4096 // calib_ids.shape[1])
+        single = _use_single_pass(config, model, layers, calib_ids)
+        visitor.single_pass = single
+        if single:
+            batch = len(calib_ids)
+        else:
+            batch = config.calib_batch_size or max(1, 4096 // calib_ids.shape[1])
         engine = LayerwiseEngine(model, calib_ids, device=config.device, batch_size=batch,
                                  offload=config.offload, progress=progress, desc=f"pruning ({config.method})")
         t = time.perf_counter()
         engine.run(visitor)
         timings["prune_s"] = time.perf_counter() - t
+        sequential = "module" if single else "layer"
     report = sparsity_report(model, _nm_for_report(targets))
     if config.verify:
         verify_targets(report, targets)
@@ -92,5 +120,6 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
         "targets": [t.sparsity for t in targets],
         "nm": config.nm and list(parse_nm(config.nm)),
         "sparsity": report,
+        "sequential": sequential,
         "timings": timings,
     }

@@ -7,6 +7,12 @@ It captures the inputs of the first decoder layer, then for each decoder layer i
 3. hands everything to the visitor (which may prune or measure the layer),
 4. recomputes the layer's outputs if the visitor modified it, and uses them as the next layer's inputs.
 
+Single-pass mode: when a visitor sets ``single_pass = True`` (and implements ``visit_module``) and all
+calibration samples form one batch, each linear module is handed to the visitor at its first call,
+before it computes, with statistics of the inputs it really receives. One forward per layer then both
+prunes the layer and produces its outputs ("true sequential" order within the layer), instead of a
+statistics pass plus a second pass to propagate.
+
 Memory is the model, one layer's work and the calibration activations. Pruning (Wanda, SparseGPT),
 RMI Gram matrices and reconstruction errors are all visitors of this one engine.
 """
@@ -22,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from losa.calib.hooks import collect_inputs
+from losa.calib.hooks import act_on_first_input, collect_inputs
 from losa.calib.stats import InputStat
 from losa.errors import LosaError
 from losa.models.linear import in_features
@@ -55,7 +61,10 @@ class LayerVisitor(Protocol):
         ...
 
     def visit(self, ctx: LayerContext) -> None:
-        """Inspect or modify the layer; set ``ctx.modified = True`` after changing weights."""
+        """Inspect or modify the layer; set ``ctx.modified = True`` after changing weights.
+
+        In single-pass mode ``ctx.extra["single_pass"]`` is True, ``ctx.extra["seen"]`` names the modules
+        already handed to ``visit_module`` and ``ctx.outputs`` are the outputs of the modified layer."""
         ...
 
 
@@ -179,12 +188,25 @@ class LayerwiseEngine:
     def _visit_layer(self, i: int, layer: nn.Module, hidden: list[torch.Tensor],
                      visitor: LayerVisitor) -> list[torch.Tensor]:
         linears = linear_modules(layer, self.spec)
-        stats = visitor.stats_for(i, linears)
+        stats = dict(visitor.stats_for(i, linears))
         for name, st in stats.items():
             if st.in_features != in_features(linears[name]):
                 raise LosaError(f"layer {i} {name}: statistic shape does not match the module")
-        with collect_inputs(linears, stats):
-            outputs = self.forward_layer(layer, hidden)
-        ctx = LayerContext(i, layer, linears, stats, hidden, outputs, self)
+        extra: dict[str, Any] = {}
+        if self.single_pass_for(visitor):
+            def act(name: str, mod: nn.Module, stat: InputStat) -> None:
+                visitor.visit_module(i, name, mod, stat)  # type: ignore[attr-defined]
+
+            with act_on_first_input(linears, stats, act) as seen:
+                outputs = self.forward_layer(layer, hidden)
+            extra = {"single_pass": True, "seen": set(seen)}
+        else:
+            with collect_inputs(linears, stats):
+                outputs = self.forward_layer(layer, hidden)
+        ctx = LayerContext(i, layer, linears, stats, hidden, outputs, self, extra=extra)
         visitor.visit(ctx)
         return ctx.forward() if ctx.modified else outputs
+
+    def single_pass_for(self, visitor: LayerVisitor) -> bool:
+        """Whether ``visitor`` runs in single-pass mode: it asks for it and all samples are one batch."""
+        return bool(getattr(visitor, "single_pass", False)) and self.batch_size >= len(self.input_ids)

@@ -37,16 +37,30 @@ class InputNormStat(InputStat):
 
 
 class HessianStat(InputStat):
-    """H = (2/N)·Σ x xᵀ over all N calibration tokens (SparseGPT's layer-wise Hessian)."""
+    """H = (2/N)·Σ x xᵀ over all N calibration tokens (SparseGPT's layer-wise Hessian).
+
+    Only the upper triangle is accumulated, in row blocks (about 40 % fewer FLOPs than the full product
+    for wide inputs); :attr:`xtx` returns the symmetric matrix.
+    """
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
         super().__init__(in_features, device)
-        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=self.device)
+        self._upper = torch.zeros(in_features, in_features, dtype=torch.float32, device=self.device)
+        nblocks = max(1, min(8, in_features // 256))
+        self._block = -(-in_features // nblocks)
 
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, self.in_features).to(self.device, torch.float32)
-        self.xtx.addmm_(x.t(), x)
+        b = self._block
+        for i in range(0, self.in_features, b):
+            self._upper[i:i + b, i:].addmm_(x[:, i:i + b].t(), x[:, i:])
         self.tokens += x.shape[0]
+
+    @property
+    def xtx(self) -> torch.Tensor:
+        """Σ x xᵀ (symmetric)."""
+        upper = self._upper.triu()
+        return upper + upper.triu(1).t()
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -54,4 +68,4 @@ class HessianStat(InputStat):
 
     @property
     def sq_norm(self) -> torch.Tensor:
-        return self.xtx.diagonal().double()
+        return self._upper.diagonal().double()

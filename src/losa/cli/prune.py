@@ -10,7 +10,7 @@ from losa.config import PruneConfig, build_config, load_recipe
 
 #: flag name -> PruneConfig field
 _FIELDS = ("method", "sparsity", "nm", "nm_n", "calib", "nsamples", "seqlen", "seed", "data_dir",
-           "calib_batch_size", "blocksize", "percdamp", "device")
+           "calib_batch_size", "sequential", "blocksize", "percdamp", "device")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seqlen", type=int, help="calibration window length in tokens (default: 2048)")
     p.add_argument("--seed", type=int, help="calibration sampling seed (default: 0)")
     p.add_argument("--calib-batch-size", type=int, help="windows per forward during calibration (default: about 4096 tokens per batch)")
+    p.add_argument("--sequential", choices=("auto", "layer", "module"),
+                   help="layer: statistics from the unpruned layer, two passes per layer (as llm-compressor); "
+                        "module: one pass, each linear pruned at its first call (true sequential); "
+                        "auto (default): module when all samples fit one batch")
     p.add_argument("--blocksize", type=int, help="SparseGPT block size (default: 128)")
     p.add_argument("--percdamp", type=float, help="SparseGPT dampening, fraction of mean diag(H) (default: 0.01)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto)")

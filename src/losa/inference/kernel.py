@@ -20,32 +20,16 @@ from pathlib import Path
 from types import ModuleType
 
 from losa.errors import LosaError
+from losa.utils.cpp import KernelUnavailable, build_extension
 
 _SRC = Path(__file__).parent / "csrc" / "sparse_linear.cpp"
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
 _ISA_CODES = {v: k for k, v in ISA_NAMES.items()}
 
 
-class KernelUnavailable(RuntimeError):
-    """The C++ kernel could not be compiled or loaded here."""
-
-
 @lru_cache(maxsize=1)
 def _build() -> ModuleType:
-    if os.environ.get("LOSA_DISABLE_KERNEL"):
-        raise KernelUnavailable("LOSA_DISABLE_KERNEL is set")
-    try:
-        from torch.utils.cpp_extension import load
-
-        return load(
-            name="losa_sparse_kernels",
-            sources=[str(_SRC)],
-            extra_cflags=["-O3", "-fopenmp", "-std=c++17"],
-            extra_ldflags=["-fopenmp"],
-            verbose=bool(os.environ.get("LOSA_VERBOSE_BUILD")),
-        )
-    except Exception as exc:  # compiler missing, headers missing, ninja missing ...
-        raise KernelUnavailable(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}") from exc
+    return build_extension("losa_sparse_kernels", _SRC)
 
 
 @lru_cache(maxsize=1)

@@ -5,11 +5,19 @@ unstructured targets, over the whole block; for N:M, per group of M columns). Co
 one by one; each pruned weight's error is compensated in the remaining columns of the block through
 the upper Cholesky factor of H⁻¹, and the accumulated block error is applied to all later columns in
 one matmul (the lazy batch update).
+
+The column loop inside a block is independent per row, so on CPU it runs in a small compiled kernel
+(``csrc/obs_block.cpp``, built on first use) that walks each row through the whole block; without a
+compiler the same loop runs column by column in torch (identical results up to float rounding).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -18,72 +26,123 @@ from losa.errors import LosaError
 from losa.pruning.base import Pruner, PruneResult, register_pruner
 from losa.pruning.masks import num_pruned
 from losa.pruning.target import Target
+from losa.utils.cpp import KernelUnavailable, build_extension
+
+_SRC = Path(__file__).parent / "csrc" / "obs_block.cpp"
+
+
+@lru_cache(maxsize=1)
+def obs_kernel() -> ModuleType | None:
+    """The compiled block kernel, or ``None`` (one warning) where it cannot be built."""
+    try:
+        return build_extension("losa_obs_kernel", _SRC)
+    except KernelUnavailable as exc:
+        warnings.warn(f"losa SparseGPT kernel unavailable ({exc}); using the slower torch column loop "
+                      "(same results). Install a C++ compiler and ninja to enable it.", RuntimeWarning, stacklevel=2)
+        return None
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of (H + λI)⁻¹ with λ = percdamp·mean(diag H); also the dead-input mask."""
+    """Upper Cholesky factor U of (H + λI)⁻¹ = UᵀU with λ = percdamp·mean(diag H); also the dead-input mask.
+
+    Computed from one Cholesky factorisation of the index-reversed matrix: if PHP = L'L'ᵀ (P reverses the
+    order), then U = P·L'⁻¹·P is upper triangular and UᵀU = H⁻¹.
+    """
     H = hessian.clone().float()
     dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
+    H.diagonal()[dead] = 1.0
     damp = percdamp * H.diagonal().mean()
     H.diagonal().add_(damp)
+    Hr = H.flip(0, 1)
     for attempt in range(4):
-        L, info = torch.linalg.cholesky_ex(H)
+        L, info = torch.linalg.cholesky_ex(Hr)
         if int(info) == 0:
             break
-        H.diagonal().add_(damp * 10**attempt)  # escalate dampening for ill-conditioned Hessians
+        Hr.diagonal().add_(damp * 10**attempt)  # escalate dampening for ill-conditioned Hessians
     else:
         raise LosaError("SparseGPT: the calibration Hessian is not positive definite even with dampening; "
                         "use more calibration samples or raise --percdamp")
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True), dead
+    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+    return Linv.flip(0, 1).contiguous(), dead
 
 
-def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, target: Target, blocksize: int = 128,
-                    percdamp: float = 0.01) -> PruneResult:
-    """Prune ``weight`` ``[out, in]`` to ``target`` given the input Hessian ``[in, in]``."""
+def _smallest_k_mask(sal: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` smallest entries of a flat tensor (kthvalue, topk on ties)."""
+    thr = torch.kthvalue(sal, k).values
+    mask = sal <= thr
+    if int(mask.sum()) != k:  # ties at the threshold (e.g. many zeros): pick exactly k
+        mask = torch.zeros_like(sal, dtype=torch.bool)
+        mask[torch.topk(sal, k, largest=False).indices] = True
+    return mask
+
+
+def _obs_block_torch(W1: torch.Tensor, U1: torch.Tensor, prune1: torch.Tensor, err1: torch.Tensor,
+                     m: int, n_prune: int) -> None:
+    """Reference column loop (also the fallback): same contract as the C++ ``obs_block``."""
+    d = U1.diagonal()
+    scale = prune1.to(W1.dtype) / d.unsqueeze(0)  # err_i = w_i·[pruned]/d_i
+    for i in range(W1.shape[1]):
+        if m and i % m == 0:
+            sal = W1[:, i:i + m].square() / d[i:i + m].square().unsqueeze(0)
+            idx = torch.topk(sal, min(n_prune, sal.shape[1]), dim=1, largest=False).indices
+            prune1[:, i:i + m] = False
+            prune1[:, i:i + m].scatter_(1, idx, True)
+            scale[:, i:i + m] = prune1[:, i:i + m].to(W1.dtype) / d[i:i + m].unsqueeze(0)
+        err = torch.mul(W1[:, i], scale[:, i], out=err1[:, i])
+        # column i becomes w - err·d_i (its pruned value); later columns get the OBS compensation
+        W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
+    W1.masked_fill_(prune1, 0.0)
+
+
+def _obs_block(W1: torch.Tensor, U1: torch.Tensor, prune1: torch.Tensor, err1: torch.Tensor,
+               m: int, n_prune: int) -> None:
+    k = obs_kernel() if W1.device.type == "cpu" and W1.dtype == torch.float32 else None
+    if k is None:
+        _obs_block_torch(W1, U1, prune1, err1, m, n_prune)
+    else:
+        k.obs_block(W1, U1.contiguous(), prune1, err1, m, n_prune)
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None, target: Target, blocksize: int = 128,
+                    percdamp: float = 0.01,
+                    hinv: tuple[torch.Tensor, torch.Tensor] | None = None) -> PruneResult:
+    """Prune ``weight`` ``[out, in]`` to ``target`` given the input Hessian ``[in, in]``.
+
+    ``hinv`` may pass a precomputed :func:`inverse_hessian_cholesky` (shared by modules with one input).
+    """
     W = weight.detach().float().clone(memory_format=torch.contiguous_format)
     rows, cols = W.shape
-    Hinv, dead = inverse_hessian_cholesky(hessian.to(W.device), percdamp)
+    if hinv is None:
+        if hessian is None:
+            raise LosaError("sparsegpt_prune needs the Hessian or its precomputed inverse factor")
+        hinv = inverse_hessian_cholesky(hessian.to(W.device), percdamp)
+    Hinv, dead = hinv
     W[:, dead] = 0
+    m, n_prune = 0, 0
     if target.is_nm:
-        m = target.m
-        n_prune = m - target.n  # type: ignore[operator]
-        if cols % m:  # type: ignore[operator]
+        m, n_prune = int(target.m), int(target.m - target.n)  # type: ignore[operator]
+        if cols % m:
             raise LosaError(f"N:M {target.n}:{m} needs in_features divisible by {m}, got {cols}")
-        blocksize = math.lcm(blocksize, m)  # type: ignore[arg-type]
+        blocksize = math.lcm(blocksize, m)
     keep = torch.ones_like(W, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        count = i2 - i1
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        d = Hinv1.diagonal()
+        err1 = torch.empty_like(W1)
+        U1 = Hinv[i1:i2, i1:i2]
         prune1 = torch.zeros_like(W1, dtype=torch.bool)
         if not target.is_nm:
             k = num_pruned(W1.numel(), target.sparsity)
             if k:
-                sal = (W1.square() / d.square().unsqueeze(0)).flatten()
-                prune1.view(-1)[torch.topk(sal, k, largest=False).indices] = True
-        for i in range(count):
-            w = W1[:, i]
-            if target.is_nm and i % m == 0:  # type: ignore[operator]
-                sal = W1[:, i:i + m].square() / d[i:i + m].square().unsqueeze(0)
-                idx = torch.topk(sal, n_prune, dim=1, largest=False).indices
-                prune1[:, i:i + m].scatter_(1, idx, True)
-            q = w.clone()
-            q[prune1[:, i]] = 0
-            Q1[:, i] = q
-            err = (w - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
+                sal = (W1.square() / U1.diagonal().square().unsqueeze(0)).flatten()
+                prune1.view(-1).copy_(_smallest_k_mask(sal, k))
+        _obs_block(W1, U1, prune1, err1, m, n_prune)
         keep[:, i1:i2] = ~prune1
+        W[:, i1:i2] = W1
         if i2 < cols:
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    W = W * keep
+            W[:, i2:].addmm_(err1, Hinv[i1:i2, i2:], alpha=-1.0)
+    W.masked_fill_(~keep, 0.0)
     if not torch.isfinite(W).all():
         raise LosaError("SparseGPT produced non-finite weights; raise --percdamp or check the calibration data")
     return PruneResult(W.to(weight.dtype), keep)
@@ -97,8 +156,13 @@ class SparseGPTPruner(Pruner):
     def prune(self, weight: torch.Tensor, stat: InputStat | None, target: Target) -> PruneResult:
         if stat is None or not hasattr(stat, "hessian"):
             raise LosaError("sparsegpt needs calibration data; pass --calib (or use --method magnitude)")
-        return sparsegpt_prune(
-            weight, stat.hessian, target,
-            blocksize=int(self.options.get("blocksize", 128)),
-            percdamp=float(self.options.get("percdamp", 0.01)),
-        )
+        percdamp = float(self.options.get("percdamp", 0.01))
+        # modules fed the same input share one statistic object: factor its Hessian once
+        cache = stat.__dict__.setdefault("_hinv_cache", {})
+        key = (percdamp, stat.tokens, weight.device)
+        if key not in cache:
+            cache.clear()
+            cache[key] = inverse_hessian_cholesky(stat.hessian.to(weight.device), percdamp)
+        return sparsegpt_prune(weight, None, target,
+                               blocksize=int(self.options.get("blocksize", 128)), percdamp=percdamp,
+                               hinv=cache[key])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from losa.errors import LosaError
@@ -19,3 +21,27 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LosaError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
     return dev
+
+
+def activation_budget(device: torch.device, fraction: float = 0.25, cap: int = 8 << 30) -> int:
+    """Bytes of activations one calibration batch may take on ``device``: ``fraction`` of what is free
+    (GPU free memory, or available RAM), at most ``cap``."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = _available_ram()
+    return int(min(cap, fraction * free))
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
