@@ -217,7 +217,7 @@ def stack_bench(layers: int, threads, reps: int, steps: int, prompt_len: int) ->
     for pat, vd in (("70%", "bfloat16"), ("70%", "float32"), ("50%", "bfloat16"), ("2:4", "bfloat16")):
         m = copy.deepcopy(base)
         prune_model(m, pat)
-        s = sparsify_for_inference(m, value_dtype=vd)
+        s = sparsify_for_inference(m, value_dtype=vd, prefill_dtype=vd)  # bf16 models prefill in bf16
         models[f"{pat} {vd}"] = m
         bytes_per_token[f"{pat} {vd}"] = s["sparse_bytes"]
     timers = {k: StackTimer(m) for k, m in models.items()}
@@ -458,7 +458,7 @@ def main() -> int:
     res["crossover"] = crossover_bench(1, reps)
     checkpoint()
     print("crossover done", round(time.time() - t0), flush=True)
-    res["stack"] = stack_bench(a.layers, (1, 2), max(3, reps // 2), 4 if a.quick else 8, 64)
+    res["stack"] = stack_bench(a.layers, (1, 2), max(3, reps // 2), 4 if a.quick else 8, 128)
     res["duration_s"] = time.time() - t0
     checkpoint()
     print("stack done", round(time.time() - t0), flush=True)

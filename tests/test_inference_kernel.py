@@ -103,6 +103,25 @@ def test_sparse_linear_matches_dense(monkeypatch, isa, vdtype, out_f, in_f, patt
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_f,in_f,pattern,fmt", CASES[:8])
+def test_bf16_prefill_matches_a_dense_bf16_linear(monkeypatch, isa, vdtype, out_f, in_f, pattern, fmt):
+    """prefill_dtype=bfloat16: large batches compute like F.linear on bf16 inputs and bf16 weights."""
+    monkeypatch.setenv("LOSA_SPARSE_ISA", isa)
+    gen = torch.Generator().manual_seed(out_f * 7 + in_f)
+    w = torch.randn(out_f, in_f, generator=gen) * random_mask(out_f, in_f, pattern, gen)
+    b = torch.randn(out_f, generator=gen)
+    layer = SparseLinear.from_dense(w, b, vdtype, fmt, dense_batch_threshold=8, prefill_dtype="bfloat16")
+    assert "prefill_dtype=bfloat16" in repr(layer)
+    x = torch.randn(40, in_f)
+    want = F.linear(x.bfloat16().double(), w.to(vdtype).bfloat16().double()).bfloat16().float() + b
+    torch.testing.assert_close(layer(x), want, rtol=1e-2, atol=2e-2 * in_f**0.5)
+    small = torch.randn(3, in_f)  # decode rows still use the float32 sparse kernel
+    torch.testing.assert_close(layer(small), reference(small, w, b, vdtype), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
 def test_leading_dims_dtype_and_no_bias():
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(30, 45, generator=gen) * random_mask(30, 45, 0.6, gen)

@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--dense", dest="sparse", action="store_false", help="keep dense layers (baseline)")
     p.add_argument("--value-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="stored precision of the sparse weights (default: float32)")
+    p.add_argument("--prefill-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="precision of the prompt (large-batch) GEMM; bfloat16 rounds activations like a dense "
+                        "bf16 model and is about 2x faster on CPUs with AVX512-BF16 (default: float32)")
     p.add_argument("--compact", default=None,
                    help="a compact checkpoint written by losa.inference.save_sparse to load into MODEL")
     p.add_argument("--save-compact", default=None, help="write the sparsified model to this .safetensors file")
@@ -50,14 +53,15 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.compact:
         if not args.sparse:
             raise LosaError("--compact loads sparse layers; drop --dense")
-        load_sparse(model, args.compact)
+        load_sparse(model, args.compact, prefill_dtype=args.prefill_dtype)
     elif args.sparse:
-        summary = sparsify_for_inference(model, value_dtype=args.value_dtype)
+        summary = sparsify_for_inference(model, value_dtype=args.value_dtype, prefill_dtype=args.prefill_dtype)
         if summary["replaced"] == 0:
             mode = "dense"
             print("note: no pruned layer found (sparsity < 25 %); generating with dense layers")
         else:
             print(f"sparse layers: {summary['replaced']} ({summary['value_dtype']} values, "
+                  f"{summary['prefill_dtype']} prefill, "
                   f"{summary['sparse_bytes'] / 2**20:.1f} MiB instead of {summary['dense_bytes'] / 2**20:.1f} MiB)")
     if args.save_compact:
         save_sparse(model, args.save_compact)

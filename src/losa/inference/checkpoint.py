@@ -44,7 +44,7 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_sparse(model: nn.Module, path: str | os.PathLike, prefill_dtype: str | torch.dtype = "float32") -> nn.Module:
     """Load a file written by :func:`save_sparse` into ``model`` (same architecture), in place."""
     from safetensors import safe_open
 
@@ -65,7 +65,7 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         packed = Packed(tensors[f"{name}.meta"], tensors[f"{name}.values"], tensors[f"{name}.row_ptr"],
                         tuple(spec["shape"]), spec["fmt"])
         threshold = getattr(old, "dense_batch_threshold", None)
-        new = SparseLinear(packed, tensors.get(f"{name}.bias"),
+        new = SparseLinear(packed, tensors.get(f"{name}.bias"), prefill_dtype=prefill_dtype,
                            **({"dense_batch_threshold": threshold} if threshold is not None else {}))
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

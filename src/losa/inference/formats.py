@@ -45,12 +45,12 @@ class Packed:
         return (self.meta.numel() + self.nnz * self.values.element_size() + self.row_ptr.numel() * 8)
 
 
-def resolve_value_dtype(value_dtype: str | torch.dtype) -> torch.dtype:
+def resolve_value_dtype(value_dtype: str | torch.dtype, what: str = "value_dtype") -> torch.dtype:
     if isinstance(value_dtype, torch.dtype) and value_dtype in (torch.float32, torch.bfloat16):
         return value_dtype
     if isinstance(value_dtype, str) and value_dtype in VALUE_DTYPES:
         return VALUE_DTYPES[value_dtype]
-    raise LosaError(f"value_dtype={value_dtype!r} is not supported; use 'float32' or 'bfloat16'")
+    raise LosaError(f"{what}={value_dtype!r} is not supported; use 'float32' or 'bfloat16'")
 
 
 def round32(k: int) -> int:

@@ -42,11 +42,13 @@ def _semi_structured(mod: nn.Module) -> bool:
 
 def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "float32", fmt: str = "auto",
                            min_sparsity: float = 0.25,
-                           dense_batch_threshold: int = DENSE_BATCH_THRESHOLD) -> dict:
+                           dense_batch_threshold: int = DENSE_BATCH_THRESHOLD,
+                           prefill_dtype: str | torch.dtype = "float32") -> dict:
     """Replace, in place, every decoder linear with sparsity >= ``min_sparsity`` by a sparse module.
 
     ``value_dtype`` ("float32" or "bfloat16") is the stored precision on the CPU (see
-    ``SparseLinear.value_dtype``); ``fmt`` is "auto", "bitmask", "nm24" or "nm14". Returns a summary:
+    ``SparseLinear.value_dtype``); ``prefill_dtype`` ("float32" or "bfloat16") is the precision of the
+    large-batch (prompt) GEMM; ``fmt`` is "auto", "bitmask", "nm24" or "nm14". Returns a summary:
     ``{"replaced", "kept_dense", "dense_bytes", "sparse_bytes", "device", "value_dtype"}`` (bytes are
     over the replaced CPU layers). ``model.generate`` keeps working (KV cache included).
     """
@@ -56,7 +58,8 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
     spec = get_arch(model)
     device = next(model.parameters()).device
     summary = {"replaced": 0, "kept_dense": 0, "dense_bytes": 0, "sparse_bytes": 0, "device": device.type,
-               "value_dtype": str(vdtype).replace("torch.", "")}
+               "value_dtype": str(vdtype).replace("torch.", ""),
+               "prefill_dtype": str(resolve_value_dtype(prefill_dtype, 'prefill_dtype')).replace("torch.", "")}
     prefix = {id(layer): name for name, layer in model.named_modules()}
     for layer in get_decoder_layers(model, spec):
         if any(isinstance(m, SparseLinear) for m in layer.modules()):
@@ -78,7 +81,7 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
             if device.type != "cpu":
                 raise LosaError(f"sparse inference supports CPU (and CUDA 2:4), not {device.type}; move the model to CPU")
             bias = getattr(mod, "bias", None)
-            new = SparseLinear.from_dense(w, bias, vdtype, fmt, dense_batch_threshold)
+            new = SparseLinear.from_dense(w, bias, vdtype, fmt, dense_batch_threshold, prefill_dtype)
             summary["dense_bytes"] += w.numel() * w.element_size()
             summary["sparse_bytes"] += new.packed.nbytes()
             _set_child(model, f"{prefix[id(layer)]}.{name}", new)

@@ -338,6 +338,44 @@ Packed make_packed(const torch::Tensor& meta, const torch::Tensor& values, const
   return Packed{meta.data_ptr<uint8_t>(), values.data_ptr(), rp, n, k, k32, stride};
 }
 
+#if LOSA_X86
+// Expand bf16 values straight into bf16 rows (AVX-512): widen + expand as above, then keep the upper
+// 16 bits (exact, the values are bf16). Saves the float32 round trip of the large-batch path.
+template <int F>
+LOSA_AVX512 void expand_rows_bf16_avx512(const Packed& p, uint16_t* dst, int64_t ld, int64_t o0, int64_t o1) {
+  const uint16_t* vals = static_cast<const uint16_t*>(p.values);
+  const int64_t nblk = p.k32 / 32;
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* meta = p.meta + o * p.stride;
+    const uint16_t* v = vals + p.row_ptr[o];
+    uint16_t* d = dst + (o - o0) * ld;
+    for (int64_t k = 0; k < nblk; ++k) {
+      __m512 lo, hi;
+      expand32(block_mask<F>(meta, k), v, lo, hi);
+      __m256i a = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(lo), 16));
+      __m256i b = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(hi), 16));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 32 * k), a);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 32 * k + 16), b);
+    }
+  }
+}
+#endif
+
+using ExpandBf16Fn = void (*)(const Packed&, uint16_t*, int64_t, int64_t, int64_t);
+
+ExpandBf16Fn select_bf16(const torch::Tensor& values, int64_t isa, int64_t fmt) {
+#if LOSA_X86
+  if (values.dtype() == torch::kBFloat16 && isa == AVX512) {
+    switch (fmt) {
+      case BITMASK: return expand_rows_bf16_avx512<BITMASK>;
+      case NM24: return expand_rows_bf16_avx512<NM24>;
+      default: return expand_rows_bf16_avx512<NM14>;
+    }
+  }
+#endif
+  return nullptr;
+}
+
 void select(const torch::Tensor& values, int64_t isa, int64_t fmt, GemvFn& g, ExpandFn& e) {
   TORCH_CHECK(isa >= SCALAR && isa <= best_isa(), "ISA level ", isa, " is not supported by this CPU");
   if (values.dtype() == torch::kFloat32) pick_isa<float>(static_cast<int>(isa), static_cast<int>(fmt), g, e);
@@ -419,6 +457,44 @@ torch::Tensor dense_mm(const torch::Tensor& x, const torch::Tensor& meta, const 
   return y.contiguous();
 }
 
+// Large batches in bfloat16: the same tiles, rounded to bf16 in cache, times bf16 activations (torch's
+// bf16 GEMM: oneDNN with AVX512-BF16/AMX where the CPU has them; float32 accumulation). The weights are
+// exact when the values are stored in bf16; the activations and the output are rounded to bf16, as in a
+// dense bf16 model.
+torch::Tensor dense_mm_bf16(const torch::Tensor& x, const torch::Tensor& meta, const torch::Tensor& values,
+                            const torch::Tensor& row_ptr, const c10::optional<torch::Tensor>& bias, int64_t n,
+                            int64_t k, int64_t fmt, int64_t isa, int64_t tile) {
+  Packed p = make_packed(meta, values, row_ptr, n, k, fmt);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be [B, K]");
+  GemvFn g;
+  ExpandFn e;
+  select(values, isa, fmt, g, e);
+  ExpandBf16Fn eb = select_bf16(values, isa, fmt);
+  tile = std::max<int64_t>(1, std::min(tile, n));
+  auto scratch = torch::empty({eb ? 1 : tile, p.k32}, x.options().dtype(torch::kFloat32));
+  auto scratch_bf = torch::empty({tile, p.k32}, x.options().dtype(torch::kBFloat16));
+  auto xb = x.to(torch::kBFloat16).contiguous();
+  auto xt = xb.t();
+  auto out = torch::empty({n, x.size(0)}, xb.options());
+  float* s = scratch.data_ptr<float>();
+  uint16_t* sb = reinterpret_cast<uint16_t*>(scratch_bf.data_ptr<at::BFloat16>());
+  for (int64_t o0 = 0; o0 < n; o0 += tile) {
+    const int64_t o1 = std::min(n, o0 + tile);
+    auto wb = scratch_bf.narrow(0, 0, o1 - o0).narrow(1, 0, k);
+    if (eb) {
+      at::parallel_for(o0, o1, 16, [&](int64_t a, int64_t b) { eb(p, sb + (a - o0) * p.k32, p.k32, a, b); });
+    } else {
+      at::parallel_for(o0, o1, 16, [&](int64_t a, int64_t b) { e(p, s + (a - o0) * p.k32, p.k32, a, b); });
+      wb.copy_(scratch.narrow(0, 0, o1 - o0).narrow(1, 0, k));
+    }
+    auto slice = out.narrow(0, o0, o1 - o0);
+    at::mm_out(slice, wb, xt);
+  }
+  auto y = out.t().to(torch::kFloat32);
+  if (bias.has_value() && bias->defined()) y = y + bias->to(torch::kFloat32);
+  return y.contiguous();
+}
+
 int64_t cpu_isa() { return best_isa(); }
 
 }  // namespace
@@ -426,6 +502,7 @@ int64_t cpu_isa() { return best_isa(); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spmm", &spmm, "sparse y = x W^T + b for small batches");
   m.def("dense_mm", &dense_mm, "tiled decompress + dense GEMM for large batches");
+  m.def("dense_mm_bf16", &dense_mm_bf16, "tiled decompress to bf16 + bf16 GEMM for large batches");
   m.def("decompress", &decompress, "dense float32 rows of a packed weight");
   m.def("cpu_isa", &cpu_isa, "best ISA level: 0 scalar, 1 AVX2+FMA, 2 AVX-512 (F/BW/VL/VBMI2)");
 }
