@@ -17,34 +17,52 @@ def validate_nm(n: int, m: int) -> None:
 
 
 def num_pruned(count: int, sparsity: float) -> int:
-    """Number of weights to prune out of ``count`` for ``sparsity`` (floor, never above ``count``)."""
-    return min(count, int(count * sparsity + 1e-9))
+    """Number of weights to prune out of ``count`` for ``sparsity``: rounded to the nearest integer."""
+    return min(count, int(count * sparsity + 0.5))
+
+
+def _smallest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask pruning exactly the ``k`` smallest scores of every row."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return keep
+    # kthvalue gives each row's threshold (about 2x faster than topk); rows with ties at the
+    # threshold (e.g. several zeros) fall back to topk so that exactly k are pruned per row
+    thr = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    keep = scores > thr
+    bad = (~keep).sum(1) != k
+    if bad.any():
+        rows = bad.nonzero().squeeze(1)
+        idx = torch.topk(scores[rows], k, dim=1, largest=False).indices
+        fixed = torch.ones(len(rows), scores.shape[1], dtype=torch.bool, device=scores.device)
+        keep[rows] = fixed.scatter_(1, idx, False)
+    return keep
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = True) -> torch.Tensor:
-    """Keep the highest scores; prune ``floor(k·sparsity)`` per row (``per_row``) or per matrix."""
+    """Keep the highest scores, pruning ``round(numel·sparsity)`` in all.
+
+    ``per_row``: scores are compared within each output row (Wanda). Every row prunes
+    ``floor(total/rows)``; the remainder goes, one each, to the rows whose next-smallest score is
+    lowest, so the matrix hits the target to within one weight (not only to within one per row).
+    """
     if not 0.0 <= sparsity < 1.0:
         raise LosaError(f"sparsity {sparsity} is outside [0, 1); use e.g. 0.5 for 50 %")
     scores = scores.contiguous()
-    keep = torch.ones_like(scores, dtype=torch.bool)
+    rows, cols = scores.shape
+    total = num_pruned(scores.numel(), sparsity)
     if per_row:
-        k = num_pruned(scores.shape[1], sparsity)
-        if k:
-            # kthvalue gives each row's threshold (about 2x faster than topk); rows with ties at the
-            # threshold (e.g. several zeros) fall back to topk so that exactly k are pruned per row
-            thr = torch.kthvalue(scores, k, dim=1, keepdim=True).values
-            keep = scores > thr
-            bad = (~keep).sum(1) != k
-            if bad.any():
-                rows = bad.nonzero().squeeze(1)
-                idx = torch.topk(scores[rows], k, dim=1, largest=False).indices
-                fixed = torch.ones(len(rows), scores.shape[1], dtype=torch.bool, device=scores.device)
-                keep[rows] = fixed.scatter_(1, idx, False)
-    else:
-        k = num_pruned(scores.numel(), sparsity)
-        if k:
-            idx = torch.topk(scores.flatten(), k, largest=False).indices
-            keep.view(-1)[idx] = False
+        base, extra = divmod(total, rows)
+        keep = _smallest_per_row(scores, base)
+        if extra:
+            nxt, col = scores.masked_fill(~keep, float("inf")).min(dim=1)
+            chosen = torch.topk(nxt, extra, largest=False).indices
+            keep[chosen, col[chosen]] = False
+        return keep
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if total:
+        idx = torch.topk(scores.flatten(), total, largest=False).indices
+        keep.view(-1)[idx] = False
     return keep
 
 
