@@ -7,11 +7,11 @@ Usage: python benchmarks/_llmc_worker.py METHOD TARGET CALIB_PT MODEL_DIR OUT_DI
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 
 import torch
+from _rss import peak_rss_mb
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
 
     os.makedirs(out_dir, exist_ok=True)
     torch.save({k: v.detach().contiguous() for k, v in model.state_dict().items()}, f"{out_dir}/state.pt")
-    print(json.dumps({"prune_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"prune_s": wall, "peak_rss_mb": peak_rss_mb()}))
 
 
 if __name__ == "__main__":

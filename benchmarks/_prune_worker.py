@@ -8,11 +8,11 @@ Prints one JSON line.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 
 import torch
+from _rss import peak_rss_mb
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     rep = losa.prune(model, tok, losa.PruneConfig(**cfg), calib_ids=ids, progress=False)
     wall = time.perf_counter() - t
     model.save_pretrained(out_dir)
-    print(json.dumps({"prune_s": wall, "sequential": rep["sequential"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"prune_s": wall, "sequential": rep["sequential"], "peak_rss_mb": peak_rss_mb()}))
 
 
 if __name__ == "__main__":

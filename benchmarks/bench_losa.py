@@ -15,11 +15,12 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _rss import peak_rss_mb
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -111,7 +112,7 @@ def run_single(args) -> dict:
                      data_dir=_data_dir(args), progress=False)
     return {"variant": variant, "target": target, "ppl": float(ppl), "sparsity": float(sparsity),
             "finetune_tokens": tokens, "wall_s": round(t_train, 1),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), **extra}
+            "peak_rss_mib": round(peak_rss_mb()), **extra}
 
 
 def render(rows: list[dict], args, path: Path) -> None:

@@ -68,7 +68,15 @@ def main() -> None:
     ap.add_argument("--losa-modes", default="auto",
                     help="comma-separated PruneConfig.sequential modes to run for losa (auto, layer, module)")
     ap.add_argument("--out", default=str(HERE / "results" / "prune"))
+    ap.add_argument("--reuse-reference", default=None,
+                    help="take the llm-compressor rows from this earlier <out>.json of this script (same machine, "
+                         "same settings) instead of rerunning them")
+    ap.add_argument("--render-only", action="store_true", help="rewrite <out>.md from an existing <out>.json")
     args = ap.parse_args()
+    if args.render_only:
+        data = json.loads(Path(args.out + ".json").read_text())
+        atomic_write_text(args.out + ".md", render(data["meta"], data["rows"]))
+        return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
     losa.load_model("smollm2-135m")  # make sure the safetensors cache exists
@@ -81,6 +89,11 @@ def main() -> None:
     calib = losa.data.get_calibration(tok, "c4", args.nsamples, args.seqlen, seed=0, data_dir=args.data_dir)
     torch.save(calib, tmp / "calib.pt")
 
+    reused = {}
+    if args.reuse_reference:
+        old = json.loads(Path(args.reuse_reference).read_text())
+        reused = {(r["method"], r["target"]): dict(r, reused_from=f"{args.reuse_reference} ({old['meta']['date']})")
+                  for r in old["rows"] if r["tool"] == "llm-compressor"}
     rows = []
     dense = evaluate(model_dir, model_dir, args, None)
     rows.append({"tool": "dense", "method": "-", "target": "0", **dense})
@@ -99,9 +112,13 @@ def main() -> None:
             modes = args.losa_modes.split(",") if method != "magnitude" else ["auto"]
             tools = [("losa" if mode == "auto" else f"losa ({mode})", sys.executable, "_prune_worker.py", (mode,))
                      for mode in modes]
-            if args.llmc_python and method in ("wanda", "sparsegpt"):
+            if (args.llmc_python or reused) and method in ("wanda", "sparsegpt"):
                 tools.append(("llm-compressor", args.llmc_python, "_llmc_worker.py", ()))
             for tool, py, script, extra in tools:
+                if tool == "llm-compressor" and (method, target) in reused:
+                    rows.append(reused[(method, target)])
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
                 out = tmp / f"{tool.replace(' ', '').replace('(', '-').replace(')', '')}-{method}-{target.replace(':', 'of')}"
                 r = worker(py, script, method, target, tmp / "calib.pt", model_dir, out, *extra)
                 row = {"tool": tool, "method": method, "target": target, **r}
@@ -137,11 +154,12 @@ def render(meta: dict, rows: list[dict]) -> str:
         f"- calibration: {meta['setting']['calib']} (the same tensor for both tools)",
         f"- evaluation: {meta['setting']['eval']}",
         f"- command: `{meta['command']}`",
-        "- losa's default (`sequential: auto`) runs one forward per layer and prunes each linear at its first call "
-        "(\"module\" order, noted per row); `losa (layer)` rows use two passes per layer with statistics from "
-        "the unpruned layer, as llm-compressor does. SparseGPT's C++ block kernel is compiled before the timed runs.",
+        "- losa rows use its defaults (`sequential: auto`, noted per row): `layer` = statistics from the unpruned "
+        "layer, then a second pass to propagate (as llm-compressor; Wanda's default); `module` = one pass per layer, "
+        "each linear pruned at its first call (SparseGPT's default when all windows fit one batch). SparseGPT's C++ "
+        "block kernel is compiled before the timed runs.",
         "- wall time: the pruning call only (model loading and evaluation excluded), each run in its own process; "
-        "peak RSS: that process's maximum.", "",
+        "peak RSS: that process's own high-water mark (VmHWM; `ru_maxrss` would include the parent's memory).", "",
         "| tool | method | target | ppl | sparsity | N:M ok | prune wall s | peak RSS MB | ppl / ref | time / ref | RSS / ref |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -154,6 +172,23 @@ def render(meta: dict, rows: list[dict]) -> str:
             f"| {_label(r)} | {r['method']} | {r['target']} | {r['ppl']:.2f} | {r['sparsity']:.4f} | {r['nm_ok']} | "
             f"{r.get('prune_s', 0):.1f} | {r.get('peak_rss_mb', 0):.0f} | {_ratio(r, x, 'ppl')} | "
             f"{_ratio(r, x, 'prune_s')} | {_ratio(r, x, 'peak_rss_mb')} |")
+    checks = []
+    for r in rows:
+        x = ref.get((r["method"], r["target"])) if r["tool"].startswith("losa") and "ppl" in r else None
+        if x is None:
+            continue
+        got = {k: r[k] / x[k] for k in ("ppl", "prune_s", "peak_rss_mb") if k in r and k in x and x[k]}
+        miss = [f"{name} {got[k]:.2f}x (target {lim})" for k, name, lim in
+                (("ppl", "ppl", "<= 1.02x"), ("prune_s", "wall", "<= 0.5x"), ("peak_rss_mb", "RSS", "<= 1.0x"))
+                if k in got and got[k] > float(lim.split()[1].rstrip("x"))]
+        checks.append(f"- {r['method']} {r['target']}: " + ("all targets met" if not miss else "MISSED " + "; ".join(miss)))
+    if checks:
+        lines += ["", "Against the issue's targets (ppl within 2 % of llm-compressor or better, wall <= 0.5x, "
+                      "peak RSS no higher):", *checks]
+    if any("reused_from" in r for r in rows):
+        src = next(r["reused_from"] for r in rows if "reused_from" in r)
+        lines += ["", f"llm-compressor rows are reused from an earlier run of this script on the same machine and "
+                      f"settings: {src}."]
     d = rows[0]
     if "ppl_full" in d:
         lines += ["", f"Dense, full WikiText-2 test set ({d['full_windows']} windows of 512): ppl {d['ppl_full']:.3f} "

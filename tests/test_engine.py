@@ -140,13 +140,14 @@ def test_module_sequential_prunes_with_the_inputs_modules_really_get():
 def test_module_sequential_runs_each_layer_once_and_auto_picks_it():
     ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     # (mode, windows per batch, layer calls per layer, batches); "layer" with the default batch: one batch
-    for sequential, batch, calls_per_layer, batches in (("module", None, 1, 1), ("layer", None, 2, 1),
-                                                        ("auto", None, 1, 1), ("auto", 2, 4, 2)):
+    for method, sequential, batch, calls_per_layer, batches in (
+            ("sparsegpt", "module", None, 1, 1), ("sparsegpt", "layer", None, 2, 1), ("sparsegpt", "auto", None, 1, 1),
+            ("sparsegpt", "auto", 2, 4, 2), ("wanda", "auto", None, 2, 1), ("wanda", "module", None, 1, 1)):
         model = make_tiny_model("llama", layers=2)
         calls = []
         for layer in get_decoder_layers(model):
             layer.register_forward_pre_hook(lambda *_, c=calls: c.append(1))
-        cfg = losa.PruneConfig(method="sparsegpt", sparsity=0.5, sequential=sequential, calib_batch_size=batch)
+        cfg = losa.PruneConfig(method=method, sparsity=0.5, sequential=sequential, calib_batch_size=batch)
         rep = losa.prune(model, None, cfg, calib_ids=ids, progress=False)
         assert len(calls) == 2 * calls_per_layer + batches, (sequential, batch, len(calls))  # + capture
         assert abs(rep["sparsity"]["overall"] - 0.5) < 0.01

@@ -26,51 +26,33 @@ def parse_nm(text: str) -> tuple[int, int]:
     return n, m
 
 
-class PruneConfig(BaseModel):
-    """One-shot pruning recipe.
+#: tokens per calibration forward when ``calib_batch_size`` is None
+AUTO_BATCH_TOKENS = 1024
 
-    ``sparsity`` is a float (all layers) or a list with one value per decoder layer. ``nm`` ("2:4")
-    selects semi-structured pruning; with ``nm_n`` (one N per layer) and the M of ``nm`` it is mixed N:M.
-    """
+
+class CalibrationFields(BaseModel):
+    """Fields and checks shared by every recipe that prunes with calibration data (one-shot and LoSA)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     method: str = "wanda"
-    sparsity: float | list[float] = 0.5
     nm: str | None = None
-    nm_n: list[int] | None = None
     calib: str = "c4"
     nsamples: int = Field(128, ge=1)
     seqlen: int = Field(2048, ge=2)
     seed: int = 0
     data_dir: str | None = None
-    #: windows per calibration forward; None = as many as fit in about 4096 tokens
+    #: windows per calibration forward; None = as many as fit in about 1024 tokens (AUTO_BATCH_TOKENS)
     calib_batch_size: int | None = Field(None, ge=1)
-    #: "layer": every linear's statistics come from the layer before pruning (statistics pass, then a
-    #: second pass to propagate; what llm-compressor and the Wanda/SparseGPT reference code do).
-    #: "module": one forward per layer; each linear is pruned at its first call, so later modules of the
-    #: layer see the already-pruned earlier ones ("true sequential"); needs all samples in one batch.
-    #: "auto": "module" when that batch fits in memory, else "layer".
-    sequential: Literal["auto", "layer", "module"] = "auto"
     blocksize: int = Field(128, ge=1)
     percdamp: float = Field(0.01, gt=0)
     device: str = "auto"
-    offload: bool | None = None
-    verify: bool = True
 
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
         if v not in available_pruners():
             raise ValueError(f"unknown method {v!r}; choose one of {', '.join(available_pruners())}")
-        return v
-
-    @field_validator("sparsity")
-    @classmethod
-    def _sparsity(cls, v: float | list[float]) -> float | list[float]:
-        for s in v if isinstance(v, list) else [v]:
-            if not 0.0 <= s < 1.0:
-                raise ValueError(f"sparsity {s} is outside [0, 1); use e.g. 0.5 for 50 %")
         return v
 
     @field_validator("calib")
@@ -87,6 +69,37 @@ class PruneConfig(BaseModel):
     def _nm(cls, v: str | None) -> str | None:
         if v is not None:
             parse_nm(v)
+        return v
+
+    def calib_batch(self, seqlen: int | None = None) -> int:
+        """Windows per calibration forward: ``calib_batch_size``, or about AUTO_BATCH_TOKENS tokens."""
+        return self.calib_batch_size or max(1, AUTO_BATCH_TOKENS // (seqlen or self.seqlen))
+
+
+class PruneConfig(CalibrationFields):
+    """One-shot pruning recipe.
+
+    ``sparsity`` is a float (all layers) or a list with one value per decoder layer. ``nm`` ("2:4")
+    selects semi-structured pruning; with ``nm_n`` (one N per layer) and the M of ``nm`` it is mixed N:M.
+    """
+
+    sparsity: float | list[float] = 0.5
+    nm_n: list[int] | None = None
+    #: "layer": every linear's statistics come from the layer before pruning (statistics pass, then a
+    #: second pass to propagate; what llm-compressor and the Wanda/SparseGPT reference code do).
+    #: "module": one forward per layer; each linear is pruned at its first call, so later modules of the
+    #: layer see the already-pruned earlier ones ("true sequential"); needs all samples in one batch.
+    #: "auto": "module" when that batch fits in memory, else "layer".
+    sequential: Literal["auto", "layer", "module"] = "auto"
+    offload: bool | None = None
+    verify: bool = True
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity(cls, v: float | list[float]) -> float | list[float]:
+        for s in v if isinstance(v, list) else [v]:
+            if not 0.0 <= s < 1.0:
+                raise ValueError(f"sparsity {s} is outside [0, 1); use e.g. 0.5 for 50 %")
         return v
 
     @model_validator(mode="after")

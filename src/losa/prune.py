@@ -54,10 +54,14 @@ class PruneVisitor:
             self.masks[(index, name)] = res.mask.cpu()
 
 
-def _use_single_pass(config: PruneConfig, model: nn.Module, layers: nn.ModuleList, calib_ids: torch.Tensor) -> bool:
-    """``sequential: module`` always, ``layer`` never; ``auto`` when one batch of all samples fits memory."""
+def _use_single_pass(config: PruneConfig, pruner: Pruner, model: nn.Module, layers: nn.ModuleList,
+                     calib_ids: torch.Tensor) -> bool:
+    """``sequential: module`` always, ``layer`` never; ``auto``: when the pruner prefers it
+    (:attr:`Pruner.single_pass_default`) and one batch of all samples fits memory."""
     if config.sequential != "auto":
         return config.sequential == "module"
+    if not pruner.single_pass_default:
+        return False
     if config.calib_batch_size is not None and config.calib_batch_size < len(calib_ids):
         return False
     widths = [max(get_weight(m).shape) for m in linear_modules(layers[0], get_arch(model)).values()]
@@ -99,12 +103,12 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
             calib_ids = get_calibration(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
                                         config.data_dir, model=model, progress=progress)
             timings["calibration_data_s"] = time.perf_counter() - t
-        single = _use_single_pass(config, model, layers, calib_ids)
+        single = _use_single_pass(config, pruner, model, layers, calib_ids)
         visitor.single_pass = single
         if single:
             batch = len(calib_ids)
         else:
-            batch = config.calib_batch_size or max(1, 4096 // calib_ids.shape[1])
+            batch = config.calib_batch(calib_ids.shape[1])
         engine = LayerwiseEngine(model, calib_ids, device=config.device, batch_size=batch,
                                  offload=config.offload, progress=progress, desc=f"pruning ({config.method})")
         t = time.perf_counter()

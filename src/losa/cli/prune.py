@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nsamples", type=int, help="calibration windows (default: 128)")
     p.add_argument("--seqlen", type=int, help="calibration window length in tokens (default: 2048)")
     p.add_argument("--seed", type=int, help="calibration sampling seed (default: 0)")
-    p.add_argument("--calib-batch-size", type=int, help="windows per forward during calibration (default: about 4096 tokens per batch)")
+    p.add_argument("--calib-batch-size", type=int, help="windows per forward during calibration (default: about 1024 tokens per batch; all windows in one batch for the single-pass mode)")
     p.add_argument("--sequential", choices=("auto", "layer", "module"),
                    help="layer: statistics from the unpruned layer, two passes per layer (as llm-compressor); "
                         "module: one pass, each linear pruned at its first call (true sequential); "

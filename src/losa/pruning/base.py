@@ -24,6 +24,11 @@ class Pruner(ABC):
     name: str = ""
     #: the statistic class this pruner needs from calibration, or None (data-free)
     stat: type[InputStat] | None = None
+    #: with ``sequential: auto``, prune each linear at its first call in one pass per layer ("module"
+    #: order) instead of from the unpruned layer's statistics ("layer" order). Chosen per method from
+    #: measurements (benchmarks/results/prune.md): SparseGPT's error compensation gains from seeing the
+    #: already-pruned upstream modules; Wanda at 70 % and 2:4 is better with the reference "layer" order.
+    single_pass_default: bool = False
 
     def __init__(self, **options: object) -> None:
         self.options = options

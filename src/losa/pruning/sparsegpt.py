@@ -152,6 +152,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None, target: 
 class SparseGPTPruner(Pruner):
     name = "sparsegpt"
     stat = HessianStat
+    single_pass_default = True
 
     def prune(self, weight: torch.Tensor, stat: InputStat | None, target: Target) -> PruneResult:
         if stat is None or not hasattr(stat, "hessian"):

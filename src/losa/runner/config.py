@@ -4,24 +4,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from losa.config import parse_nm, validation_message
+from losa.config import CalibrationFields, parse_nm, validation_message
 from losa.errors import LosaError
-from losa.finetune.train import FinetuneConfig
-from losa.pruning.base import available_pruners
+from losa.finetune.config import FinetuneConfig
 
 
-class LoSAConfig(BaseModel):
+class LoSAConfig(CalibrationFields):
     """LoSA recipe. Ablation switches (paper names): ``layerwise_sparsity=False`` (no LSR: uniform
     sparsity), ``rank_allocation=False`` (no SRA: every layer gets rank Ω_t), ``steps=1`` (no DSA)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    # pruning
-    method: str = "wanda"
+    # pruning (method, nm = N:M target applied at every step with no cubic ramp, calibration: shared fields)
     sparsity: float = 0.5
-    nm: str | None = Field(None, description="N:M target, e.g. '2:4', applied at every step (no cubic ramp)")
     mixed_nm: bool = Field(False, description="per-layer N from RMI importance with exact mean N (needs nm)")
     nm_max_dev: int = Field(1, ge=0)
     steps: int = Field(5, description="T, number of prune/fine-tune steps")
@@ -40,35 +35,19 @@ class LoSAConfig(BaseModel):
     r_min: int = Field(2, ge=0)
     r_max: int = Field(16, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
-    # calibration
-    calib: str = "c4"
+    # calibration (calib, nsamples, seqlen, calib_batch_size, blocksize, percdamp: shared fields)
     nsamples: int = Field(128, ge=2)
-    seqlen: int = Field(2048, ge=2)
-    calib_batch_size: int = Field(1, ge=1)
     recon_nsamples: int = Field(16, ge=1, description="calibration windows used for reconstruction errors")
-    blocksize: int = Field(128, ge=1)
-    percdamp: float = Field(0.01, gt=0)
     # fine-tuning
     finetune_data: str | None = Field(None, description="json/jsonl path or hub name; None: no fine-tuning")
     max_examples: int | None = Field(None, ge=1, description="use at most this many fine-tuning examples")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    # misc
-    seed: int = 0
-    data_dir: str | None = None
-    device: str = "auto"
 
     def __init__(self, **data: object) -> None:
         try:
             super().__init__(**data)
         except ValidationError as e:  # one clear line instead of pydantic's report
             raise LosaError(validation_message(e)) from None
-
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        if v not in available_pruners():
-            raise ValueError(f"unknown method {v!r}; choose one of {', '.join(available_pruners())}")
-        return v
 
     @field_validator("sparsity")
     @classmethod
@@ -82,13 +61,6 @@ class LoSAConfig(BaseModel):
     def _steps(cls, v: int) -> int:
         if v < 1:
             raise ValueError(f"steps T={v} must be ≥ 1 (T=1 is the no-dynamic-schedule ablation)")
-        return v
-
-    @field_validator("nm")
-    @classmethod
-    def _nm(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_nm(v)
         return v
 
     @model_validator(mode="after")

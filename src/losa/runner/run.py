@@ -27,7 +27,6 @@ from losa.config import build_config, parse_nm
 from losa.data.calibration import get_calibration
 from losa.errors import LosaError
 from losa.finetune.data import load_records, split_for_steps, tokenize_records
-from losa.finetune.train import finetune
 from losa.lora.config import SparseLoRAConfig
 from losa.lora.layer import SparseLoRALinear
 from losa.lora.model import add_sparse_lora, merge_and_unload, set_layer_ranks, sparse_lora_modules
@@ -109,7 +108,7 @@ def _rmi_pass(model: nn.Module, calib_ids: torch.Tensor, cfg: LoSAConfig, progre
     n_layers = len(get_decoder_layers(model))
     visitor = RMIVisitor(GramAccumulator(n_layers, len(calib_ids)), cfg.rmi_features,
                          owl_m=cfg.owl_m if need_owl else None, wrappers=wrappers)
-    LayerwiseEngine(model, calib_ids, device=cfg.device, batch_size=cfg.calib_batch_size, progress=progress,
+    LayerwiseEngine(model, calib_ids, device=cfg.device, batch_size=cfg.calib_batch(), progress=progress,
                     desc="RMI grams").run(visitor)
     cka = visitor.acc.cka().numpy() if need_cka else None
     outliers = [visitor.outlier_ratios[i] for i in range(n_layers)] if need_owl else None
@@ -169,7 +168,7 @@ def _run(model, tokenizer, cfg: LoSAConfig, out: Path, resume: bool, progress: b
     init_rank = int(round(min(max(cfg.omega_first, cfg.r_min), cfg.r_max)))
     if not (resume and targets_path.is_file()):
         t = time.perf_counter()
-        DenseTargets.compute(model, recon_ids, targets_path, cfg.calib_batch_size)
+        DenseTargets.compute(model, recon_ids, targets_path, cfg.calib_batch())
         dense_s = time.perf_counter() - t
     else:
         dense_s = 0.0
@@ -203,14 +202,14 @@ def _run(model, tokenizer, cfg: LoSAConfig, out: Path, resume: bool, progress: b
         final_targets = targets
 
         t = time.perf_counter()
-        LayerwiseEngine(model, calib_ids, device=cfg.device, batch_size=cfg.calib_batch_size, progress=progress,
+        LayerwiseEngine(model, calib_ids, device=cfg.device, batch_size=cfg.calib_batch(), progress=progress,
                         desc=f"step {step}/{cfg.steps}: pruning ({cfg.method})").run(
             AdapterPruneVisitor(pruner, targets, wrappers))
         times["prune_s"] = time.perf_counter() - t
         achieved = _mask_sparsity(model)
 
         t = time.perf_counter()
-        errors = reconstruction_errors(model, recon_ids, dense, cfg.calib_batch_size)
+        errors = reconstruction_errors(model, recon_ids, dense, cfg.calib_batch())
         times["recon_s"] = time.perf_counter() - t
         if cfg.rank_allocation:
             ranks = allocate_ranks(errors, omega, cfg.r_min, cfg.r_max)
@@ -222,10 +221,12 @@ def _run(model, tokenizer, cfg: LoSAConfig, out: Path, resume: bool, progress: b
         ft: dict[str, Any] = {"losses": [], "steps": 0, "tokens": 0, "optimizer_state": None, "train_loss": None}
         if slices[step - 1]:
             ftc = cfg.finetune.model_copy(update={"seed": cfg.finetune.seed + cfg.seed * 1000 + step})
+            from losa.finetune.train import finetune  # imports transformers' Trainer (heavy): only when used
+
             ft = finetune(model, slices[step - 1], ftc, pad_id, teacher=teacher)
         times["finetune_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        errors_after = reconstruction_errors(model, recon_ids, dense, cfg.calib_batch_size) if ft["steps"] else errors
+        errors_after = reconstruction_errors(model, recon_ids, dense, cfg.calib_batch()) if ft["steps"] else errors
         times["recon_after_s"] = time.perf_counter() - t
         times["total_s"] = sum(times.values())
 
