@@ -221,8 +221,6 @@ def _run(model, tokenizer, cfg: LoSAConfig, out: Path, resume: bool, progress: b
         ft: dict[str, Any] = {"losses": [], "steps": 0, "tokens": 0, "optimizer_state": None, "train_loss": None}
         if slices[step - 1]:
             ftc = cfg.finetune.model_copy(update={"seed": cfg.finetune.seed + cfg.seed * 1000 + step})
-            from losa.finetune.train import finetune  # imports transformers' Trainer (heavy): only when used
-
             ft = finetune(model, slices[step - 1], ftc, pad_id, teacher=teacher)
         times["finetune_s"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -254,6 +252,13 @@ def _run(model, tokenizer, cfg: LoSAConfig, out: Path, resume: bool, progress: b
         _write(out, report, rows, sizes, dense_s, {"merge_verify_s": time.perf_counter() - t,
                                                    "wall_s": time.perf_counter() - t_start})
     return report
+
+
+def finetune(*args: Any, **kwargs: Any) -> dict:
+    """:func:`losa.finetune.train.finetune`, imported on first use (it pulls in transformers' Trainer)."""
+    from losa.finetune.train import finetune as _finetune
+
+    return _finetune(*args, **kwargs)
 
 
 def _mask_sparsity(model: nn.Module) -> list[float]:
