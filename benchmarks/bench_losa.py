@@ -137,15 +137,20 @@ def render(rows: list[dict], args, path: Path) -> None:
         "- wall s: model load + calibration + pruning + fine-tuning (LoSA: all T steps), excluding the perplexity "
         "eval; peak RSS: the variant's own process.",
         "",
-        "- Only the rows below were run (2 shared CPU cores: one LoSA run takes ~25 min); the other variants "
-        "and sparsities of `--variants`/`--sparsities` are supported by the script but were not measured. "
-        "Sparsity is per-row floor(in_features·s_l), so it can sit up to ~1/in_features below the target.",
+        "- Only the rows below were run; the other variants and sparsities of `--variants`/`--sparsities` are "
+        "supported by the script but were not measured (CPU time). The 0.7 rows for wanda, wanda+masked-lora and "
+        "losa-wanda come from the first session's code (masks with floor(in·s) per row, hence sparsity 0.6991-0.6997, "
+        "and a machine loaded by other jobs); the other rows from the second session (masks exact to one weight, "
+        "two variants run side by side with 1 thread each).",
         "",
         "| target | variant | WikiText-2 ppl | log-gap closed vs Wanda | sparsity | FT tokens | wall s | peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     import math
 
+    order = {v: i for i, v in enumerate(ALL_VARIANTS)}
+    rows = sorted(rows, key=lambda r: (float(r["target"]) if r["target"][:1].isdigit() else 9.0,
+                                       order.get(r["variant"], 99)))
     for r in rows:
         wanda = next((x["ppl"] for x in rows if x["variant"] == "wanda" and x["target"] == r["target"]), None)
         gap = ""
@@ -153,6 +158,9 @@ def render(rows: list[dict], args, path: Path) -> None:
             gap = f"{(math.log(wanda) - math.log(r['ppl'])) / (math.log(wanda) - math.log(dense)):.2f}"
         lines.append(f"| {r['target']} | {r['variant']} | {r['ppl']:.2f} | {gap} | {r['sparsity']:.4f} | "
                      f"{r.get('finetune_tokens') or ''} | {r['wall_s']} | {r['peak_rss_mib']} |")
+    if any(r["variant"] == "wanda+lora" for r in rows):
+        lines += ["", "wanda+lora: the dense LoRA adapter stays unmerged (PEFT), so its sparsity column counts the "
+                      "adapter's dense lora_A/lora_B linears as well; the pruned base weights are at the target."]
     path.write_text("\n".join(lines) + "\n")
 
 
