@@ -21,8 +21,8 @@ def num_pruned(count: int, sparsity: float) -> int:
     return min(count, int(count * sparsity + 0.5))
 
 
-def _smallest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask pruning exactly the ``k`` smallest scores of every row."""
+def smallest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask of ``[rows, n]`` scores pruning exactly the ``k`` smallest of every row."""
     keep = torch.ones_like(scores, dtype=torch.bool)
     if k <= 0:
         return keep
@@ -53,17 +53,13 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = Tru
     total = num_pruned(scores.numel(), sparsity)
     if per_row:
         base, extra = divmod(total, rows)
-        keep = _smallest_per_row(scores, base)
+        keep = smallest_per_row(scores, base)
         if extra:
             nxt, col = scores.masked_fill(~keep, float("inf")).min(dim=1)
             chosen = torch.topk(nxt, extra, largest=False).indices
             keep[chosen, col[chosen]] = False
         return keep
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    if total:
-        idx = torch.topk(scores.flatten(), total, largest=False).indices
-        keep.view(-1)[idx] = False
-    return keep
+    return smallest_per_row(scores.view(1, -1), total).view(rows, cols)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from losa.calib.stats import HessianStat, InputStat
 from losa.errors import LosaError
 from losa.pruning.base import Pruner, PruneResult, register_pruner
-from losa.pruning.masks import num_pruned
+from losa.pruning.masks import num_pruned, smallest_per_row
 from losa.pruning.target import Target
 from losa.utils.cpp import KernelUnavailable, build_extension
 
@@ -65,16 +65,6 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[to
     eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
     Linv = torch.linalg.solve_triangular(L, eye, upper=False)
     return Linv.flip(0, 1).contiguous(), dead
-
-
-def _smallest_k_mask(sal: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` smallest entries of a flat tensor (kthvalue, topk on ties)."""
-    thr = torch.kthvalue(sal, k).values
-    mask = sal <= thr
-    if int(mask.sum()) != k:  # ties at the threshold (e.g. many zeros): pick exactly k
-        mask = torch.zeros_like(sal, dtype=torch.bool)
-        mask[torch.topk(sal, k, largest=False).indices] = True
-    return mask
 
 
 def _obs_block_torch(W1: torch.Tensor, U1: torch.Tensor, prune1: torch.Tensor, err1: torch.Tensor,
@@ -136,7 +126,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None, target: 
             k = num_pruned(W1.numel(), target.sparsity)
             if k:
                 sal = (W1.square() / U1.diagonal().square().unsqueeze(0)).flatten()
-                prune1.view(-1).copy_(_smallest_k_mask(sal, k))
+                prune1.view(-1).copy_(~smallest_per_row(sal.unsqueeze(0), k).squeeze(0))
         _obs_block(W1, U1, prune1, err1, m, n_prune)
         keep[:, i1:i2] = ~prune1
         W[:, i1:i2] = W1
