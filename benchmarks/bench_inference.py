@@ -131,12 +131,12 @@ def crossover_bench(threads, reps) -> dict:
         args = (p.meta, p.values, p.row_ptr, None, n, k, FORMAT_CODES[p.fmt], isa)
         for b in (1, 2, 4, 8, 12, 16, 24, 32, 64, 128):
             x = torch.randn(b, k)
-            t = interleaved({"sparse": partial(kern.spmm, x, *args), "decompress_gemm": partial(kern.dense_mm, x, *args, 256),
+            t = interleaved({"sparse": partial(kern.spmm, x, *args), "decompress_gemm": partial(kern.dense_mm, x, *args, 256, False),
                              "dense_fp32": partial(F.linear, x, wm)}, reps)
             out["rows"].append({"pattern": pat, "values": str(vd)[6:], "batch": b, **{f"{kk}_ms": v * 1e3 for kk, v in t.items()}})
         if pat == "70%":
             x = torch.randn(256, k)
-            t = interleaved({str(tile): partial(kern.dense_mm, x, *args, tile) for tile in (64, 256, 1024, 4096)}
+            t = interleaved({str(tile): partial(kern.dense_mm, x, *args, tile, False) for tile in (64, 256, 1024, 4096)}
                             | {"dense_fp32": partial(F.linear, x, wm)}, reps)
             out["tiles"] = {kk: v * 1e3 for kk, v in t.items()}
     return out

@@ -113,8 +113,6 @@ class SparseLinear(nn.Module):
                     FORMAT_CODES[self.fmt], isa)
             if x2.shape[0] <= self.dense_batch_threshold:
                 y = k.spmm(x2, *args)
-            elif self.prefill_dtype == torch.bfloat16:
-                y = k.dense_mm_bf16(x2, *args, DENSE_TILE_ROWS)
             else:
-                y = k.dense_mm(x2, *args, DENSE_TILE_ROWS)
+                y = k.dense_mm(x2, *args, DENSE_TILE_ROWS, self.prefill_dtype == torch.bfloat16)
         return y.reshape(*lead, self.out_features).to(x.dtype)

@@ -432,63 +432,38 @@ torch::Tensor decompress(const torch::Tensor& meta, const torch::Tensor& values,
 }
 
 // Large batches: decompress `tile` rows at a time into a cache-resident buffer and run a dense GEMM.
+// With `bf16`, the tiles are bf16 (expanded straight to bf16 on AVX-512 when the values are bf16, else
+// rounded from the float32 tile) and multiply bf16 activations (torch's bf16 GEMM: oneDNN with
+// AVX512-BF16/AMX where the CPU has them; float32 accumulation). The weights are exact when the values are
+// stored in bf16; the activations and the output are rounded to bf16, as in a dense bf16 model.
 torch::Tensor dense_mm(const torch::Tensor& x, const torch::Tensor& meta, const torch::Tensor& values,
                        const torch::Tensor& row_ptr, const c10::optional<torch::Tensor>& bias, int64_t n,
-                       int64_t k, int64_t fmt, int64_t isa, int64_t tile) {
+                       int64_t k, int64_t fmt, int64_t isa, int64_t tile, bool bf16) {
   Packed p = make_packed(meta, values, row_ptr, n, k, fmt);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.dtype() == torch::kFloat32, "x must be float32 [B, K]");
   GemvFn g;
   ExpandFn e;
   select(values, isa, fmt, g, e);
+  ExpandBf16Fn eb = bf16 ? select_bf16(values, isa, fmt) : nullptr;
   tile = std::max<int64_t>(1, std::min(tile, n));
-  auto scratch = torch::empty({tile, p.k32}, x.options());
-  auto out = torch::empty({n, x.size(0)}, x.options());  // Wx as [N, B]: each tile is a contiguous slice
-  auto xt = x.t();
-  float* s = scratch.data_ptr<float>();
-  for (int64_t o0 = 0; o0 < n; o0 += tile) {
-    const int64_t o1 = std::min(n, o0 + tile);
-    at::parallel_for(o0, o1, 16, [&](int64_t a, int64_t b) { e(p, s + (a - o0) * p.k32, p.k32, a, b); });
-    auto w = scratch.narrow(0, 0, o1 - o0).narrow(1, 0, k);
-    auto slice = out.narrow(0, o0, o1 - o0);
-    at::mm_out(slice, w, xt);
-  }
-  auto y = out.t();
-  if (bias.has_value() && bias->defined()) y = y + bias->to(torch::kFloat32);
-  return y.contiguous();
-}
-
-// Large batches in bfloat16: the same tiles, rounded to bf16 in cache, times bf16 activations (torch's
-// bf16 GEMM: oneDNN with AVX512-BF16/AMX where the CPU has them; float32 accumulation). The weights are
-// exact when the values are stored in bf16; the activations and the output are rounded to bf16, as in a
-// dense bf16 model.
-torch::Tensor dense_mm_bf16(const torch::Tensor& x, const torch::Tensor& meta, const torch::Tensor& values,
-                            const torch::Tensor& row_ptr, const c10::optional<torch::Tensor>& bias, int64_t n,
-                            int64_t k, int64_t fmt, int64_t isa, int64_t tile) {
-  Packed p = make_packed(meta, values, row_ptr, n, k, fmt);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be [B, K]");
-  GemvFn g;
-  ExpandFn e;
-  select(values, isa, fmt, g, e);
-  ExpandBf16Fn eb = select_bf16(values, isa, fmt);
-  tile = std::max<int64_t>(1, std::min(tile, n));
-  auto scratch = torch::empty({eb ? 1 : tile, p.k32}, x.options().dtype(torch::kFloat32));
-  auto scratch_bf = torch::empty({tile, p.k32}, x.options().dtype(torch::kBFloat16));
-  auto xb = x.to(torch::kBFloat16).contiguous();
-  auto xt = xb.t();
-  auto out = torch::empty({n, x.size(0)}, xb.options());
+  auto scratch = torch::empty({eb ? 1 : tile, p.k32}, x.options());
+  auto scratch_bf = torch::empty({bf16 ? tile : 1, p.k32}, x.options().dtype(torch::kBFloat16));
+  auto xg = bf16 ? x.to(torch::kBFloat16).contiguous() : x;
+  auto xt = xg.t();
+  auto out = torch::empty({n, x.size(0)}, xg.options());  // Wx as [N, B]: each tile is a contiguous slice
   float* s = scratch.data_ptr<float>();
   uint16_t* sb = reinterpret_cast<uint16_t*>(scratch_bf.data_ptr<at::BFloat16>());
   for (int64_t o0 = 0; o0 < n; o0 += tile) {
     const int64_t o1 = std::min(n, o0 + tile);
-    auto wb = scratch_bf.narrow(0, 0, o1 - o0).narrow(1, 0, k);
     if (eb) {
       at::parallel_for(o0, o1, 16, [&](int64_t a, int64_t b) { eb(p, sb + (a - o0) * p.k32, p.k32, a, b); });
     } else {
       at::parallel_for(o0, o1, 16, [&](int64_t a, int64_t b) { e(p, s + (a - o0) * p.k32, p.k32, a, b); });
-      wb.copy_(scratch.narrow(0, 0, o1 - o0).narrow(1, 0, k));
     }
+    auto w = (bf16 ? scratch_bf : scratch).narrow(0, 0, o1 - o0).narrow(1, 0, k);
+    if (bf16 && !eb) w.copy_(scratch.narrow(0, 0, o1 - o0).narrow(1, 0, k));
     auto slice = out.narrow(0, o0, o1 - o0);
-    at::mm_out(slice, wb, xt);
+    at::mm_out(slice, w, xt);
   }
   auto y = out.t().to(torch::kFloat32);
   if (bias.has_value() && bias->defined()) y = y + bias->to(torch::kFloat32);
@@ -501,8 +476,7 @@ int64_t cpu_isa() { return best_isa(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spmm", &spmm, "sparse y = x W^T + b for small batches");
-  m.def("dense_mm", &dense_mm, "tiled decompress + dense GEMM for large batches");
-  m.def("dense_mm_bf16", &dense_mm_bf16, "tiled decompress to bf16 + bf16 GEMM for large batches");
+  m.def("dense_mm", &dense_mm, "tiled decompress + dense GEMM (float32 or bf16) for large batches");
   m.def("decompress", &decompress, "dense float32 rows of a packed weight");
   m.def("cpu_isa", &cpu_isa, "best ISA level: 0 scalar, 1 AVX2+FMA, 2 AVX-512 (F/BW/VL/VBMI2)");
 }
