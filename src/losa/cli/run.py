@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--calib", help="c4 | wikitext2 | ptb | self | a text/json(l) file (default: c4)")
     c.add_argument("--nsamples", type=int, help="calibration windows (default: 128)")
     c.add_argument("--seqlen", type=int, help="calibration window length (default: 2048)")
-    c.add_argument("--calib-batch-size", type=int, help="windows per calibration forward (default: 1)")
+    c.add_argument("--calib-batch-size", type=int, help="windows per calibration forward (default: about 1024 tokens per batch)")
     c.add_argument("--recon-nsamples", type=int, help="windows for reconstruction errors (default: 16)")
     f = p.add_argument_group("fine-tuning")
     f.add_argument("--finetune-data", help="Alpaca/plain-text .json/.jsonl (or hub dataset); omit for none")
