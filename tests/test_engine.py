@@ -151,3 +151,34 @@ def test_module_sequential_runs_each_layer_once_and_auto_picks_it():
         rep = losa.prune(model, None, cfg, calib_ids=ids, progress=False)
         assert len(calls) == 2 * calls_per_layer + batches, (sequential, batch, len(calls))  # + capture
         assert abs(rep["sparsity"]["overall"] - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_statistics_pass_stops_after_the_last_linear_and_changes_nothing(family):
+    """Layer mode: the statistics forward stops once every linear has seen its input (the last projection
+    never computes there), and the masks equal those of a full statistics forward."""
+    from losa.models.registry import linear_modules
+    from losa.prune import PruneVisitor
+    from losa.pruning import Target, get_pruner
+
+    ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    weights = {}
+    for needs_outputs in (True, False):
+        model = make_tiny_model(family, layers=2)
+        counts: dict[str, int] = {}
+        for layer in get_decoder_layers(model):
+            for name, mod in linear_modules(layer).items():
+                mod.register_forward_hook(lambda *_, n=name, c=counts: c.__setitem__(n, c.get(n, 0) + 1))
+        visitor = PruneVisitor(get_pruner("wanda"), [Target(sparsity=0.5)] * 2, needs_outputs=needs_outputs)
+        losa.prune(model, None, losa.PruneConfig(method="wanda", sparsity=0.5, sequential="layer",
+                                                 calib_batch_size=2), calib_ids=ids, progress=False, visitor=visitor)
+        weights[needs_outputs] = [p.detach().clone() for p in model.parameters()]
+        # 2 layers x 2 batches x (statistics pass + propagation pass), minus the skipped last projections
+        per_pass = 2 * 2
+        full = sorted(n for n, c in counts.items() if c == 2 * per_pass)
+        if needs_outputs:
+            assert len(full) == len(counts)
+        else:
+            assert len(full) == len(counts) - 1 and min(counts.values()) == per_pass
+    for a, b in zip(weights[True], weights[False]):
+        assert torch.equal(a, b)

@@ -31,6 +31,8 @@ class PruneVisitor:
     masks: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     #: prune each module at its first call in one forward per layer (see :mod:`losa.calib.engine`)
     single_pass: bool = False
+    #: ``ctx.outputs`` is not read (the layer is recomputed after pruning), so statistics passes stop early
+    needs_outputs: bool = False
 
     def stats_for(self, index: int, linears: dict[str, nn.Module]) -> dict[str, InputStat]:
         if self.pruner.stat is None:

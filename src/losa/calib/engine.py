@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from losa.calib.hooks import act_on_first_input, collect_inputs
+from losa.calib.hooks import StatsComplete, act_on_first_input, collect_inputs
 from losa.calib.stats import InputStat
 from losa.errors import LosaError
 from losa.models.linear import in_features
@@ -56,6 +56,9 @@ class LayerContext:
 
 
 class LayerVisitor(Protocol):
+    """Optional attributes: ``needs_outputs = False`` (the visitor never reads ``ctx.outputs``, so the
+    statistics pass may stop early) and ``single_pass = True`` with ``visit_module`` (see above)."""
+
     def stats_for(self, index: int, linears: dict[str, nn.Module]) -> dict[str, InputStat]:
         """The statistics to gather for this layer's linear modules (may be empty)."""
         ...
@@ -200,12 +203,22 @@ class LayerwiseEngine:
             with act_on_first_input(linears, stats, act) as seen:
                 outputs = self.forward_layer(layer, hidden)
             extra = {"single_pass": True, "seen": set(seen)}
+        elif stats and not getattr(visitor, "needs_outputs", True):
+            # statistics only: each forward stops once every linear has seen its input (the layer's
+            # last projection, e.g. down_proj, is skipped); the outputs come from the pass after the visit
+            with collect_inputs(linears, stats, stop_early=True) as reset:
+                for x, kw in zip(hidden, self._kwargs):
+                    reset()
+                    with contextlib.suppress(StatsComplete):
+                        layer(x, **kw)
+            outputs = []
+            extra = {"outputs_skipped": True}
         else:
             with collect_inputs(linears, stats):
                 outputs = self.forward_layer(layer, hidden)
         ctx = LayerContext(i, layer, linears, stats, hidden, outputs, self, extra=extra)
         visitor.visit(ctx)
-        return ctx.forward() if ctx.modified else outputs
+        return ctx.forward() if ctx.modified or extra.get("outputs_skipped") else outputs
 
     def single_pass_for(self, visitor: LayerVisitor) -> bool:
         """Whether ``visitor`` runs in single-pass mode: it asks for it and all samples are one batch."""

@@ -11,17 +11,36 @@ from torch import nn
 from losa.calib.stats import InputStat
 
 
+class StatsComplete(Exception):
+    """Raised by :func:`collect_inputs` with ``stop_early=True`` once every module has fed its statistic
+    in the current forward: the rest of that forward is not needed (its outputs are discarded)."""
+
+
 @contextlib.contextmanager
-def collect_inputs(modules: Mapping[str, nn.Module], stats: Mapping[str, InputStat]) -> Iterator[None]:
-    """While active, every forward of ``modules[name]`` feeds its input to ``stats[name]``."""
+def collect_inputs(modules: Mapping[str, nn.Module], stats: Mapping[str, InputStat],
+                   stop_early: bool = False) -> Iterator[Callable[[], None]]:
+    """While active, every forward of ``modules[name]`` feeds its input to ``stats[name]`` (before the
+    module computes). With ``stop_early``, the call that completes the set raises :class:`StatsComplete`,
+    which skips e.g. the last projection of a decoder layer when only statistics are wanted; the caller
+    catches it and calls the yielded ``reset`` before each forward."""
     handles = []
+    seen: set[str] = set()
+
+    def make(name: str, stat: InputStat) -> Callable[[nn.Module, tuple], None]:
+        def pre_hook(_mod: nn.Module, args: tuple) -> None:
+            stat.update(args[0].detach())
+            if stop_early:
+                seen.add(name)
+                if len(seen) == len(stats):
+                    seen.clear()
+                    raise StatsComplete
+
+        return pre_hook
+
     try:
         for name, stat in stats.items():
-            def hook(_mod: nn.Module, args: tuple, _out: object, stat: InputStat = stat) -> None:
-                stat.update(args[0].detach())
-
-            handles.append(modules[name].register_forward_hook(hook))
-        yield
+            handles.append(modules[name].register_forward_pre_hook(make(name, stat)))
+        yield seen.clear
     finally:
         for h in handles:
             h.remove()

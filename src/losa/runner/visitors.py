@@ -69,6 +69,7 @@ class AdapterPruneVisitor:
     pruner: Pruner
     targets: list[Target]
     wrappers: dict[int, SparseLoRALinear]
+    needs_outputs: bool = False  #: the layer is recomputed after pruning
 
     def stats_for(self, index: int, linears: dict[str, nn.Module]) -> dict[str, InputStat]:
         for m in linears.values():
