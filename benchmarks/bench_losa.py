@@ -39,7 +39,8 @@ def _losa_config(args, variant: str, target: str):
               calib="c4", nsamples=args.nsamples, seqlen=args.seqlen, recon_nsamples=args.recon_nsamples,
               finetune_data=str(Path(_data_dir(args)) / "alpaca" / "alpaca_data_random_9k.json"),
               max_examples=args.ft_examples, data_dir=_data_dir(args), device="cpu", seed=0,
-              finetune={"lr": args.lr, "batch_size": args.batch_size, "max_length": args.ft_max_length})
+              finetune={"lr": args.lr, "batch_size": args.batch_size, "max_length": args.ft_max_length,
+                        "distill": args.distill})
     if target.startswith("nm"):
         kw.update(nm=target[2:], mixed_nm=variant != "wanda+masked-lora")
     else:
@@ -83,9 +84,10 @@ def run_single(args) -> dict:
 
             cfg = _losa_config(args, variant, target)
             examples = prepare_finetune_examples(tok, cfg, cfg.seed + 1)
+            teacher = losa.load_model("smollm2-135m")[0].eval().requires_grad_(False) if args.distill else None
             model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=16, lora_dropout=0.0, target_modules=[
                 "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-            res = finetune(model, examples, cfg.finetune, tok.pad_token_id or tok.eos_token_id)
+            res = finetune(model, examples, cfg.finetune, tok.pad_token_id or tok.eos_token_id, teacher=teacher)
             tokens = res["tokens"]
             extra["train_loss"] = res["train_loss"]
             sparsity = sparsity_report(model.get_base_model())["overall"]
@@ -127,7 +129,10 @@ def render(rows: list[dict], args, path: Path) -> None:
         f"- Calibration: C4 train (`shared/data/c4/c4_train_part0.jsonl`), {args.nsamples} windows × {args.seqlen} "
         f"tokens, seed 0; reconstruction errors on the first {args.recon_nsamples} windows.",
         f"- Fine-tuning: the same {args.ft_examples} Alpaca examples (`alpaca_data_random_9k.json`, seeded shuffle, "
-        f"≤ {args.ft_max_length} tokens each, loss on responses) for every fine-tuned variant, 1 epoch, AdamW "
+        f"≤ {args.ft_max_length} tokens each, "
+        + ("loss: KL to the dense model's next-token distribution on every token" if args.distill
+           else "loss on responses")
+        + ") for every fine-tuned variant, 1 epoch, AdamW "
         f"lr {args.lr}, batch {args.batch_size}; LoSA splits them over its T = {args.steps} steps. Token budget "
         "per variant in the table.",
         f"- Ranks: LoRA / masked LoRA rank {args.rank}; LoSA Ω 6 → 10 (mean 8), r ∈ [2, 16].",
@@ -137,11 +142,7 @@ def render(rows: list[dict], args, path: Path) -> None:
         "- wall s: model load + calibration + pruning + fine-tuning (LoSA: all T steps), excluding the perplexity "
         "eval; peak RSS: the variant's own process.",
         "",
-        "- Only the rows below were run; the other variants and sparsities of `--variants`/`--sparsities` are "
-        "supported by the script but were not measured (CPU time). The 0.7 rows for wanda, wanda+masked-lora and "
-        "losa-wanda come from the first session's code (masks with floor(in·s) per row, hence sparsity 0.6991-0.6997, "
-        "and a machine loaded by other jobs); the other rows from the second session (masks exact to one weight, "
-        "two variants run side by side with 1 thread each).",
+        *[f"- {n}" for n in args.note],
         "",
         "| target | variant | WikiText-2 ppl | log-gap closed vs Wanda | sparsity | FT tokens | wall s | peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|",
@@ -177,10 +178,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--distill", action="store_true",
+                    help="fine-tune every variant on KL to the dense model's logits (all tokens) instead of labels")
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(RESULTS / "losa.jsonl"))
+    ap.add_argument("--note", action="append", default=[], help="a line for the results file (repeatable)")
     ap.add_argument("--render-only", action="store_true", help="rewrite the .md from the .jsonl and exit")
     ap.add_argument("--single", nargs=2, metavar=("VARIANT", "TARGET"), help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -66,7 +66,8 @@ def main() -> None:
     ap.add_argument("--llmc-python", default=None, help="python of a venv with llmcompressor (reference)")
     ap.add_argument("--full-dense", action="store_true", help="also evaluate the dense model on the full test set")
     ap.add_argument("--losa-modes", default="auto",
-                    help="comma-separated PruneConfig.sequential modes to run for losa (auto, layer, module)")
+                    help="comma-separated PruneConfig.sequential modes to run for losa (auto, layer, module), "
+                         "each optionally with :STATS_PRECISION (e.g. layer:bfloat16)")
     ap.add_argument("--out", default=str(HERE / "results" / "prune"))
     ap.add_argument("--reuse-reference", default=None,
                     help="take the llm-compressor rows from this earlier <out>.json of this script (same machine, "
@@ -111,7 +112,7 @@ def main() -> None:
             nm = target if ":" in target else None
             modes = args.losa_modes.split(",") if method != "magnitude" else ["auto"]
             tools = [("losa" if mode == "auto" else f"losa ({mode})", sys.executable, "_prune_worker.py", (mode,))
-                     for mode in modes]
+                     for mode in modes if method in ("wanda", "sparsegpt") or ":" not in mode]
             if (args.llmc_python or reused) and method in ("wanda", "sparsegpt"):
                 tools.append(("llm-compressor", args.llmc_python, "_llmc_worker.py", ()))
             for tool, py, script, extra in tools:
@@ -138,7 +139,10 @@ def main() -> None:
 
 def _label(row: dict) -> str:
     mode = row.get("sequential")
-    return f"losa ({mode})" if row["tool"] == "losa" and mode not in (None, "none") else row["tool"]
+    if not row["tool"].startswith("losa") or mode in (None, "none"):
+        return row["tool"]
+    prec = row.get("stats_precision", "model")
+    return f"losa ({mode}{'' if prec == 'model' else f', {prec} stats'})"
 
 
 def _ratio(row: dict, ref: dict | None, key: str) -> str:
@@ -157,7 +161,8 @@ def render(meta: dict, rows: list[dict]) -> str:
         "- losa rows use its defaults (`sequential: auto`, noted per row): `layer` = statistics from the unpruned "
         "layer, then a second pass to propagate (as llm-compressor; Wanda's default); `module` = one pass per layer, "
         "each linear pruned at its first call (SparseGPT's default when all windows fit one batch). SparseGPT's C++ "
-        "block kernel is compiled before the timed runs.",
+        "block kernel is compiled before the timed runs. `bfloat16 stats` = `stats_precision: bfloat16`: the "
+        "statistics pass runs under bf16 autocast (propagation stays float32).",
         "- wall time: the pruning call only (model loading and evaluation excluded), each run in its own process; "
         "peak RSS: that process's own high-water mark (VmHWM; `ru_maxrss` would include the parent's memory).", "",
         "| tool | method | target | ppl | sparsity | N:M ok | prune wall s | peak RSS MB | ppl / ref | time / ref | RSS / ref |",

@@ -44,6 +44,10 @@ class CalibrationFields(BaseModel):
     data_dir: str | None = None
     #: windows per calibration forward; None = as many as fit in about 1024 tokens (AUTO_BATCH_TOKENS)
     calib_batch_size: int | None = Field(None, ge=1)
+    #: "model": statistics passes run in the model's dtype; "bfloat16"/"float16": statistics-only passes
+    #: (not the passes that propagate outputs to the next layer) run under autocast in that dtype, which
+    #: is about 2x faster on CPUs with bf16 instructions and GPUs, at a small change in the statistics
+    stats_precision: Literal["model", "bfloat16", "float16"] = "model"
     blocksize: int = Field(128, ge=1)
     percdamp: float = Field(0.01, gt=0)
     device: str = "auto"
@@ -71,6 +75,12 @@ class CalibrationFields(BaseModel):
             parse_nm(v)
         return v
 
+    def stats_autocast(self) -> Any:
+        """The torch dtype for autocast in statistics-only passes, or None."""
+        import torch
+
+        return None if self.stats_precision == "model" else getattr(torch, self.stats_precision)
+
     def calib_batch(self, seqlen: int | None = None) -> int:
         """Windows per calibration forward: ``calib_batch_size``, or about AUTO_BATCH_TOKENS tokens."""
         return self.calib_batch_size or max(1, AUTO_BATCH_TOKENS // (seqlen or self.seqlen))
@@ -89,7 +99,8 @@ class PruneConfig(CalibrationFields):
     #: second pass to propagate; what llm-compressor and the Wanda/SparseGPT reference code do).
     #: "module": one forward per layer; each linear is pruned at its first call, so later modules of the
     #: layer see the already-pruned earlier ones ("true sequential"); needs all samples in one batch.
-    #: "auto": "module" when that batch fits in memory, else "layer".
+    #: "auto": "module" when the pruner prefers it and that batch fits in memory, else "layer" (always
+    #: "layer" with a reduced ``stats_precision``, which applies to the statistics pass of that mode).
     sequential: Literal["auto", "layer", "module"] = "auto"
     offload: bool | None = None
     verify: bool = True
@@ -104,6 +115,10 @@ class PruneConfig(CalibrationFields):
 
     @model_validator(mode="after")
     def _mixed(self) -> PruneConfig:
+        if self.stats_precision != "model" and self.sequential == "module":
+            raise ValueError(f"stats_precision={self.stats_precision} applies to the statistics pass of "
+                             "sequential=layer; module mode has none (its one pass also propagates outputs). "
+                             "Use sequential: layer or auto")
         if self.nm_n is not None:
             if self.nm is None:
                 raise ValueError("nm_n (per-layer N) needs nm to give M, e.g. nm: '2:8'")

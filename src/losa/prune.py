@@ -62,7 +62,7 @@ def _use_single_pass(config: PruneConfig, pruner: Pruner, model: nn.Module, laye
     (:attr:`Pruner.single_pass_default`) and one batch of all samples fits memory."""
     if config.sequential != "auto":
         return config.sequential == "module"
-    if not pruner.single_pass_default:
+    if not pruner.single_pass_default or config.stats_precision != "model":
         return False
     if config.calib_batch_size is not None and config.calib_batch_size < len(calib_ids):
         return False
@@ -112,7 +112,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
         else:
             batch = config.calib_batch(calib_ids.shape[1])
         engine = LayerwiseEngine(model, calib_ids, device=config.device, batch_size=batch,
-                                 offload=config.offload, progress=progress, desc=f"pruning ({config.method})")
+                                 offload=config.offload, progress=progress, desc=f"pruning ({config.method})",
+                                 stats_autocast=config.stats_autocast())
         t = time.perf_counter()
         engine.run(visitor)
         timings["prune_s"] = time.perf_counter() - t

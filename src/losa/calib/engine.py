@@ -84,7 +84,7 @@ class LayerwiseEngine:
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, device: str | torch.device | None = "auto",
                  batch_size: int = 1, offload: bool | None = None, progress: bool = True,
-                 desc: str = "calibrating") -> None:
+                 desc: str = "calibrating", stats_autocast: torch.dtype | None = None) -> None:
         if input_ids.ndim != 2 or input_ids.numel() == 0:
             raise LosaError("calibration input_ids must be a non-empty [nsamples, seqlen] tensor")
         self.model = model
@@ -96,6 +96,8 @@ class LayerwiseEngine:
         self.progress = progress
         self.desc = desc
         self.offload = self._decide_offload() if offload is None else offload
+        #: dtype for autocast in statistics-only passes (None: the model's dtype)
+        self.stats_autocast = stats_autocast
         self._kwargs: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ devices
@@ -206,7 +208,8 @@ class LayerwiseEngine:
         elif stats and not getattr(visitor, "needs_outputs", True):
             # statistics only: each forward stops once every linear has seen its input (the layer's
             # last projection, e.g. down_proj, is skipped); the outputs come from the pass after the visit
-            with collect_inputs(linears, stats, stop_early=True) as reset:
+            cast = torch.autocast(self.device.type, dtype=self.stats_autocast, enabled=self.stats_autocast is not None)
+            with collect_inputs(linears, stats, stop_early=True) as reset, cast:
                 for x, kw in zip(hidden, self._kwargs):
                     reset()
                     with contextlib.suppress(StatsComplete):

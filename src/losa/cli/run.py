@@ -12,7 +12,7 @@ from losa.config import build_config, load_recipe
 #: flag dest -> LoSAConfig field (top level)
 _FIELDS = ("method", "sparsity", "nm", "steps", "allocator", "rmi_features", "beta", "delta", "omega_first",
            "omega_last", "r_min", "r_max", "lora_alpha", "calib", "nsamples", "seqlen", "calib_batch_size",
-           "recon_nsamples", "finetune_data", "max_examples", "seed", "data_dir", "device")
+           "stats_precision", "recon_nsamples", "finetune_data", "max_examples", "seed", "data_dir", "device")
 #: flag dest -> LoSAConfig.finetune field
 _FT_FIELDS = {"lr": "lr", "epochs": "epochs", "batch_size": "batch_size", "max_length": "max_length",
               "grad_accum": "grad_accum"}
@@ -50,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--nsamples", type=int, help="calibration windows (default: 128)")
     c.add_argument("--seqlen", type=int, help="calibration window length (default: 2048)")
     c.add_argument("--calib-batch-size", type=int, help="windows per calibration forward (default: about 1024 tokens per batch)")
+    c.add_argument("--stats-precision", choices=("model", "bfloat16", "float16"),
+                   help="autocast dtype of the pruning statistics passes (default: model)")
     c.add_argument("--recon-nsamples", type=int, help="windows for reconstruction errors (default: 16)")
     f = p.add_argument_group("fine-tuning")
     f.add_argument("--finetune-data", help="Alpaca/plain-text .json/.jsonl (or hub dataset); omit for none")

@@ -203,7 +203,8 @@ def _run(model, tokenizer, cfg: LoSAConfig, out: Path, resume: bool, progress: b
 
         t = time.perf_counter()
         LayerwiseEngine(model, calib_ids, device=cfg.device, batch_size=cfg.calib_batch(), progress=progress,
-                        desc=f"step {step}/{cfg.steps}: pruning ({cfg.method})").run(
+                        desc=f"step {step}/{cfg.steps}: pruning ({cfg.method})",
+                        stats_autocast=cfg.stats_autocast()).run(
             AdapterPruneVisitor(pruner, targets, wrappers))
         times["prune_s"] = time.perf_counter() - t
         achieved = _mask_sparsity(model)
