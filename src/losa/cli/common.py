@@ -21,6 +21,21 @@ def add_data_dir_arg(p: argparse.ArgumentParser) -> None:
                    help="directory with wikitext-2-raw/, c4/, ptb/ ... (default: $LOSA_DATA_DIR, else the HF hub)")
 
 
+def add_calibration_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, default_calib: str = "c4") -> None:
+    """The calibration flags shared by ``losa prune`` and ``losa run`` (CalibrationFields)."""
+    p.add_argument("--calib", help="calibration source: c4, wikitext2, ptb, self (model-generated), or a "
+                                   f".txt/.json/.jsonl file (default: {default_calib})")
+    p.add_argument("--nsamples", type=int, help="calibration windows (default: 128)")
+    p.add_argument("--seqlen", type=int, help="calibration window length in tokens (default: 2048)")
+    p.add_argument("--calib-batch-size", type=int,
+                   help="windows per calibration forward (default: about 1024 tokens per batch; all windows in "
+                        "one batch for the single-pass mode of losa prune)")
+    p.add_argument("--stats-precision", choices=("model", "bfloat16", "float16"),
+                   help="autocast dtype of the statistics-only passes (outputs are still propagated in the "
+                        "model's dtype). bfloat16 is about 2x faster on CPUs with bf16 instructions and on "
+                        "GPUs, with slightly different statistics (default: model)")
+
+
 def add_quiet_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars (for logs)")
 

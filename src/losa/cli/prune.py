@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from losa.cli.common import add_data_dir_arg, add_model_arg, add_quiet_arg, data_available
+from losa.cli.common import (
+    add_calibration_args,
+    add_data_dir_arg,
+    add_model_arg,
+    add_quiet_arg,
+    data_available,
+)
 from losa.config import PruneConfig, build_config, load_recipe
 
 #: flag name -> PruneConfig field
@@ -24,20 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nm", help="semi-structured N:M pattern, e.g. 2:4 or 4:8 (replaces --sparsity)")
     p.add_argument("--nm-n", type=lambda s: [int(x) for x in s.split(",")],
                    help="mixed N:M: comma-separated N per decoder layer (M from --nm)")
-    p.add_argument("--calib", help="calibration source: c4, wikitext2, ptb, self (model-generated), or a "
-                                   ".txt/.json/.jsonl file (default: c4 when a data dir is set, else self)")
-    p.add_argument("--nsamples", type=int, help="calibration windows (default: 128)")
-    p.add_argument("--seqlen", type=int, help="calibration window length in tokens (default: 2048)")
+    add_calibration_args(p, default_calib="c4 when a data dir is set, else self")
     p.add_argument("--seed", type=int, help="calibration sampling seed (default: 0)")
-    p.add_argument("--calib-batch-size", type=int, help="windows per forward during calibration (default: about 1024 tokens per batch; all windows in one batch for the single-pass mode)")
     p.add_argument("--sequential", choices=("auto", "layer", "module"),
                    help="layer: statistics from the unpruned layer, two passes per layer (as llm-compressor); "
                         "module: one pass, each linear pruned at its first call (true sequential); "
                         "auto (default): module when the pruner prefers it (SparseGPT) and all samples fit one batch")
-    p.add_argument("--stats-precision", choices=("model", "bfloat16", "float16"),
-                   help="dtype of the statistics pass of --sequential layer (autocast; outputs are still "
-                        "propagated in the model's dtype). bfloat16 is about 2x faster on CPUs with bf16 "
-                        "instructions and on GPUs, with slightly different statistics (default: model)")
     p.add_argument("--blocksize", type=int, help="SparseGPT block size (default: 128)")
     p.add_argument("--percdamp", type=float, help="SparseGPT dampening, fraction of mean diag(H) (default: 0.01)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto)")

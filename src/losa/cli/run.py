@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from losa.cli.common import add_data_dir_arg, add_model_arg, add_quiet_arg, data_available
+from losa.cli.common import (
+    add_calibration_args,
+    add_data_dir_arg,
+    add_model_arg,
+    add_quiet_arg,
+    data_available,
+)
 from losa.config import build_config, load_recipe
 
 #: flag dest -> LoSAConfig field (top level)
@@ -46,12 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--r-max", type=int, help="adapter capacity / maximum rank (default: 16)")
     r.add_argument("--lora-alpha", type=float, help="LoRA alpha; scale = alpha / r_max (default: 16)")
     c = p.add_argument_group("calibration")
-    c.add_argument("--calib", help="c4 | wikitext2 | ptb | self | a text/json(l) file (default: c4)")
-    c.add_argument("--nsamples", type=int, help="calibration windows (default: 128)")
-    c.add_argument("--seqlen", type=int, help="calibration window length (default: 2048)")
-    c.add_argument("--calib-batch-size", type=int, help="windows per calibration forward (default: about 1024 tokens per batch)")
-    c.add_argument("--stats-precision", choices=("model", "bfloat16", "float16"),
-                   help="autocast dtype of the pruning statistics passes (default: model)")
+    add_calibration_args(c)
     c.add_argument("--recon-nsamples", type=int, help="windows for reconstruction errors (default: 16)")
     f = p.add_argument_group("fine-tuning")
     f.add_argument("--finetune-data", help="Alpaca/plain-text .json/.jsonl (or hub dataset); omit for none")

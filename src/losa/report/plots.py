@@ -44,6 +44,18 @@ def _layer_ticks(ax: plt.Axes, n: int) -> None:
     ax.set_xlabel("decoder layer")
 
 
+def _series_style(i: int) -> tuple[str, str]:
+    """Colour and marker of the i-th series (one per LoSA step)."""
+    return COLORS[i % len(COLORS)], MARKERS[i % len(MARKERS)]
+
+
+def _finish_per_layer(ax: plt.Axes, n: int, ylabel: str, title: str, ncols: int) -> None:
+    _layer_ticks(ax, n)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(ncols=ncols, loc="best")
+
+
 def plot_layer_sparsity(report: RunReport, path: Path) -> Path | None:
     """Per-layer sparsity: target (hatched) vs achieved (solid) bars, with the overall target line."""
     target, achieved = report.layer_sparsity()
@@ -77,13 +89,12 @@ def plot_ranks(report: RunReport, path: Path) -> Path | None:
     with plt.rc_context(STYLE):
         fig, ax = _new()
         for i, s in enumerate(steps):
-            ax.plot(range(len(s.ranks)), s.ranks, marker=MARKERS[i % len(MARKERS)], markersize=4,
-                    color=COLORS[i % len(COLORS)], label=f"step {s.step} (S={100 * s.target_sparsity:.0f}%)")
-        _layer_ticks(ax, max(len(s.ranks) for s in steps))
-        ax.set_ylabel("LoRA rank")
+            c, mk = _series_style(i)
+            ax.plot(range(len(s.ranks)), s.ranks, marker=mk, markersize=4, color=c,
+                    label=f"step {s.step} (S={100 * s.target_sparsity:.0f}%)")
         ax.set_ylim(bottom=0)
-        ax.set_title("Allocated LoRA rank per layer")
-        ax.legend(ncols=min(4, len(steps)), loc="best")
+        _finish_per_layer(ax, max(len(s.ranks) for s in steps), "LoRA rank", "Allocated LoRA rank per layer",
+                          min(4, len(steps)))
         return _save(fig, path)
 
 
@@ -116,7 +127,7 @@ def plot_recon_error(report: RunReport, path: Path) -> Path | None:
     with plt.rc_context(STYLE):
         fig, ax = _new()
         for i, s in enumerate(steps):
-            c, mk = COLORS[i % len(COLORS)], MARKERS[i % len(MARKERS)]
+            c, mk = _series_style(i)
             if s.recon_error_before:
                 ax.plot(range(len(s.recon_error_before)), s.recon_error_before, linestyle="--", marker=mk,
                         markersize=4, markerfacecolor="white", color=c, label=f"step {s.step} before FT")
@@ -126,10 +137,8 @@ def plot_recon_error(report: RunReport, path: Path) -> Path | None:
         values = [v for s in steps for v in (s.recon_error_before or []) + (s.recon_error_after or [])]
         if values and min(values) > 0 and max(values) / min(values) > 50:
             ax.set_yscale("log")
-        _layer_ticks(ax, max(len(s.recon_error_before or s.recon_error_after or []) for s in steps))
-        ax.set_ylabel("reconstruction error")
-        ax.set_title("Layer reconstruction error before / after fine-tuning")
-        ax.legend(ncols=2, loc="best")
+        _finish_per_layer(ax, max(len(s.recon_error_before or s.recon_error_after or []) for s in steps),
+                          "reconstruction error", "Layer reconstruction error before / after fine-tuning", 2)
         return _save(fig, path)
 
 
