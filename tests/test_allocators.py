@@ -131,3 +131,29 @@ def test_mixed_nm_unreachable():
         allocate_mixed_nm(2.5, 8, [1, 2, 3])  # 7.5 total N over 3 equal layers
     with pytest.raises(LosaError, match="cannot be reached exactly"):
         allocate_mixed_nm(2.2, 8, [1, 2], sizes=[2, 3], max_dev=1)  # 2a+3b=11, a,b∈{2,3}
+
+
+def test_mixed_nm_capped_pairs_is_the_optimum_under_the_cap():
+    """max_pairs=k: exactly the k most important layers gain one kept weight per group and the k least
+    important lose one; brute force over all allocations with at most k layers up and k down agrees."""
+    import itertools
+
+    imp = [0.3, 0.9, 0.1, 0.6, 0.5, 0.2]
+    for k in (0, 1, 2):
+        n = allocate_mixed_nm(4, 8, imp, max_pairs=k)
+        assert sum(n) == 4 * len(imp) and sum(x != 4 for x in n) == 2 * k
+        best = max((c for c in itertools.product((3, 4, 5), repeat=len(imp))
+                    if sum(c) == 4 * len(imp) and sum(x == 5 for x in c) <= k),
+                   key=lambda c: sum(i * x for i, x in zip(imp, c)))
+        assert n == list(best)
+    assert allocate_mixed_nm(1, 4, imp, max_pairs=3) == [1] * 6  # N cannot go below 1
+    with pytest.raises(LosaError, match="integer mean N"):
+        allocate_mixed_nm(2.5, 8, [1, 2], max_pairs=1)
+
+
+def test_pairs_for_delta_keeps_the_mean_deviation_within_delta():
+    from losa.sparsity.mixed_nm import pairs_for_delta
+
+    for delta, m, layers in ((0.01, 4, 30), (0.01, 8, 30), (0.03, 8, 30), (0.02, 8, 32)):
+        k = pairs_for_delta(delta, m, layers)
+        assert 2 * k / (layers * m) <= delta + 1e-12 < 2 * (k + 1) / (layers * m)

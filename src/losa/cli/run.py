@@ -16,7 +16,7 @@ from losa.cli.common import (
 from losa.config import build_config, load_recipe
 
 #: flag dest -> LoSAConfig field (top level)
-_FIELDS = ("method", "sparsity", "nm", "steps", "allocator", "rmi_features", "beta", "delta", "omega_first",
+_FIELDS = ("method", "sparsity", "nm", "nm_max_pairs", "steps", "allocator", "rmi_features", "beta", "delta", "omega_first",
            "omega_last", "r_min", "r_max", "lora_alpha", "calib", "nsamples", "seqlen", "calib_batch_size",
            "stats_precision", "recon_nsamples", "finetune_data", "max_examples", "seed", "data_dir", "device")
 #: flag dest -> LoSAConfig.finetune field
@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sparsity", type=float, help="final unstructured sparsity S (default: 0.5)")
     g.add_argument("--nm", help="final N:M pattern, e.g. 2:4 (every step prunes to it)")
     g.add_argument("--mixed-nm", action="store_true", default=None, help="per-layer N with the mean of --nm")
+    g.add_argument("--nm-max-pairs", type=int,
+                   help="mixed N:M: layer pairs whose N moves by +-1 (default: as many as keep the mean sparsity "
+                        "deviation within delta; -1: no cap)")
     g.add_argument("--steps", type=int, help="T, prune/fine-tune steps (default: 5; 1 = no dynamic schedule)")
     g.add_argument("--allocator", help="layer-wise sparsity: rmi | owl | uniform (default: rmi)")
     g.add_argument("--no-layerwise-sparsity", dest="layerwise_sparsity", action="store_false", default=None,

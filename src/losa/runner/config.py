@@ -19,6 +19,9 @@ class LoSAConfig(CalibrationFields):
     sparsity: float = 0.5
     mixed_nm: bool = Field(False, description="per-layer N from RMI importance with exact mean N (needs nm)")
     nm_max_dev: int = Field(1, ge=0)
+    #: mixed N:M: layer pairs that move N by ±1 (None = as many as keep the mean |s_l − S| within δ, the
+    #: unstructured deviation budget; -1 = no cap, every layer moves by up to nm_max_dev)
+    nm_max_pairs: int | None = Field(None, ge=-1)
     steps: int = Field(5, description="T, number of prune/fine-tune steps")
     # layer-wise sparsity
     layerwise_sparsity: bool = True

@@ -41,9 +41,9 @@ from losa.runner.recon import DenseTargets, reconstruction_errors
 from losa.runner.schedule import rank_budget_at, sparsity_at
 from losa.runner.state import load_state, save_state, seed_everything
 from losa.runner.visitors import AdapterPruneVisitor, RMIVisitor
-from losa.sparsity.allocators import allocate, rmi_importance
+from losa.sparsity.allocators import allocate, default_delta, rmi_importance
 from losa.sparsity.cka import GramAccumulator
-from losa.sparsity.mixed_nm import allocate_mixed_nm
+from losa.sparsity.mixed_nm import allocate_mixed_nm, pairs_for_delta
 from losa.utils.io import atomic_write_json
 from losa.verify import sparsity_report, verify_targets
 
@@ -85,7 +85,11 @@ def _step_targets(cfg: LoSAConfig, step: int, sizes: list[int], cka: np.ndarray 
         n, m = parse_nm(cfg.nm)
         if cfg.mixed_nm and alloc != "uniform":
             imp = rmi_importance(cka, cfg.beta) if cka is not None else np.asarray(outliers)
-            ns = allocate_mixed_nm(n, m, imp, sizes, cfg.nm_max_dev)
+            pairs = cfg.nm_max_pairs
+            if pairs is None:
+                delta = cfg.delta if cfg.delta is not None else default_delta(1.0 - n / m)
+                pairs = pairs_for_delta(delta, m, len(sizes))
+            ns = allocate_mixed_nm(n, m, imp, sizes, cfg.nm_max_dev, max_pairs=None if pairs < 0 else pairs)
         else:
             ns = [n] * len(sizes)
         return [Target(n=k, m=m) for k in ns], [1.0 - k / m for k in ns], ns
