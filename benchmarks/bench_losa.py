@@ -25,7 +25,7 @@ from _rss import peak_rss_mb
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 ALL_VARIANTS = ["dense", "wanda", "sparsegpt", "wanda+lora", "wanda+masked-lora", "losa-wanda", "losa-sparsegpt",
-                "losa-no-lsr", "losa-no-sra", "losa-no-dsa"]
+                "losa-no-lsr", "losa-no-sra", "losa-no-dsa", "losa-nm-uncapped"]
 
 
 def _data_dir(args) -> str:
@@ -54,6 +54,8 @@ def _losa_config(args, variant: str, target: str):
         kw["rank_allocation"] = False
     elif variant == "losa-no-dsa":
         kw["steps"] = 1
+    elif variant == "losa-nm-uncapped":  # mixed N:M with every layer free to move N by ±1
+        kw["nm_max_pairs"] = -1
     return LoSAConfig(**kw)
 
 
