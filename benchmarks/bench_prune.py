@@ -186,14 +186,15 @@ def render(meta: dict, rows: list[dict]) -> str:
         miss = [f"{name} {got[k]:.2f}x (target {lim})" for k, name, lim in
                 (("ppl", "ppl", "<= 1.02x"), ("prune_s", "wall", "<= 0.5x"), ("peak_rss_mb", "RSS", "<= 1.0x"))
                 if k in got and got[k] > float(lim.split()[1].rstrip("x"))]
-        checks.append(f"- {r['method']} {r['target']}: " + ("all targets met" if not miss else "MISSED " + "; ".join(miss)))
+        checks.append(f"- {_label(r)} {r['method']} {r['target']}: " + ("all targets met" if not miss else "MISSED " + "; ".join(miss)))
     if checks:
         lines += ["", "Against the issue's targets (ppl within 2 % of llm-compressor or better, wall <= 0.5x, "
                       "peak RSS no higher):", *checks]
     if any("reused_from" in r for r in rows):
         src = next(r["reused_from"] for r in rows if "reused_from" in r)
         lines += ["", f"llm-compressor rows are reused from an earlier run of this script on the same machine and "
-                      f"settings: {src}."]
+                      f"settings: {src}. Time and RSS ratios then span two runs, and the machine's speed can differ "
+                      "between them; only ratios within one run are reliable."]
     d = rows[0]
     if "ppl_full" in d:
         lines += ["", f"Dense, full WikiText-2 test set ({d['full_windows']} windows of 512): ppl {d['ppl_full']:.3f} "
