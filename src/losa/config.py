@@ -45,8 +45,8 @@ class CalibrationFields(BaseModel):
     #: windows per calibration forward; None = as many as fit in about 1024 tokens (AUTO_BATCH_TOKENS)
     calib_batch_size: int | None = Field(None, ge=1)
     #: "model": statistics passes run in the model's dtype; "bfloat16"/"float16": statistics-only passes
-    #: (not the passes that propagate outputs to the next layer) run under autocast in that dtype, which
-    #: is about 2x faster on CPUs with bf16 instructions and GPUs, at a small change in the statistics
+    #: (not the passes that propagate outputs to the next layer) run under autocast in that dtype; measured
+    #: on SmolLM2/CPU: 1.0-1.3x faster for Wanda, worse perplexity at 60-70 % (benchmarks/results/prune_stats.md)
     stats_precision: Literal["model", "bfloat16", "float16"] = "model"
     blocksize: int = Field(128, ge=1)
     percdamp: float = Field(0.01, gt=0)

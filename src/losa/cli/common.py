@@ -32,8 +32,8 @@ def add_calibration_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, d
                         "one batch for the single-pass mode of losa prune)")
     p.add_argument("--stats-precision", choices=("model", "bfloat16", "float16"),
                    help="autocast dtype of the statistics-only passes (outputs are still propagated in the "
-                        "model's dtype). bfloat16 is about 2x faster on CPUs with bf16 instructions and on "
-                        "GPUs, with slightly different statistics (default: model)")
+                        "model's dtype). Measured on SmolLM2 (CPU): Wanda 1.0-1.3x faster, but worse perplexity at "
+                        "60-70 %% sparsity (default: model)")
 
 
 def add_quiet_arg(p: argparse.ArgumentParser) -> None:
