@@ -147,6 +147,8 @@ def test_mixed_nm_capped_pairs_is_the_optimum_under_the_cap():
                    key=lambda c: sum(i * x for i, x in zip(imp, c)))
         assert n == list(best)
     assert allocate_mixed_nm(1, 4, imp, max_pairs=3) == [1] * 6  # N cannot go below 1
+    # 3 pairs at N = 2 of M = 4: the three most important layers (0.9, 0.6, 0.5) up, the rest down
+    assert allocate_mixed_nm(2, 4, imp, max_pairs=3) == [1, 3, 1, 3, 3, 1]
     with pytest.raises(LosaError, match="integer mean N"):
         allocate_mixed_nm(2.5, 8, [1, 2], max_pairs=1)
 

@@ -15,6 +15,7 @@ import datetime
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,11 @@ def _step_targets(cfg: LoSAConfig, step: int, sizes: list[int], cka: np.ndarray 
         if cfg.mixed_nm and alloc != "uniform":
             imp = rmi_importance(cka, cfg.beta) if cka is not None else np.asarray(outliers)
             pairs = cfg.nm_max_pairs
-            if pairs is None:
+            if pairs is None and len(set(sizes)) > 1:
+                warnings.warn("mixed N:M over decoder layers of different sizes: the default cap on moved layers "
+                              "needs equal sizes, so every layer may move N by up to nm_max_dev", stacklevel=2)
+                pairs = -1
+            elif pairs is None:
                 delta = cfg.delta if cfg.delta is not None else default_delta(1.0 - n / m)
                 pairs = pairs_for_delta(delta, m, len(sizes))
             ns = allocate_mixed_nm(n, m, imp, sizes, cfg.nm_max_dev, max_pairs=None if pairs < 0 else pairs)

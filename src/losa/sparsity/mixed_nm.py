@@ -69,7 +69,7 @@ def allocate_mixed_nm(mean_n: float, m: int, importance: Sequence[float], sizes:
 def _capped_pairs(imp: np.ndarray, n: int, m: int, pairs: int) -> list[int]:
     order = np.argsort(-imp, kind="stable")
     out = [n] * imp.size
-    k = min(pairs, imp.size // 2, m - n, n - 1)  # N stays within [1, M]
+    k = min(pairs, imp.size // 2) if 1 < n < m else 0  # N ± 1 stays within [1, M]
     for j in range(k):
         out[order[j]] += 1
         out[order[-1 - j]] -= 1
