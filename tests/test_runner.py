@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -172,3 +173,25 @@ def test_reconstruction_errors_match_hidden_states(tmp_path, tiny_model, calib):
         ref = float((hd[i + 1] - hs[i + 1]).square().sum() / hd[i + 1].square().sum())
         assert got[i] == pytest.approx(ref, rel=0.02, abs=1e-4)
     assert got[0] < 1e-4 and got[1] > 20 * got[0]  # layer 0 untouched, layer 1 perturbed
+
+
+def test_mixed_nm_unequal_layer_sizes_warns_and_falls_back_uncapped():
+    """The default cap on moved layers needs equal layer sizes; with unequal sizes (and no explicit
+    nm_max_pairs) the step targets fall back to the uncapped allocation, with a warning, and the
+    size-weighted mean N stays exact."""
+    from losa.runner.run import _step_targets
+
+    cfg = LoSAConfig(nm="4:8", mixed_nm=True, steps=1, nsamples=4, seqlen=16, recon_nsamples=2, device="cpu")
+    sizes = [100, 100, 200, 200]
+    cka = np.array([[1.0, 0.9, 0.2, 0.3], [0.9, 1.0, 0.3, 0.2], [0.2, 0.3, 1.0, 0.4], [0.3, 0.2, 0.4, 1.0]])
+    with pytest.warns(UserWarning, match="different sizes"):
+        targets, sparsities, ns = _step_targets(cfg, 1, sizes, cka, None)
+    assert sum(n * s for n, s in zip(ns, sizes)) == 4 * sum(sizes)  # exact weighted mean N
+    assert all(abs(n - 4) <= cfg.nm_max_dev for n in ns)
+    assert sum(n != 4 for n in ns) >= 2  # the uncapped optimum moves layers (the cap would move 0 here)
+    assert [t.m for t in targets] == [8] * 4 and sparsities == [1 - n / 8 for n in ns]
+    # with equal sizes the default cap applies and no warning is raised
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, _, capped = _step_targets(cfg, 1, [100] * 4, cka, None)
+    assert capped == [4, 4, 4, 4]  # floor(delta*M*L/2) = 0 pairs at the default delta

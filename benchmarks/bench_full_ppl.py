@@ -1,0 +1,101 @@
+"""WikiText-2 perplexity on the FULL test set (seqlen 512) for the dense model and one-shot pruned models.
+
+The prune grid (bench_prune.py) evaluates the first 40 windows; this script evaluates every window once,
+with the same calibration (16 x 512 C4-train windows, seed 0) and the same pruning code. One evaluation
+pass yields both numbers: the first-40-window perplexity and the full-set perplexity (the windows of the
+full set are the same windows, continued). Each spec runs in this process; run several processes side by
+side to use more cores.
+
+    python benchmarks/bench_full_ppl.py dense wanda:0.5 sparsegpt:0.5 --out benchmarks/results/full_ppl.jsonl
+    python benchmarks/bench_full_ppl.py --render-only --out benchmarks/results/full_ppl.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+PREFIX = 40
+
+
+def run_spec(spec: str, args) -> dict:
+    import losa
+    from losa.data.sources import eval_text
+    from losa.eval.ppl import perplexity_from_ids
+
+    model, tok = losa.load_model(args.model)
+    row: dict = {"spec": spec, "threads": torch.get_num_threads()}
+    if spec != "dense":
+        method, _, target = spec.partition(":")
+        calib = losa.data.get_calibration(tok, "c4", args.nsamples, args.seqlen, seed=0, data_dir=args.data_dir)
+        cfg = {"method": method, "nsamples": args.nsamples, "seqlen": args.seqlen}
+        cfg.update({"nm": target} if ":" in target else {"sparsity": float(target)})
+        t = time.perf_counter()
+        losa.prune(model, tok, losa.PruneConfig(**cfg), calib_ids=calib, progress=False)
+        row["prune_s"] = round(time.perf_counter() - t, 1)
+    ids = tok(eval_text("wikitext2", args.data_dir), return_tensors="pt").input_ids[0]
+    t = time.perf_counter()
+    head = perplexity_from_ids(model, ids[: PREFIX * 512], 512, desc=f"{spec} first {PREFIX}")
+    rest = perplexity_from_ids(model, ids[PREFIX * 512:], 512, desc=f"{spec} rest")
+    tokens = head.tokens + rest.tokens
+    nll = (head.nll * head.tokens + rest.nll * rest.tokens) / tokens
+    row.update({"ppl_first40": head.ppl, "ppl_full": math.exp(nll), "windows": head.windows + rest.windows,
+                "tokens": tokens, "eval_s": round(time.perf_counter() - t, 1)})
+    return row
+
+
+def render(rows: list[dict], out: Path) -> None:
+    lines = [
+        "# WikiText-2 perplexity on the full test set (SmolLM2-135M, seqlen 512)",
+        "",
+        f"Command: `{' '.join(['python', *rows[0].get('argv', ['benchmarks/bench_full_ppl.py'])])}` "
+        "(one process per spec, run side by side)  ",
+        f"Date: {rows[0].get('date', '?')}. Machine: {rows[0].get('machine', '?')}. float32 weights and activations.",
+        "",
+        "- Pruning: losa one-shot, calibration 16 x 512 C4-train windows, seed 0 (as bench_prune.py).",
+        f"- Evaluation: the joined WikiText-2 raw test split, non-overlapping 512-token windows, every window; "
+        f"'first {PREFIX}' is the prefix the prune grid (prune*.md) reports, from the same pass.",
+        "",
+        f"| model | ppl first {PREFIX} windows | ppl full test set | windows | predicted tokens | eval s | threads |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['spec']} | {r['ppl_first40']:.2f} | {r['ppl_full']:.2f} | {r['windows']} | "
+                     f"{r['tokens']} | {r['eval_s']:.0f} | {r['threads']} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("specs", nargs="*", help="dense, or METHOD:TARGET such as wanda:0.5, sparsegpt:0.7, wanda:2:4")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data-dir", default=os.environ.get("LOSA_DATA_DIR", "../shared/data"))
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--out", default=str(HERE / "results" / "full_ppl.jsonl"))
+    ap.add_argument("--render-only", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if not args.render_only:
+        for spec in args.specs:
+            row = run_spec(spec, args)
+            row.update({"date": time.strftime("%Y-%m-%d"), "argv": sys.argv,
+                        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"})
+            print(json.dumps(row), flush=True)
+            with out.open("a") as f:  # one line per spec; side-by-side processes append whole lines
+                f.write(json.dumps(row) + "\n")
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    render(rows, out)
+
+
+if __name__ == "__main__":
+    main()
