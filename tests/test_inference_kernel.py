@@ -122,6 +122,36 @@ def test_bf16_prefill_matches_a_dense_bf16_linear(monkeypatch, isa, vdtype, out_
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("out_f,in_f,pattern,fmt", CASES)
+def test_bf16_inputs_compute_like_a_dense_bf16_linear(monkeypatch, isa, out_f, in_f, pattern, fmt):
+    """bf16 inputs (a bf16 model) with bf16 values: exact bf16 products summed in float32, bf16 output.
+
+    On AVX-512 CPUs with AVX512-BF16 this is the vdpbf16ps loop (decode) and the bf16 GEMM (prefill);
+    elsewhere the float32 loop on the widened inputs. The reference sums the same exact products in double.
+    """
+    monkeypatch.setenv("LOSA_SPARSE_ISA", isa)
+    gen = torch.Generator().manual_seed(out_f * 31 + in_f)
+    w = torch.randn(out_f, in_f, generator=gen) * random_mask(out_f, in_f, pattern, gen)
+    b = torch.randn(out_f, generator=gen)
+    layer = SparseLinear.from_dense(w, b, torch.bfloat16, fmt, dense_batch_threshold=8)
+    for batch in (1, 2, 3, 5, 8, 9, 13, 40):  # <= 8: sparse kernel, above: tiled decompress + bf16 GEMM
+        x = torch.randn(batch, in_f, generator=gen).bfloat16()
+        y = layer(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (batch, out_f)
+        exact = F.linear(x.double(), w.bfloat16().double(), b.double())
+        if batch <= 8:  # float32 sums of exact products, rounded once to bf16
+            torch.testing.assert_close(y.double(), exact, rtol=8e-3, atol=1e-5 * in_f**0.5)
+        else:  # the GEMM also rounds its [B, N] output to bf16 before the bias is added
+            torch.testing.assert_close(y.double(), exact, rtol=2e-2, atol=2e-2)
+    raw = KERNEL.spmm(x[:3], layer.meta, layer.values, layer.row_ptr, None, out_f, in_f,
+                      {"bitmask": 0, "nm24": 1, "nm14": 2}[fmt], kmod.best_isa())
+    assert raw.dtype == torch.float32  # the kernel itself returns float32 sums
+    torch.testing.assert_close(raw.double(), F.linear(x[:3].double(), w.bfloat16().double()),
+                               rtol=1e-5, atol=1e-5 * in_f**0.5)
+
+
+@needs_kernel
 def test_leading_dims_dtype_and_no_bias():
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(30, 45, generator=gen) * random_mask(30, 45, 0.6, gen)

@@ -51,6 +51,28 @@ def test_generate_matches_dense(family):
     assert sparsify_for_inference(model)["replaced"] == 0  # idempotent
 
 
+def test_bf16_model_computes_like_the_dense_bf16_model():
+    """A model converted to bf16 keeps bf16 activations through the sparse layers (decode and prefill)."""
+    model = make_tiny_model("llama", hidden=96)
+    prune_random(model, 0.7)
+    model.to(torch.bfloat16)
+    ids = torch.randint(3, 128, (1, 40))  # 40 prompt rows: decompress + bf16 GEMM; then 1-row decode steps
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+        ref_step = model(ids[:, :1]).logits.float()
+    summary = sparsify_for_inference(model, value_dtype="bfloat16")
+    assert summary["compute"].startswith("bf16 products, float32 sums")
+    with torch.no_grad():
+        out = model(ids).logits
+        step = model(ids[:, :1]).logits
+    assert out.dtype == torch.bfloat16
+    # bf16 activations are re-rounded after every layer, so compare with a bf16-sized tolerance
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(out.float(), ref, rtol=0.0, atol=0.03 * scale)
+    torch.testing.assert_close(step.float(), ref_step, rtol=0.0, atol=0.03 * scale)
+    assert sparsify_for_inference(make_tiny_model("llama"), value_dtype="bfloat16")["compute"] == "float32"
+
+
 def test_dense_layers_stay_dense_and_bf16_values():
     model = make_tiny_model("llama")
     layers = get_decoder_layers(model)

@@ -13,11 +13,12 @@ from __future__ import annotations
 from losa.inference.checkpoint import load_sparse, save_sparse
 from losa.inference.formats import FORMATS, Packed, pack, unpack
 from losa.inference.kernel import kernel_available
-from losa.inference.sparse_linear import DENSE_BATCH_THRESHOLD, SparseLinear
+from losa.inference.sparse_linear import DENSE_BATCH_THRESHOLD, DENSE_BATCH_THRESHOLD_BF16, SparseLinear
 from losa.inference.sparsify import sparsify_for_inference
 
 __all__ = [
     "DENSE_BATCH_THRESHOLD",
+    "DENSE_BATCH_THRESHOLD_BF16",
     "FORMATS",
     "Packed",
     "SparseLinear",

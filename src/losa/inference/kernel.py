@@ -65,3 +65,9 @@ def best_isa() -> int:
     if _ISA_CODES[forced] > cpu:
         raise LosaError(f"LOSA_SPARSE_ISA={forced!r} is not supported by this CPU (best: {ISA_NAMES[cpu]})")
     return _ISA_CODES[forced]
+
+
+def bf16_dot_available() -> bool:
+    """Whether bf16 inputs with bf16 values use the AVX512-BF16 loop here (else: float32 on widened inputs)."""
+    k = load_kernel()
+    return k is not None and best_isa() == _ISA_CODES["avx512"] and bool(k.cpu_has_bf16dot())

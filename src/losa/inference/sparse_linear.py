@@ -2,10 +2,14 @@
 
 Small batches (decode) run the compiled sparse kernel; batches above ``dense_batch_threshold`` rows
 (prefill) decompress ``DENSE_TILE_ROWS`` rows at a time into a cache-resident buffer and run torch's
-dense GEMM on it, so no dense copy of the weight is ever kept. That GEMM runs in ``prefill_dtype``:
-float32 (default), or bfloat16 (activations and outputs rounded to bf16 as in a dense bf16 model, and
-as fast as one on CPUs with AVX512-BF16/AMX). Without a compiler the layer
-materialises its dense weight once and uses ``F.linear`` (same outputs, no speed-up).
+dense GEMM on it, so no dense copy of the weight is ever kept.
+
+Precision follows the input, as in a dense layer: float32 inputs compute in float32; bfloat16 inputs
+(a bf16 model) with bf16 values multiply in bf16 and sum in float32, like a dense bf16 ``F.linear``
+(AVX512-BF16 ``vdpbf16ps`` where the CPU has it, 1.4-1.9x faster than the float32 loop). For float32
+inputs ``prefill_dtype="bfloat16"`` rounds the large-batch GEMM's activations and outputs to bf16.
+Other input dtypes (float16) compute in float32. Without a compiler the layer materialises its dense
+weight once and uses ``F.linear`` (same outputs, no speed-up).
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from losa.inference.formats import FORMAT_CODES, Packed, pack, resolve_value_dty
 #: on the 4096x4096 layer (1 thread, Zen 4) the sparse kernel wins up to 12 rows and loses from 16 on,
 #: both at 70 % bf16 and at 50 % fp32.
 DENSE_BATCH_THRESHOLD = 12
+#: The same for bf16 inputs with bf16 values (a bf16 model): the AVX512-BF16 loop is faster, and it wins up
+#: to 16 rows against decompress + bf16 GEMM (4096x4096, 70 %, 1 thread; benchmarks/results/inference.md).
+DENSE_BATCH_THRESHOLD_BF16 = 16
 #: Rows decompressed per dense tile in the prefill path (measured there: 256 ~ 1024 < 64 < whole matrix).
 DENSE_TILE_ROWS = 256
 
@@ -31,18 +38,20 @@ class SparseLinear(nn.Module):
     """``y = x · Wᵀ + b`` with ``W`` stored as bitmask/N:M metadata plus packed values.
 
     ``value_dtype`` (``torch.float32`` or ``torch.bfloat16``) is the precision of the stored weights;
-    decode (the sparse kernel) always computes in float32. ``prefill_dtype`` is the precision of the
-    large-batch GEMM. Inference only (no gradients).
+    bfloat16 inputs compute in bf16 (products) with float32 sums; other inputs in float32.
+    ``prefill_dtype`` is the precision of the large-batch GEMM for float32 inputs. Inference only.
     """
 
     def __init__(self, packed: Packed, bias: torch.Tensor | None = None,
-                 dense_batch_threshold: int = DENSE_BATCH_THRESHOLD,
+                 dense_batch_threshold: int | None = None,
                  prefill_dtype: str | torch.dtype = torch.float32) -> None:
         super().__init__()
         self.prefill_dtype = resolve_value_dtype(prefill_dtype, 'prefill_dtype')
         self.out_features, self.in_features = packed.shape
         self.fmt = packed.fmt
-        self.dense_batch_threshold = int(dense_batch_threshold)
+        #: rows above which the layer decompresses + runs a dense GEMM; None = the measured default for the
+        #: input dtype (DENSE_BATCH_THRESHOLD, or DENSE_BATCH_THRESHOLD_BF16 for bf16 inputs)
+        self.dense_batch_threshold = None if dense_batch_threshold is None else int(dense_batch_threshold)
         self.register_buffer("meta", packed.meta)
         self.register_buffer("values", packed.values)
         self.register_buffer("row_ptr", packed.row_ptr)
@@ -57,7 +66,7 @@ class SparseLinear(nn.Module):
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
                    value_dtype: str | torch.dtype = torch.float32, fmt: str = "auto",
-                   dense_batch_threshold: int = DENSE_BATCH_THRESHOLD,
+                   dense_batch_threshold: int | None = None,
                    prefill_dtype: str | torch.dtype = torch.float32) -> SparseLinear:
         """Pack ``weight [out, in]`` (zeros are the pruned entries)."""
         return cls(pack(weight, resolve_value_dtype(value_dtype), fmt), bias, dense_batch_threshold, prefill_dtype)
@@ -101,18 +110,22 @@ class SparseLinear(nn.Module):
         if x.device.type != "cpu":
             raise LosaError(f"SparseLinear runs on the CPU, got an input on {x.device}; move the model and inputs to CPU")
         lead = x.shape[:-1]
-        x2 = x.detach().reshape(-1, self.in_features).to(torch.float32).contiguous()
+        bf16_in = x.dtype == torch.bfloat16 and self.value_dtype == torch.bfloat16
+        x2 = x.detach().reshape(-1, self.in_features).to(torch.bfloat16 if bf16_in else torch.float32).contiguous()
         k = _kernel.load_kernel()
         if k is None:
             if self._dense_cache is None:
                 self._dense_cache = self.to_dense()
-            y = F.linear(x2, self._dense_cache, self.bias)
+            y = F.linear(x2.float(), self._dense_cache, self.bias)
         else:
             isa = _kernel.best_isa()
             args = (self.meta, self.values, self.row_ptr, self.bias, self.out_features, self.in_features,
                     FORMAT_CODES[self.fmt], isa)
-            if x2.shape[0] <= self.dense_batch_threshold:
+            threshold = self.dense_batch_threshold
+            if threshold is None:
+                threshold = DENSE_BATCH_THRESHOLD_BF16 if bf16_in else DENSE_BATCH_THRESHOLD
+            if x2.shape[0] <= threshold:
                 y = k.spmm(x2, *args)
             else:
-                y = k.dense_mm(x2, *args, DENSE_TILE_ROWS, self.prefill_dtype == torch.bfloat16)
+                y = k.dense_mm(x2, *args, DENSE_TILE_ROWS, bf16_in or self.prefill_dtype == torch.bfloat16)
         return y.reshape(*lead, self.out_features).to(x.dtype)

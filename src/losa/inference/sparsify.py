@@ -14,7 +14,7 @@ from torch import nn
 
 from losa.errors import LosaError
 from losa.inference.formats import nm_fits, resolve_value_dtype
-from losa.inference.sparse_linear import DENSE_BATCH_THRESHOLD, SparseLinear
+from losa.inference.sparse_linear import SparseLinear
 from losa.models.linear import get_weight
 from losa.models.registry import get_arch, get_decoder_layers, linear_modules
 
@@ -40,17 +40,31 @@ def _semi_structured(mod: nn.Module) -> bool:
     return True
 
 
+def _compute_description(model_dtype: torch.dtype, vdtype: torch.dtype) -> str:
+    """Which arithmetic the CPU sparse layers use for activations of ``model_dtype``."""
+    if model_dtype == torch.bfloat16 and vdtype == torch.bfloat16:
+        from losa.inference.kernel import bf16_dot_available, kernel_available
+
+        fast = kernel_available() and bf16_dot_available()
+        return "bf16 products, float32 sums" + (" (AVX512-BF16)" if fast else " (float32 loop on widened inputs)")
+    return "float32"
+
+
 def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "float32", fmt: str = "auto",
                            min_sparsity: float = 0.25,
-                           dense_batch_threshold: int = DENSE_BATCH_THRESHOLD,
+                           dense_batch_threshold: int | None = None,
                            prefill_dtype: str | torch.dtype = "float32") -> dict:
     """Replace, in place, every decoder linear with sparsity >= ``min_sparsity`` by a sparse module.
 
     ``value_dtype`` ("float32" or "bfloat16") is the stored precision on the CPU (see
     ``SparseLinear.value_dtype``); ``prefill_dtype`` ("float32" or "bfloat16") is the precision of the
-    large-batch (prompt) GEMM; ``fmt`` is "auto", "bitmask", "nm24" or "nm14". Returns a summary:
-    ``{"replaced", "kept_dense", "dense_bytes", "sparse_bytes", "device", "value_dtype"}`` (bytes are
-    over the replaced CPU layers). ``model.generate`` keeps working (KV cache included).
+    large-batch (prompt) GEMM for float32 activations; ``fmt`` is "auto", "bitmask", "nm24" or "nm14".
+    The layers compute in the precision of their inputs: in a bf16 model (``model.to(torch.bfloat16)``)
+    with bf16 values they multiply in bf16 and sum in float32, like dense bf16 layers, and decode up to
+    ~1.9x faster than with float32 activations on CPUs with AVX512-BF16. Returns a summary:
+    ``{"replaced", "kept_dense", "dense_bytes", "sparse_bytes", "device", "value_dtype", "prefill_dtype",
+    "compute"}`` (bytes are over the replaced CPU layers; ``compute`` says which arithmetic the layers
+    use for this model's activations). ``model.generate`` keeps working (KV cache included).
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise LosaError(f"min_sparsity={min_sparsity} is outside [0, 1]; use e.g. 0.25")
@@ -59,7 +73,8 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
     device = next(model.parameters()).device
     summary = {"replaced": 0, "kept_dense": 0, "dense_bytes": 0, "sparse_bytes": 0, "device": device.type,
                "value_dtype": str(vdtype).replace("torch.", ""),
-               "prefill_dtype": str(resolve_value_dtype(prefill_dtype, 'prefill_dtype')).replace("torch.", "")}
+               "prefill_dtype": str(resolve_value_dtype(prefill_dtype, 'prefill_dtype')).replace("torch.", ""),
+               "compute": _compute_description(next(model.parameters()).dtype, vdtype)}
     prefix = {id(layer): name for name, layer in model.named_modules()}
     for layer in get_decoder_layers(model, spec):
         if any(isinstance(m, SparseLinear) for m in layer.modules()):
