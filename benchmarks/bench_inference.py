@@ -2,6 +2,8 @@
 
     python benchmarks/bench_inference.py                # full run (~15 min on 2 idle cores)
     python benchmarks/bench_inference.py --quick        # smoke run (small repeat counts)
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_inference.py   # dense weights on huge pages too
+                                                                  # (the sparse buffers always are)
 
 Writes benchmarks/results/inference.json and inference.md. Sections: memory bandwidth; per-layer
 GEMV at batch 1/4/16 (SmolLM2 and LLaMA-7B shapes, 0/50/60/70/80 % and 2:4); the sparse-vs-dense
@@ -69,7 +71,9 @@ def machine_info() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__,
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "kernel_isa": kmod.ISA_NAMES[kmod.best_isa()] if k else "none (dense fallback)",
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "loadavg_start": os.getloadavg()}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "loadavg_start": os.getloadavg(),
+            "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
+            "LOSA_HUGEPAGES": os.environ.get("LOSA_HUGEPAGES", "1")}
 
 
 def bandwidth(threads: int, reps: int) -> float:
@@ -319,6 +323,9 @@ def write_markdown(res: dict, path: Path) -> None:
          f"(capability {m['torch_cpu_capability']}), kernel ISA **{m['kernel_isa']}**, Python {m['python']}.  ",
          f"Load average at start {tuple(round(x, 2) for x in m['loadavg_start'])}, at end "
          f"{tuple(round(x, 2) for x in res['loadavg_end'])}, duration {res['duration_s']:.0f} s.", ""]
+    if "THP_MEM_ALLOC_ENABLE" in m:
+        L += [f"Huge pages: `THP_MEM_ALLOC_ENABLE={m['THP_MEM_ALLOC_ENABLE'] or '(unset)'}` (torch's allocator, so the "
+              f"dense weights too), `LOSA_HUGEPAGES={m['LOSA_HUGEPAGES']}` (the sparse layers' packed buffers).", ""]
     if max(m["loadavg_start"][0], res["loadavg_end"][0]) > 1.0:
         L += ["> **Other processes shared this 2-core machine during the run** (load average above 1). Absolute "
               "times are inflated and 2-thread numbers suffer most (an OpenMP team waits for a descheduled "

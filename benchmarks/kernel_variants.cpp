@@ -1,6 +1,7 @@
 // Kernel lab: variants of the batch-1 bitmask + bf16 sparse GEMV row loop, timed interleaved on one
-// thread (random weights at the given sparsity, bf16 values, float32 x). Used to find out what bounds the
-// shipped AVX-512 loop (variant A = row_avx512 in src/losa/inference/csrc/sparse_linear.cpp).
+// thread (random weights at the given sparsity, bf16 values, float32 x; X1 rounds x to bf16). Used to find
+// out what bounds the AVX-512 loops (A+pf = row_avx512, X1+pf = row_bf16dot in
+// src/losa/inference/csrc/sparse_linear.cpp).
 // Build and run (needs an AVX-512 VBMI2 + BF16 CPU):
 //   g++ -O3 -std=c++17 -o /tmp/kernel_variants benchmarks/kernel_variants.cpp
 //   /tmp/kernel_variants 11008 4096 0.7
@@ -21,7 +22,7 @@ static inline bf f2b(float f){uint32_t u;memcpy(&u,&f,4);return bf(u>>16);}
 struct M { int N,K,nb; std::vector<uint32_t> meta; std::vector<bf> vals; std::vector<int64_t> rp;
   std::vector<uint32_t> il; std::vector<int64_t> ilrp; std::vector<float> dense; };
 T512 static inline __m512 widen16(const bf* v){return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)v)),16));}
-// A: current
+// A: the float32-x loop (shipped with the prefetch of A+pf)
 T512 float rowA(const uint32_t* meta,const bf* v,const float* x,int nb){
   __m512 a0=_mm512_setzero_ps(),a1=a0;
   for(int k=0;k<nb;++k){uint32_t m=meta[k];uint32_t m0=m&0xffff,m1=m>>16;int c0=_mm_popcnt_u32(m0);
@@ -174,7 +175,7 @@ int main(int argc,char**argv){
   for(int o=0;o<N;++o){double acc=0;const bf* v=w.vals.data()+w.rp[o];for(int b=0;b<w.nb;++b){uint32_t m=w.meta[(size_t)o*w.nb+b];for(int j=0;j<32;++j)if(m>>j&1)acc+=double(b2f(*v++))*x[32*b+j];}ref[o]=acc;}
   struct Var{const char* name;const char* what;int kind;RowStd f;};
   Var vars[]={
-    {"A","shipped: zmm widen+vexpandps x2, 2 accumulators",0,rowA},
+    {"A","zmm widen+vexpandps x2, 2 accumulators (shipped for float32 x: A+pf)",0,rowA},
     {"B","A unrolled over 2 blocks, 4 accumulators",0,rowB},
     {"A+pf","A with software prefetch 1024 values ahead",0,rowAP<1024>},
     {"C","interleaved lo/hi dwords: AND+shift widen (pads max(c0,c1))",1,nullptr},

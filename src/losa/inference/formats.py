@@ -68,12 +68,14 @@ def nm_fits(keep: torch.Tensor, n: int, m: int = 4) -> bool:
 
 
 def choose_format(keep: torch.Tensor) -> str:
-    """``nm14``/``nm24`` when the mask is (at most) 1:4/2:4 and the index format is no larger, else ``bitmask``."""
+    """``nm14`` when the mask is (at most) 1:4 and dense enough for its index format to pay, else ``bitmask``.
+
+    2:4 stays a bitmask: ``nm24`` costs exactly the same bytes (1 bit per weight) and its table decode is
+    slower (benchmarks/results/inference.md, the ``2:4 nm24`` column); it remains available explicitly.
+    """
     density = float(keep.float().mean()) if keep.numel() else 0.0
-    if density > 0.2 and nm_fits(keep, 1):  # the index format stores exactly 1 of 4: worth it near 25 %
+    if density > 0.2 and nm_fits(keep, 1):  # the index format stores exactly 1 of 4: half the bitmask's bytes
         return "nm14"
-    if density > 0.45 and nm_fits(keep, 2):
-        return "nm24"
     return "bitmask"
 
 

@@ -8,7 +8,8 @@ module falls back to a dense matmul with the same numbers.
 
 The instruction set is chosen at run time by the kernel (``__builtin_cpu_supports``); set
 ``LOSA_SPARSE_ISA`` to ``scalar``, ``avx2`` or ``avx512`` to force a lower level (tests use this to
-check every path).
+check every path). The packed buffers of large layers are copied into transparent-huge-page memory on
+Linux (``LOSA_HUGEPAGES=0`` turns that off).
 """
 
 from __future__ import annotations
@@ -71,3 +72,8 @@ def bf16_dot_available() -> bool:
     """Whether bf16 inputs with bf16 values use the AVX512-BF16 loop here (else: float32 on widened inputs)."""
     k = load_kernel()
     return k is not None and best_isa() == _ISA_CODES["avx512"] and bool(k.cpu_has_bf16dot())
+
+
+def hugepages_enabled() -> bool:
+    """Whether sparse layers put their packed buffers in huge-page memory (``LOSA_HUGEPAGES``, default on)."""
+    return os.environ.get("LOSA_HUGEPAGES", "1") not in ("0", "false", "no", "")

@@ -52,8 +52,12 @@ class SparseLinear(nn.Module):
         #: rows above which the layer decompresses + runs a dense GEMM; None = the measured default for the
         #: input dtype (DENSE_BATCH_THRESHOLD, or DENSE_BATCH_THRESHOLD_BF16 for bf16 inputs)
         self.dense_batch_threshold = None if dense_batch_threshold is None else int(dense_batch_threshold)
-        self.register_buffer("meta", packed.meta)
-        self.register_buffer("values", packed.values)
+        k = _kernel.load_kernel()
+        meta, values = packed.meta, packed.values
+        if k is not None and _kernel.hugepages_enabled():  # fewer TLB misses when decode streams them
+            meta, values = k.hugepage_copy(meta), k.hugepage_copy(values)
+        self.register_buffer("meta", meta)
+        self.register_buffer("values", values)
         self.register_buffer("row_ptr", packed.row_ptr)
         if bias is not None:
             bias = bias.detach().to("cpu", torch.float32).clone()

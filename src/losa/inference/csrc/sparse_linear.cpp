@@ -20,7 +20,11 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -551,6 +555,25 @@ torch::Tensor dense_mm(const torch::Tensor& x, const torch::Tensor& meta, const 
 
 int64_t cpu_isa() { return best_isa(); }
 
+// A copy of `t` in memory backed by transparent huge pages (Linux, tensors of >= 2 MiB; else `t` itself).
+// The decode loop streams each weight once per token; with 4 KiB pages every 4 KiB of values is a TLB
+// miss, and with THP in "madvise" mode (the common default) torch's allocator never asks for huge pages.
+// The buffer is 2 MiB-aligned and only whole 2 MiB pages inside it are advised, so no memory is wasted.
+torch::Tensor hugepage_copy(const torch::Tensor& t) {
+#if defined(__linux__)
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t n = t.nbytes();
+  if (!t.is_contiguous() || !t.device().is_cpu() || n < kHuge) return t;
+  void* p = nullptr;
+  if (posix_memalign(&p, kHuge, n) != 0) return t;
+  madvise(p, n / kHuge * kHuge, MADV_HUGEPAGE);  // advice only: ignored where THP is off
+  std::memcpy(p, t.data_ptr(), n);
+  return torch::from_blob(p, t.sizes(), [](void* q) { std::free(q); }, t.options());
+#else
+  return t;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -558,5 +581,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_mm", &dense_mm, "tiled decompress + dense GEMM (float32 or bf16) for large batches");
   m.def("decompress", &decompress, "dense float32 rows of a packed weight");
   m.def("cpu_has_bf16dot", &cpu_has_bf16dot, "whether the bf16-input loop (AVX512-BF16) runs on this CPU");
+  m.def("hugepage_copy", &hugepage_copy, "copy a CPU tensor into transparent-huge-page memory (Linux)");
   m.def("cpu_isa", &cpu_isa, "best ISA level: 0 scalar, 1 AVX2+FMA, 2 AVX-512 (F/BW/VL/VBMI2)");
 }
