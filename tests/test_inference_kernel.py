@@ -179,6 +179,19 @@ def test_leading_dims_dtype_and_no_bias():
 
 
 @needs_kernel
+@pytest.mark.parametrize("batch", [3, 30])  # sparse kernel and tiled GEMM
+def test_float16_and_non_contiguous_inputs(batch):
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(30, 45, generator=gen) * random_mask(30, 45, 0.6, gen)
+    layer = SparseLinear.from_dense(w, value_dtype="bfloat16")
+    x = torch.randn(45, batch, generator=gen).half().t()  # a transposed (non-contiguous) float16 view
+    assert not x.is_contiguous()
+    y = layer(x)
+    assert y.dtype == torch.float16 and y.shape == (batch, 30)
+    torch.testing.assert_close(y.float(), reference(x.float(), w, None, torch.bfloat16), rtol=2e-3, atol=2e-3)
+
+
+@needs_kernel
 def test_decompress_kernel_is_exact():
     gen = torch.Generator().manual_seed(4)
     w = torch.randn(50, 77, generator=gen) * random_mask(50, 77, 0.6, gen)

@@ -52,12 +52,17 @@ def kernel_available() -> bool:
     return load_kernel() is not None
 
 
-def best_isa() -> int:
-    """ISA level the kernel will use: the CPU's best, lowered by ``LOSA_SPARSE_ISA`` if set."""
+@lru_cache(maxsize=1)
+def _cpu_isa() -> int:
     k = load_kernel()
     if k is None:
         raise LosaError("the losa sparse kernel is not built; install a C++ compiler and ninja, then retry")
-    cpu = int(k.cpu_isa())
+    return int(k.cpu_isa())
+
+
+def best_isa() -> int:
+    """ISA level the kernel will use: the CPU's best, lowered by ``LOSA_SPARSE_ISA`` if set."""
+    cpu = _cpu_isa()
     forced = os.environ.get("LOSA_SPARSE_ISA")
     if not forced:
         return cpu

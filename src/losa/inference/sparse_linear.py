@@ -109,22 +109,24 @@ class SparseLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Lean on purpose: decode calls this once per layer and token, so Python overhead is visible
+        # (the kernel converts float16/non-contiguous inputs itself).
         if x.shape[-1] != self.in_features:
             raise LosaError(f"input has {x.shape[-1]} features, SparseLinear expects {self.in_features}")
         if x.device.type != "cpu":
             raise LosaError(f"SparseLinear runs on the CPU, got an input on {x.device}; move the model and inputs to CPU")
-        lead = x.shape[:-1]
-        bf16_in = x.dtype == torch.bfloat16 and self.value_dtype == torch.bfloat16
-        x2 = x.detach().reshape(-1, self.in_features).to(torch.bfloat16 if bf16_in else torch.float32).contiguous()
+        b = self._buffers
+        values = b["values"]
+        bf16_in = x.dtype == torch.bfloat16 and values.dtype == torch.bfloat16
+        x2 = x.reshape(-1, self.in_features)
         k = _kernel.load_kernel()
         if k is None:
             if self._dense_cache is None:
                 self._dense_cache = self.to_dense()
-            y = F.linear(x2.float(), self._dense_cache, self.bias)
+            y = F.linear(x2.float(), self._dense_cache, b["bias"])
         else:
-            isa = _kernel.best_isa()
-            args = (self.meta, self.values, self.row_ptr, self.bias, self.out_features, self.in_features,
-                    FORMAT_CODES[self.fmt], isa)
+            args = (b["meta"], values, b["row_ptr"], b["bias"], self.out_features, self.in_features,
+                    FORMAT_CODES[self.fmt], _kernel.best_isa())
             threshold = self.dense_batch_threshold
             if threshold is None:
                 threshold = DENSE_BATCH_THRESHOLD_BF16 if bf16_in else DENSE_BATCH_THRESHOLD
@@ -132,4 +134,5 @@ class SparseLinear(nn.Module):
                 y = k.spmm(x2, *args)
             else:
                 y = k.dense_mm(x2, *args, DENSE_TILE_ROWS, bf16_in or self.prefill_dtype == torch.bfloat16)
-        return y.reshape(*lead, self.out_features).to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -517,14 +517,13 @@ torch::Tensor decompress(const torch::Tensor& meta, const torch::Tensor& values,
 // rounded from the float32 tile) and multiply bf16 activations (torch's bf16 GEMM: oneDNN with
 // AVX512-BF16/AMX where the CPU has them; float32 accumulation). The weights are exact when the values are
 // stored in bf16; the activations and the output are rounded to bf16, as in a dense bf16 model.
-// x is float32 or bf16; the result [B, N] is bf16 for a bf16 GEMM without bias, else float32.
+// x is any floating dtype (converted to the GEMM's); the result [B, N] is bf16 for a bf16 GEMM without bias,
+// else float32.
 torch::Tensor dense_mm(const torch::Tensor& x, const torch::Tensor& meta, const torch::Tensor& values,
                        const torch::Tensor& row_ptr, const c10::optional<torch::Tensor>& bias, int64_t n,
                        int64_t k, int64_t fmt, int64_t isa, int64_t tile, bool bf16) {
   Packed p = make_packed(meta, values, row_ptr, n, k, fmt);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == k &&
-                  (x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16),
-              "x must be float32 or bfloat16 [B, K]");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.is_floating_point(), "x must be a floating-point [B, K] tensor");
   GemvFn g;
   ExpandFn e;
   select(values, isa, fmt, g, e);
