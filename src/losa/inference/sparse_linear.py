@@ -27,9 +27,10 @@ from losa.inference.formats import FORMAT_CODES, Packed, pack, resolve_value_dty
 #: on the 4096x4096 layer (1 thread, Zen 4) the sparse kernel wins up to 12 rows and loses from 16 on,
 #: both at 70 % bf16 and at 50 % fp32.
 DENSE_BATCH_THRESHOLD = 12
-#: The same for bf16 inputs with bf16 values (a bf16 model): the AVX512-BF16 loop is faster, and it wins up
-#: to 16 rows against decompress + bf16 GEMM (4096x4096, 70 %, 1 thread; benchmarks/results/inference.md).
-DENSE_BATCH_THRESHOLD_BF16 = 16
+#: The same for bf16 inputs with bf16 values (a bf16 model): the AVX512-BF16 loop is faster and beats
+#: decompress + bf16 GEMM up to 24 rows, not at 32 (4096x4096, 70 %, 1 thread, two runs; crossover table
+#: of benchmarks/results/inference_bf16.md).
+DENSE_BATCH_THRESHOLD_BF16 = 24
 #: Rows decompressed per dense tile in the prefill path (measured there: 256 ~ 1024 < 64 < whole matrix).
 DENSE_TILE_ROWS = 256
 

@@ -32,6 +32,13 @@
 #else
 #define LOSA_X86 0
 #endif
+// The AVX512-BF16 loop needs compiler support (GCC >= 10, clang >= 9); -DLOSA_NO_BF16 leaves it out.
+#if LOSA_X86 && !defined(LOSA_NO_BF16) && \
+    ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
+#define LOSA_BF16 1
+#else
+#define LOSA_BF16 0
+#endif
 
 namespace {
 
@@ -195,7 +202,7 @@ LOSA_AVX512 inline void expand32(uint32_t m, const V*& v, __m512& lo, __m512& hi
     lo = _mm512_maskz_expand_ps(static_cast<__mmask16>(m0), r0);
     hi = _mm512_maskz_expand_ps(static_cast<__mmask16>(m1), r1);
   } else {
-    // widen first, then expand 32-bit lanes: vpexpandw is several times slower than vexpandps on Zen 4
+    // widen first, then expand 32-bit lanes: vpexpandw followed by a widen is slower (kernel lab, variant W)
     uint32_t m0 = m & 0xffff, m1 = m >> 16;
     int c0 = _mm_popcnt_u32(m0);
     __m512 r0 = _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -249,6 +256,7 @@ LOSA_AVX512 inline __m512i expand32_bf16(uint32_t m, const uint16_t*& v) {
   return _mm512_maskz_expand_epi16(static_cast<__mmask32>(m), r);
 }
 
+#if LOSA_BF16
 // Row dot products with bf16 inputs: one vpexpandw and one vdpbf16ps (pairwise bf16 products summed
 // in float32) per 32 inputs and batch row, two blocks per step into two accumulators. 1.4-1.9x faster
 // than the float32-input loop (benchmarks/kernel_variants.cpp, variant X1+pf).
@@ -283,6 +291,9 @@ bool cpu_has_bf16dot() {
 }
 #else
 bool cpu_has_bf16dot() { return false; }
+#endif  // LOSA_BF16
+#else
+bool cpu_has_bf16dot() { return false; }
 #endif  // LOSA_X86
 
 template <int ISA, int F, int BT, typename V>
@@ -297,7 +308,7 @@ inline void row_dot(const uint8_t* meta, const V* v, const float* x, int64_t ldx
 // bf16 inputs (bf16 values only; selected only where the CPU has AVX512-BF16).
 template <int ISA, int F, int BT, typename V>
 inline void row_dot(const uint8_t* meta, const V* v, const uint16_t* x, int64_t ldx, int64_t nblk, float* res) {
-#if LOSA_X86
+#if LOSA_BF16
   if constexpr (ISA == AVX512 && sizeof(V) == 2) return row_bf16dot<F, BT>(meta, v, x, ldx, nblk, res);
 #endif
   TORCH_CHECK(false, "bf16-input row loop needs bf16 values and AVX512-BF16");
@@ -438,7 +449,7 @@ ExpandBf16Fn select_bf16(const torch::Tensor& values, int64_t isa, int64_t fmt) 
 
 // The bf16-input row loop for bf16 values on AVX-512 CPUs with AVX512-BF16; nullptr elsewhere.
 GemvBf16Fn select_bf16dot(const torch::Tensor& values, int64_t isa, int64_t fmt) {
-#if LOSA_X86
+#if LOSA_BF16
   if (values.dtype() == torch::kBFloat16 && isa == AVX512 && cpu_has_bf16dot()) {
     switch (fmt) {
       case BITMASK: return gemv_rows<AVX512, BITMASK, uint16_t, uint16_t>;
