@@ -540,25 +540,28 @@ torch::Tensor dense_mm(const torch::Tensor& x, const torch::Tensor& meta, const 
   select(values, isa, fmt, g, e);
   ExpandBf16Fn eb = bf16 ? select_bf16(values, isa, fmt) : nullptr;
   tile = std::max<int64_t>(1, std::min(tile, n));
-  auto scratch = torch::empty({eb ? 1 : tile, p.k32}, x.options().dtype(torch::kFloat32));
-  auto scratch_bf = torch::empty({bf16 ? tile : 1, p.k32}, x.options().dtype(torch::kBFloat16));
   auto xg = x.to(bf16 ? torch::kBFloat16 : torch::kFloat32).contiguous();
   auto xt = xg.t();
   auto out = torch::empty({n, x.size(0)}, xg.options());  // Wx as [N, B]: each tile is a contiguous slice
-  float* s = scratch.data_ptr<float>();
-  uint16_t* sb = reinterpret_cast<uint16_t*>(scratch_bf.data_ptr<at::BFloat16>());
-  for (int64_t o0 = 0; o0 < n; o0 += tile) {
-    const int64_t o1 = std::min(n, o0 + tile);
-    if (eb) {
-      at::parallel_for(o0, o1, 16, [&](int64_t a, int64_t b) { eb(p, sb + (a - o0) * p.k32, p.k32, a, b); });
-    } else {
-      at::parallel_for(o0, o1, 16, [&](int64_t a, int64_t b) { e(p, s + (a - o0) * p.k32, p.k32, a, b); });
+  const int64_t ntiles = (n + tile - 1) / tile;
+  // Threads split the tiles: each decompresses its own tiles into its own buffer and multiplies them with a
+  // GEMM that runs on that thread (ATen ops inside at::parallel_for are serial). No fork/join per tile, and
+  // a tile stays in the cache of the core that wrote it.
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    auto scratch = torch::empty({eb ? 1 : tile, p.k32}, x.options().dtype(torch::kFloat32));
+    auto scratch_bf = torch::empty({bf16 ? tile : 1, p.k32}, x.options().dtype(torch::kBFloat16));
+    float* s = scratch.data_ptr<float>();
+    uint16_t* sb = reinterpret_cast<uint16_t*>(scratch_bf.data_ptr<at::BFloat16>());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t o0 = t * tile, o1 = std::min(n, o0 + tile);
+      if (eb) eb(p, sb, p.k32, o0, o1);
+      else e(p, s, p.k32, o0, o1);
+      auto w = (bf16 ? scratch_bf : scratch).narrow(0, 0, o1 - o0).narrow(1, 0, k);
+      if (bf16 && !eb) w.copy_(scratch.narrow(0, 0, o1 - o0).narrow(1, 0, k));
+      auto slice = out.narrow(0, o0, o1 - o0);
+      at::mm_out(slice, w, xt);
     }
-    auto w = (bf16 ? scratch_bf : scratch).narrow(0, 0, o1 - o0).narrow(1, 0, k);
-    if (bf16 && !eb) w.copy_(scratch.narrow(0, 0, o1 - o0).narrow(1, 0, k));
-    auto slice = out.narrow(0, o0, o1 - o0);
-    at::mm_out(slice, w, xt);
-  }
+  });
   if (!(bias.has_value() && bias->defined())) return out.t().contiguous();
   return (out.t().to(torch::kFloat32) + bias->to(torch::kFloat32)).contiguous();
 }
