@@ -192,6 +192,25 @@ def test_float16_and_non_contiguous_inputs(batch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16])
+def test_prefill_on_two_threads_in_inference_mode(vdtype):
+    """The tiled prefill runs its GEMMs on worker threads; they must inherit inference mode."""
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(600, 64, generator=gen) * random_mask(600, 64, 0.7, gen)  # 3 tiles of 256 rows
+    layer = SparseLinear.from_dense(w, value_dtype=vdtype)
+    x = torch.randn(40, 64, generator=gen).to(vdtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            y = layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    tol = 2e-2 if vdtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(y.float(), reference(x.float(), w, None, vdtype), rtol=tol, atol=tol)
+
+
+@needs_kernel
 def test_decompress_kernel_is_exact():
     gen = torch.Generator().manual_seed(4)
     w = torch.randn(50, 77, generator=gen) * random_mask(50, 77, 0.6, gen)

@@ -18,6 +18,7 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -547,7 +548,9 @@ torch::Tensor dense_mm(const torch::Tensor& x, const torch::Tensor& meta, const 
   // Threads split the tiles: each decompresses its own tiles into its own buffer and multiplies them with a
   // GEMM that runs on that thread (ATen ops inside at::parallel_for are serial). No fork/join per tile, and
   // a tile stays in the cache of the core that wrote it.
+  const at::ThreadLocalState caller;  // inference/grad mode of the calling thread, for the worker threads
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    at::ThreadLocalStateGuard tls(caller);
     auto scratch = torch::empty({eb ? 1 : tile, p.k32}, x.options().dtype(torch::kFloat32));
     auto scratch_bf = torch::empty({bf16 ? tile : 1, p.k32}, x.options().dtype(torch::kBFloat16));
     float* s = scratch.data_ptr<float>();
