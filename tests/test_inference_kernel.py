@@ -252,3 +252,83 @@ def test_bad_inputs(monkeypatch):
     monkeypatch.setenv("LOSA_SPARSE_ISA", "neon")
     with pytest.raises(LosaError, match="LOSA_SPARSE_ISA"):
         layer(torch.randn(2, 8))
+
+
+BF16_SPARSE_PREFILL = KERNEL is not None and kmod.bf16_dot_available()
+
+
+@pytest.mark.skipif(not BF16_SPARSE_PREFILL, reason="zero-skipping bf16 prefill needs an AVX512-BF16 CPU")
+@pytest.mark.parametrize("out_f,in_f,pattern,fmt", [(37, 45, 0.7, "bitmask"), (300, 97, 0.9, "bitmask"),
+                                                    (64, 128, 0.5, "bitmask"), (40, 64, "1:4", "nm14"),
+                                                    (33, 96, "2:4", "nm24"), (17, 33, 1.0, "bitmask")])
+@pytest.mark.parametrize("batch", [25, 32, 33, 128, 129, 300])  # token chunks of 128, tails rounded to 32
+def test_sparse_bf16_prefill_matches_exact_products(out_f, in_f, pattern, fmt, batch):
+    """The zero-skipping bf16 GEMM: exact bf16 products summed in float32 (output bf16, or float32 + bias)."""
+    gen = torch.Generator().manual_seed(out_f * 7 + in_f + batch)
+    w = torch.randn(out_f, in_f, generator=gen) * random_mask(out_f, in_f, pattern, gen)
+    b = torch.randn(out_f, generator=gen)
+    p = pack(w, torch.bfloat16, fmt)
+    code = {"bitmask": 0, "nm24": 1, "nm14": 2}[fmt]
+    x = torch.randn(batch, in_f, generator=gen).bfloat16()
+    exact = F.linear(x.double(), w.bfloat16().double())
+    y = KERNEL.sparse_mm_bf16(x, p.meta, p.values, p.row_ptr, None, out_f, in_f, code)
+    assert y.dtype == torch.bfloat16 and y.shape == (batch, out_f)
+    torch.testing.assert_close(y.double(), exact, rtol=8e-3, atol=1e-5 * in_f**0.5)  # one bf16 rounding
+    yb = KERNEL.sparse_mm_bf16(x, p.meta, p.values, p.row_ptr, b, out_f, in_f, code)
+    assert yb.dtype == torch.float32  # float32 sums: only the summation order differs from the exact sum
+    torch.testing.assert_close(yb.double(), exact + b.double(), rtol=1e-5, atol=1e-5 * in_f**0.5)
+
+
+@pytest.mark.skipif(not BF16_SPARSE_PREFILL, reason="zero-skipping bf16 prefill needs an AVX512-BF16 CPU")
+def test_sparse_prefill_is_chosen_by_density(monkeypatch):
+    """Layers sparser than SPARSE_PREFILL_MAX_DENSITY use it for large bf16 batches; denser ones do not."""
+    from losa.inference import sparse_linear as sl
+    gen = torch.Generator().manual_seed(9)
+    sparse = SparseLinear.from_dense(torch.randn(64, 96, generator=gen) * random_mask(64, 96, 0.8, gen), None, "bfloat16")
+    dense = SparseLinear.from_dense(torch.randn(64, 96, generator=gen) * random_mask(64, 96, 0.5, gen), None, "bfloat16")
+    fp32 = SparseLinear.from_dense(torch.randn(64, 96, generator=gen) * random_mask(64, 96, 0.8, gen))
+    assert sparse.sparse_prefill and not dense.sparse_prefill and not fp32.sparse_prefill
+    assert "bf16_prefill=sparse" in repr(sparse) and "bf16_prefill=dense" in repr(dense)
+    calls = []
+    real = KERNEL.sparse_mm_bf16
+    monkeypatch.setattr(sl._kernel, "load_kernel", lambda: _Spy(KERNEL, calls))
+    x = torch.randn(40, 96, generator=gen).bfloat16()
+    for layer in (sparse, dense):
+        y = layer(x)
+        torch.testing.assert_close(y.double(), F.linear(x.double(), layer.to_dense().bfloat16().double()),
+                                   rtol=2e-2, atol=2e-2)
+    assert calls == ["sparse_mm_bf16", "dense_mm"] and real is KERNEL.sparse_mm_bf16
+
+
+class _Spy:
+    """Records which kernel entry points a layer calls."""
+
+    def __init__(self, kernel, calls):
+        self._k, self._calls = kernel, calls
+
+    def __getattr__(self, name):
+        fn = getattr(self._k, name)
+        if name in ("sparse_mm_bf16", "dense_mm", "spmm"):
+            def wrapped(*a, **kw):
+                self._calls.append(name)
+                return fn(*a, **kw)
+            return wrapped
+        return fn
+
+
+@pytest.mark.skipif(not BF16_SPARSE_PREFILL, reason="zero-skipping bf16 prefill needs an AVX512-BF16 CPU")
+def test_sparse_bf16_prefill_same_bits_on_two_threads():
+    """Threads split the output rows; each row's sums run in the same order, so the bits match."""
+    gen = torch.Generator().manual_seed(10)
+    w = torch.randn(700, 300, generator=gen) * random_mask(700, 300, 0.7, gen)
+    p = pack(w, torch.bfloat16, "bitmask")
+    x = torch.randn(150, 300, generator=gen).bfloat16()
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(KERNEL.sparse_mm_bf16(x, p.meta, p.values, p.row_ptr, None, 700, 300, 0))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])

@@ -31,6 +31,11 @@ DENSE_BATCH_THRESHOLD = 12
 #: decompress + bf16 GEMM up to 24 rows, not at 32 (4096x4096, 70 %, 1 thread, two runs; crossover table
 #: of benchmarks/results/inference_bf16.md).
 DENSE_BATCH_THRESHOLD_BF16 = 24
+#: Layers at or below this density (kept fraction) run large bf16 batches through the zero-skipping sparse
+#: GEMM instead of decompress + dense GEMM (bf16 model, bf16 values, AVX512-BF16 CPUs). Measured per layer on
+#: LLaMA-7B shapes at 128 tokens, 1 thread (benchmarks/results/prefill_kernel.md): 1.25-1.27x a dense bf16
+#: GEMM at 70 % sparsity, 0.91-1.01x at 60 %, 0.78-0.82x at 50 %.
+SPARSE_PREFILL_MAX_DENSITY = 0.35
 #: Rows decompressed per dense tile in the prefill path (measured there: 256 ~ 1024 < 64 < whole matrix).
 DENSE_TILE_ROWS = 256
 
@@ -66,6 +71,9 @@ class SparseLinear(nn.Module):
                 raise LosaError(f"bias shape {tuple(bias.shape)} does not match out_features={self.out_features}")
         self.register_buffer("bias", bias)
         self._dense_cache: torch.Tensor | None = None
+        #: large bf16 batches skip the zeros (see SPARSE_PREFILL_MAX_DENSITY) instead of decompressing
+        self.sparse_prefill = (values.dtype == torch.bfloat16 and k is not None and _kernel.bf16_dot_available()
+                               and self.nnz <= SPARSE_PREFILL_MAX_DENSITY * self.out_features * self.in_features)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -101,7 +109,7 @@ class SparseLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={self.fmt}, value_dtype={str(self.value_dtype).replace('torch.', '')}, "
                 f"prefill_dtype={str(self.prefill_dtype).replace('torch.', '')}, "
-                f"sparsity={self.sparsity:.3f}")
+                f"sparsity={self.sparsity:.3f}, bf16_prefill={'sparse' if self.sparse_prefill else 'dense'}")
 
     def _apply(self, fn, recurse=True):
         # The packed buffers stay on the CPU in their own dtypes: ``model.to(bfloat16)`` or ``.half()``
@@ -133,6 +141,8 @@ class SparseLinear(nn.Module):
                 threshold = DENSE_BATCH_THRESHOLD_BF16 if bf16_in else DENSE_BATCH_THRESHOLD
             if x2.shape[0] <= threshold:
                 y = k.spmm(x2, *args)
+            elif bf16_in and self.sparse_prefill and args[-1] == 2:  # 2 = AVX-512 (not forced lower)
+                y = k.sparse_mm_bf16(x2, *args[:-1])
             else:
                 y = k.dense_mm(x2, *args, DENSE_TILE_ROWS, bf16_in or self.prefill_dtype == torch.bfloat16)
         y = y.view(*x.shape[:-1], self.out_features)

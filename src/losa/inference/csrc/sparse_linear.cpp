@@ -20,9 +20,11 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -73,6 +75,13 @@ Tables make_tables() {
 const Tables T = make_tables();
 
 inline int64_t meta_stride(int fmt, int64_t k32) { return fmt == NM14 ? k32 / 16 : k32 / 8; }
+
+struct Packed {
+  const uint8_t* meta;
+  const void* values;
+  const int64_t* row_ptr;
+  int64_t n, k, k32, stride;
+};
 
 template <int F>
 inline uint32_t block_mask(const uint8_t* meta, int64_t blk) {
@@ -290,6 +299,117 @@ bool cpu_has_bf16dot() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512bf16");
 }
+
+// ---------------------------------------------------------------- sparse prefill (bf16, AVX512-BF16)
+// Large bf16 batches at high sparsity skip the zeros instead of decompressing them: an outer-product
+// GEMM over the kept weights. For each output row, the kept weights are taken two at a time (w_a, w_b);
+// the inputs x[:, a] and x[:, b] of 32 tokens (rows a, b of the transposed chunk xT [K32, TC]) are
+// interleaved with vpunpck{l,h}wd and one vdpbf16ps adds w_a x[t, a] + w_b x[t, b] for 16 tokens.
+// Cost per kept pair and 32 tokens: two loads, two shuffles, two vdpbf16ps -- about 2x a dense GEMM's
+// cost per weight, so it wins at 70 % (1.35-1.43x a dense bf16 GEMM per layer, 1 thread) and loses at
+// 50 % and 2:4 (0.69-1.02x), where the decompress + GEMM path stays (kernel lab in
+// benchmarks/results/prefill_kernel.md). Blocking: partial sums of kPrefillRows rows x TC tokens stay in
+// L2 while kPrefillKBlocks blocks of 32 inputs of xT (64 KiB for 128 tokens) are reused by all of them.
+constexpr int64_t kPrefillRows = 256;
+constexpr int64_t kPrefillKBlocks = 8;
+constexpr int64_t kPrefillTokens = 128;  // tokens per chunk (64 was 0.9x as fast at 128 tokens)
+
+// Byte offsets (row index x row_bytes) of the kept inputs of one 32-input block, in input order.
+template <int F>
+LOSA_AVX512 inline int kept_offsets(const uint8_t* meta, int64_t blk, int32_t row_bytes, int32_t* off) {
+  const uint32_t m = block_mask<F>(meta, blk);
+  const __m512i i0 = _mm512_mullo_epi32(
+      _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                       _mm512_set1_epi32(static_cast<int>(blk * 32))),
+      _mm512_set1_epi32(row_bytes));
+  const __m512i i1 = _mm512_add_epi32(i0, _mm512_set1_epi32(16 * row_bytes));
+  const int c0 = _mm_popcnt_u32(m & 0xffff);
+  // register-form compress + store: the memory form (vpcompressd m512) is microcoded on Zen 4
+  _mm512_storeu_si512(off, _mm512_maskz_compress_epi32(static_cast<__mmask16>(m & 0xffff), i0));
+  _mm512_storeu_si512(off + c0, _mm512_maskz_compress_epi32(static_cast<__mmask16>(m >> 16), i1));
+  return c0 + _mm_popcnt_u32(m >> 16);
+}
+
+// acc[2g] / acc[2g + 1] hold tokens {8L + i} / {8L + 4 + i} (lane 4L + i) of token group g (32 tokens).
+template <int NG>
+LOSA_AVX512BF16 inline void kept_pair_dots(const int32_t* off, const uint16_t* v, int cnt, const char* xt,
+                                           __m512* acc) {
+  int i = 0;
+  for (; i + 1 < cnt; i += 2) {
+    uint32_t wp;
+    std::memcpy(&wp, v + i, 4);  // (w_a, w_b): consecutive in the packed values
+    const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(wp));
+    const char* a = xt + off[i];
+    const char* b = xt + off[i + 1];
+    for (int g = 0; g < NG; ++g) {
+      const __m512i xa = _mm512_loadu_si512(a + 64 * g), xb = _mm512_loadu_si512(b + 64 * g);
+      acc[2 * g] = _mm512_dpbf16_ps(acc[2 * g], w, (__m512bh)_mm512_unpacklo_epi16(xa, xb));
+      acc[2 * g + 1] = _mm512_dpbf16_ps(acc[2 * g + 1], w, (__m512bh)_mm512_unpackhi_epi16(xa, xb));
+    }
+  }
+  if (i < cnt) {  // odd count: the last weight pairs with a zero
+    const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(v[i]));
+    const char* a = xt + off[i];
+    for (int g = 0; g < NG; ++g) {
+      const __m512i xa = _mm512_loadu_si512(a + 64 * g);
+      acc[2 * g] = _mm512_dpbf16_ps(acc[2 * g], w, (__m512bh)_mm512_unpacklo_epi16(xa, xa));
+      acc[2 * g + 1] = _mm512_dpbf16_ps(acc[2 * g + 1], w, (__m512bh)_mm512_unpackhi_epi16(xa, xa));
+    }
+  }
+}
+
+// yT[o, 0:32 NG] = sum_j W[o, j] xT[j, :] for rows [o0, o1); xT is bf16 [K32, 32 NG], yT float32 [N, 32 NG].
+template <int F, int NG>
+LOSA_AVX512BF16 void sparse_prefill_rows(const Packed& p, const uint16_t* xT, float* yT, int64_t o0, int64_t o1) {
+  constexpr int TC = 32 * NG;
+  const uint16_t* vals = static_cast<const uint16_t*>(p.values);
+  const int64_t nblk = p.k32 / 32;
+  const char* xt = reinterpret_cast<const char*>(xT);
+  std::vector<float> part(kPrefillRows * TC);
+  std::vector<const uint16_t*> cursor(kPrefillRows);
+  std::vector<int32_t> off(32 * kPrefillKBlocks + 32);
+  const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t r0 = o0; r0 < o1; r0 += kPrefillRows) {
+    const int64_t r1 = std::min(o1, r0 + kPrefillRows);
+    for (int64_t o = r0; o < r1; ++o) cursor[o - r0] = vals + p.row_ptr[o];
+    for (int64_t b0 = 0; b0 < nblk; b0 += kPrefillKBlocks) {
+      const int64_t b1 = std::min(nblk, b0 + kPrefillKBlocks);
+      for (int64_t o = r0; o < r1; ++o) {
+        float* part_o = part.data() + (o - r0) * TC;
+        __m512 acc[2 * NG];
+        for (int z = 0; z < 2 * NG; ++z) acc[z] = b0 ? _mm512_loadu_ps(part_o + 16 * z) : _mm512_setzero_ps();
+        const uint8_t* meta = p.meta + o * p.stride;
+        int cnt = 0;
+        for (int64_t b = b0; b < b1; ++b) cnt += kept_offsets<F>(meta, b, TC * 2, off.data() + cnt);
+        kept_pair_dots<NG>(off.data(), cursor[o - r0], cnt, xt, acc);
+        cursor[o - r0] += cnt;
+        if (b1 < nblk) {
+          for (int z = 0; z < 2 * NG; ++z) _mm512_storeu_ps(part_o + 16 * z, acc[z]);
+        } else {  // undo the unpack order: tokens 0..15 and 16..31 of each group
+          float* dst = yT + o * TC;
+          for (int g = 0; g < NG; ++g) {
+            _mm512_storeu_ps(dst + 32 * g, _mm512_permutex2var_ps(acc[2 * g], lo, acc[2 * g + 1]));
+            _mm512_storeu_ps(dst + 32 * g + 16, _mm512_permutex2var_ps(acc[2 * g], hi, acc[2 * g + 1]));
+          }
+        }
+      }
+    }
+  }
+}
+
+using PrefillFn = void (*)(const Packed&, const uint16_t*, float*, int64_t, int64_t);
+
+template <int F>
+PrefillFn pick_prefill(int ng) {
+  switch (ng) {
+    case 1: return sparse_prefill_rows<F, 1>;
+    case 2: return sparse_prefill_rows<F, 2>;
+    case 3: return sparse_prefill_rows<F, 3>;
+    default: return sparse_prefill_rows<F, 4>;
+  }
+}
+
 #else
 bool cpu_has_bf16dot() { return false; }
 #endif  // LOSA_BF16
@@ -323,13 +443,6 @@ inline void expand_row(const uint8_t* meta, const V* v, int64_t nblk, float* dst
 #endif
   expand_scalar<F, V>(meta, v, nblk, dst);
 }
-
-struct Packed {
-  const uint8_t* meta;
-  const void* values;
-  const int64_t* row_ptr;
-  int64_t n, k, k32, stride;
-};
 
 // y[b, o] = sum_j W[o, j] x[b, j] (+ bias[o]) for rows o in [o0, o1); x is [B, ldx] with zero padding,
 // float32 (X = float) or bf16 (X = uint16_t).
@@ -569,6 +682,46 @@ torch::Tensor dense_mm(const torch::Tensor& x, const torch::Tensor& meta, const 
   return (out.t().to(torch::kFloat32) + bias->to(torch::kFloat32)).contiguous();
 }
 
+// Large bf16 batches at high sparsity: the zero-skipping sparse GEMM above (bf16 values, bf16 inputs,
+// AVX512-BF16 only; bf16 products summed in float32 like a dense bf16 GEMM). Tokens go in chunks of 128
+// (the last one rounded up to 32); each chunk is transposed once into xT [K32, TC] and shared by all
+// rows. Returns [B, N]: bf16 sums without bias, float32 sums + bias with one.
+torch::Tensor sparse_mm_bf16(const torch::Tensor& x, const torch::Tensor& meta, const torch::Tensor& values,
+                             const torch::Tensor& row_ptr, const c10::optional<torch::Tensor>& bias, int64_t n,
+                             int64_t k, int64_t fmt) {
+  Packed p = make_packed(meta, values, row_ptr, n, k, fmt);
+#if LOSA_BF16
+  TORCH_CHECK(values.dtype() == torch::kBFloat16 && x.dtype() == torch::kBFloat16 && cpu_has_bf16dot() &&
+                  best_isa() == AVX512,
+              "sparse_mm_bf16 needs bf16 values, bf16 inputs and an AVX512-BF16 CPU");
+  torch::Tensor xp = pad_input(x, k, p.k32);
+  const int64_t B = xp.size(0);
+  const bool has_bias = bias.has_value() && bias->defined();
+  auto out = torch::empty({B, n}, x.options().dtype(has_bias ? torch::kFloat32 : torch::kBFloat16));
+  PrefillFn fn_by_ng[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+  for (int ng = 1; ng <= 4; ++ng)
+    fn_by_ng[ng] = fmt == BITMASK ? pick_prefill<BITMASK>(ng) : fmt == NM24 ? pick_prefill<NM24>(ng)
+                                                                            : pick_prefill<NM14>(ng);
+  for (int64_t t0 = 0; t0 < B; t0 += kPrefillTokens) {
+    const int64_t rows = std::min<int64_t>(kPrefillTokens, B - t0);
+    const int ng = static_cast<int>((rows + 31) / 32);
+    auto xT = torch::zeros({p.k32, 32 * ng}, xp.options());
+    xT.narrow(1, 0, rows).copy_(xp.narrow(0, t0, rows).t());
+    auto yT = torch::empty({n, 32 * ng}, xp.options().dtype(torch::kFloat32));
+    const uint16_t* xtp = reinterpret_cast<const uint16_t*>(xT.data_ptr<at::BFloat16>());
+    float* ytp = yT.data_ptr<float>();
+    PrefillFn fn = fn_by_ng[ng];
+    at::parallel_for(0, n, 16, [&](int64_t o0, int64_t o1) { fn(p, xtp, ytp, o0, o1); });
+    auto y = yT.narrow(1, 0, rows).t();
+    if (has_bias) out.narrow(0, t0, rows).copy_(y + bias->to(torch::kFloat32));
+    else out.narrow(0, t0, rows).copy_(y);
+  }
+  return out;
+#else
+  TORCH_CHECK(false, "sparse_mm_bf16 needs AVX512-BF16 compiler support (built with LOSA_NO_BF16 or an old compiler)");
+#endif
+}
+
 int64_t cpu_isa() { return best_isa(); }
 
 // A copy of `t` in memory backed by transparent huge pages (Linux, tensors of >= 2 MiB; else `t` itself).
@@ -596,6 +749,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spmm", &spmm, "sparse y = x W^T + b for small batches");
   m.def("dense_mm", &dense_mm, "tiled decompress + dense GEMM (float32 or bf16) for large batches");
   m.def("decompress", &decompress, "dense float32 rows of a packed weight");
+  m.def("sparse_mm_bf16", &sparse_mm_bf16, "zero-skipping bf16 GEMM for large batches at high sparsity");
   m.def("cpu_has_bf16dot", &cpu_has_bf16dot, "whether the bf16-input loop (AVX512-BF16) runs on this CPU");
   m.def("hugepage_copy", &hugepage_copy, "copy a CPU tensor into transparent-huge-page memory (Linux)");
   m.def("cpu_isa", &cpu_isa, "best ISA level: 0 scalar, 1 AVX2+FMA, 2 AVX-512 (F/BW/VL/VBMI2)");
