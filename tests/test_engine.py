@@ -205,3 +205,61 @@ def test_bf16_statistics_pass_is_close_to_float32_and_only_in_layer_mode():
     rep = losa.prune(model, None, losa.PruneConfig(method="sparsegpt", sparsity=0.5, stats_precision="bfloat16"),
                      calib_ids=ids, progress=False)
     assert rep["sequential"] == "layer"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "phi3"])
+def test_single_pass_chunked_mlp_matches_the_plain_forward(monkeypatch, family):
+    """Single-pass SparseGPT/Wanda with the gated MLP run in uneven token chunks gives the weights of the
+    plain forward (the projections are still pruned from their whole inputs); families without a registered
+    gated MLP (phi3) keep their own forward."""
+    import contextlib
+
+    import losa.calib.chunked_mlp as cm
+    import losa.calib.engine as eng
+    from losa.models.registry import get_arch
+
+    ids = torch.randint(3, 128, (3, 16), generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = cm._chunked_forward
+    monkeypatch.setattr(cm, "_chunked_forward", lambda *a: (calls.append(a[3]), real(*a))[1])
+    monkeypatch.setattr(cm, "CHUNK_TOKENS", 7)  # 48 tokens -> six chunks of 7 and one of 6
+
+    def pruned(method: str) -> dict[str, torch.Tensor]:
+        model = make_tiny_model(family, layers=2)
+        cfg = losa.PruneConfig(method=method, sparsity=0.5, sequential="module")
+        assert losa.prune(model, None, cfg, calib_ids=ids, progress=False)["sequential"] == "module"
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    for method in ("sparsegpt", "wanda"):
+        chunked = pruned(method)
+        with monkeypatch.context() as m:
+            m.setattr(eng, "chunked_gated_mlp", lambda *a, **k: contextlib.nullcontext(False))
+            plain = pruned(method)
+        for n, w in chunked.items():
+            assert torch.equal(w == 0, plain[n] == 0), n
+            torch.testing.assert_close(w, plain[n], rtol=1e-3, atol=1e-5)  # GEMM blocking differs by chunk
+    registered = get_arch(make_tiny_model(family, layers=1)).gated_mlp is not None
+    assert calls == ([7] * 4 if registered else [])  # 2 layers x 2 methods
+
+
+def test_first_input_hooks_do_not_keep_statistics_alive():
+    """act_on_first_input's seen-set refers to its step and back; leaving the context must break that cycle
+    so a layer's statistics are freed at once (not at the next garbage collection)."""
+    import gc
+    import weakref
+
+    from losa.calib.hooks import act_on_first_input
+
+    lin = torch.nn.Linear(4, 3)
+    stats = {"lin": InputNormStat(4)}
+    ref = weakref.ref(stats["lin"])
+    gc.disable()
+    try:
+        with act_on_first_input({"lin": lin}, stats, lambda *a: None) as seen:
+            lin(torch.randn(2, 4))
+            seen.prime("lin", lin, torch.randn(2, 4))  # already seen: no second update
+        assert stats["lin"].tokens == 2 and seen == {"lin"}
+        del stats, seen
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -221,3 +221,23 @@ def test_bad_nm(n, m):
 def test_unknown_pruner():
     with pytest.raises(LosaError, match="unknown pruning method 'foo'"):
         get_pruner("foo")
+
+
+def test_inverse_hessian_overwrite_and_in_place_hessian_are_exact():
+    """The memory-saving paths (in-place scaling of the Hessian, overwriting it during the factorisation)
+    give the bits of the out-of-place computation, against an independent 2/n XᵀX."""
+    from losa.calib.stats import HessianStat
+    from losa.pruning.sparsegpt import inverse_hessian_cholesky
+
+    x = torch.randn(300, 40, generator=torch.Generator().manual_seed(0))
+    st = HessianStat(40)
+    st.update(x[:100])
+    st.update(x[100:])
+    torch.testing.assert_close(st.hessian, 2.0 / 300 * x.t() @ x, rtol=1e-5, atol=1e-5)
+    h = st.hessian
+    u0, d0 = inverse_hessian_cholesky(h, 0.01)
+    assert torch.equal(h, st.hessian)  # not overwritten by default
+    u1, d1 = inverse_hessian_cholesky(st.hessian, 0.01, overwrite=True)
+    assert torch.equal(u0, u1) and torch.equal(d0, d1)
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(40)
+    torch.testing.assert_close(u0.t() @ u0, torch.linalg.inv(damped), rtol=1e-3, atol=1e-4)

@@ -28,12 +28,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from losa.calib.chunked_mlp import chunked_gated_mlp
 from losa.calib.hooks import StatsComplete, act_on_first_input, collect_inputs
 from losa.calib.stats import InputStat
 from losa.errors import LosaError
 from losa.models.linear import in_features
 from losa.models.registry import ArchSpec, get_arch, get_decoder_layers, linear_modules
 from losa.utils.device import resolve_device
+from losa.utils.memory import release_free_memory
 
 
 @dataclass
@@ -187,6 +189,7 @@ class LayerwiseEngine:
                     finally:
                         if self.offload:
                             layer.to("cpu")
+                        release_free_memory()  # the layer's activations are freed: keep RSS at live memory
         finally:
             self.model.train(was_training)
 
@@ -202,9 +205,10 @@ class LayerwiseEngine:
             def act(name: str, mod: nn.Module, stat: InputStat) -> None:
                 visitor.visit_module(i, name, mod, stat)  # type: ignore[attr-defined]
 
-            with act_on_first_input(linears, stats, act) as seen:
+            with act_on_first_input(linears, stats, act) as seen, \
+                    chunked_gated_mlp(layer, self.spec.gated_mlp, linears, seen) as chunked:
                 outputs = self.forward_layer(layer, hidden)
-            extra = {"single_pass": True, "seen": set(seen)}
+            extra = {"single_pass": True, "seen": set(seen), "chunked_mlp": chunked}
         elif stats and not getattr(visitor, "needs_outputs", True):
             # statistics only: each forward stops once every linear has seen its input (the layer's
             # last projection, e.g. down_proj, is skipped); the outputs come from the pass after the visit

@@ -60,11 +60,11 @@ class HessianStat(InputStat):
     def xtx(self) -> torch.Tensor:
         """Σ x xᵀ (symmetric)."""
         upper = self._upper.triu()
-        return upper + upper.triu(1).t()
+        return upper.add_(upper.triu(1).t())  # upper's own diagonal/upper part is untouched by the add
 
     @property
     def hessian(self) -> torch.Tensor:
-        return self.xtx * (2.0 / max(self.tokens, 1))
+        return self.xtx.mul_(2.0 / max(self.tokens, 1))  # xtx is a fresh tensor: scale it in place
 
     @property
     def sq_norm(self) -> torch.Tensor:

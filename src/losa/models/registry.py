@@ -29,6 +29,9 @@ class ArchSpec:
     layers_path: str = "model.layers"
     #: glob patterns (relative to the decoder layer) of linear modules not to prune
     exclude: tuple[str, ...] = field(default_factory=tuple)
+    #: path (relative to the decoder layer) of a gated MLP computing ``down_proj(act_fn(gate_proj(x)) *
+    #: up_proj(x))``; single-pass calibration then runs it in token chunks (less peak memory), else None
+    gated_mlp: str | None = None
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -42,17 +45,17 @@ def register_arch(spec: ArchSpec) -> ArchSpec:
 
 
 for _spec in (
-    ArchSpec("llama", ("llama",)),
-    ArchSpec("mistral", ("mistral",)),
+    ArchSpec("llama", ("llama",), gated_mlp="mlp"),
+    ArchSpec("mistral", ("mistral",), gated_mlp="mlp"),
     ArchSpec("mixtral", ("mixtral",), exclude=("*.gate",)),
-    ArchSpec("qwen2", ("qwen2",)),
-    ArchSpec("qwen3", ("qwen3",)),
-    ArchSpec("gemma", ("gemma",)),
-    ArchSpec("gemma2", ("gemma2",)),
-    ArchSpec("gemma3", ("gemma3_text",)),
-    ArchSpec("gemma3-multimodal", ("gemma3",), layers_path="model.language_model.layers"),
+    ArchSpec("qwen2", ("qwen2",), gated_mlp="mlp"),
+    ArchSpec("qwen3", ("qwen3",), gated_mlp="mlp"),
+    ArchSpec("gemma", ("gemma",), gated_mlp="mlp"),
+    ArchSpec("gemma2", ("gemma2",), gated_mlp="mlp"),
+    ArchSpec("gemma3", ("gemma3_text",), gated_mlp="mlp"),
+    ArchSpec("gemma3-multimodal", ("gemma3",), layers_path="model.language_model.layers", gated_mlp="mlp"),
     ArchSpec("phi3", ("phi3",)),
-    ArchSpec("smollm3", ("smollm3",)),
+    ArchSpec("smollm3", ("smollm3",), gated_mlp="mlp"),
     ArchSpec("opt", ("opt",), layers_path="model.decoder.layers"),
     ArchSpec("gpt2", ("gpt2",), layers_path="transformer.h"),
 ):

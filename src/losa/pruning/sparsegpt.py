@@ -42,18 +42,22 @@ def obs_kernel() -> ModuleType | None:
         return None
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float,
+                              overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor U of (H + λI)⁻¹ = UᵀU with λ = percdamp·mean(diag H); also the dead-input mask.
 
     Computed from one Cholesky factorisation of the index-reversed matrix: if PHP = L'L'ᵀ (P reverses the
-    order), then U = P·L'⁻¹·P is upper triangular and UᵀU = H⁻¹.
+    order), then U = P·L'⁻¹·P is upper triangular and UᵀU = H⁻¹. ``overwrite=True`` lets it reuse
+    ``hessian``'s memory (a float32 temporary the caller no longer needs); at most three matrices of its
+    size are alive at once.
     """
-    H = hessian.clone().float()
+    H = hessian.float() if overwrite else hessian.clone().float()
     dead = H.diagonal() == 0
     H.diagonal()[dead] = 1.0
     damp = percdamp * H.diagonal().mean()
     H.diagonal().add_(damp)
     Hr = H.flip(0, 1)
+    del H, hessian
     for attempt in range(4):
         L, info = torch.linalg.cholesky_ex(Hr)
         if int(info) == 0:
@@ -62,8 +66,9 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[to
     else:
         raise LosaError("SparseGPT: the calibration Hessian is not positive definite even with dampening; "
                         "use more calibration samples or raise --percdamp")
-    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
-    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+    del Hr
+    Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype, device=L.device), upper=False)
+    del L
     return Linv.flip(0, 1).contiguous(), dead
 
 
@@ -153,7 +158,7 @@ class SparseGPTPruner(Pruner):
         key = (percdamp, stat.tokens, weight.device)
         if key not in cache:
             cache.clear()
-            cache[key] = inverse_hessian_cholesky(stat.hessian.to(weight.device), percdamp)
+            cache[key] = inverse_hessian_cholesky(stat.hessian.to(weight.device), percdamp, overwrite=True)
         return sparsegpt_prune(weight, None, target,
                                blocksize=int(self.options.get("blocksize", 128)), percdamp=percdamp,
                                hinv=cache[key])
