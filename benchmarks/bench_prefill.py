@@ -108,7 +108,11 @@ def write_markdown(res: dict, path: Path) -> None:
               "- all 6 pairs of each group of 4 pre-interleaved (no shuffles, 62 %/50 % of the dense work at 50 %/2:4): "
               "0.64-0.73x at 50 %/2:4, 0.81-1.03x at 70 %.",
               "The decompress + GEMM path is a dense GEMM plus the decompression (~3-5 %), so it sits at 0.95-1.0x "
-              "of dense; its per-tile GEMMs alone measured 1.05x."]
+              "of dense; its per-tile GEMMs alone measured 1.05x.", "",
+              "Small bf16 batches on layers that use the sparse GEMM (one-off, 4096x4096 and 11008x4096, 70/80 %, "
+              "ratio to dense bf16, 1 thread; 2 threads alike): 16 rows: row loop 0.77-0.80x, sparse GEMM "
+              "0.71-1.06x; 24 rows: row loop 0.64-0.69x, sparse GEMM 0.83-1.14x; 32 rows: 0.58-0.62x vs "
+              "1.01-1.85x. Hence SPARSE_GEMM_BATCH_THRESHOLD = 16 for them (24 for other bf16 layers)."]
     path.write_text("\n".join(lines) + "\n")
 
 

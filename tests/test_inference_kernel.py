@@ -298,6 +298,11 @@ def test_sparse_prefill_is_chosen_by_density(monkeypatch):
         torch.testing.assert_close(y.double(), F.linear(x.double(), layer.to_dense().bfloat16().double()),
                                    rtol=2e-2, atol=2e-2)
     assert calls == ["sparse_mm_bf16", "dense_mm"] and real is KERNEL.sparse_mm_bf16
+    calls.clear()
+    for rows in (sl.SPARSE_GEMM_BATCH_THRESHOLD, sl.SPARSE_GEMM_BATCH_THRESHOLD + 1):  # row loop, then sparse GEMM
+        sparse(torch.randn(rows, 96, generator=gen).bfloat16())
+        dense(torch.randn(rows, 96, generator=gen).bfloat16())  # row loop up to DENSE_BATCH_THRESHOLD_BF16
+    assert calls == ["spmm", "spmm", "sparse_mm_bf16", "spmm"]
 
 
 class _Spy:

@@ -33,9 +33,14 @@ DENSE_BATCH_THRESHOLD = 12
 DENSE_BATCH_THRESHOLD_BF16 = 24
 #: Layers at or below this density (kept fraction) run large bf16 batches through the zero-skipping sparse
 #: GEMM instead of decompress + dense GEMM (bf16 model, bf16 values, AVX512-BF16 CPUs). Measured per layer on
-#: LLaMA-7B shapes at 128 tokens, 1 thread (benchmarks/results/prefill_kernel.md): 1.25-1.27x a dense bf16
-#: GEMM at 70 % sparsity, 0.91-1.01x at 60 %, 0.78-0.82x at 50 %.
+#: LLaMA-7B shapes at 128 tokens (benchmarks/results/prefill_kernel.md, 1 and 2 threads): 1.19-1.36x a dense
+#: bf16 GEMM at 70 % sparsity, 0.89-1.03x at 60 %, 0.77-0.84x at 50 % (decompress + GEMM: 0.91-1.01x).
 SPARSE_PREFILL_MAX_DENSITY = 0.35
+#: Such layers keep the row loop up to this many bf16 rows and use that sparse GEMM above (their default
+#: ``dense_batch_threshold``): at 24 rows the sparse GEMM ran at 0.83-1.22x of dense bf16 and the row loop at
+#: 0.64-0.77x (70-80 %, 4096x4096 and 11008x4096, 1 and 2 threads); at 16 rows neither clearly wins
+#: (one-off measurement, summarised in benchmarks/results/prefill_kernel.md).
+SPARSE_GEMM_BATCH_THRESHOLD = 16
 #: Rows decompressed per dense tile in the prefill path (measured there: 256 ~ 1024 < 64 < whole matrix).
 DENSE_TILE_ROWS = 256
 
@@ -138,7 +143,10 @@ class SparseLinear(nn.Module):
                     FORMAT_CODES[self.fmt], _kernel.best_isa())
             threshold = self.dense_batch_threshold
             if threshold is None:
-                threshold = DENSE_BATCH_THRESHOLD_BF16 if bf16_in else DENSE_BATCH_THRESHOLD
+                if bf16_in:
+                    threshold = SPARSE_GEMM_BATCH_THRESHOLD if self.sparse_prefill else DENSE_BATCH_THRESHOLD_BF16
+                else:
+                    threshold = DENSE_BATCH_THRESHOLD
             if x2.shape[0] <= threshold:
                 y = k.spmm(x2, *args)
             elif bf16_in and self.sparse_prefill and args[-1] == 2:  # 2 = AVX-512 (not forced lower)
