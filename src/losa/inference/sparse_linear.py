@@ -39,7 +39,7 @@ SPARSE_PREFILL_MAX_DENSITY = 0.35
 #: Such layers keep the row loop up to this many bf16 rows and use that sparse GEMM above (their default
 #: ``dense_batch_threshold``): at 24 rows the sparse GEMM ran at 0.83-1.22x of dense bf16 and the row loop at
 #: 0.64-0.77x (70-80 %, 4096x4096 and 11008x4096, 1 and 2 threads); at 16 rows neither clearly wins
-#: (one-off measurement, summarised in benchmarks/results/prefill_kernel.md).
+#: (benchmarks/results/prefill_kernel.md, "Small bf16 batches").
 SPARSE_GEMM_BATCH_THRESHOLD = 16
 #: Rows decompressed per dense tile in the prefill path (measured there: 256 ~ 1024 < 64 < whole matrix).
 DENSE_TILE_ROWS = 256
