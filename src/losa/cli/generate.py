@@ -64,6 +64,9 @@ def run_generate(args: argparse.Namespace) -> int:
             print(f"sparse layers: {summary['replaced']} ({summary['value_dtype']} values, "
                   f"{summary['compute']} compute, {summary['prefill_dtype']} prefill for float32 inputs, "
                   f"{summary['sparse_bytes'] / 2**20:.1f} MiB instead of {summary['dense_bytes'] / 2**20:.1f} MiB)")
+            if summary["sparse_prefill_layers"] and summary["compute"].startswith("bf16"):
+                print(f"  {summary['sparse_prefill_layers']} of them skip zeros in the prompt GEMM too "
+                      "(>= 65 % sparse; the others decompress tiles for a dense bf16 GEMM)")
     if args.save_compact:
         save_sparse(model, args.save_compact)
         print(f"wrote {args.save_compact}")

@@ -37,9 +37,9 @@ DENSE_BATCH_THRESHOLD_BF16 = 24
 #: bf16 GEMM at 70 % sparsity, 0.89-1.03x at 60 %, 0.77-0.84x at 50 % (decompress + GEMM: 0.91-1.01x).
 SPARSE_PREFILL_MAX_DENSITY = 0.35
 #: Such layers keep the row loop up to this many bf16 rows and use that sparse GEMM above (their default
-#: ``dense_batch_threshold``): at 24 rows the sparse GEMM ran at 0.83-1.22x of dense bf16 and the row loop at
-#: 0.64-0.77x (70-80 %, 4096x4096 and 11008x4096, 1 and 2 threads); at 16 rows neither clearly wins
-#: (benchmarks/results/prefill_kernel.md, "Small bf16 batches").
+#: ``dense_batch_threshold``): at 24 rows the sparse GEMM beat the row loop in all eight measured cases
+#: (0.64-1.22x vs 0.55-0.73x of dense bf16; 70/80 %, 4096x4096 and 11008x4096, 1 and 2 threads), at 16 rows
+#: in two of eight (benchmarks/results/prefill_kernel_run3.md, "Small bf16 batches").
 SPARSE_GEMM_BATCH_THRESHOLD = 16
 #: Rows decompressed per dense tile in the prefill path (measured there: 256 ~ 1024 < 64 < whole matrix).
 DENSE_TILE_ROWS = 256

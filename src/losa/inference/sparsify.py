@@ -63,8 +63,9 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
     with bf16 values they multiply in bf16 and sum in float32, like dense bf16 layers, and decode up to
     ~1.9x faster than with float32 activations on CPUs with AVX512-BF16. Returns a summary:
     ``{"replaced", "kept_dense", "dense_bytes", "sparse_bytes", "device", "value_dtype", "prefill_dtype",
-    "compute"}`` (bytes are over the replaced CPU layers; ``compute`` says which arithmetic the layers
-    use for this model's activations). ``model.generate`` keeps working (KV cache included).
+    "compute", "sparse_prefill_layers"}`` (bytes are over the replaced CPU layers; ``compute`` says which
+    arithmetic the layers use for this model's activations; ``sparse_prefill_layers`` counts the layers that
+    run large bf16 batches through the zero-skipping sparse GEMM, see ``SPARSE_PREFILL_MAX_DENSITY``). ``model.generate`` keeps working (KV cache included).
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise LosaError(f"min_sparsity={min_sparsity} is outside [0, 1]; use e.g. 0.25")
@@ -74,7 +75,7 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
     summary = {"replaced": 0, "kept_dense": 0, "dense_bytes": 0, "sparse_bytes": 0, "device": device.type,
                "value_dtype": str(vdtype).replace("torch.", ""),
                "prefill_dtype": str(resolve_value_dtype(prefill_dtype, 'prefill_dtype')).replace("torch.", ""),
-               "compute": _compute_description(next(model.parameters()).dtype, vdtype)}
+               "compute": _compute_description(next(model.parameters()).dtype, vdtype), "sparse_prefill_layers": 0}
     prefix = {id(layer): name for name, layer in model.named_modules()}
     for layer in get_decoder_layers(model, spec):
         if any(isinstance(m, SparseLinear) for m in layer.modules()):
@@ -101,6 +102,7 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
             summary["sparse_bytes"] += new.packed.nbytes()
             _set_child(model, f"{prefix[id(layer)]}.{name}", new)
             summary["replaced"] += 1
+            summary["sparse_prefill_layers"] += int(new.sparse_prefill)
     if device.type == "cuda" and summary["replaced"] == 0:
         log.warning("no 2:4 fp16/bf16 layer found: CUDA semi-structured sparsity needs 2:4 masks and a "
                     "half-precision model (load with dtype='bfloat16')")
