@@ -27,8 +27,9 @@ CHUNK_TOKENS = 1024
 def _chunked_forward(mlp: nn.Module, names: tuple[str, str, str], seen: FirstInputs, chunk: int,
                      x: torch.Tensor) -> torch.Tensor:
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-    # the attention's full-batch temporaries are free now but still resident in glibc's heap; the MLP's
-    # peak would stack on top of them (measured: ~130 MB on SmolLM2 at 16 x 512 tokens)
+    # the attention's full-batch temporaries are free now but can stay resident in glibc's heap (RSS rose by
+    # ~130 MB over the attention of a SmolLM2 16 x 512 layer); hand them back before the MLP's peak. Part of
+    # the configuration measured in prune_sameday2.md; alone, its effect was within the run-to-run noise.
     release_free_memory()
     seen.prime(names[0], gate, x)  # statistics of the whole input, then pruning, before any chunk runs
     seen.prime(names[1], up, x)  # the same tensor: shares gate's statistic
