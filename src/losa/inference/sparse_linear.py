@@ -33,8 +33,9 @@ DENSE_BATCH_THRESHOLD = 12
 DENSE_BATCH_THRESHOLD_BF16 = 24
 #: Layers at or below this density (kept fraction) run large bf16 batches through the zero-skipping sparse
 #: GEMM instead of decompress + dense GEMM (bf16 model, bf16 values, AVX512-BF16 CPUs). Measured per layer on
-#: LLaMA-7B shapes at 128 tokens (benchmarks/results/prefill_kernel.md, 1 and 2 threads): 1.19-1.36x a dense
-#: bf16 GEMM at 70 % sparsity, 0.89-1.03x at 60 %, 0.77-0.84x at 50 % (decompress + GEMM: 0.91-1.01x).
+#: LLaMA-7B shapes at 128 tokens (benchmarks/results/prefill_kernel*.md, three runs, 1 and 2 threads): 1.06-1.81x
+#: a dense bf16 GEMM at 80 % sparsity, 0.94-1.36x at 70 % (1.14-1.36x on 1 thread), 0.73-1.03x at 60 %, 0.59-0.84x
+#: at 50 % (decompress + GEMM: 0.91-1.01x at every sparsity).
 SPARSE_PREFILL_MAX_DENSITY = 0.35
 #: Such layers keep the row loop up to this many bf16 rows and use that sparse GEMM above (their default
 #: ``dense_batch_threshold``): at 24 rows the sparse GEMM beat the row loop in all eight measured cases
