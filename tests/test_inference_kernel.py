@@ -261,7 +261,7 @@ BF16_SPARSE_PREFILL = KERNEL is not None and kmod.bf16_dot_available()
 @pytest.mark.parametrize("out_f,in_f,pattern,fmt", [(37, 45, 0.7, "bitmask"), (300, 97, 0.9, "bitmask"),
                                                     (64, 128, 0.5, "bitmask"), (40, 64, "1:4", "nm14"),
                                                     (33, 96, "2:4", "nm24"), (17, 33, 1.0, "bitmask")])
-@pytest.mark.parametrize("batch", [25, 32, 33, 128, 129, 300])  # token chunks of 128, tails rounded to 32
+@pytest.mark.parametrize("batch", [1, 7, 16, 25, 32, 33, 128, 129, 300])  # chunks of 128, tails rounded up to 32
 def test_sparse_bf16_prefill_matches_exact_products(out_f, in_f, pattern, fmt, batch):
     """The zero-skipping bf16 GEMM: exact bf16 products summed in float32 (output bf16, or float32 + bias)."""
     gen = torch.Generator().manual_seed(out_f * 7 + in_f + batch)
