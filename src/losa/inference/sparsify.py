@@ -65,7 +65,8 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
     ``{"replaced", "kept_dense", "dense_bytes", "sparse_bytes", "device", "value_dtype", "prefill_dtype",
     "compute", "sparse_prefill_layers"}`` (bytes are over the replaced CPU layers; ``compute`` says which
     arithmetic the layers use for this model's activations; ``sparse_prefill_layers`` counts the layers that
-    run large bf16 batches through the zero-skipping sparse GEMM, see ``SPARSE_PREFILL_MAX_DENSITY``). ``model.generate`` keeps working (KV cache included).
+    run large bf16 batches through the zero-skipping sparse GEMM, see ``SPARSE_PREFILL_MAX_DENSITY``).
+    ``model.generate`` keeps working (KV cache included).
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise LosaError(f"min_sparsity={min_sparsity} is outside [0, 1]; use e.g. 0.25")
