@@ -1,0 +1,109 @@
+"""Validated request bodies of the OpenAI-style endpoints (the subset losa serves)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RequestError(ValueError):
+    """A request the server rejects, with an HTTP status and a one-line message for the client."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class SamplingFields(BaseModel):
+    """Decoding options shared by completions and chat completions (OpenAI names and defaults)."""
+
+    # Clients send fields we do not use (user, presence_penalty, stream_options, ...): ignore them, but the
+    # ones that would change the answer and are not implemented are refused in ``_unsupported``.
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1, description="new tokens at most (None: the endpoint's default)")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"n={v} is not supported; send one request per completion")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str] | None:
+        stops = [v] if isinstance(v, str) else v
+        if stops is not None and (len(stops) > 4 or any(not s for s in stops)):
+            raise ValueError("stop must be up to 4 non-empty strings")
+        return stops or None
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> SamplingFields:
+        extra = self.model_extra or {}
+        for name in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias"):
+            if extra.get(name) not in (None, False, 0, {}, []):
+                raise ValueError(f"{name} is not supported by losa serve; drop it from the request")
+        if extra.get("best_of") not in (None, 1):
+            raise ValueError("best_of is not supported by losa serve; drop it from the request")
+        return self
+
+
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions``: continue one prompt or several."""
+
+    prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str | list[str]) -> list[str]:
+        prompts = [v] if isinstance(v, str) else v
+        if not prompts:
+            raise ValueError("prompt is an empty list; give a string or a list of strings")
+        return prompts
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]]
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, v: str | list[dict[str, Any]]) -> str:
+        if isinstance(v, str):
+            return v
+        parts = []
+        for part in v:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"content part of type {part.get('type')!r} is not supported; send text parts")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatRequest(SamplingFields):
+    """``POST /v1/chat/completions``: answer a conversation through the tokenizer's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+def parse_request(cls: type[SamplingFields], body: Any) -> Any:
+    """Validate a decoded JSON body; a :class:`RequestError` names the first problem."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    try:
+        return cls.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        msg = err["msg"].removeprefix("Value error, ")
+        raise RequestError(f"invalid request: {where}: {msg}") from None
