@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria
 
 from losa.errors import LosaError
 from losa.serve.schema import ChatRequest, CompletionRequest, RequestError, SamplingFields
@@ -39,7 +40,7 @@ def cut_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:
     return (text[:min(hits)], True) if hits else (text, False)
 
 
-class _StopCriterion:
+class _StopCriterion(StoppingCriteria):
     """Ends generation once ``cancel`` is set (client gone, stop string streamed) or a stop string appears.
 
     Our own check rather than transformers' ``stop_strings``, which needs a tokenizer whose vocabulary it can
