@@ -76,6 +76,8 @@ def build_extension(name: str, source: Path) -> ModuleType:
         from torch.utils.cpp_extension import load
 
         directory = build_directory(name)
+        if not (directory / f"{name}.so").exists():
+            log.info("compiling the %s C++ kernel (once per machine, about a minute) ...", name)
         with build_lock(directory):
             return load(
                 name=name,
