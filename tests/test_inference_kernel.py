@@ -299,10 +299,18 @@ def test_sparse_prefill_is_chosen_by_density(monkeypatch):
                                    rtol=2e-2, atol=2e-2)
     assert calls == ["sparse_mm_bf16", "dense_mm"] and real is KERNEL.sparse_mm_bf16
     calls.clear()
-    for rows in (sl.SPARSE_GEMM_BATCH_THRESHOLD, sl.SPARSE_GEMM_BATCH_THRESHOLD + 1):  # row loop, then sparse GEMM
-        sparse(torch.randn(rows, 96, generator=gen).bfloat16())
-        dense(torch.randn(rows, 96, generator=gen).bfloat16())  # row loop up to DENSE_BATCH_THRESHOLD_BF16
-    assert calls == ["spmm", "spmm", "sparse_mm_bf16", "spmm"]
+    # row loop up to DENSE_BATCH_THRESHOLD_BF16; then batch-rows-first tiles up to DENSE_XW_MAX_ROWS (the
+    # sparse layer only up to SPARSE_GEMM_BATCH_THRESHOLD, then its sparse GEMM); then weight-rows-first tiles
+    edges = (sl.DENSE_BATCH_THRESHOLD_BF16, sl.DENSE_BATCH_THRESHOLD_BF16 + 1, sl.SPARSE_GEMM_BATCH_THRESHOLD,
+             sl.SPARSE_GEMM_BATCH_THRESHOLD + 1, sl.DENSE_XW_MAX_ROWS, sl.DENSE_XW_MAX_ROWS + 1)
+    assert sorted(edges) == list(edges)
+    for rows in edges:
+        x = torch.randn(rows, 96, generator=gen).bfloat16()
+        for layer in (sparse, dense):
+            torch.testing.assert_close(layer(x).double(), F.linear(x.double(), layer.to_dense().bfloat16().double()),
+                                       rtol=2e-2, atol=2e-2)
+    assert calls == ["spmm", "spmm", "dense_mm_xw", "dense_mm_xw", "dense_mm_xw", "dense_mm_xw",
+                     "sparse_mm_bf16", "dense_mm_xw", "sparse_mm_bf16", "dense_mm_xw", "sparse_mm_bf16", "dense_mm"]
 
 
 class _Spy:
@@ -313,7 +321,7 @@ class _Spy:
 
     def __getattr__(self, name):
         fn = getattr(self._k, name)
-        if name in ("sparse_mm_bf16", "dense_mm", "spmm"):
+        if name in ("sparse_mm_bf16", "dense_mm", "dense_mm_xw", "spmm"):
             def wrapped(*a, **kw):
                 self._calls.append(name)
                 return fn(*a, **kw)

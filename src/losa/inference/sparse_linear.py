@@ -27,21 +27,26 @@ from losa.inference.formats import FORMAT_CODES, Packed, pack, resolve_value_dty
 #: on the 4096x4096 layer (1 thread, Zen 4) the sparse kernel wins up to 12 rows and loses from 16 on,
 #: both at 70 % bf16 and at 50 % fp32.
 DENSE_BATCH_THRESHOLD = 12
-#: The same for bf16 inputs with bf16 values (a bf16 model): the AVX512-BF16 loop is faster and beats
-#: decompress + bf16 GEMM up to 24 rows, not at 32 (4096x4096, 70 %, 1 thread, two runs; crossover table
-#: of benchmarks/results/inference_bf16.md).
-DENSE_BATCH_THRESHOLD_BF16 = 24
+#: The same for bf16 inputs with bf16 values (a bf16 model). Against the batch-rows-first tiles
+#: (``DENSE_XW_MAX_ROWS``) the AVX512-BF16 row loop wins at 8 rows, is level at 12 and loses from 16 rows on
+#: LLaMA-7B shapes; on SmolLM2 shapes it wins up to 12 (benchmarks/results/small_batch.md).
+DENSE_BATCH_THRESHOLD_BF16 = 12
+#: Up to this many rows the decompressed bf16 tiles multiply as x · W_tileᵀ (GEMM rows = batch rows, written
+#: straight into the result); above it as W_tile · xᵀ (GEMM rows = weight rows, one transpose at the end).
+#: oneDNN's bf16 GEMM picks a poor kernel for the latter at 8-24 rows and K = 4096 (0.4-0.7x of dense bf16,
+#: vs 0.9-1.2x for the former); from 48 rows the latter is level or faster (benchmarks/results/small_batch.md).
+#: float32 GEMMs (MKL) showed no consistent winner and keep W_tile · xᵀ.
+DENSE_XW_MAX_ROWS = 32
 #: Layers at or below this density (kept fraction) run large bf16 batches through the zero-skipping sparse
 #: GEMM instead of decompress + dense GEMM (bf16 model, bf16 values, AVX512-BF16 CPUs). Measured per layer on
 #: LLaMA-7B shapes at 128 tokens (benchmarks/results/prefill_kernel*.md, three runs, 1 and 2 threads): 1.06-1.81x
 #: a dense bf16 GEMM at 80 % sparsity, 0.94-1.36x at 70 % (1.14-1.36x on 1 thread), 0.73-1.03x at 60 %, 0.59-0.84x
 #: at 50 % (decompress + GEMM: 0.91-1.01x at every sparsity).
 SPARSE_PREFILL_MAX_DENSITY = 0.35
-#: Such layers keep the row loop up to this many bf16 rows and use that sparse GEMM above (their default
-#: ``dense_batch_threshold``): at 24 rows the sparse GEMM beat the row loop in all eight measured cases
-#: (0.64-1.22x vs 0.55-0.73x of dense bf16; 70/80 %, 4096x4096 and 11008x4096, 1 and 2 threads), at 16 rows
-#: in two of eight (benchmarks/results/prefill_kernel_run3.md, "Small bf16 batches").
-SPARSE_GEMM_BATCH_THRESHOLD = 16
+#: Such layers use that sparse GEMM above this many bf16 rows and the decompressed tiles up to it: at 24
+#: rows the tiles were 0.99-1.15x of dense bf16 and the sparse GEMM 0.82-0.98x, at 32 rows 1.00-1.08x vs
+#: 1.01-1.15x (70 %, LLaMA-7B shapes; benchmarks/results/small_batch.md).
+SPARSE_GEMM_BATCH_THRESHOLD = 24
 #: Rows decompressed per dense tile in the prefill path (measured there: 256 ~ 1024 < 64 < whole matrix).
 DENSE_TILE_ROWS = 256
 
@@ -144,15 +149,16 @@ class SparseLinear(nn.Module):
                     FORMAT_CODES[self.fmt], _kernel.best_isa())
             threshold = self.dense_batch_threshold
             if threshold is None:
-                if bf16_in:
-                    threshold = SPARSE_GEMM_BATCH_THRESHOLD if self.sparse_prefill else DENSE_BATCH_THRESHOLD_BF16
-                else:
-                    threshold = DENSE_BATCH_THRESHOLD
-            if x2.shape[0] <= threshold:
+                threshold = DENSE_BATCH_THRESHOLD_BF16 if bf16_in else DENSE_BATCH_THRESHOLD
+            rows = x2.shape[0]
+            if rows <= threshold:
                 y = k.spmm(x2, *args)
-            elif bf16_in and self.sparse_prefill and args[-1] == 2:  # 2 = AVX-512 (not forced lower)
+            elif (bf16_in and self.sparse_prefill and rows > SPARSE_GEMM_BATCH_THRESHOLD
+                  and args[-1] == 2):  # 2 = AVX-512 (not forced lower)
                 y = k.sparse_mm_bf16(x2, *args[:-1])
             else:
-                y = k.dense_mm(x2, *args, DENSE_TILE_ROWS, bf16_in or self.prefill_dtype == torch.bfloat16)
+                bf16_gemm = bf16_in or self.prefill_dtype == torch.bfloat16
+                tiles = k.dense_mm_xw if bf16_gemm and rows <= DENSE_XW_MAX_ROWS else k.dense_mm
+                y = tiles(x2, *args, DENSE_TILE_ROWS, bf16_gemm)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)

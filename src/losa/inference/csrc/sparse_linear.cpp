@@ -644,9 +644,12 @@ torch::Tensor decompress(const torch::Tensor& meta, const torch::Tensor& values,
 // stored in bf16; the activations and the output are rounded to bf16, as in a dense bf16 model.
 // x is any floating dtype (converted to the GEMM's); the result [B, N] is bf16 for a bf16 GEMM without bias,
 // else float32.
-torch::Tensor dense_mm(const torch::Tensor& x, const torch::Tensor& meta, const torch::Tensor& values,
-                       const torch::Tensor& row_ptr, const c10::optional<torch::Tensor>& bias, int64_t n,
-                       int64_t k, int64_t fmt, int64_t isa, int64_t tile, bool bf16) {
+// x_left: each tile computes x · W_tileᵀ straight into its columns of the [B, N] result (GEMM with M = B),
+// else W_tile · xᵀ into rows of an [N, B] result transposed at the end (M = tile rows). oneDNN's kernel
+// choice differs between the two; which is faster depends on B and K (SparseLinear picks, see there).
+torch::Tensor dense_mm_impl(const torch::Tensor& x, const torch::Tensor& meta, const torch::Tensor& values,
+                            const torch::Tensor& row_ptr, const c10::optional<torch::Tensor>& bias, int64_t n,
+                            int64_t k, int64_t fmt, int64_t isa, int64_t tile, bool bf16, bool x_left) {
   Packed p = make_packed(meta, values, row_ptr, n, k, fmt);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.is_floating_point(), "x must be a floating-point [B, K] tensor");
   GemvFn g;
@@ -665,7 +668,8 @@ torch::Tensor dense_mm(const torch::Tensor& x, const torch::Tensor& meta, const 
   }
   auto xg = x.to(bf16 ? torch::kBFloat16 : torch::kFloat32).contiguous();
   auto xt = xg.t();
-  auto out = torch::empty({n, x.size(0)}, xg.options());  // Wx as [N, B]: each tile is a contiguous slice
+  // x_left: [B, N], each tile a column slice; else Wx as [N, B], each tile a contiguous row slice
+  auto out = x_left ? torch::empty({x.size(0), n}, xg.options()) : torch::empty({n, x.size(0)}, xg.options());
   const int64_t ntiles = (n + tile - 1) / tile;
   // Threads split the tiles: each decompresses its own tiles into its own buffer and multiplies them with a
   // GEMM that runs on that thread (ATen ops inside at::parallel_for are serial). No fork/join per tile, and
@@ -683,12 +687,30 @@ torch::Tensor dense_mm(const torch::Tensor& x, const torch::Tensor& meta, const 
       else e(p, s, p.k32, o0, o1);
       auto w = (bf16 ? scratch_bf : scratch).narrow(0, 0, o1 - o0).narrow(1, 0, k);
       if (bf16 && !eb) w.copy_(scratch.narrow(0, 0, o1 - o0).narrow(1, 0, k));
-      auto slice = out.narrow(0, o0, o1 - o0);
-      at::mm_out(slice, w, xt);
+      if (x_left) {
+        auto slice = out.narrow(1, o0, o1 - o0);
+        at::mm_out(slice, xg, w.t());
+      } else {
+        auto slice = out.narrow(0, o0, o1 - o0);
+        at::mm_out(slice, w, xt);
+      }
     }
   });
-  if (!(bias.has_value() && bias->defined())) return out.t().contiguous();
-  return (out.t().to(torch::kFloat32) + bias->to(torch::kFloat32)).contiguous();
+  auto y = x_left ? out : out.t();
+  if (!(bias.has_value() && bias->defined())) return y.contiguous();
+  return (y.to(torch::kFloat32) + bias->to(torch::kFloat32)).contiguous();
+}
+
+torch::Tensor dense_mm(const torch::Tensor& x, const torch::Tensor& meta, const torch::Tensor& values,
+                       const torch::Tensor& row_ptr, const c10::optional<torch::Tensor>& bias, int64_t n,
+                       int64_t k, int64_t fmt, int64_t isa, int64_t tile, bool bf16) {
+  return dense_mm_impl(x, meta, values, row_ptr, bias, n, k, fmt, isa, tile, bf16, false);
+}
+
+torch::Tensor dense_mm_xw(const torch::Tensor& x, const torch::Tensor& meta, const torch::Tensor& values,
+                          const torch::Tensor& row_ptr, const c10::optional<torch::Tensor>& bias, int64_t n,
+                          int64_t k, int64_t fmt, int64_t isa, int64_t tile, bool bf16) {
+  return dense_mm_impl(x, meta, values, row_ptr, bias, n, k, fmt, isa, tile, bf16, true);
 }
 
 // Large bf16 batches at high sparsity: the zero-skipping sparse GEMM above (bf16 values, bf16 inputs,
@@ -757,6 +779,7 @@ torch::Tensor hugepage_copy(const torch::Tensor& t) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spmm", &spmm, "sparse y = x W^T + b for small batches");
   m.def("dense_mm", &dense_mm, "tiled decompress + dense GEMM (float32 or bf16) for large batches");
+  m.def("dense_mm_xw", &dense_mm_xw, "dense_mm with x · W_tileᵀ per tile (GEMM rows = batch rows)");
   m.def("decompress", &decompress, "dense float32 rows of a packed weight");
   m.def("sparse_mm_bf16", &sparse_mm_bf16, "zero-skipping bf16 GEMM for large batches at high sparsity");
   m.def("cpu_has_bf16dot", &cpu_has_bf16dot, "whether the bf16-input loop (AVX512-BF16) runs on this CPU");

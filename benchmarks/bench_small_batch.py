@@ -1,0 +1,137 @@
+"""Small and medium batches (8-128 rows) of the sparse runtime: each path of ``SparseLinear`` vs dense.
+
+    python benchmarks/bench_small_batch.py           # ~15 min on 2 idle cores
+    python benchmarks/bench_small_batch.py --quick   # smoke run
+
+Batches of a few to a few dozen rows are short prompts, batched decoding and speculative verification.
+For each layer shape (LLaMA-7B and SmolLM2), pattern (50 %, 70 %, 2:4), row count and thread count it
+times, interleaved (medians), against torch's dense ``F.linear`` on the same pruned weights:
+
+- ``loop``: the sparse row kernel (``spmm``; decode's path),
+- ``tiles_xw``: decompressed tiles multiplied as x · W_tileᵀ (``dense_mm_xw``),
+- ``tiles_wx``: decompressed tiles multiplied as W_tile · xᵀ, transposed once (``dense_mm``),
+- ``sparse_gemm``: the zero-skipping bf16 GEMM (``sparse_mm_bf16``; layers <= 35 % dense, AVX512-BF16),
+- ``layer``: what ``SparseLinear`` itself picks (the thresholds in losa/inference/sparse_linear.py).
+
+bf16 models (bf16 inputs, bf16 values, against dense bf16) are the main section; float32 models (float32
+values, against dense float32) follow for 50 %. Writes benchmarks/results/small_batch.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_inference import LLAMA_SHAPES, SMOL_SHAPES, interleaved, keep_mask, machine_info  # noqa: E402
+
+from losa.inference import kernel as kmod  # noqa: E402
+from losa.inference.formats import FORMAT_CODES  # noqa: E402
+from losa.inference.sparse_linear import DENSE_TILE_ROWS, SparseLinear  # noqa: E402
+from losa.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "benchmarks" / "results" / "small_batch"
+PATHS = ["loop", "tiles_xw", "tiles_wx", "sparse_gemm", "layer"]
+
+
+def measure(dtype: torch.dtype, shapes, patterns, rows_list, threads, reps: int) -> list[dict]:
+    k = kmod.load_kernel()
+    isa = kmod.best_isa()
+    bf16 = dtype == torch.bfloat16
+    out = []
+    for th in threads:
+        torch.set_num_threads(th)
+        for n, kk in shapes:
+            torch.manual_seed(n * 7 + kk)
+            w = torch.randn(n, kk)
+            for pat in patterns:
+                wm = w * keep_mask(w, pat)
+                layer = SparseLinear.from_dense(wm, None, dtype, "auto")
+                wd = wm.to(dtype)
+                args = (layer.meta, layer.values, layer.row_ptr, None, n, kk, FORMAT_CODES[layer.fmt], isa)
+                for rows in rows_list:
+                    x = torch.randn(rows, kk).to(dtype)
+                    fns = {"dense": partial(F.linear, x, wd), "loop": partial(k.spmm, x, *args),
+                           "tiles_xw": partial(k.dense_mm_xw, x, *args, DENSE_TILE_ROWS, bf16),
+                           "tiles_wx": partial(k.dense_mm, x, *args, DENSE_TILE_ROWS, bf16),
+                           "layer": partial(layer, x)}
+                    if bf16 and layer.sparse_prefill and isa == 2:
+                        fns["sparse_gemm"] = partial(k.sparse_mm_bf16, x, *args[:-1])
+                    with torch.inference_mode():
+                        t = interleaved(fns, reps)
+                    row = {"dtype": str(dtype).replace("torch.", ""), "threads": th, "shape": f"{n}x{kk}",
+                           "pattern": pat, "rows": rows, "dense_ms": t["dense"] * 1e3,
+                           **{f"{p}_x": t["dense"] / t[p] for p in PATHS if p in t}}
+                    out.append(row)
+                    print(json.dumps({a: (round(b, 3) if isinstance(b, float) else b) for a, b in row.items()}),
+                          flush=True)
+    return out
+
+
+def render(res: dict) -> str:
+    lines = ["# Small and medium batches: each path of SparseLinear vs dense (same run, interleaved medians)", "",
+             f"Command: `{res['command']}`; machine: {res['machine']['cpu']}, torch {res['machine']['torch']}, "
+             f"kernel ISA {res['machine']['kernel_isa']}, {res['machine']['date']}; {res['reps']} repetitions; "
+             f"{res['wall_s']:.0f} s.", "",
+             "Ratios are dense time / path time (> 1 = faster than dense). `layer` = what `SparseLinear` picks. "
+             "bf16 rows: bf16 inputs and values vs dense bf16 `F.linear`; float32 rows: float32 vs float32. "
+             "`-` = path not available for that layer (sparse GEMM: <= 35 % dense layers, AVX512-BF16).", ""]
+    for dtype in ("bfloat16", "float32"):
+        rows = [r for r in res["rows"] if r["dtype"] == dtype]
+        if not rows:
+            continue
+        lines += [f"## {dtype} models", "", "| threads | shape | pattern | rows | dense ms | "
+                  + " | ".join(PATHS) + " |", "|---" * (5 + len(PATHS)) + "|"]
+        for r in rows:
+            cells = [f"{r[p + '_x']:.2f}" if p + "_x" in r else "-" for p in PATHS]
+            lines.append(f"| {r['threads']} | {r['shape']} | {r['pattern']} | {r['rows']} | {r['dense_ms']:.3f} | "
+                         + " | ".join(cells) + " |")
+        lines += ["", f"`layer` vs dense by rows ({dtype}; min-max over shapes, patterns and threads):", "",
+                  "| rows | LLaMA-7B shapes | SmolLM2 shapes |", "|---|---|---|"]
+        llama = {f"{n}x{k}" for n, k in LLAMA_SHAPES}
+        for n_rows in sorted({r["rows"] for r in rows}):
+            cell = []
+            for group in (True, False):
+                v = [r["layer_x"] for r in rows if r["rows"] == n_rows and (r["shape"] in llama) == group]
+                cell.append(f"{min(v):.2f}-{max(v):.2f}" if v else "-")
+            lines.append(f"| {n_rows} | {cell[0]} | {cell[1]} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one shape per family, few rows and repetitions")
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--out", default=str(OUT))
+    a = ap.parse_args()
+    if kmod.load_kernel() is None:
+        print("the sparse kernel is not available here; nothing to measure", file=sys.stderr)
+        return 1
+    threads = [int(t) for t in a.threads.split(",")]
+    llama, smol = (LLAMA_SHAPES[:1], SMOL_SHAPES[2:3]) if a.quick else (LLAMA_SHAPES, [SMOL_SHAPES[0], SMOL_SHAPES[3]])
+    rows_list = [8, 16, 32] if a.quick else [8, 12, 16, 24, 32, 48, 64, 128]
+    reps = 3 if a.quick else a.reps
+    t0 = time.time()
+    rows = measure(torch.bfloat16, llama + smol, ["50%", "70%", "2:4"], rows_list, threads, reps)
+    rows += measure(torch.float32, llama + smol, ["50%"], rows_list, threads, reps)
+    res = {"command": "python " + " ".join(sys.argv), "machine": machine_info(), "reps": reps,
+           "wall_s": time.time() - t0, "rows": rows}
+    out = Path(a.out)
+    atomic_write_json(out.with_suffix(".json"), res)
+    atomic_write_text(out.with_suffix(".md"), render(res))
+    print(render(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
