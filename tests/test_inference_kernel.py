@@ -299,10 +299,12 @@ def test_sparse_prefill_is_chosen_by_density(monkeypatch):
                                    rtol=2e-2, atol=2e-2)
     assert calls == ["sparse_mm_bf16", "dense_mm"] and real is KERNEL.sparse_mm_bf16
     calls.clear()
-    # row loop up to DENSE_BATCH_THRESHOLD_BF16; then batch-rows-first tiles up to DENSE_XW_MAX_ROWS (the
-    # sparse layer only up to SPARSE_GEMM_BATCH_THRESHOLD, then its sparse GEMM); then weight-rows-first tiles
-    edges = (sl.DENSE_BATCH_THRESHOLD_BF16, sl.DENSE_BATCH_THRESHOLD_BF16 + 1, sl.SPARSE_GEMM_BATCH_THRESHOLD,
-             sl.SPARSE_GEMM_BATCH_THRESHOLD + 1, sl.DENSE_XW_MAX_ROWS, sl.DENSE_XW_MAX_ROWS + 1)
+    # (small layers) row loop up to DENSE_BATCH_THRESHOLD_BF16_SMALL; then batch-rows-first tiles up to
+    # DENSE_XW_MAX_ROWS (the sparse layer only up to SPARSE_GEMM_BATCH_THRESHOLD, then its sparse GEMM);
+    # then weight-rows-first tiles
+    edges = (sl.DENSE_BATCH_THRESHOLD_BF16_SMALL, sl.DENSE_BATCH_THRESHOLD_BF16_SMALL + 1,
+             sl.SPARSE_GEMM_BATCH_THRESHOLD, sl.SPARSE_GEMM_BATCH_THRESHOLD + 1, sl.DENSE_XW_MAX_ROWS,
+             sl.DENSE_XW_MAX_ROWS + 1)
     assert sorted(edges) == list(edges)
     for rows in edges:
         x = torch.randn(rows, 96, generator=gen).bfloat16()
@@ -311,6 +313,13 @@ def test_sparse_prefill_is_chosen_by_density(monkeypatch):
                                        rtol=2e-2, atol=2e-2)
     assert calls == ["spmm", "spmm", "dense_mm_xw", "dense_mm_xw", "dense_mm_xw", "dense_mm_xw",
                      "sparse_mm_bf16", "dense_mm_xw", "sparse_mm_bf16", "dense_mm_xw", "sparse_mm_bf16", "dense_mm"]
+    calls.clear()  # a layer over SMALL_LAYER_WEIGHTS leaves the row loop earlier
+    big = SparseLinear.from_dense(torch.randn(1024, 1040, generator=gen) * random_mask(1024, 1040, 0.5, gen), None,
+                                  "bfloat16")
+    assert big.out_features * big.in_features > sl.SMALL_LAYER_WEIGHTS
+    for rows in (sl.DENSE_BATCH_THRESHOLD_BF16, sl.DENSE_BATCH_THRESHOLD_BF16 + 1):
+        big(torch.randn(rows, 1040, generator=gen).bfloat16())
+    assert calls == ["spmm", "dense_mm_xw"]
 
 
 class _Spy:

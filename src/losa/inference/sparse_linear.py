@@ -29,8 +29,13 @@ from losa.inference.formats import FORMAT_CODES, Packed, pack, resolve_value_dty
 DENSE_BATCH_THRESHOLD = 12
 #: The same for bf16 inputs with bf16 values (a bf16 model). Against the batch-rows-first tiles
 #: (``DENSE_XW_MAX_ROWS``) the AVX512-BF16 row loop wins at 8 rows, is level at 12 and loses from 16 rows on
-#: LLaMA-7B shapes; on SmolLM2 shapes it wins up to 12 (benchmarks/results/small_batch.md).
+#: LLaMA-7B shapes (benchmarks/results/small_batch*.md).
 DENSE_BATCH_THRESHOLD_BF16 = 12
+#: Small layers (at most ``SMALL_LAYER_WEIGHTS`` weights) keep the bf16 row loop up to this many rows: the tiled
+#: path's fixed cost (threads, per-tile GEMM calls) weighs more there. SmolLM2's 576x576 at 16 rows: loop
+#: 0.72-1.28x of dense bf16 vs tiles 0.55-0.80x; 576x1536: level (small_batch*.md).
+DENSE_BATCH_THRESHOLD_BF16_SMALL = 16
+SMALL_LAYER_WEIGHTS = 1 << 20
 #: Up to this many rows the decompressed bf16 tiles multiply as x · W_tileᵀ (GEMM rows = batch rows, written
 #: straight into the result); above it as W_tile · xᵀ (GEMM rows = weight rows, one transpose at the end).
 #: oneDNN's bf16 GEMM picks a poor kernel for the latter at 8-24 rows and K = 4096 (0.4-0.7x of dense bf16,
@@ -67,8 +72,10 @@ class SparseLinear(nn.Module):
         self.out_features, self.in_features = packed.shape
         self.fmt = packed.fmt
         #: rows above which the layer decompresses + runs a dense GEMM; None = the measured default for the
-        #: input dtype (DENSE_BATCH_THRESHOLD, or DENSE_BATCH_THRESHOLD_BF16 for bf16 inputs)
+        #: input dtype (DENSE_BATCH_THRESHOLD, or DENSE_BATCH_THRESHOLD_BF16[_SMALL] for bf16 inputs)
         self.dense_batch_threshold = None if dense_batch_threshold is None else int(dense_batch_threshold)
+        small = self.out_features * self.in_features <= SMALL_LAYER_WEIGHTS
+        self._bf16_threshold = DENSE_BATCH_THRESHOLD_BF16_SMALL if small else DENSE_BATCH_THRESHOLD_BF16
         k = _kernel.load_kernel()
         meta, values = packed.meta, packed.values
         if k is not None and _kernel.hugepages_enabled():  # fewer TLB misses when decode streams them
@@ -149,7 +156,7 @@ class SparseLinear(nn.Module):
                     FORMAT_CODES[self.fmt], _kernel.best_isa())
             threshold = self.dense_batch_threshold
             if threshold is None:
-                threshold = DENSE_BATCH_THRESHOLD_BF16 if bf16_in else DENSE_BATCH_THRESHOLD
+                threshold = self._bf16_threshold if bf16_in else DENSE_BATCH_THRESHOLD
             rows = x2.shape[0]
             if rows <= threshold:
                 y = k.spmm(x2, *args)
