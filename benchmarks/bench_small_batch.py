@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from functools import partial
@@ -34,7 +35,15 @@ from bench_inference import LLAMA_SHAPES, SMOL_SHAPES, interleaved, keep_mask, m
 
 from losa.inference import kernel as kmod  # noqa: E402
 from losa.inference.formats import FORMAT_CODES  # noqa: E402
-from losa.inference.sparse_linear import DENSE_TILE_ROWS, SparseLinear  # noqa: E402
+from losa.inference.sparse_linear import (  # noqa: E402
+    DENSE_BATCH_THRESHOLD_BF16,
+    DENSE_BATCH_THRESHOLD_BF16_SMALL,
+    DENSE_TILE_ROWS,
+    DENSE_XW_MAX_ROWS,
+    SMALL_LAYER_WEIGHTS,
+    SPARSE_GEMM_BATCH_THRESHOLD,
+    SparseLinear,
+)
 from losa.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +85,25 @@ def measure(dtype: torch.dtype, shapes, patterns, rows_list, threads, reps: int)
     return out
 
 
+def previous_rule(r: dict) -> float:
+    """The path the thresholds before bench_small_batch.py picked: bf16 row loop up to 24 rows (16 on layers
+    with the sparse GEMM, which took over above), W_tile · xᵀ tiles beyond."""
+    sparse = "sparse_gemm_x" in r
+    if r["rows"] <= (16 if sparse else 24):
+        return r["loop_x"]
+    return r["sparse_gemm_x"] if sparse else r["tiles_wx_x"]
+
+
+def chosen_path(r: dict) -> float:
+    """The path the current thresholds pick (the ``layer`` column without SparseLinear's Python overhead)."""
+    n, k = (int(v) for v in r["shape"].split("x"))
+    if r["rows"] <= (DENSE_BATCH_THRESHOLD_BF16_SMALL if n * k <= SMALL_LAYER_WEIGHTS else DENSE_BATCH_THRESHOLD_BF16):
+        return r["loop_x"]
+    if "sparse_gemm_x" in r and r["rows"] > SPARSE_GEMM_BATCH_THRESHOLD:
+        return r["sparse_gemm_x"]
+    return r["tiles_xw_x"] if r["rows"] <= DENSE_XW_MAX_ROWS else r["tiles_wx_x"]
+
+
 def render(res: dict) -> str:
     lines = ["# Small and medium batches: each path of SparseLinear vs dense (same run, interleaved medians)", "",
              f"Command: `{res['command']}`; machine: {res['machine']['cpu']}, torch {res['machine']['torch']}, "
@@ -104,6 +132,20 @@ def render(res: dict) -> str:
                 cell.append(f"{min(v):.2f}-{max(v):.2f}" if v else "-")
             lines.append(f"| {n_rows} | {cell[0]} | {cell[1]} |")
         lines.append("")
+        if dtype != "bfloat16":
+            continue
+        lines += ["Thresholds before this benchmark (row loop up to 24 rows, 16 on sparse-GEMM layers; W_tile · xᵀ "
+                  "tiles above) vs now, on the paths' own times (medians and min-max over shapes, patterns, threads):",
+                  "", "| rows | LLaMA-7B before | LLaMA-7B now | SmolLM2 before | SmolLM2 now |", "|---|---|---|---|---|"]
+        for n_rows in sorted({r["rows"] for r in rows}):
+            cell = []
+            for group in (True, False):
+                sel = [r for r in rows if r["rows"] == n_rows and (r["shape"] in llama) == group]
+                for rule in (previous_rule, chosen_path):
+                    v = [rule(r) for r in sel]
+                    cell.append(f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" if v else "-")
+            lines.append(f"| {n_rows} | " + " | ".join(cell) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -113,7 +155,12 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--render-only", action="store_true", help="rewrite <out>.md from an existing <out>.json")
     a = ap.parse_args()
+    out = Path(a.out)
+    if a.render_only:
+        atomic_write_text(out.with_suffix(".md"), render(json.loads(out.with_suffix(".json").read_text())))
+        return 0
     if kmod.load_kernel() is None:
         print("the sparse kernel is not available here; nothing to measure", file=sys.stderr)
         return 1
@@ -126,7 +173,6 @@ def main() -> int:
     rows += measure(torch.float32, llama + smol, ["50%"], rows_list, threads, reps)
     res = {"command": "python " + " ".join(sys.argv), "machine": machine_info(), "reps": reps,
            "wall_s": time.time() - t0, "rows": rows}
-    out = Path(a.out)
     atomic_write_json(out.with_suffix(".json"), res)
     atomic_write_text(out.with_suffix(".md"), render(res))
     print(render(res))
