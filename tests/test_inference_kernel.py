@@ -114,9 +114,10 @@ def test_bf16_prefill_matches_a_dense_bf16_linear(monkeypatch, isa, vdtype, out_
     b = torch.randn(out_f, generator=gen)
     layer = SparseLinear.from_dense(w, b, vdtype, fmt, dense_batch_threshold=8, prefill_dtype="bfloat16")
     assert "prefill_dtype=bfloat16" in repr(layer)
-    x = torch.randn(40, in_f)
-    want = F.linear(x.bfloat16().double(), w.to(vdtype).bfloat16().double()).bfloat16().float() + b
-    torch.testing.assert_close(layer(x), want, rtol=1e-2, atol=2e-2 * in_f**0.5)
+    for rows in (20, 40):  # both tile orientations (DENSE_XW_MAX_ROWS)
+        x = torch.randn(rows, in_f)
+        want = F.linear(x.bfloat16().double(), w.to(vdtype).bfloat16().double()).bfloat16().float() + b
+        torch.testing.assert_close(layer(x), want, rtol=1e-2, atol=2e-2 * in_f**0.5)
     small = torch.randn(3, in_f)  # decode rows still use the float32 sparse kernel
     torch.testing.assert_close(layer(small), reference(small, w, b, vdtype), rtol=1e-4, atol=1e-4)
 
