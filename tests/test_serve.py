@@ -224,6 +224,18 @@ def test_http_stream_is_server_sent_events(server, service):
     assert status == 400 and "context" in json.loads(out)["error"]["message"]
 
 
+def test_http_stream_error_after_the_first_prompt_is_an_event(server):
+    """The 200 is already sent when the second prompt turns out too long: an error event, then [DONE]."""
+    long_prompt = " ".join(["word9"] * 300)
+    status, body = http(server, "/v1/completions", {"prompt": ["word5", long_prompt], "max_tokens": 3,
+                                                    "temperature": 0, "stream": True})
+    events = [line.removeprefix("data: ") for line in body.decode().split("\n\n") if line]
+    assert status == 200 and events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert err["code"] == 400 and "exceeds the model's context" in err["message"]
+    assert all(json.loads(e)["choices"][0]["index"] == 0 for e in events[:-2])
+
+
 def test_cli_serve_builds_a_sparse_server(tmp_path):
     """``losa serve`` on a 50 %-pruned checkpoint: sparse layers in /health, greedy text as the dense model's."""
     import losa

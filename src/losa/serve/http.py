@@ -22,6 +22,19 @@ log = logging.getLogger("losa.serve")
 MAX_BODY = 8 * 2**20
 
 
+def _error_body(status: int, message: str) -> dict:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
+def _status_of(exc: Exception) -> tuple[int, str]:
+    """Status and one-line message for an exception raised while answering (call inside ``except``)."""
+    if isinstance(exc, RequestError):
+        return exc.status, str(exc)
+    log.exception("generation failed")  # the details stay in the server's log
+    return 500, f"generation failed: {type(exc).__name__}: {exc}"
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "losa-serve"
     protocol_version = "HTTP/1.1"
@@ -40,8 +53,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _send_error(self, status: int, message: str) -> None:
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        self._send_json(status, {"error": {"message": message, "type": kind, "code": status}})
+        self._send_json(status, _error_body(status, message))
 
     def _read_json(self) -> Any:
         try:
@@ -73,9 +85,8 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             chunks.close()  # the client left: stop generating
             return
-        except RequestError as e:  # a later prompt of the same request was refused
-            err = {"error": {"message": str(e), "type": "invalid_request_error", "code": e.status}}
-            self.wfile.write(f"data: {json.dumps(err)}\n\n".encode())
+        except Exception as e:  # the 200 is out: a later prompt refused, or generation failed, as an event
+            self.wfile.write(f"data: {json.dumps(_error_body(*_status_of(e)))}\n\n".encode())
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
@@ -108,11 +119,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_events(chunks(req))
             else:
                 self._send_json(200, answer(req))
-        except RequestError as e:
-            self._send_error(e.status, str(e))
-        except Exception as e:  # the model failed: tell the client in one line, keep the details in the log
-            log.exception("generation failed")
-            self._send_error(500, f"generation failed: {type(e).__name__}: {e}")
+        except Exception as e:  # refused (4xx) or the model failed (500): one line for the client
+            self._send_error(*_status_of(e))
 
 
 class LosaHTTPServer(ThreadingHTTPServer):
