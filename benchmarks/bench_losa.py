@@ -33,7 +33,7 @@ def _data_dir(args) -> str:
 
 
 def _losa_config(args, variant: str, target: str):
-    from losa.runner.config import LoSAConfig
+    from losa.pipelines.losa.config import LoSAConfig
 
     kw = dict(method="sparsegpt" if variant == "losa-sparsegpt" else "wanda", steps=args.steps,
               calib="c4", nsamples=args.nsamples, seqlen=args.seqlen, recon_nsamples=args.recon_nsamples,
@@ -65,7 +65,7 @@ def run_single(args) -> dict:
 
     import losa
     from losa.eval.ppl import perplexity
-    from losa.verify import sparsity_report
+    from losa.export.verify import sparsity_report
 
     torch.manual_seed(0)
     variant, target = args.single
@@ -82,7 +82,7 @@ def run_single(args) -> dict:
             from peft import LoraConfig, get_peft_model
 
             from losa.finetune.train import finetune
-            from losa.runner.run import prepare_finetune_examples
+            from losa.pipelines.losa.loop import prepare_finetune_examples
 
             cfg = _losa_config(args, variant, target)
             examples = prepare_finetune_examples(tok, cfg, cfg.seed + 1)
@@ -99,7 +99,7 @@ def run_single(args) -> dict:
     elif variant == "dense":
         sparsity = 0.0
     else:
-        from losa.runner.run import run
+        from losa.pipelines.losa.loop import run
 
         cfg = _losa_config(args, variant, target)
         rep = run(model, tok, cfg, progress=False, model_name="smollm2-135m")
@@ -108,7 +108,7 @@ def run_single(args) -> dict:
         extra["ranks_last_step"] = rep.steps[-1].ranks
         extra["layer_sparsity"] = rep.steps[-1].layer_target_sparsity
         tokens = None  # filled below from the shared example set
-        from losa.runner.run import prepare_finetune_examples
+        from losa.pipelines.losa.loop import prepare_finetune_examples
 
         tokens = sum(len(e["input_ids"]) for e in prepare_finetune_examples(tok, cfg, cfg.seed + 1))
     t_train = time.perf_counter() - t0

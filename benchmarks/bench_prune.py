@@ -26,6 +26,7 @@ import torch
 import losa
 from losa.eval.ppl import perplexity
 from losa.models.loading import cache_dir
+from losa.pruning.masks import parse_nm
 from losa.utils.io import atomic_write_json, atomic_write_text
 
 HERE = Path(__file__).resolve().parent
@@ -50,7 +51,7 @@ def evaluate(model_dir: Path, out: Path, args, nm: str | None) -> dict:
         model, _ = losa.load_model(str(out))
     ppl = perplexity(model, tok, "wikitext2", seqlen=512, max_windows=args.eval_windows, data_dir=args.data_dir,
                      progress=False)
-    rep = losa.sparsity_report(model, losa.config.parse_nm(nm) if nm else None)
+    rep = losa.sparsity_report(model, parse_nm(nm) if nm else None)
     ok = all(m.get("nm_ok", True) for m in rep["modules"].values())
     return {"ppl": ppl, "sparsity": rep["overall"], "nm_ok": ok}
 

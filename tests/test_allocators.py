@@ -7,8 +7,8 @@ import pytest
 from scipy.optimize import linprog
 
 from losa.errors import LosaError
-from losa.sparsity.allocators import allocate, default_delta, outlier_ratio, rmi_importance
-from losa.sparsity.mixed_nm import allocate_mixed_nm
+from losa.allocation.allocators import allocate, default_delta, outlier_ratio, rmi_importance
+from losa.allocation.mixed_nm import allocate_mixed_nm
 
 
 def _random_cka(n: int, seed: int) -> np.ndarray:
@@ -154,7 +154,7 @@ def test_mixed_nm_capped_pairs_is_the_optimum_under_the_cap():
 
 
 def test_pairs_for_delta_keeps_the_mean_deviation_within_delta():
-    from losa.sparsity.mixed_nm import pairs_for_delta
+    from losa.allocation.mixed_nm import pairs_for_delta
 
     for delta, m, layers in ((0.01, 4, 30), (0.01, 8, 30), (0.03, 8, 30), (0.02, 8, 32)):
         k = pairs_for_delta(delta, m, layers)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from losa.errors import LosaError
-from losa.sparsity.cka import GramAccumulator, cka_from_grams, cka_matrix, gram
+from losa.allocation.cka import GramAccumulator, cka_from_grams, cka_matrix, gram
 
 
 def _cka_features(x: np.ndarray, y: np.ndarray) -> float:

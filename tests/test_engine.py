@@ -8,8 +8,8 @@ from conftest import TINY_FAMILIES, make_tiny_model
 
 import losa
 from losa.calib.engine import LayerwiseEngine
-from losa.calib.stats import InputNormStat
-from losa.config import build_config
+from losa.pruning.stats import InputNormStat
+from losa.utils.config import build_config
 from losa.models.linear import get_weight
 from losa.models.registry import get_decoder_layers
 
@@ -159,7 +159,7 @@ def test_statistics_pass_stops_after_the_last_linear_and_changes_nothing(family)
     """Layer mode: the statistics forward stops once every linear has seen its input (the last projection
     never computes there), and the masks equal those of a full statistics forward."""
     from losa.models.registry import linear_modules
-    from losa.prune import PruneVisitor
+    from losa.pipelines.oneshot import PruneVisitor
     from losa.pruning import Target, get_pruner
 
     ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))

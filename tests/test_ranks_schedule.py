@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from losa.errors import LosaError
-from losa.runner.ranks import allocate_ranks
-from losa.runner.schedule import rank_budget_at, sparsity_at
+from losa.lora.ranks import allocate_ranks
+from losa.allocation.schedule import rank_budget_at, sparsity_at
 
 
 def test_cubic_schedule_values():

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from losa.errors import LosaError
 from losa.models.registry import get_decoder_layers
-from losa.runner import LoSAConfig, run
+from losa.pipelines.losa import LoSAConfig, run
 
 
 class CharTokenizer:
@@ -76,7 +76,7 @@ def test_end_to_end_loss_decreases_and_exact_sparsity(tmp_path, tiny_model, cali
 
 
 def test_resume_after_interruption_identical(tmp_path, tiny_model, calib, monkeypatch):
-    runmod = importlib.import_module("losa.runner.run")  # the module (losa.runner.run is also the function)
+    runmod = importlib.import_module("losa.pipelines.losa.loop")  # the module (losa.pipelines.losa.loop is also the function)
 
     data = _data(tmp_path, n=16)
     cfg = _cfg(data, steps=2, finetune={"batch_size": 4, "max_length": 32, "lr": 5e-3, "epochs": 1})
@@ -157,7 +157,7 @@ def test_owl_mixed_nm_without_finetuning(tiny_model, calib):
 
 
 def test_reconstruction_errors_match_hidden_states(tmp_path, tiny_model, calib):
-    from losa.runner.recon import DenseTargets, reconstruction_errors
+    from losa.pipelines.losa.recon import DenseTargets, reconstruction_errors
 
     dense = tiny_model("llama", seed=0, layers=3, hidden=32)
     targets = DenseTargets.compute(dense, calib, tmp_path / "t.npy", batch_size=3)
@@ -179,7 +179,7 @@ def test_mixed_nm_unequal_layer_sizes_warns_and_falls_back_uncapped():
     """The default cap on moved layers needs equal layer sizes; with unequal sizes (and no explicit
     nm_max_pairs) the step targets fall back to the uncapped allocation, with a warning, and the
     size-weighted mean N stays exact."""
-    from losa.runner.run import _step_targets
+    from losa.pipelines.losa.loop import _step_targets
 
     cfg = LoSAConfig(nm="4:8", mixed_nm=True, steps=1, nsamples=4, seqlen=16, recon_nsamples=2, device="cpu")
     sizes = [100, 100, 200, 200]

@@ -106,7 +106,7 @@ def _groups_ok(w: torch.Tensor, n: int, m: int) -> bool:
 
 
 def test_nm_after_merge():
-    from losa.verify import check_nm
+    from losa.pruning.masks import check_nm
 
     torch.manual_seed(1)
     base = nn.Linear(32, 8, bias=False)

@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 
 from losa.calib.chunked_mlp import chunked_gated_mlp
 from losa.calib.hooks import StatsComplete, act_on_first_input, collect_inputs
-from losa.calib.stats import InputStat
 from losa.errors import LosaError
 from losa.models.linear import in_features
 from losa.models.registry import ArchSpec, get_arch, get_decoder_layers, linear_modules
+from losa.pruning.stats import InputStat
 from losa.utils.device import resolve_device
 from losa.utils.memory import release_free_memory
 

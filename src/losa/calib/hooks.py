@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 from torch import nn
 
-from losa.calib.stats import InputStat
+from losa.pruning.stats import InputStat
 
 
 class StatsComplete(Exception):

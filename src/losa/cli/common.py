@@ -23,19 +23,31 @@ def add_data_dir_arg(p: argparse.ArgumentParser) -> None:
                    help="directory with wikitext-2-raw/, c4/, ptb/ ... (default: $LOSA_DATA_DIR, else the HF hub)")
 
 
-def add_calibration_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, default_calib: str = "c4") -> None:
-    """The calibration flags shared by ``losa prune`` and ``losa run`` (CalibrationFields)."""
-    p.add_argument("--calib", help="calibration source: c4, wikitext2, ptb, self (model-generated), or a "
-                                   f".txt/.json/.jsonl file (default: {default_calib})")
-    p.add_argument("--nsamples", type=int, help="calibration windows (default: 128)")
-    p.add_argument("--seqlen", type=int, help="calibration window length in tokens (default: 2048)")
-    p.add_argument("--calib-batch-size", type=int,
-                   help="windows per calibration forward (default: about 1024 tokens per batch; all windows in "
-                        "one batch for the single-pass mode of losa prune)")
-    p.add_argument("--stats-precision", choices=("model", "bfloat16", "float16"),
-                   help="autocast dtype of the statistics-only passes (outputs are still propagated in the "
-                        "model's dtype). Measured on SmolLM2 (CPU): Wanda 1.0-1.3x faster, but worse perplexity at "
-                        "60-70 %% sparsity (default: model)")
+def add_recipe_args(p: argparse.ArgumentParser, cls: type) -> None:
+    """``--recipe`` plus one flag per field of the config ``cls`` (generated: :mod:`losa.cli.flags`)."""
+    from losa.cli.flags import add_config_flags
+
+    p.add_argument("--recipe", help=f"YAML file of {cls.__name__} fields (nested configs as mappings); "
+                                    "flags given explicitly override it")
+    flags = add_config_flags(p, cls)
+    p.set_defaults(config_flags=flags, config_class=cls)
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The command's config: its YAML recipe (if any), overridden by the flags given.
+
+    ``calib`` defaults to c4 when a data directory is available, else to ``self`` (model-generated text).
+
+    Raises:
+        LosaError: an unreadable recipe or an invalid value (one line).
+    """
+    from losa.cli.flags import config_values
+    from losa.utils.config import build_config, load_recipe
+
+    values = config_values(args, args.config_flags, load_recipe(args.recipe) if args.recipe else {})
+    if "calib" not in values:
+        values["calib"] = "c4" if data_available(values.get("data_dir")) else "self"
+    return build_config(args.config_class, values)
 
 
 def add_quiet_arg(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from losa.cli.common import add_model_arg
-from losa.config import parse_nm
+from losa.pruning.masks import parse_nm
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_inspect(args: argparse.Namespace) -> int:
     import losa
+    from losa.export.verify import sparsity_report
     from losa.utils.io import atomic_write_json
-    from losa.verify import sparsity_report
 
     nm = parse_nm(args.nm) if args.nm else None
     model, _ = losa.load_model(args.model, dtype=args.dtype)

@@ -5,41 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from losa.cli.common import (
-    add_calibration_args,
-    add_data_dir_arg,
-    add_model_arg,
-    add_quiet_arg,
-    data_available,
-)
-from losa.config import PruneConfig, build_config, load_recipe
-
-#: flag name -> PruneConfig field
-_FIELDS = ("method", "sparsity", "nm", "nm_n", "calib", "nsamples", "seqlen", "seed", "data_dir",
-           "calib_batch_size", "sequential", "stats_precision", "blocksize", "percdamp", "device")
+from losa.cli.common import add_model_arg, add_quiet_arg, add_recipe_args, config_from_args, data_available
+from losa.pipelines.oneshot import PruneConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="one-shot prune a model (magnitude, Wanda, SparseGPT)",
                        description="Prune every linear layer of the decoder, verify the result, report "
-                                   "perplexity and save an HF checkpoint with losa.json.")
+                                   "perplexity and save an HF checkpoint with losa.json. Every PruneConfig field "
+                                   "is a flag; without a data dir, calibration text is self-generated.")
     add_model_arg(p)
-    p.add_argument("--recipe", help="YAML file with PruneConfig fields; flags given explicitly override it")
-    p.add_argument("--method", help="magnitude | wanda | sparsegpt (default: wanda)")
-    p.add_argument("--sparsity", type=float, help="unstructured sparsity in [0, 1) (default: 0.5)")
-    p.add_argument("--nm", help="semi-structured N:M pattern, e.g. 2:4 or 4:8 (replaces --sparsity)")
-    p.add_argument("--nm-n", type=lambda s: [int(x) for x in s.split(",")],
-                   help="mixed N:M: comma-separated N per decoder layer (M from --nm)")
-    add_calibration_args(p, default_calib="c4 when a data dir is set, else self")
-    p.add_argument("--seed", type=int, help="calibration sampling seed (default: 0)")
-    p.add_argument("--sequential", choices=("auto", "layer", "module"),
-                   help="layer: statistics from the unpruned layer, two passes per layer (as llm-compressor); "
-                        "module: one pass, each linear pruned at its first call (true sequential); "
-                        "auto (default): module when the pruner prefers it (SparseGPT) and all samples fit one batch")
-    p.add_argument("--blocksize", type=int, help="SparseGPT block size (default: 128)")
-    p.add_argument("--percdamp", type=float, help="SparseGPT dampening, fraction of mean diag(H) (default: 0.01)")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto)")
-    add_data_dir_arg(p)
+    add_recipe_args(p, PruneConfig)
     p.add_argument("--eval", default=None,
                    help="comma-separated perplexity datasets after pruning (default: wikitext2 when a data dir "
                         "is set); 'none' to skip")
@@ -51,19 +27,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-save", action="store_true", help="do not write a checkpoint")
     add_quiet_arg(p)
     p.set_defaults(func=run_prune)
-
-
-def config_from_args(args: argparse.Namespace) -> PruneConfig:
-    values = load_recipe(args.recipe) if args.recipe else {}
-    for f in _FIELDS:
-        v = getattr(args, f, None)
-        if v is not None:
-            values[f] = v
-    if "nm" in values and "sparsity" not in values:
-        values.pop("sparsity", None)
-    if "calib" not in values:
-        values["calib"] = "c4" if data_available(values.get("data_dir")) else "self"
-    return build_config(PruneConfig, values)
 
 
 def _default_out(model: str, cfg: PruneConfig) -> Path:

@@ -33,7 +33,7 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from losa.report.compare import compare
+    from losa.report.tables import compare
     from losa.utils.io import atomic_write_text
 
     md, csv_text = compare(args.run_dirs, metric=args.metric)

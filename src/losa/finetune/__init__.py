@@ -4,18 +4,13 @@ The Trainer-based loop (``finetune``, ``distill_loss``) is imported on first use
 Trainer pulls in PEFT and more (about 100 MB), which pruning alone never needs.
 """
 
-from typing import Any
-
 from losa.finetune.config import FinetuneConfig
 from losa.finetune.data import Collator, format_record, load_records, split_for_steps, tokenize_records
+from losa.utils.lazy import lazy_attributes
 
 __all__ = ["Collator", "FinetuneConfig", "distill_loss", "finetune", "format_record", "load_records",
            "split_for_steps", "tokenize_records"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in ("finetune", "distill_loss"):
-        from losa.finetune import train
-
-        return getattr(train, name)
-    raise AttributeError(f"module 'losa.finetune' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_attributes(__name__, {"finetune": "losa.finetune.train",
+                                                  "distill_loss": "losa.finetune.train"})

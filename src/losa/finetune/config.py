@@ -3,23 +3,26 @@ importing a recipe does not import transformers' Trainer)."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from losa.utils.config import LosaConfig
 
 
-class FinetuneConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FinetuneConfig(LosaConfig):
+    """Hyper-parameters of the adapter fine-tuning (transformers Trainer, AdamW)."""
 
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate")
     epochs: float = Field(1.0, gt=0, description="passes over each step's data slice")
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_length: int = Field(256, ge=8)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    lr_scheduler: str = "linear"
-    gradient_checkpointing: bool = False
-    bf16: bool | None = Field(None, description="None = bf16 autocast when CUDA supports it")
-    distill: bool = False
-    temperature: float = Field(1.0, gt=0)
-    max_grad_norm: float = 1.0
-    seed: int = 0
+    batch_size: int = Field(4, ge=1, description="examples per device and optimizer micro-step")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
+    max_length: int = Field(256, ge=8, description="longest example in tokens (longer ones are cut)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(0, ge=0, description="learning-rate warm-up steps")
+    lr_scheduler: str = Field("linear", description="transformers learning-rate schedule name")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less memory)")
+    bf16: bool | None = Field(None, description="bf16 autocast (default: when CUDA supports it)")
+    distill: bool = Field(False, description="train on the KL divergence to the dense model's next-token "
+                                             "distribution (no labels needed)")
+    temperature: float = Field(1.0, gt=0, description="distillation temperature")
+    max_grad_norm: float = Field(1.0, description="gradient clipping norm")
+    seed: int = Field(0, description="fine-tuning seed (data order, adapter dropout)")

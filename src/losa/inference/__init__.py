@@ -10,11 +10,15 @@ Typical use::
 
 from __future__ import annotations
 
-from losa.inference.checkpoint import load_sparse, save_sparse
 from losa.inference.formats import FORMATS, Packed, pack, unpack
 from losa.inference.kernel import kernel_available
 from losa.inference.sparse_linear import DENSE_BATCH_THRESHOLD, DENSE_BATCH_THRESHOLD_BF16, SparseLinear
 from losa.inference.sparsify import sparsify_for_inference
+from losa.utils.lazy import lazy_attributes
+
+# the compact file lives in losa.export (which imports this package): bound on first use
+__getattr__, __dir__ = lazy_attributes(__name__, {"load_sparse": "losa.export.compact",
+                                                  "save_sparse": "losa.export.compact"})
 
 __all__ = [
     "DENSE_BATCH_THRESHOLD",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from losa.errors import LosaError
+from losa.pruning.masks import check_nm
 
 FORMATS = ("bitmask", "nm24", "nm14")
 FORMAT_CODES = {name: i for i, name in enumerate(FORMATS)}
@@ -62,9 +63,8 @@ def meta_stride(fmt: str, k: int) -> int:
 
 
 def nm_fits(keep: torch.Tensor, n: int, m: int = 4) -> bool:
-    """True if every group of ``m`` consecutive inputs keeps at most ``n`` weights."""
-    rows, cols = keep.shape
-    return cols % m == 0 and bool((keep.reshape(rows, cols // m, m).sum(-1) <= n).all())
+    """True if every group of ``m`` consecutive inputs keeps at most ``n`` weights (``keep``: ``[out, in]``)."""
+    return check_nm(keep, n, m)
 
 
 def choose_format(keep: torch.Tensor) -> str:

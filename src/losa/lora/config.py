@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from losa.errors import LosaError
+from losa.utils.config import LosaConfig
 
 
-class SparseLoRAConfig(BaseModel):
+class SparseLoRAConfig(LosaConfig):
     """Capacity ``r_max`` per module; the active rank (≤ r_max) is set per module at run time.
 
     The scale is ``alpha / r_max`` for every module, so changing the active rank never rescales the
     ranks that were already trained.
     """
 
-    model_config = ConfigDict(extra="forbid")
-
-    r_max: int = Field(16, ge=1)
+    r_max: int = Field(16, ge=1, description="adapter capacity: rows of A / columns of B")
     rank: int = Field(8, ge=0, description="initial active rank of every module")
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    #: glob patterns (relative to the decoder layer) of linear modules to adapt; default all prunable
-    target_modules: tuple[str, ...] = ("*",)
-    init_seed: int = 0
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; scale = alpha / r_max")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
+    target_modules: tuple[str, ...] = Field(("*",), description="glob patterns (relative to the decoder layer) of "
+                                                                "the linear modules to adapt; default all prunable")
+    init_seed: int = Field(0, description="seed of A's initialisation")
 
     @model_validator(mode="after")
     def _check(self) -> SparseLoRAConfig:

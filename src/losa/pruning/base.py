@@ -7,9 +7,15 @@ from dataclasses import dataclass
 
 import torch
 
-from losa.calib.stats import InputStat
 from losa.errors import LosaError
+from losa.pruning.stats import InputStat
 from losa.pruning.target import Target
+from losa.utils.config import LosaConfig
+
+
+class PrunerOptions(LosaConfig):
+    """A pruner's own options (none by default). A pruner with options subclasses this as its ``Options``;
+    each default is written once, there. They reach the CLI as flags and a recipe as ``options:``."""
 
 
 @dataclass
@@ -19,9 +25,17 @@ class PruneResult:
 
 
 class Pruner(ABC):
-    """Maps (weight, input statistic, target) to a pruned weight and its mask. Pure: no model access."""
+    """Maps (weight, input statistic, target) to a pruned weight and its mask. Pure: no model access.
+
+    Args:
+        options: the pruner's :attr:`Options` (an instance or a mapping of its fields).
+    Raises:
+        LosaError: an option this pruner does not have (one line naming the pruner that owns it).
+    """
 
     name: str = ""
+    #: the pruner's typed options (an empty config for a pruner with none)
+    Options: type[PrunerOptions] = PrunerOptions
     #: the statistic class this pruner needs from calibration, or None (data-free)
     stat: type[InputStat] | None = None
     #: with ``sequential: auto``, prune each linear at its first call in one pass per layer ("module"
@@ -30,8 +44,13 @@ class Pruner(ABC):
     #: already-pruned upstream modules; Wanda at 70 % and 2:4 is better with the reference "layer" order.
     single_pass_default: bool = False
 
-    def __init__(self, **options: object) -> None:
-        self.options = options
+    def __init__(self, options: PrunerOptions | dict | None = None) -> None:
+        if isinstance(options, self.Options):
+            self.options = options
+        else:
+            values = dict(options or {})
+            check_options(self.name, values)
+            self.options = self.Options(**values)
 
     @abstractmethod
     def prune(self, weight: torch.Tensor, stat: InputStat | None, target: Target) -> PruneResult: ...
@@ -48,12 +67,46 @@ def register_pruner(cls: type[Pruner]) -> type[Pruner]:
 
 
 def available_pruners() -> list[str]:
+    """Names of the registered pruners, sorted."""
     return sorted(_PRUNERS)
 
 
-def get_pruner(name: str, **options: object) -> Pruner:
+def pruner_classes() -> dict[str, type[Pruner]]:
+    """Registered pruner classes by name, sorted by name."""
+    return {n: _PRUNERS[n] for n in available_pruners()}
+
+
+def pruner_class(name: str) -> type[Pruner]:
+    """The pruner class registered as ``name``.
+
+    Raises:
+        LosaError: no such pruner (the message lists the registered ones).
+    """
     try:
-        cls = _PRUNERS[name]
+        return _PRUNERS[name]
     except KeyError:
         raise LosaError(f"unknown pruning method {name!r}; choose one of {', '.join(available_pruners())}") from None
-    return cls(**options)
+
+
+def check_options(method: str, options: dict) -> None:
+    """Fail with one line when ``options`` holds a key that ``method``'s pruner does not have.
+
+    Raises:
+        LosaError: naming the option, the pruner that owns it (if any) and the fix.
+    """
+    own = pruner_class(method).Options.model_fields
+    for key in options:
+        if key in own:
+            continue
+        owners = [n for n, c in pruner_classes().items() if key in c.Options.model_fields]
+        where = f"it is an option of {' / '.join(owners)}" if owners else "no pruner has it"
+        raise LosaError(f"option {key!r} does not apply to --method {method} ({where}); drop it or change the method")
+
+
+def get_pruner(name: str, options: PrunerOptions | dict | None = None) -> Pruner:
+    """Instantiate the pruner registered as ``name`` with its options.
+
+    Raises:
+        LosaError: unknown pruner, or an option it does not have.
+    """
+    return pruner_class(name)(options)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
-from losa.calib.stats import InputStat
-from losa.pruning.base import Pruner, PruneResult, register_pruner
+from losa.pruning.base import Pruner, PruneResult, PrunerOptions, register_pruner
 from losa.pruning.masks import nm_mask, unstructured_mask
+from losa.pruning.stats import InputStat
 from losa.pruning.target import Target
 
 
@@ -16,12 +17,23 @@ def scores_to_mask(scores: torch.Tensor, target: Target, per_row: bool) -> torch
     return unstructured_mask(scores, target.sparsity, per_row=per_row)
 
 
+class MagnitudeOptions(PrunerOptions):
+    """Magnitude pruning's options."""
+
+    per_row: bool = Field(False, description="magnitude: compare |W| within each output row instead of over "
+                                             "the whole matrix (unstructured targets only)")
+
+
 @register_pruner
 class MagnitudePruner(Pruner):
+    """Keep the largest |W| (data-free baseline)."""
+
     name = "magnitude"
     stat = None
+    Options = MagnitudeOptions
+    options: MagnitudeOptions
 
     def prune(self, weight: torch.Tensor, stat: InputStat | None, target: Target) -> PruneResult:
-        per_row = bool(self.options.get("per_row", False))
+        per_row = self.options.per_row
         mask = scores_to_mask(weight.abs().float(), target, per_row=per_row)
         return PruneResult(weight * mask, mask)

@@ -16,6 +16,44 @@ def validate_nm(n: int, m: int) -> None:
         raise LosaError(f"invalid N:M pattern {n}:{m}; need integers with 1 <= N < M (e.g. 2:4, 4:8)")
 
 
+def parse_nm(text: str) -> tuple[int, int]:
+    """``"2:4"`` -> ``(2, 4)``.
+
+    Raises:
+        LosaError: not of the form N:M with integers 1 <= N < M.
+    """
+    try:
+        n_str, m_str = str(text).split(":")
+        n, m = int(n_str), int(m_str)
+    except ValueError:
+        raise LosaError(f"invalid N:M pattern {text!r}; write it as N:M, e.g. 2:4") from None
+    validate_nm(n, m)
+    return n, m
+
+
+def max_nonzeros_per_group(weight: torch.Tensor, m: int) -> int | None:
+    """The largest count of non-zeros in any group of ``m`` consecutive inputs of any row.
+
+    The one N:M group check of losa (verification and the sparse inference formats use it).
+
+    Args:
+        weight: ``[out, in]``.
+        m: the group size M.
+    Returns:
+        the count, or None when ``in`` is not a multiple of ``m``.
+    """
+    rows, cols = weight.shape
+    if cols % m:
+        return None
+    return int((weight != 0).reshape(rows, cols // m, m).sum(-1).max())
+
+
+def check_nm(weight: torch.Tensor, n: int, m: int) -> bool:
+    """True iff every group of ``m`` consecutive inputs of every row holds at most ``n`` non-zeros."""
+    mx = max_nonzeros_per_group(weight, m)
+    return mx is not None and mx <= n
+
+
 def num_pruned(count: int, sparsity: float) -> int:
     """Number of weights to prune out of ``count`` for ``sparsity``: rounded to the nearest integer."""
     return min(count, int(count * sparsity + 0.5))

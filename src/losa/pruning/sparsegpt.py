@@ -20,11 +20,12 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from pydantic import Field
 
-from losa.calib.stats import HessianStat, InputStat
 from losa.errors import LosaError
-from losa.pruning.base import Pruner, PruneResult, register_pruner
+from losa.pruning.base import Pruner, PruneResult, PrunerOptions, register_pruner
 from losa.pruning.masks import num_pruned, smallest_per_row
+from losa.pruning.stats import HessianStat, InputStat
 from losa.pruning.target import Target
 from losa.utils.cpp import KernelUnavailable, build_extension
 
@@ -143,16 +144,28 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None, target: 
     return PruneResult(W.to(weight.dtype), keep)
 
 
+class SparseGPTOptions(PrunerOptions):
+    """SparseGPT's options (Frantar & Alistarh, 2023, Algorithm 1)."""
+
+    blocksize: int = Field(128, ge=1, description="SparseGPT: columns per lazy-update block (B in the paper)")
+    percdamp: float = Field(0.01, gt=0, description="SparseGPT: dampening λ added to diag(H), as a fraction of "
+                                                    "mean(diag(H)); raised automatically if H is not positive definite")
+
+
 @register_pruner
 class SparseGPTPruner(Pruner):
+    """SparseGPT: OBS pruning with lazy block updates of the remaining weights (Frantar & Alistarh, 2023)."""
+
     name = "sparsegpt"
     stat = HessianStat
     single_pass_default = True
+    Options = SparseGPTOptions
+    options: SparseGPTOptions
 
     def prune(self, weight: torch.Tensor, stat: InputStat | None, target: Target) -> PruneResult:
         if stat is None or not hasattr(stat, "hessian"):
             raise LosaError("sparsegpt needs calibration data; pass --calib (or use --method magnitude)")
-        percdamp = float(self.options.get("percdamp", 0.01))
+        percdamp = self.options.percdamp
         # modules fed the same input share one statistic object: factor its Hessian once
         cache = stat.__dict__.setdefault("_hinv_cache", {})
         key = (percdamp, stat.tokens, weight.device)
@@ -160,5 +173,5 @@ class SparseGPTPruner(Pruner):
             cache.clear()
             cache[key] = inverse_hessian_cholesky(stat.hessian.to(weight.device), percdamp, overwrite=True)
         return sparsegpt_prune(weight, None, target,
-                               blocksize=int(self.options.get("blocksize", 128)), percdamp=percdamp,
+                               blocksize=self.options.blocksize, percdamp=percdamp,
                                hinv=cache[key])

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from losa.calib.stats import InputNormStat, InputStat
 from losa.errors import LosaError
 from losa.pruning.base import Pruner, PruneResult, register_pruner
 from losa.pruning.magnitude import scores_to_mask
+from losa.pruning.stats import InputNormStat, InputStat
 from losa.pruning.target import Target
 
 

@@ -10,24 +10,11 @@ from torch import nn
 from losa.errors import SparsityVerificationError
 from losa.models.linear import get_weight
 from losa.models.registry import get_arch, get_decoder_layers, linear_modules
+from losa.pruning.masks import check_nm, max_nonzeros_per_group
 from losa.pruning.target import Target
 
 #: N:M patterns that ``inspect`` reports when no pattern is given
 COMMON_M = (4, 8, 16)
-
-
-def max_nonzeros_per_group(weight: torch.Tensor, m: int) -> int | None:
-    """The largest count of non-zeros in any group of ``m`` consecutive inputs (None if not divisible)."""
-    rows, cols = weight.shape
-    if cols % m:
-        return None
-    return int((weight != 0).reshape(rows, cols // m, m).sum(-1).max())
-
-
-def check_nm(weight: torch.Tensor, n: int, m: int) -> bool:
-    """True iff every group of ``m`` consecutive inputs of every row holds at most ``n`` non-zeros."""
-    mx = max_nonzeros_per_group(weight, m)
-    return mx is not None and mx <= n
 
 
 def module_report(weight: torch.Tensor, nm: tuple[int, int] | None = None) -> dict:

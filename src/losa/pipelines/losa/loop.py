@@ -23,30 +23,30 @@ import numpy as np
 import torch
 from torch import nn
 
+from losa.allocation.allocators import allocate, default_delta, rmi_importance
+from losa.allocation.cka import GramAccumulator
+from losa.allocation.mixed_nm import allocate_mixed_nm, pairs_for_delta
+from losa.allocation.schedule import rank_budget_at, sparsity_at
 from losa.calib.engine import LayerwiseEngine
-from losa.config import build_config, parse_nm
 from losa.data.calibration import get_calibration
 from losa.errors import LosaError
+from losa.export.verify import sparsity_report, verify_targets
 from losa.finetune.data import load_records, split_for_steps, tokenize_records
 from losa.lora.config import SparseLoRAConfig
 from losa.lora.layer import SparseLoRALinear
 from losa.lora.model import add_sparse_lora, merge_and_unload, set_layer_ranks, sparse_lora_modules
+from losa.lora.ranks import allocate_ranks
 from losa.models.linear import get_weight
 from losa.models.registry import get_arch, get_decoder_layers, linear_modules
-from losa.pruning.base import get_pruner
+from losa.pipelines.losa.config import LoSAConfig, check_finetune_size
+from losa.pipelines.losa.recon import DenseTargets, reconstruction_errors
+from losa.pipelines.losa.state import load_state, save_state, seed_everything
+from losa.pipelines.losa.visitors import AdapterPruneVisitor, RMIVisitor
+from losa.pruning.masks import parse_nm
 from losa.pruning.target import Target
 from losa.report.schema import FinalResults, RunMeta, RunReport, StepRecord, save_report
-from losa.runner.config import LoSAConfig, check_finetune_size
-from losa.runner.ranks import allocate_ranks
-from losa.runner.recon import DenseTargets, reconstruction_errors
-from losa.runner.schedule import rank_budget_at, sparsity_at
-from losa.runner.state import load_state, save_state, seed_everything
-from losa.runner.visitors import AdapterPruneVisitor, RMIVisitor
-from losa.sparsity.allocators import allocate, default_delta, rmi_importance
-from losa.sparsity.cka import GramAccumulator
-from losa.sparsity.mixed_nm import allocate_mixed_nm, pairs_for_delta
+from losa.utils.config import build_config
 from losa.utils.io import atomic_write_json
-from losa.verify import sparsity_report, verify_targets
 
 
 def layer_sizes(model: nn.Module) -> list[int]:
@@ -191,7 +191,7 @@ def _run(model, tokenizer, cfg: LoSAConfig, out: Path, resume: bool, progress: b
         state = load_state(out, model, recipe)
         if state is not None:
             first, rows = state[0] + 1, state[1]
-    pruner = get_pruner(cfg.method, blocksize=cfg.blocksize, percdamp=cfg.percdamp)
+    pruner = cfg.pruner()
     final_targets: list[Target] | None = None
     if rows:
         last = rows[-1]

@@ -4,21 +4,89 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
 from losa.calib.engine import LayerContext, LayerwiseEngine
-from losa.calib.stats import InputStat
-from losa.config import PruneConfig, build_config, parse_nm
 from losa.data.calibration import get_calibration
+from losa.errors import LosaError
+from losa.export.verify import sparsity_report, verify_targets
 from losa.models.linear import get_weight, in_features, set_weight
 from losa.models.registry import get_arch, get_decoder_layers, linear_modules
-from losa.pruning.base import Pruner, get_pruner
+from losa.pipelines.config import CalibrationConfig
+from losa.pruning.base import Pruner
+from losa.pruning.masks import parse_nm, validate_nm
+from losa.pruning.stats import InputStat
 from losa.pruning.target import Target
+from losa.utils.config import build_config
 from losa.utils.device import activation_budget, resolve_device
-from losa.verify import sparsity_report, verify_targets
+
+
+class PruneConfig(CalibrationConfig):
+    """One-shot pruning recipe.
+
+    ``sparsity`` is a float (all layers) or a list with one value per decoder layer. ``nm`` ("2:4")
+    selects semi-structured pruning; with ``nm_n`` (one N per layer) and the M of ``nm`` it is mixed N:M.
+    """
+
+    sparsity: float | list[float] = Field(0.5, description="unstructured sparsity in [0, 1): one value, or one "
+                                                           "per decoder layer (comma-separated)")
+    nm_n: list[int] | None = Field(None, description="mixed N:M: one N per decoder layer (M from --nm)")
+    sequential: Literal["auto", "layer", "module"] = Field(
+        "auto", description="layer: statistics from the unpruned layer, then a second pass to propagate (as "
+                            "llm-compressor); module: one pass, each linear pruned at its first call (true "
+                            "sequential, all samples in one batch); auto: module when the pruner prefers it "
+                            "(SparseGPT) and the batch fits in memory")
+    offload: bool | None = Field(None, description="keep the model on the CPU and move one decoder layer at a time "
+                                                   "to the device (default: when the model does not fit)")
+    verify: bool = Field(True, description="verify every module's sparsity / N:M pattern after pruning")
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity(cls, v: float | list[float]) -> float | list[float]:
+        for s in v if isinstance(v, list) else [v]:
+            if not 0.0 <= s < 1.0:
+                raise ValueError(f"sparsity {s} is outside [0, 1); use e.g. 0.5 for 50 %")
+        return v
+
+    @model_validator(mode="after")
+    def _mixed(self) -> PruneConfig:
+        if self.stats_precision != "model" and self.sequential == "module":
+            raise ValueError(f"stats_precision={self.stats_precision} applies to the statistics pass of "
+                             "sequential=layer; module mode has none (its one pass also propagates outputs). "
+                             "Use sequential: layer or auto")
+        if self.nm_n is not None:
+            if self.nm is None:
+                raise ValueError("nm_n (per-layer N) needs nm to give M, e.g. nm: '2:8'")
+            m = parse_nm(self.nm)[1]
+            for n in self.nm_n:
+                validate_nm(n, m)
+        return self
+
+    def layer_targets(self, num_layers: int) -> list[Target]:
+        """One :class:`Target` per decoder layer."""
+        if self.nm is not None:
+            n, m = parse_nm(self.nm)
+            ns = self.nm_n if self.nm_n is not None else [n] * num_layers
+            if len(ns) != num_layers:
+                raise LosaError(f"nm_n has {len(ns)} entries but the model has {num_layers} decoder layers")
+            return [Target(n=int(k), m=m) for k in ns]
+        if isinstance(self.sparsity, list):
+            if len(self.sparsity) != num_layers:
+                raise LosaError(f"sparsity list has {len(self.sparsity)} entries but the model has "
+                                f"{num_layers} decoder layers; give one per layer or a single float")
+            return [Target(sparsity=float(s)) for s in self.sparsity]
+        return [Target(sparsity=float(self.sparsity))] * num_layers
+
+    def describe(self) -> str:
+        if self.nm is not None:
+            return f"{self.method} {'mixed ' if self.nm_n else ''}{self.nm}"
+        s = self.sparsity
+        return f"{self.method} {s:.0%}" if isinstance(s, float) else f"{self.method} per-layer"
 
 
 @dataclass
@@ -91,7 +159,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     spec = get_arch(model)
     layers = get_decoder_layers(model, spec)
     targets = config.layer_targets(len(layers))
-    pruner = get_pruner(config.method, blocksize=config.blocksize, percdamp=config.percdamp)
+    pruner = config.pruner()
     visitor = visitor or PruneVisitor(pruner, targets)
     timings: dict[str, float] = {}
     sequential = "none"  # data-free pruners need no calibration pass

@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from losa.allocation.allocators import outlier_ratio
+from losa.allocation.cka import GramAccumulator
 from losa.calib.engine import LayerContext
-from losa.calib.stats import InputNormStat, InputStat
 from losa.lora.layer import SparseLoRALinear
 from losa.models.linear import get_weight, in_features
 from losa.pruning.base import Pruner
+from losa.pruning.stats import InputNormStat, InputStat
 from losa.pruning.target import Target
 from losa.pruning.wanda import wanda_scores
-from losa.sparsity.allocators import outlier_ratio
-from losa.sparsity.cka import GramAccumulator
 
 
 @dataclass

@@ -1,0 +1,83 @@
+"""The calibration fields shared by every pipeline that prunes with calibration data (one-shot and LoSA)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from losa.pruning.base import Pruner, available_pruners, check_options, get_pruner
+from losa.pruning.masks import parse_nm
+from losa.utils.config import PRUNER_OPTIONS, LosaConfig
+
+#: tokens per calibration forward when ``calib_batch_size`` is None
+AUTO_BATCH_TOKENS = 1024
+
+
+class CalibrationConfig(LosaConfig):
+    """Fields and checks shared by every recipe that prunes with calibration data (one-shot and LoSA)."""
+
+    method: str = Field("wanda", description="pruning method: a registered pruner (magnitude, wanda, sparsegpt)")
+    options: dict[str, Any] = Field(default_factory=dict, json_schema_extra={PRUNER_OPTIONS: True},
+                                    description="the chosen pruner's own options (e.g. sparsegpt blocksize, "
+                                                "percdamp); an option of another pruner is an error")
+    nm: str | None = Field(None, description="semi-structured N:M pattern, e.g. 2:4 or 4:8 (replaces --sparsity)")
+    calib: str = Field("c4", description="calibration source: c4, wikitext2, ptb, self (model-generated text) "
+                                         "or a .txt/.json/.jsonl file")
+    nsamples: int = Field(128, ge=1, description="calibration windows")
+    seqlen: int = Field(2048, ge=2, description="calibration window length in tokens")
+    seed: int = Field(0, description="seed of calibration sampling (and of LoSA's fine-tuning data split)")
+    data_dir: str | None = Field(None, description="directory with wikitext-2-raw/, c4/, ptb/ … "
+                                                   "(default: $LOSA_DATA_DIR, else the HF hub)")
+    calib_batch_size: int | None = Field(None, ge=1, description="windows per calibration forward (default: about "
+                                                                 "1024 tokens per batch)")
+    stats_precision: Literal["model", "bfloat16", "float16"] = Field(
+        "model", description="autocast dtype of the statistics-only passes (outputs are still propagated in the "
+                             "model's dtype); reduced precision is faster but worse at high sparsity "
+                             "(benchmarks/results/prune_stats.md)")
+    device: str = Field("auto", description="compute device: auto, cpu, cuda or cuda:N")
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v not in available_pruners():
+            raise ValueError(f"unknown method {v!r}; choose one of {', '.join(available_pruners())}")
+        return v
+
+    @field_validator("calib")
+    @classmethod
+    def _calib(cls, v: str) -> str:
+        from losa.data.sources import NAMED_FILES
+
+        if v != "self" and v not in NAMED_FILES and not Path(v).is_file():
+            raise ValueError(f"calibration source {v!r} is not c4/wikitext2/ptb/self and no such file exists")
+        return v
+
+    @model_validator(mode="after")
+    def _options(self) -> CalibrationConfig:
+        check_options(self.method, self.options)
+        return self
+
+    def pruner(self) -> Pruner:
+        """The configured pruner (its options validated by its own ``Options`` class)."""
+        return get_pruner(self.method, self.options)
+
+    @field_validator("nm")
+    @classmethod
+    def _nm(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_nm(v)
+        return v
+
+    def stats_autocast(self) -> Any:
+        """The torch dtype for autocast in statistics-only passes, or None."""
+        import torch
+
+        return None if self.stats_precision == "model" else getattr(torch, self.stats_precision)
+
+    def calib_batch(self, seqlen: int | None = None) -> int:
+        """Windows per calibration forward: ``calib_batch_size``, or about AUTO_BATCH_TOKENS tokens."""
+        return self.calib_batch_size or max(1, AUTO_BATCH_TOKENS // (seqlen or self.seqlen))
+
+

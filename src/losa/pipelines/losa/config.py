@@ -1,0 +1,102 @@
+"""LoSAConfig: the full recipe of a LoSA run (flags, Python or a YAML recipe), validated."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from losa.errors import LosaError
+from losa.finetune.config import FinetuneConfig
+from losa.pipelines.config import CalibrationConfig
+from losa.pruning.masks import parse_nm
+
+
+class LoSAConfig(CalibrationConfig):
+    """LoSA recipe. Ablation switches (paper names): ``layerwise_sparsity=False`` (no LSR: uniform
+    sparsity), ``rank_allocation=False`` (no SRA: every layer gets rank Ω_t), ``steps=1`` (no DSA)."""
+
+    sparsity: float = Field(0.5, description="final unstructured sparsity S, reached at step T by the cubic "
+                                             "schedule S_t = S - S(1 - t/T)^3 (ignored with --nm)")
+    mixed_nm: bool = Field(False, description="mixed N:M: per-layer N from the RMI importances with the mean N of "
+                                              "--nm exact")
+    nm_max_dev: int = Field(1, ge=0, description="mixed N:M: the most a layer's N may move from the mean N")
+    nm_max_pairs: int | None = Field(None, ge=-1, description="mixed N:M: layer pairs whose N moves by ±1 "
+                                                              "(default: as many as keep the mean sparsity deviation "
+                                                              "within delta; -1: no cap)")
+    steps: int = Field(5, description="T, the number of prune / fine-tune steps (1 = no dynamic schedule, the "
+                                      "DSA ablation)")
+    layerwise_sparsity: bool = Field(True, description="per-layer sparsity from the allocator (off = uniform, the "
+                                                       "LSR ablation)")
+    allocator: Literal["rmi", "owl", "uniform"] = Field(
+        "rmi", description="layer-wise sparsity allocator: rmi (Representation Mutual Information, linear CKA), "
+                           "owl (outlier-weighted) or uniform")
+    rmi_features: Literal["inputs", "outputs"] = Field("inputs", description="RMI: compare the layers' inputs or "
+                                                                             "outputs by linear CKA")
+    beta: float = Field(1.0, gt=0, description="RMI: temperature of the importance softmax")
+    delta: float | None = Field(None, ge=0, description="band ±delta of per-layer sparsity around S_t (default: the "
+                                                        "official schedule, losa.allocation.default_delta)")
+    owl_m: float = Field(5.0, gt=0, description="OWL: a weight is an outlier above M times its layer's mean score")
+    owl_lambda: float = Field(0.08, ge=0, description="OWL: the band ±lambda of per-layer sparsity")
+    rank_allocation: bool = Field(True, description="LoRA ranks proportional to each layer's reconstruction error "
+                                                    "(off = every layer gets Omega_t, the SRA ablation)")
+    omega_first: float = Field(6.0, gt=0, description="mean LoRA rank Omega_1 at step 1 (linear to Omega_T)")
+    omega_last: float = Field(10.0, gt=0, description="mean LoRA rank Omega_T at the last step")
+    r_min: int = Field(2, ge=0, description="smallest LoRA rank of a layer")
+    r_max: int = Field(16, ge=1, description="adapter capacity: the largest LoRA rank of a layer")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; the adapter scale is alpha / r_max")
+    nsamples: int = Field(128, ge=2, description="calibration windows (RMI Grams and pruning statistics)")
+    recon_nsamples: int = Field(16, ge=1, description="calibration windows used for reconstruction errors")
+    # fine-tuning
+    finetune_data: str | None = Field(None, description="fine-tuning data: Alpaca/plain-text .json/.jsonl or a hub "
+                                                        "dataset (default: none; with --distill, self-generated)")
+    max_examples: int | None = Field(None, ge=1, description="use at most this many fine-tuning examples")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="adapter fine-tuning")
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError(f"target sparsity {v} must be in (0, 1); use e.g. 0.5 for 50 %")
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"steps T={v} must be ≥ 1 (T=1 is the no-dynamic-schedule ablation)")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> LoSAConfig:
+        if self.r_min > self.r_max:
+            raise ValueError(f"r_min={self.r_min} > r_max={self.r_max}; set r_min ≤ r_max")
+        for name in ("omega_first", "omega_last"):
+            om = getattr(self, name)
+            if not self.r_min <= om <= self.r_max:
+                raise ValueError(f"{name}={om} outside [r_min, r_max] = [{self.r_min}, {self.r_max}]; adjust it")
+        if self.mixed_nm and self.nm is None:
+            raise ValueError("mixed_nm needs nm to give M and the mean N, e.g. nm: '2:8'")
+        if self.recon_nsamples > self.nsamples:
+            raise ValueError(f"recon_nsamples={self.recon_nsamples} > nsamples={self.nsamples}; lower it")
+        return self
+
+    @property
+    def target_sparsity(self) -> float:
+        """Final sparsity: ``sparsity``, or 1 − N/M for an N:M target."""
+        if self.nm is not None:
+            n, m = parse_nm(self.nm)
+            return 1.0 - n / m
+        return self.sparsity
+
+    @property
+    def effective_allocator(self) -> str:
+        return self.allocator if self.layerwise_sparsity else "uniform"
+
+
+def check_finetune_size(num_examples: int, config: LoSAConfig) -> None:
+    need = config.steps * config.finetune.batch_size
+    if num_examples < need:
+        raise LosaError(f"fine-tuning set has {num_examples} usable examples, too few for {config.steps} steps × "
+                        f"batch size {config.finetune.batch_size} (records whose prompt fills max_length are dropped); add data, "
+                        "raise max_length, or lower steps or the batch size")

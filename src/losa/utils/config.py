@@ -1,0 +1,91 @@
+"""The one validated base of every losa config (pruning, LoSA, fine-tuning, adapters, pruner options).
+
+Every config derives from :class:`LosaConfig`: unknown keys are rejected, assignments are validated,
+and every field carries a description, which :mod:`losa.cli.flags` turns into a command-line flag.
+A validation error has one path to the user: :func:`build_config` raises a :class:`LosaError` whose
+message is one line (``invalid config: field: message``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from losa.errors import LosaError
+
+C = TypeVar("C", bound=BaseModel)
+
+#: ``json_schema_extra`` key of a field whose command-line flags are the registered pruners' options
+PRUNER_OPTIONS = "pruner_options"
+
+
+class LosaConfig(BaseModel):
+    """Base of every losa config: ``extra="forbid"`` (a misspelt key is an error, not ignored) and
+    validated assignment. Constructing a subclass directly raises :class:`LosaError` with one line."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise LosaError(validation_message(e)) from None
+
+
+def validation_message(err: ValidationError) -> str:
+    """A pydantic error as one line: ``invalid config: field: message; …``.
+
+    Args:
+        err: the pydantic validation error.
+    Returns:
+        the message, prefixed ``invalid config:``.
+    """
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "config"
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown option; check the spelling (see --help for the valid names)"
+        parts.append(f"{loc}: {msg}")
+    return "invalid config: " + "; ".join(parts)
+
+
+def build_config(cls: type[C], values: dict[str, Any] | C | None = None) -> C:
+    """Instantiate ``cls`` from a mapping (or pass an instance through).
+
+    Args:
+        cls: a :class:`LosaConfig` subclass.
+        values: field values (nested configs as mappings), an instance of ``cls``, or None for defaults.
+    Returns:
+        the validated config.
+    Raises:
+        LosaError: one line naming every invalid field.
+    """
+    if isinstance(values, cls):
+        return values
+    try:
+        return cls(**(values or {}))
+    except ValidationError as e:
+        raise LosaError(validation_message(e)) from None
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML recipe (a mapping of config fields; nested configs as nested mappings).
+
+    Raises:
+        LosaError: the file is missing, is not YAML, or is not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise LosaError(f"recipe file {p} not found; check the path")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise LosaError(f"recipe {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise LosaError(f"recipe {p} must be a mapping of config fields")
+    return data
