@@ -31,7 +31,7 @@ def main() -> None:
     rep = losa.prune(model, tok, losa.PruneConfig(**cfg), calib_ids=ids, progress=False)
     wall = time.perf_counter() - t
     model.save_pretrained(out_dir)
-    print(json.dumps({"prune_s": wall, "sequential": rep["sequential"],
+    print(json.dumps({"prune_s": wall, "sequential": rep.sequential,
                       "stats_precision": precision or "model", "peak_rss_mb": peak_rss_mb()}))
 
 

@@ -23,9 +23,9 @@ import torch
 
 import losa
 from losa.calib.hooks import StatsComplete, collect_inputs
-from losa.pruning.stats import InputNormStat
 from losa.models.linear import in_features
 from losa.models.registry import get_decoder_layers, linear_modules
+from losa.pruning.stats import InputNormStat
 
 HERE = Path(__file__).resolve().parent
 

@@ -92,10 +92,10 @@ def run_single(args) -> dict:
             res = finetune(model, examples, cfg.finetune, tok.pad_token_id or tok.eos_token_id, teacher=teacher)
             tokens = res["tokens"]
             extra["train_loss"] = res["train_loss"]
-            sparsity = sparsity_report(model.get_base_model())["overall"]
+            sparsity = sparsity_report(model.get_base_model()).overall
             extra["note"] = "sparsity of the base weights; the dense adapter is not merged"
         else:
-            sparsity = sparsity_report(model)["overall"]
+            sparsity = sparsity_report(model).overall
     elif variant == "dense":
         sparsity = 0.0
     else:

@@ -52,8 +52,8 @@ def evaluate(model_dir: Path, out: Path, args, nm: str | None) -> dict:
     ppl = perplexity(model, tok, "wikitext2", seqlen=512, max_windows=args.eval_windows, data_dir=args.data_dir,
                      progress=False)
     rep = losa.sparsity_report(model, parse_nm(nm) if nm else None)
-    ok = all(m.get("nm_ok", True) for m in rep["modules"].values())
-    return {"ppl": ppl, "sparsity": rep["overall"], "nm_ok": ok}
+    ok = all(m.nm_ok is not False for m in rep.modules.values())
+    return {"ppl": ppl, "sparsity": rep.overall, "nm_ok": ok}
 
 
 def main() -> None:

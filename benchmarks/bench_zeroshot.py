@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"{torch.get_num_threads()}, {platform.platform()}",
         "model": args.model, "eval_dtype": args.eval_dtype, "tasks": tasks, "limit": args.limit, "seed": args.seed,
         "batch_size": args.batch_size, "data_dir": args.data_dir,
-        "prune": {"recipe": prune_report["recipe"], "overall_sparsity": prune_report["sparsity"]["overall"],
+        "prune": {"recipe": prune_report.recipe, "overall_sparsity": prune_report.sparsity.overall,
                   "prune_s": round(prune_s, 1)},
         "wall_time_s": {"total": round(total_s, 1), **{k: r["config"]["wall_time_s"] for k, r in runs.items()}},
     }

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
-from losa.errors import LosaError
 from losa.allocation.allocators import allocate, default_delta, outlier_ratio, rmi_importance
 from losa.allocation.mixed_nm import allocate_mixed_nm
+from losa.errors import LosaError
 
 
 def _random_cka(n: int, seed: int) -> np.ndarray:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from losa.errors import LosaError
 from losa.allocation.cka import GramAccumulator, cka_from_grams, cka_matrix, gram
+from losa.errors import LosaError
 
 
 def _cka_features(x: np.ndarray, y: np.ndarray) -> float:

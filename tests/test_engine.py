@@ -8,13 +8,14 @@ from conftest import TINY_FAMILIES, make_tiny_model
 
 import losa
 from losa.calib.engine import LayerwiseEngine
-from losa.pruning.stats import InputNormStat
-from losa.utils.config import build_config
+from losa.calib.visitor import LayerVisitor
 from losa.models.linear import get_weight
 from losa.models.registry import get_decoder_layers
+from losa.pruning.stats import InputNormStat
+from losa.utils.config import build_config
 
 
-class Recorder:
+class Recorder(LayerVisitor):
     """Records layer inputs/outputs and q/first-linear input norms without modifying anything."""
 
     def __init__(self):
@@ -64,8 +65,8 @@ def test_prune_every_family_per_layer_targets(family, method):
     ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     rep = losa.prune(model, None, losa.PruneConfig(method=method, sparsity=[0.3, 0.6]), calib_ids=ids,
                      progress=False)
-    for row, target in zip(rep["sparsity"]["layers"], [0.3, 0.6]):
-        assert abs(row["sparsity"] - target) < 0.02
+    for row, target in zip(rep.sparsity.layers, [0.3, 0.6]):
+        assert abs(row.sparsity - target) < 0.02
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
 
@@ -95,11 +96,11 @@ def test_mixed_nm_per_layer():
     ids = torch.randint(3, 128, (2, 16))
     rep = losa.prune(model, None, losa.PruneConfig(method="wanda", nm="2:8", nm_n=[3, 1]), calib_ids=ids,
                      progress=False)
-    for name, m in rep["sparsity"]["modules"].items():
+    for name, m in rep.sparsity.modules.items():
         n = 3 if ".0." in name else 1
         w = get_weight(model.get_submodule(name))
         assert ((w != 0).reshape(w.shape[0], -1, 8).sum(-1) == n).all()
-        assert m["nm_ok"]
+        assert m.nm_ok
 
 
 def _wanda_mask_from_input(weight, x, sparsity):
@@ -121,7 +122,7 @@ def test_module_sequential_prunes_with_the_inputs_modules_really_get():
                        calib_ids=ids, progress=False)
     rep_m = losa.prune(module_m, None, losa.PruneConfig(method="wanda", sparsity=0.6, sequential="module"),
                        calib_ids=ids, progress=False)
-    assert (rep_l["sequential"], rep_m["sequential"]) == ("layer", "module")
+    assert (rep_l.sequential, rep_m.sequential) == ("layer", "module")
     al, am, ad = (get_decoder_layers(m)[0].self_attn for m in (layer_m, module_m, dense))
     for name in ("q_proj", "k_proj", "v_proj"):
         assert torch.equal(getattr(al, name).weight, getattr(am, name).weight)
@@ -151,7 +152,7 @@ def test_module_sequential_runs_each_layer_once_and_auto_picks_it():
         cfg = losa.PruneConfig(method=method, sparsity=0.5, sequential=sequential, calib_batch_size=batch)
         rep = losa.prune(model, None, cfg, calib_ids=ids, progress=False)
         assert len(calls) == 2 * calls_per_layer + batches, (sequential, batch, len(calls))  # + capture
-        assert abs(rep["sparsity"]["overall"] - 0.5) < 0.01
+        assert abs(rep.sparsity.overall - 0.5) < 0.01
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -194,7 +195,7 @@ def test_bf16_statistics_pass_is_close_to_float32_and_only_in_layer_mode():
         model = make_tiny_model("llama", layers=2)
         rep = losa.prune(model, None, losa.PruneConfig(method="wanda", sparsity=0.5, stats_precision=prec),
                          calib_ids=ids, progress=False)
-        assert rep["sequential"] == "layer" and rep["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3)
+        assert rep.sequential == "layer" and rep.sparsity.overall == pytest.approx(0.5, abs=1e-3)
         masks[prec] = torch.cat([(p != 0).flatten() for n, p in model.named_parameters() if "proj" in n])
     agree = (masks["model"] == masks["bfloat16"]).float().mean().item()
     assert 0.97 < agree < 1.0
@@ -204,7 +205,7 @@ def test_bf16_statistics_pass_is_close_to_float32_and_only_in_layer_mode():
     model = make_tiny_model("llama", layers=1)
     rep = losa.prune(model, None, losa.PruneConfig(method="sparsegpt", sparsity=0.5, stats_precision="bfloat16"),
                      calib_ids=ids, progress=False)
-    assert rep["sequential"] == "layer"
+    assert rep.sequential == "layer"
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "phi3"])
@@ -227,7 +228,7 @@ def test_single_pass_chunked_mlp_matches_the_plain_forward(monkeypatch, family):
     def pruned(method: str) -> dict[str, torch.Tensor]:
         model = make_tiny_model(family, layers=2)
         cfg = losa.PruneConfig(method=method, sparsity=0.5, sequential="module")
-        assert losa.prune(model, None, cfg, calib_ids=ids, progress=False)["sequential"] == "module"
+        assert losa.prune(model, None, cfg, calib_ids=ids, progress=False).sequential == "module"
         return {n: p.detach().clone() for n, p in model.named_parameters()}
 
     for method in ("sparsegpt", "wanda"):

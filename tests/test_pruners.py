@@ -7,10 +7,10 @@ import itertools
 import pytest
 import torch
 
-from losa.pruning.stats import HessianStat, InputNormStat
 from losa.errors import LosaError
 from losa.pruning import Target, get_pruner, nm_mask, sparsegpt, unstructured_mask
 from losa.pruning.sparsegpt import inverse_hessian_cholesky, sparsegpt_prune
+from losa.pruning.stats import HessianStat, InputNormStat
 
 
 def _rand(*shape, seed=0):
@@ -226,8 +226,8 @@ def test_unknown_pruner():
 def test_inverse_hessian_overwrite_and_in_place_hessian_are_exact():
     """The memory-saving paths (in-place scaling of the Hessian, overwriting it during the factorisation)
     give the bits of the out-of-place computation, against an independent 2/n XᵀX."""
-    from losa.pruning.stats import HessianStat
     from losa.pruning.sparsegpt import inverse_hessian_cholesky
+    from losa.pruning.stats import HessianStat
 
     x = torch.randn(300, 40, generator=torch.Generator().manual_seed(0))
     st = HessianStat(40)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from losa.allocation.schedule import rank_budget_at, sparsity_at
 from losa.errors import LosaError
 from losa.lora.ranks import allocate_ranks
-from losa.allocation.schedule import rank_budget_at, sparsity_at
 
 
 def test_cubic_schedule_values():

@@ -20,7 +20,7 @@ def test_wanda_50_on_smollm2(smollm2, data_dir):
     dense = perplexity(model, tok, "wikitext2", seqlen=256, max_windows=4, data_dir=data_dir, progress=False)
     rep = losa.prune(model, tok, losa.PruneConfig(method="wanda", sparsity=0.5, calib="c4", nsamples=4, seqlen=256,
                                                   data_dir=str(data_dir)), progress=False)
-    assert abs(rep["sparsity"]["overall"] - 0.5) < 1e-3
+    assert abs(rep.sparsity.overall - 0.5) < 1e-3
     sparse = perplexity(model, tok, "wikitext2", seqlen=256, max_windows=4, data_dir=data_dir, progress=False)
     assert math.isfinite(sparse) and sparse > dense
     assert dense < 60  # a working dense model (about 30 at seqlen 512 on the full set)

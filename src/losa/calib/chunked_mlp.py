@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from losa.calib.hooks import FirstInputs
+from losa.calib.hooks import FirstInputs, patched_forward
 from losa.utils.memory import release_free_memory
 
 #: tokens per chunk of the gate/up projections
@@ -65,8 +65,5 @@ def chunked_gated_mlp(layer: nn.Module, path: str | None, linears: Mapping[str, 
         yield False
         return
     size = CHUNK_TOKENS if chunk is None else chunk
-    mlp.forward = lambda x: _chunked_forward(mlp, names, seen, size, x)  # type: ignore[method-assign]
-    try:
+    with patched_forward(mlp, lambda x: _chunked_forward(mlp, names, seen, size, x)):
         yield True
-    finally:
-        del mlp.forward  # back to the class's forward

@@ -14,71 +14,28 @@ prunes the layer and produces its outputs ("true sequential" order within the la
 statistics pass plus a second pass to propagate.
 
 Memory is the model, one layer's work and the calibration activations. Pruning (Wanda, SparseGPT),
-RMI Gram matrices and reconstruction errors are all visitors of this one engine.
+RMI Gram matrices, dense targets and reconstruction errors are all visitors of this one engine
+(:mod:`losa.calib.visitor` declares the contract); every hook it needs comes from :mod:`losa.calib.hooks`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from losa.calib.chunked_mlp import chunked_gated_mlp
-from losa.calib.hooks import StatsComplete, act_on_first_input, collect_inputs
+from losa.calib.hooks import InputsCaptured, StatsComplete, act_on_first_input, capture_inputs, collect_inputs
+from losa.calib.visitor import LayerContext, LayerVisitor
 from losa.errors import LosaError
 from losa.models.linear import in_features
-from losa.models.registry import ArchSpec, get_arch, get_decoder_layers, linear_modules
-from losa.pruning.stats import InputStat
+from losa.models.registry import ArchSpec, get_arch, get_decoder_layers, layer_output, linear_modules
 from losa.utils.device import resolve_device
 from losa.utils.memory import release_free_memory
-
-
-@dataclass
-class LayerContext:
-    """What a visitor sees for one decoder layer."""
-
-    index: int
-    layer: nn.Module
-    linears: dict[str, nn.Module]
-    stats: dict[str, InputStat]
-    inputs: list[torch.Tensor]  #: per calibration batch, ``[b, seq, hidden]``
-    outputs: list[torch.Tensor]  #: the layer's outputs before any modification
-    engine: LayerwiseEngine
-    modified: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def forward(self, inputs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Run this layer (as it is now) over ``inputs`` (default: the calibration inputs)."""
-        return self.engine.forward_layer(self.layer, self.inputs if inputs is None else inputs)
-
-
-class LayerVisitor(Protocol):
-    """Optional attributes: ``needs_outputs = False`` (the visitor never reads ``ctx.outputs``, so the
-    statistics pass may stop early) and ``single_pass = True`` with ``visit_module`` (see above)."""
-
-    def stats_for(self, index: int, linears: dict[str, nn.Module]) -> dict[str, InputStat]:
-        """The statistics to gather for this layer's linear modules (may be empty)."""
-        ...
-
-    def visit(self, ctx: LayerContext) -> None:
-        """Inspect or modify the layer; set ``ctx.modified = True`` after changing weights.
-
-        In single-pass mode ``ctx.extra["single_pass"]`` is True, ``ctx.extra["seen"]`` names the modules
-        already handed to ``visit_module`` and ``ctx.outputs`` are the outputs of the modified layer."""
-        ...
-
-
-class _Captured(Exception):
-    pass
-
-
-def _layer_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple | list) else out
 
 
 class LayerwiseEngine:
@@ -140,29 +97,21 @@ class LayerwiseEngine:
         captured: list[torch.Tensor] = []
         self._kwargs = []
 
-        def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values",
-                                                                 "past_key_value", "layer_past")}
-            kw["use_cache"] = False
-            captured.append(hidden.detach())
+        def sink(hidden: torch.Tensor, kw: dict[str, Any]) -> None:
+            captured.append(hidden)
             self._kwargs.append(kw)
-            raise _Captured
 
-        handle = self.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
-        try:
+        with capture_inputs(self.layers[0], sink):
             for start in range(0, len(self.input_ids), self.batch_size):
                 batch = self.input_ids[start:start + self.batch_size].to(self.device)
-                with contextlib.suppress(_Captured):
+                with contextlib.suppress(InputsCaptured):
                     self.model(input_ids=batch, use_cache=False)
-        finally:
-            handle.remove()
         if len(captured) != -(-len(self.input_ids) // self.batch_size):
             raise LosaError(f"could not capture the inputs of the first decoder layer of {type(self.model).__name__}")
         return captured
 
     def forward_layer(self, layer: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [_layer_output(layer(x, **kw)).detach() for x, kw in zip(inputs, self._kwargs)]
+        return [layer_output(layer(x, **kw)).detach() for x, kw in zip(inputs, self._kwargs)]
 
     # ------------------------------------------------------------------ main loop
     @torch.no_grad()
@@ -196,20 +145,18 @@ class LayerwiseEngine:
     def _visit_layer(self, i: int, layer: nn.Module, hidden: list[torch.Tensor],
                      visitor: LayerVisitor) -> list[torch.Tensor]:
         linears = linear_modules(layer, self.spec)
+        visitor.before_layer(i, linears)
         stats = dict(visitor.stats_for(i, linears))
         for name, st in stats.items():
             if st.in_features != in_features(linears[name]):
                 raise LosaError(f"layer {i} {name}: statistic shape does not match the module")
-        extra: dict[str, Any] = {}
+        ctx = LayerContext(i, layer, linears, stats, hidden, [], self)
         if self.single_pass_for(visitor):
-            def act(name: str, mod: nn.Module, stat: InputStat) -> None:
-                visitor.visit_module(i, name, mod, stat)  # type: ignore[attr-defined]
-
-            with act_on_first_input(linears, stats, act) as seen, \
+            with act_on_first_input(linears, stats, lambda n, m, st: visitor.visit_module(i, n, m, st)) as seen, \
                     chunked_gated_mlp(layer, self.spec.gated_mlp, linears, seen) as chunked:
-                outputs = self.forward_layer(layer, hidden)
-            extra = {"single_pass": True, "seen": set(seen), "chunked_mlp": chunked}
-        elif stats and not getattr(visitor, "needs_outputs", True):
+                ctx.outputs = self.forward_layer(layer, hidden)
+            ctx.single_pass, ctx.seen, ctx.chunked_mlp = True, frozenset(seen), chunked
+        elif stats and not visitor.needs_outputs:
             # statistics only: each forward stops once every linear has seen its input (the layer's
             # last projection, e.g. down_proj, is skipped); the outputs come from the pass after the visit
             cast = torch.autocast(self.device.type, dtype=self.stats_autocast, enabled=self.stats_autocast is not None)
@@ -218,15 +165,13 @@ class LayerwiseEngine:
                     reset()
                     with contextlib.suppress(StatsComplete):
                         layer(x, **kw)
-            outputs = []
-            extra = {"outputs_skipped": True}
+            ctx.outputs_skipped = True
         else:
             with collect_inputs(linears, stats):
-                outputs = self.forward_layer(layer, hidden)
-        ctx = LayerContext(i, layer, linears, stats, hidden, outputs, self, extra=extra)
+                ctx.outputs = self.forward_layer(layer, hidden)
         visitor.visit(ctx)
-        return ctx.forward() if ctx.modified or extra.get("outputs_skipped") else outputs
+        return ctx.forward() if ctx.modified or ctx.outputs_skipped else ctx.outputs
 
     def single_pass_for(self, visitor: LayerVisitor) -> bool:
         """Whether ``visitor`` runs in single-pass mode: it asks for it and all samples are one batch."""
-        return bool(getattr(visitor, "single_pass", False)) and self.batch_size >= len(self.input_ids)
+        return visitor.single_pass and self.batch_size >= len(self.input_ids)

@@ -1,10 +1,18 @@
-"""The single owner of calibration hooks: registers forward hooks that feed linear inputs to
-statistics (and, in the single-pass mode, act on each module before it runs), and always removes them."""
+"""The single owner of every hook and forward patch that losa puts on a model.
+
+Each is a context manager that registers on entry and always removes on exit (also when the body
+raises): statistics of linear inputs (:func:`collect_inputs`), act-on-first-call for the single-pass
+mode (:func:`act_on_first_input`), the capture of the first decoder layer's inputs
+(:func:`capture_inputs`) and a temporary ``forward`` replacement (:func:`patched_forward`, used by the
+chunked gated MLP). No other module of losa registers a hook or assigns ``forward``; a test checks
+that none is left behind.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -104,3 +112,42 @@ def act_on_first_input(modules: Mapping[str, nn.Module], stats: dict[str, InputS
             h.remove()
         last.clear()
         seen.close()
+
+
+class InputsCaptured(Exception):
+    """Raised by the :func:`capture_inputs` hook to stop the model's forward once the inputs are taken."""
+
+
+#: keyword arguments of a decoder layer that must not be replayed from a capture (caches)
+_CACHE_KWARGS = ("hidden_states", "past_key_values", "past_key_value", "layer_past")
+
+
+@contextlib.contextmanager
+def capture_inputs(layer: nn.Module, sink: Callable[[Any, dict[str, Any]], None]) -> Iterator[None]:
+    """While active, a call of ``layer`` hands ``(hidden_states, kwargs)`` to ``sink`` and raises
+    :class:`InputsCaptured` (the rest of the model's forward is not needed). Cache arguments are
+    dropped from ``kwargs`` and ``use_cache=False`` is set, so the layer can be replayed with them."""
+
+    def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        kw = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
+        kw["use_cache"] = False
+        sink(hidden.detach(), kw)
+        raise InputsCaptured
+
+    handle = layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def patched_forward(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """While active, ``module`` computes with ``forward`` instead of its class's ``forward``; the instance
+    attribute is deleted on exit, so the class's method is back (also when the body raises)."""
+    module.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.forward

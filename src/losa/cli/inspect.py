@@ -29,25 +29,25 @@ def run_inspect(args: argparse.Namespace) -> int:
     model, _ = losa.load_model(args.model, dtype=args.dtype)
     rep = sparsity_report(model, nm)
     print(f"{'layer':>5}  {'params':>12}  {'sparsity':>8}")
-    for row in rep["layers"]:
-        print(f"{row['layer']:>5}  {row['numel']:>12,}  {row['sparsity']:>8.4f}")
+    for row in rep.layers:
+        print(f"{row.layer:>5}  {row.numel:>12,}  {row.sparsity:>8.4f}")
     if args.modules:
-        for name, m in rep["modules"].items():
-            extra = f"  {m['nm']} {'ok' if m['nm_ok'] else 'VIOLATED'}" if "nm" in m else ""
-            print(f"  {name:<48} {str(tuple(m['shape'])):>14}  {m['sparsity']:.4f}{extra}")
-    print(f"overall sparsity: {rep['overall']:.4f} ({rep['numel']:,} weights in decoder linear layers)")
+        for name, m in rep.modules.items():
+            extra = f"  {m.nm} {'ok' if m.nm_ok else 'VIOLATED'}" if m.nm else ""
+            print(f"  {name:<48} {str(tuple(m.shape)):>14}  {m.sparsity:.4f}{extra}")
+    print(f"overall sparsity: {rep.overall:.4f} ({rep.numel:,} weights in decoder linear layers)")
     ok = True
     if nm is not None:
-        bad = [n for n, m in rep["modules"].items() if not m["nm_ok"]]
+        bad = [n for n, m in rep.modules.items() if not m.nm_ok]
         ok = not bad
         print(f"{args.nm} pattern: {'satisfied by every module' if ok else f'VIOLATED in {len(bad)} modules'}")
     else:
         for m_ in (4, 8):
-            worst = max((m["max_nonzeros_per_group"][str(m_)] or m_) for m in rep["modules"].values())
+            worst = max((m.max_nonzeros_per_group[str(m_)] or m_) for m in rep.modules.values())
             print(f"at most {worst} non-zeros in any group of {m_} (satisfies {worst}:{m_})")
     if args.json_out:
-        atomic_write_json(args.json_out, rep)
-    if args.min_sparsity is not None and rep["overall"] < args.min_sparsity:
-        print(f"overall sparsity {rep['overall']:.4f} is below --min-sparsity {args.min_sparsity}")
+        atomic_write_json(args.json_out, rep.model_dump())
+    if args.min_sparsity is not None and rep.overall < args.min_sparsity:
+        print(f"overall sparsity {rep.overall:.4f} is below --min-sparsity {args.min_sparsity}")
         ok = False
     return 0 if ok else 1

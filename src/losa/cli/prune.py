@@ -61,14 +61,14 @@ def run_prune(args: argparse.Namespace) -> int:
 
     dense = ppl_all("dense") if args.compare_dense else {}
     report = losa.prune(model, tok, cfg, progress=progress)
-    sp = report["sparsity"]
-    print(f"  verified: overall sparsity {sp['overall']:.4f} over {len(sp['modules'])} linear modules "
-          f"in {len(sp['layers'])} layers; prune time {report['timings']['total_s']:.1f}s")
+    sp = report.sparsity
+    print(f"  verified: overall sparsity {sp.overall:.4f} over {len(sp.modules)} linear modules "
+          f"in {len(sp.layers)} layers; prune time {report.timings['total_s']:.1f}s")
     pruned = ppl_all("pruned")
     if not args.no_save:
         out = Path(args.out) if args.out else _default_out(args.model, cfg)
-        manifest = {"source_model": args.model, "recipe": report["recipe"], "nm": report["nm"],
-                    "layer_targets": report["targets"], "sparsity": sp, "timings": report["timings"],
+        manifest = {"source_model": args.model, "recipe": report.recipe, "nm": report.nm and list(report.nm),
+                    "layer_targets": report.targets, "sparsity": sp.model_dump(), "timings": report.timings,
                     "results": {"ppl": pruned, "dense_ppl": dense, "eval_seqlen": eval_seqlen,
                                 "max_windows": args.max_windows}}
         losa.save_checkpoint(model, tok, out, manifest, overwrite=args.overwrite)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from pydantic import BaseModel, Field
 from torch import nn
 
 from losa.errors import SparsityVerificationError
@@ -17,61 +18,107 @@ from losa.pruning.target import Target
 COMMON_M = (4, 8, 16)
 
 
-def module_report(weight: torch.Tensor, nm: tuple[int, int] | None = None) -> dict:
+class ModuleSparsity(BaseModel):
+    """Sparsity of one prunable linear module."""
+
+    name: str = Field(description="full module name, e.g. model.layers.3.mlp.down_proj")
+    layer: int = Field(description="decoder layer index")
+    module: str = Field(description="name inside the decoder layer, e.g. mlp.down_proj")
+    shape: list[int] = Field(description="[out_features, in_features]")
+    numel: int
+    zeros: int
+    sparsity: float = Field(description="zeros / numel")
+    nm: str | None = Field(None, description="the N:M pattern checked, e.g. 2:4")
+    nm_ok: bool | None = Field(None, description="every group of M inputs holds at most N non-zeros")
+    max_nonzeros_per_group: dict[str, int | None] | None = Field(
+        None, description="without a pattern: the most non-zeros in any group of M (per M in COMMON_M)")
+
+
+class LayerSparsity(BaseModel):
+    """Sparsity of one decoder layer's prunable linear modules together."""
+
+    layer: int
+    numel: int
+    zeros: int
+    sparsity: float
+
+
+class SparsityReport(BaseModel):
+    """Per-module, per-layer and overall sparsity of a model's decoder layers (``losa.json`` holds it)."""
+
+    modules: dict[str, ModuleSparsity]
+    layers: list[LayerSparsity]
+    overall: float = Field(description="zeros / numel over every prunable linear of the decoder layers")
+    numel: int
+
+
+def module_report(weight: torch.Tensor, nm: tuple[int, int] | None = None, name: str = "", layer: int = -1,
+                  module: str = "") -> ModuleSparsity:
+    """Sparsity of one weight ``[out, in]``; checks ``nm`` = (N, M) when given."""
     w = weight.detach()
     zeros = int((w == 0).sum())
-    rep: dict = {"shape": list(w.shape), "numel": w.numel(), "zeros": zeros, "sparsity": zeros / w.numel()}
+    rep = ModuleSparsity(name=name, layer=layer, module=module, shape=list(w.shape), numel=w.numel(), zeros=zeros,
+                         sparsity=zeros / w.numel())
     if nm is not None:
-        rep["nm"] = f"{nm[0]}:{nm[1]}"
-        rep["nm_ok"] = check_nm(w, *nm)
+        rep.nm = f"{nm[0]}:{nm[1]}"
+        rep.nm_ok = check_nm(w, *nm)
     else:
-        rep["max_nonzeros_per_group"] = {str(m): max_nonzeros_per_group(w, m) for m in COMMON_M}
+        rep.max_nonzeros_per_group = {str(m): max_nonzeros_per_group(w, m) for m in COMMON_M}
     return rep
 
 
-def sparsity_report(model: nn.Module, nm: tuple[int, int] | Sequence[tuple[int, int] | None] | None = None) -> dict:
+def sparsity_report(model: nn.Module,
+                    nm: tuple[int, int] | Sequence[tuple[int, int] | None] | None = None) -> SparsityReport:
     """Sparsity of every prunable linear module in the decoder layers, per layer and overall.
 
-    ``nm`` is one pattern for all layers or one per layer (mixed N:M) to check against.
+    Args:
+        model: a model of a registered architecture.
+        nm: one N:M pattern for all layers, or one per layer (mixed N:M), to check; None: report the
+            largest non-zero count per group for M in :data:`COMMON_M`.
+    Returns:
+        the typed report.
+    Raises:
+        LosaError: the model's architecture is not registered.
     """
     spec = get_arch(model)
     layers = get_decoder_layers(model, spec)
     per_layer_nm = list(nm) if isinstance(nm, list | tuple) and nm and not isinstance(nm[0], int) else [nm] * len(layers)
-    modules: dict[str, dict] = {}
+    modules: dict[str, ModuleSparsity] = {}
     layer_rows = []
     total = zeros = 0
     prefix = spec.layers_path
     for i, layer in enumerate(layers):
         lz = ln = 0
         for name, mod in linear_modules(layer, spec).items():
-            rep = module_report(get_weight(mod), per_layer_nm[i])  # type: ignore[arg-type]
-            modules[f"{prefix}.{i}.{name}"] = rep
-            lz += rep["zeros"]
-            ln += rep["numel"]
-        layer_rows.append({"layer": i, "numel": ln, "zeros": lz, "sparsity": lz / ln})
+            full = f"{prefix}.{i}.{name}"
+            rep = module_report(get_weight(mod), per_layer_nm[i], full, i, name)  # type: ignore[arg-type]
+            modules[full] = rep
+            lz += rep.zeros
+            ln += rep.numel
+        layer_rows.append(LayerSparsity(layer=i, numel=ln, zeros=lz, sparsity=lz / max(ln, 1)))
         total += ln
         zeros += lz
-    return {"modules": modules, "layers": layer_rows, "overall": zeros / max(total, 1), "numel": total}
+    return SparsityReport(modules=modules, layers=layer_rows, overall=zeros / max(total, 1), numel=total)
 
 
-def verify_targets(report: dict, targets: Sequence[Target], tol: float | None = None) -> None:
-    """Fail loudly when a module misses its layer's target sparsity or N:M pattern."""
+def verify_targets(report: SparsityReport, targets: Sequence[Target], tol: float | None = None) -> None:
+    """Fail loudly when a module misses its layer's target sparsity or N:M pattern.
+
+    Args:
+        report: from :func:`sparsity_report` (with the targets' N:M patterns checked).
+        targets: one target per decoder layer.
+        tol: allowed shortfall in sparsity (default: one weight per row, ``1 / in_features``).
+    Raises:
+        SparsityVerificationError: naming the first three modules that miss (and how many more).
+    """
     failures = []
-    for name, rep in report["modules"].items():
-        t = targets[_layer_index(name)]
-        in_f = rep["shape"][1]
-        slack = tol if tol is not None else 1.0 / in_f + 1e-6
-        if rep["sparsity"] < t.sparsity - slack:
-            failures.append(f"{name}: {rep['sparsity']:.4f} < target {t.sparsity:.4f}")
-        if t.is_nm and not rep.get("nm_ok", False):
+    for name, rep in report.modules.items():
+        t = targets[rep.layer]
+        slack = tol if tol is not None else 1.0 / rep.shape[1] + 1e-6
+        if rep.sparsity < t.sparsity - slack:
+            failures.append(f"{name}: {rep.sparsity:.4f} < target {t.sparsity:.4f}")
+        if t.is_nm and not rep.nm_ok:
             failures.append(f"{name}: violates {t.n}:{t.m}")
     if failures:
         more = f" (+{len(failures) - 3} more)" if len(failures) > 3 else ""
         raise SparsityVerificationError("sparsity verification failed: " + "; ".join(failures[:3]) + more)
-
-
-def _layer_index(module_name: str) -> int:
-    for part in module_name.split("."):
-        if part.isdigit():
-            return int(part)
-    raise ValueError(module_name)

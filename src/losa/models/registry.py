@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from losa.errors import LosaError
@@ -114,3 +115,12 @@ def linear_modules(layer: nn.Module, spec: ArchSpec | None = None) -> dict[str, 
     if not out:
         raise LosaError(f"decoder layer {type(layer).__name__} has no linear sublayers to prune")
     return out
+
+
+def layer_output(out: object) -> torch.Tensor:
+    """The hidden states of a decoder layer's return value (a tensor, or a tuple whose first item it is).
+
+    Returns:
+        ``[batch, seq, hidden]``.
+    """
+    return out[0] if isinstance(out, tuple | list) else out  # type: ignore[return-value]

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
-from losa.calib.engine import LayerContext, LayerwiseEngine
+from losa.calib.engine import LayerwiseEngine
+from losa.calib.visitor import LayerContext, LayerVisitor
 from losa.data.calibration import get_calibration
 from losa.errors import LosaError
-from losa.export.verify import sparsity_report, verify_targets
+from losa.export.verify import SparsityReport, sparsity_report, verify_targets
 from losa.models.linear import get_weight, in_features, set_weight
 from losa.models.registry import get_arch, get_decoder_layers, linear_modules
 from losa.pipelines.config import CalibrationConfig
@@ -90,7 +91,7 @@ class PruneConfig(CalibrationConfig):
 
 
 @dataclass
-class PruneVisitor:
+class PruneVisitor(LayerVisitor):
     """Prunes every linear module of each visited layer to that layer's target."""
 
     pruner: Pruner
@@ -108,11 +109,10 @@ class PruneVisitor:
         return {name: self.pruner.stat(in_features(mod), device=mod.weight.device) for name, mod in linears.items()}
 
     def visit(self, ctx: LayerContext) -> None:
-        seen = ctx.extra.get("seen", set())
         for name, mod in ctx.linears.items():
-            if name not in seen:  # in single-pass mode: modules the forward never called (e.g. idle experts)
+            if name not in ctx.seen:  # in single-pass mode: modules the forward never called (e.g. idle experts)
                 self.prune_module(ctx.index, name, mod, ctx.stats.get(name))
-        ctx.modified = not ctx.extra.get("single_pass", False)
+        ctx.modified = not ctx.single_pass
 
     def visit_module(self, index: int, name: str, mod: nn.Module, stat: InputStat) -> None:
         self.prune_module(index, name, mod, stat)
@@ -145,11 +145,38 @@ def _nm_for_report(targets: list[Target]) -> list[tuple[int, int] | None]:
     return [(t.n, t.m) if t.is_nm else None for t in targets]  # type: ignore[misc]
 
 
-def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = None,
-          calib_ids: torch.Tensor | None = None, progress: bool = True, visitor: PruneVisitor | None = None) -> dict:
-    """Prune ``model`` in place and verify it; returns a report (recipe, sparsity, timings).
+class PruneReport(BaseModel):
+    """What :func:`prune` did: the recipe, per-layer targets, the verified sparsity and timings."""
 
-    ``calib_ids`` (``[n, seqlen]``) overrides the calibration source of the config.
+    recipe: dict[str, Any] = Field(description="the PruneConfig as a mapping")
+    targets: list[float] = Field(description="target sparsity per decoder layer")
+    nm: tuple[int, int] | None = Field(None, description="(N, M) of an N:M recipe")
+    sparsity: SparsityReport = Field(description="per-module (with layer index and name), per-layer, overall")
+    sequential: Literal["none", "layer", "module"] = Field(description="the calibration pass order used")
+    timings: dict[str, float] = Field(description="seconds per phase (calibration_data_s, prune_s, total_s)")
+
+
+def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = None,
+          calib_ids: torch.Tensor | None = None, progress: bool = True,
+          visitor: PruneVisitor | None = None) -> PruneReport:
+    """Prune ``model`` in place (one-shot) and verify the result.
+
+    Magnitude, Wanda (Sun et al., 2024: |W|·‖X_j‖₂ per output row) or SparseGPT (Frantar & Alistarh,
+    2023: OBS with lazy block updates), unstructured, N:M or mixed N:M, layer by layer over the
+    calibration windows with the outputs of the already-pruned layers as the next layer's inputs.
+
+    Args:
+        model: a causal LM of a registered architecture.
+        tokenizer: its tokenizer (to tokenise calibration text; unused with ``calib_ids``).
+        config: :class:`PruneConfig` or a mapping of its fields (default: Wanda 50 %).
+        calib_ids: ``[nsamples, seqlen]`` token ids overriding the calibration source of the config.
+        progress: progress bars.
+        visitor: a custom :class:`PruneVisitor` (e.g. one that keeps the masks).
+    Returns:
+        the typed :class:`PruneReport`.
+    Raises:
+        LosaError: invalid config, unsupported model, calibration data missing.
+        SparsityVerificationError: a module misses its target (with ``verify``).
     """
     if config is None:
         config = PruneConfig()
@@ -190,11 +217,6 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     if config.verify:
         verify_targets(report, targets)
     timings["total_s"] = time.perf_counter() - t0
-    return {
-        "recipe": config.model_dump(),
-        "targets": [t.sparsity for t in targets],
-        "nm": config.nm and list(parse_nm(config.nm)),
-        "sparsity": report,
-        "sequential": sequential,
-        "timings": timings,
-    }
+    return PruneReport(recipe=config.model_dump(), targets=[t.sparsity for t in targets],
+                       nm=parse_nm(config.nm) if config.nm else None, sparsity=report, sequential=sequential,
+                       timings=timings)

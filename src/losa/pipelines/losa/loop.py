@@ -11,11 +11,13 @@ appended to ``report.json``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import shutil
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,144 +126,224 @@ def _rmi_pass(model: nn.Module, calib_ids: torch.Tensor, cfg: LoSAConfig, progre
     return cka, outliers
 
 
-def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, out_dir: str | Path | None = None,
-        resume: bool = False, progress: bool = True, calib_ids: torch.Tensor | None = None,
-        model_name: str | None = None) -> RunReport:
-    """Run LoSA on ``model`` in place (it ends merged and sparse).
+@dataclass
+class StepResult:
+    """What one LoSA step did (also a row of ``details.json`` and the resume state)."""
 
-    Returns the :class:`~losa.report.schema.RunReport` (also written to ``<out>/report.json`` after
-    every step); ``<out>/details.json`` adds per-step extras (Ω_t, N per layer, OWL ratios, timings).
-    ``calib_ids`` (``[n, seqlen]``) overrides the calibration source of the config.
+    step: int
+    sparsity_target: float  #: S_t
+    layer_sparsity: list[float]  #: per-layer target s_l at this step
+    layer_achieved: list[float]  #: per-layer fraction outside the masks after pruning
+    nm_n: list[int] | None  #: per-layer N (N:M runs)
+    cka: list[list[float]] | None  #: L x L linear CKA of the layers (RMI)
+    outlier_ratios: list[float] | None  #: OWL outlier ratio per layer
+    recon_errors: list[float]  #: reconstruction error per layer before fine-tuning
+    recon_errors_after: list[float]  #: ... and after
+    omega: float  #: mean rank budget Ω_t
+    ranks: list[int]  #: allocated LoRA rank per layer
+    train_losses: list[float]
+    train_loss: float | None
+    finetune_steps: int
+    finetune_tokens: int
+    times: dict[str, float]  #: seconds per phase
+
+    def to_row(self) -> dict[str, Any]:
+        """The JSON row (``details.json``, ``state.json``)."""
+        return dataclasses.asdict(self)
+
+
+class LoSARun:
+    """One LoSA run on ``model`` (in place): :meth:`setup`, then :meth:`step` for t = 1..T, then :meth:`finish`.
+
+    Args:
+        model: a causal LM of a registered architecture (ends merged and sparse).
+        tokenizer: its tokenizer (fine-tuning data, self-generated calibration text).
+        config: the recipe.
+        out: run directory (state, report.json, details.json), or None for a temporary one.
+        resume: continue from the last finished step in ``out``.
+        progress: progress bars.
+        calib_ids: ``[n, seqlen]`` calibration windows overriding the config's source.
+        model_name: recorded in the report.
+    Raises:
+        LosaError: ``resume`` without ``out``; ``out`` already holds a run and ``resume`` is not set.
     """
-    cfg = build_config(LoSAConfig, config) if isinstance(config, dict) else (config or LoSAConfig())
-    if resume and out_dir is None:
-        raise LosaError("--resume needs the --out directory of the run to continue")
-    t_start = time.perf_counter()
-    tmp_root = None
-    if out_dir is None:
-        tmp_root = Path(tempfile.mkdtemp(prefix="losa-run-"))
-        out = tmp_root
-    else:
-        out = Path(out_dir)
-        if out.exists() and not resume and (out / "state").exists():
+
+    def __init__(self, model: nn.Module, tokenizer, config: LoSAConfig, out: Path | None, resume: bool = False,
+                 progress: bool = True, calib_ids: torch.Tensor | None = None, model_name: str = "") -> None:
+        if resume and out is None:
+            raise LosaError("--resume needs the --out directory of the run to continue")
+        if out is not None and out.exists() and not resume and (out / "state").exists():
             raise LosaError(f"{out} already holds a LoSA run; pass --resume to continue it or choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-    recipe = cfg.model_dump()
-    name = model_name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
-    try:
-        return _run(model, tokenizer, cfg, out, resume, progress, calib_ids, recipe, t_start,
-                    write_report=out_dir is not None, model_name=name)
-    finally:
-        if tmp_root is not None:
-            shutil.rmtree(tmp_root, ignore_errors=True)
+        self.model, self.tokenizer, self.cfg = model, tokenizer, config
+        self.write = out is not None  # a run without out_dir cannot be resumed, so it skips the checkpoint
+        self.tmp_root = None if out is not None else Path(tempfile.mkdtemp(prefix="losa-run-"))
+        self.out: Path = out if out is not None else self.tmp_root  # type: ignore[assignment]
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.resume, self.progress, self.calib_ids, self.model_name = resume, progress, calib_ids, model_name
+        self.recipe = config.model_dump()
+        self.t_start = time.perf_counter()
+        self.rows: list[dict] = []
+        self.first_step = 1
+        self.final_targets: list[Target] | None = None
 
-
-def _run(model, tokenizer, cfg: LoSAConfig, out: Path, resume: bool, progress: bool, calib_ids, recipe: dict,
-         t_start: float, write_report: bool, model_name: str) -> RunReport:
-    seed_everything(cfg.seed)
-    if calib_ids is None:
-        calib_ids = get_calibration(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.data_dir,
-                                    model=model, progress=progress)
-    recon_ids = calib_ids[: cfg.recon_nsamples]
-    examples = prepare_finetune_examples(tokenizer, cfg, cfg.seed + 1)
-    slices = split_for_steps(examples, cfg.steps, seed=cfg.seed) if examples else [[] for _ in range(cfg.steps)]
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    pad_id = pad_id if pad_id is not None else (getattr(tokenizer, "eos_token_id", None) or 0)
-    teacher = None
-    if cfg.finetune.distill and examples:
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
-
-    targets_path = out / "dense_targets.npy"
-    state = None
-    sizes = layer_sizes(model)
-    init_rank = int(round(min(max(cfg.omega_first, cfg.r_min), cfg.r_max)))
-    if not (resume and targets_path.is_file()):
+    # ------------------------------------------------------------------ phases
+    def setup(self) -> None:
+        """Calibration windows, fine-tuning slices, dense targets, adapters; restores state on resume."""
+        cfg, model = self.cfg, self.model
+        seed_everything(cfg.seed)
+        if self.calib_ids is None:
+            self.calib_ids = get_calibration(self.tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed,
+                                             cfg.data_dir, model=model, progress=self.progress)
+        self.recon_ids = self.calib_ids[: cfg.recon_nsamples]
+        examples = prepare_finetune_examples(self.tokenizer, cfg, cfg.seed + 1)
+        self.slices = split_for_steps(examples, cfg.steps, seed=cfg.seed) if examples else [[] for _ in range(cfg.steps)]
+        pad_id = getattr(self.tokenizer, "pad_token_id", None)
+        self.pad_id = pad_id if pad_id is not None else (getattr(self.tokenizer, "eos_token_id", None) or 0)
+        self.teacher = None
+        if cfg.finetune.distill and examples:
+            self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        self.sizes = layer_sizes(model)
+        targets_path = self.out / "dense_targets.npy"
         t = time.perf_counter()
-        DenseTargets.compute(model, recon_ids, targets_path, cfg.calib_batch())
-        dense_s = time.perf_counter() - t
-    else:
-        dense_s = 0.0
-    dense = DenseTargets(targets_path)
-    add_sparse_lora(model, SparseLoRAConfig(r_max=cfg.r_max, rank=init_rank, alpha=cfg.lora_alpha,
-                                            init_seed=cfg.seed))
-    wrappers = {id(m.base): m for m in sparse_lora_modules(model).values()}
-    rows: list[dict] = []
-    first = 1
-    if resume:
-        state = load_state(out, model, recipe)
-        if state is not None:
-            first, rows = state[0] + 1, state[1]
-    pruner = cfg.pruner()
-    final_targets: list[Target] | None = None
-    if rows:
-        last = rows[-1]
-        final_targets = ([Target(n=k, m=parse_nm(cfg.nm)[1]) for k in last["nm_n"]] if last.get("nm_n")
-                         else [Target(sparsity=s) for s in last["layer_sparsity"]])
+        if not (self.resume and targets_path.is_file()):
+            DenseTargets.compute(model, self.recon_ids, targets_path, cfg.calib_batch(), cfg.device, self.progress)
+        self.dense_s = time.perf_counter() - t
+        self.dense = DenseTargets(targets_path)
+        init_rank = int(round(min(max(cfg.omega_first, cfg.r_min), cfg.r_max)))
+        add_sparse_lora(model, SparseLoRAConfig(r_max=cfg.r_max, rank=init_rank, alpha=cfg.lora_alpha,
+                                                init_seed=cfg.seed))
+        self.wrappers = {id(m.base): m for m in sparse_lora_modules(model).values()}
+        if self.resume:
+            state = load_state(self.out, model, self.recipe)
+            if state is not None:
+                self.first_step, self.rows = state[0] + 1, state[1]
+        self.pruner = cfg.pruner()
+        if self.rows:
+            last = self.rows[-1]
+            self.final_targets = ([Target(n=k, m=parse_nm(cfg.nm)[1]) for k in last["nm_n"]] if last.get("nm_n")
+                                  else [Target(sparsity=s) for s in last["layer_sparsity"]])
 
-    for step in range(first, cfg.steps + 1):
+    def step(self, step: int) -> StepResult:
+        """One LoSA step: RMI -> per-layer targets at S_t -> prune merged weights -> ranks from the
+        reconstruction errors and Ω_t -> fine-tune this step's slice; then checkpoint and report."""
+        cfg, model = self.cfg, self.model
         seed_everything(cfg.seed * 1000 + step)
         times: dict[str, float] = {}
         s_t = cfg.target_sparsity if cfg.nm else sparsity_at(step, cfg.steps, cfg.target_sparsity)
         omega = rank_budget_at(step, cfg.steps, cfg.omega_first, cfg.omega_last)
 
         t = time.perf_counter()
-        cka, outliers = _rmi_pass(model, calib_ids, cfg, progress, wrappers)
+        cka, outliers = _rmi_pass(model, self.calib_ids, cfg, self.progress, self.wrappers)
         times["rmi_s"] = time.perf_counter() - t
-        targets, layer_s, nm_n = _step_targets(cfg, step, sizes, cka, outliers)
-        final_targets = targets
+        targets, layer_s, nm_n = _step_targets(cfg, step, self.sizes, cka, outliers)
+        self.final_targets = targets
 
         t = time.perf_counter()
-        LayerwiseEngine(model, calib_ids, device=cfg.device, batch_size=cfg.calib_batch(), progress=progress,
+        LayerwiseEngine(model, self.calib_ids, device=cfg.device, batch_size=cfg.calib_batch(), progress=self.progress,
                         desc=f"step {step}/{cfg.steps}: pruning ({cfg.method})",
                         stats_autocast=cfg.stats_autocast()).run(
-            AdapterPruneVisitor(pruner, targets, wrappers))
+            AdapterPruneVisitor(self.pruner, targets, self.wrappers))
         times["prune_s"] = time.perf_counter() - t
         achieved = _mask_sparsity(model)
 
         t = time.perf_counter()
-        errors = reconstruction_errors(model, recon_ids, dense, cfg.calib_batch())
+        errors = self._errors()
         times["recon_s"] = time.perf_counter() - t
-        if cfg.rank_allocation:
-            ranks = allocate_ranks(errors, omega, cfg.r_min, cfg.r_max)
-        else:
-            ranks = [int(round(omega))] * len(sizes)
+        ranks = (allocate_ranks(errors, omega, cfg.r_min, cfg.r_max) if cfg.rank_allocation
+                 else [int(round(omega))] * len(self.sizes))
         set_layer_ranks(model, ranks)
 
         t = time.perf_counter()
         ft: dict[str, Any] = {"losses": [], "steps": 0, "tokens": 0, "optimizer_state": None, "train_loss": None}
-        if slices[step - 1]:
+        if self.slices[step - 1]:
             ftc = cfg.finetune.model_copy(update={"seed": cfg.finetune.seed + cfg.seed * 1000 + step})
-            ft = finetune(model, slices[step - 1], ftc, pad_id, teacher=teacher)
+            ft = finetune(model, self.slices[step - 1], ftc, self.pad_id, teacher=self.teacher)
         times["finetune_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        errors_after = reconstruction_errors(model, recon_ids, dense, cfg.calib_batch()) if ft["steps"] else errors
+        errors_after = self._errors() if ft["steps"] else errors
         times["recon_after_s"] = time.perf_counter() - t
         times["total_s"] = sum(times.values())
 
-        rows.append({
-            "step": step, "sparsity_target": s_t, "layer_sparsity": layer_s, "layer_achieved": achieved,
-            "nm_n": nm_n, "cka": None if cka is None else cka.tolist(), "outlier_ratios": outliers,
-            "recon_errors": errors, "recon_errors_after": errors_after, "omega": omega, "ranks": ranks,
-            "train_losses": ft["losses"],
-            "train_loss": ft["train_loss"], "finetune_steps": ft["steps"], "finetune_tokens": ft["tokens"],
-            "times": times,
-        })
-        if write_report:  # a run without out_dir cannot be resumed, so it skips the checkpoint
-            save_state(out, model, step, recipe, rows, ft["optimizer_state"])
-            _write(out, _report(cfg, rows, None, model_name), rows, sizes, dense_s)
+        result = StepResult(step=step, sparsity_target=s_t, layer_sparsity=layer_s, layer_achieved=achieved,
+                            nm_n=nm_n, cka=None if cka is None else cka.tolist(), outlier_ratios=outliers,
+                            recon_errors=errors, recon_errors_after=errors_after, omega=omega, ranks=ranks,
+                            train_losses=ft["losses"], train_loss=ft["train_loss"], finetune_steps=ft["steps"],
+                            finetune_tokens=ft["tokens"], times=times)
+        self.rows.append(result.to_row())
+        if self.write:
+            save_state(self.out, model, step, self.recipe, self.rows, ft["optimizer_state"])
+            _write(self.out, _report(cfg, self.rows, None, self.model_name), self.rows, self.sizes, self.dense_s)
+        return result
 
-    t = time.perf_counter()
-    merge_and_unload(model)
-    nm_list = [(tg.n, tg.m) if tg.is_nm else None for tg in final_targets]  # type: ignore[union-attr]
-    rep = sparsity_report(model, nm_list)
-    verify_targets(rep, final_targets)  # type: ignore[arg-type]
-    final = FinalResults(sparsity=rep["overall"], layer_target_sparsity=[tg.sparsity for tg in final_targets],
-                         layer_achieved_sparsity=[r["sparsity"] for r in rep["layers"]])
-    report = _report(cfg, rows, final, model_name)
-    if write_report:
-        _write(out, report, rows, sizes, dense_s, {"merge_verify_s": time.perf_counter() - t,
-                                                   "wall_s": time.perf_counter() - t_start})
-    return report
+    def finish(self) -> RunReport:
+        """Merge the adapters for good, verify the sparsity, write the final report, drop the dense targets."""
+        t = time.perf_counter()
+        merge_and_unload(self.model)
+        final_targets = self.final_targets
+        assert final_targets is not None
+        nm_list = [(tg.n, tg.m) if tg.is_nm else None for tg in final_targets]
+        rep = sparsity_report(self.model, nm_list)
+        verify_targets(rep, final_targets)
+        final = FinalResults(sparsity=rep.overall, layer_target_sparsity=[tg.sparsity for tg in final_targets],
+                             layer_achieved_sparsity=[r.sparsity for r in rep.layers])
+        report = _report(self.cfg, self.rows, final, self.model_name)
+        if self.write:
+            _write(self.out, report, self.rows, self.sizes, self.dense_s,
+                   {"merge_verify_s": time.perf_counter() - t, "wall_s": time.perf_counter() - self.t_start})
+        self.close()
+        return report
+
+    def close(self) -> None:
+        """Remove what only a running (resumable) run needs: the dense targets, a temporary run directory."""
+        if hasattr(self, "dense"):
+            del self.dense  # drops the memory map before the file goes
+        if self.tmp_root is not None:
+            shutil.rmtree(self.tmp_root, ignore_errors=True)
+        else:
+            (self.out / "dense_targets.npy").unlink(missing_ok=True)
+
+    def _errors(self) -> list[float]:
+        return reconstruction_errors(self.model, self.recon_ids, self.dense, self.cfg.calib_batch(), self.cfg.device)
+
+
+def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, out_dir: str | Path | None = None,
+        resume: bool = False, progress: bool = True, calib_ids: torch.Tensor | None = None,
+        model_name: str | None = None) -> RunReport:
+    """Run LoSA on ``model`` in place (it ends merged and sparse).
+
+    LoSA (Huang et al., ICLR 2025, Algorithm 1): for t = 1..T prune to S_t = S − S(1 − t/T)³ with
+    per-layer sparsity from RMI (linear CKA), give each layer a LoRA rank proportional to its
+    reconstruction error (Σ r_l = L·Ω_t), fine-tune the masked adapters ΔW = (B·A) ⊙ M; finally merge.
+
+    Args:
+        model: a causal LM of a registered architecture.
+        tokenizer: its tokenizer.
+        config: :class:`LoSAConfig` or a mapping of its fields.
+        out_dir: run directory: ``state/`` (resume), ``report.json`` after every step, ``details.json``
+            (per-step extras: Ω_t, N per layer, OWL ratios, timings). None: a temporary directory.
+        resume: continue the run in ``out_dir`` from its last finished step.
+        progress: progress bars.
+        calib_ids: ``[n, seqlen]`` token ids overriding the calibration source of the config.
+        model_name: recorded in the report (default: the model's ``_name_or_path``).
+    Returns:
+        the :class:`~losa.report.schema.RunReport`.
+    Raises:
+        LosaError: invalid config, ``resume`` without ``out_dir``, an existing run in ``out_dir``, too
+            little fine-tuning data, or a recipe that differs from the one being resumed.
+        SparsityVerificationError: the merged model misses a layer's target.
+    """
+    cfg = build_config(LoSAConfig, config) if isinstance(config, dict) else (config or LoSAConfig())
+    name = model_name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+    job = LoSARun(model, tokenizer, cfg, Path(out_dir) if out_dir is not None else None, resume, progress,
+                  calib_ids, name)
+    try:
+        job.setup()
+        for step in range(job.first_step, cfg.steps + 1):
+            job.step(step)
+        return job.finish()
+    finally:
+        if job.tmp_root is not None:
+            shutil.rmtree(job.tmp_root, ignore_errors=True)
 
 
 def finetune(*args: Any, **kwargs: Any) -> dict:

@@ -1,61 +1,55 @@
 """Per-layer reconstruction error of the sparse model against dense targets stored on disk.
 
+Both passes are visitors of the layer-sequential engine (:mod:`losa.calib.engine`), so they hook
+nothing themselves, work with layer onload, and propagate the model's own outputs layer by layer
+(errors of earlier layers propagate, as in the deployed model).
+
 The dense model's decoder-layer outputs on the first ``k`` calibration windows are computed once
 (before any pruning) and written to a memory-mapped file ``[L, k, seq, hidden]`` in bfloat16 (kept as
 raw 16-bit words, since NumPy has no bfloat16: same range as float32, ~3 significant digits, which
 is plenty for a normalised error). Later only one decoder layer's slice for one batch is read at a
-time, so RAM holds no more than the activations of a forward pass.
+time.
 
-``L_l = Σ ‖y_dense − y_sparse‖² / Σ ‖y_dense‖²`` over those windows, with the sparse model run end to
-end (errors of earlier layers propagate, as in the deployed model).
+``L_l = Σ ‖y_dense − y_sparse‖² / Σ ‖y_dense‖²`` over those windows (LoSA, Huang et al. 2025, Sec. 3.3).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from losa.calib.engine import LayerwiseEngine
+from losa.calib.visitor import LayerContext, LayerVisitor
 from losa.errors import LosaError
 from losa.models.registry import get_decoder_layers
 
 
-@contextlib.contextmanager
-def _layer_output_hooks(model: nn.Module, fn: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
-    handles = []
-    try:
-        for i, layer in enumerate(get_decoder_layers(model)):
-            def hook(_m, _a, out, i=i):
-                fn(i, (out[0] if isinstance(out, tuple | list) else out).detach())
+@dataclass
+class _TargetWriter(LayerVisitor):
+    """Stores every layer's outputs (bf16 bits) into ``arr[layer, window]``."""
 
-            handles.append(layer.register_forward_hook(hook))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    arr: np.ndarray
+    batch_size: int
 
-
-def _forward_batches(model: nn.Module, ids: torch.Tensor, batch_size: int,
-                     fn: Callable[[int, int, torch.Tensor], None]) -> None:
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(ids), batch_size):
-                with _layer_output_hooks(model, lambda i, y, s=start: fn(i, s, y)):
-                    model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
-    finally:
-        model.train(was_training)
+    def visit(self, ctx: LayerContext) -> None:
+        for b, y in enumerate(ctx.outputs):
+            start = b * self.batch_size
+            self.arr[ctx.index, start:start + y.shape[0]] = y.to(torch.bfloat16).cpu().view(torch.int16).numpy()
 
 
 class DenseTargets:
-    """Memory-mapped dense decoder-layer outputs (bfloat16 bits in an int16 ``.npy``)."""
+    """Memory-mapped dense decoder-layer outputs (bfloat16 bits in an int16 ``.npy``).
+
+    Args:
+        path: the ``.npy`` file written by :meth:`compute`.
+    Raises:
+        LosaError: the file is missing.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -64,38 +58,66 @@ class DenseTargets:
         self.data = np.load(self.path, mmap_mode="r")
 
     @classmethod
-    def compute(cls, model: nn.Module, ids: torch.Tensor, path: str | os.PathLike, batch_size: int = 1) -> DenseTargets:
+    def compute(cls, model: nn.Module, ids: torch.Tensor, path: str | os.PathLike, batch_size: int = 1,
+                device: str = "auto", progress: bool = False) -> DenseTargets:
+        """Run the (dense) model over ``ids`` (``[k, seq]``) and store every decoder layer's outputs at ``path``
+        (written to a temporary name, then renamed)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         n_layers = len(get_decoder_layers(model))
         hidden = getattr(model.config, "hidden_size", None) or model.config.n_embd
         tmp = path.with_name(f".{path.name}.partial.npy")
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(n_layers, len(ids), ids.shape[1], hidden))
-
-        def store(i: int, start: int, y: torch.Tensor) -> None:
-            arr[i, start:start + y.shape[0]] = y.to(torch.bfloat16).cpu().view(torch.int16).numpy()
-
-        _forward_batches(model, ids, batch_size, store)
+        LayerwiseEngine(model, ids, device=device, batch_size=batch_size, progress=progress,
+                        desc="dense targets").run(_TargetWriter(arr, batch_size))
         arr.flush()
+        del arr
         os.replace(tmp, path)
         return cls(path)
 
     def layer(self, i: int, start: int, stop: int) -> torch.Tensor:
+        """Layer ``i``'s dense outputs for windows ``start:stop`` as float32 ``[stop - start, seq, hidden]``."""
         return torch.from_numpy(np.array(self.data[i, start:stop], copy=True)).view(torch.bfloat16).float()
 
 
-def reconstruction_errors(model: nn.Module, ids: torch.Tensor, targets: DenseTargets, batch_size: int = 1) -> list[float]:
-    """Normalised squared error of every decoder layer's output against the dense targets."""
+@dataclass
+class _ErrorVisitor(LayerVisitor):
+    targets: DenseTargets
+    batch_size: int
+    num: np.ndarray
+    den: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.den = np.zeros_like(self.num)
+
+    def visit(self, ctx: LayerContext) -> None:
+        for b, y in enumerate(ctx.outputs):
+            start = b * self.batch_size
+            d = self.targets.layer(ctx.index, start, start + y.shape[0]).to(y.device)
+            self.num[ctx.index] += float((y.float() - d).double().square().sum())
+            self.den[ctx.index] += float(d.double().square().sum())
+
+
+def reconstruction_errors(model: nn.Module, ids: torch.Tensor, targets: DenseTargets, batch_size: int = 1,
+                          device: str = "auto", progress: bool = False) -> list[float]:
+    """Normalised squared error of every decoder layer's output against the dense targets.
+
+    Args:
+        model: the (sparse, possibly adapter-wrapped) model.
+        ids: the calibration windows the targets were computed on, ``[k, seq]``.
+        targets: from :meth:`DenseTargets.compute`.
+        batch_size: windows per forward (must match the targets' computation only in total).
+        device: compute device of the engine.
+        progress: show a progress bar.
+    Returns:
+        one error per decoder layer (0 where the dense output is all zeros).
+    Raises:
+        LosaError: the stored targets do not match ``ids`` or the model.
+    """
     n_layers = len(get_decoder_layers(model))
     if targets.data.shape[:3] != (n_layers, len(ids), ids.shape[1]):
         raise LosaError("stored dense targets do not match the calibration windows; delete them and rerun")
-    num = np.zeros(n_layers)
-    den = np.zeros(n_layers)
-
-    def acc(i: int, start: int, y: torch.Tensor) -> None:
-        d = targets.layer(i, start, start + y.shape[0]).to(y.device)
-        num[i] += float((y.float() - d).double().square().sum())
-        den[i] += float(d.double().square().sum())
-
-    _forward_batches(model, ids, batch_size, acc)
-    return [float(a / b) if b > 0 else 0.0 for a, b in zip(num, den)]
+    visitor = _ErrorVisitor(targets, batch_size, np.zeros(n_layers))
+    LayerwiseEngine(model, ids, device=device, batch_size=batch_size, progress=progress,
+                    desc="reconstruction errors").run(visitor)
+    return [float(a / b) if b > 0 else 0.0 for a, b in zip(visitor.num, visitor.den)]

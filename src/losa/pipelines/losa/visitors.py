@@ -15,17 +15,24 @@ from torch import nn
 
 from losa.allocation.allocators import outlier_ratio
 from losa.allocation.cka import GramAccumulator
-from losa.calib.engine import LayerContext
+from losa.calib.visitor import LayerContext, LayerVisitor
 from losa.lora.layer import SparseLoRALinear
-from losa.models.linear import get_weight, in_features
+from losa.models.linear import get_weight, in_features, set_weight
 from losa.pruning.base import Pruner
 from losa.pruning.stats import InputNormStat, InputStat
 from losa.pruning.target import Target
 from losa.pruning.wanda import wanda_scores
 
 
+def _merge_layer(linears: dict[str, nn.Module], wrappers: dict[int, SparseLoRALinear]) -> None:
+    for m in linears.values():
+        w = wrappers.get(id(m))
+        if w is not None:
+            w.merge(keep_original=True)
+
+
 @dataclass
-class RMIVisitor:
+class RMIVisitor(LayerVisitor):
     """Accumulates each layer's n×n Gram of its inputs (or outputs); optionally OWL outlier ratios."""
 
     acc: GramAccumulator
@@ -34,13 +41,13 @@ class RMIVisitor:
     wrappers: dict[int, SparseLoRALinear] = field(default_factory=dict)
     outlier_ratios: dict[int, float] = field(default_factory=dict)
 
+    def before_layer(self, index: int, linears: dict[str, nn.Module]) -> None:
+        if self.owl_m is not None:  # OWL scores the merged weights: merge, so the base modules (and hooks) run
+            _merge_layer(linears, self.wrappers)
+
     def stats_for(self, index: int, linears: dict[str, nn.Module]) -> dict[str, InputStat]:
         if self.owl_m is None:
             return {}
-        for m in linears.values():  # merged, so the base modules (and their input hooks) run
-            w = self.wrappers.get(id(m))
-            if w is not None:
-                w.merge(keep_original=True)
         return {n: InputNormStat(in_features(m), device=get_weight(m).device) for n, m in linears.items()}
 
     def visit(self, ctx: LayerContext) -> None:
@@ -62,7 +69,7 @@ class RMIVisitor:
 
 
 @dataclass
-class AdapterPruneVisitor:
+class AdapterPruneVisitor(LayerVisitor):
     """Per decoder layer: merge its adapters, prune the merged weights to the layer's target, unmerge
     with the new masks. ``wrappers`` maps ``id(base linear)`` to its :class:`SparseLoRALinear`."""
 
@@ -71,11 +78,10 @@ class AdapterPruneVisitor:
     wrappers: dict[int, SparseLoRALinear]
     needs_outputs: bool = False  #: the layer is recomputed after pruning
 
+    def before_layer(self, index: int, linears: dict[str, nn.Module]) -> None:
+        _merge_layer(linears, self.wrappers)  # the calibration forward now runs the merged weights
+
     def stats_for(self, index: int, linears: dict[str, nn.Module]) -> dict[str, InputStat]:
-        for m in linears.values():
-            w = self.wrappers.get(id(m))
-            if w is not None:
-                w.merge(keep_original=True)  # the calibration forward now runs the merged weights
         if self.pruner.stat is None:
             return {}
         return {n: self.pruner.stat(in_features(m), device=get_weight(m).device) for n, m in linears.items()}
@@ -87,7 +93,5 @@ class AdapterPruneVisitor:
             if w is not None:
                 w.unmerge(res.weight, res.mask)
             else:
-                from losa.models.linear import set_weight
-
                 set_weight(mod, res.weight)
         ctx.modified = True
