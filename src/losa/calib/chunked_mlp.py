@@ -2,7 +2,7 @@
 
 A gated MLP computes ``down(act(gate(x)) * up(x))``. Over a whole calibration batch (16 x 512 tokens)
 its default forward holds ``act(gate(x))``, ``up(x)`` and their product at once: three
-``tokens x intermediate`` tensors (~150 MB for SmolLM2, the peak of a SparseGPT run). In single-pass mode
+``tokens x intermediate`` tensors (the peak of a SparseGPT run, benchmarks/results/prune_sameday2.md). In single-pass mode
 each projection must first see its *whole* input (its statistic, then pruning) before it computes, so
 this forward primes ``gate``/``up`` with the full ``x``, fills the product chunk by chunk into one
 buffer, primes ``down`` with that buffer and then runs ``down``: one ``tokens x intermediate`` tensor
@@ -27,9 +27,8 @@ CHUNK_TOKENS = 1024
 def _chunked_forward(mlp: nn.Module, names: tuple[str, str, str], seen: FirstInputs, chunk: int,
                      x: torch.Tensor) -> torch.Tensor:
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-    # the attention's full-batch temporaries are free now but can stay resident in glibc's heap (RSS rose by
-    # ~130 MB over the attention of a SmolLM2 16 x 512 layer); hand them back before the MLP's peak. Part of
-    # the configuration measured in prune_sameday2.md; alone, its effect was within the run-to-run noise.
+    # the attention's full-batch temporaries are free now but can stay resident in glibc's heap: hand them
+    # back before the MLP's peak (part of the configuration in benchmarks/results/prune_sameday2.md)
     release_free_memory()
     seen.prime(names[0], gate, x)  # statistics of the whole input, then pruning, before any chunk runs
     seen.prime(names[1], up, x)  # the same tensor: shares gate's statistic

@@ -33,7 +33,14 @@ from losa.calib.hooks import InputsCaptured, StatsComplete, act_on_first_input, 
 from losa.calib.visitor import LayerContext, LayerVisitor
 from losa.errors import LosaError
 from losa.models.linear import in_features
-from losa.models.registry import ArchSpec, get_arch, get_decoder_layers, layer_output, linear_modules
+from losa.models.registry import (
+    ArchSpec,
+    get_arch,
+    get_decoder_layers,
+    layer_output,
+    linear_modules,
+    replace_module,
+)
 from losa.utils.device import resolve_device
 from losa.utils.memory import release_free_memory
 
@@ -76,14 +83,11 @@ class LayerwiseEngine:
             yield
             return
         if self.offload:
-            parent_path, _, attr = self.spec.layers_path.rpartition(".")
-            parent = self.model.get_submodule(parent_path) if parent_path else self.model
-            layers = getattr(parent, attr)
-            setattr(parent, attr, nn.ModuleList())
+            layers = replace_module(self.model, self.spec.layers_path, nn.ModuleList())
             try:
                 self.model.to(self.device)
             finally:
-                setattr(parent, attr, layers)
+                replace_module(self.model, self.spec.layers_path, layers)
         else:
             self.model.to(self.device)
         try:

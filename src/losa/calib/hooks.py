@@ -68,7 +68,7 @@ class FirstInputs(set):
 
     def close(self) -> None:
         """Drop the step (it refers back to this set: without this the cycle keeps the statistics alive
-        until the garbage collector runs, ~20 MB per SmolLM2 layer)."""
+        until the garbage collector runs)."""
         self._first = None  # type: ignore[assignment]
 
 

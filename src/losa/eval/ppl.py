@@ -17,6 +17,20 @@ from losa.errors import LosaError
 
 @dataclass
 class PerplexityResult:
+    """Perplexity and the numbers behind it.
+
+    Args:
+        ppl: perplexity, ``exp(nll)``.
+        nll: mean next-token negative log-likelihood over the predicted tokens, in nats.
+        windows: number of evaluated windows.
+        tokens: number of predicted tokens (``windows · (seqlen − 1)``).
+        seqlen: window length in tokens.
+    Returns:
+        The result (on construction).
+    Raises:
+        Nothing of its own.
+    """
+
     ppl: float
     nll: float  #: mean token NLL (nats)
     windows: int
@@ -24,13 +38,43 @@ class PerplexityResult:
     seqlen: int
 
     def as_dict(self) -> dict:
+        """The fields as a new dict.
+
+        Args:
+            None.
+        Returns:
+            ``{"ppl", "nll", "windows", "tokens", "seqlen"}`` -> value.
+        Raises:
+            Nothing of its own.
+        """
         return self.__dict__.copy()
 
 
 @torch.no_grad()
 def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
                         batch_size: int = 1, progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
-    """Perplexity of ``model`` on a 1-D token stream ``ids``."""
+    """Perplexity of ``model`` on a 1-D token stream ``ids``.
+
+    The stream is cut into non-overlapping windows of ``seqlen`` tokens (the remainder is dropped);
+    each window is scored on its own, without context from the previous one, so its first token is
+    not predicted. The NLL (float32 logits) is averaged over all predicted tokens; since every
+    window has ``seqlen − 1`` of them this equals the Wanda/SparseGPT protocol (mean of per-window
+    losses). Runs under ``no_grad`` in eval mode on the device of the model's first parameter and
+    restores the previous train/eval mode.
+
+    Args:
+        model: a causal LM returning ``.logits``.
+        ids: token ids, ``[num_tokens]`` (int64).
+        seqlen: window length in tokens (≥ 2).
+        max_windows: evaluate at most this many windows, from the start.
+        batch_size: windows per forward.
+        progress: show a progress bar.
+        desc: progress bar label.
+    Returns:
+        A :class:`PerplexityResult`.
+    Raises:
+        LosaError: ``seqlen < 2``, fewer tokens than one window, or a non-finite mean NLL.
+    """
     if seqlen < 2:
         raise LosaError(f"seqlen must be >= 2, got {seqlen}")
     n = ids.numel() // seqlen
@@ -63,7 +107,28 @@ def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int = 2048, max_window
 def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,
                batch_size: int = 1, data_dir: str | os.PathLike | None = None, progress: bool = True,
                return_details: bool = False) -> float | PerplexityResult:
-    """Perplexity on ``dataset`` (wikitext2/c4/ptb or a local text file)."""
+    """Perplexity on ``dataset`` (wikitext2/c4/ptb or a local text file).
+
+    The evaluation text (WikiText-2 test rows joined by blank lines, C4 validation / PTB test joined
+    by spaces, or the file) is tokenised once and scored by :func:`perplexity_from_ids`; for C4 at
+    most the first 256 windows are used, as in the SparseGPT/Wanda evaluation.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer.
+        dataset: ``wikitext2``, ``c4``, ``ptb`` or a ``.txt``/``.json``/``.jsonl`` path.
+        seqlen: window length in tokens.
+        max_windows: evaluate at most this many windows.
+        batch_size: windows per forward.
+        data_dir: directory with local copies of the datasets (default: ``$LOSA_DATA_DIR``, else the HF hub).
+        progress: show a progress bar.
+        return_details: return the full :class:`PerplexityResult` instead of the float.
+    Returns:
+        The perplexity, or a :class:`PerplexityResult` with ``return_details``.
+    Raises:
+        LosaError: no tokenizer, the dataset text cannot be found or read, or as
+            :func:`perplexity_from_ids`.
+    """
     if tokenizer is None:
         raise LosaError("perplexity needs a tokenizer; load the model with one")
     text = eval_text(dataset, data_dir)

@@ -4,26 +4,32 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import platform
 from pathlib import Path
 
 from losa.utils.io import atomic_directory, atomic_write_json
+from losa.utils.versions import versions
 
 MANIFEST = "losa.json"
 
 
-def versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    import losa
-
-    return {"losa": losa.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
 def save_checkpoint(model, tokenizer, out: str | os.PathLike, manifest: dict, overwrite: bool = False) -> Path:
-    """Write model, tokenizer and ``losa.json`` to a temp dir, then rename it to ``out``."""
+    """Write model, tokenizer and ``losa.json`` to a temp dir, then rename it to ``out``.
+
+    ``losa.json`` holds ``created`` (UTC, ISO 8601), ``versions`` (losa, torch, transformers,
+    python) and then the keys of ``manifest``. If anything fails, ``out`` is left untouched.
+
+    Args:
+        model: a Hugging Face model (``save_pretrained``, safetensors).
+        tokenizer: its tokenizer, or None to save none.
+        out: the checkpoint directory.
+        manifest: JSON-serialisable entries for ``losa.json`` (tensors, paths and pydantic models are converted).
+        overwrite: replace an existing ``out``.
+    Returns:
+        ``out`` as a ``Path``.
+    Raises:
+        LosaError: ``out`` exists and ``overwrite`` is False.
+        TypeError: a manifest value is not JSON serialisable.
+    """
     out = Path(out)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -18,6 +18,7 @@ from torch import nn
 from losa.errors import LosaError
 from losa.inference.formats import Packed
 from losa.inference.sparse_linear import SparseLinear
+from losa.models.registry import replace_module
 from losa.utils.io import atomic_write_bytes
 
 _KEY = "losa_sparse"
@@ -67,8 +68,7 @@ def load_sparse(model: nn.Module, path: str | os.PathLike, prefill_dtype: str | 
         threshold = getattr(old, "dense_batch_threshold", None)
         new = SparseLinear(packed, tensors.get(f"{name}.bias"), prefill_dtype=prefill_dtype,
                            **({"dense_batch_threshold": threshold} if threshold is not None else {}))
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        replace_module(model, name, new)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:
         raise LosaError(f"{path}: tensors {unexpected[:3]} do not fit this model; load the matching base model")

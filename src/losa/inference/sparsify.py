@@ -16,15 +16,9 @@ from losa.errors import LosaError
 from losa.inference.formats import nm_fits, resolve_value_dtype
 from losa.inference.sparse_linear import SparseLinear
 from losa.models.linear import get_weight
-from losa.models.registry import get_arch, get_decoder_layers, linear_modules
+from losa.models.registry import get_arch, get_decoder_layers, linear_modules, replace_module
 
 log = logging.getLogger(__name__)
-
-
-def _set_child(root: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent_name, _, child = dotted.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def _semi_structured(mod: nn.Module) -> bool:
@@ -101,7 +95,7 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
             new = SparseLinear.from_dense(w, bias, vdtype, fmt, dense_batch_threshold, prefill_dtype)
             summary["dense_bytes"] += w.numel() * w.element_size()
             summary["sparse_bytes"] += new.packed.nbytes()
-            _set_child(model, f"{prefix[id(layer)]}.{name}", new)
+            replace_module(model, f"{prefix[id(layer)]}.{name}", new)
             summary["replaced"] += 1
             summary["sparse_prefill_layers"] += int(new.sparse_prefill)
     if device.type == "cuda" and summary["replaced"] == 0:

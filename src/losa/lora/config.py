@@ -9,10 +9,26 @@ from losa.utils.config import LosaConfig
 
 
 class SparseLoRAConfig(LosaConfig):
-    """Capacity ``r_max`` per module; the active rank (≤ r_max) is set per module at run time.
+    """Sparse (masked) LoRA adapters as used by LoSA (Huang et al., ICLR 2025).
 
-    The scale is ``alpha / r_max`` for every module, so changing the active rank never rescales the
-    ranks that were already trained.
+    Capacity ``r_max`` per module; the active rank (≤ r_max) is set per module at run time. The
+    scale is ``alpha / r_max`` for every module (not LoRA's ``alpha / r``, Hu et al., 2022), so
+    changing the active rank never rescales the ranks that were already trained.
+
+    Args:
+        r_max: adapter capacity (≥ 1): rows of ``A`` ``[r_max, in]`` and columns of ``B`` ``[out, r_max]``.
+        rank: initial active rank of every module, in ``[0, r_max]``.
+        alpha: LoRA alpha (> 0); the adapter scale is ``alpha / r_max``.
+        dropout: dropout probability in ``[0, 1)`` on the module input in training (it feeds the fused
+            masked map, see :meth:`SparseLoRALinear.forward`).
+        target_modules: glob patterns, relative to the decoder layer (e.g. ``mlp.*``), of the linear
+            modules to adapt; default ``("*",)``, every prunable linear.
+        init_seed: seed of the Kaiming-uniform initialisation of ``A``.
+    Returns:
+        The validated config (on construction).
+    Raises:
+        LosaError: on construction, a value out of range, an unknown key, or ``rank > r_max``; on
+            assignment, ``rank > r_max`` (an out-of-range field raises pydantic's ``ValidationError``).
     """
 
     r_max: int = Field(16, ge=1, description="adapter capacity: rows of A / columns of B")
@@ -31,4 +47,5 @@ class SparseLoRAConfig(LosaConfig):
 
     @property
     def scale(self) -> float:
+        """The adapter scale ``alpha / r_max``, shared by every module and every active rank."""
         return self.alpha / self.r_max

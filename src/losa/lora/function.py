@@ -22,15 +22,49 @@ import torch
 
 def effective_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor,
                      scale: float) -> torch.Tensor:
-    """``W + s·((B A) ⊙ M)`` in W's dtype; zero wherever both W and M are zero."""
+    """The effective weight ``W + s·((B A) ⊙ M)``; zero wherever W is zero and M is False.
+
+    Args:
+        weight: frozen base weight ``W``, ``[out_features, in_features]``.
+        a: LoRA ``A``, ``[r, in_features]`` (the active rows).
+        b: LoRA ``B``, ``[out_features, r]`` (the active columns).
+        mask: keep-mask ``M``, ``[out_features, in_features]`` (bool, or 0/1 in any dtype).
+        scale: adapter scale ``s`` (``alpha / r_max``).
+    Returns:
+        ``[out_features, in_features]`` in ``weight.dtype`` (``B A`` is formed in ``a``/``b``'s dtype).
+    Raises:
+        Nothing of its own (mismatched shapes surface as torch's ``RuntimeError``).
+    """
     delta = (b @ a).mul_(scale).to(weight.dtype)
     return torch.addcmul(weight, delta, mask.to(weight.dtype))
 
 
 class MaskedLoRAFunction(torch.autograd.Function):
+    """Autograd function behind :func:`masked_lora_linear` (use that; ``apply`` takes the same arguments).
+
+    Saves ``x, W, A, B, M`` and rebuilds ``W_eff`` in backward instead of keeping it alive.
+
+    Args:
+        Those of :func:`masked_lora_linear`, positionally.
+    Returns:
+        ``[..., out_features]`` in ``x.dtype``.
+    Raises:
+        Nothing of its own.
+    """
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        """One GEMM with ``W_eff = W + s·((B A) ⊙ M)`` (formed in W's dtype, applied in x's dtype).
+
+        Args:
+            ctx: autograd context.
+            x, weight, bias, a, b, mask, scale: see :func:`masked_lora_linear`.
+        Returns:
+            ``[..., out_features]`` in ``x.dtype``.
+        Raises:
+            Nothing of its own.
+        """
         w_eff = effective_weight(weight, a.to(weight.dtype), b.to(weight.dtype), mask, scale)
         ctx.save_for_backward(x, weight, a, b, mask)
         ctx.scale = scale
@@ -38,6 +72,17 @@ class MaskedLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        """Gradients of ``x``, ``A`` and ``B`` (see the module docstring); W, bias, M and s get None.
+
+        Args:
+            ctx: autograd context with the saved ``x, W, A, B, M`` and ``scale``.
+            grad_out: ``∂L/∂y``, ``[..., out_features]``.
+        Returns:
+            ``(∂x [..., in] in x.dtype, None, None, ∂A [r, in], ∂B [out, r], None, None)``; ``∂A``/``∂B``
+            in ``A``'s dtype, each None when not required.
+        Raises:
+            Nothing of its own.
+        """
         x, weight, a, b, mask = ctx.saved_tensors
         s = ctx.scale
         grad_x = grad_a = grad_b = None
@@ -57,5 +102,22 @@ class MaskedLoRAFunction(torch.autograd.Function):
 
 def masked_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                        b: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """``x·(W + s·((B A) ⊙ M))ᵀ + bias`` with gradients for ``x``, ``a`` and ``b`` only."""
+    """``x·(W + s·((B A) ⊙ M))ᵀ + bias`` with gradients for ``x``, ``a`` and ``b`` only.
+
+    The masked LoRA map of LoSA (Huang et al., ICLR 2025, "Dynamic Low-Rank Sparse Adaptation"): the
+    update ``ΔW = (B·A) ⊙ M`` stays inside the sparsity pattern, so it merges into W exactly.
+
+    Args:
+        x: input, ``[..., in_features]``.
+        weight: frozen base weight ``W``, ``[out_features, in_features]`` (receives no gradient).
+        bias: ``[out_features]`` or None (receives no gradient).
+        a: LoRA ``A``, ``[r, in_features]`` (usually float32).
+        b: LoRA ``B``, ``[out_features, r]``.
+        mask: keep-mask ``M``, ``[out_features, in_features]``, bool.
+        scale: adapter scale ``s = alpha / r_max``.
+    Returns:
+        ``[..., out_features]`` in ``x.dtype``.
+    Raises:
+        Nothing of its own (mismatched shapes surface as torch's ``RuntimeError``).
+    """
     return MaskedLoRAFunction.apply(x, weight, bias, a, b, mask, scale)

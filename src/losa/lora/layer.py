@@ -21,7 +21,27 @@ from losa.models.linear import get_weight, set_weight
 
 
 class SparseLoRALinear(nn.Module):
-    """Wraps ``base`` (``nn.Linear`` or GPT-2 ``Conv1D``); only ``lora_A`` and ``lora_B`` are trainable."""
+    """Wraps ``base`` (``nn.Linear`` or GPT-2 ``Conv1D``); only ``lora_A`` and ``lora_B`` are trainable.
+
+    LoSA's sparse adapter (Huang et al., ICLR 2025): ``ΔW = s·((B A) ⊙ M)`` with ``s = alpha / r_max``,
+    merged exactly into the pruned weight. Parameters and buffers: ``lora_A`` ``[r_max, in]`` float32
+    (Kaiming-uniform), ``lora_B`` ``[out, r_max]`` float32 (zeros, so the update starts at 0), ``mask``
+    ``[out, in]`` bool, ``active_rank`` 0-d integer tensor; all on the base weight's device. The base
+    module's parameters are frozen.
+
+    Args:
+        base: the linear module to wrap; its weight is read as ``[out, in]``.
+        r_max: adapter capacity (≥ 1).
+        alpha: LoRA alpha; the scale is ``alpha / r_max``.
+        rank: initial active rank in ``[0, r_max]``; None means ``r_max``.
+        mask: keep-mask ``[out, in]`` (converted to bool); None means all-ones.
+        dropout: dropout probability on the module input (0 = none).
+        generator: CPU generator for the initialisation of ``A``.
+    Returns:
+        The wrapper (on construction).
+    Raises:
+        LosaError: ``r_max < 1``, ``rank`` outside ``[0, r_max]``, or ``mask`` not shaped like the weight.
+    """
 
     def __init__(self, base: nn.Module, r_max: int, alpha: float, rank: int | None = None,
                  mask: torch.Tensor | None = None, dropout: float = 0.0,
@@ -58,12 +78,22 @@ class SparseLoRALinear(nn.Module):
 
     @property
     def rank(self) -> int:
+        """The active rank ``r`` (the first ``r`` rows of A / columns of B are used)."""
         return int(self.active_rank)
 
     def set_rank(self, rank: int, generator: torch.Generator | None = None) -> None:
         """Use the first ``rank`` components. Ranks that leave the active set are reset (A re-drawn,
         B zeroed), so a later increase starts them from a zero update; ranks < min(old, new) keep
-        their trained values."""
+        their trained values.
+
+        Args:
+            rank: the new active rank, in ``[0, r_max]``.
+            generator: CPU generator for the re-drawn rows of A (None: torch's global RNG).
+        Returns:
+            None.
+        Raises:
+            LosaError: ``rank`` outside ``[0, r_max]``, or the adapter is merged.
+        """
         if not 0 <= rank <= self.r_max:
             raise LosaError(f"LoRA rank {rank} outside [0, r_max={self.r_max}]; raise r_max or lower the rank")
         if self.merged:
@@ -76,17 +106,46 @@ class SparseLoRALinear(nn.Module):
         self.active_rank.fill_(rank)
 
     def set_mask(self, mask: torch.Tensor) -> None:
+        """Replace the stored keep-mask ``M`` (in place; it is never derived from ``W ≠ 0``).
+
+        Args:
+            mask: ``[out, in]``, any dtype (nonzero = kept); stored as bool.
+        Returns:
+            None.
+        Raises:
+            LosaError: ``mask`` is not shaped like the weight.
+        """
         if mask.shape != self.mask.shape:
             raise LosaError(f"mask shape {tuple(mask.shape)} does not match the weight {tuple(self.mask.shape)}")
         self.mask.copy_(mask.to(torch.bool))
 
     def delta(self) -> torch.Tensor:
-        """The masked update ``s·((B A) ⊙ M)`` as a dense [out, in] float32 matrix (merge / tests)."""
+        """The masked update ``s·((B A) ⊙ M)`` as a dense [out, in] float32 matrix (merge / tests).
+
+        Args:
+            None.
+        Returns:
+            ``[out, in]`` float32, with the active rank only; attached to the autograd graph of A and B.
+        Raises:
+            Nothing of its own.
+        """
         r = self.rank
         return (self.lora_B[:, :r] @ self.lora_A[:r]).mul(self.scale) * self.mask
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``y = x·(W + s·((B A) ⊙ M))ᵀ + b`` through :func:`masked_lora_linear` (one fused GEMM).
+
+        When merged or at rank 0 this is just the base module. Otherwise dropout (if configured) is
+        applied to ``x`` before the fused map, so in training it reaches the base term too.
+
+        Args:
+            x: ``[..., in]``.
+        Returns:
+            ``[..., out]`` in ``x.dtype``.
+        Raises:
+            Nothing of its own.
+        """
         r = self.rank
         if self.merged or r == 0:
             return self.base(x)
@@ -101,7 +160,15 @@ class SparseLoRALinear(nn.Module):
 
         With ``keep_original`` the pre-merge weight is kept (one weight copy) so that :meth:`unmerge`
         restores it bit-exactly; the runner merges one decoder layer at a time, so that is the extra
-        memory of one layer.
+        memory of one layer. The sum is formed in float32 and stored in the base weight's dtype. A
+        no-op if already merged.
+
+        Args:
+            keep_original: keep a copy of the pre-merge weight for :meth:`unmerge`.
+        Returns:
+            None.
+        Raises:
+            Nothing of its own.
         """
         if self.merged:
             return
@@ -121,7 +188,17 @@ class SparseLoRALinear(nn.Module):
         the surviving positions (plus any compensation the pruner applied there, e.g. SparseGPT's
         update; exactly W_old for Wanda/magnitude) and drops the adapter mass on newly pruned positions,
         since the new mask masks it out. The adapter's forward then equals ``pruned_weight`` up to
-        float rounding.
+        float rounding. Without a kept original (``merge(keep_original=False)``) ``W_old`` is
+        recomputed as ``W' − delta()``, exact only up to rounding.
+
+        Args:
+            pruned_weight: the pruned merged weight, ``[out, in]``; with ``new_mask`` or not at all.
+            new_mask: its keep-mask, ``[out, in]`` (converted to bool); becomes the stored mask.
+        Returns:
+            None.
+        Raises:
+            LosaError: the adapter is not merged, only one of ``pruned_weight``/``new_mask`` is given, or
+                ``new_mask`` is not shaped like the weight.
         """
         if not self.merged:
             raise LosaError("adapter is not merged; nothing to unmerge")

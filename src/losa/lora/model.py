@@ -23,7 +23,7 @@ from losa.errors import LosaError
 from losa.lora.config import SparseLoRAConfig
 from losa.lora.layer import SparseLoRALinear
 from losa.models.linear import get_weight
-from losa.models.registry import get_arch, get_decoder_layers, linear_modules
+from losa.models.registry import get_arch, get_decoder_layers, linear_modules, replace_module
 from losa.utils.io import atomic_write_bytes, atomic_write_text
 
 
@@ -33,7 +33,20 @@ def add_sparse_lora(model: nn.Module, config: SparseLoRAConfig, masks: dict[str,
 
     The mask of each module is ``masks[qualified name]`` if given, else derived ONCE here from
     ``W ≠ 0`` when ``mask_from_weights`` (for a model pruned elsewhere), else all-ones (dense model
-    that LoSA will prune). All other parameters of the model are frozen.
+    that LoSA will prune). All other parameters of the model are frozen. The config is kept on the
+    model for :func:`save_adapters`.
+
+    Args:
+        model: a causal LM of a registered architecture; modified in place.
+        config: capacity, initial rank, alpha, dropout, target modules and init seed.
+        masks: qualified name (``<layers_path>.<i>.<name>``, e.g. ``model.layers.0.mlp.down_proj``) ->
+            keep-mask ``[out, in]``; modules not in it fall back as above.
+        mask_from_weights: derive missing masks from ``W ≠ 0``.
+    Returns:
+        Qualified name -> the new :class:`SparseLoRALinear`, in model order.
+    Raises:
+        LosaError: the model already has adapters, no module matches ``target_modules``, the
+            architecture is unsupported, or a mask is not shaped like its weight.
     """
     if sparse_lora_modules(model):
         raise LosaError("model already has sparse LoRA adapters; merge_and_unload() them first")
@@ -53,9 +66,7 @@ def add_sparse_lora(model: nn.Module, config: SparseLoRAConfig, masks: dict[str,
                 mask = get_weight(mod) != 0
             wrapper = SparseLoRALinear(mod, config.r_max, config.alpha, rank=config.rank, mask=mask,
                                        dropout=config.dropout, generator=gen)
-            parent_name, _, attr = name.rpartition(".")
-            parent = layer.get_submodule(parent_name) if parent_name else layer
-            setattr(parent, attr, wrapper)
+            replace_module(layer, name, wrapper)
             wrapped[qual] = wrapper
     if not wrapped:
         raise LosaError(f"no linear module matched target_modules={list(config.target_modules)}")
@@ -64,16 +75,48 @@ def add_sparse_lora(model: nn.Module, config: SparseLoRAConfig, masks: dict[str,
 
 
 def sparse_lora_modules(model: nn.Module) -> dict[str, SparseLoRALinear]:
-    """Qualified name -> adapter module, in model order."""
+    """Qualified name -> adapter module, in model order.
+
+    Args:
+        model: any module.
+    Returns:
+        Every :class:`SparseLoRALinear` under ``model`` by qualified name (empty if none).
+    Raises:
+        Nothing of its own.
+    """
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseLoRALinear)}
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable adapter parameters, for the optimiser.
+
+    Args:
+        model: a model with adapters from :func:`add_sparse_lora`.
+    Returns:
+        ``[A, B]`` of every adapter in model order: ``lora_A`` ``[r_max, in]`` and ``lora_B``
+        ``[out, r_max]``, float32, at full capacity (inactive ranks included).
+    Raises:
+        Nothing of its own.
+    """
     return [p for m in sparse_lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
 
 
 def set_layer_ranks(model: nn.Module, ranks: list[int], generator: torch.Generator | None = None) -> None:
-    """Give every adapter of decoder layer l the rank ``ranks[l]``."""
+    """Give every adapter of decoder layer l the rank ``ranks[l]``.
+
+    Used by LoSA's sparsity-aware rank allocation; see :meth:`SparseLoRALinear.set_rank` for what
+    happens to ranks that leave or join the active set.
+
+    Args:
+        model: a model with adapters, of a registered architecture.
+        ranks: one rank per decoder layer, each in ``[0, r_max]``.
+        generator: CPU generator for the re-drawn rows of A.
+    Returns:
+        None.
+    Raises:
+        LosaError: ``len(ranks)`` differs from the number of decoder layers, a rank is outside
+            ``[0, r_max]``, an adapter is merged, or the architecture is unsupported.
+    """
     layers = get_decoder_layers(model)
     if len(ranks) != len(layers):
         raise LosaError(f"got {len(ranks)} ranks for {len(layers)} decoder layers")
@@ -84,19 +127,41 @@ def set_layer_ranks(model: nn.Module, ranks: list[int], generator: torch.Generat
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter into its weight (``W + s·((B A) ⊙ M)``) and put the plain module back."""
+    """Merge every adapter into its weight (``W + s·((B A) ⊙ M)``) and put the plain module back.
+
+    The merge is exact in float32 and adds nothing outside M, so sparsity is kept; the result is
+    stored in the base weight's dtype. An adapter that is already merged is first unmerged, then
+    merged again at its current rank.
+
+    Args:
+        model: a model with adapters; modified in place.
+    Returns:
+        ``model``, with no adapters and no stored adapter config.
+    Raises:
+        Nothing of its own.
+    """
     for qual, m in list(sparse_lora_modules(model).items()):
         if m.merged:
             m.unmerge()
         m.merge(keep_original=False)
-        parent_name, _, attr = qual.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, m.base)
+        replace_module(model, qual, m.base)
     if hasattr(model, "_losa_lora_config"):
         del model._losa_lora_config
     return model
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters as CPU tensors, in the layout of ``adapters.safetensors``.
+
+    Args:
+        model: a model with adapters.
+    Returns:
+        Per qualified module name ``q``: ``q.lora_A`` ``[r_max, in]`` float32, ``q.lora_B``
+        ``[out, r_max]`` float32, ``q.mask`` ``[out, in]`` bool and ``q.active_rank`` ``[1]`` int64;
+        detached, contiguous copies on the CPU.
+    Raises:
+        Nothing of its own.
+    """
     out: dict[str, torch.Tensor] = {}
     for qual, m in sparse_lora_modules(model).items():
         out[f"{qual}.lora_A"] = m.lora_A.detach().cpu().contiguous()
@@ -107,6 +172,20 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a state from :func:`adapter_state_dict` into the model's existing adapters, in place.
+
+    The model needs adapters on exactly the same modules (:func:`add_sparse_lora` with the same
+    ``target_modules`` and ``r_max``); A, B, mask and active rank are overwritten as stored.
+
+    Args:
+        model: a model with adapters.
+        state: ``<module>.lora_A`` / ``.lora_B`` / ``.mask`` / ``.active_rank`` tensors.
+    Returns:
+        None.
+    Raises:
+        LosaError: the key set differs from the model's adapters, an ``A`` has another shape (other
+            ``r_max``), or a mask is not shaped like its weight.
+    """
     mods = sparse_lora_modules(model)
     expected = {f"{q}.{k}" for q in mods for k in ("lora_A", "lora_B", "mask", "active_rank")}
     if set(state) != expected:
@@ -125,7 +204,16 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
 
 
 def save_adapters(model: nn.Module, directory: str | Path) -> None:
-    """``adapters.safetensors`` + ``adapter_config.json`` in ``directory`` (each written atomically)."""
+    """``adapters.safetensors`` + ``adapter_config.json`` in ``directory`` (each written atomically).
+
+    Args:
+        model: a model with adapters; the config is the one :func:`add_sparse_lora` stored (``{}`` if none).
+        directory: output directory, created if missing; existing files of these names are replaced.
+    Returns:
+        None.
+    Raises:
+        Nothing of its own (file-system errors propagate as ``OSError``).
+    """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     cfg = getattr(model, "_losa_lora_config", None)
@@ -137,6 +225,20 @@ def save_adapters(model: nn.Module, directory: str | Path) -> None:
 
 
 def load_adapters(model: nn.Module, directory: str | Path) -> None:
+    """Load ``adapters.safetensors`` written by :func:`save_adapters` into the model's adapters.
+
+    ``adapter_config.json`` is not read: add the adapters first with :func:`add_sparse_lora` and
+    the same config.
+
+    Args:
+        model: a model with adapters on the same modules and of the same ``r_max``.
+        directory: the directory :func:`save_adapters` wrote.
+    Returns:
+        None.
+    Raises:
+        LosaError: no ``adapters.safetensors`` in ``directory``, or the file does not match the model
+            (see :func:`load_adapter_state_dict`).
+    """
     f = Path(directory) / "adapters.safetensors"
     if not f.is_file():
         raise LosaError(f"no adapters.safetensors in {directory}; pass the directory save_adapters wrote")

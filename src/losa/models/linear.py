@@ -6,21 +6,28 @@ Most families use ``nn.Linear`` (weight ``[out, in]``); GPT-2 uses ``transformer
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
-try:  # transformers >= 4.x keeps Conv1D here
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = ()  # type: ignore[assignment,misc]
+
+def _conv1d() -> type | None:
+    """transformers' ``Conv1D`` if transformers is loaded (a model that has one has loaded it), else None;
+    so that importing losa does not import transformers."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None)
 
 
 def is_prunable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+    """True for ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2)."""
+    return isinstance(module, nn.Linear) or is_transposed(module)
 
 
 def is_transposed(module: nn.Module) -> bool:
-    return bool(Conv1D) and isinstance(module, Conv1D)
+    """True for a ``Conv1D``, whose weight is stored ``[in, out]``."""
+    conv = _conv1d()
+    return conv is not None and isinstance(module, conv)
 
 
 def get_weight(module: nn.Module) -> torch.Tensor:

@@ -36,6 +36,15 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 def cache_dir() -> Path:
+    """Root of losa's cache (converted alias models live under ``models/``).
+
+    Args:
+        None.
+    Returns:
+        ``$LOSA_CACHE_DIR``, else ``$XDG_CACHE_HOME/losa``, else ``~/.cache/losa`` (not created here).
+    Raises:
+        Nothing of its own.
+    """
     base = os.environ.get("LOSA_CACHE_DIR")
     if base:
         return Path(base)
@@ -44,6 +53,15 @@ def cache_dir() -> Path:
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from its name (float32/fp32, bfloat16/bf16, float16/fp16) or passed through.
+
+    Args:
+        dtype: a name or a ``torch.dtype``.
+    Returns:
+        The ``torch.dtype``.
+    Raises:
+        LosaError: an unknown name.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
@@ -53,7 +71,16 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def alias_gguf_path(alias: str) -> Path:
-    """Locate the GGUF file behind a built-in alias without importing its package."""
+    """Locate the GGUF file behind a built-in alias without importing its package.
+
+    Args:
+        alias: a key of :data:`ALIASES` (e.g. ``smollm2-135m``).
+    Returns:
+        Path of the GGUF file inside the installed package.
+    Raises:
+        LosaError: the package is not installed or the file is missing from it.
+        KeyError: ``alias`` is not a built-in alias.
+    """
     pkg, fname, hint = ALIASES[alias]
     spec = importlib.util.find_spec(pkg)
     if spec is None or spec.origin is None:
@@ -65,7 +92,19 @@ def alias_gguf_path(alias: str) -> Path:
 
 
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """Dequantise a GGUF file through transformers and return a plain, trainable, savable model."""
+    """Dequantise a GGUF file through transformers and return a plain, trainable, savable model.
+
+    The weights are dequantised to float32, loaded into a model built from the config without its
+    ``quantization_config`` (tied embeddings re-tied), then cast to ``dtype``.
+
+    Args:
+        path: the ``.gguf`` file.
+        dtype: dtype of the returned model.
+    Returns:
+        ``(model, tokenizer)``; the tokenizer is None (with a warning) if the file has none.
+    Raises:
+        LosaError: the file does not exist, or its tensors do not map onto the rebuilt model.
+    """
     path = Path(path)
     if not path.is_file():
         raise LosaError(f"GGUF file {path} not found; check the path")
@@ -129,7 +168,21 @@ def load_model(name: str | os.PathLike, dtype: str | torch.dtype = "float32", ch
     """Load ``(model, tokenizer)`` from an alias, a ``.gguf`` file, a local HF directory or a hub id.
 
     The model is in eval mode. ``check_arch`` verifies up front that losa knows where the model keeps
-    its decoder layers, so an unsupported family fails here with a clear message.
+    its decoder layers, so an unsupported family fails here with a clear message. An alias is
+    converted once to safetensors under :func:`cache_dir`. A tokenizer without a pad token gets its
+    EOS token as pad token.
+
+    Args:
+        name: a built-in alias, a ``.gguf`` path, a local Hugging Face model directory or a hub id.
+        dtype: model dtype, a name accepted by :func:`parse_dtype` or a ``torch.dtype``.
+        check_arch: fail early if the architecture is not registered.
+        **kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (directories and hub ids only).
+    Returns:
+        ``(model, tokenizer)``; the tokenizer is None if none could be loaded.
+    Raises:
+        LosaError: unknown dtype; alias package or file missing; GGUF file missing or unmappable;
+            a path that does not exist; a directory without ``config.json``; a model that cannot be
+            loaded (local or hub); an unsupported architecture (with ``check_arch``).
     """
     torch_dtype = parse_dtype(dtype)
     name = str(name)
@@ -152,5 +205,13 @@ def load_model(name: str | os.PathLike, dtype: str | torch.dtype = "float32", ch
 
 
 def model_config(name: str) -> object:
-    """The config of a local directory or hub id (no weights loaded)."""
+    """The config of a local directory or hub id (no weights loaded).
+
+    Args:
+        name: a local Hugging Face model directory or a hub id.
+    Returns:
+        The transformers ``PretrainedConfig``.
+    Raises:
+        Nothing of its own (transformers raises ``OSError`` if it cannot be found).
+    """
     return AutoConfig.from_pretrained(name)

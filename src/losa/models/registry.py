@@ -124,3 +124,25 @@ def layer_output(out: object) -> torch.Tensor:
         ``[batch, seq, hidden]``.
     """
     return out[0] if isinstance(out, tuple | list) else out  # type: ignore[return-value]
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at the dotted path ``name`` under ``root``; the one place losa swaps a submodule.
+
+    Args:
+        root: the module that contains the path.
+        name: dotted path relative to ``root`` (e.g. ``model.layers.0.mlp.down_proj``).
+        new: the replacement.
+    Returns:
+        the module that was there.
+    Raises:
+        LosaError: no module at ``name``.
+    """
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = root.get_submodule(parent_name) if parent_name else root
+        old = getattr(parent, child)
+    except AttributeError:
+        raise LosaError(f"module {name!r} is not in this model; load the matching base model") from None
+    setattr(parent, child, new)
+    return old

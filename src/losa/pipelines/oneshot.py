@@ -32,6 +32,23 @@ class PruneConfig(CalibrationConfig):
 
     ``sparsity`` is a float (all layers) or a list with one value per decoder layer. ``nm`` ("2:4")
     selects semi-structured pruning; with ``nm_n`` (one N per layer) and the M of ``nm`` it is mixed N:M.
+
+    Args:
+        sparsity: unstructured sparsity in ``[0, 1)``, one value or one per decoder layer.
+        nm_n: mixed N:M, one N per decoder layer (M from ``nm``).
+        sequential: calibration pass order, ``auto``, ``layer`` or ``module``.
+        offload: keep the model on the CPU and move one decoder layer at a time to the device
+            (None: when the model does not fit).
+        verify: verify every module's sparsity / N:M pattern after pruning.
+        method, options, nm, calib, nsamples, seqlen, seed, data_dir, calib_batch_size,
+            stats_precision, device: the calibration fields of :class:`CalibrationConfig`.
+    Returns:
+        The validated config (on construction).
+    Raises:
+        LosaError: an unknown key or out-of-range value, a sparsity outside ``[0, 1)``, an unknown
+            method or pruner option, an invalid ``nm``, a missing calibration file, ``nm_n`` without
+            ``nm`` or with an N invalid for its M, or ``stats_precision`` other than ``model`` with
+            ``sequential="module"``.
     """
 
     sparsity: float | list[float] = Field(0.5, description="unstructured sparsity in [0, 1): one value, or one "
@@ -146,7 +163,21 @@ def _nm_for_report(targets: list[Target]) -> list[tuple[int, int] | None]:
 
 
 class PruneReport(BaseModel):
-    """What :func:`prune` did: the recipe, per-layer targets, the verified sparsity and timings."""
+    """What :func:`prune` did: the recipe, per-layer targets, the verified sparsity and timings.
+
+    Args:
+        recipe: the :class:`PruneConfig` as a mapping.
+        targets: target sparsity per decoder layer.
+        nm: ``(N, M)`` of an N:M recipe, else None.
+        sparsity: measured sparsity per module (with layer index and name), per layer and overall.
+        sequential: the calibration pass order used (``none`` for data-free pruners).
+        timings: seconds per phase (``calibration_data_s``, ``prune_s``, ``total_s``).
+    Returns:
+        The report (on construction).
+    Raises:
+        pydantic.ValidationError: a missing or ill-typed field (a plain pydantic model, not a
+            :class:`LosaConfig`, so no :class:`LosaError`).
+    """
 
     recipe: dict[str, Any] = Field(description="the PruneConfig as a mapping")
     targets: list[float] = Field(description="target sparsity per decoder layer")

@@ -21,8 +21,8 @@ def _malloc_trim():
 
 def release_free_memory() -> bool:
     """``malloc_trim(0)``: return the free pages of glibc's heaps to the OS. Activations of one calibration
-    layer are freed into glibc's free lists, which otherwise stay resident (measured on SmolLM2 SparseGPT:
-    ~110 MB of RSS at the end of a run). Returns whether it ran (False off glibc)."""
+    layer are freed into glibc's free lists, which otherwise stay resident (benchmarks/results/
+    prune_sameday2.md). Returns whether it ran (False off glibc)."""
     trim = _malloc_trim()
     if trim is None:
         return False

@@ -14,7 +14,34 @@ from losa.pruning.masks import parse_nm
 
 class LoSAConfig(CalibrationConfig):
     """LoSA recipe. Ablation switches (paper names): ``layerwise_sparsity=False`` (no LSR: uniform
-    sparsity), ``rank_allocation=False`` (no SRA: every layer gets rank Ω_t), ``steps=1`` (no DSA)."""
+    sparsity), ``rank_allocation=False`` (no SRA: every layer gets rank Ω_t), ``steps=1`` (no DSA).
+
+    LoSA: Huang et al., ICLR 2025, "Dynamic Low-Rank Sparse Adaptation". Each field's
+    ``description`` (also its command-line help) gives the details.
+
+    Args:
+        sparsity: final unstructured sparsity S in ``(0, 1)``, reached at step T by the cubic schedule
+            (ignored with ``nm``).
+        mixed_nm, nm_max_dev, nm_max_pairs: mixed N:M, per-layer N from the RMI importances around
+            the mean N of ``nm``.
+        steps: T ≥ 1, the number of prune / fine-tune steps.
+        layerwise_sparsity, allocator, rmi_features, beta, delta, owl_m, owl_lambda: layer-wise
+            sparsity allocation and its allocator's parameters.
+        rank_allocation, omega_first, omega_last, r_min, r_max, lora_alpha: rank allocation (mean
+            rank Ω_1 to Ω_T, per-layer bounds ``[r_min, r_max]``), adapter capacity ``r_max`` and
+            scale ``lora_alpha / r_max``.
+        nsamples, recon_nsamples: calibration windows, and those used for reconstruction errors.
+        finetune_data, max_examples, finetune: fine-tuning data, its size cap and
+            :class:`FinetuneConfig`.
+        method, options, nm, calib, seqlen, seed, data_dir, calib_batch_size, stats_precision,
+            device: the calibration fields of :class:`CalibrationConfig`.
+    Returns:
+        The validated config (on construction).
+    Raises:
+        LosaError: an unknown key or out-of-range value, sparsity outside ``(0, 1)``, ``steps < 1``,
+            ``r_min > r_max``, ``omega_first``/``omega_last`` outside ``[r_min, r_max]``, ``mixed_nm``
+            without ``nm``, ``recon_nsamples > nsamples``, or an invalid calibration field.
+    """
 
     sparsity: float = Field(0.5, description="final unstructured sparsity S, reached at step T by the cubic "
                                              "schedule S_t = S - S(1 - t/T)^3 (ignored with --nm)")

@@ -49,6 +49,7 @@ from losa.pruning.target import Target
 from losa.report.schema import FinalResults, RunMeta, RunReport, StepRecord, save_report
 from losa.utils.config import build_config
 from losa.utils.io import atomic_write_json
+from losa.utils.versions import versions
 
 
 def layer_sizes(model: nn.Module) -> list[int]:
@@ -370,9 +371,7 @@ def _pattern(cfg: LoSAConfig) -> str:
 
 
 def _report(cfg: LoSAConfig, rows: list[dict], final: FinalResults | None, model_name: str) -> RunReport:
-    import transformers
 
-    import losa
 
     steps = [StepRecord(step=r["step"], target_sparsity=r["sparsity_target"], layer_target_sparsity=r["layer_sparsity"],
                         layer_achieved_sparsity=r["layer_achieved"], cka=r["cka"], recon_error_before=r["recon_errors"],
@@ -381,8 +380,7 @@ def _report(cfg: LoSAConfig, rows: list[dict], final: FinalResults | None, model
     meta = RunMeta(model=model_name, method=cfg.method, finetune="losa", sparsity=cfg.target_sparsity,
                    pattern=_pattern(cfg), config=cfg.model_dump(mode="json"),
                    created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   versions={"losa": losa.__version__, "torch": torch.__version__,
-                             "transformers": transformers.__version__})
+                   versions=versions())
     return RunReport(meta=meta, steps=steps, results=final or FinalResults())
 
 
