@@ -67,22 +67,27 @@ def test_effective_weight_gradient_zero_on_masked_positions():
     assert torch.all(mod.delta()[~mask] == 0)
 
 
-def test_rank_really_used_and_changeable_without_losing_state():
+def test_lowering_the_rank_folds_the_dropped_update_into_w_under_the_mask():
     mod, _ = _module(rank=6)
+    with torch.no_grad():
+        mod.lora_B.normal_()  # a trained-looking adapter: B != 0 on every component
     x = torch.randn(4, 16)
+    w0 = mod.base.weight.detach().clone()
+    b_all, a_all = mod.lora_B.detach().clone(), mod.lora_A.detach().clone()
     full = mod(x)
     mod.set_rank(2)
     assert mod.rank == 2
-    a_kept, b_kept = mod.lora_A[:2].clone(), mod.lora_B[:, :2].clone()
-    out2 = mod(x)
-    assert not torch.allclose(out2, full)
-    ref = mod.base(x) + x @ ((2.0 * mod.lora_B[:, :2] @ mod.lora_A[:2]) * mod.mask).T
-    torch.testing.assert_close(out2, ref)
+    # the function is unchanged: hand-computed W + s·(B[:, 2:6] A[2:6]) ⊙ M plus the kept 2 ranks
+    folded = w0 + (2.0 * b_all[:, 2:6] @ a_all[2:6]) * mod.mask
+    torch.testing.assert_close(mod.base.weight, folded, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mod(x), full, rtol=1e-5, atol=1e-5)
+    assert torch.all(mod.base.weight[~mod.mask] == 0)  # W stays exactly sparse
     assert torch.all(mod.lora_B[:, 2:] == 0)  # dropped ranks reset: growing back starts from zero update
+    torch.testing.assert_close(mod.lora_A[:2], a_all[:2])
+    torch.testing.assert_close(mod.lora_B[:, :2], b_all[:, :2])
+    out2 = mod(x)
     mod.set_rank(5)
     torch.testing.assert_close(mod(x), out2)  # new ranks contribute nothing yet
-    torch.testing.assert_close(mod.lora_A[:2], a_kept)
-    torch.testing.assert_close(mod.lora_B[:, :2], b_kept)
     with pytest.raises(LosaError, match="r_max"):
         mod.set_rank(7)
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from losa.cli.common import add_model_arg, add_quiet_arg, add_recipe_args, config_from_args, data_available
+from losa.errors import LosaError
 from losa.pipelines.losa.config import LoSAConfig
 
 
@@ -23,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                 "wikitext2 when a data dir is set); 'none' to skip")
     p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window length (default: --seqlen)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--eval-every-step", action="store_true",
+                   help="also measure the --eval perplexities (wikitext2 by default) after every step; recorded "
+                        "per step in report.json and plotted by losa report")
     p.add_argument("--no-save", action="store_true", help="do not write the merged model to <out>/model")
     add_quiet_arg(p)
     p.set_defaults(func=run_losa)
@@ -31,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_losa(args: argparse.Namespace) -> int:
     import losa
     from losa.eval.ppl import perplexity
-    from losa.pipelines.losa.loop import run
+    from losa.pipelines.losa.loop import StepEval, run
     from losa.report.schema import save_report
 
     cfg = config_from_args(args)
@@ -39,14 +43,21 @@ def run_losa(args: argparse.Namespace) -> int:
     progress = not args.quiet
     print(f"losa run: {args.model} | {cfg.method} S={cfg.target_sparsity:.2f} T={cfg.steps} allocator="
           f"{cfg.effective_allocator} ranks={'allocated' if cfg.rank_allocation else 'uniform'} -> {out}")
-    model, tok = losa.load_model(args.model, dtype=args.dtype)
-    report = run(model, tok, cfg, out_dir=out, resume=args.resume, progress=progress, model_name=args.model)
-    for s in report.steps:
-        print(f"  step {s.step}: S_t={s.target_sparsity:.4f} ranks sum={sum(s.ranks or [])} "
-              f"final train loss={s.train_loss[-1] if s.train_loss else float('nan'):.4f} ({s.wall_time_s:.1f}s)")
-    print(f"  verified: merged model sparsity {report.results.sparsity:.4f} (target {cfg.target_sparsity:.4f})")
     evals = args.eval if args.eval is not None else ("wikitext2" if data_available(cfg.data_dir) else "none")
-    for d in [] if evals == "none" else [x.strip() for x in evals.split(",") if x.strip()]:
+    datasets = [] if evals == "none" else [x.strip() for x in evals.split(",") if x.strip()]
+    if args.eval_every_step and not datasets:
+        raise LosaError("--eval-every-step needs perplexity data: pass --data-dir (or --eval with a text file)")
+    step_eval = (StepEval(datasets, args.eval_seqlen or cfg.seqlen, args.max_windows, cfg.data_dir)
+                 if args.eval_every_step else None)
+    model, tok = losa.load_model(args.model, dtype=args.dtype)
+    report = run(model, tok, cfg, out_dir=out, resume=args.resume, progress=progress, model_name=args.model,
+                 step_eval=step_eval)
+    for s in report.steps:
+        ppl = "".join(f" {d} ppl={v:.3f}" for d, v in s.ppl.items())
+        print(f"  step {s.step}: S_t={s.target_sparsity:.4f} ranks sum={sum(s.ranks or [])} "
+              f"final train loss={s.train_loss[-1] if s.train_loss else float('nan'):.4f}{ppl} ({s.wall_time_s:.1f}s)")
+    print(f"  verified: merged model sparsity {report.results.sparsity:.4f} (target {cfg.target_sparsity:.4f})")
+    for d in datasets:
         ppl = perplexity(model, tok, d, seqlen=args.eval_seqlen or cfg.seqlen, max_windows=args.max_windows,
                          data_dir=cfg.data_dir, progress=progress)
         report.results.ppl[d] = float(ppl)

@@ -76,7 +76,8 @@ class _LossRecorder(TrainerCallback):
 
 
 def finetune(model: nn.Module, examples: Sequence[dict[str, list[int]]], config: FinetuneConfig, pad_id: int,
-             teacher: nn.Module | None = None, optimizer_state: dict | None = None) -> dict[str, Any]:
+             teacher: nn.Module | None = None, optimizer_state: dict | None = None,
+             progress: bool = True) -> dict[str, Any]:
     """Train the trainable parameters of ``model`` on tokenized ``examples``; returns the per-step losses,
     the number of optimizer steps, tokens seen and the optimizer's final state dict."""
     if not examples:
@@ -99,7 +100,7 @@ def finetune(model: nn.Module, examples: Sequence[dict[str, list[int]]], config:
             weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
             lr_scheduler_type=config.lr_scheduler, optim="adamw_torch", max_grad_norm=config.max_grad_norm,
             logging_steps=1, save_strategy="no", report_to="none", remove_unused_columns=False,
-            seed=config.seed, data_seed=config.seed, bf16=bf16, use_cpu=not use_cuda, disable_tqdm=True,
+            seed=config.seed, data_seed=config.seed, bf16=bf16, use_cpu=not use_cuda, disable_tqdm=not progress,
             dataloader_num_workers=0,
         )
         trainer = _LosaTrainer(model=model, args=args, train_dataset=list(examples), data_collator=Collator(pad_id),

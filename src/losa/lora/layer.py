@@ -82,9 +82,12 @@ class SparseLoRALinear(nn.Module):
         return int(self.active_rank)
 
     def set_rank(self, rank: int, generator: torch.Generator | None = None) -> None:
-        """Use the first ``rank`` components. Ranks that leave the active set are reset (A re-drawn,
-        B zeroed), so a later increase starts them from a zero update; ranks < min(old, new) keep
-        their trained values.
+        """Use the first ``rank`` components.
+
+        Lowering the rank folds the dropped components' trained update into the weight under the mask
+        first, ``W += s·((B[:, r:old] A[r:old]) ⊙ M)``, so the module computes the same function and W
+        stays exactly as sparse as M; the dropped components are then reset (A re-drawn, B zeroed), so a
+        later increase starts them from a zero update. Ranks < min(old, new) keep their trained values.
 
         Args:
             rank: the new active rank, in ``[0, r_max]``.
@@ -101,6 +104,9 @@ class SparseLoRALinear(nn.Module):
         old = self.rank
         if rank < old:
             with torch.no_grad():
+                dropped = (self.lora_B[:, rank:old] @ self.lora_A[rank:old]).mul(self.scale) * self.mask
+                if dropped.any():
+                    set_weight(self.base, get_weight(self.base).float() + dropped)
                 self.lora_B[:, rank:old] = 0
             self._init_a(slice(rank, old), generator)
         self.active_rank.fill_(rank)

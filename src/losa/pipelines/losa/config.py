@@ -74,6 +74,10 @@ class LoSAConfig(CalibrationConfig):
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; the adapter scale is alpha / r_max")
     nsamples: int = Field(128, ge=2, description="calibration windows (RMI Grams and pruning statistics)")
     recon_nsamples: int = Field(16, ge=1, description="calibration windows used for reconstruction errors")
+    recon_error: Literal["global", "channel"] = Field(
+        "global", description="reconstruction error of a layer: global (one ratio over the residual stream) or "
+                              "channel (the ratio per hidden channel, averaged; see "
+                              "benchmarks/results/losa_recon_error.md)")
     # fine-tuning
     finetune_data: str | None = Field(None, description="fine-tuning data: Alpaca/plain-text .json/.jsonl or a hub "
                                                         "dataset (default: none; with --distill, self-generated)")

@@ -10,7 +10,12 @@ raw 16-bit words, since NumPy has no bfloat16: same range as float32, ~3 signifi
 is plenty for a normalised error). Later only one decoder layer's slice for one batch is read at a
 time.
 
-``L_l = Σ ‖y_dense − y_sparse‖² / Σ ‖y_dense‖²`` over those windows (LoSA, Huang et al. 2025, Sec. 3.3).
+Two definitions (``LoSAConfig.recon_error``; LoSA, Huang et al. 2025, Sec. 3.3):
+
+- ``global``: ``L_l = Σ ‖y_dense − y_sparse‖² / Σ ‖y_dense‖²`` over all tokens and channels;
+- ``channel``: the same ratio per hidden channel c, averaged over channels,
+  ``L_l = mean_c Σ_t (y_dense − y_sparse)²_tc / Σ_t (y_dense)²_tc``, so a few massive-activation
+  channels cannot dominate it (channels whose dense output is all zeros are left out).
 """
 
 from __future__ import annotations
@@ -82,6 +87,8 @@ class DenseTargets:
 
 @dataclass
 class _ErrorVisitor(LayerVisitor):
+    """Accumulates per layer and hidden channel Σ (y_dense − y)² and Σ y_dense², ``[L, hidden]`` float64."""
+
     targets: DenseTargets
     batch_size: int
     num: np.ndarray
@@ -93,13 +100,27 @@ class _ErrorVisitor(LayerVisitor):
     def visit(self, ctx: LayerContext) -> None:
         for b, y in enumerate(ctx.outputs):
             start = b * self.batch_size
-            d = self.targets.layer(ctx.index, start, start + y.shape[0]).to(y.device)
-            self.num[ctx.index] += float((y.float() - d).double().square().sum())
-            self.den[ctx.index] += float(d.double().square().sum())
+            d = self.targets.layer(ctx.index, start, start + y.shape[0]).to(y.device)  # [b, seq, hidden]
+            self.num[ctx.index] += (y.float() - d).double().square().sum((0, 1)).cpu().numpy()
+            self.den[ctx.index] += d.double().square().sum((0, 1)).cpu().numpy()
+
+    def errors(self, definition: str) -> list[float]:
+        if definition == "global":
+            num, den = self.num.sum(1), self.den.sum(1)
+            return [float(a / b) if b > 0 else 0.0 for a, b in zip(num, den)]
+        out = []
+        for num, den in zip(self.num, self.den):
+            live = den > 0
+            out.append(float((num[live] / den[live]).mean()) if live.any() else 0.0)
+        return out
+
+
+#: the reconstruction-error definitions (see the module docstring)
+RECON_ERRORS = ("global", "channel")
 
 
 def reconstruction_errors(model: nn.Module, ids: torch.Tensor, targets: DenseTargets, batch_size: int = 1,
-                          device: str = "auto", progress: bool = False) -> list[float]:
+                          device: str = "auto", progress: bool = False, definition: str = "global") -> list[float]:
     """Normalised squared error of every decoder layer's output against the dense targets.
 
     Args:
@@ -109,15 +130,18 @@ def reconstruction_errors(model: nn.Module, ids: torch.Tensor, targets: DenseTar
         batch_size: windows per forward (must match the targets' computation only in total).
         device: compute device of the engine.
         progress: show a progress bar.
+        definition: ``global`` or ``channel`` (see the module docstring).
     Returns:
         one error per decoder layer (0 where the dense output is all zeros).
     Raises:
-        LosaError: the stored targets do not match ``ids`` or the model.
+        LosaError: the stored targets do not match ``ids`` or the model; an unknown ``definition``.
     """
     n_layers = len(get_decoder_layers(model))
     if targets.data.shape[:3] != (n_layers, len(ids), ids.shape[1]):
         raise LosaError("stored dense targets do not match the calibration windows; delete them and rerun")
-    visitor = _ErrorVisitor(targets, batch_size, np.zeros(n_layers))
+    if definition not in RECON_ERRORS:
+        raise LosaError(f"unknown reconstruction error {definition!r}; choose one of {', '.join(RECON_ERRORS)}")
+    visitor = _ErrorVisitor(targets, batch_size, np.zeros((n_layers, targets.data.shape[3])))
     LayerwiseEngine(model, ids, device=device, batch_size=batch_size, progress=progress,
                     desc="reconstruction errors").run(visitor)
-    return [float(a / b) if b > 0 else 0.0 for a, b in zip(visitor.num, visitor.den)]
+    return visitor.errors(definition)

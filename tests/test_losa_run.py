@@ -1,0 +1,254 @@
+"""`losa run` / `losa.run()` end to end on tiny models: every option does what it says.
+
+Expectations are independent of the code under test: sparsity is counted on the merged weights, the
+exact merge is checked against the adapter model's own logits, allocations against their constraints,
+reconstruction errors against HF hidden states, plots against their pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+from losa.cli import main
+from losa.errors import LosaError
+from losa.lora import set_layer_ranks, sparse_lora_modules
+from losa.models.linear import get_weight
+from losa.models.registry import get_arch, get_decoder_layers, linear_modules
+from losa.pipelines.losa import LoSAConfig
+from losa.pipelines.losa.loop import LoSARun, run
+
+
+def _text_data(path: Path, n: int = 32, words: int = 24) -> str:
+    path.write_text("\n".join(json.dumps({"text": " ".join(f"word{(i * 7 + j * 3) % 90 + 4}" for j in range(words))})
+                              for i in range(n)) + "\n")
+    return str(path)
+
+
+def _cfg(**kw) -> LoSAConfig:
+    base = dict(sparsity=0.6, steps=2, nsamples=4, seqlen=16, recon_nsamples=2, r_max=8, r_min=1, omega_first=4,
+                omega_last=6, device="cpu", calib="c4", finetune={"batch_size": 4, "max_length": 24, "lr": 1e-2})
+    base.update(kw)
+    return LoSAConfig(**base)
+
+
+@pytest.fixture
+def calib():
+    return torch.randint(4, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _module_sparsities(model) -> dict[str, float]:
+    spec = get_arch(model)
+    return {f"{i}.{n}": float((get_weight(m) == 0).float().mean())
+            for i, layer in enumerate(get_decoder_layers(model, spec)) for n, m in linear_modules(layer, spec).items()}
+
+
+def _run_with_merge_check(model, tok, cfg, calib, out=None):
+    """Run LoSA step by step; the logits of the adapter model right before the merge must equal the
+    merged model's (the exact merge), and are returned with the report."""
+    job = LoSARun(model, tok, cfg, out, calib_ids=calib, progress=False)
+    job.setup()
+    for t in range(1, cfg.steps + 1):
+        job.step(t)
+    ids = calib[:2]
+    with torch.no_grad():
+        before = model(ids).logits
+    report = job.finish()
+    with torch.no_grad():
+        after = model(ids).logits
+    assert not sparse_lora_modules(model)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    return report
+
+
+@pytest.mark.parametrize("family,method,pattern", [
+    ("llama", "sparsegpt", {"sparsity": 0.6}),
+    ("opt", "wanda", {"sparsity": 0.5}),
+    ("gpt2", "wanda", {"nm": "2:4"}),
+    ("qwen2", "sparsegpt", {"nm": "2:4"}),
+])
+def test_losa_end_to_end_every_family_and_method(tmp_path, calib, family, method, pattern):
+    model = make_tiny_model(family, seed=0, layers=3)
+    data = _text_data(tmp_path / "ft.jsonl")
+    cfg = _cfg(method=method, finetune_data=data, **pattern)
+    rep = _run_with_merge_check(model, make_tiny_tokenizer(), cfg, calib)
+    sizes = [sum(get_weight(m).numel() for m in linear_modules(layer, get_arch(model)).values())
+             for layer in get_decoder_layers(model)]
+    target = 0.5 if "nm" in pattern else pattern["sparsity"]
+    layer_t = rep.steps[-1].layer_target_sparsity
+    # RMI keeps the parameter-weighted mean at S (the LP's equality constraint), each layer within its band
+    assert float(np.dot(layer_t, sizes) / sum(sizes)) == pytest.approx(target, abs=1e-6)
+    got = _module_sparsities(model)
+    for name, s in got.items():
+        layer = int(name.split(".")[0])
+        if "nm" in pattern:  # counted directly on the merged weights: every group of 4 keeps at most 2
+            w = get_weight(dict(linear_modules(get_decoder_layers(model)[layer], get_arch(model)))[name.split(".", 1)[1]])
+            assert int((w != 0).reshape(w.shape[0], -1, 4).sum(-1).max()) <= 2, name
+        else:
+            in_f = get_weight(dict(linear_modules(get_decoder_layers(model)[layer], get_arch(model)))[name.split(".", 1)[1]]).shape[1]
+            assert s >= layer_t[layer] - 1 / in_f - 1e-6, name
+    assert rep.steps[-1].train_loss, "fine-tuning ran"
+
+
+def test_data_free_distillation_through_the_cli(tmp_path, monkeypatch, capsys):
+    """`losa run MODEL --distill` without fine-tuning data or a data dir: self-generated text, KL to the dense model."""
+    monkeypatch.delenv("LOSA_DATA_DIR", raising=False)
+    d = tmp_path / "tiny"
+    make_tiny_model("llama", layers=2).save_pretrained(d)
+    make_tiny_tokenizer().save_pretrained(d)
+    out = tmp_path / "run"
+    rc = main(["run", str(d), "--distill", "--sparsity", "0.5", "--steps", "2", "--nsamples", "4", "--seqlen", "16",
+               "--recon-nsamples", "2", "--max-examples", "32", "--max-length", "16", "--batch-size", "4",
+               "--epochs", "3", "--lr", "0.01", "--out", str(out), "--quiet", "--no-save"])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["results"]["sparsity"] == pytest.approx(0.5, abs=1e-9)
+    losses = [x for s in rep["steps"] for x in s["train_loss"]]
+    assert len(losses) >= 8 and np.mean(losses[-3:]) < np.mean(losses[:3])  # the KL to the teacher goes down
+    assert json.loads((out / "details.json").read_text())["steps"][0]["finetune_tokens"] > 0
+
+
+def test_lowering_ranks_between_steps_keeps_the_model_function(calib):
+    """The rank change between steps folds the dropped adapter mass into W (set_layer_ranks, used by run)."""
+    from losa.lora import SparseLoRAConfig, add_sparse_lora
+
+    model = make_tiny_model("llama", layers=2)
+    add_sparse_lora(model, SparseLoRAConfig(r_max=8, rank=8), mask_from_weights=False)
+    with torch.no_grad():
+        for m in sparse_lora_modules(model).values():
+            m.lora_B.normal_(std=0.05)
+    with torch.no_grad():
+        before = model(calib).logits
+        set_layer_ranks(model, [2, 5])
+        after = model(calib).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert [m.rank for m in sparse_lora_modules(model).values()][:1] == [2]
+
+
+def test_progress_bars_in_every_long_phase_and_quiet_turns_them_off(tmp_path, capfd):
+    d = tmp_path / "tiny"
+    make_tiny_model("llama", layers=2).save_pretrained(d)
+    make_tiny_tokenizer().save_pretrained(d)
+    data = _text_data(tmp_path / "ft.jsonl", n=16)
+    argv = ["run", str(d), "--finetune-data", data, "--sparsity", "0.5", "--steps", "1", "--nsamples", "4",
+            "--seqlen", "16", "--recon-nsamples", "2", "--calib", "c4", "--data-dir", str(tmp_path / "none"),
+            "--batch-size", "4", "--max-length", "24", "--eval", "none", "--no-save"]
+    (tmp_path / "none" / "c4").mkdir(parents=True)
+    (tmp_path / "none" / "c4" / "c4_train_part0.jsonl").write_text(
+        "\n".join(json.dumps({"text": " ".join(f"word{(i + j) % 100 + 4}" for j in range(40))}) for i in range(20)))
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    err = capfd.readouterr().err
+    for phase in ("dense targets", "RMI grams", "pruning", "reconstruction errors"):
+        assert phase in err, phase
+    segments = re.split(r"[\r\n]", err)
+    # the Trainer's bar has no description: it starts with the percentage (every losa bar has a "desc: ")
+    assert any(re.match(r"^\s*\d+%\|", seg) for seg in segments), "the fine-tuning bar is on"
+    assert main([*argv, "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert "%|" not in capfd.readouterr().err
+
+
+def test_resume_needs_state_moves_between_machines_and_checks_the_data(tmp_path, calib):
+    data = _text_data(tmp_path / "ft.jsonl")
+    tok = make_tiny_tokenizer()
+    with pytest.raises(LosaError, match=r"--resume: .* holds no finished LoSA step"):
+        run(make_tiny_model("llama", layers=2), tok, _cfg(finetune_data=data), out_dir=tmp_path / "empty",
+            resume=True, calib_ids=calib, progress=False)
+    ref = make_tiny_model("llama", layers=2)
+    run(ref, tok, _cfg(finetune_data=data), out_dir=tmp_path / "ref", calib_ids=calib, progress=False)
+    # a run whose step 1 finished, continued on "another machine": other device string, data moved elsewhere
+    first = make_tiny_model("llama", layers=2)
+    job = LoSARun(first, tok, _cfg(finetune_data=data), tmp_path / "moved", calib_ids=calib, progress=False)
+    job.setup()
+    job.step(1)
+    moved = tmp_path / "elsewhere" / "ft.jsonl"
+    moved.parent.mkdir()
+    shutil.copy(data, moved)
+    model = make_tiny_model("llama", layers=2)
+    rep = run(model, tok, _cfg(finetune_data=str(moved), device="auto", data_dir=str(tmp_path)),
+              out_dir=tmp_path / "moved", resume=True, calib_ids=calib, progress=False)
+    assert [s.step for s in rep.steps] == [1, 2]
+    for (n, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+    assert not (tmp_path / "moved" / "dense_targets.npy").exists()  # removed when the run ended
+    # different data under the same recipe is refused
+    other = tmp_path / "other.jsonl"
+    _text_data(other, n=33)
+    job = LoSARun(make_tiny_model("llama", layers=2), tok, _cfg(finetune_data=data), tmp_path / "c", calib_ids=calib,
+                  progress=False)
+    job.setup()
+    job.step(1)
+    with pytest.raises(LosaError, match="finetune data differ"):
+        run(make_tiny_model("llama", layers=2), tok, _cfg(finetune_data=str(other)), out_dir=tmp_path / "c",
+            resume=True, calib_ids=calib, progress=False)
+    with pytest.raises(LosaError, match="differs from this run's in sparsity"):
+        run(make_tiny_model("llama", layers=2), tok, _cfg(finetune_data=data, sparsity=0.5), out_dir=tmp_path / "c",
+            resume=True, calib_ids=calib, progress=False)
+
+
+def test_eval_every_step_and_report_from_a_real_run(tmp_path, data_dir):
+    from PIL import Image
+
+    d = tmp_path / "tiny"
+    make_tiny_model("llama", layers=3).save_pretrained(d)
+    make_tiny_tokenizer().save_pretrained(d)
+    data = _text_data(tmp_path / "ft.jsonl")
+    out = tmp_path / "run"
+    rc = main(["run", str(d), "--finetune-data", data, "--sparsity", "0.6", "--steps", "2", "--nsamples", "4",
+               "--seqlen", "16", "--recon-nsamples", "2", "--batch-size", "4", "--max-length", "24",
+               "--data-dir", str(data_dir), "--eval-every-step", "--eval-seqlen", "32", "--max-windows", "2",
+               "--out", str(out), "--quiet", "--no-save"])
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert [sorted(s["ppl"]) for s in rep["steps"]] == [["wikitext2"], ["wikitext2"]]
+    assert all(np.isfinite(s["ppl"]["wikitext2"]) and s["ppl"]["wikitext2"] > 1 for s in rep["steps"])
+    # the last step's perplexity is the final model's (the merge is exact)
+    assert rep["results"]["ppl"]["wikitext2"] == pytest.approx(rep["steps"][-1]["ppl"]["wikitext2"], rel=1e-3)
+    assert main(["report", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert sorted(Path(p).stem for p in links) == sorted(
+        ["layer_sparsity", "lora_ranks", "cka", "recon_error", "train_loss", "ppl_per_step"])
+    for rel in links:
+        img = np.asarray(Image.open(out / rel).convert("L"), dtype=float)
+        assert img.std() > 10 and (img < 128).mean() > 0.005, rel
+
+
+def test_mixed_nm_that_cannot_move_says_so(calib, tmp_path):
+    model = make_tiny_model("llama", layers=4)
+    with pytest.warns(UserWarning, match="lets no layer move, so this run is uniform 4:8; pass --nm-max-pairs"):
+        rep = run(model, make_tiny_tokenizer(), _cfg(nm="4:8", mixed_nm=True, steps=1), calib_ids=calib, progress=False)
+    assert rep.steps[0].layer_target_sparsity == [0.5] * 4
+    rep = run(make_tiny_model("llama", layers=4), make_tiny_tokenizer(),
+              _cfg(nm="4:8", mixed_nm=True, steps=1, nm_max_pairs=1), calib_ids=calib, progress=False)
+    assert sorted(rep.steps[0].layer_target_sparsity) == [0.375, 0.5, 0.5, 0.625]
+
+
+def test_channel_reconstruction_error_against_hidden_states(tmp_path, calib):
+    from losa.pipelines.losa.recon import DenseTargets, reconstruction_errors
+
+    dense = make_tiny_model("llama", seed=0, layers=3, hidden=32)
+    targets = DenseTargets.compute(dense, calib, tmp_path / "t.npy", batch_size=2)
+    sparse = make_tiny_model("llama", seed=0, layers=3, hidden=32)
+    with torch.no_grad():
+        sparse.model.layers[0].mlp.down_proj.weight.mul_(torch.rand(32, 64, generator=torch.Generator().manual_seed(1)) > 0.5)
+        hd = dense(calib, output_hidden_states=True).hidden_states
+        hs = sparse(calib, output_hidden_states=True).hidden_states
+    got = reconstruction_errors(sparse, calib, targets, batch_size=3, definition="channel")
+    for i in range(2):  # HF hidden_states[i + 1] is layer i's output (the last one is normed)
+        num = (hd[i + 1] - hs[i + 1]).double().square().sum((0, 1))
+        den = hd[i + 1].double().square().sum((0, 1))
+        assert got[i] == pytest.approx(float((num / den).mean()), rel=0.02)
+    glob = reconstruction_errors(sparse, calib, targets, definition="global")
+    assert got != pytest.approx(glob)  # the two definitions really differ
+    with pytest.raises(LosaError, match="unknown reconstruction error"):
+        reconstruction_errors(sparse, calib, targets, definition="rms")
+    rep = run(make_tiny_model("llama", layers=2), make_tiny_tokenizer(), _cfg(recon_error="channel", steps=1),
+              calib_ids=calib, progress=False)
+    assert rep.meta.config["recon_error"] == "channel"
