@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _provenance import SMOLLM2, provenance
 from _rss import peak_rss_mb
 
 HERE = Path(__file__).resolve().parent
@@ -39,6 +39,7 @@ def _losa_config(args, variant: str, target: str):
               calib="c4", nsamples=args.nsamples, seqlen=args.seqlen, recon_nsamples=args.recon_nsamples,
               finetune_data=str(Path(_data_dir(args)) / "alpaca" / "alpaca_data_random_9k.json"),
               max_examples=args.ft_examples, data_dir=_data_dir(args), device="cpu", seed=0,
+              recon_error=args.recon_error,
               finetune={"lr": args.lr, "batch_size": args.batch_size, "max_length": args.ft_max_length,
                         "distill": args.distill})
     if target.startswith("nm"):
@@ -68,6 +69,8 @@ def run_single(args) -> dict:
     from losa.export.verify import sparsity_report
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     variant, target = args.single
     t0 = time.perf_counter()
     model, tok = losa.load_model("smollm2-135m")
@@ -114,19 +117,22 @@ def run_single(args) -> dict:
     t_train = time.perf_counter() - t0
     ppl = perplexity(model, tok, "wikitext2", seqlen=args.eval_seqlen, max_windows=args.eval_windows,
                      data_dir=_data_dir(args), progress=False)
+    if variant.startswith("losa"):
+        extra["recon_error"] = args.recon_error
+    argv = [a for a in sys.argv[:sys.argv.index("--single")]] if "--single" in sys.argv else sys.argv
     return {"variant": variant, "target": target, "ppl": float(ppl), "sparsity": float(sparsity),
-            "finetune_tokens": tokens, "wall_s": round(t_train, 1),
-            "peak_rss_mib": round(peak_rss_mb()), **extra}
+            "finetune_tokens": tokens, "wall_s": round(t_train, 1), "eval_windows": args.eval_windows,
+            "eval_seqlen": args.eval_seqlen, "peak_rss_mib": round(peak_rss_mb()), **extra,
+            **provenance(torch.get_num_threads(), SMOLLM2, argv)}
 
 
 def render(rows: list[dict], args, path: Path) -> None:
     dense = next((r["ppl"] for r in rows if r["variant"] == "dense"), None)
     lines = [
-        "# LoSA benchmark: SmolLM2-135M on CPU",
+        f"# LoSA benchmark: {SMOLLM2}, on CPU",
         "",
-        f"Date: {time.strftime('%Y-%m-%d')}. Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared "
-        "with other jobs, so wall times are noisy), no GPU. float32.",
-        f"Command: `python benchmarks/bench_losa.py {' '.join(a for a in sys.argv[1:] if a != '--render-only')}`",
+        "float32, no GPU. Each row's date, commit, command, threads and CPU model / ISA are listed under the table "
+        "(rows without them predate per-row provenance). Settings of the last command:",
         "",
         f"- Calibration: C4 train (`shared/data/c4/c4_train_part0.jsonl`), {args.nsamples} windows × {args.seqlen} "
         f"tokens, seed 0; reconstruction errors on the first {args.recon_nsamples} windows.",
@@ -159,8 +165,15 @@ def render(rows: list[dict], args, path: Path) -> None:
         gap = ""
         if dense and wanda and r["variant"] not in ("dense", "wanda") and wanda > dense:
             gap = f"{(math.log(wanda) - math.log(r['ppl'])) / (math.log(wanda) - math.log(dense)):.2f}"
-        lines.append(f"| {r['target']} | {r['variant']} | {r['ppl']:.2f} | {gap} | {r['sparsity']:.4f} | "
+        label = r["variant"] + (f" (recon {r['recon_error']})" if r.get("recon_error", "global") != "global" else "")
+        lines.append(f"| {r['target']} | {label} | {r['ppl']:.2f} | {gap} | {r['sparsity']:.4f} | "
                      f"{r.get('finetune_tokens') or ''} | {r['wall_s']} | {r['peak_rss_mib']} |")
+    prov = [r for r in rows if "commit" in r]
+    if prov:
+        lines += ["", "Provenance per row (date, commit, threads, CPU / ISA, model, command):", ""]
+        lines += [f"- {r['variant']} @ {r['target']}" + (f" recon {r['recon_error']}" if r.get("recon_error") else "")
+                  + f": {r['date']}, {r['commit']}, {r['threads']} threads, {r['cpu']} ({r['isa']}), {r['model']}; "
+                    f"`{r['command']}`" for r in prov]
     if any(r["variant"] == "wanda+lora" for r in rows):
         lines += ["", "wanda+lora: the dense LoRA adapter stays unmerged (PEFT), so its sparsity column counts the "
                       "adapter's dense lora_A/lora_B linears as well; the pruned base weights are at the target."]
@@ -182,6 +195,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--distill", action="store_true",
                     help="fine-tune every variant on KL to the dense model's logits (all tokens) instead of labels")
+    ap.add_argument("--recon-error", choices=("global", "channel"), default="global",
+                    help="LoSA's reconstruction-error definition (LoSAConfig.recon_error)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per variant process (0: torch's default)")
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--data-dir", default=None)
@@ -198,12 +214,15 @@ def main() -> None:
     if args.render_only:
         render(rows, args, out.with_suffix(".md"))
         return
-    done = {(r["variant"], r["target"]) for r in rows}
+    def key(variant: str, target: str, recon: str | None) -> tuple:
+        return variant, target, recon if variant.startswith("losa") else None
+
+    done = {key(r["variant"], r["target"], r.get("recon_error", "global")) for r in rows}
     jobs = [("dense", "0")] if "dense" in args.variants else []
     jobs += [(v, t) for t in args.sparsities for v in args.variants if v != "dense"]
     passthrough = list(sys.argv[1:])
     for v, t in jobs:
-        if (v, t) in done:
+        if key(v, t, args.recon_error) in done:
             continue
         print(f"== {v} @ {t}", flush=True)
         proc = subprocess.run([sys.executable, __file__, *passthrough, "--single", v, t], capture_output=True, text=True)

