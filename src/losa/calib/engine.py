@@ -35,6 +35,7 @@ from losa.errors import LosaError
 from losa.models.linear import in_features
 from losa.models.registry import (
     ArchSpec,
+    check_window,
     get_arch,
     get_decoder_layers,
     layer_output,
@@ -53,6 +54,7 @@ class LayerwiseEngine:
                  desc: str = "calibrating", stats_autocast: torch.dtype | None = None) -> None:
         if input_ids.ndim != 2 or input_ids.numel() == 0:
             raise LosaError("calibration input_ids must be a non-empty [nsamples, seqlen] tensor")
+        check_window(model, input_ids.shape[1], "calibration window", "--seqlen")
         self.model = model
         self.spec: ArchSpec = get_arch(model)
         self.layers = get_decoder_layers(model, self.spec)

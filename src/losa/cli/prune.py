@@ -55,6 +55,7 @@ def run_prune(args: argparse.Namespace) -> int:
         out = {}
         for d in datasets:
             out[d] = perplexity(model, tok, d, seqlen=eval_seqlen, max_windows=args.max_windows,
+                                flag="--eval-seqlen" if args.eval_seqlen else "--seqlen",
                                 data_dir=cfg.data_dir, progress=progress)
             print(f"  {tag} {d} perplexity (seqlen {eval_seqlen}, windows {args.max_windows or 'all'}): {out[d]:.3f}")
         return out

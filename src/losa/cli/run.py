@@ -59,6 +59,7 @@ def run_losa(args: argparse.Namespace) -> int:
     print(f"  verified: merged model sparsity {report.results.sparsity:.4f} (target {cfg.target_sparsity:.4f})")
     for d in datasets:
         ppl = perplexity(model, tok, d, seqlen=args.eval_seqlen or cfg.seqlen, max_windows=args.max_windows,
+                         flag="--eval-seqlen" if args.eval_seqlen else "--seqlen",
                          data_dir=cfg.data_dir, progress=progress)
         report.results.ppl[d] = float(ppl)
         print(f"  {d} perplexity: {ppl:.3f}")

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from losa.data.sources import eval_text
 from losa.errors import LosaError
+from losa.models.registry import check_window
 
 
 @dataclass
@@ -52,7 +53,8 @@ class PerplexityResult:
 
 @torch.no_grad()
 def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
-                        batch_size: int = 1, progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
+                        batch_size: int = 1, progress: bool = True, desc: str = "perplexity",
+                        flag: str = "--seqlen") -> PerplexityResult:
     """Perplexity of ``model`` on a 1-D token stream ``ids``.
 
     The stream is cut into non-overlapping windows of ``seqlen`` tokens (the remainder is dropped);
@@ -70,13 +72,16 @@ def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int = 2048, max_window
         batch_size: windows per forward.
         progress: show a progress bar.
         desc: progress bar label.
+        flag: the command-line flag that sets ``seqlen`` (named in errors).
     Returns:
         A :class:`PerplexityResult`.
     Raises:
-        LosaError: ``seqlen < 2``, fewer tokens than one window, or a non-finite mean NLL.
+        LosaError: ``seqlen < 2`` or beyond the model's context, fewer tokens than one window, or a
+            non-finite mean NLL.
     """
     if seqlen < 2:
         raise LosaError(f"seqlen must be >= 2, got {seqlen}")
+    check_window(model, seqlen, "evaluation window", flag)
     n = ids.numel() // seqlen
     if max_windows is not None:
         n = min(n, int(max_windows))
@@ -106,7 +111,7 @@ def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int = 2048, max_window
 
 def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,
                batch_size: int = 1, data_dir: str | os.PathLike | None = None, progress: bool = True,
-               return_details: bool = False) -> float | PerplexityResult:
+               return_details: bool = False, flag: str = "--seqlen") -> float | PerplexityResult:
     """Perplexity on ``dataset`` (wikitext2/c4/ptb or a local text file).
 
     The evaluation text (WikiText-2 test rows joined by blank lines, C4 validation / PTB test joined
@@ -123,6 +128,7 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
         data_dir: directory with local copies of the datasets (default: ``$LOSA_DATA_DIR``, else the HF hub).
         progress: show a progress bar.
         return_details: return the full :class:`PerplexityResult` instead of the float.
+        flag: the command-line flag that sets ``seqlen`` (named in errors).
     Returns:
         The perplexity, or a :class:`PerplexityResult` with ``return_details``.
     Raises:
@@ -131,9 +137,10 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
     """
     if tokenizer is None:
         raise LosaError("perplexity needs a tokenizer; load the model with one")
+    check_window(model, seqlen, "evaluation window", flag)  # before reading and tokenising the text
     text = eval_text(dataset, data_dir)
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     if dataset == "c4":  # the usual C4 protocol evaluates the first 256 windows
         max_windows = 256 if max_windows is None else min(256, max_windows)
-    res = perplexity_from_ids(model, ids, seqlen, max_windows, batch_size, progress, desc=f"ppl {dataset}")
+    res = perplexity_from_ids(model, ids, seqlen, max_windows, batch_size, progress, desc=f"ppl {dataset}", flag=flag)
     return res if return_details else res.ppl

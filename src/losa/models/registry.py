@@ -146,3 +146,37 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
         raise LosaError(f"module {name!r} is not in this model; load the matching base model") from None
     setattr(parent, child, new)
     return old
+
+
+#: config attributes that hold a model's number of positions, in the order they are read
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def max_context(model: nn.Module) -> int | None:
+    """The longest window the model was built for (its position count), or None if the config has none."""
+    cfg = getattr(model, "config", None)
+    for key in _CONTEXT_KEYS:
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_window(model: nn.Module, length: int, what: str, flag: str) -> None:
+    """Fail at once when a window of ``length`` tokens exceeds the model's context.
+
+    Beyond it, learned position embeddings (OPT, GPT-2) fail with an ``IndexError`` deep inside torch
+    and rotary ones run outside what the model was trained on.
+
+    Args:
+        model: the model.
+        length: window length in tokens.
+        what: what the window is for, e.g. ``calibration window``.
+        flag: the flag that sets it, e.g. ``--seqlen``.
+    Raises:
+        LosaError: ``length`` > :func:`max_context`, naming the maximum and the flag.
+    """
+    limit = max_context(model)
+    if limit is not None and length > limit:
+        raise LosaError(f"{what} of {length} tokens exceeds the model's context of {limit} positions; "
+                        f"set {flag} {limit} or lower")

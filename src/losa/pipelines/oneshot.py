@@ -17,7 +17,7 @@ from losa.data.calibration import get_calibration
 from losa.errors import LosaError
 from losa.export.verify import SparsityReport, sparsity_report, verify_targets
 from losa.models.linear import get_weight, in_features, set_weight
-from losa.models.registry import get_arch, get_decoder_layers, linear_modules
+from losa.models.registry import check_window, get_arch, get_decoder_layers, linear_modules
 from losa.pipelines.config import CalibrationConfig
 from losa.pruning.base import Pruner
 from losa.pruning.masks import parse_nm, validate_nm
@@ -227,6 +227,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
                 visitor.prune_module(i, name, mod, None)
     else:
         if calib_ids is None:
+            check_window(model, config.seqlen, "calibration window", "--seqlen")
             t = time.perf_counter()
             calib_ids = get_calibration(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
                                         config.data_dir, model=model, progress=progress)

@@ -39,7 +39,7 @@ from losa.lora.layer import SparseLoRALinear
 from losa.lora.model import add_sparse_lora, merge_and_unload, set_layer_ranks, sparse_lora_modules
 from losa.lora.ranks import allocate_ranks
 from losa.models.linear import get_weight
-from losa.models.registry import get_arch, get_decoder_layers, linear_modules
+from losa.models.registry import check_window, get_arch, get_decoder_layers, linear_modules
 from losa.pipelines.losa.config import LoSAConfig, check_finetune_size
 from losa.pipelines.losa.recon import DenseTargets, reconstruction_errors
 from losa.pipelines.losa.state import fingerprint, load_state, save_state, seed_everything
@@ -159,7 +159,8 @@ class StepEval:
         from losa.eval.ppl import perplexity
 
         return {d: float(perplexity(model, tokenizer, d, seqlen=self.seqlen, max_windows=self.max_windows,
-                                    data_dir=self.data_dir, progress=progress)) for d in self.datasets}
+                                    data_dir=self.data_dir, progress=progress, flag="--eval-seqlen"))
+                for d in self.datasets}
 
 
 @dataclass
@@ -230,6 +231,12 @@ class LoSARun:
     def setup(self) -> None:
         """Calibration windows, fine-tuning slices, dense targets, adapters; restores state on resume."""
         cfg, model = self.cfg, self.model
+        check_window(model, cfg.seqlen if self.calib_ids is None else self.calib_ids.shape[1], "calibration window",
+                     "--seqlen")
+        if cfg.finetune_data is not None or cfg.finetune.distill:
+            check_window(model, cfg.finetune.max_length, "fine-tuning example", "--max-length")
+        if self.step_eval is not None:
+            check_window(model, self.step_eval.seqlen, "evaluation window", "--eval-seqlen")
         seed_everything(cfg.seed)
         if self.calib_ids is None:
             self.calib_ids = get_calibration(self.tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed,
