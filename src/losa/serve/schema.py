@@ -8,28 +8,72 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class RequestError(ValueError):
-    """A request the server rejects, with an HTTP status and a one-line message for the client."""
+    """A request the server refuses or cannot finish, with an HTTP status and a one-line message.
+
+    Args:
+        message: what went wrong and what to do about it (one line).
+        status: the HTTP status to answer with (400 unless said otherwise).
+    """
 
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
 
 
-class SamplingFields(BaseModel):
-    """Decoding options shared by completions and chat completions (OpenAI names and defaults)."""
+class RequestTimeout(RequestError):
+    """A request that ran past the server's ``--request-timeout`` (HTTP 504).
 
-    # Clients send fields we do not use (user, presence_penalty, stream_options, ...): ignore them, but the
-    # ones that would change the answer and are not implemented are refused in ``_unsupported``.
+    Args:
+        message: what the request was doing when time ran out (one line).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 504)
+
+
+def _drop_nulls(data: Any) -> Any:
+    """``null`` means "the default", as OpenAI's clients send it: drop such keys before validation."""
+    return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class StreamOptions(BaseModel):
+    """``stream_options`` of a streamed request."""
+
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = Field(False, description="end the stream with a chunk carrying the token usage")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _drop_nulls(data)
+
+
+class SamplingFields(BaseModel):
+    """Decoding options shared by completions and chat completions (OpenAI names and defaults).
+
+    A field sent as ``null`` takes its default, as if it were absent.
+    """
+
+    # Clients send fields we do not use (user, presence_penalty, ...): ignore them, but the ones that would
+    # change the answer and are not implemented are refused in ``_unsupported``.
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, description="new tokens at most (None: the endpoint's default)")
+    max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens (chat)")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = 1
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _drop_nulls(data)
 
     @field_validator("n")
     @classmethod
@@ -56,6 +100,16 @@ class SamplingFields(BaseModel):
             raise ValueError("best_of is not supported by losa serve; drop it from the request")
         return self
 
+    @property
+    def token_limit(self) -> int | None:
+        """``max_completion_tokens`` if given, else ``max_tokens`` (None: the endpoint's default)."""
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed answer ends with a usage chunk (``stream_options.include_usage``)."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
 
 class CompletionRequest(SamplingFields):
     """``POST /v1/completions``: continue one prompt or several."""
@@ -72,16 +126,18 @@ class CompletionRequest(SamplingFields):
 
 
 class ChatMessage(BaseModel):
+    """One turn of a conversation; content parts are joined into plain text (``null`` content = empty)."""
+
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]]
+    content: str | list[dict[str, Any]] | None = None
 
     @field_validator("content")
     @classmethod
-    def _text(cls, v: str | list[dict[str, Any]]) -> str:
-        if isinstance(v, str):
-            return v
+    def _text(cls, v: str | list[dict[str, Any]] | None) -> str:
+        if v is None or isinstance(v, str):
+            return v or ""
         parts = []
         for part in v:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -97,7 +153,18 @@ class ChatRequest(SamplingFields):
 
 
 def parse_request(cls: type[SamplingFields], body: Any) -> Any:
-    """Validate a decoded JSON body; a :class:`RequestError` names the first problem."""
+    """Validate a decoded JSON body.
+
+    Args:
+        cls: :class:`CompletionRequest` or :class:`ChatRequest`.
+        body: the decoded JSON.
+
+    Returns:
+        The validated request.
+
+    Raises:
+        RequestError: (400) naming the first problem, in one line.
+    """
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     try:
