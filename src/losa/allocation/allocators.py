@@ -9,6 +9,9 @@ parameter-count-weighted mean equals the target exactly (up to float rounding):
   ``Imp_l = exp(−β R̃_l)``; minimise ``Σ Imp_l s_l`` subject to the weighted mean and
   ``target − δ ≤ s_l ≤ target + δ``. This is a fractional knapsack LP, solved exactly by sorting.
 - ``owl`` (outlier-weighted layerwise sparsity): more Wanda outliers → lower sparsity, within ±λ.
+- ``atp`` (Huang et al., ICML 2025, "Determining Layer-wise Sparsity for LLMs Through a Theoretical
+  Perspective"): sparsity rising linearly with depth, ``s_l = S − β(L−1)/2 + β(l−1)`` for equal layers;
+  β is chosen by a grid search on calibration loss (``losa.pipelines.oneshot``).
 """
 
 from __future__ import annotations
@@ -159,3 +162,63 @@ def owl(target: float, sizes: Sequence[float], *, outlier_ratios: Sequence[float
     c = c - w @ c
     c = c / np.abs(c).max()
     return target - lam * c
+
+
+def _depth_offsets(p: np.ndarray) -> np.ndarray:
+    """``(l − 1) − Σ_k w_k (k − 1)``: the depth index centred on its parameter-weighted mean."""
+    w = p / p.sum()
+    idx = np.arange(p.size, dtype=np.float64)
+    return idx - float(w @ idx)
+
+
+def atp_beta_max(target: float, sizes: Sequence[float]) -> float:
+    """The largest β that keeps every ATP layer sparsity within [0, 1) (strictly below 1 by 1e-6).
+
+    Raises:
+        LosaError: invalid target or sizes.
+    """
+    p = _check(target, sizes)
+    off = _depth_offsets(p)
+    if p.size == 1:
+        return 0.0
+    up = (1.0 - 1e-6 - target) / off.max()  # the deepest layer must stay below 1
+    down = target / -off.min()  # the first layer must stay at or above 0
+    return float(max(0.0, min(up, down)))
+
+
+@register_allocator("atp")
+def atp(target: float, sizes: Sequence[float], *, beta: float, **_: object) -> np.ndarray:
+    """ATP: ``s_l = S + β·((l − 1) − Σ_k w_k (k − 1))``, an arithmetic progression in depth.
+
+    With equal layer sizes this is the paper's ``s_l = S − β(L−1)/2 + β(l−1)``; with unequal sizes the
+    progression is shifted so the parameter-weighted mean is exactly ``S``.
+
+    Args:
+        target: S, the mean sparsity.
+        sizes: parameters per decoder layer, ``[L]``.
+        beta: the step between consecutive layers, in ``[0, atp_beta_max(target, sizes)]``.
+    Returns:
+        ``[L]`` float64 sparsities.
+    Raises:
+        LosaError: ``beta`` outside its valid range (a layer would leave [0, 1)).
+    """
+    p = _check(target, sizes)
+    bmax = atp_beta_max(target, sizes)
+    if not 0.0 <= beta <= bmax + 1e-12:
+        raise LosaError(f"ATP beta={beta} is outside [0, {bmax:.6g}] for S={target} over {p.size} layers "
+                        "(a layer would leave [0, 1)); lower beta")
+    return np.clip(target + beta * _depth_offsets(p), 0.0, 1.0 - 1e-6)
+
+
+def atp_grid(target: float, sizes: Sequence[float], points: int = 8, beta_max: float | None = None) -> list[float]:
+    """``points`` evenly spaced β from 0 (uniform) to the valid maximum (or ``beta_max`` if smaller).
+
+    Raises:
+        LosaError: ``points`` < 2.
+    """
+    if points < 2:
+        raise LosaError(f"ATP grid needs at least 2 points, got {points}")
+    hi = atp_beta_max(target, sizes)
+    if beta_max is not None:
+        hi = min(hi, float(beta_max))
+    return [float(x) for x in np.linspace(0.0, hi, points)]

@@ -180,3 +180,12 @@ def check_window(model: nn.Module, length: int, what: str, flag: str) -> None:
     if limit is not None and length > limit:
         raise LosaError(f"{what} of {length} tokens exceeds the model's context of {limit} positions; "
                         f"set {flag} {limit} or lower")
+
+
+def layer_sizes(model: nn.Module) -> list[int]:
+    """Parameters of the prunable linears of every decoder layer, ``[L]`` (the weights of allocators)."""
+    from losa.models.linear import get_weight
+
+    spec = get_arch(model)
+    return [sum(get_weight(m).numel() for m in linear_modules(layer, spec).values())
+            for layer in get_decoder_layers(model, spec)]

@@ -62,6 +62,13 @@ class PruneConfig(CalibrationConfig):
     offload: bool | None = Field(None, description="keep the model on the CPU and move one decoder layer at a time "
                                                    "to the device (default: when the model does not fit)")
     verify: bool = Field(True, description="verify every module's sparsity / N:M pattern after pruning")
+    allocator: Literal["uniform", "atp"] = Field(
+        "uniform", description="layer-wise sparsity of an unstructured target: uniform, or atp (sparsity rising "
+                               "linearly with depth, ATP, Huang et al. ICML 2025)")
+    atp_beta: float | None = Field(None, ge=0, description="ATP: the sparsity step between consecutive layers "
+                                                           "(default: grid search on the calibration loss)")
+    atp_grid_points: int = Field(8, ge=2, description="ATP: beta values tried by the grid search, from 0 to the "
+                                                      "largest that keeps every layer in [0, 1)")
 
     @field_validator("sparsity")
     @classmethod
@@ -83,6 +90,9 @@ class PruneConfig(CalibrationConfig):
             m = parse_nm(self.nm)[1]
             for n in self.nm_n:
                 validate_nm(n, m)
+        if self.allocator != "uniform" and (self.nm is not None or isinstance(self.sparsity, list)):
+            raise ValueError(f"allocator={self.allocator} spreads one unstructured sparsity over the layers; it "
+                             "cannot be combined with nm or a per-layer sparsity list")
         return self
 
     def layer_targets(self, num_layers: int) -> list[Target]:
@@ -158,6 +168,19 @@ def _use_single_pass(config: PruneConfig, pruner: Pruner, model: nn.Module, laye
     return need <= activation_budget(resolve_device(config.device))
 
 
+def _calibration(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None,
+                 timings: dict[str, float], progress: bool) -> torch.Tensor:
+    """``calib_ids`` or, when None, the config's calibration windows ``[nsamples, seqlen]``."""
+    if calib_ids is not None:
+        return calib_ids
+    check_window(model, config.seqlen, "calibration window", "--seqlen")
+    t = time.perf_counter()
+    ids = get_calibration(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed, config.data_dir,
+                          model=model, progress=progress)
+    timings["calibration_data_s"] = time.perf_counter() - t
+    return ids
+
+
 def _nm_for_report(targets: list[Target]) -> list[tuple[int, int] | None]:
     return [(t.n, t.m) if t.is_nm else None for t in targets]  # type: ignore[misc]
 
@@ -180,6 +203,8 @@ class PruneReport(BaseModel):
     """
 
     recipe: dict[str, Any] = Field(description="the PruneConfig as a mapping")
+    allocation: dict[str, Any] = Field(default_factory=dict, description="the allocator's choice (ATP: beta and the "
+                                                                         "calibration loss of every beta tried)")
     targets: list[float] = Field(description="target sparsity per decoder layer")
     nm: tuple[int, int] | None = Field(None, description="(N, M) of an N:M recipe")
     sparsity: SparsityReport = Field(description="per-module (with layer index and name), per-layer, overall")
@@ -216,22 +241,27 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     t0 = time.perf_counter()
     spec = get_arch(model)
     layers = get_decoder_layers(model, spec)
-    targets = config.layer_targets(len(layers))
     pruner = config.pruner()
-    visitor = visitor or PruneVisitor(pruner, targets)
     timings: dict[str, float] = {}
+    allocation: dict[str, Any] = {}
+    if config.allocator == "atp":
+        calib_ids = _calibration(model, tokenizer, config, calib_ids, timings, progress)
+        from losa.pipelines.atp import atp_sparsities
+
+        t = time.perf_counter()
+        sparsities, allocation = atp_sparsities(model, tokenizer, config, calib_ids, progress)
+        timings["allocation_s"] = time.perf_counter() - t
+        targets = [Target(sparsity=x) for x in sparsities]
+    else:
+        targets = config.layer_targets(len(layers))
+    visitor = visitor or PruneVisitor(pruner, targets)
     sequential = "none"  # data-free pruners need no calibration pass
     if pruner.stat is None:  # data-free: no calibration pass needed
         for i, layer in enumerate(tqdm(layers, desc=f"pruning ({config.method})", unit="layer", disable=not progress)):
             for name, mod in linear_modules(layer, spec).items():
                 visitor.prune_module(i, name, mod, None)
     else:
-        if calib_ids is None:
-            check_window(model, config.seqlen, "calibration window", "--seqlen")
-            t = time.perf_counter()
-            calib_ids = get_calibration(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
-                                        config.data_dir, model=model, progress=progress)
-            timings["calibration_data_s"] = time.perf_counter() - t
+        calib_ids = _calibration(model, tokenizer, config, calib_ids, timings, progress)
         single = _use_single_pass(config, pruner, model, layers, calib_ids)
         visitor.single_pass = single
         if single:
@@ -249,6 +279,6 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     if config.verify:
         verify_targets(report, targets)
     timings["total_s"] = time.perf_counter() - t0
-    return PruneReport(recipe=config.model_dump(), targets=[t.sparsity for t in targets],
+    return PruneReport(recipe=config.model_dump(), allocation=allocation, targets=[t.sparsity for t in targets],
                        nm=parse_nm(config.nm) if config.nm else None, sparsity=report, sequential=sequential,
                        timings=timings)

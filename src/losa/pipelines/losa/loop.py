@@ -38,8 +38,7 @@ from losa.lora.config import SparseLoRAConfig
 from losa.lora.layer import SparseLoRALinear
 from losa.lora.model import add_sparse_lora, merge_and_unload, set_layer_ranks, sparse_lora_modules
 from losa.lora.ranks import allocate_ranks
-from losa.models.linear import get_weight
-from losa.models.registry import check_window, get_arch, get_decoder_layers, linear_modules
+from losa.models.registry import check_window, get_decoder_layers, layer_sizes
 from losa.pipelines.losa.config import LoSAConfig, check_finetune_size
 from losa.pipelines.losa.recon import DenseTargets, reconstruction_errors
 from losa.pipelines.losa.state import fingerprint, load_state, save_state, seed_everything
@@ -50,12 +49,6 @@ from losa.report.schema import FinalResults, RunMeta, RunReport, StepRecord, sav
 from losa.utils.config import build_config
 from losa.utils.io import atomic_write_json
 from losa.utils.versions import versions
-
-
-def layer_sizes(model: nn.Module) -> list[int]:
-    spec = get_arch(model)
-    return [sum(get_weight(m).numel() for m in linear_modules(layer, spec).values())
-            for layer in get_decoder_layers(model, spec)]
 
 
 def prepare_finetune_examples(tokenizer, cfg: LoSAConfig, calib_source_seed: int, model: nn.Module | None = None,
