@@ -13,6 +13,11 @@ two (base + adapter), so the masked adapter costs one [out, r]×[r, in] product 
 mask-and-add over W. Unlike plain autograd on the fused weight, this function does not keep
 ``W_eff`` alive between forward and backward (it is rebuilt in backward), so training memory per
 module is that of plain LoRA plus the boolean mask.
+
+Two cases take the split form instead (:func:`masked_lora_branch`: ``base(x) + x·(s·(B A) ⊙ M)ᵀ`` with
+the adapter branch in float32): a base weight in reduced precision, where folding the update into W
+would round away every component smaller than half a bf16 ulp of W, and a sharded base weight
+(FSDP / DeepSpeed ZeRO-3), whose parameter gathering happens only when the base module is called.
 """
 
 from __future__ import annotations
@@ -98,6 +103,28 @@ class MaskedLoRAFunction(torch.autograd.Function):
             if ctx.needs_input_grad[4]:
                 grad_b = (g @ a.t()).mul_(s)
         return grad_x, None, None, grad_a, grad_b, None, None
+
+
+def masked_lora_branch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor,
+                       scale: float) -> torch.Tensor:
+    """The adapter's own contribution ``x·(s·(B A) ⊙ M)ᵀ``, computed in ``a``'s dtype (float32).
+
+    Plain autograd (gradients for ``x``, ``a`` and ``b``); the caller adds it to the base layer's output,
+    so the update never passes through the rounding of a reduced-precision W.
+
+    Args:
+        x: input, ``[..., in_features]``.
+        a: LoRA ``A``, ``[r, in_features]``.
+        b: LoRA ``B``, ``[out_features, r]``.
+        mask: keep-mask ``M``, ``[out_features, in_features]``.
+        scale: adapter scale ``s``.
+    Returns:
+        ``[..., out_features]`` in ``a.dtype``.
+    Raises:
+        Nothing of its own.
+    """
+    delta = (b @ a).mul(scale) * mask.to(a.dtype)
+    return torch.nn.functional.linear(x.to(a.dtype), delta)
 
 
 def masked_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from losa.errors import LosaError
-from losa.lora.function import effective_weight, masked_lora_linear
+from losa.lora.function import effective_weight, masked_lora_branch, masked_lora_linear
 from losa.models.linear import get_weight, set_weight
 
 
@@ -140,10 +140,14 @@ class SparseLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``y = x·(W + s·((B A) ⊙ M))ᵀ + b`` through :func:`masked_lora_linear` (one fused GEMM).
+        """``y = x·(W + s·((B A) ⊙ M))ᵀ + b``.
 
-        When merged or at rank 0 this is just the base module. Otherwise dropout (if configured) is
-        applied to ``x`` before the fused map, so in training it reaches the base term too.
+        A float32, unsharded W takes one fused GEMM (:func:`masked_lora_linear`). Otherwise (W in bf16 /
+        fp16, or sharded by FSDP / ZeRO-3) the base layer is called and the adapter branch is added in
+        float32 (:func:`masked_lora_branch`), so updates below W's rounding still count and sharded
+        parameters are gathered by the base layer's own hooks. When merged or at rank 0 this is just the
+        base module. Dropout (if configured) applies to the adapter's input in the split form and to
+        ``x`` before the fused map (so in training it reaches the base term too) in the fused form.
 
         Args:
             x: ``[..., in]``.
@@ -155,10 +159,22 @@ class SparseLoRALinear(nn.Module):
         r = self.rank
         if self.merged or r == 0:
             return self.base(x)
-        w = get_weight(self.base)
+        w = self.base.weight
+        if self.split_forward(w):
+            y = self.base(x)
+            return (y.to(self.lora_A.dtype) + masked_lora_branch(self.dropout(x), self.lora_A[:r], self.lora_B[:, :r],
+                                                                 self.mask, self.scale)).to(y.dtype)
         bias = getattr(self.base, "bias", None)
-        return masked_lora_linear(self.dropout(x), w, bias, self.lora_A[:r], self.lora_B[:, :r], self.mask,
-                                  self.scale)
+        return masked_lora_linear(self.dropout(x), get_weight(self.base), bias, self.lora_A[:r], self.lora_B[:, :r],
+                                  self.mask, self.scale)
+
+    @staticmethod
+    def split_forward(weight: torch.Tensor) -> bool:
+        """True when the base must be called separately: W not float32, or a sharded parameter (a DTensor,
+        a DeepSpeed ZeRO-3 partition, or an FSDP-flattened placeholder)."""
+        sharded = (type(weight).__name__ == "DTensor" or hasattr(weight, "ds_id")
+                   or weight.dim() != 2)
+        return sharded or weight.dtype != torch.float32
 
     # ------------------------------------------------------------------ merge
     def merge(self, keep_original: bool = True) -> None:
