@@ -9,7 +9,13 @@ import torch
 from conftest import make_tiny_model
 from torch import nn
 
-from losa.lora import SparseLoRAConfig, SparseLoRALinear, add_sparse_lora, lora_parameters, sparse_lora_modules
+from losa.lora import (
+    SparseLoRAConfig,
+    SparseLoRALinear,
+    add_sparse_lora,
+    lora_parameters,
+    sparse_lora_modules,
+)
 
 
 def test_a_bf16_update_below_ws_ulp_still_changes_the_output():
