@@ -37,6 +37,7 @@ def run_losa(args: argparse.Namespace) -> int:
     from losa.eval.ppl import perplexity
     from losa.pipelines.losa.loop import StepEval, run
     from losa.report.schema import save_report
+    from losa.utils.dist import barrier, is_main
 
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.model).name.removesuffix('.gguf')}-losa"
@@ -52,6 +53,9 @@ def run_losa(args: argparse.Namespace) -> int:
     model, tok = losa.load_model(args.model, dtype=args.dtype)
     report = run(model, tok, cfg, out_dir=out, resume=args.resume, progress=progress, model_name=args.model,
                  step_eval=step_eval)
+    if not is_main():  # the other processes of a multi-process run: the main one reports and saves
+        barrier()
+        return 0
     for s in report.steps:
         ppl = "".join(f" {d} ppl={v:.3f}" for d, v in s.ppl.items())
         print(f"  step {s.step}: S_t={s.target_sparsity:.4f} ranks sum={sum(s.ranks or [])} "
@@ -68,4 +72,5 @@ def run_losa(args: argparse.Namespace) -> int:
         losa.save_checkpoint(model, tok, out / "model", {"source_model": args.model, "recipe": cfg.model_dump(),
                                                          "results": {"ppl": report.results.ppl}}, overwrite=True)
         print(f"  saved merged model to {out / 'model'}")
+    barrier()
     return 0

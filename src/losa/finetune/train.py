@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from losa.errors import LosaError
 from losa.finetune.config import FinetuneConfig
 from losa.finetune.data import Collator
+from losa.utils.dist import world_size
 
 
 def bf16_available() -> bool:
@@ -101,7 +102,7 @@ def finetune(model: nn.Module, examples: Sequence[dict[str, list[int]]], config:
             lr_scheduler_type=config.lr_scheduler, optim="adamw_torch", max_grad_norm=config.max_grad_norm,
             logging_steps=1, save_strategy="no", report_to="none", remove_unused_columns=False,
             seed=config.seed, data_seed=config.seed, bf16=bf16, use_cpu=not use_cuda, disable_tqdm=not progress,
-            dataloader_num_workers=0,
+            dataloader_num_workers=0, ddp_find_unused_parameters=world_size() > 1 or None,
         )
         trainer = _LosaTrainer(model=model, args=args, train_dataset=list(examples), data_collator=Collator(pad_id),
                                callbacks=[recorder], teacher=teacher, temperature=config.temperature)

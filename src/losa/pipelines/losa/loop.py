@@ -47,6 +47,7 @@ from losa.pruning.masks import parse_nm
 from losa.pruning.target import Target
 from losa.report.schema import FinalResults, RunMeta, RunReport, StepRecord, save_report
 from losa.utils.config import build_config
+from losa.utils.dist import barrier, broadcast_object, broadcast_tensors, is_main
 from losa.utils.io import atomic_write_json
 from losa.utils.versions import versions
 
@@ -208,10 +209,14 @@ class LoSARun:
         if out is not None and out.exists() and not resume and (out / "state").exists():
             raise LosaError(f"{out} already holds a LoSA run; pass --resume to continue it or choose another --out")
         self.model, self.tokenizer, self.cfg = model, tokenizer, config
-        self.write = out is not None  # a run without out_dir cannot be resumed, so it skips the checkpoint
-        self.tmp_root = None if out is not None else Path(tempfile.mkdtemp(prefix="losa-run-"))
+        # a run without out_dir cannot be resumed, so it skips the checkpoint; only the main process writes
+        self.write = out is not None and is_main()
+        self.tmp_root = None
+        if out is None:  # one temporary directory shared by all processes
+            self.tmp_root = broadcast_object(Path(tempfile.mkdtemp(prefix="losa-run-")) if is_main() else None)
         self.out: Path = out if out is not None else self.tmp_root  # type: ignore[assignment]
         self.out.mkdir(parents=True, exist_ok=True)
+        barrier()  # every process has checked ``out`` before any writes to it
         self.resume, self.progress, self.calib_ids, self.model_name = resume, progress, calib_ids, model_name
         self.step_eval = step_eval
         self.recipe = config.model_dump()
@@ -245,8 +250,9 @@ class LoSARun:
         self.sizes = layer_sizes(model)
         targets_path = self.out / "dense_targets.npy"
         t = time.perf_counter()
-        if not (self.resume and targets_path.is_file()):
+        if is_main() and not (self.resume and targets_path.is_file()):
             DenseTargets.compute(model, self.recon_ids, targets_path, cfg.calib_batch(), cfg.device, self.progress)
+        barrier()
         self.dense_s = time.perf_counter() - t
         self.dense = DenseTargets(targets_path)
         init_rank = int(round(min(max(cfg.omega_first, cfg.r_min), cfg.r_max)))
@@ -283,11 +289,13 @@ class LoSARun:
                         desc=f"step {step}/{cfg.steps}: pruning ({cfg.method})",
                         stats_autocast=cfg.stats_autocast()).run(
             AdapterPruneVisitor(self.pruner, targets, self.wrappers))
+        wrappers = list(self.wrappers.values())
+        broadcast_tensors([t for w in wrappers for t in (w.base.weight, w.mask)])  # every rank: rank 0's masks
         times["prune_s"] = time.perf_counter() - t
         achieved = _mask_sparsity(model)
 
         t = time.perf_counter()
-        errors = self._errors()
+        errors = broadcast_object(self._errors())
         times["recon_s"] = time.perf_counter() - t
         ranks = (allocate_ranks(errors, omega, cfg.r_min, cfg.r_max) if cfg.rank_allocation
                  else [int(round(omega))] * len(self.sizes))
@@ -298,14 +306,15 @@ class LoSARun:
         if self.slices[step - 1]:
             ftc = cfg.finetune.model_copy(update={"seed": cfg.finetune.seed + cfg.seed * 1000 + step})
             ft = finetune(model, self.slices[step - 1], ftc, self.pad_id, teacher=self.teacher, progress=self.progress)
+        broadcast_tensors([p for w in wrappers for p in (w.lora_A, w.lora_B)])  # data-parallel replicas agree
         times["finetune_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        errors_after = self._errors() if ft["steps"] else errors
+        errors_after = broadcast_object(self._errors()) if ft["steps"] else errors
         times["recon_after_s"] = time.perf_counter() - t
         ppl: dict[str, float] = {}
         if self.step_eval is not None:  # the adapters compute exactly what the merged model computes
             t = time.perf_counter()
-            ppl = self.step_eval(model, self.tokenizer, self.progress)
+            ppl = broadcast_object(self.step_eval(model, self.tokenizer, self.progress) if is_main() else None)
             times["eval_s"] = time.perf_counter() - t
         times["total_s"] = sum(times.values())
 
@@ -318,6 +327,7 @@ class LoSARun:
         if self.write:
             save_state(self.out, model, step, self.recipe, self.rows, self.fingerprint)
             _write(self.out, _report(cfg, self.rows, None, self.model_name), self.rows, self.sizes, self.dense_s)
+        barrier()
         return result
 
     def finish(self) -> RunReport:
@@ -342,6 +352,9 @@ class LoSARun:
         """Remove what only a running (resumable) run needs: the dense targets, a temporary run directory."""
         if hasattr(self, "dense"):
             del self.dense  # drops the memory map before the file goes
+        barrier()  # every process is done reading
+        if not is_main():
+            return
         if self.tmp_root is not None:
             shutil.rmtree(self.tmp_root, ignore_errors=True)
         else:
@@ -389,7 +402,7 @@ def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, ou
             job.step(step)
         return job.finish()
     finally:
-        if job.tmp_root is not None:
+        if job.tmp_root is not None and is_main():
             shutil.rmtree(job.tmp_root, ignore_errors=True)
 
 
