@@ -26,3 +26,9 @@ class FinetuneConfig(LosaConfig):
     temperature: float = Field(1.0, gt=0, description="distillation temperature")
     max_grad_norm: float = Field(1.0, description="gradient clipping norm")
     seed: int = Field(0, description="fine-tuning seed (data order, adapter dropout)")
+    fsdp: str = Field("", description="sharded data-parallel training, passed to the transformers Trainer "
+                                      "(e.g. 'full_shard auto_wrap'; run under torchrun / accelerate launch)")
+    fsdp_config: str | None = Field(None, description="JSON file of FSDP options for the Trainer (e.g. "
+                                                      "transformer_layer_cls_to_wrap)")
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON config for the Trainer (ZeRO-2/3; needs the "
+                                                    "deepspeed package)")

@@ -88,6 +88,14 @@ def finetune(model: nn.Module, examples: Sequence[dict[str, list[int]]], config:
     if config.distill and teacher is None:
         raise LosaError("distill=True needs the dense teacher model")
     use_cuda = torch.cuda.is_available()
+    if config.fsdp and not use_cuda:
+        raise LosaError("--fsdp needs GPUs: accelerate shards only across GPU processes, and on the CPU the Trainer "
+                        "would silently fall back to plain data parallelism; drop --fsdp here")
+    if config.deepspeed:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise LosaError("--deepspeed needs the deepspeed package: pip install deepspeed (on a CUDA machine)")
     bf16 = bf16_available() if config.bf16 is None else config.bf16
     if bf16 and not bf16_available() and use_cuda:
         raise LosaError("bf16 requested but this GPU does not support it; drop --bf16")
@@ -103,6 +111,7 @@ def finetune(model: nn.Module, examples: Sequence[dict[str, list[int]]], config:
             logging_steps=1, save_strategy="no", report_to="none", remove_unused_columns=False,
             seed=config.seed, data_seed=config.seed, bf16=bf16, use_cpu=not use_cuda, disable_tqdm=not progress,
             dataloader_num_workers=0, ddp_find_unused_parameters=world_size() > 1 or None,
+            fsdp=config.fsdp, fsdp_config=config.fsdp_config, deepspeed=config.deepspeed,
         )
         trainer = _LosaTrainer(model=model, args=args, train_dataset=list(examples), data_collator=Collator(pad_id),
                                callbacks=[recorder], teacher=teacher, temperature=config.temperature)
