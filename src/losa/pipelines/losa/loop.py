@@ -38,8 +38,8 @@ from losa.lora.config import SparseLoRAConfig
 from losa.lora.layer import SparseLoRALinear
 from losa.lora.model import add_sparse_lora, merge_and_unload, set_layer_ranks, sparse_lora_modules
 from losa.lora.ranks import allocate_ranks
-from losa.models.linear import get_weight
-from losa.models.registry import get_arch, get_decoder_layers, linear_modules
+from losa.models.moe import unfused_experts
+from losa.models.registry import get_arch, get_decoder_layers, prunable_weights
 from losa.pipelines.losa.config import LoSAConfig, check_finetune_size
 from losa.pipelines.losa.recon import DenseTargets, reconstruction_errors
 from losa.pipelines.losa.state import fingerprint, load_state, save_state, seed_everything
@@ -53,9 +53,9 @@ from losa.utils.versions import versions
 
 
 def layer_sizes(model: nn.Module) -> list[int]:
+    """Prunable weights per decoder layer (every expert matrix included)."""
     spec = get_arch(model)
-    return [sum(get_weight(m).numel() for m in linear_modules(layer, spec).values())
-            for layer in get_decoder_layers(model, spec)]
+    return [sum(w.numel() for w in prunable_weights(layer, spec).values()) for layer in get_decoder_layers(model, spec)]
 
 
 def prepare_finetune_examples(tokenizer, cfg: LoSAConfig, calib_source_seed: int, model: nn.Module | None = None,
@@ -191,6 +191,10 @@ class StepResult:
 
 class LoSARun:
     """One LoSA run on ``model`` (in place): :meth:`setup`, then :meth:`step` for t = 1..T, then :meth:`finish`.
+
+    A model with fused mixture-of-experts weights must be driven inside
+    :func:`losa.models.unfused_experts` (as :func:`run` does), so that every expert matrix is pruned and
+    adapted on its own; otherwise the experts stay dense and :meth:`finish` fails verification.
 
     Args:
         model: a causal LM of a registered architecture (ends merged and sparse).
@@ -384,10 +388,11 @@ def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, ou
     job = LoSARun(model, tokenizer, cfg, Path(out_dir) if out_dir is not None else None, resume, progress,
                   calib_ids, name, step_eval)
     try:
-        job.setup()
-        for step in range(job.first_step, cfg.steps + 1):
-            job.step(step)
-        return job.finish()
+        with unfused_experts(model):  # each expert matrix pruned and adapted on its own; fused back at the end
+            job.setup()
+            for step in range(job.first_step, cfg.steps + 1):
+                job.step(step)
+            return job.finish()
     finally:
         if job.tmp_root is not None:
             shutil.rmtree(job.tmp_root, ignore_errors=True)
