@@ -18,6 +18,7 @@ from torch import nn
 from losa.errors import LosaError
 from losa.inference.formats import Packed
 from losa.inference.sparse_linear import SparseLinear
+from losa.models.moe import unfuse_experts
 from losa.models.registry import replace_module
 from losa.utils.io import atomic_write_bytes
 
@@ -52,6 +53,7 @@ def load_sparse(model: nn.Module, path: str | os.PathLike, prefill_dtype: str | 
     path = Path(path)
     if not path.is_file():
         raise LosaError(f"compact checkpoint {path} not found; write one with losa.inference.save_sparse")
+    unfuse_experts(model)  # sparsify_for_inference saved the experts unfused (one linear per expert matrix)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if _KEY not in meta:

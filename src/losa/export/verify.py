@@ -9,8 +9,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from losa.errors import SparsityVerificationError
-from losa.models.linear import get_weight
-from losa.models.registry import get_arch, get_decoder_layers, linear_modules
+from losa.models.registry import get_arch, get_decoder_layers, prunable_weights
 from losa.pruning.masks import check_nm, max_nonzeros_per_group
 from losa.pruning.target import Target
 
@@ -69,7 +68,10 @@ def module_report(weight: torch.Tensor, nm: tuple[int, int] | None = None, name:
 
 def sparsity_report(model: nn.Module,
                     nm: tuple[int, int] | Sequence[tuple[int, int] | None] | None = None) -> SparsityReport:
-    """Sparsity of every prunable linear module in the decoder layers, per layer and overall.
+    """Sparsity of every prunable weight in the decoder layers, per layer and overall.
+
+    Fused mixture-of-experts tensors count as their expert matrices (``mlp.experts.<e>.gate_proj`` ...,
+    see :func:`~losa.models.registry.prunable_weights`), so experts left dense fail :func:`verify_targets`.
 
     Args:
         model: a model of a registered architecture.
@@ -78,7 +80,7 @@ def sparsity_report(model: nn.Module,
     Returns:
         the typed report.
     Raises:
-        LosaError: the model's architecture is not registered.
+        LosaError: the model's architecture is not registered (or its experts cannot be pruned).
     """
     spec = get_arch(model)
     layers = get_decoder_layers(model, spec)
@@ -89,9 +91,9 @@ def sparsity_report(model: nn.Module,
     prefix = spec.layers_path
     for i, layer in enumerate(layers):
         lz = ln = 0
-        for name, mod in linear_modules(layer, spec).items():
+        for name, weight in prunable_weights(layer, spec).items():
             full = f"{prefix}.{i}.{name}"
-            rep = module_report(get_weight(mod), per_layer_nm[i], full, i, name)  # type: ignore[arg-type]
+            rep = module_report(weight, per_layer_nm[i], full, i, name)  # type: ignore[arg-type]
             modules[full] = rep
             lz += rep.zeros
             ln += rep.numel

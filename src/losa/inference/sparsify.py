@@ -3,6 +3,8 @@
 On the CPU every pruned linear inside the decoder layers becomes a :class:`SparseLinear`. On CUDA,
 2:4 layers get PyTorch's semi-structured sparse weight (``torch.sparse.to_sparse_semi_structured``,
 fp16/bf16 tensor cores) and other layers stay dense. The LM head and embeddings are never touched.
+Fused mixture-of-experts weights are unfused for good first (:func:`losa.models.unfuse_experts`), so each
+expert matrix is a linear of its own that is counted and converted like any other.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from losa.errors import LosaError
 from losa.inference.formats import nm_fits, resolve_value_dtype
 from losa.inference.sparse_linear import SparseLinear
 from losa.models.linear import get_weight
+from losa.models.moe import unfuse_experts
 from losa.models.registry import get_arch, get_decoder_layers, linear_modules, replace_module
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,7 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
         raise LosaError(f"min_sparsity={min_sparsity} is outside [0, 1]; use e.g. 0.25")
     vdtype = resolve_value_dtype(value_dtype)
     spec = get_arch(model)
+    unfuse_experts(model)  # for good: the inference model runs its experts as (sparse) linears
     device = next(model.parameters()).device
     summary = {"replaced": 0, "kept_dense": 0, "dense_bytes": 0, "sparse_bytes": 0, "device": device.type,
                "value_dtype": str(vdtype).replace("torch.", ""),

@@ -1,7 +1,15 @@
 """Model loading and the architecture registry."""
 
 from losa.models.linear import get_weight, is_prunable, set_weight
-from losa.models.registry import ArchSpec, get_arch, get_decoder_layers, linear_modules, register_arch
+from losa.models.moe import unfuse_experts, unfused_experts
+from losa.models.registry import (
+    ArchSpec,
+    get_arch,
+    get_decoder_layers,
+    linear_modules,
+    prunable_weights,
+    register_arch,
+)
 from losa.utils.lazy import lazy_attributes
 
 # loading imports transformers: bound on first use
@@ -12,6 +20,9 @@ __all__ = [
     "get_arch",
     "get_decoder_layers",
     "linear_modules",
+    "prunable_weights",
+    "unfused_experts",
+    "unfuse_experts",
     "register_arch",
     "load_model",
     "get_weight",

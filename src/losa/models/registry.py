@@ -7,6 +7,11 @@ Adding a family is one call::
 Inside a decoder layer every ``nn.Linear`` (or GPT-2 ``Conv1D``) is a prunable sublayer, except
 names matched by ``exclude``. The LM head and embeddings are never pruned (they are outside the
 decoder layers).
+
+Mixture-of-experts families whose routed experts are fused 3-D parameters (transformers 5) name the
+experts module with ``ArchSpec.experts``: :mod:`losa.models.moe` then prunes every expert matrix on its
+own, and :func:`prunable_weights` reports them as ``<experts>.<e>.gate_proj`` / ``up_proj`` / ``down_proj``.
+A decoder layer with 3-D parameters anywhere else (or in a non-standard layout) is refused by :func:`get_arch`.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import torch
 from torch import nn
 
 from losa.errors import LosaError
-from losa.models.linear import is_prunable
+from losa.models.experts import expert_weights, is_fused_experts, unsupported_reason
+from losa.models.linear import get_weight, is_prunable
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,10 @@ class ArchSpec:
     #: path (relative to the decoder layer) of a gated MLP computing ``down_proj(act_fn(gate_proj(x)) *
     #: up_proj(x))``; single-pass calibration then runs it in token chunks (less peak memory), else None
     gated_mlp: str | None = None
+    #: path (relative to the decoder layer) of the routed experts when they are stored fused as 3-D
+    #: ``gate_up_proj`` ``[E, 2I, H]`` / ``down_proj`` ``[E, H, I]`` (transformers 5 MoE); each expert matrix
+    #: is then pruned on its own (:mod:`losa.models.moe`). Layers without a module there (dense layers) are fine.
+    experts: str | None = None
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -48,9 +58,13 @@ def register_arch(spec: ArchSpec) -> ArchSpec:
 for _spec in (
     ArchSpec("llama", ("llama",), gated_mlp="mlp"),
     ArchSpec("mistral", ("mistral",), gated_mlp="mlp"),
-    ArchSpec("mixtral", ("mixtral",), exclude=("*.gate",)),
+    ArchSpec("mixtral", ("mixtral",), exclude=("*.gate",), experts="mlp.experts"),
     ArchSpec("qwen2", ("qwen2",), gated_mlp="mlp"),
     ArchSpec("qwen3", ("qwen3",), gated_mlp="mlp"),
+    # the routers (``mlp.gate``) are not nn.Linear in transformers 5; the shared expert's 1-row gate stays dense
+    ArchSpec("qwen2_moe", ("qwen2_moe",), exclude=("*.gate", "*.shared_expert_gate"), gated_mlp="mlp",
+             experts="mlp.experts"),
+    ArchSpec("qwen3_moe", ("qwen3_moe",), exclude=("*.gate",), gated_mlp="mlp", experts="mlp.experts"),
     ArchSpec("gemma", ("gemma",), gated_mlp="mlp"),
     ArchSpec("gemma2", ("gemma2",), gated_mlp="mlp"),
     ArchSpec("gemma3", ("gemma3_text",), gated_mlp="mlp"),
@@ -76,7 +90,16 @@ def _resolve(obj: object, dotted: str) -> object | None:
 
 
 def get_arch(model: nn.Module) -> ArchSpec:
-    """The registered spec for ``model``'s ``config.model_type``, or a clear error."""
+    """The registered spec for ``model``'s ``config.model_type``.
+
+    Args:
+        model: a causal LM.
+    Returns:
+        its :class:`ArchSpec`.
+    Raises:
+        LosaError: no ``config.model_type``; a family that is not registered; a mixture-of-experts
+            family whose fused experts losa cannot prune (see :func:`check_experts`).
+    """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is None:
         raise LosaError(
@@ -85,11 +108,54 @@ def get_arch(model: nn.Module) -> ArchSpec:
         )
     spec = _REGISTRY.get(model_type)
     if spec is None:
+        if any(p.ndim == 3 for p in model.parameters()):
+            raise LosaError(
+                f"mixture-of-experts family {model_type!r} is not supported: its experts cannot be pruned yet; "
+                f"supported MoE families: {', '.join(moe_model_types())}"
+            )
         raise LosaError(
             f"unsupported architecture model_type={model_type!r} ({type(model).__name__}); supported: "
             f"{', '.join(supported_model_types())}. Add it with losa.models.register_arch(ArchSpec(...))"
         )
+    check_experts(model, spec)
     return spec
+
+
+def moe_model_types() -> list[str]:
+    """The registered model types whose fused experts losa prunes, sorted."""
+    return sorted(mt for mt, spec in _REGISTRY.items() if spec.experts)
+
+
+def check_experts(model: nn.Module, spec: ArchSpec) -> None:
+    """Refuse a model whose decoder layers hold expert tensors that losa would leave dense.
+
+    Every 3-D parameter of a decoder layer must belong to the module at ``spec.experts`` and that module
+    must have the standard fused layout (:func:`losa.models.experts.unsupported_reason`).
+
+    Args:
+        model: a model of the family ``spec``.
+        spec: its registered spec.
+    Raises:
+        LosaError: one line naming the family, the tensor and why its experts cannot be pruned yet.
+    """
+    layers = _resolve(model, spec.layers_path)
+    if not isinstance(layers, nn.ModuleList):
+        return  # get_decoder_layers reports it
+    for i, layer in enumerate(layers):
+        for pname, p in layer.named_parameters():
+            if p.ndim < 3:
+                continue
+            owner = pname.rpartition(".")[0]
+            if owner != spec.experts:
+                why = "it is not registered as the family's experts (ArchSpec.experts)"
+            else:
+                why = unsupported_reason(layer.get_submodule(owner))
+            if why is not None:
+                raise LosaError(
+                    f"architecture {spec.name!r}: its experts cannot be pruned yet ({spec.layers_path}.{i}.{pname} "
+                    f"{list(p.shape)} in {type(layer.get_submodule(owner)).__name__}: {why}); use a supported "
+                    f"MoE family ({', '.join(moe_model_types())}) or a dense model"
+                )
 
 
 def get_decoder_layers(model: nn.Module, spec: ArchSpec | None = None) -> nn.ModuleList:
@@ -105,13 +171,47 @@ def get_decoder_layers(model: nn.Module, spec: ArchSpec | None = None) -> nn.Mod
 
 
 def linear_modules(layer: nn.Module, spec: ArchSpec | None = None) -> dict[str, nn.Module]:
-    """Prunable linear sublayers of one decoder layer, by name relative to the layer, in order."""
+    """Prunable linear sublayers of one decoder layer, by name relative to the layer, in order.
+
+    Fused experts appear here (as ``<experts>.<e>.gate_proj`` ...) only while the model is unfused
+    (:func:`losa.models.unfused_experts`); :func:`prunable_weights` sees them in both forms.
+    """
     exclude = spec.exclude if spec is not None else ()
     out = {
         name: mod
         for name, mod in layer.named_modules()
         if name and is_prunable(mod) and not any(fnmatch.fnmatch(name, p) for p in exclude)
     }
+    if not out:
+        raise LosaError(f"decoder layer {type(layer).__name__} has no linear sublayers to prune")
+    return out
+
+
+def prunable_weights(layer: nn.Module, spec: ArchSpec | None = None) -> dict[str, torch.Tensor]:
+    """Every prunable weight of one decoder layer as ``[out, in]``, by name relative to the layer.
+
+    The :func:`linear_modules` weights, plus each expert matrix of a fused experts module at
+    ``spec.experts`` (``<experts>.<e>.gate_proj`` ``[I, H]``, ``.up_proj`` ``[I, H]``, ``.down_proj``
+    ``[H, I]``): the same names whether the experts are fused or unfused (:mod:`losa.models.moe`).
+
+    Args:
+        layer: a decoder layer.
+        spec: its family's spec (None: no exclusions, no fused experts).
+    Returns:
+        name -> weight view ``[out, in]`` (do not write through it), in module order.
+    Raises:
+        LosaError: the layer has nothing to prune.
+    """
+    exclude = spec.exclude if spec is not None else ()
+    experts = spec.experts if spec is not None else None
+    out: dict[str, torch.Tensor] = {}
+    for name, mod in layer.named_modules():
+        if not name:
+            continue
+        if name == experts and is_fused_experts(mod):
+            out.update({f"{name}.{k}": w for k, w in expert_weights(mod).items()})
+        elif is_prunable(mod) and not any(fnmatch.fnmatch(name, p) for p in exclude):
+            out[name] = get_weight(mod)
     if not out:
         raise LosaError(f"decoder layer {type(layer).__name__} has no linear sublayers to prune")
     return out
@@ -183,9 +283,7 @@ def check_window(model: nn.Module, length: int, what: str, flag: str) -> None:
 
 
 def layer_sizes(model: nn.Module) -> list[int]:
-    """Parameters of the prunable linears of every decoder layer, ``[L]`` (the weights of allocators)."""
-    from losa.models.linear import get_weight
-
+    """Prunable weights of every decoder layer, ``[L]`` (every expert matrix included; the weights of the
+    layer-wise sparsity allocators)."""
     spec = get_arch(model)
-    return [sum(get_weight(m).numel() for m in linear_modules(layer, spec).values())
-            for layer in get_decoder_layers(model, spec)]
+    return [sum(w.numel() for w in prunable_weights(layer, spec).values()) for layer in get_decoder_layers(model, spec)]

@@ -17,9 +17,11 @@ from losa.data.calibration import get_calibration
 from losa.errors import LosaError
 from losa.export.verify import SparsityReport, sparsity_report, verify_targets
 from losa.models.linear import get_weight, in_features, set_weight
+from losa.models.moe import unfused_experts
 from losa.models.registry import check_window, get_arch, get_decoder_layers, linear_modules
 from losa.pipelines.config import CalibrationConfig
 from losa.pruning.base import Pruner
+from losa.pruning.idle import prune_weight, warn_idle
 from losa.pruning.masks import parse_nm, validate_nm
 from losa.pruning.stats import InputStat
 from losa.pruning.target import Target
@@ -136,19 +138,24 @@ class PruneVisitor(LayerVisitor):
         return {name: self.pruner.stat(in_features(mod), device=mod.weight.device) for name, mod in linears.items()}
 
     def visit(self, ctx: LayerContext) -> None:
+        idle = []
         for name, mod in ctx.linears.items():
             if name not in ctx.seen:  # in single-pass mode: modules the forward never called (e.g. idle experts)
-                self.prune_module(ctx.index, name, mod, ctx.stats.get(name))
+                if self.prune_module(ctx.index, name, mod, ctx.stats.get(name)):
+                    idle.append(name)
+        warn_idle(ctx.index, idle, self.pruner.name)
         ctx.modified = not ctx.single_pass
 
     def visit_module(self, index: int, name: str, mod: nn.Module, stat: InputStat) -> None:
         self.prune_module(index, name, mod, stat)
 
-    def prune_module(self, index: int, name: str, mod: nn.Module, stat: InputStat | None) -> None:
-        res = self.pruner.prune(get_weight(mod).detach(), stat, self.targets[index])
+    def prune_module(self, index: int, name: str, mod: nn.Module, stat: InputStat | None) -> bool:
+        """Prune one module to layer ``index``'s target; returns whether it had no tokens (pruned by magnitude)."""
+        res, idle = prune_weight(self.pruner, get_weight(mod).detach(), stat, self.targets[index])
         set_weight(mod, res.weight)
         if self.keep_masks:
             self.masks[(index, name)] = res.mask.cpu()
+        return idle
 
 
 def _use_single_pass(config: PruneConfig, pruner: Pruner, model: nn.Module, layers: nn.ModuleList,
@@ -220,6 +227,9 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     Magnitude, Wanda (Sun et al., 2024: |W|·‖X_j‖₂ per output row) or SparseGPT (Frantar & Alistarh,
     2023: OBS with lazy block updates), unstructured, N:M or mixed N:M, layer by layer over the
     calibration windows with the outputs of the already-pruned layers as the next layer's inputs.
+    Fused mixture-of-experts weights are pruned per expert matrix from the tokens routed to that expert
+    (:func:`losa.models.unfused_experts`; an expert that gets no token is pruned by magnitude, with a
+    warning); the model is fused back before this returns.
 
     Args:
         model: a causal LM of a registered architecture.
@@ -231,7 +241,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     Returns:
         the typed :class:`PruneReport`.
     Raises:
-        LosaError: invalid config, unsupported model, calibration data missing.
+        LosaError: invalid config, unsupported model (or MoE family whose experts cannot be pruned),
+            calibration data missing.
         SparsityVerificationError: a module misses its target (with ``verify``).
     """
     if config is None:
@@ -239,6 +250,22 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     elif isinstance(config, dict):
         config = build_config(PruneConfig, config)
     t0 = time.perf_counter()
+    with unfused_experts(model):
+        targets, sequential, timings, allocation = _prune(model, tokenizer, config, calib_ids, progress, visitor)
+    report = sparsity_report(model, _nm_for_report(targets))  # on the fused model: every expert matrix counts
+    if config.verify:
+        verify_targets(report, targets)
+    timings["total_s"] = time.perf_counter() - t0
+    return PruneReport(recipe=config.model_dump(), allocation=allocation, targets=[t.sparsity for t in targets],
+                       nm=parse_nm(config.nm) if config.nm else None, sparsity=report, sequential=sequential,
+                       timings=timings)
+
+
+def _prune(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None, progress: bool,
+           visitor: PruneVisitor | None
+           ) -> tuple[list[Target], Literal["none", "layer", "module"], dict[str, float], dict[str, Any]]:
+    """The pruning passes of :func:`prune` (on a model whose experts are unfused): returns the per-layer
+    targets, the pass order used, the timings and the allocator's choice."""
     spec = get_arch(model)
     layers = get_decoder_layers(model, spec)
     pruner = config.pruner()
@@ -255,7 +282,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     else:
         targets = config.layer_targets(len(layers))
     visitor = visitor or PruneVisitor(pruner, targets)
-    sequential = "none"  # data-free pruners need no calibration pass
+    sequential: Literal["none", "layer", "module"] = "none"  # data-free pruners need no calibration pass
     if pruner.stat is None:  # data-free: no calibration pass needed
         for i, layer in enumerate(tqdm(layers, desc=f"pruning ({config.method})", unit="layer", disable=not progress)):
             for name, mod in linear_modules(layer, spec).items():
@@ -275,10 +302,4 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
         engine.run(visitor)
         timings["prune_s"] = time.perf_counter() - t
         sequential = "module" if single else "layer"
-    report = sparsity_report(model, _nm_for_report(targets))
-    if config.verify:
-        verify_targets(report, targets)
-    timings["total_s"] = time.perf_counter() - t0
-    return PruneReport(recipe=config.model_dump(), allocation=allocation, targets=[t.sparsity for t in targets],
-                       nm=parse_nm(config.nm) if config.nm else None, sparsity=report, sequential=sequential,
-                       timings=timings)
+    return targets, sequential, timings, allocation

@@ -38,6 +38,7 @@ from losa.lora.config import SparseLoRAConfig
 from losa.lora.layer import SparseLoRALinear
 from losa.lora.model import add_sparse_lora, merge_and_unload, set_layer_ranks, sparse_lora_modules
 from losa.lora.ranks import allocate_ranks
+from losa.models.moe import unfused_experts
 from losa.models.registry import check_window, get_decoder_layers, layer_sizes
 from losa.pipelines.losa.config import LoSAConfig, check_finetune_size
 from losa.pipelines.losa.recon import DenseTargets, reconstruction_errors
@@ -186,6 +187,10 @@ class StepResult:
 
 class LoSARun:
     """One LoSA run on ``model`` (in place): :meth:`setup`, then :meth:`step` for t = 1..T, then :meth:`finish`.
+
+    A model with fused mixture-of-experts weights must be driven inside
+    :func:`losa.models.unfused_experts` (as :func:`run` does), so that every expert matrix is pruned and
+    adapted on its own; otherwise the experts stay dense and :meth:`finish` fails verification.
 
     Args:
         model: a causal LM of a registered architecture (ends merged and sparse).
@@ -397,10 +402,11 @@ def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, ou
     job = LoSARun(model, tokenizer, cfg, Path(out_dir) if out_dir is not None else None, resume, progress,
                   calib_ids, name, step_eval)
     try:
-        job.setup()
-        for step in range(job.first_step, cfg.steps + 1):
-            job.step(step)
-        return job.finish()
+        with unfused_experts(model):  # each expert matrix pruned and adapted on its own; fused back at the end
+            job.setup()
+            for step in range(job.first_step, cfg.steps + 1):
+                job.step(step)
+            return job.finish()
     finally:
         if job.tmp_root is not None and is_main():
             shutil.rmtree(job.tmp_root, ignore_errors=True)

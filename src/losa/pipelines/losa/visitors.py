@@ -19,6 +19,7 @@ from losa.calib.visitor import LayerContext, LayerVisitor
 from losa.lora.layer import SparseLoRALinear
 from losa.models.linear import get_weight, in_features, set_weight
 from losa.pruning.base import Pruner
+from losa.pruning.idle import prune_weight, warn_idle
 from losa.pruning.stats import InputNormStat, InputStat
 from losa.pruning.target import Target
 from losa.pruning.wanda import wanda_scores
@@ -87,11 +88,16 @@ class AdapterPruneVisitor(LayerVisitor):
         return {n: self.pruner.stat(in_features(m), device=get_weight(m).device) for n, m in linears.items()}
 
     def visit(self, ctx: LayerContext) -> None:
+        idle = []
         for name, mod in ctx.linears.items():
-            res = self.pruner.prune(get_weight(mod).detach(), ctx.stats.get(name), self.targets[ctx.index])
+            res, no_tokens = prune_weight(self.pruner, get_weight(mod).detach(), ctx.stats.get(name),
+                                          self.targets[ctx.index])
+            if no_tokens:  # an expert no calibration token was routed to: pruned by magnitude
+                idle.append(name)
             w = self.wrappers.get(id(mod))
             if w is not None:
                 w.unmerge(res.weight, res.mask)
             else:
                 set_weight(mod, res.weight)
+        warn_idle(ctx.index, idle, self.pruner.name)
         ctx.modified = True
