@@ -135,7 +135,7 @@ class PruneVisitor(LayerVisitor):
         self.prune_module(index, name, mod, stat)
 
     def prune_module(self, index: int, name: str, mod: nn.Module, stat: InputStat | None) -> None:
-        res = self.pruner.prune(get_weight(mod).detach(), stat, self.targets[index])
+        res = self.pruner.prune(get_weight(mod).detach(), stat, self.targets[index], label=f"layer {index} {name}")
         set_weight(mod, res.weight)
         if self.keep_masks:
             self.masks[(index, name)] = res.mask.cpu()

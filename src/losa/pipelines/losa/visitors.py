@@ -88,7 +88,8 @@ class AdapterPruneVisitor(LayerVisitor):
 
     def visit(self, ctx: LayerContext) -> None:
         for name, mod in ctx.linears.items():
-            res = self.pruner.prune(get_weight(mod).detach(), ctx.stats.get(name), self.targets[ctx.index])
+            res = self.pruner.prune(get_weight(mod).detach(), ctx.stats.get(name), self.targets[ctx.index],
+                                    label=f"layer {ctx.index} {name}")
             w = self.wrappers.get(id(mod))
             if w is not None:
                 w.unmerge(res.weight, res.mask)
