@@ -102,7 +102,7 @@ class _LosaTrainer(Trainer):
                 t_logits = self.teacher(**fwd).logits
             outputs = model(**fwd)
             mask = inputs.get("attention_mask")
-            if num_items_in_batch is None:  # outside training (no accumulated batch): this batch's mean
+            if num_items_in_batch is None or not model.training:  # evaluation: this batch's own mean
                 loss = distill_loss(outputs.logits, t_logits, mask, self.temperature)
             else:
                 total = distill_loss(outputs.logits, t_logits, mask, self.temperature, reduction="sum")
@@ -134,8 +134,25 @@ class _LossRecorder(TrainerCallback):
 
 def finetune(model: nn.Module, examples: Sequence[dict[str, list[int]]], config: FinetuneConfig, pad_id: int,
              teacher: nn.Module | None = None, optimizer_state: dict | None = None) -> dict[str, Any]:
-    """Train the trainable parameters of ``model`` on tokenized ``examples``; returns the per-step losses,
-    the number of optimizer steps, tokens seen and the optimizer's final state dict."""
+    """Train the trainable parameters of ``model`` on tokenized ``examples`` with transformers' Trainer.
+
+    The loss of each optimizer step is the per-token mean over all its micro-batches (label loss over
+    the target tokens, distillation loss over the attended tokens), so gradients and logged losses do
+    not depend on how ``batch_size × grad_accum`` is split.
+
+    Args:
+        model: a causal LM whose trainable parameters are the adapters.
+        examples: ``{"input_ids", "labels"}`` dicts (see :func:`losa.finetune.data.tokenize_records`).
+        config: the fine-tuning hyper-parameters.
+        pad_id: padding token id for the collator.
+        teacher: the dense model for ``config.distill``.
+        optimizer_state: an AdamW state dict to resume from.
+    Returns:
+        ``losses`` (one per optimizer step), ``steps``, ``train_loss``, ``tokens`` and ``optimizer_state``.
+    Raises:
+        LosaError: no examples; no trainable parameters; distillation without a teacher; bf16 on a GPU
+            without it; a non-finite loss.
+    """
     if not examples:
         raise LosaError("no fine-tuning examples for this step; add data or lower the number of steps")
     if not any(p.requires_grad for p in model.parameters()):
