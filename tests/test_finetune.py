@@ -143,3 +143,179 @@ def test_finetune_errors(tiny_model):
         finetune(model, _data(4), FinetuneConfig(), pad_id=0)
     with pytest.raises(LosaError, match="no fine-tuning examples"):
         finetune(model, [], FinetuneConfig(), pad_id=0)
+
+
+def _ragged_examples(n=8, seed=0):
+    """Examples of different lengths and different numbers of target tokens (prompt prefixes labelled -100),
+    so that a per-token mean over the whole batch differs from a mean of per-micro-batch means."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 6 + 3 * i
+        ids = torch.randint(3, 128, (length,), generator=g).tolist()
+        n_prompt = 1 + (i * 5) % (length - 2)
+        out.append({"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]})
+    return out
+
+
+def _reference_loss(student, teacher, examples, distill: bool, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token mean over ALL examples, written with plain torch (no losa, no Trainer)."""
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.zeros(len(examples), n, dtype=torch.long)
+    labels = torch.full((len(examples), n), -100)
+    attn = torch.zeros(len(examples), n, dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[i, :k], labels[i, :k], attn[i, :k] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+    logits = student(input_ids=ids, attention_mask=attn).logits.float()
+    if not distill:  # next-token cross-entropy over every labelled target token of the batch
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids, attention_mask=attn).logits.float()
+    p = torch.softmax(t_logits / temperature, -1)
+    kl = (p * (p.log() - torch.log_softmax(logits / temperature, -1))).sum(-1)
+    return (kl * attn).sum() / attn.sum() * temperature**2
+
+
+def _one_step(monkeypatch, distill: bool, batch_size: int, grad_accum: int, examples):
+    """Run finetune for exactly one optimizer step; return (gradients before the step, logged loss)."""
+    from losa.finetune import train as train_mod
+
+    grads: list[dict[str, torch.Tensor]] = []
+
+    class GradRecorder(train_mod._LossRecorder):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    monkeypatch.setattr(train_mod, "_LossRecorder", GradRecorder)
+    student, teacher = _student_teacher()
+    cfg = FinetuneConfig(lr=1e-3, epochs=1, batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=0.0,
+                         distill=distill, temperature=2.0)
+    res = finetune(student, examples, cfg, pad_id=0, teacher=teacher if distill else None)
+    assert res["steps"] == 1 and len(grads) == 1 and len(res["losses"]) == 1
+    return grads[0], res["losses"][0]
+
+
+def _student_teacher():
+    from conftest import make_tiny_model
+
+    teacher = make_tiny_model("llama", seed=0, layers=2)
+    student = make_tiny_model("llama", seed=1, layers=2)
+    add_sparse_lora(student, SparseLoRAConfig(r_max=4, rank=4, alpha=8))
+    with torch.no_grad():  # non-zero B so that A gets a gradient too
+        g = torch.Generator().manual_seed(5)
+        for m in sparse_lora_modules(student).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+    return student, teacher
+
+
+@pytest.mark.parametrize("distill", [False, True], ids=["labels", "distill"])
+def test_grad_accumulation_matches_one_big_batch(monkeypatch, distill):
+    examples = _ragged_examples(8)
+    # independent expectation: the per-token mean over all 8 examples and its gradient, by plain autograd
+    student, teacher = _student_teacher()
+    student.train()
+    ref_loss = _reference_loss(student, teacher, examples, distill, temperature=2.0)
+    params = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    ref_grads = dict(zip(params, torch.autograd.grad(ref_loss, list(params.values()))))
+
+    g8, loss8 = _one_step(monkeypatch, distill, batch_size=8, grad_accum=1, examples=examples)
+    g4, loss4 = _one_step(monkeypatch, distill, batch_size=4, grad_accum=2, examples=examples)
+    g2, loss2 = _one_step(monkeypatch, distill, batch_size=2, grad_accum=4, examples=examples)
+    for got_loss in (loss8, loss4, loss2):
+        assert got_loss == pytest.approx(ref_loss.item(), rel=1e-4)
+    assert set(g8) == set(g4) == set(g2) == set(ref_grads)
+    for n, ref in ref_grads.items():
+        assert ref.abs().sum() > 0
+        for got in (g8, g4, g2):
+            torch.testing.assert_close(got[n], ref, rtol=1e-4, atol=1e-7)
+
+
+# A small Jinja chat template over the word-level tiny tokenizer: "wordN" has id N + 4, <s>=1, </s>=2.
+# word100 (id 104) opens a user turn, word101 (id 105) an assistant turn, </s> ends a turn.
+TINY_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}word100{% else %}word101"
+                      "{% endif %} {{ m['content'] }} </s> {% endfor %}{% if add_generation_prompt %}word101 "
+                      "{% endif %}")
+REC_INPUT = {"instruction": "word10 word11", "input": "word12", "output": "word13 word14"}
+REC_NO_INPUT = {"instruction": "word10 word11", "input": "", "output": "word13 word14"}
+REC_TEXT = {"text": "word20 word21"}
+RESPONSE = [17, 18, 2]  # word13 word14 </s>
+UNK = 3  # every word of the Alpaca template is unknown to the tiny tokenizer
+
+
+def _tiny_tok(chat: bool):
+    from conftest import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    if chat:
+        tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def _one(rec, tok, fmt):
+    (ex,) = tokenize_records([rec], tok, max_length=1000, prompt_format=fmt)
+    assert len(ex["input_ids"]) == len(ex["labels"])
+    return ex["input_ids"], ex["labels"]
+
+
+def test_prompt_format_chat_masks_the_user_turn():
+    tok = _tiny_tok(chat=True)
+    # <s> word100 word10 word11 \n\n word12 </s> word101 | word13 word14 </s>
+    prompt = [1, 104, 14, 15, 16, 2, 105]
+    for fmt in ("chat", "auto"):  # auto = chat when the tokenizer has a chat template
+        ids, labels = _one(REC_INPUT, tok, fmt)
+        assert ids == prompt + RESPONSE
+        assert labels == [-100] * len(prompt) + RESPONSE
+    ids, labels = _one(REC_NO_INPUT, tok, "chat")
+    assert ids == [1, 104, 14, 15, 2, 105] + RESPONSE and labels == [-100] * 6 + RESPONSE
+    # plain-text records train on all tokens, whatever the format
+    assert _one(REC_TEXT, tok, "chat") == ([1, 24, 25, 2], [-100, 24, 25, 2])
+
+
+def test_prompt_format_alpaca_and_plain_by_hand():
+    for tok in (_tiny_tok(chat=False), _tiny_tok(chat=True)):
+        # "Below is an instruction that describes a task. Write a response that appropriately completes the
+        # request." = 16 words, "### Instruction:" = 2, then word10 word11, then "### Response:" = 2
+        prompt = [1] + [UNK] * 18 + [14, 15] + [UNK] * 2
+        ids, labels = _one(REC_NO_INPUT, tok, "alpaca")
+        assert ids == prompt + RESPONSE and labels == [-100] * len(prompt) + RESPONSE
+        # "Below is an instruction that describes a task, paired with an input that provides further context.
+        # Write a response that appropriately completes the request." = 24 words, "### Instruction:",
+        # word10 word11, "### Input:", word12, "### Response:"
+        prompt = [1] + [UNK] * 26 + [14, 15] + [UNK] * 2 + [16] + [UNK] * 2
+        ids, labels = _one(REC_INPUT, tok, "alpaca")
+        assert ids == prompt + RESPONSE and labels == [-100] * len(prompt) + RESPONSE
+        # plain: instruction, input and output joined, no template; still response-only
+        ids, labels = _one(REC_INPUT, tok, "plain")
+        assert ids == [1, 14, 15, 16] + RESPONSE and labels == [-100] * 4 + RESPONSE
+        for fmt in ("alpaca", "plain"):
+            assert _one(REC_TEXT, tok, fmt) == ([1, 24, 25, 2], [-100, 24, 25, 2])
+    # auto without a chat template = alpaca
+    tok = _tiny_tok(chat=False)
+    assert _one(REC_INPUT, tok, "auto") == _one(REC_INPUT, tok, "alpaca")
+    with pytest.raises(LosaError, match="needs a tokenizer with a chat template.*--prompt-format alpaca"):
+        tokenize_records([REC_INPUT], tok, prompt_format="chat")
+    with pytest.raises(LosaError, match="unknown prompt format"):
+        tokenize_records([REC_INPUT], tok, prompt_format="vicuna")
+
+
+def test_prompt_format_is_a_finetune_field_and_reaches_the_loop(tmp_path, monkeypatch):
+    from losa.pipelines.losa import loop
+
+    assert FinetuneConfig().prompt_format == "auto"
+    assert FinetuneConfig.model_fields["prompt_format"].description
+    seen = {}
+
+    def fake_tokenize(records, tokenizer, max_length=512, prompt_format="auto"):
+        seen["fmt"] = prompt_format
+        return [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 64
+
+    monkeypatch.setattr(loop, "tokenize_records", fake_tokenize)
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([REC_INPUT]))
+    from losa.pipelines.losa.config import LoSAConfig
+
+    cfg = LoSAConfig(finetune_data=str(data), finetune=FinetuneConfig(prompt_format="plain"))
+    loop.prepare_finetune_examples(_tiny_tok(chat=True), cfg, 0)
+    assert seen["fmt"] == "plain"

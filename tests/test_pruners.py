@@ -241,3 +241,89 @@ def test_inverse_hessian_overwrite_and_in_place_hessian_are_exact():
     assert torch.equal(u0, u1) and torch.equal(d0, d1)
     damped = h + 0.01 * h.diagonal().mean() * torch.eye(40)
     torch.testing.assert_close(u0.t() @ u0, torch.linalg.inv(damped), rtol=1e-3, atol=1e-4)
+
+
+def _indefinite_hessian(eps_frac: float = 0.05) -> tuple[torch.Tensor, float]:
+    """2XᵀX/n of rank-deficient inputs (rank 8 of 16) minus ε·vvᵀ along a null direction v: what float32
+    accumulation leaves in the null space, exaggerated to ε = eps_frac·mean(diag) so that H + λI is not
+    positive definite for λ = 0.01·mean(diag). Returns (H, ε)."""
+    Z, P = _rand(300, 8, seed=30), _rand(8, 16, seed=31)
+    X = Z @ P
+    H = (2 * X.T @ X / 300).double()
+    v = torch.linalg.svd(P.double()).Vh[-1]  # P v = 0, so X v = 0: a null direction of H
+    eps = eps_frac * float(H.diagonal().mean())
+    return (H - eps * torch.outer(v, v)).float(), eps
+
+
+class _FixedHessian:
+    """An input statistic holding a given Hessian (what the pruner reads from a HessianStat)."""
+
+    def __init__(self, h: torch.Tensor) -> None:
+        self.hessian, self.tokens = h, 300
+
+
+def _dampening_in(message: str) -> float:
+    import re
+
+    m = re.search(r"raised the dampening to ([0-9.eE+-]+) ", message)
+    assert m, message
+    return float(m.group(1))
+
+
+def test_sparsegpt_warns_when_it_raises_the_dampening():
+    import warnings
+
+    H, eps = _indefinite_hessian()
+    mean_diag = float(H.double().diagonal().mean())
+    lam = 0.01 * mean_diag
+    # by hand: the escalation tries λ, 2λ, 12λ, 112λ, ...; the first total above ε (= about 5λ) is 12λ
+    assert 2 * lam < eps < 12 * lam
+    with pytest.warns(RuntimeWarning, match=r"SparseGPT \(layer 3 mlp\.up_proj\): Hessian not positive definite "
+                                            r"with percdamp 0\.01; raised the dampening") as rec:
+        U, _ = inverse_hessian_cholesky(H, 0.01, label="layer 3 mlp.up_proj")
+    (w,) = [r for r in rec if "SparseGPT" in str(r.message)]
+    msg = str(w.message)
+    assert "\n" not in msg
+    named = _dampening_in(msg)
+    assert named == pytest.approx(12 * lam, rel=1e-4)
+    # the value it names is the one it used: UᵀU = (H + named·I)⁻¹ (float64 reference)
+    ref = torch.linalg.inv(H.double() + named * torch.eye(16, dtype=torch.float64))
+    torch.testing.assert_close((U.T @ U).double(), ref, rtol=2e-3, atol=2e-3 * float(ref.abs().max()))
+
+    # through the pruner: the module label from the call site reaches the warning
+    W = _rand(6, 16, seed=32)
+    with pytest.warns(RuntimeWarning, match=r"\(layer 0 self_attn\.q_proj\).*raised the dampening to"):
+        get_pruner("sparsegpt").prune(W, _FixedHessian(H), Target(sparsity=0.5), label="layer 0 self_attn.q_proj")
+
+    # a positive definite Hessian (and a singular one with zero rows/columns, handled as dead inputs) is silent
+    X = _rand(300, 16, seed=33)
+    X[:, 3] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inverse_hessian_cholesky(2 * X.T @ X / 300, 0.01, label="quiet")
+
+    # hopeless: indefinite far beyond any dampening
+    bad, _ = _indefinite_hessian(eps_frac=100.0)
+    with pytest.raises(LosaError, match=r"SparseGPT \(layer 5 o_proj\): the calibration Hessian is not positive "
+                                        "definite even with dampening"):
+        inverse_hessian_cholesky(bad, 0.01, label="layer 5 o_proj")
+
+
+def test_pruning_call_sites_pass_the_module_label(monkeypatch):
+    from conftest import make_tiny_model
+
+    import losa
+
+    seen: list[str | None] = []
+    real = sparsegpt.inverse_hessian_cholesky
+
+    def spy(h, percdamp, overwrite=False, label=None):
+        seen.append(label)
+        return real(h, percdamp, overwrite=overwrite, label=label)
+
+    monkeypatch.setattr(sparsegpt, "inverse_hessian_cholesky", spy)
+    model = make_tiny_model("llama", layers=2)
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    losa.prune(model, None, losa.PruneConfig(method="sparsegpt", sparsity=0.5), calib_ids=ids, progress=False)
+    # q/k/v and gate/up share one factorisation: one label per distinct input, named after its first module
+    assert "layer 0 self_attn.q_proj" in seen and "layer 1 mlp.down_proj" in seen

@@ -53,18 +53,49 @@ def test_forward_and_gradients_match_dense_masked_reference():
     assert mod.base.weight.grad is None and not mod.base.weight.requires_grad
 
 
-def test_effective_weight_gradient_zero_on_masked_positions():
-    mod, mask = _module()
-    x = torch.randn(7, 16)
-    w_delta = torch.zeros(12, 16, requires_grad=True)  # a probe: d loss / d (effective update)
+def test_masked_lora_function_gradients_vs_dense_reference_and_finite_differences():
+    """The autograd function's dA, dB, dx against (1) plain autograd through an independently written dense
+    masked map and (2) finite differences (gradcheck, float64); the mask must act on the gradient."""
+    from losa.lora.function import masked_lora_linear
 
-    def loss_fn(delta):
-        return ((x @ (mod.base.weight + delta * mask).T) ** 2).sum()
+    g = torch.Generator().manual_seed(3)
+    f64 = torch.float64
+    d_out, d_in, r, s = 6, 8, 3, 1.7
+    mask = torch.rand(d_out, d_in, generator=g) >= 0.5
+    weight = torch.randn(d_out, d_in, generator=g, dtype=f64) * mask
+    bias = torch.randn(d_out, generator=g, dtype=f64)
+    a0 = torch.randn(r, d_in, generator=g, dtype=f64)
+    b0 = torch.randn(d_out, r, generator=g, dtype=f64)
+    x0 = torch.randn(2, 5, d_in, generator=g, dtype=f64)
+    gy = torch.randn(2, 5, d_out, generator=g, dtype=f64)  # an arbitrary upstream gradient
 
-    loss_fn(w_delta).backward()
-    assert torch.all(w_delta.grad[~mask] == 0) and w_delta.grad[mask].abs().sum() > 0
+    a, b, x = (t.clone().requires_grad_() for t in (a0, b0, x0))
+    y = masked_lora_linear(x, weight, bias, a, b, mask, s)
+    got = torch.autograd.grad(y, (a, b, x), gy)
+
+    def dense(x, a, b, m):  # plain tensors, plain autograd: x·(W + s·((B A) ⊙ M))ᵀ + bias
+        return x @ (weight + s * ((b @ a) * m)).T + bias
+
+    a2, b2, x2 = (t.clone().requires_grad_() for t in (a0, b0, x0))
+    y_ref = dense(x2, a2, b2, mask.to(f64))
+    ref = torch.autograd.grad(y_ref, (a2, b2, x2), gy)
+    torch.testing.assert_close(y, y_ref)
+    for name, got_g, ref_g in zip(("A", "B", "x"), got, ref):
+        torch.testing.assert_close(got_g, ref_g, msg=f"d{name}")
+
+    # the mask is visible in the gradients: an unmasked update has different dA/dB, so a backward that
+    # forgot the mask would fail the comparison above
+    a3, b3 = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    unmasked = torch.autograd.grad(dense(x0, a3, b3, torch.ones_like(weight)), (a3, b3), gy)
+    assert all((u - r_).abs().max() > 1e-3 for u, r_ in zip(unmasked, ref[:2]))
+
+    # finite differences of the function itself (float64), for x, A and B together
+    assert torch.autograd.gradcheck(lambda x, a, b: masked_lora_linear(x, weight, bias, a, b, mask, s),
+                                    (x0.clone().requires_grad_(), a0.clone().requires_grad_(),
+                                     b0.clone().requires_grad_()))
     # the adapter's effective update ((BA)⊙M) is zero on masked positions, whatever A and B are
-    assert torch.all(mod.delta()[~mask] == 0)
+    mod, m = _module()
+    assert torch.all(mod.delta()[~m] == 0)
 
 
 def test_lowering_the_rank_folds_the_dropped_update_into_w_under_the_mask():

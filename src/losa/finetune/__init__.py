@@ -5,11 +5,18 @@ Trainer pulls in PEFT and more (about 100 MB), which pruning alone never needs.
 """
 
 from losa.finetune.config import FinetuneConfig
-from losa.finetune.data import Collator, format_record, load_records, split_for_steps, tokenize_records
+from losa.finetune.data import (
+    Collator,
+    format_record,
+    load_records,
+    resolve_prompt_format,
+    split_for_steps,
+    tokenize_records,
+)
 from losa.utils.lazy import lazy_attributes
 
 __all__ = ["Collator", "FinetuneConfig", "distill_loss", "finetune", "format_record", "load_records",
-           "split_for_steps", "tokenize_records"]
+           "resolve_prompt_format", "split_for_steps", "tokenize_records"]
 
 
 __getattr__, __dir__ = lazy_attributes(__name__, {"finetune": "losa.finetune.train",

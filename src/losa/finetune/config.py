@@ -3,6 +3,8 @@ importing a recipe does not import transformers' Trainer)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from losa.utils.config import LosaConfig
@@ -15,6 +17,11 @@ class FinetuneConfig(LosaConfig):
     epochs: float = Field(1.0, gt=0, description="passes over each step's data slice")
     batch_size: int = Field(4, ge=1, description="examples per device and optimizer micro-step")
     grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
+    prompt_format: Literal["auto", "alpaca", "chat", "plain"] = Field(
+        "auto", description="how instruction records become text: the Alpaca template, the tokenizer's chat "
+                            "template (user turn, assistant turn), plain (instruction, input and output joined), "
+                            "or auto (chat when the tokenizer has a chat template, else alpaca); the loss is on the "
+                            "response only")
     max_length: int = Field(256, ge=8, description="longest example in tokens (longer ones are cut)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup_steps: int = Field(0, ge=0, description="learning-rate warm-up steps")

@@ -1,8 +1,18 @@
-"""Fine-tuning data: Alpaca-format instructions (loss on the response only) or plain text.
+"""Fine-tuning data: instruction examples (loss on the response only) or plain text.
 
 Sources: a local ``.json`` (array) / ``.jsonl`` file, a directory of them, or (only when no such
 path exists) a Hugging Face hub dataset name. A record with ``instruction`` (and optional ``input``)
 and ``output`` is an instruction example; a record with ``text`` is plain text (loss on all tokens).
+
+Instruction examples are rendered in one of three prompt formats (``FinetuneConfig.prompt_format``):
+
+- ``alpaca``: the Alpaca template (Taori et al., 2023), BOS + prompt + response + EOS;
+- ``chat``: the tokenizer's chat template (``tokenizer.apply_chat_template``), instruction (and input)
+  as the user turn and output as the assistant turn; the template supplies BOS and the end-of-turn
+  tokens, which belong to the response;
+- ``plain``: BOS + instruction, input and output joined by blank lines + EOS, no template;
+
+``auto`` is ``chat`` when the tokenizer has a chat template, else ``alpaca``.
 """
 
 from __future__ import annotations
@@ -11,7 +21,7 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -27,6 +37,8 @@ PROMPT_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 IGNORE = -100
+PromptFormat = Literal["auto", "alpaca", "chat", "plain"]
+PROMPT_FORMATS: tuple[str, ...] = ("auto", "alpaca", "chat", "plain")
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
@@ -65,27 +77,102 @@ def load_records(source: str | Path, split: str = "train") -> list[dict[str, Any
                         "use a local .json/.jsonl file when offline") from None
 
 
-def format_record(rec: dict[str, Any]) -> tuple[str, str]:
-    """(prompt, response): the loss is taken on ``response`` only; plain text has an empty prompt."""
+def resolve_prompt_format(prompt_format: str, tokenizer: Any = None) -> str:
+    """The concrete format for ``prompt_format``: ``auto`` becomes ``chat`` or ``alpaca``.
+
+    Args:
+        prompt_format: ``auto``, ``alpaca``, ``chat`` or ``plain``.
+        tokenizer: the tokenizer (its ``chat_template`` decides ``auto``; ``chat`` needs one).
+    Returns:
+        ``alpaca``, ``chat`` or ``plain``.
+    Raises:
+        LosaError: an unknown format, or ``chat`` with a tokenizer that has no chat template.
+    """
+    if prompt_format not in PROMPT_FORMATS:
+        raise LosaError(f"unknown prompt format {prompt_format!r}; use one of {', '.join(PROMPT_FORMATS)}")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if prompt_format == "auto":
+        return "chat" if has_template else "alpaca"
+    if prompt_format == "chat" and not has_template:
+        raise LosaError("prompt format 'chat' needs a tokenizer with a chat template, and this one has none; "
+                        "use --prompt-format alpaca or plain")
+    return prompt_format
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def format_record(rec: dict[str, Any], prompt_format: str = "alpaca", tokenizer: Any = None) -> tuple[str, str]:
+    """Split a record into (prompt, response) text; the loss is taken on ``response`` only.
+
+    Args:
+        rec: an instruction record (``instruction``, optional ``input``, ``output``) or plain text
+            (``text``; its prompt is empty in every format).
+        prompt_format: ``alpaca``, ``chat``, ``plain`` or ``auto`` (see the module docstring).
+        tokenizer: needed for ``chat`` and ``auto`` (its chat template renders the turns).
+    Returns:
+        ``(prompt, response)``. For ``chat`` the prompt is the rendered conversation up to the
+        assistant's content (template tokens included) and the response is the rest, end-of-turn
+        tokens included.
+    Raises:
+        LosaError: a record in neither format; an unknown format; ``chat`` without a chat template.
+    """
+    fmt = resolve_prompt_format(prompt_format, tokenizer)
     if "instruction" in rec and "output" in rec:
+        instruction, output = str(rec["instruction"]).strip(), str(rec["output"])
         inp = str(rec.get("input") or "").strip()
-        tmpl = PROMPT_WITH_INPUT if inp else PROMPT_NO_INPUT
-        return tmpl.format(instruction=str(rec["instruction"]).strip(), input=inp), str(rec["output"])
+        if fmt == "alpaca":
+            tmpl = PROMPT_WITH_INPUT if inp else PROMPT_NO_INPUT
+            return tmpl.format(instruction=instruction, input=inp), output
+        user = f"{instruction}\n\n{inp}" if inp else instruction
+        if fmt == "plain":
+            return user + "\n\n", output
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                               add_generation_prompt=True)
+        full = tokenizer.apply_chat_template([{"role": "user", "content": user},
+                                              {"role": "assistant", "content": output}], tokenize=False)
+        # templates that render the final assistant turn differently from the generation prompt (e.g. with
+        # an empty reasoning block) still share the conversation up to there: that part is the prompt
+        cut = _common_prefix(prompt, full)
+        return full[:cut], full[cut:]
     if "text" in rec:
         return "", str(rec["text"])
     raise LosaError(f"record with keys {sorted(rec)} is neither Alpaca (instruction/input/output) nor plain text "
                     "(text); convert the data to one of these formats")
 
 
-def tokenize_records(records: Sequence[dict[str, Any]], tokenizer, max_length: int = 512) -> list[dict[str, list[int]]]:
-    """Token ids and labels per record; prompt tokens are labelled -100. Empty responses are dropped."""
+def tokenize_records(records: Sequence[dict[str, Any]], tokenizer, max_length: int = 512,
+                     prompt_format: str = "auto") -> list[dict[str, list[int]]]:
+    """Token ids and labels per record; prompt tokens are labelled -100. Empty responses are dropped.
+
+    Args:
+        records: instruction or plain-text records (see :func:`format_record`).
+        tokenizer: the model's tokenizer.
+        max_length: longest example in tokens (longer ones are cut; ids and labels stay aligned).
+        prompt_format: ``auto``, ``alpaca``, ``chat`` or ``plain`` (see the module docstring).
+    Returns:
+        One ``{"input_ids", "labels"}`` dict per record that keeps at least one target token.
+    Raises:
+        LosaError: a record in neither format; an unknown format; ``chat`` without a chat template.
+    """
+    fmt = resolve_prompt_format(prompt_format, tokenizer)
     eos = tokenizer.eos_token_id
+    bos_id = getattr(tokenizer, "bos_token_id", None)
     out = []
     for rec in records:
-        prompt, response = format_record(rec)
+        prompt, response = format_record(rec, fmt, tokenizer)
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-        bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
-        r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        if fmt == "chat" and "text" not in rec:
+            bos = []  # the template writes BOS and the end-of-turn tokens itself
+        else:
+            bos = [bos_id] if bos_id is not None else []
+            r_ids = r_ids + ([eos] if eos is not None else [])
         ids = (bos + p_ids + r_ids)[:max_length]
         labels = ([IGNORE] * (len(bos) + len(p_ids)) + r_ids)[:max_length]
         if any(lab != IGNORE for lab in labels[1:]):

@@ -28,23 +28,66 @@ def bf16_available() -> bool:
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, attention_mask: torch.Tensor | None,
-                 temperature: float = 1.0) -> torch.Tensor:
-    """Mean over attended tokens of ``T² · KL(p_teacher ‖ p_student)`` at temperature T."""
+                 temperature: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """``T² · KL(p_teacher ‖ p_student)`` at temperature T over the attended tokens.
+
+    Args:
+        student_logits: ``[batch, seq, vocab]``.
+        teacher_logits: ``[batch, seq, vocab]``.
+        attention_mask: ``[batch, seq]`` (1 = attended) or None (every token counts).
+        temperature: the distillation temperature T.
+        reduction: ``"mean"`` over the attended tokens or their ``"sum"``.
+    Returns:
+        A scalar float32 tensor.
+    Raises:
+        LosaError: an unknown ``reduction``.
+    """
+    if reduction not in ("mean", "sum"):
+        raise LosaError(f"unknown distillation loss reduction {reduction!r}; use 'mean' or 'sum'")
     t = temperature
     s = F.log_softmax(student_logits.float() / t, dim=-1)
     p = F.log_softmax(teacher_logits.float() / t, dim=-1)
     kl = (p.exp() * (p - s)).sum(-1)  # [b, seq]
     if attention_mask is not None:
         w = attention_mask.to(kl.dtype)
-        return (kl * w).sum() / w.sum().clamp(min=1) * t * t
-    return kl.mean() * t * t
+        total, count = (kl * w).sum(), w.sum().clamp(min=1)
+    else:
+        total, count = kl.sum(), kl.new_tensor(float(kl.numel()))
+    return total * (t * t) if reduction == "sum" else total / count * (t * t)
 
 
 class _LosaTrainer(Trainer):
+    """Trainer with the distillation loss and a non-finite-loss stop.
+
+    Both losses are per-token means over the whole accumulated batch (all micro-batches of one
+    optimizer step), as the transformers Trainer normalises its label loss with
+    ``num_items_in_batch``: the label loss is left to the Trainer/model; the distillation loss divides
+    its per-token KL sum by the number of attended tokens of the accumulated batch, counted in
+    :meth:`get_batch_samples`, so ``batch b × accumulation k`` trains and logs like ``batch b·k``.
+    """
+
     def __init__(self, *args: Any, teacher: nn.Module | None = None, temperature: float = 1.0, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.teacher = teacher
         self.temperature = temperature
+
+    @property
+    def loss_is_scaled_for_ga(self) -> bool | None:  # type: ignore[override]
+        """The distillation loss is normalised over the accumulated batch; the label loss: Trainer's rule."""
+        return True if self.teacher is not None else None
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of one optimizer step and the number of loss items they hold together.
+
+        For distillation the items are the attended tokens (every attended position is a KL term),
+        summed over processes when the Trainer averages tokens across devices.
+        """
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.teacher is not None:
+            num_items = _distill_items(batch_samples).to(device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                num_items = self.accelerator.gather(num_items).sum()
+        return batch_samples, num_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is None:
@@ -59,12 +102,26 @@ class _LosaTrainer(Trainer):
             with torch.no_grad():
                 t_logits = self.teacher(**fwd).logits
             outputs = model(**fwd)
-            loss = distill_loss(outputs.logits, t_logits, inputs.get("attention_mask"), self.temperature)
+            mask = inputs.get("attention_mask")
+            if num_items_in_batch is None or not model.training:  # evaluation: this batch's own mean
+                loss = distill_loss(outputs.logits, t_logits, mask, self.temperature)
+            else:
+                total = distill_loss(outputs.logits, t_logits, mask, self.temperature, reduction="sum")
+                loss = total / num_items_in_batch
+                if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                    loss = loss * self.accelerator.num_processes  # DDP averages the gradients over processes
             out = (loss, outputs) if return_outputs else loss
         if not torch.isfinite(loss.detach()).all():
             raise LosaError(f"fine-tuning loss became {loss.item()} at step {self.state.global_step}; lower the "
                             "learning rate, use float32/bf16 instead of float16, or check the data")
         return out
+
+
+def _distill_items(batches: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Number of KL terms in ``batches``: attended tokens (all tokens without an attention mask)."""
+    n = sum(int(b["attention_mask"].sum()) if b.get("attention_mask") is not None else b["input_ids"].numel()
+            for b in batches)
+    return torch.tensor(n)
 
 
 class _LossRecorder(TrainerCallback):
@@ -79,8 +136,26 @@ class _LossRecorder(TrainerCallback):
 def finetune(model: nn.Module, examples: Sequence[dict[str, list[int]]], config: FinetuneConfig, pad_id: int,
              teacher: nn.Module | None = None, optimizer_state: dict | None = None,
              progress: bool = True) -> dict[str, Any]:
-    """Train the trainable parameters of ``model`` on tokenized ``examples``; returns the per-step losses,
-    the number of optimizer steps, tokens seen and the optimizer's final state dict."""
+    """Train the trainable parameters of ``model`` on tokenized ``examples`` with transformers' Trainer.
+
+    The loss of each optimizer step is the per-token mean over all its micro-batches (label loss over
+    the target tokens, distillation loss over the attended tokens), so gradients and logged losses do
+    not depend on how ``batch_size × grad_accum`` is split.
+
+    Args:
+        model: a causal LM whose trainable parameters are the adapters.
+        examples: ``{"input_ids", "labels"}`` dicts (see :func:`losa.finetune.data.tokenize_records`).
+        config: the fine-tuning hyper-parameters.
+        pad_id: padding token id for the collator.
+        teacher: the dense model for ``config.distill``.
+        optimizer_state: an AdamW state dict to resume from.
+        progress: show the Trainer's progress bar.
+    Returns:
+        ``losses`` (one per optimizer step), ``steps``, ``train_loss``, ``tokens`` and ``optimizer_state``.
+    Raises:
+        LosaError: no examples; no trainable parameters; distillation without a teacher; bf16 on a GPU
+            without it; --fsdp without GPUs; --deepspeed without the package; a non-finite loss.
+    """
     if not examples:
         raise LosaError("no fine-tuning examples for this step; add data or lower the number of steps")
     if not any(p.requires_grad for p in model.parameters()):

@@ -146,21 +146,110 @@ def _load_alias(alias: str, dtype: torch.dtype, refresh: bool = False):
     return _load_hf(str(target), dtype)
 
 
+#: files that hold (part of) a tokenizer; a local model directory with none of them has no tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tokenizer.tiktoken",
+                   "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+#: base classes of the HTTP clients' connection failures (httpx/httpx2: TransportError; requests:
+#: ConnectionError, Timeout), matched by name so that no client library is imported here
+_HTTP_TRANSPORT_ERRORS = {"TransportError", "ConnectionError", "Timeout"}
+
+
+def _hub_error(name: str, what: str, err: BaseException) -> LosaError | None:
+    """A one-line :class:`LosaError` for a Hugging Face hub failure anywhere in ``err``'s cause chain.
+
+    Auth failures (gated or private repos, HTTP 401/403), missing repos/files (404) and network
+    failures (offline, connection refused, nothing cached) get different messages naming their fix;
+    anything else gives None.
+    """
+    from huggingface_hub import errors as hub
+
+    chain: list[BaseException] = []  # outermost first, following the chain Python prints
+    e: BaseException | None = err
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
+
+    def status(x: BaseException) -> int | None:
+        return getattr(getattr(x, "response", None), "status_code", None)
+
+    for e in chain:
+        if isinstance(e, hub.RepositoryNotFoundError) and status(e) == 401:  # the hub's answer to private AND missing
+            return LosaError(f"the hub refused access to {name!r} ({what}, HTTP 401: a private or gated repo, or no "
+                             "such repo); log in with `hf auth login` (or set HF_TOKEN) and check the model name")
+        if isinstance(e, hub.GatedRepoError) or (isinstance(e, hub.HfHubHTTPError) and status(e) in (401, 403)):
+            return LosaError(f"the hub refused access to {name!r} ({what}, HTTP {status(e) or 'auth'}: gated or "
+                             "private repo); request access on its model page, then log in with `hf auth login` "
+                             "(or set HF_TOKEN)")
+        if isinstance(e, (hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled, ConnectionError, TimeoutError)) \
+                or _HTTP_TRANSPORT_ERRORS & {c.__name__ for c in type(e).__mro__}:
+            return LosaError(f"could not reach the Hugging Face hub for {name!r} ({what}: {type(e).__name__}) and it "
+                             "is not in the local cache; check the network (and HF_HUB_OFFLINE), or pass a local "
+                             "model directory")
+        if isinstance(e, hub.RevisionNotFoundError):
+            return LosaError(f"revision not found for hub model {name!r} ({what}); check the revision name")
+        if isinstance(e, (hub.RepositoryNotFoundError, hub.EntryNotFoundError)) or status(e) == 404:
+            kind = "repository" if isinstance(e, hub.RepositoryNotFoundError) else "file"
+            return LosaError(f"hub {kind} not found for {name!r} ({what}, HTTP 404); check the model name "
+                             "(org/name) or pass a local model directory")
+    return None
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    lines = str(err).strip().splitlines()
+    line = lines[0] if lines else type(err).__name__
+    return line if len(line) <= limit else line[:limit] + "…"
+
+
+def _has_tokenizer_files(name: str) -> bool:
+    """Whether ``name`` (a local directory, or a hub id's cached snapshot) holds tokenizer files.
+
+    A hub id whose snapshot cannot be found locally counts as having them (the failure is reported).
+    """
+    if os.path.isdir(name):
+        folder: str | None = name
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json")
+        except Exception:  # noqa: BLE001 - an invalid repo id or cache layout: report the tokenizer failure
+            cached = None
+        folder = os.path.dirname(cached) if isinstance(cached, str) else None
+    if folder is None:
+        return True
+    return any(os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES)
+
+
 def _load_hf(name: str, dtype: torch.dtype, **kwargs):
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
-    except OSError as e:
+    except Exception as e:
         if os.path.exists(name):
-            raise LosaError(f"could not load a model from {name}: {str(e).splitlines()[0]}") from None
+            if isinstance(e, OSError):
+                raise LosaError(f"could not load a model from {name}: {_first_line(e)}") from None
+            raise
+        hub_err = _hub_error(name, "model weights", e)
+        if hub_err is not None:
+            raise hub_err from None
+        if not isinstance(e, (OSError, ValueError)):  # ValueError: e.g. a hub repo without a model config
+            raise
         raise LosaError(
             f"model {name!r} is neither a local directory, a .gguf file, a built-in alias "
-            f"({', '.join(ALIASES)}) nor a reachable hub id: {str(e).splitlines()[0]}"
+            f"({', '.join(ALIASES)}) nor a reachable hub id: {_first_line(e)}"
         ) from None
     try:
         tok = AutoTokenizer.from_pretrained(name)
-    except Exception as e:  # noqa: BLE001 - tokenizer is optional for some local checkpoints
-        log.warning("no tokenizer for %s (%s)", name, str(e).splitlines()[0])
-        tok = None
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line below
+        hub_err = _hub_error(name, "tokenizer", e)
+        if hub_err is not None:
+            raise hub_err from None
+        if not _has_tokenizer_files(name):  # a weights-only checkpoint (e.g. saved without a tokenizer)
+            log.warning("no tokenizer files for %s; continuing without a tokenizer", name)
+            return model, None
+        raise LosaError(f"the tokenizer of {name} failed to load ({type(e).__name__}: {_first_line(e)}); repair or "
+                        "replace its tokenizer files (e.g. copy them from the original model)") from None
     return model, tok
 
 
@@ -178,11 +267,14 @@ def load_model(name: str | os.PathLike, dtype: str | torch.dtype = "float32", ch
         check_arch: fail early if the architecture is not registered.
         **kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (directories and hub ids only).
     Returns:
-        ``(model, tokenizer)``; the tokenizer is None if none could be loaded.
+        ``(model, tokenizer)``; the tokenizer is None for a checkpoint without tokenizer files (and
+        a GGUF file without tokenizer data).
     Raises:
         LosaError: unknown dtype; alias package or file missing; GGUF file missing or unmappable;
             a path that does not exist; a directory without ``config.json``; a model that cannot be
-            loaded (local or hub); an unsupported architecture (with ``check_arch``).
+            loaded (local or hub: gated/private repos, names not found and network failures each
+            with their own message); tokenizer files that exist but fail to load; an unsupported
+            architecture (with ``check_arch``).
     """
     torch_dtype = parse_dtype(dtype)
     name = str(name)

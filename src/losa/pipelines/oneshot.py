@@ -151,7 +151,8 @@ class PruneVisitor(LayerVisitor):
 
     def prune_module(self, index: int, name: str, mod: nn.Module, stat: InputStat | None) -> bool:
         """Prune one module to layer ``index``'s target; returns whether it had no tokens (pruned by magnitude)."""
-        res, idle = prune_weight(self.pruner, get_weight(mod).detach(), stat, self.targets[index])
+        res, idle = prune_weight(self.pruner, get_weight(mod).detach(), stat, self.targets[index],
+                                 label=f"layer {index} {name}")
         set_weight(mod, res.weight)
         if self.keep_masks:
             self.masks[(index, name)] = res.mask.cpu()

@@ -53,7 +53,20 @@ class Pruner(ABC):
             self.options = self.Options(**values)
 
     @abstractmethod
-    def prune(self, weight: torch.Tensor, stat: InputStat | None, target: Target) -> PruneResult: ...
+    def prune(self, weight: torch.Tensor, stat: InputStat | None, target: Target,
+              label: str | None = None) -> PruneResult:
+        """Prune one weight matrix.
+
+        Args:
+            weight: ``[out, in]``.
+            stat: the module's input statistic (None for data-free pruners).
+            target: unstructured sparsity or N:M pattern.
+            label: the module's name (e.g. ``layer 3 self_attn.q_proj``), for warnings and errors.
+        Returns:
+            The pruned weight and its boolean keep-mask.
+        Raises:
+            LosaError: missing calibration statistic or a target the pruner cannot meet.
+        """
 
 
 _PRUNERS: dict[str, type[Pruner]] = {}

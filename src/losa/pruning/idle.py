@@ -16,7 +16,7 @@ from losa.pruning.target import Target
 
 
 def prune_weight(pruner: Pruner, weight: torch.Tensor, stat: InputStat | None,
-                 target: Target) -> tuple[PruneResult, bool]:
+                 target: Target, label: str = "") -> tuple[PruneResult, bool]:
     """Prune ``weight`` with ``pruner``, or by magnitude when its statistic saw no token.
 
     Args:
@@ -24,14 +24,15 @@ def prune_weight(pruner: Pruner, weight: torch.Tensor, stat: InputStat | None,
         weight: ``[out, in]``.
         stat: the module's input statistic (None for data-free pruners).
         target: sparsity or N:M pattern.
+        label: names the module in the pruner's warnings (e.g. ``layer 3 mlp.down_proj``).
     Returns:
         the result, and whether the magnitude fallback was used (``stat`` is empty and ``pruner`` needs data).
     Raises:
         LosaError: from the pruner (e.g. Wanda without any statistic).
     """
     if pruner.stat is not None and stat is not None and stat.tokens == 0:
-        return MagnitudePruner().prune(weight, None, target), True
-    return pruner.prune(weight, stat, target), False
+        return MagnitudePruner().prune(weight, None, target, label=label), True
+    return pruner.prune(weight, stat, target, label=label), False
 
 
 def warn_idle(index: int, names: Sequence[str], method: str) -> None:

@@ -33,7 +33,8 @@ class MagnitudePruner(Pruner):
     Options = MagnitudeOptions
     options: MagnitudeOptions
 
-    def prune(self, weight: torch.Tensor, stat: InputStat | None, target: Target) -> PruneResult:
+    def prune(self, weight: torch.Tensor, stat: InputStat | None, target: Target,
+              label: str | None = None) -> PruneResult:
         per_row = self.options.per_row
         mask = scores_to_mask(weight.abs().float(), target, per_row=per_row)
         return PruneResult(weight * mask, mask)

@@ -43,34 +43,64 @@ def obs_kernel() -> ModuleType | None:
         return None
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float,
-                              overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float, overwrite: bool = False,
+                             label: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor U of (H + λI)⁻¹ = UᵀU with λ = percdamp·mean(diag H); also the dead-input mask.
 
     Computed from one Cholesky factorisation of the index-reversed matrix: if PHP = L'L'ᵀ (P reverses the
     order), then U = P·L'⁻¹·P is upper triangular and UᵀU = H⁻¹. ``overwrite=True`` lets it reuse
     ``hessian``'s memory (a float32 temporary the caller no longer needs); at most three matrices of its
-    size are alive at once.
+    size are alive at once. Inputs that were always zero (``diag H = 0``) get a unit diagonal.
+
+    When the factorisation fails (H + λI numerically not positive definite, e.g. from rank-deficient
+    calibration inputs) λ is raised to 2λ, 12λ, 112λ and 1112λ in turn, and a warning names the module
+    and the dampening that was finally used: the pruned weights then differ from the requested
+    ``percdamp``'s.
+
+    Args:
+        hessian: ``[in, in]`` input Hessian (``2·XᵀX / n`` or any positive semi-definite matrix).
+        percdamp: λ as a fraction of ``mean(diag H)``.
+        overwrite: reuse ``hessian``'s memory (it is clobbered).
+        label: the module the Hessian belongs to, named in the warning (e.g. ``layer 3 self_attn.q_proj``).
+    Returns:
+        ``(U, dead)``: U ``[in, in]`` float32 upper triangular, and the boolean mask of dead inputs.
+    Raises:
+        LosaError: not positive definite even at the highest dampening.
     """
     H = hessian.float() if overwrite else hessian.clone().float()
     dead = H.diagonal() == 0
     H.diagonal()[dead] = 1.0
-    damp = percdamp * H.diagonal().mean()
+    mean_diag = H.diagonal().mean()
+    damp = percdamp * mean_diag
     H.diagonal().add_(damp)
     Hr = H.flip(0, 1)
     del H, hessian
-    for attempt in range(4):
+    added = 0.0  # dampening added beyond λ, as a multiple of λ
+    steps = (1, 10, 100, 1000)
+    for attempt in range(len(steps) + 1):
         L, info = torch.linalg.cholesky_ex(Hr)
         if int(info) == 0:
             break
-        Hr.diagonal().add_(damp * 10**attempt)  # escalate dampening for ill-conditioned Hessians
-    else:
-        raise LosaError("SparseGPT: the calibration Hessian is not positive definite even with dampening; "
-                        "use more calibration samples or raise --percdamp")
+        if attempt == len(steps):
+            raise LosaError(f"SparseGPT{_where(label)}: the calibration Hessian is not positive definite even with "
+                            f"dampening {percdamp * (1 + added):.4g}·mean(diag H); use more calibration samples "
+                            "or raise --percdamp")
+        Hr.diagonal().add_(damp * steps[attempt])  # escalate dampening for ill-conditioned Hessians
+        added += steps[attempt]
+    if added:
+        final = float(damp) * (1 + added)
+        warnings.warn(f"SparseGPT{_where(label)}: Hessian not positive definite with percdamp {percdamp:g}; raised "
+                      f"the dampening to {final:.6g} ({percdamp * (1 + added):.6g}·mean(diag H)), so this module's "
+                      "pruning differs from the requested --percdamp; use more calibration samples",
+                      RuntimeWarning, stacklevel=2)
     del Hr
     Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype, device=L.device), upper=False)
     del L
     return Linv.flip(0, 1).contiguous(), dead
+
+
+def _where(label: str | None) -> str:
+    return f" ({label})" if label else ""
 
 
 def _obs_block_torch(W1: torch.Tensor, U1: torch.Tensor, prune1: torch.Tensor, err1: torch.Tensor,
@@ -101,18 +131,30 @@ def _obs_block(W1: torch.Tensor, U1: torch.Tensor, prune1: torch.Tensor, err1: t
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None, target: Target, blocksize: int = 128,
-                    percdamp: float = 0.01,
-                    hinv: tuple[torch.Tensor, torch.Tensor] | None = None) -> PruneResult:
+                    percdamp: float = 0.01, hinv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    label: str | None = None) -> PruneResult:
     """Prune ``weight`` ``[out, in]`` to ``target`` given the input Hessian ``[in, in]``.
 
-    ``hinv`` may pass a precomputed :func:`inverse_hessian_cholesky` (shared by modules with one input).
+    Args:
+        weight: ``[out, in]``.
+        hessian: the input Hessian ``[in, in]`` (unused when ``hinv`` is given).
+        target: unstructured sparsity or N:M pattern.
+        blocksize: columns per lazy-update block.
+        percdamp: dampening as a fraction of ``mean(diag H)``.
+        hinv: a precomputed :func:`inverse_hessian_cholesky` (shared by modules with one input).
+        label: the module's name for warnings and errors.
+    Returns:
+        The pruned weight (``weight``'s dtype) and its keep-mask.
+    Raises:
+        LosaError: no Hessian; an N:M pattern that does not divide ``in``; a Hessian that stays
+            indefinite; non-finite results.
     """
     W = weight.detach().float().clone(memory_format=torch.contiguous_format)
     rows, cols = W.shape
     if hinv is None:
         if hessian is None:
             raise LosaError("sparsegpt_prune needs the Hessian or its precomputed inverse factor")
-        hinv = inverse_hessian_cholesky(hessian.to(W.device), percdamp)
+        hinv = inverse_hessian_cholesky(hessian.to(W.device), percdamp, label=label)
     Hinv, dead = hinv
     W[:, dead] = 0
     m, n_prune = 0, 0
@@ -162,7 +204,20 @@ class SparseGPTPruner(Pruner):
     Options = SparseGPTOptions
     options: SparseGPTOptions
 
-    def prune(self, weight: torch.Tensor, stat: InputStat | None, target: Target) -> PruneResult:
+    def prune(self, weight: torch.Tensor, stat: InputStat | None, target: Target,
+              label: str | None = None) -> PruneResult:
+        """SparseGPT on ``weight`` from ``stat``'s Hessian (factorised once per shared input).
+
+        Args:
+            weight: ``[out, in]``.
+            stat: the :class:`HessianStat` of the module's input.
+            target: unstructured sparsity or N:M pattern.
+            label: the module's name (e.g. ``layer 3 self_attn.q_proj``) for the dampening warning.
+        Returns:
+            The pruned weight and its keep-mask.
+        Raises:
+            LosaError: no calibration statistic, or an error of :func:`sparsegpt_prune`.
+        """
         if stat is None or not hasattr(stat, "hessian"):
             raise LosaError("sparsegpt needs calibration data; pass --calib (or use --method magnitude)")
         percdamp = self.options.percdamp
@@ -171,7 +226,7 @@ class SparseGPTPruner(Pruner):
         key = (percdamp, stat.tokens, weight.device)
         if key not in cache:
             cache.clear()
-            cache[key] = inverse_hessian_cholesky(stat.hessian.to(weight.device), percdamp, overwrite=True)
-        return sparsegpt_prune(weight, None, target,
-                               blocksize=self.options.blocksize, percdamp=percdamp,
-                               hinv=cache[key])
+            cache[key] = inverse_hessian_cholesky(stat.hessian.to(weight.device), percdamp, overwrite=True,
+                                                  label=label)
+        return sparsegpt_prune(weight, None, target, blocksize=self.options.blocksize, percdamp=percdamp,
+                               hinv=cache[key], label=label)

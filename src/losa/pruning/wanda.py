@@ -21,7 +21,8 @@ class WandaPruner(Pruner):
     name = "wanda"
     stat = InputNormStat
 
-    def prune(self, weight: torch.Tensor, stat: InputStat | None, target: Target) -> PruneResult:
+    def prune(self, weight: torch.Tensor, stat: InputStat | None, target: Target,
+              label: str | None = None) -> PruneResult:
         if stat is None or not hasattr(stat, "sq_norm"):
             raise LosaError("wanda needs calibration data; pass --calib (or use --method magnitude)")
         norm = stat.sq_norm.sqrt().float()

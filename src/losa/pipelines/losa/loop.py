@@ -63,7 +63,7 @@ def prepare_finetune_examples(tokenizer, cfg: LoSAConfig, calib_source_seed: int
     """
     ft = cfg.finetune
     if cfg.finetune_data is not None:
-        examples = tokenize_records(load_records(cfg.finetune_data), tokenizer, ft.max_length)
+        examples = tokenize_records(load_records(cfg.finetune_data), tokenizer, ft.max_length, ft.prompt_format)
     elif ft.distill:  # label-free distillation on fresh calibration-source windows
         n = cfg.max_examples or 16 * cfg.steps * ft.batch_size
         ids = get_calibration(tokenizer, cfg.calib, n, ft.max_length, calib_source_seed, cfg.data_dir, model=model,

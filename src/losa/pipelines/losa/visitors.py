@@ -91,7 +91,8 @@ class AdapterPruneVisitor(LayerVisitor):
         idle = []
         for name, mod in ctx.linears.items():
             res, no_tokens = prune_weight(self.pruner, get_weight(mod).detach(), ctx.stats.get(name),
-                                          self.targets[ctx.index])
+                                          self.targets[ctx.index],
+                                          label=f"layer {ctx.index} {name}")
             if no_tokens:  # an expert no calibration token was routed to: pruned by magnitude
                 idle.append(name)
             w = self.wrappers.get(id(mod))

@@ -1,0 +1,141 @@
+"""Model loading failures: hub auth / not-found / network errors and broken tokenizers keep their meaning."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+import losa
+from losa.errors import LosaError
+
+httpx2 = pytest.importorskip("httpx2")  # huggingface_hub's HTTP client
+from huggingface_hub import errors as hub_errors  # noqa: E402
+from huggingface_hub.utils import hf_raise_for_status  # noqa: E402
+
+URL = "https://huggingface.co/org/name/resolve/main/config.json"
+
+
+def _http_error(status: int, code: str | None) -> Exception:
+    """The exception huggingface_hub itself raises for this HTTP answer (no network involved)."""
+    headers = {"X-Error-Code": code} if code else {}
+    try:
+        hf_raise_for_status(httpx2.Response(status, headers=headers, request=httpx2.Request("GET", URL)))
+    except Exception as e:  # noqa: BLE001
+        return e
+    raise AssertionError("hf_raise_for_status did not raise")
+
+
+def _offline() -> Exception:
+    try:
+        try:
+            raise httpx2.ConnectError("[Errno 111] Connection refused")
+        except httpx2.ConnectError as inner:
+            raise hub_errors.LocalEntryNotFoundError(
+                "An error happened while trying to locate the file on the Hub and we cannot find the requested "
+                "files in the local cache.") from inner
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
+AUTH = r"refused access to 'org/name'.*log in with `hf auth login`"
+MISSING = r"not found for 'org/name'.*check the model name"
+NETWORK = r"could not reach the Hugging Face hub for 'org/name'.*check the network.*local model directory"
+
+CASES = {
+    "gated": (lambda: _http_error(403, "GatedRepo"), hub_errors.GatedRepoError, AUTH),
+    "private-401": (lambda: _http_error(401, "RepoNotFound"), hub_errors.RepositoryNotFoundError, AUTH),
+    "repo-404": (lambda: _http_error(404, "RepoNotFound"), hub_errors.RepositoryNotFoundError, MISSING),
+    "entry-404": (lambda: _http_error(404, "EntryNotFound"), hub_errors.EntryNotFoundError, MISSING),
+    "offline": (_offline, hub_errors.LocalEntryNotFoundError, NETWORK),
+    "refused": (lambda: httpx2.ConnectError("[Errno 111] Connection refused"), httpx2.TransportError, NETWORK),
+}
+
+
+def _check(exc_info, pattern: str) -> None:
+    msg = str(exc_info.value)
+    assert "\n" not in msg, msg
+    import re
+
+    assert re.search(pattern, msg), msg
+    others = {AUTH, MISSING, NETWORK} - {pattern}
+    assert not any(re.search(p, msg) for p in others), msg  # each failure has its own message
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "entry-404"])
+def test_hub_errors_through_transformers(monkeypatch, case):
+    """huggingface_hub's own exceptions, raised where transformers downloads, wrapped as transformers wraps them.
+
+    (A missing config.json, entry-404, is turned by transformers into its own ValueError; see the next tests.)"""
+    import transformers.utils.hub as th
+
+    make, cls, pattern = CASES[case]
+    err = make()
+    assert isinstance(err, cls)
+
+    def download(*args, **kwargs):
+        raise err
+
+    monkeypatch.setattr(th, "hf_hub_download", download)
+    with pytest.raises(LosaError) as exc_info:
+        losa.load_model("org/name")
+    _check(exc_info, pattern)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hub_errors_raised_directly_by_the_loaders(monkeypatch, case):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    make, _, pattern = CASES[case]
+
+    def fail(cls, *args, **kwargs):
+        raise make()
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(fail))
+    with pytest.raises(LosaError, match="model weights") as exc_info:
+        losa.load_model("org/name")
+    _check(exc_info, pattern)
+    # the weights download but the tokenizer's download fails the same way
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: make_tiny_model("llama", layers=1)))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(fail))
+    with pytest.raises(LosaError, match="tokenizer") as exc_info:
+        losa.load_model("org/name")
+    _check(exc_info, pattern)
+
+
+def test_repo_without_model_config_is_one_line(monkeypatch):
+    import transformers.utils.hub as th
+
+    err = CASES["entry-404"][0]()
+
+    def download(*args, **kwargs):
+        raise err
+
+    monkeypatch.setattr(th, "hf_hub_download", download)
+    with pytest.raises(LosaError, match=r"model 'org/name' is neither a local directory.*nor a reachable hub id") as e:
+        losa.load_model("org/name")
+    assert "\n" not in str(e.value)
+
+
+def test_corrupt_tokenizer_is_an_error_and_a_missing_one_is_not(tmp_path):
+    model = make_tiny_model("llama", layers=1)
+    bad = tmp_path / "bad"
+    model.save_pretrained(bad)
+    make_tiny_tokenizer().save_pretrained(bad)
+    (bad / "tokenizer.json").write_text("{oops")
+    with pytest.raises(LosaError) as exc_info:
+        losa.load_model(str(bad))
+    msg = str(exc_info.value)
+    assert "\n" not in msg and str(bad) in msg
+    assert "tokenizer" in msg and "failed to load" in msg and "replace its tokenizer files" in msg
+
+    good = tmp_path / "good"  # the same directory with an intact tokenizer loads
+    model.save_pretrained(good)
+    make_tiny_tokenizer().save_pretrained(good)
+    _, tok = losa.load_model(str(good))
+    assert tok is not None and tok("word5")["input_ids"] == [9]
+
+    weights_only = tmp_path / "weights-only"  # a checkpoint saved without a tokenizer has none
+    model.save_pretrained(weights_only)
+    _, tok = losa.load_model(str(weights_only))
+    assert tok is None
