@@ -71,3 +71,33 @@ def test_gguf_roundtrip_logits(tmp_path):
 def test_gguf_missing_file(tmp_path):
     with pytest.raises(losa.LosaError, match="not found"):
         losa.load_model(str(tmp_path / "nope.gguf"))
+
+
+def test_any_gguf_is_converted_once_keyed_by_its_content(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    from losa.models import loading
+
+    monkeypatch.setenv("LOSA_CACHE_DIR", str(tmp_path / "cache"))
+    ref = make_tiny_model("llama", layers=2)
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(ref, path)
+    calls = []
+    real = loading.load_gguf
+    monkeypatch.setattr(loading, "load_gguf", lambda *a, **k: calls.append(a) or real(*a, **k))
+    ids = torch.randint(3, 100, (1, 12))
+    first, _ = losa.load_model(str(path))
+    again, _ = losa.load_model(str(path))
+    assert len(calls) == 1  # the second load reads the cached safetensors
+    copy = tmp_path / "renamed.gguf"
+    shutil.copy(path, copy)
+    losa.load_model(str(copy))
+    assert len(calls) == 1  # same content, another name: still cached
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(first(ids).logits, again(ids).logits, rtol=0, atol=0)
+    write_tiny_gguf(make_tiny_model("llama", layers=2, seed=1), path)  # the file changes: converted again
+    losa.load_model(str(path))
+    assert len(calls) == 2

@@ -8,6 +8,7 @@ converted once into a safetensors cache (``$LOSA_CACHE_DIR``, default ``~/.cache
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -133,17 +134,47 @@ def _is_tied(model: PreTrainedModel, key: str) -> bool:
     return key.startswith("lm_head") and getattr(model.config, "tie_word_embeddings", False)
 
 
-def _load_alias(alias: str, dtype: torch.dtype, refresh: bool = False):
-    target = cache_dir() / "models" / alias
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's content (hex), read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _converted(gguf_path: Path, target: Path, refresh: bool = False) -> Path:
+    """``gguf_path`` converted once to safetensors in ``target`` (written atomically)."""
     if refresh or not (target / "config.json").is_file():
-        gguf_path = alias_gguf_path(alias)
         log.info("converting %s to safetensors under %s (once)", gguf_path.name, target)
         model, tok = load_gguf(gguf_path)
         with atomic_directory(target, overwrite=True) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             if tok is not None:
                 tok.save_pretrained(tmp)
-    return _load_hf(str(target), dtype)
+    return target
+
+
+def _load_alias(alias: str, dtype: torch.dtype, refresh: bool = False):
+    return _load_hf(str(_converted(alias_gguf_path(alias), cache_dir() / "models" / alias, refresh)), dtype)
+
+
+def gguf_cache_path(path: str | os.PathLike) -> Path:
+    """Where the converted copy of a ``.gguf`` file lives: keyed by the file's content hash, so a changed
+    file is converted again and the same file under another name or path is not.
+
+    Raises:
+        LosaError: the file does not exist.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise LosaError(f"GGUF file {p} not found; check the path")
+    return cache_dir() / "gguf" / file_digest(p)[:32]
+
+
+def _load_gguf_cached(path: str | os.PathLike, dtype: torch.dtype):
+    """A ``.gguf`` path: dequantised and converted once, then loaded from the safetensors cache."""
+    return _load_hf(str(_converted(Path(path), gguf_cache_path(path))), dtype)
 
 
 #: files that hold (part of) a tokenizer; a local model directory with none of them has no tokenizer
@@ -281,7 +312,7 @@ def load_model(name: str | os.PathLike, dtype: str | torch.dtype = "float32", ch
     if name in ALIASES:
         model, tok = _load_alias(name, torch_dtype)
     elif name.endswith(".gguf"):
-        model, tok = load_gguf(name, torch_dtype)
+        model, tok = _load_gguf_cached(name, torch_dtype)
     else:
         if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
             raise LosaError(f"model path {name} does not exist; check the path")
