@@ -198,3 +198,24 @@ def _check_smollm2(model, tok, data_dir) -> None:
     assert tokens_sparse.shape[1] == prompt.shape[1] + 32
     assert torch.equal(tokens_sparse, tokens_dense)
     assert abs(ppl_sparse / ppl_dense - 1) < 1e-3
+
+
+def test_sparsify_any_module_not_only_registered_families():
+    """A plain nn.Sequential whose linears are pruned is converted (torchao-style one call)."""
+    from losa.inference import SparseLinear, sparsify_for_inference
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32),
+                              torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    with torch.no_grad():
+        for lin in (net[0], net[2]):  # 60 % of each weight pruned by magnitude, the last layer stays dense
+            w = lin.weight
+            w.mul_(w.abs() > w.abs().flatten().kthvalue(int(0.6 * w.numel())).values)
+    x = torch.randn(5, 64)
+    want = net(x)
+    summary = sparsify_for_inference(net)
+    assert isinstance(net[0], SparseLinear) and isinstance(net[2], SparseLinear)
+    assert isinstance(net[4], torch.nn.Linear) and not isinstance(net[4], SparseLinear)
+    assert summary["replaced"] == 2 and summary["kept_dense"] == 1
+    torch.testing.assert_close(net(x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net(x[:1]), want[:1], rtol=1e-5, atol=1e-5)  # the batch-1 kernel path too

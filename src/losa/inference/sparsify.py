@@ -17,9 +17,15 @@ from torch import nn
 from losa.errors import LosaError
 from losa.inference.formats import nm_fits, resolve_value_dtype
 from losa.inference.sparse_linear import SparseLinear
-from losa.models.linear import get_weight
+from losa.models.linear import get_weight, is_prunable
 from losa.models.moe import unfuse_experts
-from losa.models.registry import get_arch, get_decoder_layers, linear_modules, replace_module
+from losa.models.registry import (
+    get_arch,
+    get_decoder_layers,
+    linear_modules,
+    replace_module,
+    supported_model_types,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +53,35 @@ def _compute_description(model_dtype: torch.dtype, vdtype: torch.dtype) -> str:
     return "float32"
 
 
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(full name, module)`` of every linear to consider: the decoder layers' prunable linears of a
+    registered Hugging Face family (experts unfused for good), else every ``nn.Linear`` / ``Conv1D`` of
+    any module tree (as torchao's one-call API), already converted ones skipped."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in supported_model_types():
+        return [(n, m) for n, m in model.named_modules() if is_prunable(m) and not isinstance(m, SparseLinear)]
+    spec = get_arch(model)
+    unfuse_experts(model)  # for good: the inference model runs its experts as (sparse) linears
+    prefix = {id(layer): name for name, layer in model.named_modules()}
+    out = []
+    for layer in get_decoder_layers(model, spec):
+        if any(isinstance(m, SparseLinear) for m in layer.modules()):
+            linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}  # already converted
+        else:
+            linears = linear_modules(layer, spec)
+        out += [(f"{prefix[id(layer)]}.{n}", m) for n, m in linears.items()]
+    return out
+
+
 def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "float32", fmt: str = "auto",
                            min_sparsity: float = 0.25,
                            dense_batch_threshold: int | None = None,
                            prefill_dtype: str | torch.dtype = "float32") -> dict:
     """Replace, in place, every decoder linear with sparsity >= ``min_sparsity`` by a sparse module.
+
+    Works on any ``nn.Module``: for a registered Hugging Face family the decoder layers' prunable
+    linears are considered, for anything else every ``nn.Linear`` in the tree (like torchao's
+    ``sparsify_``); dense layers (below ``min_sparsity``) stay as they are.
 
     ``value_dtype`` ("float32" or "bfloat16") is the stored precision on the CPU (see
     ``SparseLinear.value_dtype``); ``prefill_dtype`` ("float32" or "bfloat16") is the precision of the
@@ -68,40 +98,32 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
     if not 0.0 <= min_sparsity <= 1.0:
         raise LosaError(f"min_sparsity={min_sparsity} is outside [0, 1]; use e.g. 0.25")
     vdtype = resolve_value_dtype(value_dtype)
-    spec = get_arch(model)
-    unfuse_experts(model)  # for good: the inference model runs its experts as (sparse) linears
     device = next(model.parameters()).device
     summary = {"replaced": 0, "kept_dense": 0, "dense_bytes": 0, "sparse_bytes": 0, "device": device.type,
                "value_dtype": str(vdtype).replace("torch.", ""),
                "prefill_dtype": str(resolve_value_dtype(prefill_dtype, 'prefill_dtype')).replace("torch.", ""),
                "compute": _compute_description(next(model.parameters()).dtype, vdtype), "sparse_prefill_layers": 0}
-    prefix = {id(layer): name for name, layer in model.named_modules()}
-    for layer in get_decoder_layers(model, spec):
-        if any(isinstance(m, SparseLinear) for m in layer.modules()):
-            linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}  # already converted
-        else:
-            linears = linear_modules(layer, spec)
-        for name, mod in linears.items():
-            w = get_weight(mod).detach()
-            sparsity = float((w == 0).float().mean())
-            if sparsity < min_sparsity:
+    for name, mod in _candidates(model):
+        w = get_weight(mod).detach()
+        sparsity = float((w == 0).float().mean())
+        if sparsity < min_sparsity:
+            summary["kept_dense"] += 1
+            continue
+        if device.type == "cuda":
+            if _semi_structured(mod):
+                summary["replaced"] += 1
+            else:
                 summary["kept_dense"] += 1
-                continue
-            if device.type == "cuda":
-                if _semi_structured(mod):
-                    summary["replaced"] += 1
-                else:
-                    summary["kept_dense"] += 1
-                continue
-            if device.type != "cpu":
-                raise LosaError(f"sparse inference supports CPU (and CUDA 2:4), not {device.type}; move the model to CPU")
-            bias = getattr(mod, "bias", None)
-            new = SparseLinear.from_dense(w, bias, vdtype, fmt, dense_batch_threshold, prefill_dtype)
-            summary["dense_bytes"] += w.numel() * w.element_size()
-            summary["sparse_bytes"] += new.packed.nbytes()
-            replace_module(model, f"{prefix[id(layer)]}.{name}", new)
-            summary["replaced"] += 1
-            summary["sparse_prefill_layers"] += int(new.sparse_prefill)
+            continue
+        if device.type != "cpu":
+            raise LosaError(f"sparse inference supports CPU (and CUDA 2:4), not {device.type}; move the model to CPU")
+        bias = getattr(mod, "bias", None)
+        new = SparseLinear.from_dense(w, bias, vdtype, fmt, dense_batch_threshold, prefill_dtype)
+        summary["dense_bytes"] += w.numel() * w.element_size()
+        summary["sparse_bytes"] += new.packed.nbytes()
+        replace_module(model, name, new)
+        summary["replaced"] += 1
+        summary["sparse_prefill_layers"] += int(new.sparse_prefill)
     if device.type == "cuda" and summary["replaced"] == 0:
         log.warning("no 2:4 fp16/bf16 layer found: CUDA semi-structured sparsity needs 2:4 masks and a "
                     "half-precision model (load with dtype='bfloat16')")
