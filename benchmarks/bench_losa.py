@@ -24,8 +24,12 @@ from _rss import peak_rss_mb
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-ALL_VARIANTS = ["dense", "wanda", "sparsegpt", "wanda+lora", "wanda+masked-lora", "losa-wanda", "losa-sparsegpt",
-                "losa-no-lsr", "losa-no-sra", "losa-no-dsa", "losa-nm-uncapped"]
+ALL_VARIANTS = ["dense", "wanda", "sparsegpt", "wanda+owl", "wanda+atp", "wanda+rmi", "wanda+lora",
+                "wanda+masked-lora", "losa-wanda", "losa-sparsegpt", "losa-no-lsr", "losa-no-sra", "losa-no-dsa",
+                "losa-nm-uncapped"]
+#: training-free layer-wise allocations of Wanda (no fine-tuning): OWL and RMI through one LoSA step without
+#: data, ATP through losa.prune's allocator (beta by grid search on the calibration loss)
+TRAINING_FREE = ("wanda+owl", "wanda+rmi")
 
 
 def _data_dir(args) -> str:
@@ -46,7 +50,10 @@ def _losa_config(args, variant: str, target: str):
         kw.update(nm=target[2:], mixed_nm=variant != "wanda+masked-lora")
     else:
         kw["sparsity"] = float(target)
-    if variant == "wanda+masked-lora":  # one-shot Wanda + masked LoRA at uniform rank, merged
+    if variant in TRAINING_FREE:  # one step straight to S, the allocator's per-layer sparsity, no fine-tuning
+        kw.update(steps=1, allocator="owl" if variant == "wanda+owl" else "rmi", finetune_data=None,
+                  finetune={"distill": False})
+    elif variant == "wanda+masked-lora":  # one-shot Wanda + masked LoRA at uniform rank, merged
         kw.update(steps=1, layerwise_sparsity=False, rank_allocation=False, omega_first=args.rank,
                   omega_last=args.rank)
     elif variant == "losa-no-lsr":
@@ -76,11 +83,15 @@ def run_single(args) -> dict:
     model, tok = losa.load_model("smollm2-135m")
     extra: dict = {}
     tokens = 0
-    if variant in ("wanda", "sparsegpt", "wanda+lora"):
+    if variant in ("wanda", "sparsegpt", "wanda+lora", "wanda+atp"):
         pc = {"method": "sparsegpt" if variant == "sparsegpt" else "wanda", "calib": "c4", "nsamples": args.nsamples,
               "seqlen": args.seqlen, "data_dir": _data_dir(args)}
+        if variant == "wanda+atp":
+            pc["allocator"] = "atp"
         pc.update({"nm": target[2:]} if target.startswith("nm") else {"sparsity": float(target)})
-        losa.prune(model, tok, losa.PruneConfig(**pc), progress=False)
+        prep = losa.prune(model, tok, losa.PruneConfig(**pc), progress=False)
+        if prep.allocation:
+            extra["allocation"] = prep.allocation
         if variant == "wanda+lora":  # ordinary dense LoRA (PEFT), kept unmerged
             from peft import LoraConfig, get_peft_model
 
