@@ -78,6 +78,8 @@ def run_single(args) -> dict:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
+    argv = [a for a in sys.argv[:sys.argv.index("--single")]] if "--single" in sys.argv else sys.argv
+    prov = provenance(torch.get_num_threads(), SMOLLM2, argv)  # at the start: the code this run imports
     variant, target = args.single
     t0 = time.perf_counter()
     model, tok = losa.load_model("smollm2-135m")
@@ -130,11 +132,9 @@ def run_single(args) -> dict:
                      data_dir=_data_dir(args), progress=False)
     if variant.startswith("losa"):
         extra["recon_error"] = args.recon_error
-    argv = [a for a in sys.argv[:sys.argv.index("--single")]] if "--single" in sys.argv else sys.argv
     return {"variant": variant, "target": target, "ppl": float(ppl), "sparsity": float(sparsity),
             "finetune_tokens": tokens, "wall_s": round(t_train, 1), "eval_windows": args.eval_windows,
-            "eval_seqlen": args.eval_seqlen, "peak_rss_mib": round(peak_rss_mb()), **extra,
-            **provenance(torch.get_num_threads(), SMOLLM2, argv)}
+            "eval_seqlen": args.eval_seqlen, "peak_rss_mib": round(peak_rss_mb()), **extra, **prov}
 
 
 def render(rows: list[dict], args, path: Path) -> None:
