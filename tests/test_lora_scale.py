@@ -80,8 +80,11 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients():
                 m.lora_B.normal_(generator=torch.Generator().manual_seed(2))
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from losa.finetune.train import _checkpointing
+
+            _checkpointing(model, True)
             model.config.use_cache = False
+            assert model.model.gradient_checkpointing  # the decoder really recomputes its layers
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         grads.append([p.grad.clone() for p in lora_parameters(model)])

@@ -133,6 +133,19 @@ class _LossRecorder(TrainerCallback):
             self.losses.append(float(logs["loss"]))
 
 
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """Activation (gradient) checkpointing on or off, through transformers' current API when it has one."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def finetune(model: nn.Module, examples: Sequence[dict[str, list[int]]], config: FinetuneConfig, pad_id: int,
              teacher: nn.Module | None = None, optimizer_state: dict | None = None,
              progress: bool = True) -> dict[str, Any]:
@@ -175,7 +188,7 @@ def finetune(model: nn.Module, examples: Sequence[dict[str, list[int]]], config:
     if bf16 and not bf16_available() and use_cuda:
         raise LosaError("bf16 requested but this GPU does not support it; drop --bf16")
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpointing(model, True)
     recorder = _LossRecorder()
     with tempfile.TemporaryDirectory(prefix="losa-ft-") as tmp:
         args = TrainingArguments(
@@ -198,7 +211,7 @@ def finetune(model: nn.Module, examples: Sequence[dict[str, list[int]]], config:
             result = trainer.train()
         finally:
             if config.gradient_checkpointing:
-                model.gradient_checkpointing_disable()
+                _checkpointing(model, False)
             model.train(was_training)
         opt_state = trainer.optimizer.state_dict() if trainer.optimizer is not None else {}
     tokens = sum(len(e["input_ids"]) for e in examples) * config.epochs
