@@ -686,7 +686,9 @@ torch::Tensor dense_mm_impl(const torch::Tensor& x, const torch::Tensor& meta, c
       if (eb) eb(p, sb, p.k32, o0, o1);
       else e(p, s, p.k32, o0, o1);
       auto w = (bf16 ? scratch_bf : scratch).narrow(0, 0, o1 - o0).narrow(1, 0, k);
-      if (bf16 && !eb) w.copy_(scratch.narrow(0, 0, o1 - o0).narrow(1, 0, k));
+      // copy the zero padding too: torch's bf16 GEMM (oneDNN) can read a strided operand's padding
+      // columns, and garbage there (NaN) poisoned whole output rows
+      if (bf16 && !eb) scratch_bf.narrow(0, 0, o1 - o0).copy_(scratch.narrow(0, 0, o1 - o0));
       if (x_left) {
         auto slice = out.narrow(1, o0, o1 - o0);
         at::mm_out(slice, xg, w.t());
