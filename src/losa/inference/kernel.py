@@ -73,10 +73,27 @@ def best_isa() -> int:
     return _ISA_CODES[forced]
 
 
+@lru_cache(maxsize=1)
+def _cpu_has_bf16dot() -> bool:
+    k = load_kernel()
+    return k is not None and bool(k.cpu_has_bf16dot())
+
+
+def native_bf16(isa: int | None = None) -> bool:
+    """Whether the CPU computes bf16 natively at ISA level ``isa`` (default :func:`best_isa`).
+
+    True only at the AVX-512 level on CPUs with AVX512-BF16. Elsewhere (AVX2, AVX-512 without BF16, the
+    scalar path, or a level forced lower with ``LOSA_SPARSE_ISA``) bf16 GEMMs have no hardware support, and
+    the sparse layers never use one: bf16 inputs are widened to float32 (see losa/inference/arith.py).
+    """
+    if not _cpu_has_bf16dot():
+        return False
+    return (best_isa() if isa is None else isa) == _ISA_CODES["avx512"]
+
+
 def bf16_dot_available() -> bool:
     """Whether bf16 inputs with bf16 values use the AVX512-BF16 loop here (else: float32 on widened inputs)."""
-    k = load_kernel()
-    return k is not None and best_isa() == _ISA_CODES["avx512"] and bool(k.cpu_has_bf16dot())
+    return native_bf16()
 
 
 def hugepages_enabled() -> bool:

@@ -10,6 +10,12 @@ Precision follows the input, as in a dense layer: float32 inputs compute in floa
 inputs ``prefill_dtype="bfloat16"`` rounds the large-batch GEMM's activations and outputs to bf16.
 Other input dtypes (float16) compute in float32. Without a compiler the layer materialises its dense
 weight once and uses ``F.linear`` (same outputs, no speed-up).
+
+On CPUs without native bf16 (AVX2, AVX-512 without BF16, the scalar path, or ``LOSA_SPARSE_ISA`` forcing a
+lower level) no prompt goes through torch's bf16 GEMM, which has no hardware support there (~5x slower than
+float32 on a Zen 3): bf16 inputs are widened to float32 (exactly) for the float32 GEMM on decompressed tiles
+and the output is rounded to bf16 once; ``prefill_dtype="bfloat16"`` has no effect. See
+losa/inference/arith.py for the per-CPU choice of dtypes.
 """
 
 from __future__ import annotations
@@ -152,19 +158,20 @@ class SparseLinear(nn.Module):
                 self._dense_cache = self.to_dense()
             y = F.linear(x2.float(), self._dense_cache, b["bias"])
         else:
+            isa = _kernel.best_isa()
+            native = _kernel.native_bf16(isa)  # else no bf16 GEMM: bf16 inputs run the float32 paths
             args = (b["meta"], values, b["row_ptr"], b["bias"], self.out_features, self.in_features,
-                    FORMAT_CODES[self.fmt], _kernel.best_isa())
+                    FORMAT_CODES[self.fmt], isa)
             threshold = self.dense_batch_threshold
             if threshold is None:
-                threshold = self._bf16_threshold if bf16_in else DENSE_BATCH_THRESHOLD
+                threshold = self._bf16_threshold if bf16_in and native else DENSE_BATCH_THRESHOLD
             rows = x2.shape[0]
             if rows <= threshold:
                 y = k.spmm(x2, *args)
-            elif (bf16_in and self.sparse_prefill and rows > SPARSE_GEMM_BATCH_THRESHOLD
-                  and args[-1] == 2):  # 2 = AVX-512 (not forced lower)
+            elif bf16_in and native and self.sparse_prefill and rows > SPARSE_GEMM_BATCH_THRESHOLD:
                 y = k.sparse_mm_bf16(x2, *args[:-1])
             else:
-                bf16_gemm = bf16_in or self.prefill_dtype == torch.bfloat16
+                bf16_gemm = native and (bf16_in or self.prefill_dtype == torch.bfloat16)
                 tiles = k.dense_mm_xw if bf16_gemm and rows <= DENSE_XW_MAX_ROWS else k.dense_mm
                 y = tiles(x2, *args, DENSE_TILE_ROWS, bf16_gemm)
         y = y.view(*x.shape[:-1], self.out_features)
