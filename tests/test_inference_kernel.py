@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,17 @@ from losa.inference import kernel as kmod
 from losa.inference.formats import choose_format
 
 KERNEL = kmod.load_kernel()
+
+
+@pytest.fixture(autouse=True)
+def no_measured_thresholds(tmp_path, monkeypatch):
+    """Layers use the built-in thresholds here, whatever ``losa bench-runtime`` cached on this machine."""
+    from losa.inference import thresholds
+
+    monkeypatch.setattr(thresholds, "cache_path", lambda: tmp_path / "runtime_thresholds.json")
+    thresholds.clear()
+    yield
+    thresholds.clear()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason="C++ sparse kernel could not be built here")
 ISAS = [name for code, name in kmod.ISA_NAMES.items() if KERNEL is not None and code <= KERNEL.cpu_isa()]
 
@@ -597,3 +610,64 @@ def test_detect_isa_follows_the_forced_level(monkeypatch):
     monkeypatch.setenv("LOSA_SPARSE_ISA", "neon")
     with pytest.raises(LosaError, match="LOSA_SPARSE_ISA"):
         detect_isa()
+
+
+# ------------------------------------------------------------------ thresholds measured per CPU (losa bench-runtime)
+
+@needs_avx2
+def test_cached_thresholds_drive_the_dispatch(monkeypatch):
+    from losa.inference import sparse_linear as sl
+    from losa.inference import thresholds
+
+    monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")
+    gen = torch.Generator().manual_seed(13)
+    w = torch.randn(40, 64, generator=gen) * random_mask(40, 64, 0.7, gen)
+    layer = SparseLinear.from_dense(w, None, "bfloat16")
+    calls = []
+    monkeypatch.setattr(sl._kernel, "load_kernel", lambda: _Spy(KERNEL, calls))
+    rows = (2, 3, sl.DENSE_BATCH_THRESHOLD, sl.DENSE_BATCH_THRESHOLD + 1)
+    for r in rows:
+        layer(torch.randn(r, 64, generator=gen))
+    assert calls == ["spmm", "spmm", "spmm", "dense_mm"]  # the built-in default
+    thresholds.save({"dense_batch_threshold": 2, "date": "test"}, "avx2")
+    thresholds.save({"dense_batch_threshold": 50}, "avx512")  # another ISA level: not used
+    calls.clear()
+    for r in rows:
+        x = torch.randn(r, 64, generator=gen)
+        torch.testing.assert_close(layer(x), reference(x, w, None, torch.bfloat16), rtol=1e-4, atol=1e-4)
+    assert calls == ["spmm", "dense_mm", "dense_mm", "dense_mm"]
+    calls.clear()
+    explicit = SparseLinear.from_dense(w, None, "bfloat16", dense_batch_threshold=3)  # an explicit value wins
+    explicit(torch.randn(3, 64, generator=gen))
+    assert calls == ["spmm"]
+
+
+@needs_kernel
+def test_bench_runtime_command_writes_the_cache(monkeypatch, capsys):
+    from losa.cli import main
+    from losa.inference import thresholds
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench-runtime", "--shape", "96x256", "--reps", "1", "--threads", "1", "--rows", "1,2,4"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "cached for" in out and str(thresholds.cache_path()) in out
+    data = json.loads(thresholds.cache_path().read_text())
+    (key, entry), = data.items()
+    assert key == thresholds.cpu_key(kmod.ISA_NAMES[kmod.best_isa()])
+    assert entry["shape"] == "96x256" and entry["threads"] == 1 and set(entry["timings_ms"]["loop"]) == {"1", "2", "4"}
+    assert 1 <= entry["dense_batch_threshold"] <= 4
+    assert ("sparse_gemm_batch_threshold" in entry) == kmod.native_bf16()
+    assert thresholds.cached_thresholds(kmod.best_isa())["dense_batch_threshold"] == entry["dense_batch_threshold"]
+    assert main(["bench-runtime", "--shape", "12"]) == 2
+    assert "--shape '12' is not OUTxIN" in capsys.readouterr().err
+    assert main(["bench-runtime", "--sparsity", "1.5"]) == 2
+    assert "--sparsity 1.5" in capsys.readouterr().err
+    assert main(["bench-runtime", "--rows", "4,2"]) == 2
+    assert "--rows '4,2' must be increasing" in capsys.readouterr().err
+    thresholds.cache_path().write_text("{not json")
+    thresholds.clear()
+    with pytest.raises(LosaError, match="delete it and rerun losa bench-runtime"):
+        thresholds.cached_thresholds(kmod.best_isa())

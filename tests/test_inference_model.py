@@ -13,6 +13,17 @@ from losa.models.linear import get_weight, is_prunable, set_weight
 from losa.models.registry import get_decoder_layers, linear_modules
 
 
+@pytest.fixture(autouse=True)
+def no_measured_thresholds(tmp_path, monkeypatch):
+    """Layers use the built-in thresholds here, whatever ``losa bench-runtime`` cached on this machine."""
+    from losa.inference import thresholds
+
+    monkeypatch.setattr(thresholds, "cache_path", lambda: tmp_path / "runtime_thresholds.json")
+    thresholds.clear()
+    yield
+    thresholds.clear()
+
+
 def prune_random(model, sparsity: float, seed: int = 0) -> None:
     """Zero a random fraction of every decoder linear (independent of losa's pruners)."""
     gen = torch.Generator().manual_seed(seed)

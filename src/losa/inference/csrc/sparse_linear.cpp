@@ -485,6 +485,9 @@ void gemv_rows(const Packed& p, const X* x, int64_t B, int64_t ldx, const float*
                int64_t o0, int64_t o1) {
   const V* vals = static_cast<const V*>(p.values);
   const int64_t nblk = p.k32 / 32;
+  // AVX2 (16 vector registers) takes at most 4 batch rows per pass: 8 rows with one accumulator each were
+  // slower than two passes of 4 (latency-bound FMA chains; forced AVX2, `losa bench-runtime` timings)
+  constexpr bool kEight = ISA != AVX2;
   float res[8];
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* meta = p.meta + o * p.stride;
@@ -494,7 +497,7 @@ void gemv_rows(const Packed& p, const X* x, int64_t B, int64_t ldx, const float*
     while (b < B) {
       const X* xb = x + b * ldx;
       int64_t r = B - b, bt;
-      if (r >= 8) { row_dot<ISA, F, 8, V>(meta, v, xb, ldx, nblk, res); bt = 8; }
+      if (kEight && r >= 8) { row_dot<ISA, F, kEight ? 8 : 4, V>(meta, v, xb, ldx, nblk, res); bt = kEight ? 8 : 4; }
       else if (r >= 4) { row_dot<ISA, F, 4, V>(meta, v, xb, ldx, nblk, res); bt = 4; }
       else if (r >= 2) { row_dot<ISA, F, 2, V>(meta, v, xb, ldx, nblk, res); bt = 2; }
       else { row_dot<ISA, F, 1, V>(meta, v, xb, ldx, nblk, res); bt = 1; }
