@@ -13,6 +13,11 @@ input, batch 1, timed interleaved round-robin (medians) in one process:
 - ``dense_fp32``: torch's ``F.linear`` on the dense float32 weight (what a float32 model runs),
 - ``*_fp32_values``: both kernels with float32 stored values (secondary).
 
+With ``--prefill-rows R`` (default 128; 0 = skip) a second, smaller section times a bf16 model's prompt
+through the same layer (bf16 input [R, K], bf16 values): ``prefill_new`` (``SparseLinear`` as shipped: no
+bf16 GEMM without native bf16, float32 GEMM on decompressed tiles), ``prefill_old`` (the old kernel's tiled
+bf16 GEMM, what the layer used to run), and dense ``F.linear`` in bf16 and in float32.
+
 ``--isa avx2`` (the default) sets ``LOSA_SPARSE_ISA=avx2`` and also restricts torch to AVX2
 (``ATEN_CPU_CAPABILITY``, ``MKL_ENABLE_INSTRUCTIONS``, ``ONEDNN_MAX_CPU_ISA``), so that on an AVX-512
 machine every path runs what an AVX2-only CPU would; the numbers are still this CPU's (its memory system
@@ -47,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shape", default="11008x4096", help="out x in (default: 11008x4096)")
     p.add_argument("--sparsity", type=float, default=0.7, help="fraction pruned (default: 0.7)")
     p.add_argument("--baseline-rev", default=BASELINE_REV, help=f"git revision of the old kernel ({BASELINE_REV})")
+    p.add_argument("--prefill-rows", type=int, default=128, help="rows of the bf16 prompt section (0: skip)")
+    p.add_argument("--prefill-reps", type=int, default=5, help="repeats of the prompt section (default: 5)")
     p.add_argument("--quick", action="store_true", help="smoke run: 5 repeats, results not written")
     return p.parse_args(argv)
 
@@ -116,29 +123,49 @@ def measure(args: argparse.Namespace, env: dict) -> list[dict]:
     compact["dense_fp32"] = w.numel() * 4
     errs = {name: float((f().double() - expect[name]).abs().max() / expect[name].abs().max()) for name, f in fns.items()}
     reps = 5 if args.quick else args.reps
+    pre = {}
+    if args.prefill_rows:
+        from losa.inference.sparse_linear import DENSE_TILE_ROWS
+
+        bf = layers["bfloat16"]
+        xb = torch.randn(args.prefill_rows, k).bfloat16()
+        wb = w.bfloat16()
+        a = (xb, bf.meta, bf.values, bf.row_ptr, None, n, k, 0, isa)
+        pre = {"prefill_new": lambda: bf(xb), "prefill_old": lambda: old.dense_mm(*a, DENSE_TILE_ROWS, True),
+               "dense_bf16": lambda: F.linear(xb, wb), "dense_fp32": lambda: F.linear(xb.float(), w)}
+        exact = F.linear(xb.double(), bf.to_dense().double())
+        errs.update({f"pre:{name}": float((f().double() - exact).abs().max() / exact.abs().max())
+                     for name, f in pre.items()})
     rows = []
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     run_id = f"{date} {commit_id()}"
     for th in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(th)
-        load0 = os.getloadavg()
-        with torch.inference_mode():
-            med = interleaved(fns, reps, warmup=3)
-        for name, sec in med.items():
-            rows.append({
-                "run": run_id, "date": date, "commit": commit_id(),
-                "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                "threads": th, "cpu": info["cpu"], "cores": info["cores"], "torch": info["torch"],
-                "isa": args.isa, "kernel_isa": kmod.ISA_NAMES[isa], "forced_env": env,
-                "shape": f"{n}x{k}", "sparsity": args.sparsity, "batch": 1, "variant": name,
-                "median_ms": sec * 1e3, "gbps": compact[name] / sec / 1e9, "bytes": compact[name],
-                "vs_dense_fp32": med["dense_fp32"] / sec,
-                "vs_old": (med[name.replace("new", "old")] / sec) if "new" in name else None,
-                "floor_vs_dense": compact["dense_fp32"] / compact[name],
-                "max_rel_err": errs[name], "loadavg_start": load0, "reps": reps,
-            })
-            print(f"{th} thr  {name:26s} {sec * 1e3:8.3f} ms  {compact[name] / sec / 1e9:6.1f} GB/s  "
-                  f"{med['dense_fp32'] / sec:5.2f}x dense  err {errs[name]:.1e}", flush=True)
+        sections = [("decode", 1, fns, reps)]
+        if pre:
+            sections.append(("prefill", args.prefill_rows, pre, 2 if args.quick else args.prefill_reps))
+        for section, batch, group, r in sections:
+            load0 = os.getloadavg()
+            with torch.inference_mode():
+                med = interleaved(group, r, warmup=1 if section == "prefill" else 3)
+            for name, sec in med.items():
+                nbytes = compact[name] if section == "decode" else None
+                err = errs[name] if section == "decode" else errs[f"pre:{name}"]
+                vs_old = med.get(name.replace("new", "old")) if "new" in name else None
+                rows.append({
+                    "run": run_id, "date": date, "commit": commit_id(),
+                    "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                    "threads": th, "cpu": info["cpu"], "cores": info["cores"], "torch": info["torch"],
+                    "isa": args.isa, "kernel_isa": kmod.ISA_NAMES[isa], "forced_env": env,
+                    "shape": f"{n}x{k}", "sparsity": args.sparsity, "section": section, "batch": batch,
+                    "variant": name, "median_ms": sec * 1e3, "gbps": nbytes / sec / 1e9 if nbytes else None,
+                    "bytes": nbytes, "vs_dense_fp32": med["dense_fp32"] / sec,
+                    "vs_old": vs_old / sec if vs_old else None,
+                    "floor_vs_dense": compact["dense_fp32"] / nbytes if nbytes else None,
+                    "max_rel_err": err, "loadavg_start": load0, "reps": r,
+                })
+                print(f"{th} thr  {section:7s} {name:26s} {sec * 1e3:9.3f} ms  {med['dense_fp32'] / sec:5.2f}x dense "
+                      f"fp32  err {err:.1e}", flush=True)
     return rows
 
 
@@ -146,10 +173,12 @@ def write_markdown(rows: list[dict], path: Path) -> None:
     runs: dict[str, list[dict]] = {}
     for r in rows:
         runs.setdefault(r["run"], []).append(r)
-    lines = ["# AVX2 batch-1 decode: one 11008x4096 layer (benchmarks/bench_avx2_decode.py)", "",
-             "Each section is one run; variants timed interleaved round-robin, medians. `x dense` = dense fp32 "
-             "`F.linear` time / variant time (same run); `floor` = dense bytes / variant bytes, the ratio a "
-             "purely bandwidth-bound loop would reach; `vs old` = old kernel time / new kernel time.", ""]
+    lines = ["# AVX2 decode (and a bf16 prompt) through one 11008x4096 layer (benchmarks/bench_avx2_decode.py)", "",
+             "Each `##` is one run; within a section the variants are timed interleaved round-robin, medians. "
+             "`x dense fp32` = dense float32 `F.linear` time / variant time (same section); `floor` = dense bytes "
+             "/ variant bytes, the ratio a purely bandwidth-bound loop would reach; `vs old` = old time / new "
+             "time. `max rel err` = max abs error / max abs output against a float64 `F.linear` on the same "
+             "(bf16-rounded) weights.", ""]
     for run, rs in runs.items():
         r0 = rs[0]
         forced = ", ".join(f"{k}={v}" for k, v in r0["forced_env"].items()) or "none"
@@ -157,14 +186,17 @@ def write_markdown(rows: list[dict], path: Path) -> None:
                   f"- command: `{r0['command']}`",
                   f"- CPU: {r0['cpu']} ({r0['cores']} cores), torch {r0['torch']}; kernel ISA "
                   f"**{r0['kernel_isa']}** (forced: {forced})",
-                  f"- {r0['shape']}, {r0['sparsity']:.0%} pruned, batch {r0['batch']}, {r0['reps']} repeats, "
-                  f"load average at start {', '.join(f'{v:.2f}' for v in r0['loadavg_start'])}", "",
-                  "| threads | variant | median ms | GB/s | x dense | floor | vs old | max rel err |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"- {r0['shape']}, {r0['sparsity']:.0%} pruned (bf16 values unless noted); load average at the "
+                  f"start of each section: {'; '.join(sorted({', '.join(f'{v:.2f}' for v in r['loadavg_start']) for r in rs}))}",
+                  "", "| threads | section | batch | variant | median ms | GB/s | x dense fp32 | floor | vs old "
+                  "| max rel err | repeats |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rs:
-            vs_old = f"{r['vs_old']:.2f}x" if r["vs_old"] else ""
-            lines.append(f"| {r['threads']} | {r['variant']} | {r['median_ms']:.3f} | {r['gbps']:.1f} | "
-                         f"{r['vs_dense_fp32']:.2f}x | {r['floor_vs_dense']:.2f}x | {vs_old} | {r['max_rel_err']:.1e} |")
+            def fmt(v, spec, suffix=""):
+                return f"{v:{spec}}{suffix}" if v is not None else ""
+            lines.append(f"| {r['threads']} | {r.get('section', 'decode')} | {r['batch']} | {r['variant']} | "
+                         f"{r['median_ms']:.3f} | {fmt(r['gbps'], '.1f')} | {r['vs_dense_fp32']:.2f}x | "
+                         f"{fmt(r['floor_vs_dense'], '.2f', 'x')} | {fmt(r['vs_old'], '.2f', 'x')} | "
+                         f"{r['max_rel_err']:.1e} | {r['reps']} |")
         lines.append("")
     path.write_text("\n".join(lines))
 

@@ -8,7 +8,8 @@ module falls back to a dense matmul with the same numbers.
 
 The instruction set is chosen at run time by the kernel (``__builtin_cpu_supports``); set
 ``LOSA_SPARSE_ISA`` to ``scalar``, ``avx2`` or ``avx512`` to force a lower level (tests use this to
-check every path). The packed buffers of large layers are copied into transparent-huge-page memory on
+check every path). A level forced below AVX-512 also behaves as a CPU without native bf16
+(:func:`native_bf16`): ``LOSA_SPARSE_ISA=avx2`` on an AVX-512 machine runs what an AVX2-only CPU would. The packed buffers of large layers are copied into transparent-huge-page memory on
 Linux (``LOSA_HUGEPAGES=0`` turns that off).
 """
 

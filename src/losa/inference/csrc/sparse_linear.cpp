@@ -24,8 +24,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <map>
-#include <string>
 #include <vector>
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -795,20 +793,6 @@ torch::Tensor sparse_mm_bf16(const torch::Tensor& x, const torch::Tensor& meta, 
 
 int64_t cpu_isa() { return best_isa(); }
 
-// The x86 features the runtime's choices depend on (all false elsewhere), for losa.inference.arith.
-std::map<std::string, bool> cpu_features() {
-  std::map<std::string, bool> f;
-#if LOSA_X86
-  __builtin_cpu_init();
-  f["avx2"] = __builtin_cpu_supports("avx2");
-  f["fma"] = __builtin_cpu_supports("fma");
-  f["f16c"] = __builtin_cpu_supports("f16c");
-  f["avx512f"] = __builtin_cpu_supports("avx512f");
-  f["avx512vbmi2"] = __builtin_cpu_supports("avx512vbmi2");
-  f["avx512bf16"] = __builtin_cpu_supports("avx512bf16");
-#endif
-  return f;
-}
 
 // A copy of `t` in memory backed by transparent huge pages (Linux, tensors of >= 2 MiB; else `t` itself).
 // The decode loop streams each weight once per token; with 4 KiB pages every 4 KiB of values is a TLB
@@ -839,6 +823,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_mm_bf16", &sparse_mm_bf16, "zero-skipping bf16 GEMM for large batches at high sparsity");
   m.def("cpu_has_bf16dot", &cpu_has_bf16dot, "whether the bf16-input loop (AVX512-BF16) runs on this CPU");
   m.def("hugepage_copy", &hugepage_copy, "copy a CPU tensor into transparent-huge-page memory (Linux)");
-  m.def("cpu_features", &cpu_features, "x86 features: avx2, fma, f16c, avx512f, avx512vbmi2, avx512bf16");
-  m.def("cpu_isa", &cpu_isa, "best ISA level: 0 scalar, 1 AVX2+FMA, 2 AVX-512 (F/BW/VL/VBMI2)");
+  m.def("cpu_isa", &cpu_isa, "best ISA level: 0 scalar, 1 AVX2+FMA+F16C, 2 AVX-512 (F/BW/VL/VBMI2)");
 }
