@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline-rev", default=BASELINE_REV, help=f"git revision of the old kernel ({BASELINE_REV})")
     p.add_argument("--prefill-rows", type=int, default=128, help="rows of the bf16 prompt section (0: skip)")
     p.add_argument("--prefill-reps", type=int, default=5, help="repeats of the prompt section (default: 5)")
+    p.add_argument("--note", default="", help="a remark stored with the rows and shown in the markdown")
     p.add_argument("--quick", action="store_true", help="smoke run: 5 repeats, results not written")
     return p.parse_args(argv)
 
@@ -137,6 +138,7 @@ def measure(args: argparse.Namespace, env: dict) -> list[dict]:
         errs.update({f"pre:{name}": float((f().double() - exact).abs().max() / exact.abs().max())
                      for name, f in pre.items()})
     rows = []
+    flags = cpu_flags()
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     run_id = f"{date} {commit_id()}"
     for th in (int(t) for t in args.threads.split(",")):
@@ -162,11 +164,21 @@ def measure(args: argparse.Namespace, env: dict) -> list[dict]:
                     "bytes": nbytes, "vs_dense_fp32": med["dense_fp32"] / sec,
                     "vs_old": vs_old / sec if vs_old else None,
                     "floor_vs_dense": compact["dense_fp32"] / nbytes if nbytes else None,
-                    "max_rel_err": err, "loadavg_start": load0, "reps": r,
+                    "max_rel_err": err, "loadavg_start": load0, "reps": r, "note": args.note,
+                    "cpu_flags": flags,
                 })
                 print(f"{th} thr  {section:7s} {name:26s} {sec * 1e3:9.3f} ms  {med['dense_fp32'] / sec:5.2f}x dense "
                       f"fp32  err {err:.1e}", flush=True)
     return rows
+
+
+def cpu_flags() -> list[str]:
+    """The ISA-relevant /proc/cpuinfo flags of the machine (what it could run, whatever was forced)."""
+    from losa.inference.arith import _cpuinfo_flags
+
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vbmi2", "avx512_bf16", "amx_bf16")
+    have = _cpuinfo_flags()
+    return [f for f in wanted if f in have]
 
 
 def write_markdown(rows: list[dict], path: Path) -> None:
@@ -184,10 +196,11 @@ def write_markdown(rows: list[dict], path: Path) -> None:
         forced = ", ".join(f"{k}={v}" for k, v in r0["forced_env"].items()) or "none"
         lines += [f"## {run}", "",
                   f"- command: `{r0['command']}`",
-                  f"- CPU: {r0['cpu']} ({r0['cores']} cores), torch {r0['torch']}; kernel ISA "
-                  f"**{r0['kernel_isa']}** (forced: {forced})",
+                  f"- CPU: {r0['cpu']} ({r0['cores']} cores; flags: {' '.join(r0.get('cpu_flags', []))}), torch "
+                  f"{r0['torch']}; kernel ISA **{r0['kernel_isa']}** (forced: {forced})",
                   f"- {r0['shape']}, {r0['sparsity']:.0%} pruned (bf16 values unless noted); load average at the "
                   f"start of each section: {'; '.join(sorted({', '.join(f'{v:.2f}' for v in r['loadavg_start']) for r in rs}))}",
+                  *([f"- note: {r0['note']}"] if r0.get("note") else []),
                   "", "| threads | section | batch | variant | median ms | GB/s | x dense fp32 | floor | vs old "
                   "| max rel err | repeats |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rs:

@@ -12,8 +12,9 @@ The rules (numbers: benchmarks/results/avx2_decode.md, inference_bf16.md, prefil
 * **AVX2 only, or AVX-512 without BF16** (Zen 2/3, Haswell-Skylake, Ice Lake): a float32 model, bf16
   values, float32 activations. Decode is bound by the bytes it streams; bf16 values halve them and are
   widened exactly (the AVX2 loop does it with one byte shuffle). torch's bf16 GEMM has no hardware support
-  here (~5x slower than float32 on a Zen 3), so no prompt ever goes through it: a bf16 model's sparse layers
-  widen their inputs and run the float32 GEMM (``SparseLinear`` enforces this whatever was requested).
+  here (~5x slower than float32 on a Zen 3 in issue 18; 0.19-0.23x of float32 with torch forced to AVX2 in
+  avx2_decode.md), so no prompt ever goes through it: a bf16 model's sparse layers widen their inputs and run
+  the float32 GEMM (``SparseLinear`` enforces this whatever was requested).
 * **Portable scalar loop** (no AVX2): float32 model, bf16 values (half the memory; the widening is a shift).
 * **No compiled kernel** (dense fallback): float32 everywhere; the weights stay exact and nothing is gained
   from bf16 values.
