@@ -62,8 +62,19 @@ def test_generate_matches_dense(family):
     assert sparsify_for_inference(model)["replaced"] == 0  # idempotent
 
 
-def test_bf16_model_computes_like_the_dense_bf16_model():
-    """A model converted to bf16 keeps bf16 activations through the sparse layers (decode and prefill)."""
+@pytest.mark.parametrize("isa", [None, "avx2"])
+def test_bf16_model_computes_like_the_dense_bf16_model(monkeypatch, isa):
+    """A model converted to bf16 keeps bf16 activations through the sparse layers (decode and prefill).
+
+    With ``isa="avx2"`` (forced; a CPU without native bf16) the layers widen bf16 inputs to float32 and the
+    prompt runs the float32 GEMM; the outputs are still bf16 and match the dense bf16 model as closely.
+    """
+    from losa.inference.kernel import load_kernel
+
+    if isa is not None:
+        if load_kernel() is None or load_kernel().cpu_isa() < 1:
+            pytest.skip("needs an x86-64 CPU with AVX2")
+        monkeypatch.setenv("LOSA_SPARSE_ISA", isa)
     model = make_tiny_model("llama", hidden=96)
     prune_random(model, 0.7)
     model.to(torch.bfloat16)
