@@ -59,8 +59,11 @@ def _read(path: Path) -> dict:
 
 
 @lru_cache(maxsize=8)
-def _cached(path: str, key: str) -> dict:
-    entry = _read(Path(path)).get(key) or {}
+def _cached(isa: int) -> dict:
+    # read once per process and ISA level (forward calls this per layer and token); clear() rereads
+    from losa.inference.kernel import ISA_NAMES
+
+    entry = _read(cache_path()).get(cpu_key(ISA_NAMES[isa])) or {}
     out = {}
     for name in KEYS:
         value = entry.get(name)
@@ -76,14 +79,13 @@ def cached_thresholds(isa: int) -> dict[str, int]:
         isa: the kernel's ISA code (``losa.inference.kernel.best_isa()``).
 
     Returns:
-        A dict with a subset of :data:`KEYS` (read once per process; :func:`clear` rereads).
+        A dict with a subset of :data:`KEYS`, read once per process and ISA level (a later change of the file
+        or of ``LOSA_CACHE_DIR`` is seen after :func:`clear`; :func:`save` clears).
 
     Raises:
         LosaError: the cache file exists but is not valid JSON.
     """
-    from losa.inference.kernel import ISA_NAMES
-
-    return _cached(str(cache_path()), cpu_key(ISA_NAMES[isa]))
+    return _cached(isa)
 
 
 def clear() -> None:
