@@ -155,7 +155,7 @@ void expand_scalar(const uint8_t* meta, const V* v, int64_t nblk, float* dst) {
 // and widens them into float32 lanes (a bf16 is the high half of its float32) with zeros in the other
 // lanes: a single shuffle per 8 inputs. float32 values: vpermps + a zeroing AND (two table loads).
 // It replaces vpmovzxwd + vpslld + vpermps + vandps with a serial pointer update per group and 2 accumulators:
-// 1.4-1.5x that loop in the lab, 2.9x through the extension, 3.3x dense fp32 decode on 1 thread (forced AVX2
+// 1.4-1.5x that loop in the lab, 2.9x through the extension, 3.3-3.4x dense fp32 decode on 1 thread (forced AVX2
 // on a Sapphire Rapids core; benchmarks/results/avx2_variants.md, avx2_decode.md).
 LOSA_AVX2 inline __m256 expand_group(const uint16_t* v, uint32_t row) {
   const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
