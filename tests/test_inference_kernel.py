@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,17 @@ from losa.inference import kernel as kmod
 from losa.inference.formats import choose_format
 
 KERNEL = kmod.load_kernel()
+
+
+@pytest.fixture(autouse=True)
+def no_measured_thresholds(tmp_path, monkeypatch):
+    """Layers use the built-in thresholds here, whatever ``losa bench-runtime`` cached on this machine."""
+    from losa.inference import thresholds
+
+    monkeypatch.setattr(thresholds, "cache_path", lambda: tmp_path / "runtime_thresholds.json")
+    thresholds.clear()
+    yield
+    thresholds.clear()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason="C++ sparse kernel could not be built here")
 ISAS = [name for code, name in kmod.ISA_NAMES.items() if KERNEL is not None and code <= KERNEL.cpu_isa()]
 
@@ -355,3 +368,306 @@ def test_sparse_bf16_prefill_same_bits_on_two_threads():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1])
+
+
+# ------------------------------------------------------------------ the AVX2 path, forced (runs on any x86-64 with AVX2)
+
+AVX2 = KERNEL is not None and KERNEL.cpu_isa() >= 1
+needs_avx2 = pytest.mark.skipif(not AVX2, reason="needs an x86-64 CPU with AVX2 (elsewhere the scalar path runs)")
+CODES = {"bitmask": 0, "nm24": 1, "nm14": 2}
+
+
+def every_byte_mask(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    """Keep-mask whose 8-input groups take all 256 patterns (so every row of the AVX2 shuffle tables is used)."""
+    groups = torch.randperm(256, generator=gen).repeat(rows * cols // 8 // 256 + 1)[: rows * cols // 8]
+    bits = (groups.unsqueeze(-1) >> torch.arange(8)) & 1
+    return bits.reshape(rows, cols).bool()
+
+
+@needs_avx2
+@pytest.mark.parametrize("vdtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 8, 11])
+def test_avx2_row_loop_every_group_pattern(monkeypatch, vdtype, batch):
+    """The AVX2 loop (bf16: vpshufb widening, float32: vpermps) against F.linear, all 256 group masks."""
+    monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")
+    gen = torch.Generator().manual_seed(batch)
+    out_f, in_f = 48, 256
+    w = torch.randn(out_f, in_f, generator=gen) * every_byte_mask(out_f, in_f, gen)
+    w[3] = 0.0  # an empty row
+    w[5] = torch.randn(in_f, generator=gen)  # a full row
+    p = pack(w, vdtype, "bitmask")
+    x = torch.randn(batch, in_f, generator=gen)
+    y = KERNEL.spmm(x, p.meta, p.values, p.row_ptr, None, out_f, in_f, 0, kmod.best_isa())
+    assert kmod.best_isa() == 1
+    torch.testing.assert_close(y.double(), reference(x, w, None, vdtype).double(), rtol=1e-5, atol=1e-5)
+    d = KERNEL.decompress(p.meta, p.values, p.row_ptr, out_f, in_f, 0, 1, 0, out_f)
+    assert torch.equal(d, w.to(vdtype).float())
+
+
+@needs_avx2
+@pytest.mark.parametrize("fmt,pattern,in_f", [("bitmask", 0.7, 4100), ("nm24", "2:4", 96), ("nm14", "1:4", 132),
+                                              ("bitmask", 0.3, 45)])
+def test_avx2_row_loop_long_rows_and_tails(monkeypatch, fmt, pattern, in_f):
+    """LLaMA-width rows (prefetch runs past the end of the values) and inputs that are not a multiple of 32."""
+    monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")
+    gen = torch.Generator().manual_seed(in_f)
+    w = torch.randn(21, in_f, generator=gen) * random_mask(21, in_f, pattern, gen)
+    b = torch.randn(21, generator=gen)
+    layer = SparseLinear.from_dense(w, b, "bfloat16", fmt)
+    for batch in (1, 2, 7):
+        x = torch.randn(batch, in_f, generator=gen)
+        torch.testing.assert_close(layer(x), reference(x, w, b, torch.bfloat16), rtol=1e-4, atol=1e-4)
+
+
+@needs_avx2
+def test_avx2_row_loop_same_bits_on_two_threads(monkeypatch):
+    """Threads split the output rows; every row sums in the same order."""
+    monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(700, 300, generator=gen) * random_mask(700, 300, 0.7, gen)
+    p = pack(w, torch.bfloat16)
+    x = torch.randn(1, 300, generator=gen)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(KERNEL.spmm(x, p.meta, p.values, p.row_ptr, None, 700, 300, 0, 1))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_avx2
+@pytest.mark.parametrize("prefill_dtype", ["float32", "bfloat16"])
+def test_no_bf16_gemm_without_native_bf16(monkeypatch, prefill_dtype):
+    """Forced AVX2: bf16 inputs and prefill_dtype=bfloat16 take the float32 GEMM, never torch's bf16 GEMM."""
+    from losa.inference import sparse_linear as sl
+
+    monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")
+    gen = torch.Generator().manual_seed(12)
+    w = torch.randn(64, 96, generator=gen) * random_mask(64, 96, 0.8, gen)
+    b = torch.randn(64, generator=gen)
+    layer = SparseLinear.from_dense(w, b, "bfloat16", prefill_dtype=prefill_dtype)
+    assert not layer.sparse_prefill and not kmod.native_bf16()
+    calls = []
+    monkeypatch.setattr(sl._kernel, "load_kernel", lambda: _GemmSpy(KERNEL, calls))
+    exact_w = w.bfloat16().double()
+    for rows in (20, 40, 200):
+        xb = torch.randn(rows, 96, generator=gen).bfloat16()
+        y = layer(xb)  # a bf16 model's prompt: float32 sums of exact products, rounded once to bf16
+        assert y.dtype == torch.bfloat16
+        exact = F.linear(xb.double(), exact_w, b.double())
+        torch.testing.assert_close(y.double(), exact.bfloat16().double(), rtol=8e-3, atol=1e-5 * 96**0.5)
+        xf = torch.randn(rows, 96, generator=gen)
+        torch.testing.assert_close(layer(xf), reference(xf, w, b, torch.bfloat16), rtol=1e-4, atol=1e-4)
+    assert calls and all(bf16 is False for _, bf16 in calls)
+
+
+class _GemmSpy:
+    """Records (entry point, bf16 GEMM flag) of the tiled prefill calls."""
+
+    def __init__(self, kernel, calls):
+        self._k, self._calls = kernel, calls
+
+    def __getattr__(self, name):
+        fn = getattr(self._k, name)
+        if name in ("dense_mm", "dense_mm_xw"):
+            def wrapped(*a):
+                self._calls.append((name, a[-1]))
+                return fn(*a)
+            return wrapped
+        if name == "sparse_mm_bf16":
+            raise AssertionError("the zero-skipping bf16 GEMM ran without native bf16")
+        return fn
+
+
+def _evex_or_avx512_lines(disasm: list[str]) -> list[str]:
+    """Instructions that only AVX-512 CPUs run: EVEX-encoded (first opcode byte 0x62 after legacy prefixes),
+    or naming zmm, opmask or xmm/ymm16-31 registers."""
+    import re
+
+    bad = []
+    prefixes = {"66", "67", "f2", "f3", "2e", "3e", "26", "64", "65", "36", "f0"}
+    regs = re.compile(r"%zmm|%k[0-7]\b|%[xy]mm(1[6-9]|2[0-9]|3[01])\b")
+    for line in disasm:
+        parts = line.split("\t")
+        if len(parts) < 3:
+            continue
+        raw = parts[1].split()
+        while raw and raw[0] in prefixes:
+            raw = raw[1:]
+        if (raw and raw[0] == "62") or regs.search(parts[2]):
+            bad.append(line.strip())
+    return bad
+
+
+@pytest.mark.skipif(not AVX2 or __import__("shutil").which("objdump") is None,
+                    reason="needs the x86-64 kernel and binutils' objdump")
+def test_avx2_path_contains_no_avx512_instruction():
+    """Everything LOSA_SPARSE_ISA=avx2 runs in the kernel is AVX2/FMA/F16C code: no EVEX encoding, no zmm/opmask.
+
+    The AVX-512 loop is checked the same way and must be flagged, so the check itself can fail.
+    """
+    import re
+    import subprocess
+
+    text = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", KERNEL.__file__], capture_output=True,
+                          text=True, check=True).stdout
+    raw = subprocess.run(["objdump", "-d", "-C", KERNEL.__file__], capture_output=True, text=True,
+                         check=True).stdout
+    assert text  # objdump worked
+    funcs: dict[str, list[str]] = {}
+    name = None
+    for line in raw.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if m:
+            name = m.group(1)
+            funcs[name] = []
+        elif name is not None:
+            funcs[name].append(line)
+    avx2_path = re.compile(r"row_avx2<|expand_avx2<|gemv_rows<1,|expand_rows<1,|expand_group|hsum256|table_row<")
+    checked = {n: body for n, body in funcs.items() if avx2_path.search(n)}
+    assert any("row_avx2<0, 1, unsigned short>" in n for n in checked)  # the batch-1 bf16 loop itself
+    assert any("gemv_rows<1, 0, unsigned short, float>" in n for n in checked)
+    offenders = {n: lines[:3] for n, body in checked.items() if (lines := _evex_or_avx512_lines(body))}
+    assert not offenders
+    avx512 = [body for n, body in funcs.items() if "row_avx512<0, 1, unsigned short>" in n]
+    assert avx512 and _evex_or_avx512_lines(avx512[0])
+
+
+# ------------------------------------------------------------------ per-CPU arithmetic (pure)
+
+from losa.inference.arith import IsaInfo, Requested, choose_arithmetic  # noqa: E402
+
+ISA_CASES = {  # name: (IsaInfo, expected auto (dtype, values, prefill, activations))
+    "avx512-bf16-amx": (IsaInfo("avx512", native_bf16=True, amx=True), ("bfloat16", "bfloat16", "bfloat16", "bfloat16")),
+    "avx512-bf16": (IsaInfo("avx512", native_bf16=True), ("bfloat16", "bfloat16", "bfloat16", "bfloat16")),
+    "avx512": (IsaInfo("avx512"), ("float32", "bfloat16", "float32", "float32")),
+    "avx2": (IsaInfo("avx2"), ("float32", "bfloat16", "float32", "float32")),
+    "avx2-forced": (IsaInfo("avx2", forced="avx2"), ("float32", "bfloat16", "float32", "float32")),
+    "scalar": (IsaInfo("scalar"), ("float32", "bfloat16", "float32", "float32")),
+    "no-kernel": (IsaInfo("avx2", kernel=False), ("float32", "float32", "float32", "float32")),
+}
+
+
+@pytest.mark.parametrize("case", list(ISA_CASES))
+def test_choose_arithmetic_auto_for_every_isa(case):
+    isa, (dtype, values, prefill, act) = ISA_CASES[case]
+    c = choose_arithmetic(isa, Requested())
+    assert (c.dtype, c.value_dtype, c.prefill_dtype, c.activations) == (dtype, values, prefill, act)
+    line = c.line()
+    assert "\n" not in line and c.reason in line and c.isa in line
+    if act == "float32" and isa.kernel:  # no native bf16: the prompt never goes through a bf16 GEMM
+        assert "bf16 GEMM" not in c.prefill and "float32 GEMM" in c.prefill
+    if isa.native_bf16:
+        assert "bf16 GEMM" in c.prefill and ("AMX" in line) == isa.amx
+
+
+@pytest.mark.parametrize("case", list(ISA_CASES))
+def test_choose_arithmetic_explicit_requests(case):
+    isa, _ = ISA_CASES[case]
+    native = isa.native_bf16 and isa.kernel
+    c = choose_arithmetic(isa, Requested("bf16", "float32", "auto"))  # explicit requests are kept ...
+    assert (c.dtype, c.value_dtype, c.activations) == ("bfloat16", "float32", "float32")
+    assert ("widen" in c.reason) == (not native)
+    c = choose_arithmetic(isa, Requested("float32", "bfloat16", "bfloat16"))
+    # ... except a bf16 prompt GEMM without native bf16
+    assert c.prefill_dtype == ("bfloat16" if native else "float32")
+    assert ("ignored" in c.reason) == (not native)
+    c = choose_arithmetic(isa, Requested("float32"))  # an explicit float32 model keeps float32 prompts
+    assert c.prefill_dtype == "float32" and c.activations == "float32"
+    c = choose_arithmetic(isa, Requested("float16", "bfloat16"))
+    assert c.dtype == "float16" and c.activations == "float32"
+
+
+def test_choose_arithmetic_bad_requests():
+    with pytest.raises(LosaError, match="--value-dtype 'int8' is not supported"):
+        choose_arithmetic(IsaInfo("avx2"), Requested(value_dtype="int8"))
+    with pytest.raises(LosaError, match="--dtype"):
+        choose_arithmetic(IsaInfo("avx2"), Requested(dtype="float64"))
+    with pytest.raises(LosaError, match="--prefill-dtype"):
+        choose_arithmetic(IsaInfo("avx2"), Requested(prefill_dtype="float16"))
+    with pytest.raises(LosaError, match="unknown ISA level"):
+        IsaInfo("neon")
+
+
+@needs_kernel
+def test_detect_isa_follows_the_forced_level(monkeypatch):
+    from losa.inference.arith import detect_isa
+
+    native = detect_isa()
+    assert native.level == kmod.ISA_NAMES[KERNEL.cpu_isa()] and native.forced is None and native.kernel
+    assert native.native_bf16 == bool(KERNEL.cpu_has_bf16dot() and KERNEL.cpu_isa() == 2)
+    for level in [n for c, n in kmod.ISA_NAMES.items() if c <= KERNEL.cpu_isa()]:
+        monkeypatch.setenv("LOSA_SPARSE_ISA", level)
+        for use_kernel in (True, False):
+            got = detect_isa(use_kernel=use_kernel)
+            assert got.level == level and got.forced == level and "forced" in got.name
+            assert not (got.native_bf16 and level != "avx512")
+        if level != "avx512":  # forcing below AVX-512 emulates a CPU without native bf16
+            assert choose_arithmetic(detect_isa()).activations == "float32"
+    monkeypatch.setenv("LOSA_SPARSE_ISA", "neon")
+    with pytest.raises(LosaError, match="LOSA_SPARSE_ISA"):
+        detect_isa()
+
+
+# ------------------------------------------------------------------ thresholds measured per CPU (losa bench-runtime)
+
+@needs_avx2
+def test_cached_thresholds_drive_the_dispatch(monkeypatch):
+    from losa.inference import sparse_linear as sl
+    from losa.inference import thresholds
+
+    monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")
+    gen = torch.Generator().manual_seed(13)
+    w = torch.randn(40, 64, generator=gen) * random_mask(40, 64, 0.7, gen)
+    layer = SparseLinear.from_dense(w, None, "bfloat16")
+    calls = []
+    monkeypatch.setattr(sl._kernel, "load_kernel", lambda: _Spy(KERNEL, calls))
+    rows = (2, 3, sl.DENSE_BATCH_THRESHOLD, sl.DENSE_BATCH_THRESHOLD + 1)
+    for r in rows:
+        layer(torch.randn(r, 64, generator=gen))
+    assert calls == ["spmm", "spmm", "spmm", "dense_mm"]  # the built-in default
+    thresholds.save({"dense_batch_threshold": 2, "date": "test"}, "avx2")
+    thresholds.save({"dense_batch_threshold": 50}, "avx512")  # another ISA level: not used
+    calls.clear()
+    for r in rows:
+        x = torch.randn(r, 64, generator=gen)
+        torch.testing.assert_close(layer(x), reference(x, w, None, torch.bfloat16), rtol=1e-4, atol=1e-4)
+    assert calls == ["spmm", "dense_mm", "dense_mm", "dense_mm"]
+    calls.clear()
+    explicit = SparseLinear.from_dense(w, None, "bfloat16", dense_batch_threshold=3)  # an explicit value wins
+    explicit(torch.randn(3, 64, generator=gen))
+    assert calls == ["spmm"]
+
+
+@needs_kernel
+def test_bench_runtime_command_writes_the_cache(monkeypatch, capsys):
+    from losa.cli import main
+    from losa.inference import thresholds
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench-runtime", "--shape", "96x256", "--reps", "1", "--threads", "1", "--rows", "1,2,4"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "cached for" in out and str(thresholds.cache_path()) in out
+    data = json.loads(thresholds.cache_path().read_text())
+    (key, entry), = data.items()
+    assert key == thresholds.cpu_key(kmod.ISA_NAMES[kmod.best_isa()])
+    assert entry["shape"] == "96x256" and entry["threads"] == 1 and set(entry["timings_ms"]["loop"]) == {"1", "2", "4"}
+    assert 1 <= entry["dense_batch_threshold"] <= 4
+    assert ("sparse_gemm_batch_threshold" in entry) == kmod.native_bf16()
+    assert thresholds.cached_thresholds(kmod.best_isa())["dense_batch_threshold"] == entry["dense_batch_threshold"]
+    assert main(["bench-runtime", "--shape", "12"]) == 2
+    assert "--shape '12' is not OUTxIN" in capsys.readouterr().err
+    assert main(["bench-runtime", "--sparsity", "1.5"]) == 2
+    assert "--sparsity 1.5" in capsys.readouterr().err
+    assert main(["bench-runtime", "--rows", "4,2"]) == 2
+    assert "--rows '4,2' must be increasing" in capsys.readouterr().err
+    thresholds.cache_path().write_text("{not json")
+    thresholds.clear()
+    with pytest.raises(LosaError, match="delete it and rerun losa bench-runtime"):
+        thresholds.cached_thresholds(kmod.best_isa())

@@ -13,6 +13,17 @@ from losa.models.linear import get_weight, is_prunable, set_weight
 from losa.models.registry import get_decoder_layers, linear_modules
 
 
+@pytest.fixture(autouse=True)
+def no_measured_thresholds(tmp_path, monkeypatch):
+    """Layers use the built-in thresholds here, whatever ``losa bench-runtime`` cached on this machine."""
+    from losa.inference import thresholds
+
+    monkeypatch.setattr(thresholds, "cache_path", lambda: tmp_path / "runtime_thresholds.json")
+    thresholds.clear()
+    yield
+    thresholds.clear()
+
+
 def prune_random(model, sparsity: float, seed: int = 0) -> None:
     """Zero a random fraction of every decoder linear (independent of losa's pruners)."""
     gen = torch.Generator().manual_seed(seed)
@@ -51,8 +62,19 @@ def test_generate_matches_dense(family):
     assert sparsify_for_inference(model)["replaced"] == 0  # idempotent
 
 
-def test_bf16_model_computes_like_the_dense_bf16_model():
-    """A model converted to bf16 keeps bf16 activations through the sparse layers (decode and prefill)."""
+@pytest.mark.parametrize("isa", [None, "avx2"])
+def test_bf16_model_computes_like_the_dense_bf16_model(monkeypatch, isa):
+    """A model converted to bf16 keeps bf16 activations through the sparse layers (decode and prefill).
+
+    With ``isa="avx2"`` (forced; a CPU without native bf16) the layers widen bf16 inputs to float32 and the
+    prompt runs the float32 GEMM; the outputs are still bf16 and match the dense bf16 model as closely.
+    """
+    from losa.inference.kernel import load_kernel
+
+    if isa is not None:
+        if load_kernel() is None or load_kernel().cpu_isa() < 1:
+            pytest.skip("needs an x86-64 CPU with AVX2")
+        monkeypatch.setenv("LOSA_SPARSE_ISA", isa)
     model = make_tiny_model("llama", hidden=96)
     prune_random(model, 0.7)
     model.to(torch.bfloat16)
@@ -160,6 +182,44 @@ def test_cli_generate_errors(tmp_path, capsys):
     assert "--max-new-tokens" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "tiny"), "--prompt", "hi"]) == 2
     assert "tokenizer" in capsys.readouterr().err
+
+
+def _tiny_checkpoint(tmp_path):
+    from conftest import make_tiny_tokenizer
+
+    import losa
+
+    model = make_tiny_model("llama", seed=4, hidden=64)
+    prune_random(model, 0.6)
+    losa.save_checkpoint(model, make_tiny_tokenizer(), tmp_path / "m", {"recipe": {}})
+    return str(tmp_path / "m")
+
+
+def test_cli_generate_picks_the_arithmetic_per_cpu(tmp_path, capsys, monkeypatch):
+    """``--dtype/--value-dtype/--prefill-dtype auto`` (the defaults): chosen for the (forced) CPU, one line why."""
+    from losa.cli import main
+
+    path = _tiny_checkpoint(tmp_path)
+    monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")  # an AVX2-only CPU: float32 model, bf16 values
+    assert main(["generate", path, "--prompt", "word5 word17", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("arithmetic")]
+    assert len(lines) == 1 and "AVX2 (forced by LOSA_SPARSE_ISA)" in lines[0]
+    assert "float32 model, bfloat16 values, float32 activations" in lines[0] and "no native bf16" in lines[0]
+    assert "sparse layers: 14 (bfloat16 values, float32 compute, float32 prefill" in out
+    # explicit flags are kept; a bf16 prompt GEMM without native bf16 is not
+    assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "2", "--dtype", "bf16",
+                 "--value-dtype", "float32", "--prefill-dtype", "bfloat16"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("arithmetic")][0]
+    assert "bfloat16 model, float32 values" in line and "--prefill-dtype bfloat16 ignored" in line
+    assert main(["generate", path, "--prompt", "word5", "--dtype", "int4"]) == 2
+    assert "--dtype 'int4' is not supported" in capsys.readouterr().err
+    monkeypatch.delenv("LOSA_SPARSE_ISA")
+    from losa.inference.kernel import native_bf16
+
+    assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "2", "--dense"]) == 0
+    out = capsys.readouterr().out
+    assert ("bfloat16 model" if native_bf16() else "float32 model") in out and "[dense]" in out
 
 
 # ------------------------------------------------------------------ the real SmolLM2-135M

@@ -529,7 +529,8 @@ def test_cli_serve_builds_a_sparse_server(tmp_path):
     losa.save_checkpoint(model, tok, tmp_path / "m", {"recipe": {}})
     dense = GenerationService(model, tok, "m")
     expected = completion(dense, max_tokens=6)["choices"][0]["text"]
-    args = build_parser().parse_args(["serve", str(tmp_path / "m"), "--port", "0", "--model-name", "m"])
+    args = build_parser().parse_args(["serve", str(tmp_path / "m"), "--port", "0", "--model-name", "m",
+                                      "--dtype", "float32", "--value-dtype", "float32"])  # exact: as the dense model
     srv = build_server(args)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     try:

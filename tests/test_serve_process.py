@@ -73,7 +73,7 @@ def server(checkpoint, tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
            "LOSA_API_KEY": KEY}
     cmd = [sys.executable, "-c", "import sys; from losa.cli import main; sys.exit(main(sys.argv[1:]))", "serve",
-           str(checkpoint), "--dense", "--port", "0", "--model-name", "tiny", "--max-tokens", "6",
+           str(checkpoint), "--dense", "--dtype", "float32", "--port", "0", "--model-name", "tiny", "--max-tokens", "6",
            "--max-queue", "1", "--request-timeout", "60", "--threads", "1"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)

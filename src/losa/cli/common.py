@@ -68,12 +68,19 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--sparse", dest="sparse", action="store_true", default=True,
                       help="use the sparse runtime (default)")
     mode.add_argument("--dense", dest="sparse", action="store_false", help="keep dense layers (baseline)")
-    p.add_argument("--value-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="stored precision of the sparse weights (default: float32); with --dtype bfloat16 "
-                        "the layers compute like dense bf16 layers (fastest decode on AVX512-BF16 CPUs)")
-    p.add_argument("--prefill-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="precision of the prompt (large-batch) GEMM; bfloat16 rounds activations like a dense "
-                        "bf16 model and is about 2x faster on CPUs with AVX512-BF16 (default: float32)")
+    # --dtype comes from add_model_arg; the runtime commands pick it per CPU (losa/inference/arith.py)
+    p.set_defaults(dtype="auto")
+    dtype_flag = p._option_string_actions.get("--dtype")
+    if dtype_flag is not None:
+        dtype_flag.help = ("model dtype: auto, float32, bfloat16, float16 (default: auto = bfloat16 on CPUs with "
+                           "AVX512-BF16, else float32; the choice and its reason are printed)")
+    p.add_argument("--value-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="stored precision of the sparse weights (default: auto = bfloat16 where the compiled "
+                        "kernel runs: half the bytes per decoded token; float32 keeps the weights exact)")
+    p.add_argument("--prefill-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="precision of the prompt (large-batch) GEMM of a float32 model; bfloat16 rounds activations "
+                        "like a dense bf16 model and is about 2x faster with AVX512-BF16; ignored on CPUs without "
+                        "native bf16 (default: auto = as the model: bf16 for a bf16 model, else float32)")
     p.add_argument("--compact", default=None,
                    help="a compact checkpoint written by losa.inference.save_sparse to load into MODEL")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
@@ -82,19 +89,25 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any, str, dict | None]:
     """Load ``args.model`` and swap in the sparse layers as the runtime flags say; prints what it did.
 
-    Returns ``(model, tokenizer, mode, summary)`` with mode "sparse" or "dense" and the
-    :func:`~losa.inference.sparsify_for_inference` summary (None when nothing was sparsified here).
+    ``auto`` dtypes are chosen for this CPU by :func:`losa.inference.arith.choose_arithmetic` (one printed
+    line says what and why). Returns ``(model, tokenizer, mode, summary)`` with mode "sparse" or "dense" and
+    the :func:`~losa.inference.sparsify_for_inference` summary (None when nothing was sparsified here).
     """
     import torch
 
     import losa
     from losa.inference import load_sparse, sparsify_for_inference
+    from losa.inference.arith import Requested, choose_arithmetic, detect_isa
 
     if args.threads is not None:
         if args.threads < 1:
             raise LosaError(f"--threads {args.threads} must be at least 1")
         torch.set_num_threads(args.threads)
-    model, tok = losa.load_model(args.model, dtype=args.dtype)
+    choice = choose_arithmetic(detect_isa(use_kernel=args.sparse),
+                               Requested(args.dtype, getattr(args, "value_dtype", "auto"),
+                                         getattr(args, "prefill_dtype", "auto")))
+    print(choice.line())
+    model, tok = losa.load_model(args.model, dtype=choice.dtype)
     if tok is None:
         raise LosaError(f"model {args.model} has no tokenizer; {purpose} needs one")
     model.eval()
@@ -102,9 +115,9 @@ def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any
     if args.compact:
         if not args.sparse:
             raise LosaError("--compact loads sparse layers; drop --dense")
-        load_sparse(model, args.compact, prefill_dtype=args.prefill_dtype)
+        load_sparse(model, args.compact, prefill_dtype=choice.prefill_dtype)
     elif args.sparse:
-        summary = sparsify_for_inference(model, value_dtype=args.value_dtype, prefill_dtype=args.prefill_dtype)
+        summary = sparsify_for_inference(model, value_dtype=choice.value_dtype, prefill_dtype=choice.prefill_dtype)
         if summary["replaced"] == 0:
             mode = "dense"
             print(f"note: no pruned layer found (sparsity < 25 %); {purpose} with dense layers")

@@ -8,7 +8,8 @@ module falls back to a dense matmul with the same numbers.
 
 The instruction set is chosen at run time by the kernel (``__builtin_cpu_supports``); set
 ``LOSA_SPARSE_ISA`` to ``scalar``, ``avx2`` or ``avx512`` to force a lower level (tests use this to
-check every path). The packed buffers of large layers are copied into transparent-huge-page memory on
+check every path). A level forced below AVX-512 also behaves as a CPU without native bf16
+(:func:`native_bf16`): ``LOSA_SPARSE_ISA=avx2`` on an AVX-512 machine runs what an AVX2-only CPU would. The packed buffers of large layers are copied into transparent-huge-page memory on
 Linux (``LOSA_HUGEPAGES=0`` turns that off).
 """
 
@@ -73,10 +74,27 @@ def best_isa() -> int:
     return _ISA_CODES[forced]
 
 
+@lru_cache(maxsize=1)
+def _cpu_has_bf16dot() -> bool:
+    k = load_kernel()
+    return k is not None and bool(k.cpu_has_bf16dot())
+
+
+def native_bf16(isa: int | None = None) -> bool:
+    """Whether the CPU computes bf16 natively at ISA level ``isa`` (default :func:`best_isa`).
+
+    True only at the AVX-512 level on CPUs with AVX512-BF16. Elsewhere (AVX2, AVX-512 without BF16, the
+    scalar path, or a level forced lower with ``LOSA_SPARSE_ISA``) bf16 GEMMs have no hardware support, and
+    the sparse layers never use one: bf16 inputs are widened to float32 (see losa/inference/arith.py).
+    """
+    if not _cpu_has_bf16dot():
+        return False
+    return (best_isa() if isa is None else isa) == _ISA_CODES["avx512"]
+
+
 def bf16_dot_available() -> bool:
     """Whether bf16 inputs with bf16 values use the AVX512-BF16 loop here (else: float32 on widened inputs)."""
-    k = load_kernel()
-    return k is not None and best_isa() == _ISA_CODES["avx512"] and bool(k.cpu_has_bf16dot())
+    return native_bf16()
 
 
 def hugepages_enabled() -> bool:

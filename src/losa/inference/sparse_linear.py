@@ -10,6 +10,12 @@ Precision follows the input, as in a dense layer: float32 inputs compute in floa
 inputs ``prefill_dtype="bfloat16"`` rounds the large-batch GEMM's activations and outputs to bf16.
 Other input dtypes (float16) compute in float32. Without a compiler the layer materialises its dense
 weight once and uses ``F.linear`` (same outputs, no speed-up).
+
+On CPUs without native bf16 (AVX2, AVX-512 without BF16, the scalar path, or ``LOSA_SPARSE_ISA`` forcing a
+lower level) no prompt goes through torch's bf16 GEMM, which has no hardware support there (~5x slower than
+float32 on a Zen 3): bf16 inputs are widened to float32 (exactly) for the float32 GEMM on decompressed tiles
+and the output is rounded to bf16 once; ``prefill_dtype="bfloat16"`` has no effect. See
+losa/inference/arith.py for the per-CPU choice of dtypes.
 """
 
 from __future__ import annotations
@@ -20,8 +26,12 @@ from torch import nn
 
 from losa.errors import LosaError
 from losa.inference import kernel as _kernel
+from losa.inference import thresholds as _thresholds
 from losa.inference.formats import FORMAT_CODES, Packed, pack, resolve_value_dtype, unpack
 
+#: The thresholds below are defaults: ``losa bench-runtime`` measures them on the user's CPU and layers use
+#: the cached values where present (losa/inference/thresholds.py).
+#:
 #: Batch rows (batch x new tokens) at or below which the sparse kernel beats decompress + dense GEMM.
 #: Measured by benchmarks/bench_inference.py ("crossover" section of benchmarks/results/inference.md):
 #: on the 4096x4096 layer (1 thread, Zen 4) the sparse kernel wins up to 12 rows and loses from 16 on,
@@ -74,8 +84,8 @@ class SparseLinear(nn.Module):
         #: rows above which the layer decompresses + runs a dense GEMM; None = the measured default for the
         #: input dtype (DENSE_BATCH_THRESHOLD, or DENSE_BATCH_THRESHOLD_BF16[_SMALL] for bf16 inputs)
         self.dense_batch_threshold = None if dense_batch_threshold is None else int(dense_batch_threshold)
-        small = self.out_features * self.in_features <= SMALL_LAYER_WEIGHTS
-        self._bf16_threshold = DENSE_BATCH_THRESHOLD_BF16_SMALL if small else DENSE_BATCH_THRESHOLD_BF16
+        self._small = self.out_features * self.in_features <= SMALL_LAYER_WEIGHTS
+        self._bf16_threshold = DENSE_BATCH_THRESHOLD_BF16_SMALL if self._small else DENSE_BATCH_THRESHOLD_BF16
         k = _kernel.load_kernel()
         meta, values = packed.meta, packed.values
         if k is not None and _kernel.hugepages_enabled():  # fewer TLB misses when decode streams them
@@ -152,19 +162,26 @@ class SparseLinear(nn.Module):
                 self._dense_cache = self.to_dense()
             y = F.linear(x2.float(), self._dense_cache, b["bias"])
         else:
+            isa = _kernel.best_isa()
+            native = _kernel.native_bf16(isa)  # else no bf16 GEMM: bf16 inputs run the float32 paths
             args = (b["meta"], values, b["row_ptr"], b["bias"], self.out_features, self.in_features,
-                    FORMAT_CODES[self.fmt], _kernel.best_isa())
+                    FORMAT_CODES[self.fmt], isa)
+            measured = _thresholds.cached_thresholds(isa)  # losa bench-runtime on this CPU, else {}
             threshold = self.dense_batch_threshold
             if threshold is None:
-                threshold = self._bf16_threshold if bf16_in else DENSE_BATCH_THRESHOLD
+                if bf16_in and native:
+                    threshold = (self._bf16_threshold if self._small
+                                 else measured.get("dense_batch_threshold_bf16", self._bf16_threshold))
+                else:
+                    threshold = measured.get("dense_batch_threshold", DENSE_BATCH_THRESHOLD)
             rows = x2.shape[0]
             if rows <= threshold:
                 y = k.spmm(x2, *args)
-            elif (bf16_in and self.sparse_prefill and rows > SPARSE_GEMM_BATCH_THRESHOLD
-                  and args[-1] == 2):  # 2 = AVX-512 (not forced lower)
+            elif (bf16_in and native and self.sparse_prefill
+                  and rows > measured.get("sparse_gemm_batch_threshold", SPARSE_GEMM_BATCH_THRESHOLD)):
                 y = k.sparse_mm_bf16(x2, *args[:-1])
             else:
-                bf16_gemm = bf16_in or self.prefill_dtype == torch.bfloat16
+                bf16_gemm = native and (bf16_in or self.prefill_dtype == torch.bfloat16)
                 tiles = k.dense_mm_xw if bf16_gemm and rows <= DENSE_XW_MAX_ROWS else k.dense_mm
                 y = tiles(x2, *args, DENSE_TILE_ROWS, bf16_gemm)
         y = y.view(*x.shape[:-1], self.out_features)

@@ -13,8 +13,8 @@
 // (AVX512-BF16 vdpbf16ps where the CPU has it, else the float32 path on the widened inputs).
 //
 // Every format is decoded to one 32-bit lane mask per block of 32 inputs; the ISA paths (AVX-512 with
-// VBMI2 expand-loads, AVX2+FMA with permute tables, portable scalar) share that decoding. The ISA is
-// chosen at run time (__builtin_cpu_supports); no -march flag is needed to build.
+// VBMI2 expand-loads, AVX2+FMA+F16C with byte-shuffle / permute tables, portable scalar) share that
+// decoding. The ISA is chosen at run time (__builtin_cpu_supports); no -march flag is needed to build.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -51,8 +51,13 @@ enum Isa : int { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
 struct Tables {
   uint8_t nm24[256];   // byte of four 2-bit indices (two groups of 4) -> 8-bit lane mask
   uint16_t nm14[256];  // byte of four 2-bit indices (four groups of 4) -> 16-bit lane mask
-  alignas(32) int32_t perm[256][8];   // AVX2 expand: lane i takes packed element perm[m][i]
-  alignas(32) int32_t zmask[256][8];  // AVX2 expand: all-ones where bit i of m is set
+  alignas(32) int32_t perm[256][8];   // AVX2 float32 expand: lane i takes packed element perm[m][i]
+  alignas(32) int32_t zmask[256][8];  // AVX2 float32 expand: all-ones where bit i of m is set
+  // AVX2 bf16 expand (vpshufb on 8 bf16 values broadcast to both 128-bit halves): for float32 lane i
+  // (byte 4i of the 256-bit result, i.e. byte 4 (i % 4) of half i / 4), bytes 0-1 = 0x80 (zero: the low
+  // mantissa half of the widened bf16) and bytes 2-3 = the two bytes of packed element perm[m][i], or 0x80
+  // (zero lane) where bit i of m is clear
+  alignas(32) uint8_t shuf16[256][32];
 };
 
 Tables make_tables() {
@@ -66,6 +71,10 @@ Tables make_tables() {
       bool on = (b >> i) & 1;
       t.perm[b][i] = on ? k : 0;
       t.zmask[b][i] = on ? -1 : 0;
+      uint8_t* c = t.shuf16[b] + 4 * i;  // lanes 0-3: bytes 0-15 (half 0); lanes 4-7: bytes 16-31 (half 1)
+      c[0] = c[1] = 0x80;
+      c[2] = on ? static_cast<uint8_t>(2 * k) : 0x80;
+      c[3] = on ? static_cast<uint8_t>(2 * k + 1) : 0x80;
       k += on;
     }
   }
@@ -135,26 +144,37 @@ void expand_scalar(const uint8_t* meta, const V* v, int64_t nblk, float* dst) {
 
 #if LOSA_X86
 // ---------------------------------------------------------------- AVX2 + FMA path
-#define LOSA_AVX2 __attribute__((target("avx2,fma,popcnt")))
+// AVX2/FMA/F16C only (plus the scalar POPCNT): nothing here may be compiled for AVX-512, so a run with
+// LOSA_SPARSE_ISA=avx2 on an AVX-512 machine executes exactly what an AVX2-only CPU (Zen 3, Haswell) would.
+// tests/test_inference_kernel.py disassembles these functions to check that.
+#define LOSA_AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
 
-template <typename V>
-LOSA_AVX2 inline __m256 load8(const V* v) {
-  if constexpr (sizeof(V) == 4) {
-    return _mm256_loadu_ps(reinterpret_cast<const float*>(v));
-  } else {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
+// Eight inputs of a block: the packed values of group q (lanes 8q..8q+7) start at v; `row` is the byte
+// offset of the group's 8-bit mask's table row (mask * 32, see table_row).
+// bf16 values: one broadcast load of 8 values (vbroadcasti128, a pure load) and one vpshufb that expands
+// and widens them into float32 lanes (a bf16 is the high half of its float32) with zeros in the other
+// lanes: a single shuffle per 8 inputs. float32 values: vpermps + a zeroing AND (two table loads).
+// It replaces vpmovzxwd + vpslld + vpermps + vandps with a serial pointer update per group and 2 accumulators:
+// 1.4-1.5x that loop in the lab, 2.9x through the extension, 3.3-3.4x dense fp32 decode on 1 thread (forced AVX2
+// on a Sapphire Rapids core; benchmarks/results/avx2_variants.md, avx2_decode.md).
+LOSA_AVX2 inline __m256 expand_group(const uint16_t* v, uint32_t row) {
+  const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
+  const auto* ctl = reinterpret_cast<const __m256i*>(reinterpret_cast<const char*>(T.shuf16) + row);
+  return _mm256_castsi256_ps(_mm256_shuffle_epi8(raw, _mm256_load_si256(ctl)));
 }
 
-// Expand the next popcount(m8) packed values into the lanes set in m8 (zeros elsewhere).
-template <typename V>
-LOSA_AVX2 inline __m256 expand8(uint32_t m8, const V*& v) {
-  __m256 raw = load8(v);
-  __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(T.perm[m8]));
-  __m256 keep = _mm256_load_ps(reinterpret_cast<const float*>(T.zmask[m8]));
-  v += _mm_popcnt_u32(m8);
-  return _mm256_and_ps(_mm256_permutevar8x32_ps(raw, perm), keep);
+LOSA_AVX2 inline __m256 expand_group(const float* v, uint32_t row) {
+  const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const char*>(T.perm) + row));
+  const __m256 keep = _mm256_load_ps(reinterpret_cast<const float*>(reinterpret_cast<const char*>(T.zmask) + row));
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(v), perm), keep);
+}
+
+// Byte offset of the 32-byte table row of group q's mask (byte q of m): shift + and, no movzx/shl pair
+// (0.99-1.09x over indexing with the byte itself: results/avx2_variants.md, N4 vs N9).
+template <int Q>
+inline uint32_t table_row(uint32_t m) {
+  if constexpr (Q == 0) return (m << 5) & 0x1fe0u;
+  else return (m >> (8 * Q - 5)) & 0x1fe0u;
 }
 
 LOSA_AVX2 inline float hsum256(__m256 a) {
@@ -164,35 +184,48 @@ LOSA_AVX2 inline float hsum256(__m256 a) {
   return _mm_cvtss_f32(s);
 }
 
+// Row dot products for BT batch rows. Per block of 32 inputs the four groups' value offsets are prefix
+// popcounts of the block mask, so the only serial dependency between blocks is one pointer add. Groups
+// accumulate into NA independent chains per batch row (4 for one row: one FMA per chain and block).
 template <int F, int BT, typename V>
 LOSA_AVX2 void row_avx2(const uint8_t* meta, const V* v, const float* x, int64_t ldx, int64_t nblk,
                         float* res) {
-  __m256 a0[BT], a1[BT];
-  for (int b = 0; b < BT; ++b) a0[b] = a1[b] = _mm256_setzero_ps();
+  constexpr int NA = BT == 1 ? 4 : (BT <= 4 ? 2 : 1);
+  __m256 acc[BT][NA];
+  for (int b = 0; b < BT; ++b)
+    for (int a = 0; a < NA; ++a) acc[b][a] = _mm256_setzero_ps();
   for (int64_t k = 0; k < nblk; ++k) {
-    uint32_t m = block_mask<F>(meta, k);
+    // software prefetch 3 KiB ahead of the value stream: 1.19x on a DRAM-resident LLaMA layer, 0.93x on an
+    // L2-resident one; 1.5-6 KiB within noise (benchmarks/avx2_variants.cpp, results/avx2_variants.md)
+    _mm_prefetch(reinterpret_cast<const char*>(v) + 3072, _MM_HINT_T0);
+    const uint32_t m = block_mask<F>(meta, k);
+    const V* vq[4] = {v, v + _mm_popcnt_u32(m & 0xffu), v + _mm_popcnt_u32(m & 0xffffu),
+                      v + _mm_popcnt_u32(m & 0xffffffu)};
     const float* xk = x + 32 * k;
-    __m256 w0 = expand8(m & 0xff, v);
-    __m256 w1 = expand8((m >> 8) & 0xff, v);
-    for (int b = 0; b < BT; ++b) {
-      a0[b] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xk + b * ldx), a0[b]);
-      a1[b] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xk + b * ldx + 8), a1[b]);
+    const uint32_t rows[4] = {table_row<0>(m), table_row<1>(m), table_row<2>(m), table_row<3>(m)};
+    for (int q = 0; q < 4; ++q) {
+      const __m256 w = expand_group(vq[q], rows[q]);
+      for (int b = 0; b < BT; ++b)
+        acc[b][q % NA] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xk + b * ldx + 8 * q), acc[b][q % NA]);
     }
-    __m256 w2 = expand8((m >> 16) & 0xff, v);
-    __m256 w3 = expand8(m >> 24, v);
-    for (int b = 0; b < BT; ++b) {
-      a0[b] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xk + b * ldx + 16), a0[b]);
-      a1[b] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xk + b * ldx + 24), a1[b]);
-    }
+    v += _mm_popcnt_u32(m);
   }
-  for (int b = 0; b < BT; ++b) res[b] = hsum256(_mm256_add_ps(a0[b], a1[b]));
+  for (int b = 0; b < BT; ++b) {
+    __m256 t = acc[b][0];
+    for (int a = 1; a < NA; ++a) t = _mm256_add_ps(t, acc[b][a]);
+    res[b] = hsum256(t);
+  }
 }
 
 template <int F, typename V>
 LOSA_AVX2 void expand_avx2(const uint8_t* meta, const V* v, int64_t nblk, float* dst) {
   for (int64_t k = 0; k < nblk; ++k) {
-    uint32_t m = block_mask<F>(meta, k);
-    for (int q = 0; q < 4; ++q) _mm256_storeu_ps(dst + 32 * k + 8 * q, expand8((m >> (8 * q)) & 0xff, v));
+    const uint32_t m = block_mask<F>(meta, k);
+    const V* vq[4] = {v, v + _mm_popcnt_u32(m & 0xffu), v + _mm_popcnt_u32(m & 0xffffu),
+                      v + _mm_popcnt_u32(m & 0xffffffu)};
+    const uint32_t rows[4] = {table_row<0>(m), table_row<1>(m), table_row<2>(m), table_row<3>(m)};
+    for (int q = 0; q < 4; ++q) _mm256_storeu_ps(dst + 32 * k + 8 * q, expand_group(vq[q], rows[q]));
+    v += _mm_popcnt_u32(m);
   }
 }
 
@@ -451,6 +484,9 @@ void gemv_rows(const Packed& p, const X* x, int64_t B, int64_t ldx, const float*
                int64_t o0, int64_t o1) {
   const V* vals = static_cast<const V*>(p.values);
   const int64_t nblk = p.k32 / 32;
+  // AVX2 (16 vector registers) takes at most 4 batch rows per pass: 8 rows with one accumulator each were
+  // slower than two passes of 4 (latency-bound FMA chains; forced AVX2, `losa bench-runtime` timings)
+  constexpr bool kEight = ISA != AVX2;
   float res[8];
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* meta = p.meta + o * p.stride;
@@ -460,7 +496,7 @@ void gemv_rows(const Packed& p, const X* x, int64_t B, int64_t ldx, const float*
     while (b < B) {
       const X* xb = x + b * ldx;
       int64_t r = B - b, bt;
-      if (r >= 8) { row_dot<ISA, F, 8, V>(meta, v, xb, ldx, nblk, res); bt = 8; }
+      if (kEight && r >= 8) { row_dot<ISA, F, kEight ? 8 : 4, V>(meta, v, xb, ldx, nblk, res); bt = kEight ? 8 : 4; }
       else if (r >= 4) { row_dot<ISA, F, 4, V>(meta, v, xb, ldx, nblk, res); bt = 4; }
       else if (r >= 2) { row_dot<ISA, F, 2, V>(meta, v, xb, ldx, nblk, res); bt = 2; }
       else { row_dot<ISA, F, 1, V>(meta, v, xb, ldx, nblk, res); bt = 1; }
@@ -505,7 +541,8 @@ int best_isa() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2"))
     return AVX512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt"))
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+      __builtin_cpu_supports("popcnt"))
     return AVX2;
 #endif
   return SCALAR;
@@ -686,7 +723,9 @@ torch::Tensor dense_mm_impl(const torch::Tensor& x, const torch::Tensor& meta, c
       if (eb) eb(p, sb, p.k32, o0, o1);
       else e(p, s, p.k32, o0, o1);
       auto w = (bf16 ? scratch_bf : scratch).narrow(0, 0, o1 - o0).narrow(1, 0, k);
-      if (bf16 && !eb) w.copy_(scratch.narrow(0, 0, o1 - o0).narrow(1, 0, k));
+      // copy the zero padding too: torch's bf16 GEMM (oneDNN) can read a strided operand's padding
+      // columns, and garbage there (NaN) poisoned whole output rows
+      if (bf16 && !eb) scratch_bf.narrow(0, 0, o1 - o0).copy_(scratch.narrow(0, 0, o1 - o0));
       if (x_left) {
         auto slice = out.narrow(1, o0, o1 - o0);
         at::mm_out(slice, xg, w.t());
@@ -755,6 +794,7 @@ torch::Tensor sparse_mm_bf16(const torch::Tensor& x, const torch::Tensor& meta, 
 
 int64_t cpu_isa() { return best_isa(); }
 
+
 // A copy of `t` in memory backed by transparent huge pages (Linux, tensors of >= 2 MiB; else `t` itself).
 // The decode loop streams each weight once per token; with 4 KiB pages every 4 KiB of values is a TLB
 // miss, and with THP in "madvise" mode (the common default) torch's allocator never asks for huge pages.
@@ -784,5 +824,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_mm_bf16", &sparse_mm_bf16, "zero-skipping bf16 GEMM for large batches at high sparsity");
   m.def("cpu_has_bf16dot", &cpu_has_bf16dot, "whether the bf16-input loop (AVX512-BF16) runs on this CPU");
   m.def("hugepage_copy", &hugepage_copy, "copy a CPU tensor into transparent-huge-page memory (Linux)");
-  m.def("cpu_isa", &cpu_isa, "best ISA level: 0 scalar, 1 AVX2+FMA, 2 AVX-512 (F/BW/VL/VBMI2)");
+  m.def("cpu_isa", &cpu_isa, "best ISA level: 0 scalar, 1 AVX2+FMA+F16C, 2 AVX-512 (F/BW/VL/VBMI2)");
 }

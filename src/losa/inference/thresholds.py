@@ -1,0 +1,191 @@
+"""Dispatch thresholds of :class:`~losa.inference.SparseLinear` measured on this CPU (``losa bench-runtime``).
+
+Which path is fastest for a batch of rows (the sparse row loop, decompressed tiles + dense GEMM, the
+zero-skipping bf16 GEMM) depends on the CPU. The built-in thresholds in ``sparse_linear.py`` were measured on
+one machine; ``losa bench-runtime`` measures the crossovers here in under a minute and caches them per CPU
+model and ISA level in ``$LOSA_CACHE_DIR/runtime_thresholds.json`` (default ``~/.cache/losa``). Layers use a
+cached value where one exists for the running CPU and ISA (``LOSA_SPARSE_ISA`` included), else the built-in
+default. An explicit ``dense_batch_threshold`` on a layer always wins.
+
+Keys of a cache entry: ``dense_batch_threshold`` (float32 activations: row loop up to this many rows, then
+tiles), ``dense_batch_threshold_bf16`` and ``sparse_gemm_batch_threshold`` (bf16 activations; native-bf16
+CPUs only), plus how they were measured (``date``, ``threads``, ``shape``, ``sparsity``, ``timings_ms``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from pathlib import Path
+
+from losa.errors import LosaError
+
+CACHE_NAME = "runtime_thresholds.json"
+KEYS = ("dense_batch_threshold", "dense_batch_threshold_bf16", "sparse_gemm_batch_threshold")
+#: batch rows tried when measuring (the loop wins at 1 row everywhere; beyond 64 rows tiles always won)
+ROWS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def cache_path() -> Path:
+    """``$LOSA_CACHE_DIR/runtime_thresholds.json``, else under ``$XDG_CACHE_HOME/losa`` or ``~/.cache/losa``."""
+    base = os.environ.get("LOSA_CACHE_DIR")
+    if base:
+        return Path(base) / CACHE_NAME
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "losa" / CACHE_NAME
+
+
+def cpu_key(isa_name: str) -> str:
+    """Cache key: the CPU model name and the ISA level the kernel runs at, e.g. ``"AMD EPYC 7763 | avx2"``."""
+    from losa.inference.arith import _cpu_model
+
+    return f"{_cpu_model()} | {isa_name}"
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise LosaError(f"cannot read the threshold cache {path} ({exc}); delete it and rerun losa bench-runtime") from None
+    if not isinstance(data, dict):
+        raise LosaError(f"the threshold cache {path} is not a JSON object; delete it and rerun losa bench-runtime")
+    return data
+
+
+@lru_cache(maxsize=8)
+def _cached(isa: int) -> dict:
+    # read once per process and ISA level (forward calls this per layer and token); clear() rereads
+    from losa.inference.kernel import ISA_NAMES
+
+    entry = _read(cache_path()).get(cpu_key(ISA_NAMES[isa])) or {}
+    out = {}
+    for name in KEYS:
+        value = entry.get(name)
+        if isinstance(value, int) and value >= 0:
+            out[name] = value
+    return out
+
+
+def cached_thresholds(isa: int) -> dict[str, int]:
+    """The thresholds measured on this CPU at ISA level ``isa`` (0/1/2), or ``{}`` when none are cached.
+
+    Args:
+        isa: the kernel's ISA code (``losa.inference.kernel.best_isa()``).
+
+    Returns:
+        A dict with a subset of :data:`KEYS`, read once per process and ISA level (a later change of the file
+        or of ``LOSA_CACHE_DIR`` is seen after :func:`clear`; :func:`save` clears).
+
+    Raises:
+        LosaError: the cache file exists but is not valid JSON.
+    """
+    return _cached(isa)
+
+
+def clear() -> None:
+    """Forget what was read from the cache (after writing it, or in tests)."""
+    _cached.cache_clear()
+
+
+def save(entry: dict, isa_name: str) -> Path:
+    """Store ``entry`` for this CPU and ISA level in the cache file; returns its path."""
+    from losa.utils.io import atomic_write_json
+
+    path = cache_path()
+    data = _read(path)
+    data[cpu_key(isa_name)] = entry
+    atomic_write_json(path, data)
+    clear()
+    return path
+
+
+def _median_ms(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _last_win(rows: Sequence[int], fast: dict[int, float], slow: dict[int, float]) -> int:
+    """Largest row count up to which ``fast`` beat ``slow`` at every measured count (0: never)."""
+    best = 0
+    for r in rows:
+        if fast[r] >= slow[r]:
+            break
+        best = r
+    return best
+
+
+def measure(shape: tuple[int, int] = (4096, 4096), sparsity: float = 0.7, rows: Sequence[int] = ROWS,
+            reps: int = 7, progress: Callable[[str], None] | None = None) -> dict:
+    """Measure the crossovers on this CPU at the current ISA level and torch thread count.
+
+    Args:
+        shape: ``(out, in)`` of the random test layer.
+        sparsity: fraction of its weights pruned (per-row magnitude).
+        rows: batch row counts to time, increasing.
+        reps: interleaved repeats per row count (medians).
+        progress: called with one line per row count.
+
+    Returns:
+        The cache entry: :data:`KEYS` that apply here (the bf16 ones only on native-bf16 CPUs) and how they
+        were measured.
+
+    Raises:
+        LosaError: the compiled kernel is not available (nothing to tune), or bad arguments.
+    """
+    import torch
+
+    from losa.inference import kernel as _kernel
+    from losa.inference.formats import FORMAT_CODES, pack
+    from losa.inference.sparse_linear import DENSE_TILE_ROWS, DENSE_XW_MAX_ROWS
+
+    k = _kernel.load_kernel()
+    if k is None:
+        raise LosaError("the sparse kernel is not built here, so there is nothing to tune; install a C++ compiler")
+    if not 0.0 < sparsity < 1.0 or min(shape) < 1 or reps < 1 or not rows or list(rows) != sorted(rows):
+        raise LosaError("bench-runtime needs 0 < sparsity < 1, a positive shape, reps >= 1 and increasing rows")
+    isa = _kernel.best_isa()
+    native = _kernel.native_bf16(isa)
+    n, kk = shape
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(n, kk, generator=gen)
+    drop = int(round(sparsity * kk))
+    keep = w.abs() > w.abs().kthvalue(drop, dim=1, keepdim=True).values if drop else torch.ones_like(w, dtype=bool)
+    p = pack(w * keep, torch.bfloat16, "bitmask")
+    args = (p.meta, p.values, p.row_ptr, None, n, kk, FORMAT_CODES["bitmask"], isa)
+    timings: dict[str, dict[int, float]] = {}
+    with torch.inference_mode():
+        for r in rows:
+            x = torch.randn(r, kk, generator=gen)
+            fns = {"loop": lambda x=x: k.spmm(x, *args), "tiles": lambda x=x: k.dense_mm(x, *args, DENSE_TILE_ROWS, False)}
+            if native:
+                xb = x.bfloat16()
+                tiles_bf16 = k.dense_mm_xw if r <= DENSE_XW_MAX_ROWS else k.dense_mm
+                fns.update({"loop_bf16": lambda xb=xb: k.spmm(xb, *args),
+                            "tiles_bf16": lambda xb=xb, f=tiles_bf16: f(xb, *args, DENSE_TILE_ROWS, True),
+                            "sparse_gemm_bf16": lambda xb=xb: k.sparse_mm_bf16(xb, *args[:-1])})
+            for name, ms in _median_ms(fns, reps).items():
+                timings.setdefault(name, {})[r] = ms
+            if progress:
+                progress(f"{r:3d} rows: " + ", ".join(f"{name} {t[r]:.3f} ms" for name, t in timings.items()))
+    # the row loop keeps at least 1 row (decode): a whole-matrix decompression per token never wins there
+    entry = {"dense_batch_threshold": max(1, _last_win(rows, timings["loop"], timings["tiles"]))}
+    if native:
+        entry["dense_batch_threshold_bf16"] = max(1, _last_win(rows, timings["loop_bf16"], timings["tiles_bf16"]))
+        entry["sparse_gemm_batch_threshold"] = _last_win(rows, timings["tiles_bf16"], timings["sparse_gemm_bf16"])
+    entry.update({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": torch.get_num_threads(),
+                  "shape": f"{n}x{kk}", "sparsity": sparsity, "isa": _kernel.ISA_NAMES[isa],
+                  "timings_ms": {name: {str(r): round(v, 4) for r, v in t.items()} for name, t in timings.items()}})
+    return entry
