@@ -20,6 +20,22 @@ from losa.lora.function import effective_weight, masked_lora_branch, masked_lora
 from losa.models.linear import get_weight, set_weight
 
 
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` viewed as signed integers of its element size (no copy), so that ``==`` compares bit
+    patterns: ``-0.0 != 0.0`` and a NaN equals itself.
+
+    Args:
+        t: a tensor of 1, 2, 4 or 8 bytes per element.
+    Returns:
+        the integer view (``t`` itself for integer and bool tensors).
+    Raises:
+        Nothing of its own.
+    """
+    if not (t.is_floating_point() or t.is_complex()):
+        return t
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
 class SparseLoRALinear(nn.Module):
     """Wraps ``base`` (``nn.Linear`` or GPT-2 ``Conv1D``); only ``lora_A`` and ``lora_B`` are trainable.
 
@@ -28,6 +44,14 @@ class SparseLoRALinear(nn.Module):
     (Kaiming-uniform), ``lora_B`` ``[out, r_max]`` float32 (zeros, so the update starts at 0), ``mask``
     ``[out, in]`` bool, ``active_rank`` 0-d integer tensor; all on the base weight's device. The base
     module's parameters are frozen.
+
+    ``base_edited`` (a plain attribute, not saved with the module) is False while the kept values of
+    the base weight are bit for bit those of the weight the wrapper was built on, ``W[M] == W₀[M]``,
+    so that a resume state can rebuild W from ``W₀`` and ``M`` alone
+    (:mod:`losa.pipelines.losa.state`). Every change that may break that sets it, and nothing here
+    clears it: a rank fold (:meth:`set_rank`), an unmerge whose pruned weight changed a kept value
+    (SparseGPT's compensation), a mask that grows (:meth:`set_mask`), a pre-merge weight recomputed
+    instead of kept. Positions outside M are not covered (they are zero after any pruning).
 
     Args:
         base: the linear module to wrap; its weight is read as ``[out, in]``.
@@ -64,6 +88,7 @@ class SparseLoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self._pre_merge: torch.Tensor | None = None
+        self.base_edited = False
         if mask is not None:
             self.set_mask(mask)
         self.set_rank(int(self.active_rank))
@@ -107,12 +132,16 @@ class SparseLoRALinear(nn.Module):
                 dropped = (self.lora_B[:, rank:old] @ self.lora_A[rank:old]).mul(self.scale) * self.mask
                 if dropped.any():
                     set_weight(self.base, get_weight(self.base).float() + dropped)
+                    self.base_edited = True
                 self.lora_B[:, rank:old] = 0
             self._init_a(slice(rank, old), generator)
         self.active_rank.fill_(rank)
 
     def set_mask(self, mask: torch.Tensor) -> None:
         """Replace the stored keep-mask ``M`` (in place; it is never derived from ``W ≠ 0``).
+
+        A mask that keeps a position the old one did not sets ``base_edited`` (W there is no longer
+        known to be the original value).
 
         Args:
             mask: ``[out, in]``, any dtype (nonzero = kept); stored as bool.
@@ -123,7 +152,10 @@ class SparseLoRALinear(nn.Module):
         """
         if mask.shape != self.mask.shape:
             raise LosaError(f"mask shape {tuple(mask.shape)} does not match the weight {tuple(self.mask.shape)}")
-        self.mask.copy_(mask.to(torch.bool))
+        new = mask.to(device=self.mask.device, dtype=torch.bool)
+        if not self.base_edited and bool((new & ~self.mask).any()):
+            self.base_edited = True
+        self.mask.copy_(new)
 
     def delta(self) -> torch.Tensor:
         """The masked update ``s·((B A) ⊙ M)`` as a dense [out, in] float32 matrix (merge / tests).
@@ -211,7 +243,8 @@ class SparseLoRALinear(nn.Module):
         update; exactly W_old for Wanda/magnitude) and drops the adapter mass on newly pruned positions,
         since the new mask masks it out. The adapter's forward then equals ``pruned_weight`` up to
         float rounding. Without a kept original (``merge(keep_original=False)``) ``W_old`` is
-        recomputed as ``W' − delta()``, exact only up to rounding.
+        recomputed as ``W' − delta()``, exact only up to rounding. Sets ``base_edited`` when a kept
+        value changes bit-wise (or W_old had to be recomputed).
 
         Args:
             pruned_weight: the pruned merged weight, ``[out, in]``; with ``new_mask`` or not at all.
@@ -237,5 +270,9 @@ class SparseLoRALinear(nn.Module):
                 w_old = torch.where(keep, w_old + (pruned_weight.float() - w_merged), torch.zeros_like(w_old))
                 self.set_mask(keep)
             set_weight(self.base, w_old)
+            if self._pre_merge is None:
+                self.base_edited = True
+            elif pruned_weight is not None and not self.base_edited:
+                self.base_edited = bool(((bits(get_weight(self.base)) != bits(self._pre_merge)) & self.mask).any())
         self._pre_merge = None
         self.merged = False

@@ -42,7 +42,7 @@ from losa.models.moe import unfused_experts
 from losa.models.registry import check_window, get_decoder_layers, layer_sizes
 from losa.pipelines.losa.config import LoSAConfig, check_finetune_size
 from losa.pipelines.losa.recon import DenseTargets, reconstruction_errors
-from losa.pipelines.losa.state import fingerprint, load_state, save_state, seed_everything
+from losa.pipelines.losa.state import WeightOrigin, fingerprint, load_state, save_state, seed_everything
 from losa.pipelines.losa.visitors import AdapterPruneVisitor, RMIVisitor
 from losa.pruning.masks import parse_nm
 from losa.pruning.target import Target
@@ -232,7 +232,12 @@ class LoSARun:
 
     # ------------------------------------------------------------------ phases
     def setup(self) -> None:
-        """Calibration windows, fine-tuning slices, dense targets, adapters; restores state on resume."""
+        """Calibration windows, fine-tuning slices, dense targets, adapters; restores state on resume.
+
+        The model must hold its checkpoint's weights (nothing pruned yet): the dense targets, the teacher
+        and the weight origin of the resume state (which stores only what differs from it) are taken
+        from it before :func:`load_state` restores a finished step.
+        """
         cfg, model = self.cfg, self.model
         check_window(model, cfg.seqlen if self.calib_ids is None else self.calib_ids.shape[1], "calibration window",
                      "--seqlen")
@@ -265,8 +270,10 @@ class LoSARun:
                                                 init_seed=cfg.seed))
         self.wrappers = {id(m.base): m for m in sparse_lora_modules(model).values()}
         self.fingerprint = fingerprint(self.calib_ids, examples)
+        # the original weights (nothing is pruned yet): the state stores only what differs from them
+        self.origin = WeightOrigin.of(model) if self.write or self.resume else None
         if self.resume:
-            self.first_step, self.rows = load_state(self.out, model, self.recipe, self.fingerprint)
+            self.first_step, self.rows = load_state(self.out, model, self.recipe, self.fingerprint, self.origin)
             self.first_step += 1
         self.pruner = cfg.pruner()
         if self.rows:
@@ -330,7 +337,8 @@ class LoSARun:
                             finetune_tokens=ft["tokens"], times=times, ppl=ppl)
         self.rows.append(result.to_row())
         if self.write:
-            save_state(self.out, model, step, self.recipe, self.rows, self.fingerprint)
+            assert self.origin is not None
+            save_state(self.out, model, step, self.recipe, self.rows, self.fingerprint, self.origin)
             _write(self.out, _report(cfg, self.rows, None, self.model_name), self.rows, self.sizes, self.dense_s)
         barrier()
         return result
