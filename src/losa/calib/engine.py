@@ -13,6 +13,11 @@ before it computes, with statistics of the inputs it really receives. One forwar
 prunes the layer and produces its outputs ("true sequential" order within the layer), instead of a
 statistics pass plus a second pass to propagate.
 
+After the last decoder layer a visitor can ask for the model's logits with
+:meth:`LayerwiseEngine.head_logits`: the model's own forward runs with the decoder layers replaced by
+one that returns the propagated hidden states, so the final norm, LM head (and whatever a family does
+after its layers, e.g. Gemma's logit soft-capping or OPT's ``project_out``) are the model's own code.
+
 Memory is the model, one layer's work and the calibration activations. Pruning (Wanda, SparseGPT),
 RMI Gram matrices, dense targets and reconstruction errors are all visitors of this one engine
 (:mod:`losa.calib.visitor` declares the contract); every hook it needs comes from :mod:`losa.calib.hooks`.
@@ -67,6 +72,7 @@ class LayerwiseEngine:
         #: dtype for autocast in statistics-only passes (None: the model's dtype)
         self.stats_autocast = stats_autocast
         self._kwargs: list[dict[str, Any]] = []
+        self._layer_returns_tuple = False  # what a decoder layer returns (older transformers: a tuple)
 
     # ------------------------------------------------------------------ devices
     def _decide_offload(self) -> bool:
@@ -117,7 +123,41 @@ class LayerwiseEngine:
         return captured
 
     def forward_layer(self, layer: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [layer_output(layer(x, **kw)).detach() for x, kw in zip(inputs, self._kwargs)]
+        out = []
+        for x, kw in zip(inputs, self._kwargs):
+            y = layer(x, **kw)
+            self._layer_returns_tuple = isinstance(y, tuple | list)
+            out.append(layer_output(y).detach())
+        return out
+
+    def head_logits(self, batch: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits for calibration batch ``batch`` given its last decoder layer's outputs.
+
+        Call it from a visitor's :meth:`~losa.calib.visitor.LayerVisitor.visit` of the last decoder
+        layer (inside :meth:`run`, where everything but the decoder layers is on the compute device).
+        The model's own forward runs with its decoder layers swapped for one module that returns
+        ``hidden``, so everything after the layers is the model's code; the embeddings are recomputed
+        (cheap) and ignored.
+
+        Args:
+            batch: index of the calibration batch (``input_ids[batch * batch_size:][:batch_size]``).
+            hidden: that batch's last decoder-layer outputs, ``[b, seq, hidden]``.
+        Returns:
+            ``[b, seq, vocab]`` logits in the model's dtype.
+        Raises:
+            LosaError: ``batch`` out of range or ``hidden`` of another shape than the batch's windows.
+        """
+        ids = self.input_ids[batch * self.batch_size:(batch + 1) * self.batch_size]
+        if batch < 0 or len(ids) == 0 or tuple(hidden.shape[:2]) != tuple(ids.shape):
+            raise LosaError(f"head_logits: batch {batch} and hidden states {list(hidden.shape)} do not match the "
+                            f"calibration windows {list(self.input_ids.shape)} in batches of {self.batch_size}; "
+                            "pass the last layer's outputs of that batch")
+        replay = nn.ModuleList([_Replay(hidden, self._layer_returns_tuple)])
+        layers = replace_module(self.model, self.spec.layers_path, replay)
+        try:
+            return self.model(input_ids=ids.to(self.device), use_cache=False).logits
+        finally:
+            replace_module(self.model, self.spec.layers_path, layers)
 
     # ------------------------------------------------------------------ main loop
     @torch.no_grad()
@@ -181,3 +221,15 @@ class LayerwiseEngine:
     def single_pass_for(self, visitor: LayerVisitor) -> bool:
         """Whether ``visitor`` runs in single-pass mode: it asks for it and all samples are one batch."""
         return visitor.single_pass and self.batch_size >= len(self.input_ids)
+
+
+class _Replay(nn.Module):
+    """Stands in for the decoder layers in :meth:`LayerwiseEngine.head_logits`: returns the given hidden
+    states whatever it is called with (as a 1-tuple when the real layers return tuples)."""
+
+    def __init__(self, hidden: torch.Tensor, as_tuple: bool) -> None:
+        super().__init__()
+        self.hidden, self.as_tuple = hidden, as_tuple
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return (self.hidden,) if self.as_tuple else self.hidden

@@ -15,9 +15,11 @@ from losa.finetune.data import (
 )
 from losa.utils.lazy import lazy_attributes
 
-__all__ = ["Collator", "FinetuneConfig", "distill_loss", "finetune", "format_record", "load_records",
-           "resolve_prompt_format", "split_for_steps", "tokenize_records"]
+__all__ = ["Collator", "FinetuneConfig", "TeacherTopK", "distill_loss", "finetune", "format_record",
+           "load_records", "resolve_prompt_format", "split_for_steps", "tokenize_records", "topk_distill_loss"]
 
 
 __getattr__, __dir__ = lazy_attributes(__name__, {"finetune": "losa.finetune.train",
-                                                  "distill_loss": "losa.finetune.train"})
+                                                  "distill_loss": "losa.finetune.train",
+                                                  "topk_distill_loss": "losa.finetune.train",
+                                                  "TeacherTopK": "losa.finetune.teacher"})

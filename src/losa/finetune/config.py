@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from losa.utils.config import LosaConfig
 
@@ -31,6 +31,10 @@ class FinetuneConfig(LosaConfig):
     distill: bool = Field(False, description="train on the KL divergence to the dense model's next-token "
                                              "distribution (no labels needed)")
     temperature: float = Field(1.0, gt=0, description="distillation temperature")
+    teacher_topk: int = Field(0, ge=0, description="distillation from a cache of the dense model's top-k next-token "
+                                                   "distributions, computed once before pruning and stored in the "
+                                                   "run directory (no second model in memory; about 8·k bytes per "
+                                                   "token on disk); 0 keeps a full dense copy as the teacher")
     max_grad_norm: float = Field(1.0, description="gradient clipping norm")
     seed: int = Field(0, description="fine-tuning seed (data order, adapter dropout)")
     fsdp: str = Field("", description="sharded data-parallel training, passed to the transformers Trainer "
@@ -39,3 +43,10 @@ class FinetuneConfig(LosaConfig):
                                                       "transformer_layer_cls_to_wrap)")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON config for the Trainer (ZeRO-2/3; needs the "
                                                     "deepspeed package)")
+
+    @model_validator(mode="after")
+    def _teacher_topk(self) -> FinetuneConfig:
+        if self.teacher_topk > 0 and not self.distill:
+            raise ValueError(f"teacher_topk {self.teacher_topk} only applies to distillation; add --distill or drop "
+                             "--teacher-topk")
+        return self

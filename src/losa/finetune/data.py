@@ -193,13 +193,33 @@ def split_for_steps(examples: Sequence[Any], steps: int, seed: int = 0, min_per_
     return [[examples[j] for j in order[bounds[i]:bounds[i + 1]]] for i in range(steps)]
 
 
+#: the batch keys of cached teacher targets (not model inputs)
+TEACHER_KEYS = ("teacher_indices", "teacher_logprobs")
+
+
 class Collator:
-    """Right-pads ``input_ids`` (pad id) and ``labels`` (-100); builds the attention mask."""
+    """Right-pads ``input_ids`` (pad id) and ``labels`` (-100); builds the attention mask.
 
-    def __init__(self, pad_id: int) -> None:
+    With a teacher cache (:class:`losa.finetune.teacher.TeacherTopK`) every example carries its
+    ``"teacher_index"`` and the batch also holds ``teacher_indices`` (int64) and ``teacher_logprobs``
+    (float32), both ``[batch, seq, k]``, zero at padded positions.
+
+    Args:
+        pad_id: padding token id.
+        teacher: the teacher cache, or None.
+    """
+
+    def __init__(self, pad_id: int, teacher: Any = None) -> None:
         self.pad_id = pad_id
+        self.teacher = teacher
 
-    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Returns ``input_ids``, ``labels``, ``attention_mask`` ``[batch, seq]`` (and the teacher targets).
+
+        Raises:
+            LosaError: with a teacher cache, an example without ``teacher_index`` or whose cached length
+                differs from its own (the cache belongs to other examples).
+        """
         n = max(len(b["input_ids"]) for b in batch)
         ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
@@ -209,4 +229,19 @@ class Collator:
             ids[i, :k] = torch.tensor(b["input_ids"])
             labels[i, :k] = torch.tensor(b["labels"])
             attn[i, :k] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+        out = {"input_ids": ids, "labels": labels, "attention_mask": attn}
+        if self.teacher is not None:
+            t_ids = torch.zeros((len(batch), n, self.teacher.k), dtype=torch.long)
+            t_lp = torch.zeros((len(batch), n, self.teacher.k), dtype=torch.float32)
+            for i, b in enumerate(batch):
+                if "teacher_index" not in b:
+                    raise LosaError("an example has no 'teacher_index' into the teacher cache; number the examples "
+                                    "the cache was computed on")
+                top, lp = self.teacher.example(int(b["teacher_index"]))
+                if top.shape[0] != len(b["input_ids"]):
+                    raise LosaError(f"teacher cache entry {b['teacher_index']} covers {top.shape[0]} tokens but the "
+                                    f"example has {len(b['input_ids'])}; the cache in {self.teacher.path} belongs to "
+                                    "other examples: delete it and rerun")
+                t_ids[i, :top.shape[0]], t_lp[i, :top.shape[0]] = top, lp
+            out["teacher_indices"], out["teacher_logprobs"] = t_ids, t_lp
+        return out

@@ -3,14 +3,16 @@
 Only parameters with ``requires_grad`` (the LoRA A/B matrices) are optimised, with AdamW (lr 2e-4 by
 default, as in the paper). ``distill=True`` replaces the label loss by the temperature-scaled KL
 divergence from a dense teacher's next-token distribution on every attended token; it needs no labels.
-A non-finite loss stops training with a :class:`LosaError`.
+The teacher is either a model held in memory (``teacher_topk = 0``: full logits, :func:`distill_loss`)
+or its top-k distributions cached on disk (``teacher_topk = k``: :mod:`losa.finetune.teacher`,
+:func:`topk_distill_loss`). A non-finite loss stops training with a :class:`LosaError`.
 """
 
 from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +21,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from losa.errors import LosaError
 from losa.finetune.config import FinetuneConfig
-from losa.finetune.data import Collator
+from losa.finetune.data import TEACHER_KEYS, Collator
 from losa.utils.dist import world_size
+
+if TYPE_CHECKING:  # pragma: no cover
+    from losa.finetune.teacher import TeacherTopK
 
 
 def bf16_available() -> bool:
@@ -42,12 +47,62 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, att
     Raises:
         LosaError: an unknown ``reduction``.
     """
-    if reduction not in ("mean", "sum"):
-        raise LosaError(f"unknown distillation loss reduction {reduction!r}; use 'mean' or 'sum'")
+    _check_reduction(reduction)
     t = temperature
     s = F.log_softmax(student_logits.float() / t, dim=-1)
     p = F.log_softmax(teacher_logits.float() / t, dim=-1)
     kl = (p.exp() * (p - s)).sum(-1)  # [b, seq]
+    return _reduce(kl, attention_mask, t, reduction)
+
+
+def topk_distill_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor, teacher_logprobs: torch.Tensor,
+                      attention_mask: torch.Tensor | None, temperature: float = 1.0,
+                      reduction: str = "mean") -> torch.Tensor:
+    """``T² · KL(p ‖ q)`` restricted to the teacher's cached top-k support, over the attended tokens.
+
+    Per token, with the k cached ids ``i`` and their teacher log-probabilities ``ℓ_i``:
+    ``p_i = softmax_i(ℓ / T)`` (the teacher renormalised over the k ids, at temperature T) and
+    ``log q_i = log_softmax(s / T)_i`` (the student's log-softmax over the *full* vocabulary, gathered
+    at the k ids, **not** renormalised over them); the loss is ``T² Σ_i p_i (log p_i − log q_i)``.
+
+    Because q is not renormalised, ``Σ_i p_i log(p_i / q_i) = KL(p ‖ q|_S) − log q(S) ≥ 0``: the student is
+    also pulled to put its mass on the support S (probability it gives to tokens outside the teacher's
+    top-k is penalised through ``−log q(S)``), which a renormalised q would leave free. With
+    ``k = vocabulary size`` it equals :func:`distill_loss`. The reduction is the same as there: mean (or
+    sum) over the attended tokens.
+
+    Args:
+        student_logits: ``[batch, seq, vocab]``.
+        teacher_indices: ``[batch, seq, k]`` int64 token ids of the teacher's top k.
+        teacher_logprobs: ``[batch, seq, k]`` their teacher log-probabilities at any temperature-1
+            normalisation (a per-position constant cancels in the renormalisation).
+        attention_mask: ``[batch, seq]`` (1 = attended) or None (every token counts).
+        temperature: the distillation temperature T.
+        reduction: ``"mean"`` over the attended tokens or their ``"sum"``.
+    Returns:
+        A scalar float32 tensor.
+    Raises:
+        LosaError: an unknown ``reduction``; indices and log-probabilities of different shapes.
+    """
+    _check_reduction(reduction)
+    if teacher_indices.shape != teacher_logprobs.shape or teacher_indices.shape[:2] != student_logits.shape[:2]:
+        raise LosaError(f"teacher top-k ids {list(teacher_indices.shape)} and log-probabilities "
+                        f"{list(teacher_logprobs.shape)} must both be [batch, seq, k] with the student's "
+                        f"[batch, seq] = {list(student_logits.shape[:2])}; recompute the teacher cache")
+    t = temperature
+    log_q = F.log_softmax(student_logits.float() / t, dim=-1).gather(-1, teacher_indices.long())  # [b, seq, k]
+    log_p = F.log_softmax(teacher_logprobs.float() / t, dim=-1)  # renormalised over the k ids
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [b, seq]
+    return _reduce(kl, attention_mask, t, reduction)
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum"):
+        raise LosaError(f"unknown distillation loss reduction {reduction!r}; use 'mean' or 'sum'")
+
+
+def _reduce(kl: torch.Tensor, attention_mask: torch.Tensor | None, t: float, reduction: str) -> torch.Tensor:
+    """``T²`` × the sum or the mean of the per-token ``kl`` ``[b, seq]`` over the attended tokens."""
     if attention_mask is not None:
         w = attention_mask.to(kl.dtype)
         total, count = (kl * w).sum(), w.sum().clamp(min=1)
@@ -66,15 +121,18 @@ class _LosaTrainer(Trainer):
     :meth:`get_batch_samples`, so ``batch b × accumulation k`` trains and logs like ``batch b·k``.
     """
 
-    def __init__(self, *args: Any, teacher: nn.Module | None = None, temperature: float = 1.0, **kw: Any) -> None:
+    def __init__(self, *args: Any, teacher: nn.Module | None = None, cached_teacher: bool = False,
+                 temperature: float = 1.0, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.teacher = teacher
+        self.cached_teacher = cached_teacher  # the batches carry teacher_indices / teacher_logprobs
+        self.distill = cached_teacher or teacher is not None
         self.temperature = temperature
 
     @property
     def loss_is_scaled_for_ga(self) -> bool | None:  # type: ignore[override]
         """The distillation loss is normalised over the accumulated batch; the label loss: Trainer's rule."""
-        return True if self.teacher is not None else None
+        return True if self.distill else None
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The micro-batches of one optimizer step and the number of loss items they hold together.
@@ -83,31 +141,38 @@ class _LosaTrainer(Trainer):
         summed over processes when the Trainer averages tokens across devices.
         """
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self.teacher is not None:
+        if self.distill:
             num_items = _distill_items(batch_samples).to(device)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 num_items = self.accelerator.gather(num_items).sum()
         return batch_samples, num_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.teacher is None:
+        if not self.distill:
             out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                        num_items_in_batch=num_items_in_batch)
             loss = out[0] if return_outputs else out
         else:
-            fwd = {k: v for k, v in inputs.items() if k != "labels"}
-            device = fwd["input_ids"].device
-            if next(self.teacher.parameters()).device != device:
-                self.teacher.to(device)
-            with torch.no_grad():
-                t_logits = self.teacher(**fwd).logits
-            outputs = model(**fwd)
+            fwd = {k: v for k, v in inputs.items() if k not in ("labels", *TEACHER_KEYS)}
             mask = inputs.get("attention_mask")
-            if num_items_in_batch is None or not model.training:  # evaluation: this batch's own mean
-                loss = distill_loss(outputs.logits, t_logits, mask, self.temperature)
+            if self.cached_teacher:
+                def kd(student_logits: torch.Tensor, reduction: str) -> torch.Tensor:
+                    return topk_distill_loss(student_logits, inputs["teacher_indices"], inputs["teacher_logprobs"],
+                                             mask, self.temperature, reduction)
             else:
-                total = distill_loss(outputs.logits, t_logits, mask, self.temperature, reduction="sum")
-                loss = total / num_items_in_batch
+                device = fwd["input_ids"].device
+                if next(self.teacher.parameters()).device != device:
+                    self.teacher.to(device)
+                with torch.no_grad():
+                    t_logits = self.teacher(**fwd).logits
+
+                def kd(student_logits: torch.Tensor, reduction: str) -> torch.Tensor:
+                    return distill_loss(student_logits, t_logits, mask, self.temperature, reduction)
+            outputs = model(**fwd)
+            if num_items_in_batch is None or not model.training:  # evaluation: this batch's own mean
+                loss = kd(outputs.logits, "mean")
+            else:
+                loss = kd(outputs.logits, "sum") / num_items_in_batch
                 if self.args.average_tokens_across_devices and self.args.world_size > 1:
                     loss = loss * self.accelerator.num_processes  # DDP averages the gradients over processes
             out = (loss, outputs) if return_outputs else loss
@@ -146,9 +211,9 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def finetune(model: nn.Module, examples: Sequence[dict[str, list[int]]], config: FinetuneConfig, pad_id: int,
+def finetune(model: nn.Module, examples: Sequence[dict[str, Any]], config: FinetuneConfig, pad_id: int,
              teacher: nn.Module | None = None, optimizer_state: dict | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, teacher_cache: TeacherTopK | None = None) -> dict[str, Any]:
     """Train the trainable parameters of ``model`` on tokenized ``examples`` with transformers' Trainer.
 
     The loss of each optimizer step is the per-token mean over all its micro-batches (label loss over
@@ -157,24 +222,39 @@ def finetune(model: nn.Module, examples: Sequence[dict[str, list[int]]], config:
 
     Args:
         model: a causal LM whose trainable parameters are the adapters.
-        examples: ``{"input_ids", "labels"}`` dicts (see :func:`losa.finetune.data.tokenize_records`).
+        examples: ``{"input_ids", "labels"}`` dicts (see :func:`losa.finetune.data.tokenize_records`);
+            with a ``teacher_cache`` each also carries its ``"teacher_index"`` into the cache.
         config: the fine-tuning hyper-parameters.
         pad_id: padding token id for the collator.
-        teacher: the dense model for ``config.distill``.
+        teacher: the dense model for ``config.distill`` with ``teacher_topk = 0``.
         optimizer_state: an AdamW state dict to resume from.
         progress: show the Trainer's progress bar.
+        teacher_cache: the dense model's cached top-k distributions for ``config.distill`` with
+            ``teacher_topk = k > 0`` (:meth:`losa.finetune.teacher.TeacherTopK.compute`).
     Returns:
         ``losses`` (one per optimizer step), ``steps``, ``train_loss``, ``tokens`` and ``optimizer_state``.
     Raises:
-        LosaError: no examples; no trainable parameters; distillation without a teacher; bf16 on a GPU
-            without it; --fsdp without GPUs; --deepspeed without the package; a non-finite loss.
+        LosaError: no examples; no trainable parameters; distillation without a teacher (or without the
+            teacher cache, or a cache of another k, or examples without their cache index); bf16 on a
+            GPU without it; --fsdp without GPUs; --deepspeed without the package; a non-finite loss.
     """
     if not examples:
         raise LosaError("no fine-tuning examples for this step; add data or lower the number of steps")
     if not any(p.requires_grad for p in model.parameters()):
         raise LosaError("model has no trainable parameters; attach adapters with losa.lora.add_sparse_lora first")
-    if config.distill and teacher is None:
+    cached = config.distill and config.teacher_topk > 0
+    if config.distill and not cached and teacher is None:
         raise LosaError("distill=True needs the dense teacher model")
+    if cached:
+        if teacher_cache is None:
+            raise LosaError("distill with teacher_topk > 0 needs the cached teacher targets; pass teacher_cache= "
+                            "(losa.finetune.teacher.TeacherTopK.compute) or set teacher_topk 0")
+        if teacher_cache.k != config.teacher_topk:
+            raise LosaError(f"the teacher cache {teacher_cache.path} holds the top {teacher_cache.k}, the config asks "
+                            f"for teacher_topk {config.teacher_topk}; recompute the cache or use the same k")
+        if any("teacher_index" not in e for e in examples):
+            raise LosaError("with a teacher cache every example needs its 'teacher_index' into the cache; number "
+                            "the examples the cache was computed on")
     use_cuda = torch.cuda.is_available()
     if config.fsdp and not use_cuda:
         raise LosaError("--fsdp needs GPUs: accelerate shards only across GPU processes, and on the CPU the Trainer "
@@ -201,8 +281,10 @@ def finetune(model: nn.Module, examples: Sequence[dict[str, list[int]]], config:
             dataloader_num_workers=0, ddp_find_unused_parameters=world_size() > 1 or None,
             fsdp=config.fsdp, fsdp_config=config.fsdp_config, deepspeed=config.deepspeed,
         )
-        trainer = _LosaTrainer(model=model, args=args, train_dataset=list(examples), data_collator=Collator(pad_id),
-                               callbacks=[recorder], teacher=teacher, temperature=config.temperature)
+        trainer = _LosaTrainer(model=model, args=args, train_dataset=list(examples),
+                               data_collator=Collator(pad_id, teacher_cache if cached else None),
+                               callbacks=[recorder], teacher=None if cached or not config.distill else teacher,
+                               cached_teacher=cached, temperature=config.temperature)
         if optimizer_state is not None:
             trainer.create_optimizer()
             trainer.optimizer.load_state_dict(optimizer_state)

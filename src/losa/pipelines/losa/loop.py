@@ -34,6 +34,8 @@ from losa.data.calibration import get_calibration
 from losa.errors import LosaError
 from losa.export.verify import sparsity_report, verify_targets
 from losa.finetune.data import load_records, split_for_steps, tokenize_records
+from losa.finetune.teacher import CACHE_DIR as TEACHER_CACHE_DIR
+from losa.finetune.teacher import TeacherTopK
 from losa.lora.config import SparseLoRAConfig
 from losa.lora.layer import SparseLoRALinear
 from losa.lora.model import add_sparse_lora, merge_and_unload, set_layer_ranks, sparse_lora_modules
@@ -232,7 +234,9 @@ class LoSARun:
 
     # ------------------------------------------------------------------ phases
     def setup(self) -> None:
-        """Calibration windows, fine-tuning slices, dense targets, adapters; restores state on resume.
+        """Calibration windows, fine-tuning slices, the distillation teacher (a dense copy, or with
+        ``teacher_topk`` its top-k cache in ``<out>/teacher_topk/``, kept on resume), dense targets,
+        adapters; restores state on resume.
 
         The model must hold its checkpoint's weights (nothing pruned yet): the dense targets, the teacher
         and the weight origin of the resume state (which stores only what differs from it) are taken
@@ -251,12 +255,26 @@ class LoSARun:
                                              cfg.data_dir, model=model, progress=self.progress)
         self.recon_ids = self.calib_ids[: cfg.recon_nsamples]
         examples = prepare_finetune_examples(self.tokenizer, cfg, cfg.seed + 1, model, self.progress)
-        self.slices = split_for_steps(examples, cfg.steps, seed=cfg.seed) if examples else [[] for _ in range(cfg.steps)]
         pad_id = getattr(self.tokenizer, "pad_token_id", None)
         self.pad_id = pad_id if pad_id is not None else (getattr(self.tokenizer, "eos_token_id", None) or 0)
         self.teacher = None
-        if cfg.finetune.distill and examples:
+        self.teacher_cache = None
+        self.teacher_s = 0.0
+        train_examples: list[dict[str, Any]] = examples
+        k = cfg.finetune.teacher_topk
+        if cfg.finetune.distill and examples and k > 0:  # the dense model's top-k, once, before any pruning
+            cache_dir = self.out / TEACHER_CACHE_DIR
+            t = time.perf_counter()
+            if is_main() and not (self.resume and TeacherTopK.matches(cache_dir, examples, k)):
+                TeacherTopK.compute(model, examples, cache_dir, k, device=cfg.device, progress=self.progress)
+            barrier()
+            self.teacher_s = time.perf_counter() - t
+            self.teacher_cache = TeacherTopK(cache_dir)
+            train_examples = [{**e, "teacher_index": i} for i, e in enumerate(examples)]
+        elif cfg.finetune.distill and examples:
             self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        self.slices = (split_for_steps(train_examples, cfg.steps, seed=cfg.seed) if examples
+                       else [[] for _ in range(cfg.steps)])
         self.sizes = layer_sizes(model)
         targets_path = self.out / "dense_targets.npy"
         t = time.perf_counter()
@@ -317,7 +335,8 @@ class LoSARun:
         ft: dict[str, Any] = {"losses": [], "steps": 0, "tokens": 0, "optimizer_state": None, "train_loss": None}
         if self.slices[step - 1]:
             ftc = cfg.finetune.model_copy(update={"seed": cfg.finetune.seed + cfg.seed * 1000 + step})
-            ft = finetune(model, self.slices[step - 1], ftc, self.pad_id, teacher=self.teacher, progress=self.progress)
+            ft = finetune(model, self.slices[step - 1], ftc, self.pad_id, teacher=self.teacher, progress=self.progress,
+                          teacher_cache=self.teacher_cache)
         broadcast_tensors([p for w in wrappers for p in (w.lora_A, w.lora_B)])  # data-parallel replicas agree
         times["finetune_s"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -339,7 +358,8 @@ class LoSARun:
         if self.write:
             assert self.origin is not None
             save_state(self.out, model, step, self.recipe, self.rows, self.fingerprint, self.origin)
-            _write(self.out, _report(cfg, self.rows, None, self.model_name), self.rows, self.sizes, self.dense_s)
+            _write(self.out, _report(cfg, self.rows, None, self.model_name), self.rows, self.sizes, self.dense_s,
+                   teacher_s=self.teacher_s)
         barrier()
         return result
 
@@ -357,14 +377,19 @@ class LoSARun:
         report = _report(self.cfg, self.rows, final, self.model_name)
         if self.write:
             _write(self.out, report, self.rows, self.sizes, self.dense_s,
-                   {"merge_verify_s": time.perf_counter() - t, "wall_s": time.perf_counter() - self.t_start})
+                   {"merge_verify_s": time.perf_counter() - t, "wall_s": time.perf_counter() - self.t_start},
+                   teacher_s=self.teacher_s)
         self.close()
         return report
 
     def close(self) -> None:
-        """Remove what only a running (resumable) run needs: the dense targets, a temporary run directory."""
+        """Remove what only a running (resumable) run needs: the dense targets, the teacher cache, a
+        temporary run directory."""
         if hasattr(self, "dense"):
             del self.dense  # drops the memory map before the file goes
+        if getattr(self, "teacher_cache", None) is not None:
+            self.teacher_cache.close()
+            self.teacher_cache = None
         barrier()  # every process is done reading
         if not is_main():
             return
@@ -372,6 +397,7 @@ class LoSARun:
             shutil.rmtree(self.tmp_root, ignore_errors=True)
         else:
             (self.out / "dense_targets.npy").unlink(missing_ok=True)
+            shutil.rmtree(self.out / TEACHER_CACHE_DIR, ignore_errors=True)
 
     def _errors(self) -> list[float]:
         return reconstruction_errors(self.model, self.recon_ids, self.dense, self.cfg.calib_batch(), self.cfg.device,
@@ -458,7 +484,7 @@ def _report(cfg: LoSAConfig, rows: list[dict], final: FinalResults | None, model
 
 
 def _write(out: Path, report: RunReport, rows: list[dict], sizes: list[int], dense_s: float,
-           final_extra: dict | None = None) -> None:
+           final_extra: dict | None = None, teacher_s: float = 0.0) -> None:
     save_report(report, out)
-    atomic_write_json(out / "details.json", {"layer_sizes": sizes, "dense_targets_s": dense_s, "steps": rows,
-                                             "final": final_extra})
+    atomic_write_json(out / "details.json", {"layer_sizes": sizes, "dense_targets_s": dense_s,
+                                             "teacher_topk_s": teacher_s, "steps": rows, "final": final_extra})
