@@ -103,6 +103,11 @@ def test_seeded_sampling_is_reproducible(service):
     a = service.completion(parse_request(CompletionRequest, req))["choices"][0]["text"]
     b = service.completion(parse_request(CompletionRequest, req))["choices"][0]["text"]
     assert a == b
+    # and it really samples: a fall-back to greedy would give one text for every seed, the greedy one
+    greedy = service.completion(parse_request(CompletionRequest, {**req, "temperature": 0}))["choices"][0]["text"]
+    texts = {service.completion(parse_request(CompletionRequest, {**req, "seed": s}))["choices"][0]["text"]
+             for s in range(8)}
+    assert len(texts) >= 4 and texts != {greedy}
 
 
 def test_chat_uses_template_and_default_max_tokens(service):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from losa.inference.formats import FORMATS, Packed, pack, unpack
 from losa.inference.kernel import kernel_available
 from losa.inference.sparse_linear import DENSE_BATCH_THRESHOLD, DENSE_BATCH_THRESHOLD_BF16, SparseLinear
-from losa.inference.sparsify import sparsify_for_inference
+from losa.inference.sparsify import SparsifySummary, sparsify_for_inference
 from losa.utils.lazy import lazy_attributes
 
 # the compact file lives in losa.export (which imports this package): bound on first use
@@ -26,6 +26,7 @@ __all__ = [
     "FORMATS",
     "Packed",
     "SparseLinear",
+    "SparsifySummary",
     "kernel_available",
     "load_sparse",
     "pack",

@@ -10,6 +10,7 @@ expert matrix is a linear of its own that is counted and converted like any othe
 from __future__ import annotations
 
 import logging
+from typing import TypedDict
 
 import torch
 from torch import nn
@@ -53,6 +54,20 @@ def _compute_description(model_dtype: torch.dtype, vdtype: torch.dtype) -> str:
     return "float32"
 
 
+class SparsifySummary(TypedDict):
+    """What :func:`sparsify_for_inference` did (a typed mapping, so ``summary["replaced"]`` keeps working)."""
+
+    replaced: int  #: linears now sparse (CPU: SparseLinear; CUDA: 2:4 semi-structured)
+    kept_dense: int  #: linears below ``min_sparsity`` (or not 2:4 on CUDA), left as they were
+    dense_bytes: int  #: bytes of the replaced CPU weights before
+    sparse_bytes: int  #: bytes of their packed form
+    device: str  #: "cpu" or "cuda"
+    value_dtype: str  #: stored precision of the sparse values
+    prefill_dtype: str  #: precision of the prompt GEMM for float32 inputs
+    compute: str  #: the arithmetic the layers use for this model's activations
+    sparse_prefill_layers: int  #: layers whose large bf16 batches skip zeros (SPARSE_PREFILL_MAX_DENSITY)
+
+
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(full name, module)`` of every linear to consider: the decoder layers' prunable linears of a
     registered Hugging Face family (experts unfused for good), else every ``nn.Linear`` / ``Conv1D`` of
@@ -76,7 +91,7 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "float32", fmt: str = "auto",
                            min_sparsity: float = 0.25,
                            dense_batch_threshold: int | None = None,
-                           prefill_dtype: str | torch.dtype = "float32") -> dict:
+                           prefill_dtype: str | torch.dtype = "float32") -> SparsifySummary:
     """Replace, in place, every decoder linear with sparsity >= ``min_sparsity`` by a sparse module.
 
     Works on any ``nn.Module``: for a registered Hugging Face family the decoder layers' prunable
@@ -99,7 +114,7 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
         raise LosaError(f"min_sparsity={min_sparsity} is outside [0, 1]; use e.g. 0.25")
     vdtype = resolve_value_dtype(value_dtype)
     device = next(model.parameters()).device
-    summary = {"replaced": 0, "kept_dense": 0, "dense_bytes": 0, "sparse_bytes": 0, "device": device.type,
+    summary: SparsifySummary = {"replaced": 0, "kept_dense": 0, "dense_bytes": 0, "sparse_bytes": 0, "device": device.type,
                "value_dtype": str(vdtype).replace("torch.", ""),
                "prefill_dtype": str(resolve_value_dtype(prefill_dtype, 'prefill_dtype')).replace("torch.", ""),
                "compute": _compute_description(next(model.parameters()).dtype, vdtype), "sparse_prefill_layers": 0}
