@@ -262,19 +262,11 @@ class Sampler(threading.Thread):
 
 # -------------------------------------------------------------------------------------------- worker
 def build(layers: int):
-    """``gpu_check.build_model`` (random LLaMA-7B-shaped bf16) with its rotary buffers recomputed: ``to_empty``
-    leaves buffers uninitialised and build_model only initialises parameters, so ``inv_freq`` held whatever
-    was in memory (NaN logits now and then)."""
+    """``gpu_check.build_model``: a random LLaMA-7B-shaped bf16 model (rotary buffers recomputed there)."""
     import gpu_check
     import torch
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    model = gpu_check.build_model(gpu_check.LLAMA7B, layers, "cpu", torch.bfloat16)
-    fresh = dict(LlamaRotaryEmbedding(config=model.config).named_buffers())
-    with torch.no_grad():
-        for name, buf in model.model.rotary_emb.named_buffers():
-            buf.copy_(fresh[name])
-    return model
+    return gpu_check.build_model(gpu_check.LLAMA7B, layers, "cpu", torch.bfloat16)
 
 
 def run_phase(phase: str, layers: int, n: int, seq: int, k: int, batch: int, threads: int) -> dict:

@@ -50,6 +50,13 @@ def build_model(shape: dict, layers: int, device: str, dtype: torch.dtype):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model = model.to_empty(device=device)
+    # to_empty leaves buffers uninitialised: recompute the rotary inv_freq (else NaN logits now and then)
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    fresh = dict(LlamaRotaryEmbedding(config=cfg, device=device).named_buffers())
+    with torch.no_grad():
+        for name, buf in model.model.rotary_emb.named_buffers():
+            buf.copy_(fresh[name])
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
