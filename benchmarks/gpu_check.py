@@ -53,7 +53,7 @@ def build_model(shape: dict, layers: int, device: str, dtype: torch.dtype):
     # to_empty leaves buffers uninitialised: recompute the rotary inv_freq (else NaN logits now and then)
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    fresh = dict(LlamaRotaryEmbedding(config=cfg, device=device).named_buffers())
+    fresh = dict(LlamaRotaryEmbedding(config=cfg).named_buffers())  # built on the CPU, copied over
     with torch.no_grad():
         for name, buf in model.model.rotary_emb.named_buffers():
             buf.copy_(fresh[name])
