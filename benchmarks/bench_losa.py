@@ -103,7 +103,10 @@ def run_single(args) -> dict:
             cfg = _losa_config(args, variant, target)
             examples = prepare_finetune_examples(tok, cfg, cfg.seed + 1)
             teacher = losa.load_model("smollm2-135m")[0].eval().requires_grad_(False) if args.distill else None
-            model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=16, lora_dropout=0.0, target_modules=[
+            # the masked adapters' scale alpha / r_max, so both adapters start from the same step size
+            alpha = args.rank * cfg.lora_alpha / cfg.r_max
+            extra["lora_scale"] = alpha / args.rank
+            model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=[
                 "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
             res = finetune(model, examples, cfg.finetune, tok.pad_token_id or tok.eos_token_id, teacher=teacher)
             tokens = res["tokens"]
@@ -132,6 +135,12 @@ def run_single(args) -> dict:
                      data_dir=_data_dir(args), progress=False)
     if variant.startswith("losa"):
         extra["recon_error"] = args.recon_error
+    if args.save_dir:  # for later evaluations (zero-shot); a PEFT adapter is merged for that
+        save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        dest = Path(args.save_dir) / f"{variant}@{target}"
+        save.save_pretrained(dest)
+        tok.save_pretrained(dest)
+        extra["saved_to"] = str(dest)
     return {"variant": variant, "target": target, "ppl": float(ppl), "sparsity": float(sparsity),
             "finetune_tokens": tokens, "wall_s": round(t_train, 1), "eval_windows": args.eval_windows,
             "eval_seqlen": args.eval_seqlen, "peak_rss_mib": round(peak_rss_mb()), **extra, **prov}
@@ -187,7 +196,9 @@ def render(rows: list[dict], args, path: Path) -> None:
                     f"`{r['command']}`" for r in prov]
     if any(r["variant"] == "wanda+lora" for r in rows):
         lines += ["", "wanda+lora: the dense LoRA adapter stays unmerged (PEFT), so its sparsity column counts the "
-                      "adapter's dense lora_A/lora_B linears as well; the pruned base weights are at the target."]
+                      "adapter's dense lora_A/lora_B linears as well; the pruned base weights are at the target. Rows "
+                      "with `lora_scale` in the JSONL use the masked adapters' scale (LoSA's lora_alpha / r_max); "
+                      "older rows used PEFT alpha 16 at rank 8 (scale 2)."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -213,6 +224,7 @@ def main() -> None:
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(RESULTS / "losa.jsonl"))
+    ap.add_argument("--save-dir", default=None, help="save each variant's final model under DIR/<variant>@<target>")
     ap.add_argument("--note", action="append", default=[], help="a line for the results file (repeatable)")
     ap.add_argument("--render-only", action="store_true", help="rewrite the .md from the .jsonl and exit")
     ap.add_argument("--single", nargs=2, metavar=("VARIANT", "TARGET"), help=argparse.SUPPRESS)
