@@ -1,0 +1,107 @@
+"""`losa run` on SmolLM2-135M in one process vs two (torchrun, gloo): same result, honest wall time.
+
+Both runs see the same global batch: two processes with ``--batch-size B`` each against one process with
+``--batch-size B --grad-accum 2``. On this 2-core CPU the comparison is a correctness check (same masks,
+same ranks, merged weights within a tolerance), not a speed claim: two processes with one thread each
+against one process with two threads, the wall times are reported as measured.
+
+    python benchmarks/bench_multiprocess.py --data-dir ../shared/data
+
+Rows go to ``benchmarks/results/multiprocess.jsonl`` (with provenance) and the table to the ``.md`` next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _provenance import SMOLLM2, provenance
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+BIN = Path(sys.executable).parent
+
+
+def _losa_args(args, out: Path) -> list[str]:
+    data = Path(args.data_dir)
+    return ["run", "smollm2-135m", "--method", "wanda", "--sparsity", str(args.sparsity), "--steps", str(args.steps),
+            "--calib", "c4", "--data-dir", str(data), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+            "--recon-nsamples", "2", "--finetune-data", str(data / "alpaca" / "alpaca_data_random_9k.json"),
+            "--max-examples", str(args.ft_examples), "--max-length", "128", "--batch-size", str(args.batch_size),
+            "--eval", "none", "--quiet", "--out", str(out)]
+
+
+def _timed(cmd: list[str], threads: int) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:4])} … failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def compare(one: Path, two: Path) -> dict:
+    """Masks (zero patterns), ranks and merged weights of two run directories."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(one / "model" / "model.safetensors")), load_file(str(two / "model" / "model.safetensors"))
+    mask_diff = sum(int(((a[k] == 0) != (b[k] == 0)).sum()) for k in a if a[k].ndim == 2)
+    max_abs = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (one, two))
+    ranks = [s.get("ranks") for s in ra.get("steps", [])] == [s.get("ranks") for s in rb.get("steps", [])]
+    return {"mask_entries_differing": mask_diff, "max_abs_weight_diff": max_abs, "same_ranks": ranks,
+            "torch": torch.__version__}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--data-dir", default=os.environ.get("LOSA_DATA_DIR") or str(HERE.parent.parent / "shared" / "data"))
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--nsamples", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--ft-examples", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=4, help="per process")
+    ap.add_argument("--out", default=str(RESULTS / "multiprocess.jsonl"))
+    args = ap.parse_args()
+    losa = shutil.which("losa", path=str(BIN)) or "losa"
+    torchrun = shutil.which("torchrun", path=str(BIN)) or "torchrun"
+    with tempfile.TemporaryDirectory(prefix="bench-mp-") as tmp:
+        one, two = Path(tmp) / "one", Path(tmp) / "two"
+        wall_one = _timed([losa, *_losa_args(args, one), "--grad-accum", "2"], threads=2)
+        wall_two = _timed([torchrun, "--standalone", "--nproc_per_node", "2", "--no-python", losa,
+                           *_losa_args(args, two)], threads=1)
+        row = {"sparsity": args.sparsity, "steps": args.steps, "ft_examples": args.ft_examples,
+               "global_batch": 2 * args.batch_size, "wall_1proc_2threads_s": round(wall_one, 1),
+               "wall_2proc_1thread_s": round(wall_two, 1), **compare(one, two),
+               **provenance(2, SMOLLM2, sys.argv)}
+    print(json.dumps(row))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    rows = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
+    lines = [f"# `losa run` in 1 process vs 2 processes (torchrun, gloo), {SMOLLM2}, CPU", "",
+             "Same global batch (2 processes × batch B against 1 process × batch B × 2 accumulation steps). A "
+             "correctness check on a 2-core machine, not a speed claim: 1 process with 2 threads against 2 "
+             "processes with 1 thread each.", "",
+             "| sparsity | steps | FT examples | global batch | wall 1 proc s | wall 2 proc s | mask entries differing "
+             "| max abs weight diff | same ranks |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['sparsity']} | {r['steps']} | {r['ft_examples']} | {r['global_batch']} | "
+              f"{r['wall_1proc_2threads_s']} | {r['wall_2proc_1thread_s']} | {r['mask_entries_differing']} | "
+              f"{r['max_abs_weight_diff']:.2e} | {r['same_ranks']} |" for r in rows]
+    lines += ["", "Provenance per row:", ""]
+    lines += [f"- {r['date']}, {r['commit']}, {r['cpu']} ({r['isa']}), {r['model']}; `{r['command']}`" for r in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
