@@ -58,6 +58,10 @@ FT_BATCH = {"LLaMA-2-7B": 4, "LLaMA-2-13B": 2, "LLaMA-2-70B": 1, "LLaMA-3-8B": 4
 FT_SEQ = 1024
 CUDA_CTX_GIB = 0.75  # CUDA context + cuBLAS workspaces, not counted by torch.cuda.max_memory_allocated (0.5-1 GB)
 AUTO_BATCH_TOKENS = 1024  # losa.pipelines.config.AUTO_BATCH_TOKENS
+#: resident keep-mask bytes per adapted weight as built: ``SparseLoRALinear.mask_bits`` holds one bit per weight
+MASK_BYTES = 1 / 8
+#: the same for rows measured before bit-packing (no ``mask_bytes`` field): a bool mask, a whole byte per weight
+MASK_BYTES_BOOL = 1.0
 
 ENGINE = ["calibration", "rmi", "prune_wanda", "oneshot_wanda", "dense_targets", "recon", "teacher_cache"]
 TOPK = 64  # teacher_topk of the teacher-cache rows
@@ -121,9 +125,24 @@ def weights_b(s: dict, L: int) -> int:
     return 2 * (L * layer_params(s) + fixed_params(s))
 
 
-def adapters_b(s: dict, L: int, r_max: int = 16) -> int:
-    """Resident adapter state per model: bool mask [out, in] + fp32 lora_A / lora_B of capacity r_max."""
-    return L * (lin_params(s) + 4 * r_max * io_sum(s))
+def adapters_b(s: dict, L: int, r_max: int = 16, mask_bytes: float = MASK_BYTES) -> float:
+    """Resident adapter state per model: the keep-mask (``mask_bytes`` per weight: bit-packed as built, a bool
+    per weight before) + fp32 lora_A / lora_B of capacity r_max.
+
+    Args:
+        s: the shape (notation of :data:`TARGETS`).
+        L: decoder layers.
+        r_max: adapter capacity.
+        mask_bytes: mask bytes per adapted weight.
+    Returns:
+        bytes.
+    """
+    return L * (mask_bytes * lin_params(s) + 4 * r_max * io_sum(s))
+
+
+def row_mask_bytes(r: dict) -> float:
+    """Mask bytes per weight of the code a measured row ran on (rows before bit-packing carry no field)."""
+    return float(r.get("mask_bytes", MASK_BYTES_BOOL))
 
 
 # --------------------------------------------------------------------------- analytic working sets
@@ -307,6 +326,7 @@ def run_phase(phase: str, layers: int, n: int, seq: int, k: int, batch: int, thr
 
     cfg = LoSAConfig(nsamples=max(n, 2), seqlen=max(seq, 2), recon_nsamples=max(1, k), device="cpu",
                      method="sparsegpt" if phase == "prune_sparsegpt" else "wanda")
+    wrappers: dict = {}
     # ---- prerequisites (resident before the phase; not part of its peak)
     if phase in ("rmi", "prune_wanda", "prune_sparsegpt"):
         wrappers = adapters()
@@ -402,6 +422,10 @@ def run_phase(phase: str, layers: int, n: int, seq: int, k: int, batch: int, thr
     else:
         raise SystemExit(f"unknown phase {phase}")
     wall = time.perf_counter() - t
+    if wrappers:  # the resident mask layout of the code measured (row_mask_bytes)
+        mods = list(wrappers.values())
+        extra["mask_bytes"] = (sum(sum(b.nbytes for n_, b in m.named_buffers() if "mask" in n_) for m in mods)
+                               / sum(m.lora_B.shape[0] * m.lora_A.shape[1] for m in mods))
     sampler.stop.set()
     sampler.join()
     peak = status_kb()["VmHWM"] / 1024
@@ -543,7 +567,9 @@ def fit(rows: list[dict]) -> dict:
     ad = [r for r in rows if r["phase"] in ("rmi", "prune_wanda") and r["set"] == "fit"]
     if ad and len({r["layers"] for r in ad}) > 1:
         c = _lstsq([[1.0, r["layers"]] for r in ad], [(r["rss_before_mib"] - r["rss_model_mib"]) * MIB for r in ad])
-        out["adapters"] = {"coef": c, "analytic": [0.0, adapters_b(M7B, 1)], "n": len(ad)}
+        mb = sum(row_mask_bytes(r) for r in ad) / len(ad)  # compared with the mask layout the rows ran on
+        out["adapters"] = {"coef": c, "analytic": [0.0, adapters_b(M7B, 1, mask_bytes=mb)], "n": len(ad),
+                           "mask_bytes": mb}
     return out
 
 
@@ -666,23 +692,38 @@ def onload_70b(f: dict, s: dict) -> dict:
 
 def fsdp_70b(f: dict, s: dict, name: str, gpus: int = 8) -> dict:
     """LoSA fine-tuning under FSDP full_shard: parameters (bf16 weights, fp32 LoRA), LoRA gradients and AdamW
-    states sharded /gpus; buffers (the bool masks) are not sharded by FSDP; per GPU: two all-gathered layers
-    (current + prefetch), the checkpoints, one layer's recompute and the logits."""
+    states sharded /gpus; buffers are not sharded by FSDP, so every GPU holds all keep-masks, bit-packed as
+    built (``SparseLoRALinear.mask_bits``, :data:`MASK_BYTES` per weight); per GPU: two all-gathered layers
+    (current + prefetch), the checkpoints, one layer's recompute and the logits.
+
+    Args:
+        f: the fit (:func:`fit`).
+        s: the target's shape.
+        name: the target's name (its fine-tuning batch).
+        gpus: data-parallel processes.
+    Returns:
+        GiB per GPU: ``sharded_gib``, ``masks_gib`` (as built), ``gathered_gib``, ``work_gib``, ``total_gib`` (as
+        built); for comparison ``bool_masks_gib`` / ``bool_total_gib`` (a bool mask per weight, before packing)
+        and ``sharded_masks_total_gib`` (packed masks also sharded /gpus, not built); the engine phases'
+        ``engine_gpu_gib`` and ``host_per_rank_gib``; ``ft_tokens``.
+    """
     L, t = s["L"], FT_BATCH[name] * FT_SEQ
     lora = 4 * 16 * io_sum(s) * L
     sharded = (weights_b(s, L) + lora + 3 * lora) / gpus
-    masks = lin_params(s) * L
+    masks = MASK_BYTES * lin_params(s) * L
+    bool_masks = MASK_BYTES_BOOL * lin_params(s) * L
     gathered = 2 * 2 * layer_params(s)
     work = predict_extra(f, "finetune", s, L, t=t) - L * lora_state(s) * ratio(f, "finetune", 1)
-    total = sharded + masks + gathered + work
-    packed = sharded + masks / 8 / gpus + gathered + work  # masks bit-packed and sharded: 1/64 of the bytes
+    rest = sharded + gathered + work
     n, seq, k = PAPER["nsamples"], PAPER["seqlen"], PAPER["recon"]
     work_eng = max(predict_extra(f, "rmi", s, L, n, seq), predict_extra(f, "prune_wanda", s, L, n, seq),
                    predict_extra(f, "recon", s, L, n, seq, k) - mmap_layers("recon", L) * a_layer(s, "recon", n, k, seq))
-    engine_gpu = 2 * fixed_params(s) + 2 * layer_params(s) + lin_params(s) + 4 * 16 * io_sum(s) + work_eng
+    engine_gpu = (2 * fixed_params(s) + 2 * layer_params(s) + MASK_BYTES * lin_params(s) + 4 * 16 * io_sum(s)
+                  + work_eng)
     host_rank = weights_b(s, L) + adapters_b(s, L)
     return {"sharded_gib": sharded / GIB, "masks_gib": masks / GIB, "gathered_gib": gathered / GIB,
-            "work_gib": work / GIB, "total_gib": total / GIB, "packed_gib": packed / GIB,
+            "work_gib": work / GIB, "total_gib": (rest + masks) / GIB, "bool_masks_gib": bool_masks / GIB,
+            "bool_total_gib": (rest + bool_masks) / GIB, "sharded_masks_total_gib": (rest + masks / gpus) / GIB,
             "engine_gpu_gib": engine_gpu / GIB, "host_per_rank_gib": host_rank / GIB, "ft_tokens": t}
 
 
@@ -712,9 +753,15 @@ def render(rows: list[dict], path: Path) -> None:
       f"{layer_params(M7B) / 1e6:.1f} M parameters ({2 * layer_params(M7B) / MIB:.0f} MiB), embeddings + "
       f"untied LM head {fixed_params(M7B) / 1e6:.1f} M ({2 * fixed_params(M7B) / MIB:.0f} MiB).")
     w("- **Adapters** (`add_sparse_lora`, from LoSA setup to the final merge, every phase after the dense "
-      "targets): a **bool mask [out, in] per linear (1 B per weight: half the bf16 weights again)** plus fp32 "
-      "`lora_A [16, in]`, `lora_B [out, 16]` (r_max = 16): "
-      f"{adapters_b(M7B, 1) / MIB:.0f} MiB per 7B layer.")
+      "targets): a **bit-packed keep-mask per linear** (`SparseLoRALinear.mask_bits`, uint8 `[out, ceil(in/8)]`: "
+      "1 bit per weight, 1/16 of the bf16 weights; unpacked only as a transient of one module inside a forward, "
+      "backward or merge) plus fp32 `lora_A [16, in]`, `lora_B [out, 16]` (r_max = 16): "
+      f"{adapters_b(M7B, 1) / MIB:.0f} MiB per 7B layer. The measured rows below ran before the bit-packing, "
+      f"with a bool mask (1 B per weight, half the bf16 weights again: "
+      f"{adapters_b(M7B, 1, mask_bytes=MASK_BYTES_BOOL) / MIB:.0f} MiB per 7B layer); the adapter row of the fit "
+      "compares them with that count, the predictions use the packed one. The unpack's uint8 intermediate "
+      "(1 B per weight of one module) is formed before the fp32 products of the split form and stays below "
+      "their peak, so the fitted working sets are unchanged.")
     w("- **Engine phases** (calibration, RMI, pruning, dense targets, reconstruction): the inputs and outputs of "
       "one layer for all windows (`nsamples × seqlen × hidden` bf16 twice, plus cos/sin per batch: "
       f"{a_tok(M7B) / 1024:.1f} KiB per token), one forward batch's transients (about 1024 tokens per batch: "
@@ -842,8 +889,9 @@ def render(rows: list[dict], path: Path) -> None:
           f"spread at one size {b['spread_mib']:.0f} |")
     if "adapters" in f:
         a = f["adapters"]
-        w(f"| adapters resident (RSS before − after build; RMI, pruning rows) | {a['n']} | {a['coef'][0] / MIB:.0f} | | "
-          f"{cell(a['coef'][1], a['analytic'][1], MIB)} | | |")
+        lay = "bool masks, before packing" if a["mask_bytes"] == MASK_BYTES_BOOL else f"{a['mask_bytes']:.3f} B/weight"
+        w(f"| adapters resident (RSS before − after build; RMI, pruning rows; {lay}) | {a['n']} | "
+          f"{a['coef'][0] / MIB:.0f} | | {cell(a['coef'][1], a['analytic'][1], MIB)} | | |")
     w("")
     for r in [r for r in rows if r["set"] == "check"]:
         ph = r["phase"]
@@ -966,13 +1014,18 @@ def render(rows: list[dict], path: Path) -> None:
           f"{fit_[copy_]}.")
     s70 = TARGETS["LLaMA-2-70B"]
     fs = fsdp_70b(f, s70, "LLaMA-2-70B")
+    fit70 = {x: "fits" if x + CUDA_CTX_GIB < cap else "does not fit"
+             for x in (fs["total_gib"], fs["bool_total_gib"], fs["sharded_masks_total_gib"])}
     w(f"- **LLaMA-2-70B LoSA on 8×80 GB with FSDP** (fine-tuning, batch 1×{FT_SEQ} per GPU): sharded weights + "
-      f"LoRA + gradients + AdamW {fs['sharded_gib']:.1f} GiB, **masks {fs['masks_gib']:.1f} GiB per GPU (bool "
-      f"buffers: FSDP shards parameters, not buffers)**, two gathered layers {fs['gathered_gib']:.1f} GiB, working "
-      f"set {fs['work_gib']:.1f} GiB → {fs['total_gib']:.1f} GiB + {CUDA_CTX_GIB} context per GPU → "
-      f"**{'fits' if fs['total_gib'] + CUDA_CTX_GIB < cap else 'does not fit'}** as the code stands. With the "
-      f"masks bit-packed and sharded (1/64 of the bytes per GPU) it would be {fs['packed_gib']:.1f} GiB "
-      f"(fits). The engine phases (RMI, pruning, reconstruction) run on every rank with layer onload "
+      f"LoRA + gradients + AdamW {fs['sharded_gib']:.1f} GiB, **masks {fs['masks_gib']:.1f} GiB per GPU "
+      f"(bit-packed `mask_bits` buffers, 1 bit per weight; replicated: FSDP shards parameters, not buffers)**, "
+      f"two gathered layers {fs['gathered_gib']:.1f} GiB, working set {fs['work_gib']:.1f} GiB → "
+      f"{fs['total_gib']:.1f} GiB + {CUDA_CTX_GIB} context per GPU → **{fit70[fs['total_gib']]}** as the code "
+      f"stands. The fit relies on the bit-packed masks: with the earlier bool masks (1 B per weight, "
+      f"{fs['bool_masks_gib']:.1f} GiB per GPU) it was {fs['bool_total_gib']:.1f} GiB → "
+      f"{fit70[fs['bool_total_gib']]}. The masks are not sharded (they stay buffers: the Trainer's FSDP1 "
+      f"flat parameters need one dtype per unit and DeepSpeed ZeRO-3 partitions every parameter); sharding "
+      f"them too would give {fs['sharded_masks_total_gib']:.1f} GiB. The engine phases (RMI, pruning, reconstruction) run on every rank with layer onload "
       f"(`_decide_offload`: the model exceeds 70 % of the free memory): {fs['engine_gpu_gib']:.1f} GiB per "
       f"GPU, but every rank keeps the whole model + adapters in host RAM: {fs['host_per_rank_gib']:.0f} GiB per "
       f"rank, {8 * fs['host_per_rank_gib']:.0f} GiB for 8 ranks on one node. Not checked here: whether the "

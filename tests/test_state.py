@@ -175,7 +175,9 @@ def test_older_dense_state_still_loads(tmp_path, calib):
     d = tmp_path / "run" / "state"
     mods = sparse_lora_modules(job.model)
     save_file({f"{q}.weight": m.base.weight.detach().clone() for q, m in mods.items()}, str(d / "weights.safetensors"))
-    save_file(adapter_state_dict(job.model), str(d / "adapters.safetensors"))
+    old_adapters = {k: v for k, v in adapter_state_dict(job.model).items() if not k.endswith(".mask_bits")}
+    old_adapters.update({f"{q}.mask": m.mask.cpu() for q, m in mods.items()})  # the old layout: bool [out, in]
+    save_file(old_adapters, str(d / "adapters.safetensors"))
     meta = json.loads((d / "state.json").read_text())
     (d / "state.json").write_text(json.dumps({k: meta[k] for k in ("step", "recipe", "data", "rows")}))
     fresh = _model()

@@ -2,8 +2,10 @@
 
 ``y = W x + (α / r_max) · ((B[:, :r] A[:r, :]) ⊙ M) x``
 
-``M`` is a stored boolean buffer (the mask the pruner produced), never recomputed from ``W ≠ 0``, so
-a kept weight that happens to be exactly zero still receives adapter updates. The computation uses
+``M`` is a stored buffer (the mask the pruner produced), never recomputed from ``W ≠ 0``, so a kept
+weight that happens to be exactly zero still receives adapter updates. It is stored bit-packed,
+1 bit per weight (:mod:`losa.lora.bitmask`), and unpacked only as a transient of one module when a
+computation needs it densely. The computation uses
 :class:`losa.lora.function.MaskedLoRAFunction` (one fused GEMM; see its docstring for the measured
 choice).
 """
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from losa.errors import LosaError
+from losa.lora.bitmask import pack_bits, packed_width, unpack_bits
 from losa.lora.function import effective_weight, masked_lora_branch, masked_lora_linear
 from losa.models.linear import get_weight, set_weight
 
@@ -41,9 +44,14 @@ class SparseLoRALinear(nn.Module):
 
     LoSA's sparse adapter (Huang et al., ICLR 2025): ``ΔW = s·((B A) ⊙ M)`` with ``s = alpha / r_max``,
     merged exactly into the pruned weight. Parameters and buffers: ``lora_A`` ``[r_max, in]`` float32
-    (Kaiming-uniform), ``lora_B`` ``[out, r_max]`` float32 (zeros, so the update starts at 0), ``mask``
-    ``[out, in]`` bool, ``active_rank`` 0-d integer tensor; all on the base weight's device. The base
-    module's parameters are frozen.
+    (Kaiming-uniform), ``lora_B`` ``[out, r_max]`` float32 (zeros, so the update starts at 0),
+    ``mask_bits`` ``[out, ceil(in / 8)]`` uint8 (the keep-mask bit-packed along ``in`` in the layout of
+    ``numpy.packbits(axis=-1)``, see :mod:`losa.lora.bitmask`), ``active_rank`` 0-d integer tensor; all
+    on the base weight's device. The base module's parameters are frozen. :attr:`mask` unpacks the
+    keep-mask to a bool ``[out, in]`` tensor on demand (a fresh transient on every access: nothing
+    unpacked is kept on the module, so under FSDP each process holds 1 bit per weight of masks).
+    ``mask_bits`` stays a buffer, replicated by FSDP (``fully_shard`` shards parameters only).
+    A state dict with the older bool ``mask`` key (``[out, in]``) still loads; it is packed on load.
 
     ``base_edited`` (a plain attribute, not saved with the module) is False while the kept values of
     the base weight are bit for bit those of the weight the wrapper was built on, ``W[M] == W₀[M]``,
@@ -83,7 +91,8 @@ class SparseLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(self.r_max, d_in, dtype=torch.float32, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(d_out, self.r_max, dtype=torch.float32, device=w.device))
         self._init_a(slice(0, self.r_max), generator)
-        self.register_buffer("mask", torch.ones(d_out, d_in, dtype=torch.bool, device=w.device))
+        self.in_features = int(d_in)
+        self.register_buffer("mask_bits", pack_bits(torch.ones(d_out, d_in, dtype=torch.bool, device=w.device)))
         self.register_buffer("active_rank", torch.tensor(self.r_max if rank is None else int(rank)))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
@@ -100,6 +109,38 @@ class SparseLoRALinear(nn.Module):
         with torch.no_grad():
             fresh = torch.rand(self.lora_A[rows].shape, generator=generator, dtype=torch.float32) * 2 - 1
             self.lora_A[rows] = (fresh * bound).to(self.lora_A.device)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The keep-mask ``M`` as bool ``[out, in]``: unpacked from ``mask_bits`` on every access.
+
+        A fresh tensor (writing to it does not change the module; use :meth:`set_mask`), as large as a
+        bool copy of the mask; read it once per computation.
+        """
+        return unpack_bits(self.mask_bits, self.in_features)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        """Accept the older layout: a bool ``mask`` ``[out, in]`` instead of ``mask_bits`` is packed here.
+
+        Args:
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs: those
+                of :meth:`torch.nn.Module._load_from_state_dict`.
+        Returns:
+            None.
+        Raises:
+            Nothing of its own (a mask of another shape is reported through ``error_msgs``).
+        """
+        old = prefix + "mask"
+        if old in state_dict and prefix + "mask_bits" not in state_dict:
+            dense = state_dict.pop(old)
+            if dense.dim() == 2 and dense.shape[1] == self.in_features:
+                state_dict[prefix + "mask_bits"] = pack_bits(dense)
+            else:
+                error_msgs.append(f"size mismatch for {old}: copying a mask of shape {tuple(dense.shape)}, the "
+                                  f"weight is {(self.mask_bits.shape[0], self.in_features)}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @property
     def rank(self) -> int:
@@ -144,18 +185,39 @@ class SparseLoRALinear(nn.Module):
         known to be the original value).
 
         Args:
-            mask: ``[out, in]``, any dtype (nonzero = kept); stored as bool.
+            mask: ``[out, in]``, any dtype (nonzero = kept); stored bit-packed.
         Returns:
             None.
         Raises:
             LosaError: ``mask`` is not shaped like the weight.
         """
-        if mask.shape != self.mask.shape:
-            raise LosaError(f"mask shape {tuple(mask.shape)} does not match the weight {tuple(self.mask.shape)}")
-        new = mask.to(device=self.mask.device, dtype=torch.bool)
-        if not self.base_edited and bool((new & ~self.mask).any()):
+        shape = (self.mask_bits.shape[0], self.in_features)
+        if tuple(mask.shape) != shape:
+            raise LosaError(f"mask shape {tuple(mask.shape)} does not match the weight {shape}")
+        self.set_mask_bits(pack_bits(mask.to(self.mask_bits.device)))
+
+    def set_mask_bits(self, packed: torch.Tensor) -> None:
+        """:meth:`set_mask` from an already packed mask (no unpacking; padding bits are cleared).
+
+        Args:
+            packed: ``[out, ceil(in / 8)]`` uint8 in the layout of :func:`losa.lora.bitmask.pack_bits`.
+        Returns:
+            None.
+        Raises:
+            LosaError: ``packed`` is not uint8 of that shape.
+        """
+        if packed.dtype != torch.uint8 or packed.shape != self.mask_bits.shape:
+            raise LosaError(f"packed mask {tuple(packed.shape)} ({packed.dtype}) does not fit the weight "
+                            f"{(self.mask_bits.shape[0], self.in_features)}: needs uint8 "
+                            f"{(self.mask_bits.shape[0], packed_width(self.in_features))}")
+        new = packed.to(self.mask_bits.device)
+        pad = packed_width(self.in_features) * 8 - self.in_features
+        if pad and new.numel():  # clear stray padding bits, so counts over the packed bytes stay exact
+            new = new.clone()
+            new[:, -1] &= (0xFF << pad) & 0xFF
+        if not self.base_edited and bool((new & ~self.mask_bits).any()):  # a position the old mask did not keep
             self.base_edited = True
-        self.mask.copy_(new)
+        self.mask_bits.copy_(new)
 
     def delta(self) -> torch.Tensor:
         """The masked update ``s·((B A) ⊙ M)`` as a dense [out, in] float32 matrix (merge / tests).
@@ -195,10 +257,10 @@ class SparseLoRALinear(nn.Module):
         if self.split_forward(w):
             y = self.base(x)
             return (y.to(self.lora_A.dtype) + masked_lora_branch(self.dropout(x), self.lora_A[:r], self.lora_B[:, :r],
-                                                                 self.mask, self.scale)).to(y.dtype)
+                                                                 self.mask_bits, self.scale, packed=True)).to(y.dtype)
         bias = getattr(self.base, "bias", None)
         return masked_lora_linear(self.dropout(x), get_weight(self.base), bias, self.lora_A[:r], self.lora_B[:, :r],
-                                  self.mask, self.scale)
+                                  self.mask_bits, self.scale, packed=True)
 
     @staticmethod
     def split_forward(weight: torch.Tensor) -> bool:
@@ -231,7 +293,7 @@ class SparseLoRALinear(nn.Module):
         with torch.no_grad():
             r = self.rank
             set_weight(self.base, effective_weight(w.float(), self.lora_A[:r].detach(), self.lora_B[:, :r].detach(),
-                                                   self.mask, self.scale))
+                                                   self.mask_bits, self.scale, packed=True))
         self.merged = True
 
     def unmerge(self, pruned_weight: torch.Tensor | None = None, new_mask: torch.Tensor | None = None) -> None:
@@ -273,6 +335,6 @@ class SparseLoRALinear(nn.Module):
             if self._pre_merge is None:
                 self.base_edited = True
             elif pruned_weight is not None and not self.base_edited:
-                self.base_edited = bool(((bits(get_weight(self.base)) != bits(self._pre_merge)) & self.mask).any())
+                self.base_edited = bool(((bits(get_weight(self.base)) != bits(self._pre_merge)) & keep).any())
         self._pre_merge = None
         self.merged = False

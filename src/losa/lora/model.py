@@ -6,7 +6,9 @@ keeps the scale α/r_max constant; PEFT's merge adds ``B A`` densely (it would f
 positions) and has no mask buffer. Bending PEFT to this means overriding its forward, merge, unmerge,
 rank handling and state-dict layout, i.e. everything but the name. So losa owns the module
 (:class:`SparseLoRALinear`, ~150 lines) and saves adapters as one safetensors file whose keys are
-``<module path>.lora_A`` / ``.lora_B`` / ``.mask`` / ``.active_rank`` plus a JSON config.
+``<module path>.lora_A`` / ``.lora_B`` / ``.mask_bits`` / ``.active_rank`` plus a JSON config
+(``.mask_bits`` is the module's bit-packed keep-mask; files from older losa with a bool ``.mask``
+still load).
 """
 
 from __future__ import annotations
@@ -157,8 +159,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         model: a model with adapters.
     Returns:
         Per qualified module name ``q``: ``q.lora_A`` ``[r_max, in]`` float32, ``q.lora_B``
-        ``[out, r_max]`` float32, ``q.mask`` ``[out, in]`` bool and ``q.active_rank`` ``[1]`` int64;
-        detached, contiguous copies on the CPU.
+        ``[out, r_max]`` float32, ``q.mask_bits`` ``[out, ceil(in / 8)]`` uint8 (the keep-mask
+        bit-packed along ``in``, :func:`losa.lora.bitmask.pack_bits`; the module's buffer, not
+        unpacked) and ``q.active_rank`` ``[1]`` int64; detached, contiguous copies on the CPU.
     Raises:
         Nothing of its own.
     """
@@ -166,7 +169,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for qual, m in sparse_lora_modules(model).items():
         out[f"{qual}.lora_A"] = m.lora_A.detach().cpu().contiguous()
         out[f"{qual}.lora_B"] = m.lora_B.detach().cpu().contiguous()
-        out[f"{qual}.mask"] = m.mask.cpu().contiguous()
+        out[f"{qual}.mask_bits"] = m.mask_bits.detach().cpu().contiguous()
         out[f"{qual}.active_rank"] = m.active_rank.detach().cpu().reshape(1)
     return out
 
@@ -176,10 +179,12 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
 
     The model needs adapters on exactly the same modules (:func:`add_sparse_lora` with the same
     ``target_modules`` and ``r_max``); A, B, mask and active rank are overwritten as stored.
+    Each module's mask may be the packed ``.mask_bits`` or, as written by older losa, a bool
+    ``.mask`` ``[out, in]`` (packed on load).
 
     Args:
         model: a model with adapters.
-        state: ``<module>.lora_A`` / ``.lora_B`` / ``.mask`` / ``.active_rank`` tensors.
+        state: ``<module>.lora_A`` / ``.lora_B`` / ``.mask_bits`` (or ``.mask``) / ``.active_rank`` tensors.
     Returns:
         None.
     Raises:
@@ -187,7 +192,9 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
             ``r_max``), or a mask is not shaped like its weight.
     """
     mods = sparse_lora_modules(model)
-    expected = {f"{q}.{k}" for q in mods for k in ("lora_A", "lora_B", "mask", "active_rank")}
+    expected = {f"{q}.{k}" for q in mods for k in ("lora_A", "lora_B", "mask_bits", "active_rank")}
+    legacy = {f"{q}.mask" for q in mods if f"{q}.mask" in state and f"{q}.mask_bits" not in state}
+    expected = expected - {k + "_bits" for k in legacy} | legacy
     if set(state) != expected:
         missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
         raise LosaError(f"adapter file does not match the model (missing {missing}, unexpected {extra}); "
@@ -199,7 +206,10 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
                                 f"{tuple(m.lora_A.shape)}; use the same r_max")
             m.lora_A.copy_(state[f"{q}.lora_A"])
             m.lora_B.copy_(state[f"{q}.lora_B"])
-            m.set_mask(state[f"{q}.mask"])
+            if f"{q}.mask" in legacy:
+                m.set_mask(state[f"{q}.mask"])
+            else:
+                m.set_mask_bits(state[f"{q}.mask_bits"])
             m.active_rank.fill_(int(state[f"{q}.active_rank"].item()))
 
 

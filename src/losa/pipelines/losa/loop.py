@@ -36,6 +36,7 @@ from losa.export.verify import sparsity_report, verify_targets
 from losa.finetune.data import load_records, split_for_steps, tokenize_records
 from losa.finetune.teacher import CACHE_DIR as TEACHER_CACHE_DIR
 from losa.finetune.teacher import TeacherTopK
+from losa.lora.bitmask import count_bits
 from losa.lora.config import SparseLoRAConfig
 from losa.lora.layer import SparseLoRALinear
 from losa.lora.model import add_sparse_lora, merge_and_unload, set_layer_ranks, sparse_lora_modules
@@ -320,7 +321,7 @@ class LoSARun:
                         stats_autocast=cfg.stats_autocast()).run(
             AdapterPruneVisitor(self.pruner, targets, self.wrappers))
         wrappers = list(self.wrappers.values())
-        broadcast_tensors([t for w in wrappers for t in (w.base.weight, w.mask)])  # every rank: rank 0's masks
+        broadcast_tensors([t for w in wrappers for t in (w.base.weight, w.mask_bits)])  # every rank: rank 0's masks
         times["prune_s"] = time.perf_counter() - t
         achieved = _mask_sparsity(model)
 
@@ -458,8 +459,8 @@ def _mask_sparsity(model: nn.Module) -> list[float]:
     out = []
     for layer in get_decoder_layers(model):
         mods = [m for m in layer.modules() if isinstance(m, SparseLoRALinear)]
-        total = sum(m.mask.numel() for m in mods)
-        out.append(1.0 - sum(int(m.mask.sum()) for m in mods) / max(total, 1))
+        total = sum(m.mask_bits.shape[0] * m.in_features for m in mods)
+        out.append(1.0 - sum(count_bits(m.mask_bits) for m in mods) / max(total, 1))
     return out
 
 

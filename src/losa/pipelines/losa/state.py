@@ -7,7 +7,9 @@ any pruning, and a resume loads the same checkpoint):
 - ``adapters.safetensors``: per module ``q``, the adapter ``q.lora_A`` / ``q.lora_B`` (float32),
   ``q.active_rank`` and the keep-mask as a bitmask ``q.mask_bits`` (1-D uint8, 1 bit per weight:
   the row-major flattened ``[out, in]`` mask, 8 positions per byte, first position in the most
-  significant bit, the last byte zero-padded; :func:`pack_mask`, the layout of ``numpy.packbits``).
+  significant bit, the last byte zero-padded; :func:`pack_mask`, the layout of ``numpy.packbits``;
+  for ``in`` a multiple of 8 these are the bytes of the module's own ``mask_bits`` buffer, saved as
+  they are).
 - ``weights.safetensors``: only the base weights that ``W₀ ⊙ M`` does not give (``W₀`` the original
   weight): ``q.kept``, the kept values ``W[M]`` (1-D, row-major, in the weight's dtype), for modules
   whose kept values differ from the original: SparseGPT's error compensation, or a LoRA rank that
@@ -59,6 +61,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from losa.errors import LosaError
+from losa.lora.bitmask import bits_at, pack_bits, unpack_bits
 from losa.lora.layer import SparseLoRALinear, bits
 from losa.lora.model import sparse_lora_modules
 from losa.models.linear import get_weight, set_weight
@@ -69,8 +72,6 @@ STATE_DIR = "state"
 STATE_FORMAT = 2
 #: original values per module kept in memory to cross-check ``base_edited`` at every save
 ORIGIN_SAMPLES = 256
-
-_SHIFTS = (7, 6, 5, 4, 3, 2, 1, 0)
 
 
 def seed_everything(seed: int) -> None:
@@ -91,26 +92,19 @@ def fingerprint(calib_ids: torch.Tensor, examples: list[dict[str, list[int]]]) -
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A boolean mask as a bitmask: 1 bit per position, in the layout of ``numpy.packbits``.
+    """A boolean mask as a flat bitmask: 1 bit per position, in the layout of ``numpy.packbits``.
+
+    :func:`losa.lora.bitmask.pack_bits` of the flattened mask.
 
     Args:
-        mask: any shape, bool (or 0/1 uint8); packed on its own device.
+        mask: any shape, bool (or 0/1 in any dtype); packed on its own device.
     Returns:
         1-D uint8 of ``ceil(numel / 8)`` bytes: the row-major flattened mask, 8 positions per byte,
         the first in the most significant bit, the last byte padded with zeros.
     Raises:
         Nothing of its own.
     """
-    flat = mask.detach().reshape(-1)
-    flat = flat.view(torch.uint8) if flat.dtype == torch.bool else (flat != 0).view(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    groups = flat.view(-1, 8)
-    out = groups[:, 0] << 7
-    for i, s in enumerate(_SHIFTS[1:], 1):
-        out |= groups[:, i] << s
-    return out
+    return pack_bits(mask.reshape(-1))
 
 
 def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
@@ -128,9 +122,15 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> to
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 7) // 8:
         raise LosaError(f"bitmask of {packed.numel()} bytes does not fit a mask of shape {tuple(shape)}; "
                         "use the state with the model it was written for")
-    shifts = torch.tensor(_SHIFTS, dtype=torch.uint8, device=packed.device)
-    unpacked = (packed.unsqueeze(1) >> shifts) & 1
-    return unpacked.reshape(-1)[:numel].view(torch.bool).reshape(shape)
+    return unpack_bits(packed, numel).reshape(shape)
+
+
+def _module_mask_bits(m: SparseLoRALinear) -> torch.Tensor:
+    """The module's keep-mask in the flat layout of :func:`pack_mask`, on the CPU: its own packed
+    rows when they carry no padding (``in`` a multiple of 8: the same bytes), else repacked."""
+    if m.in_features % 8 == 0:
+        return m.mask_bits.detach().reshape(-1).cpu().contiguous()
+    return pack_mask(m.mask).cpu()
 
 
 @dataclass
@@ -192,7 +192,7 @@ def _sample_moved(m: SparseLoRALinear, sample: tuple[torch.Tensor, torch.Tensor]
     w = get_weight(m.base).detach()
     d_idx = idx.to(w.device)
     rows, cols = d_idx // w.shape[1], d_idx % w.shape[1]
-    kept = m.mask[rows, cols].cpu()
+    kept = bits_at(m.mask_bits, rows.to(m.mask_bits.device), cols.to(m.mask_bits.device)).cpu()
     return bool(((bits(w[rows, cols].cpu()) != bits(orig)) & kept).any())
 
 
@@ -228,14 +228,16 @@ def save_state(out_dir: str | Path, model: nn.Module, step: int, recipe: dict, r
                 raise LosaError(f"save_state: the adapter of {q} is merged into its weight; unmerge the adapters "
                                 "before saving the state")
             w = get_weight(m.base).detach()
-            if bool(((bits(w) != 0) & ~m.mask).any()):  # never after pruning; kept whole if it happens
+            mask = m.mask  # one unpacked transient for this module
+            if bool(((bits(w) != 0) & ~mask).any()):  # never after pruning; kept whole if it happens
                 weights[f"{q}.weight"] = w.cpu().contiguous()
             elif m.base_edited or _sample_moved(m, origin.samples[q]):
-                weights[f"{q}.kept"] = w[m.mask].cpu()
+                weights[f"{q}.kept"] = w[mask].cpu()
+            del mask
             adapters[f"{q}.lora_A"] = m.lora_A.detach().cpu().contiguous()
             adapters[f"{q}.lora_B"] = m.lora_B.detach().cpu().contiguous()
             adapters[f"{q}.active_rank"] = m.active_rank.detach().cpu().reshape(1)
-            adapters[f"{q}.mask_bits"] = pack_mask(m.mask).cpu()
+            adapters[f"{q}.mask_bits"] = _module_mask_bits(m)
     meta = {"format": STATE_FORMAT, "step": step, "recipe": recipe, "data": data, "origin": origin.digests,
             "rows": rows}
     with atomic_directory(out / STATE_DIR, overwrite=True) as tmp:
@@ -341,7 +343,10 @@ def _restore(m: SparseLoRALinear, q: str, adapters: dict[str, torch.Tensor], sto
         new = torch.where(mask, w0, torch.zeros((), dtype=w0.dtype, device=w0.device))
     edited = bool(((bits(new) != bits(w0)) & mask).any())
     set_weight(m.base, new)
-    m.set_mask(mask)
+    if mask_key == "mask_bits" and m.in_features % 8 == 0:  # the flat bytes are the module's packed rows
+        m.set_mask_bits(raw.reshape(m.mask_bits.shape))
+    else:
+        m.set_mask(mask)
     m.base_edited = edited
     m.lora_A.copy_(adapters[f"{q}.lora_A"])
     m.lora_B.copy_(adapters[f"{q}.lora_B"])
