@@ -31,6 +31,7 @@ from accelerate.utils.offload import (
 from torch import nn
 
 from losa.errors import LosaError
+from losa.utils.memory import release_free_memory
 
 
 def is_offloaded(model: nn.Module) -> bool:
@@ -113,7 +114,8 @@ def onloaded(block: nn.Module) -> Iterator[None]:
     Inside, the hooked submodules hold real tensors on their execution device and a forward does not
     reload them (the hooks still move inputs). On exit (also on error) each tensor replaced or changed
     in place (its version counter moved; writes through ``.data`` bypass it and are not detected) is
-    written back into its hook's ``weights_map``; then accelerate puts the parameters back on meta.
+    written back into its hook's ``weights_map``; then accelerate puts the parameters back on meta and
+    the freed memory is returned to the OS.
     A block without offloaded weights passes through unchanged.
 
     Args:
@@ -145,3 +147,4 @@ def onloaded(block: nn.Module) -> Iterator[None]:
                     if t is not old or t._version != version:
                         _store(m._hf_hook.weights_map, n, t)
                 before.clear()
+    release_free_memory()  # the onloaded copies are freed: keep resident memory at one block
