@@ -2,7 +2,9 @@
 
 It captures the inputs of the first decoder layer, then for each decoder layer in turn:
 
-1. moves the layer to the compute device (the rest of the model stays offloaded when it does not fit),
+1. moves the layer to the compute device (the rest of the model stays offloaded when it does not fit;
+   a model dispatched by accelerate with offloaded weights has each layer onloaded, and its changed
+   weights written back, by :func:`losa.models.offload.onloaded`),
 2. runs it over all calibration samples with hooks that feed the statistics a visitor asks for,
 3. hands everything to the visitor (which may prune or measure the layer),
 4. recomputes the layer's outputs if the visitor modified it, and uses them as the next layer's inputs.
@@ -38,6 +40,7 @@ from losa.calib.hooks import InputsCaptured, StatsComplete, act_on_first_input, 
 from losa.calib.visitor import LayerContext, LayerVisitor
 from losa.errors import LosaError
 from losa.models.linear import in_features
+from losa.models.offload import execution_device, onloaded
 from losa.models.registry import (
     ArchSpec,
     check_window,
@@ -63,18 +66,34 @@ class LayerwiseEngine:
         self.model = model
         self.spec: ArchSpec = get_arch(model)
         self.layers = get_decoder_layers(model, self.spec)
-        self.device = resolve_device(device)
+        #: the execution device of a model dispatched by accelerate (its hooks place everything)
+        self.dispatched = execution_device(model)
+        self.device = self._dispatched_device(device) if self.dispatched is not None else resolve_device(device)
         self.input_ids = input_ids
         self.batch_size = max(1, int(batch_size))
         self.progress = progress
         self.desc = desc
-        self.offload = self._decide_offload() if offload is None else offload
+        # hand-written layer moves only for a model accelerate does not manage
+        self.offload = False if self.dispatched is not None else (
+            self._decide_offload() if offload is None else offload)
         #: dtype for autocast in statistics-only passes (None: the model's dtype)
         self.stats_autocast = stats_autocast
         self._kwargs: list[dict[str, Any]] = []
         self._layer_returns_tuple = False  # what a decoder layer returns (older transformers: a tuple)
 
     # ------------------------------------------------------------------ devices
+    def _dispatched_device(self, device: str | torch.device | None) -> torch.device:
+        """The compute device of an accelerate-dispatched model; ``device`` must be ``auto`` or the same."""
+        dev = self.dispatched
+        assert dev is not None
+        if device is None or str(device) == "auto":
+            return dev
+        want = torch.device(device)
+        if want.type != dev.type or (want.index is not None and want.index != (dev.index or 0)):
+            raise LosaError(f"the model is dispatched by accelerate to compute on {dev}, not {want}; "
+                            "use device auto or reload it with another device_map")
+        return dev
+
     def _decide_offload(self) -> bool:
         if self.device.type != "cuda":
             return False
@@ -85,9 +104,10 @@ class LayerwiseEngine:
     @contextlib.contextmanager
     def _placement(self) -> Iterator[None]:
         """Everything except the decoder layers on the device; layers come over one at a time when
-        offloading, otherwise the whole model is moved. The original placement is restored after."""
+        offloading, otherwise the whole model is moved. The original placement is restored after.
+        A model dispatched by accelerate stays where it is (its hooks onload and move inputs)."""
         orig = next(self.model.parameters()).device
-        if self.device == orig:
+        if self.dispatched is not None or self.device == orig:
             yield
             return
         if self.offload:
@@ -177,10 +197,11 @@ class LayerwiseEngine:
                     if self.offload:
                         layer.to(self.device)
                     try:
-                        if i in wanted:
-                            hidden = self._visit_layer(i, layer, hidden, visitor)
-                        else:
-                            hidden = self.forward_layer(layer, hidden)
+                        with onloaded(layer):  # accelerate-offloaded weights: onloaded, changes written back
+                            if i in wanted:
+                                hidden = self._visit_layer(i, layer, hidden, visitor)
+                            else:
+                                hidden = self.forward_layer(layer, hidden)
                     finally:
                         if self.offload:
                             layer.to("cpu")

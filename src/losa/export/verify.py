@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from losa.errors import SparsityVerificationError
+from losa.models.offload import onloaded
 from losa.models.registry import get_arch, get_decoder_layers, prunable_weights
 from losa.pruning.masks import check_nm, max_nonzeros_per_group
 from losa.pruning.target import Target
@@ -70,6 +71,7 @@ def sparsity_report(model: nn.Module,
                     nm: tuple[int, int] | Sequence[tuple[int, int] | None] | None = None) -> SparsityReport:
     """Sparsity of every prunable weight in the decoder layers, per layer and overall.
 
+    Weights offloaded by accelerate are onloaded one decoder layer at a time.
     Fused mixture-of-experts tensors count as their expert matrices (``mlp.experts.<e>.gate_proj`` ...,
     see :func:`~losa.models.registry.prunable_weights`), so experts left dense fail :func:`verify_targets`.
 
@@ -91,12 +93,13 @@ def sparsity_report(model: nn.Module,
     prefix = spec.layers_path
     for i, layer in enumerate(layers):
         lz = ln = 0
-        for name, weight in prunable_weights(layer, spec).items():
-            full = f"{prefix}.{i}.{name}"
-            rep = module_report(weight, per_layer_nm[i], full, i, name)  # type: ignore[arg-type]
-            modules[full] = rep
-            lz += rep.zeros
-            ln += rep.numel
+        with onloaded(layer):  # weights offloaded by accelerate are read one layer at a time
+            for name, weight in prunable_weights(layer, spec).items():
+                full = f"{prefix}.{i}.{name}"
+                rep = module_report(weight, per_layer_nm[i], full, i, name)  # type: ignore[arg-type]
+                modules[full] = rep
+                lz += rep.zeros
+                ln += rep.numel
         layer_rows.append(LayerSparsity(layer=i, numel=ln, zeros=lz, sparsity=lz / max(ln, 1)))
         total += ln
         zeros += lz

@@ -155,8 +155,8 @@ def _converted(gguf_path: Path, target: Path, refresh: bool = False) -> Path:
     return target
 
 
-def _load_alias(alias: str, dtype: torch.dtype, refresh: bool = False):
-    return _load_hf(str(_converted(alias_gguf_path(alias), cache_dir() / "models" / alias, refresh)), dtype)
+def _load_alias(alias: str, dtype: torch.dtype, refresh: bool = False, **kwargs):
+    return _load_hf(str(_converted(alias_gguf_path(alias), cache_dir() / "models" / alias, refresh)), dtype, **kwargs)
 
 
 def gguf_cache_path(path: str | os.PathLike) -> Path:
@@ -172,9 +172,9 @@ def gguf_cache_path(path: str | os.PathLike) -> Path:
     return cache_dir() / "gguf" / file_digest(p)[:32]
 
 
-def _load_gguf_cached(path: str | os.PathLike, dtype: torch.dtype):
+def _load_gguf_cached(path: str | os.PathLike, dtype: torch.dtype, **kwargs):
     """A ``.gguf`` path: dequantised and converted once, then loaded from the safetensors cache."""
-    return _load_hf(str(_converted(Path(path), gguf_cache_path(path))), dtype)
+    return _load_hf(str(_converted(Path(path), gguf_cache_path(path))), dtype, **kwargs)
 
 
 #: files that hold (part of) a tokenizer; a local model directory with none of them has no tokenizer
@@ -296,7 +296,10 @@ def load_model(name: str | os.PathLike, dtype: str | torch.dtype = "float32", ch
         name: a built-in alias, a ``.gguf`` path, a local Hugging Face model directory or a hub id.
         dtype: model dtype, a name accepted by :func:`parse_dtype` or a ``torch.dtype``.
         check_arch: fail early if the architecture is not registered.
-        **kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (directories and hub ids only).
+        **kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (for an alias or ``.gguf`` file: when
+            loading its safetensors cache), e.g. ``device_map="auto", max_memory={"cpu": "300MiB"},
+            offload_folder=...`` to offload what does not fit to disk (:func:`losa.prune` then onloads
+            one decoder layer at a time).
     Returns:
         ``(model, tokenizer)``; the tokenizer is None for a checkpoint without tokenizer files (and
         a GGUF file without tokenizer data).
@@ -310,9 +313,9 @@ def load_model(name: str | os.PathLike, dtype: str | torch.dtype = "float32", ch
     torch_dtype = parse_dtype(dtype)
     name = str(name)
     if name in ALIASES:
-        model, tok = _load_alias(name, torch_dtype)
+        model, tok = _load_alias(name, torch_dtype, **kwargs)
     elif name.endswith(".gguf"):
-        model, tok = _load_gguf_cached(name, torch_dtype)
+        model, tok = _load_gguf_cached(name, torch_dtype, **kwargs)
     else:
         if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
             raise LosaError(f"model path {name} does not exist; check the path")

@@ -18,6 +18,7 @@ from losa.errors import LosaError
 from losa.export.verify import SparsityReport, sparsity_report, verify_targets
 from losa.models.linear import get_weight, in_features, set_weight
 from losa.models.moe import unfused_experts
+from losa.models.offload import is_offloaded, onloaded
 from losa.models.registry import check_window, get_arch, get_decoder_layers, linear_modules
 from losa.pipelines.config import CalibrationConfig
 from losa.pruning.base import Pruner
@@ -232,6 +233,10 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     (:func:`losa.models.unfused_experts`; an expert that gets no token is pruned by magnitude, with a
     warning); the model is fused back before this returns.
 
+    A model loaded with accelerate offloading (``from_pretrained(..., device_map=..., max_memory=...,
+    offload_folder=...)``) is pruned one decoder layer at a time on its execution device; the pruned
+    weights are written back into its offload (CPU or disk, :mod:`losa.models.offload`).
+
     Args:
         model: a causal LM of a registered architecture.
         tokenizer: its tokenizer (to tokenise calibration text; unused with ``calib_ids``).
@@ -242,8 +247,9 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     Returns:
         the typed :class:`PruneReport`.
     Raises:
-        LosaError: invalid config, unsupported model (or MoE family whose experts cannot be pruned),
-            calibration data missing.
+        LosaError: invalid config, unsupported model (or MoE family whose experts cannot be pruned, or
+            an offloaded MoE model), calibration data missing, a model dispatched across several
+            compute devices or to another device than ``config.device``.
         SparsityVerificationError: a module misses its target (with ``verify``).
     """
     if config is None:
@@ -251,6 +257,9 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     elif isinstance(config, dict):
         config = build_config(PruneConfig, config)
     t0 = time.perf_counter()
+    if get_arch(model).experts is not None and is_offloaded(model):
+        raise LosaError("pruning a mixture-of-experts model whose weights accelerate offloads is not supported; "
+                        "load it without CPU/disk offloading (no device_map with max_memory/offload_folder)")
     with unfused_experts(model):
         targets, sequential, timings, allocation = _prune(model, tokenizer, config, calib_ids, progress, visitor)
     report = sparsity_report(model, _nm_for_report(targets))  # on the fused model: every expert matrix counts
@@ -286,8 +295,9 @@ def _prune(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: torch.Te
     sequential: Literal["none", "layer", "module"] = "none"  # data-free pruners need no calibration pass
     if pruner.stat is None:  # data-free: no calibration pass needed
         for i, layer in enumerate(tqdm(layers, desc=f"pruning ({config.method})", unit="layer", disable=not progress)):
-            for name, mod in linear_modules(layer, spec).items():
-                visitor.prune_module(i, name, mod, None)
+            with onloaded(layer):  # weights offloaded by accelerate: pruned values written back
+                for name, mod in linear_modules(layer, spec).items():
+                    visitor.prune_module(i, name, mod, None)
     else:
         calib_ids = _calibration(model, tokenizer, config, calib_ids, timings, progress)
         single = _use_single_pass(config, pruner, model, layers, calib_ids)

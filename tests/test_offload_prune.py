@@ -1,0 +1,135 @@
+"""Offloaded pruning gives the same masks as in-memory pruning.
+
+A tiny random Llama is saved, then loaded twice: fully in memory, and with accelerate offloading its
+decoder layers to disk under a small CPU memory cap. Both are pruned from the same calibration ids;
+the masks, the pruned weights (read back from the offload folder by accelerate's own loader) and the
+logits of a fresh forward must match the in-memory result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.utils import has_offloaded_params
+from accelerate.utils.offload import OffloadedWeightsLoader
+from conftest import make_tiny_model
+from transformers import AutoModelForCausalLM
+
+import losa
+from losa.errors import LosaError
+from losa.models.linear import get_weight
+from losa.models.offload import is_offloaded, onloaded
+from losa.models.registry import get_arch, get_decoder_layers, linear_modules
+from losa.pipelines.oneshot import PruneConfig, PruneVisitor
+
+LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model("llama", seed=3, layers=LAYERS, hidden=64, vocab=128).save_pretrained(path)
+    return path
+
+
+def _offloaded(checkpoint: Path, folder: Path):
+    """The checkpoint with everything beyond a small CPU budget offloaded to ``folder`` on disk."""
+    model, _ = losa.load_model(str(checkpoint), device_map="auto", max_memory={"cpu": 100_000},
+                               offload_folder=str(folder))
+    layers = get_decoder_layers(model)
+    offloaded = [m for layer in layers for m in linear_modules(layer, get_arch(model)).values()]
+    assert "disk" in set(model.hf_device_map.values()), model.hf_device_map
+    assert all(has_offloaded_params(m) and m.weight.device.type == "meta" for m in offloaded)
+    return model
+
+
+def _calib_ids() -> torch.Tensor:
+    return torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _prune(model, method: str, **options) -> dict[tuple[int, str], torch.Tensor]:
+    config = PruneConfig(method=method, sparsity=0.5, device="cpu", **options)
+    visitor = PruneVisitor(config.pruner(), config.layer_targets(LAYERS), keep_masks=True)
+    report = losa.prune(model, config=config, calib_ids=_calib_ids(), progress=False, visitor=visitor)
+    assert report.sparsity.overall == pytest.approx(0.5, abs=0.02)
+    return visitor.masks
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    """Every prunable weight of an in-memory model by its state-dict name."""
+    return {f"{name}.weight": mod.weight.detach().clone() for name, mod in model.named_modules()
+            if any(name.endswith(f".{k}") for k in linear_modules(get_decoder_layers(model)[0]))}
+
+
+@pytest.mark.parametrize(("method", "options"), [("wanda", {}), ("sparsegpt", {}),
+                                                 ("sparsegpt", {"sequential": "layer"})])
+def test_offloaded_pruning_matches_in_memory(checkpoint: Path, tmp_path: Path, method: str, options: dict) -> None:
+    dense, _ = losa.load_model(str(checkpoint))
+    expected_masks = _prune(dense, method, **options)
+    expected = _weights(dense)
+
+    folder = tmp_path / "offload"
+    model = _offloaded(checkpoint, folder)
+    masks = _prune(model, method, **options)
+
+    assert masks.keys() == expected_masks.keys()
+    for key, mask in expected_masks.items():
+        assert torch.equal(masks[key], mask), f"mask of {key} differs"
+    # the pruned weights were written to the offload folder: accelerate's own loader reads them back
+    stored = OffloadedWeightsLoader(save_folder=str(folder))
+    assert set(stored) == set(expected)
+    for key, weight in expected.items():
+        assert torch.equal(stored[key], weight), f"{key} differs from the in-memory pruning"
+    assert is_offloaded(model)  # still offloaded after pruning
+    ids = _calib_ids()[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=0, atol=1e-6)
+
+
+def test_cpu_offloaded_magnitude_pruning_matches_in_memory(tiny_model) -> None:
+    """The CPU-offload map (a state dict) gets the pruned weights too (data-free pruner path)."""
+    from accelerate import cpu_offload
+
+    dense = tiny_model("llama", seed=4, layers=LAYERS)
+    model = tiny_model("llama", seed=4, layers=LAYERS)
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    assert is_offloaded(model)
+    expected_masks = _prune(dense, "magnitude")
+    masks = _prune(model, "magnitude")
+    assert all(torch.equal(masks[k], m) for k, m in expected_masks.items())
+    for layer, ref in zip(get_decoder_layers(model), get_decoder_layers(dense)):
+        with onloaded(layer):
+            for name, mod in linear_modules(layer, get_arch(model)).items():
+                assert torch.equal(get_weight(mod), get_weight(ref.get_submodule(name)))
+
+
+def test_onloaded_writes_back_only_changed_weights(checkpoint: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "offload"
+    model = _offloaded(checkpoint, folder)
+    layer = get_decoder_layers(model)[1]
+    with onloaded(layer), torch.no_grad():
+        assert layer.mlp.up_proj.weight.device.type == "cpu"
+        layer.mlp.up_proj.weight.zero_()
+    assert layer.mlp.up_proj.weight.device.type == "meta"
+    stored = OffloadedWeightsLoader(save_folder=str(folder))
+    assert list(stored) == ["model.layers.1.mlp.up_proj.weight"]
+    assert not stored["model.layers.1.mlp.up_proj.weight"].any()
+    with onloaded(layer):
+        assert not layer.mlp.up_proj.weight.any()
+
+
+def test_dispatched_model_on_another_device_is_a_clear_error(checkpoint: Path, tmp_path: Path) -> None:
+    model = _offloaded(checkpoint, tmp_path / "offload")
+    with pytest.raises(LosaError, match="dispatched by accelerate to compute on cpu"):
+        losa.prune(model, config=PruneConfig(method="wanda", device="cuda:1"), calib_ids=_calib_ids(),
+                   progress=False)
+
+
+def test_offloaded_model_loads_from_directory(checkpoint: Path, tmp_path: Path) -> None:
+    model = _offloaded(checkpoint, tmp_path / "offload")
+    ref = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    ids = _calib_ids()[:1]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=1e-6)
