@@ -74,6 +74,7 @@ def main() -> None:
     args = ap.parse_args()
     losa = shutil.which("losa", path=str(BIN)) or "losa"
     torchrun = shutil.which("torchrun", path=str(BIN)) or "torchrun"
+    prov = provenance(2, SMOLLM2, sys.argv)  # at the start: the code the runs import
     with tempfile.TemporaryDirectory(prefix="bench-mp-") as tmp:
         one, two = Path(tmp) / "one", Path(tmp) / "two"
         wall_one = _timed([losa, *_losa_args(args, one), "--grad-accum", "2"], threads=2)
@@ -82,7 +83,7 @@ def main() -> None:
         row = {"sparsity": args.sparsity, "steps": args.steps, "ft_examples": args.ft_examples,
                "global_batch": 2 * args.batch_size, "wall_1proc_2threads_s": round(wall_one, 1),
                "wall_2proc_1thread_s": round(wall_two, 1), **compare(one, two),
-               **provenance(2, SMOLLM2, sys.argv)}
+               **prov}
     print(json.dumps(row))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
