@@ -61,6 +61,8 @@ def run_single(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     variant = args.single
+    argv = sys.argv[:sys.argv.index("--single")] if "--single" in sys.argv else sys.argv
+    prov = provenance(torch.get_num_threads(), SMOLLM2, argv)  # at the start: the code this run imports
     cfg = _config(args, variant)
     t0 = time.perf_counter()
     model, tok = losa.load_model("smollm2-135m")
@@ -74,7 +76,6 @@ def run_single(args) -> dict:
     ppl = perplexity(model, tok, "wikitext2", seqlen=args.eval_seqlen, max_windows=args.eval_windows,
                      data_dir=_data_dir(args), progress=False)
     k = cfg.finetune.teacher_topk
-    argv = sys.argv[:sys.argv.index("--single")] if "--single" in sys.argv else sys.argv
     return {"variant": variant, "k": k or None, "sparsity_target": args.sparsity, "ppl": float(ppl),
             "sparsity": float(rep.results.sparsity), "finetune_tokens": tokens,
             # indices int32 + log-probs float32 per cached position and id, plus int64 offsets
@@ -83,7 +84,7 @@ def run_single(args) -> dict:
             "cache_left_behind": left_behind, "wall_s": round(wall, 1),
             "train_loss_last": [s.train_loss[-1] if s.train_loss else None for s in rep.steps],
             "eval_windows": args.eval_windows, "eval_seqlen": args.eval_seqlen,
-            "peak_rss_mib": round(peak_rss_mb()), **provenance(torch.get_num_threads(), SMOLLM2, argv)}
+            "peak_rss_mib": round(peak_rss_mb()), **prov}
 
 
 def render(rows: list[dict], args, path: Path) -> None:
