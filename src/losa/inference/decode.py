@@ -190,9 +190,6 @@ class LeanDecoder:
 
     Raises:
         LosaError: ``compile=True`` without the compiled kernel for a model with sparse layers.
-
-    With ``compile=True`` the model must not be changed afterwards (layers swapped, LM head dtype set): the
-    compiled step does not re-check module attributes per token.
     """
 
     def __init__(self, model: nn.Module, compile: bool = False) -> None:
@@ -220,10 +217,9 @@ class LeanDecoder:
             return {}
         from transformers import CompileConfig
 
-        # the model is not modified after loading, so the per-call guards on module attributes (thousands for
-        # a deep model, checked every token) are skipped
-        cc = CompileConfig(fullgraph=True, mode=None, dynamic=False,
-                           options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        # guards on module attributes stay on (skipping them saves a little per token, but lets a step compiled
+        # for one model run on another instance of the same class)
+        cc = CompileConfig(fullgraph=True, mode="default", dynamic=False)
         cc._compile_all_devices = True  # transformers compiles on CUDA only unless told
         return {"cache_implementation": "static", "compile_config": cc,
                 "max_cache_len": cache_length(input_ids.shape[1] + max_new_tokens, self.context)}
