@@ -81,6 +81,14 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="precision of the prompt (large-batch) GEMM of a float32 model; bfloat16 rounds activations "
                         "like a dense bf16 model and is about 2x faster with AVX512-BF16; ignored on CPUs without "
                         "native bf16 (default: auto = as the model: bf16 for a bf16 model, else float32)")
+    p.add_argument("--lm-head-dtype", default="auto",
+                   help="auto, float32 or bfloat16: precision of the LM head's weights for a float32 model: bfloat16 multiplies a separate bf16 "
+                        "copy (float32 sums; a tied embedding is not changed), halving the head's bytes per token "
+                        "(default: auto = bfloat16 for a float32 model where the compiled kernel runs, else as "
+                        "loaded; measured in benchmarks/results/decode.md)")
+    p.add_argument("--compile", action="store_true",
+                   help="static KV cache and torch.compile of the decode step: less per-token overhead, but the "
+                        "first generation of each cache size compiles first (worth it for serving and long outputs)")
     p.add_argument("--compact", default=None,
                    help="a compact checkpoint written by losa.inference.save_sparse to load into MODEL")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
@@ -90,7 +98,7 @@ def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any
     """Load ``args.model`` and swap in the sparse layers as the runtime flags say; prints what it did.
 
     ``auto`` dtypes are chosen for this CPU by :func:`losa.inference.arith.choose_arithmetic` (one printed
-    line says what and why). Returns ``(model, tokenizer, mode, summary)`` with mode "sparse" or "dense" and
+    line says what and why); ``--lm-head-dtype`` by :func:`losa.inference.decode.resolve_lm_head_dtype`. Returns ``(model, tokenizer, mode, summary)`` with mode "sparse" or "dense" and
     the :func:`~losa.inference.sparsify_for_inference` summary (None when nothing was sparsified here).
     """
     import torch
@@ -98,7 +106,9 @@ def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any
     import losa
     from losa.inference import load_sparse, sparsify_for_inference
     from losa.inference.arith import Requested, choose_arithmetic, detect_isa
+    from losa.inference.decode import normalize_lm_head_dtype, resolve_lm_head_dtype, set_lm_head_dtype
 
+    head_request = normalize_lm_head_dtype(getattr(args, "lm_head_dtype", "auto"))  # bad flags fail before loading
     if args.threads is not None:
         if args.threads < 1:
             raise LosaError(f"--threads {args.threads} must be at least 1")
@@ -128,4 +138,9 @@ def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any
             if summary["sparse_prefill_layers"] and summary["compute"].startswith("bf16"):
                 print(f"  {summary['sparse_prefill_layers']} of them skip zeros in the prompt GEMM too "
                       "(>= 65 % sparse; the others decompress tiles for a dense bf16 GEMM)")
+    if not args.sparse and head_request == "auto":
+        head_request = "float32"  # the dense baseline stays as loaded unless asked
+    head = resolve_lm_head_dtype(head_request, next(model.parameters()).dtype)
+    if set_lm_head_dtype(model, head):
+        print("LM head: bf16 copy of its weights (float32 sums; the embedding keeps float32)")
     return model, tok, mode, summary

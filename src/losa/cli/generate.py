@@ -26,21 +26,25 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from losa.inference import save_sparse
+    from losa.inference.decode import LeanDecoder
 
     if args.max_new_tokens < 1:
         raise LosaError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     model, tok, mode, _ = load_runtime_model(args, "generation")
+    decoder = LeanDecoder(model, compile=args.compile)
     if args.save_compact:
         save_sparse(model, args.save_compact)
         print(f"wrote {args.save_compact}")
     ids = tok(args.prompt, return_tensors="pt").input_ids
     with torch.inference_mode():
         t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        out = decoder.generate(ids, args.max_new_tokens, do_sample=args.sample, attention_mask=torch.ones_like(ids),
+                               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         dt = time.perf_counter() - t0
     new = out.shape[1] - ids.shape[1]
     print(tok.decode(out[0], skip_special_tokens=True))
+    if args.compile:
+        mode += ", compiled (this call includes the compile)"
     print(f"[{mode}] {new} tokens in {dt:.2f} s ({new / dt:.1f} tokens/s, "
           f"prompt {ids.shape[1]} tokens, {torch.get_num_threads()} threads)")
     return 0

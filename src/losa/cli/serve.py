@@ -84,7 +84,8 @@ def build_server(args: argparse.Namespace):
         raise LosaError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); check --host/--port") from None
     try:
         model, tok, mode, summary = load_runtime_model(args, "serving")
-        service = GenerationService(model, tok, args.model_name or args.model, default_max_tokens=args.max_tokens)
+        service = GenerationService(model, tok, args.model_name or args.model, default_max_tokens=args.max_tokens,
+                                    compile=args.compile)
     except BaseException:
         sock.close()
         raise

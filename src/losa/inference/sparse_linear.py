@@ -154,35 +154,88 @@ class SparseLinear(nn.Module):
             raise LosaError(f"SparseLinear runs on the CPU, got an input on {x.device}; move the model and inputs to CPU")
         b = self._buffers
         values = b["values"]
-        bf16_in = x.dtype == torch.bfloat16 and values.dtype == torch.bfloat16
         x2 = x.reshape(-1, self.in_features)
-        k = _kernel.load_kernel()
-        if k is None:
+        compiling = torch.compiler.is_compiling()  # torch.compile traces the opaque op, never the kernel module
+        if not compiling and _kernel.load_kernel() is None:
             if self._dense_cache is None:
                 self._dense_cache = self.to_dense()
             y = F.linear(x2.float(), self._dense_cache, b["bias"])
         else:
-            isa = _kernel.best_isa()
-            native = _kernel.native_bf16(isa)  # else no bf16 GEMM: bf16 inputs run the float32 paths
-            args = (b["meta"], values, b["row_ptr"], b["bias"], self.out_features, self.in_features,
-                    FORMAT_CODES[self.fmt], isa)
-            measured = _thresholds.cached_thresholds(isa)  # losa bench-runtime on this CPU, else {}
-            threshold = self.dense_batch_threshold
-            if threshold is None:
-                if bf16_in and native:
-                    threshold = (self._bf16_threshold if self._small
-                                 else measured.get("dense_batch_threshold_bf16", self._bf16_threshold))
-                else:
-                    threshold = measured.get("dense_batch_threshold", DENSE_BATCH_THRESHOLD)
-            rows = x2.shape[0]
-            if rows <= threshold:
-                y = k.spmm(x2, *args)
-            elif (bf16_in and native and self.sparse_prefill
-                  and rows > measured.get("sparse_gemm_batch_threshold", SPARSE_GEMM_BATCH_THRESHOLD)):
-                y = k.sparse_mm_bf16(x2, *args[:-1])
-            else:
-                bf16_gemm = native and (bf16_in or self.prefill_dtype == torch.bfloat16)
-                tiles = k.dense_mm_xw if bf16_gemm and rows <= DENSE_XW_MAX_ROWS else k.dense_mm
-                y = tiles(x2, *args, DENSE_TILE_ROWS, bf16_gemm)
+            threshold = -1 if self.dense_batch_threshold is None else self.dense_batch_threshold
+            fn = torch.ops.losa.sparse_matmul if compiling else sparse_matmul
+            y = fn(x2, b["meta"], values, b["row_ptr"], b["bias"], self.out_features, self.in_features,
+                   FORMAT_CODES[self.fmt], threshold, self._small, self.sparse_prefill,
+                   self.prefill_dtype == torch.bfloat16)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def sparse_matmul(x2: torch.Tensor, meta: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
+                  bias: torch.Tensor | None, out_features: int, in_features: int, fmt_code: int, threshold: int,
+                  small: bool, sparse_prefill: bool, prefill_bf16: bool) -> torch.Tensor:
+    """``x2 · Wᵀ + b`` of a packed weight through the compiled kernel, choosing the path by batch rows.
+
+    The dispatch of :meth:`SparseLinear.forward` as a plain function (also registered as the torch custom op
+    ``losa::sparse_matmul``, so ``torch.compile`` traces around it).
+
+    Args:
+        x2: inputs ``[rows, in_features]``.
+        meta: packed metadata (see :mod:`losa.inference.formats`).
+        values: packed values (float32 or bfloat16).
+        row_ptr: row offsets into ``values``.
+        bias: float32 bias ``[out_features]`` or None.
+        out_features: rows of the weight.
+        in_features: columns of the weight.
+        fmt_code: :data:`~losa.inference.formats.FORMAT_CODES` of the format.
+        threshold: rows up to which the sparse kernel runs; -1 for the measured default of the input dtype.
+        small: whether the layer has at most ``SMALL_LAYER_WEIGHTS`` weights.
+        sparse_prefill: whether large bf16 batches may use the zero-skipping sparse GEMM.
+        prefill_bf16: whether large float32 batches run a bf16 GEMM (only with native bf16).
+
+    Returns:
+        ``[rows, out_features]`` in the dtype of ``x2``.
+
+    Raises:
+        LosaError: when the compiled kernel is unavailable.
+    """
+    k = _kernel.load_kernel()
+    if k is None:
+        raise LosaError("the losa sparse kernel is not built; install a C++ compiler and ninja, then retry")
+    isa = _kernel.best_isa()
+    native = _kernel.native_bf16(isa)  # else no bf16 GEMM: bf16 inputs run the float32 paths
+    bf16_in = x2.dtype == torch.bfloat16 and values.dtype == torch.bfloat16
+    args = (meta, values, row_ptr, bias, out_features, in_features, fmt_code, isa)
+    measured = _thresholds.cached_thresholds(isa)  # losa bench-runtime on this CPU, else {}
+    if threshold < 0:
+        bf16_default = DENSE_BATCH_THRESHOLD_BF16_SMALL if small else DENSE_BATCH_THRESHOLD_BF16
+        if bf16_in and native:
+            threshold = bf16_default if small else measured.get("dense_batch_threshold_bf16", bf16_default)
+        else:
+            threshold = measured.get("dense_batch_threshold", DENSE_BATCH_THRESHOLD)
+    rows = x2.shape[0]
+    if rows <= threshold:
+        y = k.spmm(x2, *args)
+    elif bf16_in and native and sparse_prefill and rows > measured.get("sparse_gemm_batch_threshold",
+                                                                         SPARSE_GEMM_BATCH_THRESHOLD):
+        y = k.sparse_mm_bf16(x2, *args[:-1])
+    else:
+        bf16_gemm = native and (bf16_in or prefill_bf16)
+        tiles = k.dense_mm_xw if bf16_gemm and rows <= DENSE_XW_MAX_ROWS else k.dense_mm
+        y = tiles(x2, *args, DENSE_TILE_ROWS, bf16_gemm)
+    return y if y.dtype == x2.dtype else y.to(x2.dtype)
+
+
+@torch.library.custom_op("losa::sparse_matmul", mutates_args=())
+def _sparse_matmul_op(x2: torch.Tensor, meta: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
+                      bias: torch.Tensor | None, out_features: int, in_features: int, fmt_code: int, threshold: int,
+                      small: bool, sparse_prefill: bool, prefill_bf16: bool) -> torch.Tensor:
+    """:func:`sparse_matmul` as an opaque op for ``torch.compile`` (eager code calls the function directly)."""
+    return sparse_matmul(x2, meta, values, row_ptr, bias, out_features, in_features, fmt_code, threshold, small,
+                         sparse_prefill, prefill_bf16)
+
+
+@_sparse_matmul_op.register_fake
+def _(x2: torch.Tensor, meta: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, bias: torch.Tensor | None,
+      out_features: int, in_features: int, fmt_code: int, threshold: int, small: bool, sparse_prefill: bool,
+      prefill_bf16: bool) -> torch.Tensor:
+    return x2.new_empty((x2.shape[0], out_features))

@@ -61,17 +61,23 @@ class GenerationService:
         tokenizer: its tokenizer (a chat template is needed for chat requests).
         name: the model id reported to clients.
         default_max_tokens: ``max_tokens`` of chat requests that give none (completions: 16, as OpenAI).
+        compile: decode with a static KV cache and a compiled step (:class:`losa.inference.decode.LeanDecoder`;
+            the first request of each cache size compiles first).
 
     Raises:
         LosaError: without a tokenizer, or with ``default_max_tokens`` < 1.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, name: str, default_max_tokens: int = 256) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, name: str, default_max_tokens: int = 256,
+                 compile: bool = False) -> None:
+        from losa.inference.decode import LeanDecoder
+
         if tokenizer is None:
             raise LosaError(f"model {name} has no tokenizer; serving needs one")
         if default_max_tokens < 1:
             raise LosaError(f"default max tokens {default_max_tokens} must be at least 1")
         self.model, self.tok, self.name = model.eval(), tokenizer, name
+        self.decoder = LeanDecoder(self.model, compile=compile)
         self.default_max_tokens = default_max_tokens
         self.context = getattr(model.config, "max_position_embeddings", None)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -159,8 +165,9 @@ class GenerationService:
         with self._lock, torch.inference_mode():
             if job.req.seed is not None:
                 torch.manual_seed(job.req.seed)
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), stopping_criteria=[watch],
-                                      **self._generate_kwargs(job.req, job.max_new))
+            kw = self._generate_kwargs(job.req, job.max_new)
+            out = self.decoder.generate(ids, kw.pop("max_new_tokens"), attention_mask=torch.ones_like(ids),
+                                        stopping_criteria=[watch], **kw)
         new = out[0, ids.shape[1]:]
         text, cut = cut_at_stop(watch.finish(), job.req.stop)
         stopped = cut or watch.stop_hit or (len(new) > 0 and int(new[-1]) in self.eos)

@@ -1,0 +1,225 @@
+"""Per-token decode time of SmolLM2-135M: dense, the sparse runtime before, and the lean decode path.
+
+Modes (each a separate copy of the model, timed interleaved: every repetition runs every mode once):
+
+* ``dense fp32``: the unpruned float32 model, ``model.generate`` (dynamic cache).
+* ``sparse before``: pruned, ``sparsify_for_inference(value_dtype="bfloat16")``, float32 LM head, plain
+  ``model.generate`` (what ``losa generate`` did before the lean path).
+* ``lean bf16 head``: as before plus the bf16 LM head copy (``--lm-head-dtype bfloat16``), eager.
+* ``lean bf16 head + static + compile``: plus a static KV cache and the compiled decode step (``--compile``).
+
+Pruning is magnitude per output row (timing only: the kernels' speed depends on the sparsity, not on which
+weights are kept). Greedy, a fixed prompt, exactly ``--tokens`` new tokens, best of ``--reps``. The bandwidth
+floor is the bytes one decoded token streams (packed sparse linears, LM head) over the read bandwidth measured
+as in bench_inference.py. Rows are appended to benchmarks/results/decode.jsonl and decode.md is rendered from all
+rows. Run: ``PYTHONPATH=src python benchmarks/bench_decode.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import provenance  # noqa: E402
+
+from losa.errors import LosaError  # noqa: E402
+from losa.inference import SparseLinear, sparsify_for_inference  # noqa: E402
+from losa.inference.decode import BF16LMHead, LeanDecoder, set_lm_head_dtype  # noqa: E402
+from losa.pruning.masks import unstructured_mask  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODEL = "SmolLM2-135M-Instruct, dequantised from Q4_1"
+PROMPT = "The history of the city of London"
+
+
+def bandwidth(threads: int, reps: int = 5) -> float:
+    """Read bandwidth in GB/s: best of ``reps`` ``sum`` over a 512 MiB float32 buffer (as bench_inference.py).
+
+    Args:
+        threads: torch threads.
+        reps: repetitions.
+
+    Returns:
+        GB/s.
+    """
+    torch.set_num_threads(threads)
+    buf = torch.ones(128 * 2**20)
+    buf.sum()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+    return buf.numel() * 4 / best / 1e9
+
+
+def prune_magnitude(model: torch.nn.Module, sparsity: float) -> None:
+    """Zero the smallest-magnitude ``sparsity`` of every decoder linear, per output row (in place)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for mod in layer.modules():
+                if isinstance(mod, torch.nn.Linear):
+                    mod.weight.mul_(unstructured_mask(mod.weight.abs(), sparsity, per_row=True))
+
+
+def bytes_per_token(model: torch.nn.Module) -> int:
+    """Weight bytes one decoded token streams: every linear (packed where sparse) and the LM head."""
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, SparseLinear):
+            total += mod.packed.nbytes()
+        elif isinstance(mod, BF16LMHead):
+            total += mod.values.numel() * 2 + mod.meta.numel()
+        elif isinstance(mod, torch.nn.Linear):
+            total += mod.weight.numel() * mod.weight.element_size()
+    return total
+
+
+def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bool) -> dict[str, dict]:
+    """The models to time: name -> {"model", "decoder", "sparsity", "bytes"}."""
+    modes = {"dense fp32": {"model": base, "decoder": LeanDecoder(base), "sparsity": 0.0}}
+    for sp in sparsities:
+        pruned = copy.deepcopy(base)
+        prune_magnitude(pruned, sp)
+        sparsify_for_inference(pruned, value_dtype="bfloat16")
+        tag = f"{round(sp * 100)}%"
+        head = copy.deepcopy(pruned)
+        set_lm_head_dtype(head, "bfloat16")
+        modes[f"{tag} sparse before"] = {"model": pruned, "decoder": LeanDecoder(pruned), "sparsity": sp}
+        modes[f"{tag} lean bf16 head"] = {"model": head, "decoder": LeanDecoder(head), "sparsity": sp}
+        if compile_step:
+            comp = copy.deepcopy(pruned)
+            set_lm_head_dtype(comp, "bfloat16")
+            modes[f"{tag} lean bf16 head + static + compile"] = {"model": comp, "sparsity": sp,
+                                                                 "decoder": LeanDecoder(comp, compile=True)}
+    for m in modes.values():
+        m["bytes"] = bytes_per_token(m["model"])
+    return modes
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, append rows to decode.jsonl and render decode.md.
+
+    Args:
+        argv: command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        0 on success.
+
+    Raises:
+        LosaError: for invalid arguments.
+    """
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--sparsities", default="0.5,0.7")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the compiled mode")
+    ap.add_argument("--out", default=str(RESULTS / "decode.jsonl"))
+    args = ap.parse_args(argv)
+    if args.tokens < 1 or args.reps < 1:
+        raise LosaError("--tokens and --reps must be at least 1")
+    import losa
+
+    load_start = os.getloadavg()
+    threads = [int(t) for t in args.threads.split(",")]
+    base, tok = losa.load_model("smollm2-135m")
+    base.eval()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    modes = build_modes(base, [float(s) for s in args.sparsities.split(",")], not args.no_compile)
+    bw = {t: bandwidth(t) for t in threads}
+    print("bandwidth GB/s", bw, flush=True)
+    gen_kw = dict(do_sample=False, min_new_tokens=args.tokens, pad_token_id=tok.eos_token_id,
+                  attention_mask=torch.ones_like(ids))
+
+    def run(m: dict) -> tuple[float, torch.Tensor]:
+        with torch.inference_mode():
+            t = time.perf_counter()
+            out = m["decoder"].generate(ids, args.tokens, **gen_kw)
+            return time.perf_counter() - t, out
+
+    compile_s = {}
+    for name, m in modes.items():  # warm-up (and the compile, timed once)
+        torch.set_num_threads(threads[0])
+        t, m["tokens"] = run(m)
+        if m["decoder"].compile:
+            compile_s[name] = t
+            print(f"compile + first run of {name}: {t:.1f} s", flush=True)
+    rows = []
+    for th in threads:
+        torch.set_num_threads(th)
+        best = {k: float("inf") for k in modes}
+        for _ in range(args.reps):
+            for name, m in modes.items():
+                t, _ = run(m)
+                best[name] = min(best[name], t)
+        for name, m in modes.items():
+            ms = 1000 * best[name] / args.tokens
+            floor = m["bytes"] / (bw[th] * 1e9) * 1000
+            ref = modes[f"{round(m['sparsity'] * 100)}% sparse before"]["tokens"] if m["sparsity"] else None
+            same = None if ref is None else bool(torch.equal(m["tokens"], ref))
+            row = {**provenance(th, MODEL, [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+                   "mode": name, "sparsity": m["sparsity"], "new_tokens": args.tokens, "prompt_tokens": ids.shape[1],
+                   "reps": args.reps, "ms_per_token": round(ms, 2), "tokens_per_s": round(1000 / ms, 2),
+                   "bytes_per_token": m["bytes"], "bandwidth_GBps": round(bw[th], 2),
+                   "floor_ms": round(floor, 2), "x_floor": round(ms / floor, 2),
+                   "greedy_same_as_before": same, "compile_s": round(compile_s[name], 1) if name in compile_s else None,
+                   "torch": torch.__version__}
+            rows.append(row)
+            print(f"{th} thr  {name:40s} {ms:7.2f} ms/token  floor {floor:6.2f}  x{ms / floor:.2f}", flush=True)
+    load_end = os.getloadavg()
+    for r in rows:
+        r["loadavg_start"], r["loadavg_end"] = [round(x, 2) for x in load_start], [round(x, 2) for x in load_end]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    render(out, out.with_suffix(".md"))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+def render(jsonl: Path, md: Path) -> None:
+    """Render every row of ``jsonl`` as a markdown table with its provenance."""
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    L = ["# Decode speed: SmolLM2-135M, sparse runtime before and after the lean decode path", "",
+         "Written by `benchmarks/bench_decode.py`. Greedy, a fixed prompt, a fixed number of new tokens, best of "
+         "the repetitions, modes interleaved. Pruning: magnitude per output row (timing only). Sparse modes: bf16 "
+         "values, float32 model and activations. floor = bytes streamed per token (packed linears + LM head) / "
+         "measured read bandwidth (`sum` over 512 MiB, best of 5). `same` = greedy tokens equal to `sparse "
+         "before` at that sparsity. Other jobs shared the machine: see the load averages.", ""]
+    runs: dict[tuple, list[dict]] = {}
+    for r in rows:
+        runs.setdefault((r["date"][:16], r["commit"], r["command"], r["cpu"], r["isa"]), []).append(r)
+    for (date, commit, command, cpu, isa), rs in runs.items():
+        r0 = rs[0]
+        L += [f"## {date} UTC, commit {commit}", "",
+              f"`{command}` on {cpu} ({isa}), torch {r0.get('torch', '?')}, model: {r0['model']}; "
+              f"{r0['new_tokens']} new tokens after a {r0['prompt_tokens']}-token prompt, best of {r0['reps']}.", "",
+              f"Load average (1/5/15 min) at start {r0['loadavg_start']}, at end {r0['loadavg_end']} "
+              "(2 CPU cores).", ""]
+        comp = [f"{r['mode']}: {r['compile_s']} s" for r in rs if r.get("compile_s") is not None and r["threads"] == rs[0]["threads"]]
+        if comp:
+            L += ["Compile + first generation (once per model): " + "; ".join(comp) + ".", ""]
+        L += ["| threads | mode | ms/token | tokens/s | MB/token | GB/s read | floor ms | x floor | same |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        for r in rs:
+            same = "" if r["greedy_same_as_before"] is None else ("yes" if r["greedy_same_as_before"] else "no")
+            L.append(f"| {r['threads']} | {r['mode']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['bytes_per_token'] / 1e6:.1f} | {r['bandwidth_GBps']:.1f} | {r['floor_ms']:.2f} | "
+                     f"{r['x_floor']:.2f} | {same} |")
+        L.append("")
+    md.write_text("\n".join(L))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

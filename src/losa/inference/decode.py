@@ -1,0 +1,244 @@
+"""Lean decode for ``losa generate`` and ``losa serve``: LM head precision, static KV cache, compiled step.
+
+Per decoded token a small model spends much of its time outside the sparse linears: the LM head (for a
+float32 model with a tied embedding it streams the whole float32 embedding matrix) and the framework code
+around each layer (norms, rotary, cache updates, module calls). Two opt-ins cut them:
+
+* **LM head in bf16 values** (:func:`set_lm_head_dtype`): the head keeps its float32 weight (a tied head
+  still shares it with the embedding, which is not touched) and gets a separate bf16 copy, multiplied by the
+  compiled kernel with float32 activations and float32 sums (bf16 values are widened exactly, on every ISA).
+  Half the bytes of the head; logits differ from the float32 head by bf16 rounding of the weights only.
+* **Static KV cache + ``torch.compile``** (:class:`LeanDecoder` with ``compile=True``): Hugging Face
+  ``generate`` with ``cache_implementation="static"`` compiles the decode step once (the sparse layers are
+  an opaque custom op, ``losa::sparse_matmul``, to the compiler). The cache length is rounded up to a power
+  of two so that prompts of different lengths reuse the compiled step; the first call pays the compile.
+
+:class:`LeanDecoder.generate` is ``model.generate`` with these settings, so stopping criteria, sampling
+options and streaming work as there. Measurements: benchmarks/bench_decode.py,
+benchmarks/results/decode.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from losa.errors import LosaError
+from losa.inference import kernel as _kernel
+from losa.inference.formats import FORMAT_CODES, pack
+from losa.inference.sparse_linear import sparse_matmul
+
+LM_HEAD_DTYPES = ("auto", "float32", "bfloat16")
+_ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
+#: smallest static cache length; longer ones are rounded up to the next power of two
+MIN_CACHE_LEN = 256
+
+
+class BF16LMHead(nn.Module):
+    """An LM head that multiplies by a bf16 copy of its weight (float32 activations, float32 sums).
+
+    The float32 ``weight`` stays a parameter of this module (the same tensor as before, so a tied embedding
+    still shares it and the state dict is unchanged); the packed bf16 copy lives in non-persistent buffers.
+
+    Args:
+        head: the model's ``nn.Linear`` output layer.
+
+    Raises:
+        LosaError: when ``head`` is not an ``nn.Linear`` or the compiled kernel is unavailable.
+    """
+
+    def __init__(self, head: nn.Linear) -> None:
+        super().__init__()
+        if not isinstance(head, nn.Linear):
+            raise LosaError(f"the bf16 LM head needs an nn.Linear output layer, got {type(head).__name__}")
+        if _kernel.load_kernel() is None:
+            raise LosaError("the bf16 LM head needs the compiled kernel; use --lm-head-dtype float32")
+        self.out_features, self.in_features = head.out_features, head.in_features
+        self.weight = head.weight
+        self.bias = head.bias
+        w = head.weight.detach()
+        packed = pack(w, torch.bfloat16, "bitmask", keep=torch.ones_like(w, dtype=torch.bool))
+        self.register_buffer("meta", packed.meta, persistent=False)
+        self.register_buffer("values", packed.values, persistent=False)
+        self.register_buffer("row_ptr", packed.row_ptr, persistent=False)
+        self.register_buffer("bias32", None if head.bias is None else head.bias.detach().float().clone(),
+                             persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, values=bfloat16 (copy)"
+
+    def _apply(self, fn, recurse=True):
+        # like SparseLinear: the packed copy stays on the CPU in bf16 whatever the model is cast to
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``x · Wᵀ + b`` with ``W`` rounded to bf16, in the dtype of ``x``."""
+        x2 = x.reshape(-1, self.in_features)
+        b = self._buffers
+        fn = torch.ops.losa.sparse_matmul if torch.compiler.is_compiling() else sparse_matmul
+        y = fn(x2, b["meta"], b["values"], b["row_ptr"], b["bias32"], self.out_features, self.in_features,
+               FORMAT_CODES["bitmask"], -1, False, False, False)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def normalize_lm_head_dtype(value: str) -> str:
+    """``value`` as one of :data:`LM_HEAD_DTYPES` (aliases fp32/bf16 accepted).
+
+    Args:
+        value: the requested LM head dtype.
+
+    Returns:
+        "auto", "float32" or "bfloat16".
+
+    Raises:
+        LosaError: an unknown value.
+    """
+    v = _ALIASES.get(str(value).lower(), str(value).lower())
+    if v not in LM_HEAD_DTYPES:
+        raise LosaError(f"--lm-head-dtype {value!r} is not supported; use one of {', '.join(LM_HEAD_DTYPES)}")
+    return v
+
+
+def resolve_lm_head_dtype(requested: str, model_dtype: torch.dtype, kernel: bool | None = None) -> str:
+    """The LM head precision to use: ``"float32"`` (as loaded) or ``"bfloat16"`` (a bf16 copy).
+
+    ``auto`` picks bf16 for a float32 model where the compiled kernel runs (half the bytes of the largest
+    matrix decode streams; benchmarks/results/decode.md) and keeps the head as loaded otherwise (a bf16 or
+    float16 model's head is already half precision).
+
+    Args:
+        requested: "auto", "float32" or "bfloat16" (aliases fp32/bf16).
+        model_dtype: the dtype the model was loaded in.
+        kernel: whether the compiled kernel is available (default: ask :mod:`losa.inference.kernel`).
+
+    Returns:
+        "float32" or "bfloat16".
+
+    Raises:
+        LosaError: an unknown value, or bfloat16 asked for without the compiled kernel.
+    """
+    v = normalize_lm_head_dtype(requested)
+    if kernel is None:
+        kernel = _kernel.kernel_available()
+    if v == "auto":
+        return "bfloat16" if kernel and model_dtype == torch.float32 else "float32"
+    if v == "bfloat16" and model_dtype == torch.float32 and not kernel:
+        raise LosaError("--lm-head-dtype bfloat16 needs the compiled sparse kernel (a C++ compiler); "
+                        "use --lm-head-dtype float32")
+    return v
+
+
+def set_lm_head_dtype(model: nn.Module, dtype: str) -> bool:
+    """Give a float32 model's LM head a bf16 copy (``dtype="bfloat16"``); the embedding is not changed.
+
+    Args:
+        model: a causal LM with ``get_output_embeddings`` / ``set_output_embeddings``.
+        dtype: "float32" (nothing to do) or "bfloat16".
+
+    Returns:
+        Whether the head was replaced (False for float32, for a head that is already not float32, or when
+        it already is a :class:`BF16LMHead`).
+
+    Raises:
+        LosaError: an unknown dtype, a model without an ``nn.Linear`` output layer, or no compiled kernel.
+    """
+    if dtype not in ("float32", "bfloat16"):
+        raise LosaError(f"LM head dtype {dtype!r} is not supported; use float32 or bfloat16")
+    if dtype == "float32":
+        return False
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, BF16LMHead):
+        return False
+    if not isinstance(head, nn.Linear):
+        raise LosaError(f"model {type(model).__name__} has no nn.Linear LM head; use --lm-head-dtype float32")
+    if head.weight.dtype != torch.float32:
+        return False
+    model.set_output_embeddings(BF16LMHead(head))
+    return True
+
+
+def cache_length(needed: int, context: int | None = None) -> int:
+    """Static cache length for ``needed`` positions: the next power of two, at least ``MIN_CACHE_LEN``.
+
+    Args:
+        needed: prompt plus new tokens.
+        context: the model's context (the result never exceeds it when given and at least ``needed``).
+
+    Returns:
+        The length.
+
+    Raises:
+        LosaError: when ``needed`` < 1.
+    """
+    if needed < 1:
+        raise LosaError(f"cache length {needed} must be at least 1")
+    n = max(MIN_CACHE_LEN, 1 << (needed - 1).bit_length())
+    if context is not None and needed <= context < n:
+        n = context
+    return n
+
+
+class LeanDecoder:
+    """``model.generate`` with the lean decode settings (static KV cache and compiled step when asked).
+
+    Args:
+        model: the (sparse) causal LM.
+        compile: static KV cache plus ``torch.compile`` of the decode step (the first call of each cache
+            length compiles; worth it for a server or long generations, not for one short reply).
+
+    Raises:
+        LosaError: ``compile=True`` without the compiled kernel for a model with sparse layers.
+    """
+
+    def __init__(self, model: nn.Module, compile: bool = False) -> None:
+        self.model = model
+        self.compile = bool(compile)
+        self.context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if self.compile:
+            from losa.inference.sparse_linear import SparseLinear
+
+            if _kernel.load_kernel() is None and any(isinstance(m, (SparseLinear, BF16LMHead))
+                                                     for m in model.modules()):
+                raise LosaError("--compile needs the compiled sparse kernel (a C++ compiler); drop --compile")
+
+    def generate_kwargs(self, input_ids: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:
+        """The extra ``generate`` arguments of the lean path for this prompt (none without compile).
+
+        Args:
+            input_ids: the prompt ids ``(batch, T)``.
+            max_new_tokens: the most tokens to generate.
+
+        Returns:
+            Keyword arguments for ``model.generate``.
+        """
+        if not self.compile:
+            return {}
+        from transformers import CompileConfig
+
+        # guards on module attributes stay on (skipping them saves a little per token, but lets a step compiled
+        # for one model run on another instance of the same class)
+        cc = CompileConfig(fullgraph=True, mode="default", dynamic=False)
+        cc._compile_all_devices = True  # transformers compiles on CUDA only unless told
+        return {"cache_implementation": "static", "compile_config": cc,
+                "max_cache_len": cache_length(input_ids.shape[1] + max_new_tokens, self.context)}
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
+        """``model.generate(input_ids, max_new_tokens=..., **kwargs)`` on the lean path.
+
+        Args:
+            input_ids: prompt ids ``(batch, T)``.
+            max_new_tokens: the most tokens to generate.
+            **kwargs: passed to ``generate`` (sampling options, stopping criteria, attention mask ...).
+
+        Returns:
+            The ids, prompt included, as ``generate`` returns them.
+
+        Raises:
+            LosaError: when ``max_new_tokens`` < 1.
+        """
+        if max_new_tokens < 1:
+            raise LosaError(f"max_new_tokens {max_new_tokens} must be at least 1")
+        return self.model.generate(input_ids, max_new_tokens=max_new_tokens,
+                                   **self.generate_kwargs(input_ids, max_new_tokens), **kwargs)

@@ -1,0 +1,170 @@
+"""Lean decode (losa.inference.decode): bf16 LM head copy, static cache + compiled step, the CLI flags."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from losa.errors import LosaError
+from losa.inference import kernel_available, sparsify_for_inference
+from losa.inference.decode import (
+    BF16LMHead,
+    LeanDecoder,
+    cache_length,
+    normalize_lm_head_dtype,
+    resolve_lm_head_dtype,
+    set_lm_head_dtype,
+)
+from losa.models.linear import get_weight, set_weight
+from losa.models.registry import get_decoder_layers, linear_modules
+
+needs_kernel = pytest.mark.skipif(not kernel_available(), reason="needs the compiled sparse kernel")
+
+
+def _prune(model, sparsity: float = 0.6, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for layer in get_decoder_layers(model):
+        for mod in linear_modules(layer).values():
+            w = get_weight(mod)
+            set_weight(mod, w * (torch.rand(w.shape, generator=gen) >= sparsity))
+
+
+def _tied_llama():
+    model = make_tiny_model("llama", hidden=64, vocab=160)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def test_lean_decoder_without_compile_is_plain_generate():
+    model = make_tiny_model("llama", hidden=64)
+    ids = torch.randint(3, 128, (1, 7))
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        out = LeanDecoder(model).generate(ids, 10, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+    with pytest.raises(LosaError, match="max_new_tokens"):
+        LeanDecoder(model).generate(ids, 0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense-fp32", "sparse-fp32-values"])
+def test_compiled_static_cache_greedy_matches_generate(sparse):
+    model = make_tiny_model("llama", hidden=64, seed=3)
+    if sparse:
+        _prune(model)
+        sparsify_for_inference(model, value_dtype="float32")
+    ids = torch.randint(3, 128, (1, 9))
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        lean = LeanDecoder(model, compile=True)
+        assert lean.generate_kwargs(ids, 12)["cache_implementation"] == "static"
+        out = lean.generate(ids, 12, do_sample=False, pad_token_id=0)
+        again = lean.generate(ids[:, :5], 12, do_sample=False, pad_token_id=0)  # same cache size: no recompile
+        ref_again = model.generate(ids[:, :5], max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                   cache_implementation="dynamic")
+    assert torch.equal(out, ref)
+    assert torch.equal(again, ref_again)
+
+
+@needs_kernel
+def test_bf16_lm_head_rounds_only_the_head_and_keeps_the_embedding():
+    model = _tied_llama()
+    _prune(model)
+    sparsify_for_inference(model, value_dtype="bfloat16")
+    emb = model.model.embed_tokens.weight
+    before = emb.detach().clone()
+    keys = set(model.state_dict())
+    ids = torch.randint(3, 160, (2, 11))
+    with torch.inference_mode():
+        hidden = model.model(ids).last_hidden_state
+        ref = model.lm_head(hidden)
+        want = hidden @ emb.detach().bfloat16().float().T  # the bf16-rounded weight, float32 arithmetic
+        assert set_lm_head_dtype(model, "bfloat16")
+        assert not set_lm_head_dtype(model, "bfloat16")  # already done
+        head = model.get_output_embeddings()
+        assert isinstance(head, BF16LMHead) and head.weight is emb
+        got = head(hidden)
+        logits = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)  # bf16 rounding of the weights only
+    torch.testing.assert_close(logits, got)
+    assert emb.dtype == torch.float32 and torch.equal(emb.detach(), before)
+    assert model.model.embed_tokens.weight is emb and set(model.state_dict()) == keys
+    assert not set_lm_head_dtype(make_tiny_model("llama"), "float32")
+    with pytest.raises(LosaError, match="not supported"):
+        set_lm_head_dtype(model, "int8")
+
+
+@needs_kernel
+def test_bf16_lm_head_greedy_matches_on_a_trained_margin():
+    """Greedy tokens with the bf16 head equal the float32 head's where the top logits are well apart."""
+    model = make_tiny_model("llama", hidden=64, seed=1)
+    ids = torch.randint(3, 128, (1, 6))
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True,
+                             return_dict_in_generate=True)
+        set_lm_head_dtype(model, "bfloat16")
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True,
+                             return_dict_in_generate=True)
+    for a, b in zip(ref.logits, out.logits):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)
+    n = 0
+    for a in ref.logits:  # the tokens agree up to the first step whose top two logits are within tolerance
+        top = a[0].topk(2).values
+        if float(top[0] - top[1]) < 0.05:
+            break
+        n += 1
+    assert torch.equal(out.sequences[0, 6:6 + n], ref.sequences[0, 6:6 + n])
+
+
+def test_lm_head_dtype_resolution():
+    assert normalize_lm_head_dtype("BF16") == "bfloat16" and normalize_lm_head_dtype("fp32") == "float32"
+    assert resolve_lm_head_dtype("auto", torch.float32, kernel=True) == "bfloat16"
+    assert resolve_lm_head_dtype("auto", torch.float32, kernel=False) == "float32"
+    assert resolve_lm_head_dtype("auto", torch.bfloat16, kernel=True) == "float32"
+    assert resolve_lm_head_dtype("float32", torch.float32, kernel=True) == "float32"
+    with pytest.raises(LosaError, match="needs the compiled sparse kernel"):
+        resolve_lm_head_dtype("bfloat16", torch.float32, kernel=False)
+    with pytest.raises(LosaError, match="--lm-head-dtype 'int4' is not supported"):
+        resolve_lm_head_dtype("int4", torch.float32)
+
+
+def test_cache_length_buckets():
+    assert cache_length(1) == 256 and cache_length(256) == 256 and cache_length(257) == 512
+    assert cache_length(300, context=400) == 400 and cache_length(500, context=400) == 512
+    with pytest.raises(LosaError):
+        cache_length(0)
+
+
+def test_cli_lm_head_flag_errors_are_one_line(tmp_path, capsys):
+    from losa.cli import main
+
+    model = make_tiny_model("llama")
+    model.save_pretrained(tmp_path / "tiny")
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "tiny"), "--prompt", "hi", "--lm-head-dtype", "int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--lm-head-dtype 'int8' is not supported" in err and len(err.splitlines()) == 1
+
+
+@needs_kernel
+def test_cli_generate_with_bf16_head_and_compile(tmp_path, capsys):
+    from conftest import make_tiny_tokenizer
+
+    import losa
+    from losa.cli import main
+
+    model = make_tiny_model("llama", seed=4, hidden=64)
+    _prune(model)
+    losa.save_checkpoint(model, make_tiny_tokenizer(), tmp_path / "m", {"recipe": {}})
+    path = str(tmp_path / "m")
+    assert main(["generate", path, "--prompt", "word5 word17", "--max-new-tokens", "4", "--dtype", "float32"]) == 0
+    auto = capsys.readouterr().out
+    assert "LM head: bf16 copy" in auto
+    assert main(["generate", path, "--prompt", "word5 word17", "--max-new-tokens", "4", "--dtype", "float32",
+                 "--lm-head-dtype", "float32", "--compile"]) == 0
+    out = capsys.readouterr().out
+    assert "LM head" not in out and "compiled" in out
