@@ -1,0 +1,104 @@
+"""Zero-shot accuracy of saved checkpoints (e.g. the fine-tuned variants of bench_losa.py ``--save-dir``).
+
+Each ``LABEL=PATH`` (a model directory or alias) is evaluated with lm-eval on the offline tasks, on the
+same seeded subsets as ``zeroshot.md`` (``--limit 500``, seed 0), in bf16 with float32 log-softmax. Rows
+(per-task acc / acc_norm, means, verified sparsity, wall time, provenance) are appended to a JSONL file as
+each model finishes, and the Markdown table is rendered from all rows, so runs can span sessions::
+
+    python benchmarks/bench_zeroshot_models.py --data-dir ../shared/data --limit 500 \\
+        "losa-wanda 70%=/work/models17/losa-wanda@0.7" "dense=smollm2-135m"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from _provenance import SMOLLM2, provenance
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def evaluate(label: str, path: str, args) -> dict:
+    """One checkpoint's zero-shot row."""
+    import torch
+
+    import losa
+    from losa.eval.zeroshot import DEFAULT_TASKS, run_zeroshot
+    from losa.export.verify import sparsity_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prov = provenance(torch.get_num_threads(), SMOLLM2, sys.argv)
+    model, tok = losa.load_model(path)
+    sparsity = float(sparsity_report(model).overall)
+    t0 = time.perf_counter()
+    res = run_zeroshot(model.to(torch.bfloat16), tok, tasks=args.tasks or DEFAULT_TASKS, limit=args.limit,
+                       data_dir=args.data_dir, batch_size=args.batch_size, seed=0, offline=True, quiet=True)
+    return {"label": label, "path": path, "sparsity": sparsity, "tasks": res["tasks"], "mean": res["mean"],
+            "limit": args.limit, "lm_eval": res["config"]["lm_eval_version"],
+            "wall_s": round(time.perf_counter() - t0, 1), **prov}
+
+
+def render(rows: list[dict], path: Path) -> None:
+    """The Markdown table of all rows (acc, then acc_norm where lm-eval defines it)."""
+    tasks = list(rows[0]["tasks"]) if rows else []
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    lines = [f"# Zero-shot accuracy of saved checkpoints ({SMOLLM2})", "",
+             "Accuracy in %, 0-shot, lm-eval through `losa.eval.zeroshot.run_zeroshot` on the offline tasks "
+             "(the same seeded subsets as zeroshot.md), bf16 weights, float32 log-softmax. The fine-tuned "
+             "checkpoints come from `bench_losa.py --save-dir` (their perplexity rows are in the results file "
+             "named in the label's JSONL row).", "",
+             "| model | sparsity | " + " | ".join(tasks) + " | mean acc | mean acc_norm |",
+             "|---|---:|" + "---:|" * (len(tasks) + 2)]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['sparsity']:.4f} | "
+                     + " | ".join(pct(r["tasks"][t]["acc"]) for t in tasks)
+                     + f" | {pct(r['mean']['acc'])} | {pct(r['mean']['acc_norm'])} |")
+    if rows:
+        lines.append("| items | | " + " | ".join(str(rows[0]["tasks"][t]["n"]) for t in tasks) + " | | |")
+    lines += ["", "acc_norm mean: acc_norm where lm-eval defines it, acc elsewhere.", "",
+              "Provenance per row (date, commit, threads, CPU / ISA, model, command, wall s):", ""]
+    lines += [f"- {r['label']} (`{r['path']}`): {r['date']}, {r['commit']}, {r['threads']} threads, {r['cpu']} "
+              f"({r['isa']}), {r['model']}; `{r['command']}`; {r['wall_s']} s" for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("models", nargs="*", help="LABEL=PATH (a model directory or alias)")
+    ap.add_argument("--data-dir", default=os.environ.get("LOSA_DATA_DIR") or str(HERE.parent.parent / "shared" / "data"))
+    ap.add_argument("--limit", type=int, default=500)
+    ap.add_argument("--tasks", default=None, help="comma-separated (default: the eight of zeroshot.md)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS / "zeroshot_models.jsonl"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    rows = [json.loads(x) for x in out.read_text().splitlines() if x.strip()] if out.is_file() else []
+    for spec in args.models:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not path:
+            sys.exit(f"model {spec!r}: give LABEL=PATH, e.g. 'dense=smollm2-135m'")
+        if any(r["label"] == label for r in rows):
+            print(f"{label}: already in {out}, skipped (remove its row to measure again)")
+            continue
+        row = evaluate(label, path, args)
+        print(f"{label}: mean acc {row['mean']['acc']:.4f}", flush=True)
+        rows.append(row)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    render(rows, out.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    main()
