@@ -301,10 +301,12 @@ def render(jsonl: Path, md: Path) -> None:
     for (date, commit, command, cpu, isa), rs in runs.items():
         r0 = rs[0]
         files = {r["gguf"]: r["gguf_bytes"] for r in rs if r.get("gguf")}
+        losa_model = next((r["model"] for r in rs if r["engine"] == "losa"), "?")
         L += [f"## {date} UTC, commit {commit}", "",
               f"`{command}` on {cpu} ({isa}), torch {r0['torch']}, llama-cpp-python {r0['llama_cpp_python']}; "
               f"{r0['new_tokens']} new tokens after a {r0['prompt_tokens']}-token prompt, best of {r0['reps']}.", "",
-              "GGUF files: " + ", ".join(f"`{k}` ({v / 1e6:.1f} MB)" for k, v in files.items()) + ".", "",
+              "llama.cpp GGUF files: " + ", ".join(f"`{k}` ({v / 1e6:.1f} MB)" for k, v in files.items())
+              + f"; losa model: {losa_model}.", "",
               f"llama.cpp build: `{r0['llama_cpp_system_info']}`", "",
               f"Load average (1/5/15 min) at start {r0['loadavg_start']}, at end {r0['loadavg_end']} "
               f"({r0['cpu_count']} CPU cores).", "",
