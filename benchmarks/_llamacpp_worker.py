@@ -5,13 +5,15 @@ Standard library plus ``llama_cpp`` only. Prints one JSON line on stdout.
 Usage:
     python _llamacpp_worker.py version
     python _llamacpp_worker.py quantize-f16 IN.gguf OUT.gguf
-    python _llamacpp_worker.py decode MODEL.gguf --threads T --tokens N --ids 1,2,3 [--reps R]
+    python _llamacpp_worker.py decode MODEL.gguf --threads T --tokens N --ids 1,2,3 [--reps R] [--no-extra-bufts]
 
 ``decode`` loads the GGUF, evaluates the prompt ids (given, so both engines see the same prompt), then generates
 exactly N greedy tokens (``sample(top_k=1, temp=0)`` + ``eval([token])``, no stop on end-of-sequence) after a short
 warm-up. Per repetition it records the wall time of prompt + N tokens (the accounting bench_decode.py uses for
 losa), the wall time of the N tokens alone, and llama.cpp's own single-token eval counter
-(``llama_perf_context``); the best of the repetitions is printed.
+(``llama_perf_context``); the best of the repetitions is printed. ``--no-extra-bufts`` loads the model with
+llama.cpp's extra CPU buffer types off (``use_extra_bufts = false``: no AMX and no weight repacking), which
+``Llama(...)`` does not expose as an argument.
 """
 
 from __future__ import annotations
@@ -76,7 +78,21 @@ def _generate(llm: object, ids: list[int], tokens: int) -> tuple[float, float, l
     return t2 - t0, t2 - t1, out
 
 
-def _decode(model: str, threads: int, tokens: int, ids: list[int], reps: int) -> dict:
+def _without_extra_bufts() -> None:
+    """Make every later ``Llama(...)`` load its model with ``use_extra_bufts = false``."""
+    import llama_cpp.llama_cpp as low
+
+    default = low.llama_model_default_params
+
+    def params() -> object:
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+
+
+def _decode(model: str, threads: int, tokens: int, ids: list[int], reps: int, extra_bufts: bool = True) -> dict:
     """Load ``model`` and time ``reps`` greedy generations of ``tokens`` tokens (best of each measure).
 
     Args:
@@ -85,12 +101,15 @@ def _decode(model: str, threads: int, tokens: int, ids: list[int], reps: int) ->
         tokens: new tokens per generation.
         ids: the prompt ids.
         reps: timed repetitions (after one short warm-up generation).
+        extra_bufts: llama.cpp's extra CPU buffer types (AMX, repacked weights) on, as by default.
 
     Returns:
         The measurements, the new token ids of the last repetition and the library version.
     """
     import llama_cpp
 
+    if not extra_bufts:
+        _without_extra_bufts()
     llm = llama_cpp.Llama(model_path=model, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False,
                           seed=0)
     _generate(llm, ids, min(8, tokens))
@@ -109,7 +128,7 @@ def _decode(model: str, threads: int, tokens: int, ids: list[int], reps: int) ->
     if n_eval is None:
         best["perf_eval_ms"] = None
     return {**best, "perf_n_eval": n_eval, "new_ids": out, "prompt_tokens": len(ids), "tokens": tokens,
-            "threads": threads, **_version()}
+            "threads": threads, "extra_bufts": extra_bufts, **_version()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,13 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--tokens", type=int, required=True)
     d.add_argument("--ids", required=True, help="comma-separated prompt token ids")
     d.add_argument("--reps", type=int, default=1)
+    d.add_argument("--no-extra-bufts", action="store_true", help="no AMX / repacked weight buffers")
     args = ap.parse_args(argv)
     if args.cmd == "version":
         res = _version()
     elif args.cmd == "quantize-f16":
         res = _quantize_f16(args.inp, args.out)
     else:
-        res = _decode(args.model, args.threads, args.tokens, [int(i) for i in args.ids.split(",")], args.reps)
+        res = _decode(args.model, args.threads, args.tokens, [int(i) for i in args.ids.split(",")], args.reps,
+                      extra_bufts=not args.no_extra_bufts)
     print(json.dumps(res), flush=True)
     return 0
 

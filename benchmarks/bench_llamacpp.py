@@ -134,7 +134,8 @@ def gguf_bytes_per_token(tensors: dict[str, int]) -> int:
     return tensors["total"] - tensors["token_embd"] + tied_head
 
 
-def run_llamacpp(python: str, gguf: Path, threads: int, tokens: int, ids: list[int], reps: int = 1) -> dict:
+def run_llamacpp(python: str, gguf: Path, threads: int, tokens: int, ids: list[int], reps: int = 1,
+                 extra_bufts: bool = True) -> dict:
     """One worker run: load ``gguf`` in llama.cpp and time greedy generations (see _llamacpp_worker.py).
 
     Args:
@@ -144,6 +145,7 @@ def run_llamacpp(python: str, gguf: Path, threads: int, tokens: int, ids: list[i
         tokens: new tokens.
         ids: prompt ids.
         reps: repetitions inside the worker.
+        extra_bufts: llama.cpp's extra CPU buffer types (AMX, repacked weights) on, as by default.
 
     Returns:
         The worker's JSON result.
@@ -152,11 +154,34 @@ def run_llamacpp(python: str, gguf: Path, threads: int, tokens: int, ids: list[i
         LosaError: the worker failed.
     """
     cmd = [python, str(WORKER), "decode", str(gguf), "--threads", str(threads), "--tokens", str(tokens),
-           "--ids", ",".join(map(str, ids)), "--reps", str(reps)]
+           "--ids", ",".join(map(str, ids)), "--reps", str(reps)] + ([] if extra_bufts else ["--no-extra-bufts"])
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise LosaError(f"llama.cpp worker failed on {gguf.name}: {res.stderr.strip()[-800:]}")
+        raise LosaError(f"llama.cpp worker failed on {gguf.name} (rc {res.returncode}): {res.stderr.strip()[-800:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def choose_extra_bufts(python: str, ggufs: dict[str, Path], ids: list[int], setting: str) -> tuple[bool, str]:
+    """Whether llama.cpp runs with its extra CPU buffer types (AMX, repacked weights), and why.
+
+    Args:
+        python: the llama-cpp-python interpreter.
+        ggufs: the model files.
+        ids: prompt ids.
+        setting: ``on``, ``off`` or ``auto`` (on, unless a short run with them on fails on any model file).
+
+    Returns:
+        (on or off, a note for the results).
+    """
+    if setting != "auto":
+        return setting == "on", f"extra buffer types {setting} (--llama-extra-bufts {setting})"
+    for path in ggufs.values():
+        try:
+            run_llamacpp(python, path, 1, 2, ids)
+        except LosaError as exc:
+            return False, (f"extra buffer types off: with llama.cpp's default (on) a short run on {path.name} "
+                           f"failed ({str(exc).splitlines()[0][:160]})")
+    return True, "extra buffer types on (llama.cpp's default)"
 
 
 def agreement(a: list[int], b: list[int]) -> int:
@@ -190,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--sparsities", default="0.5,0.7")
     ap.add_argument("--with-before", action="store_true", help="also time bench_decode.py's 'sparse before' modes")
+    ap.add_argument("--llama-extra-bufts", choices=["auto", "on", "off"], default="auto",
+                    help="llama.cpp's AMX / repacked weight buffers (auto: on unless a short run with them fails)")
     ap.add_argument("--out", default=str(RESULTS / "llamacpp.jsonl"))
     args = ap.parse_args(argv)
     if args.tokens < 1 or args.reps < 1:
@@ -210,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     base.eval()
     ids = tok(PROMPT, return_tensors="pt").input_ids
     id_list = ids[0].tolist()
+    extra_bufts, bufts_note = choose_extra_bufts(args.llama_python, ggufs, id_list, args.llama_extra_bufts)
+    print(bufts_note, flush=True)
     modes = build_modes(base, [float(s) for s in args.sparsities.split(",")], compile_step=False)
     if not args.with_before:
         modes = {k: v for k, v in modes.items() if not k.endswith("sparse before")}
@@ -229,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         lres: dict[str, dict] = {g: {"decode_s": float("inf"), "perf_eval_ms": None} for g in ggufs}
         for _ in range(args.reps):
             for name, path in ggufs.items():
-                r = run_llamacpp(args.llama_python, path, th, args.tokens, id_list)
+                r = run_llamacpp(args.llama_python, path, th, args.tokens, id_list, extra_bufts=extra_bufts)
                 best[name] = min(best[name], r["e2e_s"])
                 lr = lres[name]
                 lr["decode_s"], lr["new_ids"] = min(lr["decode_s"], r["decode_s"]), r["new_ids"]
@@ -256,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                            decode_only_ms_per_token=round(1000 * r["decode_s"] / args.tokens, 2),
                            llama_perf_eval_ms_per_token=None if r["perf_eval_ms"] is None
                            else round(r["perf_eval_ms"], 2),
-                           greedy_agree_with_dense=agreement(r["new_ids"], dense_ids))
+                           greedy_agree_with_dense=agreement(r["new_ids"], dense_ids),
+                           llama_extra_bufts=extra_bufts, llama_extra_bufts_note=bufts_note)
             else:
                 row["greedy_agree_with_dense"] = agreement(modes[name]["new_ids"], dense_ids)
                 row["x_vs_llamacpp"] = {g: round(ms[g] / ms[name], 2) for g in ggufs}
@@ -307,7 +337,8 @@ def render(jsonl: Path, md: Path) -> None:
               f"{r0['new_tokens']} new tokens after a {r0['prompt_tokens']}-token prompt, best of {r0['reps']}.", "",
               "llama.cpp GGUF files: " + ", ".join(f"`{k}` ({v / 1e6:.1f} MB)" for k, v in files.items())
               + f"; losa model: {losa_model}.", "",
-              f"llama.cpp build: `{r0['llama_cpp_system_info']}`", "",
+              f"llama.cpp build: `{r0['llama_cpp_system_info']}`; "
+              f"{next((r['llama_extra_bufts_note'] for r in rs if r.get('llama_extra_bufts_note')), '')}.", "",
               f"Load average (1/5/15 min) at start {r0['loadavg_start']}, at end {r0['loadavg_end']} "
               f"({r0['cpu_count']} CPU cores).", "",
               "| threads | engine | mode | ms/token | tokens/s | tokens only ms | llama.cpp eval ms | MB/token | "
