@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -157,7 +158,9 @@ def run_llamacpp(python: str, gguf: Path, threads: int, tokens: int, ids: list[i
            "--ids", ",".join(map(str, ids)), "--reps", str(reps)] + ([] if extra_bufts else ["--no-extra-bufts"])
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise LosaError(f"llama.cpp worker failed on {gguf.name} (rc {res.returncode}): {res.stderr.strip()[-800:]}")
+        how = f"killed by {signal.Signals(-res.returncode).name}" if res.returncode < 0 else f"rc {res.returncode}"
+        tail = res.stderr.strip()[-800:]
+        raise LosaError(f"llama.cpp worker failed on {gguf.name} ({how})" + (f": {tail}" if tail else ""))
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
