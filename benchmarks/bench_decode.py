@@ -105,6 +105,30 @@ def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bo
     return modes
 
 
+def generate_kwargs(tok: object, ids: torch.Tensor, tokens: int) -> dict:
+    """The ``generate`` arguments of every timed run: greedy, exactly ``tokens`` new tokens."""
+    return dict(do_sample=False, min_new_tokens=tokens, pad_token_id=tok.eos_token_id,
+                attention_mask=torch.ones_like(ids))
+
+
+def time_mode(m: dict, ids: torch.Tensor, tokens: int, gen_kw: dict) -> tuple[float, torch.Tensor]:
+    """Time one generation of ``tokens`` new tokens with one mode of :func:`build_modes` (prompt included).
+
+    Args:
+        m: a mode (``{"decoder": LeanDecoder, ...}``).
+        ids: the prompt ids ``(1, T)``.
+        tokens: new tokens to generate.
+        gen_kw: :func:`generate_kwargs` for this prompt.
+
+    Returns:
+        (wall seconds, the generated ids with the prompt).
+    """
+    with torch.inference_mode():
+        t = time.perf_counter()
+        out = m["decoder"].generate(ids, tokens, **gen_kw)
+        return time.perf_counter() - t, out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, append rows to decode.jsonl and render decode.md.
 
@@ -137,14 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     modes = build_modes(base, [float(s) for s in args.sparsities.split(",")], not args.no_compile)
     bw = {t: bandwidth(t) for t in threads}
     print("bandwidth GB/s", bw, flush=True)
-    gen_kw = dict(do_sample=False, min_new_tokens=args.tokens, pad_token_id=tok.eos_token_id,
-                  attention_mask=torch.ones_like(ids))
+    gen_kw = generate_kwargs(tok, ids, args.tokens)
 
     def run(m: dict) -> tuple[float, torch.Tensor]:
-        with torch.inference_mode():
-            t = time.perf_counter()
-            out = m["decoder"].generate(ids, args.tokens, **gen_kw)
-            return time.perf_counter() - t, out
+        return time_mode(m, ids, args.tokens, gen_kw)
 
     compile_s = {}
     for name, m in modes.items():  # warm-up (and the compile, timed once)
