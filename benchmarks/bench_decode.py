@@ -195,17 +195,22 @@ def main(argv: list[str] | None = None) -> int:
                    "torch": torch.__version__}
             rows.append(row)
             print(f"{th} thr  {name:40s} {ms:7.2f} ms/token  floor {floor:6.2f}  x{ms / floor:.2f}", flush=True)
+    append_rows(rows, load_start, Path(args.out), render)
+    return 0
+
+
+def append_rows(rows: list[dict], load_start: tuple[float, ...], out: Path, render) -> None:
+    """Stamp ``rows`` with the load averages at start and now, append them to the JSONL ``out`` and
+    re-render its Markdown (``render(jsonl, md)``) from all rows."""
     load_end = os.getloadavg()
     for r in rows:
         r["loadavg_start"], r["loadavg_end"] = [round(x, 2) for x in load_start], [round(x, 2) for x in load_end]
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as fh:
         for r in rows:
             fh.write(json.dumps(r) + "\n")
     render(out, out.with_suffix(".md"))
     print(f"wrote {out} and {out.with_suffix('.md')}")
-    return 0
 
 
 def render(jsonl: Path, md: Path) -> None:

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import SMOLLM2, provenance  # noqa: E402
-from bench_decode import PROMPT, bandwidth, build_modes, generate_kwargs, time_mode  # noqa: E402
+from bench_decode import PROMPT, append_rows, bandwidth, build_modes, generate_kwargs, time_mode  # noqa: E402
 
 from losa.errors import LosaError  # noqa: E402
 
@@ -313,16 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             vs = "" if is_llama else "  speed-up vs " + ", ".join(f"{g} x{v}" for g, v in row["x_vs_llamacpp"].items())
             print(f"{th} thr  {name:40s} {ms[name]:7.2f} ms/token  floor {floor:6.2f}  x{ms[name] / floor:.2f}{vs}",
                   flush=True)
-    load_end = os.getloadavg()
-    for r in rows:
-        r["loadavg_start"], r["loadavg_end"] = [round(x, 2) for x in load_start], [round(x, 2) for x in load_end]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
-    render(out, out.with_suffix(".md"))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    append_rows(rows, load_start, Path(args.out), render)
     return 0
 
 
