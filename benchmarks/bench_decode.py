@@ -4,9 +4,11 @@ Modes (each a separate copy of the model, timed interleaved: every repetition ru
 
 * ``dense fp32``: the unpruned float32 model, ``model.generate`` (dynamic cache).
 * ``sparse before``: pruned, ``sparsify_for_inference(value_dtype="bfloat16")``, float32 LM head, plain
-  ``model.generate`` (what ``losa generate`` did before the lean path).
-* ``lean bf16 head``: as before plus the bf16 LM head copy (``--lm-head-dtype bfloat16``), eager.
+  ``model.generate`` (what ``losa generate`` did before the lean path; no decode plans).
+* ``lean bf16 head``: as before plus the bf16 LM head copy (``--lm-head-dtype bfloat16``) and the layers'
+  decode plans (:class:`LeanDecoder` fixes each layer's row-loop dispatch once), eager.
 * ``lean bf16 head + static + compile``: plus a static KV cache and the compiled decode step (``--compile``).
+* ``..., unplanned`` (``--with-unplanned``): the lean modes without the decode plans, for the before/after.
 
 Pruning is magnitude per output row (timing only: the kernels' speed depends on the sparsity, not on which
 weights are kept). Greedy, a fixed prompt, exactly ``--tokens`` new tokens, best of ``--reps``. The bandwidth
@@ -83,7 +85,16 @@ def bytes_per_token(model: torch.nn.Module) -> int:
     return total
 
 
-def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bool) -> dict[str, dict]:
+def unplanned(decoder: LeanDecoder) -> LeanDecoder:
+    """``decoder`` with its layers' decode plans removed (every call takes the full Python dispatch)."""
+    for mod in decoder.model.modules():
+        if hasattr(mod, "decode_plan"):
+            mod.decode_plan = None
+    return decoder
+
+
+def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bool,
+                with_unplanned: bool = False) -> dict[str, dict]:
     """The models to time: name -> {"model", "decoder", "sparsity", "bytes"}."""
     modes = {"dense fp32": {"model": base, "decoder": LeanDecoder(base), "sparsity": 0.0}}
     for sp in sparsities:
@@ -91,23 +102,28 @@ def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bo
         prune_magnitude(pruned, sp)
         sparsify_for_inference(pruned, value_dtype="bfloat16")
         tag = f"{round(sp * 100)}%"
-        head = copy.deepcopy(pruned)
-        set_lm_head_dtype(head, "bfloat16")
-        modes[f"{tag} sparse before"] = {"model": pruned, "decoder": LeanDecoder(pruned), "sparsity": sp}
-        modes[f"{tag} lean bf16 head"] = {"model": head, "decoder": LeanDecoder(head), "sparsity": sp}
-        if compile_step:
-            comp = copy.deepcopy(pruned)
-            set_lm_head_dtype(comp, "bfloat16")
-            modes[f"{tag} lean bf16 head + static + compile"] = {"model": comp, "sparsity": sp,
-                                                                 "decoder": LeanDecoder(comp, compile=True)}
+        lean = [("", False)] + ([(" + static + compile", True)] if compile_step else [])
+        modes[f"{tag} sparse before"] = {"model": pruned, "decoder": unplanned(LeanDecoder(pruned)), "sparsity": sp}
+        for suffix, comp in lean:
+            variants = [("", False)] + ([(", unplanned", True)] if with_unplanned else [])
+            for note, drop_plan in variants:
+                head = copy.deepcopy(pruned)
+                set_lm_head_dtype(head, "bfloat16")
+                dec = LeanDecoder(head, compile=comp)
+                modes[f"{tag} lean bf16 head{suffix}{note}"] = {
+                    "model": head, "sparsity": sp, "decoder": unplanned(dec) if drop_plan else dec}
     for m in modes.values():
         m["bytes"] = bytes_per_token(m["model"])
     return modes
 
 
 def generate_kwargs(tok: object, ids: torch.Tensor, tokens: int) -> dict:
-    """The ``generate`` arguments of every timed run: greedy, exactly ``tokens`` new tokens."""
-    return dict(do_sample=False, min_new_tokens=tokens, pad_token_id=tok.eos_token_id,
+    """The ``generate`` arguments of every timed run: greedy, exactly ``tokens`` new tokens.
+
+    No end-of-sequence token (``eos_token_id=None``) rather than ``min_new_tokens``: transformers' min-new-tokens
+    logits processor scans the whole vocabulary for the EOS ids at every step, a cost a real run does not pay.
+    """
+    return dict(do_sample=False, eos_token_id=None, pad_token_id=tok.eos_token_id,
                 attention_mask=torch.ones_like(ids))
 
 
@@ -147,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--sparsities", default="0.5,0.7")
     ap.add_argument("--no-compile", action="store_true", help="leave out the compiled mode")
+    ap.add_argument("--with-unplanned", action="store_true",
+                    help="also time the lean modes without the layers' decode plans (the full dispatch per call)")
     ap.add_argument("--out", default=str(RESULTS / "decode.jsonl"))
     args = ap.parse_args(argv)
     if args.tokens < 1 or args.reps < 1:
@@ -158,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     base, tok = losa.load_model("smollm2-135m")
     base.eval()
     ids = tok(PROMPT, return_tensors="pt").input_ids
-    modes = build_modes(base, [float(s) for s in args.sparsities.split(",")], not args.no_compile)
+    modes = build_modes(base, [float(s) for s in args.sparsities.split(",")], not args.no_compile,
+                        args.with_unplanned)
     bw = {t: bandwidth(t) for t in threads}
     print("bandwidth GB/s", bw, flush=True)
     gen_kw = generate_kwargs(tok, ids, args.tokens)

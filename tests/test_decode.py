@@ -70,6 +70,35 @@ def test_compiled_static_cache_greedy_matches_generate(sparse):
 
 
 @needs_kernel
+@pytest.mark.parametrize("compile_step", [False, True], ids=["eager", "compiled"])
+def test_planned_decode_skips_the_python_dispatch_and_matches_generate(monkeypatch, compile_step):
+    """Decode steps (1 row) run the planned row loop: no Python dispatch, eager or compiled; same tokens."""
+    import losa.inference.sparse_linear as sl
+    from losa.inference import SparseLinear
+
+    model = _tied_llama()
+    _prune(model, seed=2)
+    sparsify_for_inference(model, value_dtype="bfloat16")
+    set_lm_head_dtype(model, "bfloat16")
+    ids = torch.randint(3, 160, (1, 20))  # a prompt above the row-loop threshold: the full dispatch
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)  # not planned yet
+    lean = LeanDecoder(model, compile=compile_step)
+    layers = [m for m in model.modules() if isinstance(m, (SparseLinear, BF16LMHead))]
+    assert layers and all(m.decode_plan is not None for m in layers)
+    calls = []
+    real = sl.sparse_matmul
+    monkeypatch.setattr(sl, "sparse_matmul", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr("losa.inference.decode.sparse_matmul", sl.sparse_matmul)
+    with torch.inference_mode():
+        out = lean.generate(ids, 10, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+    # the prompt's 20 rows take the dispatch in every decoder linear (the head sees only the last position);
+    # none of the 9 single-token steps does (compiled: the graph calls losa_sparse_kernels::spmm itself)
+    assert calls == [20] * (len(layers) - 1), calls
+
+
+@needs_kernel
 def test_bf16_lm_head_rounds_only_the_head_and_keeps_the_embedding():
     model = _tied_llama()
     _prune(model)

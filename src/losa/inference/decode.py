@@ -9,8 +9,10 @@ around each layer (norms, rotary, cache updates, module calls). Two opt-ins cut 
   compiled kernel with float32 activations and float32 sums (bf16 values are widened exactly, on every ISA).
   Half the bytes of the head; logits differ from the float32 head by bf16 rounding of the weights only.
 * **Static KV cache + ``torch.compile``** (:class:`LeanDecoder` with ``compile=True``): Hugging Face
-  ``generate`` with ``cache_implementation="static"`` compiles the decode step once (the sparse layers are
-  an opaque custom op, ``losa::sparse_matmul``, to the compiler). The cache length is rounded up to a power
+  ``generate`` with ``cache_implementation="static"`` compiles the decode step once. The sparse layers are
+  opaque to the compiler: a decode step's few rows call the kernel's row loop as the dispatcher op
+  ``losa_sparse_kernels::spmm`` straight from the compiled graph (the layers' dispatch is fixed beforehand,
+  :meth:`SparseLinear.plan_decode`, also used by eager decode), larger batches the ``losa::sparse_matmul`` custom op. The cache length is rounded up to a power
   of two so that prompts of different lengths reuse the compiled step; the first call pays the compile.
 
 :class:`LeanDecoder.generate` is ``model.generate`` with these settings, so stopping criteria, sampling
@@ -28,7 +30,7 @@ from torch import nn
 from losa.errors import LosaError
 from losa.inference import kernel as _kernel
 from losa.inference.formats import FORMAT_CODES, pack
-from losa.inference.sparse_linear import sparse_matmul
+from losa.inference.sparse_linear import DecodePlan, SparseLinear, plan_decode, planned_row_loop, sparse_matmul
 
 LM_HEAD_DTYPES = ("auto", "float32", "bfloat16")
 _ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -65,6 +67,12 @@ class BF16LMHead(nn.Module):
         self.register_buffer("row_ptr", packed.row_ptr, persistent=False)
         self.register_buffer("bias32", None if head.bias is None else head.bias.detach().float().clone(),
                              persistent=False)
+        #: set by :meth:`plan_decode` (LeanDecoder): decode steps call the row loop without the dispatch
+        self.decode_plan: DecodePlan | None = None
+
+    def plan_decode(self) -> None:
+        """Fix the row-loop dispatch (see :func:`~losa.inference.sparse_linear.plan_decode`)."""
+        self.decode_plan = plan_decode(self.values, False, None)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, values=bfloat16 (copy)"
@@ -77,9 +85,12 @@ class BF16LMHead(nn.Module):
         """Logits ``x · Wᵀ + b`` with ``W`` rounded to bf16, in the dtype of ``x``."""
         x2 = x.reshape(-1, self.in_features)
         b = self._buffers
-        fn = torch.ops.losa.sparse_matmul if torch.compiler.is_compiling() else sparse_matmul
-        y = fn(x2, b["meta"], b["values"], b["row_ptr"], b["bias32"], self.out_features, self.in_features,
-               FORMAT_CODES["bitmask"], -1, False, False, False)
+        y = planned_row_loop(self.decode_plan, x2, b["meta"], b["values"], b["row_ptr"], b["bias32"],
+                             self.out_features, self.in_features, FORMAT_CODES["bitmask"])
+        if y is None:
+            fn = torch.ops.losa.sparse_matmul if torch.compiler.is_compiling() else sparse_matmul
+            y = fn(x2, b["meta"], b["values"], b["row_ptr"], b["bias32"], self.out_features, self.in_features,
+                   FORMAT_CODES["bitmask"], -1, False, False, False)
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -197,11 +208,12 @@ class LeanDecoder:
         self.compile = bool(compile)
         self.context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if self.compile:
-            from losa.inference.sparse_linear import SparseLinear
-
             if _kernel.load_kernel() is None and any(isinstance(m, (SparseLinear, BF16LMHead))
                                                      for m in model.modules()):
                 raise LosaError("--compile needs the compiled sparse kernel (a C++ compiler); drop --compile")
+        for m in model.modules():  # decode steps call the kernel's row loop without the per-call dispatch
+            if isinstance(m, (SparseLinear, BF16LMHead)):
+                m.plan_decode()
 
     def generate_kwargs(self, input_ids: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:
         """The extra ``generate`` arguments of the lean path for this prompt (none without compile).

@@ -25,13 +25,45 @@ from losa.errors import LosaError
 from losa.utils.cpp import KernelUnavailable, build_extension
 
 _SRC = Path(__file__).parent / "csrc" / "sparse_linear.cpp"
+#: extension name, also the namespace of its dispatcher op (``torch.ops.losa_sparse_kernels.spmm``)
+KERNEL_NAME = "losa_sparse_kernels"
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
 _ISA_CODES = {v: k for k, v in ISA_NAMES.items()}
 
 
 @lru_cache(maxsize=1)
 def _build() -> ModuleType:
-    return build_extension("losa_sparse_kernels", _SRC)
+    module = build_extension(KERNEL_NAME, _SRC)
+    _register_fake()
+    return module
+
+
+_FAKE_REGISTERED = False
+
+
+def _register_fake() -> None:
+    """Shape function of the ``spmm`` dispatcher op, so ``torch.compile`` can trace calls to it (once)."""
+    global _FAKE_REGISTERED
+    if _FAKE_REGISTERED:
+        return
+    import torch
+
+    @torch.library.register_fake(f"{KERNEL_NAME}::spmm")
+    def _(x, meta, values, row_ptr, bias, n, k, fmt, isa):
+        return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+    _FAKE_REGISTERED = True
+
+
+def spmm_op():
+    """``torch.ops.losa_sparse_kernels.spmm`` (the kernel's batch-1..threshold loop as a dispatcher op).
+
+    Same arguments and result as the extension's ``spmm``: ``(x [B, K], meta, values, row_ptr, bias, N, K, fmt,
+    isa) -> y [B, N]`` float32. Call :func:`load_kernel` first.
+    """
+    import torch
+
+    return getattr(torch.ops, KERNEL_NAME).spmm
 
 
 @lru_cache(maxsize=1)

@@ -20,6 +20,8 @@ losa/inference/arith.py for the per-CPU choice of dtypes.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,6 +101,8 @@ class SparseLinear(nn.Module):
                 raise LosaError(f"bias shape {tuple(bias.shape)} does not match out_features={self.out_features}")
         self.register_buffer("bias", bias)
         self._dense_cache: torch.Tensor | None = None
+        #: set by :meth:`plan_decode` (LeanDecoder): decode steps call the row loop without the dispatch
+        self.decode_plan: DecodePlan | None = None
         #: large bf16 batches skip the zeros (see SPARSE_PREFILL_MAX_DENSITY) instead of decompressing
         self.sparse_prefill = (values.dtype == torch.bfloat16 and k is not None and _kernel.bf16_dot_available()
                                and self.nnz <= SPARSE_PREFILL_MAX_DENSITY * self.out_features * self.in_features)
@@ -144,6 +148,10 @@ class SparseLinear(nn.Module):
         # must not reinterpret them. Precision is chosen once, by ``value_dtype``.
         return self
 
+    def plan_decode(self) -> None:
+        """Fix the row-loop dispatch for decode and ``torch.compile`` (see :func:`plan_decode`)."""
+        self.decode_plan = plan_decode(self.values, self._small, self.dense_batch_threshold)
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Lean on purpose: decode calls this once per layer and token, so Python overhead is visible
@@ -160,6 +168,9 @@ class SparseLinear(nn.Module):
             if self._dense_cache is None:
                 self._dense_cache = self.to_dense()
             y = F.linear(x2.float(), self._dense_cache, b["bias"])
+        elif (y := planned_row_loop(self.decode_plan, x2, b["meta"], values, b["row_ptr"], b["bias"],
+                                    self.out_features, self.in_features, FORMAT_CODES[self.fmt])) is not None:
+            pass
         else:
             threshold = -1 if self.dense_batch_threshold is None else self.dense_batch_threshold
             fn = torch.ops.losa.sparse_matmul if compiling else sparse_matmul
@@ -168,6 +179,91 @@ class SparseLinear(nn.Module):
                    self.prefill_dtype == torch.bfloat16)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def row_loop_threshold(x_dtype: torch.dtype, values_dtype: torch.dtype, small: bool, isa: int) -> int:
+    """Batch rows up to which the kernel's row loop (``spmm``) runs; above it the tiled GEMM paths.
+
+    The measured value of ``losa bench-runtime`` for this CPU and ISA where cached, else the built-in default
+    (``DENSE_BATCH_THRESHOLD``, or ``DENSE_BATCH_THRESHOLD_BF16[_SMALL]`` for bf16 inputs with bf16 values
+    on a CPU with native bf16).
+
+    Args:
+        x_dtype: dtype of the activations.
+        values_dtype: dtype of the packed values.
+        small: whether the layer has at most ``SMALL_LAYER_WEIGHTS`` weights.
+        isa: the kernel's ISA code (``losa.inference.kernel.best_isa()``).
+
+    Returns:
+        The threshold in rows.
+    """
+    measured = _thresholds.cached_thresholds(isa)
+    if x_dtype == torch.bfloat16 and values_dtype == torch.bfloat16 and _kernel.native_bf16(isa):
+        bf16_default = DENSE_BATCH_THRESHOLD_BF16_SMALL if small else DENSE_BATCH_THRESHOLD_BF16
+        return bf16_default if small else measured.get("dense_batch_threshold_bf16", bf16_default)
+    return measured.get("dense_batch_threshold", DENSE_BATCH_THRESHOLD)
+
+
+class DecodePlan(NamedTuple):
+    """A layer's row-loop dispatch, fixed once (plain ints, so compiled code can use it).
+
+    ``isa``: the kernel's ISA code; ``float32`` / ``bfloat16``: row-loop thresholds for inputs of that dtype.
+    """
+
+    isa: int
+    float32: int
+    bfloat16: int
+
+
+def plan_decode(values: torch.Tensor, small: bool, threshold: int | None) -> DecodePlan | None:
+    """A :class:`DecodePlan` for a layer, or None without the compiled kernel.
+
+    Every decode step of a small model pays the dispatch of :func:`sparse_matmul` once per layer (ISA,
+    environment, threshold cache), and compiled code cannot read the environment or the cache at run time.
+    :class:`~losa.inference.decode.LeanDecoder` therefore plans each layer once: steps with few rows then
+    call the kernel's row loop directly (:func:`planned_row_loop`), from a compiled graph as the dispatcher
+    op ``losa_sparse_kernels::spmm``; larger batches keep the full dispatch. A later change of
+    ``LOSA_SPARSE_ISA`` or of the threshold cache is seen after planning again.
+
+    Args:
+        values: the layer's packed values.
+        small: whether the layer has at most ``SMALL_LAYER_WEIGHTS`` weights.
+        threshold: the layer's own ``dense_batch_threshold`` (None: measured or built-in default).
+
+    Returns:
+        The plan, or None.
+    """
+    if _kernel.load_kernel() is None:
+        return None
+    isa = _kernel.best_isa()
+    if threshold is not None:
+        return DecodePlan(isa, threshold, threshold)
+    return DecodePlan(isa, row_loop_threshold(torch.float32, values.dtype, small, isa),
+                      row_loop_threshold(torch.bfloat16, values.dtype, small, isa))
+
+
+def planned_row_loop(plan: DecodePlan | None, x2: torch.Tensor, meta: torch.Tensor, values: torch.Tensor,
+                     row_ptr: torch.Tensor, bias: torch.Tensor | None, out_features: int, in_features: int,
+                     fmt_code: int) -> torch.Tensor | None:
+    """``x2 · Wᵀ + b`` through the planned row loop when ``x2`` has few enough rows, else None.
+
+    Args:
+        plan: the layer's :class:`DecodePlan` (None: not planned, returns None).
+        x2: inputs ``[rows, in_features]``.
+        meta, values, row_ptr: the packed weight (see :mod:`losa.inference.formats`).
+        bias: float32 bias ``[out_features]`` or None.
+        out_features: rows of the weight.
+        in_features: columns of the weight.
+        fmt_code: :data:`~losa.inference.formats.FORMAT_CODES` of the format.
+
+    Returns:
+        ``[rows, out_features]`` in the dtype of ``x2``, or None when the plan does not cover this batch.
+    """
+    if plan is None or x2.shape[0] > (plan.bfloat16 if x2.dtype == torch.bfloat16 else plan.float32):
+        return None
+    fn = _kernel.spmm_op() if torch.compiler.is_compiling() else _kernel.load_kernel().spmm
+    y = fn(x2, meta, values, row_ptr, bias, out_features, in_features, fmt_code, plan.isa)
+    return y if y.dtype == x2.dtype else y.to(x2.dtype)
 
 
 def sparse_matmul(x2: torch.Tensor, meta: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
@@ -207,11 +303,7 @@ def sparse_matmul(x2: torch.Tensor, meta: torch.Tensor, values: torch.Tensor, ro
     args = (meta, values, row_ptr, bias, out_features, in_features, fmt_code, isa)
     measured = _thresholds.cached_thresholds(isa)  # losa bench-runtime on this CPU, else {}
     if threshold < 0:
-        bf16_default = DENSE_BATCH_THRESHOLD_BF16_SMALL if small else DENSE_BATCH_THRESHOLD_BF16
-        if bf16_in and native:
-            threshold = bf16_default if small else measured.get("dense_batch_threshold_bf16", bf16_default)
-        else:
-            threshold = measured.get("dense_batch_threshold", DENSE_BATCH_THRESHOLD)
+        threshold = row_loop_threshold(x2.dtype, values.dtype, small, isa)
     rows = x2.shape[0]
     if rows <= threshold:
         y = k.spmm(x2, *args)

@@ -816,6 +816,15 @@ torch::Tensor hugepage_copy(const torch::Tensor& t) {
 
 }  // namespace
 
+// spmm as a dispatcher op as well (namespace = the extension's name): torch.compile'd decode steps call it
+// straight from the generated code, without the Python custom op and dispatch of sparse_matmul around it.
+// Its fake (shape) function is registered from Python (losa/inference/kernel.py).
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("spmm(Tensor x, Tensor meta, Tensor values, Tensor row_ptr, Tensor? bias, int n, int k, int fmt, "
+        "int isa) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) { m.impl("spmm", &spmm); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spmm", &spmm, "sparse y = x W^T + b for small batches");
   m.def("dense_mm", &dense_mm, "tiled decompress + dense GEMM (float32 or bf16) for large batches");
