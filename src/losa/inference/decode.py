@@ -30,7 +30,13 @@ from torch import nn
 from losa.errors import LosaError
 from losa.inference import kernel as _kernel
 from losa.inference.formats import FORMAT_CODES, pack
-from losa.inference.sparse_linear import DecodePlan, SparseLinear, plan_decode, planned_row_loop, sparse_matmul
+from losa.inference.sparse_linear import (
+    DecodePlan,
+    SparseLinear,
+    plan_decode,
+    planned_row_loop,
+    sparse_matmul,
+)
 
 LM_HEAD_DTYPES = ("auto", "float32", "bfloat16")
 _ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
