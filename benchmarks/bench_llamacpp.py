@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--sparsities", default="0.5,0.7")
     ap.add_argument("--with-before", action="store_true", help="also time bench_decode.py's 'sparse before' modes")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time losa's compiled decode (static KV cache + torch.compile; the warm-up compiles)")
     ap.add_argument("--llama-extra-bufts", choices=["auto", "on", "off"], default="auto",
                     help="llama.cpp's AMX / repacked weight buffers (auto: time with and without them where a "
                          "short run with them works, else without)")
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     lcfg = llama_configs(args.llama_python, ggufs, id_list, args.llama_extra_bufts)
     for name, c in lcfg.items():
         print(f"{name}: {c['note']}", flush=True)
-    modes = build_modes(base, [float(s) for s in args.sparsities.split(",")], compile_step=False)
+    modes = build_modes(base, [float(s) for s in args.sparsities.split(",")], compile_step=args.compile)
     if not args.with_before:
         modes = {k: v for k, v in modes.items() if not k.endswith("sparse before")}
     gen_kw = generate_kwargs(tok, ids, args.tokens)
