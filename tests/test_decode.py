@@ -22,6 +22,17 @@ from losa.models.registry import get_decoder_layers, linear_modules
 needs_kernel = pytest.mark.skipif(not kernel_available(), reason="needs the compiled sparse kernel")
 
 
+@pytest.fixture(autouse=True)
+def no_measured_thresholds(tmp_path, monkeypatch):
+    """Layers use the built-in thresholds here, whatever ``losa bench-runtime`` cached on this machine."""
+    from losa.inference import thresholds
+
+    monkeypatch.setattr(thresholds, "cache_path", lambda: tmp_path / "runtime_thresholds.json")
+    thresholds.clear()
+    yield
+    thresholds.clear()
+
+
 def _prune(model, sparsity: float = 0.6, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     for layer in get_decoder_layers(model):
@@ -96,6 +107,51 @@ def test_planned_decode_skips_the_python_dispatch_and_matches_generate(monkeypat
     # the prompt's 20 rows take the dispatch in every decoder linear (the head sees only the last position);
     # none of the 9 single-token steps does (compiled: the graph calls losa_sparse_kernels::spmm itself)
     assert calls == [20] * (len(layers) - 1), calls
+
+
+@needs_kernel
+@pytest.mark.parametrize("family,dtype", [("llama", torch.float32), ("qwen2", torch.float32),
+                                          ("qwen2", torch.bfloat16)], ids=["llama-fp32", "qwen2-bias-fp32",
+                                                                           "qwen2-bias-bf16"])
+def test_planned_layers_give_the_same_logits_as_the_full_dispatch(family, dtype):
+    """Bit-identical logits with and without decode plans: 1-row steps and a prompt, biases, bf16 activations."""
+    from losa.inference import SparseLinear
+
+    model = make_tiny_model(family, hidden=64, seed=5)
+    _prune(model, seed=4)
+    model.to(dtype)
+    sparsify_for_inference(model, value_dtype="bfloat16")
+    assert any(m.bias is not None for m in model.modules() if isinstance(m, SparseLinear)) == (family == "qwen2")
+    ids = torch.randint(3, 128, (2, 17))
+    with torch.inference_mode():
+        full = model(ids).logits
+        steps = [model(ids[:, i:i + 1]).logits for i in range(3)]
+        LeanDecoder(model)
+        assert all(m.decode_plan is not None for m in model.modules() if isinstance(m, SparseLinear))
+        assert torch.equal(model(ids).logits, full)
+        for i in range(3):
+            assert torch.equal(model(ids[:, i:i + 1]).logits, steps[i])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_spmm_dispatcher_op_passes_opcheck_and_rounds_to_the_input_dtype(dtype):
+    from losa.inference import SparseLinear
+    from losa.inference import kernel as kmod
+    from losa.inference.formats import FORMAT_CODES
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 40, generator=gen) * (torch.rand(24, 40, generator=gen) > 0.6)
+    layer = SparseLinear.from_dense(w, bias=torch.randn(24, generator=gen), value_dtype="bfloat16")
+    b = layer._buffers
+    x = torch.randn(3, 40, generator=gen).to(dtype)
+    args = (x, b["meta"], b["values"], b["row_ptr"], b["bias"], 24, 40, FORMAT_CODES[layer.fmt], kmod.best_isa())
+    torch.library.opcheck(kmod.spmm_op(), args)
+    y = kmod.spmm_op()(*args)
+    assert y.dtype == dtype
+    want = x.double() @ w.bfloat16().double().T + b["bias"].double()
+    torch.testing.assert_close(y.double(), want.to(dtype).double(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
 @needs_kernel

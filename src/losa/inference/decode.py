@@ -8,12 +8,14 @@ around each layer (norms, rotary, cache updates, module calls). Two opt-ins cut 
   still shares it with the embedding, which is not touched) and gets a separate bf16 copy, multiplied by the
   compiled kernel with float32 activations and float32 sums (bf16 values are widened exactly, on every ISA).
   Half the bytes of the head; logits differ from the float32 head by bf16 rounding of the weights only.
+* **Decode plans** (every :class:`LeanDecoder`): each sparse layer's row-loop dispatch (ISA, thresholds) is
+  fixed once (:meth:`SparseLinear.plan_decode`), so a decode step's few rows call the kernel's row loop
+  directly instead of the Python dispatch of :func:`~losa.inference.sparse_linear.sparse_matmul`.
 * **Static KV cache + ``torch.compile``** (:class:`LeanDecoder` with ``compile=True``): Hugging Face
   ``generate`` with ``cache_implementation="static"`` compiles the decode step once. The sparse layers are
-  opaque to the compiler: a decode step's few rows call the kernel's row loop as the dispatcher op
-  ``losa_sparse_kernels::spmm`` straight from the compiled graph (the layers' dispatch is fixed beforehand,
-  :meth:`SparseLinear.plan_decode`, also used by eager decode), larger batches the ``losa::sparse_matmul`` custom op. The cache length is rounded up to a power
-  of two so that prompts of different lengths reuse the compiled step; the first call pays the compile.
+  opaque to the compiler: planned few-row calls are the dispatcher op ``losa_sparse_kernels::spmm`` in the
+  compiled graph, larger batches the ``losa::sparse_matmul`` custom op. The cache length is rounded up to a
+  power of two so that prompts of different lengths reuse the compiled step; the first call pays the compile.
 
 :class:`LeanDecoder.generate` is ``model.generate`` with these settings, so stopping criteria, sampling
 options and streaming work as there. Measurements: benchmarks/bench_decode.py,
@@ -200,13 +202,18 @@ def cache_length(needed: int, context: int | None = None) -> int:
 class LeanDecoder:
     """``model.generate`` with the lean decode settings (static KV cache and compiled step when asked).
 
+    Building one plans the model's sparse layers and bf16 LM head in place (a lasting change to those modules:
+    later forwards of the same model, also outside this decoder, use the plan; see
+    :func:`~losa.inference.sparse_linear.plan_decode` for re-planning and removing it).
+
     Args:
         model: the (sparse) causal LM.
         compile: static KV cache plus ``torch.compile`` of the decode step (the first call of each cache
             length compiles; worth it for a server or long generations, not for one short reply).
 
     Raises:
-        LosaError: ``compile=True`` without the compiled kernel for a model with sparse layers.
+        LosaError: ``compile=True`` without the compiled kernel for a model with sparse layers, or an invalid
+            ``LOSA_SPARSE_ISA`` / threshold cache while planning.
     """
 
     def __init__(self, model: nn.Module, compile: bool = False) -> None:

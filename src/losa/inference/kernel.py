@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -34,36 +35,56 @@ _ISA_CODES = {v: k for k, v in ISA_NAMES.items()}
 @lru_cache(maxsize=1)
 def _build() -> ModuleType:
     module = build_extension(KERNEL_NAME, _SRC)
-    _register_fake()
+    global _OP_NAMESPACE
+    try:
+        _register_fake(module.__name__)
+        _OP_NAMESPACE = module.__name__
+    except Exception as exc:  # noqa: BLE001 - any failure here means: no usable kernel, fall back
+        raise KernelUnavailable(f"registering the spmm op failed: {type(exc).__name__}: {exc}") from exc
     return module
 
 
-_FAKE_REGISTERED = False
+_FAKE_REGISTERED: set[str] = set()
+#: namespace of the loaded kernel's dispatcher op (None until :func:`load_kernel` succeeds); a plain global so
+#: that code traced by torch.compile can read it without calling the loader
+_OP_NAMESPACE: str | None = None
 
 
-def _register_fake() -> None:
-    """Shape function of the ``spmm`` dispatcher op, so ``torch.compile`` can trace calls to it (once)."""
-    global _FAKE_REGISTERED
-    if _FAKE_REGISTERED:
+def _register_fake(namespace: str) -> None:
+    """Shape function of the ``spmm`` dispatcher op, so ``torch.compile`` can trace calls to it (once).
+
+    Args:
+        namespace: the op namespace, the loaded extension's name (torch renames a rebuilt extension).
+    """
+    if namespace in _FAKE_REGISTERED:
         return
     import torch
 
-    @torch.library.register_fake(f"{KERNEL_NAME}::spmm")
+    @torch.library.register_fake(f"{namespace}::spmm")
     def _(x, meta, values, row_ptr, bias, n, k, fmt, isa):
-        return x.new_empty((x.shape[0], n), dtype=torch.float32)
+        return x.new_empty((x.shape[0], n))
 
-    _FAKE_REGISTERED = True
+    _FAKE_REGISTERED.add(namespace)
 
 
-def spmm_op():
-    """``torch.ops.losa_sparse_kernels.spmm`` (the kernel's batch-1..threshold loop as a dispatcher op).
+def spmm_op() -> Callable:
+    """The kernel's row loop as a dispatcher op, ``torch.ops.<extension name>.spmm``.
 
-    Same arguments and result as the extension's ``spmm``: ``(x [B, K], meta, values, row_ptr, bias, N, K, fmt,
-    isa) -> y [B, N]`` float32. Call :func:`load_kernel` first.
+    Same arguments as the extension's ``spmm``: ``(x [B, K], meta, values, row_ptr, bias [N] or None, N, K,
+    fmt, isa)``; returns ``y [B, N]`` in the dtype of ``x`` (float32 sums, rounded once inside the op).
+
+    Returns:
+        The op (an ``OpOverloadPacket``).
+
+    Raises:
+        LosaError: when the compiled kernel has not been loaded (call :func:`load_kernel` first).
     """
     import torch
 
-    return getattr(torch.ops, KERNEL_NAME).spmm
+    if _OP_NAMESPACE is None:
+        raise LosaError("the losa sparse kernel is not loaded; call losa.inference.kernel.load_kernel() first "
+                        "(it needs a C++ compiler and ninja)")
+    return getattr(torch.ops, _OP_NAMESPACE).spmm
 
 
 @lru_cache(maxsize=1)

@@ -168,15 +168,15 @@ class SparseLinear(nn.Module):
             if self._dense_cache is None:
                 self._dense_cache = self.to_dense()
             y = F.linear(x2.float(), self._dense_cache, b["bias"])
-        elif (y := planned_row_loop(self.decode_plan, x2, b["meta"], values, b["row_ptr"], b["bias"],
-                                    self.out_features, self.in_features, FORMAT_CODES[self.fmt])) is not None:
-            pass
         else:
-            threshold = -1 if self.dense_batch_threshold is None else self.dense_batch_threshold
-            fn = torch.ops.losa.sparse_matmul if compiling else sparse_matmul
-            y = fn(x2, b["meta"], values, b["row_ptr"], b["bias"], self.out_features, self.in_features,
-                   FORMAT_CODES[self.fmt], threshold, self._small, self.sparse_prefill,
-                   self.prefill_dtype == torch.bfloat16)
+            y = planned_row_loop(self.decode_plan, x2, b["meta"], values, b["row_ptr"], b["bias"],
+                                 self.out_features, self.in_features, FORMAT_CODES[self.fmt])
+            if y is None:  # not planned, or more rows than the row loop takes: the full dispatch
+                threshold = -1 if self.dense_batch_threshold is None else self.dense_batch_threshold
+                fn = torch.ops.losa.sparse_matmul if compiling else sparse_matmul
+                y = fn(x2, b["meta"], values, b["row_ptr"], b["bias"], self.out_features, self.in_features,
+                       FORMAT_CODES[self.fmt], threshold, self._small, self.sparse_prefill,
+                       self.prefill_dtype == torch.bfloat16)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -185,8 +185,9 @@ def row_loop_threshold(x_dtype: torch.dtype, values_dtype: torch.dtype, small: b
     """Batch rows up to which the kernel's row loop (``spmm``) runs; above it the tiled GEMM paths.
 
     The measured value of ``losa bench-runtime`` for this CPU and ISA where cached, else the built-in default
-    (``DENSE_BATCH_THRESHOLD``, or ``DENSE_BATCH_THRESHOLD_BF16[_SMALL]`` for bf16 inputs with bf16 values
-    on a CPU with native bf16).
+    (``DENSE_BATCH_THRESHOLD``, or ``DENSE_BATCH_THRESHOLD_BF16`` for bf16 inputs with bf16 values on a CPU
+    with native bf16). Small layers with bf16 inputs on such CPUs always use ``DENSE_BATCH_THRESHOLD_BF16_SMALL``
+    (``losa bench-runtime`` measures large layers only).
 
     Args:
         x_dtype: dtype of the activations.
@@ -196,6 +197,9 @@ def row_loop_threshold(x_dtype: torch.dtype, values_dtype: torch.dtype, small: b
 
     Returns:
         The threshold in rows.
+
+    Raises:
+        LosaError: the threshold cache exists but is not valid JSON.
     """
     measured = _thresholds.cached_thresholds(isa)
     if x_dtype == torch.bfloat16 and values_dtype == torch.bfloat16 and _kernel.native_bf16(isa):
@@ -207,12 +211,13 @@ def row_loop_threshold(x_dtype: torch.dtype, values_dtype: torch.dtype, small: b
 class DecodePlan(NamedTuple):
     """A layer's row-loop dispatch, fixed once (plain ints, so compiled code can use it).
 
-    ``isa``: the kernel's ISA code; ``float32`` / ``bfloat16``: row-loop thresholds for inputs of that dtype.
+    ``isa``: the kernel's ISA code; ``max_rows_bf16``: the row-loop threshold for bf16 inputs;
+    ``max_rows_other``: for every other input dtype (float32, float16).
     """
 
     isa: int
-    float32: int
-    bfloat16: int
+    max_rows_other: int
+    max_rows_bf16: int
 
 
 def plan_decode(values: torch.Tensor, small: bool, threshold: int | None) -> DecodePlan | None:
@@ -223,7 +228,9 @@ def plan_decode(values: torch.Tensor, small: bool, threshold: int | None) -> Dec
     :class:`~losa.inference.decode.LeanDecoder` therefore plans each layer once: steps with few rows then
     call the kernel's row loop directly (:func:`planned_row_loop`), from a compiled graph as the dispatcher
     op ``losa_sparse_kernels::spmm``; larger batches keep the full dispatch. A later change of
-    ``LOSA_SPARSE_ISA`` or of the threshold cache is seen after planning again.
+    ``LOSA_SPARSE_ISA``, of the threshold cache (after :func:`losa.inference.thresholds.clear`) or of the
+    layer's ``dense_batch_threshold`` is seen after planning again (``plan_decode()`` on the layer);
+    ``layer.decode_plan = None`` removes the plan.
 
     Args:
         values: the layer's packed values.
@@ -232,6 +239,9 @@ def plan_decode(values: torch.Tensor, small: bool, threshold: int | None) -> Dec
 
     Returns:
         The plan, or None.
+
+    Raises:
+        LosaError: an unknown or unsupported ``LOSA_SPARSE_ISA``, or an invalid threshold cache.
     """
     if _kernel.load_kernel() is None:
         return None
@@ -259,10 +269,11 @@ def planned_row_loop(plan: DecodePlan | None, x2: torch.Tensor, meta: torch.Tens
     Returns:
         ``[rows, out_features]`` in the dtype of ``x2``, or None when the plan does not cover this batch.
     """
-    if plan is None or x2.shape[0] > (plan.bfloat16 if x2.dtype == torch.bfloat16 else plan.float32):
+    if plan is None or x2.shape[0] > (plan.max_rows_bf16 if x2.dtype == torch.bfloat16 else plan.max_rows_other):
         return None
-    fn = _kernel.spmm_op() if torch.compiler.is_compiling() else _kernel.load_kernel().spmm
-    y = fn(x2, meta, values, row_ptr, bias, out_features, in_features, fmt_code, plan.isa)
+    if torch.compiler.is_compiling():  # the dispatcher op rounds to x2's dtype itself (no fusable cast)
+        return _kernel.spmm_op()(x2, meta, values, row_ptr, bias, out_features, in_features, fmt_code, plan.isa)
+    y = _kernel.load_kernel().spmm(x2, meta, values, row_ptr, bias, out_features, in_features, fmt_code, plan.isa)
     return y if y.dtype == x2.dtype else y.to(x2.dtype)
 
 
@@ -271,8 +282,9 @@ def sparse_matmul(x2: torch.Tensor, meta: torch.Tensor, values: torch.Tensor, ro
                   small: bool, sparse_prefill: bool, prefill_bf16: bool) -> torch.Tensor:
     """``x2 · Wᵀ + b`` of a packed weight through the compiled kernel, choosing the path by batch rows.
 
-    The dispatch of :meth:`SparseLinear.forward` as a plain function (also registered as the torch custom op
-    ``losa::sparse_matmul``, so ``torch.compile`` traces around it).
+    The full dispatch of :meth:`SparseLinear.forward` (unplanned layers, and batches above a plan's row-loop
+    threshold) as a plain function, also registered as the torch custom op ``losa::sparse_matmul``, so
+    ``torch.compile`` traces around it.
 
     Args:
         x2: inputs ``[rows, in_features]``.

@@ -816,14 +816,22 @@ torch::Tensor hugepage_copy(const torch::Tensor& t) {
 
 }  // namespace
 
-// spmm as a dispatcher op as well (namespace = the extension's name): torch.compile'd decode steps call it
-// straight from the generated code, without the Python custom op and dispatch of sparse_matmul around it.
-// Its fake (shape) function is registered from Python (losa/inference/kernel.py).
+// spmm as a dispatcher op as well (namespace = the extension's name), returning x's dtype: torch.compile'd
+// decode steps call it straight from the generated code, without the Python custom op and dispatch of
+// sparse_matmul around it. The rounding of a bf16/fp16 result happens here, inside the opaque op, so the
+// compiler cannot fuse it away. Its fake (shape) function is registered from Python (losa/inference/kernel.py).
+torch::Tensor spmm_as_input(const torch::Tensor& x, const torch::Tensor& meta, const torch::Tensor& values,
+                            const torch::Tensor& row_ptr, const c10::optional<torch::Tensor>& bias, int64_t n,
+                            int64_t k, int64_t fmt, int64_t isa) {
+  torch::Tensor y = spmm(x, meta, values, row_ptr, bias, n, k, fmt, isa);
+  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+}
+
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("spmm(Tensor x, Tensor meta, Tensor values, Tensor row_ptr, Tensor? bias, int n, int k, int fmt, "
         "int isa) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) { m.impl("spmm", &spmm); }
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) { m.impl("spmm", &spmm_as_input); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spmm", &spmm, "sparse y = x W^T + b for small batches");
