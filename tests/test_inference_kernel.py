@@ -16,15 +16,7 @@ from losa.inference.formats import choose_format
 KERNEL = kmod.load_kernel()
 
 
-@pytest.fixture(autouse=True)
-def no_measured_thresholds(tmp_path, monkeypatch):
-    """Layers use the built-in thresholds here, whatever ``losa bench-runtime`` cached on this machine."""
-    from losa.inference import thresholds
-
-    monkeypatch.setattr(thresholds, "cache_path", lambda: tmp_path / "runtime_thresholds.json")
-    thresholds.clear()
-    yield
-    thresholds.clear()
+pytestmark = pytest.mark.usefixtures("no_measured_thresholds")
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason="C++ sparse kernel could not be built here")
 ISAS = [name for code, name in kmod.ISA_NAMES.items() if KERNEL is not None and code <= KERNEL.cpu_isa()]
 

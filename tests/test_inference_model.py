@@ -12,16 +12,7 @@ from losa.inference.formats import PAD
 from losa.models.linear import get_weight, is_prunable, set_weight
 from losa.models.registry import get_decoder_layers, linear_modules
 
-
-@pytest.fixture(autouse=True)
-def no_measured_thresholds(tmp_path, monkeypatch):
-    """Layers use the built-in thresholds here, whatever ``losa bench-runtime`` cached on this machine."""
-    from losa.inference import thresholds
-
-    monkeypatch.setattr(thresholds, "cache_path", lambda: tmp_path / "runtime_thresholds.json")
-    thresholds.clear()
-    yield
-    thresholds.clear()
+pytestmark = pytest.mark.usefixtures("no_measured_thresholds")
 
 
 def prune_random(model, sparsity: float, seed: int = 0) -> None:
