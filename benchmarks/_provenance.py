@@ -33,12 +33,17 @@ def cpu() -> dict[str, str]:
 
 
 def commit() -> str:
-    """The short commit of the checkout (``+dirty`` with uncommitted changes), or ``unknown``."""
+    """The short commit of the checkout, or ``unknown``.
+
+    ``+dirty`` marks uncommitted changes to tracked files outside ``benchmarks/results/``: the rows a
+    benchmark appends there while it runs do not change the code that later rows of the same run import.
+    """
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no",
+                                "--", ".", ":(exclude)benchmarks/results"],
                                capture_output=True, text=True, check=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
