@@ -1,12 +1,18 @@
 """Zero-shot accuracy of saved checkpoints (e.g. the fine-tuned variants of bench_losa.py ``--save-dir``).
 
 Each ``LABEL=PATH`` (a model directory or alias) is evaluated with lm-eval on the offline tasks, on the
-same seeded subsets as ``zeroshot.md`` (``--limit 500``, seed 0), in bf16 with float32 log-softmax. Rows
-(per-task acc / acc_norm, means, verified sparsity, wall time, provenance) are appended to a JSONL file as
-each model finishes, and the Markdown table is rendered from all rows, so runs can span sessions::
+same seeded subsets as ``zeroshot.md`` (``--limit 500``, seed 0), with float32 log-softmax. Rows
+(per-task acc / acc_norm, means, verified sparsity, weight dtype, wall time, provenance) are appended to a
+JSONL file as each model finishes, and the Markdown table is rendered from all rows, so runs can span
+sessions::
 
     python benchmarks/bench_zeroshot_models.py --data-dir ../shared/data --limit 500 \\
         "losa-wanda 70%=/work/models17/losa-wanda@0.7" "dense=smollm2-135m"
+
+Weights are float32 by default: torch's bf16 GEMM is several times slower than float32 on CPUs without
+native bf16 (avx2_decode.md), and one dtype for every row keeps the comparison about the models. A training-
+free variant is evaluated from a model saved by ``bench_losa.py --save-dir`` (e.g. with ``--out`` pointing
+at a scratch JSONL so that its perplexity row is not duplicated).
 """
 
 from __future__ import annotations
@@ -38,10 +44,11 @@ def evaluate(label: str, path: str, args) -> dict:
     model, tok = losa.load_model(path)
     sparsity = float(sparsity_report(model).overall)
     t0 = time.perf_counter()
-    res = run_zeroshot(model.to(torch.bfloat16), tok, tasks=args.tasks or DEFAULT_TASKS, limit=args.limit,
-                       data_dir=args.data_dir, batch_size=args.batch_size, seed=0, offline=True, quiet=True)
+    res = run_zeroshot(model.to(getattr(torch, args.dtype)), tok, tasks=args.tasks or DEFAULT_TASKS,
+                       limit=args.limit, data_dir=args.data_dir, batch_size=args.batch_size, seed=0, offline=True,
+                       quiet=args.quiet)
     return {"label": label, "path": path, "sparsity": sparsity, "tasks": res["tasks"], "mean": res["mean"],
-            "limit": args.limit, "lm_eval": res["config"]["lm_eval_version"],
+            "limit": args.limit, "dtype": args.dtype, "lm_eval": res["config"]["lm_eval_version"],
             "wall_s": round(time.perf_counter() - t0, 1), **prov}
 
 
@@ -54,17 +61,17 @@ def render(rows: list[dict], path: Path) -> None:
 
     lines = [f"# Zero-shot accuracy of saved checkpoints ({SMOLLM2})", "",
              "Accuracy in %, 0-shot, lm-eval through `losa.eval.zeroshot.run_zeroshot` on the offline tasks "
-             "(the same seeded subsets as zeroshot.md), bf16 weights, float32 log-softmax. The fine-tuned "
+             "(the same seeded subsets as zeroshot.md), float32 log-softmax, weight dtype per row. The fine-tuned "
              "checkpoints come from `bench_losa.py --save-dir` (their perplexity rows are in the results file "
              "named in the label's JSONL row).", "",
-             "| model | sparsity | " + " | ".join(tasks) + " | mean acc | mean acc_norm |",
-             "|---|---:|" + "---:|" * (len(tasks) + 2)]
+             "| model | sparsity | weights | " + " | ".join(tasks) + " | mean acc | mean acc_norm |",
+             "|---|---:|---|" + "---:|" * (len(tasks) + 2)]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['sparsity']:.4f} | "
+        lines.append(f"| {r['label']} | {r['sparsity']:.4f} | {r.get('dtype', 'bfloat16')} | "
                      + " | ".join(pct(r["tasks"][t]["acc"]) for t in tasks)
                      + f" | {pct(r['mean']['acc'])} | {pct(r['mean']['acc_norm'])} |")
     if rows:
-        lines.append("| items | | " + " | ".join(str(rows[0]["tasks"][t]["n"]) for t in tasks) + " | | |")
+        lines.append("| items | | | " + " | ".join(str(rows[0]["tasks"][t]["n"]) for t in tasks) + " | | |")
     lines += ["", "acc_norm mean: acc_norm where lm-eval defines it, acc elsewhere.", "",
               "Provenance per row (date, commit, threads, CPU / ISA, model, command, wall s):", ""]
     lines += [f"- {r['label']} (`{r['path']}`): {r['date']}, {r['commit']}, {r['threads']} threads, {r['cpu']} "
@@ -80,6 +87,8 @@ def main() -> None:
     ap.add_argument("--tasks", default=None, help="comma-separated (default: the eight of zeroshot.md)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight dtype")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--out", default=str(RESULTS / "zeroshot_models.jsonl"))
     args = ap.parse_args()
     out = Path(args.out)
