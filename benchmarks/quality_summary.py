@@ -94,6 +94,12 @@ def _get(table: dict, variant: str, target: str, kind: str, field: str) -> float
     return row["mean"][field] if kind == "zeroshot" else row[field]
 
 
+def _cpus(table: dict, kind: str, *keys: tuple[str, str]) -> str:
+    """`` (rows from different CPUs: A / B)`` when the rows compared were measured on different CPU models."""
+    cpus = [table.get(k, {}).get(kind, {}).get("cpu", "?") for k in keys]
+    return f" (rows from different CPUs: {' / '.join(cpus)})" if len(set(cpus)) > 1 else ""
+
+
 def targets(table: dict) -> list[tuple[str, str, str]]:
     """(target, status, evidence) for each of issue 17's targets."""
     out = []
@@ -118,7 +124,8 @@ def targets(table: dict) -> list[tuple[str, str, str]]:
                 continue
             fmt = (lambda v: f"{v:.2f}") if kind == "ppl" else (lambda v: f"{100 * v:.1f} %")
             won = better(losa, other) == losa and losa != other
-            out.append((name, "met" if won else "NOT met", f"{fmt(losa)} vs {fmt(other)}"))
+            out.append((name, "met" if won else "NOT met", f"{fmt(losa)} vs {fmt(other)}"
+                        + _cpus(table, kind, ("losa-wanda", "0.7"), (b, "0.7"))))
     losa = _get(table, "losa-wanda", "0.7", "ppl", "ppl")
     for a in ABLATIONS:
         off = _get(table, a, "0.7", "ppl", "ppl")
@@ -126,7 +133,8 @@ def targets(table: dict) -> list[tuple[str, str, str]]:
         if losa is None or off is None:
             out.append((name, "not measured yet", "needs both rows"))
         else:
-            out.append((name, "met" if off > losa else "NOT met", f"{off:.2f} without vs {losa:.2f} with"))
+            out.append((name, "met" if off > losa else "NOT met", f"{off:.2f} without vs {losa:.2f} with"
+                        + _cpus(table, "ppl", (a, "0.7"), ("losa-wanda", "0.7"))))
     return out
 
 

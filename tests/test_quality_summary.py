@@ -71,3 +71,12 @@ def test_saved_key_parses_variant_and_target() -> None:
     assert qs.saved_key("/work/models17/losa-wanda@0.7") == ("losa-wanda", "0.7")
     assert qs.saved_key("smollm2-135m") == ("dense", "0")
     assert qs.saved_key("/somewhere/my-model") is None
+
+
+def test_rows_from_different_cpus_are_flagged(tmp_path: Path) -> None:
+    rows = [_ppl("losa-wanda", "0.7", 150.0, 100) | {"cpu": "Xeon"}, _ppl("losa-no-dsa", "0.7", 160.0, 100) | {"cpu": "EPYC"},
+            _ppl("losa-no-lsr", "0.7", 170.0, 100) | {"cpu": "Xeon"}]
+    _write(tmp_path, "quality70_ft1024.jsonl", rows)
+    st = _status(tmp_path)
+    assert st["70 %: switching off DSA costs perplexity"][1].endswith("(rows from different CPUs: EPYC / Xeon)")
+    assert st["70 %: switching off LSR costs perplexity"][1] == "170.00 without vs 150.00 with"
