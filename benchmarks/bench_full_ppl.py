@@ -109,7 +109,7 @@ def main() -> None:
             row.update({"date": time.strftime("%Y-%m-%d"), "argv": sys.argv,
                         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"})
             row["provenance"] = provenance(torch.get_num_threads(), SMOLLM2 if not spec.startswith("saved:") else
-                                           f"{SMOLLM2}, fine-tuned and saved at {spec.partition(':')[2]}")
+                                           f"{SMOLLM2}, as saved at {spec.partition(':')[2]}")
             print(json.dumps(row), flush=True)
             with out.open("a") as f:  # one line per spec; side-by-side processes append whole lines
                 f.write(json.dumps(row) + "\n")

@@ -168,9 +168,10 @@ def render(table: dict) -> str:
     lines += ["", "## Where each number comes from", ""]
     for v, t in keys:
         for kind, row in table[(v, t)].items():
-            lines.append(f"- {VARIANTS.get(v, v)} @ {t}, {kind}: {row.get('date', '?')}, {row.get('commit', '?')}, "
-                         f"{row.get('cpu', row.get('machine', '?'))} ({row.get('isa', '?')}), "
-                         f"{row.get('threads', '?')} threads; `{row.get('command', ' '.join(row.get('argv', [])))}`")
+            prov = row.get("provenance", row)  # bench_full_ppl.py nests it; the other benchmarks do not
+            lines.append(f"- {VARIANTS.get(v, v)} @ {t}, {kind}: {prov.get('date', '?')}, {prov.get('commit', '?')}, "
+                         f"{prov.get('cpu', row.get('machine', '?'))} ({prov.get('isa', '?')}), "
+                         f"{prov.get('threads', '?')} threads; `{prov.get('command', ' '.join(row.get('argv', [])))}`")
     return "\n".join(lines) + "\n"
 
 

@@ -80,3 +80,13 @@ def test_rows_from_different_cpus_are_flagged(tmp_path: Path) -> None:
     st = _status(tmp_path)
     assert st["70 %: switching off DSA costs perplexity"][1].endswith("(rows from different CPUs: EPYC / Xeon)")
     assert st["70 %: switching off LSR costs perplexity"][1] == "170.00 without vs 150.00 with"
+
+
+def test_nested_provenance_of_full_set_rows_is_shown(tmp_path: Path) -> None:
+    _write(tmp_path, "full_ppl.jsonl", [{"spec": "saved:/m/losa-wanda@0.7", "ppl_full": 170.5, "machine": "x86_64",
+                                         "provenance": {"date": "2026-12-01T10:00", "commit": "abc1234",
+                                                        "cpu": "AMD EPYC", "isa": "avx2+f16c", "threads": 2,
+                                                        "command": "python bench_full_ppl.py saved:/m/losa-wanda@0.7"}}])
+    page = qs.render(qs.collect(tmp_path))
+    assert ("- LoSA(Wanda) @ 0.7, full: 2026-12-01T10:00, abc1234, AMD EPYC (avx2+f16c), 2 threads; "
+            "`python bench_full_ppl.py saved:/m/losa-wanda@0.7`") in page
