@@ -90,3 +90,33 @@ def test_nested_provenance_of_full_set_rows_is_shown(tmp_path: Path) -> None:
     page = qs.render(qs.collect(tmp_path))
     assert ("- LoSA(Wanda) @ 0.7, full: 2026-12-01T10:00, abc1234, AMD EPYC (avx2+f16c), 2 threads; "
             "`python bench_full_ppl.py saved:/m/losa-wanda@0.7`") in page
+
+
+def test_a_rerun_on_another_cpu_keeps_both_rows_and_targets_pair_same_cpu_rows(tmp_path: Path) -> None:
+    _write(tmp_path, "quality70.jsonl", [_ppl("dense", "0", 30.0) | {"cpu": "Xeon"},
+                                         _ppl("wanda", "0.7", 1000.0) | {"cpu": "Xeon"}])
+    _write(tmp_path, "quality70_ft1024.jsonl", [
+        _ppl("losa-wanda", "0.7", 150.0, 100) | {"cpu": "Xeon", "date": "2026-12-01T06:00"},
+        _ppl("losa-no-sra", "0.7", 145.0, 100) | {"cpu": "EPYC", "date": "2026-12-01T13:00"},
+        _ppl("wanda+lora", "0.7", 155.0, 100) | {"cpu": "Xeon", "date": "2026-12-01T06:30"}])
+    _write(tmp_path, "quality70_ft1024_rerun.jsonl", [
+        _ppl("losa-wanda", "0.7", 140.0, 100) | {"cpu": "EPYC", "date": "2026-12-01T17:00"}])
+    table = qs.collect(tmp_path)
+    assert [r["ppl"] for r in table[("losa-wanda", "0.7")]["ppl_rows"]] == [150.0, 140.0]
+    st = _status(tmp_path)
+    # the ablation (EPYC) is compared with LoSA's EPYC rerun: 145 > 140, switching SRA off costs perplexity
+    assert st["70 %: switching off SRA costs perplexity"] == ("met", "145.00 without vs 140.00 with")
+    # the Xeon baselines with LoSA's Xeon row: 150 < 155, no CPU flag
+    assert st["70 %: LoSA(Wanda) perplexity below Wanda + dense LoRA"] == ("met", "150.00 vs 155.00")
+    # the gap uses the LoSA row from Wanda's CPU: hand computation (ln 1000 - ln 150) / (ln 1000 - ln 30)
+    want = (math.log(1000) - math.log(150)) / (math.log(1000) - math.log(30))
+    assert st["LoSA(Wanda) closes >= 0.6 of the Wanda-to-dense log-perplexity gap at 70%"][1].startswith(
+        f"{want:.2f} (LoSA 150.00,")
+    page = qs.render(table)
+    assert page.count("| 70% | LoSA(Wanda) |") == 2 and "| 140.00 |" in page and "| 150.00 |" in page
+    # where there is no row from the same CPU, the latest is used and the evidence says the CPUs differ
+    _write(tmp_path, "quality70_ft1024_rerun.jsonl", [])
+    _write(tmp_path, "quality70_ft1024.jsonl", [
+        _ppl("losa-wanda", "0.7", 150.0, 100) | {"cpu": "Xeon"}, _ppl("losa-no-sra", "0.7", 145.0, 100) | {"cpu": "EPYC"}])
+    assert _status(tmp_path)["70 %: switching off SRA costs perplexity"] == (
+        "NOT met", "145.00 without vs 150.00 with (rows from different CPUs: EPYC / Xeon)")
