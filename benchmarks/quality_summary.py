@@ -4,7 +4,7 @@ Joins the rows the quality benchmarks wrote (it measures nothing itself):
 
 * perplexity on the first 40 WikiText-2 windows: ``bench_losa.py`` JSONL files (training-free rows in
   ``quality70.jsonl``, fine-tuned rows at the 1024-example budget in ``quality70_ft1024.jsonl`` /
-  ``quality50_ft1024.jsonl``, reruns of a variant on another CPU in ``quality70_ft1024_rerun.jsonl``);
+  ``quality50_ft1024.jsonl``, reruns of a variant (to save its model, on whatever CPU) in ``quality*_rerun.jsonl``);
 * the full test set: ``bench_full_ppl.py`` rows (``full_ppl.jsonl``) of ``saved:DIR/<variant>@<target>`` models
   and ``dense``;
 * zero-shot accuracy: ``bench_zeroshot_models.py`` rows (``zeroshot_models.jsonl``) whose path is a saved
@@ -27,7 +27,8 @@ from pathlib import Path
 from _provenance import SMOLLM2
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PPL_FILES = ("quality70.jsonl", "quality70_ft1024.jsonl", "quality70_ft1024_rerun.jsonl", "quality50_ft1024.jsonl")
+PPL_FILES = ("quality70.jsonl", "quality70_rerun.jsonl", "quality70_ft1024.jsonl", "quality70_ft1024_rerun.jsonl",
+             "quality50_ft1024.jsonl", "quality50_ft1024_rerun.jsonl")
 #: row order and labels of the table
 VARIANTS = {"dense": "dense", "wanda": "Wanda", "sparsegpt": "SparseGPT", "wanda+owl": "Wanda + OWL",
             "wanda+atp": "Wanda + ATP", "wanda+rmi": "Wanda + RMI", "wanda+lora": "Wanda + dense LoRA",

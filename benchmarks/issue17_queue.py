@@ -1,0 +1,135 @@
+"""Issue 17's whole comparison as one resumable queue: each missing piece runs in order of value, one at a time.
+
+Every step runs the benchmark that owns its rows (``bench_losa.py``, ``bench_zeroshot_models.py``,
+``bench_full_ppl.py``) with issue 17's protocol (C4 calibration 8 x 256, the same 1024 Alpaca examples with
+the distillation loss for every fine-tuned variant, WikiText-2 on the first 40 windows of 512 tokens, the
+seeded 500-item zero-shot subsets). A step is skipped when its rows (and the saved model a later step needs)
+already exist, so a killed queue continues where it stopped; ``quality_summary.md`` is re-rendered after each
+step. A model that already has a perplexity row but was not saved is trained again with ``--save-dir`` into
+``quality*_rerun.jsonl`` (on whatever CPU the queue runs on: the summary
+pairs rows from the same CPU). Each fine-tuned variant takes about an hour on 2 cores, each zero-shot run
+about half an hour (results files' ``wall_s``)::
+
+    python benchmarks/issue17_queue.py --models-dir ~/losa-models17 --list   # done / to do, runs nothing
+    python benchmarks/issue17_queue.py --models-dir ~/losa-models17          # run what is missing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from quality_summary import PPL_FILES
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+FINE_TUNED_70 = ("losa-wanda", "wanda+masked-lora", "wanda+lora", "losa-sparsegpt", "losa-no-lsr", "losa-no-sra",
+                 "losa-no-dsa")
+TRAINING_FREE_70 = ("dense", "wanda", "sparsegpt", "wanda+owl", "wanda+atp", "wanda+rmi")
+#: the zero-shot rows issue 17 asks for, in order of value (dense is the ``smollm2-135m`` alias)
+ZEROSHOT = (("losa-wanda", "0.7"), ("wanda", "0.7"), ("wanda+atp", "0.7"), ("wanda+masked-lora", "0.7"),
+            ("wanda+lora", "0.7"), ("losa-wanda", "0.5"), ("wanda", "0.5"))
+FIFTY = ("wanda", "wanda+masked-lora", "losa-wanda")
+#: saved 70 % models whose full-test-set perplexity is reported (the headline rows)
+FULL_SET = ("losa-wanda", "wanda+masked-lora", "wanda+lora", "wanda+atp", "wanda")
+
+
+def rows(name: str) -> list[dict]:
+    path = RESULTS / name
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def has_row(name: str, variant: str, target: str) -> bool:
+    return any(r["variant"] == variant and r["target"] == target and r.get("recon_error", "global") == "global"
+               for r in rows(name))
+
+
+def saved(models: Path, variant: str, target: str) -> bool:
+    """A model counts as saved when a results row says so: rows are written only after the save finished."""
+    dest = str(models / f"{variant}@{target}")
+    return any(r.get("saved_to") == dest for f in PPL_FILES for r in rows(f)) and Path(dest, "config.json").is_file()
+
+
+@dataclass
+class Step:
+    """One benchmark command and the check that says its rows already exist."""
+
+    name: str
+    done: bool
+    argv: list[str]
+
+
+def steps(args) -> list[Step]:
+    """Every step of the comparison, in order of value; ``done`` is read from the results files now."""
+    py, m = sys.executable, Path(args.models_dir).expanduser().resolve()
+    proto = ["--threads", str(args.threads), "--nsamples", "8", "--seqlen", "256", "--recon-nsamples", "2",
+             "--ft-max-length", "128", "--batch-size", "8", "--eval-windows", "40", "--eval-seqlen", "512",
+             "--data-dir", args.data_dir]
+    ft = ["--ft-examples", "1024", "--distill"]
+
+    def losa(variants, target, out, *extra):
+        return [py, str(HERE / "bench_losa.py"), "--sparsities", target, "--variants", *variants, *proto, *extra,
+                "--out", str(RESULTS / out)]
+
+    out = [Step("70 %: training-free rows", all(has_row("quality70.jsonl", v, "0.7" if v != "dense" else "0")
+                                                 for v in TRAINING_FREE_70),
+                losa(TRAINING_FREE_70, "0.7", "quality70.jsonl", "--save-dir", str(m)))]
+    for v in FINE_TUNED_70:
+        out.append(Step(f"70 %: {v}, 1024 examples", has_row("quality70_ft1024.jsonl", v, "0.7"),
+                        losa([v], "0.7", "quality70_ft1024.jsonl", *ft, "--save-dir", str(m))))
+    for v in FIFTY:
+        free = v in TRAINING_FREE_70
+        out.append(Step(f"50 %: {v}" + ("" if free else ", 1024 examples"), has_row("quality50_ft1024.jsonl", v, "0.5"),
+                        losa([v], "0.5", "quality50_ft1024.jsonl", *([] if free else ft), "--save-dir", str(m))))
+    zs = {r["label"] for r in rows("zeroshot_models.jsonl") if r.get("limit") == 500}
+    zs_cmd = [py, str(HERE / "bench_zeroshot_models.py"), "--data-dir", args.data_dir, "--limit", "500", "--threads",
+              str(args.threads), "--quiet"]
+    out.append(Step("zero-shot: dense", "dense" in zs, [*zs_cmd, "dense=smollm2-135m"]))
+    for v, t in ZEROSHOT:
+        measured = any(r["variant"] == v and r["target"] == t for f in PPL_FILES for r in rows(f))
+        if measured and not saved(m, v, t):  # the model of an existing row, trained again (same command) to be saved
+            free = v in TRAINING_FREE_70  # a 50 % training-free row lives in the 50 % file
+            rerun = "quality70_rerun.jsonl" if free and t == "0.7" else f"quality{round(100 * float(t))}_ft1024_rerun.jsonl"
+            out.append(Step(f"{round(100 * float(t))} %: {v} again, saved for zero-shot", False,
+                            losa([v], t, rerun, *([] if free else ft), "--save-dir", str(m))))
+        out.append(Step(f"zero-shot: {v} @ {t}", f"{v}@{t}" in zs, [*zs_cmd, f"{v}@{t}={m / f'{v}@{t}'}"]))
+    full = {r["spec"] for r in rows("full_ppl.jsonl")}
+    for v in FULL_SET:
+        spec = f"saved:{m / f'{v}@0.7'}"
+        out.append(Step(f"full test set: {v} @ 0.7", spec in full,
+                        [py, str(HERE / "bench_full_ppl.py"), spec, "--data-dir", args.data_dir]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--models-dir", required=True, help="where saved models go (about 0.5 GB each)")
+    ap.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--list", action="store_true", help="print each step as done / to do and exit")
+    args = ap.parse_args(argv)
+    if not Path(args.data_dir, "README.md").is_file():
+        sys.exit(f"--data-dir {args.data_dir}: not the shared data folder (no README.md there); pass --data-dir")
+    todo = [s for s in steps(args) if not s.done]
+    if args.list:
+        for s in steps(args):
+            print(f"[{'done' if s.done else 'to do'}] {s.name}")
+        return
+    while todo:  # re-read after each step: one run can complete several steps
+        s = todo[0]
+        print(f"== {s.name}: {' '.join(s.argv)}", flush=True)
+        if subprocess.run(s.argv).returncode != 0:
+            sys.exit(f"step {s.name!r} failed; its benchmark printed why (fix, then rerun this queue to resume)")
+        subprocess.run([sys.executable, str(HERE / "quality_summary.py")], check=True)
+        remaining = [x for x in steps(args) if not x.done]
+        if remaining and remaining[0].name == s.name:
+            sys.exit(f"step {s.name!r} finished without writing its rows; see its output above")
+        todo = remaining
+
+
+if __name__ == "__main__":
+    main()
