@@ -33,7 +33,7 @@ TRAINING_FREE_70 = ("dense", "wanda", "sparsegpt", "wanda+owl", "wanda+atp", "wa
 #: the zero-shot rows issue 17 asks for, in order of value (dense is the ``smollm2-135m`` alias)
 ZEROSHOT = (("losa-wanda", "0.7"), ("wanda", "0.7"), ("wanda+atp", "0.7"), ("wanda+masked-lora", "0.7"),
             ("wanda+lora", "0.7"), ("losa-wanda", "0.5"), ("wanda", "0.5"))
-FIFTY = ("wanda", "wanda+masked-lora", "losa-wanda")
+FIFTY = ("wanda", "losa-wanda", "wanda+masked-lora")  # the two the 50 % gap target needs first
 #: saved 70 % models whose full-test-set perplexity is reported (the headline rows)
 FULL_SET = ("losa-wanda", "wanda+masked-lora", "wanda+lora", "wanda+atp", "wanda")
 
