@@ -33,6 +33,18 @@ TRAINING_FREE_70 = ("dense", "wanda", "sparsegpt", "wanda+owl", "wanda+atp", "wa
 #: the zero-shot rows issue 17 asks for, in order of value (dense is the ``smollm2-135m`` alias)
 ZEROSHOT = (("losa-wanda", "0.7"), ("wanda", "0.7"), ("wanda+atp", "0.7"), ("wanda+masked-lora", "0.7"),
             ("wanda+lora", "0.7"), ("losa-wanda", "0.5"), ("wanda", "0.5"))
+_RERUN = ("Issue 17: variants trained again with the same command so that their model is saved for the zero-shot "
+          "and full-test-set evaluations (benchmarks/issue17_queue.py), on the CPU named in each row's provenance.")
+_FT = ("the same 1024 Alpaca examples (SmolLM2 chat template), distillation loss for every variant, same calibration "
+       "and the same 40 WikiText-2 windows")
+#: the line each results file's Markdown header carries (bench_losa.py renders it from the last command's --note)
+NOTES = {"quality70.jsonl": "Issue 17: training-free layer-wise allocations of Wanda at 70 % (no fine-tuning), same "
+                            "calibration (C4 8x256) and the same 40 WikiText-2 windows of 512 tokens as "
+                            "losa_recon_error.md.",
+         "quality70_ft1024.jsonl": f"Issue 17: fine-tuned variants at 70 %, {_FT} as quality70.md (training-free rows "
+                                   "there).",
+         "quality50_ft1024.jsonl": f"Issue 17: at 50 %, Wanda and the fine-tuned variants: {_FT} as the 70 % files.",
+         "quality70_rerun.jsonl": _RERUN, "quality70_ft1024_rerun.jsonl": _RERUN, "quality50_ft1024_rerun.jsonl": _RERUN}
 FIFTY = ("wanda", "losa-wanda", "wanda+masked-lora")  # the two the 50 % gap target needs first
 #: saved 70 % models whose full-test-set perplexity is reported (the headline rows)
 FULL_SET = ("losa-wanda", "wanda+masked-lora", "wanda+lora", "wanda+atp", "wanda")
@@ -73,7 +85,7 @@ def steps(args) -> list[Step]:
 
     def losa(variants, target, out, *extra):
         return [py, str(HERE / "bench_losa.py"), "--sparsities", target, "--variants", *variants, *proto, *extra,
-                "--out", str(RESULTS / out)]
+                "--out", str(RESULTS / out), "--note", NOTES[out]]
 
     out = [Step("70 %: training-free rows", all(has_row("quality70.jsonl", v, "0.7" if v != "dense" else "0")
                                                  for v in TRAINING_FREE_70),

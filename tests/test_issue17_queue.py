@@ -62,9 +62,9 @@ def test_rows_and_saved_models_mark_steps_done(tmp_path: Path, results: Path) ->
     assert not st["zero-shot: wanda @ 0.7"].done  # a 50-item row is not the protocol's 500
     # measured but not saved: trained again with the same protocol into the rerun files, then evaluated
     again = st["70 %: wanda again, saved for zero-shot"].argv
-    assert again[-1].endswith("quality70_rerun.jsonl") and "--ft-examples" not in again
+    assert again[again.index("--out") + 1].endswith("quality70_rerun.jsonl") and "--ft-examples" not in again
     again = st["70 %: wanda+lora again, saved for zero-shot"].argv
-    assert again[-1].endswith("quality70_ft1024_rerun.jsonl") and "--ft-examples" in again
+    assert again[again.index("--out") + 1].endswith("quality70_ft1024_rerun.jsonl") and "--ft-examples" in again
     assert "70 %: wanda+atp again, saved for zero-shot" not in st  # no row yet: the first run will save it
     assert st["zero-shot: losa-wanda @ 0.7"].argv[-1] == f"losa-wanda@0.7={m / 'losa-wanda@0.7'}"
     # a row that names the folder but without the model files on disk does not count as saved
