@@ -12,6 +12,7 @@ about half an hour (results files' ``wall_s``)::
 
     python benchmarks/issue17_queue.py --models-dir ~/losa-models17 --list   # done / to do, runs nothing
     python benchmarks/issue17_queue.py --models-dir ~/losa-models17          # run what is missing
+    python benchmarks/issue17_queue.py --models-dir ~/losa-models17 --only "zero-shot: losa-wanda @ 0.7"
 """
 
 from __future__ import annotations
@@ -123,10 +124,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--list", action="store_true", help="print each step as done / to do and exit")
+    ap.add_argument("--only", default="", help="run only the missing steps whose name contains this text, e.g. 'zero-shot'")
     args = ap.parse_args(argv)
     if not Path(args.data_dir, "README.md").is_file():
         sys.exit(f"--data-dir {args.data_dir}: not the shared data folder (no README.md there); pass --data-dir")
-    todo = [s for s in steps(args) if not s.done]
+
+    def pending() -> list[Step]:
+        return [s for s in steps(args) if not s.done and args.only in s.name]
+
+    todo = pending()
     if args.list:
         for s in steps(args):
             print(f"[{'done' if s.done else 'to do'}] {s.name}")
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         if subprocess.run(s.argv).returncode != 0:
             sys.exit(f"step {s.name!r} failed; its benchmark printed why (fix, then rerun this queue to resume)")
         subprocess.run([sys.executable, str(HERE / "quality_summary.py")], check=True)
-        remaining = [x for x in steps(args) if not x.done]
+        remaining = pending()
         if remaining and remaining[0].name == s.name:
             sys.exit(f"step {s.name!r} finished without writing its rows; see its output above")
         todo = remaining

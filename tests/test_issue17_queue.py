@@ -79,3 +79,22 @@ def test_list_prints_status_and_a_wrong_data_dir_is_one_line(tmp_path: Path, res
     assert out[0] == "[to do] 70 %: training-free rows" and len(out) == len(iq.steps(_args(tmp_path)))
     with pytest.raises(SystemExit, match="not the shared data folder"):
         iq.main(["--models-dir", str(tmp_path / "m"), "--data-dir", str(tmp_path / "nope"), "--list"])
+
+
+def test_only_runs_the_matching_missing_steps(tmp_path: Path, results: Path, monkeypatch) -> None:
+    (tmp_path / "README.md").write_text("data")
+    ran: list[list[str]] = []
+
+    def fake_run(argv, check=False):
+        ran.append(argv)
+        if "bench_zeroshot_models.py" in argv[1]:  # the zero-shot benchmark writes its row
+            with (results / "zeroshot_models.jsonl").open("a") as f:
+                f.write(json.dumps({"label": argv[-1].partition("=")[0], "limit": 500}) + "\n")
+        return type("P", (), {"returncode": 0})()
+
+    monkeypatch.setattr(iq.subprocess, "run", fake_run)
+    iq.main(["--models-dir", str(tmp_path / "m"), "--data-dir", str(tmp_path), "--only", "zero-shot: dense"])
+    assert [Path(a[1]).name for a in ran] == ["bench_zeroshot_models.py", "quality_summary.py"]
+    assert ran[0][-1] == "dense=smollm2-135m"
+    iq.main(["--models-dir", str(tmp_path / "m"), "--data-dir", str(tmp_path), "--only", "zero-shot: dense"])
+    assert len(ran) == 2  # done now: nothing runs again
