@@ -31,9 +31,10 @@ RESULTS = HERE / "results"
 FINE_TUNED_70 = ("losa-wanda", "wanda+masked-lora", "wanda+lora", "losa-sparsegpt", "losa-no-lsr", "losa-no-sra",
                  "losa-no-dsa")
 TRAINING_FREE_70 = ("dense", "wanda", "sparsegpt", "wanda+owl", "wanda+atp", "wanda+rmi")
-#: the zero-shot rows issue 17 asks for, in order of value (dense is the ``smollm2-135m`` alias)
+#: the zero-shot rows issue 17 lists, in order of value (dense is the ``smollm2-135m`` alias), then OWL and RMI,
+#: which its zero-shot target ("above every training-free allocation") also needs
 ZEROSHOT = (("losa-wanda", "0.7"), ("wanda", "0.7"), ("wanda+atp", "0.7"), ("wanda+masked-lora", "0.7"),
-            ("wanda+lora", "0.7"), ("losa-wanda", "0.5"), ("wanda", "0.5"))
+            ("wanda+lora", "0.7"), ("losa-wanda", "0.5"), ("wanda", "0.5"), ("wanda+owl", "0.7"), ("wanda+rmi", "0.7"))
 _RERUN = ("Issue 17: variants trained again with the same command so that their model is saved for the zero-shot "
           "and full-test-set evaluations (benchmarks/issue17_queue.py), on the CPU named in each row's provenance.")
 _FT = ("the same 1024 Alpaca examples (SmolLM2 chat template), distillation loss for every variant, same calibration "
