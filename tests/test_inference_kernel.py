@@ -412,22 +412,27 @@ def test_avx2_row_loop_long_rows_and_tails(monkeypatch, fmt, pattern, in_f):
 
 
 @needs_avx2
-def test_avx2_row_loop_same_bits_on_two_threads(monkeypatch):
-    """Threads split the output rows; every row sums in the same order."""
+@pytest.mark.parametrize("rows", [17, 200, 700])
+def test_avx2_row_loop_same_bits_on_any_thread_count(monkeypatch, rows):
+    """Threads take chunks of output rows from a shared counter (row counts that are not a multiple of the
+    chunk, more threads than chunks); every row is written once and sums in the same order, so any thread
+    count gives the 1-thread bits, and those match F.linear."""
     monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")
-    gen = torch.Generator().manual_seed(11)
-    w = torch.randn(700, 300, generator=gen) * random_mask(700, 300, 0.7, gen)
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(rows, 300, generator=gen) * random_mask(rows, 300, 0.7, gen)
     p = pack(w, torch.bfloat16)
     x = torch.randn(1, 300, generator=gen)
     threads = torch.get_num_threads()
     outs = []
     try:
-        for t in (1, 2):
+        for t in (1, 2, 3, 8):
             torch.set_num_threads(t)
-            outs.append(KERNEL.spmm(x, p.meta, p.values, p.row_ptr, None, 700, 300, 0, 1))
+            outs.append(KERNEL.spmm(x, p.meta, p.values, p.row_ptr, None, rows, 300, 0, 1))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], reference(x, w, None, torch.bfloat16), rtol=1e-5, atol=1e-5)
+    for y in outs[1:]:
+        assert torch.equal(outs[0], y)
 
 
 @needs_avx2
