@@ -1,14 +1,15 @@
-"""Batch-1 sparse decode: output rows taken in chunks from a shared counter vs one fixed slice per thread.
+"""Batch-1 sparse decode: one fixed slice of output rows per thread (shipped) vs chunks from a shared counter.
 
     python benchmarks/bench_work_stealing.py                 # LLaMA-7B and SmolLM2 layer shapes, 1 and 2 threads
     python benchmarks/bench_work_stealing.py --quick         # smoke run, nothing written
 
-The kernel's row loop used to give each thread one fixed slice of the output rows (``at::parallel_for``), so a
-call lasted as long as its slowest thread; it now hands out chunks of rows from an atomic counter, so a thread
-on a slower core takes fewer. Per shape and thread count, timed interleaved round-robin in one process
-(medians): ``chunked`` (shipped), ``static`` (the previous split, through the extension's benchmark switch
-``set_static_rows``), and dense ``F.linear`` in float32 and bf16 for scale. Every path is checked against a
-float64 ``F.linear`` first.
+The kernel's row loop gives each thread one fixed slice of the output rows (``at::parallel_for``), so a call
+lasts as long as its slowest thread. The alternative measured here hands out chunks of about 1/8 of a thread's
+share from an atomic counter, so that a thread on a slower core (a hybrid CPU's efficiency core, a VM's busy
+vCPU) takes fewer: the kernel source at ``--chunked-rev`` (built once as its own extension, like
+bench_avx2_decode.py's baseline). Per shape and thread count, timed interleaved round-robin in one process
+(medians): ``static`` (shipped), ``chunked``, and dense ``F.linear`` in float32 and bf16 for scale. Every path is
+checked against a float64 ``F.linear`` first. Decision: the chunked schedule was not adopted (results file).
 
 Before that, a core probe pins the process to each CPU in turn (1 thread) and times the same 1-thread call:
 their ratio shows whether the cores run at the same speed here (a VM's vCPUs may not; hybrid CPUs' cores do
@@ -26,6 +27,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "work_stealing.jsonl"
+#: the commit whose kernel takes rows in chunks from a shared counter (not adopted)
+CHUNKED_REV = "bb52674"
 SHAPES = ("11008x4096", "4096x11008", "4096x4096", "1536x576", "576x1536")
 
 
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.7, 0.5])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--reps", type=int, default=60)
+    ap.add_argument("--chunked-rev", default=CHUNKED_REV, help=f"git revision of the chunked kernel ({CHUNKED_REV})")
     ap.add_argument("--note", default="", help="a remark stored with the rows and shown in the markdown")
     ap.add_argument("--quick", action="store_true", help="smoke run: few repeats, results not written")
     args = ap.parse_args(argv)
@@ -44,14 +48,17 @@ def main(argv: list[str] | None = None) -> None:
 
     sys.path.insert(0, str(HERE))
     from _provenance import provenance
+    from bench_avx2_decode import build_baseline
     from bench_inference import interleaved, keep_mask
 
     from losa.inference import SparseLinear
     from losa.inference import kernel as kmod
 
     kern, isa = kmod.load_kernel(), kmod.best_isa()
+    chunked = build_baseline(args.chunked_rev)
     reps = 5 if args.quick else args.reps
-    base = {"kernel_isa": kmod.ISA_NAMES[isa], "note": args.note, "model": "random weights, per-row magnitude mask"}
+    base = {"kernel_isa": kmod.ISA_NAMES[isa], "note": args.note, "chunked_rev": args.chunked_rev, "shipped": "static",
+            "model": "random weights, per-row magnitude mask"}
     rows: list[dict] = []
 
     def layer(shape: str, sparsity: float):
@@ -92,15 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             for sp in args.sparsities:
                 w, x, a, exact = layer(shape, sp)
                 wb, xb = w.bfloat16(), x.bfloat16()  # what a bf16 model's dense layer multiplies
-
-                def static(a=a):
-                    kern.set_static_rows(True)
-                    try:
-                        return kern.spmm(*a)
-                    finally:
-                        kern.set_static_rows(False)
-
-                fns = {"chunked": lambda a=a: kern.spmm(*a), "static": static,
+                fns = {"chunked": lambda a=a: chunked.spmm(*a), "static": lambda a=a: kern.spmm(*a),
                        "dense_fp32": lambda x=x, w=w: F.linear(x, w), "dense_bf16": lambda x=xb, w=wb: F.linear(x, w)}
                 for name in ("chunked", "static"):
                     err = float((fns[name]().double() - exact).abs().max() / exact.abs().max())
@@ -136,8 +135,9 @@ def render(rows: list[dict], path: Path) -> None:
     lines = ["# Chunked (work-stealing) vs fixed row split in the sparse decode kernel "
              "(benchmarks/bench_work_stealing.py)", "",
              "Batch 1, float32 input, bf16 stored values, bitmask format, random weights with a per-row magnitude "
-             "mask. Within a run, the four paths are timed interleaved round-robin (medians). `chunked`: rows taken "
-             "in chunks from a shared counter (shipped); `static`: one fixed slice of rows per thread (before). "
+             "mask. Within a run, the four paths are timed interleaved round-robin (medians). `static`: one fixed slice "
+             "of rows per thread (shipped); `chunked`: rows taken in chunks from a shared counter (the kernel of "
+             "commit bb52674, where it was briefly the default; not adopted: it was no faster, see the runs). "
              "`vs dense`: the faster of dense float32 / bf16 `F.linear` divided by the sparse time. Core probe: the "
              "same 1-thread call pinned to each CPU, three rounds.", ""]
     for (date, commit), rs in runs.items():

@@ -414,9 +414,9 @@ def test_avx2_row_loop_long_rows_and_tails(monkeypatch, fmt, pattern, in_f):
 @needs_avx2
 @pytest.mark.parametrize("rows", [17, 200, 700])
 def test_avx2_row_loop_same_bits_on_any_thread_count(monkeypatch, rows):
-    """Threads take chunks of output rows from a shared counter (row counts that are not a multiple of the
-    chunk, more threads than chunks); every row is written once and sums in the same order, so any thread
-    count gives the 1-thread bits, and those match F.linear."""
+    """Threads split the output rows (row counts that are not a multiple of the split, more threads than
+    16-row slices); every row is written once and sums in the same order, so any thread count gives the
+    1-thread bits, and those match F.linear."""
     monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")
     gen = torch.Generator().manual_seed(rows)
     w = torch.randn(rows, 300, generator=gen) * random_mask(rows, 300, 0.7, gen)

@@ -21,7 +21,6 @@
 #include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -629,34 +628,6 @@ torch::Tensor pad_input(const torch::Tensor& x, int64_t k, int64_t k32) {
   return xp;
 }
 
-// Rows [0, n) in chunks that the threads take from a shared counter as they finish, instead of one fixed slice
-// per thread (at::parallel_for's split): a thread on a slower core (a hybrid CPU's efficiency core, a VM's vCPU
-// whose host core is busy) takes fewer chunks instead of holding up the whole call. About 8 chunks per thread,
-// multiples of 16 rows. Each row is still computed by one thread in one order, so results do not depend on the
-// schedule. Decision and measurement: benchmarks/results/work_stealing.md.
-std::atomic<bool> g_static_rows{false};  // benchmarks only: the previous fixed split, to compare in one run
-
-template <typename F>
-void parallel_rows(int64_t n, const F& f) {
-  if (g_static_rows.load(std::memory_order_relaxed)) {
-    at::parallel_for(0, n, 16, f);
-    return;
-  }
-  const int64_t threads = at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
-  const int64_t chunk = std::max<int64_t>(16, (n / (8 * threads) + 15) / 16 * 16);
-  const int64_t nchunks = (n + chunk - 1) / chunk;
-  if (threads == 1 || nchunks == 1) {
-    f(int64_t{0}, n);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(threads, nchunks), 1, [&](int64_t, int64_t) {
-    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < nchunks;
-         c = next.fetch_add(1, std::memory_order_relaxed))
-      f(c * chunk, std::min(n, (c + 1) * chunk));
-  });
-}
-
 // ---------------------------------------------------------------- exported functions
 
 // Sparse GEMV/GEMM for small batches: y [B, N] = x [B, K] · Wᵀ (+ bias).
@@ -681,10 +652,10 @@ torch::Tensor spmm(const torch::Tensor& x, const torch::Tensor& meta, const torc
   float* yptr = y.data_ptr<float>();
   if (gb) {
     const uint16_t* xptr = reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>());
-    parallel_rows(n, [&](int64_t o0, int64_t o1) { gb(p, xptr, B, p.k32, bp, yptr, o0, o1); });
+    at::parallel_for(0, n, 16, [&](int64_t o0, int64_t o1) { gb(p, xptr, B, p.k32, bp, yptr, o0, o1); });
   } else {
     const float* xptr = xp.data_ptr<float>();
-    parallel_rows(n, [&](int64_t o0, int64_t o1) { g(p, xptr, B, p.k32, bp, yptr, o0, o1); });
+    at::parallel_for(0, n, 16, [&](int64_t o0, int64_t o1) { g(p, xptr, B, p.k32, bp, yptr, o0, o1); });
   }
   return y;
 }
@@ -810,7 +781,7 @@ torch::Tensor sparse_mm_bf16(const torch::Tensor& x, const torch::Tensor& meta, 
     const uint16_t* xtp = reinterpret_cast<const uint16_t*>(xT.data_ptr<at::BFloat16>());
     float* ytp = yT.data_ptr<float>();
     PrefillFn fn = fn_by_ng[ng];
-    parallel_rows(n, [&](int64_t o0, int64_t o1) { fn(p, xtp, ytp, o0, o1); });
+    at::parallel_for(0, n, 16, [&](int64_t o0, int64_t o1) { fn(p, xtp, ytp, o0, o1); });
     auto y = yT.narrow(1, 0, rows).t();
     if (has_bias) out.narrow(0, t0, rows).copy_(y + bias->to(torch::kFloat32));
     else out.narrow(0, t0, rows).copy_(y);
@@ -870,7 +841,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_mm_bf16", &sparse_mm_bf16, "zero-skipping bf16 GEMM for large batches at high sparsity");
   m.def("cpu_has_bf16dot", &cpu_has_bf16dot, "whether the bf16-input loop (AVX512-BF16) runs on this CPU");
   m.def("hugepage_copy", &hugepage_copy, "copy a CPU tensor into transparent-huge-page memory (Linux)");
-  m.def("set_static_rows", [](bool on) { g_static_rows.store(on); },
-        "benchmarks only: split rows into one fixed slice per thread (the previous schedule) instead of chunks");
   m.def("cpu_isa", &cpu_isa, "best ISA level: 0 scalar, 1 AVX2+FMA+F16C, 2 AVX-512 (F/BW/VL/VBMI2)");
 }
