@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -156,7 +157,11 @@ def render(rows: list[dict], path: Path) -> None:
         lines += [f"| {r['threads']} | {r['shape']} | {r['sparsity']:.0%} | {r['chunked_ms']:.3f} | {r['static_ms']:.3f} | "
                   f"{r['chunked_vs_static']:.2f}x | {r['chunked_vs_dense']:.2f}x | {r['static_vs_dense']:.2f}x | "
                   f"{r['dense_fp32_ms']:.3f} | {r['dense_bf16_ms']:.3f} |" for r in rs if r["section"] == "layer"]
-        lines.append("")
+        gm = []
+        for th in sorted({r["threads"] for r in rs if r["section"] == "layer"}):
+            v = [r["chunked_vs_static"] for r in rs if r["section"] == "layer" and r["threads"] == th]
+            gm.append(f"{th} thread(s) {math.exp(sum(map(math.log, v)) / len(v)):.2f}x ({min(v):.2f}-{max(v):.2f}x)")
+        lines += ["", "Chunked vs static, geometric mean over the shapes (range): " + "; ".join(gm) + ".", ""]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines))
     tmp.replace(path)
