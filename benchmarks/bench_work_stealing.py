@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     kern, isa = kmod.load_kernel(), kmod.best_isa()
     chunked = build_baseline(args.chunked_rev)
     reps = 5 if args.quick else args.reps
-    base = {"kernel_isa": kmod.ISA_NAMES[isa], "note": args.note, "chunked_rev": args.chunked_rev, "shipped": "static",
+    base = {"run": provenance(0)["date"], "kernel_isa": kmod.ISA_NAMES[isa], "note": args.note, "chunked_rev": args.chunked_rev, "shipped": "static",
             "model": "random weights, per-row magnitude mask"}
     rows: list[dict] = []
 
@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def render(rows: list[dict], path: Path) -> None:
     """The Markdown page: per run (date + commit), the core probe, then the layer table."""
-    runs: dict[tuple, list[dict]] = {}
-    for r in rows:
-        runs.setdefault((r["date"][:16], r["commit"]), []).append(r)
+    runs: dict[str, list[dict]] = {}
+    for r in rows:  # one run: one invocation (its start time; rows before that field: commit + note)
+        runs.setdefault(r.get("run") or f"{r['commit']} {r['note']}", []).append(r)
     lines = ["# Chunked (work-stealing) vs fixed row split in the sparse decode kernel "
              "(benchmarks/bench_work_stealing.py)", "",
              "Batch 1, float32 input, bf16 stored values, bitmask format, random weights with a per-row magnitude "
@@ -141,9 +141,9 @@ def render(rows: list[dict], path: Path) -> None:
              "commit bb52674, where it was briefly the default; not adopted: it was no faster, see the runs). "
              "`vs dense`: the faster of dense float32 / bf16 `F.linear` divided by the sparse time. Core probe: the "
              "same 1-thread call pinned to each CPU, three rounds.", ""]
-    for (date, commit), rs in runs.items():
+    for rs in runs.values():
         r0 = rs[0]
-        lines += [f"## {date} UTC, {commit}", "", f"- command: `{r0['command']}`",
+        lines += [f"## {r0['date'][:16]} UTC, {r0['commit']}", "", f"- command: `{r0['command']}`",
                   f"- CPU: {r0['cpu']} ({r0['isa']}), kernel ISA {r0['kernel_isa']}"]
         if r0.get("note"):
             lines.append(f"- note: {r0['note']}")
