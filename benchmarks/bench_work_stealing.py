@@ -44,6 +44,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: few repeats, results not written")
     args = ap.parse_args(argv)
 
+    import subprocess
+
+    rev = subprocess.run(["git", "rev-parse", "--verify", "--short", f"{args.chunked_rev}^{{commit}}"], cwd=HERE,
+                         capture_output=True, text=True)
+    if rev.returncode != 0:
+        sys.exit(f"--chunked-rev {args.chunked_rev}: not a commit of this git checkout (the chunked kernel is built "
+                 f"from its source); run from a clone of the repository, or pass a commit that exists here")
+    args.chunked_rev = rev.stdout.strip()
+
     import torch
     import torch.nn.functional as F
 
@@ -137,14 +146,16 @@ def render(rows: list[dict], path: Path) -> None:
              "(benchmarks/bench_work_stealing.py)", "",
              "Batch 1, float32 input, bf16 stored values, bitmask format, random weights with a per-row magnitude "
              "mask. Within a run, the four paths are timed interleaved round-robin (medians). `static`: one fixed slice "
-             "of rows per thread (shipped); `chunked`: rows taken in chunks from a shared counter (the kernel of "
-             "commit bb52674, where it was briefly the default; not adopted: it was no faster, see the runs). "
+             "of rows per thread (shipped); `chunked`: rows taken in chunks from a shared counter (the kernel of the "
+             "commit named in each run, where it was briefly the default; not adopted: it was no faster, see the "
+             "runs). "
              "`vs dense`: the faster of dense float32 / bf16 `F.linear` divided by the sparse time. Core probe: the "
              "same 1-thread call pinned to each CPU, three rounds.", ""]
     for rs in runs.values():
         r0 = rs[0]
         lines += [f"## {r0['date'][:16]} UTC, {r0['commit']}", "", f"- command: `{r0['command']}`",
-                  f"- CPU: {r0['cpu']} ({r0['isa']}), kernel ISA {r0['kernel_isa']}"]
+                  f"- CPU: {r0['cpu']} ({r0['isa']}), kernel ISA {r0['kernel_isa']}; chunked kernel: "
+                  + (f"commit {r0['chunked_rev']}" if r0.get("chunked_rev") else "this commit's (its default then)")]
         if r0.get("note"):
             lines.append(f"- note: {r0['note']}")
         probe = [r for r in rs if r["section"] == "core probe"]

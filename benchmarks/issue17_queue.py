@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from quality_summary import PPL_FILES
+from quality_summary import PPL_FILES, saved_key
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -47,7 +47,7 @@ NOTES = {"quality70.jsonl": "Issue 17: training-free layer-wise allocations of W
                                    "there).",
          "quality50_ft1024.jsonl": f"Issue 17: at 50 %, Wanda and the fine-tuned variants: {_FT} as the 70 % files.",
          "quality70_rerun.jsonl": _RERUN, "quality70_ft1024_rerun.jsonl": _RERUN, "quality50_ft1024_rerun.jsonl": _RERUN}
-FIFTY = ("wanda", "losa-wanda", "wanda+masked-lora")  # the two the 50 % gap target needs first
+FIFTY = ("wanda", "losa-wanda", "wanda+masked-lora")  # Wanda and LoSA (the 50 % gap target) before masked LoRA
 #: saved 70 % models whose full-test-set perplexity is reported (the headline rows)
 FULL_SET = ("losa-wanda", "wanda+masked-lora", "wanda+lora", "wanda+atp", "wanda")
 
@@ -70,11 +70,17 @@ def saved(models: Path, variant: str, target: str) -> bool:
 
 @dataclass
 class Step:
-    """One benchmark command and the check that says its rows already exist."""
+    """One benchmark command and the check that says its rows already exist.
+
+    ``key`` is the ``(variant, target)`` whose saved model the step writes (``saves``) or reads; ``blocked`` says
+    why the step cannot run as things are (a one-line fix for the user)."""
 
     name: str
     done: bool
     argv: list[str]
+    key: tuple[str, str] | None = None
+    saves: bool = False
+    blocked: str | None = None
 
 
 def steps(args) -> list[Step]:
@@ -99,54 +105,79 @@ def steps(args) -> list[Step]:
         free = v in TRAINING_FREE_70
         out.append(Step(f"50 %: {v}" + ("" if free else ", 1024 examples"), has_row("quality50_ft1024.jsonl", v, "0.5"),
                         losa([v], "0.5", "quality50_ft1024.jsonl", *([] if free else ft), "--save-dir", str(m))))
-    zs = {r["label"] for r in rows("zeroshot_models.jsonl") if r.get("limit") == 500}
+    zs_rows = rows("zeroshot_models.jsonl")
+    zs = {saved_key(r["path"]) for r in zs_rows if r.get("limit") == 500}
     zs_cmd = [py, str(HERE / "bench_zeroshot_models.py"), "--data-dir", args.data_dir, "--limit", "500", "--threads",
               str(args.threads), "--quiet"]
-    out.append(Step("zero-shot: dense", "dense" in zs, [*zs_cmd, "dense=smollm2-135m"]))
+    full = {r["spec"] for r in rows("full_ppl.jsonl")}
+
+    def zero_shot(label: str, path: str, key: tuple[str, str]) -> Step:
+        # bench_zeroshot_models.py skips a label already in its file, whatever that row's --limit
+        other = any(r["label"] == label and r.get("limit") != 500 for r in zs_rows)
+        return Step(f"zero-shot: {label.replace('@', ' @ ')}", key in zs, [*zs_cmd, f"{label}={path}"], key,
+                    blocked=f"zeroshot_models.jsonl has a '{label}' row with another --limit: remove it" if other else None)
+
+    out.append(zero_shot("dense", "smollm2-135m", ("dense", "0")))
     for v, t in ZEROSHOT:
+        key, dest = (v, t), m / f"{v}@{t}"
+        needed = key not in zs or (t == "0.7" and v in FULL_SET and f"saved:{dest}" not in full)
         measured = any(r["variant"] == v and r["target"] == t for f in PPL_FILES for r in rows(f))
-        if measured and not saved(m, v, t):  # the model of an existing row, trained again (same command) to be saved
+        if needed and measured and not saved(m, v, t):  # a measured model trained again (same command) to be saved
             free = v in TRAINING_FREE_70  # a 50 % training-free row lives in the 50 % file
             rerun = "quality70_rerun.jsonl" if free and t == "0.7" else f"quality{round(100 * float(t))}_ft1024_rerun.jsonl"
             out.append(Step(f"{round(100 * float(t))} %: {v} again, saved for zero-shot", False,
-                            losa([v], t, rerun, *([] if free else ft), "--save-dir", str(m))))
-        out.append(Step(f"zero-shot: {v} @ {t}", f"{v}@{t}" in zs, [*zs_cmd, f"{v}@{t}={m / f'{v}@{t}'}"]))
-    full = {r["spec"] for r in rows("full_ppl.jsonl")}
+                            losa([v], t, rerun, *([] if free else ft), "--save-dir", str(m)), key, saves=True,
+                            blocked=f"{rerun} has its row but {dest} is gone: restore the model or remove that row"
+                            if has_row(rerun, v, t) else None))
+        out.append(zero_shot(f"{v}@{t}", str(dest), key))
     for v in FULL_SET:
         spec = f"saved:{m / f'{v}@0.7'}"
         out.append(Step(f"full test set: {v} @ 0.7", spec in full,
-                        [py, str(HERE / "bench_full_ppl.py"), spec, "--data-dir", args.data_dir]))
+                        [py, str(HERE / "bench_full_ppl.py"), spec, "--data-dir", args.data_dir], (v, "0.7")))
     return out
+
+
+def pending(args) -> list[Step]:
+    """The steps still to run, in order: those whose name contains ``--only``, and the steps that save the models
+    they read."""
+    todo = [s for s in steps(args) if not s.done]
+    chosen = {id(s) for s in todo if args.only in s.name}
+    keys = {s.key for s in todo if id(s) in chosen and s.key}
+    return [s for s in todo if id(s) in chosen or (s.saves and s.key in keys)]
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--models-dir", required=True, help="where saved models go (about 0.5 GB each)")
     ap.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data"))
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads of the bench_losa and zero-shot runs (bench_full_ppl.py uses torch's default)")
     ap.add_argument("--list", action="store_true", help="print each step as done / to do and exit")
-    ap.add_argument("--only", default="", help="run only the missing steps whose name contains this text, e.g. 'zero-shot'")
+    ap.add_argument("--only", default="", help="run only the missing steps whose name contains this text, e.g. "
+                                               "'zero-shot' (and the steps that save the models they read)")
     args = ap.parse_args(argv)
     if not Path(args.data_dir, "README.md").is_file():
         sys.exit(f"--data-dir {args.data_dir}: not the shared data folder (no README.md there); pass --data-dir")
-
-    def pending() -> list[Step]:
-        return [s for s in steps(args) if not s.done and args.only in s.name]
-
-    todo = pending()
     if args.list:
+        todo = {id(s) for s in pending(args)}
         for s in steps(args):
-            print(f"[{'done' if s.done else 'to do'}] {s.name}")
+            if not args.only or args.only in s.name or id(s) in todo:
+                print(f"[{'done' if s.done else 'blocked' if s.blocked else 'to do'}] {s.name}"
+                      + (f" ({s.blocked})" if s.blocked else ""))
         return
+    todo = pending(args)
     while todo:  # re-read after each step: one run can complete several steps
         s = todo[0]
+        if s.blocked:
+            sys.exit(f"step {s.name!r} cannot run: {s.blocked}")
         print(f"== {s.name}: {' '.join(s.argv)}", flush=True)
         if subprocess.run(s.argv).returncode != 0:
             sys.exit(f"step {s.name!r} failed; its benchmark printed why (fix, then rerun this queue to resume)")
         subprocess.run([sys.executable, str(HERE / "quality_summary.py")], check=True)
-        remaining = pending()
+        remaining = pending(args)
         if remaining and remaining[0].name == s.name:
-            sys.exit(f"step {s.name!r} finished without writing its rows; see its output above")
+            sys.exit(f"step {s.name!r} finished without writing its rows (a benchmark skips a row already in its "
+                     "results file: see its output above)")
         todo = remaining
 
 

@@ -121,10 +121,10 @@ def _cpus(table: dict, kind: str, *keys: tuple[str, str], cpu: str | None = None
 def targets(table: dict) -> list[tuple[str, str, str]]:
     """(target, status, evidence) for each of issue 17's targets."""
     out = []
-    dense = _get(table, "dense", "0", "ppl", "ppl")
     for t, need in GAP_TARGETS.items():
         cpu = _cpu(table, "wanda", t, "ppl")
         losa, wanda = _get(table, "losa-wanda", t, "ppl", "ppl", cpu), _get(table, "wanda", t, "ppl", "ppl")
+        dense = _get(table, "dense", "0", "ppl", "ppl", cpu)
         name = f"LoSA(Wanda) closes >= {need} of the Wanda-to-dense log-perplexity gap at {float(t):.0%}"
         if None in (losa, wanda, dense):
             out.append((name, "not measured yet", "needs dense, Wanda and LoSA(Wanda) rows"))
@@ -160,7 +160,6 @@ def targets(table: dict) -> list[tuple[str, str, str]]:
 
 def render(table: dict) -> str:
     """The Markdown page: one row per (target, variant), then the target checks, then provenance."""
-    dense = _get(table, "dense", "0", "ppl", "ppl")
     lines = [f"# Issue 17: quality at the paper's metrics ({SMOLLM2})", "",
              "Rendered by `benchmarks/quality_summary.py` from the rows of the quality benchmarks (see its docstring); "
              "a blank cell has no row yet. Perplexity: WikiText-2 test, first 40 windows of 512 tokens, and the full "
@@ -178,6 +177,7 @@ def render(table: dict) -> str:
         for p in e.get("ppl_rows") or [None]:
             latest = p is e.get("ppl")  # a saved model's rows (full set, zero-shot) belong to its latest run
             wanda = _get(table, "wanda", t, "ppl", "ppl", p and p.get("cpu"))
+            dense = _get(table, "dense", "0", "ppl", "ppl", p and p.get("cpu"))
             gap = (f"{gap_closed(p['ppl'], wanda, dense):.2f}" if p and wanda and dense and v not in ("dense", "wanda")
                    else "")
             cells = ["dense" if v == "dense" else f"{float(t):.0%}", VARIANTS.get(v, v), f"{p['ppl']:.2f}" if p else "",

@@ -52,14 +52,16 @@ def test_rows_and_saved_models_mark_steps_done(tmp_path: Path, results: Path) ->
                                                     + _row("wanda+lora", "0.7"))
     (results / "quality70.jsonl").write_text(_row("wanda", "0.7"))
     (results / "quality70_ft1024_rerun.jsonl").write_text(_row("losa-wanda", "0.7", saved_to=str(m / "losa-wanda@0.7")))
-    (results / "zeroshot_models.jsonl").write_text(json.dumps({"label": "dense", "limit": 500}) + "\n"
-                                                   + json.dumps({"label": "wanda@0.7", "limit": 50}) + "\n")
+    (results / "zeroshot_models.jsonl").write_text(
+        json.dumps({"label": "dense", "path": "smollm2-135m", "limit": 500}) + "\n"
+        + json.dumps({"label": "wanda@0.7", "path": str(m / "wanda@0.7"), "limit": 50}) + "\n")
     st = {s.name: s for s in iq.steps(_args(tmp_path))}
     assert st["70 %: losa-wanda, 1024 examples"].done and st["70 %: losa-no-sra, 1024 examples"].done
     assert not st["70 %: losa-no-lsr, 1024 examples"].done
     assert "70 %: losa-wanda again, saved for zero-shot" not in st  # its saved model is on disk, with a row
     assert st["zero-shot: dense"].done
-    assert not st["zero-shot: wanda @ 0.7"].done  # a 50-item row is not the protocol's 500
+    # a 50-item row is not the protocol's 500, and the benchmark would skip its label: the user must remove it
+    assert not st["zero-shot: wanda @ 0.7"].done and "remove it" in st["zero-shot: wanda @ 0.7"].blocked
     # measured but not saved: trained again with the same protocol into the rerun files, then evaluated
     again = st["70 %: wanda again, saved for zero-shot"].argv
     assert again[again.index("--out") + 1].endswith("quality70_rerun.jsonl") and "--ft-examples" not in again
@@ -89,7 +91,8 @@ def test_only_runs_the_matching_missing_steps(tmp_path: Path, results: Path, mon
         ran.append(argv)
         if "bench_zeroshot_models.py" in argv[1]:  # the zero-shot benchmark writes its row
             with (results / "zeroshot_models.jsonl").open("a") as f:
-                f.write(json.dumps({"label": argv[-1].partition("=")[0], "limit": 500}) + "\n")
+                label, _, path = argv[-1].partition("=")
+                f.write(json.dumps({"label": label, "path": path, "limit": 500}) + "\n")
         return type("P", (), {"returncode": 0})()
 
     monkeypatch.setattr(iq.subprocess, "run", fake_run)
@@ -98,3 +101,55 @@ def test_only_runs_the_matching_missing_steps(tmp_path: Path, results: Path, mon
     assert ran[0][-1] == "dense=smollm2-135m"
     iq.main(["--models-dir", str(tmp_path / "m"), "--data-dir", str(tmp_path), "--only", "zero-shot: dense"])
     assert len(ran) == 2  # done now: nothing runs again
+
+
+def _flags(command: str) -> dict[str, str | None]:
+    """The protocol flags of a bench_losa.py command line (the --note text is left out: it holds spaces)."""
+    keys = ("--threads", "--nsamples", "--seqlen", "--recon-nsamples", "--ft-examples", "--ft-max-length",
+            "--batch-size", "--eval-windows", "--eval-seqlen")
+    words = command.split(" --note ")[0].split()
+    out: dict[str, str | None] = {k: words[words.index(k) + 1] for k in keys if k in words}
+    out["--distill"] = "yes" if "--distill" in words else None
+    return out
+
+
+def test_commands_repeat_the_protocol_of_the_committed_rows(tmp_path: Path) -> None:
+    """Rows written by the queue must be comparable with the rows already measured by hand-typed commands."""
+    real = Path(iq.__file__).resolve().parent / "results"
+    st = {s.name: s for s in iq.steps(_args(tmp_path))}
+    for name, variant in (("quality70_ft1024.jsonl", "losa-wanda"), ("quality70.jsonl", "wanda+atp")):
+        row = next(json.loads(x) for x in (real / name).read_text().splitlines()
+                   if json.loads(x)["variant"] == variant)
+        step = st["70 %: losa-wanda, 1024 examples" if variant == "losa-wanda" else "70 %: training-free rows"]
+        assert _flags(" ".join(step.argv)) == _flags(row["command"]), variant
+
+
+def test_a_step_that_writes_no_row_stops_the_queue_with_one_line(tmp_path: Path, results: Path, monkeypatch) -> None:
+    (tmp_path / "README.md").write_text("data")
+    monkeypatch.setattr(iq.subprocess, "run", lambda argv, check=False: type("P", (), {"returncode": 0})())
+    with pytest.raises(SystemExit, match="finished without writing its rows"):
+        iq.main(["--models-dir", str(tmp_path / "m"), "--data-dir", str(tmp_path), "--only", "zero-shot: dense"])
+
+
+def test_only_also_runs_the_step_that_saves_the_model_it_reads(tmp_path: Path, results: Path, monkeypatch) -> None:
+    (tmp_path / "README.md").write_text("data")
+    m = (tmp_path / "m").resolve()
+    (results / "quality70_ft1024.jsonl").write_text(_row("losa-wanda", "0.7"))  # measured, never saved
+    ran: list[str] = []
+
+    def fake_run(argv, check=False):
+        ran.append(Path(argv[1]).name)
+        if ran[-1] == "bench_losa.py":  # writes the rerun row after saving the model, as bench_losa does
+            (m / "losa-wanda@0.7").mkdir(parents=True)
+            (m / "losa-wanda@0.7" / "config.json").write_text("{}")
+            out = argv[argv.index("--out") + 1]
+            Path(out).write_text(_row("losa-wanda", "0.7", saved_to=str(m / "losa-wanda@0.7")))
+        if ran[-1] == "bench_zeroshot_models.py":
+            label, _, path = argv[-1].partition("=")
+            (results / "zeroshot_models.jsonl").write_text(json.dumps({"label": label, "path": path, "limit": 500}))
+        return type("P", (), {"returncode": 0})()
+
+    monkeypatch.setattr(iq.subprocess, "run", fake_run)
+    iq.main(["--models-dir", str(m), "--data-dir", str(tmp_path), "--only", "zero-shot: losa-wanda @ 0.7"])
+    assert ran == ["bench_losa.py", "quality_summary.py", "bench_zeroshot_models.py", "quality_summary.py"]
+    assert (results / "quality70_ft1024_rerun.jsonl").is_file()
