@@ -9,6 +9,10 @@ Modes (each a separate copy of the model, timed interleaved: every repetition ru
   decode plans (:class:`LeanDecoder` fixes each layer's row-loop dispatch once), eager.
 * ``lean bf16 head + static + compile``: plus a static KV cache and the compiled decode step (``--compile``).
 * ``..., unplanned`` (``--with-unplanned``): the lean modes without the decode plans, for the before/after.
+* ``overhead only + static + compile`` (``--with-overhead``): the compiled lean mode with every sparse linear and
+  the LM head replaced by a module that returns zeros: what a decoded token costs outside the weight-streaming
+  layers (norms, rotary, attention, KV cache, ``generate``); the difference to the compiled mode is the time in
+  the sparse linears and the head. Its tokens are meaningless (``same`` is left blank).
 
 Pruning is magnitude per output row (timing only: the kernels' speed depends on the sparsity, not on which
 weights are kept). Greedy, a fixed prompt, exactly ``--tokens`` new tokens, best of ``--reps``. The bandwidth
@@ -93,9 +97,30 @@ def unplanned(decoder: LeanDecoder) -> LeanDecoder:
     return decoder
 
 
+class _Zeros(torch.nn.Module):
+    """Stands in for a weight layer in the overhead-only mode: zeros of the layer's output shape."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def zero_weight_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every :class:`SparseLinear` and :class:`BF16LMHead` replaced by :class:`_Zeros` (in place)."""
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, (SparseLinear, BF16LMHead)):
+                setattr(mod, name, _Zeros(child.out_features))
+    return model
+
+
 def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bool,
-                with_unplanned: bool = False) -> dict[str, dict]:
-    """The models to time: name -> {"model", "decoder", "sparsity", "bytes"}."""
+                with_unplanned: bool = False, with_overhead: bool = False) -> dict[str, dict]:
+    """The models to time: name -> {"model", "decoder", "sparsity", "bytes"} (and "overhead": True for the
+    overhead-only mode)."""
     modes = {"dense fp32": {"model": base, "decoder": LeanDecoder(base), "sparsity": 0.0}}
     for sp in sparsities:
         pruned = copy.deepcopy(base)
@@ -112,6 +137,12 @@ def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bo
                 dec = LeanDecoder(head, compile=comp)
                 modes[f"{tag} lean bf16 head{suffix}{note}"] = {
                     "model": head, "sparsity": sp, "decoder": unplanned(dec) if drop_plan else dec}
+        if with_overhead and compile_step:
+            zero = copy.deepcopy(pruned)
+            set_lm_head_dtype(zero, "bfloat16")
+            zero_weight_layers(zero)
+            modes[f"{tag} overhead only + static + compile"] = {
+                "model": zero, "sparsity": sp, "decoder": LeanDecoder(zero, compile=True), "overhead": True}
     for m in modes.values():
         m["bytes"] = bytes_per_token(m["model"])
     return modes
@@ -165,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="leave out the compiled mode")
     ap.add_argument("--with-unplanned", action="store_true",
                     help="also time the lean modes without the layers' decode plans (the full dispatch per call)")
+    ap.add_argument("--with-overhead", action="store_true",
+                    help="also time the compiled lean mode with the sparse linears and the head returning zeros")
     ap.add_argument("--out", default=str(RESULTS / "decode.jsonl"))
     args = ap.parse_args(argv)
     if args.tokens < 1 or args.reps < 1:
@@ -177,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     base.eval()
     ids = tok(PROMPT, return_tensors="pt").input_ids
     modes = build_modes(base, [float(s) for s in args.sparsities.split(",")], not args.no_compile,
-                        args.with_unplanned)
+                        args.with_unplanned, args.with_overhead)
     bw = {t: bandwidth(t) for t in threads}
     print("bandwidth GB/s", bw, flush=True)
     gen_kw = generate_kwargs(tok, ids, args.tokens)
@@ -203,17 +236,18 @@ def main(argv: list[str] | None = None) -> int:
         for name, m in modes.items():
             ms = 1000 * best[name] / args.tokens
             floor = m["bytes"] / (bw[th] * 1e9) * 1000
-            ref = modes[f"{round(m['sparsity'] * 100)}% sparse before"]["tokens"] if m["sparsity"] else None
+            ref = (modes[f"{round(m['sparsity'] * 100)}% sparse before"]["tokens"]
+                   if m["sparsity"] and not m.get("overhead") else None)
             same = None if ref is None else bool(torch.equal(m["tokens"], ref))
             row = {**provenance(th, MODEL, [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
                    "mode": name, "sparsity": m["sparsity"], "new_tokens": args.tokens, "prompt_tokens": ids.shape[1],
                    "reps": args.reps, "ms_per_token": round(ms, 2), "tokens_per_s": round(1000 / ms, 2),
                    "bytes_per_token": m["bytes"], "bandwidth_GBps": round(bw[th], 2),
-                   "floor_ms": round(floor, 2), "x_floor": round(ms / floor, 2),
+                   "floor_ms": round(floor, 2), "x_floor": round(ms / floor, 2) if floor else None,
                    "greedy_same_as_before": same, "compile_s": round(compile_s[name], 1) if name in compile_s else None,
                    "torch": torch.__version__}
             rows.append(row)
-            print(f"{th} thr  {name:40s} {ms:7.2f} ms/token  floor {floor:6.2f}  x{ms / floor:.2f}", flush=True)
+            print(f"{th} thr  {name:40s} {ms:7.2f} ms/token  floor {floor:6.2f}", flush=True)
     append_rows(rows, load_start, Path(args.out), render)
     return 0
 
@@ -260,7 +294,7 @@ def render(jsonl: Path, md: Path) -> None:
             same = "" if r["greedy_same_as_before"] is None else ("yes" if r["greedy_same_as_before"] else "no")
             L.append(f"| {r['threads']} | {r['mode']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | "
                      f"{r['bytes_per_token'] / 1e6:.1f} | {r['bandwidth_GBps']:.1f} | {r['floor_ms']:.2f} | "
-                     f"{r['x_floor']:.2f} | {same} |")
+                     f"{'' if r['x_floor'] is None else format(r['x_floor'], '.2f')} | {same} |")
         L.append("")
     md.write_text("\n".join(L))
 
