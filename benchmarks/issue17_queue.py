@@ -18,13 +18,12 @@ about half an hour (results files' ``wall_s``)::
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from quality_summary import PPL_FILES, saved_key
+from quality_summary import PPL_FILES, load_jsonl, saved_key
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -53,8 +52,7 @@ FULL_SET = ("losa-wanda", "wanda+masked-lora", "wanda+lora", "wanda+atp", "wanda
 
 
 def rows(name: str) -> list[dict]:
-    path = RESULTS / name
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return load_jsonl(RESULTS / name)
 
 
 def has_row(name: str, variant: str, target: str) -> bool:
@@ -62,10 +60,10 @@ def has_row(name: str, variant: str, target: str) -> bool:
                for r in rows(name))
 
 
-def saved(models: Path, variant: str, target: str) -> bool:
+def saved(ppl_rows: list[dict], models: Path, variant: str, target: str) -> bool:
     """A model counts as saved when a results row says so: rows are written only after the save finished."""
     dest = str(models / f"{variant}@{target}")
-    return any(r.get("saved_to") == dest for f in PPL_FILES for r in rows(f)) and Path(dest, "config.json").is_file()
+    return any(r.get("saved_to") == dest for r in ppl_rows) and Path(dest, "config.json").is_file()
 
 
 @dataclass
@@ -110,6 +108,7 @@ def steps(args) -> list[Step]:
     zs_cmd = [py, str(HERE / "bench_zeroshot_models.py"), "--data-dir", args.data_dir, "--limit", "500", "--threads",
               str(args.threads), "--quiet"]
     full = {r["spec"] for r in rows("full_ppl.jsonl")}
+    ppl_rows = [r for f in PPL_FILES for r in rows(f)]  # read once: every check below looks through them
 
     def zero_shot(label: str, path: str, key: tuple[str, str]) -> Step:
         # bench_zeroshot_models.py skips a label already in its file, whatever that row's --limit
@@ -121,8 +120,8 @@ def steps(args) -> list[Step]:
     for v, t in ZEROSHOT:
         key, dest = (v, t), m / f"{v}@{t}"
         needed = key not in zs or (t == "0.7" and v in FULL_SET and f"saved:{dest}" not in full)
-        measured = any(r["variant"] == v and r["target"] == t for f in PPL_FILES for r in rows(f))
-        if needed and measured and not saved(m, v, t):  # a measured model trained again (same command) to be saved
+        measured = any(r["variant"] == v and r["target"] == t for r in ppl_rows)
+        if needed and measured and not saved(ppl_rows, m, v, t):  # a measured model trained again (same command) to be saved
             free = v in TRAINING_FREE_70  # a 50 % training-free row lives in the 50 % file
             rerun = "quality70_rerun.jsonl" if free and t == "0.7" else f"quality{round(100 * float(t))}_ft1024_rerun.jsonl"
             out.append(Step(f"{round(100 * float(t))} %: {v} again, saved for zero-shot", False,
