@@ -97,15 +97,31 @@ def unplanned(decoder: LeanDecoder) -> LeanDecoder:
     return decoder
 
 
+@torch.library.custom_op("losa_bench::zeros_out", mutates_args=())
+def zeros_out(x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Zeros ``[*x.shape[:-1], out_features]`` as an op that ``torch.compile`` cannot see into.
+
+    A plain ``x.new_zeros(...)`` lets Inductor treat the layer's output as a constant and eliminate everything
+    that only feeds it (norms, rotary, attention: the compiled overhead-only step then measured almost nothing);
+    through an opaque op that reads ``x``, the step keeps all of its work except the weight layers'.
+    """
+    return x.new_zeros(*x.shape[:-1], out_features)
+
+
+@zeros_out.register_fake
+def _(x: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 class _Zeros(torch.nn.Module):
-    """Stands in for a weight layer in the overhead-only mode: zeros of the layer's output shape."""
+    """Stands in for a weight layer in the overhead-only mode: zeros of the layer's output shape (opaque op)."""
 
     def __init__(self, out_features: int) -> None:
         super().__init__()
         self.out_features = out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(*x.shape[:-1], self.out_features)
+        return zeros_out(x, self.out_features)
 
 
 def zero_weight_layers(model: torch.nn.Module) -> torch.nn.Module:
