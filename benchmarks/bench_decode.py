@@ -2,13 +2,15 @@
 
 Modes (each a separate copy of the model, timed interleaved: every repetition runs every mode once):
 
-* ``dense fp32``: the unpruned float32 model, ``model.generate`` (dynamic cache).
+* ``dense fp32``: the unpruned float32 model, ``model.generate`` (dynamic cache, transformers' ``sdpa`` attention).
 * ``sparse before``: pruned, ``sparsify_for_inference(value_dtype="bfloat16")``, float32 LM head, plain
   ``model.generate`` (what ``losa generate`` did before the lean path; no decode plans).
 * ``lean bf16 head``: as before plus the bf16 LM head copy (``--lm-head-dtype bfloat16``) and the layers'
-  decode plans (:class:`LeanDecoder` fixes each layer's row-loop dispatch once), eager.
+  decode plans (:class:`LeanDecoder` fixes each layer's row-loop dispatch once) and losa's decode attention, eager.
 * ``lean bf16 head + static + compile``: plus a static KV cache and the compiled decode step (``--compile``).
 * ``..., unplanned`` (``--with-unplanned``): the lean modes without the decode plans, for the before/after.
+* ``..., sdpa attention`` (``--with-sdpa``): the lean modes with transformers' ``sdpa`` attention instead of
+  losa's decode attention (:mod:`losa.inference.attention`, which every lean mode uses), for the before/after.
 * ``overhead only + static + compile`` (``--with-overhead``): the compiled lean mode with every sparse linear and
   the LM head replaced by a module that returns zeros: what a decoded token costs outside the weight-streaming
   layers (norms, rotary, attention, KV cache, ``generate``); the difference to the compiled mode is the time in
@@ -134,23 +136,27 @@ def zero_weight_layers(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bool,
-                with_unplanned: bool = False, with_overhead: bool = False) -> dict[str, dict]:
+                with_unplanned: bool = False, with_overhead: bool = False,
+                with_sdpa: bool = False) -> dict[str, dict]:
     """The models to time: name -> {"model", "decoder", "sparsity", "bytes"} (and "overhead": True for the
     overhead-only mode)."""
-    modes = {"dense fp32": {"model": base, "decoder": LeanDecoder(base), "sparsity": 0.0}}
+    # dense and "sparse before" are plain transformers generate: sdpa attention, no decode plans
+    modes = {"dense fp32": {"model": base, "decoder": LeanDecoder(base, decode_attention=False), "sparsity": 0.0}}
     for sp in sparsities:
         pruned = copy.deepcopy(base)
         prune_magnitude(pruned, sp)
         sparsify_for_inference(pruned, value_dtype="bfloat16")
         tag = f"{round(sp * 100)}%"
         lean = [("", False)] + ([(" + static + compile", True)] if compile_step else [])
-        modes[f"{tag} sparse before"] = {"model": pruned, "decoder": unplanned(LeanDecoder(pruned)), "sparsity": sp}
+        modes[f"{tag} sparse before"] = {"model": pruned, "decoder": unplanned(LeanDecoder(pruned, decode_attention=False)),
+                                         "sparsity": sp}
         for suffix, comp in lean:
-            variants = [("", False)] + ([(", unplanned", True)] if with_unplanned else [])
-            for note, drop_plan in variants:
+            variants = ([("", False, True)] + ([(", unplanned", True, True)] if with_unplanned else [])
+                        + ([(", sdpa attention", False, False)] if with_sdpa else []))
+            for note, drop_plan, attention in variants:
                 head = copy.deepcopy(pruned)
                 set_lm_head_dtype(head, "bfloat16")
-                dec = LeanDecoder(head, compile=comp)
+                dec = LeanDecoder(head, compile=comp, decode_attention=attention)
                 modes[f"{tag} lean bf16 head{suffix}{note}"] = {
                     "model": head, "sparsity": sp, "decoder": unplanned(dec) if drop_plan else dec}
         if with_overhead and compile_step:
@@ -214,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time the lean modes without the layers' decode plans (the full dispatch per call)")
     ap.add_argument("--with-overhead", action="store_true",
                     help="also time the compiled lean mode with the sparse linears and the head returning zeros")
+    ap.add_argument("--with-sdpa", action="store_true",
+                    help="also time the lean modes with transformers' sdpa attention instead of losa's decode "
+                         "attention (the before/after of losa.inference.attention)")
     ap.add_argument("--out", default=str(RESULTS / "decode.jsonl"))
     args = ap.parse_args(argv)
     if args.tokens < 1 or args.reps < 1:
@@ -226,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     base.eval()
     ids = tok(PROMPT, return_tensors="pt").input_ids
     modes = build_modes(base, [float(s) for s in args.sparsities.split(",")], not args.no_compile,
-                        args.with_unplanned, args.with_overhead)
+                        args.with_unplanned, args.with_overhead, args.with_sdpa)
     bw = {t: bandwidth(t) for t in threads}
     print("bandwidth GB/s", bw, flush=True)
     gen_kw = generate_kwargs(tok, ids, args.tokens)

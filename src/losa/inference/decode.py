@@ -11,6 +11,9 @@ around each layer (norms, rotary, cache updates, module calls). Two opt-ins cut 
 * **Decode plans** (every :class:`LeanDecoder`): each sparse layer's row-loop dispatch (ISA, thresholds) is
   fixed once (:meth:`SparseLinear.plan_decode`), so a decode step's few rows call the kernel's row loop
   directly instead of the Python dispatch of :func:`~losa.inference.sparse_linear.sparse_matmul`.
+* **Decode attention** (every :class:`LeanDecoder`): a model that attends with ``sdpa`` switches to
+  :func:`~losa.inference.attention.decode_attention`, which attends one token per head without repeating a
+  grouped-query KV cache (transformers repeats it in compiled steps); prompts keep ``sdpa``.
 * **Static KV cache + ``torch.compile``** (:class:`LeanDecoder` with ``compile=True``): Hugging Face
   ``generate`` with ``cache_implementation="static"`` compiles the decode step once. The sparse layers are
   opaque to the compiler: planned few-row calls are the dispatcher op ``losa_sparse_kernels::spmm`` in the
@@ -31,6 +34,7 @@ from torch import nn
 
 from losa.errors import LosaError
 from losa.inference import kernel as _kernel
+from losa.inference.attention import use_decode_attention
 from losa.inference.formats import FORMAT_CODES, pack
 from losa.inference.sparse_linear import (
     DecodePlan,
@@ -202,23 +206,27 @@ def cache_length(needed: int, context: int | None = None) -> int:
 class LeanDecoder:
     """``model.generate`` with the lean decode settings (static KV cache and compiled step when asked).
 
-    Building one plans the model's sparse layers and bf16 LM head in place (a lasting change to those modules:
-    later forwards of the same model, also outside this decoder, use the plan; see
-    :func:`~losa.inference.sparse_linear.plan_decode` for re-planning and removing it).
+    Building one plans the model's sparse layers and bf16 LM head in place and switches an ``sdpa`` model to
+    the decode attention (lasting changes: later forwards of the same model, also outside this decoder, use
+    them; see :func:`~losa.inference.sparse_linear.plan_decode` for re-planning and removing a plan, and
+    ``model.set_attn_implementation("sdpa")`` to undo the attention).
 
     Args:
         model: the (sparse) causal LM.
         compile: static KV cache plus ``torch.compile`` of the decode step (the first call of each cache
             length compiles; worth it for a server or long generations, not for one short reply).
+        decode_attention: switch an ``sdpa`` model to :func:`~losa.inference.attention.decode_attention`
+            (False keeps transformers' attention; benchmarks use it for the before/after).
 
     Raises:
         LosaError: ``compile=True`` without the compiled kernel for a model with sparse layers, or an invalid
             ``LOSA_SPARSE_ISA`` / threshold cache while planning.
     """
 
-    def __init__(self, model: nn.Module, compile: bool = False) -> None:
+    def __init__(self, model: nn.Module, compile: bool = False, decode_attention: bool = True) -> None:
         self.model = model
         self.compile = bool(compile)
+        self.decode_attention = bool(decode_attention) and use_decode_attention(model)
         self.context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if self.compile:
             if _kernel.load_kernel() is None and any(isinstance(m, (SparseLinear, BF16LMHead))

@@ -1,0 +1,92 @@
+"""Decode attention (losa.inference.attention): transformers' sdpa attention is the reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from losa.inference.attention import ATTENTION_NAME, decode_attention, use_decode_attention
+from losa.inference.decode import LeanDecoder
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+
+
+def _qkv(hq: int, hkv: int, t: int, s: int, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, hq, t, 16, generator=g).to(dtype)
+    k = torch.randn(2, hkv, s, 16, generator=g).to(dtype)
+    v = torch.randn(2, hkv, s, 16, generator=g).to(dtype)
+    return q, k, v
+
+
+def _bool_mask(t: int, s: int, seed: int = 1) -> torch.Tensor:
+    m = torch.rand(2, 1, t, s, generator=torch.Generator().manual_seed(seed)) > 0.4
+    m[..., 0] = True  # every query attends to something
+    return m
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (9, 3)], ids=["mha", "gqa2", "gqa3"])
+@pytest.mark.parametrize("mask", ["none", "bool", "float"])
+def test_one_token_matches_sdpa(hq, hkv, mask):
+    q, k, v = _qkv(hq, hkv, 1, 37)
+    m = None if mask == "none" else _bool_mask(1, 37)
+    if mask == "float":
+        m = torch.zeros(m.shape).masked_fill(~m, float("-inf")) + 0.1 * torch.randn(m.shape)
+    mod = _Attn(hq // hkv)
+    ref, _ = sdpa_attention_forward(mod, q, k, v, m, scaling=0.3)
+    out, weights = decode_attention(mod, q, k, v, m, scaling=0.3)
+    assert weights is None and out.shape == ref.shape == (2, 1, hq, 16) and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_default_scale_and_bf16_match_sdpa():
+    q, k, v = _qkv(9, 3, 1, 50, torch.bfloat16)
+    mod = _Attn(3)
+    ref, _ = sdpa_attention_forward(mod, q, k, v, _bool_mask(1, 50))
+    out, _ = decode_attention(mod, q, k, v, _bool_mask(1, 50))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_prompts_and_unsupported_options_go_to_sdpa_unchanged():
+    q, k, v = _qkv(6, 2, 5, 5)
+    mod = _Attn(3)
+    ref, _ = sdpa_attention_forward(mod, q, k, v, None)
+    out, _ = decode_attention(mod, q, k, v, None)
+    assert torch.equal(out, ref)  # the same function ran
+    q1, k1, v1 = _qkv(6, 2, 1, 9)
+    with pytest.raises(ValueError, match="softcap"):  # sdpa's own error, not a silently ignored option
+        decode_attention(mod, q1, k1, v1, None, softcap=30.0)
+
+
+def test_lean_decoder_switches_sdpa_models_only_and_keeps_greedy_tokens():
+    model = make_tiny_model("llama", hidden=64, seed=5)  # 4 query heads, 2 KV heads
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(3, 128, (1, 8))
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        ref_logits = model(ids).logits
+    sdpa_copy = copy.deepcopy(model)
+    lean = LeanDecoder(model)
+    assert lean.decode_attention and model.config._attn_implementation == ATTENTION_NAME
+    with torch.inference_mode():
+        out = lean.generate(ids, 12, do_sample=False, pad_token_id=0)
+        # a decode step (1 token after an 8-token cache) gives sdpa's logits
+        kv = model(ids[:, :-1], use_cache=True).past_key_values
+        step = model(ids[:, -1:], cache=kv).logits[:, -1]
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(step, ref_logits[:, -1], rtol=1e-4, atol=1e-4)
+    assert not LeanDecoder(sdpa_copy, decode_attention=False).decode_attention
+    assert sdpa_copy.config._attn_implementation == "sdpa"
+    eager = make_tiny_model("llama", hidden=64)
+    eager.set_attn_implementation("eager")
+    assert not use_decode_attention(eager) and eager.config._attn_implementation == "eager"
