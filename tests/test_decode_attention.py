@@ -9,8 +9,19 @@ import torch
 from conftest import make_tiny_model
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+import losa.inference.attention as attention
 from losa.inference.attention import ATTENTION_NAME, decode_attention, use_decode_attention
 from losa.inference.decode import LeanDecoder
+
+
+@pytest.fixture
+def no_fallback(monkeypatch):
+    """Fail if a call that should take the decode path falls back to transformers' sdpa."""
+
+    def fail(*a, **kw):
+        raise AssertionError("decode_attention fell back to sdpa")
+
+    monkeypatch.setattr(attention, "_sdpa", lambda: fail)
 
 
 class _Attn(torch.nn.Module):
@@ -36,7 +47,7 @@ def _bool_mask(t: int, s: int, seed: int = 1) -> torch.Tensor:
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (9, 3)], ids=["mha", "gqa2", "gqa3"])
 @pytest.mark.parametrize("mask", ["none", "bool", "float"])
-def test_one_token_matches_sdpa(hq, hkv, mask):
+def test_one_token_matches_sdpa(hq, hkv, mask, no_fallback):
     q, k, v = _qkv(hq, hkv, 1, 37)
     m = None if mask == "none" else _bool_mask(1, 37)
     if mask == "float":
@@ -48,13 +59,39 @@ def test_one_token_matches_sdpa(hq, hkv, mask):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_default_scale_and_bf16_match_sdpa():
-    q, k, v = _qkv(9, 3, 1, 50, torch.bfloat16)
-    mod = _Attn(3)
-    ref, _ = sdpa_attention_forward(mod, q, k, v, _bool_mask(1, 50))
-    out, _ = decode_attention(mod, q, k, v, _bool_mask(1, 50))
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+def _reference64(q, k, v, mask, scale):
+    """Attention in float64 with the KV heads repeated as transformers' repeat_kv (query head h -> h // G)."""
+    g = q.shape[1] // k.shape[1]
+    k64, v64 = (t.double().repeat_interleave(g, dim=1) for t in (k, v))
+    s = q.double() @ k64.transpose(-1, -2) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(s, -1) @ v64).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 0.012), (torch.float16, 0.0016)], ids=["bf16", "fp16"])
+def test_half_precision_keeps_float32_scores(dtype, bound, no_fallback):
+    """Large logits (std ~9) against a float64 reference: float32 scores and probabilities stay within the output's
+    own rounding (bf16 <= 0.008, fp16 <= 0.001 here); rounding them to the input dtype misses by 0.017-0.037 (bf16)
+    and 0.0027-0.0039 (fp16) on these seeds."""
+    err = 0.0
+    for seed in range(3):
+        q, k, v = _qkv(9, 3, 1, 50, torch.float32, seed=seed)
+        q, k, v = (q * 3).to(dtype), (k * 3).to(dtype), v.to(dtype)
+        m = _bool_mask(1, 50)
+        out, _ = decode_attention(_Attn(3), q, k, v, m)  # default scale 1 / sqrt(16)
+        assert out.dtype == dtype
+        err = max(err, float((out.double() - _reference64(q, k, v, m, 0.25)).abs().max()))
+    assert err < bound
+
+
+def test_fully_masked_row_gives_zeros_like_sdpa(no_fallback):
+    q, k, v = _qkv(6, 2, 1, 12)
+    m = _bool_mask(1, 12)
+    m[1] = False  # the second sequence attends to nothing
+    out, _ = decode_attention(_Attn(3), q, k, v, m)
+    assert torch.isfinite(out).all() and not out[1].any()
+    ref, _ = sdpa_attention_forward(_Attn(3), q, k, v, m)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_prompts_and_unsupported_options_go_to_sdpa_unchanged():
@@ -64,11 +101,13 @@ def test_prompts_and_unsupported_options_go_to_sdpa_unchanged():
     out, _ = decode_attention(mod, q, k, v, None)
     assert torch.equal(out, ref)  # the same function ran
     q1, k1, v1 = _qkv(6, 2, 1, 9)
+    v8 = v1[..., :8].contiguous()  # value heads narrower than key heads
+    assert torch.equal(decode_attention(mod, q1, k1, v8, None)[0], sdpa_attention_forward(mod, q1, k1, v8, None)[0])
     with pytest.raises(ValueError, match="softcap"):  # sdpa's own error, not a silently ignored option
         decode_attention(mod, q1, k1, v1, None, softcap=30.0)
 
 
-def test_lean_decoder_switches_sdpa_models_only_and_keeps_greedy_tokens():
+def test_lean_decoder_switches_sdpa_models_only_and_keeps_greedy_tokens(monkeypatch):
     model = make_tiny_model("llama", hidden=64, seed=5)  # 4 query heads, 2 KV heads
     assert model.config._attn_implementation == "sdpa"
     ids = torch.randint(3, 128, (1, 8))
@@ -77,13 +116,22 @@ def test_lean_decoder_switches_sdpa_models_only_and_keeps_greedy_tokens():
         ref_logits = model(ids).logits
     sdpa_copy = copy.deepcopy(model)
     lean = LeanDecoder(model)
+    real = attention._sdpa()
+    seen = []
+
+    def sdpa_for_prompts_only(module, query, *a, **kw):
+        seen.append(query.shape[2])
+        assert query.shape[2] > 1, "a one-token step fell back to sdpa"
+        return real(module, query, *a, **kw)
+
+    monkeypatch.setattr(attention, "_sdpa", lambda: sdpa_for_prompts_only)
     assert lean.decode_attention and model.config._attn_implementation == ATTENTION_NAME
     with torch.inference_mode():
         out = lean.generate(ids, 12, do_sample=False, pad_token_id=0)
         # a decode step (1 token after an 8-token cache) gives sdpa's logits
         kv = model(ids[:, :-1], use_cache=True).past_key_values
         step = model(ids[:, -1:], cache=kv).logits[:, -1]
-    assert torch.equal(out, ref)
+    assert torch.equal(out, ref) and seen and set(seen) == {8, 7}  # the prompts only (8 and 7 tokens)
     torch.testing.assert_close(step, ref_logits[:, -1], rtol=1e-4, atol=1e-4)
     assert not LeanDecoder(sdpa_copy, decode_attention=False).decode_attention
     assert sdpa_copy.config._attn_implementation == "sdpa"

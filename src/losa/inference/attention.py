@@ -12,6 +12,8 @@ copies. Here the ``G`` query heads of a KV head form the rows of one small matri
     out    = softmax(scores) · V       [B, H_kv, G, D] -> [B, 1, H_q, D]
 
 which is the same attention (Vaswani et al. 2017, eq. 1, with GQA of Ainslie et al. 2023) without the copies.
+float32 steps run these two products (faster than torch's CPU kernel on a one-token query); bf16 and fp16 steps
+pass the grouped query to ``scaled_dot_product_attention``, which keeps scores and probabilities in float32.
 Every other call (prompts, several query tokens, dropout, soft-capping, attention sinks, position biases,
 per-head masks) goes to transformers' own ``sdpa`` function unchanged.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 #: the name under which :func:`decode_attention` is registered with transformers' attention interface
@@ -47,7 +50,7 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
     Args:
         module: the attention module (``num_key_value_groups`` = query heads per KV head, 1 if absent).
-        query: ``[B, H_q, T, D]``.
+        query: ``[B, H_q, T, D]`` (float32: two matrix products; bf16/fp16: torch's SDPA kernel).
         key: ``[B, H_kv, S, D]`` (the whole cache, static or dynamic).
         value: ``[B, H_kv, S, D]``.
         attention_mask: None, boolean ``[B, 1, T, S]`` (True = attend) or additive float ``[B, 1, T, S]``.
@@ -65,21 +68,26 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     b, hq, t, d = query.shape
     hkv = key.shape[1]
     mask_ok = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
-    if (t != 1 or dropout or hq % hkv or not mask_ok or kwargs.get("softcap") is not None
-            or kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None):
+    if (t != 1 or dropout or hq % hkv or not mask_ok or key.shape[-1] != value.shape[-1]
+            or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+            or kwargs.get("position_bias") is not None):
         return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                        is_causal=is_causal, **kwargs)
     q = query.reshape(b, hkv, hq // hkv, d)  # [B, H_kv, G, D]
-    scores = torch.matmul(q, key.transpose(-1, -2)) * (scaling if scaling is not None else 1.0 / math.sqrt(d))
-    scores = scores.float()  # [B, H_kv, G, S]
-    if attention_mask is not None:  # [B, 1, 1, S] broadcasts over heads and groups
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
-        else:
-            scores = scores + attention_mask.float()
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    out = torch.matmul(probs, value)  # [B, H_kv, G, D]
-    return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None
+    if query.dtype != torch.float32:
+        # bf16 / fp16: torch's kernel keeps scores and probabilities in float32 (a matmul here would round them)
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
+    else:
+        scores = torch.matmul(q, key.transpose(-1, -2)) * (scaling if scaling is not None else 1.0 / math.sqrt(d))
+        if attention_mask is not None:  # [B, 1, 1, S] broadcasts over heads and groups
+            if attention_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attention_mask, float("-inf"))
+            else:
+                scores = scores + attention_mask
+        # a fully masked row attends to nothing: 0, as sdpa (softmax of all -inf is NaN)
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # [B, H_kv, G, S]
+        out = torch.matmul(probs, value)  # [B, H_kv, G, D]
+    return out.reshape(b, hq, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 def _register() -> None:
@@ -108,5 +116,5 @@ def use_decode_attention(model: nn.Module) -> bool:
     if impl != "sdpa" or not hasattr(model, "set_attn_implementation"):
         return False
     _register()
-    model.set_attn_implementation(ATTENTION_NAME)
-    return True
+    model.set_attn_implementation(ATTENTION_NAME)  # may only warn (a model that cannot switch)
+    return getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME
