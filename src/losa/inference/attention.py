@@ -12,8 +12,8 @@ copies. Here the ``G`` query heads of a KV head form the rows of one small matri
     out    = softmax(scores) · V       [B, H_kv, G, D] -> [B, 1, H_q, D]
 
 which is the same attention (Vaswani et al. 2017, eq. 1, with GQA of Ainslie et al. 2023) without the copies.
-float32 steps run these two products (faster than torch's CPU kernel on a one-token query); bf16 and fp16 steps
-pass the grouped query to ``scaled_dot_product_attention``, which keeps scores and probabilities in float32.
+float32 steps run these two products; bf16 and fp16 steps pass the grouped query to
+``scaled_dot_product_attention``, which keeps scores and probabilities in float32.
 Every other call (prompts, several query tokens, dropout, soft-capping, attention sinks, position biases,
 per-head masks) goes to transformers' own ``sdpa`` function unchanged.
 
