@@ -11,6 +11,8 @@ Modes (each a separate copy of the model, timed interleaved: every repetition ru
 * ``..., unplanned`` (``--with-unplanned``): the lean modes without the decode plans, for the before/after.
 * ``..., sdpa attention`` (``--with-sdpa``): the lean modes with transformers' ``sdpa`` attention instead of
   losa's decode attention (:mod:`losa.inference.attention`, which every lean mode uses), for the before/after.
+* ``..., python wrapper`` (``--with-python-wrapper``): the compiled lean mode with Inductor's generated Python
+  wrapper instead of its C++ wrapper (``--compile-wrapper python``; every other compiled mode uses the C++ one).
 * ``overhead only + static + compile`` (``--with-overhead``): the compiled lean mode with every sparse linear and
   the LM head replaced by a module that returns zeros: what a decoded token costs outside the weight-streaming
   layers (norms, rotary, attention, KV cache, ``generate``); the difference to the compiled mode is the time in
@@ -137,7 +139,7 @@ def zero_weight_layers(model: torch.nn.Module) -> torch.nn.Module:
 
 def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bool,
                 with_unplanned: bool = False, with_overhead: bool = False,
-                with_sdpa: bool = False) -> dict[str, dict]:
+                with_sdpa: bool = False, with_python_wrapper: bool = False) -> dict[str, dict]:
     """The models to time: name -> {"model", "decoder", "sparsity", "bytes"} (and "overhead": True for the
     overhead-only mode)."""
     # dense and "sparse before" are plain transformers generate: sdpa attention, no decode plans
@@ -151,12 +153,13 @@ def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bo
         modes[f"{tag} sparse before"] = {"model": pruned, "decoder": unplanned(LeanDecoder(pruned, decode_attention=False)),
                                          "sparsity": sp}
         for suffix, comp in lean:
-            variants = ([("", False, True)] + ([(", unplanned", True, True)] if with_unplanned else [])
-                        + ([(", sdpa attention", False, False)] if with_sdpa else []))
-            for note, drop_plan, attention in variants:
+            variants = ([("", False, True, "cpp")] + ([(", unplanned", True, True, "cpp")] if with_unplanned else [])
+                        + ([(", sdpa attention", False, False, "cpp")] if with_sdpa else [])
+                        + ([(", python wrapper", False, True, "python")] if with_python_wrapper and comp else []))
+            for note, drop_plan, attention, wrapper in variants:
                 head = copy.deepcopy(pruned)
                 set_lm_head_dtype(head, "bfloat16")
-                dec = LeanDecoder(head, compile=comp, decode_attention=attention)
+                dec = LeanDecoder(head, compile=comp, decode_attention=attention, compile_wrapper=wrapper)
                 modes[f"{tag} lean bf16 head{suffix}{note}"] = {
                     "model": head, "sparsity": sp, "decoder": unplanned(dec) if drop_plan else dec}
         if with_overhead and compile_step:
@@ -223,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--with-sdpa", action="store_true",
                     help="also time the lean modes with transformers' sdpa attention instead of losa's decode "
                          "attention (the before/after of losa.inference.attention)")
+    ap.add_argument("--with-python-wrapper", action="store_true",
+                    help="also time the compiled lean mode with Inductor's Python wrapper instead of its C++ wrapper "
+                         "(the before/after of --compile-wrapper cpp)")
     ap.add_argument("--out", default=str(RESULTS / "decode.jsonl"))
     args = ap.parse_args(argv)
     if args.tokens < 1 or args.reps < 1:
@@ -235,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     base.eval()
     ids = tok(PROMPT, return_tensors="pt").input_ids
     modes = build_modes(base, [float(s) for s in args.sparsities.split(",")], not args.no_compile,
-                        args.with_unplanned, args.with_overhead, args.with_sdpa)
+                        args.with_unplanned, args.with_overhead, args.with_sdpa, args.with_python_wrapper)
     bw = {t: bandwidth(t) for t in threads}
     print("bandwidth GB/s", bw, flush=True)
     gen_kw = generate_kwargs(tok, ids, args.tokens)

@@ -72,6 +72,32 @@ def test_compiled_static_cache_greedy_matches_generate(sparse):
 
 
 @needs_kernel
+@pytest.mark.parametrize("wrapper", ["cpp", "python"])
+def test_compile_wrapper_is_the_one_asked_for_and_keeps_greedy_tokens(monkeypatch, wrapper):
+    """``compile_wrapper="cpp"`` builds Inductor's C++ wrapper (``"python"`` does not); same tokens as eager."""
+    import torch._inductor.codecache as cc
+    import torch._inductor.config as ic
+
+    model = make_tiny_model("llama", hidden=64, seed=7)
+    _prune(model, seed=6)
+    sparsify_for_inference(model, value_dtype="bfloat16")
+    ids = torch.randint(3, 128, (1, 6))
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    builds = []
+    real = cc.CppWrapperCodeCache.load_pybinding_async.__func__
+    monkeypatch.setattr(cc.CppWrapperCodeCache, "load_pybinding_async",
+                        classmethod(lambda cls, *a, **k: builds.append(1) or real(cls, *a, **k)))
+    lean = LeanDecoder(model, compile=True, compile_wrapper=wrapper)
+    with torch.inference_mode(), ic.patch(fx_graph_cache=False):  # compile here, not from an earlier test's cache
+        out = lean.generate(ids, 6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+    assert bool(builds) == (wrapper == "cpp"), builds
+    with pytest.raises(LosaError, match="compile wrapper"):
+        LeanDecoder(model, compile=True, compile_wrapper="c++")
+
+
+@needs_kernel
 @pytest.mark.parametrize("compile_step", [False, True], ids=["eager", "compiled"])
 def test_planned_decode_skips_the_python_dispatch_and_matches_generate(monkeypatch, compile_step):
     """Decode steps (1 row) run the planned row loop: no Python dispatch, eager or compiled; same tokens."""

@@ -89,6 +89,10 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="static KV cache and torch.compile of the decode step: less per-token overhead, but the "
                         "first generation of each cache size compiles first (worth it for serving and long outputs)")
+    p.add_argument("--compile-wrapper", default="cpp", choices=["cpp", "python"],
+                   help="with --compile: how the compiled step calls its kernels: cpp = Inductor's C++ wrapper (less "
+                        "per-token overhead, a longer first compile), python = Inductor's generated Python wrapper "
+                        "(default: cpp; measured in benchmarks/results/decode.md)")
     p.add_argument("--compact", default=None,
                    help="a compact checkpoint written by losa.inference.save_sparse to load into MODEL")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")

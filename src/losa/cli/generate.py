@@ -31,7 +31,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise LosaError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     model, tok, mode, _ = load_runtime_model(args, "generation")
-    decoder = LeanDecoder(model, compile=args.compile)
+    decoder = LeanDecoder(model, compile=args.compile, compile_wrapper=args.compile_wrapper)
     if args.save_compact:
         save_sparse(model, args.save_compact)
         print(f"wrote {args.save_compact}")
@@ -44,7 +44,7 @@ def run_generate(args: argparse.Namespace) -> int:
     new = out.shape[1] - ids.shape[1]
     print(tok.decode(out[0], skip_special_tokens=True))
     if args.compile:
-        mode += ", compiled (this call includes the compile)"
+        mode += f", compiled with the {args.compile_wrapper} wrapper (this call includes the compile)"
     print(f"[{mode}] {new} tokens in {dt:.2f} s ({new / dt:.1f} tokens/s, "
           f"prompt {ids.shape[1]} tokens, {torch.get_num_threads()} threads)")
     return 0

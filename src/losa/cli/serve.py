@@ -85,7 +85,7 @@ def build_server(args: argparse.Namespace):
     try:
         model, tok, mode, summary = load_runtime_model(args, "serving")
         service = GenerationService(model, tok, args.model_name or args.model, default_max_tokens=args.max_tokens,
-                                    compile=args.compile)
+                                    compile=args.compile, compile_wrapper=args.compile_wrapper)
     except BaseException:
         sock.close()
         raise

@@ -19,6 +19,11 @@ around each layer (norms, rotary, cache updates, module calls). Two opt-ins cut 
   opaque to the compiler: planned few-row calls are the dispatcher op ``losa_sparse_kernels::spmm`` in the
   compiled graph, larger batches the ``losa::sparse_matmul`` custom op. The cache length is rounded up to a
   power of two so that prompts of different lengths reuse the compiled step; the first call pays the compile.
+  Inductor's C++ wrapper (``cpp_wrapper``) calls the step's kernels from compiled C++ instead of generated
+  Python, which cuts the per-token cost of a small model's hundreds of calls; the wrapper is built apart from
+  the kernels at a low optimisation level (one optimised build of both took many times longer), so the first
+  compile takes only somewhat longer than with the Python wrapper (``--compile-wrapper python`` keeps that;
+  measurements: benchmarks/results/decode.md).
 
 :class:`LeanDecoder.generate` is ``model.generate`` with these settings, so stopping criteria, sampling
 options and streaming work as there. Measurements: benchmarks/bench_decode.py,
@@ -45,6 +50,8 @@ from losa.inference.sparse_linear import (
 )
 
 LM_HEAD_DTYPES = ("auto", "float32", "bfloat16")
+#: how a compiled decode step calls its kernels: Inductor's C++ wrapper or its generated Python wrapper
+COMPILE_WRAPPERS = ("cpp", "python")
 _ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
 #: smallest static cache length; longer ones are rounded up to the next power of two
 MIN_CACHE_LEN = 256
@@ -217,15 +224,22 @@ class LeanDecoder:
             length compiles; worth it for a server or long generations, not for one short reply).
         decode_attention: switch an ``sdpa`` model to :func:`~losa.inference.attention.decode_attention`
             (False keeps transformers' attention; benchmarks use it for the before/after).
+        compile_wrapper: with ``compile=True``, ``"cpp"`` (Inductor's C++ wrapper, built apart from the
+            kernels) or ``"python"`` (Inductor's default generated Python wrapper).
 
     Raises:
-        LosaError: ``compile=True`` without the compiled kernel for a model with sparse layers, or an invalid
-            ``LOSA_SPARSE_ISA`` / threshold cache while planning.
+        LosaError: ``compile=True`` without the compiled kernel for a model with sparse layers, an unknown
+            ``compile_wrapper``, or an invalid ``LOSA_SPARSE_ISA`` / threshold cache while planning.
     """
 
-    def __init__(self, model: nn.Module, compile: bool = False, decode_attention: bool = True) -> None:
+    def __init__(self, model: nn.Module, compile: bool = False, decode_attention: bool = True,
+                 compile_wrapper: str = "cpp") -> None:
+        if compile_wrapper not in COMPILE_WRAPPERS:
+            raise LosaError(f"compile wrapper {compile_wrapper!r} is not supported; use one of "
+                            f"{', '.join(COMPILE_WRAPPERS)}")
         self.model = model
         self.compile = bool(compile)
+        self.compile_wrapper = compile_wrapper
         self.decode_attention = bool(decode_attention) and use_decode_attention(model)
         self.context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if self.compile:
@@ -252,7 +266,11 @@ class LeanDecoder:
 
         # guards on module attributes stay on (skipping them saves a little per token, but lets a step compiled
         # for one model run on another instance of the same class)
-        cc = CompileConfig(fullgraph=True, mode="default", dynamic=False)
+        if self.compile_wrapper == "cpp":  # torch.compile takes either a mode or Inductor options
+            cc = CompileConfig(fullgraph=True, mode=None, dynamic=False,
+                               options={"cpp_wrapper": True, "cpp_wrapper_build_separate": True})
+        else:
+            cc = CompileConfig(fullgraph=True, mode="default", dynamic=False)
         cc._compile_all_devices = True  # transformers compiles on CUDA only unless told
         return {"cache_implementation": "static", "compile_config": cc,
                 "max_cache_len": cache_length(input_ids.shape[1] + max_new_tokens, self.context)}

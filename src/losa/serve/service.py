@@ -63,13 +63,15 @@ class GenerationService:
         default_max_tokens: ``max_tokens`` of chat requests that give none (completions: 16, as OpenAI).
         compile: decode with a static KV cache and a compiled step (:class:`losa.inference.decode.LeanDecoder`;
             the first request of each cache size compiles first).
+        compile_wrapper: ``"cpp"`` or ``"python"``: how the compiled step calls its kernels (see
+            :class:`~losa.inference.decode.LeanDecoder`).
 
     Raises:
-        LosaError: without a tokenizer, or with ``default_max_tokens`` < 1.
+        LosaError: without a tokenizer, with ``default_max_tokens`` < 1, or an unknown ``compile_wrapper``.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, name: str, default_max_tokens: int = 256,
-                 compile: bool = False) -> None:
+                 compile: bool = False, compile_wrapper: str = "cpp") -> None:
         from losa.inference.decode import LeanDecoder
 
         if tokenizer is None:
@@ -77,7 +79,7 @@ class GenerationService:
         if default_max_tokens < 1:
             raise LosaError(f"default max tokens {default_max_tokens} must be at least 1")
         self.model, self.tok, self.name = model.eval(), tokenizer, name
-        self.decoder = LeanDecoder(self.model, compile=compile)
+        self.decoder = LeanDecoder(self.model, compile=compile, compile_wrapper=compile_wrapper)
         self.default_max_tokens = default_max_tokens
         self.context = getattr(model.config, "max_position_embeddings", None)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
