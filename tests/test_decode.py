@@ -98,6 +98,22 @@ def test_compile_wrapper_is_the_one_asked_for_and_keeps_greedy_tokens(monkeypatc
 
 
 @needs_kernel
+def test_cpp_wrapper_build_failure_names_the_fallback(monkeypatch):
+    import torch._inductor.codecache as cc
+    import torch._inductor.config as ic
+
+    def broken(cls, *a, **k):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(cc.CppWrapperCodeCache, "load_pybinding_async", classmethod(broken))
+    model = make_tiny_model("llama", hidden=64, layers=1, seed=8)
+    ids = torch.randint(3, 128, (1, 5))
+    with torch.inference_mode(), ic.patch(fx_graph_cache=False), \
+            pytest.raises(LosaError, match="--compile-wrapper python"):
+        LeanDecoder(model, compile=True).generate(ids, 3, do_sample=False, pad_token_id=0)
+
+
+@needs_kernel
 @pytest.mark.parametrize("compile_step", [False, True], ids=["eager", "compiled"])
 def test_planned_decode_skips_the_python_dispatch_and_matches_generate(monkeypatch, compile_step):
     """Decode steps (1 row) run the planned row loop: no Python dispatch, eager or compiled; same tokens."""

@@ -287,9 +287,20 @@ class LeanDecoder:
             The ids, prompt included, as ``generate`` returns them.
 
         Raises:
-            LosaError: when ``max_new_tokens`` < 1.
+            LosaError: when ``max_new_tokens`` < 1, or when Inductor cannot build the C++ wrapper of the step
+                (the message names the fallback).
         """
         if max_new_tokens < 1:
             raise LosaError(f"max_new_tokens {max_new_tokens} must be at least 1")
-        return self.model.generate(input_ids, max_new_tokens=max_new_tokens,
-                                   **self.generate_kwargs(input_ids, max_new_tokens), **kwargs)
+        from torch._dynamo.exc import BackendCompilerFailed
+
+        try:
+            return self.model.generate(input_ids, max_new_tokens=max_new_tokens,
+                                       **self.generate_kwargs(input_ids, max_new_tokens), **kwargs)
+        except BackendCompilerFailed as e:
+            if not (self.compile and self.compile_wrapper == "cpp"):
+                raise
+            cause = getattr(e, "inner_exception", None) or e.__cause__ or e
+            raise LosaError(f"compiling the decode step with Inductor's C++ wrapper failed "
+                            f"({type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''}); "
+                            "use --compile-wrapper python, or drop --compile") from e
