@@ -11,6 +11,9 @@ Modes (each a separate copy of the model, timed interleaved: every repetition ru
 * ``..., unplanned`` (``--with-unplanned``): the lean modes without the decode plans, for the before/after.
 * ``..., sdpa attention`` (``--with-sdpa``): the lean modes with transformers' ``sdpa`` attention instead of
   losa's decode attention (:mod:`losa.inference.attention`, which every lean mode uses), for the before/after.
+* ``..., attention products`` (``--with-attention-products``): the lean modes with the decode attention's float32
+  step as two torch matrix products instead of the compiled kernel (``csrc/decode_attention.cpp``), for the
+  before/after (the switch is a module setting, applied around each of these modes' runs).
 * ``..., python wrapper`` (``--with-python-wrapper``): the compiled lean mode with Inductor's generated Python
   wrapper instead of its C++ wrapper (``--compile-wrapper python``; every other compiled mode uses the C++ one).
 * ``overhead only + static + compile`` (``--with-overhead``): the compiled lean mode with every sparse linear and
@@ -139,7 +142,8 @@ def zero_weight_layers(model: torch.nn.Module) -> torch.nn.Module:
 
 def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bool,
                 with_unplanned: bool = False, with_overhead: bool = False,
-                with_sdpa: bool = False, with_python_wrapper: bool = False) -> dict[str, dict]:
+                with_sdpa: bool = False, with_python_wrapper: bool = False,
+                with_attention_products: bool = False) -> dict[str, dict]:
     """The models to time: name -> {"model", "decoder", "sparsity", "bytes"} (and "overhead": True for the
     overhead-only mode)."""
     # dense and "sparse before" are plain transformers generate: sdpa attention, no decode plans
@@ -154,6 +158,7 @@ def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bo
                                          "sparsity": sp}
         for suffix, comp in lean:
             variants = ([("", False, True, "cpp")] + ([(", unplanned", True, True, "cpp")] if with_unplanned else [])
+                        + ([(", attention products", False, True, "cpp")] if with_attention_products else [])
                         + ([(", sdpa attention", False, False, "cpp")] if with_sdpa else [])
                         + ([(", python wrapper", False, True, "python")] if with_python_wrapper and comp else []))
             for note, drop_plan, attention, wrapper in variants:
@@ -161,7 +166,8 @@ def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bo
                 set_lm_head_dtype(head, "bfloat16")
                 dec = LeanDecoder(head, compile=comp, decode_attention=attention, compile_wrapper=wrapper)
                 modes[f"{tag} lean bf16 head{suffix}{note}"] = {
-                    "model": head, "sparsity": sp, "decoder": unplanned(dec) if drop_plan else dec}
+                    "model": head, "sparsity": sp, "decoder": unplanned(dec) if drop_plan else dec,
+                    "attention_products": note == ", attention products"}
         if with_overhead and compile_step:
             zero = copy.deepcopy(pruned)
             set_lm_head_dtype(zero, "bfloat16")
@@ -195,10 +201,18 @@ def time_mode(m: dict, ids: torch.Tensor, tokens: int, gen_kw: dict) -> tuple[fl
     Returns:
         (wall seconds, the generated ids with the prompt).
     """
-    with torch.inference_mode():
-        t = time.perf_counter()
-        out = m["decoder"].generate(ids, tokens, **gen_kw)
-        return time.perf_counter() - t, out
+    from losa.inference import attention
+
+    isa = attention._KERNEL["isa"]
+    if m.get("attention_products"):
+        attention._KERNEL["isa"] = None
+    try:
+        with torch.inference_mode():
+            t = time.perf_counter()
+            out = m["decoder"].generate(ids, tokens, **gen_kw)
+            return time.perf_counter() - t, out
+    finally:
+        attention._KERNEL["isa"] = isa
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--with-sdpa", action="store_true",
                     help="also time the lean modes with transformers' sdpa attention instead of losa's decode "
                          "attention (the before/after of losa.inference.attention)")
+    ap.add_argument("--with-attention-products", action="store_true",
+                    help="also time the lean modes with the decode attention's float32 step as torch products instead "
+                         "of the compiled kernel")
     ap.add_argument("--with-python-wrapper", action="store_true",
                     help="also time the compiled lean mode with Inductor's Python wrapper instead of its C++ wrapper "
                          "(the before/after of --compile-wrapper cpp)")
@@ -241,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     base.eval()
     ids = tok(PROMPT, return_tensors="pt").input_ids
     modes = build_modes(base, [float(s) for s in args.sparsities.split(",")], not args.no_compile,
-                        args.with_unplanned, args.with_overhead, args.with_sdpa, args.with_python_wrapper)
+                        args.with_unplanned, args.with_overhead, args.with_sdpa, args.with_python_wrapper,
+                        args.with_attention_products)
     bw = {t: bandwidth(t) for t in threads}
     print("bandwidth GB/s", bw, flush=True)
     gen_kw = generate_kwargs(tok, ids, args.tokens)

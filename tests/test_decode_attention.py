@@ -24,6 +24,30 @@ def no_fallback(monkeypatch):
     monkeypatch.setattr(attention, "_sdpa", lambda: fail)
 
 
+@pytest.fixture(params=["kernel", "kernel-scalar", "torch"])
+def float32_path(request, monkeypatch):
+    """The float32 decode path under test: the compiled kernel (AVX2 where the CPU has it, and its portable
+    scalar loop) or torch's two products."""
+    from losa.inference import kernel
+
+    if request.param == "torch":
+        monkeypatch.setitem(attention._KERNEL, "isa", None)
+    else:
+        if not kernel.kernel_available():
+            pytest.skip("needs the compiled kernel")
+        monkeypatch.setitem(attention._KERNEL, "isa", 0 if request.param == "kernel-scalar" else kernel.best_isa())
+    return request.param
+
+
+def _no_products(monkeypatch):
+    """Fail if torch's matrix products run (the kernel path must not fall back to them)."""
+
+    def fail(*a, **kw):
+        raise AssertionError("the float32 decode path used torch.matmul")
+
+    monkeypatch.setattr(torch, "matmul", fail)
+
+
 class _Attn(torch.nn.Module):
     def __init__(self, groups: int) -> None:
         super().__init__()
@@ -47,13 +71,15 @@ def _bool_mask(t: int, s: int, seed: int = 1) -> torch.Tensor:
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (9, 3)], ids=["mha", "gqa2", "gqa3"])
 @pytest.mark.parametrize("mask", ["none", "bool", "float"])
-def test_one_token_matches_sdpa(hq, hkv, mask, no_fallback):
+def test_one_token_matches_sdpa(hq, hkv, mask, no_fallback, float32_path, monkeypatch):
     q, k, v = _qkv(hq, hkv, 1, 37)
     m = None if mask == "none" else _bool_mask(1, 37)
     if mask == "float":
         m = torch.zeros(m.shape).masked_fill(~m, float("-inf")) + 0.1 * torch.randn(m.shape)
     mod = _Attn(hq // hkv)
     ref, _ = sdpa_attention_forward(mod, q, k, v, m, scaling=0.3)
+    if float32_path != "torch" and mask != "float":  # additive masks take the products
+        _no_products(monkeypatch)
     out, weights = decode_attention(mod, q, k, v, m, scaling=0.3)
     assert weights is None and out.shape == ref.shape == (2, 1, hq, 16) and out.is_contiguous()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -84,7 +110,7 @@ def test_half_precision_keeps_float32_scores(dtype, bound, no_fallback):
     assert err < bound
 
 
-def test_fully_masked_row_gives_zeros_like_sdpa(no_fallback):
+def test_fully_masked_row_gives_zeros_like_sdpa(no_fallback, float32_path):
     q, k, v = _qkv(6, 2, 1, 12)
     m = _bool_mask(1, 12)
     m[1] = False  # the second sequence attends to nothing
@@ -92,6 +118,24 @@ def test_fully_masked_row_gives_zeros_like_sdpa(no_fallback):
     assert torch.isfinite(out).all() and not out[1].any()
     ref, _ = sdpa_attention_forward(_Attn(3), q, k, v, m)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("d", [64, 20, 5], ids=["d64", "d20-tail", "d5"])
+def test_kernel_static_cache_mask_and_head_sizes(d, float32_path, monkeypatch):
+    """A static cache's mask ([B, 1, 1, S], broadcast over heads, most slots unused), a non-contiguous key
+    cache, head sizes with a vector tail, against a float64 reference."""
+    g = torch.Generator().manual_seed(d)
+    q = torch.randn(2, 9, 1, d, generator=g)
+    k = torch.randn(2, 3, d, 256, generator=g).transpose(-1, -2)  # [B, H_kv, S, D], not contiguous
+    v = torch.randn(2, 3, 256, d, generator=g)
+    m = torch.zeros(2, 1, 1, 256, dtype=torch.bool)
+    m[0, ..., :40] = True
+    m[1, ..., 3:77] = True
+    ref = _reference64(q, k, v, m, 0.2)
+    if float32_path != "torch":
+        _no_products(monkeypatch)
+    out, _ = decode_attention(_Attn(3), q, k, v, m, scaling=0.2)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_prompts_and_unsupported_options_go_to_sdpa_unchanged():

@@ -12,8 +12,10 @@ copies. Here the ``G`` query heads of a KV head form the rows of one small matri
     out    = softmax(scores) · V       [B, H_kv, G, D] -> [B, 1, H_q, D]
 
 which is the same attention (Vaswani et al. 2017, eq. 1, with GQA of Ainslie et al. 2023) without the copies.
-float32 steps run these two products; bf16 and fp16 steps pass the grouped query to
-``scaled_dot_product_attention``, which keeps scores and probabilities in float32.
+float32 steps on the CPU run the compiled kernel (``csrc/decode_attention.cpp``: the same two products as
+dot products over the attended cache positions only; a static cache's unused slots cost nothing) where it is
+built and the mask is boolean or absent, else these two products with torch; bf16 and fp16 steps pass the
+grouped query to ``scaled_dot_product_attention``, which keeps scores and probabilities in float32.
 Every other call (prompts, several query tokens, dropout, soft-capping, attention sinks, position biases,
 per-head masks) goes to transformers' own ``sdpa`` function unchanged.
 
@@ -31,8 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from losa.inference import kernel as _kernel
+
 #: the name under which :func:`decode_attention` is registered with transformers' attention interface
 ATTENTION_NAME = "losa_decode"
+#: the compiled kernel's ISA level for the float32 path, None: torch products (set by :func:`use_decode_attention`
+#: outside any traced code, so a compiled step reads a plain value)
+_KERNEL: dict[str, int | None] = {"isa": None}
 
 
 def _sdpa():
@@ -77,6 +84,13 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     if query.dtype != torch.float32:
         # bf16 / fp16: torch's kernel keeps scores and probabilities in float32 (a matmul here would round them)
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
+    elif _KERNEL["isa"] is not None and key.dtype == value.dtype == torch.float32 \
+            and query.device.type == key.device.type == value.device.type == "cpu" \
+            and (attention_mask is None or attention_mask.dtype == torch.bool):
+        # the compiled kernel: dot products over the attended cache positions only, no BLAS call per product
+        keep = None if attention_mask is None else attention_mask.expand(b, 1, 1, key.shape[2]).reshape(b, -1)
+        out = _kernel.decode_attn_op()(q, key, value, keep, scaling if scaling is not None else 1.0 / math.sqrt(d),
+                                       _KERNEL["isa"])
     else:
         scores = torch.matmul(q, key.transpose(-1, -2)) * (scaling if scaling is not None else 1.0 / math.sqrt(d))
         if attention_mask is not None:  # [B, 1, 1, S] broadcasts over heads and groups
@@ -111,6 +125,8 @@ def use_decode_attention(model: nn.Module) -> bool:
     """
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None)
+    # the compiled kernel when it is already built (sparse models build it; a dense model keeps torch products)
+    _KERNEL["isa"] = _kernel.best_isa() if _kernel.decode_attn_op() is not None else None
     if impl == ATTENTION_NAME:
         return True
     if impl != "sdpa" or not hasattr(model, "set_attn_implementation"):

@@ -25,7 +25,8 @@ from types import ModuleType
 from losa.errors import LosaError
 from losa.utils.cpp import KernelUnavailable, build_extension
 
-_SRC = Path(__file__).parent / "csrc" / "sparse_linear.cpp"
+#: the extension's sources: the sparse kernels and the decode attention (one extension, one build)
+_SRC = [Path(__file__).parent / "csrc" / "sparse_linear.cpp", Path(__file__).parent / "csrc" / "decode_attention.cpp"]
 #: extension name, also the namespace of its dispatcher op (``torch.ops.losa_sparse_kernels.spmm``)
 KERNEL_NAME = "losa_sparse_kernels"
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
@@ -64,6 +65,10 @@ def _register_fake(namespace: str) -> None:
     def _(x, meta, values, row_ptr, bias, n, k, fmt, isa):
         return x.new_empty((x.shape[0], n))
 
+    @torch.library.register_fake(f"{namespace}::decode_attn")
+    def _(q, k, v, mask, scale, isa):
+        return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+
     _FAKE_REGISTERED.add(namespace)
 
 
@@ -85,6 +90,22 @@ def spmm_op() -> Callable:
         raise LosaError("the losa sparse kernel is not loaded; call losa.inference.kernel.load_kernel() first "
                         "(it needs a C++ compiler and ninja)")
     return getattr(torch.ops, _OP_NAMESPACE).spmm
+
+
+def decode_attn_op() -> Callable | None:
+    """The compiled decode attention as a dispatcher op, ``torch.ops.<extension name>.decode_attn``, or None.
+
+    Arguments ``(q [B, H_kv, G, D], k [B, H_kv, S, D], v [B, H_kv, S, Dv], mask (bool [B, S] or None), scale,
+    isa)``, all float32 CPU tensors; returns ``[B, H_kv, G, Dv]`` float32 (see ``csrc/decode_attention.cpp``).
+
+    Returns:
+        The op, or None when the kernel has not been loaded (no compiler): callers use torch products then.
+    """
+    import torch
+
+    if _OP_NAMESPACE is None:
+        return None
+    return getattr(torch.ops, _OP_NAMESPACE).decode_attn
 
 
 @lru_cache(maxsize=1)

@@ -68,8 +68,9 @@ def build_lock(directory: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def build_extension(name: str, source: Path) -> ModuleType:
-    """Compile (once) and import ``source`` as extension ``name``; raises :class:`KernelUnavailable`."""
+def build_extension(name: str, source: Path | list[Path]) -> ModuleType:
+    """Compile (once) and import ``source`` (one file or several) as extension ``name``; raises
+    :class:`KernelUnavailable`."""
     if os.environ.get("LOSA_DISABLE_KERNEL"):
         raise KernelUnavailable("LOSA_DISABLE_KERNEL is set")
     try:
@@ -81,7 +82,7 @@ def build_extension(name: str, source: Path) -> ModuleType:
         with build_lock(directory):
             return load(
                 name=name,
-                sources=[str(source)],
+                sources=[str(p) for p in (source if isinstance(source, list) else [source])],
                 extra_cflags=["-O3", "-fopenmp", "-std=c++17"],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(directory),

@@ -1,0 +1,158 @@
+// Decode attention for CPU: one query token per head over a KV cache, grouped-query heads as rows, only the
+// attended cache positions. Part of the losa_sparse_kernels extension (built with sparse_linear.cpp), exposed
+// as the dispatcher op <extension>::decode_attn; its fake (shape) function is registered from Python
+// (losa/inference/kernel.py) and losa/inference/attention.py calls it.
+//
+// For batch b, KV head h and query row g (one of the G query heads that share KV head h):
+//   s_j = scale · q[b,h,g,:] · K[b,h,j,:]           for every cache position j with mask[b,j] (all j without a mask)
+//   out[b,h,g,:] = Σ_j softmax(s)_j · V[b,h,j,:]     (0 when no position is attended, as sdpa's nan_to_num)
+// (Vaswani et al. 2017, eq. 1; GQA as Ainslie et al. 2023). float32 in, float32 sums, float32 out.
+//
+// Why not two torch matmuls: a decode step's products are tiny (G x D times D x S per KV head) and the BLAS
+// call per product costs more than its arithmetic; a static cache also multiplies every unused slot. Here a
+// masked position costs a byte test. Measurements: benchmarks/bench_decode.py, results/decode.md.
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LOSA_ATTN_X86 1
+#else
+#define LOSA_ATTN_X86 0
+#endif
+
+namespace {
+
+inline float dot_scalar(const float* a, const float* b, int64_t d) {
+  float s = 0.f;
+  for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy_scalar(float a, const float* x, float* y, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) y[i] += a * x[i];
+}
+
+#if LOSA_ATTN_X86
+#define LOSA_ATTN_AVX2 __attribute__((target("avx2,fma")))
+
+LOSA_ATTN_AVX2 float dot_avx2(const float* a, const float* b, int64_t d) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+  }
+  for (; i + 8 <= d; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+  s0 = _mm256_add_ps(s0, s1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  float s = _mm_cvtss_f32(h);
+  for (; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+LOSA_ATTN_AVX2 void axpy_avx2(float a, const float* x, float* y, int64_t d) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < d; ++i) y[i] += a * x[i];
+}
+#endif
+
+// One (batch, KV head): G query rows [G, D] against keys [S, D] and values [S, Dv]; out [G, Dv] (zeroed).
+// keep: S bytes (nonzero = attend) or nullptr. sc: scratch of S floats.
+template <bool AVX2>
+void attend(const float* q, const float* k, const float* v, const bool* keep, int64_t G, int64_t S, int64_t D,
+            int64_t Dv, float scale, float* out, float* sc) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = q + g * D;
+    float* og = out + g * Dv;
+    float mx = kNegInf;
+    for (int64_t j = 0; j < S; ++j) {
+      if (keep && !keep[j]) {
+        sc[j] = kNegInf;
+        continue;
+      }
+#if LOSA_ATTN_X86
+      const float s = (AVX2 ? dot_avx2(qg, k + j * D, D) : dot_scalar(qg, k + j * D, D)) * scale;
+#else
+      const float s = dot_scalar(qg, k + j * D, D) * scale;
+#endif
+      sc[j] = s;
+      mx = s > mx ? s : mx;
+    }
+    if (mx == kNegInf) continue;  // nothing attended (or every score -inf): the row stays 0
+    float sum = 0.f;
+    for (int64_t j = 0; j < S; ++j) {
+      if (sc[j] == kNegInf) continue;
+      const float e = std::exp(sc[j] - mx);
+      sum += e;
+#if LOSA_ATTN_X86
+      if (AVX2) axpy_avx2(e, v + j * Dv, og, Dv);
+      else axpy_scalar(e, v + j * Dv, og, Dv);
+#else
+      axpy_scalar(e, v + j * Dv, og, Dv);
+#endif
+    }
+    const float inv = 1.f / sum;
+    for (int64_t i = 0; i < Dv; ++i) og[i] *= inv;
+  }
+}
+
+// q [B, H, G, D], k [B, H, S, D], v [B, H, S, Dv] float32; mask None or bool [B, S]; isa 0 scalar, >= 1 AVX2+FMA.
+torch::Tensor decode_attn(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                          const c10::optional<torch::Tensor>& mask, double scale, int64_t isa) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attn: q, k, v must be 4-D");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat && k.scalar_type() == torch::kFloat &&
+                  v.scalar_type() == torch::kFloat, "decode_attn: float32 q, k, v only");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attn: CPU tensors only");
+  const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), S = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(1) == H && v.size(1) == H && k.size(3) == D &&
+                  v.size(2) == S, "decode_attn: shapes of q, k, v do not match");
+  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  torch::Tensor mc;
+  const bool* keep = nullptr;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == torch::kBool && mask->dim() == 2 && mask->size(0) == B && mask->size(1) == S,
+                "decode_attn: the mask must be bool [B, S]");
+    mc = mask->contiguous();
+    keep = mc.data_ptr<bool>();
+  }
+  auto out = torch::zeros({B, H, G, Dv}, q.options());
+  std::vector<float> sc(static_cast<size_t>(S));
+#if LOSA_ATTN_X86
+  const bool avx2 = isa >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  const bool avx2 = false;
+#endif
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = kc.data_ptr<float>();
+  const float* vp = vc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t bh = b * H + h;
+      const bool* kb = keep ? keep + b * S : nullptr;
+      if (avx2)
+        attend<true>(qp + bh * G * D, kp + bh * S * D, vp + bh * S * Dv, kb, G, S, D, Dv, float(scale),
+                     op + bh * G * Dv, sc.data());
+      else
+        attend<false>(qp + bh * G * D, kp + bh * S * D, vp + bh * S * Dv, kb, G, S, D, Dv, float(scale),
+                      op + bh * G * Dv, sc.data());
+    }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attn(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, int isa) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) { m.impl("decode_attn", &decode_attn); }
