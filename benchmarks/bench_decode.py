@@ -157,17 +157,19 @@ def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bo
         modes[f"{tag} sparse before"] = {"model": pruned, "decoder": unplanned(LeanDecoder(pruned, decode_attention=False)),
                                          "sparsity": sp}
         for suffix, comp in lean:
-            variants = ([("", False, True, "cpp")] + ([(", unplanned", True, True, "cpp")] if with_unplanned else [])
-                        + ([(", attention products", False, True, "cpp")] if with_attention_products else [])
-                        + ([(", sdpa attention", False, False, "cpp")] if with_sdpa else [])
-                        + ([(", python wrapper", False, True, "python")] if with_python_wrapper and comp else []))
-            for note, drop_plan, attention, wrapper in variants:
+            # (name suffix, drop the decode plans, decode attention, compile wrapper, attention as torch products)
+            variants = ([("", False, True, "cpp", False)]
+                        + ([(", unplanned", True, True, "cpp", False)] if with_unplanned else [])
+                        + ([(", attention products", False, True, "cpp", True)] if with_attention_products else [])
+                        + ([(", sdpa attention", False, False, "cpp", False)] if with_sdpa else [])
+                        + ([(", python wrapper", False, True, "python", False)] if with_python_wrapper and comp else []))
+            for note, drop_plan, attention, wrapper, products in variants:
                 head = copy.deepcopy(pruned)
                 set_lm_head_dtype(head, "bfloat16")
                 dec = LeanDecoder(head, compile=comp, decode_attention=attention, compile_wrapper=wrapper)
                 modes[f"{tag} lean bf16 head{suffix}{note}"] = {
                     "model": head, "sparsity": sp, "decoder": unplanned(dec) if drop_plan else dec,
-                    "attention_products": note == ", attention products"}
+                    "attention_products": products}
         if with_overhead and compile_step:
             zero = copy.deepcopy(pruned)
             set_lm_head_dtype(zero, "bfloat16")

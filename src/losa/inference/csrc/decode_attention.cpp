@@ -65,6 +65,23 @@ LOSA_ATTN_AVX2 void axpy_avx2(float a, const float* x, float* y, int64_t d) {
 }
 #endif
 
+// The dot product / axpy of the chosen ISA (AVX2 = true: AVX2+FMA; the scalar loops elsewhere).
+template <bool AVX2>
+inline float dot(const float* a, const float* b, int64_t d) {
+#if LOSA_ATTN_X86
+  if constexpr (AVX2) return dot_avx2(a, b, d);
+#endif
+  return dot_scalar(a, b, d);
+}
+
+template <bool AVX2>
+inline void axpy(float a, const float* x, float* y, int64_t d) {
+#if LOSA_ATTN_X86
+  if constexpr (AVX2) return axpy_avx2(a, x, y, d);
+#endif
+  axpy_scalar(a, x, y, d);
+}
+
 // One (batch, KV head): G query rows [G, D] against keys [S, D] and values [S, Dv]; out [G, Dv] (zeroed).
 // keep: S bytes (nonzero = attend) or nullptr. sc: scratch of S floats.
 template <bool AVX2>
@@ -80,11 +97,7 @@ void attend(const float* q, const float* k, const float* v, const bool* keep, in
         sc[j] = kNegInf;
         continue;
       }
-#if LOSA_ATTN_X86
-      const float s = (AVX2 ? dot_avx2(qg, k + j * D, D) : dot_scalar(qg, k + j * D, D)) * scale;
-#else
-      const float s = dot_scalar(qg, k + j * D, D) * scale;
-#endif
+      const float s = dot<AVX2>(qg, k + j * D, D) * scale;
       sc[j] = s;
       mx = s > mx ? s : mx;
     }
@@ -94,12 +107,7 @@ void attend(const float* q, const float* k, const float* v, const bool* keep, in
       if (sc[j] == kNegInf) continue;
       const float e = std::exp(sc[j] - mx);
       sum += e;
-#if LOSA_ATTN_X86
-      if (AVX2) axpy_avx2(e, v + j * Dv, og, Dv);
-      else axpy_scalar(e, v + j * Dv, og, Dv);
-#else
-      axpy_scalar(e, v + j * Dv, og, Dv);
-#endif
+      axpy<AVX2>(e, v + j * Dv, og, Dv);
     }
     const float inv = 1.f / sum;
     for (int64_t i = 0; i < Dv; ++i) og[i] *= inv;
@@ -136,16 +144,12 @@ torch::Tensor decode_attn(const torch::Tensor& q, const torch::Tensor& k, const 
   const float* kp = kc.data_ptr<float>();
   const float* vp = vc.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  const auto run = avx2 ? attend<true> : attend<false>;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
       const int64_t bh = b * H + h;
-      const bool* kb = keep ? keep + b * S : nullptr;
-      if (avx2)
-        attend<true>(qp + bh * G * D, kp + bh * S * D, vp + bh * S * Dv, kb, G, S, D, Dv, float(scale),
-                     op + bh * G * Dv, sc.data());
-      else
-        attend<false>(qp + bh * G * D, kp + bh * S * D, vp + bh * S * Dv, kb, G, S, D, Dv, float(scale),
-                      op + bh * G * Dv, sc.data());
+      run(qp + bh * G * D, kp + bh * S * D, vp + bh * S * Dv, keep ? keep + b * S : nullptr, G, S, D, Dv,
+          float(scale), op + bh * G * Dv, sc.data());
     }
   return out;
 }
