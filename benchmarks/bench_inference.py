@@ -33,6 +33,7 @@ from losa.inference import kernel as kmod
 from losa.inference import pack, sparsify_for_inference
 from losa.inference.formats import FORMAT_CODES
 from losa.pruning.masks import nm_mask, unstructured_mask
+from losa.utils.io import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results"
@@ -422,7 +423,7 @@ def write_markdown(res: dict, path: Path) -> None:
     for line in res["targets"]:
         L.append(f"- {line}")
     L += ["", NOTES]
-    path.write_text("\n".join(L))
+    atomic_write_text(path, "\n".join(L))
 
 
 NOTES = """## How it works and how to read this
@@ -438,10 +439,10 @@ NOTES = """## How it works and how to read this
   fp32 and expanded with the register form of `vexpandps` (AVX-512 F/BW/VL/VBMI2), then FMA. bf16
   activations (a bf16 model) with bf16 values: one register-form `vpexpandw` of 32 values and one
   `vdpbf16ps` per block (AVX512-BF16; bf16 products summed in float32, as a dense bf16 layer), 1.4-1.9x
-  faster (benchmarks/results/kernel_variants.md, X1+pf). Other CPUs: AVX2+FMA (8-lane permute tables),
-  portable scalar; bf16 inputs are widened to float32 there.
-  The issue described this machine as Zen 3 without AVX-512; this VM reports an AMD EPYC of family 25 model
-  17 (Zen 4) with AVX-512, so the AVX-512 path is the one measured here.
+  faster (benchmarks/results/kernel_variants.md, X1+pf). AVX2+FMA+F16C CPUs (Zen 3, Haswell): per 8 inputs
+  one broadcast load of 8 packed bf16 values and one `vpshufb` from a 256-entry table that expands and widens
+  them into float32 lanes, then FMA (results/avx2_variants.md); bf16 inputs are widened to float32 there.
+  Elsewhere: a portable scalar loop. The header names the path this run measured (`kernel ISA`).
 - **Prefill.** Above `DENSE_BATCH_THRESHOLD` rows the layer decompresses 256-row tiles into a cache-resident
   buffer (bf16 tiles by `vpexpandw` for a bf16 model, else fp32) and calls torch's GEMM on each tile (no
   dense copy of the weight is kept). The threshold is the crossover measured above; the tile size is the
@@ -497,6 +498,10 @@ def main() -> int:
         res["targets"] = targets(res)
         write_markdown(res, out.with_suffix(".md"))
         return 0
+    if not a.resume_smollm2 and out.with_suffix(".json").exists():
+        print(f"{out.with_suffix('.json')} holds a finished run; pass another --out (or delete it to measure again)",
+              file=sys.stderr)
+        return 2
     if kmod.load_kernel() is None:
         print("the sparse kernel could not be built; nothing to benchmark", file=sys.stderr)
         return 1
@@ -519,7 +524,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def checkpoint() -> None:  # partial results survive a crash
-        out.with_suffix(".partial.json").write_text(json.dumps(res, indent=1))
+        atomic_write_json(out.with_suffix(".partial.json"), res)
 
     res["layers"] = layer_bench(SMOL_SHAPES + LLAMA_SHAPES, (1, 4, 16), (1, 2), reps)
     checkpoint()
@@ -541,7 +546,7 @@ def _finish(res: dict, out: Path, t0: float) -> int:
     res["targets"] = targets(res)
     res["loadavg_end"] = os.getloadavg()
     res["duration_s"] = time.time() - t0
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    atomic_write_json(out.with_suffix(".json"), res)
     write_markdown(res, out.with_suffix(".md"))
     out.with_suffix(".partial.json").unlink(missing_ok=True)
     print("\n".join(res["targets"]))
