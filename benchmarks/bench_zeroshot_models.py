@@ -4,7 +4,8 @@ Each ``LABEL=PATH`` (a model directory or alias) is evaluated with lm-eval on th
 same seeded subsets as ``zeroshot.md`` (``--limit 500``, seed 0), with float32 log-softmax. Rows
 (per-task acc / acc_norm, means, verified sparsity, weight dtype, wall time, provenance) are appended to a
 JSONL file as each model finishes, and the Markdown table is rendered from all rows, so runs can span
-sessions::
+sessions. Tasks are evaluated one at a time and each finished task is saved (``<out>.partial/<label>.json``),
+so a run killed part-way resumes at the next task when started again with the same arguments::
 
     python benchmarks/bench_zeroshot_models.py --data-dir ../shared/data --limit 500 \\
         "losa-wanda 70%=/work/models17/losa-wanda@0.7" "dense=smollm2-135m"
@@ -30,26 +31,51 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
-def evaluate(label: str, path: str, args) -> dict:
-    """One checkpoint's zero-shot row."""
+def partial_path(out: Path, label: str) -> Path:
+    """Where a model's finished tasks wait until its row is written."""
+    safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in label)
+    return out.parent / f"{out.stem}.partial" / f"{safe}.json"
+
+
+def evaluate(label: str, path: str, args, out: Path) -> dict:
+    """One checkpoint's zero-shot row, task by task; tasks already saved in its partial file are not run again."""
     import torch
 
     import losa
-    from losa.eval.zeroshot import DEFAULT_TASKS, run_zeroshot
+    from losa.eval.zeroshot import DEFAULT_TASKS, parse_tasks, run_zeroshot, task_mean
     from losa.export.verify import sparsity_report
+    from losa.utils.io import atomic_write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
     prov = provenance(torch.get_num_threads(), SMOLLM2, sys.argv)
+    tasks = parse_tasks(args.tasks or DEFAULT_TASKS)
+    # a partial file is reused only for the same model, subset size, weight dtype and batch size
+    key = {"path": path, "limit": args.limit, "dtype": args.dtype, "batch_size": args.batch_size}
+    part = partial_path(out, label)
+    state = json.loads(part.read_text()) if part.is_file() else None
+    if state is not None and state.get("key") != key:
+        print(f"{label}: {part} was written with other arguments ({state.get('key')}); starting over", flush=True)
+        state = None
+    state = state or {"key": key, "tasks": {}, "wall_s": 0.0, "lm_eval": None}
+    todo = [t for t in tasks if t not in state["tasks"]]
+    if len(todo) < len(tasks):
+        print(f"{label}: resuming, {len(tasks) - len(todo)} of {len(tasks)} tasks already in {part}", flush=True)
     model, tok = losa.load_model(path)
     sparsity = float(sparsity_report(model).overall)
-    t0 = time.perf_counter()
-    res = run_zeroshot(model.to(getattr(torch, args.dtype)), tok, tasks=args.tasks or DEFAULT_TASKS,
-                       limit=args.limit, data_dir=args.data_dir, batch_size=args.batch_size, seed=0, offline=True,
-                       quiet=args.quiet)
-    return {"label": label, "path": path, "sparsity": sparsity, "tasks": res["tasks"], "mean": res["mean"],
-            "limit": args.limit, "dtype": args.dtype, "lm_eval": res["config"]["lm_eval_version"],
-            "wall_s": round(time.perf_counter() - t0, 1), **prov}
+    model = model.to(getattr(torch, args.dtype))
+    for task in todo:
+        t0 = time.perf_counter()
+        res = run_zeroshot(model, tok, tasks=[task], limit=args.limit, data_dir=args.data_dir,
+                           batch_size=args.batch_size, seed=0, offline=True, quiet=args.quiet)
+        state["tasks"][task] = res["tasks"][task]
+        state["wall_s"] += time.perf_counter() - t0
+        state["lm_eval"] = res["config"]["lm_eval_version"]
+        atomic_write_json(part, state)
+    per_task = {t: state["tasks"][t] for t in tasks}
+    return {"label": label, "path": path, "sparsity": sparsity, "tasks": per_task, "mean": task_mean(per_task),
+            "limit": args.limit, "dtype": args.dtype, "lm_eval": state["lm_eval"],
+            "wall_s": round(state["wall_s"], 1), **prov}
 
 
 def render(rows: list[dict], path: Path) -> None:
@@ -100,12 +126,13 @@ def main() -> None:
         if any(r["label"] == label for r in rows):
             print(f"{label}: already in {out}, skipped (remove its row to measure again)")
             continue
-        row = evaluate(label, path, args)
+        row = evaluate(label, path, args, out)
         print(f"{label}: mean acc {row['mean']['acc']:.4f}", flush=True)
         rows.append(row)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        partial_path(out, label).unlink(missing_ok=True)
     render(rows, out.with_suffix(".md"))
 
 

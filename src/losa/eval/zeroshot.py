@@ -136,11 +136,20 @@ def summarize(lm_results: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any
         per_task[t] = {"acc": _metric(r, "acc"), "acc_stderr": _metric(r, "acc_stderr"),
                        "acc_norm": _metric(r, "acc_norm"), "acc_norm_stderr": _metric(r, "acc_norm_stderr"),
                        "n": int(lm_results.get("n-samples", {}).get(t, {}).get("effective", 0))}
+    return {"tasks": per_task, "mean": task_mean(per_task)}
+
+
+def task_mean(per_task: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Means over tasks of per-task scores (``{task: {"acc", "acc_norm", ...}}``, as :func:`summarize` gives).
+
+    Returns:
+        ``{"acc": mean acc over tasks, "acc_norm": mean of acc_norm where defined, else acc}``; None when no
+        task has the score.
+    """
     accs = [v["acc"] for v in per_task.values() if v["acc"] is not None]
     mixed = [v["acc_norm"] if v["acc_norm"] is not None else v["acc"] for v in per_task.values()]
     mixed = [m for m in mixed if m is not None]
-    mean = {"acc": sum(accs) / len(accs) if accs else None, "acc_norm": sum(mixed) / len(mixed) if mixed else None}
-    return {"tasks": per_task, "mean": mean}
+    return {"acc": sum(accs) / len(accs) if accs else None, "acc_norm": sum(mixed) / len(mixed) if mixed else None}
 
 
 def run_zeroshot(model, tokenizer, tasks: Sequence[str] | str = DEFAULT_TASKS, limit: int | None = None,
