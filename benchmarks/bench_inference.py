@@ -1,11 +1,12 @@
 """Benchmark the sparse CPU inference runtime against torch's dense paths (same run, interleaved, medians).
 
-    python benchmarks/bench_inference.py                # full run (~15 min on 2 idle cores)
-    python benchmarks/bench_inference.py --quick        # smoke run (small repeat counts)
-    THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_inference.py   # dense weights on huge pages too
-                                                                  # (the sparse buffers always are)
+    python benchmarks/bench_inference.py --out benchmarks/results/inference_mine   # full run (~15 min, 2 idle cores)
+    python benchmarks/bench_inference.py --quick --out /tmp/inference_quick         # smoke run (small repeat counts)
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_inference.py --out ...          # dense weights on huge pages too
+                                                                                   # (the sparse buffers always are)
 
-Writes benchmarks/results/inference.json and inference.md. Sections: memory bandwidth; per-layer
+Writes ``<out>.json`` and ``<out>.md`` (default benchmarks/results/inference); it refuses to overwrite a finished
+run's ``<out>.json``. Sections: memory bandwidth; per-layer
 GEMV at batch 1/4/16 (SmolLM2 and LLaMA-7B shapes, 0/50/60/70/80 % and 2:4); the sparse-vs-dense
 crossover batch; decode and prefill of a random LLaMA-7B-shaped decoder stack; SmolLM2-135M decode
 tokens/s and the bf16-values perplexity check. Every speed-up is a ratio of medians against the
@@ -498,7 +499,7 @@ def main() -> int:
         res["targets"] = targets(res)
         write_markdown(res, out.with_suffix(".md"))
         return 0
-    if not a.resume_smollm2 and out.with_suffix(".json").exists():
+    if out.with_suffix(".json").exists():
         print(f"{out.with_suffix('.json')} holds a finished run; pass another --out (or delete it to measure again)",
               file=sys.stderr)
         return 2

@@ -5,7 +5,9 @@ same seeded subsets as ``zeroshot.md`` (``--limit 500``, seed 0), with float32 l
 (per-task acc / acc_norm, means, verified sparsity, weight dtype, wall time, provenance) are appended to a
 JSONL file as each model finishes, and the Markdown table is rendered from all rows, so runs can span
 sessions. Tasks are evaluated one at a time and each finished task is saved (``<out>.partial/<label>.json``),
-so a run killed part-way resumes at the next task when started again with the same arguments::
+so a run killed part-way resumes at the next task when started again with the same arguments, the same
+checkpoint files, data directory, lm-eval version, CPU and thread count (anything else starts the model
+over); a resumed row lists the date and commit of every session that evaluated part of it (``sessions``)::
 
     python benchmarks/bench_zeroshot_models.py --data-dir ../shared/data --limit 500 \\
         "losa-wanda 70%=/work/models17/losa-wanda@0.7" "dense=smollm2-135m"
@@ -19,6 +21,7 @@ at a scratch JSONL so that its perplexity row is not duplicated).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -32,17 +35,52 @@ RESULTS = HERE / "results"
 
 
 def partial_path(out: Path, label: str) -> Path:
-    """Where a model's finished tasks wait until its row is written."""
+    """Where a model's finished tasks wait until its row is written (one file per label)."""
     safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in label)
-    return out.parent / f"{out.stem}.partial" / f"{safe}.json"
+    return out.parent / f"{out.stem}.partial" / f"{safe}-{hashlib.sha1(label.encode()).hexdigest()[:8]}.json"
+
+
+def weights_fingerprint(path: str) -> list:
+    """Name, size and modification time of each file of a checkpoint directory (an alias: the alias itself)."""
+    d = Path(path)
+    if not d.is_dir():
+        return [path]
+    return sorted([f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in d.iterdir() if f.is_file())
+
+
+def partial_key(path: str, args, prov: dict) -> dict:
+    """What must match for a partial file to be resumed: the checkpoint's files, the evaluation's arguments, the
+    data, lm-eval's version, the CPU and the thread count."""
+    import lm_eval
+
+    from losa.eval.converters import resolve_data_dir
+
+    return {"path": path, "weights": weights_fingerprint(path), "limit": args.limit, "dtype": args.dtype,
+            "batch_size": args.batch_size, "data_dir": str(resolve_data_dir(args.data_dir)),
+            "lm_eval": lm_eval.__version__, "cpu": prov["cpu"], "isa": prov["isa"], "threads": prov["threads"]}
 
 
 def evaluate(label: str, path: str, args, out: Path) -> dict:
-    """One checkpoint's zero-shot row, task by task; tasks already saved in its partial file are not run again."""
+    """One checkpoint's zero-shot row, task by task; tasks already saved in its partial file are not run again.
+
+    Args:
+        label: the row's name.
+        path: a model directory or alias.
+        args: the parsed command line (tasks, limit, dtype, batch size, threads, data dir, quiet).
+        out: the JSONL results file (the partial file lives next to it, see :func:`partial_path`).
+
+    Returns:
+        The row: per-task scores, their means (:func:`losa.eval.zeroshot.task_mean`), verified sparsity, wall
+        seconds of evaluation summed over sessions (model loading excluded), provenance of the last session and
+        ``sessions`` (date and commit of each session that evaluated a task).
+
+    Raises:
+        LosaError: an unknown task or a missing data file (before the model is loaded).
+    """
     import torch
 
     import losa
-    from losa.eval.zeroshot import DEFAULT_TASKS, parse_tasks, run_zeroshot, task_mean
+    from losa.eval.zeroshot import DEFAULT_TASKS, check_local_tasks, parse_tasks, run_zeroshot, task_mean
     from losa.export.verify import sparsity_report
     from losa.utils.io import atomic_write_json
 
@@ -50,32 +88,34 @@ def evaluate(label: str, path: str, args, out: Path) -> dict:
         torch.set_num_threads(args.threads)
     prov = provenance(torch.get_num_threads(), SMOLLM2, sys.argv)
     tasks = parse_tasks(args.tasks or DEFAULT_TASKS)
-    # a partial file is reused only for the same model, subset size, weight dtype and batch size
-    key = {"path": path, "limit": args.limit, "dtype": args.dtype, "batch_size": args.batch_size}
+    check_local_tasks(tasks, args.data_dir)
+    key = partial_key(path, args, prov)
     part = partial_path(out, label)
     state = json.loads(part.read_text()) if part.is_file() else None
     if state is not None and state.get("key") != key:
         print(f"{label}: {part} was written with other arguments ({state.get('key')}); starting over", flush=True)
         state = None
-    state = state or {"key": key, "tasks": {}, "wall_s": 0.0, "lm_eval": None}
+    state = state or {"key": key, "tasks": {}, "wall_s": 0.0, "sessions": []}
     todo = [t for t in tasks if t not in state["tasks"]]
     if len(todo) < len(tasks):
         print(f"{label}: resuming, {len(tasks) - len(todo)} of {len(tasks)} tasks already in {part}", flush=True)
     model, tok = losa.load_model(path)
     sparsity = float(sparsity_report(model).overall)
     model = model.to(getattr(torch, args.dtype))
+    session = {"date": prov["date"], "commit": prov["commit"]}
     for task in todo:
         t0 = time.perf_counter()
         res = run_zeroshot(model, tok, tasks=[task], limit=args.limit, data_dir=args.data_dir,
                            batch_size=args.batch_size, seed=0, offline=True, quiet=args.quiet)
         state["tasks"][task] = res["tasks"][task]
         state["wall_s"] += time.perf_counter() - t0
-        state["lm_eval"] = res["config"]["lm_eval_version"]
+        if session not in state["sessions"]:
+            state["sessions"].append(session)
         atomic_write_json(part, state)
     per_task = {t: state["tasks"][t] for t in tasks}
     return {"label": label, "path": path, "sparsity": sparsity, "tasks": per_task, "mean": task_mean(per_task),
-            "limit": args.limit, "dtype": args.dtype, "lm_eval": state["lm_eval"],
-            "wall_s": round(state["wall_s"], 1), **prov}
+            "limit": args.limit, "dtype": args.dtype, "lm_eval": key["lm_eval"],
+            "wall_s": round(state["wall_s"], 1), "sessions": state["sessions"], **prov}
 
 
 def render(rows: list[dict], path: Path) -> None:
@@ -125,6 +165,7 @@ def main() -> None:
             sys.exit(f"model {spec!r}: give LABEL=PATH, e.g. 'dense=smollm2-135m'")
         if any(r["label"] == label for r in rows):
             print(f"{label}: already in {out}, skipped (remove its row to measure again)")
+            partial_path(out, label).unlink(missing_ok=True)  # left by a run killed after writing its row
             continue
         row = evaluate(label, path, args, out)
         print(f"{label}: mean acc {row['mean']['acc']:.4f}", flush=True)
@@ -132,6 +173,8 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         partial_path(out, label).unlink(missing_ok=True)
     render(rows, out.with_suffix(".md"))
 

@@ -29,17 +29,17 @@ def tiny_dir(smollm2, tmp_path_factory):
 
 
 def _args(data_dir: Path) -> SimpleNamespace:
-    return SimpleNamespace(threads=0, tasks=",".join(TASKS), limit=3, dtype="float32", batch_size=16, quiet=True,
+    # batch size 1: no padding, so scoring tasks together or apart gives the same log-likelihoods
+    return SimpleNamespace(threads=0, tasks=",".join(TASKS), limit=3, dtype="float32", batch_size=1, quiet=True,
                            data_dir=str(data_dir))
 
 
-def test_killed_run_resumes_at_the_next_task_with_the_all_at_once_scores(tiny_dir, smollm2, data_dir, tmp_path,
-                                                                        monkeypatch):
+def test_killed_run_resumes_at_the_next_task_with_the_all_at_once_scores(tiny_dir, data_dir, tmp_path, monkeypatch):
     import losa
 
     model, tok = losa.load_model(str(tiny_dir))
     # the independent expectation: lm-eval scoring every task in one call
-    expected = zs.run_zeroshot(model, tok, TASKS, limit=3, data_dir=data_dir, batch_size=16, seed=0, offline=True,
+    expected = zs.run_zeroshot(model, tok, TASKS, limit=3, data_dir=data_dir, batch_size=1, seed=0, offline=True,
                                quiet=True)
     out = tmp_path / "zs.jsonl"
     real = zs.run_zeroshot
@@ -68,19 +68,30 @@ def test_killed_run_resumes_at_the_next_task_with_the_all_at_once_scores(tiny_di
     assert row["mean"] == pytest.approx(expected["mean"])
 
 
-def test_partial_file_of_other_arguments_is_not_reused(tiny_dir, smollm2, data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("field", ["weights", "limit", "lm_eval", "cpu"])
+def test_partial_file_of_another_checkpoint_or_setting_is_not_reused(field, tiny_dir, data_dir, tmp_path,
+                                                                     monkeypatch):
+    import torch
+
+    args = _args(data_dir)
     out = tmp_path / "zs.jsonl"
+    key = bz.partial_key(str(tiny_dir), args, bz.provenance(torch.get_num_threads()))
+    key[field] = "something else"  # e.g. the checkpoint retrained into the same folder
+    stale = {"acc": 1.0, "acc_stderr": 0.0, "acc_norm": None, "acc_norm_stderr": None, "n": 3}
     part = bz.partial_path(out, "tiny")
     part.parent.mkdir(parents=True)
-    stale = {"acc": 1.0, "acc_stderr": 0.0, "acc_norm": None, "acc_norm_stderr": None, "n": 3}
-    part.write_text(json.dumps({"key": {"path": str(tiny_dir), "limit": 7, "dtype": "float32", "batch_size": 16},
-                                "tasks": {TASKS[0]: stale}, "wall_s": 1.0, "lm_eval": "x"}))
+    part.write_text(json.dumps({"key": key, "tasks": {TASKS[0]: stale}, "wall_s": 1.0, "sessions": []}))
     calls: list[list[str]] = []
     real = zs.run_zeroshot
     monkeypatch.setattr(zs, "run_zeroshot", lambda *a, **k: (calls.append(list(k["tasks"])), real(*a, **k))[1])
-    row = bz.evaluate("tiny", str(tiny_dir), _args(data_dir), out)
-    assert calls == [[TASKS[0]], [TASKS[1]]]  # --limit 7 there, 3 here: every task runs again
-    assert row["tasks"][TASKS[0]]["n"] == 3
+    row = bz.evaluate("tiny", str(tiny_dir), args, out)
+    assert calls == [[TASKS[0]], [TASKS[1]]]  # every task runs again
+    assert len(row["sessions"]) == 1
+
+
+def test_partial_files_of_labels_that_clean_to_the_same_name_differ(tmp_path):
+    assert bz.partial_path(tmp_path / "zs.jsonl", "wanda+lora@0.7") != bz.partial_path(tmp_path / "zs.jsonl",
+                                                                                         "wanda lora@0.7")
 
 
 def test_task_mean_matches_the_mixed_convention():
