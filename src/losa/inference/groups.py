@@ -28,36 +28,54 @@ from losa.inference.sparse_linear import SparseLinear
 class DecodeGroup:
     """Sparse layers that share an input, computed by one ``spmm_group`` call in decode steps.
 
+    Built by :func:`plan_groups` after the members' decode plans (:meth:`SparseLinear.plan_decode`): the
+    kernel arguments are fixed then, so a step pays no Python work beyond one call (plan the groups again after
+    re-planning a member; a member whose plan changed or was removed computes alone until then).
+
     Attributes:
         members: the layers, in the order the model calls them (the first one computes for all).
+        plans: the members' decode plans when the group was built.
         bounds: column offsets of each member's output in the stacked result, ``len(members) + 1`` ints.
-        bias: the members' float32 biases stacked ``[sum out_features]`` (zeros for a member without one: the
-            row loop adds ``0.0`` then, as it does without a bias), or None when no member has one.
+        args: the kernel arguments after the input: metas, values, row_ptrs, the stacked float32 bias
+            ``[sum out_features]`` (zeros for a member without one: the row loop adds ``0.0`` then, as it does
+            without a bias; None when no member has one), out_features, in_features, format codes, ISA.
+        max_rows: the most input rows the group takes, for float32 / float16 and for bfloat16 inputs.
         stash: ``(input, stacked output)`` between the first member's call and the last member's.
     """
 
     members: list[SparseLinear]
+    plans: list
     bounds: list[int]
-    bias: torch.Tensor | None
+    args: tuple
+    max_rows: tuple[int, int]
     stash: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
-    def of(cls, members: list[SparseLinear]) -> DecodeGroup:
+    def of(cls, members: list[SparseLinear]) -> DecodeGroup | None:
+        """The group of ``members`` (all planned, one ISA), or None when they cannot share a call."""
+        plans = [m.decode_plan for m in members]
+        if any(p is None for p in plans) or len({p.isa for p in plans}) != 1:
+            return None
         bounds = [0]
         for m in members:
             bounds.append(bounds[-1] + m.out_features)
-        biases = [m._buffers["bias"] for m in members]
+        bufs = [m._buffers for m in members]
+        biases = [b["bias"] for b in bufs]
         bias = None if all(b is None for b in biases) else torch.cat(
             [torch.zeros(m.out_features) if b is None else b.float() for m, b in zip(members, biases)])
-        return cls(members, bounds, bias)
+        args = ([b["meta"] for b in bufs], [b["values"] for b in bufs], [b["row_ptr"] for b in bufs], bias,
+                [m.out_features for m in members], members[0].in_features,
+                [FORMAT_CODES[m.fmt] for m in members], plans[0].isa)
+        return cls(members, plans, bounds, args,
+                   (min(p.max_rows_other for p in plans), min(p.max_rows_bf16 for p in plans)))
 
     def output(self, index: int, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | None:
         """Member ``index``'s output ``[rows, out_features]`` for input ``x`` (``x2`` = ``x`` as ``[rows, in]``).
 
         Returns:
-            The output in ``x``'s dtype, or None when the group does not cover this call (a member not planned,
-            more rows than the row loop takes, or an input other than the first member's): the member then
-            computes alone.
+            The output in ``x``'s dtype, or None when the group does not cover this call (more rows than the
+            row loop takes, a member re-planned since, or an input other than the first member's): the member
+            then computes alone.
         """
         if index > 0:
             st = self.stash
@@ -66,17 +84,21 @@ class DecodeGroup:
             if index == len(self.members) - 1:
                 self.stash = None
             return st[1][:, self.bounds[index]:self.bounds[index + 1]]
-        plans = [m.decode_plan for m in self.members]
-        if any(p is None for p in plans) or len({p.isa for p in plans}) != 1:
+        if x2.shape[0] > self.max_rows[x2.dtype == torch.bfloat16]:
             return None
-        bf16 = x2.dtype == torch.bfloat16
-        if x2.shape[0] > min(p.max_rows_bf16 if bf16 else p.max_rows_other for p in plans):
-            return None
-        bufs = [m._buffers for m in self.members]
-        args = ([b["meta"] for b in bufs], [b["values"] for b in bufs], [b["row_ptr"] for b in bufs], self.bias,
-                [m.out_features for m in self.members], self.members[0].in_features,
-                [FORMAT_CODES[m.fmt] for m in self.members], plans[0].isa)
-        y = _kernel.spmm_group_op()(x2, *args)  # the dispatcher op (eager and compiled), in x2's dtype
+        for m, p in zip(self.members, self.plans):
+            if m.decode_plan is not p:
+                return None
+        if torch.compiler.is_compiling():
+            # the buffers read through the members, as their own calls would: the compiled step guards the same
+            # tensors as without groups (a second path to them through this object would add guards per step)
+            bufs = [m._buffers for m in self.members]
+            args = ([b["meta"] for b in bufs], [b["values"] for b in bufs], [b["row_ptr"] for b in bufs],
+                    *self.args[3:])
+            y = _kernel.spmm_group_op()(x2, *args)  # the dispatcher op, in x2's dtype
+        else:  # the extension's direct binding: a dispatcher call costs more per step
+            y = _kernel.load_kernel().spmm_group(x2, *self.args)
+            y = y if y.dtype == x2.dtype else y.to(x2.dtype)
         self.stash = (x, y)
         return y[:, :self.bounds[1]]
 
@@ -123,7 +145,9 @@ def find_groups(model: nn.Module) -> list[list[str]]:
 def plan_groups(model: nn.Module) -> int:
     """Give every group of :func:`find_groups` one :class:`DecodeGroup` (set on its members).
 
-    Earlier groups of the model are removed first, so planning again follows the model's current layers.
+    Call after the members' decode plans (:meth:`SparseLinear.plan_decode`; :class:`LeanDecoder` does both):
+    unplanned layers are not grouped. Earlier groups of the model are removed first, so planning again follows
+    the model's current layers and plans.
 
     Args:
         model: the sparse causal LM.
@@ -136,11 +160,15 @@ def plan_groups(model: nn.Module) -> int:
         return 0
     modules = dict(model.named_modules())
     groups = find_groups(model)
+    count = 0
     for names in groups:
         group = DecodeGroup.of([modules[n] for n in names])
+        if group is None:
+            continue
+        count += 1
         for i, n in enumerate(names):
             modules[n].decode_group = (group, i)
-    return len(groups)
+    return count
 
 
 def clear_groups(model: nn.Module) -> None:

@@ -885,6 +885,14 @@ torch::Tensor spmm_group_as_input(const torch::Tensor& x, at::TensorList metas, 
   return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
+// The same for Python callers outside compiled code (a pybind call costs less than a dispatcher op's).
+torch::Tensor spmm_group_py(const torch::Tensor& x, const std::vector<torch::Tensor>& metas,
+                            const std::vector<torch::Tensor>& values, const std::vector<torch::Tensor>& row_ptrs,
+                            const c10::optional<torch::Tensor>& bias, const std::vector<int64_t>& ns, int64_t k,
+                            const std::vector<int64_t>& fmts, int64_t isa) {
+  return spmm_group(x, metas, values, row_ptrs, bias, ns, k, fmts, isa);
+}
+
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("spmm(Tensor x, Tensor meta, Tensor values, Tensor row_ptr, Tensor? bias, int n, int k, int fmt, "
         "int isa) -> Tensor");
@@ -898,6 +906,7 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spmm", &spmm, "sparse y = x W^T + b for small batches");
+  m.def("spmm_group", &spmm_group_py, "spmm of several weights sharing x, rows stacked, in one call");
   m.def("dense_mm", &dense_mm, "tiled decompress + dense GEMM (float32 or bf16) for large batches");
   m.def("dense_mm_xw", &dense_mm_xw, "dense_mm with x · W_tileᵀ per tile (GEMM rows = batch rows)");
   m.def("decompress", &decompress, "dense float32 rows of a packed weight");
