@@ -9,8 +9,6 @@ Modes (each a separate copy of the model, timed interleaved: every repetition ru
   decode plans (:class:`LeanDecoder` fixes each layer's row-loop dispatch once) and losa's decode attention, eager.
 * ``lean bf16 head + static + compile``: plus a static KV cache and the compiled decode step (``--compile``).
 * ``..., unplanned`` (``--with-unplanned``): the lean modes without the decode plans, for the before/after.
-* ``..., ungrouped`` (``--with-ungrouped``): the lean modes with one row-loop call per sparse layer instead of one
-  per group of layers fed the same input (q/k/v, gate/up; :mod:`losa.inference.groups`), for the before/after.
 * ``..., sdpa attention`` (``--with-sdpa``): the lean modes with transformers' ``sdpa`` attention instead of
   losa's decode attention (:mod:`losa.inference.attention`, which every lean mode uses), for the before/after.
 * ``..., attention products`` (``--with-attention-products``): the lean modes with the decode attention's float32
@@ -145,7 +143,7 @@ def zero_weight_layers(model: torch.nn.Module) -> torch.nn.Module:
 def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bool,
                 with_unplanned: bool = False, with_overhead: bool = False,
                 with_sdpa: bool = False, with_python_wrapper: bool = False,
-                with_attention_products: bool = False, with_ungrouped: bool = False) -> dict[str, dict]:
+                with_attention_products: bool = False) -> dict[str, dict]:
     """The models to time: name -> {"model", "decoder", "sparsity", "bytes"} (and "overhead": True for the
     overhead-only mode)."""
     # dense and "sparse before" are plain transformers generate: sdpa attention, no decode plans
@@ -159,20 +157,16 @@ def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bo
         modes[f"{tag} sparse before"] = {"model": pruned, "decoder": unplanned(LeanDecoder(pruned, decode_attention=False)),
                                          "sparsity": sp}
         for suffix, comp in lean:
-            # (name suffix, drop the decode plans, decode attention, compile wrapper, attention as torch products,
-            # layer groups)
-            variants = ([("", False, True, "cpp", False, True)]
-                        + ([(", unplanned", True, True, "cpp", False, True)] if with_unplanned else [])
-                        + ([(", ungrouped", False, True, "cpp", False, False)] if with_ungrouped else [])
-                        + ([(", attention products", False, True, "cpp", True, True)] if with_attention_products else [])
-                        + ([(", sdpa attention", False, False, "cpp", False, True)] if with_sdpa else [])
-                        + ([(", python wrapper", False, True, "python", False, True)]
-                           if with_python_wrapper and comp else []))
-            for note, drop_plan, attention, wrapper, products, grouped in variants:
+            # (name suffix, drop the decode plans, decode attention, compile wrapper, attention as torch products)
+            variants = ([("", False, True, "cpp", False)]
+                        + ([(", unplanned", True, True, "cpp", False)] if with_unplanned else [])
+                        + ([(", attention products", False, True, "cpp", True)] if with_attention_products else [])
+                        + ([(", sdpa attention", False, False, "cpp", False)] if with_sdpa else [])
+                        + ([(", python wrapper", False, True, "python", False)] if with_python_wrapper and comp else []))
+            for note, drop_plan, attention, wrapper, products in variants:
                 head = copy.deepcopy(pruned)
                 set_lm_head_dtype(head, "bfloat16")
-                dec = LeanDecoder(head, compile=comp, decode_attention=attention, compile_wrapper=wrapper,
-                                  group_siblings=grouped)
+                dec = LeanDecoder(head, compile=comp, decode_attention=attention, compile_wrapper=wrapper)
                 modes[f"{tag} lean bf16 head{suffix}{note}"] = {
                     "model": head, "sparsity": sp, "decoder": unplanned(dec) if drop_plan else dec,
                     "attention_products": products}
@@ -243,8 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="leave out the compiled mode")
     ap.add_argument("--with-unplanned", action="store_true",
                     help="also time the lean modes without the layers' decode plans (the full dispatch per call)")
-    ap.add_argument("--with-ungrouped", action="store_true",
-                    help="also time the lean modes with one row-loop call per sparse layer (no layer groups)")
     ap.add_argument("--with-overhead", action="store_true",
                     help="also time the compiled lean mode with the sparse linears and the head returning zeros")
     ap.add_argument("--with-sdpa", action="store_true",
@@ -269,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = tok(PROMPT, return_tensors="pt").input_ids
     modes = build_modes(base, [float(s) for s in args.sparsities.split(",")], not args.no_compile,
                         args.with_unplanned, args.with_overhead, args.with_sdpa, args.with_python_wrapper,
-                        args.with_attention_products, args.with_ungrouped)
+                        args.with_attention_products)
     bw = {t: bandwidth(t) for t in threads}
     print("bandwidth GB/s", bw, flush=True)
     gen_kw = generate_kwargs(tok, ids, args.tokens)

@@ -2,10 +2,10 @@
 
 Each is a context manager that registers on entry and always removes on exit (also when the body
 raises): statistics of linear inputs (:func:`collect_inputs`), act-on-first-call for the single-pass
-mode (:func:`act_on_first_input`), the order and identity of layer inputs (:func:`record_inputs`), the
-capture of the first decoder layer's inputs (:func:`capture_inputs`) and a temporary ``forward``
-replacement (:func:`patched_forward`, used by the chunked gated MLP). No other module of losa registers a
-hook or assigns ``forward``; a test checks that none is left behind.
+mode (:func:`act_on_first_input`), the capture of the first decoder layer's inputs
+(:func:`capture_inputs`) and a temporary ``forward`` replacement (:func:`patched_forward`, used by the
+chunked gated MLP). No other module of losa registers a hook or assigns ``forward``; a test checks
+that none is left behind.
 """
 
 from __future__ import annotations
@@ -112,27 +112,6 @@ def act_on_first_input(modules: Mapping[str, nn.Module], stats: dict[str, InputS
             h.remove()
         last.clear()
         seen.close()
-
-
-@contextlib.contextmanager
-def record_inputs(modules: Mapping[str, nn.Module], calls: list[tuple[str, Any]]) -> Iterator[None]:
-    """While active, every call of ``modules[name]`` appends ``(name, input)`` to ``calls`` (the input
-    object itself, not a copy: callers compare identities to find modules fed the very same tensor)."""
-
-    def make(name: str) -> Callable[[nn.Module, tuple], None]:
-        def pre_hook(_mod: nn.Module, args: tuple) -> None:
-            calls.append((name, args[0] if args else None))
-
-        return pre_hook
-
-    handles = []
-    try:
-        for name, mod in modules.items():
-            handles.append(mod.register_forward_pre_hook(make(name)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class InputsCaptured(Exception):

@@ -11,8 +11,6 @@ around each layer (norms, rotary, cache updates, module calls). Two opt-ins cut 
 * **Decode plans** (every :class:`LeanDecoder`): each sparse layer's row-loop dispatch (ISA, thresholds) is
   fixed once (:meth:`SparseLinear.plan_decode`), so a decode step's few rows call the kernel's row loop
   directly instead of the Python dispatch of :func:`~losa.inference.sparse_linear.sparse_matmul`.
-* **Layer groups** (every :class:`LeanDecoder`): sparse layers fed the same input (q/k/v, gate/up) share one
-  row-loop call per step (:mod:`losa.inference.groups`), found by one forward of a single token.
 * **Decode attention** (every :class:`LeanDecoder`): a model that attends with ``sdpa`` switches to
   :func:`~losa.inference.attention.decode_attention`, which attends one token per head without repeating a
   grouped-query KV cache (transformers repeats it in compiled steps); prompts keep ``sdpa``.
@@ -43,7 +41,6 @@ from losa.errors import LosaError
 from losa.inference import kernel as _kernel
 from losa.inference.attention import use_decode_attention
 from losa.inference.formats import FORMAT_CODES, pack
-from losa.inference.groups import clear_groups, plan_groups
 from losa.inference.sparse_linear import (
     DecodePlan,
     SparseLinear,
@@ -229,9 +226,6 @@ class LeanDecoder:
             (False keeps transformers' attention; benchmarks use it for the before/after).
         compile_wrapper: with ``compile=True``, ``"cpp"`` (Inductor's C++ wrapper, built apart from the
             kernels) or ``"python"`` (Inductor's default generated Python wrapper).
-        group_siblings: let sparse layers fed the same input (q/k/v, gate/up) share one row-loop call per
-            decode step (:mod:`losa.inference.groups`; found by one forward of a single token; outputs unchanged
-            bit for bit). False computes every layer on its own (benchmarks use it for the before/after).
 
     Raises:
         LosaError: ``compile=True`` without the compiled kernel for a model with sparse layers, an unknown
@@ -239,7 +233,7 @@ class LeanDecoder:
     """
 
     def __init__(self, model: nn.Module, compile: bool = False, decode_attention: bool = True,
-                 compile_wrapper: str = "cpp", group_siblings: bool = True) -> None:
+                 compile_wrapper: str = "cpp") -> None:
         if compile_wrapper not in COMPILE_WRAPPERS:
             raise LosaError(f"compile wrapper {compile_wrapper!r} is not supported; use one of "
                             f"{', '.join(COMPILE_WRAPPERS)}")
@@ -255,10 +249,6 @@ class LeanDecoder:
         for m in model.modules():  # decode steps call the kernel's row loop without the per-call dispatch
             if isinstance(m, (SparseLinear, BF16LMHead)):
                 m.plan_decode()
-        #: groups of sparse layers that share one row-loop call (0 with ``group_siblings=False``)
-        self.groups = plan_groups(model) if group_siblings else 0
-        if not group_siblings:
-            clear_groups(model)
 
     def generate_kwargs(self, input_ids: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:
         """The extra ``generate`` arguments of the lean path for this prompt (none without compile).

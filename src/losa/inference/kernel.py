@@ -65,10 +65,6 @@ def _register_fake(namespace: str) -> None:
     def _(x, meta, values, row_ptr, bias, n, k, fmt, isa):
         return x.new_empty((x.shape[0], n))
 
-    @torch.library.register_fake(f"{namespace}::spmm_group")
-    def _(x, meta, values, row_ptr, bias, n, k, fmt, isa):
-        return x.new_empty((x.shape[0], sum(n)))
-
     @torch.library.register_fake(f"{namespace}::decode_attn")
     def _(q, k, v, mask, scale, isa):
         return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
@@ -94,27 +90,6 @@ def spmm_op() -> Callable:
         raise LosaError("the losa sparse kernel is not loaded; call losa.inference.kernel.load_kernel() first "
                         "(it needs a C++ compiler and ninja)")
     return getattr(torch.ops, _OP_NAMESPACE).spmm
-
-
-def spmm_group_op() -> Callable:
-    """The row loop over several weights that share an input, ``torch.ops.<extension name>.spmm_group``.
-
-    Arguments ``(x [B, K], metas, values, row_ptrs (lists, one entry per weight), bias [sum n] or None, ns, K,
-    fmts, isa)``; returns ``y [B, sum n]`` in the dtype of ``x``: the weights' outputs side by side, each equal
-    bit for bit to its own ``spmm`` (see ``csrc/sparse_linear.cpp``).
-
-    Returns:
-        The op (an ``OpOverloadPacket``).
-
-    Raises:
-        LosaError: when the compiled kernel has not been loaded (call :func:`load_kernel` first).
-    """
-    import torch
-
-    if _OP_NAMESPACE is None:
-        raise LosaError("the losa sparse kernel is not loaded; call losa.inference.kernel.load_kernel() first "
-                        "(it needs a C++ compiler and ninja)")
-    return getattr(torch.ops, _OP_NAMESPACE).spmm_group
 
 
 def decode_attn_op() -> Callable | None:

@@ -103,9 +103,6 @@ class SparseLinear(nn.Module):
         self._dense_cache: torch.Tensor | None = None
         #: set by :meth:`plan_decode` (LeanDecoder): decode steps call the row loop without the dispatch
         self.decode_plan: DecodePlan | None = None
-        #: ``(group, index)`` set by :func:`losa.inference.groups.plan_groups` (LeanDecoder): layers fed the same
-        #: input share one row-loop call in decode steps
-        self.decode_group: tuple = None
         #: large bf16 batches skip the zeros (see SPARSE_PREFILL_MAX_DENSITY) instead of decompressing
         self.sparse_prefill = (values.dtype == torch.bfloat16 and k is not None and _kernel.bf16_dot_available()
                                and self.nnz <= SPARSE_PREFILL_MAX_DENSITY * self.out_features * self.in_features)
@@ -172,11 +169,8 @@ class SparseLinear(nn.Module):
                 self._dense_cache = self.to_dense()
             y = F.linear(x2.float(), self._dense_cache, b["bias"])
         else:
-            group = self.decode_group
-            y = None if group is None else group[0].output(group[1], x, x2)
-            if y is None:
-                y = planned_row_loop(self.decode_plan, x2, b["meta"], values, b["row_ptr"], b["bias"],
-                                     self.out_features, self.in_features, FORMAT_CODES[self.fmt])
+            y = planned_row_loop(self.decode_plan, x2, b["meta"], values, b["row_ptr"], b["bias"],
+                                 self.out_features, self.in_features, FORMAT_CODES[self.fmt])
             if y is None:  # not planned, or more rows than the row loop takes: the full dispatch
                 threshold = -1 if self.dense_batch_threshold is None else self.dense_batch_threshold
                 fn = torch.ops.losa.sparse_matmul if compiling else sparse_matmul

@@ -90,7 +90,6 @@ struct Packed {
   const void* values;
   const int64_t* row_ptr;
   int64_t n, k, k32, stride;
-  int64_t ldy;  // row stride of the output y in gemv_rows: n, or the stacked rows of a group (spmm_group)
 };
 
 template <int F>
@@ -501,7 +500,7 @@ void gemv_rows(const Packed& p, const X* x, int64_t B, int64_t ldx, const float*
       else if (r >= 4) { row_dot<ISA, F, 4, V>(meta, v, xb, ldx, nblk, res); bt = 4; }
       else if (r >= 2) { row_dot<ISA, F, 2, V>(meta, v, xb, ldx, nblk, res); bt = 2; }
       else { row_dot<ISA, F, 1, V>(meta, v, xb, ldx, nblk, res); bt = 1; }
-      for (int64_t t = 0; t < bt; ++t) y[(b + t) * p.ldy + o] = res[t] + bo;
+      for (int64_t t = 0; t < bt; ++t) y[(b + t) * p.n + o] = res[t] + bo;
       b += bt;
     }
   }
@@ -564,7 +563,7 @@ Packed make_packed(const torch::Tensor& meta, const torch::Tensor& values, const
   TORCH_CHECK(meta.numel() == n * stride, "meta has ", meta.numel(), " bytes, expected ", n * stride);
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   TORCH_CHECK(rp[0] == 0 && rp[n] + 32 <= values.numel(), "values must hold row_ptr[N] + 32 (padding) elements");
-  return Packed{meta.data_ptr<uint8_t>(), values.data_ptr(), rp, n, k, k32, stride, n};
+  return Packed{meta.data_ptr<uint8_t>(), values.data_ptr(), rp, n, k, k32, stride};
 }
 
 #if LOSA_X86
@@ -658,56 +657,6 @@ torch::Tensor spmm(const torch::Tensor& x, const torch::Tensor& meta, const torc
     const float* xptr = xp.data_ptr<float>();
     at::parallel_for(0, n, 16, [&](int64_t o0, int64_t o1) { g(p, xptr, B, p.k32, bp, yptr, o0, o1); });
   }
-  return y;
-}
-
-// Several weights that multiply the same x (a decoder layer's q/k/v, or gate/up): y [B, n_0 + n_1 + ...] =
-// x · [W_0; W_1; ...]ᵀ (+ bias over the stacked rows) in one parallel row loop, so a decode step pays one call
-// and one fork/join per group instead of one per weight (benchmarks/results/sibling_fusion.md). Each weight
-// keeps its own packed buffers and format; row o of weight i is computed exactly as spmm computes it, so the
-// result equals the concatenated spmm outputs bit for bit (a missing bias and a zero bias both add 0.f).
-torch::Tensor spmm_group(const torch::Tensor& x, at::TensorList metas, at::TensorList values, at::TensorList row_ptrs,
-                         const c10::optional<torch::Tensor>& bias, at::IntArrayRef ns, int64_t k, at::IntArrayRef fmts,
-                         int64_t isa) {
-  const size_t G = metas.size();
-  TORCH_CHECK(G >= 1 && values.size() == G && row_ptrs.size() == G && ns.size() == G && fmts.size() == G,
-              "spmm_group needs one meta, values, row_ptr, n and fmt per weight");
-  std::vector<Packed> ps;
-  std::vector<GemvFn> gs(G);
-  std::vector<GemvBf16Fn> gbs(G);
-  std::vector<int64_t> start(G + 1, 0);
-  for (size_t i = 0; i < G; ++i) {
-    TORCH_CHECK(values[i].dtype() == values[0].dtype(), "spmm_group needs one value dtype for every weight");
-    ps.push_back(make_packed(metas[i], values[i], row_ptrs[i], ns[i], k, fmts[i]));
-    ExpandFn e;
-    select(values[i], isa, fmts[i], gs[i], e);
-    gbs[i] = x.dtype() == torch::kBFloat16 ? select_bf16dot(values[i], isa, fmts[i]) : nullptr;
-    start[i + 1] = start[i] + ns[i];
-  }
-  const int64_t total = start[G];
-  for (auto& p : ps) p.ldy = total;
-  const bool bf16x = gbs[0] != nullptr;
-  torch::Tensor xp = pad_input(bf16x ? x : x.to(torch::kFloat32), k, ps[0].k32);
-  const int64_t B = xp.size(0);
-  auto y = torch::empty({B, total}, x.options().dtype(torch::kFloat32));
-  const float* bp = nullptr;
-  torch::Tensor bc;
-  if (bias.has_value() && bias->defined()) {
-    bc = bias->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(bc.numel() == total, "bias must have one element per stacked row (", total, ")");
-    bp = bc.data_ptr<float>();
-  }
-  float* yptr = y.data_ptr<float>();
-  const void* xv = xp.data_ptr();
-  at::parallel_for(0, total, 16, [&](int64_t o0, int64_t o1) {
-    for (size_t i = 0; i < G; ++i) {
-      const int64_t a = std::max(o0, start[i]), b = std::min(o1, start[i + 1]);
-      if (a >= b) continue;
-      const float* bi = bp ? bp + start[i] : nullptr;
-      if (bf16x) gbs[i](ps[i], static_cast<const uint16_t*>(xv), B, ps[i].k32, bi, yptr + start[i], a - start[i], b - start[i]);
-      else gs[i](ps[i], static_cast<const float*>(xv), B, ps[i].k32, bi, yptr + start[i], a - start[i], b - start[i]);
-    }
-  });
   return y;
 }
 
@@ -878,35 +827,14 @@ torch::Tensor spmm_as_input(const torch::Tensor& x, const torch::Tensor& meta, c
   return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
-torch::Tensor spmm_group_as_input(const torch::Tensor& x, at::TensorList metas, at::TensorList values,
-                                  at::TensorList row_ptrs, const c10::optional<torch::Tensor>& bias, at::IntArrayRef ns,
-                                  int64_t k, at::IntArrayRef fmts, int64_t isa) {
-  torch::Tensor y = spmm_group(x, metas, values, row_ptrs, bias, ns, k, fmts, isa);
-  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
-}
-
-// The same for Python callers outside compiled code (a pybind call costs less than a dispatcher op's).
-torch::Tensor spmm_group_py(const torch::Tensor& x, const std::vector<torch::Tensor>& metas,
-                            const std::vector<torch::Tensor>& values, const std::vector<torch::Tensor>& row_ptrs,
-                            const c10::optional<torch::Tensor>& bias, const std::vector<int64_t>& ns, int64_t k,
-                            const std::vector<int64_t>& fmts, int64_t isa) {
-  return spmm_group(x, metas, values, row_ptrs, bias, ns, k, fmts, isa);
-}
-
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("spmm(Tensor x, Tensor meta, Tensor values, Tensor row_ptr, Tensor? bias, int n, int k, int fmt, "
         "int isa) -> Tensor");
-  m.def("spmm_group(Tensor x, Tensor[] meta, Tensor[] values, Tensor[] row_ptr, Tensor? bias, int[] n, int k, "
-        "int[] fmt, int isa) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
-  m.impl("spmm", &spmm_as_input);
-  m.impl("spmm_group", &spmm_group_as_input);
-}
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) { m.impl("spmm", &spmm_as_input); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spmm", &spmm, "sparse y = x W^T + b for small batches");
-  m.def("spmm_group", &spmm_group_py, "spmm of several weights sharing x, rows stacked, in one call");
   m.def("dense_mm", &dense_mm, "tiled decompress + dense GEMM (float32 or bf16) for large batches");
   m.def("dense_mm_xw", &dense_mm_xw, "dense_mm with x · W_tileᵀ per tile (GEMM rows = batch rows)");
   m.def("decompress", &decompress, "dense float32 rows of a packed weight");
