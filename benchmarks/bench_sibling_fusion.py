@@ -27,8 +27,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "sibling_fusion.jsonl"
-#: name -> (layers, hidden, kv rows, intermediate): SmolLM2-135M (all 30 layers) and 4 LLaMA-7B layers
-SHAPES = {"smollm2-135m": (30, 576, 192, 1536), "llama-7b": (4, 4096, 4096, 11008)}
+#: name -> (layers, hidden, kv rows, intermediate): SmolLM2-135M (all 30 layers), 4 LLaMA-7B layers, and a tiny
+#: stack for the tests (not timed by default)
+SHAPES = {"smollm2-135m": (30, 576, 192, 1536), "llama-7b": (4, 4096, 4096, 11008), "tiny": (2, 64, 32, 160)}
+DEFAULT_SHAPES = ("smollm2-135m", "llama-7b")
 
 
 def _sparse(n: int, k: int, sparsity: float, gen):
@@ -60,7 +62,7 @@ def build(shape: str, sparsity: float, seed: int = 0) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), choices=list(SHAPES))
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.7, 0.5])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--reps", type=int, default=40)
