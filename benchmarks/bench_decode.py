@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -42,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import provenance  # noqa: E402
+from _rows import append_jsonl, read_jsonl  # noqa: E402
 
 from losa.errors import LosaError  # noqa: E402
 from losa.inference import SparseLinear, sparsify_for_inference  # noqa: E402
@@ -309,17 +309,14 @@ def append_rows(rows: list[dict], load_start: tuple[float, ...], out: Path, rend
     load_end = os.getloadavg()
     for r in rows:
         r["loadavg_start"], r["loadavg_end"] = [round(x, 2) for x in load_start], [round(x, 2) for x in load_end]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
+    append_jsonl(out, rows)
     render(out, out.with_suffix(".md"))
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 def render(jsonl: Path, md: Path) -> None:
     """Render every row of ``jsonl`` as a markdown table with its provenance."""
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(jsonl)
     L = ["# Decode speed: SmolLM2-135M, sparse runtime before and after the lean decode path", "",
          "Written by `benchmarks/bench_decode.py`. Greedy, a fixed prompt, a fixed number of new tokens, best of "
          "the repetitions, modes interleaved. Pruning: magnitude per output row (timing only). Sparse modes: bf16 "

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import SMOLLM2, provenance  # noqa: E402
+from _rows import read_jsonl  # noqa: E402
 from bench_decode import PROMPT, append_rows, bandwidth, build_modes, generate_kwargs, time_mode  # noqa: E402
 
 from losa.errors import LosaError  # noqa: E402
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(jsonl: Path, md: Path) -> None:
     """Render every row of ``jsonl`` as markdown: one table per run, then the comparison against llama.cpp."""
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(jsonl)
     L = ["# Decode speed: losa's sparse runtime vs llama.cpp, SmolLM2-135M", "",
          "Written by `benchmarks/bench_llamacpp.py`. Both engines get the same prompt ids and generate exactly "
          "the same number of greedy tokens; every repetition runs every engine and mode once (interleaved), the "

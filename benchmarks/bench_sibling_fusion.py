@@ -26,6 +26,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _rows import append_jsonl, read_jsonl  # noqa: E402
+
+from losa.utils.io import atomic_write_text  # noqa: E402
+
 OUT = HERE / "results" / "sibling_fusion.jsonl"
 #: name -> (layers, hidden, kv rows, intermediate): SmolLM2-135M (all 30 layers), 4 LLaMA-7B layers, and a tiny
 #: stack for the tests (not timed by default)
@@ -79,8 +84,6 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"--sparsities {s}: a sparsity is a fraction in [0, 1), e.g. 0.7")
 
     import torch
-
-    sys.path.insert(0, str(HERE))
     from _provenance import provenance
 
     from losa.inference import kernel as K
@@ -129,17 +132,14 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
     if args.quick:
         return
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    with OUT.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    append_jsonl(OUT, rows)
     render(OUT, OUT.with_suffix(".md"))
     print(f"wrote {OUT} and {OUT.with_suffix('.md')}")
 
 
 def render(jsonl: Path, md: Path) -> None:
     """The markdown table of every row in ``jsonl``, written atomically to ``md``."""
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(jsonl)
     lines = ["# Batch-1 decode: one row-loop call per linear vs one per group sharing an input (q/k/v, gate/up)", "",
              "Written by `benchmarks/bench_sibling_fusion.py` (its docstring says what is timed). `separate` = the "
              "shipped calls (7 per decoder layer), `fused` = q/k/v and gate/up each packed as one weight of stacked "
@@ -153,9 +153,7 @@ def render(jsonl: Path, md: Path) -> None:
                      f"| {r['layers']} | {r['sparsity']:g} | {r['calls_separate']} -> {r['calls_fused']} "
                      f"| {r['separate_ms']:.3f} | {r['fused_ms']:.3f} | {r['saved_ms']:.3f} | {r['ratio']:.3f} "
                      f"| `{r['command']}` |")
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, md)
+    atomic_write_text(md, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
