@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,8 @@ def commit() -> str:
 
 
 def provenance(threads: int, model: str = SMOLLM2, argv: list[str] | None = None) -> dict[str, object]:
-    """The fields every results row carries: date, commit, command, threads, CPU model and ISA, model."""
+    """The fields every results row carries: date, commit, command (quoted so that it runs again as shown),
+    threads, CPU model and ISA, model."""
     return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
-            "command": " ".join(["python", *(argv if argv is not None else sys.argv)]), "threads": threads,
+            "command": shlex.join(["python", *(argv if argv is not None else sys.argv)]), "threads": threads,
             **cpu(), "model": model}

@@ -1,7 +1,8 @@
 """Results rows of the benchmarks: JSON lines appended to ``results/<name>.jsonl``, read back to render markdown.
 
-Appending whole lines keeps every earlier row (a rerun adds rows, never replaces them); the markdown rendered
-from all rows is written atomically by the caller (``losa.utils.io.atomic_write_text``).
+Appending whole lines keeps every earlier row (a rerun adds rows, never replaces them). The markdown rendered
+from all rows is each benchmark's own (bench_sibling_fusion, bench_decode and bench_llamacpp write it with
+``losa.utils.io.atomic_write_text``).
 """
 
 from __future__ import annotations
@@ -19,5 +20,16 @@ def append_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Every row of the JSON-lines file ``path``, in file order (blank lines skipped)."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every row of the JSON-lines file ``path``, in file order (blank lines skipped).
+
+    Raises:
+        ValueError: a line that is not JSON (e.g. cut short by a killed run), naming the file and line.
+    """
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not a JSON row ({e.msg}); remove or repair that line") from None
+    return rows

@@ -184,7 +184,13 @@ T2 void rowR2(const Row& r0, const Row& r1, const float* x, int64_t nblk, float*
   y[1] = hsum(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3))); }
 using Fn = float (*)(const Row&, const float*, int64_t);
 int main(int argc, char** argv) {
+  if (argc != 5) { fprintf(stderr, "usage: %s N K sparsity repeats  (N even, K a multiple of 32 below 65536)\n", argv[0]); return 2; }
   int64_t N = atoll(argv[1]), K = atoll(argv[2]); double sp = atof(argv[3]); int reps = atoi(argv[4]);
+  if (N < 2 || N % 2 || K < 32 || K % 32 || K >= 65536 || !(sp >= 0 && sp < 1) || reps < 1) {
+    fprintf(stderr, "N must be even (R2 takes rows in pairs), K a multiple of 32 below 65536 (G16's u16 column "
+                    "index), 0 <= sparsity < 1, repeats >= 1\n");
+    return 2;
+  }
   int64_t nblk = K / 32, stride = K / 8;
   std::mt19937 g(1); std::uniform_real_distribution<float> u(0, 1); std::normal_distribution<float> nd;
   std::vector<uint8_t> meta(N * stride), m8(N * nblk * 8), m12(N * nblk * 12); std::vector<int64_t> rp(N + 1);

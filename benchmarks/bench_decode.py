@@ -47,6 +47,7 @@ from losa.errors import LosaError  # noqa: E402
 from losa.inference import SparseLinear, sparsify_for_inference  # noqa: E402
 from losa.inference.decode import BF16LMHead, LeanDecoder, set_lm_head_dtype  # noqa: E402
 from losa.pruning.masks import unstructured_mask  # noqa: E402
+from losa.utils.io import atomic_write_text  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "SmolLM2-135M-Instruct, dequantised from Q4_1"
@@ -322,7 +323,11 @@ def render(jsonl: Path, md: Path) -> None:
          "the repetitions, modes interleaved. Pruning: magnitude per output row (timing only). Sparse modes: bf16 "
          "values, float32 model and activations. floor = bytes streamed per token (packed linears + LM head) / "
          "measured read bandwidth (`sum` over 512 MiB, best of 5). `same` = greedy tokens equal to `sparse "
-         "before` at that sparsity. Other jobs shared the machine: see the load averages.", ""]
+         "before` at that sparsity. Other jobs shared the machine: see the load averages.", "",
+         "Rows of commits b44c057 and 77b3ff7 (2026-12-02): there the plain lean modes grouped the sparse layers "
+         "fed the same input (q/k/v, gate/up) into one kernel call per step, and `, ungrouped` was one call per "
+         "layer, as shipped before and since (the groups were removed again in 74bc610: the compiled step was "
+         "slower with them; README, `sibling_fusion.md`).", ""]
     runs: dict[tuple, list[dict]] = {}
     for r in rows:
         runs.setdefault((r["date"][:16], r["commit"], r["command"], r["cpu"], r["isa"]), []).append(r)
@@ -344,7 +349,7 @@ def render(jsonl: Path, md: Path) -> None:
                      f"{r['bytes_per_token'] / 1e6:.1f} | {r['bandwidth_GBps']:.1f} | {r['floor_ms']:.2f} | "
                      f"{'' if r['x_floor'] is None else format(r['x_floor'], '.2f')} | {same} |")
         L.append("")
-    md.write_text("\n".join(L))
+    atomic_write_text(md, "\n".join(L))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from _rows import read_jsonl  # noqa: E402
 from bench_decode import PROMPT, append_rows, bandwidth, build_modes, generate_kwargs, time_mode  # noqa: E402
 
 from losa.errors import LosaError  # noqa: E402
+from losa.utils.io import atomic_write_text  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORKER = Path(__file__).resolve().parent / "_llamacpp_worker.py"
@@ -372,7 +373,7 @@ def render(jsonl: Path, md: Path) -> None:
                      f"{_fmt(vs.get('llama.cpp F16'))} | {_fmt(vs.get('llama.cpp Q4_1'))} | "
                      f"{r['greedy_agree_with_dense']}/{r['new_tokens']} |")
         L += [""] + _verdict(rs) + [""]
-    md.write_text("\n".join(L))
+    atomic_write_text(md, "\n".join(L))
 
 
 def _fmt(v: float | None) -> str:

@@ -5,12 +5,14 @@
 
 In a decoder layer q/k/v read the same normalised hidden state, and so do gate/up. losa calls the kernel's row
 loop once per linear (7 calls per LLaMA-style layer); fusing each group into one weight of stacked rows would
-make 4 calls (qkv, o, gate_up, down). This measures what that could save at most, before anything is built: the
+make 4 calls (qkv, o, gate_up, down). This measures the kernel side of that saving, before anything is built: the
 same random sparse weights (bitmask, bf16 values, fp32 inputs) packed per linear (``separate``) and packed with
 the group's rows stacked (``fused``), a whole stack of decoder layers' linears called in order through the
-kernel's ``spmm`` op, timed interleaved round-robin in one process (medians). No LM head, attention or norms: it
-isolates the per-call cost (dispatch, thread fork/join, the small layers' load balance). Every fused output is
-checked bit-for-bit against the separate calls first (each row's dot product runs the same code either way).
+extension's direct ``spmm`` binding, timed interleaved round-robin in one process (medians, the order alternating
+per repetition). No LM head, attention or norms, and none of the per-layer Python or dispatcher cost a model's step
+also pays per call (``SparseLinear.forward``, the compiled graph's op call): it isolates the kernel calls (fork/join,
+the small layers' load balance). Every fused output is checked bit-for-bit against the separate calls first, at each
+thread count (each row's dot product runs the same code either way).
 
 Appends rows to ``results/sibling_fusion.jsonl`` (per-row date, commit, command, threads, CPU model and ISA)
 and renders ``sibling_fusion.md`` from all rows.
@@ -36,6 +38,8 @@ OUT = HERE / "results" / "sibling_fusion.jsonl"
 #: stack for the tests (not timed by default)
 SHAPES = {"smollm2-135m": (30, 576, 192, 1536), "llama-7b": (4, 4096, 4096, 11008), "tiny": (2, 64, 32, 160)}
 DEFAULT_SHAPES = ("smollm2-135m", "llama-7b")
+#: untimed repetitions before the timed ones
+WARMUP = 3
 
 
 def _sparse(n: int, k: int, sparsity: float, gen):
@@ -74,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--note", default="", help="a remark stored with the rows and shown in the markdown")
     ap.add_argument("--quick", action="store_true", help="smoke run: few repeats, results not written")
     args = ap.parse_args(argv)
+    if args.reps < 1:
+        sys.exit(f"--reps {args.reps}: at least 1 timed repetition is needed")
     if args.quick:
         args.reps, args.sparsities, args.threads = 3, args.sparsities[:1], args.threads[:1]
     for t in args.threads:
@@ -109,25 +115,29 @@ def main(argv: list[str] | None = None) -> None:
             layers = build(shape, sp)
             _, h, _, inter = SHAPES[shape]
             xs = {h: torch.randn(1, h), inter: torch.randn(1, inter)}
-            sep, fus = run(layers, "separate", xs), run(layers, "fused", xs)
-            if not torch.equal(torch.cat(sep, 1), torch.cat(fus, 1)):
-                sys.exit(f"{shape} at {sp}: the fused calls do not reproduce the separate ones bit for bit")
             calls = {kind: sum(len(g) for layer in layers for g in layer[kind]) for kind in ("separate", "fused")}
             for threads in args.threads:
                 torch.set_num_threads(threads)
+                sep, fus = run(layers, "separate", xs), run(layers, "fused", xs)
+                if not torch.equal(torch.cat(sep, 1), torch.cat(fus, 1)):
+                    sys.exit(f"{shape} at {sp}, {threads} threads: the fused calls do not reproduce the separate "
+                             "ones bit for bit")
                 ts: dict[str, list[float]] = {"separate": [], "fused": []}
-                for r in range(args.reps + 3):
-                    for kind in ts:
+                for r in range(args.reps + WARMUP):
+                    for kind in (("separate", "fused") if r % 2 else ("fused", "separate")):
                         t0 = time.perf_counter()
                         run(layers, kind, xs)
-                        if r >= 3:
+                        if r >= WARMUP:
                             ts[kind].append(time.perf_counter() - t0)
                 med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in ts.items()}
                 row = {"shape": shape, "layers": len(layers), "sparsity": sp, "calls_separate": calls["separate"],
                        "calls_fused": calls["fused"], "separate_ms": round(med["separate"], 3),
                        "fused_ms": round(med["fused"], 3), "saved_ms": round(med["separate"] - med["fused"], 3),
                        "ratio": round(med["separate"] / med["fused"], 3), "reps": args.reps, "note": args.note,
-                       **provenance(threads, model=f"random weights, {shape} layer shapes")}
+                       "kernel_isa": K.ISA_NAMES[isa], "torch": torch.__version__,
+                       "loadavg": [round(v, 2) for v in os.getloadavg()],
+                       **provenance(threads, model=f"random weights, {shape} layer shapes",
+                                    argv=None if argv is None else ["benchmarks/bench_sibling_fusion.py", *argv])}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     if args.quick:
@@ -144,15 +154,19 @@ def render(jsonl: Path, md: Path) -> None:
              "Written by `benchmarks/bench_sibling_fusion.py` (its docstring says what is timed). `separate` = the "
              "shipped calls (7 per decoder layer), `fused` = q/k/v and gate/up each packed as one weight of stacked "
              "rows (4 calls per layer), both over the stack of layers named, bitmask + bf16 values, fp32 input, "
-             "batch 1, medians of interleaved repetitions; `saved` = what fusing would save per token at most in "
-             "these linears (no LM head, attention or norms). Fused outputs equal the separate ones bit for bit.",
-             "", "| date | commit | CPU (ISA) | threads | shape | layers | sparsity | calls | separate ms | fused ms "
-             "| saved ms | separate / fused | command |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "batch 1, medians of interleaved repetitions; `saved` = what fusing saves per token in these kernel "
+             "calls alone (the extension's direct binding: no LM head, attention or norms, and none of the "
+             "per-layer Python or dispatcher cost a model's step also pays per call). Fused outputs equal the "
+             "separate ones bit for bit. Rows before the `kernel`/`load` fields existed leave them blank.",
+             "", "| date | commit | CPU (ISA) | kernel | threads | load | shape | layers | sparsity | calls "
+             "| separate ms | fused ms | saved ms | separate / fused | command | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['date'][:16]} | {r['commit']} | {r['cpu']} ({r['isa']}) | {r['threads']} | {r['shape']} "
-                     f"| {r['layers']} | {r['sparsity']:g} | {r['calls_separate']} -> {r['calls_fused']} "
-                     f"| {r['separate_ms']:.3f} | {r['fused_ms']:.3f} | {r['saved_ms']:.3f} | {r['ratio']:.3f} "
-                     f"| `{r['command']}` |")
+        load = "" if r.get("loadavg") is None else "/".join(f"{v:g}" for v in r["loadavg"])
+        lines.append(f"| {r['date'][:16]} | {r['commit']} | {r['cpu']} ({r['isa']}) | {r.get('kernel_isa', '')} "
+                     f"| {r['threads']} | {load} | {r['shape']} | {r['layers']} | {r['sparsity']:g} "
+                     f"| {r['calls_separate']} -> {r['calls_fused']} | {r['separate_ms']:.3f} | {r['fused_ms']:.3f} "
+                     f"| {r['saved_ms']:.3f} | {r['ratio']:.3f} | `{r['command']}` | {r.get('note', '')} |")
     atomic_write_text(md, "\n".join(lines) + "\n")
 
 
