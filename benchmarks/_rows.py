@@ -8,6 +8,7 @@ from all rows is each benchmark's own (bench_sibling_fusion, bench_decode and be
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -33,3 +34,10 @@ def read_jsonl(path: Path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not a JSON row ({e.msg}); remove or repair that line") from None
     return rows
+
+
+def save_rows(path: Path, rows: list[dict], render: Callable[[Path, Path], None]) -> None:
+    """Append ``rows`` to ``path`` and re-render its markdown (``render(path, path.with_suffix(".md"))``)."""
+    append_jsonl(path, rows)
+    render(path, path.with_suffix(".md"))
+    print(f"wrote {path} and {path.with_suffix('.md')}")

@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import provenance  # noqa: E402
-from _rows import append_jsonl, read_jsonl  # noqa: E402
+from _rows import read_jsonl, save_rows  # noqa: E402
 
 from losa.errors import LosaError  # noqa: E402
 from losa.inference import SparseLinear, sparsify_for_inference  # noqa: E402
@@ -310,9 +310,7 @@ def append_rows(rows: list[dict], load_start: tuple[float, ...], out: Path, rend
     load_end = os.getloadavg()
     for r in rows:
         r["loadavg_start"], r["loadavg_end"] = [round(x, 2) for x in load_start], [round(x, 2) for x in load_end]
-    append_jsonl(out, rows)
-    render(out, out.with_suffix(".md"))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    save_rows(out, rows, render)
 
 
 def render(jsonl: Path, md: Path) -> None:

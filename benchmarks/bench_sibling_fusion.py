@@ -29,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _rows import append_jsonl, read_jsonl  # noqa: E402
+from _rows import read_jsonl, save_rows  # noqa: E402
 
 from losa.utils.io import atomic_write_text  # noqa: E402
 
@@ -142,9 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
     if args.quick:
         return
-    append_jsonl(OUT, rows)
-    render(OUT, OUT.with_suffix(".md"))
-    print(f"wrote {OUT} and {OUT.with_suffix('.md')}")
+    save_rows(OUT, rows, render)
 
 
 def render(jsonl: Path, md: Path) -> None:
