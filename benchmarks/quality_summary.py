@@ -20,11 +20,11 @@ hand. Rerun after every results row that lands::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 from _provenance import SMOLLM2
+from _rows import read_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PPL_FILES = ("quality70.jsonl", "quality70_rerun.jsonl", "quality70_ft1024.jsonl", "quality70_ft1024_rerun.jsonl",
@@ -60,7 +60,8 @@ def saved_key(path: str) -> tuple[str, str] | None:
 
 
 def load_jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    """The rows of ``path`` (:func:`_rows.read_jsonl`), or none when the file does not exist yet."""
+    return read_jsonl(path) if path.is_file() else []
 
 
 def collect(results: Path) -> dict[tuple[str, str], dict]:
