@@ -10,6 +10,7 @@
 // wrong results by design, to see which part of the loop costs: A1 one fixed table row (the load is hoisted),
 // A2 fixed value offsets, A3 no shuffle and no table (the raw broadcast as weights), A4 the shuffle control in
 // a register (no table load), A5 8 accumulators, A6 no FMA and no x loads, A7 a fixed value-pointer step.
+// D1 (sparsity 0 only) reads the bf16 values densely without a mask, as a dedicated bf16 LM-head loop would.
 // Every function is compiled for AVX2/FMA/F16C/POPCNT only. Variants timed interleaved (medians); 'vs N4' =
 // N4's time / variant's time; 'bytes MB' = the layout's weight bytes (0 for ablations). Results:
 // benchmarks/results/avx2_variants.md (section 2026-12-02, layouts).
@@ -182,6 +183,21 @@ T2 void rowR2(const Row& r0, const Row& r1, const float* x, int64_t nblk, float*
   }
   y[0] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
   y[1] = hsum(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3))); }
+// D1 (sparsity 0 only): the row's K bf16 values read densely, no mask (vpmovzxwd + shift + FMA per 8 inputs) --
+// what a dedicated dense loop for a bf16 LM head would do instead of N4 over all-ones masks
+T2 static inline __m256 widen8(const uint16_t* v) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)v)), 16)); }
+T2 float rowD1(const Row& r, const float* x, int64_t nblk) {
+  const uint16_t* v = r.v;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t k = 0; k < nblk; ++k, v += 32) {
+    const float* xk = x + 32 * k;
+    a0 = _mm256_fmadd_ps(widen8(v), _mm256_loadu_ps(xk), a0);
+    a1 = _mm256_fmadd_ps(widen8(v + 8), _mm256_loadu_ps(xk + 8), a1);
+    a2 = _mm256_fmadd_ps(widen8(v + 16), _mm256_loadu_ps(xk + 16), a2);
+    a3 = _mm256_fmadd_ps(widen8(v + 24), _mm256_loadu_ps(xk + 24), a3);
+  }
+  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))); }
 using Fn = float (*)(const Row&, const float*, int64_t);
 int main(int argc, char** argv) {
   if (argc != 5) { fprintf(stderr, "usage: %s N K sparsity repeats  (N even, K a multiple of 32 below 65536)\n", argv[0]); return 2; }
@@ -217,8 +233,8 @@ int main(int argc, char** argv) {
   double nnzb = vals.size() * 2.0;
   struct V { const char* name; Fn f; double mb; };
   V vs[] = {{"N4", rowN4, (nnzb + meta.size()) / 1e6}, {"P8", rowP8, (nnzb + m8.size()) / 1e6},
-            {"P12", rowP12, (nnzb + m12.size()) / 1e6}, {"G16", rowG, (nnzb * 2) / 1e6}, {"A1 fixed table row", rowA<1>, 0}, {"A2 fixed offsets", rowA<2>, 0}, {"A3 no shuffle", rowA<3>, 0}, {"A4 reg control", rowA<4>, 0}, {"A5 8 acc", rowA<5>, 0}, {"A6 no fma/x", rowA<6>, 0}, {"A7 fixed v step", rowA<7>, 0}, {"A0 =P12", rowA<0>, 0}, {"R2", nullptr, (nnzb + meta.size()) / 1e6}};
-  int nv = sizeof(vs) / sizeof(vs[0]);
+            {"P12", rowP12, (nnzb + m12.size()) / 1e6}, {"G16", rowG, (nnzb * 2) / 1e6}, {"A1 fixed table row", rowA<1>, 0}, {"A2 fixed offsets", rowA<2>, 0}, {"A3 no shuffle", rowA<3>, 0}, {"A4 reg control", rowA<4>, 0}, {"A5 8 acc", rowA<5>, 0}, {"A6 no fma/x", rowA<6>, 0}, {"A7 fixed v step", rowA<7>, 0}, {"A0 =P12", rowA<0>, 0}, {"R2", nullptr, (nnzb + meta.size()) / 1e6}, {"D1 dense rows", rowD1, nnzb / 1e6}};
+  int nv = sizeof(vs) / sizeof(vs[0]) - (sp == 0 ? 0 : 1);  // D1 only where every row is dense
   std::vector<float> y(N); std::vector<std::vector<double>> t(nv); std::vector<double> err(nv);
   for (int r = 0; r < reps + 1; ++r)
     for (int i = 0; i < nv; ++i) {
