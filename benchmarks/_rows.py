@@ -1,23 +1,30 @@
 """Results rows of the benchmarks: JSON lines appended to ``results/<name>.jsonl``, read back to render markdown.
 
 Appending whole lines keeps every earlier row (a rerun adds rows, never replaces them). The markdown rendered
-from all rows is each benchmark's own (bench_sibling_fusion, bench_decode and bench_llamacpp write it with
-``losa.utils.io.atomic_write_text``).
+from all rows is each benchmark's own, written with ``losa.utils.io.atomic_write_text``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 
-def append_jsonl(path: Path, rows: list[dict]) -> None:
-    """Append ``rows`` to the JSON-lines file ``path`` (created with its folder when missing), one line each."""
+def append_jsonl(path: Path, rows: list[dict], *, fsync: bool = False) -> None:
+    """Append ``rows`` to the JSON-lines file ``path`` (created with its folder when missing), one line each.
+
+    With ``fsync`` the lines are flushed and fsynced before this returns, so they are on disk before the caller
+    deletes anything they replace (e.g. a partial-results file).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def read_jsonl(path: Path) -> list[dict]:

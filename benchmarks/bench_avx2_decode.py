@@ -28,13 +28,16 @@ benchmarks/results/avx2_decode.jsonl and rewrites avx2_decode.md from all rows.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _rows import append_jsonl, read_jsonl
+
+from losa.utils.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "avx2_decode"
@@ -211,7 +214,7 @@ def write_markdown(rows: list[dict], path: Path) -> None:
                          f"{fmt(r['floor_vs_dense'], '.2f', 'x')} | {fmt(r['vs_old'], '.2f', 'x')} | "
                          f"{r['max_rel_err']:.1e} | {r['reps']} |")
         lines.append("")
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def main(argv=None) -> int:
@@ -221,11 +224,8 @@ def main(argv=None) -> int:
     if args.quick:
         return 0
     jsonl = OUT.with_suffix(".jsonl")
-    jsonl.parent.mkdir(parents=True, exist_ok=True)
-    with open(jsonl, "a") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
-    all_rows = [json.loads(line) for line in open(jsonl) if line.strip()]
+    append_jsonl(jsonl, rows)
+    all_rows = read_jsonl(jsonl)
     write_markdown(all_rows, OUT.with_suffix(".md"))
     print(f"wrote {jsonl} and {OUT.with_suffix('.md')}")
     return 0

@@ -30,6 +30,9 @@ HERE = Path(__file__).resolve().parent
 PREFIX = 40
 sys.path.insert(0, str(HERE))
 from _provenance import SMOLLM2, provenance  # noqa: E402
+from _rows import append_jsonl, read_jsonl  # noqa: E402
+
+from losa.utils.io import atomic_write_text  # noqa: E402
 
 
 def run_spec(spec: str, args) -> dict:
@@ -88,7 +91,7 @@ def render(rows: list[dict], out: Path) -> None:
             v = r["provenance"]
             lines.append(f"- {r['spec']}: {v['date']}, {v['commit']}, {v['threads']} threads, {v['cpu']} ({v['isa']}), "
                          f"{v['model']}; `{v['command']}`")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -111,9 +114,8 @@ def main() -> None:
             row["provenance"] = provenance(torch.get_num_threads(), SMOLLM2 if not spec.startswith("saved:") else
                                            f"{SMOLLM2}, as saved at {spec.partition(':')[2]}")
             print(json.dumps(row), flush=True)
-            with out.open("a") as f:  # one line per spec; side-by-side processes append whole lines
-                f.write(json.dumps(row) + "\n")
-    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+            append_jsonl(out, [row])  # one line per spec; side-by-side processes append whole lines
+    rows = read_jsonl(out)
     render(rows, out)
 
 

@@ -20,7 +20,10 @@ import time
 from pathlib import Path
 
 from _provenance import SMOLLM2, provenance
+from _rows import append_jsonl, read_jsonl
 from _rss import peak_rss_mb
+
+from losa.utils.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -199,7 +202,7 @@ def render(rows: list[dict], args, path: Path) -> None:
                       "adapter's dense lora_A/lora_B linears as well; the pruned base weights are at the target. Rows "
                       "with `lora_scale` in the JSONL use the masked adapters' scale (LoSA's lora_alpha / r_max); "
                       "older rows used PEFT alpha 16 at rank 8 (scale 2)."]
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -233,7 +236,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_single(args)), flush=True)
         return
     out = Path(args.out)
-    rows = [json.loads(x) for x in out.read_text().splitlines()] if out.is_file() else []
+    rows = read_jsonl(out) if out.is_file() else []
     if args.render_only:
         render(rows, args, out.with_suffix(".md"))
         return
@@ -256,8 +259,7 @@ def main() -> None:
         row = json.loads(line[len("RESULT "):])
         print(row, flush=True)
         rows.append(row)
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(out, [row])
         render(rows, args, out.with_suffix(".md"))
 
 

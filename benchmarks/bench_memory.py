@@ -34,6 +34,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _rows import append_jsonl, read_jsonl  # noqa: E402
+
+from losa.utils.io import atomic_write_text  # noqa: E402
+
 RESULTS = HERE / "results"
 GIB = 2**30
 MIB = 2**20
@@ -1073,7 +1077,7 @@ def render(rows: list[dict], path: Path) -> None:
         w(f"- {r['set']} {r['phase']} L={r['layers']}: {r['date']}, {r['commit']}, {r['threads']} threads, "
           f"{r['cpu']} ({r['isa']}), {r['model']}; `{r['command']}` (worker env "
           f"MALLOC_MMAP_THRESHOLD_={r.get('malloc_mmap_threshold')})")
-    path.write_text("\n".join(L) + "\n")
+    atomic_write_text(path, "\n".join(L) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -1092,7 +1096,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_phase(ph, L, n, seq, k, b, args.threads)), flush=True)
         return
     out = Path(args.out or RESULTS / ("memory_model_quick.jsonl" if args.quick else "memory_model.jsonl"))
-    rows = [json.loads(x) for x in out.read_text().splitlines()] if out.is_file() else []
+    rows = read_jsonl(out) if out.is_file() else []
     if not args.render_only:
         done = {key(r) for r in rows}
         # every allocation of 1 MiB or more is its own mapping, returned to the OS when freed: RSS then
@@ -1118,8 +1122,7 @@ def main() -> None:
             print(f"   extra {row['extra_mib']:.0f} MiB, peak {row['peak_mib']:.0f} MiB, "
                   f"{time.perf_counter() - t:.0f} s", flush=True)
             rows.append(row)
-            with out.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            append_jsonl(out, [row])
     if rows:
         render(rows, out.with_suffix(".md"))
         print(f"wrote {out.with_suffix('.md')}")

@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 from _provenance import SMOLLM2, provenance
+from _rows import append_jsonl, read_jsonl
+
+from losa.utils.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -66,7 +69,7 @@ def compare(one: Path, two: Path) -> dict:
 
 def render(out: Path) -> None:
     """Rewrite the Markdown table next to the JSONL ``out`` from all its rows."""
-    rows = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
+    rows = read_jsonl(out)
     lines = [f"# `losa run` in 1 process vs 2 processes (torchrun, gloo), {SMOLLM2}, CPU", "",
              "Same global batch (2 processes × batch B against 1 process × batch B × 2 accumulation steps). A "
              "correctness check on a 2-core machine, not a speed claim. Each process of the 2-process run has 1 "
@@ -80,7 +83,7 @@ def render(out: Path) -> None:
               f"{r['max_abs_weight_diff']:.2e} | {r['same_ranks']} |" for r in rows]
     lines += ["", "Provenance per row:", ""]
     lines += [f"- {r['date']}, {r['commit']}, {r['cpu']} ({r['isa']}), {r['model']}; `{r['command']}`" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -113,9 +116,7 @@ def main() -> None:
                **prov}
     print(json.dumps(row))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_jsonl(out, [row])
     render(out)
 
 

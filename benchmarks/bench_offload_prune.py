@@ -28,7 +28,10 @@ from pathlib import Path
 
 import torch
 from _provenance import SMOLLM2, provenance
+from _rows import append_jsonl, read_jsonl
 from _rss import peak_rss_mb
+
+from losa.utils.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -130,7 +133,7 @@ def render(rows: list[dict], path: Path) -> None:
                      f"| {r.get('differing_mask_entries', '-')} | {r.get('differing_weight_values', '-')} "
                      f"| {r['date']} | {r['commit']} | {r['threads']} | {r['cpu']} |")
     lines += ["", f"Command: `{rows[-1]['command']}`", ""]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def main() -> None:
@@ -166,10 +169,8 @@ def main() -> None:
         diff = _differences(Path(tmp) / "full" / "pruned.pt", Path(tmp) / "offload" / "pruned.pt")
     rows[1].update(diff)
     out = Path(args.out)
-    with out.open("a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    all_rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    append_jsonl(out, rows)
+    all_rows = read_jsonl(out)
     render(all_rows, out.with_suffix(".md"))
     print(json.dumps(diff))
 

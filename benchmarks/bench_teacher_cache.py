@@ -26,7 +26,10 @@ import time
 from pathlib import Path
 
 from _provenance import SMOLLM2, provenance
+from _rows import append_jsonl, read_jsonl
 from _rss import peak_rss_mb
+
+from losa.utils.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -118,7 +121,7 @@ def render(rows: list[dict], args, path: Path) -> None:
     lines += ["", "Provenance per row (date, commit, threads, CPU / ISA, model, command):", ""]
     lines += [f"- {r['variant']}" + (f" k={r['k']}" if r["k"] else "") + f": {r['date']}, {r['commit']}, "
               f"{r['threads']} threads, {r['cpu']} ({r['isa']}), {r['model']}; `{r['command']}`" for r in rows]
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -147,7 +150,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_single(args)), flush=True)
         return
     out = Path(args.out)
-    rows = [json.loads(x) for x in out.read_text().splitlines() if x.strip()] if out.is_file() else []
+    rows = read_jsonl(out) if out.is_file() else []
     if args.render_only:
         render(rows, args, out.with_suffix(".md"))
         return
@@ -162,9 +165,7 @@ def main() -> None:
         row = json.loads(line[len("RESULT "):])
         print(row, flush=True)
         rows.append(row)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(out, [row])
         render(rows, args, out.with_suffix(".md"))
 
 

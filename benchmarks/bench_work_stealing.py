@@ -20,11 +20,14 @@ date, commit, command, threads, CPU model and ISA) and renders ``work_stealing.m
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 from pathlib import Path
+
+from _rows import append_jsonl, read_jsonl
+
+from losa.utils.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "work_stealing.jsonl"
@@ -130,10 +133,8 @@ def main(argv: list[str] | None = None) -> None:
                       f"(static {r['static_vs_dense']:.2f}x)", flush=True)
     if args.quick:
         return
-    with OUT.open("a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    render([json.loads(x) for x in OUT.read_text().splitlines() if x.strip()], OUT.with_suffix(".md"))
+    append_jsonl(OUT, rows)
+    render(read_jsonl(OUT), OUT.with_suffix(".md"))
     print(f"wrote {OUT.with_suffix('.md')}")
 
 
@@ -173,9 +174,7 @@ def render(rows: list[dict], path: Path) -> None:
             v = [r["chunked_vs_static"] for r in rs if r["section"] == "layer" and r["threads"] == th]
             gm.append(f"{th} thread(s) {math.exp(sum(map(math.log, v)) / len(v)):.2f}x ({min(v):.2f}-{max(v):.2f}x)")
         lines += ["", "Chunked vs static, geometric mean over the shapes (range): " + "; ".join(gm) + ".", ""]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    atomic_write_text(path, "\n".join(lines))
 
 
 if __name__ == "__main__":

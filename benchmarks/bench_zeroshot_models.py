@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 from _provenance import SMOLLM2, provenance
+from _rows import append_jsonl, read_jsonl
+
+from losa.utils.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -142,7 +145,7 @@ def render(rows: list[dict], path: Path) -> None:
               "Provenance per row (date, commit, threads, CPU / ISA, model, command, wall s):", ""]
     lines += [f"- {r['label']} (`{r['path']}`): {r['date']}, {r['commit']}, {r['threads']} threads, {r['cpu']} "
               f"({r['isa']}), {r['model']}; `{r['command']}`; {r['wall_s']} s" for r in rows]
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -158,7 +161,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "zeroshot_models.jsonl"))
     args = ap.parse_args()
     out = Path(args.out)
-    rows = [json.loads(x) for x in out.read_text().splitlines() if x.strip()] if out.is_file() else []
+    rows = read_jsonl(out) if out.is_file() else []
     for spec in args.models:
         label, sep, path = spec.partition("=")
         if not sep or not label or not path:
@@ -170,11 +173,7 @@ def main() -> None:
         row = evaluate(label, path, args, out)
         print(f"{label}: mean acc {row['mean']['acc']:.4f}", flush=True)
         rows.append(row)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(out, [row], fsync=True)  # on disk before the partial file goes
         partial_path(out, label).unlink(missing_ok=True)
     render(rows, out.with_suffix(".md"))
 

@@ -1,0 +1,61 @@
+"""benchmarks/_rows.py and the benchmarks that append and read their results rows through it."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _rows  # noqa: E402
+
+#: the benchmarks whose rows go through _rows.append_jsonl / read_jsonl (importing them starts no work)
+ROWS_BENCHMARKS = ["bench_avx2_decode", "bench_full_ppl", "bench_losa", "bench_memory", "bench_multiprocess",
+                   "bench_offload_prune", "bench_teacher_cache", "bench_work_stealing", "bench_zeroshot_models"]
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_appended_rows_read_back_in_order_and_fsync_only_when_asked(tmp_path, monkeypatch, fsync):
+    synced = []
+    monkeypatch.setattr(_rows.os, "fsync", synced.append)
+    path = tmp_path / "new" / "rows.jsonl"
+    _rows.append_jsonl(path, [{"a": 1}, {"b": [2.5, None]}], fsync=fsync)
+    _rows.append_jsonl(path, [{"c": "x"}], fsync=fsync)
+    assert _rows.read_jsonl(path) == [{"a": 1}, {"b": [2.5, None]}, {"c": "x"}]
+    assert path.read_text() == '{"a": 1}\n{"b": [2.5, null]}\n{"c": "x"}\n'
+    assert len(synced) == (2 if fsync else 0)
+
+
+def test_a_broken_line_is_named_by_file_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n\n{"b": 2\n')
+    with pytest.raises(ValueError, match=rf"{path}:3: not a JSON row"):
+        _rows.read_jsonl(path)
+
+
+@pytest.mark.parametrize("name", ROWS_BENCHMARKS)
+def test_benchmark_imports_with_the_shared_rows_helpers(name):
+    mod = importlib.import_module(name)
+    assert mod.append_jsonl is _rows.append_jsonl and mod.read_jsonl is _rows.read_jsonl
+
+
+def test_zeroshot_models_row_is_fsynced_before_its_partial_file_goes(tmp_path, monkeypatch):
+    bz = importlib.import_module("bench_zeroshot_models")
+    out = tmp_path / "zs.jsonl"
+    part = bz.partial_path(out, "m")
+    part.parent.mkdir()
+    part.write_text("{}")
+    row = {"label": "m", "path": "p", "sparsity": 0.5, "tasks": {"t": {"acc": 0.5, "acc_norm": None, "n": 4}},
+           "mean": {"acc": 0.5, "acc_norm": 0.5}, "dtype": "float32", "date": "d", "commit": "c", "threads": 1,
+           "cpu": "cpu", "isa": "isa", "model": "model", "command": "cmd", "wall_s": 1.0}
+    monkeypatch.setattr(bz, "evaluate", lambda *a: row)
+    synced: list[bool] = []  # whether the partial file still existed at each fsync (os.fsync, patched for all)
+    monkeypatch.setattr(_rows.os, "fsync", lambda fd: synced.append(part.is_file()))
+    monkeypatch.setattr(sys, "argv", ["bench_zeroshot_models.py", "m=p", "--out", str(out)])
+    bz.main()
+    assert synced == [True, False] and not part.exists()  # the row, then the markdown (atomic_write_text)
+    assert [json.loads(x) for x in out.read_text().splitlines()] == [row]
+    assert "| m | 0.5000 | float32 | 50.0 | 50.0 | 50.0 |" in out.with_suffix(".md").read_text()
