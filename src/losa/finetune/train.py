@@ -20,7 +20,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from losa.errors import LosaError
-from losa.finetune.config import FinetuneConfig
+from losa.finetune.config import FinetuneConfig, check_environment
 from losa.finetune.data import TEACHER_KEYS, Collator
 from losa.utils.dist import world_size
 
@@ -255,18 +255,9 @@ def finetune(model: nn.Module, examples: Sequence[dict[str, Any]], config: Finet
         if any("teacher_index" not in e for e in examples):
             raise LosaError("with a teacher cache every example needs its 'teacher_index' into the cache; number "
                             "the examples the cache was computed on")
+    check_environment(config)
     use_cuda = torch.cuda.is_available()
-    if config.fsdp and not use_cuda:
-        raise LosaError("--fsdp needs GPUs: accelerate shards only across GPU processes, and on the CPU the Trainer "
-                        "would silently fall back to plain data parallelism; drop --fsdp here")
-    if config.deepspeed:
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            raise LosaError("--deepspeed needs the deepspeed package: pip install deepspeed (on a CUDA machine)")
     bf16 = bf16_available() if config.bf16 is None else config.bf16
-    if bf16 and not bf16_available() and use_cuda:
-        raise LosaError("bf16 requested but this GPU does not support it; drop --bf16")
     if config.gradient_checkpointing:
         _checkpointing(model, True)
     recorder = _LossRecorder()
