@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from losa.data.sources import resolve_data_dir
@@ -48,6 +49,72 @@ def config_from_args(args: argparse.Namespace) -> Any:
     if "calib" not in values:
         values["calib"] = "c4" if data_available(values.get("data_dir")) else "self"
     return build_config(args.config_class, values)
+
+
+def refuse_ignored(args: argparse.Namespace, ignored: list[tuple[tuple[str, ...], str]]) -> None:
+    """Fail when the config ignores fields the user set (``ignored``: (field path, why and the fix), e.g.
+    from :meth:`LoSAConfig.ignored_fields`), naming their flags.
+
+    Raises:
+        LosaError: one line for the first reason, with every flag it applies to.
+    """
+    if not ignored:
+        return
+    options = {f.path: f.option for f in args.config_flags}
+    why = ignored[0][1]
+    names = [options.get(path, ".".join(path)) for path, w in ignored if w == why]
+    raise LosaError(f"{', '.join(names)} {'has' if len(names) == 1 else 'have'} no effect {why}")
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output directory before any work (``save_checkpoint`` refuses it again when
+    writing). A private check until losa.utils.io has a shared one.
+
+    Raises:
+        LosaError: ``out`` exists and ``overwrite`` is False.
+    """
+    if out.exists() and not overwrite:
+        raise LosaError(f"output directory {out} already exists; pass --overwrite or choose another --out")
+
+
+def eval_settings(args: argparse.Namespace, seqlen: int, data_dir: str | None) -> tuple[list[str], int]:
+    """The perplexity datasets and window length of ``--eval`` / ``--eval-seqlen`` / ``--max-windows``,
+    checked before any work: every dataset exists, the window has at least 2 tokens, ``--max-windows``
+    is at least 1. The window against the model's context is checked once the model is loaded
+    (:func:`losa.models.registry.check_window`).
+
+    Args:
+        args: the command's arguments.
+        seqlen: the window length when ``--eval-seqlen`` is not given (the calibration ``--seqlen``).
+        data_dir: the data directory of the config.
+    Returns:
+        (datasets, window length); no datasets with ``--eval none`` (the default without a data dir).
+    Raises:
+        LosaError: an unknown dataset or missing file, a named dataset missing from the data dir,
+            ``--eval-seqlen`` below 2 or ``--max-windows`` below 1.
+    """
+    from losa.data.sources import EVAL_SPLIT, NAMED_FILES, is_named
+
+    evals = args.eval if args.eval is not None else ("wikitext2" if data_available(data_dir) else "none")
+    datasets = [] if evals == "none" else [d.strip() for d in evals.split(",") if d.strip()]
+    if args.eval_seqlen is not None and args.eval_seqlen < 2:
+        raise LosaError(f"--eval-seqlen {args.eval_seqlen} must be at least 2 (a window predicts all its tokens "
+                        "but the first); omit it to use --seqlen")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise LosaError(f"--max-windows {args.max_windows} must be at least 1; omit it to evaluate every window")
+    root = resolve_data_dir(data_dir)
+    for d in datasets:
+        if is_named(d):
+            path = root / NAMED_FILES[d][EVAL_SPLIT[d]] if root is not None else None
+            if path is not None and not path.is_file():
+                raise LosaError(f"--eval {d}: {path} is missing; put the file there, point --data-dir at a "
+                                "directory that has it, or drop it from --eval")
+        elif not Path(d).is_file():
+            raise LosaError(f"--eval {d}: no such file, and not wikitext2, c4 or ptb; check the name or path, or "
+                            "pass --eval none")
+        elif Path(d).suffix not in (".txt", ".raw", ".md", "", ".json", ".jsonl"):  # as read_text_file reads
+            raise LosaError(f"--eval {d}: unsupported file type {Path(d).suffix!r}; use .txt, .json or .jsonl")
+    return datasets, args.eval_seqlen if args.eval_seqlen is not None else seqlen
 
 
 def add_quiet_arg(p: argparse.ArgumentParser) -> None:

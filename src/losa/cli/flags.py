@@ -91,8 +91,15 @@ def _argparse_type(tp: Any) -> dict[str, Any]:
     raise TypeError(f"no command-line form for a field of type {tp!r}; add one in losa.cli.flags")
 
 
+#: ``json_schema_extra`` key of a field whose command-line default is not its Python one (shown in the help instead)
+DEFAULT_HELP = "default_help"
+
+
 def _help(info: FieldInfo) -> str:
     text = info.description or ""
+    cli_default = (info.json_schema_extra or {}).get(DEFAULT_HELP)  # type: ignore[union-attr]
+    if cli_default:
+        return f"{text} (default: {cli_default})".replace("%", "%%")
     default = info.get_default(call_default_factory=True)
     if isinstance(default, BaseModel | dict) or info.json_schema_extra or default is None:
         return text.replace("%", "%%")

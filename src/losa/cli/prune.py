@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from losa.cli.common import add_model_arg, add_quiet_arg, add_recipe_args, config_from_args, data_available
+from losa.cli.common import (
+    add_model_arg,
+    add_quiet_arg,
+    add_recipe_args,
+    check_out_dir,
+    config_from_args,
+    eval_settings,
+)
+from losa.errors import LosaError
 from losa.pipelines.oneshot import PruneConfig
 
 
@@ -38,27 +46,34 @@ def _default_out(model: str, cfg: PruneConfig) -> Path:
 def run_prune(args: argparse.Namespace) -> int:
     import losa
     from losa.eval.ppl import perplexity
+    from losa.models.registry import check_window
 
     cfg = config_from_args(args)
     progress = not args.quiet
-    evals = args.eval if args.eval is not None else ("wikitext2" if data_available(cfg.data_dir) else "none")
-    datasets = [] if evals == "none" else [d.strip() for d in evals.split(",") if d.strip()]
-    eval_seqlen = args.eval_seqlen or cfg.seqlen
+    # everything that can be checked without the model, before it is loaded, calibrated and pruned
+    datasets, eval_seqlen = eval_settings(args, cfg.seqlen, cfg.data_dir)
+    eval_flag = "--eval-seqlen" if args.eval_seqlen is not None else "--seqlen"
+    if args.no_save and (args.out or args.overwrite):
+        raise LosaError(f"{'--out' if args.out else '--overwrite'} has no effect with --no-save; drop one of them")
+    out = Path(args.out) if args.out else _default_out(args.model, cfg)
+    if not args.no_save:
+        check_out_dir(out, args.overwrite)
     from losa.pruning import get_pruner
 
     calib = (f"calibration {cfg.calib} {cfg.nsamples}x{cfg.seqlen} seed {cfg.seed}"
              if get_pruner(cfg.method).stat is not None else "no calibration needed")
     print(f"losa prune: {args.model} | {cfg.describe()} | {calib}")
     model, tok = losa.load_model(args.model, dtype=args.dtype)
+    if datasets:
+        check_window(model, eval_seqlen, "evaluation window", eval_flag)
 
     def ppl_all(tag: str) -> dict[str, float]:
-        out = {}
+        res = {}
         for d in datasets:
-            out[d] = perplexity(model, tok, d, seqlen=eval_seqlen, max_windows=args.max_windows,
-                                flag="--eval-seqlen" if args.eval_seqlen else "--seqlen",
+            res[d] = perplexity(model, tok, d, seqlen=eval_seqlen, max_windows=args.max_windows, flag=eval_flag,
                                 data_dir=cfg.data_dir, progress=progress)
-            print(f"  {tag} {d} perplexity (seqlen {eval_seqlen}, windows {args.max_windows or 'all'}): {out[d]:.3f}")
-        return out
+            print(f"  {tag} {d} perplexity (seqlen {eval_seqlen}, windows {args.max_windows or 'all'}): {res[d]:.3f}")
+        return res
 
     dense = ppl_all("dense") if args.compare_dense else {}
     report = losa.prune(model, tok, cfg, progress=progress)
@@ -67,7 +82,6 @@ def run_prune(args: argparse.Namespace) -> int:
           f"in {len(sp.layers)} layers; prune time {report.timings['total_s']:.1f}s")
     pruned = ppl_all("pruned")
     if not args.no_save:
-        out = Path(args.out) if args.out else _default_out(args.model, cfg)
         manifest = {"source_model": args.model, "recipe": report.recipe, "nm": report.nm and list(report.nm),
                     "layer_targets": report.targets, "sparsity": sp.model_dump(), "timings": report.timings,
                     "results": {"ppl": pruned, "dense_ppl": dense, "eval_seqlen": eval_seqlen,

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import re
+import warnings
 from pathlib import Path
 
-from losa.cli.common import add_model_arg, add_quiet_arg, add_recipe_args, config_from_args, data_available
+from losa.cli.common import (
+    add_model_arg,
+    add_quiet_arg,
+    add_recipe_args,
+    config_from_args,
+    eval_settings,
+    refuse_ignored,
+)
 from losa.errors import LosaError
-from losa.pipelines.losa.config import LoSAConfig
+from losa.pipelines.losa.config import NO_FINETUNE_WARNING, LoSAConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,35 +44,46 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_losa(args: argparse.Namespace) -> int:
     import losa
     from losa.eval.ppl import perplexity
+    from losa.finetune.config import check_environment
+    from losa.models.registry import check_window
     from losa.pipelines.losa.loop import StepEval, run
     from losa.report.schema import save_report
     from losa.utils.dist import barrier, is_main
 
     cfg = config_from_args(args)
+    refuse_ignored(args, cfg.ignored_fields())
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.model).name.removesuffix('.gguf')}-losa"
     progress = not args.quiet
-    print(f"losa run: {args.model} | {cfg.method} S={cfg.target_sparsity:.2f} T={cfg.steps} allocator="
-          f"{cfg.effective_allocator} ranks={'allocated' if cfg.rank_allocation else 'uniform'} -> {out}")
-    evals = args.eval if args.eval is not None else ("wikitext2" if data_available(cfg.data_dir) else "none")
-    datasets = [] if evals == "none" else [x.strip() for x in evals.split(",") if x.strip()]
+    # everything that can be checked without the model, before it is loaded, calibrated and pruned
+    datasets, eval_seqlen = eval_settings(args, cfg.seqlen, cfg.data_dir)
+    eval_flag = "--eval-seqlen" if args.eval_seqlen is not None else "--seqlen"
     if args.eval_every_step and not datasets:
         raise LosaError("--eval-every-step needs perplexity data: pass --data-dir (or --eval with a text file)")
-    step_eval = (StepEval(datasets, args.eval_seqlen or cfg.seqlen, args.max_windows, cfg.data_dir)
-                 if args.eval_every_step else None)
+    if cfg.finetunes:
+        check_environment(cfg.finetune)
+    print(f"losa run: {args.model} | {cfg.method} S={cfg.target_sparsity:.2f} T={cfg.steps} allocator="
+          f"{cfg.effective_allocator} ranks={'allocated' if cfg.rank_allocation else 'uniform'} -> {out}")
+    if not cfg.finetunes:
+        print(f"warning: {NO_FINETUNE_WARNING}")
+    step_eval = StepEval(datasets, eval_seqlen, args.max_windows, cfg.data_dir) if args.eval_every_step else None
     model, tok = losa.load_model(args.model, dtype=args.dtype)
-    report = run(model, tok, cfg, out_dir=out, resume=args.resume, progress=progress, model_name=args.model,
-                 step_eval=step_eval)
+    if datasets:
+        check_window(model, eval_seqlen, "evaluation window", eval_flag)
+    with warnings.catch_warnings():  # printed above, as one line
+        warnings.filterwarnings("ignore", message=re.escape(NO_FINETUNE_WARNING))
+        report = run(model, tok, cfg, out_dir=out, resume=args.resume, progress=progress, model_name=args.model,
+                     step_eval=step_eval)
     if not is_main():  # the other processes of a multi-process run: the main one reports and saves
         barrier()
         return 0
     for s in report.steps:
         ppl = "".join(f" {d} ppl={v:.3f}" for d, v in s.ppl.items())
-        print(f"  step {s.step}: S_t={s.target_sparsity:.4f} ranks sum={sum(s.ranks or [])} "
-              f"final train loss={s.train_loss[-1] if s.train_loss else float('nan'):.4f}{ppl} ({s.wall_time_s:.1f}s)")
+        loss = f"final train loss={s.train_loss[-1]:.4f}" if s.train_loss else "not fine-tuned"
+        print(f"  step {s.step}: S_t={s.target_sparsity:.4f} ranks sum={sum(s.ranks or [])} {loss}{ppl} "
+              f"({s.wall_time_s:.1f}s)")
     print(f"  verified: merged model sparsity {report.results.sparsity:.4f} (target {cfg.target_sparsity:.4f})")
     for d in datasets:
-        ppl = perplexity(model, tok, d, seqlen=args.eval_seqlen or cfg.seqlen, max_windows=args.max_windows,
-                         flag="--eval-seqlen" if args.eval_seqlen else "--seqlen",
+        ppl = perplexity(model, tok, d, seqlen=eval_seqlen, max_windows=args.max_windows, flag=eval_flag,
                          data_dir=cfg.data_dir, progress=progress)
         report.results.ppl[d] = float(ppl)
         print(f"  {d} perplexity: {ppl:.3f}")

@@ -24,7 +24,10 @@ class CalibrationConfig(LosaConfig):
                                                 "percdamp); an option of another pruner is an error")
     nm: str | None = Field(None, description="semi-structured N:M pattern, e.g. 2:4 or 4:8 (replaces --sparsity)")
     calib: str = Field("c4", description="calibration source: c4, wikitext2, ptb, self (model-generated text) "
-                                         "or a .txt/.json/.jsonl file")
+                                         "or a .txt/.json/.jsonl file",
+                       # the command line picks c4 only where the data are (losa.cli.common.config_from_args)
+                       json_schema_extra={"default_help": "c4 with a data dir (--data-dir or $LOSA_DATA_DIR), "
+                                                          "else self"})
     nsamples: int = Field(128, ge=1, description="calibration windows")
     seqlen: int = Field(2048, ge=2, description="calibration window length in tokens")
     seed: int = Field(0, description="seed of calibration sampling (and of LoSA's fine-tuning data split)")
@@ -57,6 +60,9 @@ class CalibrationConfig(LosaConfig):
     @model_validator(mode="after")
     def _options(self) -> CalibrationConfig:
         check_options(self.method, self.options)
+        if self.nm is not None and "per_row" in self.options:
+            raise ValueError("per_row applies to unstructured targets only (an N:M pattern keeps the largest N of "
+                             "every group); drop --per-row or --nm")
         return self
 
     def pruner(self) -> Pruner:

@@ -50,8 +50,8 @@ class PruneConfig(CalibrationConfig):
     Raises:
         LosaError: an unknown key or out-of-range value, a sparsity outside ``[0, 1)``, an unknown
             method or pruner option, an invalid ``nm``, a missing calibration file, ``nm_n`` without
-            ``nm`` or with an N invalid for its M, or ``stats_precision`` other than ``model`` with
-            ``sequential="module"``.
+            ``nm`` or with an N invalid for its M, ``stats_precision`` other than ``model`` with
+            ``sequential="module"``, ``atp_beta`` / ``atp_grid_points`` set without ``allocator="atp"``, or both set.
     """
 
     sparsity: float | list[float] = Field(0.5, description="unstructured sparsity in [0, 1): one value, or one "
@@ -96,6 +96,12 @@ class PruneConfig(CalibrationConfig):
         if self.allocator != "uniform" and (self.nm is not None or isinstance(self.sparsity, list)):
             raise ValueError(f"allocator={self.allocator} spreads one unstructured sparsity over the layers; it "
                              "cannot be combined with nm or a per-layer sparsity list")
+        given = [f for f in ("atp_beta", "atp_grid_points") if f in self.model_fields_set]
+        if self.allocator != "atp" and given:
+            raise ValueError(f"{' and '.join(given)} only apply to allocator atp; add --allocator atp or drop "
+                             f"{' and '.join('--' + f.replace('_', '-') for f in given)}")
+        if self.atp_beta is not None and "atp_grid_points" in self.model_fields_set:
+            raise ValueError("atp_grid_points sets the grid search, which a fixed atp_beta skips; drop one of them")
         return self
 
     def layer_targets(self, num_layers: int) -> list[Target]:

@@ -104,10 +104,13 @@ def steps_table(report: RunReport) -> Table | None:
 def build_blocks(report: RunReport, assets: Path) -> list[Block]:
     m = report.meta
     label = {"none": "", "lora": " + LoRA", "losa": " + LoSA"}[m.finetune]
+    if m.finetune != "none" and not m.fine_tuned:
+        label += " (no fine-tuning)"
     blocks: list[Block] = [
         Heading(f"losa run report: {m.model}", 1),
         Para(f"Method: {m.method}{label}; target sparsity {fmt_pct(m.sparsity)}% ({m.pattern})"
              + (f"; created {m.created}" if m.created else "") + "."),
+        *[Para(f"Warning: {note}.") for note in m.notes],
     ]
     table = results_table(report)
     blocks.append(Heading("Results"))

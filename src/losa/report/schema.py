@@ -58,6 +58,15 @@ class RunMeta(_Model):
     config: dict[str, Any] = Field(default_factory=dict)
     created: str | None = None
     versions: dict[str, str] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)  # what the run warned about, e.g. that nothing was fine-tuned
+
+    @property
+    def fine_tuned(self) -> bool:
+        """False for a LoSA run without fine-tuning data and without distillation (read from the recipe,
+        so reports written before ``notes`` existed count too)."""
+        if self.finetune != "losa" or "finetune" not in self.config:
+            return self.finetune != "none"
+        return bool(self.config.get("finetune_data")) or bool((self.config.get("finetune") or {}).get("distill"))
 
 
 class StepRecord(_Model):

@@ -24,7 +24,8 @@ def row_label(report: RunReport) -> str:
     if m.method == "dense" or m.sparsity == 0:
         return "Dense"
     base = _METHOD_NAMES.get(m.method, m.method)
-    return {"none": base, "lora": f"{base} + LoRA", "losa": f"{base} + LoSA"}[m.finetune]
+    label = {"none": base, "lora": f"{base} + LoRA", "losa": f"{base} + LoSA"}[m.finetune]
+    return label if m.finetune == "none" or m.fine_tuned else f"{label} (no fine-tuning)"
 
 
 def sparsity_label(report: RunReport) -> str:

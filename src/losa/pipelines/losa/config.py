@@ -11,6 +11,10 @@ from losa.finetune.config import FinetuneConfig
 from losa.pipelines.config import CalibrationConfig
 from losa.pruning.masks import parse_nm
 
+#: what a run without fine-tuning data and without distillation says at its start (and records in its report)
+NO_FINETUNE_WARNING = ("no --finetune-data and no --distill: the adapters will not be fine-tuned (pruning, RMI "
+                       "sparsity and rank allocation only); add --distill or --finetune-data FILE")
+
 
 class LoSAConfig(CalibrationConfig):
     """LoSA recipe. Ablation switches (paper names): ``layerwise_sparsity=False`` (no LSR: uniform
@@ -123,6 +127,30 @@ class LoSAConfig(CalibrationConfig):
     @property
     def effective_allocator(self) -> str:
         return self.allocator if self.layerwise_sparsity else "uniform"
+
+    @property
+    def finetunes(self) -> bool:
+        """Whether the adapters are fine-tuned: with ``finetune_data`` or label-free ``distill``."""
+        return self.finetune_data is not None or self.finetune.distill
+
+    def ignored_fields(self) -> list[tuple[tuple[str, ...], str]]:
+        """Fields set explicitly (``model_fields_set``, so defaults never count) that this recipe ignores,
+        as (field path, why and the fix), e.g. ``(("finetune", "lr"), "without --finetune-data or --distill")``."""
+        out: list[tuple[tuple[str, ...], str]] = []
+        ft_set = self.finetune.model_fields_set
+        if not self.finetunes:
+            why = "without --finetune-data or --distill (nothing is fine-tuned); add one of them or drop it"
+            out += [(("finetune", f), why) for f in FinetuneConfig.model_fields if f in ft_set and f != "distill"]
+            out += [(("max_examples",), why)] if "max_examples" in self.model_fields_set else []
+        elif not self.finetune.distill and "temperature" in ft_set:
+            out.append((("finetune", "temperature"), "without --distill; add --distill or drop it"))
+        if self.mixed_nm and self.effective_allocator == "uniform":
+            out.append((("mixed_nm",), "with the uniform allocator (--no-layerwise-sparsity or --allocator uniform), "
+                                       "which moves no layer's N; use --allocator rmi or owl, or drop --mixed-nm"))
+        if not self.mixed_nm:
+            out += [((f,), "without --mixed-nm; add --mixed-nm or drop it")
+                    for f in ("nm_max_pairs", "nm_max_dev") if f in self.model_fields_set]
+        return out
 
 
 def check_finetune_size(num_examples: int, config: LoSAConfig) -> None:

@@ -33,6 +33,7 @@ from losa.calib.engine import LayerwiseEngine
 from losa.data.calibration import get_calibration
 from losa.errors import LosaError
 from losa.export.verify import sparsity_report, verify_targets
+from losa.finetune.config import check_environment
 from losa.finetune.data import load_records, split_for_steps, tokenize_records
 from losa.finetune.teacher import CACHE_DIR as TEACHER_CACHE_DIR
 from losa.finetune.teacher import TeacherTopK
@@ -43,9 +44,17 @@ from losa.lora.model import add_sparse_lora, merge_and_unload, set_layer_ranks, 
 from losa.lora.ranks import allocate_ranks
 from losa.models.moe import unfused_experts
 from losa.models.registry import check_window, get_decoder_layers, layer_sizes
-from losa.pipelines.losa.config import LoSAConfig, check_finetune_size
+from losa.pipelines.losa.config import NO_FINETUNE_WARNING, LoSAConfig, check_finetune_size
 from losa.pipelines.losa.recon import DenseTargets, reconstruction_errors
-from losa.pipelines.losa.state import WeightOrigin, fingerprint, load_state, save_state, seed_everything
+from losa.pipelines.losa.state import (
+    WeightOrigin,
+    check_resume,
+    check_resume_data,
+    fingerprint,
+    load_state,
+    save_state,
+    seed_everything,
+)
 from losa.pipelines.losa.visitors import AdapterPruneVisitor, RMIVisitor
 from losa.pruning.masks import parse_nm
 from losa.pruning.target import Target
@@ -206,7 +215,9 @@ class LoSARun:
         model_name: recorded in the report.
         step_eval: perplexity to measure after every step (recorded per step in the report).
     Raises:
-        LosaError: ``resume`` without ``out``; ``out`` already holds a run and ``resume`` is not set.
+        LosaError: ``resume`` without ``out``; ``out`` already holds a run and ``resume`` is not set;
+            ``resume`` and ``out`` holds no finished step or one of another recipe (checked before anything
+            is computed or written).
     """
 
     def __init__(self, model: nn.Module, tokenizer, config: LoSAConfig, out: Path | None, resume: bool = False,
@@ -216,6 +227,9 @@ class LoSARun:
             raise LosaError("--resume needs the --out directory of the run to continue")
         if out is not None and out.exists() and not resume and (out / "state").exists():
             raise LosaError(f"{out} already holds a LoSA run; pass --resume to continue it or choose another --out")
+        self.recipe = config.model_dump()
+        # the state to resume, checked before anything is computed or written into ``out``
+        self.resume_meta = check_resume(out, self.recipe) if resume and out is not None else None
         self.model, self.tokenizer, self.cfg = model, tokenizer, config
         # a run without out_dir cannot be resumed, so it skips the checkpoint; only the main process writes
         self.write = out is not None and is_main()
@@ -227,7 +241,6 @@ class LoSARun:
         barrier()  # every process has checked ``out`` before any writes to it
         self.resume, self.progress, self.calib_ids, self.model_name = resume, progress, calib_ids, model_name
         self.step_eval = step_eval
-        self.recipe = config.model_dump()
         self.t_start = time.perf_counter()
         self.rows: list[dict] = []
         self.first_step = 1
@@ -246,8 +259,9 @@ class LoSARun:
         cfg, model = self.cfg, self.model
         check_window(model, cfg.seqlen if self.calib_ids is None else self.calib_ids.shape[1], "calibration window",
                      "--seqlen")
-        if cfg.finetune_data is not None or cfg.finetune.distill:
+        if cfg.finetunes:
             check_window(model, cfg.finetune.max_length, "fine-tuning example", "--max-length")
+            check_environment(cfg.finetune)
         if self.step_eval is not None:
             check_window(model, self.step_eval.seqlen, "evaluation window", "--eval-seqlen")
         seed_everything(cfg.seed)
@@ -256,6 +270,9 @@ class LoSARun:
                                              cfg.data_dir, model=model, progress=self.progress)
         self.recon_ids = self.calib_ids[: cfg.recon_nsamples]
         examples = prepare_finetune_examples(self.tokenizer, cfg, cfg.seed + 1, model, self.progress)
+        self.fingerprint = fingerprint(self.calib_ids, examples)
+        if self.resume_meta is not None:  # before the teacher cache and the dense targets are (re)written
+            check_resume_data(self.out, self.resume_meta, self.fingerprint)
         pad_id = getattr(self.tokenizer, "pad_token_id", None)
         self.pad_id = pad_id if pad_id is not None else (getattr(self.tokenizer, "eos_token_id", None) or 0)
         self.teacher = None
@@ -288,7 +305,6 @@ class LoSARun:
         add_sparse_lora(model, SparseLoRAConfig(r_max=cfg.r_max, rank=init_rank, alpha=cfg.lora_alpha,
                                                 init_seed=cfg.seed))
         self.wrappers = {id(m.base): m for m in sparse_lora_modules(model).values()}
-        self.fingerprint = fingerprint(self.calib_ids, examples)
         # the original weights (nothing is pruned yet): the state stores only what differs from them
         self.origin = WeightOrigin.of(model) if self.write or self.resume else None
         if self.resume:
@@ -430,9 +446,21 @@ def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, ou
     Raises:
         LosaError: invalid config, ``resume`` without ``out_dir``, an existing run in ``out_dir``, too
             little fine-tuning data, or a recipe that differs from the one being resumed.
+
+    Without ``finetune_data`` and without ``finetune.distill`` nothing is fine-tuned (pruning, RMI
+    sparsity and rank allocation only): a warning says so and the report records it
+    (``meta.notes``); fields the recipe sets but ignores (:meth:`LoSAConfig.ignored_fields`) are warned
+    about too (the command line refuses them).
         SparsityVerificationError: the merged model misses a layer's target.
     """
     cfg = build_config(LoSAConfig, config) if isinstance(config, dict) else (config or LoSAConfig())
+    if not cfg.finetunes:
+        warnings.warn(NO_FINETUNE_WARNING, stacklevel=2)
+    ignored: dict[str, list[str]] = {}
+    for path, why in cfg.ignored_fields():
+        ignored.setdefault(why, []).append(".".join(path))
+    for why, names in ignored.items():
+        warnings.warn(f"{', '.join(names)} {'has' if len(names) == 1 else 'have'} no effect {why}", stacklevel=2)
     name = model_name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
     job = LoSARun(model, tokenizer, cfg, Path(out_dir) if out_dir is not None else None, resume, progress,
                   calib_ids, name, step_eval)
@@ -471,14 +499,13 @@ def _pattern(cfg: LoSAConfig) -> str:
 
 
 def _report(cfg: LoSAConfig, rows: list[dict], final: FinalResults | None, model_name: str) -> RunReport:
-
-
     steps = [StepRecord(step=r["step"], target_sparsity=r["sparsity_target"], layer_target_sparsity=r["layer_sparsity"],
                         layer_achieved_sparsity=r["layer_achieved"], cka=r["cka"], recon_error_before=r["recon_errors"],
                         recon_error_after=r["recon_errors_after"], ranks=r["ranks"], train_loss=r["train_losses"],
                         wall_time_s=r["times"]["total_s"], ppl=r.get("ppl") or {}) for r in rows]
     meta = RunMeta(model=model_name, method=cfg.method, finetune="losa", sparsity=cfg.target_sparsity,
                    pattern=_pattern(cfg), config=cfg.model_dump(mode="json"),
+                   notes=[] if cfg.finetunes else [NO_FINETUNE_WARNING],
                    created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    versions=versions())
     return RunReport(meta=meta, steps=steps, results=final or FinalResults())

@@ -253,6 +253,50 @@ def _default(o: Any) -> Any:
     raise TypeError(type(o).__name__)
 
 
+def _differing(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of the fields in which two recipes differ (``finetune.lr``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [p for k in sorted(old.keys() | new.keys(), key=str)
+                for p in _differing(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def check_resume(out_dir: str | Path, recipe: dict) -> dict:
+    """The state of the run in ``out_dir`` to resume with ``recipe``, checked before any work: there is a
+    finished step, and its algorithm (the recipe without placement fields) is this one.
+
+    Args:
+        out_dir: the run directory.
+        recipe: this run's LoSAConfig as a mapping.
+    Returns:
+        the state's ``state.json`` as a mapping.
+    Raises:
+        LosaError: no finished step in ``out_dir``; the recipes differ (naming every differing field).
+    """
+    d = Path(out_dir) / STATE_DIR
+    if not (d / "state.json").is_file():
+        raise LosaError(f"--resume: {out_dir} holds no finished LoSA step (no {STATE_DIR}/state.json); run without "
+                        "--resume to start, or point --out at the run to continue")
+    meta = json.loads((d / "state.json").read_text())
+    diff = _differing(_algorithm(meta["recipe"]), _algorithm(recipe))
+    if diff:
+        raise LosaError(f"--resume: the recipe in {d} differs from this run's in {', '.join(diff)}; use the same "
+                        "settings or a new --out")
+    return meta
+
+
+def check_resume_data(out_dir: str | Path, meta: dict, data: dict[str, str]) -> None:
+    """Fail when this run's data (:func:`fingerprint`) are not those of the state ``meta`` in ``out_dir``.
+
+    Raises:
+        LosaError: the calibration or the fine-tuning data differ.
+    """
+    for what in ("calibration", "finetune"):
+        if meta.get("data", {}).get(what) != data[what]:
+            raise LosaError(f"--resume: the {what} data differ from the run in {Path(out_dir) / STATE_DIR} "
+                            "(fingerprint mismatch); use the same data or a new --out")
+
+
 def load_state(out_dir: str | Path, model: nn.Module, recipe: dict, data: dict[str, str],
                origin: WeightOrigin | None = None) -> tuple[int, list[dict]]:
     """Restore weights, masks and adapters into ``model``, which must hold its original weights.
@@ -275,19 +319,8 @@ def load_state(out_dir: str | Path, model: nn.Module, recipe: dict, data: dict[s
             the model.
     """
     d = Path(out_dir) / STATE_DIR
-    if not (d / "state.json").is_file():
-        raise LosaError(f"--resume: {out_dir} holds no finished LoSA step (no {STATE_DIR}/state.json); run without "
-                        "--resume to start, or point --out at the run to continue")
-    meta = json.loads((d / "state.json").read_text())
-    old, new = _algorithm(meta["recipe"]), _algorithm(recipe)
-    if old != new:
-        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        raise LosaError(f"--resume: the recipe in {d} differs from this run's in {', '.join(diff)}; use the same "
-                        "settings or a new --out")
-    for what in ("calibration", "finetune"):
-        if meta.get("data", {}).get(what) != data[what]:
-            raise LosaError(f"--resume: the {what} data differ from the run in {d} (fingerprint mismatch); use the "
-                            "same data or a new --out")
+    meta = check_resume(out_dir, recipe)
+    check_resume_data(out_dir, meta, data)
     mods = sparse_lora_modules(model)
     mismatch = LosaError(f"--resume: checkpoint in {d} does not match this model; use the same model or a new --out")
     fmt = int(meta.get("format", 1))

@@ -1,0 +1,192 @@
+"""`losa prune` / `losa run`: bad settings fail in one line before any work, ignored options are refused,
+and a run that fine-tunes nothing says so (in its log, report.json, losa report and losa compare)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+import losa
+from losa.cli import main
+from losa.errors import LosaError
+from losa.finetune.config import FinetuneConfig
+from losa.pipelines.losa import LoSAConfig
+from losa.pipelines.losa.loop import run
+
+SMALL_RUN = ["--sparsity", "0.5", "--steps", "1", "--nsamples", "4", "--seqlen", "16", "--recon-nsamples", "2",
+             "--calib", "self", "--eval", "none", "--quiet"]
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    d = tmp_path / "tiny"
+    make_tiny_model("llama", layers=2).save_pretrained(d)  # context of 256 positions
+    make_tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if pruning or a LoSA run starts."""
+    def boom(*a, **k):
+        raise AssertionError("the expensive work started before the check")
+
+    monkeypatch.setattr(losa, "prune", boom)
+    monkeypatch.setattr("losa.pipelines.losa.loop.run", boom)
+
+
+def _one_line_error(capsys, rc: int, msg: str) -> None:
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("error: ") and msg in err and len(err.strip().splitlines()) == 1, err
+
+
+# ------------------------------------------------------------------------------------------- prune
+def test_prune_refuses_an_existing_out_before_pruning(tiny_dir, tmp_path, capsys, no_work):
+    out = tmp_path / "p1"
+    out.mkdir()
+    rc = main(["prune", str(tiny_dir), "--method", "magnitude", "--eval", "none", "--out", str(out), "--quiet"])
+    _one_line_error(capsys, rc, f"output directory {out} already exists; pass --overwrite")
+    rc = main(["prune", str(tiny_dir), "--eval", "none", "--no-save", "--out", str(out), "--quiet"])
+    _one_line_error(capsys, rc, "--out has no effect with --no-save")
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--eval", "no_such_file.txt"], "--eval no_such_file.txt: no such file, and not wikitext2, c4 or ptb"),
+    (["--eval-seqlen", "1000"], "evaluation window of 1000 tokens exceeds the model's context of 256 positions; "
+                                "set --eval-seqlen 256 or lower"),
+    (["--eval-seqlen", "0"], "--eval-seqlen 0 must be at least 2"),
+    (["--max-windows", "0"], "--max-windows 0 must be at least 1"),
+    (["--max-windows", "-1"], "--max-windows -1 must be at least 1"),
+])
+def test_prune_eval_settings_fail_before_pruning(tiny_dir, tmp_path, capsys, no_work, argv, msg):
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(f"word{i % 50}" for i in range(400)))
+    evals = [] if "--eval" in argv else ["--eval", str(text)]
+    rc = main(["prune", str(tiny_dir), "--method", "magnitude", "--no-save", "--quiet", *evals, *argv])
+    _one_line_error(capsys, rc, msg)
+
+
+def test_prune_named_eval_dataset_missing_from_the_data_dir(tiny_dir, tmp_path, capsys, no_work):
+    rc = main(["prune", str(tiny_dir), "--method", "magnitude", "--no-save", "--quiet", "--data-dir", str(tmp_path),
+               "--eval", "ptb"])
+    _one_line_error(capsys, rc, "--eval ptb: ")
+
+
+@pytest.mark.parametrize("fields,msg", [
+    ({"atp_beta": 0.01}, "atp_beta only apply to allocator atp; add --allocator atp or drop --atp-beta"),
+    ({"atp_grid_points": 4}, "add --allocator atp or drop --atp-grid-points"),
+    ({"allocator": "atp", "atp_beta": 0.01, "atp_grid_points": 4}, "a fixed atp_beta skips"),
+    ({"method": "magnitude", "nm": "2:4", "options": {"per_row": True}}, "drop --per-row or --nm"),
+])
+def test_prune_options_that_would_be_ignored_are_refused(fields, msg):
+    with pytest.raises(LosaError, match=msg):
+        losa.PruneConfig(**fields)
+    losa.PruneConfig(allocator="atp", atp_beta=0.01)  # what they belong to still works
+    losa.PruneConfig(method="magnitude", options={"per_row": True})
+
+
+def test_calib_help_states_the_command_line_default():
+    from losa.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for cmd in ("prune", "run"):
+        flag = next(a for a in sub[cmd]._actions if "--calib" in a.option_strings)
+        assert "(default: c4 with a data dir (--data-dir or $LOSA_DATA_DIR), else self)" in flag.help
+
+
+# --------------------------------------------------------------------------------------------- run
+def test_run_without_fine_tuning_says_so_everywhere(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(tiny_dir), *SMALL_RUN, "--out", str(out), "--no-save"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("warning: no --finetune-data and no --distill: the adapters will not be fine-tuned") == 1
+    assert "not fine-tuned" in log and "nan" not in log
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["meta"]["notes"] and "will not be fine-tuned" in rep["meta"]["notes"][0]
+    assert main(["report", str(out)]) == 0
+    assert "Warning: no --finetune-data and no --distill" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["compare", str(out)]) == 0
+    assert "Wanda + LoSA (no fine-tuning)" in capsys.readouterr().out
+
+
+def test_compare_labels_an_older_report_without_fine_tuning_from_its_recipe():
+    from losa.report.schema import RunMeta, RunReport
+    from losa.report.tables import row_label
+
+    cfg = LoSAConfig(calib="c4").model_dump(mode="json")
+    meta = RunMeta(model="m", method="wanda", finetune="losa", sparsity=0.5, config=cfg)  # no notes field then
+    assert row_label(RunReport(meta=meta)) == "Wanda + LoSA (no fine-tuning)"
+    cfg["finetune"]["distill"] = True
+    assert row_label(RunReport(meta=meta.model_copy(update={"config": cfg}))) == "Wanda + LoSA"
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--lr", "0.01", "--epochs", "2"], "--lr, --epochs have no effect without --finetune-data or --distill"),
+    (["--max-examples", "8"], "--max-examples has no effect without --finetune-data or --distill"),
+    (["--finetune-data", "x.jsonl", "--temperature", "2"], "--temperature has no effect without --distill"),
+    (["--nm", "2:8", "--mixed-nm", "--no-layerwise-sparsity", "--distill"], "--mixed-nm has no effect with the "
+                                                                            "uniform allocator"),
+    (["--nm", "2:8", "--mixed-nm", "--allocator", "uniform", "--distill"], "use --allocator rmi or owl"),
+    (["--nm-max-pairs", "2", "--distill"], "--nm-max-pairs has no effect without --mixed-nm"),
+    (["--nm", "2:8", "--nm-max-dev", "2", "--distill"], "--nm-max-dev has no effect without --mixed-nm"),
+    (["--distill", "--max-grad-norm", "-1"], "max_grad_norm: Input should be greater than or equal to 0"),
+    (["--distill", "--lr-scheduler", "bogus"], "lr_scheduler 'bogus' is not a transformers learning-rate schedule; "
+                                               "choose one of linear, cosine"),
+    (["--distill", "--lr-scheduler", "reduce_lr_on_plateau"], "needs an eval strategy"),
+    (["--distill", "--eval-every-step", "--eval", "typo"], "--eval typo: no such file"),
+    (["--distill", "--eval-seqlen", "0"], "--eval-seqlen 0 must be at least 2"),
+])
+def test_run_bad_or_ignored_settings_fail_before_the_run(tmp_path, capsys, no_work, monkeypatch, argv, msg):
+    monkeypatch.chdir(tmp_path)  # the x.jsonl above is a name only: the run never starts
+    (tmp_path / "x.jsonl").write_text('{"text": "word4 word5"}\n')
+    rc = main(["run", "no-such-model", "--calib", "c4", "--quiet", *argv])
+    _one_line_error(capsys, rc, msg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--fsdp is valid with GPUs")
+def test_run_fsdp_without_gpus_fails_at_start(capsys, no_work):
+    rc = main(["run", "no-such-model", "--calib", "c4", "--distill", "--fsdp", "full_shard", "--quiet"])
+    _one_line_error(capsys, rc, "--fsdp needs GPUs")
+
+
+def test_valid_schedulers_and_no_clipping_are_accepted():
+    assert FinetuneConfig(lr_scheduler="cosine", max_grad_norm=0).lr_scheduler == "cosine"
+
+
+def test_resume_checks_the_state_before_any_work(tmp_path):
+    tok = make_tiny_tokenizer()
+    calib = torch.randint(4, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = LoSAConfig(sparsity=0.5, steps=1, nsamples=4, seqlen=16, recon_nsamples=2, r_max=8, r_min=1,
+                     omega_first=4, omega_last=6, device="cpu", calib="c4", finetune={"distill": True, "lr": 1e-3})
+    with pytest.raises(LosaError, match=r"--resume: .*none holds no finished LoSA step"):
+        run(make_tiny_model("llama", layers=2), tok, cfg, out_dir=tmp_path / "none", resume=True, calib_ids=calib,
+            progress=False)
+    assert not (tmp_path / "none").exists()
+    # a finished run of another learning rate and teacher cache size: refused naming the fields, nothing written
+    done = tmp_path / "done"
+    (done / "state").mkdir(parents=True)
+    old = cfg.model_dump()
+    old["finetune"].update(lr=1e-2, teacher_topk=4)
+    (done / "state" / "state.json").write_text(json.dumps({"format": 2, "step": 1, "recipe": old, "rows": []}))
+    before = sorted(p.relative_to(done) for p in done.rglob("*"))
+    with pytest.raises(LosaError, match=r"differs from this run's in finetune\.lr, finetune\.teacher_topk; use the "
+                                        "same settings"):
+        run(make_tiny_model("llama", layers=2), tok, cfg, out_dir=done, resume=True, calib_ids=calib, progress=False)
+    assert sorted(p.relative_to(done) for p in done.rglob("*")) == before
+
+
+def test_the_python_api_warns_about_a_run_without_fine_tuning(tmp_path):
+    calib = torch.randint(4, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = LoSAConfig(sparsity=0.5, steps=1, nsamples=4, seqlen=16, recon_nsamples=2, r_max=8, r_min=1,
+                     omega_first=4, omega_last=6, device="cpu", calib="c4", max_examples=8)
+    with pytest.warns(UserWarning) as w:
+        rep = run(make_tiny_model("llama", layers=2), make_tiny_tokenizer(), cfg, calib_ids=calib, progress=False)
+    messages = [str(x.message) for x in w]
+    assert any(m.startswith("no --finetune-data and no --distill") for m in messages)
+    assert any(m.startswith("max_examples has no effect") for m in messages)
+    assert rep.meta.notes and not rep.meta.fine_tuned
