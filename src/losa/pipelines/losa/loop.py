@@ -446,12 +446,12 @@ def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, ou
     Raises:
         LosaError: invalid config, ``resume`` without ``out_dir``, an existing run in ``out_dir``, too
             little fine-tuning data, or a recipe that differs from the one being resumed.
+        SparsityVerificationError: the merged model misses a layer's target.
 
     Without ``finetune_data`` and without ``finetune.distill`` nothing is fine-tuned (pruning, RMI
     sparsity and rank allocation only): a warning says so and the report records it
     (``meta.notes``); fields the recipe sets but ignores (:meth:`LoSAConfig.ignored_fields`) are warned
     about too (the command line refuses them).
-        SparsityVerificationError: the merged model misses a layer's target.
     """
     cfg = build_config(LoSAConfig, config) if isinstance(config, dict) else (config or LoSAConfig())
     if not cfg.finetunes:
