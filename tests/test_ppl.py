@@ -27,3 +27,19 @@ def test_ppl_hand_computation():
     assert math.isclose(res.ppl, math.exp(total / count), rel_tol=1e-5)
     res2 = perplexity_from_ids(model, ids, seqlen=seqlen, max_windows=2, progress=False)
     assert res2.windows == 2 and res2.tokens == 8
+
+
+def test_batch_size_below_one_is_a_clear_error(tmp_path, capsys):
+    import pytest
+
+    from losa.cli import main
+    from losa.errors import LosaError
+
+    model = make_tiny_model("llama", layers=1)
+    ids = torch.randint(3, 128, (23,), generator=torch.Generator().manual_seed(4))
+    for bad in (0, -1):  # range() refused 0; -1 evaluated nothing and divided by zero
+        with pytest.raises(LosaError, match=f"got {bad}; set --batch-size 1 or more"):
+            perplexity_from_ids(model, ids, seqlen=5, batch_size=bad, progress=False)
+        # the CLI refuses it before loading the model (the model path does not exist)
+        assert main(["eval", "ppl", str(tmp_path / "missing"), "--batch-size", str(bad)]) == 2
+        assert capsys.readouterr().err == f"error: --batch-size {bad} must be at least 1\n"

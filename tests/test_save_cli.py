@@ -115,3 +115,63 @@ def test_unknown_architecture(tmp_path, capsys):
 def test_missing_model_path(capsys):
     assert main(["inspect", "./no/such/dir"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_atomic_writers_name_a_bad_destination_in_one_line(tmp_path):
+    from losa.utils.io import atomic_write_json, atomic_write_text
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(losa.LosaError, match=f"cannot write {tmp_path}: it is a directory; give the path of a file"):
+        atomic_write_json(tmp_path, {"a": 1})
+    with pytest.raises(losa.LosaError, match=f"{tmp_path / 'file'} is a file, not a directory; choose another path"):
+        atomic_write_text(tmp_path / "file" / "sub" / "x.md", "text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no temp file left behind
+    atomic_write_text(tmp_path / "new" / "dir" / "x.md", "ok")  # missing folders are still created
+    assert (tmp_path / "new" / "dir" / "x.md").read_text() == "ok"
+
+
+def test_check_output_file(tmp_path):
+    from losa.utils.io import check_output_file
+
+    (tmp_path / "file").write_text("x")
+    assert check_output_file(tmp_path / "a" / "b.json", "--out") == tmp_path / "a" / "b.json"
+    assert not (tmp_path / "a").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    assert check_output_file(tmp_path / "file", "--out") == tmp_path / "file"  # an existing file is replaced
+    with pytest.raises(losa.LosaError, match=f"--json {tmp_path} is a directory"):
+        check_output_file(tmp_path, "--json")
+    with pytest.raises(losa.LosaError, match=f"--out {tmp_path / 'file' / 'x' / 'r.json'}: {tmp_path / 'file'} is a "
+                                             "file, not a directory"):
+        check_output_file(tmp_path / "file" / "x" / "r.json", "--out")
+    with pytest.raises(losa.LosaError, match="--out /proc/nope/x.json: cannot create files in /proc"):
+        check_output_file("/proc/nope/x.json", "--out")
+
+
+@pytest.mark.parametrize("argv", [["eval", "ppl", "MODEL", "--out", "DIR"], ["inspect", "MODEL", "--json", "DIR"],
+                                  ["eval", "ppl", "MODEL", "--out", "/proc/nope/x.json"]])
+def test_cli_bad_output_path_fails_before_loading_the_model(tmp_path, capsys, argv):
+    argv = [str(tmp_path / "missing") if a == "MODEL" else str(tmp_path) if a == "DIR" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {argv[-2]} {argv[-1]}") and len(err.splitlines()) == 1, err
+
+
+def test_cli_bad_device_is_one_line(tmp_path, capsys):
+    from losa.utils.device import resolve_device
+
+    for bad in ("foo", "cuda:x", ""):
+        with pytest.raises(losa.LosaError, match=f"--device '{bad}' is not a device; use auto, cpu, cuda or cuda:N"):
+            resolve_device(bad)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert main(["eval", "ppl", str(tmp_path / "missing"), "--device", "foo"]) == 2  # before loading the model
+    assert capsys.readouterr().err == "error: --device 'foo' is not a device; use auto, cpu, cuda or cuda:N\n"
+
+
+def test_inspect_help_and_patterns(tiny_dir, capsys):
+    from losa.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["inspect"]
+    assert "(default: None)" not in sub.format_help()
+    assert main(["inspect", str(tiny_dir)]) == 0  # dense: no N:M pattern at all (4:4 / 8:8 are not patterns)
+    out = capsys.readouterr().out
+    assert "no N:4 pattern: some group of 4 has no zero" in out and "no N:8 pattern" in out
+    assert "4:4" not in out and "8:8" not in out

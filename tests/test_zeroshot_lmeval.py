@@ -134,3 +134,47 @@ def test_cli_quiet_run_writes_results_without_progress_bars(smollm2, data_dir, t
     result = json.loads(out.read_text())
     assert result["tasks"]["rte"]["n"] == 2 and 0.0 <= result["tasks"]["rte"]["acc"] <= 1.0
     assert "| rte |" in captured.out
+
+
+def test_unreachable_hub_is_one_line_naming_offline_mode():
+    """lm-eval's own tasks download their datasets in ``TaskManager.load``; offline that was a traceback."""
+
+    class OfflineTaskManager:
+        def load(self, names):
+            try:
+                raise OSError("offline mode is enabled")
+            except OSError as e:  # datasets raises a ConnectionError with the hub's error as its context
+                raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (OfflineModeIsEnabled)") from e
+
+    with pytest.raises(LosaError, match=r"task\(s\) rte from the Hugging Face hub \(ConnectionError\); use "
+                                        r"--offline --data-dir DIR"):
+        zs._load_tasks(OfflineTaskManager(), ["rte"])
+
+    class BrokenTaskManager:
+        def load(self, names):
+            raise KeyError("not a network failure")
+
+    with pytest.raises(KeyError):  # anything else is not hidden
+        zs._load_tasks(BrokenTaskManager(), ["rte"])
+
+
+def test_cli_bad_flags_fail_before_loading_model(tmp_path, capsys):
+    from losa.cli import main
+
+    missing = str(tmp_path / "missing")
+    for flags, err in [(["--batch-size", "0"], "error: --batch-size must be >= 1, got 0\n"),
+                       (["--device", "foo"], "error: --device 'foo' is not a device; use auto, cpu, cuda or cuda:N\n"),
+                       (["--out", str(tmp_path)], f"error: --out {tmp_path} is a directory; give the path of a file "
+                                                  "(e.g. inside it)\n")]:
+        assert main(["eval", "zeroshot", missing, "--tasks", "rte", *flags]) == 2
+        assert capsys.readouterr().err == err
+
+
+def test_no_git_probe_keeps_git_quiet_and_restores():
+    """Outside a git checkout lm-eval's ``git describe`` printed ``fatal: not a git repository`` even with --quiet."""
+    import lm_eval.evaluator as evaluator
+
+    original = evaluator.get_git_commit_hash
+    with zs.no_git_probe():
+        assert evaluator.get_git_commit_hash() is None
+    assert evaluator.get_git_commit_hash is original

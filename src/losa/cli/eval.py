@@ -6,6 +6,7 @@ import argparse
 import importlib
 
 from losa.cli.common import add_data_dir_arg, add_model_arg, add_quiet_arg
+from losa.errors import LosaError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,10 +37,15 @@ def run_ppl(args: argparse.Namespace) -> int:
     import losa
     from losa.eval.ppl import perplexity
     from losa.utils.device import resolve_device
-    from losa.utils.io import atomic_write_json
+    from losa.utils.io import atomic_write_json, check_output_file
 
+    if args.batch_size < 1:  # bad flags fail before loading the model
+        raise LosaError(f"--batch-size {args.batch_size} must be at least 1")
+    device = resolve_device(args.device)
+    if args.out:
+        check_output_file(args.out, "--out")
     model, tok = losa.load_model(args.model, dtype=args.dtype)
-    model.to(resolve_device(args.device))
+    model.to(device)
     results = {}
     for d in [x.strip() for x in args.datasets.split(",") if x.strip()]:
         r = perplexity(model, tok, d, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from losa.cli.common import add_data_dir_arg, add_model_arg, add_quiet_arg
+from losa.errors import LosaError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,13 +47,19 @@ def run(args: argparse.Namespace) -> int:
         use_local_tasks,
     )
     from losa.utils.device import resolve_device
+    from losa.utils.io import check_output_file
 
     tasks = parse_tasks(args.tasks)
-    if use_local_tasks(args.offline, args.data_dir):  # fail on a missing task file before loading the model
+    if args.batch_size < 1:  # bad flags and a missing task file fail before loading the model
+        raise LosaError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = resolve_device(args.device)
+    if args.out:
+        check_output_file(args.out, "--out")
+    if use_local_tasks(args.offline, args.data_dir):
         check_local_tasks(tasks, args.data_dir)
     with progress_disabled(args.quiet):
         model, tok = losa.load_model(args.model, dtype=args.dtype)
-    model.to(resolve_device(args.device))
+    model.to(device)
     result = run_zeroshot(model, tok, tasks, limit=args.limit, data_dir=args.data_dir, batch_size=args.batch_size,
                           seed=args.seed, offline=args.offline, quiet=args.quiet)
     print(format_table(result))

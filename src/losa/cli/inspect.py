@@ -12,6 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="report the sparsity of a model and check N:M patterns",
                        description="Per-module, per-layer and overall sparsity of the decoder's linear layers.")
     add_model_arg(p, default=None)
+    next(a for a in p._actions if a.dest == "model").help = "local HF directory, hub id, .gguf file or built-in alias"
     p.add_argument("--nm", help="check this N:M pattern (e.g. 2:4) on every module")
     p.add_argument("--modules", action="store_true", help="list every module, not only layers")
     p.add_argument("--json", dest="json_out", help="also write the full report to this JSON file")
@@ -23,9 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     import losa
     from losa.export.verify import sparsity_report
-    from losa.utils.io import atomic_write_json
+    from losa.utils.io import atomic_write_json, check_output_file
 
     nm = parse_nm(args.nm) if args.nm else None
+    if args.json_out:
+        check_output_file(args.json_out, "--json")
     model, _ = losa.load_model(args.model, dtype=args.dtype)
     rep = sparsity_report(model, nm)
     print(f"{'layer':>5}  {'params':>12}  {'sparsity':>8}")
@@ -43,8 +46,13 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(f"{args.nm} pattern: {'satisfied by every module' if ok else f'VIOLATED in {len(bad)} modules'}")
     else:
         for m_ in (4, 8):
-            worst = max((m.max_nonzeros_per_group[str(m_)] or m_) for m in rep.modules.values())
-            print(f"at most {worst} non-zeros in any group of {m_} (satisfies {worst}:{m_})")
+            counts = [m.max_nonzeros_per_group[str(m_)] for m in rep.modules.values()]
+            if None in counts:
+                print(f"no N:{m_} pattern: some module's input width is not a multiple of {m_}")
+            elif max(counts) >= m_:
+                print(f"no N:{m_} pattern: some group of {m_} has no zero")
+            else:  # only N:M with 1 <= N < M is a pattern (--nm refuses the others)
+                print(f"at most {max(counts)} non-zeros in any group of {m_} (satisfies {max(max(counts), 1)}:{m_})")
     if args.json_out:
         atomic_write_json(args.json_out, rep.model_dump())
     if args.min_sparsity is not None and rep.overall < args.min_sparsity:

@@ -76,11 +76,13 @@ def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int = 2048, max_window
     Returns:
         A :class:`PerplexityResult`.
     Raises:
-        LosaError: ``seqlen < 2`` or beyond the model's context, fewer tokens than one window, or a
-            non-finite mean NLL.
+        LosaError: ``seqlen < 2`` or beyond the model's context, ``batch_size < 1``, fewer tokens than one
+            window, or a non-finite mean NLL.
     """
     if seqlen < 2:
         raise LosaError(f"seqlen must be >= 2, got {seqlen}")
+    if batch_size < 1:
+        raise LosaError(f"batch size must be >= 1 window, got {batch_size}; set --batch-size 1 or more")
     check_window(model, seqlen, "evaluation window", flag)
     n = ids.numel() // seqlen
     if max_windows is not None:

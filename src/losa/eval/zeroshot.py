@@ -63,6 +63,23 @@ def progress_disabled(disabled: bool = True) -> Iterator[None]:
         lm_log.setLevel(old_level)
 
 
+@contextlib.contextmanager
+def no_git_probe() -> Iterator[None]:
+    """Within the block, lm-eval does not run ``git describe`` for its results' ``git_hash`` (losa drops that
+    field; outside a git checkout git printed ``fatal: not a git repository`` on stderr, even with --quiet)."""
+    import lm_eval.evaluator as evaluator
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is None:  # another lm-eval version: nothing to silence here
+        yield
+        return
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
 def parse_tasks(spec: str | Sequence[str]) -> list[str]:
     """``"boolq,rte"`` or a list -> task names (``"all"`` = :data:`DEFAULT_TASKS`), duplicates removed."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
@@ -105,6 +122,22 @@ def build_task_manager(local: bool, data_dir: str | os.PathLike | None, tasks: S
 
     root = check_local_tasks(tasks, data_dir)
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_dir": str(root)})
+
+
+def _load_tasks(tm, names: Sequence[str]) -> dict[str, Any]:
+    """``tm.load(names)["tasks"]``; a hub that cannot be reached (lm-eval's tasks download their datasets
+    here) is one line naming the fix."""
+    from losa.models.loading import hub_unreachable
+
+    try:
+        return tm.load(names)["tasks"]
+    except Exception as e:
+        cause = hub_unreachable(e)
+        if cause is None:
+            raise
+        raise LosaError(f"could not download the datasets of task(s) {', '.join(names)} from the Hugging Face hub "
+                        f"({type(cause).__name__}); use --offline --data-dir DIR (local task files) or check the "
+                        "network (and HF_HUB_OFFLINE)") from None
 
 
 def seeded_subset(n_docs: int, limit: int | None, seed: int, task: str) -> list[int] | None:
@@ -172,9 +205,9 @@ def run_zeroshot(model, tokenizer, tasks: Sequence[str] | str = DEFAULT_TASKS, l
         raise LosaError(f"--batch-size must be >= 1, got {batch_size}")
     local = use_local_tasks(offline, data_dir)
     start = time.perf_counter()
-    with progress_disabled(quiet):
+    with progress_disabled(quiet), no_git_probe():
         tm = build_task_manager(local, data_dir, names)
-        loaded = tm.load(names)["tasks"]
+        loaded = _load_tasks(tm, names)
         missing = [t for t in names if t not in loaded]
         if missing:
             raise LosaError(f"lm-eval did not load task(s) {', '.join(missing)}; check the task names")

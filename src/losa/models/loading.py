@@ -187,6 +187,35 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 _HTTP_TRANSPORT_ERRORS = {"TransportError", "ConnectionError", "Timeout"}
 
 
+def _cause_chain(err: BaseException) -> list[BaseException]:
+    """``err`` and its causes, outermost first, following the chain Python prints."""
+    chain: list[BaseException] = []
+    e: BaseException | None = err
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
+    return chain
+
+
+def _is_network_error(e: BaseException) -> bool:
+    from huggingface_hub import errors as hub
+
+    return isinstance(e, (hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled, ConnectionError, TimeoutError)) \
+        or bool(_HTTP_TRANSPORT_ERRORS & {c.__name__ for c in type(e).__mro__})
+
+
+def hub_unreachable(err: BaseException) -> BaseException | None:
+    """The failure to reach the Hugging Face hub (offline mode, no connection, a timeout, nothing cached)
+    anywhere in ``err``'s cause chain, or None.
+
+    Args:
+        err: an exception raised while downloading from the hub (models, datasets).
+    Returns:
+        The network failure itself (its type names the cause), or None for any other error.
+    """
+    return next((e for e in _cause_chain(err) if _is_network_error(e)), None)
+
+
 def _hub_error(name: str, what: str, err: BaseException) -> LosaError | None:
     """A one-line :class:`LosaError` for a Hugging Face hub failure anywhere in ``err``'s cause chain.
 
@@ -196,11 +225,7 @@ def _hub_error(name: str, what: str, err: BaseException) -> LosaError | None:
     """
     from huggingface_hub import errors as hub
 
-    chain: list[BaseException] = []  # outermost first, following the chain Python prints
-    e: BaseException | None = err
-    while e is not None and all(e is not c for c in chain):
-        chain.append(e)
-        e = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
+    chain = _cause_chain(err)
 
     def status(x: BaseException) -> int | None:
         return getattr(getattr(x, "response", None), "status_code", None)
@@ -213,8 +238,7 @@ def _hub_error(name: str, what: str, err: BaseException) -> LosaError | None:
             return LosaError(f"the hub refused access to {name!r} ({what}, HTTP {status(e) or 'auth'}: gated or "
                              "private repo); request access on its model page, then log in with `hf auth login` "
                              "(or set HF_TOKEN)")
-        if isinstance(e, (hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled, ConnectionError, TimeoutError)) \
-                or _HTTP_TRANSPORT_ERRORS & {c.__name__ for c in type(e).__mro__}:
+        if _is_network_error(e):
             return LosaError(f"could not reach the Hugging Face hub for {name!r} ({what}: {type(e).__name__}) and it "
                              "is not in the local cache; check the network (and HF_HUB_OFFLINE), or pass a local "
                              "model directory")

@@ -10,16 +10,30 @@ from losa.errors import LosaError
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU. An unavailable explicit device is a clear error."""
+    """``auto`` picks CUDA, then MPS, then CPU. An unknown or unavailable explicit device is a clear error.
+
+    Args:
+        device: ``auto`` (or None), or a torch device name such as ``cpu``, ``cuda``, ``cuda:1``.
+    Returns:
+        The :class:`torch.device`.
+    Raises:
+        LosaError: ``device`` is not a device name, or names CUDA (or a CUDA index) that is not available.
+    """
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise LosaError(f"--device {str(device)!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LosaError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise LosaError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                        f"device(s); use --device cuda:0 to cuda:{torch.cuda.device_count() - 1}, or auto")
     return dev
 
 

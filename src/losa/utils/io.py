@@ -15,20 +15,74 @@ from losa.errors import LosaError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``."""
+    """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``.
+
+    Missing parent folders are created.
+
+    Args:
+        path: the destination file.
+        data: the bytes to write.
+    Raises:
+        LosaError: the destination cannot be written (a directory, a parent that is a file, no
+            permission, a full disk), naming the path; nothing is left behind.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from None
         raise
+
+
+def _write_error(path: Path, err: OSError) -> LosaError:
+    """The one-line error for an output file that cannot be written."""
+    if path.is_dir():
+        return LosaError(f"cannot write {path}: it is a directory; give the path of a file (e.g. inside it)")
+    bad = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if bad is not None:
+        return LosaError(f"cannot write {path}: {bad} is a file, not a directory; choose another path")
+    return LosaError(f"cannot write {path} ({err.strerror or type(err).__name__}); choose a path in a writable "
+                     "directory")
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """Fail before any work when ``path`` cannot become an output file of :func:`atomic_write_bytes`.
+
+    The path must not be a directory; its nearest existing parent must be a directory where files can be
+    created (missing folders below it are created when writing).
+
+    Args:
+        path: the output file the command will write.
+        flag: the option that gave it, e.g. ``--out`` (named in the error).
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    Raises:
+        LosaError: ``path`` is a directory, a parent is a file, or the parent folder is not writable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise LosaError(f"{flag} {path} is a directory; give the path of a file (e.g. inside it)")
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise LosaError(f"{flag} {path}: {parent} is a file, not a directory; choose another path")
+    try:  # what the writer will do there (permissions, read-only or special file systems)
+        os.rmdir(tempfile.mkdtemp(prefix=".losa-check.", dir=parent))
+    except OSError as e:
+        raise LosaError(f"{flag} {path}: cannot create files in {parent} ({e.strerror or type(e).__name__}); "
+                        "choose a path in a writable directory") from None
+    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
