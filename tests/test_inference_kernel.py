@@ -578,6 +578,13 @@ def test_choose_arithmetic_explicit_requests(case):
     assert c.dtype == "float16" and c.activations == "float32"
 
 
+@pytest.mark.parametrize("case", list(ISA_CASES))
+def test_dense_line_says_nothing_of_sparse_values(case):
+    """``--dense`` keeps every layer dense: the line names the model dtype only (it claimed bf16 values)."""
+    c = choose_arithmetic(ISA_CASES[case][0], Requested())
+    assert c.line(dense=True) == f"arithmetic: {c.dtype} model, dense layers (--dense: no sparse values)"
+
+
 def test_choose_arithmetic_bad_requests():
     with pytest.raises(LosaError, match="--value-dtype 'int8' is not supported"):
         choose_arithmetic(IsaInfo("avx2"), Requested(value_dtype="int8"))

@@ -270,3 +270,79 @@ def test_sparsify_any_module_not_only_registered_families():
     assert summary["replaced"] == 2 and summary["kept_dense"] == 1
     torch.testing.assert_close(net(x), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(net(x[:1]), want[:1], rtol=1e-5, atol=1e-5)  # the batch-1 kernel path too
+
+
+def last_line(err: str) -> str:
+    """The last line of stderr (loading draws progress bars before an error)."""
+    return err.strip().splitlines()[-1]
+
+
+def test_cli_generate_checks_the_prompt_and_context_first(tmp_path, capsys):
+    """As ``losa serve`` does per request: an empty prompt and prompt + --max-new-tokens beyond the context
+    are one line (gpt2's learned positions raised IndexError, llama's rotary ones ran silently past 256)."""
+    from conftest import make_tiny_tokenizer
+
+    from losa.cli import main
+
+    for family in ("gpt2", "llama"):
+        make_tiny_model(family).save_pretrained(tmp_path / family)
+        make_tiny_tokenizer().save_pretrained(tmp_path / family)
+        path = str(tmp_path / family)
+        assert main(["generate", path, "--prompt", "word1 word2", "--max-new-tokens", "300", "--dense"]) == 2
+        assert last_line(capsys.readouterr().err) == (
+            "error: prompt (2 tokens) + --max-new-tokens (300) exceeds the model's context of 256 tokens; shorten the "
+            "prompt or lower --max-new-tokens")
+        assert main(["generate", path, "--prompt", "", "--dense"]) == 2
+        assert last_line(capsys.readouterr().err) == "error: --prompt is empty after tokenization; give some text"
+    assert main(["generate", path, "--prompt", "word1", "--max-new-tokens", "254", "--dense"]) == 0  # fits exactly
+
+
+def test_cli_generate_save_compact_errors(tmp_path, capsys):
+    from conftest import make_tiny_tokenizer
+
+    from losa.cli import main
+
+    path = _tiny_checkpoint(tmp_path)
+    missing = str(tmp_path / "missing")
+    # before loading anything: the fix is a flag, not a Python call
+    assert main(["generate", missing, "--prompt", "word5", "--dense", "--save-compact", str(tmp_path / "c")]) == 2
+    assert last_line(capsys.readouterr().err) == "error: --save-compact writes the sparse layers; drop --dense"
+    assert main(["generate", missing, "--prompt", "word5", "--save-compact", str(tmp_path)]) == 2
+    assert last_line(capsys.readouterr().err).startswith(f"error: --save-compact {tmp_path} is a directory")
+    make_tiny_model("llama").save_pretrained(tmp_path / "dense")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "dense")
+    assert main(["generate", str(tmp_path / "dense"), "--prompt", "word5", "--save-compact", str(tmp_path / "c")]) == 2
+    assert "no pruned layer" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "1", "--save-compact",
+                 str(tmp_path / "c.safetensors")]) == 0
+    assert (tmp_path / "c.safetensors").is_file()
+
+
+def test_cli_compact_file_keeps_its_stored_value_dtype_and_says_so(tmp_path, capsys, monkeypatch):
+    """``--value-dtype`` cannot change a compact file's values: the arithmetic line names the stored dtype and a
+    different request is a one-line warning."""
+    import losa
+    from losa.cli import main
+    from losa.export.compact import stored_value_dtype
+
+    monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")
+    path = _tiny_checkpoint(tmp_path)
+    model, _ = losa.load_model(path)
+    sparsify_for_inference(model, value_dtype="bfloat16")
+    save_sparse(model, tmp_path / "c.safetensors")
+    assert stored_value_dtype(tmp_path / "c.safetensors") == "bfloat16"
+    compact = ["--compact", str(tmp_path / "c.safetensors")]
+    assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "2", *compact,
+                 "--value-dtype", "float32"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (f"warning: --value-dtype float32 ignored: {tmp_path / 'c.safetensors'} stores bfloat16 values "
+                      "and they are used as stored (write the file again with --value-dtype float32 to change it)")
+    assert "float32 model, bfloat16 values" in out[1] and out[1].startswith("arithmetic")
+    assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "2", *compact, "--value-dtype",
+                 "bfloat16"]) == 0
+    assert not capsys.readouterr().out.startswith("warning")
+    assert main(["generate", path, "--prompt", "word5", *compact, "--dense"]) == 2
+    assert last_line(capsys.readouterr().err) == "error: --compact loads sparse layers; drop --dense"
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    assert main(["generate", path, "--prompt", "word5", "--compact", str(tmp_path / "junk.safetensors")]) == 2
+    assert "is not a readable safetensors file" in capsys.readouterr().err

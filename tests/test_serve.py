@@ -584,3 +584,41 @@ def test_cli_serve_help_documents_every_flag():
         assert flags.get(flag), flag
     assert all(h for h in flags.values()), [f for f, h in flags.items() if not h]
     assert "LOSA_API_KEY" in flags["--api-key"] and "503" in flags["--max-queue"] and "504" in flags["--request-timeout"]
+
+
+def test_cli_serve_sigterm_stops_cleanly_with_status_0(tmp_path, capsys, monkeypatch):
+    """uvicorn shuts down on SIGTERM, then raises it again under the handler it found; ``run_serve`` must have
+    one there (the default handler killed the process with status 143 after the clean stop)."""
+    import os
+    import signal
+
+    from losa.cli import build_parser, serve
+
+    model, tok = make_tiny_model("llama", seed=3), make_tiny_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    built = []
+
+    def build(args):
+        built.append(real_build(args))
+        return built[-1]
+
+    real_build = serve.build_server
+    monkeypatch.setattr(serve, "build_server", build)
+    leaked = []
+    outer = signal.signal(signal.SIGTERM, lambda *a: leaked.append(a))  # instead of dying when the fix is missing
+    try:
+        def terminate():
+            end = time.monotonic() + 30
+            while not (built and built[0].started) and time.monotonic() < end:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=terminate, daemon=True).start()
+        args = build_parser().parse_args(["serve", str(tmp_path / "m"), "--dense", "--dtype", "float32", "--port", "0"])
+        assert serve.run_serve(args) == 0
+        assert signal.getsignal(signal.SIGTERM) is not getattr(serve, "_raise_terminated", None)  # restored
+    finally:
+        signal.signal(signal.SIGTERM, outer)
+    assert built[0].socket.fileno() == -1  # closed
+    assert capsys.readouterr().out.splitlines()[-1] == "stopped" and not leaked

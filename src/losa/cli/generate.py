@@ -22,20 +22,61 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_generate)
 
 
+def use_stored_value_dtype(args: argparse.Namespace) -> None:
+    """With ``--compact``, set ``args.value_dtype`` to the dtype the file stores, before anything is loaded.
+
+    The compact file's values are loaded as stored, so the printed arithmetic line must name that dtype;
+    a different ``--value-dtype`` the user gave is ignored with a one-line warning.
+
+    Args:
+        args: the parsed ``losa generate`` / ``losa serve`` arguments (changed in place).
+    Raises:
+        LosaError: ``--compact`` with ``--dense``, or a compact file that is missing or unreadable.
+    """
+    from losa.export.compact import stored_value_dtype
+
+    if not args.compact:
+        return
+    if not args.sparse:
+        raise LosaError("--compact loads sparse layers; drop --dense")
+    stored = stored_value_dtype(args.compact)
+    if stored not in ("float32", "bfloat16"):
+        return
+    if args.value_dtype not in ("auto", stored):
+        print(f"warning: --value-dtype {args.value_dtype} ignored: {args.compact} stores {stored} values and "
+              f"they are used as stored (write the file again with --value-dtype {args.value_dtype} to change it)")
+    args.value_dtype = stored
+
+
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from losa.inference import save_sparse
     from losa.inference.decode import LeanDecoder
+    from losa.models.registry import context_overflow, max_context
+    from losa.utils.io import check_output_file
 
     if args.max_new_tokens < 1:
         raise LosaError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    if args.save_compact:
+        if not args.sparse:
+            raise LosaError("--save-compact writes the sparse layers; drop --dense")
+        check_output_file(args.save_compact, "--save-compact")
+    use_stored_value_dtype(args)
     model, tok, mode, _ = load_runtime_model(args, "generation")
+    ids = tok(args.prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise LosaError("--prompt is empty after tokenization; give some text")
+    overflow = context_overflow(ids.shape[1], args.max_new_tokens, max_context(model), "--max-new-tokens")
+    if overflow is not None:
+        raise LosaError(overflow)
+    if args.save_compact and mode == "dense":
+        raise LosaError("--save-compact: the model has no pruned layer (sparsity < 25 %) to store sparse; "
+                        "prune it first (losa prune) or drop --save-compact")
     decoder = LeanDecoder(model, compile=args.compile, compile_wrapper=args.compile_wrapper)
     if args.save_compact:
         save_sparse(model, args.save_compact)
         print(f"wrote {args.save_compact}")
-    ids = tok(args.prompt, return_tensors="pt").input_ids
     with torch.inference_mode():
         t0 = time.perf_counter()
         out = decoder.generate(ids, args.max_new_tokens, do_sample=args.sample, attention_mask=torch.ones_like(ids),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
+import threading
 
 from losa.cli.common import add_model_arg, add_runtime_args, load_runtime_model
 from losa.errors import LosaError
@@ -70,12 +72,15 @@ def build_server(args: argparse.Namespace):
         A :class:`~losa.serve.LosaServer`.
 
     Raises:
-        LosaError: for invalid flags, a port that cannot be bound, or a model that cannot be loaded.
+        LosaError: for invalid flags, a missing or unreadable ``--compact`` file, a port that cannot be
+            bound, or a model that cannot be loaded.
     """
+    from losa.cli.generate import use_stored_value_dtype
     from losa.serve import GenerationService, LosaServer, create_app
     from losa.serve.server import bind_socket
 
     settings = _settings(args)
+    use_stored_value_dtype(args)
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as e:
@@ -94,8 +99,16 @@ def build_server(args: argparse.Namespace):
     return LosaServer(create_app(service, settings, info), sock, log_level="info")
 
 
+class _Terminated(Exception):
+    """SIGTERM, raised again by uvicorn once it has shut down cleanly."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    """Serve until Ctrl-C (or SIGTERM).
+    """Serve until Ctrl-C (or SIGTERM); either stops cleanly (open requests get up to 5 s).
 
     Args:
         args: the parsed ``losa serve`` arguments.
@@ -112,12 +125,18 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"serving {server.app.state.model} on {server.url} (POST /v1/completions, /v1/chat/completions; "
           f"GET /v1/models, /health; {limits}, up to {settings.max_queue} waiting"
           f"{', API key required' if settings.api_key else ''}); Ctrl-C stops", flush=True)
+    # uvicorn handles SIGINT/SIGTERM while it runs, then raises the signal again under the handler it found:
+    # SIGINT's is KeyboardInterrupt; SIGTERM's default would kill the process (status 143) after the clean stop
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated):
         print("stopped")
     except SystemExit as e:  # uvicorn exits this way when startup fails, after logging why
         raise LosaError("the server failed to start; see the message above") from e
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         server.server_close()
     return 0

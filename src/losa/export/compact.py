@@ -46,6 +46,41 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
+#: safetensors dtype names of the stored sparse values
+_VALUE_DTYPES = {"BF16": "bfloat16", "F32": "float32", "F16": "float16"}
+
+
+def stored_value_dtype(path: str | os.PathLike) -> str | None:
+    """The dtype of the sparse values stored in a compact file (``"bfloat16"``, ``"float32"``), read from
+    its header without loading tensors; :func:`load_sparse` keeps it.
+
+    Args:
+        path: a file written by :func:`save_sparse`.
+    Returns:
+        The dtype name, or None when the file holds no sparse module.
+    Raises:
+        LosaError: the file is missing, not a safetensors file, or not a losa compact checkpoint.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise LosaError(f"compact checkpoint {path} not found; write one with losa.inference.save_sparse")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if _KEY not in meta:
+                raise LosaError(f"{path} is not a losa compact checkpoint (no '{_KEY}' metadata); use save_sparse")
+            name = next(iter(json.loads(meta[_KEY])), None)
+            dtype = None if name is None else f.get_slice(f"{name}.values").get_dtype()
+    except LosaError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken header: one line
+        raise LosaError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); give a file "
+                        "written by save_sparse (losa generate --save-compact)") from None
+    return None if dtype is None else _VALUE_DTYPES.get(dtype, dtype.lower())
+
+
 def load_sparse(model: nn.Module, path: str | os.PathLike, prefill_dtype: str | torch.dtype = "float32") -> nn.Module:
     """Load a file written by :func:`save_sparse` into ``model`` (same architecture), in place."""
     from safetensors import safe_open

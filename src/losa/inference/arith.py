@@ -110,8 +110,18 @@ class Choice:
     reason: str
     isa: str
 
-    def line(self) -> str:
-        """One line for the log: what was chosen and why."""
+    def line(self, dense: bool = False) -> str:
+        """One line for the log: what was chosen and why.
+
+        Args:
+            dense: the model keeps its dense layers (``--dense``): only the model dtype applies; the line
+                says nothing of sparse values, activations or prompt paths.
+
+        Returns:
+            The line.
+        """
+        if dense:
+            return f"arithmetic: {self.dtype} model, dense layers (--dense: no sparse values)"
         return (f"arithmetic ({self.isa}): {self.dtype} model, {self.value_dtype} values, {self.activations} "
                 f"activations in sparse layers, prompts via {self.prefill} -- {self.reason}")
 

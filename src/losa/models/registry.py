@@ -282,6 +282,29 @@ def check_window(model: nn.Module, length: int, what: str, flag: str) -> None:
                         f"set {flag} {limit} or lower")
 
 
+def context_overflow(prompt_tokens: int, max_new: int, context: int | None, limit: str,
+                     which: str = "prompt") -> str | None:
+    """Why a prompt plus ``max_new`` generated tokens does not fit the model's context (None if it does).
+
+    ``losa serve`` (per request) and ``losa generate`` refuse such a generation before it starts: beyond
+    the context, learned position embeddings fail with an ``IndexError`` and rotary ones silently run
+    outside what the model was trained on.
+
+    Args:
+        prompt_tokens: the prompt's length in tokens.
+        max_new: the most tokens to generate.
+        context: the model's context in tokens (:func:`max_context`); None = unknown, everything fits.
+        limit: how the user set ``max_new``, named in the fix (``max_tokens``, ``--max-new-tokens``).
+        which: the prompt's name in the message, e.g. ``prompt 2``.
+    Returns:
+        A one-line message naming the problem and the fix, or None.
+    """
+    if context is None or prompt_tokens + max_new <= context:
+        return None
+    return (f"{which} ({prompt_tokens} tokens) + {limit} ({max_new}) exceeds the model's context of {context} "
+            f"tokens; shorten the prompt or lower {limit}")
+
+
 def layer_sizes(model: nn.Module) -> list[int]:
     """Prunable weights of every decoder layer, ``[L]`` (every expert matrix included; the weights of the
     layer-wise sparsity allocators)."""

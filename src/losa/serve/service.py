@@ -21,6 +21,7 @@ import torch
 from jinja2 import TemplateError, TemplateSyntaxError
 
 from losa.errors import LosaError
+from losa.models.registry import context_overflow, max_context
 from losa.serve.limits import Deadline
 from losa.serve.schema import ChatRequest, CompletionRequest, RequestError, SamplingFields
 from losa.serve.stops import StopWatch, cut_at_stop
@@ -81,7 +82,7 @@ class GenerationService:
         self.model, self.tok, self.name = model.eval(), tokenizer, name
         self.decoder = LeanDecoder(self.model, compile=compile, compile_wrapper=compile_wrapper)
         self.default_max_tokens = default_max_tokens
-        self.context = getattr(model.config, "max_position_embeddings", None)
+        self.context = max_context(model)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
@@ -149,10 +150,9 @@ class GenerationService:
             prompts, default_max = [self.encode_prompt(p) for p in req.prompt], COMPLETION_DEFAULT_MAX_TOKENS
         max_new = req.token_limit or default_max
         for i, ids in enumerate(prompts):
-            if self.context is not None and ids.shape[1] + max_new > self.context:
-                which = f"prompt {i} " if len(prompts) > 1 else "prompt "
-                raise RequestError(f"{which}({ids.shape[1]} tokens) + max_tokens ({max_new}) exceeds the model's "
-                                   f"context of {self.context} tokens; shorten the prompt or lower max_tokens")
+            which = f"prompt {i}" if len(prompts) > 1 else "prompt"
+            if (overflow := context_overflow(ids.shape[1], max_new, self.context, "max_tokens", which)) is not None:
+                raise RequestError(overflow)
         return Job(req, prompts, max_new)
 
     # ------------------------------------------------------------------ generation
