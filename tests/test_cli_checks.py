@@ -54,6 +54,23 @@ def test_prune_refuses_an_existing_out_before_pruning(tiny_dir, tmp_path, capsys
     _one_line_error(capsys, rc, "--out has no effect with --no-save")
 
 
+
+@pytest.mark.parametrize("cmd", ["prune", "run"])
+@pytest.mark.parametrize("case", ["out is a file", "parent is a file", "bad device"])
+def test_bad_out_path_or_device_fails_before_the_model_loads(cmd, case, tmp_path, capsys, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(losa, "load_model", boom)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out = {"out is a file": afile, "parent is a file": afile / "sub", "bad device": tmp_path / "new"}[case]
+    extra = ["--device", "foo"] if case == "bad device" else []
+    rc = main([cmd, "no-such-model", "--eval", "none", "--out", str(out), "--quiet", *extra])
+    _one_line_error(capsys, rc, {"out is a file": f"--out {afile} is a file; give the path of a directory",
+                                 "parent is a file": f"{afile} is a file, not a directory",
+                                 "bad device": "--device 'foo' is not a device; use auto, cpu, cuda or cuda:N"}[case])
+
 @pytest.mark.parametrize("argv,msg", [
     (["--eval", "no_such_file.txt"], "--eval no_such_file.txt: no such file, and not wikitext2, c4 or ptb"),
     (["--eval-seqlen", "1000"], "evaluation window of 1000 tokens exceeds the model's context of 256 positions; "

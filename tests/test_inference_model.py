@@ -211,6 +211,7 @@ def test_cli_generate_picks_the_arithmetic_per_cpu(tmp_path, capsys, monkeypatch
     assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "2", "--dense"]) == 0
     out = capsys.readouterr().out
     assert ("bfloat16 model" if native_bf16() else "float32 model") in out and "[dense]" in out
+    assert "dense layers (--dense: no sparse values)" in out and "values" not in out.split("dense layers")[0]
 
 
 # ------------------------------------------------------------------ the real SmolLM2-135M

@@ -66,17 +66,6 @@ def refuse_ignored(args: argparse.Namespace, ignored: list[tuple[tuple[str, ...]
     raise LosaError(f"{', '.join(names)} {'has' if len(names) == 1 else 'have'} no effect {why}")
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an existing output directory before any work (``save_checkpoint`` refuses it again when
-    writing). A private check until losa.utils.io has a shared one.
-
-    Raises:
-        LosaError: ``out`` exists and ``overwrite`` is False.
-    """
-    if out.exists() and not overwrite:
-        raise LosaError(f"output directory {out} already exists; pass --overwrite or choose another --out")
-
-
 def eval_settings(args: argparse.Namespace, seqlen: int, data_dir: str | None) -> tuple[list[str], int]:
     """The perplexity datasets and window length of ``--eval`` / ``--eval-seqlen`` / ``--max-windows``,
     checked before any work: every dataset exists, the window has at least 2 tokens, ``--max-windows``
@@ -187,7 +176,7 @@ def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any
     choice = choose_arithmetic(detect_isa(use_kernel=args.sparse),
                                Requested(args.dtype, getattr(args, "value_dtype", "auto"),
                                          getattr(args, "prefill_dtype", "auto")))
-    print(choice.line())
+    print(choice.line(dense=not args.sparse))
     model, tok = losa.load_model(args.model, dtype=choice.dtype)
     if tok is None:
         raise LosaError(f"model {args.model} has no tokenizer; {purpose} needs one")

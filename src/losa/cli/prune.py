@@ -9,7 +9,6 @@ from losa.cli.common import (
     add_model_arg,
     add_quiet_arg,
     add_recipe_args,
-    check_out_dir,
     config_from_args,
     eval_settings,
 )
@@ -47,6 +46,8 @@ def run_prune(args: argparse.Namespace) -> int:
     import losa
     from losa.eval.ppl import perplexity
     from losa.models.registry import check_window
+    from losa.utils.device import resolve_device
+    from losa.utils.io import check_output_dir
 
     cfg = config_from_args(args)
     progress = not args.quiet
@@ -57,7 +58,8 @@ def run_prune(args: argparse.Namespace) -> int:
         raise LosaError(f"{'--out' if args.out else '--overwrite'} has no effect with --no-save; drop one of them")
     out = Path(args.out) if args.out else _default_out(args.model, cfg)
     if not args.no_save:
-        check_out_dir(out, args.overwrite)
+        check_output_dir(out, "--out", exists_ok=args.overwrite)
+    resolve_device(cfg.device)
     from losa.pruning import get_pruner
 
     calib = (f"calibration {cfg.calib} {cfg.nsamples}x{cfg.seqlen} seed {cfg.seed}"

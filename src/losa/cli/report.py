@@ -34,8 +34,11 @@ def run_report(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     from losa.report.tables import compare
-    from losa.utils.io import atomic_write_text
+    from losa.utils.io import atomic_write_text, check_output_file
 
+    for path, flag in ((args.out_md, "--out-md"), (args.out_csv, "--out-csv")):
+        if path:
+            check_output_file(path, flag)
     md, csv_text = compare(args.run_dirs, metric=args.metric)
     if args.out_md:
         atomic_write_text(args.out_md, md)

@@ -74,6 +74,35 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise LosaError(f"{flag} {path} is a directory; give the path of a file (e.g. inside it)")
+    _check_parent(path, flag)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, flag: str, exists_ok: bool) -> Path:
+    """Fail before any work when ``path`` cannot become an output directory.
+
+    Args:
+        path: the output directory the command will write.
+        flag: the option that gave it, e.g. ``--out`` (named in the error).
+        exists_ok: whether an existing directory is acceptable (``--overwrite``, or a command that checks
+            the directory's contents itself).
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    Raises:
+        LosaError: ``path`` is a file, exists while ``exists_ok`` is False, a parent is a file, or the
+            parent folder is not writable.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LosaError(f"{flag} {path} is a file; give the path of a directory")
+    if path.exists() and not exists_ok:
+        raise LosaError(f"output directory {path} already exists; pass --overwrite or choose another {flag}")
+    _check_parent(path, flag)
+    return path
+
+
+def _check_parent(path: Path, flag: str) -> None:
+    """The nearest existing parent of ``path`` is a directory where entries can be created."""
     parent = next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir():
         raise LosaError(f"{flag} {path}: {parent} is a file, not a directory; choose another path")
@@ -82,7 +111,6 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     except OSError as e:
         raise LosaError(f"{flag} {path}: cannot create files in {parent} ({e.strerror or type(e).__name__}); "
                         "choose a path in a writable directory") from None
-    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
