@@ -55,7 +55,7 @@ def _losa_config(args, variant: str, target: str):
         kw["sparsity"] = float(target)
     if variant in TRAINING_FREE:  # one step straight to S, the allocator's per-layer sparsity, no fine-tuning
         kw.update(steps=1, allocator="owl" if variant == "wanda+owl" else "rmi", finetune_data=None,
-                  finetune={"distill": False})
+                  max_examples=None, finetune={"distill": False})
     elif variant == "wanda+masked-lora":  # one-shot Wanda + masked LoRA at uniform rank, merged
         kw.update(steps=1, layerwise_sparsity=False, rank_allocation=False, omega_first=args.rank,
                   omega_last=args.rank)

@@ -4,6 +4,7 @@ and a run that fine-tunes nothing says so (in its log, report.json, losa report 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +208,68 @@ def test_the_python_api_warns_about_a_run_without_fine_tuning(tmp_path):
     assert any(m.startswith("no --finetune-data and no --distill") for m in messages)
     assert any(m.startswith("max_examples has no effect") for m in messages)
     assert rep.meta.notes and not rep.meta.fine_tuned
+
+
+def test_a_recipe_that_lists_defaults_is_not_refused():
+    """A saved recipe (every field, most at their defaults) loads again: only values other than the default
+    count as set (pydantic's model_fields_set alone counts every key given)."""
+    prune = losa.PruneConfig(sparsity=0.5)
+    assert losa.PruneConfig(**prune.model_dump()).allocator == "uniform"  # atp_grid_points listed, at default
+    assert losa.PruneConfig(method="magnitude", nm="2:4", options={"per_row": False}).nm == "2:4"
+    cfg = LoSAConfig()
+    assert LoSAConfig(**cfg.model_dump()).ignored_fields() == []  # nm_max_dev, finetune.* listed at defaults
+    with pytest.raises(LosaError, match="per_row applies to unstructured targets only"):
+        losa.PruneConfig(method="magnitude", nm="2:4", options={"per_row": True})
+    assert [p for p, _ in LoSAConfig(**{**cfg.model_dump(), "nm_max_dev": 2}).ignored_fields()] == [("nm_max_dev",)]
+
+
+def test_check_output_dir_probes_an_existing_run_dir_itself(tmp_path, monkeypatch):
+    """A run writes only inside an existing --out: that folder must be writable, not its parent (a volume
+    mounted at /out under a read-only /)."""
+    from losa.utils import io
+
+    probed = []
+    real = io.tempfile.mkdtemp
+    monkeypatch.setattr(io.tempfile, "mkdtemp", lambda **k: probed.append(Path(k["dir"])) or real(**k))
+    out = tmp_path / "run"
+    out.mkdir()
+    io.check_output_dir(out, "--out", exists_ok=True)
+    io.check_output_dir(tmp_path / "new" / "run", "--out", exists_ok=False)
+    assert probed == [out, tmp_path]
+    with pytest.raises(LosaError, match="already exists; pass --overwrite"):
+        io.check_output_dir(out, "--out", exists_ok=False)
+
+
+def test_an_unreadable_ancestor_is_one_line(tmp_path, monkeypatch):
+    from losa.utils import io
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(io.Path, "exists", denied)
+    with pytest.raises(LosaError, match=r"--out .*: cannot access it \(Permission denied\)"):
+        io.check_output_file(tmp_path / "x.json", "--out")
+
+
+def test_run_refuses_an_existing_run_or_a_bad_resume_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(losa, "load_model", boom)
+    done = tmp_path / "done"
+    (done / "state").mkdir(parents=True)
+    rc = main(["run", "no-such-model", "--eval", "none", "--out", str(done), "--quiet"])
+    _one_line_error(capsys, rc, f"{done} already holds a LoSA run; pass --resume")
+    rc = main(["run", "no-such-model", "--eval", "none", "--out", str(tmp_path / "none"), "--resume", "--quiet"])
+    _one_line_error(capsys, rc, "holds no finished LoSA step")
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("n", ["0", "-1"])
+def test_eval_ppl_max_windows_below_one_fails_before_loading(n, tmp_path, capsys, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(losa, "load_model", boom)
+    rc = main(["eval", "ppl", "no-such-model", "--max-windows", n])
+    _one_line_error(capsys, rc, f"--max-windows {n} must be at least 1")

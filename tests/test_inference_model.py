@@ -295,7 +295,7 @@ def test_cli_generate_checks_the_prompt_and_context_first(tmp_path, capsys):
             "prompt or lower --max-new-tokens")
         assert main(["generate", path, "--prompt", "", "--dense"]) == 2
         assert last_line(capsys.readouterr().err) == "error: --prompt is empty after tokenization; give some text"
-    assert main(["generate", path, "--prompt", "word1", "--max-new-tokens", "254", "--dense"]) == 0  # fits exactly
+    assert main(["generate", path, "--prompt", "word1", "--max-new-tokens", "255", "--dense"]) == 0  # fits exactly
 
 
 def test_cli_generate_save_compact_errors(tmp_path, capsys):
@@ -337,7 +337,8 @@ def test_cli_compact_file_keeps_its_stored_value_dtype_and_says_so(tmp_path, cap
                  "--value-dtype", "float32"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == (f"warning: --value-dtype float32 ignored: {tmp_path / 'c.safetensors'} stores bfloat16 values "
-                      "and they are used as stored (write the file again with --value-dtype float32 to change it)")
+                      "and they are used as stored (to change it, save the file again from the pruned checkpoint "
+                      "with --save-compact and --value-dtype float32)")
     assert "float32 model, bfloat16 values" in out[1] and out[1].startswith("arithmetic")
     assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "2", *compact, "--value-dtype",
                  "bfloat16"]) == 0

@@ -41,6 +41,8 @@ def run_ppl(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:  # bad flags fail before loading the model
         raise LosaError(f"--batch-size {args.batch_size} must be at least 1")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise LosaError(f"--max-windows {args.max_windows} must be at least 1 (or leave it out: every window)")
     device = resolve_device(args.device)
     if args.out:
         check_output_file(args.out, "--out")

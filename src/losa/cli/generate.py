@@ -44,7 +44,7 @@ def use_stored_value_dtype(args: argparse.Namespace) -> None:
         return
     if args.value_dtype not in ("auto", stored):
         print(f"warning: --value-dtype {args.value_dtype} ignored: {args.compact} stores {stored} values and "
-              f"they are used as stored (write the file again with --value-dtype {args.value_dtype} to change it)")
+              f"they are used as stored (to change it, save the file again from the pruned checkpoint with --save-compact and --value-dtype {args.value_dtype})")
     args.value_dtype = stored
 
 

@@ -46,7 +46,7 @@ def run_losa(args: argparse.Namespace) -> int:
     from losa.eval.ppl import perplexity
     from losa.finetune.config import check_environment
     from losa.models.registry import check_window
-    from losa.pipelines.losa.loop import StepEval, run
+    from losa.pipelines.losa.loop import StepEval, check_run_dir, run
     from losa.report.schema import save_report
     from losa.utils.device import resolve_device
     from losa.utils.dist import barrier, is_main
@@ -59,7 +59,8 @@ def run_losa(args: argparse.Namespace) -> int:
     # everything that can be checked without the model, before it is loaded, calibrated and pruned
     datasets, eval_seqlen = eval_settings(args, cfg.seqlen, cfg.data_dir)
     eval_flag = "--eval-seqlen" if args.eval_seqlen is not None else "--seqlen"
-    check_output_dir(out, "--out", exists_ok=True)  # an existing run is refused (or resumed) by the run itself
+    check_output_dir(out, "--out", exists_ok=True)
+    check_run_dir(out, cfg, args.resume)  # an existing run is refused, or checked for --resume, before any work
     resolve_device(cfg.device)
     if args.eval_every_step and not datasets:
         raise LosaError("--eval-every-step needs perplexity data: pass --data-dir (or --eval with a text file)")

@@ -60,7 +60,7 @@ class CalibrationConfig(LosaConfig):
     @model_validator(mode="after")
     def _options(self) -> CalibrationConfig:
         check_options(self.method, self.options)
-        if self.nm is not None and "per_row" in self.options:
+        if self.nm is not None and self.options.get("per_row"):
             raise ValueError("per_row applies to unstructured targets only (an N:M pattern keeps the largest N of "
                              "every group); drop --per-row or --nm")
         return self

@@ -96,11 +96,11 @@ class PruneConfig(CalibrationConfig):
         if self.allocator != "uniform" and (self.nm is not None or isinstance(self.sparsity, list)):
             raise ValueError(f"allocator={self.allocator} spreads one unstructured sparsity over the layers; it "
                              "cannot be combined with nm or a per-layer sparsity list")
-        given = [f for f in ("atp_beta", "atp_grid_points") if f in self.model_fields_set]
+        given = [f for f in ("atp_beta", "atp_grid_points") if f in self.non_default_fields()]
         if self.allocator != "atp" and given:
             raise ValueError(f"{' and '.join(given)} only apply to allocator atp; add --allocator atp or drop "
                              f"{' and '.join('--' + f.replace('_', '-') for f in given)}")
-        if self.atp_beta is not None and "atp_grid_points" in self.model_fields_set:
+        if self.atp_beta is not None and "atp_grid_points" in self.non_default_fields():
             raise ValueError("atp_grid_points sets the grid search, which a fixed atp_beta skips; drop one of them")
         return self
 

@@ -103,9 +103,7 @@ def steps_table(report: RunReport) -> Table | None:
 
 def build_blocks(report: RunReport, assets: Path) -> list[Block]:
     m = report.meta
-    label = {"none": "", "lora": " + LoRA", "losa": " + LoSA"}[m.finetune]
-    if m.finetune != "none" and not m.fine_tuned:
-        label += " (no fine-tuning)"
+    label = m.finetune_label
     blocks: list[Block] = [
         Heading(f"losa run report: {m.model}", 1),
         Para(f"Method: {m.method}{label}; target sparsity {fmt_pct(m.sparsity)}% ({m.pattern})"

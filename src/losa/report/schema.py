@@ -62,11 +62,22 @@ class RunMeta(_Model):
 
     @property
     def fine_tuned(self) -> bool:
-        """False for a LoSA run without fine-tuning data and without distillation (read from the recipe,
-        so reports written before ``notes`` existed count too)."""
+        """Whether the run fine-tuned its adapters.
+
+        Returns:
+            False for a LoSA run without fine-tuning data and without distillation (read from the recipe, so
+            reports written before ``notes`` existed count too); for other runs, whether they have adapters.
+        """
         if self.finetune != "losa" or "finetune" not in self.config:
             return self.finetune != "none"
         return bool(self.config.get("finetune_data")) or bool((self.config.get("finetune") or {}).get("distill"))
+
+    @property
+    def finetune_label(self) -> str:
+        """What follows the method's name in tables and reports: ``""``, ``" + LoRA"``, ``" + LoSA"``, with
+        ``" (no fine-tuning)"`` for a LoSA run that fine-tuned nothing (:attr:`fine_tuned`)."""
+        label = {"none": "", "lora": " + LoRA", "losa": " + LoSA"}[self.finetune]
+        return label if self.finetune == "none" or self.fine_tuned else f"{label} (no fine-tuning)"
 
 
 class StepRecord(_Model):

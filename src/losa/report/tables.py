@@ -24,8 +24,7 @@ def row_label(report: RunReport) -> str:
     if m.method == "dense" or m.sparsity == 0:
         return "Dense"
     base = _METHOD_NAMES.get(m.method, m.method)
-    label = {"none": base, "lora": f"{base} + LoRA", "losa": f"{base} + LoSA"}[m.finetune]
-    return label if m.finetune == "none" or m.fine_tuned else f"{label} (no fine-tuning)"
+    return base + m.finetune_label
 
 
 def sparsity_label(report: RunReport) -> str:

@@ -35,6 +35,15 @@ class LosaConfig(BaseModel):
         except ValidationError as e:
             raise LosaError(validation_message(e)) from None
 
+    def non_default_fields(self) -> set[str]:
+        """Fields given a value other than their default (a recipe that lists defaults sets nothing).
+
+        Returns:
+            The names among ``model_fields_set`` whose value differs from the field's default.
+        """
+        return {f for f in self.model_fields_set
+                if getattr(self, f) != type(self).model_fields[f].get_default(call_default_factory=True)}
+
 
 def validation_message(err: ValidationError) -> str:
     """A pydantic error as one line: ``invalid config: field: message; …``.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -48,13 +49,27 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def _write_error(path: Path, err: OSError) -> LosaError:
     """The one-line error for an output file that cannot be written."""
-    if path.is_dir():
-        return LosaError(f"cannot write {path}: it is a directory; give the path of a file (e.g. inside it)")
-    bad = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    try:
+        if path.is_dir():
+            return LosaError(f"cannot write {path}: it is a directory; give the path of a file (e.g. inside it)")
+        bad = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    except OSError:  # an ancestor that cannot even be looked at
+        bad = None
     if bad is not None:
         return LosaError(f"cannot write {path}: {bad} is a file, not a directory; choose another path")
+    if err.errno == errno.ENOSPC:
+        return LosaError(f"cannot write {path}: no space left on the device; free some space or choose another path")
     return LosaError(f"cannot write {path} ({err.strerror or type(err).__name__}); choose a path in a writable "
                      "directory")
+
+
+def _kind(path: Path, flag: str) -> str | None:
+    """``"dir"``, ``"file"`` or None (missing) for ``path``; a path that cannot be looked at is an error."""
+    try:
+        return ("dir" if path.is_dir() else "file") if path.exists() else None
+    except OSError as e:
+        raise LosaError(f"{flag} {path}: cannot access it ({e.strerror or type(e).__name__}); choose another "
+                        "path") from None
 
 
 def check_output_file(path: str | os.PathLike, flag: str) -> Path:
@@ -69,17 +84,20 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     Raises:
-        LosaError: ``path`` is a directory, a parent is a file, or the parent folder is not writable.
+        LosaError: ``path`` is a directory, a parent is a file, or a folder cannot be accessed or written.
     """
     path = Path(path)
-    if path.is_dir():
+    if _kind(path, flag) == "dir":
         raise LosaError(f"{flag} {path} is a directory; give the path of a file (e.g. inside it)")
-    _check_parent(path, flag)
+    _check_writable(next((p for p in path.parents if _kind(p, flag)), Path(".")), path, flag)
     return path
 
 
 def check_output_dir(path: str | os.PathLike, flag: str, exists_ok: bool) -> Path:
     """Fail before any work when ``path`` cannot become an output directory.
+
+    An existing directory (with ``exists_ok``) must be writable itself; a new one needs its nearest existing
+    parent to be a writable directory.
 
     Args:
         path: the output directory the command will write.
@@ -89,27 +107,27 @@ def check_output_dir(path: str | os.PathLike, flag: str, exists_ok: bool) -> Pat
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     Raises:
-        LosaError: ``path`` is a file, exists while ``exists_ok`` is False, a parent is a file, or the
-            parent folder is not writable.
+        LosaError: ``path`` is a file, exists while ``exists_ok`` is False, a parent is a file, or a folder
+            cannot be accessed or written.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
+    kind = _kind(path, flag)
+    if kind == "file":
         raise LosaError(f"{flag} {path} is a file; give the path of a directory")
-    if path.exists() and not exists_ok:
+    if kind == "dir" and not exists_ok:
         raise LosaError(f"output directory {path} already exists; pass --overwrite or choose another {flag}")
-    _check_parent(path, flag)
+    _check_writable(path if kind else next((p for p in path.parents if _kind(p, flag)), Path(".")), path, flag)
     return path
 
 
-def _check_parent(path: Path, flag: str) -> None:
-    """The nearest existing parent of ``path`` is a directory where entries can be created."""
-    parent = next((p for p in path.parents if p.exists()), Path("."))
-    if not parent.is_dir():
-        raise LosaError(f"{flag} {path}: {parent} is a file, not a directory; choose another path")
+def _check_writable(folder: Path, path: Path, flag: str) -> None:
+    """``folder`` (where ``path``'s entries will be created) is a directory where entries can be created."""
+    if _kind(folder, flag) != "dir":
+        raise LosaError(f"{flag} {path}: {folder} is a file, not a directory; choose another path")
     try:  # what the writer will do there (permissions, read-only or special file systems)
-        os.rmdir(tempfile.mkdtemp(prefix=".losa-check.", dir=parent))
+        os.rmdir(tempfile.mkdtemp(prefix=".losa-check.", dir=folder))
     except OSError as e:
-        raise LosaError(f"{flag} {path}: cannot create files in {parent} ({e.strerror or type(e).__name__}); "
+        raise LosaError(f"{flag} {path}: cannot create files in {folder} ({e.strerror or type(e).__name__}); "
                         "choose a path in a writable directory") from None
 
 

@@ -134,14 +134,15 @@ class LoSAConfig(CalibrationConfig):
         return self.finetune_data is not None or self.finetune.distill
 
     def ignored_fields(self) -> list[tuple[tuple[str, ...], str]]:
-        """Fields set explicitly (``model_fields_set``, so defaults never count) that this recipe ignores,
+        """Fields set to a value other than their default (:meth:`~losa.utils.config.LosaConfig.non_default_fields`,
+        so a recipe that lists defaults is fine) that this recipe ignores,
         as (field path, why and the fix), e.g. ``(("finetune", "lr"), "without --finetune-data or --distill")``."""
         out: list[tuple[tuple[str, ...], str]] = []
-        ft_set = self.finetune.model_fields_set
+        ft_set = self.finetune.non_default_fields()
         if not self.finetunes:
             why = "without --finetune-data or --distill (nothing is fine-tuned); add one of them or drop it"
             out += [(("finetune", f), why) for f in FinetuneConfig.model_fields if f in ft_set and f != "distill"]
-            out += [(("max_examples",), why)] if "max_examples" in self.model_fields_set else []
+            out += [(("max_examples",), why)] if "max_examples" in self.non_default_fields() else []
         elif not self.finetune.distill and "temperature" in ft_set:
             out.append((("finetune", "temperature"), "without --distill; add --distill or drop it"))
         if self.mixed_nm and self.effective_allocator == "uniform":
@@ -149,7 +150,7 @@ class LoSAConfig(CalibrationConfig):
                                        "which moves no layer's N; use --allocator rmi or owl, or drop --mixed-nm"))
         if not self.mixed_nm:
             out += [((f,), "without --mixed-nm; add --mixed-nm or drop it")
-                    for f in ("nm_max_pairs", "nm_max_dev") if f in self.model_fields_set]
+                    for f in ("nm_max_pairs", "nm_max_dev") if f in self.non_default_fields()]
         return out
 
 

@@ -197,6 +197,27 @@ class StepResult:
         return dataclasses.asdict(self)
 
 
+def check_run_dir(out: Path | None, config: LoSAConfig, resume: bool) -> dict | None:
+    """Check a run's output directory before any work: a finished or partial run there is refused unless
+    resumed, and a resumed one must hold a finished step of the same recipe.
+
+    Args:
+        out: the run directory (None: a run that is not saved).
+        config: the run's recipe.
+        resume: whether the run continues the one in ``out``.
+    Returns:
+        The saved state's metadata to resume from, or None when not resuming.
+    Raises:
+        LosaError: ``resume`` without ``out``; ``out`` already holds a run and ``resume`` is not set; ``out``
+            holds no finished step or one of another recipe (the differing fields are named).
+    """
+    if resume and out is None:
+        raise LosaError("--resume needs the --out directory of the run to continue")
+    if out is not None and out.exists() and not resume and (out / "state").exists():
+        raise LosaError(f"{out} already holds a LoSA run; pass --resume to continue it or choose another --out")
+    return check_resume(out, config.model_dump()) if resume and out is not None else None
+
+
 class LoSARun:
     """One LoSA run on ``model`` (in place): :meth:`setup`, then :meth:`step` for t = 1..T, then :meth:`finish`.
 
@@ -223,13 +244,9 @@ class LoSARun:
     def __init__(self, model: nn.Module, tokenizer, config: LoSAConfig, out: Path | None, resume: bool = False,
                  progress: bool = True, calib_ids: torch.Tensor | None = None, model_name: str = "",
                  step_eval: StepEval | None = None) -> None:
-        if resume and out is None:
-            raise LosaError("--resume needs the --out directory of the run to continue")
-        if out is not None and out.exists() and not resume and (out / "state").exists():
-            raise LosaError(f"{out} already holds a LoSA run; pass --resume to continue it or choose another --out")
         self.recipe = config.model_dump()
         # the state to resume, checked before anything is computed or written into ``out``
-        self.resume_meta = check_resume(out, self.recipe) if resume and out is not None else None
+        self.resume_meta = check_run_dir(out, config, resume)
         self.model, self.tokenizer, self.cfg = model, tokenizer, config
         # a run without out_dir cannot be resumed, so it skips the checkpoint; only the main process writes
         self.write = out is not None and is_main()
