@@ -273,3 +273,19 @@ def test_eval_ppl_max_windows_below_one_fails_before_loading(n, tmp_path, capsys
     monkeypatch.setattr(losa, "load_model", boom)
     rc = main(["eval", "ppl", "no-such-model", "--max-windows", n])
     _one_line_error(capsys, rc, f"--max-windows {n} must be at least 1")
+
+
+@pytest.mark.parametrize("cmd", ["prune", "run"])
+def test_evaluation_flags_without_evaluation_data_are_refused(cmd, tiny_dir, capsys, no_work):
+    rc = main([cmd, str(tiny_dir), "--eval", "none", "--max-windows", "4", "--eval-seqlen", "32", "--quiet"])
+    _one_line_error(capsys, rc, "--eval-seqlen, --max-windows have no effect without evaluation data (--eval none); "
+                                "pass --data-dir or --eval FILE, or drop --eval-seqlen and --max-windows")
+    if cmd == "prune":
+        rc = main([cmd, str(tiny_dir), "--eval", "none", "--compare-dense", "--quiet"])
+        _one_line_error(capsys, rc, "--compare-dense has no effect without evaluation data (--eval none)")
+
+
+def test_run_refuses_sparsity_with_nm(tiny_dir, capsys, no_work):
+    rc = main(["run", str(tiny_dir), "--nm", "2:4", "--sparsity", "0.7", "--eval", "none", "--quiet"])
+    _one_line_error(capsys, rc, "--sparsity has no effect with --nm (the N:M pattern sets the sparsity)")
+    assert LoSAConfig(nm="2:4", sparsity=0.5).ignored_fields() == []  # the default value is not "set"

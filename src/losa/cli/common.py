@@ -80,7 +80,8 @@ def eval_settings(args: argparse.Namespace, seqlen: int, data_dir: str | None) -
         (datasets, window length); no datasets with ``--eval none`` (the default without a data dir).
     Raises:
         LosaError: an unknown dataset or missing file, a named dataset missing from the data dir,
-            ``--eval-seqlen`` below 2 or ``--max-windows`` below 1.
+            ``--eval-seqlen`` below 2 or ``--max-windows`` below 1, or evaluation flags (``--eval-seqlen``,
+            ``--max-windows``, ``--compare-dense``) without any dataset to evaluate.
     """
     from losa.data.sources import EVAL_SPLIT, NAMED_FILES, is_named
 
@@ -91,6 +92,13 @@ def eval_settings(args: argparse.Namespace, seqlen: int, data_dir: str | None) -
                         "but the first); omit it to use --seqlen")
     if args.max_windows is not None and args.max_windows < 1:
         raise LosaError(f"--max-windows {args.max_windows} must be at least 1; omit it to evaluate every window")
+    if not datasets:  # nothing is evaluated: the evaluation flags would do nothing
+        given = [f for f, v in (("--eval-seqlen", args.eval_seqlen), ("--max-windows", args.max_windows),
+                                ("--compare-dense", getattr(args, "compare_dense", False))) if v]
+        if given:
+            why = "--eval none" if args.eval is not None else "no data dir, so no default --eval"
+            raise LosaError(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "
+                            f"evaluation data ({why}); pass --data-dir or --eval FILE, or drop {' and '.join(given)}")
     root = resolve_data_dir(data_dir)
     for d in datasets:
         if is_named(d):

@@ -148,6 +148,8 @@ class LoSAConfig(CalibrationConfig):
         if self.mixed_nm and self.effective_allocator == "uniform":
             out.append((("mixed_nm",), "with the uniform allocator (--no-layerwise-sparsity or --allocator uniform), "
                                        "which moves no layer's N; use --allocator rmi or owl, or drop --mixed-nm"))
+        if self.nm is not None and "sparsity" in self.non_default_fields():
+            out.append((("sparsity",), "with --nm (the N:M pattern sets the sparsity); drop it or --nm"))
         if not self.mixed_nm:
             out += [((f,), "without --mixed-nm; add --mixed-nm or drop it")
                     for f in ("nm_max_pairs", "nm_max_dev") if f in self.non_default_fields()]
