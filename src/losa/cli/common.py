@@ -83,7 +83,7 @@ def eval_settings(args: argparse.Namespace, seqlen: int, data_dir: str | None) -
             ``--eval-seqlen`` below 2 or ``--max-windows`` below 1, or evaluation flags (``--eval-seqlen``,
             ``--max-windows``, ``--compare-dense``) without any dataset to evaluate.
     """
-    from losa.data.sources import EVAL_SPLIT, NAMED_FILES, is_named
+    from losa.data.sources import EVAL_SPLIT, NAMED_FILES, RECORD_SUFFIXES, TEXT_SUFFIXES, is_named
 
     evals = args.eval if args.eval is not None else ("wikitext2" if data_available(data_dir) else "none")
     datasets = [] if evals == "none" else [d.strip() for d in evals.split(",") if d.strip()]
@@ -109,7 +109,7 @@ def eval_settings(args: argparse.Namespace, seqlen: int, data_dir: str | None) -
         elif not Path(d).is_file():
             raise LosaError(f"--eval {d}: no such file, and not wikitext2, c4 or ptb; check the name or path, or "
                             "pass --eval none")
-        elif Path(d).suffix not in (".txt", ".raw", ".md", "", ".json", ".jsonl"):  # as read_text_file reads
+        elif Path(d).suffix not in TEXT_SUFFIXES + RECORD_SUFFIXES:  # what read_text_file reads
             raise LosaError(f"--eval {d}: unsupported file type {Path(d).suffix!r}; use .txt, .json or .jsonl")
     return datasets, args.eval_seqlen if args.eval_seqlen is not None else seqlen
 
@@ -162,6 +162,32 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
 
 
+def use_stored_value_dtype(args: argparse.Namespace) -> None:
+    """With ``--compact``, set ``args.value_dtype`` to the dtype the file stores, before anything is loaded.
+
+    The compact file's values are loaded as stored, so the printed arithmetic line must name that dtype;
+    a different ``--value-dtype`` the user gave is ignored with a one-line warning.
+
+    Args:
+        args: the parsed ``losa generate`` / ``losa serve`` arguments (changed in place).
+    Raises:
+        LosaError: ``--compact`` with ``--dense``, or a compact file that is missing or unreadable.
+    """
+    from losa.export.compact import stored_value_dtype
+
+    if not args.compact:
+        return
+    if not args.sparse:
+        raise LosaError("--compact loads sparse layers; drop --dense")
+    stored = stored_value_dtype(args.compact)
+    if stored not in ("float32", "bfloat16"):
+        return
+    if args.value_dtype not in ("auto", stored):
+        print(f"warning: --value-dtype {args.value_dtype} ignored: {args.compact} stores {stored} values and "
+              f"they are used as stored (to change it, save the file again from the pruned checkpoint with --save-compact and --value-dtype {args.value_dtype})")
+    args.value_dtype = stored
+
+
 def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any, str, dict | None]:
     """Load ``args.model`` and swap in the sparse layers as the runtime flags say; prints what it did.
 
@@ -176,6 +202,7 @@ def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any
     from losa.inference.arith import Requested, choose_arithmetic, detect_isa
     from losa.inference.decode import normalize_lm_head_dtype, resolve_lm_head_dtype, set_lm_head_dtype
 
+    use_stored_value_dtype(args)
     head_request = normalize_lm_head_dtype(getattr(args, "lm_head_dtype", "auto"))  # bad flags fail before loading
     if args.threads is not None:
         if args.threads < 1:
@@ -190,9 +217,7 @@ def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any
         raise LosaError(f"model {args.model} has no tokenizer; {purpose} needs one")
     model.eval()
     mode, summary = ("sparse" if args.sparse else "dense"), None
-    if args.compact:
-        if not args.sparse:
-            raise LosaError("--compact loads sparse layers; drop --dense")
+    if args.compact:  # --dense was refused by use_stored_value_dtype
         load_sparse(model, args.compact, prefill_dtype=choice.prefill_dtype)
     elif args.sparse:
         summary = sparsify_for_inference(model, value_dtype=choice.value_dtype, prefill_dtype=choice.prefill_dtype)

@@ -22,32 +22,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_generate)
 
 
-def use_stored_value_dtype(args: argparse.Namespace) -> None:
-    """With ``--compact``, set ``args.value_dtype`` to the dtype the file stores, before anything is loaded.
-
-    The compact file's values are loaded as stored, so the printed arithmetic line must name that dtype;
-    a different ``--value-dtype`` the user gave is ignored with a one-line warning.
-
-    Args:
-        args: the parsed ``losa generate`` / ``losa serve`` arguments (changed in place).
-    Raises:
-        LosaError: ``--compact`` with ``--dense``, or a compact file that is missing or unreadable.
-    """
-    from losa.export.compact import stored_value_dtype
-
-    if not args.compact:
-        return
-    if not args.sparse:
-        raise LosaError("--compact loads sparse layers; drop --dense")
-    stored = stored_value_dtype(args.compact)
-    if stored not in ("float32", "bfloat16"):
-        return
-    if args.value_dtype not in ("auto", stored):
-        print(f"warning: --value-dtype {args.value_dtype} ignored: {args.compact} stores {stored} values and "
-              f"they are used as stored (to change it, save the file again from the pruned checkpoint with --save-compact and --value-dtype {args.value_dtype})")
-    args.value_dtype = stored
-
-
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -62,7 +36,6 @@ def run_generate(args: argparse.Namespace) -> int:
         if not args.sparse:
             raise LosaError("--save-compact writes the sparse layers; drop --dense")
         check_output_file(args.save_compact, "--save-compact")
-    use_stored_value_dtype(args)
     model, tok, mode, _ = load_runtime_model(args, "generation")
     ids = tok(args.prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:

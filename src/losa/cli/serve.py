@@ -75,12 +75,10 @@ def build_server(args: argparse.Namespace):
         LosaError: for invalid flags, a missing or unreadable ``--compact`` file, a port that cannot be
             bound, or a model that cannot be loaded.
     """
-    from losa.cli.generate import use_stored_value_dtype
     from losa.serve import GenerationService, LosaServer, create_app
     from losa.serve.server import bind_socket
 
     settings = _settings(args)
-    use_stored_value_dtype(args)
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as e:

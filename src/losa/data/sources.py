@@ -143,14 +143,19 @@ def read_records(path: Path) -> list:
     return obj
 
 
+#: local files read as one document each, and as one document per record
+TEXT_SUFFIXES = (".txt", ".raw", ".md", "")
+RECORD_SUFFIXES = (".json", ".jsonl")
+
+
 def read_text_file(path: Path) -> list[str]:
     """Documents of a local file: ``.txt`` is one document; ``.json``/``.jsonl`` one per record."""
     path = Path(path)
     if not path.is_file():
         raise LosaError(f"data file {path} not found; give a wikitext2/c4/ptb/self source or an existing "
                         ".txt/.json/.jsonl file")
-    if path.suffix in (".json", ".jsonl"):
+    if path.suffix in RECORD_SUFFIXES:
         return [_record_text(r, path) for r in read_records(path)]
-    if path.suffix in (".txt", ".raw", ".md", ""):
+    if path.suffix in TEXT_SUFFIXES:
         return [path.read_text(encoding="utf-8")]
     raise LosaError(f"unsupported data file type {path.suffix!r} for {path}; use .txt, .json or .jsonl")
