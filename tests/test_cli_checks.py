@@ -151,6 +151,17 @@ def test_compare_labels_an_older_report_without_fine_tuning_from_its_recipe():
                                                                             "uniform allocator"),
     (["--nm", "2:8", "--mixed-nm", "--allocator", "uniform", "--distill"], "use --allocator rmi or owl"),
     (["--nm-max-pairs", "2", "--distill"], "--nm-max-pairs has no effect without --mixed-nm"),
+    (["--allocator", "owl", "--beta", "2", "--rmi-features", "outputs", "--distill"],
+     "--rmi-features, --beta have no effect with --allocator owl"),
+    (["--owl-lambda", "0.1", "--distill"], "--owl-lambda has no effect with --allocator rmi"),
+    (["--allocator", "owl", "--delta", "0.1", "--distill"], "--delta has no effect with --allocator owl (its band is "
+                                                            "--owl-lambda)"),
+    (["--no-layerwise-sparsity", "--beta", "2", "--distill"], "--beta has no effect with the uniform allocator"),
+    (["--nm", "2:4", "--allocator", "owl", "--distill"], "--allocator has no effect with --nm without --mixed-nm"),
+    (["--nm", "2:8", "--mixed-nm", "--allocator", "owl", "--owl-lambda", "0.1", "--distill"],
+     "--owl-lambda has no effect with --mixed-nm"),
+    (["--nm", "2:8", "--mixed-nm", "--nm-max-pairs", "1", "--delta", "0.05", "--distill"],
+     "--delta has no effect with --nm-max-pairs"),
     (["--nm", "2:8", "--nm-max-dev", "2", "--distill"], "--nm-max-dev has no effect without --mixed-nm"),
     (["--distill", "--max-grad-norm", "-1"], "max_grad_norm: Input should be greater than or equal to 0"),
     (["--distill", "--lr-scheduler", "bogus"], "lr_scheduler 'bogus' is not a transformers learning-rate schedule; "

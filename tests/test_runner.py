@@ -135,19 +135,46 @@ def test_finetune_set_too_small(tmp_path, tiny_model, calib):
         run(model, CharTokenizer(), _cfg(_data(tmp_path, n=6), steps=5), calib_ids=calib, progress=False)
 
 
-def test_owl_mixed_nm_without_finetuning(tiny_model, calib):
-    """OWL ratios come from real input norms; every step applies per-layer N:M with the exact mean N
-    and at most nm_max_pairs layers above / below it."""
+def _owl_ratios_by_hand(model, calib, m: float) -> list[float]:
+    """OWL outlier ratio of every decoder layer of a dense model, computed independently of losa: inputs
+    captured with forward hooks on the whole-model forward, Wanda scores |W_ij|·‖X_j‖₂, the fraction of a
+    layer's scores above m × their mean."""
+    inputs: dict[torch.nn.Module, torch.Tensor] = {}
+    handles = [mod.register_forward_hook(lambda mod, a, _o: inputs.__setitem__(mod, a[0].detach()))
+               for layer in get_decoder_layers(model) for mod in layer.modules() if isinstance(mod, torch.nn.Linear)]
+    with torch.no_grad():
+        model(calib)
+    for h in handles:
+        h.remove()
+    ratios = []
+    for layer in get_decoder_layers(model):
+        scores = [(mod.weight.double().abs() * inputs[mod].double().reshape(-1, mod.in_features).norm(dim=0)).reshape(-1)
+                  for mod in layer.modules() if isinstance(mod, torch.nn.Linear)]
+        s = torch.cat(scores)
+        ratios.append(float((s > m * s.mean()).double().mean()))
+    return ratios
+
+
+def test_owl_mixed_nm_ranks_layers_by_their_outlier_ratios(tiny_model, calib):
+    """Mixed N:M with OWL: at step 1 (dense weights) the layer with the highest outlier ratio (computed by
+    hand) gets N+1 and the lowest N-1 (nm_max_pairs=1); every step applies per-layer N:M with the exact
+    mean N."""
     model = tiny_model("llama", seed=0, layers=4, hidden=32)
+    ratios = _owl_ratios_by_hand(tiny_model("llama", seed=0, layers=4, hidden=32), calib, m=2.0)
+    assert len(set(ratios)) == 4  # distinct, so the ranking is unambiguous
     rep = run(model, CharTokenizer(), LoSAConfig(nm="2:4", mixed_nm=True, nm_max_pairs=1, allocator="owl",
-                                                 owl_lambda=0.05, steps=2,
+                                                 owl_m=2.0, steps=2,
                                                  nsamples=4, seqlen=16, recon_nsamples=2, r_min=1, r_max=8,
                                                  omega_first=4, omega_last=4, device="cpu"),
               calib_ids=calib, progress=False)
+    first = [round(4 * (1 - s)) for s in rep.steps[0].layer_target_sparsity]
+    want = [2] * 4
+    want[max(range(4), key=ratios.__getitem__)] = 3
+    want[min(range(4), key=ratios.__getitem__)] = 1
+    assert first == want
     last = rep.steps[-1]
     ns = [round(4 * (1 - s)) for s in last.layer_target_sparsity]
     assert sorted(ns) == [1, 2, 2, 3]  # one pair moved (nm_max_pairs=1), mean N exactly 2
-    assert len(set(rep.steps[0].layer_target_sparsity)) > 1  # OWL spread N over the layers
     for i, layer in enumerate(get_decoder_layers(model)):
         for mod in layer.modules():
             if isinstance(mod, torch.nn.Linear):

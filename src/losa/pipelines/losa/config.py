@@ -26,8 +26,8 @@ class LoSAConfig(CalibrationConfig):
     Args:
         sparsity: final unstructured sparsity S in ``(0, 1)``, reached at step T by the cubic schedule
             (ignored with ``nm``).
-        mixed_nm, nm_max_dev, nm_max_pairs: mixed N:M, per-layer N from the RMI importances around
-            the mean N of ``nm``.
+        mixed_nm, nm_max_dev, nm_max_pairs: mixed N:M, per-layer N from the allocator's layer
+            importances (RMI, or OWL outlier ratios) around the mean N of ``nm``.
         steps: T ≥ 1, the number of prune / fine-tune steps.
         layerwise_sparsity, allocator, rmi_features, beta, delta, owl_m, owl_lambda: layer-wise
             sparsity allocation and its allocator's parameters.
@@ -49,8 +49,8 @@ class LoSAConfig(CalibrationConfig):
 
     sparsity: float = Field(0.5, description="final unstructured sparsity S, reached at step T by the cubic "
                                              "schedule S_t = S - S(1 - t/T)^3 (ignored with --nm)")
-    mixed_nm: bool = Field(False, description="mixed N:M: per-layer N from the RMI importances with the mean N of "
-                                              "--nm exact")
+    mixed_nm: bool = Field(False, description="mixed N:M: per-layer N from the allocator's layer importances (RMI, "
+                                              "or OWL outlier ratios) with the mean N of --nm exact")
     nm_max_dev: int = Field(1, ge=0, description="mixed N:M: the most a layer's N may move from the mean N")
     nm_max_pairs: int | None = Field(None, ge=-1, description="mixed N:M: layer pairs whose N moves by ±1 "
                                                               "(default: as many as keep the mean sparsity deviation "
@@ -153,6 +153,31 @@ class LoSAConfig(CalibrationConfig):
         if not self.mixed_nm:
             out += [((f,), "without --mixed-nm; add --mixed-nm or drop it")
                     for f in ("nm_max_pairs", "nm_max_dev") if f in self.non_default_fields()]
+        return out + self._ignored_allocator_fields()
+
+    def _ignored_allocator_fields(self) -> list[tuple[tuple[str, ...], str]]:
+        """Allocator parameters set to a non-default value that the allocator in use never reads."""
+        given = self.non_default_fields()
+        params = ("rmi_features", "beta", "delta", "owl_m", "owl_lambda")
+        alloc = self.effective_allocator
+        if self.nm is not None and not self.mixed_nm:
+            why = "with --nm without --mixed-nm (every layer gets the same N:M pattern); add --mixed-nm or drop it"
+            return [((f,), why) for f in ("allocator", *params) if f in given]
+        if alloc == "uniform":
+            why = "with the uniform allocator (--no-layerwise-sparsity or --allocator uniform); use --allocator rmi or owl"
+            return [((f,), why) for f in (("allocator",) if self.allocator != "uniform" else ()) + params
+                    if f in given]
+        # delta: the band of unstructured RMI, and with mixed N:M the default cap on moved layer pairs
+        delta_used = (self.nm_max_pairs is None) if self.mixed_nm else alloc == "rmi"
+        other, unused = {"rmi": ("owl", ("owl_m", "owl_lambda")), "owl": ("rmi", ("rmi_features", "beta"))}[alloc]
+        out = [((f,), f"with --allocator {alloc} (only --allocator {other} reads it); use that or drop it")
+               for f in unused if f in given]
+        if self.mixed_nm and alloc == "owl" and "owl_lambda" in given:
+            out.append((("owl_lambda",), "with --mixed-nm (N moves by --nm-max-dev within the --nm-max-pairs cap); "
+                                         "drop it"))
+        if not delta_used and "delta" in given:
+            out.append((("delta",), "with --nm-max-pairs (it sets the moved layer pairs itself); drop one of them"
+                        if self.mixed_nm else "with --allocator owl (its band is --owl-lambda); use --owl-lambda"))
         return out
 
 

@@ -90,19 +90,24 @@ def prepare_finetune_examples(tokenizer, cfg: LoSAConfig, calib_source_seed: int
 
 
 def _step_targets(cfg: LoSAConfig, step: int, sizes: list[int], cka: np.ndarray | None,
-                  outliers: list[float] | None) -> tuple[list[Target], list[float], list[int] | None]:
+                  outliers: list[float] | None, first_n: list[int] | None = None,
+                  ) -> tuple[list[Target], list[float], list[int] | None]:
     """Per-layer targets at ``step``: unstructured s_l at S_t, or (N:M runs) the (mixed) N:M pattern.
 
     An N:M pattern has one sparsity, so the cubic ramp does not apply: every step prunes the merged
-    weights to the pattern (mixed N:M re-allocates N per layer from the current RMI / OWL scores).
-    Pruning to intermediate unstructured sparsities first would leave groups with fewer than N
-    non-zeros, i.e. a model sparser than the pattern needs.
+    weights to the pattern. Pruning to intermediate unstructured sparsities first would leave groups
+    with fewer than N non-zeros, i.e. a model sparser than the pattern needs. For the same reason
+    mixed N:M allocates each layer's N once, at step 1 (``first_n``: step 1's N per layer, reused
+    after it): a layer whose N rose at a later step could not regrow the weights already pruned, so
+    the model would end sparser than the exact mean N.
     """
     alloc = cfg.effective_allocator
     s_t = sparsity_at(step, cfg.steps, cfg.target_sparsity)
     if cfg.nm is not None:
         n, m = parse_nm(cfg.nm)
-        if cfg.mixed_nm and alloc != "uniform":
+        if first_n is not None:
+            ns = list(first_n)
+        elif cfg.mixed_nm and alloc != "uniform":
             imp = rmi_importance(cka, cfg.beta) if cka is not None else np.asarray(outliers)
             pairs = cfg.nm_max_pairs
             if pairs is None and len(set(sizes)) > 1:
@@ -132,8 +137,9 @@ def _step_targets(cfg: LoSAConfig, step: int, sizes: list[int], cka: np.ndarray 
 def _rmi_pass(model: nn.Module, calib_ids: torch.Tensor, cfg: LoSAConfig, progress: bool,
               wrappers: dict[int, SparseLoRALinear]) -> tuple[np.ndarray | None, list[float] | None]:
     alloc = cfg.effective_allocator
-    need_cka = alloc == "rmi" or (cfg.mixed_nm and alloc != "uniform")
-    need_owl = alloc == "owl"
+    allocates = cfg.nm is None or cfg.mixed_nm  # uniform N:M moves no layer: neither score is read
+    need_cka = allocates and alloc == "rmi"
+    need_owl = allocates and alloc == "owl"  # mixed N:M with OWL ranks the layers by their outlier ratios
     if not (need_cka or need_owl):
         return None, None
     n_layers = len(get_decoder_layers(model))
@@ -343,9 +349,11 @@ class LoSARun:
         omega = rank_budget_at(step, cfg.steps, cfg.omega_first, cfg.omega_last)
 
         t = time.perf_counter()
-        cka, outliers = _rmi_pass(model, self.calib_ids, cfg, self.progress, self.wrappers)
+        first_n = self.rows[0]["nm_n"] if cfg.nm is not None and self.rows else None  # N:M: N is set at step 1
+        cka, outliers = (None, None) if first_n is not None else _rmi_pass(model, self.calib_ids, cfg, self.progress,
+                                                                         self.wrappers)
         times["rmi_s"] = time.perf_counter() - t
-        targets, layer_s, nm_n = _step_targets(cfg, step, self.sizes, cka, outliers)
+        targets, layer_s, nm_n = _step_targets(cfg, step, self.sizes, cka, outliers, first_n)
         self.final_targets = targets
 
         t = time.perf_counter()
