@@ -276,14 +276,25 @@ def test_run_refuses_an_existing_run_or_a_bad_resume_before_loading_the_model(tm
     assert not (tmp_path / "none").exists()
 
 
-@pytest.mark.parametrize("n", ["0", "-1"])
-def test_eval_ppl_max_windows_below_one_fails_before_loading(n, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("argv,msg", [
+    (["--max-windows", "0"], "--max-windows 0 must be at least 1"),
+    (["--max-windows", "-1"], "--max-windows -1 must be at least 1"),
+    (["--seqlen", "1"], "--seqlen 1 must be at least 2"),
+    (["--datasets", ","], "--datasets is empty"),
+    (["--datasets", "no_such_file.txt"], "--datasets no_such_file.txt: no such file, and not wikitext2, c4 or ptb"),
+    (["--datasets", "wikitext2,c4", "--data-dir", "EMPTY"], "--datasets wikitext2: EMPTY/"),
+    (["--datasets", "FILE.csv"], "--datasets FILE.csv: unsupported file type '.csv'"),
+])
+def test_eval_ppl_bad_settings_fail_before_loading(argv, msg, tmp_path, capsys, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the check")
 
     monkeypatch.setattr(losa, "load_model", boom)
-    rc = main(["eval", "ppl", "no-such-model", "--max-windows", n])
-    _one_line_error(capsys, rc, f"--max-windows {n} must be at least 1")
+    (tmp_path / "FILE.csv").write_text("a,b\n")
+    (tmp_path / "EMPTY").mkdir()
+    subst = {"EMPTY": str(tmp_path / "EMPTY"), "FILE.csv": str(tmp_path / "FILE.csv")}
+    rc = main(["eval", "ppl", "no-such-model", *[subst.get(a, a) for a in argv]])
+    _one_line_error(capsys, rc, msg.replace("EMPTY", str(tmp_path / "EMPTY")).replace("FILE.csv", str(tmp_path / "FILE.csv")))
 
 
 @pytest.mark.parametrize("cmd", ["prune", "run"])

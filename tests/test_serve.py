@@ -177,6 +177,8 @@ def test_bad_chat_requests(service):
 def test_context_limit_and_missing_chat_template(service):
     with pytest.raises(RequestError, match="exceeds the model's context of 256 tokens"):
         completion(service, max_tokens=300)
+    with pytest.raises(RequestError, match="prompt 1 is empty after tokenization"):
+        completion(service, prompt=["word1", ""])
     plain = GenerationService(service.model, make_tiny_tokenizer(), "plain")
     with pytest.raises(RequestError, match="no chat template"):
         plain.chat(parse_request(ChatRequest, {"messages": [{"role": "user", "content": "word1"}]}))

@@ -83,8 +83,6 @@ def eval_settings(args: argparse.Namespace, seqlen: int, data_dir: str | None) -
             ``--eval-seqlen`` below 2 or ``--max-windows`` below 1, or evaluation flags (``--eval-seqlen``,
             ``--max-windows``, ``--compare-dense``) without any dataset to evaluate.
     """
-    from losa.data.sources import EVAL_SPLIT, NAMED_FILES, RECORD_SUFFIXES, TEXT_SUFFIXES, is_named
-
     evals = args.eval if args.eval is not None else ("wikitext2" if data_available(data_dir) else "none")
     datasets = [] if evals == "none" else [d.strip() for d in evals.split(",") if d.strip()]
     if args.eval_seqlen is not None and args.eval_seqlen < 2:
@@ -99,19 +97,35 @@ def eval_settings(args: argparse.Namespace, seqlen: int, data_dir: str | None) -
             why = "--eval none" if args.eval is not None else "no data dir, so no default --eval"
             raise LosaError(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "
                             f"evaluation data ({why}); pass --data-dir or --eval FILE, or drop {' and '.join(given)}")
+    check_eval_datasets(datasets, data_dir, "--eval")
+    return datasets, args.eval_seqlen if args.eval_seqlen is not None else seqlen
+
+
+def check_eval_datasets(datasets: list[str], data_dir: str | None, flag: str) -> None:
+    """Check perplexity datasets before any work: a named one (wikitext2, c4, ptb) is in the data dir
+    when there is one (without, it comes from the hub when evaluated), a path is a readable text file.
+
+    Args:
+        datasets: names or file paths.
+        data_dir: the data directory (None: ``LOSA_DATA_DIR`` or none).
+        flag: the option that named them, for the message (``--eval``, ``--datasets``).
+    Raises:
+        LosaError: a named dataset missing from the data dir, a missing file, or a file type that
+            ``losa.data.sources.read_text_file`` does not read.
+    """
+    from losa.data.sources import EVAL_SPLIT, NAMED_FILES, RECORD_SUFFIXES, TEXT_SUFFIXES, is_named
+
     root = resolve_data_dir(data_dir)
     for d in datasets:
         if is_named(d):
             path = root / NAMED_FILES[d][EVAL_SPLIT[d]] if root is not None else None
             if path is not None and not path.is_file():
-                raise LosaError(f"--eval {d}: {path} is missing; put the file there, point --data-dir at a "
-                                "directory that has it, or drop it from --eval")
+                raise LosaError(f"{flag} {d}: {path} is missing; put the file there, point --data-dir at a "
+                                f"directory that has it, or drop it from {flag}")
         elif not Path(d).is_file():
-            raise LosaError(f"--eval {d}: no such file, and not wikitext2, c4 or ptb; check the name or path, or "
-                            "pass --eval none")
+            raise LosaError(f"{flag} {d}: no such file, and not wikitext2, c4 or ptb; check the name or path")
         elif Path(d).suffix not in TEXT_SUFFIXES + RECORD_SUFFIXES:  # what read_text_file reads
-            raise LosaError(f"--eval {d}: unsupported file type {Path(d).suffix!r}; use .txt, .json or .jsonl")
-    return datasets, args.eval_seqlen if args.eval_seqlen is not None else seqlen
+            raise LosaError(f"{flag} {d}: unsupported file type {Path(d).suffix!r}; use .txt, .json or .jsonl")
 
 
 def add_quiet_arg(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from losa.cli.common import add_data_dir_arg, add_model_arg, add_quiet_arg
+from losa.cli.common import add_data_dir_arg, add_model_arg, add_quiet_arg, check_eval_datasets
 from losa.errors import LosaError
 
 
@@ -43,13 +43,19 @@ def run_ppl(args: argparse.Namespace) -> int:
         raise LosaError(f"--batch-size {args.batch_size} must be at least 1")
     if args.max_windows is not None and args.max_windows < 1:
         raise LosaError(f"--max-windows {args.max_windows} must be at least 1 (or leave it out: every window)")
+    if args.seqlen < 2:
+        raise LosaError(f"--seqlen {args.seqlen} must be at least 2 (a window predicts all its tokens but the first)")
+    datasets = [x.strip() for x in args.datasets.split(",") if x.strip()]
+    if not datasets:
+        raise LosaError("--datasets is empty; name at least one of wikitext2, c4, ptb or a text file")
+    check_eval_datasets(datasets, args.data_dir, "--datasets")
     device = resolve_device(args.device)
     if args.out:
         check_output_file(args.out, "--out")
     model, tok = losa.load_model(args.model, dtype=args.dtype)
     model.to(device)
     results = {}
-    for d in [x.strip() for x in args.datasets.split(",") if x.strip()]:
+    for d in datasets:
         r = perplexity(model, tok, d, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size,
                        data_dir=args.data_dir, progress=not args.quiet, return_details=True)
         results[d] = r.as_dict()

@@ -27,7 +27,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from losa.inference import save_sparse
     from losa.inference.decode import LeanDecoder
-    from losa.models.registry import context_overflow, max_context
+    from losa.models.registry import max_context, prompt_problem
     from losa.utils.io import check_output_file
 
     if args.max_new_tokens < 1:
@@ -38,11 +38,9 @@ def run_generate(args: argparse.Namespace) -> int:
         check_output_file(args.save_compact, "--save-compact")
     model, tok, mode, _ = load_runtime_model(args, "generation")
     ids = tok(args.prompt, return_tensors="pt").input_ids
-    if ids.shape[1] == 0:
-        raise LosaError("--prompt is empty after tokenization; give some text")
-    overflow = context_overflow(ids.shape[1], args.max_new_tokens, max_context(model), "--max-new-tokens")
-    if overflow is not None:
-        raise LosaError(overflow)
+    problem = prompt_problem(ids.shape[1], args.max_new_tokens, max_context(model), "--max-new-tokens")
+    if problem is not None:
+        raise LosaError(problem)
     if args.save_compact and mode == "dense":
         raise LosaError("--save-compact: the model has no pruned layer (sparsity < 25 %) to store sparse; "
                         "prune it first (losa prune) or drop --save-compact")

@@ -282,13 +282,15 @@ def check_window(model: nn.Module, length: int, what: str, flag: str) -> None:
                         f"set {flag} {limit} or lower")
 
 
-def context_overflow(prompt_tokens: int, max_new: int, context: int | None, limit: str,
-                     which: str = "prompt") -> str | None:
-    """Why a prompt plus ``max_new`` generated tokens does not fit the model's context (None if it does).
+def prompt_problem(prompt_tokens: int, max_new: int, context: int | None, limit: str,
+                   which: str = "prompt") -> str | None:
+    """Why a prompt cannot start a generation of up to ``max_new`` tokens (None if it can): it has no
+    tokens, or it plus ``max_new`` does not fit the model's context.
 
-    ``losa serve`` (per request) and ``losa generate`` refuse such a generation before it starts: beyond
-    the context, learned position embeddings fail with an ``IndexError`` and rotary ones silently run
-    outside what the model was trained on.
+    ``losa serve`` (per request) and ``losa generate`` refuse such a generation before it starts: an empty
+    prompt gives the model nothing to condition on (and ``generate`` fails deep inside transformers);
+    beyond the context, learned position embeddings fail with an ``IndexError`` and rotary ones silently
+    run outside what the model was trained on.
 
     Args:
         prompt_tokens: the prompt's length in tokens.
@@ -299,6 +301,8 @@ def context_overflow(prompt_tokens: int, max_new: int, context: int | None, limi
     Returns:
         A one-line message naming the problem and the fix, or None.
     """
+    if prompt_tokens == 0:
+        return f"{which} is empty after tokenization; give some text"
     if context is None or prompt_tokens + max_new <= context:
         return None
     return (f"{which} ({prompt_tokens} tokens) + {limit} ({max_new}) exceeds the model's context of {context} "

@@ -21,7 +21,7 @@ import torch
 from jinja2 import TemplateError, TemplateSyntaxError
 
 from losa.errors import LosaError
-from losa.models.registry import context_overflow, max_context
+from losa.models.registry import max_context, prompt_problem
 from losa.serve.limits import Deadline
 from losa.serve.schema import ChatRequest, CompletionRequest, RequestError, SamplingFields
 from losa.serve.stops import StopWatch, cut_at_stop
@@ -97,15 +97,10 @@ class GenerationService:
             text: the prompt.
 
         Returns:
-            The ids, with the tokenizer's special tokens (e.g. BOS).
-
-        Raises:
-            RequestError: (400) when the prompt has no tokens.
+            The ids, with the tokenizer's special tokens (e.g. BOS); an empty prompt is refused by
+            :meth:`prepare`.
         """
-        ids = self.tok(text, return_tensors="pt").input_ids
-        if ids.shape[1] == 0:
-            raise RequestError("the prompt is empty after tokenization; send some text")
-        return ids
+        return self.tok(text, return_tensors="pt").input_ids
 
     def encode_chat(self, req: ChatRequest) -> torch.Tensor:
         """Token ids (1, T) of a conversation rendered by the chat template, with the generation prompt.
@@ -151,8 +146,8 @@ class GenerationService:
         max_new = req.token_limit or default_max
         for i, ids in enumerate(prompts):
             which = f"prompt {i}" if len(prompts) > 1 else "prompt"
-            if (overflow := context_overflow(ids.shape[1], max_new, self.context, "max_tokens", which)) is not None:
-                raise RequestError(overflow)
+            if (problem := prompt_problem(ids.shape[1], max_new, self.context, "max_tokens", which)) is not None:
+                raise RequestError(problem)
         return Job(req, prompts, max_new)
 
     # ------------------------------------------------------------------ generation

@@ -115,9 +115,13 @@ def check_output_dir(path: str | os.PathLike, flag: str, exists_ok: bool) -> Pat
     if kind == "file":
         raise LosaError(f"{flag} {path} is a file; give the path of a directory")
     if kind == "dir" and not exists_ok:
-        raise LosaError(f"output directory {path} already exists; pass --overwrite or choose another {flag}")
+        raise _exists(path, flag)
     _check_writable(path if kind else next((p for p in path.parents if _kind(p, flag)), Path(".")), path, flag)
     return path
+
+
+def _exists(path: Path, flag: str) -> LosaError:
+    return LosaError(f"output directory {path} already exists; pass --overwrite or choose another {flag}")
 
 
 def _check_writable(folder: Path, path: Path, flag: str) -> None:
@@ -158,7 +162,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise LosaError(f"output directory {path} already exists; pass --overwrite or choose another --out")
+        raise _exists(path, "--out")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
