@@ -115,7 +115,8 @@ def test_smollm2_beats_chance_on_piqa_and_arc_easy(smollm2, data_dir):
     assert r["tasks"]["arc_easy"]["acc"] >= 0.45  # > chance + 3 sd (measured 0.54)
 
 
-def test_cli_quiet_run_writes_results_without_progress_bars(smollm2, data_dir, tmp_path, capfd):
+def test_cli_quiet_run_writes_results_without_progress_bars(smollm2, data_dir, tmp_path, capfd, monkeypatch):
+    """--quiet draws no bar, and outside a git checkout nothing of lm-eval's git probe reaches stderr."""
     import json
 
     from losa.cli import main
@@ -126,11 +127,13 @@ def test_cli_quiet_run_writes_results_without_progress_bars(smollm2, data_dir, t
     tok.save_pretrained(model_dir)
     out = tmp_path / "zs.json"
     capfd.readouterr()  # drop the bars of the set-up above
+    monkeypatch.chdir(tmp_path)  # not a git checkout
     rc = main(["eval", "zeroshot", str(model_dir), "--tasks", "rte", "--limit", "2", "--data-dir", str(data_dir),
                "--quiet", "--out", str(out)])
     captured = capfd.readouterr()
     assert rc == 0
     assert "%|" not in captured.err and "it/s" not in captured.err  # no tqdm bar was drawn
+    assert "git" not in captured.err, captured.err
     result = json.loads(out.read_text())
     assert result["tasks"]["rte"]["n"] == 2 and 0.0 <= result["tasks"]["rte"]["acc"] <= 1.0
     assert "| rte |" in captured.out
