@@ -580,9 +580,17 @@ def test_choose_arithmetic_explicit_requests(case):
 
 @pytest.mark.parametrize("case", list(ISA_CASES))
 def test_dense_line_says_nothing_of_sparse_values(case):
-    """``--dense`` keeps every layer dense: the line names the model dtype only (it claimed bf16 values)."""
-    c = choose_arithmetic(ISA_CASES[case][0], Requested())
-    assert c.line(dense=True) == f"arithmetic: {c.dtype} model, dense layers (--dense: no sparse values)"
+    """``--dense`` keeps every layer dense: the line names the model dtype and why, nothing of sparse values
+    (it claimed bf16 values)."""
+    isa = ISA_CASES[case][0]
+    c = choose_arithmetic(isa, Requested())
+    line = c.line(dense=True)
+    assert line.startswith(f"arithmetic ({isa.name}): {c.dtype} model, dense layers (--dense: no sparse values) -- ")
+    assert "values" not in line.split(" -- ")[1]
+    native = isa.kernel and isa.level == "avx512" and isa.native_bf16
+    assert ("no native bf16" in line) == (isa.kernel and not native)
+    bf16 = choose_arithmetic(isa, Requested("bfloat16")).line(dense=True)
+    assert "--dtype bfloat16 as given" in bf16 and ("slow" in bf16) == (not native)
 
 
 def test_choose_arithmetic_bad_requests():

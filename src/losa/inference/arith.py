@@ -100,6 +100,7 @@ class Choice:
         prefill: the prompt path of the sparse layers, in words.
         reason: why, in one short clause.
         isa: the ISA it was chosen for.
+        dtype_reason: why this model dtype, for a model that keeps its dense layers (``--dense``).
     """
 
     dtype: str
@@ -109,6 +110,7 @@ class Choice:
     prefill: str
     reason: str
     isa: str
+    dtype_reason: str = ""
 
     def line(self, dense: bool = False) -> str:
         """One line for the log: what was chosen and why.
@@ -121,7 +123,8 @@ class Choice:
             The line.
         """
         if dense:
-            return f"arithmetic: {self.dtype} model, dense layers (--dense: no sparse values)"
+            return (f"arithmetic ({self.isa}): {self.dtype} model, dense layers (--dense: no sparse values) -- "
+                    f"{self.dtype_reason}")
         return (f"arithmetic ({self.isa}): {self.dtype} model, {self.value_dtype} values, {self.activations} "
                 f"activations in sparse layers, prompts via {self.prefill} -- {self.reason}")
 
@@ -162,14 +165,20 @@ def choose_arithmetic(isa: IsaInfo, requested: Requested = Requested()) -> Choic
         why = "portable loop: float32 activations, bf16 values halve the weight bytes"
         auto = ("float32", "bfloat16")
     else:
-        why = ("no native bf16: float32 activations (a bf16 GEMM is ~5x slower than float32 here), bf16 values "
-               "halve the bytes decode streams and are widened exactly")
+        why = ("no native bf16: float32 activations (torch's bf16 GEMM has no hardware support here: "
+               "benchmarks/results/avx2_decode.md), bf16 values halve the bytes decode streams and are widened exactly")
         auto = ("float32", "bfloat16")
     if dtype == "auto":
         dtype = auto[0]
-    elif dtype == "bfloat16" and not native:
+        dtype_why = ("native bf16: bf16 GEMMs run in hardware" if native else
+                     "no compiled kernel: float32 keeps the weights exact" if not isa.kernel else
+                     "no native bf16: float32 GEMMs (torch's bf16 GEMM has no hardware support here)")
+    else:
+        dtype_why = f"--dtype {dtype} as given"
+    if dtype == "bfloat16" and not native:  # only ever asked for: auto picks bf16 with native bf16 only
         notes.append("bf16 model without native bf16: sparse layers widen to float32, dense parts stay slow "
                      "(--dtype auto picks float32)")
+        dtype_why += "; without native bf16 its GEMMs are slow (--dtype auto picks float32)"
     if value_dtype == "auto":
         value_dtype = auto[1]
     bf16_compute = native and dtype == "bfloat16" and value_dtype == "bfloat16"
@@ -187,7 +196,7 @@ def choose_arithmetic(isa: IsaInfo, requested: Requested = Requested()) -> Choic
         prefill = "float32 GEMM on decompressed tiles"
     return Choice(dtype=dtype, value_dtype=value_dtype, prefill_dtype=prefill_dtype,
                   activations="bfloat16" if bf16_compute else "float32", prefill=prefill,
-                  reason="; ".join([why, *notes]), isa=isa.name)
+                  reason="; ".join([why, *notes]), isa=isa.name, dtype_reason=dtype_why)
 
 
 def _cpu_model() -> str:
