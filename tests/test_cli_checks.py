@@ -187,6 +187,19 @@ def test_valid_schedulers_and_no_clipping_are_accepted():
     assert FinetuneConfig(lr_scheduler="cosine", max_grad_norm=0).lr_scheduler == "cosine"
 
 
+def test_lr_scheduler_help_lists_exactly_the_accepted_schedules():
+    """The help text is static (no transformers import to build the CLI); it must not drift from what the
+    validator accepts (transformers' SchedulerType minus the schedules that need more arguments)."""
+    import re
+
+    from losa.finetune.config import lr_schedulers
+
+    listed = re.findall(r"[a-z_]+", FinetuneConfig.model_fields["lr_scheduler"].description.split(":", 1)[1])
+    assert sorted(n for n in listed if n != "or") == sorted(lr_schedulers())
+    for name in lr_schedulers():
+        assert FinetuneConfig(lr_scheduler=name).lr_scheduler == name
+
+
 def test_resume_checks_the_state_before_any_work(tmp_path):
     tok = make_tiny_tokenizer()
     calib = torch.randint(4, 128, (4, 16), generator=torch.Generator().manual_seed(0))
