@@ -95,8 +95,11 @@ def test_hub_errors_raised_directly_by_the_loaders(monkeypatch, case):
         losa.load_model("org/name")
     _check(exc_info, pattern)
     # the weights download but the tokenizer's download fails the same way
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
-                        classmethod(lambda cls, *a, **k: make_tiny_model("llama", layers=1)))
+    def weights(cls, *a, **k):
+        model = make_tiny_model("llama", layers=1)
+        return (model, {"missing_keys": set()}) if k.get("output_loading_info") else model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(weights))
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(fail))
     with pytest.raises(LosaError, match="tokenizer") as exc_info:
         losa.load_model("org/name")

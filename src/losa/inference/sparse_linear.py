@@ -80,6 +80,8 @@ class SparseLinear(nn.Module):
                  dense_batch_threshold: int | None = None,
                  prefill_dtype: str | torch.dtype = torch.float32) -> None:
         super().__init__()
+        if dense_batch_threshold is not None and int(dense_batch_threshold) < 0:
+            raise LosaError(f"dense_batch_threshold={dense_batch_threshold} must be >= 0 (None: the measured default)")
         self.prefill_dtype = resolve_value_dtype(prefill_dtype, 'prefill_dtype')
         self.out_features, self.in_features = packed.shape
         self.fmt = packed.fmt

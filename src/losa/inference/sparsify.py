@@ -88,6 +88,24 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def _check_settings_of_converted(model: nn.Module, value_dtype: torch.dtype, fmt: str,
+                                 dense_batch_threshold: int | None, prefill_dtype: torch.dtype) -> None:
+    """A second call converts only the layers still dense: it cannot change the settings of those converted
+    before, so settings that differ from theirs are refused instead of being silently ignored."""
+    done = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    if not done:
+        return
+    want: dict[str, object] = {"value_dtype": value_dtype, "prefill_dtype": prefill_dtype,
+                               "dense_batch_threshold": dense_batch_threshold}
+    if fmt != "auto":  # auto picks per layer
+        want["fmt"] = fmt
+    differs = [f"{k}={getattr(m, k)}" for k, v in want.items()
+               for m in [next((m for m in done if getattr(m, k) != v), None)] if m is not None]
+    if differs:
+        raise LosaError(f"the model is already sparsified ({', '.join(differs).replace('torch.', '')}); a second "
+                        "call cannot change that: sparsify a freshly loaded model")
+
+
 def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "float32", fmt: str = "auto",
                            min_sparsity: float = 0.25,
                            dense_batch_threshold: int | None = None,
@@ -108,11 +126,19 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
     "compute", "sparse_prefill_layers"}`` (bytes are over the replaced CPU layers; ``compute`` says which
     arithmetic the layers use for this model's activations; ``sparse_prefill_layers`` counts the layers that
     run large bf16 batches through the zero-skipping sparse GEMM, see ``SPARSE_PREFILL_MAX_DENSITY``).
-    ``model.generate`` keeps working (KV cache included).
+    ``model.generate`` keeps working (KV cache included). Called again on a sparsified model it converts
+    the layers still dense, with the settings of the first call (other settings raise ``LosaError``).
+
+    Raises:
+        LosaError: ``min_sparsity`` outside [0, 1], an unknown value / prefill dtype or format, a negative
+            ``dense_batch_threshold``, settings that differ from an earlier call's on the same model, or a
+            device other than CPU (and CUDA 2:4).
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise LosaError(f"min_sparsity={min_sparsity} is outside [0, 1]; use e.g. 0.25")
     vdtype = resolve_value_dtype(value_dtype)
+    _check_settings_of_converted(model, vdtype, fmt, dense_batch_threshold,
+                                 resolve_value_dtype(prefill_dtype, "prefill_dtype"))
     device = next(model.parameters()).device
     summary: SparsifySummary = {"replaced": 0, "kept_dense": 0, "dense_bytes": 0, "sparse_bytes": 0, "device": device.type,
                "value_dtype": str(vdtype).replace("torch.", ""),

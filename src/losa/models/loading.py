@@ -61,9 +61,11 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     Returns:
         The ``torch.dtype``.
     Raises:
-        LosaError: an unknown name.
+        LosaError: an unknown name, or a torch.dtype that is not floating point.
     """
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise LosaError(f"dtype {dtype} is not a floating-point dtype; use one of {', '.join(_DTYPES)}")
         return dtype
     try:
         return _DTYPES[dtype]
@@ -278,8 +280,9 @@ def _has_tokenizer_files(name: str) -> bool:
 
 
 def _load_hf(name: str, dtype: torch.dtype, **kwargs):
+    kwargs.pop("output_loading_info", None)  # always asked for: missing weights are refused below
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, output_loading_info=True, **kwargs)
     except Exception as e:
         if os.path.exists(name):
             if isinstance(e, OSError):
@@ -294,6 +297,13 @@ def _load_hf(name: str, dtype: torch.dtype, **kwargs):
             f"model {name!r} is neither a local directory, a .gguf file, a built-in alias "
             f"({', '.join(ALIASES)}) nor a reachable hub id: {_first_line(e)}"
         ) from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers would initialise them at random and only log it
+        sparse = any(k.endswith((".meta", ".values", ".row_ptr")) for k in info.get("unexpected_keys") or ())
+        fix = ("it holds sparse layers of losa.sparsify_for_inference: read it with losa.inference.load_sparse "
+               "(written by losa.inference.save_sparse)" if sparse else "the checkpoint is incomplete or of another model class; "
+               "re-save it with save_pretrained / losa.save_checkpoint")
+        raise LosaError(f"{name} lacks {len(missing)} weight(s) of the model (e.g. {missing[0]}); {fix}")
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as e:  # noqa: BLE001 - every failure becomes one line below
@@ -331,9 +341,12 @@ def load_model(name: str | os.PathLike, dtype: str | torch.dtype = "float32", ch
         LosaError: unknown dtype; alias package or file missing; GGUF file missing or unmappable;
             a path that does not exist; a directory without ``config.json``; a model that cannot be
             loaded (local or hub: gated/private repos, names not found and network failures each
-            with their own message); tokenizer files that exist but fail to load; an unsupported
-            architecture (with ``check_arch``).
+            with their own message); tokenizer files that exist but fail to load; a checkpoint that lacks
+            weights of the model (e.g. one of sparse layers, which :func:`losa.inference.load_sparse` reads); an
+            unsupported architecture (with ``check_arch``); ``torch_dtype=`` (use ``dtype=``).
     """
+    if "torch_dtype" in kwargs:
+        raise LosaError("load_model takes dtype= (transformers 5 renamed torch_dtype); pass dtype=... instead")
     torch_dtype = parse_dtype(dtype)
     name = str(name)
     if name in ALIASES:

@@ -93,6 +93,8 @@ class PruneConfig(CalibrationConfig):
             m = parse_nm(self.nm)[1]
             for n in self.nm_n:
                 validate_nm(n, m)
+        if self.nm is not None and "sparsity" in self.non_default_fields():
+            raise ValueError(f"sparsity has no effect with nm (the {self.nm} pattern sets it); drop one of them")
         if self.allocator != "uniform" and (self.nm is not None or isinstance(self.sparsity, list)):
             raise ValueError(f"allocator={self.allocator} spreads one unstructured sparsity over the layers; it "
                              "cannot be combined with nm or a per-layer sparsity list")
@@ -262,6 +264,9 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
         config = PruneConfig()
     elif isinstance(config, dict):
         config = build_config(PruneConfig, config)
+    elif not isinstance(config, PruneConfig):
+        raise LosaError(f"prune takes a PruneConfig or a dict of its fields, not {type(config).__name__}"
+                        + ("; a LoSAConfig is run by losa.run" if type(config).__name__ == "LoSAConfig" else ""))
     t0 = time.perf_counter()
     if get_arch(model).experts is not None and is_offloaded(model):
         raise LosaError("pruning a mixture-of-experts model whose weights accelerate offloads is not supported; "

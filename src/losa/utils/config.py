@@ -46,7 +46,7 @@ class LosaConfig(BaseModel):
 
 
 def validation_message(err: ValidationError) -> str:
-    """A pydantic error as one line: ``invalid config: field: message; …``.
+    """A pydantic error as one line: ``invalid config: field: message; …`` (no field for a check across fields).
 
     Args:
         err: the pydantic validation error.
@@ -55,11 +55,11 @@ def validation_message(err: ValidationError) -> str:
     """
     parts = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "config"
+        loc = ".".join(str(x) for x in e["loc"])
         msg = str(e["msg"]).removeprefix("Value error, ")
         if e.get("type") == "extra_forbidden":
             msg = "unknown option; check the spelling (see --help for the valid names)"
-        parts.append(f"{loc}: {msg}")
+        parts.append(f"{loc}: {msg}" if loc else msg)  # a check across fields names its fields itself
     return "invalid config: " + "; ".join(parts)
 
 

@@ -1,0 +1,93 @@
+"""Python API: inputs that used to be silently ignored or misread are refused with one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model, make_tiny_tokenizer
+from safetensors.torch import load_file, save_file
+
+import losa
+from losa.errors import LosaError
+from losa.inference import SparseLinear, sparsify_for_inference
+from losa.pipelines.losa.config import LoSAConfig
+
+
+def _pruned(sparsity=0.5, layers=2):
+    model = make_tiny_model("llama", seed=0, layers=layers)
+    losa.prune(model, make_tiny_tokenizer(), losa.PruneConfig(method="magnitude", sparsity=sparsity), progress=False)
+    return model
+
+
+def test_save_checkpoint_refuses_sparse_runtime_layers(tmp_path):
+    """save_pretrained would write meta/values/row_ptr that load_model then replaced by random weights."""
+    model = _pruned()
+    sparsify_for_inference(model)
+    with pytest.raises(LosaError, match="save them with losa.inference.save_sparse"):
+        losa.save_checkpoint(model, None, tmp_path / "ck", {})
+    assert not (tmp_path / "ck").exists()
+    losa.save_checkpoint(_pruned(), None, tmp_path / "ok", None)  # no manifest entries: fine
+    assert (tmp_path / "ok" / "losa.json").is_file()
+
+
+def test_load_model_refuses_a_checkpoint_that_lacks_weights(tmp_path):
+    model = make_tiny_model("llama", seed=0, layers=2)
+    model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(weights)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(LosaError, match=r"lacks 1 weight\(s\) of the model \(e.g. model.layers.1.mlp.up_proj.weight\)"):
+        losa.load_model(tmp_path / "m")
+    sparse = _pruned()
+    sparsify_for_inference(sparse)
+    sparse.save_pretrained(tmp_path / "s")  # what save_checkpoint now refuses, written directly
+    with pytest.raises(LosaError, match="read it with losa.inference.load_sparse"):
+        losa.load_model(tmp_path / "s")
+
+
+def test_load_model_dtype_arguments(tmp_path):
+    make_tiny_model("llama", seed=0, layers=1).save_pretrained(tmp_path / "m")
+    with pytest.raises(LosaError, match="pass dtype="):
+        losa.load_model(tmp_path / "m", torch_dtype=torch.bfloat16)
+    with pytest.raises(LosaError, match="torch.int8 is not a floating-point dtype"):
+        losa.load_model(tmp_path / "m", dtype=torch.int8)
+    model, _ = losa.load_model(tmp_path / "m", dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_sparsify_again_converts_the_rest_with_the_same_settings_only():
+    model = _pruned()
+    layer1 = model.model.layers[1]
+    with torch.no_grad():  # keep layer 1 dense for the first call
+        for m in layer1.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.add_((m.weight == 0) * 0.5)
+    assert sparsify_for_inference(model, value_dtype="bfloat16")["replaced"] == 7
+    for bad, msg in ((dict(), "value_dtype=bfloat16"), (dict(value_dtype="bfloat16", fmt="nm24"), "fmt=bitmask"),
+                     (dict(value_dtype="bfloat16", dense_batch_threshold=8), "dense_batch_threshold=None")):
+        with pytest.raises(LosaError, match=f"already sparsified \\({msg}\\)"):
+            sparsify_for_inference(model, **bad)
+    with torch.no_grad():
+        for m in layer1.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(torch.rand_like(m.weight) > 0.6)
+    assert sparsify_for_inference(model, value_dtype="bfloat16")["replaced"] == 7
+    sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert len(sparse) == 14 and {m.value_dtype for m in sparse} == {torch.bfloat16}
+
+
+def test_negative_dense_batch_threshold_is_refused():
+    with pytest.raises(LosaError, match="dense_batch_threshold=-1 must be >= 0"):
+        sparsify_for_inference(_pruned(), dense_batch_threshold=-1)
+
+
+def test_prune_config_sparsity_with_nm_and_wrong_config_type():
+    with pytest.raises(LosaError, match="invalid config: sparsity has no effect with nm"):
+        losa.PruneConfig(sparsity=0.7, nm="2:4")
+    assert losa.PruneConfig(**losa.PruneConfig(nm="2:4").model_dump()).nm == "2:4"  # default listed: fine
+    model = make_tiny_model("llama", seed=0, layers=1)
+    with pytest.raises(LosaError, match="not LoSAConfig; a LoSAConfig is run by losa.run"):
+        losa.prune(model, make_tiny_tokenizer(), LoSAConfig())
+    with pytest.raises(LosaError, match="not str"):
+        losa.prune(model, make_tiny_tokenizer(), "wanda")
