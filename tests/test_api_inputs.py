@@ -91,3 +91,31 @@ def test_prune_config_sparsity_with_nm_and_wrong_config_type():
         losa.prune(model, make_tiny_tokenizer(), LoSAConfig())
     with pytest.raises(LosaError, match="not str"):
         losa.prune(model, make_tiny_tokenizer(), "wanda")
+
+
+def test_load_sparse_into_any_module_and_bad_files(tmp_path):
+    """load_sparse reads what save_sparse wrote for a plain module tree (sparsify_for_inference accepts any
+    module); another model's size and a broken file are one line each."""
+    from losa.inference import load_sparse, save_sparse
+
+    def net(seed, hidden=64):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(32, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 16))
+
+    model = net(0)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(torch.rand_like(m.weight) > 0.6)
+    x = torch.randn(3, 32)
+    want = model(x)  # the dense pruned weights: the sparse layers compute exactly this (float32 values)
+    sparsify_for_inference(model)
+    save_sparse(model, tmp_path / "m.safetensors")
+    loaded = load_sparse(net(1), tmp_path / "m.safetensors")
+    assert isinstance(loaded[0], SparseLinear) and isinstance(loaded[2], SparseLinear)
+    torch.testing.assert_close(loaded(x), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(LosaError, match=r"module '0' is \[64, 32\] in the file but \[48, 32\] in this model"):
+        load_sparse(net(1, hidden=48), tmp_path / "m.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(LosaError, match="is not a readable safetensors file"):
+        load_sparse(net(1), tmp_path / "bad.safetensors")

@@ -18,6 +18,7 @@ from torch import nn
 from losa.errors import LosaError
 from losa.inference.formats import Packed
 from losa.inference.sparse_linear import SparseLinear
+from losa.models.linear import get_weight
 from losa.models.moe import unfuse_experts
 from losa.models.registry import replace_module
 from losa.utils.io import atomic_write_bytes
@@ -50,6 +51,31 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> Path:
 _VALUE_DTYPES = {"BF16": "bfloat16", "F32": "float32", "F16": "float16"}
 
 
+def _read(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, dict], dict[str, torch.Tensor], str | None]:
+    """The ``losa_sparse`` entries of a compact file, its tensors (when ``tensors``) and the stored dtype
+    of the first sparse module's values; every failure to read it is one ``LosaError`` line."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise LosaError(f"compact checkpoint {path} not found; write one with losa.inference.save_sparse")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if _KEY not in meta:
+                raise LosaError(f"{path} is not a losa compact checkpoint (no '{_KEY}' metadata); use save_sparse")
+            info = json.loads(meta[_KEY])
+            name = next(iter(info), None)
+            dtype = None if name is None else f.get_slice(f"{name}.values").get_dtype()
+            data = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except LosaError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken header or tensor: one line
+        raise LosaError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); give a file "
+                        "written by save_sparse (losa generate --save-compact)") from None
+    return info, data, None if dtype is None else _VALUE_DTYPES.get(dtype, dtype.lower())
+
+
 def stored_value_dtype(path: str | os.PathLike) -> str | None:
     """The dtype of the sparse values stored in a compact file (``"bfloat16"``, ``"float32"``), read from
     its header without loading tensors; :func:`load_sparse` keeps it.
@@ -61,51 +87,50 @@ def stored_value_dtype(path: str | os.PathLike) -> str | None:
     Raises:
         LosaError: the file is missing, not a safetensors file, or not a losa compact checkpoint.
     """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise LosaError(f"compact checkpoint {path} not found; write one with losa.inference.save_sparse")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if _KEY not in meta:
-                raise LosaError(f"{path} is not a losa compact checkpoint (no '{_KEY}' metadata); use save_sparse")
-            name = next(iter(json.loads(meta[_KEY])), None)
-            dtype = None if name is None else f.get_slice(f"{name}.values").get_dtype()
-    except LosaError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a broken header: one line
-        raise LosaError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); give a file "
-                        "written by save_sparse (losa generate --save-compact)") from None
-    return None if dtype is None else _VALUE_DTYPES.get(dtype, dtype.lower())
+    return _read(path, tensors=False)[2]
 
 
 def load_sparse(model: nn.Module, path: str | os.PathLike, prefill_dtype: str | torch.dtype = "float32") -> nn.Module:
-    """Load a file written by :func:`save_sparse` into ``model`` (same architecture), in place."""
-    from safetensors import safe_open
+    """Load a file written by :func:`save_sparse` into ``model`` (same architecture), in place.
 
-    path = Path(path)
-    if not path.is_file():
-        raise LosaError(f"compact checkpoint {path} not found; write one with losa.inference.save_sparse")
-    unfuse_experts(model)  # sparsify_for_inference saved the experts unfused (one linear per expert matrix)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if _KEY not in meta:
-            raise LosaError(f"{path} is not a losa compact checkpoint (no '{_KEY}' metadata); use save_sparse")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    info = json.loads(meta[_KEY])
+    Works on any ``nn.Module`` that :func:`~losa.sparsify_for_inference` accepts: a registered Hugging
+    Face family has its fused experts unfused first (as sparsifying did), anything else is used as is.
+
+    Args:
+        model: a freshly loaded dense model of the architecture the file was saved from.
+        path: the compact file.
+        prefill_dtype: precision of the sparse layers' large-batch GEMM for float32 inputs.
+    Returns:
+        ``model``, its sparse layers replaced by :class:`~losa.inference.SparseLinear`.
+    Raises:
+        LosaError: the file is missing, unreadable or not a compact checkpoint; a module or tensor of the
+            file is not in the model or has another shape (another model or size).
+    """
+    from losa.models.registry import supported_model_types
+
+    info, tensors, _ = _read(path, tensors=True)
+    if getattr(getattr(model, "config", None), "model_type", None) in supported_model_types():
+        unfuse_experts(model)  # sparsify_for_inference saved the experts unfused (one linear per expert matrix)
     for name, spec in info.items():
         try:
             old = model.get_submodule(name)
         except AttributeError:
             raise LosaError(f"{path}: module {name!r} is not in this model; load the matching base model") from None
+        have = (old.out_features, old.in_features) if isinstance(old, SparseLinear) else tuple(get_weight(old).shape)
+        if have != tuple(spec["shape"]):
+            raise LosaError(f"{path}: module {name!r} is {list(spec['shape'])} in the file but {list(have)} in this "
+                            "model; load the matching base model")
         packed = Packed(tensors[f"{name}.meta"], tensors[f"{name}.values"], tensors[f"{name}.row_ptr"],
                         tuple(spec["shape"]), spec["fmt"])
         threshold = getattr(old, "dense_batch_threshold", None)
         new = SparseLinear(packed, tensors.get(f"{name}.bias"), prefill_dtype=prefill_dtype,
                            **({"dense_batch_threshold": threshold} if threshold is not None else {}))
         replace_module(model, name, new)
+    own = model.state_dict()
+    wrong = [k for k, t in tensors.items() if k in own and own[k].shape != t.shape]
+    if wrong:
+        raise LosaError(f"{path}: tensor {wrong[0]} is {list(tensors[wrong[0]].shape)} in the file but "
+                        f"{list(own[wrong[0]].shape)} in this model; load the matching base model")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:
         raise LosaError(f"{path}: tensors {unexpected[:3]} do not fit this model; load the matching base model")
