@@ -119,3 +119,17 @@ def test_load_sparse_into_any_module_and_bad_files(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(LosaError, match="is not a readable safetensors file"):
         load_sparse(net(1), tmp_path / "bad.safetensors")
+
+
+def test_sparsity_report_nm_argument_forms():
+    from losa.export.verify import sparsity_report
+
+    model = make_tiny_model("llama", seed=0, layers=2)
+    losa.prune(model, make_tiny_tokenizer(), losa.PruneConfig(method="magnitude", nm="2:4"), progress=False)
+    by_str, by_tuple = sparsity_report(model, "2:4"), sparsity_report(model, (2, 4))
+    assert by_str == by_tuple and all(r.nm_ok for r in by_str.modules.values())
+    assert not any(r.nm_ok for r in sparsity_report(model, [(1, 4), "1:4"]).modules.values())
+    with pytest.raises(LosaError, match="nm lists 3 patterns for 2 decoder layers"):
+        sparsity_report(model, [(2, 4)] * 3)
+    with pytest.raises(LosaError, match="invalid N:M pattern 4:2"):
+        sparsity_report(model, (4, 2))

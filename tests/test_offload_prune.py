@@ -133,3 +133,12 @@ def test_offloaded_model_loads_from_directory(checkpoint: Path, tmp_path: Path) 
     ids = _calib_ids()[:1]
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=1e-6)
+
+
+def test_sparsify_for_inference_refuses_an_offloaded_model(checkpoint, tmp_path):
+    """It reads every weight (it failed on a meta tensor's .item())."""
+    from losa.inference import sparsify_for_inference
+
+    model = _offloaded(checkpoint, tmp_path / "off")
+    with pytest.raises(LosaError, match="this model is offloaded by accelerate; load it without offloading"):
+        sparsify_for_inference(model)

@@ -152,8 +152,8 @@ def read_text_file(path: Path) -> list[str]:
     """Documents of a local file: ``.txt`` is one document; ``.json``/``.jsonl`` one per record."""
     path = Path(path)
     if not path.is_file():
-        raise LosaError(f"data file {path} not found; give a wikitext2/c4/ptb/self source or an existing "
-                        ".txt/.json/.jsonl file")
+        raise LosaError(f"data file {path} not found; name wikitext2, c4 or ptb (calibration also takes self) or "
+                        "an existing .txt/.json/.jsonl file")
     if path.suffix in RECORD_SUFFIXES:
         return [_record_text(r, path) for r in read_records(path)]
     if path.suffix in TEXT_SUFFIXES:

@@ -8,10 +8,10 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from losa.errors import SparsityVerificationError
+from losa.errors import LosaError, SparsityVerificationError
 from losa.models.offload import onloaded
 from losa.models.registry import get_arch, get_decoder_layers, prunable_weights
-from losa.pruning.masks import check_nm, max_nonzeros_per_group
+from losa.pruning.masks import check_nm, max_nonzeros_per_group, parse_nm, validate_nm
 from losa.pruning.target import Target
 
 #: N:M patterns that ``inspect`` reports when no pattern is given
@@ -67,8 +67,34 @@ def module_report(weight: torch.Tensor, nm: tuple[int, int] | None = None, name:
     return rep
 
 
-def sparsity_report(model: nn.Module,
-                    nm: tuple[int, int] | Sequence[tuple[int, int] | None] | None = None) -> SparsityReport:
+NMArg = tuple[int, int] | str | None
+
+
+def _pattern(nm: NMArg) -> tuple[int, int] | None:
+    if nm is None:
+        return None
+    if isinstance(nm, str):
+        return parse_nm(nm)
+    if not (isinstance(nm, tuple | list) and len(nm) == 2):
+        raise LosaError(f"N:M pattern {nm!r} must be (N, M) or 'N:M', e.g. (2, 4) or '2:4'")
+    validate_nm(*nm)
+    return int(nm[0]), int(nm[1])
+
+
+def _per_layer(nm: NMArg | Sequence[NMArg], num_layers: int) -> list[tuple[int, int] | None]:
+    """``nm`` of :func:`sparsity_report` as one checked pattern (or None) per decoder layer."""
+    one = nm is None or isinstance(nm, str) or (isinstance(nm, tuple | list) and len(nm) == 2
+                                                  and all(isinstance(x, int) for x in nm))
+    if one:
+        return [_pattern(nm)] * num_layers  # type: ignore[arg-type]
+    per = list(nm)  # type: ignore[arg-type]
+    if len(per) != num_layers:
+        raise LosaError(f"nm lists {len(per)} patterns for {num_layers} decoder layers; give one per layer or a "
+                        "single pattern")
+    return [_pattern(x) for x in per]
+
+
+def sparsity_report(model: nn.Module, nm: NMArg | Sequence[NMArg] = None) -> SparsityReport:
     """Sparsity of every prunable weight in the decoder layers, per layer and overall.
 
     Weights offloaded by accelerate are onloaded one decoder layer at a time.
@@ -77,16 +103,17 @@ def sparsity_report(model: nn.Module,
 
     Args:
         model: a model of a registered architecture.
-        nm: one N:M pattern for all layers, or one per layer (mixed N:M), to check; None: report the
-            largest non-zero count per group for M in :data:`COMMON_M`.
+        nm: one N:M pattern for all layers (``(2, 4)`` or ``"2:4"``), or one per layer (mixed N:M), to
+            check; None: report the largest non-zero count per group for M in :data:`COMMON_M`.
     Returns:
         the typed report.
     Raises:
-        LosaError: the model's architecture is not registered (or its experts cannot be pruned).
+        LosaError: the model's architecture is not registered (or its experts cannot be pruned); an
+            invalid pattern, or a per-layer list of another length than the decoder layers.
     """
     spec = get_arch(model)
     layers = get_decoder_layers(model, spec)
-    per_layer_nm = list(nm) if isinstance(nm, list | tuple) and nm and not isinstance(nm[0], int) else [nm] * len(layers)
+    per_layer_nm = _per_layer(nm, len(layers))
     modules: dict[str, ModuleSparsity] = {}
     layer_rows = []
     total = zeros = 0

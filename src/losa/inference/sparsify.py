@@ -20,6 +20,7 @@ from losa.inference.formats import nm_fits, resolve_value_dtype
 from losa.inference.sparse_linear import SparseLinear
 from losa.models.linear import get_weight, is_prunable
 from losa.models.moe import unfuse_experts
+from losa.models.offload import is_offloaded
 from losa.models.registry import (
     get_arch,
     get_decoder_layers,
@@ -131,14 +132,17 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
 
     Raises:
         LosaError: ``min_sparsity`` outside [0, 1], an unknown value / prefill dtype or format, a negative
-            ``dense_batch_threshold``, settings that differ from an earlier call's on the same model, or a
-            device other than CPU (and CUDA 2:4).
+            ``dense_batch_threshold``, settings that differ from an earlier call's on the same model, a model
+            offloaded by accelerate, or a device other than CPU (and CUDA 2:4).
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise LosaError(f"min_sparsity={min_sparsity} is outside [0, 1]; use e.g. 0.25")
     vdtype = resolve_value_dtype(value_dtype)
     _check_settings_of_converted(model, vdtype, fmt, dense_batch_threshold,
                                  resolve_value_dtype(prefill_dtype, "prefill_dtype"))
+    if is_offloaded(model):
+        raise LosaError("sparsify_for_inference needs every weight in memory, and this model is offloaded by "
+                        "accelerate; load it without offloading (no device_map with max_memory/offload_folder)")
     device = next(model.parameters()).device
     summary: SparsifySummary = {"replaced": 0, "kept_dense": 0, "dense_bytes": 0, "sparse_bytes": 0, "device": device.type,
                "value_dtype": str(vdtype).replace("torch.", ""),

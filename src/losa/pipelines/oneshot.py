@@ -208,7 +208,8 @@ class PruneReport(BaseModel):
     Args:
         recipe: the :class:`PruneConfig` as a mapping.
         targets: target sparsity per decoder layer.
-        nm: ``(N, M)`` of an N:M recipe, else None.
+        nm: ``(N, M)`` of an N:M recipe's ``nm``, else None (with ``nm_n``, each layer's N is in ``targets``
+            as ``1 - N/M``).
         sparsity: measured sparsity per module (with layer index and name), per layer and overall.
         sequential: the calibration pass order used (``none`` for data-free pruners).
         timings: seconds per phase (``calibration_data_s``, ``prune_s``, ``total_s``).
@@ -223,7 +224,8 @@ class PruneReport(BaseModel):
     allocation: dict[str, Any] = Field(default_factory=dict, description="the allocator's choice (ATP: beta and the "
                                                                          "calibration loss of every beta tried)")
     targets: list[float] = Field(description="target sparsity per decoder layer")
-    nm: tuple[int, int] | None = Field(None, description="(N, M) of an N:M recipe")
+    nm: tuple[int, int] | None = Field(None, description="(N, M) of an N:M recipe's nm (with nm_n, each layer's N "
+                                                           "is in targets)")
     sparsity: SparsityReport = Field(description="per-module (with layer index and name), per-layer, overall")
     sequential: Literal["none", "layer", "module"] = Field(description="the calibration pass order used")
     timings: dict[str, float] = Field(description="seconds per phase (calibration_data_s, prune_s, total_s)")
