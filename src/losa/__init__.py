@@ -4,6 +4,7 @@ One-call API::
 
     import losa
     model, tok = losa.load_model("smollm2-135m")
+    # calibration text: C4 from the hub; offline, data_dir="path/to/data" reads local files (README: Data)
     report = losa.prune(model, tok, losa.PruneConfig(method="wanda", sparsity=0.5))
     print(report.sparsity.overall)
 
