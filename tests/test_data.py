@@ -97,3 +97,36 @@ def test_errors(tmp_path, data_dir):
         get_calibration(CharTok(), "wikitext2", 2, 8, data_dir=data_dir)
     with pytest.raises(LosaError, match="does not exist"):
         load_documents("c4", "train", tmp_path / "nodir")
+
+
+def test_user_calib_ids_are_checked_before_pruning():
+    """calib_ids of losa.prune (and losa.run): a 2-D integer tensor of ids in the model's vocabulary."""
+    import re
+
+    import losa
+    from losa.data.calibration import check_calib_ids
+
+    model = make_tiny_model("llama", layers=1, vocab=128)  # context: 256 positions
+    good = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    bad = [
+        (good.float(), "got float32 of shape (4, 16)"),
+        (good[0], "got int64 of shape (16,)"),
+        (good.bool(), "got bool of shape (4, 16)"),
+        (good.tolist(), "got list"),
+        (good[:0], "calib_ids is empty (shape (0, 16))"),
+        (torch.full((4, 16), 128), "token id 128, outside the model's vocabulary [0, 128)"),
+        (torch.full((4, 16), -1), "token id -1, outside the model's vocabulary [0, 128)"),
+        (torch.zeros(2, 257, dtype=torch.long), "calibration window of 257 tokens exceeds the model's context of 256"),
+    ]
+    before = [p.detach().clone() for p in model.parameters()]
+    for ids, msg in bad:
+        with pytest.raises(LosaError, match=re.escape(msg)):
+            check_calib_ids(model, ids)
+        with pytest.raises(LosaError, match=re.escape(msg)):
+            losa.prune(model, None, losa.PruneConfig(method="wanda", sparsity=0.5), calib_ids=ids, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert check_calib_ids(model, None) is None
+    same = check_calib_ids(model, good.int())  # any integer dtype, as int64 with the same ids
+    assert same.dtype == torch.int64 and torch.equal(same, good)
+    assert losa.prune(model, None, losa.PruneConfig(method="wanda", sparsity=0.5), calib_ids=good.int(),
+                      progress=False).sparsity.overall == pytest.approx(0.5, abs=0.01)

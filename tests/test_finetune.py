@@ -319,3 +319,13 @@ def test_prompt_format_is_a_finetune_field_and_reaches_the_loop(tmp_path, monkey
     cfg = LoSAConfig(finetune_data=str(data), finetune=FinetuneConfig(prompt_format="plain"))
     loop.prepare_finetune_examples(_tiny_tok(chat=True), cfg, 0)
     assert seen["fmt"] == "plain"
+
+
+def test_finetune_without_progress_prints_no_log_lines(tiny_model, capsys):
+    """progress=False: no bar and none of the Trainer's per-step loss dicts on stdout; the losses are still kept."""
+    model = tiny_model("llama", seed=0, layers=1)
+    add_sparse_lora(model, SparseLoRAConfig(r_max=4, rank=4))
+    res = finetune(model, _data(8), FinetuneConfig(lr=5e-3, epochs=2, batch_size=4), pad_id=0, progress=False)
+    assert res["steps"] == 4 and len(res["losses"]) == 4
+    out = capsys.readouterr()
+    assert out.out == "" and "loss" not in out.err

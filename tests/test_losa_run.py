@@ -252,3 +252,68 @@ def test_channel_reconstruction_error_against_hidden_states(tmp_path, calib):
     rep = run(make_tiny_model("llama", layers=2), make_tiny_tokenizer(), _cfg(recon_error="channel", steps=1),
               calib_ids=calib, progress=False)
     assert rep.meta.config["recon_error"] == "channel"
+
+
+def test_run_refuses_bad_inputs_before_any_work(tmp_path, calib, data_dir, monkeypatch):
+    """Each of these used to fail only after step 1's prune and fine-tune, or with a raw traceback."""
+    from losa import PruneConfig
+    from losa.pipelines.losa.loop import StepEval
+
+    def no_work(self):
+        raise AssertionError("the run started working before checking its inputs")
+
+    monkeypatch.setattr(LoSARun, "setup", no_work)
+    data = _text_data(tmp_path / "ft.jsonl")
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model("llama", layers=2)  # max_position_embeddings 256
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cases = [
+        (dict(step_eval=StepEval(["nope"], 32, 1, str(data_dir))),
+         "step_eval.datasets nope: no such file, and not wikitext2, c4 or ptb"),
+        (dict(step_eval=StepEval(["wikitext2"], 4096, 1, str(data_dir))),
+         "evaluation window of 4096 tokens exceeds the model's context of 256 positions; set step_eval.seqlen 256"),
+        (dict(step_eval=StepEval(["wikitext2"], 32, 0, str(data_dir))), "max_windows must be at least 1, got 0"),
+        (dict(tokenizer=None), "losa.run needs a tokenizer for the fine-tuning data"),
+        (dict(config=PruneConfig()), "needs a LoSAConfig or a dict of its fields, got PruneConfig"),
+        (dict(calib_ids=calib.float()), re.escape("calib_ids must be a 2-D integer tensor [nsamples, seqlen], got "
+                                                  "float32 of shape (4, 16)")),
+        (dict(calib_ids=calib + 124), re.escape("calib_ids hold token id 251, outside the model's vocabulary [0, 128)")),
+    ]
+    for kw, msg in cases:
+        args = dict(tokenizer=tok, config=_cfg(finetune_data=data), calib_ids=calib, progress=False) | kw
+        with pytest.raises(LosaError, match=msg):
+            run(model, args.pop("tokenizer"), args.pop("config"), **args)
+    assert not sparse_lora_modules(model)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.requires_grad, n
+
+
+def test_run_restores_requires_grad_records_the_calib_ids_used_and_prints_nothing(tmp_path, calib, capsys,
+                                                                                  monkeypatch):
+    data = _text_data(tmp_path / "ft.jsonl")
+    model = make_tiny_model("llama", layers=2)
+    model.model.embed_tokens.requires_grad_(False)  # a mix of frozen and trainable parameters
+    expected = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert set(expected.values()) == {True, False}
+    # the config asks for other windows than the user's [4, 16] ids
+    cfg = _cfg(finetune_data=data, steps=1, nsamples=64, seqlen=128, recon_nsamples=8, calib="wikitext2")
+    rep = run(model, make_tiny_tokenizer(), cfg, out_dir=tmp_path / "run", calib_ids=calib, progress=False)
+    assert rep.steps[0].train_loss, "fine-tuning ran"
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == expected
+    assert capsys.readouterr().out == ""  # no Trainer log dicts without progress
+    on_disk = json.loads((tmp_path / "run" / "report.json").read_text())["meta"]["config"]
+    for recorded in (rep.meta.config, on_disk):
+        assert (recorded["calib"], recorded["nsamples"], recorded["seqlen"], recorded["recon_nsamples"]) == (
+            "calib_ids", 4, 16, 4)
+
+    # a run that fails after the adapters froze the weights: what is not inside an adapter is restored
+    def fail(self, step):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(LoSARun, "step", fail)
+    model = make_tiny_model("llama", layers=2)
+    model.model.embed_tokens.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(model, make_tiny_tokenizer(), cfg, calib_ids=calib, progress=False)
+    assert not model.model.embed_tokens.weight.requires_grad
+    assert model.model.norm.weight.requires_grad and model.model.layers[0].input_layernorm.weight.requires_grad

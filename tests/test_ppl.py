@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, make_tiny_tokenizer
 
-from losa.eval.ppl import perplexity_from_ids
+from losa.errors import LosaError
+from losa.eval.ppl import perplexity, perplexity_from_ids
 
 
 def test_ppl_hand_computation():
@@ -43,3 +45,16 @@ def test_batch_size_below_one_is_a_clear_error(tmp_path, capsys):
         # the CLI refuses it before loading the model (the model path does not exist)
         assert main(["eval", "ppl", str(tmp_path / "missing"), "--batch-size", str(bad)]) == 2
         assert capsys.readouterr().err == f"error: --batch-size {bad} must be at least 1\n"
+
+
+def test_max_windows_below_one_is_a_clear_error(tmp_path):
+    model = make_tiny_model("llama", layers=1)
+    ids = torch.randint(3, 128, (23,), generator=torch.Generator().manual_seed(4))
+    for bad in (0, -1):  # used to report "fewer tokens than one window", which is not the problem
+        with pytest.raises(LosaError, match=f"max_windows must be at least 1, got {bad}; pass None"):
+            perplexity_from_ids(model, ids, seqlen=5, max_windows=bad, progress=False)
+        # checked before the text is read: the file does not exist
+        with pytest.raises(LosaError, match=f"max_windows must be at least 1, got {bad}"):
+            perplexity(model, make_tiny_tokenizer(), str(tmp_path / "missing.txt"), seqlen=5, max_windows=bad,
+                       progress=False)
+    assert perplexity_from_ids(model, ids, seqlen=5, max_windows=1, progress=False).windows == 1

@@ -9,6 +9,7 @@ import torch
 
 from losa.data.sources import is_named, load_documents
 from losa.errors import LosaError
+from losa.models.registry import check_window
 
 #: seed prompts for data-free ("self") calibration
 SELF_PROMPTS = (
@@ -70,6 +71,41 @@ def self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int = 0, 
                                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
             out.append(gen[:, :seqlen].cpu())
     return torch.cat(out)[:, :seqlen]
+
+
+def check_calib_ids(model, calib_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Check calibration ids given by the user (``calib_ids=`` of :func:`losa.prune` and :func:`losa.run`)
+    before any work, so that a wrong tensor fails with one line instead of deep inside the model.
+
+    Args:
+        model: the causal LM the ids are for (its input embedding gives the vocabulary size).
+        calib_ids: ``[nsamples, seqlen]`` token ids, or None (the config's calibration source is used).
+    Returns:
+        The ids as int64 (the same tensor when already int64), or None for None.
+    Raises:
+        LosaError: not a 2-D integer tensor, an empty one, an id outside ``[0, vocab_size)``, or windows
+            longer than the model's context.
+    """
+    if calib_ids is None:
+        return None
+    fix = "pass token ids such as tokenizer(texts, return_tensors='pt').input_ids"
+    if not isinstance(calib_ids, torch.Tensor):
+        raise LosaError(f"calib_ids must be a 2-D integer tensor [nsamples, seqlen], got {type(calib_ids).__name__}; "
+                        f"{fix}")
+    if (calib_ids.ndim != 2 or calib_ids.dtype.is_floating_point or calib_ids.dtype.is_complex
+            or calib_ids.dtype == torch.bool):
+        raise LosaError(f"calib_ids must be a 2-D integer tensor [nsamples, seqlen], got "
+                        f"{str(calib_ids.dtype).removeprefix('torch.')} of shape {tuple(calib_ids.shape)}; {fix}")
+    if calib_ids.numel() == 0:
+        raise LosaError(f"calib_ids is empty (shape {tuple(calib_ids.shape)}); pass at least one window of tokens")
+    emb = model.get_input_embeddings()
+    vocab = int(getattr(emb, "num_embeddings", None) or emb.weight.shape[0])
+    lo, hi = int(calib_ids.min()), int(calib_ids.max())
+    if lo < 0 or hi >= vocab:
+        raise LosaError(f"calib_ids hold token id {lo if lo < 0 else hi}, outside the model's vocabulary [0, {vocab}); "
+                        "tokenize the calibration text with the model's own tokenizer")
+    check_window(model, calib_ids.shape[1], "calibration window", "calib_ids.shape[1] to")
+    return calib_ids.long()
 
 
 def get_calibration(tokenizer, source: str = "c4", nsamples: int = 128, seqlen: int = 2048, seed: int = 0,

@@ -51,6 +51,18 @@ class PerplexityResult:
         return self.__dict__.copy()
 
 
+def check_max_windows(max_windows: int | None) -> None:
+    """Check a window cap before any work (0 or a negative cap would evaluate nothing).
+
+    Args:
+        max_windows: the number of windows to evaluate at most, or None for all.
+    Raises:
+        LosaError: ``max_windows`` below 1.
+    """
+    if max_windows is not None and max_windows < 1:
+        raise LosaError(f"max_windows must be at least 1, got {max_windows}; pass None to evaluate every window")
+
+
 @torch.no_grad()
 def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
                         batch_size: int = 1, progress: bool = True, desc: str = "perplexity",
@@ -68,7 +80,7 @@ def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int = 2048, max_window
         model: a causal LM returning ``.logits``.
         ids: token ids, ``[num_tokens]`` (int64).
         seqlen: window length in tokens (≥ 2).
-        max_windows: evaluate at most this many windows, from the start.
+        max_windows: evaluate at most this many windows (>= 1), from the start; None: all.
         batch_size: windows per forward.
         progress: show a progress bar.
         desc: progress bar label.
@@ -76,13 +88,14 @@ def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int = 2048, max_window
     Returns:
         A :class:`PerplexityResult`.
     Raises:
-        LosaError: ``seqlen < 2`` or beyond the model's context, ``batch_size < 1``, fewer tokens than one
-            window, or a non-finite mean NLL.
+        LosaError: ``seqlen < 2`` or beyond the model's context, ``batch_size < 1``, ``max_windows < 1``,
+            fewer tokens than one window, or a non-finite mean NLL.
     """
     if seqlen < 2:
         raise LosaError(f"seqlen must be >= 2, got {seqlen}")
     if batch_size < 1:
         raise LosaError(f"batch size must be >= 1 window, got {batch_size}; set --batch-size 1 or more")
+    check_max_windows(max_windows)
     check_window(model, seqlen, "evaluation window", flag)
     n = ids.numel() // seqlen
     if max_windows is not None:
@@ -125,7 +138,7 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
         tokenizer: its tokenizer.
         dataset: ``wikitext2``, ``c4``, ``ptb`` or a ``.txt``/``.json``/``.jsonl`` path.
         seqlen: window length in tokens.
-        max_windows: evaluate at most this many windows.
+        max_windows: evaluate at most this many windows (>= 1); None: all.
         batch_size: windows per forward.
         data_dir: directory with local copies of the datasets (default: ``$LOSA_DATA_DIR``, else the HF hub).
         progress: show a progress bar.
@@ -134,11 +147,12 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
     Returns:
         The perplexity, or a :class:`PerplexityResult` with ``return_details``.
     Raises:
-        LosaError: no tokenizer, the dataset text cannot be found or read, or as
+        LosaError: no tokenizer, ``max_windows < 1``, the dataset text cannot be found or read, or as
             :func:`perplexity_from_ids`.
     """
     if tokenizer is None:
         raise LosaError("perplexity needs a tokenizer; load the model with one")
+    check_max_windows(max_windows)  # before reading and tokenising the text
     check_window(model, seqlen, "evaluation window", flag)  # before reading and tokenising the text
     text = eval_text(dataset, data_dir)
     ids = tokenizer(text, return_tensors="pt").input_ids[0]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from losa.errors import LosaError
 from losa.finetune.config import FinetuneConfig, check_environment
@@ -228,7 +228,8 @@ def finetune(model: nn.Module, examples: Sequence[dict[str, Any]], config: Finet
         pad_id: padding token id for the collator.
         teacher: the dense model for ``config.distill`` with ``teacher_topk = 0``.
         optimizer_state: an AdamW state dict to resume from.
-        progress: show the Trainer's progress bar.
+        progress: show the Trainer's progress bar and its per-step log lines; False: neither (the losses
+            are still recorded and returned; warnings and errors still go to the log).
         teacher_cache: the dense model's cached top-k distributions for ``config.distill`` with
             ``teacher_topk = k > 0`` (:meth:`losa.finetune.teacher.TeacherTopK.compute`).
     Returns:
@@ -276,6 +277,8 @@ def finetune(model: nn.Module, examples: Sequence[dict[str, Any]], config: Finet
                                data_collator=Collator(pad_id, teacher_cache if cached else None),
                                callbacks=[recorder], teacher=None if cached or not config.distill else teacher,
                                cached_teacher=cached, temperature=config.temperature)
+        if not progress:  # without its bar (disable_tqdm) the Trainer prints every step's log dict on stdout
+            trainer.remove_callback(PrinterCallback)
         if optimizer_state is not None:
             trainer.create_optimizer()
             trainer.optimizer.load_state_dict(optimizer_state)

@@ -273,6 +273,9 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     if get_arch(model).experts is not None and is_offloaded(model):
         raise LosaError("pruning a mixture-of-experts model whose weights accelerate offloads is not supported; "
                         "load it without CPU/disk offloading (no device_map with max_memory/offload_folder)")
+    from losa.data.calibration import check_calib_ids
+
+    calib_ids = check_calib_ids(model, calib_ids)  # before any work: 2-D integer ids within the vocabulary
     with unfused_experts(model):
         targets, sequential, timings, allocation = _prune(model, tokenizer, config, calib_ids, progress, visitor)
     report = sparsity_report(model, _nm_for_report(targets))  # on the fused model: every expert matrix counts

@@ -18,6 +18,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from losa.allocation.cka import GramAccumulator
 from losa.allocation.mixed_nm import allocate_mixed_nm, pairs_for_delta
 from losa.allocation.schedule import rank_budget_at, sparsity_at
 from losa.calib.engine import LayerwiseEngine
-from losa.data.calibration import get_calibration
+from losa.data.calibration import check_calib_ids, get_calibration
 from losa.errors import LosaError
 from losa.export.verify import sparsity_report, verify_targets
 from losa.finetune.config import check_environment
@@ -44,6 +45,7 @@ from losa.lora.model import add_sparse_lora, merge_and_unload, set_layer_ranks, 
 from losa.lora.ranks import allocate_ranks
 from losa.models.moe import unfused_experts
 from losa.models.registry import check_window, get_decoder_layers, layer_sizes
+from losa.pipelines.config import CalibrationConfig
 from losa.pipelines.losa.config import NO_FINETUNE_WARNING, LoSAConfig, check_finetune_size
 from losa.pipelines.losa.recon import DenseTargets, reconstruction_errors
 from losa.pipelines.losa.state import (
@@ -168,6 +170,24 @@ class StepEval:
     max_windows: int | None = None
     data_dir: str | None = None
 
+    def check(self, model: nn.Module) -> None:
+        """Check the evaluation before any work (it first runs after step 1's prune and fine-tune).
+
+        Args:
+            model: the model to evaluate (its context bounds ``seqlen``).
+        Raises:
+            LosaError: a named dataset missing from the data directory, a missing or unreadable file,
+                ``seqlen`` below 2 or beyond the model's context, or ``max_windows`` below 1.
+        """
+        from losa.cli.common import check_eval_datasets
+        from losa.eval.ppl import check_max_windows
+
+        check_eval_datasets(self.datasets, self.data_dir, "step_eval.datasets")
+        if self.seqlen < 2:
+            raise LosaError(f"step_eval.seqlen must be at least 2 tokens, got {self.seqlen}")
+        check_window(model, self.seqlen, "evaluation window", "step_eval.seqlen")
+        check_max_windows(self.max_windows)
+
     def __call__(self, model: nn.Module, tokenizer, progress: bool = False) -> dict[str, float]:
         from losa.eval.ppl import perplexity
 
@@ -201,6 +221,33 @@ class StepResult:
     def to_row(self) -> dict[str, Any]:
         """The JSON row (``details.json``, ``state.json``)."""
         return dataclasses.asdict(self)
+
+
+def _check_tokenizer(tokenizer, config: LoSAConfig, calib_ids: torch.Tensor | None,
+                     step_eval: StepEval | None) -> None:
+    """Fail before any work when the run has no tokenizer but something in it tokenises text."""
+    if tokenizer is not None:
+        return
+    needs = [what for what, used in (
+        ("the calibration text (or pass calib_ids)", calib_ids is None),
+        (f"the fine-tuning data {config.finetune_data}", config.finetune_data is not None),
+        ("the distillation windows", config.finetune_data is None and config.finetune.distill),
+        ("the per-step perplexity (step_eval)", step_eval is not None)) if used]
+    if needs:
+        raise LosaError(f"losa.run needs a tokenizer for {', '.join(needs)}; pass the one losa.load_model returns "
+                        "with the model")
+
+
+def _recorded_config(config: LoSAConfig, calib_ids: torch.Tensor | None) -> dict[str, Any]:
+    """The recipe as the report records it: with user ``calib_ids``, the windows actually used (their
+    count and length; ``calib`` is then ``calib_ids``, unless it still sources the distillation windows)."""
+    recorded = config.model_dump(mode="json")
+    if calib_ids is not None:
+        n, seqlen = calib_ids.shape
+        recorded.update(nsamples=n, seqlen=seqlen, recon_nsamples=min(config.recon_nsamples, n))
+        if not (config.finetune_data is None and config.finetune.distill):
+            recorded["calib"] = "calib_ids"
+    return recorded
 
 
 def check_run_dir(out: Path | None, config: LoSAConfig, resume: bool) -> dict | None:
@@ -238,19 +285,27 @@ class LoSARun:
         out: run directory (state, report.json, details.json), or None for a temporary one.
         resume: continue from the last finished step in ``out``.
         progress: progress bars.
-        calib_ids: ``[n, seqlen]`` calibration windows overriding the config's source.
+        calib_ids: ``[n, seqlen]`` calibration windows overriding the config's source (the report then
+            records their count and length as ``nsamples`` and ``seqlen``).
         model_name: recorded in the report.
         step_eval: perplexity to measure after every step (recorded per step in the report).
     Raises:
-        LosaError: ``resume`` without ``out``; ``out`` already holds a run and ``resume`` is not set;
-            ``resume`` and ``out`` holds no finished step or one of another recipe (checked before anything
-            is computed or written).
+        LosaError: ``calib_ids`` not a 2-D integer tensor of ids in the model's vocabulary; no tokenizer
+            for text the run tokenises; a ``step_eval`` whose datasets, window or window cap are invalid;
+            ``resume`` without ``out``; ``out`` already holds a run and ``resume`` is not set;
+            ``resume`` and ``out`` holds no finished step or one of another recipe (all checked before
+            anything is computed or written).
     """
 
     def __init__(self, model: nn.Module, tokenizer, config: LoSAConfig, out: Path | None, resume: bool = False,
                  progress: bool = True, calib_ids: torch.Tensor | None = None, model_name: str = "",
                  step_eval: StepEval | None = None) -> None:
+        calib_ids = check_calib_ids(model, calib_ids)
+        _check_tokenizer(tokenizer, config, calib_ids, step_eval)
+        if step_eval is not None:
+            step_eval.check(model)
         self.recipe = config.model_dump()
+        self.recorded = _recorded_config(config, calib_ids)  # the recipe in the report
         # the state to resume, checked before anything is computed or written into ``out``
         self.resume_meta = check_run_dir(out, config, resume)
         self.model, self.tokenizer, self.cfg = model, tokenizer, config
@@ -285,8 +340,6 @@ class LoSARun:
         if cfg.finetunes:
             check_window(model, cfg.finetune.max_length, "fine-tuning example", "--max-length")
             check_environment(cfg.finetune)
-        if self.step_eval is not None:
-            check_window(model, self.step_eval.seqlen, "evaluation window", "--eval-seqlen")
         seed_everything(cfg.seed)
         if self.calib_ids is None:
             self.calib_ids = get_calibration(self.tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed,
@@ -400,8 +453,8 @@ class LoSARun:
         if self.write:
             assert self.origin is not None
             save_state(self.out, model, step, self.recipe, self.rows, self.fingerprint, self.origin)
-            _write(self.out, _report(cfg, self.rows, None, self.model_name), self.rows, self.sizes, self.dense_s,
-                   teacher_s=self.teacher_s)
+            _write(self.out, _report(cfg, self.rows, None, self.model_name, self.recorded), self.rows, self.sizes,
+                   self.dense_s, teacher_s=self.teacher_s)
         barrier()
         return result
 
@@ -416,7 +469,7 @@ class LoSARun:
         verify_targets(rep, final_targets)
         final = FinalResults(sparsity=rep.overall, layer_target_sparsity=[tg.sparsity for tg in final_targets],
                              layer_achieved_sparsity=[r.sparsity for r in rep.layers])
-        report = _report(self.cfg, self.rows, final, self.model_name)
+        report = _report(self.cfg, self.rows, final, self.model_name, self.recorded)
         if self.write:
             _write(self.out, report, self.rows, self.sizes, self.dense_s,
                    {"merge_verify_s": time.perf_counter() - t, "wall_s": time.perf_counter() - self.t_start},
@@ -449,28 +502,35 @@ class LoSARun:
 def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, out_dir: str | Path | None = None,
         resume: bool = False, progress: bool = True, calib_ids: torch.Tensor | None = None,
         model_name: str | None = None, step_eval: StepEval | None = None) -> RunReport:
-    """Run LoSA on ``model`` in place (it ends merged and sparse).
+    """Run LoSA on ``model`` in place (it ends merged and sparse, every parameter's ``requires_grad`` as before).
 
     LoSA (Huang et al., ICLR 2025, Algorithm 1): for t = 1..T prune to S_t = S − S(1 − t/T)³ with
     per-layer sparsity from RMI (linear CKA), give each layer a LoRA rank proportional to its
     reconstruction error (Σ r_l = L·Ω_t), fine-tune the masked adapters ΔW = (B·A) ⊙ M; finally merge.
 
     Args:
-        model: a causal LM of a registered architecture.
-        tokenizer: its tokenizer.
+        model: a causal LM of a registered architecture. The run freezes its weights to train the adapters;
+            each parameter's ``requires_grad`` is restored when the run ends (after a failure: of every
+            parameter not left inside an adapter).
+        tokenizer: its tokenizer (None only when nothing is tokenised: ``calib_ids`` given, no fine-tuning
+            data, no distillation, no ``step_eval``).
         config: :class:`LoSAConfig` or a mapping of its fields.
         out_dir: run directory: ``state/`` (resume), ``report.json`` after every step, ``details.json``
             (per-step extras: Ω_t, N per layer, OWL ratios, timings). None: a temporary directory.
         resume: continue the run in ``out_dir`` from its last finished step.
-        progress: progress bars.
-        calib_ids: ``[n, seqlen]`` token ids overriding the calibration source of the config.
+        progress: progress bars and the fine-tuning's per-step loss lines (False: neither; warnings still show).
+        calib_ids: ``[n, seqlen]`` integer token ids overriding the calibration source of the config (the
+            report records ``n`` and ``seqlen`` as ``nsamples`` and ``seqlen``, and ``calib`` as ``calib_ids``).
         model_name: recorded in the report (default: the model's ``_name_or_path``).
         step_eval: perplexity measured after every step, recorded in ``report.json`` (``StepRecord.ppl``).
     Returns:
         the :class:`~losa.report.schema.RunReport`.
     Raises:
-        LosaError: invalid config, ``resume`` without ``out_dir``, an existing run in ``out_dir``, too
-            little fine-tuning data, or a recipe that differs from the one being resumed.
+        LosaError: invalid config (or not a LoSAConfig or mapping), ``calib_ids`` not a 2-D integer tensor of
+            ids in the model's vocabulary, no tokenizer for text the run tokenises, a ``step_eval`` with a
+            missing dataset or an invalid window or window cap (all before any work), ``resume`` without
+            ``out_dir``, an existing run in ``out_dir``, too little fine-tuning data, or a recipe that
+            differs from the one being resumed.
         SparsityVerificationError: the merged model misses a layer's target.
 
     Without ``finetune_data`` and without ``finetune.distill`` nothing is fine-tuned (pruning, RMI
@@ -478,6 +538,12 @@ def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, ou
     (``meta.notes``); fields the recipe sets but ignores (:meth:`LoSAConfig.ignored_fields`) are warned
     about too (the command line refuses them).
     """
+    if config is not None and not isinstance(config, (LoSAConfig, dict)):
+        hint = ("a PruneConfig is for one-shot losa.prune" if isinstance(config, CalibrationConfig)
+                else "a YAML recipe: losa.utils.config.load_recipe(path)" if isinstance(config, (str, PathLike))
+                else "")
+        raise LosaError(f"losa.run needs a LoSAConfig or a dict of its fields, got {type(config).__name__}; pass "
+                        f"losa.LoSAConfig(...){f' ({hint})' if hint else ''}")
     cfg = build_config(LoSAConfig, config) if isinstance(config, dict) else (config or LoSAConfig())
     if not cfg.finetunes:
         warnings.warn(NO_FINETUNE_WARNING, stacklevel=2)
@@ -489,6 +555,7 @@ def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, ou
     name = model_name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
     job = LoSARun(model, tokenizer, cfg, Path(out_dir) if out_dir is not None else None, resume, progress,
                   calib_ids, name, step_eval)
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}  # the adapters freeze the weights
     try:
         with unfused_experts(model):  # each expert matrix pruned and adapted on its own; fused back at the end
             job.setup()
@@ -496,6 +563,9 @@ def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, ou
                 job.step(step)
             return job.finish()
     finally:
+        for n, p in model.named_parameters():  # by name: after a failure the adapters may still wrap the weights
+            if n in requires_grad:
+                p.requires_grad_(requires_grad[n])
         if job.tmp_root is not None and is_main():
             shutil.rmtree(job.tmp_root, ignore_errors=True)
 
@@ -523,13 +593,14 @@ def _pattern(cfg: LoSAConfig) -> str:
     return f"mixed {cfg.nm}" if cfg.mixed_nm else cfg.nm
 
 
-def _report(cfg: LoSAConfig, rows: list[dict], final: FinalResults | None, model_name: str) -> RunReport:
+def _report(cfg: LoSAConfig, rows: list[dict], final: FinalResults | None, model_name: str,
+            recorded: dict[str, Any]) -> RunReport:
     steps = [StepRecord(step=r["step"], target_sparsity=r["sparsity_target"], layer_target_sparsity=r["layer_sparsity"],
                         layer_achieved_sparsity=r["layer_achieved"], cka=r["cka"], recon_error_before=r["recon_errors"],
                         recon_error_after=r["recon_errors_after"], ranks=r["ranks"], train_loss=r["train_losses"],
                         wall_time_s=r["times"]["total_s"], ppl=r.get("ppl") or {}) for r in rows]
     meta = RunMeta(model=model_name, method=cfg.method, finetune="losa", sparsity=cfg.target_sparsity,
-                   pattern=_pattern(cfg), config=cfg.model_dump(mode="json"),
+                   pattern=_pattern(cfg), config=recorded,
                    notes=[] if cfg.finetunes else [NO_FINETUNE_WARNING],
                    created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    versions=versions())
