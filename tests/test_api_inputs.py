@@ -133,3 +133,10 @@ def test_sparsity_report_nm_argument_forms():
         sparsity_report(model, [(2, 4)] * 3)
     with pytest.raises(LosaError, match="invalid N:M pattern 4:2"):
         sparsity_report(model, (4, 2))
+
+
+def test_prune_report_records_the_calibration_ids_used():
+    ids = torch.randint(3, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    rep = losa.prune(make_tiny_model("llama", seed=0, layers=1), make_tiny_tokenizer(),
+                     losa.PruneConfig(method="wanda", sparsity=0.5), calib_ids=ids, progress=False)
+    assert (rep.recipe["calib"], rep.recipe["nsamples"], rep.recipe["seqlen"]) == ("calib_ids", 3, 16)

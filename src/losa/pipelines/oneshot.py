@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from losa.calib.engine import LayerwiseEngine
 from losa.calib.visitor import LayerContext, LayerVisitor
-from losa.data.calibration import get_calibration
+from losa.data.calibration import check_calib_ids, get_calibration
 from losa.errors import LosaError
 from losa.export.verify import SparsityReport, sparsity_report, verify_targets
 from losa.models.linear import get_weight, in_features, set_weight
@@ -257,8 +257,9 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     Returns:
         the typed :class:`PruneReport`.
     Raises:
-        LosaError: invalid config, unsupported model (or MoE family whose experts cannot be pruned, or
-            an offloaded MoE model), calibration data missing, a model dispatched across several
+        LosaError: invalid config (or not a PruneConfig or mapping), unsupported model (or MoE family whose
+            experts cannot be pruned, or an offloaded MoE model), calibration data missing, ``calib_ids`` not
+            a 2-D integer tensor of ids in the model's vocabulary, a model dispatched across several
             compute devices or to another device than ``config.device``.
         SparsityVerificationError: a module misses its target (with ``verify``).
     """
@@ -273,8 +274,6 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     if get_arch(model).experts is not None and is_offloaded(model):
         raise LosaError("pruning a mixture-of-experts model whose weights accelerate offloads is not supported; "
                         "load it without CPU/disk offloading (no device_map with max_memory/offload_folder)")
-    from losa.data.calibration import check_calib_ids
-
     calib_ids = check_calib_ids(model, calib_ids)  # before any work: 2-D integer ids within the vocabulary
     with unfused_experts(model):
         targets, sequential, timings, allocation = _prune(model, tokenizer, config, calib_ids, progress, visitor)
@@ -282,7 +281,10 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     if config.verify:
         verify_targets(report, targets)
     timings["total_s"] = time.perf_counter() - t0
-    return PruneReport(recipe=config.model_dump(), allocation=allocation, targets=[t.sparsity for t in targets],
+    recipe = config.model_dump()
+    if calib_ids is not None:  # record the windows actually used
+        recipe.update(calib="calib_ids", nsamples=int(calib_ids.shape[0]), seqlen=int(calib_ids.shape[1]))
+    return PruneReport(recipe=recipe, allocation=allocation, targets=[t.sparsity for t in targets],
                        nm=parse_nm(config.nm) if config.nm else None, sparsity=report, sequential=sequential,
                        timings=timings)
 
