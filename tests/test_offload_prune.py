@@ -14,7 +14,7 @@ import pytest
 import torch
 from accelerate.utils import has_offloaded_params
 from accelerate.utils.offload import OffloadedWeightsLoader
-from conftest import make_tiny_model
+from conftest import make_tiny_model, make_tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import losa
@@ -142,3 +142,18 @@ def test_sparsify_for_inference_refuses_an_offloaded_model(checkpoint, tmp_path)
     model = _offloaded(checkpoint, tmp_path / "off")
     with pytest.raises(LosaError, match="this model is offloaded by accelerate; load it without offloading"):
         sparsify_for_inference(model)
+
+
+def test_perplexity_of_an_offloaded_model_matches_the_model_in_memory(checkpoint, tmp_path):
+    """Its first parameter is on meta; the inputs go to the CPU and accelerate's hooks take them on (it failed
+    with 'Cannot copy out of meta tensor')."""
+    from losa.eval.ppl import perplexity
+
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 37}" for i in range(400)))
+    tok = make_tiny_tokenizer()
+    dense, _ = losa.load_model(str(checkpoint))
+    want = perplexity(dense, tok, str(text), seqlen=32, max_windows=3, progress=False)
+    got = perplexity(_offloaded(checkpoint, tmp_path / "off"), tok, str(text), seqlen=32, max_windows=3,
+                     progress=False)
+    assert got == pytest.approx(want, rel=1e-5)

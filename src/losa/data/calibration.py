@@ -9,6 +9,7 @@ import torch
 
 from losa.data.sources import is_named, load_documents
 from losa.errors import LosaError
+from losa.models.offload import input_device
 from losa.models.registry import check_window
 
 #: seed prompts for data-free ("self") calibration
@@ -56,7 +57,7 @@ def self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int = 0, 
     from tqdm.auto import tqdm
 
     rng = random.Random(seed)
-    device = next(model.parameters()).device
+    device = input_device(model)  # CPU for an offloaded model: its hooks move the ids
     out = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)

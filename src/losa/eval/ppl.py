@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from losa.data.sources import eval_text
 from losa.errors import LosaError
+from losa.models.offload import input_device
 from losa.models.registry import check_window
 
 
@@ -104,7 +105,7 @@ def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int = 2048, max_window
         raise LosaError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}; "
                         "use a shorter --seqlen")
     windows = ids[: n * seqlen].view(n, seqlen)
-    device = next(model.parameters()).device
+    device = input_device(model)  # CPU for an offloaded model: its hooks move the ids
     was_training = model.training
     model.eval()
     total = 0.0

@@ -47,6 +47,21 @@ def is_offloaded(model: nn.Module) -> bool:
     return any(has_offloaded_params(m) for m in model.modules())
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """The device to put a forward's input ids on.
+
+    Args:
+        model: any module with parameters.
+    Returns:
+        The first parameter's device, or CPU when that parameter is offloaded by accelerate (on meta):
+        the model's accelerate hooks then move the inputs to where each module computes.
+    Raises:
+        Nothing of its own.
+    """
+    device = next(model.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
 def execution_device(model: nn.Module) -> torch.device | None:
     """The one device a model dispatched by accelerate computes on.
 
