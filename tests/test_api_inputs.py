@@ -64,9 +64,10 @@ def test_sparsify_again_converts_the_rest_with_the_same_settings_only():
             if isinstance(m, torch.nn.Linear):
                 m.weight.add_((m.weight == 0) * 0.5)
     assert sparsify_for_inference(model, value_dtype="bfloat16")["replaced"] == 7
-    for bad, msg in ((dict(), "value_dtype=bfloat16"), (dict(value_dtype="bfloat16", fmt="nm24"), "fmt=bitmask"),
-                     (dict(value_dtype="bfloat16", dense_batch_threshold=8), "dense_batch_threshold=None")):
-        with pytest.raises(LosaError, match=f"already sparsified \\({msg}\\)"):
+    for bad, msg in ((dict(), r"value_dtype=bfloat16 \(this call: float32\)"),
+                     (dict(value_dtype="bfloat16", fmt="nm24"), r"fmt=bitmask \(this call: nm24\)"),
+                     (dict(value_dtype="bfloat16", dense_batch_threshold=8), r"dense_batch_threshold=None \(this call: 8\)")):
+        with pytest.raises(LosaError, match=f"already sparsified with {msg}; pass the same settings"):
             sparsify_for_inference(model, **bad)
     with torch.no_grad():
         for m in layer1.modules():
@@ -83,7 +84,7 @@ def test_negative_dense_batch_threshold_is_refused():
 
 
 def test_prune_config_sparsity_with_nm_and_wrong_config_type():
-    with pytest.raises(LosaError, match="invalid config: sparsity has no effect with nm"):
+    with pytest.raises(LosaError, match=r"invalid config: sparsity \(--sparsity\) has no effect with nm \(--nm\)"):
         losa.PruneConfig(sparsity=0.7, nm="2:4")
     assert losa.PruneConfig(**losa.PruneConfig(nm="2:4").model_dump()).nm == "2:4"  # default listed: fine
     model = make_tiny_model("llama", seed=0, layers=1)
@@ -140,3 +141,11 @@ def test_prune_report_records_the_calibration_ids_used():
     rep = losa.prune(make_tiny_model("llama", seed=0, layers=1), make_tiny_tokenizer(),
                      losa.PruneConfig(method="wanda", sparsity=0.5), calib_ids=ids, progress=False)
     assert (rep.recipe["calib"], rep.recipe["nsamples"], rep.recipe["seqlen"]) == ("calib_ids", 3, 16)
+
+
+def test_run_needs_two_calibration_windows():
+    """RMI compares the layers over the windows (CKA needs at least 2): one row fails before any work."""
+    ids = torch.randint(3, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(LosaError, match="calib_ids has 1 window\\(s\\); this needs at least 2"):
+        losa.run(make_tiny_model("llama", seed=0, layers=1), make_tiny_tokenizer(),
+                 LoSAConfig(nsamples=2, seqlen=16, recon_nsamples=1, device="cpu"), calib_ids=ids, progress=False)

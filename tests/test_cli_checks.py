@@ -156,7 +156,10 @@ def test_compare_labels_an_older_report_without_fine_tuning_from_its_recipe():
     (["--owl-lambda", "0.1", "--distill"], "--owl-lambda has no effect with --allocator rmi"),
     (["--allocator", "owl", "--delta", "0.1", "--distill"], "--delta has no effect with --allocator owl (its band is "
                                                             "--owl-lambda)"),
-    (["--no-layerwise-sparsity", "--beta", "2", "--distill"], "--beta has no effect with the uniform allocator"),
+    (["--no-layerwise-sparsity", "--beta", "2", "--distill"], "--beta has no effect with uniform sparsity"),
+    (["--no-layerwise-sparsity", "--allocator", "owl", "--distill"], "--allocator has no effect with "
+                                                                     "--no-layerwise-sparsity (uniform sparsity); "
+                                                                     "drop one of them"),
     (["--nm", "2:4", "--allocator", "owl", "--distill"], "--allocator has no effect with --nm without --mixed-nm"),
     (["--nm", "2:8", "--mixed-nm", "--allocator", "owl", "--owl-lambda", "0.1", "--distill"],
      "--owl-lambda has no effect with --mixed-nm"),
@@ -285,6 +288,12 @@ def test_run_refuses_an_existing_run_or_a_bad_resume_before_loading_the_model(tm
     rc = main(["run", "no-such-model", "--eval", "none", "--out", str(done), "--quiet"])
     _one_line_error(capsys, rc, f"{done} already holds a LoSA run; pass --resume")
     rc = main(["run", "no-such-model", "--eval", "none", "--out", str(tmp_path / "none"), "--resume", "--quiet"])
+    _one_line_error(capsys, rc, "holds no finished LoSA step")
+    # a flag refused now may have started a run with an older version: with --resume it is a warning, and
+    # the resume check (against the recipe the run was started with) decides
+    with pytest.warns(UserWarning, match="--owl-lambda has no effect with --allocator rmi"):
+        rc = main(["run", "no-such-model", "--eval", "none", "--out", str(tmp_path / "none"), "--resume",
+                   "--distill", "--owl-lambda", "0.1", "--quiet"])
     _one_line_error(capsys, rc, "holds no finished LoSA step")
     assert not (tmp_path / "none").exists()
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import warnings
 from typing import Any
 
-from losa.data.sources import resolve_data_dir
+from losa.data.sources import check_eval_datasets, resolve_data_dir
 from losa.errors import LosaError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -51,19 +51,26 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return build_config(args.config_class, values)
 
 
-def refuse_ignored(args: argparse.Namespace, ignored: list[tuple[tuple[str, ...], str]]) -> None:
+def refuse_ignored(args: argparse.Namespace, ignored: list[tuple[tuple[str, ...], str]],
+                   warn_only: bool = False) -> None:
     """Fail when the config ignores fields the user set (``ignored``: (field path, why and the fix), e.g.
     from :meth:`LoSAConfig.ignored_fields`), naming their flags.
 
+    Args:
+        args: the parsed command line (its ``config_flags`` name the fields' options).
+        ignored: (field path, why and the fix) per ignored field.
+        warn_only: warn instead (``--resume``: a run started by a version that accepted these flags must
+            resume with the recipe it was started with).
     Raises:
         LosaError: one line for the first reason, with every flag it applies to.
     """
-    if not ignored:
-        return
     options = {f.path: f.option for f in args.config_flags}
-    why = ignored[0][1]
-    names = [options.get(path, ".".join(path)) for path, w in ignored if w == why]
-    raise LosaError(f"{', '.join(names)} {'has' if len(names) == 1 else 'have'} no effect {why}")
+    for why in dict.fromkeys(w for _, w in ignored):
+        names = [options.get(path, ".".join(path)) for path, w in ignored if w == why]
+        line = f"{', '.join(names)} {'has' if len(names) == 1 else 'have'} no effect {why}"
+        if not warn_only:
+            raise LosaError(line)
+        warnings.warn(line, stacklevel=2)
 
 
 def eval_settings(args: argparse.Namespace, seqlen: int, data_dir: str | None) -> tuple[list[str], int]:
@@ -99,33 +106,6 @@ def eval_settings(args: argparse.Namespace, seqlen: int, data_dir: str | None) -
                             f"evaluation data ({why}); pass --data-dir or --eval FILE, or drop {' and '.join(given)}")
     check_eval_datasets(datasets, data_dir, "--eval")
     return datasets, args.eval_seqlen if args.eval_seqlen is not None else seqlen
-
-
-def check_eval_datasets(datasets: list[str], data_dir: str | None, flag: str) -> None:
-    """Check perplexity datasets before any work: a named one (wikitext2, c4, ptb) is in the data dir
-    when there is one (without, it comes from the hub when evaluated), a path is a readable text file.
-
-    Args:
-        datasets: names or file paths.
-        data_dir: the data directory (None: ``LOSA_DATA_DIR`` or none).
-        flag: the option that named them, for the message (``--eval``, ``--datasets``).
-    Raises:
-        LosaError: a named dataset missing from the data dir, a missing file, or a file type that
-            ``losa.data.sources.read_text_file`` does not read.
-    """
-    from losa.data.sources import EVAL_SPLIT, NAMED_FILES, RECORD_SUFFIXES, TEXT_SUFFIXES, is_named
-
-    root = resolve_data_dir(data_dir)
-    for d in datasets:
-        if is_named(d):
-            path = root / NAMED_FILES[d][EVAL_SPLIT[d]] if root is not None else None
-            if path is not None and not path.is_file():
-                raise LosaError(f"{flag} {d}: {path} is missing; put the file there, point --data-dir at a "
-                                f"directory that has it, or drop it from {flag}")
-        elif not Path(d).is_file():
-            raise LosaError(f"{flag} {d}: no such file, and not wikitext2, c4 or ptb; check the name or path")
-        elif Path(d).suffix not in TEXT_SUFFIXES + RECORD_SUFFIXES:  # what read_text_file reads
-            raise LosaError(f"{flag} {d}: unsupported file type {Path(d).suffix!r}; use .txt, .json or .jsonl")
 
 
 def add_quiet_arg(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from losa.cli.common import add_data_dir_arg, add_model_arg, add_quiet_arg, check_eval_datasets
+from losa.cli.common import add_data_dir_arg, add_model_arg, add_quiet_arg
+from losa.data.sources import check_eval_datasets
 from losa.errors import LosaError
 
 

@@ -38,7 +38,7 @@ def run_generate(args: argparse.Namespace) -> int:
         check_output_file(args.save_compact, "--save-compact")
     model, tok, mode, _ = load_runtime_model(args, "generation")
     ids = tok(args.prompt, return_tensors="pt").input_ids
-    problem = prompt_problem(ids.shape[1], args.max_new_tokens, max_context(model), "--max-new-tokens")
+    problem = prompt_problem(ids.shape[1], args.max_new_tokens, max_context(model), "--max-new-tokens", "--prompt")
     if problem is not None:
         raise LosaError(problem)
     if args.save_compact and mode == "dense":

@@ -53,7 +53,7 @@ def run_losa(args: argparse.Namespace) -> int:
     from losa.utils.io import check_output_dir
 
     cfg = config_from_args(args)
-    refuse_ignored(args, cfg.ignored_fields())
+    refuse_ignored(args, cfg.ignored_fields(), warn_only=args.resume)  # a run started before a check must resume
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.model).name.removesuffix('.gguf')}-losa"
     progress = not args.quiet
     # everything that can be checked without the model, before it is loaded, calibrated and pruned

@@ -74,18 +74,19 @@ def self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int = 0, 
     return torch.cat(out)[:, :seqlen]
 
 
-def check_calib_ids(model, calib_ids: torch.Tensor | None) -> torch.Tensor | None:
+def check_calib_ids(model, calib_ids: torch.Tensor | None, min_rows: int = 1) -> torch.Tensor | None:
     """Check calibration ids given by the user (``calib_ids=`` of :func:`losa.prune` and :func:`losa.run`)
     before any work, so that a wrong tensor fails with one line instead of deep inside the model.
 
     Args:
         model: the causal LM the ids are for (its input embedding gives the vocabulary size).
         calib_ids: ``[nsamples, seqlen]`` token ids, or None (the config's calibration source is used).
+        min_rows: the fewest windows the caller needs (LoSA's RMI compares layers over at least 2).
     Returns:
         The ids as int64 (the same tensor when already int64), or None for None.
     Raises:
-        LosaError: not a 2-D integer tensor, an empty one, an id outside ``[0, vocab_size)``, or windows
-            longer than the model's context.
+        LosaError: not a 2-D integer tensor, an empty one, fewer than ``min_rows`` windows, an id outside
+            ``[0, vocab_size)``, or windows longer than the model's context.
     """
     if calib_ids is None:
         return None
@@ -99,6 +100,9 @@ def check_calib_ids(model, calib_ids: torch.Tensor | None) -> torch.Tensor | Non
                         f"{str(calib_ids.dtype).removeprefix('torch.')} of shape {tuple(calib_ids.shape)}; {fix}")
     if calib_ids.numel() == 0:
         raise LosaError(f"calib_ids is empty (shape {tuple(calib_ids.shape)}); pass at least one window of tokens")
+    if calib_ids.shape[0] < min_rows:
+        raise LosaError(f"calib_ids has {calib_ids.shape[0]} window(s); this needs at least {min_rows}: pass more "
+                        "rows")
     emb = model.get_input_embeddings()
     vocab = int(getattr(emb, "num_embeddings", None) or emb.weight.shape[0])
     lo, hi = int(calib_ids.min()), int(calib_ids.max())
@@ -107,6 +111,21 @@ def check_calib_ids(model, calib_ids: torch.Tensor | None) -> torch.Tensor | Non
                         "tokenize the calibration text with the model's own tokenizer")
     check_window(model, calib_ids.shape[1], "calibration window", "calib_ids.shape[1] to")
     return calib_ids.long()
+
+
+def record_calib_ids(recipe: dict, calib_ids: torch.Tensor | None) -> dict:
+    """``recipe`` (a config dump) as a report records it: with user ``calib_ids``, their count and length as
+    ``nsamples`` / ``seqlen`` and ``calib`` set to ``"calib_ids"`` (to rerun it, give the same ids again).
+
+    Args:
+        recipe: the config as a mapping (changed in place).
+        calib_ids: the ``[n, seqlen]`` ids the run used, or None (the recipe stays as it is).
+    Returns:
+        ``recipe``.
+    """
+    if calib_ids is not None:
+        recipe.update(calib="calib_ids", nsamples=int(calib_ids.shape[0]), seqlen=int(calib_ids.shape[1]))
+    return recipe
 
 
 def get_calibration(tokenizer, source: str = "c4", nsamples: int = 128, seqlen: int = 2048, seed: int = 0,

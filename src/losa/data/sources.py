@@ -159,3 +159,29 @@ def read_text_file(path: Path) -> list[str]:
     if path.suffix in TEXT_SUFFIXES:
         return [path.read_text(encoding="utf-8")]
     raise LosaError(f"unsupported data file type {path.suffix!r} for {path}; use .txt, .json or .jsonl")
+
+
+def check_eval_datasets(datasets: list[str], data_dir: str | None, flag: str) -> None:
+    """Check perplexity datasets before any work: a named one (wikitext2, c4, ptb) is in the data dir
+    when there is one (without, it comes from the hub when evaluated), a path is a readable text file.
+
+    Args:
+        datasets: names or file paths.
+        data_dir: the data directory (None: ``LOSA_DATA_DIR`` or none).
+        flag: the option or argument that named them, for the message (``--eval``, ``step_eval.datasets``).
+    Raises:
+        LosaError: a named dataset missing from the data dir, a missing file, or a file type that
+            ``losa.data.sources.read_text_file`` does not read.
+    """
+    root = resolve_data_dir(data_dir)
+    for d in datasets:
+        if is_named(d):
+            path = root / NAMED_FILES[d][EVAL_SPLIT[d]] if root is not None else None
+            if path is not None and not path.is_file():
+                raise LosaError(f"{flag} {d}: {path} is missing; put the file there, point the data dir "
+                                f"(--data-dir, data_dir=) at a directory that has it, or drop it from {flag}")
+        elif not Path(d).is_file():
+            raise LosaError(f"{flag} {d}: no such file, and not wikitext2, c4 or ptb; check the name or path")
+        elif Path(d).suffix not in TEXT_SUFFIXES + RECORD_SUFFIXES:  # what read_text_file reads
+            raise LosaError(f"{flag} {d}: unsupported file type {Path(d).suffix!r}; use .txt, .json or .jsonl")
+

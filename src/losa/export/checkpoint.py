@@ -35,10 +35,9 @@ def save_checkpoint(model, tokenizer, out: str | os.PathLike, manifest: dict | N
             ``load_model`` reads (save them with :func:`losa.inference.save_sparse`, or save before sparsifying).
         TypeError: a manifest value is not JSON serialisable.
     """
-    from losa.inference.decode import BF16LMHead
     from losa.inference.sparse_linear import SparseLinear
 
-    if any(isinstance(m, (SparseLinear, BF16LMHead)) for m in model.modules()):
+    if any(isinstance(m, SparseLinear) for m in model.modules()):
         raise LosaError("the model holds sparse runtime layers (sparsify_for_inference); save them with "
                         "losa.inference.save_sparse, or save the checkpoint before sparsifying")
     out = Path(out)

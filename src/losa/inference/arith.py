@@ -171,7 +171,8 @@ def choose_arithmetic(isa: IsaInfo, requested: Requested = Requested()) -> Choic
     if dtype == "auto":
         dtype = auto[0]
         dtype_why = ("native bf16: bf16 GEMMs run in hardware" if native else
-                     "no compiled kernel: float32 keeps the weights exact" if not isa.kernel else
+                     "float32 keeps the weights exact (bf16 is chosen only where the kernel finds native bf16)"
+                     if not isa.kernel else
                      "no native bf16: float32 GEMMs (torch's bf16 GEMM has no hardware support here)")
     else:
         dtype_why = f"--dtype {dtype} as given"

@@ -100,11 +100,11 @@ def _check_settings_of_converted(model: nn.Module, value_dtype: torch.dtype, fmt
                                "dense_batch_threshold": dense_batch_threshold}
     if fmt != "auto":  # auto picks per layer
         want["fmt"] = fmt
-    differs = [f"{k}={getattr(m, k)}" for k, v in want.items()
+    differs = [f"{k}={getattr(m, k)} (this call: {v})" for k, v in want.items()
                for m in [next((m for m in done if getattr(m, k) != v), None)] if m is not None]
     if differs:
-        raise LosaError(f"the model is already sparsified ({', '.join(differs).replace('torch.', '')}); a second "
-                        "call cannot change that: sparsify a freshly loaded model")
+        raise LosaError(f"the model is already sparsified with {', '.join(differs).replace('torch.', '')}; pass the "
+                        "same settings to convert its remaining dense layers, or sparsify a freshly loaded model")
 
 
 def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "float32", fmt: str = "auto",

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from losa.calib.engine import LayerwiseEngine
 from losa.calib.visitor import LayerContext, LayerVisitor
-from losa.data.calibration import check_calib_ids, get_calibration
+from losa.data.calibration import check_calib_ids, get_calibration, record_calib_ids
 from losa.errors import LosaError
 from losa.export.verify import SparsityReport, sparsity_report, verify_targets
 from losa.models.linear import get_weight, in_features, set_weight
@@ -94,7 +94,8 @@ class PruneConfig(CalibrationConfig):
             for n in self.nm_n:
                 validate_nm(n, m)
         if self.nm is not None and "sparsity" in self.non_default_fields():
-            raise ValueError(f"sparsity has no effect with nm (the {self.nm} pattern sets it); drop one of them")
+            raise ValueError(f"sparsity (--sparsity) has no effect with nm (--nm): the {self.nm} pattern sets it; "
+                             "drop one of them")
         if self.allocator != "uniform" and (self.nm is not None or isinstance(self.sparsity, list)):
             raise ValueError(f"allocator={self.allocator} spreads one unstructured sparsity over the layers; it "
                              "cannot be combined with nm or a per-layer sparsity list")
@@ -281,10 +282,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     if config.verify:
         verify_targets(report, targets)
     timings["total_s"] = time.perf_counter() - t0
-    recipe = config.model_dump()
-    if calib_ids is not None:  # record the windows actually used
-        recipe.update(calib="calib_ids", nsamples=int(calib_ids.shape[0]), seqlen=int(calib_ids.shape[1]))
-    return PruneReport(recipe=recipe, allocation=allocation, targets=[t.sparsity for t in targets],
+    return PruneReport(recipe=record_calib_ids(config.model_dump(), calib_ids), allocation=allocation, targets=[t.sparsity for t in targets],
                        nm=parse_nm(config.nm) if config.nm else None, sparsity=report, sequential=sequential,
                        timings=timings)
 

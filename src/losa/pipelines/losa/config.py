@@ -161,12 +161,16 @@ class LoSAConfig(CalibrationConfig):
         params = ("rmi_features", "beta", "delta", "owl_m", "owl_lambda")
         alloc = self.effective_allocator
         if self.nm is not None and not self.mixed_nm:
-            why = "with --nm without --mixed-nm (every layer gets the same N:M pattern); add --mixed-nm or drop it"
+            why = ("with --nm without --mixed-nm (every layer gets the same N:M pattern); drop it, or add --mixed-nm "
+                   "with --allocator rmi or owl")
             return [((f,), why) for f in ("allocator", *params) if f in given]
         if alloc == "uniform":
-            why = "with the uniform allocator (--no-layerwise-sparsity or --allocator uniform); use --allocator rmi or owl"
-            return [((f,), why) for f in (("allocator",) if self.allocator != "uniform" else ()) + params
-                    if f in given]
+            out: list[tuple[tuple[str, ...], str]] = []
+            if self.allocator != "uniform" and "allocator" in given:  # --no-layerwise-sparsity overrides it
+                out.append((("allocator",), "with --no-layerwise-sparsity (uniform sparsity); drop one of them"))
+            why = ("with uniform sparsity (--no-layerwise-sparsity or --allocator uniform); use layer-wise sparsity "
+                   "with --allocator rmi or owl, or drop it")
+            return out + [((f,), why) for f in params if f in given]
         # delta: the band of unstructured RMI, and with mixed N:M the default cap on moved layer pairs
         delta_used = (self.nm_max_pairs is None) if self.mixed_nm else alloc == "rmi"
         other, unused = {"rmi": ("owl", ("owl_m", "owl_lambda")), "owl": ("rmi", ("rmi_features", "beta"))}[alloc]

@@ -31,7 +31,7 @@ from losa.allocation.cka import GramAccumulator
 from losa.allocation.mixed_nm import allocate_mixed_nm, pairs_for_delta
 from losa.allocation.schedule import rank_budget_at, sparsity_at
 from losa.calib.engine import LayerwiseEngine
-from losa.data.calibration import check_calib_ids, get_calibration
+from losa.data.calibration import check_calib_ids, get_calibration, record_calib_ids
 from losa.errors import LosaError
 from losa.export.verify import sparsity_report, verify_targets
 from losa.finetune.config import check_environment
@@ -179,7 +179,7 @@ class StepEval:
             LosaError: a named dataset missing from the data directory, a missing or unreadable file,
                 ``seqlen`` below 2 or beyond the model's context, or ``max_windows`` below 1.
         """
-        from losa.cli.common import check_eval_datasets
+        from losa.data.sources import check_eval_datasets
         from losa.eval.ppl import check_max_windows
 
         check_eval_datasets(self.datasets, self.data_dir, "step_eval.datasets")
@@ -242,11 +242,12 @@ def _recorded_config(config: LoSAConfig, calib_ids: torch.Tensor | None) -> dict
     """The recipe as the report records it: with user ``calib_ids``, the windows actually used (their
     count and length; ``calib`` is then ``calib_ids``, unless it still sources the distillation windows)."""
     recorded = config.model_dump(mode="json")
+    calib = recorded["calib"]
+    record_calib_ids(recorded, calib_ids)
     if calib_ids is not None:
-        n, seqlen = calib_ids.shape
-        recorded.update(nsamples=n, seqlen=seqlen, recon_nsamples=min(config.recon_nsamples, n))
-        if not (config.finetune_data is None and config.finetune.distill):
-            recorded["calib"] = "calib_ids"
+        recorded["recon_nsamples"] = min(config.recon_nsamples, int(calib_ids.shape[0]))
+        if config.finetune_data is None and config.finetune.distill:  # it still sources the distillation windows
+            recorded["calib"] = calib
     return recorded
 
 
@@ -300,7 +301,7 @@ class LoSARun:
     def __init__(self, model: nn.Module, tokenizer, config: LoSAConfig, out: Path | None, resume: bool = False,
                  progress: bool = True, calib_ids: torch.Tensor | None = None, model_name: str = "",
                  step_eval: StepEval | None = None) -> None:
-        calib_ids = check_calib_ids(model, calib_ids)
+        calib_ids = check_calib_ids(model, calib_ids, min_rows=2)  # RMI / CKA compares layers over >= 2 windows
         _check_tokenizer(tokenizer, config, calib_ids, step_eval)
         if step_eval is not None:
             step_eval.check(model)
@@ -402,7 +403,8 @@ class LoSARun:
         omega = rank_budget_at(step, cfg.steps, cfg.omega_first, cfg.omega_last)
 
         t = time.perf_counter()
-        first_n = self.rows[0]["nm_n"] if cfg.nm is not None and self.rows else None  # N:M: N is set at step 1
+        # N:M: N is set at step 1 and kept (the last step's, so a run an older version started resumes as sparse)
+        first_n = self.rows[-1]["nm_n"] if cfg.nm is not None and self.rows else None
         cka, outliers = (None, None) if first_n is not None else _rmi_pass(model, self.calib_ids, cfg, self.progress,
                                                                          self.wrappers)
         times["rmi_s"] = time.perf_counter() - t
