@@ -226,3 +226,29 @@ def test_mixed_nm_unequal_layer_sizes_warns_and_falls_back_uncapped():
         warnings.simplefilter("error")
         _, _, moved = _step_targets(cfg.model_copy(update={"nm_max_pairs": 1}), 1, [100] * 4, cka, None)
     assert sorted(moved) == [3, 4, 4, 5]
+
+
+def test_mixed_nm_keeps_its_allocation_across_steps_and_a_resume(tmp_path, tiny_model, calib, monkeypatch):
+    """Each layer's N is allocated at step 1 and kept, also by a run resumed after a kill; the merged model
+    holds exactly the mean N (a layer whose N rose later could not regrow its pruned weights)."""
+    runmod = importlib.import_module("losa.pipelines.losa.loop")
+    cfg = LoSAConfig(nm="2:4", mixed_nm=True, nm_max_pairs=1, allocator="owl", owl_m=2.0, steps=3, nsamples=4,
+                     seqlen=16, recon_nsamples=2, r_min=1, r_max=8, omega_first=4, omega_last=4, device="cpu")
+    real, calls = runmod.LoSARun._errors, {"n": 0}
+
+    def dying(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed in step 2, after step 1 was saved
+        return real(self)
+
+    monkeypatch.setattr(runmod.LoSARun, "_errors", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_model("llama", seed=0, layers=4, hidden=32), CharTokenizer(), cfg, out_dir=tmp_path / "r",
+            calib_ids=calib, progress=False)
+    monkeypatch.setattr(runmod.LoSARun, "_errors", real)
+    rep = run(tiny_model("llama", seed=0, layers=4, hidden=32), CharTokenizer(), cfg, out_dir=tmp_path / "r",
+              resume=True, calib_ids=calib, progress=False)
+    ns = [[round(4 * (1 - s)) for s in step.layer_target_sparsity] for step in rep.steps]
+    assert len(ns) == 3 and ns[0] == ns[1] == ns[2] and sorted(ns[0]) == [1, 2, 2, 3]
+    assert rep.results.sparsity == pytest.approx(0.5, abs=1e-9)
