@@ -114,7 +114,8 @@ def _step_targets(cfg: LoSAConfig, step: int, sizes: list[int], cka: np.ndarray 
             pairs = cfg.nm_max_pairs
             if pairs is None and len(set(sizes)) > 1:
                 warnings.warn("mixed N:M over decoder layers of different sizes: the default cap on moved layers "
-                              "needs equal sizes, so every layer may move N by up to nm_max_dev", stacklevel=2)
+                              "needs equal sizes, so every layer may move N by up to nm_max_dev (delta is not used)",
+                              stacklevel=2)
                 pairs = -1
             elif pairs is None:
                 delta = cfg.delta if cfg.delta is not None else default_delta(1.0 - n / m)
