@@ -121,7 +121,8 @@ def check_output_dir(path: str | os.PathLike, flag: str, exists_ok: bool) -> Pat
 
 
 def _exists(path: Path, flag: str) -> LosaError:
-    return LosaError(f"output directory {path} already exists; pass --overwrite or choose another {flag}")
+    return LosaError(f"output directory {path} already exists; pass --overwrite (overwrite=True) or choose another "
+                     f"{flag}")
 
 
 def _check_writable(folder: Path, path: Path, flag: str) -> None:

@@ -267,7 +267,7 @@ def check_run_dir(out: Path | None, config: LoSAConfig, resume: bool) -> dict | 
             holds no finished step or one of another recipe (the differing fields are named).
     """
     if resume and out is None:
-        raise LosaError("--resume needs the --out directory of the run to continue")
+        raise LosaError("--resume (resume=True) needs the --out directory (out_dir=) of the run to continue")
     if out is not None and out.exists() and not resume and (out / "state").exists():
         raise LosaError(f"{out} already holds a LoSA run; pass --resume to continue it or choose another --out")
     return check_resume(out, config.model_dump()) if resume and out is not None else None
