@@ -199,10 +199,6 @@ def _calibration(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: to
     return ids
 
 
-def _nm_for_report(targets: list[Target]) -> list[tuple[int, int] | None]:
-    return [(t.n, t.m) if t.is_nm else None for t in targets]  # type: ignore[misc]
-
-
 class PruneReport(BaseModel):
     """What :func:`prune` did: the recipe, per-layer targets, the verified sparsity and timings.
 
@@ -278,7 +274,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     calib_ids = check_calib_ids(model, calib_ids)  # before any work: 2-D integer ids within the vocabulary
     with unfused_experts(model):
         targets, sequential, timings, allocation = _prune(model, tokenizer, config, calib_ids, progress, visitor)
-    report = sparsity_report(model, _nm_for_report(targets))  # on the fused model: every expert matrix counts
+    report = sparsity_report(model, [t.pattern for t in targets])  # on the fused model: every expert matrix counts
     if config.verify:
         verify_targets(report, targets)
     timings["total_s"] = time.perf_counter() - t0

@@ -29,5 +29,10 @@ class Target:
     def is_nm(self) -> bool:
         return self.m is not None
 
+    @property
+    def pattern(self) -> tuple[int, int] | None:
+        """``(N, M)`` of an N:M target (what :func:`losa.export.verify.sparsity_report` checks), else None."""
+        return (self.n, self.m) if self.is_nm else None  # type: ignore[return-value]
+
     def describe(self) -> str:
         return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:.2%} unstructured"

@@ -467,8 +467,7 @@ class LoSARun:
         merge_and_unload(self.model)
         final_targets = self.final_targets
         assert final_targets is not None
-        nm_list = [(tg.n, tg.m) if tg.is_nm else None for tg in final_targets]
-        rep = sparsity_report(self.model, nm_list)
+        rep = sparsity_report(self.model, [tg.pattern for tg in final_targets])
         verify_targets(rep, final_targets)
         final = FinalResults(sparsity=rep.overall, layer_target_sparsity=[tg.sparsity for tg in final_targets],
                              layer_achieved_sparsity=[r.sparsity for r in rep.layers])
