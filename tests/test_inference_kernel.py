@@ -674,6 +674,9 @@ def test_bench_runtime_command_writes_the_cache(monkeypatch, capsys):
     assert entry["shape"] == "96x256" and entry["threads"] == 1 and set(entry["timings_ms"]["loop"]) == {"1", "2", "4"}
     assert 1 <= entry["dense_batch_threshold"] <= 4
     assert ("sparse_gemm_batch_threshold" in entry) == kmod.native_bf16()
+    if kmod.native_bf16():  # the sparse GEMM is also timed at prompt sizes, the row loop is not
+        assert set(entry["timings_ms"]["sparse_gemm_bf16"]) == {"1", "2", "4", "128", "256"}
+        assert set(entry["timings_ms"]["loop_bf16"]) == {"1", "2", "4"}
     assert thresholds.cached_thresholds(kmod.best_isa())["dense_batch_threshold"] == entry["dense_batch_threshold"]
     assert main(["bench-runtime", "--shape", "12"]) == 2
     assert "--shape '12' is not OUTxIN" in capsys.readouterr().err
@@ -685,3 +688,60 @@ def test_bench_runtime_command_writes_the_cache(monkeypatch, capsys):
     thresholds.clear()
     with pytest.raises(LosaError, match="delete it and rerun losa bench-runtime"):
         thresholds.cached_thresholds(kmod.best_isa())
+
+
+def test_crossovers_from_timings():
+    """Thresholds from hand-made timings: the last count of an unbroken run of wins, "never" for the sparse GEMM
+    when the tiles won at every count, prompt sizes included."""
+    from losa.inference.thresholds import crossovers
+
+    rows = (1, 2, 4, 8)
+    fp32 = {"loop": {1: 1.0, 2: 1.5, 4: 3.0, 8: 2.0}, "tiles": {1: 5.0, 2: 2.0, 4: 2.5, 8: 2.5}}
+    assert crossovers(fp32, rows) == {"dense_batch_threshold": 2}  # loses at 4: the later win at 8 does not count
+    assert crossovers({"loop": fp32["tiles"], "tiles": fp32["loop"]}, rows) == {"dense_batch_threshold": 1}
+
+    def bf16(sgemm_wins_from: int | None) -> dict:
+        counts = (*rows, 128, 256)
+        tiles = {r: float(r) for r in counts}
+        sgemm = {r: r * (0.5 if sgemm_wins_from is not None and r >= sgemm_wins_from else 2.0) for r in counts}
+        return {**fp32, "loop_bf16": {1: 0.5, 2: 3.0, 4: 5.0, 8: 9.0}, "tiles_bf16": tiles, "sparse_gemm_bf16": sgemm}
+
+    entry = crossovers(bf16(None), rows, (128, 256))
+    assert entry == {"dense_batch_threshold": 2, "dense_batch_threshold_bf16": 1, "sparse_gemm_batch_threshold": "never"}
+    assert crossovers(bf16(256), rows, (128, 256))["sparse_gemm_batch_threshold"] == 128
+    assert crossovers(bf16(4), rows, (128, 256))["sparse_gemm_batch_threshold"] == 2
+    assert crossovers(bf16(1), rows, (128, 256))["sparse_gemm_batch_threshold"] == 0
+
+
+def test_never_in_the_cache_reads_as_no_batch_large_enough():
+    from losa.inference import thresholds
+
+    thresholds.save({"sparse_gemm_batch_threshold": "never", "dense_batch_threshold": 4}, "avx512")
+    thresholds.save({"sparse_gemm_batch_threshold": "sometimes"}, "avx2")  # not a threshold: ignored
+    assert thresholds.cached_thresholds(2) == {"sparse_gemm_batch_threshold": thresholds.NEVER,
+                                               "dense_batch_threshold": 4}
+    assert thresholds.cached_thresholds(1) == {}
+
+
+@pytest.mark.skipif(not BF16_SPARSE_PREFILL, reason="zero-skipping bf16 prefill needs an AVX512-BF16 CPU")
+def test_measured_sparse_gemm_threshold_drives_the_prefill(monkeypatch):
+    """A cached "never" keeps large bf16 batches on the decompressed tiles; a cached count moves the switch."""
+    from losa.inference import sparse_linear as sl
+    from losa.inference import thresholds
+
+    gen = torch.Generator().manual_seed(21)
+    w = torch.randn(64, 96, generator=gen) * random_mask(64, 96, 0.8, gen)
+    isa = kmod.ISA_NAMES[kmod.best_isa()]
+    calls = []
+    monkeypatch.setattr(sl._kernel, "load_kernel", lambda: _Spy(KERNEL, calls))
+    for cached, expected in (("never", ["dense_mm_xw", "dense_mm"]), (40, ["dense_mm_xw", "dense_mm"]),
+                             (24, ["sparse_mm_bf16", "sparse_mm_bf16"])):
+        thresholds.save({"sparse_gemm_batch_threshold": cached}, isa)
+        layer = SparseLinear.from_dense(w, None, "bfloat16")
+        assert layer.sparse_prefill == (cached != "never")
+        calls.clear()
+        for rows in (30, 40):
+            x = torch.randn(rows, 96, generator=gen).bfloat16()
+            torch.testing.assert_close(layer(x).double(), F.linear(x.double(), layer.to_dense().bfloat16().double()),
+                                       rtol=2e-2, atol=2e-2)
+        assert calls == expected, cached

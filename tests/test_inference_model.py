@@ -189,6 +189,7 @@ def _tiny_checkpoint(tmp_path):
 def test_cli_generate_picks_the_arithmetic_per_cpu(tmp_path, capsys, monkeypatch):
     """``--dtype/--value-dtype/--prefill-dtype auto`` (the defaults): chosen for the (forced) CPU, one line why."""
     from losa.cli import main
+    from losa.inference.kernel import load_kernel
 
     path = _tiny_checkpoint(tmp_path)
     monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")  # an AVX2-only CPU: float32 model, bf16 values
@@ -198,6 +199,14 @@ def test_cli_generate_picks_the_arithmetic_per_cpu(tmp_path, capsys, monkeypatch
     assert len(lines) == 1 and "AVX2 (forced by LOSA_SPARSE_ISA)" in lines[0]
     assert "float32 model, bfloat16 values, float32 activations" in lines[0] and "no native bf16" in lines[0]
     assert "sparse layers: 14 (bfloat16 values, float32 compute, float32 prefill" in out
+    hint = "`losa bench-runtime` measures them on this CPU"
+    if load_kernel() is not None:  # no thresholds measured here (no_measured_thresholds): the hint names the fix
+        assert hint in out
+        from losa.inference import thresholds
+
+        thresholds.save({"dense_batch_threshold": 8}, "avx2")
+        assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "2"]) == 0
+        assert hint not in capsys.readouterr().out
     # explicit flags are kept; a bf16 prompt GEMM without native bf16 is not
     assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "2", "--dtype", "bf16",
                  "--value-dtype", "float32", "--prefill-dtype", "bfloat16"]) == 0

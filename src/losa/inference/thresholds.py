@@ -28,6 +28,12 @@ CACHE_NAME = "runtime_thresholds.json"
 KEYS = ("dense_batch_threshold", "dense_batch_threshold_bf16", "sparse_gemm_batch_threshold")
 #: batch rows tried when measuring (the loop wins at 1 row everywhere; beyond 64 rows tiles always won)
 ROWS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+#: prompt-sized batches at which the zero-skipping bf16 GEMM is also timed against the decompressed tiles (it
+#: runs above its threshold at any batch size, so the choice must hold at prompt sizes too; where the CPU's own
+#: bf16 GEMM is fast the tiles win at every size: benchmarks/results/inference_zen5.md)
+PREFILL_ROWS = (128, 256)
+#: ``sparse_gemm_batch_threshold`` as layers read it when the cache says ``"never"``: no batch is large enough
+NEVER = 1 << 62
 
 
 def cache_path() -> Path:
@@ -67,7 +73,9 @@ def _cached(isa: int) -> dict:
     out = {}
     for name in KEYS:
         value = entry.get(name)
-        if isinstance(value, int) and value >= 0:
+        if name == "sparse_gemm_batch_threshold" and value == "never":
+            out[name] = NEVER
+        elif isinstance(value, int) and value >= 0:
             out[name] = value
     return out
 
@@ -127,8 +135,34 @@ def _last_win(rows: Sequence[int], fast: dict[int, float], slow: dict[int, float
     return best
 
 
+def crossovers(timings: dict[str, dict[int, float]], rows: Sequence[int], prefill_rows: Sequence[int] = ()) -> dict:
+    """The thresholds that :func:`measure`'s timings give.
+
+    Args:
+        timings: milliseconds per path and row count: ``loop`` and ``tiles`` at every count of ``rows``; where
+            the CPU has native bf16 also ``loop_bf16`` (``rows``), ``tiles_bf16`` and ``sparse_gemm_bf16``
+            (``rows`` and ``prefill_rows``).
+        rows: the increasing row counts at which every path was timed.
+        prefill_rows: the larger counts at which only the two bf16 GEMM paths were timed.
+
+    Returns:
+        ``dense_batch_threshold`` (and with bf16 timings ``dense_batch_threshold_bf16``): the largest count up to
+        which the row loop beat the tiles at every count, at least 1 (decode: a whole-matrix decompression per
+        token never wins); ``sparse_gemm_batch_threshold``: the largest count up to which the bf16 tiles beat
+        the sparse GEMM at every count, ``"never"`` when they won at all of them.
+    """
+    entry: dict[str, int | str] = {"dense_batch_threshold": max(1, _last_win(rows, timings["loop"], timings["tiles"]))}
+    if "loop_bf16" in timings:
+        entry["dense_batch_threshold_bf16"] = max(1, _last_win(rows, timings["loop_bf16"], timings["tiles_bf16"]))
+        every = [*rows, *prefill_rows]
+        last = _last_win(every, timings["tiles_bf16"], timings["sparse_gemm_bf16"])
+        entry["sparse_gemm_batch_threshold"] = "never" if last == every[-1] else last
+    return entry
+
+
 def measure(shape: tuple[int, int] = (4096, 4096), sparsity: float = 0.7, rows: Sequence[int] = ROWS,
-            reps: int = 7, progress: Callable[[str], None] | None = None) -> dict:
+            reps: int = 7, progress: Callable[[str], None] | None = None,
+            prefill_rows: Sequence[int] = PREFILL_ROWS) -> dict:
     """Measure the crossovers on this CPU at the current ISA level and torch thread count.
 
     Args:
@@ -137,10 +171,13 @@ def measure(shape: tuple[int, int] = (4096, 4096), sparsity: float = 0.7, rows: 
         rows: batch row counts to time, increasing.
         reps: interleaved repeats per row count (medians).
         progress: called with one line per row count.
+        prefill_rows: larger row counts at which only the bf16 tiles and the zero-skipping sparse GEMM are
+            timed (native-bf16 CPUs only; those not above ``rows[-1]`` are left out).
 
     Returns:
         The cache entry: :data:`KEYS` that apply here (the bf16 ones only on native-bf16 CPUs) and how they
-        were measured.
+        were measured. ``sparse_gemm_batch_threshold`` is the largest row count up to which the tiles won at
+        every measured count, or ``"never"`` when they won at all of them (``rows`` and ``prefill_rows``).
 
     Raises:
         LosaError: the compiled kernel is not available (nothing to tune), or bad arguments.
@@ -156,6 +193,7 @@ def measure(shape: tuple[int, int] = (4096, 4096), sparsity: float = 0.7, rows: 
         raise LosaError("the sparse kernel is not built here, so there is nothing to tune; install a C++ compiler")
     if not 0.0 < sparsity < 1.0 or min(shape) < 1 or reps < 1 or not rows or list(rows) != sorted(rows):
         raise LosaError("bench-runtime needs 0 < sparsity < 1, a positive shape, reps >= 1 and increasing rows")
+    prefill_rows = sorted(r for r in prefill_rows if r > rows[-1])
     isa = _kernel.best_isa()
     native = _kernel.native_bf16(isa)
     n, kk = shape
@@ -167,24 +205,24 @@ def measure(shape: tuple[int, int] = (4096, 4096), sparsity: float = 0.7, rows: 
     args = (p.meta, p.values, p.row_ptr, None, n, kk, FORMAT_CODES["bitmask"], isa)
     timings: dict[str, dict[int, float]] = {}
     with torch.inference_mode():
-        for r in rows:
+        for r in [*rows, *(prefill_rows if native else ())]:
             x = torch.randn(r, kk, generator=gen)
-            fns = {"loop": lambda x=x: k.spmm(x, *args), "tiles": lambda x=x: k.dense_mm(x, *args, DENSE_TILE_ROWS, False)}
+            fns = {}
+            if r in rows:
+                fns = {"loop": lambda x=x: k.spmm(x, *args),
+                       "tiles": lambda x=x: k.dense_mm(x, *args, DENSE_TILE_ROWS, False)}
             if native:
                 xb = x.bfloat16()
                 tiles_bf16 = k.dense_mm_xw if r <= DENSE_XW_MAX_ROWS else k.dense_mm
-                fns.update({"loop_bf16": lambda xb=xb: k.spmm(xb, *args),
-                            "tiles_bf16": lambda xb=xb, f=tiles_bf16: f(xb, *args, DENSE_TILE_ROWS, True),
+                if r in rows:
+                    fns["loop_bf16"] = lambda xb=xb: k.spmm(xb, *args)
+                fns.update({"tiles_bf16": lambda xb=xb, f=tiles_bf16: f(xb, *args, DENSE_TILE_ROWS, True),
                             "sparse_gemm_bf16": lambda xb=xb: k.sparse_mm_bf16(xb, *args[:-1])})
             for name, ms in _median_ms(fns, reps).items():
                 timings.setdefault(name, {})[r] = ms
             if progress:
-                progress(f"{r:3d} rows: " + ", ".join(f"{name} {t[r]:.3f} ms" for name, t in timings.items()))
-    # the row loop keeps at least 1 row (decode): a whole-matrix decompression per token never wins there
-    entry = {"dense_batch_threshold": max(1, _last_win(rows, timings["loop"], timings["tiles"]))}
-    if native:
-        entry["dense_batch_threshold_bf16"] = max(1, _last_win(rows, timings["loop_bf16"], timings["tiles_bf16"]))
-        entry["sparse_gemm_batch_threshold"] = _last_win(rows, timings["tiles_bf16"], timings["sparse_gemm_bf16"])
+                progress(f"{r:3d} rows: " + ", ".join(f"{name} {t[r]:.3f} ms" for name, t in timings.items() if r in t))
+    entry = crossovers(timings, rows, prefill_rows if native else ())
     entry.update({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": torch.get_num_threads(),
                   "shape": f"{n}x{kk}", "sparsity": sparsity, "isa": _kernel.ISA_NAMES[isa],
                   "timings_ms": {name: {str(r): round(v, 4) for r, v in t.items()} for name, t in timings.items()}})
