@@ -19,7 +19,8 @@ _ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "f16c")
 
 
 def cpu() -> dict[str, str]:
-    """CPU model name and the vector extensions that matter to losa's kernels (from /proc/cpuinfo)."""
+    """CPU model name, family/model numbers where known and the vector extensions that matter to losa's kernels
+    (from /proc/cpuinfo)."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -30,7 +31,25 @@ def cpu() -> dict[str, str]:
     except OSError:
         pass
     isa = "+".join(f for f in _ISA_FLAGS if f in flags) or platform.machine()
-    return {"cpu": model, "isa": isa}
+    out = {"cpu": model, "isa": isa}
+    if cpu_generation():
+        out["cpu_generation"] = cpu_generation()
+    return out
+
+
+def cpu_generation() -> str:
+    """``"family 25, model 1"`` from /proc/cpuinfo (tells AMD Zen 3 from Zen 5 where both are "AMD EPYC"), or ``""``."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("cpu family", "model") and key.strip() not in fields:
+                fields[key.strip()] = value.strip()
+            if not line.strip():
+                break
+    except OSError:
+        return ""
+    return f"family {fields['cpu family']}, model {fields['model']}" if len(fields) == 2 else ""
 
 
 def commit() -> str:

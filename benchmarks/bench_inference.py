@@ -70,7 +70,15 @@ def machine_info() -> dict:
     except (OSError, IndexError):
         cpu = platform.processor()
     k = kmod.load_kernel()
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__,
+    from _provenance import commit, cpu_generation
+
+    from losa.inference import thresholds
+
+    measured = {key: ("never" if v == thresholds.NEVER else v)
+                for key, v in thresholds.cached_thresholds(kmod.best_isa()).items()} if k else {}
+    return {"cpu": cpu, "cpu_generation": cpu_generation(), "commit": commit(),
+            "thresholds": measured or "built-in defaults (no losa bench-runtime cache for this CPU)",
+            "cores": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__,
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "kernel_isa": kmod.ISA_NAMES[kmod.best_isa()] if k else "none (dense fallback)",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "loadavg_start": os.getloadavg(),
@@ -321,10 +329,14 @@ def write_markdown(res: dict, path: Path) -> None:
     m = res["machine"]
     bw = res["bandwidth_GBps"]
     L = [f"# Sparse inference runtime benchmark ({m['date']})", "",
-         f"Command: `{res['command']}`  ", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+         f"Command: `{res['command']}`" + (f" at commit {m['commit']}" if "commit" in m else "") + "  ",
+         f"Machine: {m['cpu']}" + (f" ({m['cpu_generation']})" if m.get("cpu_generation") else "")
+         + f", {m['cores']} cores, torch {m['torch']} "
          f"(capability {m['torch_cpu_capability']}), kernel ISA **{m['kernel_isa']}**, Python {m['python']}.  ",
          f"Load average at start {tuple(round(x, 2) for x in m['loadavg_start'])}, at end "
          f"{tuple(round(x, 2) for x in res['loadavg_end'])}, duration {res['duration_s']:.0f} s.", ""]
+    if "thresholds" in m:
+        L += [f"Dispatch thresholds: {m['thresholds']}.", ""]
     if "THP_MEM_ALLOC_ENABLE" in m:
         L += [f"Huge pages: `THP_MEM_ALLOC_ENABLE={m['THP_MEM_ALLOC_ENABLE'] or '(unset)'}` (torch's allocator, so the "
               f"dense weights too), `LOSA_HUGEPAGES={m['LOSA_HUGEPAGES']}` (the sparse layers' packed buffers).", ""]
