@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _rows  # noqa: E402
 
 #: the benchmarks whose rows go through _rows.append_jsonl / read_jsonl (importing them starts no work)
-ROWS_BENCHMARKS = ["bench_avx2_decode", "bench_full_ppl", "bench_losa", "bench_memory", "bench_multiprocess",
+ROWS_BENCHMARKS = ["bench_avx2_decode", "bench_full_ppl", "bench_kernel_regression", "bench_losa", "bench_memory", "bench_multiprocess",
                    "bench_offload_prune", "bench_teacher_cache", "bench_work_stealing", "bench_zeroshot_models"]
 
 

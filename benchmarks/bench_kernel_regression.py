@@ -1,0 +1,133 @@
+"""Is the sparse kernel slower than it was? The current build against an earlier commit's, in one process.
+
+Issue 18 asks that CPUs with AVX512-BF16 see no regression from the committed numbers while the AVX2 path
+changes. Results files from different days (and VMs) cannot tell a 5 % change from machine drift, so this
+compiles the kernel source of ``--base`` (``git show BASE:src/losa/inference/csrc/sparse_linear.cpp``) as a
+second extension next to the current one and times both on the same packed layers, interleaved, at batch 1
+(decode): LLaMA-7B shapes, 70 % / 50 % unstructured and 2:4, bf16 values with bf16 and float32 inputs, 1 and 2
+threads. The packed format must be the same in both commits (it is checked: both must give the same outputs)::
+
+    python benchmarks/bench_kernel_regression.py --base f6ee79c       # results/kernel_regression.{jsonl,md}
+
+Each row: shape, pattern, input dtype, threads, base and current median ms, and ``speed`` = base ms / current ms
+(above 1: the current kernel is faster), with the provenance fields (date, commit, command, CPU, ISA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _provenance import provenance
+from _rows import read_jsonl, save_rows
+from bench_inference import keep_mask
+
+from losa.inference import kernel as kmod
+from losa.inference.formats import FORMAT_CODES, pack
+from losa.utils.cpp import build_extension
+from losa.utils.io import atomic_write_text
+
+HERE = Path(__file__).resolve().parent
+SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
+PATTERNS = ("70%", "50%", "2:4")
+SOURCE = "src/losa/inference/csrc/sparse_linear.cpp"
+
+
+def base_kernel(rev: str):
+    """Compile ``rev``'s kernel source as its own extension (cached by torch per name); raises SystemExit."""
+    try:
+        full = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", rev], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        src = subprocess.run(["git", "-C", str(HERE), "show", f"{full}:{SOURCE}"], capture_output=True, text=True,
+                             check=True).stdout
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"--base {rev}: git cannot show {SOURCE} there ({exc.stderr.strip()}); give a commit of "
+                         "this repository") from None
+    path = Path(tempfile.mkdtemp(prefix="losa-base-kernel-")) / f"sparse_linear_{full}.cpp"
+    path.write_text(src)
+    return full, build_extension(f"losa_kernel_{full}", path)
+
+
+def timed(fns: dict, reps: int) -> dict[str, float]:
+    """Median ms of each function, calls interleaved."""
+    for f in fns.values():
+        f()
+    t: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            t[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in t.items()}
+
+
+def render(src: Path, dst: Path) -> None:
+    rows = read_jsonl(src)
+    out = ["# Sparse kernel: current build vs an earlier commit's, same process (issue 18: no regression)", "",
+           "Written by `benchmarks/bench_kernel_regression.py`. Batch 1 (decode), bf16 values, LLaMA-7B shapes, "
+           "medians of interleaved calls on the same packed buffers; `speed` = base ms / current ms (above 1: "
+           "the current kernel is faster).", ""]
+    runs: dict[tuple, list[dict]] = {}
+    for r in rows:
+        runs.setdefault((r["date"][:16], r["commit"], r["base"], r["cpu"], r.get("cpu_generation", ""), r["isa"],
+                         r["command"]), []).append(r)
+    for (date, commit, base, cpu, gen, isa, cmd), rs in runs.items():
+        speeds = [r["speed"] for r in rs]
+        out += [f"## {date} UTC, commit {commit} vs base {base}", "",
+                f"`{cmd}` on {cpu}{f' ({gen})' if gen else ''} ({isa}), kernel ISA {rs[0]['kernel_isa']}; "
+                f"{len(rs)} cases, speed {min(speeds):.3f}-{max(speeds):.3f}, median {statistics.median(speeds):.3f}.",
+                "", "| threads | shape | pattern | inputs | base ms | current ms | speed |", "|---|---|---|---|---|---|---|"]
+        out += [f"| {r['threads']} | {r['shape']} | {r['pattern']} | {r['inputs']} | {r['base_ms']:.3f} | "
+                f"{r['current_ms']:.3f} | {r['speed']:.3f} |" for r in rs]
+        out.append("")
+    atomic_write_text(dst, "\n".join(out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", required=True, help="commit whose kernel source is the baseline, e.g. f6ee79c")
+    ap.add_argument("--reps", type=int, default=40, help="interleaved calls per case (default 40)")
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    ap.add_argument("--out", default=str(HERE / "results" / "kernel_regression.jsonl"))
+    args = ap.parse_args(argv)
+    current = kmod.load_kernel()
+    if current is None:
+        raise SystemExit("the sparse kernel does not build here; install a C++ compiler")
+    base, old = base_kernel(args.base)
+    isa = kmod.best_isa()
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for n, k in SHAPES:
+            w = torch.randn(n, k, generator=gen)
+            for pat in PATTERNS:
+                p = pack(w * keep_mask(w, pat), torch.bfloat16, "auto")
+                spmm_args = (current.hugepage_copy(p.meta), current.hugepage_copy(p.values), p.row_ptr, None, n, k,
+                             FORMAT_CODES[p.fmt], isa)
+                for x_dtype in (torch.bfloat16, torch.float32):
+                    x = torch.randn(1, k, generator=gen).to(x_dtype)
+                    y_old, y_new = old.spmm(x, *spmm_args), current.spmm(x, *spmm_args)
+                    if not torch.allclose(y_old.float(), y_new.float(), rtol=1e-3, atol=1e-3):
+                        raise SystemExit(f"{base}'s kernel and the current one disagree on {n}x{k} {pat}: the packed "
+                                         "format changed between them; pick a later --base")
+                    ms = timed({"base": lambda: old.spmm(x, *spmm_args), "current": lambda: current.spmm(x, *spmm_args)},
+                               args.reps)
+                    row = {**provenance(threads, model="random LLaMA-7B-shaped layer"), "base": base,
+                           "kernel_isa": kmod.ISA_NAMES[isa], "shape": f"{n}x{k}", "pattern": pat,
+                           "inputs": str(x_dtype).replace("torch.", ""), "base_ms": ms["base"],
+                           "current_ms": ms["current"], "speed": ms["base"] / ms["current"]}
+                    rows.append(row)
+                    print(f"{threads} thr {n}x{k} {pat} {row['inputs']}: speed {row['speed']:.3f}", flush=True)
+    save_rows(Path(args.out), rows, render)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
