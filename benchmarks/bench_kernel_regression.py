@@ -73,13 +73,13 @@ def render(src: Path, dst: Path) -> None:
            "Written by `benchmarks/bench_kernel_regression.py`. Batch 1 (decode), bf16 values, LLaMA-7B shapes, "
            "medians of interleaved calls on the same packed buffers; `speed` = base ms / current ms (above 1: "
            "the current kernel is faster).", ""]
-    runs: dict[tuple, list[dict]] = {}
+    runs: dict[tuple, list[dict]] = {}  # one section per run (its start time), rows in measured order
     for r in rows:
-        runs.setdefault((r["date"][:16], r["commit"], r["base"], r["cpu"], r.get("cpu_generation", ""), r["isa"],
+        runs.setdefault((r["run"], r["commit"], r["base"], r["cpu"], r.get("cpu_generation", ""), r["isa"],
                          r["command"]), []).append(r)
     for (date, commit, base, cpu, gen, isa, cmd), rs in runs.items():
         speeds = [r["speed"] for r in rs]
-        out += [f"## {date} UTC, commit {commit} vs base {base}", "",
+        out += [f"## {date}, commit {commit} vs base {base}", "",
                 f"`{cmd}` on {cpu}{f' ({gen})' if gen else ''} ({isa}), kernel ISA {rs[0]['kernel_isa']}; "
                 f"{len(rs)} cases, speed {min(speeds):.3f}-{max(speeds):.3f}, median {statistics.median(speeds):.3f}.",
                 "", "| threads | shape | pattern | inputs | base ms | current ms | speed |", "|---|---|---|---|---|---|---|"]
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     base, old = base_kernel(args.base)
     isa = kmod.best_isa()
     gen = torch.Generator().manual_seed(0)
-    rows = []
+    rows, started = [], time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for n, k in SHAPES:
@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                     if not torch.allclose(y_old.float(), y_new.float(), rtol=1e-3, atol=1e-3):
                         raise SystemExit(f"{base}'s kernel and the current one disagree on {n}x{k} {pat}: the packed "
                                          "format changed between them; pick a later --base")
-                    ms = timed({"base": lambda: old.spmm(x, *spmm_args), "current": lambda: current.spmm(x, *spmm_args)},
-                               args.reps)
-                    row = {**provenance(threads, model="random LLaMA-7B-shaped layer"), "base": base,
+                    ms = timed({"base": lambda x=x, a=spmm_args: old.spmm(x, *a),
+                                "current": lambda x=x, a=spmm_args: current.spmm(x, *a)}, args.reps)
+                    row = {**provenance(threads, model="random LLaMA-7B-shaped layer"), "run": started, "base": base,
                            "kernel_isa": kmod.ISA_NAMES[isa], "shape": f"{n}x{k}", "pattern": pat,
                            "inputs": str(x_dtype).replace("torch.", ""), "base_ms": ms["base"],
                            "current_ms": ms["current"], "speed": ms["base"] / ms["current"]}

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _rows  # noqa: E402
 
 #: the benchmarks whose rows go through _rows.append_jsonl / read_jsonl (importing them starts no work)
-ROWS_BENCHMARKS = ["bench_avx2_decode", "bench_full_ppl", "bench_kernel_regression", "bench_losa", "bench_memory", "bench_multiprocess",
+ROWS_BENCHMARKS = ["bench_avx2_decode", "bench_full_ppl", "bench_losa", "bench_memory", "bench_multiprocess",
                    "bench_offload_prune", "bench_teacher_cache", "bench_work_stealing", "bench_zeroshot_models"]
 
 
@@ -59,3 +59,17 @@ def test_zeroshot_models_row_is_fsynced_before_its_partial_file_goes(tmp_path, m
     assert synced == [True, False] and not part.exists()  # the row, then the markdown (atomic_write_text)
     assert [json.loads(x) for x in out.read_text().splitlines()] == [row]
     assert "| m | 0.5000 | float32 | 50.0 | 50.0 | 50.0 |" in out.with_suffix(".md").read_text()
+
+
+def test_kernel_regression_rows_render_one_section_per_run(tmp_path):
+    brk = importlib.import_module("bench_kernel_regression")
+    base = {"commit": "c1", "base": "b0", "cpu": "cpu", "isa": "isa", "command": "cmd", "kernel_isa": "avx512",
+            "shape": "8x32", "pattern": "70%", "inputs": "bfloat16", "threads": 1}
+    rows = [{**base, "run": "r1", "base_ms": 2.0, "current_ms": 1.0, "speed": 2.0},
+            {**base, "run": "r1", "base_ms": 1.0, "current_ms": 2.0, "speed": 0.5, "threads": 2},
+            {**base, "run": "r2", "base_ms": 1.0, "current_ms": 1.0, "speed": 1.0}]
+    _rows.append_jsonl(tmp_path / "k.jsonl", rows)
+    brk.render(tmp_path / "k.jsonl", tmp_path / "k.md")
+    md = (tmp_path / "k.md").read_text()
+    assert md.count("## r") == 2 and "2 cases, speed 0.500-2.000, median 1.250" in md
+    assert "| 2 | 8x32 | 70% | bfloat16 | 1.000 | 2.000 | 0.500 |" in md
