@@ -8,6 +8,7 @@ second extension next to the current one and times both on the same packed layer
 threads. The packed format must be the same in both commits (it is checked: both must give the same outputs)::
 
     python benchmarks/bench_kernel_regression.py --base f6ee79c       # results/kernel_regression.{jsonl,md}
+    LOSA_SPARSE_ISA=avx2 python benchmarks/bench_kernel_regression.py --base f6ee79c   # the AVX2 path of both
 
 Each row: shape, pattern, input dtype, threads, base and current median ms, and ``speed`` = base ms / current ms
 (above 1: the current kernel is faster), with the provenance fields (date, commit, command, CPU, ISA).
@@ -16,6 +17,7 @@ Each row: shape, pattern, input dtype, threads, base and current median ms, and 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -75,8 +77,9 @@ def render(src: Path, dst: Path) -> None:
            "the current kernel is faster).", ""]
     runs: dict[tuple, list[dict]] = {}  # one section per run (its start time), rows in measured order
     for r in rows:
+        forced = f"LOSA_SPARSE_ISA={r['LOSA_SPARSE_ISA']} " if r.get("LOSA_SPARSE_ISA") else ""
         runs.setdefault((r["run"], r["commit"], r["base"], r["cpu"], r.get("cpu_generation", ""), r["isa"],
-                         r["command"]), []).append(r)
+                         forced + r["command"]), []).append(r)
     for (date, commit, base, cpu, gen, isa, cmd), rs in runs.items():
         speeds = [r["speed"] for r in rs]
         out += [f"## {date}, commit {commit} vs base {base}", "",
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                     ms = timed({"base": lambda x=x, a=spmm_args: old.spmm(x, *a),
                                 "current": lambda x=x, a=spmm_args: current.spmm(x, *a)}, args.reps)
                     row = {**provenance(threads, model="random LLaMA-7B-shaped layer"), "run": started, "base": base,
+                           "LOSA_SPARSE_ISA": os.environ.get("LOSA_SPARSE_ISA", ""),
                            "kernel_isa": kmod.ISA_NAMES[isa], "shape": f"{n}x{k}", "pattern": pat,
                            "inputs": str(x_dtype).replace("torch.", ""), "base_ms": ms["base"],
                            "current_ms": ms["current"], "speed": ms["base"] / ms["current"]}
