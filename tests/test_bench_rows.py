@@ -73,3 +73,12 @@ def test_kernel_regression_rows_render_one_section_per_run(tmp_path):
     md = (tmp_path / "k.md").read_text()
     assert md.count("## r") == 2 and "2 cases, speed 0.500-2.000, median 1.250" in md
     assert "| 2 | 8x32 | 70% | bfloat16 | 1.000 | 2.000 | 0.500 |" in md
+
+
+def test_decode_attention_rows_render_speed_per_case(tmp_path):
+    bda = importlib.import_module("bench_decode_attention")
+    base = {"run": "r1", "commit": "c1", "cpu": "cpu", "isa": "isa", "command": "cmd", "threads": 2}
+    _rows.append_jsonl(tmp_path / "d.jsonl", [{**base, "kind": "op", "case": "cache 128", "sdpa_ms": 3.0,
+                                                "kernel_ms": 0.5}])
+    bda.render(tmp_path / "d.jsonl", tmp_path / "d.md")
+    assert "| op | cache 128 | 2 | 3.000 | 0.500 | 6.00x |" in (tmp_path / "d.md").read_text()

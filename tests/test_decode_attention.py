@@ -95,10 +95,16 @@ def _reference64(q, k, v, mask, scale):
 
 
 @pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 0.012), (torch.float16, 0.0016)], ids=["bf16", "fp16"])
-def test_half_precision_keeps_float32_scores(dtype, bound, no_fallback):
+def test_half_precision_keeps_float32_scores(dtype, bound, no_fallback, float32_path, monkeypatch):
     """Large logits (std ~9) against a float64 reference: float32 scores and probabilities stay within the output's
     own rounding (bf16 <= 0.008, fp16 <= 0.001 here); rounding them to the input dtype misses by 0.017-0.037 (bf16)
-    and 0.0027-0.0039 (fp16) on these seeds."""
+    and 0.0027-0.0039 (fp16) on these seeds. bf16 runs the compiled kernel where it is built (no SDPA call), fp16
+    and bf16 without the kernel torch's SDPA."""
+    if dtype == torch.bfloat16 and float32_path != "torch":
+        def fail(*a, **kw):
+            raise AssertionError("bf16 decode attention used torch's SDPA although the kernel is built")
+
+        monkeypatch.setattr(attention.F, "scaled_dot_product_attention", fail)
     err = 0.0
     for seed in range(3):
         q, k, v = _qkv(9, 3, 1, 50, torch.float32, seed=seed)
@@ -182,3 +188,22 @@ def test_lean_decoder_switches_sdpa_models_only_and_keeps_greedy_tokens(monkeypa
     eager = make_tiny_model("llama", hidden=64)
     eager.set_attn_implementation("eager")
     assert not use_decode_attention(eager) and eager.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("d", [128, 20], ids=["d128", "d20-tail"])
+def test_kernel_bf16_static_cache_matches_float64(d, float32_path, monkeypatch):
+    """bf16 q/k/v through the kernel (or SDPA without it): the float64 attention of the same bf16 numbers, within
+    one bf16 rounding of the output; the static cache's unused slots and a non-contiguous key cache included."""
+    g = torch.Generator().manual_seed(d)
+    q = torch.randn(2, 8, 1, d, generator=g).bfloat16()
+    k = torch.randn(2, 2, d, 200, generator=g).bfloat16().transpose(-1, -2)  # [B, H_kv, S, D], not contiguous
+    v = torch.randn(2, 2, 200, d, generator=g).bfloat16()
+    m = torch.zeros(2, 1, 1, 200, dtype=torch.bool)
+    m[0, ..., :33] = True
+    m[1, ..., 5:150] = True
+    ref = _reference64(q, k, v, m, 0.1)
+    if float32_path != "torch":
+        _no_products(monkeypatch)
+    out, _ = decode_attention(_Attn(4), q, k, v, m, scaling=0.1)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, rtol=2**-8, atol=1e-6)

@@ -12,10 +12,12 @@ copies. Here the ``G`` query heads of a KV head form the rows of one small matri
     out    = softmax(scores) · V       [B, H_kv, G, D] -> [B, 1, H_q, D]
 
 which is the same attention (Vaswani et al. 2017, eq. 1, with GQA of Ainslie et al. 2023) without the copies.
-float32 steps on the CPU run the compiled kernel (``csrc/decode_attention.cpp``: the same two products as
-dot products over the attended cache positions only; a static cache's unused slots cost nothing) where it is
-built and the mask is boolean or absent, else these two products with torch; bf16 and fp16 steps pass the
-grouped query to ``scaled_dot_product_attention``, which keeps scores and probabilities in float32.
+float32 and bf16 steps on the CPU run the compiled kernel (``csrc/decode_attention.cpp``: the same two
+products as dot products over the attended cache positions only, scores, probabilities and sums in float32, a
+bf16 output rounded once; a static cache's unused slots cost nothing) where it is built and the mask is boolean
+or absent. Elsewhere float32 steps run these two products with torch, and bf16 / fp16 steps pass the grouped
+query to ``scaled_dot_product_attention``, which also keeps scores and probabilities in float32 (its CPU flash
+kernel costs far more than the products at one query token: the bf16 rows of results/decode_attention.md).
 Every other call (prompts, several query tokens, dropout, soft-capping, attention sinks, position biases,
 per-head masks) goes to transformers' own ``sdpa`` function unchanged.
 
@@ -81,16 +83,17 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                        is_causal=is_causal, **kwargs)
     q = query.reshape(b, hkv, hq // hkv, d)  # [B, H_kv, G, D]
-    if query.dtype != torch.float32:
-        # bf16 / fp16: torch's kernel keeps scores and probabilities in float32 (a matmul here would round them)
-        out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
-    elif _KERNEL["isa"] is not None and key.dtype == value.dtype == torch.float32 \
+    if _KERNEL["isa"] is not None and query.dtype in (torch.float32, torch.bfloat16) \
+            and key.dtype == value.dtype == query.dtype \
             and query.device.type == key.device.type == value.device.type == "cpu" \
             and (attention_mask is None or attention_mask.dtype == torch.bool):
         # the compiled kernel: dot products over the attended cache positions only, no BLAS call per product
         keep = None if attention_mask is None else attention_mask.expand(b, 1, 1, key.shape[2]).reshape(b, -1)
         out = _kernel.decode_attn_op()(q, key, value, keep, scaling if scaling is not None else 1.0 / math.sqrt(d),
                                        _KERNEL["isa"])
+    elif query.dtype != torch.float32:
+        # bf16 / fp16: torch's kernel keeps scores and probabilities in float32 (a matmul here would round them)
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
     else:
         scores = torch.matmul(q, key.transpose(-1, -2)) * (scaling if scaling is not None else 1.0 / math.sqrt(d))
         if attention_mask is not None:  # [B, 1, 1, S] broadcasts over heads and groups

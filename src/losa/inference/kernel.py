@@ -96,7 +96,8 @@ def decode_attn_op() -> Callable | None:
     """The compiled decode attention as a dispatcher op, ``torch.ops.<extension name>.decode_attn``, or None.
 
     Arguments ``(q [B, H_kv, G, D], k [B, H_kv, S, D], v [B, H_kv, S, Dv], mask (bool [B, S] or None), scale,
-    isa)``, all float32 CPU tensors; returns ``[B, H_kv, G, Dv]`` float32 (see ``csrc/decode_attention.cpp``).
+    isa)``, q, k, v all float32 or all bfloat16 CPU tensors; returns ``[B, H_kv, G, Dv]`` in their dtype (float32
+    scores, probabilities and sums; see ``csrc/decode_attention.cpp``).
 
     Returns:
         The op, or None when the kernel has not been loaded (no compiler): callers use torch products then.

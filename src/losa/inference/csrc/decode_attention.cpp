@@ -6,15 +6,22 @@
 // For batch b, KV head h and query row g (one of the G query heads that share KV head h):
 //   s_j = scale · q[b,h,g,:] · K[b,h,j,:]           for every cache position j with mask[b,j] (all j without a mask)
 //   out[b,h,g,:] = Σ_j softmax(s)_j · V[b,h,j,:]     (0 when no position is attended, as sdpa's nan_to_num)
-// (Vaswani et al. 2017, eq. 1; GQA as Ainslie et al. 2023). float32 in, float32 sums, float32 out.
+// (Vaswani et al. 2017, eq. 1; GQA as Ainslie et al. 2023). float32 or bfloat16 q, k, v (all the same);
+// scores, probabilities and sums in float32, bf16 values widened exactly; the output rounded once to the
+// inputs' dtype (what torch's SDPA does for bf16, without its per-call tiling cost at one query token).
 //
 // Why not two torch matmuls: a decode step's products are tiny (G x D times D x S per KV head) and the BLAS
 // call per product costs more than its arithmetic; a static cache also multiplies every unused slot. Here a
 // masked position costs a byte test. Measurements: benchmarks/bench_decode.py, results/decode.md.
 #include <torch/extension.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -27,55 +34,75 @@
 
 namespace {
 
-inline float dot_scalar(const float* a, const float* b, int64_t d) {
+// bf16 values are stored as their upper 16 bits (uint16_t); widening is exact
+inline float widen(float x) { return x; }
+inline float widen(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <typename T>
+inline float dot_scalar(const float* a, const T* b, int64_t d) {
   float s = 0.f;
-  for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
+  for (int64_t i = 0; i < d; ++i) s += a[i] * widen(b[i]);
   return s;
 }
 
-inline void axpy_scalar(float a, const float* x, float* y, int64_t d) {
-  for (int64_t i = 0; i < d; ++i) y[i] += a * x[i];
+template <typename T>
+inline void axpy_scalar(float a, const T* x, float* y, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) y[i] += a * widen(x[i]);
 }
 
 #if LOSA_ATTN_X86
 #define LOSA_ATTN_AVX2 __attribute__((target("avx2,fma")))
 
-LOSA_ATTN_AVX2 float dot_avx2(const float* a, const float* b, int64_t d) {
+// 8 float32 lanes from 8 float32 or 8 bf16 values (bf16: zero-extend to 32 bits, shift into the upper half)
+LOSA_ATTN_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+LOSA_ATTN_AVX2 inline __m256 load8(const uint16_t* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+template <typename T>
+LOSA_ATTN_AVX2 float dot_avx2(const float* a, const T* b, int64_t d) {
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= d; i += 16) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), s1);
   }
-  for (; i + 8 <= d; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+  for (; i + 8 <= d; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
   s0 = _mm256_add_ps(s0, s1);
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
   h = _mm_add_ss(h, _mm_movehdup_ps(h));
   float s = _mm_cvtss_f32(h);
-  for (; i < d; ++i) s += a[i] * b[i];
+  for (; i < d; ++i) s += a[i] * widen(b[i]);
   return s;
 }
 
-LOSA_ATTN_AVX2 void axpy_avx2(float a, const float* x, float* y, int64_t d) {
+template <typename T>
+LOSA_ATTN_AVX2 void axpy_avx2(float a, const T* x, float* y, int64_t d) {
   const __m256 av = _mm256_set1_ps(a);
   int64_t i = 0;
-  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < d; ++i) y[i] += a * x[i];
+  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load8(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < d; ++i) y[i] += a * widen(x[i]);
 }
 #endif
 
 // The dot product / axpy of the chosen ISA (AVX2 = true: AVX2+FMA; the scalar loops elsewhere).
-template <bool AVX2>
-inline float dot(const float* a, const float* b, int64_t d) {
+template <bool AVX2, typename T>
+inline float dot(const float* a, const T* b, int64_t d) {
 #if LOSA_ATTN_X86
   if constexpr (AVX2) return dot_avx2(a, b, d);
 #endif
   return dot_scalar(a, b, d);
 }
 
-template <bool AVX2>
-inline void axpy(float a, const float* x, float* y, int64_t d) {
+template <bool AVX2, typename T>
+inline void axpy(float a, const T* x, float* y, int64_t d) {
 #if LOSA_ATTN_X86
   if constexpr (AVX2) return axpy_avx2(a, x, y, d);
 #endif
@@ -84,8 +111,8 @@ inline void axpy(float a, const float* x, float* y, int64_t d) {
 
 // One (batch, KV head): G query rows [G, D] against keys [S, D] and values [S, Dv]; out [G, Dv] (zeroed).
 // keep: S bytes (nonzero = attend) or nullptr. sc: scratch of S floats.
-template <bool AVX2>
-void attend(const float* q, const float* k, const float* v, const bool* keep, int64_t G, int64_t S, int64_t D,
+template <bool AVX2, typename T>
+void attend(const float* q, const T* k, const T* v, const bool* keep, int64_t G, int64_t S, int64_t D,
             int64_t Dv, float scale, float* out, float* sc) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   for (int64_t g = 0; g < G; ++g) {
@@ -114,17 +141,19 @@ void attend(const float* q, const float* k, const float* v, const bool* keep, in
   }
 }
 
-// q [B, H, G, D], k [B, H, S, D], v [B, H, S, Dv] float32; mask None or bool [B, S]; isa 0 scalar, >= 1 AVX2+FMA.
+// q [B, H, G, D], k [B, H, S, D], v [B, H, S, Dv], all float32 or all bfloat16; mask None or bool [B, S];
+// isa 0 scalar, >= 1 AVX2+FMA. Returns [B, H, G, Dv] in the dtype of q.
 torch::Tensor decode_attn(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                           const c10::optional<torch::Tensor>& mask, double scale, int64_t isa) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attn: q, k, v must be 4-D");
-  TORCH_CHECK(q.scalar_type() == torch::kFloat && k.scalar_type() == torch::kFloat &&
-                  v.scalar_type() == torch::kFloat, "decode_attn: float32 q, k, v only");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK((dt == torch::kFloat || dt == torch::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt,
+              "decode_attn: q, k, v must all be float32 or all bfloat16");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attn: CPU tensors only");
   const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), S = k.size(2), Dv = v.size(3);
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(1) == H && v.size(1) == H && k.size(3) == D &&
                   v.size(2) == S, "decode_attn: shapes of q, k, v do not match");
-  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const auto qc = q.to(torch::kFloat).contiguous(), kc = k.contiguous(), vc = v.contiguous();
   torch::Tensor mc;
   const bool* keep = nullptr;
   if (mask.has_value()) {
@@ -133,25 +162,34 @@ torch::Tensor decode_attn(const torch::Tensor& q, const torch::Tensor& k, const 
     mc = mask->contiguous();
     keep = mc.data_ptr<bool>();
   }
-  auto out = torch::zeros({B, H, G, Dv}, q.options());
-  std::vector<float> sc(static_cast<size_t>(S));
+  auto out = torch::zeros({B, H, G, Dv}, q.options().dtype(torch::kFloat));
 #if LOSA_ATTN_X86
   const bool avx2 = isa >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
   const bool avx2 = false;
 #endif
   const float* qp = qc.data_ptr<float>();
-  const float* kp = kc.data_ptr<float>();
-  const float* vp = vc.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const auto run = avx2 ? attend<true> : attend<false>;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t bh = b * H + h;
-      run(qp + bh * G * D, kp + bh * S * D, vp + bh * S * Dv, keep ? keep + b * S : nullptr, G, S, D, Dv,
-          float(scale), op + bh * G * Dv, sc.data());
-    }
-  return out;
+  auto all_heads = [&](auto* kp, auto* vp) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
+    const auto run = avx2 ? attend<true, T> : attend<false, T>;
+    // (batch, KV head) pairs over torch's threads, each chunk at least ~256K multiply-adds (small models' steps
+    // stay on one thread: a fork costs more than their attention)
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, G * S * (D + Dv)));
+    at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> sc(static_cast<size_t>(S));
+      for (int64_t bh = begin; bh < end; ++bh)
+        run(qp + bh * G * D, kp + bh * S * D, vp + bh * S * Dv, keep ? keep + (bh / H) * S : nullptr, G, S, D, Dv,
+            float(scale), op + bh * G * Dv, sc.data());
+    });
+  };
+  if (dt == torch::kFloat) {
+    all_heads(kc.data_ptr<float>(), vc.data_ptr<float>());
+    return out;
+  }
+  all_heads(reinterpret_cast<const uint16_t*>(kc.data_ptr<at::BFloat16>()),
+            reinterpret_cast<const uint16_t*>(vc.data_ptr<at::BFloat16>()));
+  return out.to(dt);  // one rounding, to nearest even
 }
 
 }  // namespace
