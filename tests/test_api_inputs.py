@@ -149,3 +149,21 @@ def test_run_needs_two_calibration_windows():
     with pytest.raises(LosaError, match="calib_ids has 1 window\\(s\\); this needs at least 2"):
         losa.run(make_tiny_model("llama", seed=0, layers=1), make_tiny_tokenizer(),
                  LoSAConfig(nsamples=2, seqlen=16, recon_nsamples=1, device="cpu"), calib_ids=ids, progress=False)
+
+
+def test_assigning_an_invalid_config_value_is_one_line_and_keeps_the_old_value():
+    """Assignments are validated like construction: a LosaError (not pydantic's), the field unchanged."""
+    from losa.lora.config import SparseLoRAConfig
+
+    cfg = losa.PruneConfig(sparsity=0.5)
+    with pytest.raises(LosaError, match=r"^invalid config: sparsity: sparsity 2.0 is outside \[0, 1\)"):
+        cfg.sparsity = 2.0
+    assert cfg.sparsity == 0.5
+    with pytest.raises(LosaError, match="invalid config: sparsty: unknown option of PruneConfig"):
+        cfg.sparsty = 0.6
+    cfg.sparsity = 0.6  # a valid value is stored
+    assert cfg.sparsity == 0.6 and cfg.non_default_fields() == {"sparsity"}
+    lora = SparseLoRAConfig(rank=8, r_max=16)
+    with pytest.raises(LosaError, match="rank 20 exceeds capacity r_max=16"):  # a check across fields
+        lora.rank = 20
+    assert lora.rank == 8 and lora.model_fields_set == {"rank", "r_max"}

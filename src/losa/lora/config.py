@@ -28,7 +28,7 @@ class SparseLoRAConfig(LosaConfig):
         The validated config (on construction).
     Raises:
         LosaError: on construction, a value out of range, an unknown key, or ``rank > r_max``; on
-            assignment, ``rank > r_max`` (an out-of-range field raises pydantic's ``ValidationError``).
+            assignment, the same (one line; the config keeps its earlier value).
     """
 
     r_max: int = Field(16, ge=1, description="adapter capacity: rows of A / columns of B")

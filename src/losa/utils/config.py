@@ -25,7 +25,8 @@ PRUNER_OPTIONS = "pruner_options"
 
 class LosaConfig(BaseModel):
     """Base of every losa config: ``extra="forbid"`` (a misspelt key is an error, not ignored) and
-    validated assignment. Constructing a subclass directly raises :class:`LosaError` with one line."""
+    validated assignment. Constructing a subclass directly or assigning a field an invalid value (or a name that is
+    no field) raises :class:`LosaError` with one line; the config keeps its earlier value."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -34,6 +35,20 @@ class LosaConfig(BaseModel):
             super().__init__(**data)
         except ValidationError as e:
             raise LosaError(validation_message(e)) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # assignments are validated too (validate_assignment): the same one-line LosaError as construction
+        if name not in type(self).model_fields and not name.startswith("_"):
+            raise LosaError(f"invalid config: {name}: unknown option of {type(self).__name__}; check the spelling "
+                            "(see --help for the valid names)")
+        before, fields_set = self.__dict__.get(name), set(self.__pydantic_fields_set__)
+        try:
+            super().__setattr__(name, value)
+        except (ValidationError, LosaError) as e:
+            # a check across fields (a model validator) runs after the value is stored: put the old one back
+            self.__dict__[name] = before
+            object.__setattr__(self, "__pydantic_fields_set__", fields_set)
+            raise (LosaError(validation_message(e)) if isinstance(e, ValidationError) else e) from None
 
     def non_default_fields(self) -> set[str]:
         """Fields given a value other than their default (a recipe that lists defaults sets nothing).
