@@ -31,9 +31,9 @@ def cpu() -> dict[str, str]:
     except OSError:
         pass
     isa = "+".join(f for f in _ISA_FLAGS if f in flags) or platform.machine()
-    out = {"cpu": model, "isa": isa}
-    if cpu_generation():
-        out["cpu_generation"] = cpu_generation()
+    out, generation = {"cpu": model, "isa": isa}, cpu_generation()
+    if generation:
+        out["cpu_generation"] = generation
     return out
 
 

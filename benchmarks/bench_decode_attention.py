@@ -53,7 +53,7 @@ class _Attn(torch.nn.Module):
     num_key_value_groups, is_causal = 1, True
 
 
-def op_rows(threads: int, reps: int) -> list[dict]:
+def op_rows(reps: int) -> list[dict]:
     from losa.inference import attention
 
     gen, rows = torch.Generator().manual_seed(0), []
@@ -72,7 +72,7 @@ def op_rows(threads: int, reps: int) -> list[dict]:
     return rows
 
 
-def step_rows(threads: int, reps: int, prompts: tuple[int, ...]) -> list[dict]:
+def step_rows(reps: int, prompts: tuple[int, ...]) -> list[dict]:
     base = llama_stack(2, vocab=32000).to(torch.bfloat16)
     models = {"dense bf16": base}
     sparse = copy.deepcopy(base)
@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     started, rows = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), []
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
-        for r in [*op_rows(threads, args.reps),
-                  *step_rows(threads, args.reps, tuple(int(p) for p in args.prompts.split(",")))]:
+        for r in [*op_rows(args.reps),
+                  *step_rows(args.reps, tuple(int(p) for p in args.prompts.split(",")))]:
             rows.append({**provenance(threads, model="random LLaMA-7B-shaped bf16 stack"), "run": started, **r})
             print(f"{threads} thr {r['kind']} {r['case']}: {r['sdpa_ms'] / r['kernel_ms']:.2f}x", flush=True)
     save_rows(Path(args.out), rows, render)

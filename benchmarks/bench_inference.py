@@ -77,7 +77,8 @@ def machine_info() -> dict:
     measured = {key: ("never" if v == thresholds.NEVER else v)
                 for key, v in thresholds.cached_thresholds(kmod.best_isa()).items()} if k else {}
     return {"cpu": cpu, "cpu_generation": cpu_generation(), "commit": commit(),
-            "thresholds": measured or "built-in defaults (no losa bench-runtime cache for this CPU)",
+            "thresholds": measured or ("built-in defaults (no losa bench-runtime cache for this CPU)" if k
+                                       else "none (the kernel is not built)"),
             "cores": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__,
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "kernel_isa": kmod.ISA_NAMES[kmod.best_isa()] if k else "none (dense fallback)",

@@ -707,7 +707,8 @@ def test_crossovers_from_timings():
         return {**fp32, "loop_bf16": {1: 0.5, 2: 3.0, 4: 5.0, 8: 9.0}, "tiles_bf16": tiles, "sparse_gemm_bf16": sgemm}
 
     entry = crossovers(bf16(None), rows, (128, 256))
-    assert entry == {"dense_batch_threshold": 2, "dense_batch_threshold_bf16": 1, "sparse_gemm_batch_threshold": "never"}
+    assert entry == {"dense_batch_threshold": 2, "dense_batch_threshold_bf16": 1, "sparse_gemm_batch_threshold": "never",
+                     "prefill_rows": [128, 256]}
     assert crossovers(bf16(256), rows, (128, 256))["sparse_gemm_batch_threshold"] == 128
     assert crossovers(bf16(4), rows, (128, 256))["sparse_gemm_batch_threshold"] == 2
     assert crossovers(bf16(1), rows, (128, 256))["sparse_gemm_batch_threshold"] == 0
@@ -716,11 +717,17 @@ def test_crossovers_from_timings():
 def test_never_in_the_cache_reads_as_no_batch_large_enough():
     from losa.inference import thresholds
 
-    thresholds.save({"sparse_gemm_batch_threshold": "never", "dense_batch_threshold": 4}, "avx512")
-    thresholds.save({"sparse_gemm_batch_threshold": "sometimes"}, "avx2")  # not a threshold: ignored
+    assert "built-in defaults" in thresholds.advice(2)
+    thresholds.save({"sparse_gemm_batch_threshold": "never", "dense_batch_threshold": 4, "prefill_rows": [128]},
+                    "avx512")
+    thresholds.save({"sparse_gemm_batch_threshold": "sometimes", "prefill_rows": [128]}, "avx2")  # not a threshold
     assert thresholds.cached_thresholds(2) == {"sparse_gemm_batch_threshold": thresholds.NEVER,
                                                "dense_batch_threshold": 4}
-    assert thresholds.cached_thresholds(1) == {}
+    assert thresholds.cached_thresholds(1) == {} and thresholds.advice(2) is None
+    # written before prompt sizes were timed: that threshold was only the last batch measured, so it is not used
+    thresholds.save({"sparse_gemm_batch_threshold": 64, "dense_batch_threshold": 4}, "avx512")
+    assert thresholds.cached_thresholds(2) == {"dense_batch_threshold": 4}
+    assert "rerun `losa bench-runtime`" in thresholds.advice(2)
 
 
 @pytest.mark.skipif(not BF16_SPARSE_PREFILL, reason="zero-skipping bf16 prefill needs an AVX512-BF16 CPU")
@@ -736,12 +743,12 @@ def test_measured_sparse_gemm_threshold_drives_the_prefill(monkeypatch):
     monkeypatch.setattr(sl._kernel, "load_kernel", lambda: _Spy(KERNEL, calls))
     for cached, expected in (("never", ["dense_mm_xw", "dense_mm"]), (40, ["dense_mm_xw", "dense_mm"]),
                              (24, ["sparse_mm_bf16", "sparse_mm_bf16"])):
-        thresholds.save({"sparse_gemm_batch_threshold": cached}, isa)
+        thresholds.save({"sparse_gemm_batch_threshold": cached, "prefill_rows": [128, 256]}, isa)
         layer = SparseLinear.from_dense(w, None, "bfloat16")
         assert layer.sparse_prefill == (cached != "never")
         calls.clear()
         for rows in (30, 40):
             x = torch.randn(rows, 96, generator=gen).bfloat16()
-            torch.testing.assert_close(layer(x).double(), F.linear(x.double(), layer.to_dense().bfloat16().double()),
+            torch.testing.assert_close(layer(x).double(), F.linear(x.double(), w.bfloat16().double()),
                                        rtol=2e-2, atol=2e-2)
         assert calls == expected, cached

@@ -226,9 +226,10 @@ def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any
             if summary["sparse_prefill_layers"] and summary["compute"].startswith("bf16"):
                 print(f"  {summary['sparse_prefill_layers']} of them skip zeros in the prompt GEMM too "
                       "(>= 65 % sparse; the others decompress tiles for a dense bf16 GEMM)")
-            if _kernel.load_kernel() is not None and not thresholds.cached_thresholds(_kernel.best_isa()):
-                print("note: batch-size thresholds are the built-in defaults; `losa bench-runtime` measures them "
-                      "on this CPU (under a minute, cached)")
+    if mode == "sparse" and _kernel.load_kernel() is not None:
+        hint = thresholds.advice(_kernel.best_isa())
+        if hint:
+            print(f"note: {hint}")
     if not args.sparse and head_request == "auto":
         head_request = "float32"  # the dense baseline stays as loaded unless asked
     head = resolve_lm_head_dtype(head_request, next(model.parameters()).dtype)

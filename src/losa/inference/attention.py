@@ -16,8 +16,9 @@ float32 and bf16 steps on the CPU run the compiled kernel (``csrc/decode_attenti
 products as dot products over the attended cache positions only, scores, probabilities and sums in float32, a
 bf16 output rounded once; a static cache's unused slots cost nothing) where it is built and the mask is boolean
 or absent. Elsewhere float32 steps run these two products with torch, and bf16 / fp16 steps pass the grouped
-query to ``scaled_dot_product_attention``, which also keeps scores and probabilities in float32 (its CPU flash
-kernel costs far more than the products at one query token: the bf16 rows of results/decode_attention.md).
+query to ``scaled_dot_product_attention``, which keeps scores in float32 but rounds the exponentiated scores to
+bf16 before multiplying by V: the kernel is at least as accurate, not bit-identical, and much faster at one query
+token (benchmarks/results/decode_attention.md).
 Every other call (prompts, several query tokens, dropout, soft-capping, attention sinks, position biases,
 per-head masks) goes to transformers' own ``sdpa`` function unchanged.
 
@@ -39,7 +40,8 @@ from losa.inference import kernel as _kernel
 
 #: the name under which :func:`decode_attention` is registered with transformers' attention interface
 ATTENTION_NAME = "losa_decode"
-#: the compiled kernel's ISA level for the float32 path, None: torch products (set by :func:`use_decode_attention`
+#: the compiled kernel's ISA level for float32 and bf16 steps, None: torch products / SDPA (set by
+#: :func:`use_decode_attention`
 #: outside any traced code, so a compiled step reads a plain value)
 _KERNEL: dict[str, int | None] = {"isa": None}
 
@@ -59,7 +61,8 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
     Args:
         module: the attention module (``num_key_value_groups`` = query heads per KV head, 1 if absent).
-        query: ``[B, H_q, T, D]`` (float32: two matrix products; bf16/fp16: torch's SDPA kernel).
+        query: ``[B, H_q, T, D]`` (float32 and bf16: the compiled kernel where built, else two matrix products /
+            torch's SDPA; fp16: torch's SDPA).
         key: ``[B, H_kv, S, D]`` (the whole cache, static or dynamic).
         value: ``[B, H_kv, S, D]``.
         attention_mask: None, boolean ``[B, 1, T, S]`` (True = attend) or additive float ``[B, 1, T, S]``.
@@ -128,7 +131,7 @@ def use_decode_attention(model: nn.Module) -> bool:
     """
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None)
-    # the compiled kernel when it is already built (sparse models build it; a dense model keeps torch products)
+    # the compiled kernel when it is already built (sparse models build it; a dense model keeps torch's paths)
     _KERNEL["isa"] = _kernel.best_isa() if _kernel.decode_attn_op() is not None else None
     if impl == ATTENTION_NAME:
         return True

@@ -65,19 +65,55 @@ def _read(path: Path) -> dict:
 
 
 @lru_cache(maxsize=8)
-def _cached(isa: int) -> dict:
+def _entry(isa: int) -> dict:
     # read once per process and ISA level (forward calls this per layer and token); clear() rereads
     from losa.inference.kernel import ISA_NAMES
 
-    entry = _read(cache_path()).get(cpu_key(ISA_NAMES[isa])) or {}
-    out = {}
+    entry = _read(cache_path()).get(cpu_key(ISA_NAMES[isa]))
+    return entry if isinstance(entry, dict) else {}
+
+
+def _stale_sparse_gemm(entry: dict) -> bool:
+    """An entry written before the sparse GEMM was also timed at prompt sizes (no ``prefill_rows``): its
+    threshold was the last batch measured, even where the tiles won at every size."""
+    return "sparse_gemm_batch_threshold" in entry and "prefill_rows" not in entry
+
+
+@lru_cache(maxsize=8)
+def _cached(isa: int) -> dict:
+    entry, out = _entry(isa), {}
     for name in KEYS:
         value = entry.get(name)
+        if name == "sparse_gemm_batch_threshold" and _stale_sparse_gemm(entry):
+            continue  # the built-in default until losa bench-runtime measures again (advice() says so)
         if name == "sparse_gemm_batch_threshold" and value == "never":
             out[name] = NEVER
         elif isinstance(value, int) and value >= 0:
             out[name] = value
     return out
+
+
+def advice(isa: int) -> str | None:
+    """What to run when the cache has no usable thresholds for this CPU and ISA level, or None.
+
+    Args:
+        isa: the kernel's ISA code (``losa.inference.kernel.best_isa()``).
+
+    Returns:
+        One line naming ``losa bench-runtime`` when nothing is cached here or when the cached entry predates the
+        prompt-size timing of the sparse GEMM; None when the cached thresholds are in use.
+
+    Raises:
+        LosaError: the cache file exists but is not valid JSON.
+    """
+    entry = _entry(isa)
+    if not entry:
+        return ("batch-size thresholds are the built-in defaults; `losa bench-runtime` measures them on this CPU "
+                "(under a minute, cached)")
+    if _stale_sparse_gemm(entry):
+        return ("the cached batch-size thresholds predate timing the sparse GEMM at prompt sizes, so its built-in "
+                "threshold applies; rerun `losa bench-runtime`")
+    return None
 
 
 def cached_thresholds(isa: int) -> dict[str, int]:
@@ -88,7 +124,9 @@ def cached_thresholds(isa: int) -> dict[str, int]:
 
     Returns:
         A dict with a subset of :data:`KEYS`, read once per process and ISA level (a later change of the file
-        or of ``LOSA_CACHE_DIR`` is seen after :func:`clear`; :func:`save` clears).
+        or of ``LOSA_CACHE_DIR`` is seen after :func:`clear`; :func:`save` clears). A cached ``"never"`` reads as
+        :data:`NEVER`; the sparse GEMM threshold of an entry without ``prefill_rows`` (written before prompt
+        sizes were timed) is left out, so the built-in default applies.
 
     Raises:
         LosaError: the cache file exists but is not valid JSON.
@@ -98,6 +136,7 @@ def cached_thresholds(isa: int) -> dict[str, int]:
 
 def clear() -> None:
     """Forget what was read from the cache (after writing it, or in tests)."""
+    _entry.cache_clear()
     _cached.cache_clear()
 
 
@@ -149,7 +188,11 @@ def crossovers(timings: dict[str, dict[int, float]], rows: Sequence[int], prefil
         ``dense_batch_threshold`` (and with bf16 timings ``dense_batch_threshold_bf16``): the largest count up to
         which the row loop beat the tiles at every count, at least 1 (decode: a whole-matrix decompression per
         token never wins); ``sparse_gemm_batch_threshold``: the largest count up to which the bf16 tiles beat
-        the sparse GEMM at every count, ``"never"`` when they won at all of them.
+        the sparse GEMM at every count, ``"never"`` when they won at all of them, and ``prefill_rows`` (the
+        marker of an entry that timed prompt sizes).
+
+    Raises:
+        KeyError: a path's timings are missing (``loop`` and ``tiles`` always; the bf16 paths with ``loop_bf16``).
     """
     entry: dict[str, int | str] = {"dense_batch_threshold": max(1, _last_win(rows, timings["loop"], timings["tiles"]))}
     if "loop_bf16" in timings:
@@ -157,6 +200,7 @@ def crossovers(timings: dict[str, dict[int, float]], rows: Sequence[int], prefil
         every = [*rows, *prefill_rows]
         last = _last_win(every, timings["tiles_bf16"], timings["sparse_gemm_bf16"])
         entry["sparse_gemm_batch_threshold"] = "never" if last == every[-1] else last
+        entry["prefill_rows"] = list(prefill_rows)
     return entry
 
 

@@ -8,7 +8,7 @@
 //   out[b,h,g,:] = Σ_j softmax(s)_j · V[b,h,j,:]     (0 when no position is attended, as sdpa's nan_to_num)
 // (Vaswani et al. 2017, eq. 1; GQA as Ainslie et al. 2023). float32 or bfloat16 q, k, v (all the same);
 // scores, probabilities and sums in float32, bf16 values widened exactly; the output rounded once to the
-// inputs' dtype (what torch's SDPA does for bf16, without its per-call tiling cost at one query token).
+// inputs' dtype (torch's SDPA rounds the exponentiated scores to bf16 before P·V: this is at least as accurate).
 //
 // Why not two torch matmuls: a decode step's products are tiny (G x D times D x S per KV head) and the BLAS
 // call per product costs more than its arithmetic; a static cache also multiplies every unused slot. Here a
@@ -173,8 +173,8 @@ torch::Tensor decode_attn(const torch::Tensor& q, const torch::Tensor& k, const 
   auto all_heads = [&](auto* kp, auto* vp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
     const auto run = avx2 ? attend<true, T> : attend<false, T>;
-    // (batch, KV head) pairs over torch's threads, each chunk at least ~256K multiply-adds (small models' steps
-    // stay on one thread: a fork costs more than their attention)
+    // (batch, KV head) pairs over torch's threads, each chunk at least 1 << 18 multiply-adds (counted over all
+    // S slots, attended or not), so that a small model's few heads stay on one thread
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, G * S * (D + Dv)));
     at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> sc(static_cast<size_t>(S));
