@@ -2,7 +2,7 @@
 
 A bf16 model (what ``losa generate`` picks on AVX512-BF16 CPUs) used to send its one-token attention to torch's
 ``scaled_dot_product_attention``; ``csrc/decode_attention.cpp`` now takes bf16 q/k/v too (float32 scores,
-probabilities and sums, as SDPA). Two measurements, every variant interleaved in the same loop:
+probabilities and sums; SDPA rounds its exponentiated scores to bf16). Two measurements, every variant interleaved in the same loop:
 
 - ``op``: one attention call, LLaMA-7B heads (32 query / 32 KV heads of 128), cache lengths 128 / 1024 / 4096;
 - ``step``: a decode step (the decoder layers, no LM head) of a random LLaMA-7B-shaped 2-layer stack in bf16,
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 from _provenance import provenance
 from _rows import read_jsonl, save_rows
-from bench_inference import llama_stack, prune_model
+from bench_inference import interleaved, llama_stack, prune_model
 
 from losa.inference import kernel as kmod
 from losa.inference import sparsify_for_inference
@@ -34,19 +33,6 @@ from losa.inference.attention import decode_attention, use_decode_attention
 from losa.utils.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
-
-
-def interleaved(fns: dict, reps: int) -> dict[str, float]:
-    """Median ms of each function, calls interleaved (one warm-up call each)."""
-    for f in fns.values():
-        f()
-    t: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            t[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in t.items()}
 
 
 class _Attn(torch.nn.Module):
@@ -66,7 +52,8 @@ def op_rows(reps: int) -> list[dict]:
             attention._KERNEL["isa"] = isa
             return decode_attention(_Attn(), q, k, v, mask)
 
-        ms = interleaved({"sdpa": lambda c=call: c(None), "kernel": lambda c=call: c(kmod.best_isa())}, reps)
+        ms = {k: t * 1e3 for k, t in interleaved({"sdpa": lambda c=call: c(None),
+                                                  "kernel": lambda c=call: c(kmod.best_isa())}, reps).items()}
         rows.append({"kind": "op", "case": f"32 heads x 128, cache {s}", "sdpa_ms": ms["sdpa"],
                      "kernel_ms": ms["kernel"]})
     return rows
@@ -94,8 +81,9 @@ def step_rows(reps: int, prompts: tuple[int, ...]) -> list[dict]:
                     past.crop(-1)  # drop the new position: the same cache length at every call
                     return out
 
-                ms = interleaved({"sdpa": lambda mm=m, c=caches["sdpa"]: step(mm, c),
-                                  "kernel": lambda mm=lean, c=caches["kernel"]: step(mm, c)}, reps)
+                ms = {k: t * 1e3 for k, t in interleaved({"sdpa": lambda mm=m, c=caches["sdpa"]: step(mm, c),
+                                                          "kernel": lambda mm=lean, c=caches["kernel"]: step(mm, c)},
+                                                         reps).items()}
             rows.append({"kind": "step", "case": f"{name}, 2 layers, cache {prompt}", "sdpa_ms": ms["sdpa"],
                          "kernel_ms": ms["kernel"]})
     return rows

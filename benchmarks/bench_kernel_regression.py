@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from _provenance import provenance
 from _rows import read_jsonl, save_rows
-from bench_inference import keep_mask
+from bench_inference import interleaved, keep_mask
 
 from losa.inference import kernel as kmod
 from losa.inference.formats import FORMAT_CODES, pack
@@ -54,19 +54,6 @@ def base_kernel(rev: str):
     path = Path(tempfile.mkdtemp(prefix="losa-base-kernel-")) / f"sparse_linear_{full}.cpp"
     path.write_text(src)
     return full, build_extension(f"losa_kernel_{full}", path)
-
-
-def timed(fns: dict, reps: int) -> dict[str, float]:
-    """Median ms of each function, calls interleaved."""
-    for f in fns.values():
-        f()
-    t: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            t[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in t.items()}
 
 
 def render(src: Path, dst: Path) -> None:
@@ -120,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                     if not torch.allclose(y_old.float(), y_new.float(), rtol=1e-3, atol=1e-3):
                         raise SystemExit(f"{base}'s kernel and the current one disagree on {n}x{k} {pat}: the packed "
                                          "format changed between them; pick a later --base")
-                    ms = timed({"base": lambda x=x, a=spmm_args: old.spmm(x, *a),
-                                "current": lambda x=x, a=spmm_args: current.spmm(x, *a)}, args.reps)
+                    ms = {k: t * 1e3 for k, t in interleaved({"base": lambda x=x, a=spmm_args: old.spmm(x, *a),
+                                                              "current": lambda x=x, a=spmm_args: current.spmm(x, *a)},
+                                                             args.reps).items()}
                     row = {**provenance(threads, model="random LLaMA-7B-shaped layer"), "run": started, "base": base,
                            "LOSA_SPARSE_ISA": os.environ.get("LOSA_SPARSE_ISA", ""),
                            "kernel_isa": kmod.ISA_NAMES[isa], "shape": f"{n}x{k}", "pattern": pat,
