@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -65,18 +64,16 @@ def keep_mask(w: torch.Tensor, pattern: str) -> torch.Tensor:
 
 
 def machine_info() -> dict:
-    try:
-        cpu = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")][0]
-    except (OSError, IndexError):
-        cpu = platform.processor()
-    k = kmod.load_kernel()
-    from _provenance import commit, cpu_generation
+    from _provenance import commit
+    from _provenance import cpu as cpu_info
+
+    k, host = kmod.load_kernel(), cpu_info()
 
     from losa.inference import thresholds
 
     measured = {key: ("never" if v == thresholds.NEVER else v)
                 for key, v in thresholds.cached_thresholds(kmod.best_isa()).items()} if k else {}
-    return {"cpu": cpu, "cpu_generation": cpu_generation(), "commit": commit(),
+    return {"cpu": host["cpu"], "cpu_generation": host.get("cpu_generation", ""), "commit": commit(),
             "thresholds": measured or ("built-in defaults (no losa bench-runtime cache for this CPU)" if k
                                        else "none (the kernel is not built)"),
             "cores": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__,

@@ -204,7 +204,7 @@ def test_cli_generate_picks_the_arithmetic_per_cpu(tmp_path, capsys, monkeypatch
         assert hint in out
         from losa.inference import thresholds
 
-        thresholds.save({"dense_batch_threshold": 8, "prefill_rows": [128, 256]}, "avx2")
+        thresholds.save({"dense_batch_threshold": 8}, "avx2")
         assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "2"]) == 0
         assert hint not in capsys.readouterr().out
     # explicit flags are kept; a bf16 prompt GEMM without native bf16 is not

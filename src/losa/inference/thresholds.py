@@ -30,7 +30,7 @@ KEYS = ("dense_batch_threshold", "dense_batch_threshold_bf16", "sparse_gemm_batc
 ROWS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 #: prompt-sized batches at which the zero-skipping bf16 GEMM is also timed against the decompressed tiles (it
 #: runs above its threshold at any batch size, so the choice must hold at prompt sizes too; where the CPU's own
-#: bf16 GEMM is fast the tiles win at every size: benchmarks/results/inference_zen5.md)
+#: bf16 GEMM is fast the tiles win at every size: benchmarks/results/runtime_thresholds_zen5.json)
 PREFILL_ROWS = (128, 256)
 #: ``sparse_gemm_batch_threshold`` as layers read it when the cache says ``"never"``: no batch is large enough
 NEVER = 1 << 62
