@@ -8,6 +8,10 @@ Modes (each a separate copy of the model, timed interleaved: every repetition ru
 * ``lean bf16 head``: as before plus the bf16 LM head copy (``--lm-head-dtype bfloat16``) and the layers'
   decode plans (:class:`LeanDecoder` fixes each layer's row-loop dispatch once) and losa's decode attention, eager.
 * ``lean bf16 head + static + compile``: plus a static KV cache and the compiled decode step (``--compile``).
+* ``lean bf16 head + engine``: the lean model decoded by the C++ decode engine (:mod:`losa.inference.engine`,
+  ``--decode-engine auto``, the default of ``losa generate``): the prompt through the model, then one engine call
+  per token. Every other lean mode is timed with the engine off (``decode_engine="off"``).
+* ``dense fp32 + engine`` (``--with-dense-engine``): the dense model decoded by the engine (float32 weights).
 * ``..., unplanned`` (``--with-unplanned``): the lean modes without the decode plans, for the before/after.
 * ``..., sdpa attention`` (``--with-sdpa``): the lean modes with transformers' ``sdpa`` attention instead of
   losa's decode attention (:mod:`losa.inference.attention`, which every lean mode uses), for the before/after.
@@ -144,19 +148,25 @@ def zero_weight_layers(model: torch.nn.Module) -> torch.nn.Module:
 def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bool,
                 with_unplanned: bool = False, with_overhead: bool = False,
                 with_sdpa: bool = False, with_python_wrapper: bool = False,
-                with_attention_products: bool = False) -> dict[str, dict]:
+                with_attention_products: bool = False, engine: bool = True,
+                with_dense_engine: bool = False) -> dict[str, dict]:
     """The models to time: name -> {"model", "decoder", "sparsity", "bytes"} (and "overhead": True for the
     overhead-only mode)."""
-    # dense and "sparse before" are plain transformers generate: sdpa attention, no decode plans
-    modes = {"dense fp32": {"model": base, "decoder": LeanDecoder(base, decode_attention=False), "sparsity": 0.0}}
+    # dense and "sparse before" are plain transformers generate: sdpa attention, no decode plans, no engine
+    modes = {"dense fp32": {"model": base, "decoder": LeanDecoder(base, decode_attention=False, decode_engine="off"),
+                            "sparsity": 0.0}}
+    if with_dense_engine:
+        dense = copy.deepcopy(base)
+        modes["dense fp32 + engine"] = {"model": dense, "decoder": LeanDecoder(dense), "sparsity": 0.0}
     for sp in sparsities:
         pruned = copy.deepcopy(base)
         prune_magnitude(pruned, sp)
         sparsify_for_inference(pruned, value_dtype="bfloat16")
         tag = f"{round(sp * 100)}%"
         lean = [("", False)] + ([(" + static + compile", True)] if compile_step else [])
-        modes[f"{tag} sparse before"] = {"model": pruned, "decoder": unplanned(LeanDecoder(pruned, decode_attention=False)),
-                                         "sparsity": sp}
+        modes[f"{tag} sparse before"] = {
+            "model": pruned, "decoder": unplanned(LeanDecoder(pruned, decode_attention=False, decode_engine="off")),
+            "sparsity": sp}
         for suffix, comp in lean:
             # (name suffix, drop the decode plans, decode attention, compile wrapper, attention as torch products)
             variants = ([("", False, True, "cpp", False)]
@@ -167,10 +177,18 @@ def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bo
             for note, drop_plan, attention, wrapper, products in variants:
                 head = copy.deepcopy(pruned)
                 set_lm_head_dtype(head, "bfloat16")
-                dec = LeanDecoder(head, compile=comp, decode_attention=attention, compile_wrapper=wrapper)
+                dec = LeanDecoder(head, compile=comp, decode_attention=attention, compile_wrapper=wrapper,
+                                  decode_engine="off")
                 modes[f"{tag} lean bf16 head{suffix}{note}"] = {
                     "model": head, "sparsity": sp, "decoder": unplanned(dec) if drop_plan else dec,
                     "attention_products": products}
+        if engine:
+            eng = copy.deepcopy(pruned)
+            set_lm_head_dtype(eng, "bfloat16")
+            dec = LeanDecoder(eng)
+            if not dec.use_engine:
+                raise LosaError(f"the decode engine does not run here: {dec.engine_reason}")
+            modes[f"{tag} lean bf16 head + engine"] = {"model": eng, "sparsity": sp, "decoder": dec}
         if with_overhead and compile_step:
             zero = copy.deepcopy(pruned)
             set_lm_head_dtype(zero, "bfloat16")
@@ -236,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--sparsities", default="0.5,0.7")
     ap.add_argument("--no-compile", action="store_true", help="leave out the compiled mode")
+    ap.add_argument("--no-engine", action="store_true", help="leave out the decode-engine mode")
+    ap.add_argument("--with-dense-engine", action="store_true", help="also decode the dense model with the engine")
     ap.add_argument("--with-unplanned", action="store_true",
                     help="also time the lean modes without the layers' decode plans (the full dispatch per call)")
     ap.add_argument("--with-overhead", action="store_true",
@@ -262,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = tok(PROMPT, return_tensors="pt").input_ids
     modes = build_modes(base, [float(s) for s in args.sparsities.split(",")], not args.no_compile,
                         args.with_unplanned, args.with_overhead, args.with_sdpa, args.with_python_wrapper,
-                        args.with_attention_products)
+                        args.with_attention_products, not args.no_engine, args.with_dense_engine)
     bw = {t: bandwidth(t) for t in threads}
     print("bandwidth GB/s", bw, flush=True)
     gen_kw = generate_kwargs(tok, ids, args.tokens)

@@ -127,7 +127,7 @@ def test_planned_decode_skips_the_python_dispatch_and_matches_generate(monkeypat
     ids = torch.randint(3, 160, (1, 20))  # a prompt above the row-loop threshold: the full dispatch
     with torch.inference_mode():
         ref = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)  # not planned yet
-    lean = LeanDecoder(model, compile=compile_step)
+    lean = LeanDecoder(model, compile=compile_step, decode_engine="off")  # the planned module path, not the engine
     layers = [m for m in model.modules() if isinstance(m, (SparseLinear, BF16LMHead))]
     assert layers and all(m.decode_plan is not None for m in layers)
     calls = []

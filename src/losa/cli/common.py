@@ -151,6 +151,11 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="with --compile: how the compiled step calls its kernels: cpp = Inductor's C++ wrapper (less "
                         "per-token overhead, a longer first compile), python = Inductor's generated Python wrapper "
                         "(default: cpp; measured in benchmarks/results/decode.md)")
+    p.add_argument("--decode-engine", default="auto", choices=["auto", "off"],
+                   help="auto: decode one prompt of a float32 LLaMA-style model (LLaMA, Mistral, Qwen2) with the C++ "
+                        "decode engine, one call per token (the prompt itself runs through the model); off: "
+                        "transformers' decode steps. --compile uses the compiled step instead (default: auto; "
+                        "measured in benchmarks/results/decode.md)")
     p.add_argument("--compact", default=None,
                    help="a compact checkpoint written by losa.inference.save_sparse to load into MODEL")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")

@@ -44,7 +44,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.save_compact and mode == "dense":
         raise LosaError("--save-compact: the model has no pruned layer (sparsity < 25 %) to store sparse; "
                         "prune it first (losa prune) or drop --save-compact")
-    decoder = LeanDecoder(model, compile=args.compile, compile_wrapper=args.compile_wrapper)
+    decoder = LeanDecoder(model, compile=args.compile, compile_wrapper=args.compile_wrapper,
+                          decode_engine=args.decode_engine)
+    print(f"decode engine: {decoder.engine_reason}")
     if args.save_compact:
         save_sparse(model, args.save_compact)
         print(f"wrote {args.save_compact}")

@@ -88,12 +88,13 @@ def build_server(args: argparse.Namespace):
     try:
         model, tok, mode, summary = load_runtime_model(args, "serving")
         service = GenerationService(model, tok, args.model_name or args.model, default_max_tokens=args.max_tokens,
-                                    compile=args.compile, compile_wrapper=args.compile_wrapper)
+                                    compile=args.compile, compile_wrapper=args.compile_wrapper,
+                                    decode_engine=args.decode_engine)
     except BaseException:
         sock.close()
         raise
     info = {"runtime": mode, "sparse_layers": (summary or {}).get("replaced"),
-            "compute": (summary or {}).get("compute")}
+            "compute": (summary or {}).get("compute"), "decode_engine": service.decoder.engine_reason}
     return LosaServer(create_app(service, settings, info), sock, log_level="info")
 
 

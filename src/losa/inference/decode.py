@@ -53,6 +53,8 @@ LM_HEAD_DTYPES = ("auto", "float32", "bfloat16")
 #: how a compiled decode step calls its kernels: Inductor's C++ wrapper or its generated Python wrapper
 COMPILE_WRAPPERS = ("cpp", "python")
 _ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
+#: ``LeanDecoder(decode_engine=...)``: the C++ decode engine where it applies, or never
+DECODE_ENGINES = ("auto", "off")
 #: smallest static cache length; longer ones are rounded up to the next power of two
 MIN_CACHE_LEN = 256
 
@@ -218,25 +220,38 @@ class LeanDecoder:
     them; see :func:`~losa.inference.sparse_linear.plan_decode` for re-planning and removing a plan, and
     ``model.set_attn_implementation("sdpa")`` to undo the attention).
 
+    With ``decode_engine="auto"`` (the default) and without ``compile``, a model the C++ decode engine
+    supports (:func:`~losa.inference.engine.engine_problem`: a float32 LLaMA-style model) decodes one prompt
+    with it: the prompt runs through the model, each new token is one engine call
+    (:mod:`losa.inference.engine`); batches of several prompts and unsupported models take ``generate``'s own
+    steps. :attr:`engine_reason` says which path runs and why.
+
     Args:
         model: the (sparse) causal LM.
         compile: static KV cache plus ``torch.compile`` of the decode step (the first call of each cache
-            length compiles; worth it for a server or long generations, not for one short reply).
+            length compiles; worth it for a server or long generations, not for one short reply). Asked for
+            explicitly, it is used instead of the decode engine.
         decode_attention: switch an ``sdpa`` model to :func:`~losa.inference.attention.decode_attention`
             (False keeps transformers' attention; benchmarks use it for the before/after).
         compile_wrapper: with ``compile=True``, ``"cpp"`` (Inductor's C++ wrapper, built apart from the
             kernels) or ``"python"`` (Inductor's default generated Python wrapper).
+        decode_engine: ``"auto"`` (the C++ decode engine where it applies) or ``"off"``.
 
     Raises:
         LosaError: ``compile=True`` without the compiled kernel for a model with sparse layers, an unknown
-            ``compile_wrapper``, or an invalid ``LOSA_SPARSE_ISA`` / threshold cache while planning.
+            ``compile_wrapper`` or ``decode_engine``, or an invalid ``LOSA_SPARSE_ISA`` / threshold cache while
+            planning.
     """
 
     def __init__(self, model: nn.Module, compile: bool = False, decode_attention: bool = True,
-                 compile_wrapper: str = "cpp") -> None:
+                 compile_wrapper: str = "cpp", decode_engine: str = "auto") -> None:
         if compile_wrapper not in COMPILE_WRAPPERS:
             raise LosaError(f"compile wrapper {compile_wrapper!r} is not supported; use one of "
                             f"{', '.join(COMPILE_WRAPPERS)}")
+        if decode_engine not in DECODE_ENGINES:
+            raise LosaError(f"decode engine {decode_engine!r} is not supported; use one of {', '.join(DECODE_ENGINES)}")
+        from losa.inference.engine import engine_problem
+
         self.model = model
         self.compile = bool(compile)
         self.compile_wrapper = compile_wrapper
@@ -249,6 +264,27 @@ class LeanDecoder:
         for m in model.modules():  # decode steps call the kernel's row loop without the per-call dispatch
             if isinstance(m, (SparseLinear, BF16LMHead)):
                 m.plan_decode()
+        if decode_engine == "off":
+            why = "off (asked)"
+        elif self.compile:
+            why = "off (--compile asked for the compiled step)"
+        else:
+            problem = engine_problem(model)
+            why = "on" if problem is None else f"off ({problem})"
+        #: whether one-sequence generation uses the C++ decode engine
+        self.use_engine = why == "on"
+        #: "on", or "off (reason)": for the CLI's summary line
+        self.engine_reason = why
+        self._engine = None
+
+    def _engine_for(self, needed: int):
+        """The decode engine with a cache of at least ``needed`` positions (built on first need, then reused)."""
+        from losa.inference.engine import DecodeEngine
+
+        if self._engine is None or self._engine.max_len < needed:
+            self._engine = None  # free the old cache first
+            self._engine = DecodeEngine(self.model, cache_length(needed, self.context))
+        return self._engine
 
     def generate_kwargs(self, input_ids: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:
         """The extra ``generate`` arguments of the lean path for this prompt (none without compile).
@@ -294,6 +330,14 @@ class LeanDecoder:
             raise LosaError(f"max_new_tokens {max_new_tokens} must be at least 1")
         from torch._dynamo.exc import BackendCompilerFailed
 
+        needed = input_ids.shape[1] + max_new_tokens
+        window = getattr(getattr(self.model, "config", None), "sliding_window", None)
+        if (self.use_engine and input_ids.shape[0] == 1 and (window is None or needed <= window)
+                and (self.context is None or needed <= self.context)):
+            from losa.inference.engine import attach
+
+            with attach(self.model, self._engine_for(needed)):
+                return self.model.generate(input_ids, max_new_tokens=max_new_tokens, **kwargs)
         try:
             return self.model.generate(input_ids, max_new_tokens=max_new_tokens,
                                        **self.generate_kwargs(input_ids, max_new_tokens), **kwargs)

@@ -25,8 +25,10 @@ from types import ModuleType
 from losa.errors import LosaError
 from losa.utils.cpp import KernelUnavailable, build_extension
 
-#: the extension's sources: the sparse kernels and the decode attention (one extension, one build)
-_SRC = [Path(__file__).parent / "csrc" / "sparse_linear.cpp", Path(__file__).parent / "csrc" / "decode_attention.cpp"]
+#: the extension's sources: the sparse kernels, the decode attention and the decode engine (one extension, one
+#: build; csrc/losa_kernels.h declares what they share)
+_SRC = [Path(__file__).parent / "csrc" / name for name in ("sparse_linear.cpp", "decode_attention.cpp",
+                                                              "decode_engine.cpp")]
 #: extension name, also the namespace of its dispatcher op (``torch.ops.losa_sparse_kernels.spmm``)
 KERNEL_NAME = "losa_sparse_kernels"
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
@@ -35,7 +37,7 @@ _ISA_CODES = {v: k for k, v in ISA_NAMES.items()}
 
 @lru_cache(maxsize=1)
 def _build() -> ModuleType:
-    module = build_extension(KERNEL_NAME, _SRC)
+    module = build_extension(KERNEL_NAME, _SRC, headers=[_SRC[0].parent / "losa_kernels.h"])
     global _OP_NAMESPACE
     try:
         _register_fake(module.__name__)

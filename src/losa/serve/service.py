@@ -66,13 +66,16 @@ class GenerationService:
             the first request of each cache size compiles first).
         compile_wrapper: ``"cpp"`` or ``"python"``: how the compiled step calls its kernels (see
             :class:`~losa.inference.decode.LeanDecoder`).
+        decode_engine: ``"auto"`` (the C++ decode engine for models it supports) or ``"off"`` (see
+            :class:`~losa.inference.decode.LeanDecoder`).
 
     Raises:
-        LosaError: without a tokenizer, with ``default_max_tokens`` < 1, or an unknown ``compile_wrapper``.
+        LosaError: without a tokenizer, with ``default_max_tokens`` < 1, or an unknown ``compile_wrapper`` or
+            ``decode_engine``.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, name: str, default_max_tokens: int = 256,
-                 compile: bool = False, compile_wrapper: str = "cpp") -> None:
+                 compile: bool = False, compile_wrapper: str = "cpp", decode_engine: str = "auto") -> None:
         from losa.inference.decode import LeanDecoder
 
         if tokenizer is None:
@@ -80,7 +83,8 @@ class GenerationService:
         if default_max_tokens < 1:
             raise LosaError(f"default max tokens {default_max_tokens} must be at least 1")
         self.model, self.tok, self.name = model.eval(), tokenizer, name
-        self.decoder = LeanDecoder(self.model, compile=compile, compile_wrapper=compile_wrapper)
+        self.decoder = LeanDecoder(self.model, compile=compile, compile_wrapper=compile_wrapper,
+                                   decode_engine=decode_engine)
         self.default_max_tokens = default_max_tokens
         self.context = max_context(model)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None

@@ -68,9 +68,22 @@ def build_lock(directory: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def build_extension(name: str, source: Path | list[Path]) -> ModuleType:
+def _header_flag(headers: list[Path] | None) -> list[str]:
+    if not headers:
+        return []
+    import hashlib
+
+    digest = hashlib.sha256(b"".join(Path(h).read_bytes() for h in headers)).hexdigest()[:16]
+    return [f"-DLOSA_HEADERS_SHA={digest}"]
+
+
+def build_extension(name: str, source: Path | list[Path], headers: list[Path] | None = None) -> ModuleType:
     """Compile (once) and import ``source`` (one file or several) as extension ``name``; raises
-    :class:`KernelUnavailable`."""
+    :class:`KernelUnavailable`.
+
+    torch rebuilds an extension when its sources or flags change, not its headers: the contents of ``headers``
+    go into a ``-D`` flag, so that changing one rebuilds too.
+    """
     if os.environ.get("LOSA_DISABLE_KERNEL"):
         raise KernelUnavailable("LOSA_DISABLE_KERNEL is set")
     try:
@@ -83,7 +96,7 @@ def build_extension(name: str, source: Path | list[Path]) -> ModuleType:
             return load(
                 name=name,
                 sources=[str(p) for p in (source if isinstance(source, list) else [source])],
-                extra_cflags=["-O3", "-fopenmp", "-std=c++17"],
+                extra_cflags=["-O3", "-fopenmp", "-std=c++17", *_header_flag(headers)],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(directory),
                 verbose=bool(os.environ.get("LOSA_VERBOSE_BUILD")),

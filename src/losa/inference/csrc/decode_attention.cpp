@@ -25,6 +25,8 @@
 #include <limits>
 #include <vector>
 
+#include "losa_kernels.h"
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define LOSA_ATTN_X86 1
@@ -163,11 +165,7 @@ torch::Tensor decode_attn(const torch::Tensor& q, const torch::Tensor& k, const 
     keep = mc.data_ptr<bool>();
   }
   auto out = torch::zeros({B, H, G, Dv}, q.options().dtype(torch::kFloat));
-#if LOSA_ATTN_X86
-  const bool avx2 = isa >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  const bool avx2 = false;
-#endif
+  const bool avx2 = losa::attention_avx2(isa);
   const float* qp = qc.data_ptr<float>();
   float* op = out.data_ptr<float>();
   auto all_heads = [&](auto* kp, auto* vp) {
@@ -193,6 +191,26 @@ torch::Tensor decode_attn(const torch::Tensor& q, const torch::Tensor& k, const 
 }
 
 }  // namespace
+
+namespace losa {
+
+void attend_f32(const float* q, const float* k, const float* v, int64_t G, int64_t S, int64_t D, float scale,
+                float* out, float* scratch, bool avx2) {
+  std::fill(out, out + G * D, 0.f);
+  if (avx2) attend<true, float>(q, k, v, nullptr, G, S, D, D, scale, out, scratch);
+  else attend<false, float>(q, k, v, nullptr, G, S, D, D, scale, out, scratch);
+}
+
+bool attention_avx2(int64_t isa) {
+#if LOSA_ATTN_X86
+  return isa >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  (void)isa;
+  return false;
+#endif
+}
+
+}  // namespace losa
 
 TORCH_LIBRARY_FRAGMENT(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attn(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, int isa) -> Tensor");

@@ -25,6 +25,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <vector>
+
+#include "losa_kernels.h"
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -816,6 +818,28 @@ torch::Tensor hugepage_copy(const torch::Tensor& t) {
 
 }  // namespace
 
+namespace losa {
+
+GemvCall prepare_gemv(const torch::Tensor& meta, const torch::Tensor& values, const torch::Tensor& row_ptr,
+                      const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t fmt, int64_t isa) {
+  Packed p = make_packed(meta, values, row_ptr, n, k, fmt);
+  GemvFn g;
+  ExpandFn e;
+  select(values, isa, fmt, g, e);
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(b.numel() == n, "bias must have N elements");
+  }
+  // the tensors travel with the callable: the packed pointers stay valid as long as it lives
+  return [p, g, b, meta, values, row_ptr](const float* x, float* y) {
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    at::parallel_for(0, p.n, 16, [&](int64_t o0, int64_t o1) { g(p, x, 1, p.k32, bp, y, o0, o1); });
+  };
+}
+
+}  // namespace losa
+
 // spmm as a dispatcher op as well (namespace = the extension's name), returning x's dtype: torch.compile'd
 // decode steps call it straight from the generated code, without the Python custom op and dispatch of
 // sparse_matmul around it. The rounding of a bf16/fp16 result happens here, inside the opaque op, so the
@@ -841,5 +865,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_mm_bf16", &sparse_mm_bf16, "zero-skipping bf16 GEMM for large batches at high sparsity");
   m.def("cpu_has_bf16dot", &cpu_has_bf16dot, "whether the bf16-input loop (AVX512-BF16) runs on this CPU");
   m.def("hugepage_copy", &hugepage_copy, "copy a CPU tensor into transparent-huge-page memory (Linux)");
+  losa::register_decode_engine(m);
   m.def("cpu_isa", &cpu_isa, "best ISA level: 0 scalar, 1 AVX2+FMA+F16C, 2 AVX-512 (F/BW/VL/VBMI2)");
 }

@@ -1,0 +1,240 @@
+// Decode engine: one whole decode step of a LLaMA-style decoder (LLaMA, Mistral, Qwen2) in C++, for one
+// sequence, float32 activations. Part of the losa_sparse_kernels extension; losa/inference/engine.py builds
+// it from a Hugging Face model and attaches it to `generate`.
+//
+// Why: a small model's decode step is hundreds of tiny operations (norms, rotary, cache writes, attention,
+// seven linears per layer); through Python modules each costs far more than its arithmetic, so a sparse
+// SmolLM2 decoded at several times its bandwidth floor. Here a step is one call: the sparse row loops
+// (sparse_linear.cpp) and the decode attention (decode_attention.cpp) run back to back on float32 buffers.
+//
+// Per layer, for hidden state h [H] at position p (Touvron et al. 2023, LLaMA; the Hugging Face modelling
+// code of LlamaDecoderLayer is the reference the tests compare with):
+//   x = RMSNorm(h) · w_in                 RMSNorm(h) = h / sqrt(mean(h²) + eps)     (Zhang & Sennrich 2019)
+//   q, k, v = W_q x (+b), W_k x (+b), W_v x (+b)          heads: q [nh, D], k, v [nkv, D]
+//   q, k = RoPE(q, p), RoPE(k, p)   rotate-half form: y_i = x_i cos_i - x_{i+D/2} sin_i (i < D/2),
+//                                   y_i = x_i cos_i + x_{i-D/2} sin_i (i >= D/2)     (Su et al. 2021)
+//   K[p], V[p] = k, v;   a = softmax(scale · q Kᵀ) V over positions 0..p, query head j reads KV head j / G
+//   h += W_o a (+b)
+//   x = RMSNorm(h) · w_post;   h += W_down (SiLU(W_gate x) ⊙ W_up x)   (Shazeer 2020, SwiGLU)
+// then logits = W_head (RMSNorm(h) · w_final). cos/sin come from the model's own rotary embedding (so rope
+// scaling variants are the model's), per position, as tables [max_len, D].
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "losa_kernels.h"
+
+namespace {
+
+inline int64_t pad32(int64_t k) { return (k + 31) / 32 * 32; }
+
+// One linear layer: the packed row loop, or a float32 dense weight [N, K] (at::mv) for layers kept dense.
+struct Linear {
+  losa::GemvCall call;
+  torch::Tensor weight, bias;
+  int64_t n = 0, k = 0;
+
+  void run(const float* x, float* y) const {
+    if (call) {
+      call(x, y);
+      return;
+    }
+    auto xv = torch::from_blob(const_cast<float*>(x), {k}, torch::kFloat32);
+    auto yv = torch::from_blob(y, {n}, torch::kFloat32);
+    at::mv_out(yv, weight, xv);
+    if (bias.defined()) yv.add_(bias);
+  }
+};
+
+struct Layer {
+  torch::Tensor in_norm, post_norm;  // float32 [H]
+  Linear q, k, v, o, gate, up, down;
+};
+
+// y[0:n] = x / sqrt(mean(x²) + eps) · w   (float32; x and y may not alias)
+void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * x[i];
+  const float r = 1.f / std::sqrt(float(ss / double(n)) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * r);
+}
+
+// Rotary embedding of `heads` heads of D values in place (rotate-half form, see the top of the file).
+void rope(float* x, int64_t heads, int64_t D, const float* cos, const float* sin) {
+  const int64_t h2 = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* xh = x + h * D;
+    for (int64_t i = 0; i < h2; ++i) {
+      const float a = xh[i], b = xh[i + h2];
+      xh[i] = a * cos[i] - b * sin[i];
+      xh[i + h2] = b * cos[i + h2] + a * sin[i + h2];
+    }
+  }
+}
+
+class DecodeEngine {
+ public:
+  // embed [V, H] float32; cos, sin [max_len, D] float32; final_norm [H]; isa: the sparse kernel's level.
+  DecodeEngine(torch::Tensor embed, torch::Tensor cos, torch::Tensor sin, torch::Tensor final_norm,
+               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale, int64_t isa)
+      : embed_(embed.contiguous()), cos_(cos.contiguous()), sin_(sin.contiguous()),
+        final_norm_(final_norm.to(torch::kFloat32).contiguous()), nh_(num_heads), nkv_(num_kv_heads),
+        D_(head_dim), eps_(float(eps)), scale_(float(scale)), isa_(isa), avx2_(losa::attention_avx2(isa)) {
+    TORCH_CHECK(embed_.dim() == 2 && embed_.scalar_type() == torch::kFloat32, "embed must be float32 [V, H]");
+    TORCH_CHECK(cos_.dim() == 2 && cos_.sizes() == sin_.sizes() && cos_.size(1) == D_ &&
+                    cos_.scalar_type() == torch::kFloat32 && sin_.scalar_type() == torch::kFloat32,
+                "cos and sin must be float32 [max_len, head_dim]");
+    TORCH_CHECK(nh_ > 0 && nkv_ > 0 && nh_ % nkv_ == 0 && D_ % 2 == 0, "heads must divide: num_heads ", nh_,
+                ", num_kv_heads ", nkv_, ", head_dim ", D_);
+    H_ = embed_.size(1);
+    max_len_ = cos_.size(0);
+    TORCH_CHECK(final_norm_.numel() == H_, "final_norm must have H elements");
+  }
+
+  // Queue one linear (order per layer: q, k, v, o, gate, up, down); packed when meta is given, else dense.
+  void add_packed(torch::Tensor meta, torch::Tensor values, torch::Tensor row_ptr, c10::optional<torch::Tensor> bias,
+                  int64_t n, int64_t k, int64_t fmt) {
+    Linear l;
+    l.call = losa::prepare_gemv(meta, values, row_ptr, bias, n, k, fmt, isa_);
+    l.n = n;
+    l.k = k;
+    pending_.push_back(std::move(l));
+  }
+
+  void add_dense(torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+    TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32, "dense weight must be float32 [N, K]");
+    Linear l;
+    l.weight = weight.contiguous();
+    l.n = weight.size(0);
+    l.k = weight.size(1);
+    if (bias.has_value() && bias->defined()) l.bias = bias->to(torch::kFloat32).contiguous();
+    pending_.push_back(std::move(l));
+  }
+
+  // Close a layer: its norms and the seven linears queued since the last layer.
+  void add_layer(torch::Tensor in_norm, torch::Tensor post_norm) {
+    TORCH_CHECK(pending_.size() == 7, "a layer needs 7 linears (q, k, v, o, gate, up, down), got ", pending_.size());
+    Layer L;
+    L.in_norm = in_norm.to(torch::kFloat32).contiguous();
+    L.post_norm = post_norm.to(torch::kFloat32).contiguous();
+    TORCH_CHECK(L.in_norm.numel() == H_ && L.post_norm.numel() == H_, "norm weights must have H elements");
+    Linear* slots[7] = {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down};
+    for (int i = 0; i < 7; ++i) *slots[i] = std::move(pending_[i]);
+    pending_.clear();
+    const int64_t qd = nh_ * D_, kd = nkv_ * D_, I = L.gate.n;
+    TORCH_CHECK(L.q.n == qd && L.k.n == kd && L.v.n == kd && L.q.k == H_ && L.k.k == H_ && L.v.k == H_,
+                "q/k/v projections do not match the heads");
+    TORCH_CHECK(L.o.n == H_ && L.o.k == qd && L.up.n == I && L.gate.k == H_ && L.up.k == H_ && L.down.n == H_ &&
+                    L.down.k == I, "o/gate/up/down projections do not match the hidden size");
+    I_ = std::max(I_, I);
+    layers_.push_back(std::move(L));
+  }
+
+  // The LM head: the last linear queued.
+  void set_head() {
+    TORCH_CHECK(pending_.size() == 1 && pending_[0].k == H_, "set_head takes exactly one queued linear of K = H");
+    head_ = std::move(pending_[0]);
+    pending_.clear();
+  }
+
+  // Allocate the KV cache, float32 [layers, num_kv_heads, max_len, head_dim] each; returns (K, V), sharing memory.
+  std::vector<torch::Tensor> allocate_cache() {
+    TORCH_CHECK(!layers_.empty() && head_.n > 0, "add the layers and the head first");
+    const int64_t L = static_cast<int64_t>(layers_.size());
+    kc_ = torch::zeros({L, nkv_, max_len_, D_}, torch::kFloat32);
+    vc_ = torch::zeros({L, nkv_, max_len_, D_}, torch::kFloat32);
+    return {kc_, vc_};
+  }
+
+  int64_t max_len() const { return max_len_; }
+
+  // One decode step: token at position pos (the cache holds positions 0..pos-1); returns logits float32 [V].
+  torch::Tensor step(int64_t token, int64_t pos) {
+    TORCH_CHECK(kc_.defined(), "allocate_cache() first");
+    TORCH_CHECK(0 <= pos && pos < max_len_, "position ", pos, " is outside the cache (", max_len_, " positions)");
+    TORCH_CHECK(0 <= token && token < embed_.size(0), "token id ", token, " is outside the vocabulary");
+    const int64_t H = H_, D = D_, G = nh_ / nkv_, qd = nh_ * D, kd = nkv_ * D;
+    const int64_t Hp = pad32(H), Ap = pad32(qd), Ip = pad32(I_);
+    // scratch (zero padded inputs of the row loops)
+    std::vector<float> h(H), xn(Hp, 0.f), q(qd), k(kd), v(kd), attn(Ap, 0.f), tmp(H), g(I_), act(Ip, 0.f);
+    std::memcpy(h.data(), embed_.data_ptr<float>() + token * H, sizeof(float) * H);
+    const float* cs = cos_.data_ptr<float>() + pos * D;
+    const float* sn = sin_.data_ptr<float>() + pos * D;
+    const int64_t S = pos + 1;
+    const int64_t layer_stride = nkv_ * max_len_ * D;
+    for (size_t li = 0; li < layers_.size(); ++li) {
+      const Layer& L = layers_[li];
+      rms_norm(h.data(), L.in_norm.data_ptr<float>(), H, eps_, xn.data());
+      L.q.run(xn.data(), q.data());
+      L.k.run(xn.data(), k.data());
+      L.v.run(xn.data(), v.data());
+      rope(q.data(), nh_, D, cs, sn);
+      rope(k.data(), nkv_, D, cs, sn);
+      float* K = kc_.data_ptr<float>() + li * layer_stride;
+      float* V = vc_.data_ptr<float>() + li * layer_stride;
+      for (int64_t j = 0; j < nkv_; ++j) {
+        std::memcpy(K + (j * max_len_ + pos) * D, k.data() + j * D, sizeof(float) * D);
+        std::memcpy(V + (j * max_len_ + pos) * D, v.data() + j * D, sizeof(float) * D);
+      }
+      // KV heads over threads, each chunk at least 1 << 18 multiply-adds (as decode_attn)
+      const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, G * S * 2 * D));
+      at::parallel_for(0, nkv_, grain, [&](int64_t j0, int64_t j1) {
+        std::vector<float> sc(static_cast<size_t>(S));
+        for (int64_t j = j0; j < j1; ++j)
+          losa::attend_f32(q.data() + j * G * D, K + j * max_len_ * D, V + j * max_len_ * D, G, S, D, scale_,
+                           attn.data() + j * G * D, sc.data(), avx2_);
+      });
+      L.o.run(attn.data(), tmp.data());
+      for (int64_t i = 0; i < H; ++i) h[i] += tmp[i];
+      rms_norm(h.data(), L.post_norm.data_ptr<float>(), H, eps_, xn.data());
+      const int64_t I = L.gate.n;
+      L.gate.run(xn.data(), g.data());
+      L.up.run(xn.data(), act.data());
+      for (int64_t i = 0; i < I; ++i) act[i] *= g[i] / (1.f + std::exp(-g[i]));  // SiLU(gate) ⊙ up
+      std::fill(act.begin() + I, act.end(), 0.f);
+      L.down.run(act.data(), tmp.data());
+      for (int64_t i = 0; i < H; ++i) h[i] += tmp[i];
+    }
+    rms_norm(h.data(), final_norm_.data_ptr<float>(), H, eps_, xn.data());
+    auto logits = torch::empty({head_.n}, torch::kFloat32);
+    head_.run(xn.data(), logits.data_ptr<float>());
+    return logits;
+  }
+
+ private:
+  torch::Tensor embed_, cos_, sin_, final_norm_, kc_, vc_;
+  int64_t nh_, nkv_, D_;
+  float eps_, scale_;
+  int64_t isa_;
+  bool avx2_;
+  int64_t H_ = 0, I_ = 0, max_len_ = 0;
+  std::vector<Layer> layers_;
+  std::vector<Linear> pending_;
+  Linear head_;
+};
+
+}  // namespace
+
+namespace losa {
+
+void register_decode_engine(pybind11::module& m) {
+  namespace py = pybind11;
+  py::class_<DecodeEngine>(m, "DecodeEngine", "one decode step of a LLaMA-style decoder in C++ (decode_engine.cpp)")
+      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t, double,
+                    double, int64_t>())
+      .def("add_packed", &DecodeEngine::add_packed)
+      .def("add_dense", &DecodeEngine::add_dense)
+      .def("add_layer", &DecodeEngine::add_layer)
+      .def("set_head", &DecodeEngine::set_head)
+      .def("allocate_cache", &DecodeEngine::allocate_cache)
+      .def("max_len", &DecodeEngine::max_len)
+      .def("step", &DecodeEngine::step, py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace losa

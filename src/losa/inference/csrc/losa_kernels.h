@@ -1,0 +1,33 @@
+// Entry points shared between the sources of the losa_sparse_kernels extension (sparse_linear.cpp,
+// decode_attention.cpp, decode_engine.cpp): the decode engine calls the sparse row loop and the decode
+// attention directly, without a tensor round trip or a dispatcher call per layer.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <functional>
+
+namespace losa {
+
+// y[0:N] = W · x (+ bias) for one input row: x is float32 [K32] (K rounded up to 32, zero padded), y float32
+// [N]. Rows are split over torch's threads. The callable keeps the packed tensors alive.
+using GemvCall = std::function<void(const float* x, float* y)>;
+
+// The row loop of the packed weight (layout: sparse_linear.cpp) at ISA level `isa` (0 scalar, 1 AVX2,
+// 2 AVX-512); checks the layout like spmm does.
+GemvCall prepare_gemv(const torch::Tensor& meta, const torch::Tensor& values, const torch::Tensor& row_ptr,
+                      const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t fmt, int64_t isa);
+
+// Decode attention of one KV head, float32: G query rows q [G, D] over the first S cached positions of
+// k [S, D] and v [S, D]; out [G, D] is overwritten. scratch holds S floats. avx2: use the AVX2+FMA loops.
+void attend_f32(const float* q, const float* k, const float* v, int64_t G, int64_t S, int64_t D, float scale,
+                float* out, float* scratch, bool avx2);
+
+// Whether the AVX2+FMA attention loops may run at ISA level `isa` on this CPU.
+bool attention_avx2(int64_t isa);
+
+// Registers the DecodeEngine class (decode_engine.cpp) on the extension's Python module.
+void register_decode_engine(pybind11::module& m);
+
+}  // namespace losa

@@ -1,0 +1,257 @@
+"""C++ decode engine: a whole decode step of a LLaMA-style model in one call (``csrc/decode_engine.cpp``).
+
+A small model decodes far above its bandwidth floor through Python modules: each token runs hundreds of tiny
+operations (norms, rotary, cache writes, attention, seven linears per layer) whose call overhead exceeds
+their arithmetic. The engine runs the step in C++ on float32 buffers: the sparse row loops, RMSNorm, RoPE,
+the KV-cache write, the decode attention and SwiGLU back to back, then the LM head.
+
+It attaches to Hugging Face ``generate`` (:func:`attach`): the prompt still runs through the model's own
+forward (batched GEMMs), its KV cache is copied into the engine's, and every one-token step afterwards is an
+engine call, so sampling, stopping criteria and streaming stay ``generate``'s. Supported: one sequence, a
+float32 model of a type in :data:`ENGINE_MODEL_TYPES` (LLaMA-style decoder layers: RMSNorm, rotary
+embedding, grouped-query attention, SwiGLU MLP) whose decoder linears are :class:`SparseLinear` or float32
+``nn.Linear`` and whose LM head is a :class:`~losa.inference.decode.BF16LMHead` or float32 ``nn.Linear``.
+:func:`engine_problem` says why a model is not supported; :class:`~losa.inference.decode.LeanDecoder`
+falls back to ``generate``'s own steps then. Measurements: benchmarks/bench_decode.py (mode ``engine``),
+benchmarks/results/decode.md and llamacpp.md.
+
+Numbers: the same operations as the model's float32 forward (the reference of
+``tests/test_inference_engine.py``); sums run in another order, so logits agree to float32 rounding, not bits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from losa.errors import LosaError
+from losa.inference import kernel as _kernel
+from losa.inference.formats import FORMAT_CODES
+from losa.inference.sparse_linear import SparseLinear
+
+#: ``config.model_type`` values whose decoder layers the engine computes (LLaMA-style: RMSNorm, RoPE, GQA, SwiGLU)
+ENGINE_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+         ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+
+def _linear_problem(name: str, m: Any) -> str | None:
+    if isinstance(m, SparseLinear):
+        return None
+    if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu":
+        return None
+    return f"{name} is a {type(m).__name__} (the engine takes SparseLinear or a float32 CPU nn.Linear)"
+
+
+def engine_problem(model: nn.Module) -> str | None:
+    """Why the engine cannot decode ``model``, or None when it can.
+
+    Args:
+        model: a causal LM (after :func:`~losa.inference.sparsify.sparsify_for_inference` or dense).
+
+    Returns:
+        A short reason ("model type gemma is not LLaMA-style ...") or None.
+    """
+    from losa.inference.decode import BF16LMHead
+
+    config = getattr(model, "config", None)
+    mtype = getattr(config, "model_type", None)
+    if mtype not in ENGINE_MODEL_TYPES:
+        return f"model type {mtype!r} is not one the engine computes ({', '.join(ENGINE_MODEL_TYPES)})"
+    if _kernel.load_kernel() is None:
+        return "the compiled kernel is unavailable"
+    if getattr(config, "hidden_act", None) not in ("silu", "swish"):
+        return f"activation {getattr(config, 'hidden_act', None)!r} is not SiLU"
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if layers is None or getattr(base, "embed_tokens", None) is None or getattr(base, "norm", None) is None:
+        return "the model has no model.layers / embed_tokens / norm"
+    emb = base.embed_tokens.weight
+    if emb.dtype != torch.float32 or emb.device.type != "cpu":
+        return f"the model is {emb.dtype} on {emb.device.type} (the engine decodes float32 CPU models)"
+    if getattr(base, "rotary_emb", None) is None:
+        return "the model has no rotary embedding module"
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or getattr(attn, "q_norm", None) is not None or getattr(attn, "k_norm", None) is not None:
+            return f"layer {i} has no self_attn or normalises q/k (not LLaMA-style)"
+        for part, proj in _PROJ:
+            m = getattr(getattr(layer, part, None), proj, None)
+            if (why := _linear_problem(f"layer {i} {part}.{proj}", m)) is not None:
+                return why
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            if getattr(getattr(layer, norm, None), "weight", None) is None:
+                return f"layer {i} has no {norm}.weight"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, BF16LMHead) and (why := _linear_problem("the LM head", head)) is not None:
+        return why
+    return None
+
+
+def _eps(norm: nn.Module) -> float:
+    for name in ("variance_epsilon", "eps"):
+        if (v := getattr(norm, name, None)) is not None:
+            return float(v)
+    raise LosaError(f"{type(norm).__name__} has no epsilon attribute (variance_epsilon / eps)")
+
+
+def _queue_linear(eng: Any, m: nn.Module) -> None:
+    """Queue ``m`` on the C++ engine: packed buffers for sparse layers and the bf16 head, else the weight."""
+    from losa.inference.decode import BF16LMHead
+
+    isa_fmt = None
+    if isinstance(m, SparseLinear):
+        b = m._buffers
+        isa_fmt = (b["meta"], b["values"], b["row_ptr"], b["bias"], m.out_features, m.in_features,
+                   FORMAT_CODES[m.fmt])
+    elif isinstance(m, BF16LMHead):
+        b = m._buffers
+        isa_fmt = (b["meta"], b["values"], b["row_ptr"], b["bias32"], m.out_features, m.in_features,
+                   FORMAT_CODES["bitmask"])
+    if isa_fmt is not None:
+        eng.add_packed(*isa_fmt)
+    else:
+        eng.add_dense(m.weight.detach(), None if m.bias is None else m.bias.detach())
+
+
+class DecodeEngine:
+    """The C++ engine for one model and cache length (positions ``0 .. max_len - 1``).
+
+    The engine reads the model's buffers in place (no copy of the weights); it holds its own float32 KV cache
+    ``2 x layers x kv_heads x max_len x head_dim`` values.
+
+    Args:
+        model: a float32 causal LM that :func:`engine_problem` accepts.
+        max_len: positions the cache holds (prompt + new tokens).
+
+    Raises:
+        LosaError: when :func:`engine_problem` names a reason, or ``max_len`` < 1.
+    """
+
+    def __init__(self, model: nn.Module, max_len: int) -> None:
+        if (why := engine_problem(model)) is not None:
+            raise LosaError(f"the decode engine cannot run this model: {why}")
+        if max_len < 1:
+            raise LosaError(f"max_len {max_len} must be at least 1")
+        cfg, base = model.config, model.model
+        heads, kv_heads = int(cfg.num_attention_heads), int(getattr(cfg, "num_key_value_heads", None) or
+                                                            cfg.num_attention_heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        attn0 = base.layers[0].self_attn
+        scale = float(getattr(attn0, "scaling", head_dim ** -0.5))
+        with torch.inference_mode():
+            pos = torch.arange(max_len).unsqueeze(0)  # [1, max_len]
+            probe = torch.zeros(1, max_len, head_dim)
+            cos, sin = base.rotary_emb(probe, pos)  # [1, max_len, head_dim] each, attention scaling applied
+        k = _kernel.load_kernel()
+        self._eng = k.DecodeEngine(base.embed_tokens.weight.detach(), cos[0].float().contiguous(),
+                                   sin[0].float().contiguous(), base.norm.weight.detach(), heads, kv_heads, head_dim,
+                                   _eps(base.norm), scale, _kernel.best_isa())
+        for layer in base.layers:
+            for part, proj in _PROJ:
+                _queue_linear(self._eng, getattr(getattr(layer, part), proj))
+            self._eng.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach())
+        _queue_linear(self._eng, model.get_output_embeddings())
+        self._eng.set_head()
+        self.k_cache, self.v_cache = self._eng.allocate_cache()  # [layers, kv_heads, max_len, head_dim]
+        self.max_len = int(max_len)
+        self.num_layers = len(base.layers)
+        #: next position to decode (None until a prompt's cache has been loaded)
+        self.pos: int | None = None
+
+    def load_prompt_cache(self, cache: Any) -> int:
+        """Copy a transformers cache of one sequence (after the prompt's forward) into the engine.
+
+        Args:
+            cache: a ``DynamicCache`` whose ``layers[i].keys`` / ``.values`` are ``[1, kv_heads, T, head_dim]``.
+
+        Returns:
+            ``T``, the next position to decode.
+
+        Raises:
+            LosaError: a cache of another layout, batch size or length than the engine holds.
+        """
+        layers = getattr(cache, "layers", None)
+        if layers is None or len(layers) != self.num_layers:
+            raise LosaError("the decode engine needs a transformers DynamicCache with one entry per layer")
+        t = None
+        for i, layer in enumerate(layers):
+            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if keys is None or values is None or keys.dim() != 4 or keys.shape[0] != 1:
+                raise LosaError("the decode engine needs the cache of one sequence ([1, kv_heads, T, head_dim])")
+            t = keys.shape[2]
+            if t > self.max_len:
+                raise LosaError(f"the prompt has {t} positions, the engine's cache {self.max_len}")
+            self.k_cache[i, :, :t].copy_(keys[0])
+            self.v_cache[i, :, :t].copy_(values[0])
+        self.pos = int(t)
+        return self.pos
+
+    def step(self, token: int) -> torch.Tensor:
+        """Decode ``token`` at the next position; returns its logits, float32 ``[vocab]``.
+
+        Raises:
+            LosaError: before :meth:`load_prompt_cache`, or when the cache is full.
+        """
+        if self.pos is None:
+            raise LosaError("load the prompt's cache first (load_prompt_cache)")
+        if self.pos >= self.max_len:
+            raise LosaError(f"the engine's cache of {self.max_len} positions is full")
+        logits = self._eng.step(int(token), self.pos)
+        self.pos += 1
+        return logits
+
+
+@contextlib.contextmanager
+def attach(model: nn.Module, engine: DecodeEngine) -> Iterator[None]:
+    """Route ``model``'s one-token forwards to ``engine`` while inside (for ``model.generate``).
+
+    The first forward (the prompt) runs the model as usual and loads its cache into the engine; every later
+    forward of one token of one sequence is :meth:`DecodeEngine.step`. ``model.forward`` is restored on exit.
+
+    Args:
+        model: the model the engine was built from.
+        engine: its engine.
+
+    Raises:
+        LosaError: (from the forward) an attention mask with padding, a batch of several sequences, or a step
+            whose position disagrees with the engine's (the engine decodes one unpadded sequence).
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    original = model.forward
+    own = vars(model).get("forward")  # an instance-level forward (e.g. set by accelerate hooks) to put back
+    engine.pos = None
+
+    # the signature of the model's forward (functools.wraps): generate inspects it, e.g. for logits_to_keep
+    @functools.wraps(original)
+    def forward(input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if input_ids is None or input_ids.shape[0] != 1 or kwargs.get("inputs_embeds") is not None:
+            raise LosaError("the decode engine decodes one sequence of token ids; use decode_engine='off' for batches")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise LosaError("the decode engine needs an attention mask without padding")
+        if engine.pos is None:  # the prompt: the model's own forward, then its cache into the engine
+            out = original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+            engine.load_prompt_cache(out.cache)
+            return out
+        if input_ids.shape[1] != 1:
+            raise LosaError("the decode engine takes one token per step after the prompt")
+        if position_ids is not None and int(position_ids[0, -1]) != engine.pos:
+            raise LosaError(f"step at position {int(position_ids[0, -1])}, the engine is at {engine.pos}")
+        logits = engine.step(int(input_ids[0, 0]))
+        return CausalLMOutputWithPast(logits=logits.view(1, 1, -1), cache=kwargs.get("cache"))
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if own is not None:
+            model.forward = own
+        else:
+            del model.forward  # the class's forward shows again

@@ -1,0 +1,190 @@
+"""The C++ decode engine (losa.inference.engine): logits against the model's own forward, generate, fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from losa.errors import LosaError
+from losa.inference import kernel_available, sparsify_for_inference
+from losa.inference.decode import LeanDecoder, set_lm_head_dtype
+from losa.inference.engine import ENGINE_MODEL_TYPES, DecodeEngine, attach, engine_problem
+from losa.models.linear import get_weight, set_weight
+from losa.models.registry import get_decoder_layers, linear_modules
+
+pytestmark = [pytest.mark.skipif(not kernel_available(), reason="needs the compiled sparse kernel"),
+              pytest.mark.usefixtures("no_measured_thresholds")]
+
+
+def _prune(model, sparsity: float = 0.6, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for layer in get_decoder_layers(model):
+        for mod in linear_modules(layer).values():
+            w = get_weight(mod)
+            set_weight(mod, w * (torch.rand(w.shape, generator=gen) >= sparsity))
+
+
+def _model(model_type: str, value_dtype: str | None, head: str = "float32", seed: int = 0):
+    model = make_tiny_model(model_type, hidden=64, vocab=160, seed=seed)
+    if model_type == "qwen2":  # q/k/v biases: nonzero, so that the engine must add them
+        for layer in get_decoder_layers(model):
+            for name in ("q_proj", "k_proj", "v_proj"):
+                torch.nn.init.normal_(getattr(layer.self_attn, name).bias, std=0.5)
+    if value_dtype is not None:
+        _prune(model, seed=seed)
+        sparsify_for_inference(model, value_dtype=value_dtype)
+    set_lm_head_dtype(model, head)
+    return model
+
+
+def _reference_logits(model, seq: torch.Tensor) -> torch.Tensor:
+    """The model's own forward over the whole sequence: logits [T, V] (the independent reference)."""
+    with torch.inference_mode():
+        return model(seq, use_cache=False).logits[0].float()
+
+
+@pytest.mark.parametrize("model_type", ENGINE_MODEL_TYPES)
+@pytest.mark.parametrize("value_dtype,head", [(None, "float32"), ("float32", "float32"), ("bfloat16", "bfloat16")],
+                         ids=["dense", "sparse-fp32-values", "sparse-bf16-values-bf16-head"])
+def test_engine_logits_match_the_model_forward(model_type, value_dtype, head):
+    from transformers import DynamicCache
+
+    model = _model(model_type, value_dtype, head)
+    seq = torch.randint(3, 160, (1, 20), generator=torch.Generator().manual_seed(1))
+    ref = _reference_logits(model, seq)
+    prompt = 6
+    engine = DecodeEngine(model, 32)
+    with torch.inference_mode():
+        out = model(seq[:, :prompt], cache=DynamicCache(config=model.config), use_cache=True)
+        assert engine.load_prompt_cache(out.cache) == prompt
+        for t in range(prompt, seq.shape[1]):
+            got = engine.step(int(seq[0, t]))
+            assert got.shape == (160,) and got.dtype == torch.float32
+            torch.testing.assert_close(got, ref[t], rtol=1e-4, atol=1e-4 * float(ref[t].abs().max()))
+    assert engine.pos == seq.shape[1]
+
+
+def test_engine_on_the_avx2_path_matches_the_model_forward(monkeypatch):
+    from losa.inference import kernel as _kernel
+
+    if _kernel._cpu_isa() < 1:
+        pytest.skip("the CPU has no AVX2")
+    from transformers import DynamicCache
+
+    monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")  # the engine's row loops and attention run the AVX2 code
+    model = _model("llama", "bfloat16", "bfloat16", seed=2)
+    seq = torch.randint(3, 160, (1, 12), generator=torch.Generator().manual_seed(2))
+    ref = _reference_logits(model, seq)
+    engine = DecodeEngine(model, 16)
+    with torch.inference_mode():
+        engine.load_prompt_cache(model(seq[:, :4], cache=DynamicCache(config=model.config), use_cache=True).cache)
+        for t in range(4, 12):
+            torch.testing.assert_close(engine.step(int(seq[0, t])), ref[t], rtol=1e-4,
+                                       atol=1e-4 * float(ref[t].abs().max()))
+
+
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
+def test_lean_decoder_with_the_engine_generates_what_generate_does(sample):
+    model = _model("llama", "bfloat16", "bfloat16", seed=4)
+    on, off = LeanDecoder(model), LeanDecoder(model, decode_engine="off")
+    assert on.use_engine and on.engine_reason == "on"
+    assert not off.use_engine and off.engine_reason == "off (asked)"
+    ids = torch.randint(3, 160, (1, 5), generator=torch.Generator().manual_seed(5))
+    kw = dict(do_sample=sample, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        ref = off.generate(ids, 24, **kw)
+        torch.manual_seed(0)
+        got = on.generate(ids, 24, **kw)
+        torch.manual_seed(0)
+        again = on.generate(ids, 24, **kw)  # the engine (and its cache) is reused and reloaded per prompt
+    assert torch.equal(got, ref) and torch.equal(again, ref)
+    assert "forward" not in vars(model)  # attach put the class's forward back
+
+
+def test_batches_and_compile_take_generates_own_steps():
+    model = _model("llama", "bfloat16", "bfloat16", seed=6)
+    dec = LeanDecoder(model)
+    ids = torch.randint(3, 160, (2, 5), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        ref = LeanDecoder(model, decode_engine="off").generate(ids, 6, do_sample=False, pad_token_id=0)
+        got = dec.generate(ids, 6, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, ref) and dec._engine is None  # two sequences: the engine was never built
+    assert LeanDecoder(model, compile=True).engine_reason.startswith("off (--compile")
+    with pytest.raises(LosaError, match="decode engine 'always' is not supported"):
+        LeanDecoder(model, decode_engine="always")
+
+
+@pytest.mark.parametrize("model_type,reason", [("gemma", "model type 'gemma'"), ("opt", "model type 'opt'"),
+                                               ("qwen3", "model type 'qwen3'")])
+def test_unsupported_models_are_named(model_type, reason):
+    model = make_tiny_model(model_type, hidden=64)
+    assert reason in engine_problem(model)
+    dec = LeanDecoder(model)
+    assert not dec.use_engine and reason in dec.engine_reason
+    with pytest.raises(LosaError, match="the decode engine cannot run this model"):
+        DecodeEngine(model, 8)
+
+
+def test_a_bf16_model_is_not_decoded_by_the_engine():
+    model = make_tiny_model("llama", hidden=64).to(torch.bfloat16)
+    assert "torch.bfloat16" in engine_problem(model)
+
+
+def test_engine_misuse_is_a_clear_error():
+    from transformers import DynamicCache
+
+    model = _model("llama", "bfloat16", seed=7)
+    engine = DecodeEngine(model, 8)
+    with pytest.raises(LosaError, match="load the prompt's cache first"):
+        engine.step(5)
+    ids = torch.randint(3, 160, (1, 10))
+    with torch.inference_mode():
+        cache = model(ids, cache=DynamicCache(config=model.config), use_cache=True).cache
+        with pytest.raises(LosaError, match="10 positions, the engine's cache 8"):
+            engine.load_prompt_cache(cache)
+        engine.load_prompt_cache(model(ids[:, :7], cache=DynamicCache(config=model.config), use_cache=True).cache)
+        engine.step(5)
+        with pytest.raises(LosaError, match="cache of 8 positions is full"):
+            engine.step(5)
+    with pytest.raises(LosaError, match="without padding"), attach(model, engine), torch.inference_mode():
+        model.generate(ids, attention_mask=torch.tensor([[0] + [1] * 9]), max_new_tokens=2, pad_token_id=0)
+    assert "forward" not in vars(model)
+
+
+def test_the_prompt_computes_only_the_last_positions_logits(monkeypatch):
+    """generate still asks the prompt's forward for the last position only (logits_to_keep) with the engine on."""
+    model = _model("llama", "bfloat16", "bfloat16", seed=8)
+    dec = LeanDecoder(model)
+    rows = []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, a, o: rows.append(a[0].reshape(-1, a[0].shape[-1]).shape[0]))
+    try:
+        with torch.inference_mode():
+            dec.generate(torch.randint(3, 160, (1, 12)), 5, do_sample=False, pad_token_id=0)
+    finally:
+        hook.remove()
+    assert rows == [1]  # the prompt's head ran on one row; the four engine steps never call the module
+
+
+def test_cli_generate_says_whether_the_engine_decodes(tmp_path, capsys, monkeypatch):
+    import losa
+    from conftest import make_tiny_tokenizer
+
+    from losa.cli import main
+
+    model = make_tiny_model("llama", seed=9, hidden=64)
+    _prune(model)
+    losa.save_checkpoint(model, make_tiny_tokenizer(), tmp_path / "m", {"recipe": {}})
+    monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")  # float32 model on every CPU: the engine applies
+    args = ["generate", str(tmp_path / "m"), "--prompt", "word5 word17", "--max-new-tokens", "4"]
+    assert main(args) == 0
+    on = capsys.readouterr().out
+    assert "decode engine: on" in on
+    assert main([*args, "--decode-engine", "off"]) == 0
+    off = capsys.readouterr().out
+    assert "decode engine: off (asked)" in off
+    assert on.splitlines()[-2] == off.splitlines()[-2]  # the same greedy text either way
+    assert main([*args, "--dtype", "bfloat16"]) == 0
+    assert "decode engine: off (the model is torch.bfloat16" in capsys.readouterr().out
