@@ -169,9 +169,9 @@ def test_the_prompt_computes_only_the_last_positions_logits(monkeypatch):
 
 
 def test_cli_generate_says_whether_the_engine_decodes(tmp_path, capsys, monkeypatch):
-    import losa
     from conftest import make_tiny_tokenizer
 
+    import losa
     from losa.cli import main
 
     model = make_tiny_model("llama", seed=9, hidden=64)
