@@ -2,9 +2,9 @@
 
 Issue 18 asks that CPUs with AVX512-BF16 see no regression from the committed numbers while the AVX2 path
 changes. Results files from different days (and VMs) cannot tell a 5 % change from machine drift, so this
-compiles the kernel source of ``--base`` (``git show BASE:src/losa/inference/csrc/sparse_linear.cpp``) as a
+compiles the kernel sources of ``--base`` (``git show BASE:src/losa/inference/csrc/...``) as a
 second extension next to the current one and times both on the same packed layers, interleaved, at batch 1
-(decode): LLaMA-7B shapes, 70 % / 50 % unstructured and 2:4, bf16 values with bf16 and float32 inputs, 1 and 2
+(decode): LLaMA-7B shapes (or SmolLM2-135M's, ``--shapes smollm2``), 70 % / 50 % unstructured and 2:4, bf16 values with bf16 and float32 inputs, 1 and 2
 threads. The packed format must be the same in both commits (it is checked: both must give the same outputs)::
 
     python benchmarks/bench_kernel_regression.py --base f6ee79c       # results/kernel_regression.{jsonl,md}
@@ -38,28 +38,42 @@ from losa.utils.io import atomic_write_text
 HERE = Path(__file__).resolve().parent
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 PATTERNS = ("70%", "50%", "2:4")
-SOURCE = "src/losa/inference/csrc/sparse_linear.cpp"
+CSRC = "src/losa/inference/csrc"
+#: ``--shapes``: LLaMA-7B's layers, or SmolLM2-135M's (hidden 576, MLP 1536, 3 KV heads of 64: short rows, where
+#: the per-row cost of the loop shows)
+SHAPE_SETS = {"llama7b": SHAPES, "smollm2": ((576, 576), (192, 576), (1536, 576), (576, 1536))}
 
 
 def base_kernel(rev: str):
-    """Compile ``rev``'s kernel source as its own extension (cached by torch per name); raises SystemExit."""
+    """Compile ``rev``'s kernel sources as their own extension (cached by torch per name); raises SystemExit.
+
+    Every file of ``rev``'s ``csrc`` directory is written to a temporary directory (later commits split the
+    extension into several sources and a shared header); all its ``.cpp`` files are compiled together.
+    """
+    git = ["git", "-C", str(HERE)]
     try:
-        full = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", rev], capture_output=True, text=True,
+        full = subprocess.run([*git, "rev-parse", "--short", rev], capture_output=True, text=True,
                               check=True).stdout.strip()
-        src = subprocess.run(["git", "-C", str(HERE), "show", f"{full}:{SOURCE}"], capture_output=True, text=True,
-                             check=True).stdout
+        names = [Path(p).name for p in subprocess.run([*git, "ls-tree", "--name-only", "--full-tree", full, f"{CSRC}/"],
+                                                       capture_output=True, text=True, check=True).stdout.split()]
+        tmp = Path(tempfile.mkdtemp(prefix=f"losa-base-kernel-{full}-"))
+        for name in names:
+            src = subprocess.run([*git, "show", f"{full}:{CSRC}/{name}"], capture_output=True, text=True, check=True)
+            (tmp / name).write_text(src.stdout)
     except subprocess.CalledProcessError as exc:
-        raise SystemExit(f"--base {rev}: git cannot show {SOURCE} there ({exc.stderr.strip()}); give a commit of "
+        raise SystemExit(f"--base {rev}: git cannot show {CSRC} there ({exc.stderr.strip()}); give a commit of "
                          "this repository") from None
-    path = Path(tempfile.mkdtemp(prefix="losa-base-kernel-")) / f"sparse_linear_{full}.cpp"
-    path.write_text(src)
-    return full, build_extension(f"losa_kernel_{full}", path)
+    sources = sorted(tmp.glob("*.cpp"))
+    if not (tmp / "sparse_linear.cpp").exists():
+        raise SystemExit(f"--base {rev}: {CSRC}/sparse_linear.cpp does not exist there; give a later commit")
+    return full, build_extension(f"losa_kernel_{full}", sources, headers=sorted(tmp.glob("*.h")))
 
 
 def render(src: Path, dst: Path) -> None:
     rows = read_jsonl(src)
     out = ["# Sparse kernel: current build vs an earlier commit's, same process (issue 18: no regression)", "",
-           "Written by `benchmarks/bench_kernel_regression.py`. Batch 1 (decode), bf16 values, LLaMA-7B shapes, "
+           "Written by `benchmarks/bench_kernel_regression.py`. Batch 1 (decode), bf16 values, LLaMA-7B shapes "
+           "(SmolLM2-135M's in runs with `--shapes smollm2`), "
            "medians of interleaved calls on the same packed buffers; `speed` = base ms / current ms (above 1: "
            "the current kernel is faster).", ""]
     runs: dict[tuple, list[dict]] = {}  # one section per run (its start time), rows in measured order
@@ -83,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True, help="commit whose kernel source is the baseline, e.g. f6ee79c")
     ap.add_argument("--reps", type=int, default=40, help="interleaved calls per case (default 40)")
+    ap.add_argument("--shapes", choices=sorted(SHAPE_SETS), default="llama7b", help="layer shapes (default llama7b)")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     ap.add_argument("--out", default=str(HERE / "results" / "kernel_regression.jsonl"))
     args = ap.parse_args(argv)
@@ -95,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, started = [], time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
-        for n, k in SHAPES:
+        for n, k in SHAPE_SETS[args.shapes]:
             w = torch.randn(n, k, generator=gen)
             for pat in PATTERNS:
                 p = pack(w * keep_mask(w, pat), torch.bfloat16, "auto")
@@ -110,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                     ms = {k: t * 1e3 for k, t in interleaved({"base": lambda x=x, a=spmm_args: old.spmm(x, *a),
                                                               "current": lambda x=x, a=spmm_args: current.spmm(x, *a)},
                                                              args.reps).items()}
-                    row = {**provenance(threads, model="random LLaMA-7B-shaped layer"), "run": started, "base": base,
+                    model = "random LLaMA-7B-shaped layer" if args.shapes == "llama7b" else "random SmolLM2-shaped layer"
+                    row = {**provenance(threads, model=model), "run": started, "base": base,
                            "LOSA_SPARSE_ISA": os.environ.get("LOSA_SPARSE_ISA", ""),
                            "kernel_isa": kmod.ISA_NAMES[isa], "shape": f"{n}x{k}", "pattern": pat,
                            "inputs": str(x_dtype).replace("torch.", ""), "base_ms": ms["base"],

@@ -265,7 +265,27 @@ LOSA_AVX512 void row_avx512(const uint8_t* meta, const V* v, const float* x, int
                             float* res) {
   __m512 a0[BT], a1[BT];
   for (int b = 0; b < BT; ++b) a0[b] = a1[b] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < nblk; ++k) {
+  int64_t k = 0;
+  if constexpr (BT == 1) {
+    // one batch row: two blocks per step into four accumulators, so that the FMA latency chains are
+    // interleaved (with two, each block waited for the previous block's FMA)
+    __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
+    for (; k + 1 < nblk; k += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(v + 1024), _MM_HINT_T0);
+      if ((k & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(meta + (F == NM14 ? 2 : 4) * k + 512), _MM_HINT_T0);
+      __m512 w0, w1, u0, u1;
+      expand32(block_mask<F>(meta, k), v, w0, w1);
+      expand32(block_mask<F>(meta, k + 1), v, u0, u1);
+      const float* xk = x + 32 * k;
+      a0[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xk), a0[0]);
+      a1[0] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xk + 16), a1[0]);
+      c0 = _mm512_fmadd_ps(u0, _mm512_loadu_ps(xk + 32), c0);
+      c1 = _mm512_fmadd_ps(u1, _mm512_loadu_ps(xk + 48), c1);
+    }
+    a0[0] = _mm512_add_ps(a0[0], c0);
+    a1[0] = _mm512_add_ps(a1[0], c1);
+  }
+  for (; k < nblk; ++k) {
     // software prefetch ahead of the value and metadata streams: 1.13-1.31x on this loop in
     // benchmarks/kernel_variants.cpp (variant A+pf); prefetches never fault, so running past the end is fine
     _mm_prefetch(reinterpret_cast<const char*>(v + 1024), _MM_HINT_T0);
