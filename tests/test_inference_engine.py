@@ -127,9 +127,48 @@ def test_unsupported_models_are_named(model_type, reason):
         DecodeEngine(model, 8)
 
 
-def test_a_bf16_model_is_not_decoded_by_the_engine():
-    model = make_tiny_model("llama", hidden=64).to(torch.bfloat16)
-    assert "torch.bfloat16" in engine_problem(model)
+@pytest.mark.parametrize("model_type", ENGINE_MODEL_TYPES)
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse-bf16-values"])
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_bf16_model_logits_are_as_close_to_the_model_as_float32_arithmetic_is(model_type, sparse, isa, monkeypatch):
+    """A bf16 model: the engine (float32 arithmetic, bf16 rounding where the modules round) against the bf16
+    model's own forward, measured against how far the float32 forward of the same weights is from it. Natively
+    (the AVX512-BF16 loop where the CPU has it) and on the AVX2 path (float32 loop on the rounded inputs)."""
+    from transformers import DynamicCache
+
+    from losa.inference import kernel as _kernel
+
+    if isa == "avx2":
+        if _kernel._cpu_isa() < 1:
+            pytest.skip("the CPU has no AVX2")
+        monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")
+    m32 = _model(model_type, None, seed=3)
+    if sparse:
+        _prune(m32, seed=3)
+    m16 = _model(model_type, None, seed=3)
+    if sparse:
+        _prune(m16, seed=3)
+    m16.to(torch.bfloat16)
+    m32.load_state_dict({k: v.float() for k, v in m16.state_dict().items()})  # the same bf16-valued weights
+    if sparse:
+        sparsify_for_inference(m16, value_dtype="bfloat16")
+    assert engine_problem(m16) is None
+    seq = torch.randint(3, 160, (1, 20), generator=torch.Generator().manual_seed(1))
+    ref16, ref32 = _reference_logits(m16, seq)[6:], _reference_logits(m32, seq)[6:]
+    engine = DecodeEngine(m16, 32)
+    with torch.inference_mode():
+        engine.load_prompt_cache(m16(seq[:, :6], cache=DynamicCache(config=m16.config), use_cache=True).cache)
+        got = torch.stack([engine.step(int(seq[0, t])) for t in range(6, 20)])
+    scale = float(ref16.abs().max())
+    err, err32 = float((got - ref16).abs().max()) / scale, float((ref32 - ref16).abs().max()) / scale
+    assert err <= max(2 * err32, 2e-3) and err < 0.02, (err, err32)
+    assert bool((got.argmax(-1) == ref16.argmax(-1)).float().mean() >= 0.9)
+    assert torch.equal(got, got.bfloat16().float())  # the logits are bf16 values, as the model's
+
+
+def test_a_float16_model_is_not_decoded_by_the_engine():
+    model = make_tiny_model("llama", hidden=64).to(torch.float16)
+    assert "torch.float16" in engine_problem(model)
 
 
 def test_engine_misuse_is_a_clear_error():
@@ -187,4 +226,6 @@ def test_cli_generate_says_whether_the_engine_decodes(tmp_path, capsys, monkeypa
     assert "decode engine: off (asked)" in off
     assert on.splitlines()[-2] == off.splitlines()[-2]  # the same greedy text either way
     assert main([*args, "--dtype", "bfloat16"]) == 0
-    assert "decode engine: off (the model is torch.bfloat16" in capsys.readouterr().out
+    assert "decode engine: on" in capsys.readouterr().out
+    assert main([*args, "--dtype", "float16"]) == 0
+    assert "decode engine: off (the model is torch.float16" in capsys.readouterr().out

@@ -152,7 +152,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "per-token overhead, a longer first compile), python = Inductor's generated Python wrapper "
                         "(default: cpp; measured in benchmarks/results/decode.md)")
     p.add_argument("--decode-engine", default="auto", choices=["auto", "off"],
-                   help="auto: decode one prompt of a float32 LLaMA-style model (LLaMA, Mistral, Qwen2) with the C++ "
+                   help="auto: decode one prompt of a float32 or bfloat16 LLaMA-style model (LLaMA, Mistral, Qwen2) with the C++ "
                         "decode engine, one call per token (the prompt itself runs through the model); off: "
                         "transformers' decode steps. --compile uses the compiled step instead (default: auto; "
                         "measured in benchmarks/results/decode.md)")

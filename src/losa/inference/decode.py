@@ -221,7 +221,7 @@ class LeanDecoder:
     ``model.set_attn_implementation("sdpa")`` to undo the attention).
 
     With ``decode_engine="auto"`` (the default) and without ``compile``, a model the C++ decode engine
-    supports (:func:`~losa.inference.engine.engine_problem`: a float32 LLaMA-style model) decodes one prompt
+    supports (:func:`~losa.inference.engine.engine_problem`: a float32 or bf16 LLaMA-style model) decodes one prompt
     with it: the prompt runs through the model, each new token is one engine call
     (:mod:`losa.inference.engine`); batches of several prompts and unsupported models take ``generate``'s own
     steps. :attr:`engine_reason` says which path runs and why.

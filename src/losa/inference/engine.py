@@ -8,15 +8,19 @@ the KV-cache write, the decode attention and SwiGLU back to back, then the LM he
 It attaches to Hugging Face ``generate`` (:func:`attach`): the prompt still runs through the model's own
 forward (batched GEMMs), its KV cache is copied into the engine's, and every one-token step afterwards is an
 engine call, so sampling, stopping criteria and streaming stay ``generate``'s. Supported: one sequence, a
-float32 model of a type in :data:`ENGINE_MODEL_TYPES` (LLaMA-style decoder layers: RMSNorm, rotary
-embedding, grouped-query attention, SwiGLU MLP) whose decoder linears are :class:`SparseLinear` or float32
-``nn.Linear`` and whose LM head is a :class:`~losa.inference.decode.BF16LMHead` or float32 ``nn.Linear``.
+float32 or bfloat16 model of a type in :data:`ENGINE_MODEL_TYPES` (LLaMA-style decoder layers: RMSNorm, rotary
+embedding, grouped-query attention, SwiGLU MLP) whose decoder linears are :class:`SparseLinear` or ``nn.Linear``
+in the model's dtype and whose LM head is a :class:`~losa.inference.decode.BF16LMHead` or an ``nn.Linear``.
+A bf16 model's step computes in float32 and rounds to bf16 wherever the model's modules round (each linear's
+output, norms, rotary products, residual sums, ...); its linears take bf16 inputs (the AVX512-BF16 loop where
+the CPU has it).
 :func:`engine_problem` says why a model is not supported; :class:`~losa.inference.decode.LeanDecoder`
 falls back to ``generate``'s own steps then. Measurements: benchmarks/bench_decode.py (mode ``engine``),
 benchmarks/results/decode.md and llamacpp.md.
 
-Numbers: the same operations as the model's float32 forward (the reference of
-``tests/test_inference_engine.py``); sums run in another order, so logits agree to float32 rounding, not bits.
+Numbers: the same operations as the model's own forward (the reference of ``tests/test_inference_engine.py``);
+sums run in another order, so logits agree to float32 rounding (float32 models) or within bf16 rounding (bf16
+models), not bit for bit.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from torch import nn
 
 from losa.errors import LosaError
 from losa.inference import kernel as _kernel
-from losa.inference.formats import FORMAT_CODES
+from losa.inference.formats import FORMAT_CODES, pack
 from losa.inference.sparse_linear import SparseLinear
 
 #: ``config.model_type`` values whose decoder layers the engine computes (LLaMA-style: RMSNorm, RoPE, GQA, SwiGLU)
@@ -40,12 +44,16 @@ _PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj
          ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 
 
-def _linear_problem(name: str, m: Any) -> str | None:
+#: model dtypes the engine decodes (float32 arithmetic; a bf16 model's values are rounded where its modules round)
+ENGINE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _linear_problem(name: str, m: Any, dtype: torch.dtype) -> str | None:
     if isinstance(m, SparseLinear):
         return None
-    if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu":
+    if isinstance(m, nn.Linear) and m.weight.dtype == dtype and m.weight.device.type == "cpu":
         return None
-    return f"{name} is a {type(m).__name__} (the engine takes SparseLinear or a float32 CPU nn.Linear)"
+    return f"{name} is a {type(m).__name__} (the engine takes SparseLinear or a CPU nn.Linear of the model's dtype)"
 
 
 def engine_problem(model: nn.Module) -> str | None:
@@ -72,8 +80,8 @@ def engine_problem(model: nn.Module) -> str | None:
     if layers is None or getattr(base, "embed_tokens", None) is None or getattr(base, "norm", None) is None:
         return "the model has no model.layers / embed_tokens / norm"
     emb = base.embed_tokens.weight
-    if emb.dtype != torch.float32 or emb.device.type != "cpu":
-        return f"the model is {emb.dtype} on {emb.device.type} (the engine decodes float32 CPU models)"
+    if emb.dtype not in ENGINE_DTYPES or emb.device.type != "cpu":
+        return f"the model is {emb.dtype} on {emb.device.type} (the engine decodes float32 and bfloat16 CPU models)"
     if getattr(base, "rotary_emb", None) is None:
         return "the model has no rotary embedding module"
     for i, layer in enumerate(layers):
@@ -82,13 +90,13 @@ def engine_problem(model: nn.Module) -> str | None:
             return f"layer {i} has no self_attn or normalises q/k (not LLaMA-style)"
         for part, proj in _PROJ:
             m = getattr(getattr(layer, part, None), proj, None)
-            if (why := _linear_problem(f"layer {i} {part}.{proj}", m)) is not None:
+            if (why := _linear_problem(f"layer {i} {part}.{proj}", m, emb.dtype)) is not None:
                 return why
         for norm in ("input_layernorm", "post_attention_layernorm"):
             if getattr(getattr(layer, norm, None), "weight", None) is None:
                 return f"layer {i} has no {norm}.weight"
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, BF16LMHead) and (why := _linear_problem("the LM head", head)) is not None:
+    if not isinstance(head, BF16LMHead) and (why := _linear_problem("the LM head", head, emb.dtype)) is not None:
         return why
     return None
 
@@ -122,11 +130,12 @@ def _queue_linear(eng: Any, m: nn.Module) -> None:
 class DecodeEngine:
     """The C++ engine for one model and cache length (positions ``0 .. max_len - 1``).
 
-    The engine reads the model's buffers in place (no copy of the weights); it holds its own float32 KV cache
-    ``2 x layers x kv_heads x max_len x head_dim`` values.
+    The engine reads the model's buffers in place (no copy of the weights, except a bf16 model's LM head: see
+    :meth:`_queue_packed_copy`); it holds its own float32 KV cache ``2 x layers x kv_heads x max_len x head_dim``
+    values.
 
     Args:
-        model: a float32 causal LM that :func:`engine_problem` accepts.
+        model: a float32 or bfloat16 causal LM that :func:`engine_problem` accepts.
         max_len: positions the cache holds (prompt + new tokens).
 
     Raises:
@@ -144,10 +153,12 @@ class DecodeEngine:
         head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
         attn0 = base.layers[0].self_attn
         scale = float(getattr(attn0, "scaling", head_dim ** -0.5))
+        dtype = base.embed_tokens.weight.dtype
         with torch.inference_mode():
             pos = torch.arange(max_len).unsqueeze(0)  # [1, max_len]
-            probe = torch.zeros(1, max_len, head_dim)
-            cos, sin = base.rotary_emb(probe, pos)  # [1, max_len, head_dim] each, attention scaling applied
+            probe = torch.zeros(1, max_len, head_dim, dtype=dtype)
+            # [1, max_len, head_dim] each, attention scaling applied, in the model's dtype (as its layers get them)
+            cos, sin = base.rotary_emb(probe, pos)
         k = _kernel.load_kernel()
         self._eng = k.DecodeEngine(base.embed_tokens.weight.detach(), cos[0].float().contiguous(),
                                    sin[0].float().contiguous(), base.norm.weight.detach(), heads, kv_heads, head_dim,
@@ -156,13 +167,34 @@ class DecodeEngine:
             for part, proj in _PROJ:
                 _queue_linear(self._eng, getattr(getattr(layer, part), proj))
             self._eng.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach())
-        _queue_linear(self._eng, model.get_output_embeddings())
+        head = model.get_output_embeddings()
+        if dtype == torch.bfloat16 and isinstance(head, nn.Linear):
+            self._queue_packed_copy(head)
+        else:
+            _queue_linear(self._eng, head)
         self._eng.set_head()
         self.k_cache, self.v_cache = self._eng.allocate_cache()  # [layers, kv_heads, max_len, head_dim]
         self.max_len = int(max_len)
         self.num_layers = len(base.layers)
         #: next position to decode (None until a prompt's cache has been loaded)
         self.pos: int | None = None
+
+    def _queue_packed_copy(self, head: nn.Linear) -> None:
+        """Queue a bf16 model's LM head as a packed copy (every weight kept): the engine's bf16 row loop.
+
+        torch's bf16 matrix-vector product was several times slower than the packed loop on the LM head
+        (benchmarks/results/decode.md), and the head is the largest matrix a decode step reads; the copy costs
+        its bytes once more (plus one metadata bit per weight).
+        """
+        k = _kernel.load_kernel()
+        w = head.weight.detach()
+        packed = pack(w, torch.bfloat16, "bitmask", keep=torch.ones_like(w, dtype=torch.bool))
+        meta, values = packed.meta, packed.values
+        if _kernel.hugepages_enabled():
+            meta, values = k.hugepage_copy(meta), k.hugepage_copy(values)
+        bias = None if head.bias is None else head.bias.detach().float()
+        self._eng.add_packed(meta, values, packed.row_ptr, bias, head.out_features, head.in_features,
+                             FORMAT_CODES["bitmask"])
 
     def load_prompt_cache(self, cache: Any) -> int:
         """Copy a transformers cache of one sequence (after the prompt's forward) into the engine.

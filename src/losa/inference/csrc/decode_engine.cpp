@@ -1,5 +1,5 @@
 // Decode engine: one whole decode step of a LLaMA-style decoder (LLaMA, Mistral, Qwen2) in C++, for one
-// sequence, float32 activations. Part of the losa_sparse_kernels extension; losa/inference/engine.py builds
+// sequence, float32 or bf16 models (float32 arithmetic). Part of the losa_sparse_kernels extension; losa/inference/engine.py builds
 // it from a Hugging Face model and attaches it to `generate`.
 //
 // Why: a small model's decode step is hundreds of tiny operations (norms, rotary, cache writes, attention,
@@ -18,6 +18,14 @@
 //   x = RMSNorm(h) · w_post;   h += W_down (SiLU(W_gate x) ⊙ W_up x)   (Shazeer 2020, SwiGLU)
 // then logits = W_head (RMSNorm(h) · w_final). cos/sin come from the model's own rotary embedding (so rope
 // scaling variants are the model's), per position, as tables [max_len, D].
+//
+// bf16 models (bf16 = true): arithmetic stays float32, and every value a bf16 model stores in bf16 is rounded
+// to bf16 (round to nearest even) where the Hugging Face modules round it: each linear's output, the
+// normalised hidden state and its product with the norm weight, both products and the sum of the rotary
+// embedding, the attention output, SiLU(gate) and its product with up, every residual sum, the logits. The
+// linears then take bf16 inputs (the AVX512-BF16 loop where the CPU has it, else the float32 loop on the same
+// rounded values). Sums inside a linear or the attention run in another order than torch's, so the result is
+// close to the module's, not bit-identical.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -34,19 +42,54 @@ namespace {
 
 inline int64_t pad32(int64_t k) { return (k + 31) / 32 * 32; }
 
-// One linear layer: the packed row loop, or a float32 dense weight [N, K] (at::mv) for layers kept dense.
+// float32 -> the nearest bf16 (ties to even), returned as float32; and its 16 bits
+inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+inline float round_bf16(float f) {
+  uint32_t u = f32_bits(f);
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  float r;
+  std::memcpy(&r, &u, sizeof r);
+  return r;
+}
+inline float widen_bf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// One linear layer: the packed row loop (float32 inputs, and bf16 inputs where the AVX512-BF16 loop runs), or
+// a dense weight [N, K] (float32 or bf16, at::mv) for layers kept dense.
 struct Linear {
   losa::GemvCall call;
+  losa::GemvCallBf16 call16;
   torch::Tensor weight, bias;
   int64_t n = 0, k = 0;
 
-  void run(const float* x, float* y) const {
+  // x: float32 [K32] (zero padded); xb: the same values as bf16 bits, or nullptr (float32 model)
+  void run(const float* x, const uint16_t* xb, float* y) const {
+    if (xb && call16) {
+      call16(xb, y);
+      return;
+    }
     if (call) {
       call(x, y);
       return;
     }
-    auto xv = torch::from_blob(const_cast<float*>(x), {k}, torch::kFloat32);
     auto yv = torch::from_blob(y, {n}, torch::kFloat32);
+    if (weight.scalar_type() == torch::kBFloat16) {
+      TORCH_CHECK(xb, "a bf16 dense weight needs bf16 inputs");
+      auto xv = torch::from_blob(const_cast<uint16_t*>(xb), {k}, torch::kBFloat16);
+      auto r = at::mv(weight, xv);
+      if (bias.defined()) r = r.to(torch::kFloat32).add_(bias);
+      yv.copy_(r);
+      return;
+    }
+    auto xv = torch::from_blob(const_cast<float*>(x), {k}, torch::kFloat32);
     at::mv_out(yv, weight, xv);
     if (bias.defined()) yv.add_(bias);
   }
@@ -57,36 +100,60 @@ struct Layer {
   Linear q, k, v, o, gate, up, down;
 };
 
-// y[0:n] = x / sqrt(mean(x²) + eps) · w   (float32; x and y may not alias)
+// R(v): v itself (float32 model) or v rounded to bf16 (bf16 model)
+template <bool B>
+inline float R(float v) {
+  if constexpr (B) return round_bf16(v);
+  return v;
+}
+
+// y[0:n] = x / sqrt(mean(x²) + eps) · w   (x and y may not alias)
+template <bool B>
 void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
   double ss = 0.0;
   for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * x[i];
   const float r = 1.f / std::sqrt(float(ss / double(n)) + eps);
-  for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * r);
+  for (int64_t i = 0; i < n; ++i) y[i] = R<B>(w[i] * R<B>(x[i] * r));
 }
 
 // Rotary embedding of `heads` heads of D values in place (rotate-half form, see the top of the file).
+template <bool B>
 void rope(float* x, int64_t heads, int64_t D, const float* cos, const float* sin) {
   const int64_t h2 = D / 2;
   for (int64_t h = 0; h < heads; ++h) {
     float* xh = x + h * D;
     for (int64_t i = 0; i < h2; ++i) {
       const float a = xh[i], b = xh[i + h2];
-      xh[i] = a * cos[i] - b * sin[i];
-      xh[i + h2] = b * cos[i + h2] + a * sin[i + h2];
+      xh[i] = R<B>(R<B>(a * cos[i]) + R<B>(-b * sin[i]));
+      xh[i + h2] = R<B>(R<B>(b * cos[i + h2]) + R<B>(a * sin[i + h2]));
     }
   }
 }
 
+template <bool B>
+inline void round_all(float* x, int64_t n) {
+  if constexpr (B)
+    for (int64_t i = 0; i < n; ++i) x[i] = round_bf16(x[i]);
+}
+
+// bf16 bits of n values that are already bf16 (exact), for the bf16-input loop
+inline void to_bits(const float* x, uint16_t* xb, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) xb[i] = static_cast<uint16_t>(f32_bits(x[i]) >> 16);
+}
+
 class DecodeEngine {
  public:
-  // embed [V, H] float32; cos, sin [max_len, D] float32; final_norm [H]; isa: the sparse kernel's level.
+  // embed [V, H] float32 or bf16 (bf16: a bf16 model, see the top of the file); cos, sin [max_len, D] float32;
+  // final_norm [H]; isa: the sparse kernel's level.
   DecodeEngine(torch::Tensor embed, torch::Tensor cos, torch::Tensor sin, torch::Tensor final_norm,
                int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale, int64_t isa)
       : embed_(embed.contiguous()), cos_(cos.contiguous()), sin_(sin.contiguous()),
         final_norm_(final_norm.to(torch::kFloat32).contiguous()), nh_(num_heads), nkv_(num_kv_heads),
         D_(head_dim), eps_(float(eps)), scale_(float(scale)), isa_(isa), avx2_(losa::attention_avx2(isa)) {
-    TORCH_CHECK(embed_.dim() == 2 && embed_.scalar_type() == torch::kFloat32, "embed must be float32 [V, H]");
+    TORCH_CHECK(embed_.dim() == 2 && (embed_.scalar_type() == torch::kFloat32 ||
+                                      embed_.scalar_type() == torch::kBFloat16),
+                "embed must be float32 or bfloat16 [V, H]");
+    bf16_ = embed_.scalar_type() == torch::kBFloat16;
     TORCH_CHECK(cos_.dim() == 2 && cos_.sizes() == sin_.sizes() && cos_.size(1) == D_ &&
                     cos_.scalar_type() == torch::kFloat32 && sin_.scalar_type() == torch::kFloat32,
                 "cos and sin must be float32 [max_len, head_dim]");
@@ -102,13 +169,15 @@ class DecodeEngine {
                   int64_t n, int64_t k, int64_t fmt) {
     Linear l;
     l.call = losa::prepare_gemv(meta, values, row_ptr, bias, n, k, fmt, isa_);
+    if (bf16_) l.call16 = losa::prepare_gemv_bf16(meta, values, row_ptr, bias, n, k, fmt, isa_);
     l.n = n;
     l.k = k;
     pending_.push_back(std::move(l));
   }
 
   void add_dense(torch::Tensor weight, c10::optional<torch::Tensor> bias) {
-    TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32, "dense weight must be float32 [N, K]");
+    TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == (bf16_ ? torch::kBFloat16 : torch::kFloat32),
+                "a dense weight must be [N, K] in the model's dtype (float32 or bfloat16)");
     Linear l;
     l.weight = weight.contiguous();
     l.n = weight.size(0);
@@ -155,7 +224,11 @@ class DecodeEngine {
   int64_t max_len() const { return max_len_; }
 
   // One decode step: token at position pos (the cache holds positions 0..pos-1); returns logits float32 [V].
-  torch::Tensor step(int64_t token, int64_t pos) {
+  torch::Tensor step(int64_t token, int64_t pos) { return bf16_ ? step_impl<true>(token, pos) : step_impl<false>(token, pos); }
+
+ private:
+  template <bool B>
+  torch::Tensor step_impl(int64_t token, int64_t pos) {
     TORCH_CHECK(kc_.defined(), "allocate_cache() first");
     TORCH_CHECK(0 <= pos && pos < max_len_, "position ", pos, " is outside the cache (", max_len_, " positions)");
     TORCH_CHECK(0 <= token && token < embed_.size(0), "token id ", token, " is outside the vocabulary");
@@ -163,19 +236,33 @@ class DecodeEngine {
     const int64_t Hp = pad32(H), Ap = pad32(qd), Ip = pad32(I_);
     // scratch (zero padded inputs of the row loops)
     std::vector<float> h(H), xn(Hp, 0.f), q(qd), k(kd), v(kd), attn(Ap, 0.f), tmp(H), g(I_), act(Ip, 0.f);
-    std::memcpy(h.data(), embed_.data_ptr<float>() + token * H, sizeof(float) * H);
+    // bf16 copies of the linears' inputs (bf16 model only)
+    std::vector<uint16_t> xnb(B ? Hp : 0, 0), attnb(B ? Ap : 0, 0), actb(B ? Ip : 0, 0);
+    uint16_t* xnp = B ? xnb.data() : nullptr;
+    uint16_t* attnp = B ? attnb.data() : nullptr;
+    uint16_t* actp = B ? actb.data() : nullptr;
+    if constexpr (B) {
+      const uint16_t* e = reinterpret_cast<const uint16_t*>(embed_.data_ptr<at::BFloat16>()) + token * H;
+      for (int64_t i = 0; i < H; ++i) h[i] = widen_bf16(e[i]);
+    } else {
+      std::memcpy(h.data(), embed_.data_ptr<float>() + token * H, sizeof(float) * H);
+    }
     const float* cs = cos_.data_ptr<float>() + pos * D;
     const float* sn = sin_.data_ptr<float>() + pos * D;
     const int64_t S = pos + 1;
     const int64_t layer_stride = nkv_ * max_len_ * D;
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& L = layers_[li];
-      rms_norm(h.data(), L.in_norm.data_ptr<float>(), H, eps_, xn.data());
-      L.q.run(xn.data(), q.data());
-      L.k.run(xn.data(), k.data());
-      L.v.run(xn.data(), v.data());
-      rope(q.data(), nh_, D, cs, sn);
-      rope(k.data(), nkv_, D, cs, sn);
+      rms_norm<B>(h.data(), L.in_norm.data_ptr<float>(), H, eps_, xn.data());
+      if constexpr (B) to_bits(xn.data(), xnp, H);
+      L.q.run(xn.data(), xnp, q.data());
+      L.k.run(xn.data(), xnp, k.data());
+      L.v.run(xn.data(), xnp, v.data());
+      round_all<B>(q.data(), qd);
+      round_all<B>(k.data(), kd);
+      round_all<B>(v.data(), kd);
+      rope<B>(q.data(), nh_, D, cs, sn);
+      rope<B>(k.data(), nkv_, D, cs, sn);
       float* K = kc_.data_ptr<float>() + li * layer_stride;
       float* V = vc_.data_ptr<float>() + li * layer_stride;
       for (int64_t j = 0; j < nkv_; ++j) {
@@ -190,29 +277,37 @@ class DecodeEngine {
           losa::attend_f32(q.data() + j * G * D, K + j * max_len_ * D, V + j * max_len_ * D, G, S, D, scale_,
                            attn.data() + j * G * D, sc.data(), avx2_);
       });
-      L.o.run(attn.data(), tmp.data());
-      for (int64_t i = 0; i < H; ++i) h[i] += tmp[i];
-      rms_norm(h.data(), L.post_norm.data_ptr<float>(), H, eps_, xn.data());
+      round_all<B>(attn.data(), qd);
+      if constexpr (B) to_bits(attn.data(), attnp, qd);
+      L.o.run(attn.data(), attnp, tmp.data());
+      for (int64_t i = 0; i < H; ++i) h[i] = R<B>(h[i] + R<B>(tmp[i]));
+      rms_norm<B>(h.data(), L.post_norm.data_ptr<float>(), H, eps_, xn.data());
+      if constexpr (B) to_bits(xn.data(), xnp, H);
       const int64_t I = L.gate.n;
-      L.gate.run(xn.data(), g.data());
-      L.up.run(xn.data(), act.data());
-      for (int64_t i = 0; i < I; ++i) act[i] *= g[i] / (1.f + std::exp(-g[i]));  // SiLU(gate) ⊙ up
+      L.gate.run(xn.data(), xnp, g.data());
+      L.up.run(xn.data(), xnp, act.data());
+      for (int64_t i = 0; i < I; ++i) {  // SiLU(gate) ⊙ up
+        const float gi = R<B>(g[i]);
+        act[i] = R<B>(R<B>(gi / (1.f + std::exp(-gi))) * R<B>(act[i]));
+      }
       std::fill(act.begin() + I, act.end(), 0.f);
-      L.down.run(act.data(), tmp.data());
-      for (int64_t i = 0; i < H; ++i) h[i] += tmp[i];
+      if constexpr (B) to_bits(act.data(), actp, Ip);
+      L.down.run(act.data(), actp, tmp.data());
+      for (int64_t i = 0; i < H; ++i) h[i] = R<B>(h[i] + R<B>(tmp[i]));
     }
-    rms_norm(h.data(), final_norm_.data_ptr<float>(), H, eps_, xn.data());
+    rms_norm<B>(h.data(), final_norm_.data_ptr<float>(), H, eps_, xn.data());
+    if constexpr (B) to_bits(xn.data(), xnp, H);
     auto logits = torch::empty({head_.n}, torch::kFloat32);
-    head_.run(xn.data(), logits.data_ptr<float>());
+    head_.run(xn.data(), xnp, logits.data_ptr<float>());
+    round_all<B>(logits.data_ptr<float>(), head_.n);
     return logits;
   }
 
- private:
   torch::Tensor embed_, cos_, sin_, final_norm_, kc_, vc_;
   int64_t nh_, nkv_, D_;
   float eps_, scale_;
   int64_t isa_;
-  bool avx2_;
+  bool avx2_, bf16_ = false;
   int64_t H_ = 0, I_ = 0, max_len_ = 0;
   std::vector<Layer> layers_;
   std::vector<Linear> pending_;

@@ -858,6 +858,20 @@ GemvCall prepare_gemv(const torch::Tensor& meta, const torch::Tensor& values, co
   };
 }
 
+GemvCallBf16 prepare_gemv_bf16(const torch::Tensor& meta, const torch::Tensor& values, const torch::Tensor& row_ptr,
+                               const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t fmt,
+                               int64_t isa) {
+  Packed p = make_packed(meta, values, row_ptr, n, k, fmt);
+  GemvBf16Fn gb = select_bf16dot(values, isa, fmt);
+  if (!gb) return {};
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) b = bias->to(torch::kFloat32).contiguous();
+  return [p, gb, b, meta, values, row_ptr](const uint16_t* x, float* y) {
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    at::parallel_for(0, p.n, 16, [&](int64_t o0, int64_t o1) { gb(p, x, 1, p.k32, bp, y, o0, o1); });
+  };
+}
+
 }  // namespace losa
 
 // spmm as a dispatcher op as well (namespace = the extension's name), returning x's dtype: torch.compile'd
