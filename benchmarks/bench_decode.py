@@ -11,6 +11,9 @@ Modes (each a separate copy of the model, timed interleaved: every repetition ru
 * ``lean bf16 head + engine``: the lean model decoded by the C++ decode engine (:mod:`losa.inference.engine`,
   ``--decode-engine auto``, the default of ``losa generate``): the prompt through the model, then one engine call
   per token. Every other lean mode is timed with the engine off (``decode_engine="off"``).
+* ``bf16 model + engine`` (on CPUs with AVX512-BF16, where ``losa generate --dtype auto`` picks a bf16 model):
+  the model cast to bf16, pruned, bf16 values, decoded by the engine (bf16 inputs into the AVX512-BF16 loop, a
+  packed copy of the bf16 LM head).
 * ``dense fp32 + engine`` (``--with-dense-engine``): the dense model decoded by the engine (float32 weights).
 * ``..., unplanned`` (``--with-unplanned``): the lean modes without the decode plans, for the before/after.
 * ``..., sdpa attention`` (``--with-sdpa``): the lean modes with transformers' ``sdpa`` attention instead of
@@ -49,6 +52,7 @@ from _rows import read_jsonl, save_rows  # noqa: E402
 
 from losa.errors import LosaError  # noqa: E402
 from losa.inference import SparseLinear, sparsify_for_inference  # noqa: E402
+from losa.inference import kernel as _kernel  # noqa: E402
 from losa.inference.decode import BF16LMHead, LeanDecoder, set_lm_head_dtype  # noqa: E402
 from losa.pruning.masks import unstructured_mask  # noqa: E402
 from losa.utils.io import atomic_write_text  # noqa: E402
@@ -189,6 +193,12 @@ def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bo
             if not dec.use_engine:
                 raise LosaError(f"the decode engine does not run here: {dec.engine_reason}")
             modes[f"{tag} lean bf16 head + engine"] = {"model": eng, "sparsity": sp, "decoder": dec}
+        if engine and _kernel.native_bf16():  # what `losa generate --dtype auto` runs on this CPU: a bf16 model
+            b16 = copy.deepcopy(base).to(torch.bfloat16)
+            prune_magnitude(b16, sp)
+            sparsify_for_inference(b16, value_dtype="bfloat16")
+            modes[f"{tag} bf16 model + engine"] = {"model": b16, "sparsity": sp, "decoder": LeanDecoder(b16),
+                                                   "packed_head_copy": True}
         if with_overhead and compile_step:
             zero = copy.deepcopy(pruned)
             set_lm_head_dtype(zero, "bfloat16")
@@ -197,6 +207,8 @@ def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bo
                 "model": zero, "sparsity": sp, "decoder": LeanDecoder(zero, compile=True), "overhead": True}
     for m in modes.values():
         m["bytes"] = bytes_per_token(m["model"])
+        if m.get("packed_head_copy"):  # the engine multiplies a packed copy of the bf16 head: one meta bit per weight
+            m["bytes"] += m["model"].get_output_embeddings().weight.numel() // 8
     return modes
 
 
