@@ -156,6 +156,7 @@ def test_bf16_model_logits_are_as_close_to_the_model_as_float32_arithmetic_is(mo
     seq = torch.randint(3, 160, (1, 20), generator=torch.Generator().manual_seed(1))
     ref16, ref32 = _reference_logits(m16, seq)[6:], _reference_logits(m32, seq)[6:]
     engine = DecodeEngine(m16, 32)
+    assert engine.k_cache.dtype == engine.v_cache.dtype == torch.bfloat16  # half the bytes of a float32 cache
     with torch.inference_mode():
         engine.load_prompt_cache(m16(seq[:, :6], cache=DynamicCache(config=m16.config), use_cache=True).cache)
         got = torch.stack([engine.step(int(seq[0, t])) for t in range(6, 20)])

@@ -131,8 +131,8 @@ class DecodeEngine:
     """The C++ engine for one model and cache length (positions ``0 .. max_len - 1``).
 
     The engine reads the model's buffers in place (no copy of the weights, except a bf16 model's LM head: see
-    :meth:`_queue_packed_copy`); it holds its own float32 KV cache ``2 x layers x kv_heads x max_len x head_dim``
-    values.
+    :meth:`_queue_packed_copy`); it holds its own KV cache of ``2 x layers x kv_heads x max_len x head_dim``
+    values in the model's dtype.
 
     Args:
         model: a float32 or bfloat16 causal LM that :func:`engine_problem` accepts.

@@ -201,6 +201,13 @@ void attend_f32(const float* q, const float* k, const float* v, int64_t G, int64
   else attend<false, float>(q, k, v, nullptr, G, S, D, D, scale, out, scratch);
 }
 
+void attend_bf16(const float* q, const uint16_t* k, const uint16_t* v, int64_t G, int64_t S, int64_t D, float scale,
+                 float* out, float* scratch, bool avx2) {
+  std::fill(out, out + G * D, 0.f);
+  if (avx2) attend<true, uint16_t>(q, k, v, nullptr, G, S, D, D, scale, out, scratch);
+  else attend<false, uint16_t>(q, k, v, nullptr, G, S, D, D, scale, out, scratch);
+}
+
 bool attention_avx2(int64_t isa) {
 #if LOSA_ATTN_X86
   return isa >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");

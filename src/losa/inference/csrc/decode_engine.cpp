@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "losa_kernels.h"
@@ -212,12 +213,14 @@ class DecodeEngine {
     pending_.clear();
   }
 
-  // Allocate the KV cache, float32 [layers, num_kv_heads, max_len, head_dim] each; returns (K, V), sharing memory.
+  // Allocate the KV cache, [layers, num_kv_heads, max_len, head_dim] each in the model's dtype (a bf16 model's
+  // keys and values are bf16 values: stored as such, half the bytes); returns (K, V), sharing memory.
   std::vector<torch::Tensor> allocate_cache() {
     TORCH_CHECK(!layers_.empty() && head_.n > 0, "add the layers and the head first");
     const int64_t L = static_cast<int64_t>(layers_.size());
-    kc_ = torch::zeros({L, nkv_, max_len_, D_}, torch::kFloat32);
-    vc_ = torch::zeros({L, nkv_, max_len_, D_}, torch::kFloat32);
+    const auto dt = bf16_ ? torch::kBFloat16 : torch::kFloat32;
+    kc_ = torch::zeros({L, nkv_, max_len_, D_}, dt);
+    vc_ = torch::zeros({L, nkv_, max_len_, D_}, dt);
     return {kc_, vc_};
   }
 
@@ -263,19 +266,32 @@ class DecodeEngine {
       round_all<B>(v.data(), kd);
       rope<B>(q.data(), nh_, D, cs, sn);
       rope<B>(k.data(), nkv_, D, cs, sn);
-      float* K = kc_.data_ptr<float>() + li * layer_stride;
-      float* V = vc_.data_ptr<float>() + li * layer_stride;
+      using C = std::conditional_t<B, uint16_t, float>;  // cache element: bf16 bits or float32
+      C* K = static_cast<C*>(kc_.data_ptr()) + li * layer_stride;
+      C* V = static_cast<C*>(vc_.data_ptr()) + li * layer_stride;
       for (int64_t j = 0; j < nkv_; ++j) {
-        std::memcpy(K + (j * max_len_ + pos) * D, k.data() + j * D, sizeof(float) * D);
-        std::memcpy(V + (j * max_len_ + pos) * D, v.data() + j * D, sizeof(float) * D);
+        C* kd = K + (j * max_len_ + pos) * D;
+        C* vd = V + (j * max_len_ + pos) * D;
+        if constexpr (B) {
+          to_bits(k.data() + j * D, kd, D);
+          to_bits(v.data() + j * D, vd, D);
+        } else {
+          std::memcpy(kd, k.data() + j * D, sizeof(float) * D);
+          std::memcpy(vd, v.data() + j * D, sizeof(float) * D);
+        }
       }
       // KV heads over threads, each chunk at least 1 << 18 multiply-adds (as decode_attn)
       const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, G * S * 2 * D));
       at::parallel_for(0, nkv_, grain, [&](int64_t j0, int64_t j1) {
         std::vector<float> sc(static_cast<size_t>(S));
-        for (int64_t j = j0; j < j1; ++j)
-          losa::attend_f32(q.data() + j * G * D, K + j * max_len_ * D, V + j * max_len_ * D, G, S, D, scale_,
-                           attn.data() + j * G * D, sc.data(), avx2_);
+        for (int64_t j = j0; j < j1; ++j) {
+          if constexpr (B)
+            losa::attend_bf16(q.data() + j * G * D, K + j * max_len_ * D, V + j * max_len_ * D, G, S, D, scale_,
+                              attn.data() + j * G * D, sc.data(), avx2_);
+          else
+            losa::attend_f32(q.data() + j * G * D, K + j * max_len_ * D, V + j * max_len_ * D, G, S, D, scale_,
+                             attn.data() + j * G * D, sc.data(), avx2_);
+        }
       });
       round_all<B>(attn.data(), qd);
       if constexpr (B) to_bits(attn.data(), attnp, qd);

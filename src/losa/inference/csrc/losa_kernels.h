@@ -31,6 +31,10 @@ GemvCallBf16 prepare_gemv_bf16(const torch::Tensor& meta, const torch::Tensor& v
 void attend_f32(const float* q, const float* k, const float* v, int64_t G, int64_t S, int64_t D, float scale,
                 float* out, float* scratch, bool avx2);
 
+// The same over a bf16 cache (raw bf16 bits k [S, D], v [S, D]; widened exactly, float32 arithmetic).
+void attend_bf16(const float* q, const uint16_t* k, const uint16_t* v, int64_t G, int64_t S, int64_t D, float scale,
+                 float* out, float* scratch, bool avx2);
+
 // Whether the AVX2+FMA attention loops may run at ISA level `isa` on this CPU.
 bool attention_avx2(int64_t isa);
 
