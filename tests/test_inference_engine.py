@@ -230,3 +230,21 @@ def test_cli_generate_says_whether_the_engine_decodes(tmp_path, capsys, monkeypa
     assert "decode engine: on" in capsys.readouterr().out
     assert main([*args, "--dtype", "float16"]) == 0
     assert "decode engine: off (the model is torch.float16" in capsys.readouterr().out
+
+
+def test_a_static_prompt_cache_loads_only_its_filled_positions():
+    """A StaticCache holds max_cache_len slots; the engine takes the prompt's positions (get_seq_length)."""
+    from transformers import StaticCache
+
+    model = _model("llama", "bfloat16", "bfloat16", seed=10)
+    seq = torch.randint(3, 160, (1, 10), generator=torch.Generator().manual_seed(10))
+    ref = _reference_logits(model, seq)
+    engine = DecodeEngine(model, 16)
+    with torch.inference_mode():
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        model(seq[:, :5], cache=cache, use_cache=True)
+        assert cache.layers[0].keys.shape[2] == 32
+        assert engine.load_prompt_cache(cache) == 5
+        for t in range(5, 10):
+            torch.testing.assert_close(engine.step(int(seq[0, t])), ref[t], rtol=1e-4,
+                                       atol=1e-4 * float(ref[t].abs().max()))

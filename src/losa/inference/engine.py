@@ -200,7 +200,9 @@ class DecodeEngine:
         """Copy a transformers cache of one sequence (after the prompt's forward) into the engine.
 
         Args:
-            cache: a ``DynamicCache`` whose ``layers[i].keys`` / ``.values`` are ``[1, kv_heads, T, head_dim]``.
+            cache: a transformers cache (``DynamicCache``, or a ``StaticCache`` whose slots beyond the prompt are
+                unused) whose ``layers[i].keys`` / ``.values`` are ``[1, kv_heads, >= T, head_dim]``, ``T`` =
+                ``cache.get_seq_length()``.
 
         Returns:
             ``T``, the next position to decode.
@@ -209,19 +211,19 @@ class DecodeEngine:
             LosaError: a cache of another layout, batch size or length than the engine holds.
         """
         layers = getattr(cache, "layers", None)
-        if layers is None or len(layers) != self.num_layers:
-            raise LosaError("the decode engine needs a transformers DynamicCache with one entry per layer")
-        t = None
+        if layers is None or len(layers) != self.num_layers or not hasattr(cache, "get_seq_length"):
+            raise LosaError("the decode engine needs a transformers cache with one entry per layer")
+        t = int(cache.get_seq_length())
+        if t > self.max_len:
+            raise LosaError(f"the prompt has {t} positions, the engine's cache {self.max_len}")
         for i, layer in enumerate(layers):
             keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-            if keys is None or values is None or keys.dim() != 4 or keys.shape[0] != 1:
+            if (keys is None or values is None or keys.dim() != 4 or keys.shape[0] != 1 or keys.shape[2] < t
+                    or values.shape[2] < t):
                 raise LosaError("the decode engine needs the cache of one sequence ([1, kv_heads, T, head_dim])")
-            t = keys.shape[2]
-            if t > self.max_len:
-                raise LosaError(f"the prompt has {t} positions, the engine's cache {self.max_len}")
-            self.k_cache[i, :, :t].copy_(keys[0])
-            self.v_cache[i, :, :t].copy_(values[0])
-        self.pos = int(t)
+            self.k_cache[i, :, :t].copy_(keys[0, :, :t])
+            self.v_cache[i, :, :t].copy_(values[0, :, :t])
+        self.pos = t
         return self.pos
 
     def step(self, token: int) -> torch.Tensor:
