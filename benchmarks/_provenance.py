@@ -7,6 +7,7 @@ number came from (rows of one file may come from different days, commits and mac
 from __future__ import annotations
 
 import datetime as dt
+import os
 import platform
 import shlex
 import subprocess
@@ -69,9 +70,16 @@ def commit() -> str:
         return "unknown"
 
 
+#: environment variables that force an ISA path (losa's kernel, torch's kernels): a row's command starts with
+#: the ones that were set, so that it says which path ran and runs again as shown
+FORCING_ENV = ("LOSA_SPARSE_ISA", "ATEN_CPU_CAPABILITY")
+
+
 def provenance(threads: int, model: str = SMOLLM2, argv: list[str] | None = None) -> dict[str, object]:
-    """The fields every results row carries: date, commit, command (quoted so that it runs again as shown),
-    threads, CPU model and ISA, model."""
+    """The fields every results row carries: date, commit, command (quoted so that it runs again as shown,
+    prefixed with the ISA-forcing variables of :data:`FORCING_ENV` that were set), threads, CPU model and ISA,
+    model."""
+    env = [f"{k}={os.environ[k]}" for k in FORCING_ENV if os.environ.get(k)]
     return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
-            "command": shlex.join(["python", *(argv if argv is not None else sys.argv)]), "threads": threads,
+            "command": shlex.join([*env, "python", *(argv if argv is not None else sys.argv)]), "threads": threads,
             **cpu(), "model": model}

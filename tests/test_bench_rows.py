@@ -82,3 +82,16 @@ def test_decode_attention_rows_render_speed_per_case(tmp_path):
                                                 "kernel_ms": 0.5}])
     bda.render(tmp_path / "d.jsonl", tmp_path / "d.md")
     assert "| op | cache 128 | 2 | 3.000 | 0.500 | 6.00x |" in (tmp_path / "d.md").read_text()
+
+
+def test_provenance_command_names_the_forced_isa(monkeypatch):
+    """A row measured with a forced ISA path says so in its command (and reruns as shown)."""
+    import _provenance
+
+    monkeypatch.delenv("LOSA_SPARSE_ISA", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert _provenance.provenance(1, argv=["b.py", "--x", "a b"])["command"] == "python b.py --x 'a b'"
+    monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    row = _provenance.provenance(2, argv=["b.py"])
+    assert row["command"] == "LOSA_SPARSE_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 python b.py" and row["threads"] == 2
