@@ -44,3 +44,34 @@ def test_wanda_50_on_smollm2(smollm2, data_dir):
     assert abs(rep.sparsity.overall - 0.5) < 1e-3
     sparse = _wikitext_ppl(model, ids)
     assert WANDA_50_REF * (1 - BAND) < sparse < WANDA_50_REF * (1 + BAND), sparse
+
+
+def test_decode_engine_on_smollm2_generates_what_generate_does(smollm2):
+    """The real model, pruned and packed as losa generate runs it: the C++ decode engine's greedy tokens are
+    transformers' own (float32 model, bf16 values, bf16 LM head copy) and its logits match the model's forward."""
+    import torch
+
+    from losa.inference import kernel_available, sparsify_for_inference
+    from losa.inference.decode import LeanDecoder, set_lm_head_dtype
+    from losa.models.linear import get_weight, set_weight
+    from losa.models.registry import get_decoder_layers, linear_modules
+
+    if not kernel_available():
+        pytest.skip("needs the compiled sparse kernel")
+    model, tok = smollm2
+    model = copy.deepcopy(model)
+    for layer in get_decoder_layers(model):  # 50 % by magnitude per row (the speed test's pruning)
+        for mod in linear_modules(layer).values():
+            w = get_weight(mod)
+            set_weight(mod, w * (w.abs() >= w.abs().median(dim=1, keepdim=True).values))
+    sparsify_for_inference(model, value_dtype="bfloat16")
+    set_lm_head_dtype(model, "bfloat16")
+    on, off = LeanDecoder(model), LeanDecoder(model, decode_engine="off")
+    assert on.engine_reason == "on"
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=tok.eos_token_id, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        got, ref = on.generate(ids, 24, **kw), off.generate(ids, 24, **kw)
+        logits = model(got).logits[0, ids.shape[1] - 1:-1].float()  # the model's own next-token logits
+    assert torch.equal(got, ref)
+    assert torch.equal(logits.argmax(-1), got[0, ids.shape[1]:])
