@@ -195,16 +195,21 @@ def test_engine_misuse_is_a_clear_error():
 
 def test_the_prompt_computes_only_the_last_positions_logits(monkeypatch):
     """generate still asks the prompt's forward for the last position only (logits_to_keep) with the engine on."""
+    from losa.inference.decode import BF16LMHead
+
     model = _model("llama", "bfloat16", "bfloat16", seed=8)
     dec = LeanDecoder(model)
     rows = []
-    head = model.get_output_embeddings()
-    hook = head.register_forward_hook(lambda m, a, o: rows.append(a[0].reshape(-1, a[0].shape[-1]).shape[0]))
-    try:
-        with torch.inference_mode():
-            dec.generate(torch.randint(3, 160, (1, 12)), 5, do_sample=False, pad_token_id=0)
-    finally:
-        hook.remove()
+    real = BF16LMHead.forward  # counted on the class: a hook on the module would switch the engine off
+
+    def counting(self, x):
+        rows.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return real(self, x)
+
+    monkeypatch.setattr(BF16LMHead, "forward", counting)
+    with torch.inference_mode():
+        dec.generate(torch.randint(3, 160, (1, 12)), 5, do_sample=False, pad_token_id=0)
+    assert dec.last_engine == "on"
     assert rows == [1]  # the prompt's head ran on one row; the four engine steps never call the module
 
 
@@ -225,7 +230,7 @@ def test_cli_generate_says_whether_the_engine_decodes(tmp_path, capsys, monkeypa
     assert main([*args, "--decode-engine", "off"]) == 0
     off = capsys.readouterr().out
     assert "decode engine: off (asked)" in off
-    assert on.splitlines()[-2] == off.splitlines()[-2]  # the same greedy text either way
+    assert on.splitlines()[-3] == off.splitlines()[-3]  # the same greedy text either way
     assert main([*args, "--dtype", "bfloat16"]) == 0
     assert "decode engine: on" in capsys.readouterr().out
     assert main([*args, "--dtype", "float16"]) == 0
@@ -248,3 +253,125 @@ def test_a_static_prompt_cache_loads_only_its_filled_positions():
         for t in range(5, 10):
             torch.testing.assert_close(engine.step(int(seq[0, t])), ref[t], rtol=1e-4,
                                        atol=1e-4 * float(ref[t].abs().max()))
+
+
+
+def _greedy(dec, ids, n=8, **kw):
+    with torch.inference_mode():
+        return dec.generate(ids, n, **{"do_sample": False, "pad_token_id": 0, "eos_token_id": None, **kw})
+
+
+@pytest.mark.parametrize("option", [dict(num_beams=2), dict(num_return_sequences=2, do_sample=True),
+                                    dict(cache_implementation="static"), dict(use_cache=False),
+                                    dict(return_dict_in_generate=True), dict(prompt_lookup_num_tokens=3),
+                                    dict(output_hidden_states=True, return_dict_in_generate=True)],
+                         ids=lambda o: ",".join(o))
+def test_generate_options_the_engine_does_not_serve_fall_back(option):
+    """Beams, several sequences, other caches, speculative decoding, returned caches: generate's own steps."""
+    model = _model("llama", "bfloat16", "bfloat16", seed=11)
+    on, off = LeanDecoder(model), LeanDecoder(model, decode_engine="off")
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
+    kw = option
+    torch.manual_seed(0)
+    ref = _greedy(off, ids, **kw)
+    torch.manual_seed(0)
+    got = _greedy(on, ids, **kw)
+    ref_ids, got_ids = (ref.sequences, got.sequences) if hasattr(ref, "sequences") else (ref, got)
+    assert torch.equal(got_ids, ref_ids)
+    assert on.last_engine.startswith("off (") and "forward" not in vars(model)
+    assert _greedy(on, ids).shape == (1, 16) and on.last_engine == "on"  # plain calls still use it
+
+
+def test_a_padded_prompt_falls_back():
+    model = _model("llama", "bfloat16", "bfloat16", seed=12)
+    dec = LeanDecoder(model)
+    ids = torch.tensor([[0, 0, 5, 6, 7]])
+    mask = torch.tensor([[0, 0, 1, 1, 1]])
+    ref = _greedy(LeanDecoder(model, decode_engine="off"), ids, attention_mask=mask)
+    assert torch.equal(_greedy(dec, ids, attention_mask=mask), ref) and dec.last_engine == \
+        "off (the attention mask has padding)"
+
+
+def test_concurrent_generations_on_one_decoder_are_serialised():
+    import threading
+
+    model = _model("llama", "bfloat16", "bfloat16", seed=13)
+    dec = LeanDecoder(model)
+    prompts = [torch.randint(3, 160, (1, 4 + i), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    refs = [_greedy(LeanDecoder(model, decode_engine="off"), p, 12) for p in prompts]
+    outs, errors = [None] * 4, []
+
+    def run(i):
+        try:
+            outs[i] = _greedy(dec, prompts[i], 12)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(torch.equal(o, r) for o, r in zip(outs, refs))
+    assert "forward" not in vars(model)
+
+
+def test_an_engine_built_in_inference_mode_works_outside_it():
+    model = _model("llama", "bfloat16", "bfloat16", seed=14)
+    dec = LeanDecoder(model)
+    ids = torch.randint(3, 160, (1, 5))
+    inside = _greedy(dec, ids)  # builds the engine under inference_mode
+    with torch.no_grad():
+        outside = dec.generate(ids, 8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(inside, outside) and dec.last_engine == "on"
+
+
+def test_a_changed_model_is_checked_again():
+    model = _model("llama", None, seed=15)
+    dec = LeanDecoder(model)
+    ids = torch.randint(3, 160, (1, 5))
+    _greedy(dec, ids)
+    assert dec._engine.k_cache.dtype == torch.float32
+    model.to(torch.bfloat16)
+    ref = _greedy(LeanDecoder(model, decode_engine="off"), ids)
+    got = _greedy(dec, ids)
+    assert dec.last_engine == "on" and dec._engine.k_cache.dtype == torch.bfloat16  # rebuilt for the bf16 model
+    assert got.shape == ref.shape
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda m, a, o: o)
+    try:
+        _greedy(dec, ids)
+        assert dec.last_engine.startswith("off (") and "forward hooks" in dec.last_engine
+    finally:
+        handle.remove()
+
+
+def test_sliding_window_bounds_the_engine():
+    model = make_tiny_model("mistral", hidden=64, vocab=160, seed=16)
+    model.config.sliding_window = 16
+    dec, off = LeanDecoder(model), LeanDecoder(model, decode_engine="off")
+    ids = torch.randint(3, 160, (1, 6), generator=torch.Generator().manual_seed(16))
+    assert torch.equal(_greedy(dec, ids, 10), _greedy(off, ids, 10)) and dec.last_engine == "on"
+    assert torch.equal(_greedy(dec, ids, 11), _greedy(off, ids, 11))
+    assert dec.last_engine == "off (prompt + new tokens (17) exceed the sliding window (16))"
+    with pytest.raises(LosaError, match="exceeds the model's sliding window"):
+        DecodeEngine(model, 32)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0},
+                                  {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [3.0] * 8,
+                                   "original_max_position_embeddings": 24}], ids=["dynamic", "longrope"])
+def test_position_dependent_rope_matches_generate(rope):
+    """Rope types whose frequencies follow the largest position seen: the engine's tables are per position,
+    as generate's one-token steps compute them, and building them leaves the model's rotary module as it was."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(17)
+    cfg = LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                      rope_scaling=rope)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(3, 160, (1, 10), generator=torch.Generator().manual_seed(17))
+    ref = _greedy(LeanDecoder(model, decode_engine="off"), ids, 40)  # 50 positions: past 24 / the original 64 // 2
+    dec = LeanDecoder(model)
+    got = _greedy(dec, ids, 40)
+    assert dec.last_engine == "on" and torch.equal(got, ref)

@@ -46,7 +46,6 @@ def run_generate(args: argparse.Namespace) -> int:
                         "prune it first (losa prune) or drop --save-compact")
     decoder = LeanDecoder(model, compile=args.compile, compile_wrapper=args.compile_wrapper,
                           decode_engine=args.decode_engine)
-    print(f"decode engine: {decoder.engine_reason}")
     if args.save_compact:
         save_sparse(model, args.save_compact)
         print(f"wrote {args.save_compact}")
@@ -57,6 +56,7 @@ def run_generate(args: argparse.Namespace) -> int:
         dt = time.perf_counter() - t0
     new = out.shape[1] - ids.shape[1]
     print(tok.decode(out[0], skip_special_tokens=True))
+    print(f"decode engine: {decoder.last_engine}")
     if args.compile:
         mode += f", compiled with the {args.compile_wrapper} wrapper (this call includes the compile)"
     print(f"[{mode}] {new} tokens in {dt:.2f} s ({new / dt:.1f} tokens/s, "

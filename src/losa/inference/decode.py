@@ -32,6 +32,7 @@ benchmarks/results/decode.md.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -224,7 +225,12 @@ class LeanDecoder:
     supports (:func:`~losa.inference.engine.engine_problem`: a float32 or bf16 LLaMA-style model) decodes one prompt
     with it: the prompt runs through the model, each new token is one engine call
     (:mod:`losa.inference.engine`); batches of several prompts and unsupported models take ``generate``'s own
-    steps. :attr:`engine_reason` says which path runs and why.
+    steps, and so do calls with ``generate`` options it does not serve (beams, several sequences, other caches,
+    speculative decoding, returned caches or hidden states: :func:`~losa.inference.engine.generate_problem`).
+    :attr:`engine_reason` says whether the model can use it, :attr:`last_engine` whether the last call did and
+    why not. The engine keeps its KV cache between calls (:meth:`release_engine` frees it); a model whose
+    weights, dtype or modules change is checked again at the next call. Calls on one decoder are serialised
+    while the engine runs (it patches ``model.forward`` for the duration of the call).
 
     Args:
         model: the (sparse) causal LM.
@@ -250,8 +256,6 @@ class LeanDecoder:
                             f"{', '.join(COMPILE_WRAPPERS)}")
         if decode_engine not in DECODE_ENGINES:
             raise LosaError(f"decode engine {decode_engine!r} is not supported; use one of {', '.join(DECODE_ENGINES)}")
-        from losa.inference.engine import engine_problem
-
         self.model = model
         self.compile = bool(compile)
         self.compile_wrapper = compile_wrapper
@@ -264,26 +268,46 @@ class LeanDecoder:
         for m in model.modules():  # decode steps call the kernel's row loop without the per-call dispatch
             if isinstance(m, (SparseLinear, BF16LMHead)):
                 m.plan_decode()
-        if decode_engine == "off":
+        self.decode_engine = decode_engine
+        self._engine = None
+        self._engine_lock = threading.Lock()  # one generation at a time uses (and patches the model for) the engine
+        self._check_engine()
+        #: "on" or "off (reason)" for the last :meth:`generate` call (None before the first)
+        self.last_engine: str | None = None
+
+    def _check_engine(self) -> None:
+        """(Re)decide whether the engine can decode the model as it is now (a changed model drops the engine)."""
+        from losa.inference.engine import engine_problem, model_signature
+
+        if self.decode_engine == "off":
             why = "off (asked)"
         elif self.compile:
             why = "off (--compile asked for the compiled step)"
         else:
-            problem = engine_problem(model)
+            problem = engine_problem(self.model)
             why = "on" if problem is None else f"off ({problem})"
-        #: whether one-sequence generation uses the C++ decode engine
+        #: whether one-sequence generation uses the C++ decode engine (calls it cannot serve still fall back)
         self.use_engine = why == "on"
-        #: "on", or "off (reason)": for the CLI's summary line
+        #: "on", or "off (reason)": whether the model can be decoded by the engine at all
         self.engine_reason = why
+        self._signature = model_signature(self.model) if self.use_engine else None
         self._engine = None
+
+    def release_engine(self) -> None:
+        """Free the engine and its KV cache (kept between generations, like a static cache); rebuilt when needed."""
+        with self._engine_lock:
+            self._engine = None
 
     def _engine_for(self, needed: int):
         """The decode engine with a cache of at least ``needed`` positions (built on first need, then reused)."""
-        from losa.inference.engine import DecodeEngine
+        from losa.inference.engine import DecodeEngine, sliding_window
 
         if self._engine is None or self._engine.max_len < needed:
-            self._engine = None  # free the old cache first
-            self._engine = DecodeEngine(self.model, cache_length(needed, self.context))
+            old, self._engine = self._engine, None  # free the old cache first (its head copy is reused)
+            length = cache_length(needed, self.context)
+            if (window := sliding_window(self.model)) is not None:
+                length = min(length, window)
+            self._engine = DecodeEngine(self.model, length, reuse=old)
         return self._engine
 
     def generate_kwargs(self, input_ids: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:
@@ -330,14 +354,27 @@ class LeanDecoder:
             raise LosaError(f"max_new_tokens {max_new_tokens} must be at least 1")
         from torch._dynamo.exc import BackendCompilerFailed
 
-        needed = input_ids.shape[1] + max_new_tokens
-        window = getattr(getattr(self.model, "config", None), "sliding_window", None)
-        if (self.use_engine and input_ids.shape[0] == 1 and (window is None or needed <= window)
-                and (self.context is None or needed <= self.context)):
-            from losa.inference.engine import attach
+        if self.use_engine:
+            from losa.inference.engine import attach, generate_problem, model_signature
 
-            with attach(self.model, self._engine_for(needed)):
-                return self.model.generate(input_ids, max_new_tokens=max_new_tokens, **kwargs)
+            with self._engine_lock:
+                if model_signature(self.model) != self._signature:  # weights, dtype or modules replaced
+                    self._check_engine()
+                problem = (generate_problem(self.model, input_ids, max_new_tokens, kwargs, self.context)
+                           if self.use_engine else self.engine_reason)
+                engine = None
+                if problem is None:
+                    try:
+                        engine = self._engine_for(input_ids.shape[1] + max_new_tokens)
+                    except LosaError as e:  # the model cannot be decoded by it (any more): generate's own steps
+                        problem = str(e)
+                if engine is not None:
+                    self.last_engine = "on"
+                    with attach(self.model, engine):
+                        return self.model.generate(input_ids, max_new_tokens=max_new_tokens, **kwargs)
+                self.last_engine = problem if problem.startswith("off (") else f"off ({problem})"
+        else:
+            self.last_engine = self.engine_reason
         try:
             return self.model.generate(input_ids, max_new_tokens=max_new_tokens,
                                        **self.generate_kwargs(input_ids, max_new_tokens), **kwargs)

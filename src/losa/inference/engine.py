@@ -51,9 +51,25 @@ ENGINE_DTYPES = (torch.float32, torch.bfloat16)
 def _linear_problem(name: str, m: Any, dtype: torch.dtype) -> str | None:
     if isinstance(m, SparseLinear):
         return None
-    if isinstance(m, nn.Linear) and m.weight.dtype == dtype and m.weight.device.type == "cpu":
+    # exactly nn.Linear: a subclass may compute something else in its forward
+    if type(m) is nn.Linear and m.weight.dtype == dtype and m.weight.device.type == "cpu":
         return None
     return f"{name} is a {type(m).__name__} (the engine takes SparseLinear or a CPU nn.Linear of the model's dtype)"
+
+
+#: hooks transformers installs itself to capture hidden states / attentions: they record only when those
+#: outputs are asked for, which the engine refuses anyway (:func:`generate_problem`)
+_OUTPUT_CAPTURING = "transformers.utils.output_capturing"
+
+
+def _hooked(model: nn.Module) -> str | None:
+    """The first module with forward hooks (or accelerate's hook / an instance-level forward), or None."""
+    for name, m in model.named_modules():
+        hooks = [h for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+                 if getattr(h, "__module__", None) != _OUTPUT_CAPTURING]
+        if hooks or hasattr(m, "_hf_hook") or "forward" in vars(m):
+            return name or type(m).__name__
+    return None
 
 
 def engine_problem(model: nn.Module) -> str | None:
@@ -93,12 +109,81 @@ def engine_problem(model: nn.Module) -> str | None:
             if (why := _linear_problem(f"layer {i} {part}.{proj}", m, emb.dtype)) is not None:
                 return why
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            if getattr(getattr(layer, norm, None), "weight", None) is None:
-                return f"layer {i} has no {norm}.weight"
+            w = getattr(getattr(layer, norm, None), "weight", None)
+            if w is None or w.dtype != emb.dtype:
+                return f"layer {i} has no {norm}.weight in the model's dtype"
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, BF16LMHead) and (why := _linear_problem("the LM head", head, emb.dtype)) is not None:
         return why
+    if (hooked := _hooked(model)) is not None:
+        return f"{hooked} has forward hooks or its own forward (the engine would skip them)"
     return None
+
+
+def sliding_window(model: nn.Module) -> int | None:
+    """The model's attention window (positions), or None when it attends over every position."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    window = getattr(config, "sliding_window", None)
+    return int(window) if window else None
+
+
+#: ``generate`` options (arguments, or fields of the model's generation config) that the engine does not serve:
+#: several sequences per prompt, caches other than the prompt's dynamic cache, speculative or chunked decoding,
+#: outputs it does not produce (hidden states, attentions, the returned cache, which would hold only the prompt)
+_UNSERVED = ("num_beams", "num_return_sequences", "cache_implementation", "prompt_lookup_num_tokens",
+             "prefill_chunk_size", "assistant_model", "assistant_early_exit", "inputs_embeds", "past_key_values",
+             "cache", "return_dict_in_generate", "output_hidden_states", "output_attentions", "negative_prompt_ids",
+             "guidance_scale")
+
+
+def generate_problem(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, kwargs: dict,
+                     context: int | None) -> str | None:
+    """Why one ``model.generate(input_ids, max_new_tokens=..., **kwargs)`` call cannot decode with the engine.
+
+    Args:
+        model: a model :func:`engine_problem` accepts.
+        input_ids: the prompt ids ``(batch, T)``.
+        max_new_tokens: tokens to generate.
+        kwargs: the other ``generate`` arguments.
+        context: the model's context in positions (None: unknown).
+
+    Returns:
+        A short reason, or None when the engine serves the call.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        return f"a batch of {input_ids.shape[0]} prompts (the engine decodes one sequence)"
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        return "the attention mask has padding"
+    needed = input_ids.shape[1] + max_new_tokens
+    if (window := sliding_window(model)) is not None and needed > window:
+        return f"prompt + new tokens ({needed}) exceed the sliding window ({window})"
+    if context is not None and needed > context:
+        return f"prompt + new tokens ({needed}) exceed the context ({context})"
+    gc = getattr(model, "generation_config", None)
+    for name in _UNSERVED:
+        value = kwargs.get(name, getattr(gc, name, None))
+        if value is not None and value is not False and not (name in ("num_beams", "num_return_sequences")
+                                                                 and value == 1):
+            return f"generate option {name}={value!r}" if not isinstance(value, (torch.Tensor, nn.Module)) \
+                else f"generate option {name}"
+    if kwargs.get("use_cache", getattr(gc, "use_cache", True)) is False:
+        return "use_cache=False"
+    return None
+
+
+def model_signature(model: nn.Module) -> tuple:
+    """What the engine reads from ``model``, as identities: it changes when a weight, dtype or module is replaced
+    or a hook is added."""
+    parts: list = [type(model)]
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if "rotary_emb." not in name:  # dynamic rope types replace their frequencies in every forward
+            parts.append((name, t.data_ptr(), t.dtype, tuple(t.shape)))
+    for name, m in model.named_modules():  # hooks too: a hook added later switches the engine off
+        parts.append((name, type(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks)))
+    return tuple(parts)
 
 
 def _eps(norm: nn.Module) -> float:
@@ -127,26 +212,80 @@ def _queue_linear(eng: Any, m: nn.Module) -> None:
         eng.add_dense(m.weight.detach(), None if m.bias is None else m.bias.detach())
 
 
+def _rotary_tables(rotary: nn.Module, max_len: int, head_dim: int, dtype: torch.dtype) -> tuple:
+    """cos and sin ``[max_len, head_dim]`` (float32 holding the model dtype's values) as the model's decode steps get them.
+
+    One call for every position, except for rope types whose tables depend on the positions seen so far
+    (``dynamic``, ``longrope``: transformers recomputes their frequencies from the largest position of each
+    forward): those get one call per position, as a one-token step at that position would.
+    """
+    rope_type = getattr(rotary, "rope_type", "default")
+    with torch.inference_mode(False), torch.no_grad():
+        if rope_type in ("dynamic", "longrope"):
+            # the module updates its frequencies as it goes: put its state back afterwards
+            buffers = {k: v.clone() for k, v in rotary._buffers.items() if v is not None}
+            attrs = {k: getattr(rotary, k) for k in ("max_seq_len_cached", "attention_scaling") if hasattr(rotary, k)}
+            try:
+                tables = [rotary(torch.zeros(1, 1, head_dim, dtype=dtype), torch.tensor([[p]]))
+                          for p in range(max_len)]
+            finally:
+                for k, v in buffers.items():
+                    rotary._buffers[k] = v
+                for k, v in attrs.items():
+                    setattr(rotary, k, v)
+            cos = torch.cat([c[0] for c, _ in tables])
+            sin = torch.cat([s_[0] for _, s_ in tables])
+        else:
+            cos, sin = rotary(torch.zeros(1, max_len, head_dim, dtype=dtype), torch.arange(max_len).unsqueeze(0))
+            cos, sin = cos[0], sin[0]
+    return cos.float().contiguous(), sin.float().contiguous()
+
+
+def _packed_copy(head: nn.Linear) -> tuple:
+    """A bf16 model's LM head as a packed copy (every weight kept) for the engine's bf16 row loop.
+
+    torch's bf16 matrix-vector product was several times slower than the packed loop on SmolLM2's LM head (the
+    largest matrix a decode step reads); the copy costs the head's bytes once more, plus one metadata bit per
+    weight.
+
+    Returns:
+        ``(meta, values, row_ptr, bias or None)`` for ``add_packed``.
+    """
+    k = _kernel.load_kernel()
+    with torch.inference_mode(False), torch.no_grad():
+        w = head.weight.detach()
+        packed = pack(w, torch.bfloat16, "bitmask", keep=torch.ones_like(w, dtype=torch.bool))
+        meta, values = packed.meta, packed.values
+        if _kernel.hugepages_enabled():
+            meta, values = k.hugepage_copy(meta), k.hugepage_copy(values)
+        return meta, values, packed.row_ptr, None if head.bias is None else head.bias.detach().float().clone()
+
+
 class DecodeEngine:
     """The C++ engine for one model and cache length (positions ``0 .. max_len - 1``).
 
     The engine reads the model's buffers in place (no copy of the weights, except a bf16 model's LM head: see
-    :meth:`_queue_packed_copy`); it holds its own KV cache of ``2 x layers x kv_heads x max_len x head_dim``
+    :func:`_packed_copy`); it holds its own KV cache of ``2 x layers x kv_heads x max_len x head_dim``
     values in the model's dtype.
 
     Args:
         model: a float32 or bfloat16 causal LM that :func:`engine_problem` accepts.
-        max_len: positions the cache holds (prompt + new tokens).
+        max_len: positions the cache holds (prompt + new tokens); at most the model's sliding window.
+        reuse: an earlier engine of the same model whose bf16 LM head copy can be shared (a longer cache).
 
     Raises:
-        LosaError: when :func:`engine_problem` names a reason, or ``max_len`` < 1.
+        LosaError: when :func:`engine_problem` names a reason, ``max_len`` < 1, or ``max_len`` exceeds the
+            model's sliding window.
     """
 
-    def __init__(self, model: nn.Module, max_len: int) -> None:
+    def __init__(self, model: nn.Module, max_len: int, reuse: DecodeEngine | None = None) -> None:
         if (why := engine_problem(model)) is not None:
             raise LosaError(f"the decode engine cannot run this model: {why}")
         if max_len < 1:
             raise LosaError(f"max_len {max_len} must be at least 1")
+        if (window := sliding_window(model)) is not None and max_len > window:
+            raise LosaError(f"a cache of {max_len} positions exceeds the model's sliding window ({window}); the "
+                            f"engine attends over every position, so use at most {window}")
         cfg, base = model.config, model.model
         heads, kv_heads = int(cfg.num_attention_heads), int(getattr(cfg, "num_key_value_heads", None) or
                                                             cfg.num_attention_heads)
@@ -154,47 +293,32 @@ class DecodeEngine:
         attn0 = base.layers[0].self_attn
         scale = float(getattr(attn0, "scaling", head_dim ** -0.5))
         dtype = base.embed_tokens.weight.dtype
-        with torch.inference_mode():
-            pos = torch.arange(max_len).unsqueeze(0)  # [1, max_len]
-            probe = torch.zeros(1, max_len, head_dim, dtype=dtype)
-            # [1, max_len, head_dim] each, attention scaling applied, in the model's dtype (as its layers get them)
-            cos, sin = base.rotary_emb(probe, pos)
+        cos, sin = _rotary_tables(base.rotary_emb, max_len, head_dim, dtype)
         k = _kernel.load_kernel()
-        self._eng = k.DecodeEngine(base.embed_tokens.weight.detach(), cos[0].float().contiguous(),
-                                   sin[0].float().contiguous(), base.norm.weight.detach(), heads, kv_heads, head_dim,
-                                   _eps(base.norm), scale, _kernel.best_isa())
+        self._eng = k.DecodeEngine(base.embed_tokens.weight.detach(), cos, sin, base.norm.weight.detach(), heads,
+                                   kv_heads, head_dim, _eps(base.norm), scale, _kernel.best_isa())
         for layer in base.layers:
             for part, proj in _PROJ:
                 _queue_linear(self._eng, getattr(getattr(layer, part), proj))
             self._eng.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach())
         head = model.get_output_embeddings()
+        #: a bf16 model's packed LM head copy (meta, values, row_ptr, bias), reused by a later engine of the model
+        self.head_copy = None
         if dtype == torch.bfloat16 and isinstance(head, nn.Linear):
-            self._queue_packed_copy(head)
+            self.head_copy = reuse.head_copy if reuse is not None and reuse.head_copy is not None else \
+                _packed_copy(head)
+            self._eng.add_packed(*self.head_copy, head.out_features, head.in_features, FORMAT_CODES["bitmask"])
         else:
             _queue_linear(self._eng, head)
         self._eng.set_head()
-        self.k_cache, self.v_cache = self._eng.allocate_cache()  # [layers, kv_heads, max_len, head_dim]
+        # ordinary tensors even when built inside torch.inference_mode, so that later generations outside it can
+        # still copy a prompt's cache in
+        with torch.inference_mode(False), torch.no_grad():
+            self.k_cache, self.v_cache = self._eng.allocate_cache()  # [layers, kv_heads, max_len, head_dim]
         self.max_len = int(max_len)
         self.num_layers = len(base.layers)
         #: next position to decode (None until a prompt's cache has been loaded)
         self.pos: int | None = None
-
-    def _queue_packed_copy(self, head: nn.Linear) -> None:
-        """Queue a bf16 model's LM head as a packed copy (every weight kept): the engine's bf16 row loop.
-
-        torch's bf16 matrix-vector product was several times slower than the packed loop on the LM head
-        (benchmarks/results/decode.md), and the head is the largest matrix a decode step reads; the copy costs
-        its bytes once more (plus one metadata bit per weight).
-        """
-        k = _kernel.load_kernel()
-        w = head.weight.detach()
-        packed = pack(w, torch.bfloat16, "bitmask", keep=torch.ones_like(w, dtype=torch.bool))
-        meta, values = packed.meta, packed.values
-        if _kernel.hugepages_enabled():
-            meta, values = k.hugepage_copy(meta), k.hugepage_copy(values)
-        bias = None if head.bias is None else head.bias.detach().float()
-        self._eng.add_packed(meta, values, packed.row_ptr, bias, head.out_features, head.in_features,
-                             FORMAT_CODES["bitmask"])
 
     def load_prompt_cache(self, cache: Any) -> int:
         """Copy a transformers cache of one sequence (after the prompt's forward) into the engine.

@@ -51,7 +51,8 @@ inline uint32_t f32_bits(float f) {
 }
 inline float round_bf16(float f) {
   uint32_t u = f32_bits(f);
-  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  if ((u & 0x7fffffffu) > 0x7f800000u) u = (u | 0x00400000u) & 0xffff0000u;  // NaN stays a (quiet) NaN
+  else u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
   float r;
   std::memcpy(&r, &u, sizeof r);
   return r;
@@ -85,7 +86,7 @@ struct Linear {
     if (weight.scalar_type() == torch::kBFloat16) {
       TORCH_CHECK(xb, "a bf16 dense weight needs bf16 inputs");
       auto xv = torch::from_blob(const_cast<uint16_t*>(xb), {k}, torch::kBFloat16);
-      auto r = at::mv(weight, xv);
+      auto r = at::mv(weight, xv);  // bf16 result: with a bias, rounded once more than nn.Linear's single rounding
       if (bias.defined()) r = r.to(torch::kFloat32).add_(bias);
       yv.copy_(r);
       return;
@@ -270,14 +271,14 @@ class DecodeEngine {
       C* K = static_cast<C*>(kc_.data_ptr()) + li * layer_stride;
       C* V = static_cast<C*>(vc_.data_ptr()) + li * layer_stride;
       for (int64_t j = 0; j < nkv_; ++j) {
-        C* kd = K + (j * max_len_ + pos) * D;
-        C* vd = V + (j * max_len_ + pos) * D;
+        C* kslot = K + (j * max_len_ + pos) * D;
+        C* vslot = V + (j * max_len_ + pos) * D;
         if constexpr (B) {
-          to_bits(k.data() + j * D, kd, D);
-          to_bits(v.data() + j * D, vd, D);
+          to_bits(k.data() + j * D, kslot, D);
+          to_bits(v.data() + j * D, vslot, D);
         } else {
-          std::memcpy(kd, k.data() + j * D, sizeof(float) * D);
-          std::memcpy(vd, v.data() + j * D, sizeof(float) * D);
+          std::memcpy(kslot, k.data() + j * D, sizeof(float) * D);
+          std::memcpy(vslot, v.data() + j * D, sizeof(float) * D);
         }
       }
       // KV heads over threads, each chunk at least 1 << 18 multiply-adds (as decode_attn)

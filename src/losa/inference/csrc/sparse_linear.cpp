@@ -865,7 +865,10 @@ GemvCallBf16 prepare_gemv_bf16(const torch::Tensor& meta, const torch::Tensor& v
   GemvBf16Fn gb = select_bf16dot(values, isa, fmt);
   if (!gb) return {};
   torch::Tensor b;
-  if (bias.has_value() && bias->defined()) b = bias->to(torch::kFloat32).contiguous();
+  if (bias.has_value() && bias->defined()) {
+    b = bias->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(b.numel() == n, "bias must have N elements");
+  }
   return [p, gb, b, meta, values, row_ptr](const uint16_t* x, float* y) {
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     at::parallel_for(0, p.n, 16, [&](int64_t o0, int64_t o1) { gb(p, x, 1, p.k32, bp, y, o0, o1); });
