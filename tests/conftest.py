@@ -50,6 +50,18 @@ def make_tiny_model(model_type: str = "llama", seed: int = 0, layers: int = 2, h
     return model
 
 
+def prune_random(model, sparsity: float = 0.6, seed: int = 0) -> None:
+    """Zero a random fraction of every decoder linear (independent of losa's pruners)."""
+    from losa.models.linear import get_weight, set_weight
+    from losa.models.registry import get_decoder_layers, linear_modules
+
+    gen = torch.Generator().manual_seed(seed)
+    for layer in get_decoder_layers(model):
+        for mod in linear_modules(layer).values():
+            w = get_weight(mod)
+            set_weight(mod, w * (torch.rand(w.shape, generator=gen) >= sparsity))
+
+
 def make_tiny_tokenizer(vocab: int = 128):
     """A word-level tokenizer over ``vocab`` ids (built offline with ``tokenizers``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, prune_random
 
 from losa.errors import LosaError
 from losa.inference import kernel_available, sparsify_for_inference
@@ -16,21 +16,11 @@ from losa.inference.decode import (
     resolve_lm_head_dtype,
     set_lm_head_dtype,
 )
-from losa.models.linear import get_weight, set_weight
-from losa.models.registry import get_decoder_layers, linear_modules
 
 needs_kernel = pytest.mark.skipif(not kernel_available(), reason="needs the compiled sparse kernel")
 
 
 pytestmark = pytest.mark.usefixtures("no_measured_thresholds")
-
-
-def _prune(model, sparsity: float = 0.6, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for layer in get_decoder_layers(model):
-        for mod in linear_modules(layer).values():
-            w = get_weight(mod)
-            set_weight(mod, w * (torch.rand(w.shape, generator=gen) >= sparsity))
 
 
 def _tied_llama():
@@ -57,7 +47,7 @@ def test_lean_decoder_without_compile_is_plain_generate():
 def test_compiled_static_cache_greedy_matches_generate(sparse):
     model = make_tiny_model("llama", hidden=64, seed=3)
     if sparse:
-        _prune(model)
+        prune_random(model)
         sparsify_for_inference(model, value_dtype="float32")
     ids = torch.randint(3, 128, (1, 9))
     with torch.inference_mode():
@@ -79,7 +69,7 @@ def test_compile_wrapper_is_the_one_asked_for_and_keeps_greedy_tokens(monkeypatc
     import torch._inductor.config as ic
 
     model = make_tiny_model("llama", hidden=64, seed=7)
-    _prune(model, seed=6)
+    prune_random(model, seed=6)
     sparsify_for_inference(model, value_dtype="bfloat16")
     ids = torch.randint(3, 128, (1, 6))
     with torch.inference_mode():
@@ -121,7 +111,7 @@ def test_planned_decode_skips_the_python_dispatch_and_matches_generate(monkeypat
     from losa.inference import SparseLinear
 
     model = _tied_llama()
-    _prune(model, seed=2)
+    prune_random(model, seed=2)
     sparsify_for_inference(model, value_dtype="bfloat16")
     set_lm_head_dtype(model, "bfloat16")
     ids = torch.randint(3, 160, (1, 20))  # a prompt above the row-loop threshold: the full dispatch
@@ -151,7 +141,7 @@ def test_planned_layers_give_the_same_logits_as_the_full_dispatch(family, dtype)
     from losa.inference import SparseLinear
 
     model = make_tiny_model(family, hidden=64, seed=5)
-    _prune(model, seed=4)
+    prune_random(model, seed=4)
     model.to(dtype)
     sparsify_for_inference(model, value_dtype="bfloat16")
     assert any(m.bias is not None for m in model.modules() if isinstance(m, SparseLinear)) == (family == "qwen2")
@@ -190,7 +180,7 @@ def test_spmm_dispatcher_op_passes_opcheck_and_rounds_to_the_input_dtype(dtype):
 @needs_kernel
 def test_bf16_lm_head_rounds_only_the_head_and_keeps_the_embedding():
     model = _tied_llama()
-    _prune(model)
+    prune_random(model)
     sparsify_for_inference(model, value_dtype="bfloat16")
     emb = model.model.embed_tokens.weight
     before = emb.detach().clone()
@@ -276,7 +266,7 @@ def test_cli_generate_with_bf16_head_and_compile(tmp_path, capsys):
     from losa.cli import main
 
     model = make_tiny_model("llama", seed=4, hidden=64)
-    _prune(model)
+    prune_random(model)
     losa.save_checkpoint(model, make_tiny_tokenizer(), tmp_path / "m", {"recipe": {}})
     path = str(tmp_path / "m")
     assert main(["generate", path, "--prompt", "word5 word17", "--max-new-tokens", "4", "--dtype", "float32"]) == 0

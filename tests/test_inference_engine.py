@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, prune_random
 
 from losa.errors import LosaError
 from losa.inference import kernel_available, sparsify_for_inference
 from losa.inference.decode import LeanDecoder, set_lm_head_dtype
 from losa.inference.engine import ENGINE_MODEL_TYPES, DecodeEngine, attach, engine_problem
-from losa.models.linear import get_weight, set_weight
-from losa.models.registry import get_decoder_layers, linear_modules
+from losa.models.registry import get_decoder_layers
 
 pytestmark = [pytest.mark.skipif(not kernel_available(), reason="needs the compiled sparse kernel"),
               pytest.mark.usefixtures("no_measured_thresholds")]
-
-
-def _prune(model, sparsity: float = 0.6, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for layer in get_decoder_layers(model):
-        for mod in linear_modules(layer).values():
-            w = get_weight(mod)
-            set_weight(mod, w * (torch.rand(w.shape, generator=gen) >= sparsity))
 
 
 def _model(model_type: str, value_dtype: str | None, head: str = "float32", seed: int = 0):
@@ -32,7 +23,7 @@ def _model(model_type: str, value_dtype: str | None, head: str = "float32", seed
             for name in ("q_proj", "k_proj", "v_proj"):
                 torch.nn.init.normal_(getattr(layer.self_attn, name).bias, std=0.5)
     if value_dtype is not None:
-        _prune(model, seed=seed)
+        prune_random(model, seed=seed)
         sparsify_for_inference(model, value_dtype=value_dtype)
     set_lm_head_dtype(model, head)
     return model
@@ -144,10 +135,10 @@ def test_bf16_model_logits_are_as_close_to_the_model_as_float32_arithmetic_is(mo
         monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")
     m32 = _model(model_type, None, seed=3)
     if sparse:
-        _prune(m32, seed=3)
+        prune_random(m32, seed=3)
     m16 = _model(model_type, None, seed=3)
     if sparse:
-        _prune(m16, seed=3)
+        prune_random(m16, seed=3)
     m16.to(torch.bfloat16)
     m32.load_state_dict({k: v.float() for k, v in m16.state_dict().items()})  # the same bf16-valued weights
     if sparse:
@@ -220,7 +211,7 @@ def test_cli_generate_says_whether_the_engine_decodes(tmp_path, capsys, monkeypa
     from losa.cli import main
 
     model = make_tiny_model("llama", seed=9, hidden=64)
-    _prune(model)
+    prune_random(model)
     losa.save_checkpoint(model, make_tiny_tokenizer(), tmp_path / "m", {"recipe": {}})
     monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")  # float32 model on every CPU: the engine applies
     args = ["generate", str(tmp_path / "m"), "--prompt", "word5 word17", "--max-new-tokens", "4"]

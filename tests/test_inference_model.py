@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, make_tiny_tokenizer, prune_random
 
 from losa.errors import LosaError
 from losa.inference import SparseLinear, load_sparse, save_sparse, sparsify_for_inference
@@ -13,15 +13,6 @@ from losa.models.linear import get_weight, is_prunable, set_weight
 from losa.models.registry import get_decoder_layers, linear_modules
 
 pytestmark = pytest.mark.usefixtures("no_measured_thresholds")
-
-
-def prune_random(model, sparsity: float, seed: int = 0) -> None:
-    """Zero a random fraction of every decoder linear (independent of losa's pruners)."""
-    gen = torch.Generator().manual_seed(seed)
-    for layer in get_decoder_layers(model):
-        for mod in linear_modules(layer).values():
-            w = get_weight(mod)
-            set_weight(mod, w * (torch.rand(w.shape, generator=gen) >= sparsity))
 
 
 def dense_weights(model) -> dict[str, torch.Tensor]:
@@ -176,8 +167,6 @@ def test_cli_generate_errors(tmp_path, capsys):
 
 
 def _tiny_checkpoint(tmp_path):
-    from conftest import make_tiny_tokenizer
-
     import losa
 
     model = make_tiny_model("llama", seed=4, hidden=64)
@@ -290,7 +279,6 @@ def last_line(err: str) -> str:
 def test_cli_generate_checks_the_prompt_and_context_first(tmp_path, capsys):
     """As ``losa serve`` does per request: an empty prompt and prompt + --max-new-tokens beyond the context
     are one line (gpt2's learned positions raised IndexError, llama's rotary ones ran silently past 256)."""
-    from conftest import make_tiny_tokenizer
 
     from losa.cli import main
 
@@ -308,7 +296,6 @@ def test_cli_generate_checks_the_prompt_and_context_first(tmp_path, capsys):
 
 
 def test_cli_generate_save_compact_errors(tmp_path, capsys):
-    from conftest import make_tiny_tokenizer
 
     from losa.cli import main
 

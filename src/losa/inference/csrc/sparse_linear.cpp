@@ -838,6 +838,16 @@ torch::Tensor hugepage_copy(const torch::Tensor& t) {
 
 }  // namespace
 
+namespace {
+// the bias as float32 [N] (undefined without one)
+torch::Tensor float_bias(const c10::optional<torch::Tensor>& bias, int64_t n) {
+  if (!(bias.has_value() && bias->defined())) return {};
+  torch::Tensor b = bias->to(torch::kFloat32).contiguous();
+  TORCH_CHECK(b.numel() == n, "bias must have N elements");
+  return b;
+}
+}  // namespace
+
 namespace losa {
 
 GemvCall prepare_gemv(const torch::Tensor& meta, const torch::Tensor& values, const torch::Tensor& row_ptr,
@@ -846,11 +856,7 @@ GemvCall prepare_gemv(const torch::Tensor& meta, const torch::Tensor& values, co
   GemvFn g;
   ExpandFn e;
   select(values, isa, fmt, g, e);
-  torch::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    b = bias->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(b.numel() == n, "bias must have N elements");
-  }
+  const torch::Tensor b = float_bias(bias, n);
   // the tensors travel with the callable: the packed pointers stay valid as long as it lives
   return [p, g, b, meta, values, row_ptr](const float* x, float* y) {
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
@@ -864,11 +870,7 @@ GemvCallBf16 prepare_gemv_bf16(const torch::Tensor& meta, const torch::Tensor& v
   Packed p = make_packed(meta, values, row_ptr, n, k, fmt);
   GemvBf16Fn gb = select_bf16dot(values, isa, fmt);
   if (!gb) return {};
-  torch::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    b = bias->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(b.numel() == n, "bias must have N elements");
-  }
+  const torch::Tensor b = float_bias(bias, n);
   return [p, gb, b, meta, values, row_ptr](const uint16_t* x, float* y) {
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     at::parallel_for(0, p.n, 16, [&](int64_t o0, int64_t o1) { gb(p, x, 1, p.k32, bp, y, o0, o1); });
