@@ -73,6 +73,25 @@ def refuse_ignored(args: argparse.Namespace, ignored: list[tuple[tuple[str, ...]
         warnings.warn(line, stacklevel=2)
 
 
+def check_window_flags(seqlen: int | None, seqlen_flag: str, max_windows: int | None, seqlen_hint: str = "") -> None:
+    """The perplexity window flags of every command, with one wording: a window of at least 2 tokens,
+    ``--max-windows`` at least 1.
+
+    Args:
+        seqlen: the window length given (None: not given, nothing to check).
+        seqlen_flag: its flag, e.g. ``--seqlen`` or ``--eval-seqlen``.
+        max_windows: ``--max-windows`` (None: every window).
+        seqlen_hint: what else the user can do about the window length (appended after "; ").
+    Raises:
+        LosaError: a window below 2 tokens or ``--max-windows`` below 1.
+    """
+    if seqlen is not None and seqlen < 2:
+        raise LosaError(f"{seqlen_flag} {seqlen} must be at least 2 (a window predicts all its tokens but the first)"
+                        + (f"; {seqlen_hint}" if seqlen_hint else ""))
+    if max_windows is not None and max_windows < 1:
+        raise LosaError(f"--max-windows {max_windows} must be at least 1; omit it to evaluate every window")
+
+
 def eval_settings(args: argparse.Namespace, seqlen: int, data_dir: str | None) -> tuple[list[str], int]:
     """The perplexity datasets and window length of ``--eval`` / ``--eval-seqlen`` / ``--max-windows``,
     checked before any work: every dataset exists, the window has at least 2 tokens, ``--max-windows``
@@ -92,11 +111,7 @@ def eval_settings(args: argparse.Namespace, seqlen: int, data_dir: str | None) -
     """
     evals = args.eval if args.eval is not None else ("wikitext2" if data_available(data_dir) else "none")
     datasets = [] if evals == "none" else [d.strip() for d in evals.split(",") if d.strip()]
-    if args.eval_seqlen is not None and args.eval_seqlen < 2:
-        raise LosaError(f"--eval-seqlen {args.eval_seqlen} must be at least 2 (a window predicts all its tokens "
-                        "but the first); omit it to use --seqlen")
-    if args.max_windows is not None and args.max_windows < 1:
-        raise LosaError(f"--max-windows {args.max_windows} must be at least 1; omit it to evaluate every window")
+    check_window_flags(args.eval_seqlen, "--eval-seqlen", args.max_windows, "omit it to use --seqlen")
     if not datasets:  # nothing is evaluated: the evaluation flags would do nothing
         given = [f for f, v in (("--eval-seqlen", args.eval_seqlen), ("--max-windows", args.max_windows),
                                 ("--compare-dense", getattr(args, "compare_dense", False))) if v]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from losa.cli.common import add_data_dir_arg, add_model_arg, add_quiet_arg
+from losa.cli.common import add_data_dir_arg, add_model_arg, add_quiet_arg, check_window_flags
 from losa.data.sources import check_eval_datasets
 from losa.errors import LosaError
 
@@ -42,10 +42,7 @@ def run_ppl(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:  # bad flags fail before loading the model
         raise LosaError(f"--batch-size {args.batch_size} must be at least 1")
-    if args.max_windows is not None and args.max_windows < 1:
-        raise LosaError(f"--max-windows {args.max_windows} must be at least 1 (or leave it out: every window)")
-    if args.seqlen < 2:
-        raise LosaError(f"--seqlen {args.seqlen} must be at least 2 (a window predicts all its tokens but the first)")
+    check_window_flags(args.seqlen, "--seqlen", args.max_windows)
     datasets = [x.strip() for x in args.datasets.split(",") if x.strip()]
     if not datasets:
         raise LosaError("--datasets is empty; name at least one of wikitext2, c4, ptb or a text file")
