@@ -752,3 +752,17 @@ def test_measured_sparse_gemm_threshold_drives_the_prefill(monkeypatch):
             torch.testing.assert_close(layer(x).double(), F.linear(x.double(), w.bfloat16().double()),
                                        rtol=2e-2, atol=2e-2)
         assert calls == expected, cached
+
+
+@pytest.mark.parametrize("k", [64, 70])
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16])
+def test_pack_dense_is_pack_with_every_weight_kept(k, value_dtype):
+    from losa.inference.formats import pack, pack_dense
+
+    w = torch.randn(37, k)
+    w[3, 5] = 0.0  # a zero is stored like any other weight
+    ref = pack(w, value_dtype, "bitmask", keep=torch.ones_like(w, dtype=torch.bool))
+    got = pack_dense(w, value_dtype)
+    assert got.fmt == ref.fmt == "bitmask" and got.shape == ref.shape
+    for name in ("meta", "values", "row_ptr"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name

@@ -41,7 +41,7 @@ from torch import nn
 from losa.errors import LosaError
 from losa.inference import kernel as _kernel
 from losa.inference.attention import use_decode_attention
-from losa.inference.formats import FORMAT_CODES, pack
+from losa.inference.formats import FORMAT_CODES, pack_dense
 from losa.inference.sparse_linear import (
     DecodePlan,
     SparseLinear,
@@ -83,7 +83,7 @@ class BF16LMHead(nn.Module):
         self.weight = head.weight
         self.bias = head.bias
         w = head.weight.detach()
-        packed = pack(w, torch.bfloat16, "bitmask", keep=torch.ones_like(w, dtype=torch.bool))
+        packed = pack_dense(w, torch.bfloat16)
         self.register_buffer("meta", packed.meta, persistent=False)
         self.register_buffer("values", packed.values, persistent=False)
         self.register_buffer("row_ptr", packed.row_ptr, persistent=False)

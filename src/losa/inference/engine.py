@@ -35,7 +35,7 @@ from torch import nn
 
 from losa.errors import LosaError
 from losa.inference import kernel as _kernel
-from losa.inference.formats import FORMAT_CODES, pack
+from losa.inference.formats import FORMAT_CODES, pack_dense
 from losa.inference.sparse_linear import SparseLinear
 
 #: ``config.model_type`` values whose decoder layers the engine computes (LLaMA-style: RMSNorm, RoPE, GQA, SwiGLU)
@@ -253,8 +253,7 @@ def _packed_copy(head: nn.Linear) -> tuple:
     """
     k = _kernel.load_kernel()
     with torch.inference_mode(False), torch.no_grad():
-        w = head.weight.detach()
-        packed = pack(w, torch.bfloat16, "bitmask", keep=torch.ones_like(w, dtype=torch.bool))
+        packed = pack_dense(head.weight, torch.bfloat16)
         meta, values = packed.meta, packed.values
         if _kernel.hugepages_enabled():
             meta, values = k.hugepage_copy(meta), k.hugepage_copy(values)

@@ -135,6 +135,31 @@ def pack(weight: torch.Tensor, value_dtype: torch.dtype = torch.float32, fmt: st
     return Packed(meta.contiguous(), values, row_ptr, (rows, k), fmt)
 
 
+def pack_dense(weight: torch.Tensor, value_dtype: torch.dtype = torch.bfloat16) -> Packed:
+    """Pack every weight of ``weight [N, K]`` (zeros included): the bitmask format with every bit set.
+
+    The same buffers as ``pack(weight, value_dtype, "bitmask", keep=all True)``, built with one copy of the weight
+    instead of a mask and a gather (the LM head copies of the decode path: a vocabulary-sized matrix).
+
+    Args:
+        weight: the dense weight ``[N, K]``.
+        value_dtype: the stored precision (``torch.float32`` or ``torch.bfloat16``; values are rounded to it).
+
+    Returns:
+        The packed weight.
+
+    Raises:
+        LosaError: when ``weight`` is not 2-D.
+    """
+    if weight.dim() != 2:
+        raise LosaError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    rows, k = weight.shape
+    row_meta = _pack_bits(_pad_cols(torch.ones(1, k, dtype=torch.bool), round32(k)), 1)  # [1, K32 / 8]
+    values = torch.cat([weight.detach().to("cpu").reshape(-1).to(value_dtype), torch.zeros(PAD, dtype=value_dtype)])
+    row_ptr = torch.arange(rows + 1, dtype=torch.int64) * k
+    return Packed(row_meta.expand(rows, -1).contiguous(), values, row_ptr, (rows, k), "bitmask")
+
+
 def unpack(p: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dense ``[N, K]`` weight (reference decoder in plain torch; also the no-compiler path)."""
     rows, k = p.shape

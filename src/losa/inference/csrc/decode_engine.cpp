@@ -65,7 +65,7 @@ inline float widen_bf16(uint16_t h) {
 }
 
 // One linear layer: the packed row loop (float32 inputs, and bf16 inputs where the AVX512-BF16 loop runs), or
-// a dense weight [N, K] (float32 or bf16, at::mv) for layers kept dense.
+// a dense weight [N, K] (float32 or bf16, at::linear) for layers kept dense.
 struct Linear {
   losa::GemvCall call;
   losa::GemvCallBf16 call16;
@@ -82,18 +82,16 @@ struct Linear {
       call(x, y);
       return;
     }
-    auto yv = torch::from_blob(y, {n}, torch::kFloat32);
+    // at::linear, as nn.Linear computes it (torch's bf16 matrix-vector product was slower than its linear)
+    auto yv = torch::from_blob(y, {1, n}, torch::kFloat32);
+    torch::Tensor xv;
     if (weight.scalar_type() == torch::kBFloat16) {
       TORCH_CHECK(xb, "a bf16 dense weight needs bf16 inputs");
-      auto xv = torch::from_blob(const_cast<uint16_t*>(xb), {k}, torch::kBFloat16);
-      auto r = at::mv(weight, xv);  // bf16 result: with a bias, rounded once more than nn.Linear's single rounding
-      if (bias.defined()) r = r.to(torch::kFloat32).add_(bias);
-      yv.copy_(r);
-      return;
+      xv = torch::from_blob(const_cast<uint16_t*>(xb), {1, k}, torch::kBFloat16);
+    } else {
+      xv = torch::from_blob(const_cast<float*>(x), {1, k}, torch::kFloat32);
     }
-    auto xv = torch::from_blob(const_cast<float*>(x), {k}, torch::kFloat32);
-    at::mv_out(yv, weight, xv);
-    if (bias.defined()) yv.add_(bias);
+    yv.copy_(at::linear(xv, weight, bias.defined() ? c10::optional<torch::Tensor>(bias) : c10::nullopt));
   }
 };
 
@@ -184,7 +182,7 @@ class DecodeEngine {
     l.weight = weight.contiguous();
     l.n = weight.size(0);
     l.k = weight.size(1);
-    if (bias.has_value() && bias->defined()) l.bias = bias->to(torch::kFloat32).contiguous();
+    if (bias.has_value() && bias->defined()) l.bias = bias->to(weight.scalar_type()).contiguous();
     pending_.push_back(std::move(l));
   }
 
