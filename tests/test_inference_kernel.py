@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from losa.errors import LosaError
 from losa.inference import SparseLinear, pack, unpack
 from losa.inference import kernel as kmod
-from losa.inference.formats import choose_format
+from losa.inference.formats import FORMAT_CODES, choose_format
 
 KERNEL = kmod.load_kernel()
 
@@ -766,3 +766,22 @@ def test_pack_dense_is_pack_with_every_weight_kept(k, value_dtype):
     assert got.fmt == ref.fmt == "bitmask" and got.shape == ref.shape
     for name in ("meta", "values", "row_ptr"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [1, 2, 7, 34])
+@pytest.mark.parametrize("k", [64, 576, 1536, 1568])  # up to 1536 inputs one-row decode goes in row pairs (AVX-512)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_one_row_decode_with_odd_and_even_output_rows(isa, n, k, x_dtype):
+    """Batch 1, every output-row count parity and row lengths on both sides of the row-pair limit, every format:
+    against a float64 product of the same (bf16) weights and inputs."""
+    gen = torch.Generator().manual_seed(n * 7 + k)
+    for fmt, pattern in (("bitmask", 0.7), ("nm24", "2:4"), ("nm14", "1:4")):
+        w = torch.randn(n, k, generator=gen) * random_mask(n, k, pattern, gen)
+        b = torch.randn(n, generator=gen)
+        p = pack(w, torch.bfloat16, fmt)
+        x = torch.randn(1, k, generator=gen).to(x_dtype)
+        code = {v: c for c, v in kmod.ISA_NAMES.items()}[isa]
+        y = KERNEL.spmm(x, p.meta, p.values, p.row_ptr, b, n, k, FORMAT_CODES[fmt], code)
+        torch.testing.assert_close(y, reference(x.float(), w, b, torch.bfloat16), rtol=1e-4, atol=1e-4)
