@@ -771,11 +771,11 @@ def test_pack_dense_is_pack_with_every_weight_kept(k, value_dtype):
 @needs_kernel
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n", [1, 2, 7, 34])
-@pytest.mark.parametrize("k", [64, 576, 1536, 1568])  # up to 1536 inputs one-row decode goes in row pairs (AVX-512)
+@pytest.mark.parametrize("k", [64, 576, 1536, 1568])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_one_row_decode_with_odd_and_even_output_rows(isa, n, k, x_dtype):
-    """Batch 1, every output-row count parity and row lengths on both sides of the row-pair limit, every format:
-    against a float64 product of the same (bf16) weights and inputs."""
+    """Batch 1, odd and even output-row counts, short and long rows, every format: against a float64 product of
+    the same (bf16) weights and inputs (a loop that handles rows in pairs or blocks must get the last row right)."""
     gen = torch.Generator().manual_seed(n * 7 + k)
     for fmt, pattern in (("bitmask", 0.7), ("nm24", "2:4"), ("nm14", "1:4")):
         w = torch.randn(n, k, generator=gen) * random_mask(n, k, pattern, gen)

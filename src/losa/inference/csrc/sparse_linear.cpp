@@ -265,27 +265,7 @@ LOSA_AVX512 void row_avx512(const uint8_t* meta, const V* v, const float* x, int
                             float* res) {
   __m512 a0[BT], a1[BT];
   for (int b = 0; b < BT; ++b) a0[b] = a1[b] = _mm512_setzero_ps();
-  int64_t k = 0;
-  if constexpr (BT == 1) {
-    // one batch row: two blocks per step into four accumulators, so that the FMA latency chains are
-    // interleaved (with two, each block waited for the previous block's FMA)
-    __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
-    for (; k + 1 < nblk; k += 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(v + 1024), _MM_HINT_T0);
-      if ((k & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(meta + (F == NM14 ? 2 : 4) * k + 512), _MM_HINT_T0);
-      __m512 w0, w1, u0, u1;
-      expand32(block_mask<F>(meta, k), v, w0, w1);
-      expand32(block_mask<F>(meta, k + 1), v, u0, u1);
-      const float* xk = x + 32 * k;
-      a0[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xk), a0[0]);
-      a1[0] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xk + 16), a1[0]);
-      c0 = _mm512_fmadd_ps(u0, _mm512_loadu_ps(xk + 32), c0);
-      c1 = _mm512_fmadd_ps(u1, _mm512_loadu_ps(xk + 48), c1);
-    }
-    a0[0] = _mm512_add_ps(a0[0], c0);
-    a1[0] = _mm512_add_ps(a1[0], c1);
-  }
-  for (; k < nblk; ++k) {
+  for (int64_t k = 0; k < nblk; ++k) {
     // software prefetch ahead of the value and metadata streams: 1.13-1.31x on this loop in
     // benchmarks/kernel_variants.cpp (variant A+pf); prefetches never fault, so running past the end is fine
     _mm_prefetch(reinterpret_cast<const char*>(v + 1024), _MM_HINT_T0);
@@ -299,29 +279,6 @@ LOSA_AVX512 void row_avx512(const uint8_t* meta, const V* v, const float* x, int
     }
   }
   for (int b = 0; b < BT; ++b) res[b] = _mm512_reduce_add_ps(_mm512_add_ps(a0[b], a1[b]));
-}
-
-// Two output rows for one batch row of float32 inputs (short rows; see rows2_bf16dot): each input load feeds
-// both rows, whose expand / FMA chains overlap. One accumulator pair per row (the one-row loop uses two pairs),
-// so the sums are associated differently: equal to float32 rounding, not bit for bit.
-template <int F, typename V>
-LOSA_AVX512 void rows2_avx512(const uint8_t* m0, const V* v0, const uint8_t* m1, const V* v1, const float* x,
-                              int64_t nblk, float* res) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
-  for (int64_t k = 0; k < nblk; ++k) {
-    _mm_prefetch(reinterpret_cast<const char*>(v0 + 1024), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(v1 + 1024), _MM_HINT_T0);
-    __m512 w0, w1, u0, u1;
-    expand32(block_mask<F>(m0, k), v0, w0, w1);
-    expand32(block_mask<F>(m1, k), v1, u0, u1);
-    const __m512 x0 = _mm512_loadu_ps(x + 32 * k), x1 = _mm512_loadu_ps(x + 32 * k + 16);
-    a0 = _mm512_fmadd_ps(w0, x0, a0);
-    a1 = _mm512_fmadd_ps(w1, x1, a1);
-    c0 = _mm512_fmadd_ps(u0, x0, c0);
-    c1 = _mm512_fmadd_ps(u1, x1, c1);
-  }
-  res[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-  res[1] = _mm512_reduce_add_ps(_mm512_add_ps(c0, c1));
 }
 
 template <int F, typename V>
@@ -371,42 +328,6 @@ LOSA_AVX512BF16 void row_bf16dot(const uint8_t* meta, const uint16_t* v, const u
       a0[b] = _mm512_dpbf16_ps(a0[b], w0, (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(x + b * ldx + 32 * k)));
   }
   for (int b = 0; b < BT; ++b) res[b] = _mm512_reduce_add_ps(_mm512_add_ps(a0[b], a1[b]));
-}
-
-// Two output rows for one batch row of bf16 inputs: the loop above for rows o and o + 1 interleaved, so that
-// each input load feeds both rows and the two rows' expand / dot chains overlap (short rows, e.g. SmolLM2's
-// 576 inputs, spent much of their time in the per-row start and final reduction). The same accumulators and
-// reduction per row as row_bf16dot<F, 1>: the same sums, bit for bit.
-template <int F>
-LOSA_AVX512BF16 void rows2_bf16dot(const uint8_t* m0, const uint16_t* v0, const uint8_t* m1, const uint16_t* v1,
-                                   const uint16_t* x, int64_t nblk, float* res) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 1 < nblk; k += 2) {
-    _mm_prefetch(reinterpret_cast<const char*>(v0 + 1024), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(v1 + 1024), _MM_HINT_T0);
-    if ((k & 15) == 0) {
-      _mm_prefetch(reinterpret_cast<const char*>(m0 + (F == NM14 ? 2 : 4) * k + 512), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(m1 + (F == NM14 ? 2 : 4) * k + 512), _MM_HINT_T0);
-    }
-    const __m512bh x0 = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(x + 32 * k));
-    const __m512bh x1 = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(x + 32 * k + 32));
-    const __m512bh w0 = (__m512bh)expand32_bf16(block_mask<F>(m0, k), v0);
-    const __m512bh w1 = (__m512bh)expand32_bf16(block_mask<F>(m0, k + 1), v0);
-    const __m512bh u0 = (__m512bh)expand32_bf16(block_mask<F>(m1, k), v1);
-    const __m512bh u1 = (__m512bh)expand32_bf16(block_mask<F>(m1, k + 1), v1);
-    a0 = _mm512_dpbf16_ps(a0, w0, x0);
-    a1 = _mm512_dpbf16_ps(a1, w1, x1);
-    c0 = _mm512_dpbf16_ps(c0, u0, x0);
-    c1 = _mm512_dpbf16_ps(c1, u1, x1);
-  }
-  if (k < nblk) {
-    const __m512bh x0 = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(x + 32 * k));
-    a0 = _mm512_dpbf16_ps(a0, (__m512bh)expand32_bf16(block_mask<F>(m0, k), v0), x0);
-    c0 = _mm512_dpbf16_ps(c0, (__m512bh)expand32_bf16(block_mask<F>(m1, k), v1), x0);
-  }
-  res[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-  res[1] = _mm512_reduce_add_ps(_mm512_add_ps(c0, c1));
 }
 
 bool cpu_has_bf16dot() {
@@ -560,8 +481,6 @@ inline void expand_row(const uint8_t* meta, const V* v, int64_t nblk, float* dst
 
 // y[b, o] = sum_j W[o, j] x[b, j] (+ bias[o]) for rows o in [o0, o1); x is [B, ldx] with zero padding,
 // float32 (X = float) or bf16 (X = uint16_t).
-constexpr int64_t kPairMaxBlocks = 48;  // rows of at most 48 blocks of 32 inputs (1536) go in pairs
-
 template <int ISA, int F, typename V, typename X = float>
 void gemv_rows(const Packed& p, const X* x, int64_t B, int64_t ldx, const float* bias, float* y,
                int64_t o0, int64_t o1) {
@@ -571,33 +490,6 @@ void gemv_rows(const Packed& p, const X* x, int64_t B, int64_t ldx, const float*
   // slower than two passes of 4 (latency-bound FMA chains; forced AVX2, `losa bench-runtime` timings)
   constexpr bool kEight = ISA != AVX2;
   float res[8];
-#if LOSA_X86
-  if constexpr (ISA == AVX512 && sizeof(X) == 4) {  // float32 inputs: short rows in pairs as well
-    if (B == 1 && nblk <= kPairMaxBlocks) {
-      for (; o0 + 1 < o1; o0 += 2) {
-        rows2_avx512<F, V>(p.meta + o0 * p.stride, vals + p.row_ptr[o0], p.meta + (o0 + 1) * p.stride,
-                           vals + p.row_ptr[o0 + 1], x, nblk, res);
-        y[o0] = res[0] + (bias ? bias[o0] : 0.f);
-        y[o0 + 1] = res[1] + (bias ? bias[o0 + 1] : 0.f);
-      }
-    }
-  }
-#endif
-#if LOSA_BF16
-  if constexpr (ISA == AVX512 && sizeof(X) == 2 && sizeof(V) == 2) {
-    // decode of short rows: output rows in pairs (rows2_bf16dot). Up to 1536 inputs the pairs were 1.15-1.43x
-    // (SmolLM2's shapes); at 4096 and 11008 inputs 0.55-1.21x (two value streams at once), so long rows keep
-    // one row at a time (results/kernel_regression.md)
-    if (B == 1 && nblk <= kPairMaxBlocks) {
-      for (; o0 + 1 < o1; o0 += 2) {
-        rows2_bf16dot<F>(p.meta + o0 * p.stride, vals + p.row_ptr[o0], p.meta + (o0 + 1) * p.stride,
-                         vals + p.row_ptr[o0 + 1], x, nblk, res);
-        y[o0] = res[0] + (bias ? bias[o0] : 0.f);
-        y[o0 + 1] = res[1] + (bias ? bias[o0 + 1] : 0.f);
-      }
-    }
-  }
-#endif
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* meta = p.meta + o * p.stride;
     const V* v = vals + p.row_ptr[o];
