@@ -334,6 +334,8 @@ def test_a_changed_model_is_checked_again():
         assert dec.last_engine.startswith("off (") and "forward hooks" in dec.last_engine
     finally:
         handle.remove()
+    _greedy(dec, ids)
+    assert dec.last_engine == "on"  # the hook is gone: the engine is back
 
 
 def test_sliding_window_bounds_the_engine():

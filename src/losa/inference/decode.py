@@ -290,7 +290,8 @@ class LeanDecoder:
         self.use_engine = why == "on"
         #: "on", or "off (reason)": whether the model can be decoded by the engine at all
         self.engine_reason = why
-        self._signature = model_signature(self.model) if self.use_engine else None
+        watch = self.decode_engine == "auto" and not self.compile  # a changed model can switch it on or off
+        self._signature = model_signature(self.model) if watch else None
         self._engine = None
 
     def release_engine(self) -> None:
@@ -354,11 +355,11 @@ class LeanDecoder:
             raise LosaError(f"max_new_tokens {max_new_tokens} must be at least 1")
         from torch._dynamo.exc import BackendCompilerFailed
 
-        if self.use_engine:
+        if self._signature is not None:  # decode_engine="auto" without compile
             from losa.inference.engine import attach, generate_problem, model_signature
 
             with self._engine_lock:
-                if model_signature(self.model) != self._signature:  # weights, dtype or modules replaced
+                if model_signature(self.model) != self._signature:  # weights, dtype, modules or hooks changed
                     self._check_engine()
                 problem = (generate_problem(self.model, input_ids, max_new_tokens, kwargs, self.context)
                            if self.use_engine else self.engine_reason)
