@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -48,3 +48,27 @@ def save_rows(path: Path, rows: list[dict], render: Callable[[Path, Path], None]
     append_jsonl(path, rows)
     render(path, path.with_suffix(".md"))
     print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+def run_sections(rows: list[dict], with_base: bool = False) -> Iterator[tuple[str, str, list[dict]]]:
+    """The rows of each run (keyed by ``run`` start time and provenance), in measured order, for markdown sections.
+
+    Args:
+        rows: rows with ``run``, ``commit``, ``cpu``, ``isa``, ``command`` (and ``cpu_generation``, ``base``).
+        with_base: the rows compare against a ``base`` commit (it goes into the key and the title).
+
+    Yields:
+        ``(title, where, rows)``: the ``## run, commit C[ vs base B]`` heading, the command and machine as
+        `` `command` on CPU (generation) (isa)``, and the run's rows.
+    """
+    runs: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cmd, forced = r["command"], r.get("LOSA_SPARSE_ISA")
+        if forced and not cmd.startswith("LOSA_SPARSE_ISA="):  # rows from before the command named the forced ISA
+            cmd = f"LOSA_SPARSE_ISA={forced} {cmd}"
+        key = (r["run"], r["commit"], r.get("base") if with_base else None, r["cpu"], r.get("cpu_generation", ""),
+               r["isa"], cmd)
+        runs.setdefault(key, []).append(r)
+    for (run, commit, base, cpu, gen, isa, cmd), rs in runs.items():
+        title = f"## {run}, commit {commit}" + (f" vs base {base}" if with_base else "")
+        yield title, f"`{cmd}` on {cpu}{f' ({gen})' if gen else ''} ({isa})", rs

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from _provenance import provenance
-from _rows import read_jsonl, save_rows
+from _rows import read_jsonl, run_sections, save_rows
 from bench_inference import interleaved, llama_stack, prune_model
 
 from losa.inference import kernel as kmod
@@ -96,12 +96,8 @@ def render(src: Path, dst: Path) -> None:
            "one query token; `step`: a decode step (decoder layers, no LM head) of a random LLaMA-7B-shaped 2-layer "
            "bf16 stack with transformers' `sdpa` vs `use_decode_attention`, the cache cropped back to the prompt "
            "length after every call. Medians of interleaved calls; `speed` = SDPA ms / kernel ms.", ""]
-    runs: dict[tuple, list[dict]] = {}
-    for r in rows:
-        runs.setdefault((r["run"], r["commit"], r["cpu"], r.get("cpu_generation", ""), r["isa"], r["command"]),
-                        []).append(r)
-    for (run, commit, cpu, gen, isa, cmd), rs in runs.items():
-        out += [f"## {run}, commit {commit}", "", f"`{cmd}` on {cpu}{f' ({gen})' if gen else ''} ({isa}).", "",
+    for title, where, rs in run_sections(rows):
+        out += [title, "", f"{where}.", "",
                 "| kind | case | threads | SDPA ms | kernel ms | speed |", "|---|---|---|---|---|---|"]
         out += [f"| {r['kind']} | {r['case']} | {r['threads']} | {r['sdpa_ms']:.3f} | {r['kernel_ms']:.3f} | "
                 f"{r['sdpa_ms'] / r['kernel_ms']:.2f}x |" for r in rs]

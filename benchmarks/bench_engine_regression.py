@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from _provenance import provenance
-from _rows import read_jsonl, save_rows
+from _rows import read_jsonl, run_sections, save_rows
 from bench_decode import PROMPT, prune_magnitude
 from bench_kernel_regression import base_kernel
 
@@ -64,13 +64,8 @@ def render(src: Path, dst: Path) -> None:
            "Written by `benchmarks/bench_engine_regression.py`: one engine per extension on the same pruned "
            "SmolLM2-135M-Instruct (dequantised from Q4_1), 64 greedy steps after the same prompt, interleaved, "
            "best of the repetitions; `speed` = base ms / current ms (above 1: the current build is faster).", ""]
-    runs: dict[tuple, list[dict]] = {}
-    for r in rows:
-        runs.setdefault((r["run"], r["commit"], r["base"], r["cpu"], r.get("cpu_generation", ""), r["isa"],
-                         r["command"]), []).append(r)
-    for (date, commit, base, cpu, gen, isa, cmd), rs in runs.items():
-        out += [f"## {date}, commit {commit} vs base {base}", "",
-                f"`{cmd}` on {cpu}{f' ({gen})' if gen else ''} ({isa}).", "",
+    for title, where, rs in run_sections(rows, with_base=True):
+        out += [title, "", f"{where}.", "",
                 "| threads | model | sparsity | base ms | current ms | speed |", "|---|---|---|---|---|---|"]
         out += [f"| {r['threads']} | {r['model_dtype']} | {r['sparsity']:.0%} | {r['base_ms']:.2f} | "
                 f"{r['current_ms']:.2f} | {r['speed']:.3f} |" for r in rs]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from _provenance import provenance
-from _rows import read_jsonl, save_rows
+from _rows import read_jsonl, run_sections, save_rows
 from bench_inference import interleaved, keep_mask
 
 from losa.inference import kernel as kmod
@@ -76,15 +76,10 @@ def render(src: Path, dst: Path) -> None:
            "(SmolLM2-135M's in runs with `--shapes smollm2`), "
            "medians of interleaved calls on the same packed buffers; `speed` = base ms / current ms (above 1: "
            "the current kernel is faster).", ""]
-    runs: dict[tuple, list[dict]] = {}  # one section per run (its start time), rows in measured order
-    for r in rows:
-        forced = f"LOSA_SPARSE_ISA={r['LOSA_SPARSE_ISA']} " if r.get("LOSA_SPARSE_ISA") else ""
-        runs.setdefault((r["run"], r["commit"], r["base"], r["cpu"], r.get("cpu_generation", ""), r["isa"],
-                         forced + r["command"]), []).append(r)
-    for (date, commit, base, cpu, gen, isa, cmd), rs in runs.items():
+    for title, where, rs in run_sections(rows, with_base=True):
         speeds = [r["speed"] for r in rs]
-        out += [f"## {date}, commit {commit} vs base {base}", "",
-                f"`{cmd}` on {cpu}{f' ({gen})' if gen else ''} ({isa}), kernel ISA {rs[0]['kernel_isa']}; "
+        out += [title, "",
+                f"{where}, kernel ISA {rs[0]['kernel_isa']}; "
                 f"{len(rs)} cases, speed {min(speeds):.3f}-{max(speeds):.3f}, median {statistics.median(speeds):.3f}.",
                 "", "| threads | shape | pattern | inputs | base ms | current ms | speed |", "|---|---|---|---|---|---|---|"]
         out += [f"| {r['threads']} | {r['shape']} | {r['pattern']} | {r['inputs']} | {r['base_ms']:.3f} | "

@@ -95,3 +95,16 @@ def test_provenance_command_names_the_forced_isa(monkeypatch):
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     row = _provenance.provenance(2, argv=["b.py"])
     assert row["command"] == "LOSA_SPARSE_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 python b.py" and row["threads"] == 2
+
+
+def test_run_sections_name_a_forced_isa_once():
+    """Old rows carry the forced ISA only in a field, new rows also in their command: either way it shows once."""
+    base = {"run": "r1", "commit": "c1", "base": "b0", "cpu": "cpu", "cpu_generation": "family 26, model 2",
+            "isa": "avx512f", "LOSA_SPARSE_ISA": "avx2"}
+    rows = [{**base, "command": "python b.py"}, {**base, "run": "r2", "command": "LOSA_SPARSE_ISA=avx2 python b.py"},
+            {**base, "run": "r2", "command": "LOSA_SPARSE_ISA=avx2 python b.py"}]
+    sections = list(_rows.run_sections(rows, with_base=True))
+    assert [(t, w, len(rs)) for t, w, rs in sections] == [
+        ("## r1, commit c1 vs base b0", "`LOSA_SPARSE_ISA=avx2 python b.py` on cpu (family 26, model 2) (avx512f)", 1),
+        ("## r2, commit c1 vs base b0", "`LOSA_SPARSE_ISA=avx2 python b.py` on cpu (family 26, model 2) (avx512f)", 2)]
+    assert next(_rows.run_sections([{**rows[0], "LOSA_SPARSE_ISA": ""}]))[0] == "## r1, commit c1"
