@@ -38,12 +38,7 @@ namespace {
 
 // bf16 values are stored as their upper 16 bits (uint16_t); widening is exact
 inline float widen(float x) { return x; }
-inline float widen(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+inline float widen(uint16_t h) { return losa::bf16_to_float(h); }
 
 template <typename T>
 inline float dot_scalar(const float* a, const T* b, int64_t d) {

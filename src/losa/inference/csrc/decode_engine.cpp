@@ -57,12 +57,6 @@ inline float round_bf16(float f) {
   std::memcpy(&r, &u, sizeof r);
   return r;
 }
-inline float widen_bf16(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 // One linear layer: the packed row loop (float32 inputs, and bf16 inputs where the AVX512-BF16 loop runs), or
 // a dense weight [N, K] (float32 or bf16, at::linear) for layers kept dense.
@@ -223,8 +217,6 @@ class DecodeEngine {
     return {kc_, vc_};
   }
 
-  int64_t max_len() const { return max_len_; }
-
   // One decode step: token at position pos (the cache holds positions 0..pos-1); returns logits float32 [V].
   torch::Tensor step(int64_t token, int64_t pos) { return bf16_ ? step_impl<true>(token, pos) : step_impl<false>(token, pos); }
 
@@ -245,7 +237,7 @@ class DecodeEngine {
     uint16_t* actp = B ? actb.data() : nullptr;
     if constexpr (B) {
       const uint16_t* e = reinterpret_cast<const uint16_t*>(embed_.data_ptr<at::BFloat16>()) + token * H;
-      for (int64_t i = 0; i < H; ++i) h[i] = widen_bf16(e[i]);
+      for (int64_t i = 0; i < H; ++i) h[i] = losa::bf16_to_float(e[i]);
     } else {
       std::memcpy(h.data(), embed_.data_ptr<float>() + token * H, sizeof(float) * H);
     }
@@ -343,7 +335,6 @@ void register_decode_engine(pybind11::module& m) {
       .def("add_layer", &DecodeEngine::add_layer)
       .def("set_head", &DecodeEngine::set_head)
       .def("allocate_cache", &DecodeEngine::allocate_cache)
-      .def("max_len", &DecodeEngine::max_len)
       .def("step", &DecodeEngine::step, py::call_guard<py::gil_scoped_release>());
 }
 

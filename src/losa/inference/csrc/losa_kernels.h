@@ -6,9 +6,18 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <cstring>
 #include <functional>
 
 namespace losa {
+
+// A bf16 value (its 16 bits: the upper half of a float32) widened to float32, exactly.
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
 
 // y[0:N] = W · x (+ bias) for one input row: x is float32 [K32] (K rounded up to 32, zero padded), y float32
 // [N]. Rows are split over torch's threads. The callable keeps the packed tensors alive.

@@ -111,12 +111,7 @@ inline uint32_t block_mask(const uint8_t* meta, int64_t blk) {
 }
 
 inline float to_f32(float v) { return v; }
-inline float to_f32(uint16_t v) {
-  uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float to_f32(uint16_t v) { return losa::bf16_to_float(v); }
 
 // ---------------------------------------------------------------- portable scalar path
 template <int F, int BT, typename V>
