@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -233,6 +234,54 @@ def decode_fn(model, timer: StackTimer, prompt_len: int, steps: int):
     return run
 
 
+def engine_twin(model):
+    """A twin of ``model`` that shares its decoder layers and final norm but has an 8-token vocabulary.
+
+    The C++ decode engine runs whole decode steps (it has no hook between the layers and the LM head); on the
+    twin, a step is the stack's layers plus a negligible embedding lookup, final norm and 8-row LM head, so
+    its time is directly comparable with the stack time of :class:`StackTimer` (slightly against the engine).
+    """
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    cfg.vocab_size = 8
+    with torch.device("cpu"):
+        twin = LlamaForCausalLM(cfg).eval().to(model.dtype)
+    twin.model.layers, twin.model.norm = model.model.layers, model.model.norm
+    return twin
+
+
+def engine_decode_fn(model, prompt_len: int, steps: int):
+    """Like :func:`decode_fn` for the decoder stack, through the C++ decode engine (what ``losa generate`` runs).
+
+    Build it before any :class:`StackTimer` hooks the layers (the engine refuses hooked models). Returns
+    (prefill s: nan, decode s per token, decoder-stack s per token: the same, stack prefill s: nan).
+    """
+    from losa.inference.engine import DecodeEngine
+
+    twin = engine_twin(model)
+    eng = DecodeEngine(twin, prompt_len + steps + 1)
+    with torch.inference_mode():
+        out = twin(torch.randint(0, 8, (1, prompt_len)), use_cache=True, logits_to_keep=1)
+    eng.load_prompt_cache(out.past_key_values)
+    del out
+
+    def run() -> tuple[float, float, float, float]:
+        eng.pos, nxt = prompt_len, 1
+        t = time.perf_counter()
+        for _ in range(steps):
+            nxt = int(eng.step(nxt).argmax())
+        per_token = (time.perf_counter() - t) / steps
+        return float("nan"), per_token, per_token, float("nan")
+    run.engine = eng  # keeps the engine (and its cache) alive with the closure
+    return run
+
+
+ENGINE_SUFFIX = " (engine)"
+
+
 def stack_bench(layers: int, threads, reps: int, steps: int, prompt_len: int) -> dict:
     import copy
 
@@ -253,15 +302,19 @@ def stack_bench(layers: int, threads, reps: int, steps: int, prompt_len: int) ->
         name = f"{pat} {vd}" if model_dtype == getattr(torch, vd) else f"{pat} bf16 values, fp32 model"
         models[name] = m
         bytes_per_token[name] = s["sparse_bytes"]
+    # the engine rows: the same weights decoded by the C++ engine (built before the timers hook the layers)
+    engine_fns = {k + ENGINE_SUFFIX: engine_decode_fn(m, prompt_len, steps) for k, m in models.items()}
+    for k in engine_fns:
+        bytes_per_token[k] = bytes_per_token[k[:-len(ENGINE_SUFFIX)]]
     timers = {k: StackTimer(m) for k, m in models.items()}
     res = {"layers": layers, "vocab": 32000, "prompt_len": prompt_len, "decode_steps": steps,
            "bytes_per_token": bytes_per_token, "runs": []}
     for th in threads:
         torch.set_num_threads(th)
-        fns = {k: decode_fn(m, timers[k], prompt_len, steps) for k, m in models.items()}
+        fns = {k: decode_fn(m, timers[k], prompt_len, steps) for k, m in models.items()} | engine_fns
         for f in fns.values():  # warm-up
             f()
-        samples: dict[str, list] = {k: [] for k in models}
+        samples: dict[str, list] = {k: [] for k in fns}
         for _ in range(reps):
             for k, f in fns.items():
                 samples[k].append(f())
@@ -323,29 +376,10 @@ def smollm2_bench(threads, reps: int, tokens: int, data_dir: str) -> dict:
 
 # ------------------------------------------------------------------ report
 
-def write_markdown(res: dict, path: Path) -> None:
-    m = res["machine"]
+def layer_sections(res: dict) -> list[str]:
+    """The per-layer GEMV, achieved-bandwidth and crossover sections of the report."""
     bw = res["bandwidth_GBps"]
-    L = [f"# Sparse inference runtime benchmark ({m['date']})", "",
-         f"Command: `{res['command']}`" + (f" at commit {m['commit']}" if "commit" in m else "") + "  ",
-         f"Machine: {m['cpu']}" + (f" ({m['cpu_generation']})" if m.get("cpu_generation") else "")
-         + f", {m['cores']} cores, torch {m['torch']} "
-         f"(capability {m['torch_cpu_capability']}), kernel ISA **{m['kernel_isa']}**, Python {m['python']}.  ",
-         f"Load average at start {tuple(round(x, 2) for x in m['loadavg_start'])}, at end "
-         f"{tuple(round(x, 2) for x in res['loadavg_end'])}, duration {res['duration_s']:.0f} s.", ""]
-    if "thresholds" in m:
-        L += [f"Dispatch thresholds: {m['thresholds']}.", ""]
-    if "THP_MEM_ALLOC_ENABLE" in m:
-        L += [f"Huge pages: `THP_MEM_ALLOC_ENABLE={m['THP_MEM_ALLOC_ENABLE'] or '(unset)'}` (torch's allocator, so the "
-              f"dense weights too), `LOSA_HUGEPAGES={m['LOSA_HUGEPAGES']}` (the sparse layers' packed buffers).", ""]
-    if max(m["loadavg_start"][0], res["loadavg_end"][0]) > 1.0:
-        L += ["> **Other processes shared this 2-core machine during the run** (load average above 1). Absolute "
-              "times are inflated and 2-thread numbers suffer most (an OpenMP team waits for a descheduled "
-              "thread); the ratios compare paths measured interleaved in the same loop.", ""]
-    if res.get("note"):
-        L += [f"> Note: {res['note']}.", ""]
-    L += [f"Measured read bandwidth (`sum` over 512 MiB): {bw['1']:.1f} GB/s on 1 thread, {bw['2']:.1f} GB/s on 2.", ""]
-    L += ["## Per-layer GEMV (speed-up vs the faster of dense fp32 / bf16 `F.linear`)", "",
+    L = ["## Per-layer GEMV (speed-up vs the faster of dense fp32 / bf16 `F.linear`)", "",
           "`bf16 model` = bf16 values and bf16 inputs (as in a model converted to bf16); `bf16` = bf16 values, "
           "float32 inputs; `fp32` = float32 values and inputs.", "",
           "| shape | batch | thr | dense fp32 ms | dense bf16 ms | " + " | ".join(f"{p} bf16 model" for p in PATTERNS)
@@ -385,6 +419,33 @@ def write_markdown(res: dict, path: Path) -> None:
         L.append(f"| {r['pattern']} | {r['values']} | {r.get('inputs', 'float32')} | {r['batch']} | {r['sparse_ms']:.2f} | "
                  f"{r['decompress_gemm_ms']:.2f} | {dense:.2f} |")
     L += ["", "Prefill tile size (bf16 model, batch 256, 70 %): " + ", ".join(f"{k}: {v:.1f} ms" for k, v in c["tiles"].items()), ""]
+    return L
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    m = res["machine"]
+    bw = res["bandwidth_GBps"]
+    L = [f"# Sparse inference runtime benchmark ({m['date']})", "",
+         f"Command: `{res['command']}`" + (f" at commit {m['commit']}" if "commit" in m else "") + "  ",
+         f"Machine: {m['cpu']}" + (f" ({m['cpu_generation']})" if m.get("cpu_generation") else "")
+         + f", {m['cores']} cores, torch {m['torch']} "
+         f"(capability {m['torch_cpu_capability']}), kernel ISA **{m['kernel_isa']}**, Python {m['python']}.  ",
+         f"Load average at start {tuple(round(x, 2) for x in m['loadavg_start'])}, at end "
+         f"{tuple(round(x, 2) for x in res['loadavg_end'])}, duration {res['duration_s']:.0f} s.", ""]
+    if "thresholds" in m:
+        L += [f"Dispatch thresholds: {m['thresholds']}.", ""]
+    if "THP_MEM_ALLOC_ENABLE" in m:
+        L += [f"Huge pages: `THP_MEM_ALLOC_ENABLE={m['THP_MEM_ALLOC_ENABLE'] or '(unset)'}` (torch's allocator, so the "
+              f"dense weights too), `LOSA_HUGEPAGES={m['LOSA_HUGEPAGES']}` (the sparse layers' packed buffers).", ""]
+    if max(m["loadavg_start"][0], res["loadavg_end"][0]) > 1.0:
+        L += ["> **Other processes shared this 2-core machine during the run** (load average above 1). Absolute "
+              "times are inflated and 2-thread numbers suffer most (an OpenMP team waits for a descheduled "
+              "thread); the ratios compare paths measured interleaved in the same loop.", ""]
+    if res.get("note"):
+        L += [f"> Note: {res['note']}.", ""]
+    L += [f"Measured read bandwidth (`sum` over 512 MiB): {bw['1']:.1f} GB/s on 1 thread, {bw['2']:.1f} GB/s on 2.", ""]
+    if "layers" in res:  # absent from --stack-only runs
+        L += layer_sections(res)
     s = res["stack"]
     L += [f"## LLaMA-7B-shaped random stack ({s['layers']} decoder layers, hidden 4096, MLP 11008, dense LM head "
           f"vocab {s['vocab']}; prompt {s['prompt_len']}, {s['decode_steps']} decode steps)", "",
@@ -393,20 +454,27 @@ def write_markdown(res: dict, path: Path) -> None:
           "`stack prefill` = time inside the decoder layers for the prompt; `prefill ms` = the whole prompt "
           "forward (last position's logits only, as `generate` does). Floor = compact bytes of the stack's "
           "linears / measured read bandwidth. Models: `P bfloat16` = the model converted to bf16 (like "
-          "`dense_bf16`) with bf16 values; `P float32` = a float32 model with float32 values.", "",
+          "`dense_bf16`) with bf16 values; `P float32` = a float32 model with float32 values. `(engine)` = the "
+          "same weights decoded by the C++ decode engine that `losa generate` uses (on a twin model that shares "
+          "the layers, with an 8-token vocabulary: its whole step is the stack plus a negligible head). `stack "
+          "speed-up` is against the fastest dense row, engine rows included.", "",
           "| thr | model | bytes/token (stack) | floor ms | stack ms | stack speed-up | decode ms/token | tokens/s | "
           "stack prefill ms | stack prefill vs dense | prefill ms |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for th in sorted({r["threads"] for r in s["runs"]}):
         rr = {r["model"]: r for r in s["runs"] if r["threads"] == th}
-        best = min(rr["dense_fp32"]["stack_decode_ms"], rr["dense_bf16"]["stack_decode_ms"])
+        best = best_dense(rr, "stack_decode_ms")
         pk = "stack_prefill_ms" if "stack_prefill_ms" in rr["dense_bf16"] else "prefill_ms"
-        best_pre = min(rr["dense_fp32"][pk], rr["dense_bf16"][pk])
+        best_pre = best_dense(rr, pk)
         for k, r in rr.items():
             by_ = s["bytes_per_token"][k]
+            if k.endswith(ENGINE_SUFFIX):  # no separate LM head or prompt timing
+                tail = "- | - | - | - | - |"
+            else:
+                tail = (f"{r['decode_ms_per_token']:.1f} | {1e3 / r['decode_ms_per_token']:.2f} | {r[pk]:.0f} | "
+                        f"{best_pre / r[pk]:.2f}x | {r['prefill_ms']:.0f} |")
             L.append(f"| {th} | {k} | {by_ / 1e6:.0f} MB | {by_ / (bw[str(th)] * 1e9) * 1e3:.1f} | "
-                     f"{r['stack_decode_ms']:.1f} | {best / r['stack_decode_ms']:.2f}x | {r['decode_ms_per_token']:.1f} | "
-                     f"{1e3 / r['decode_ms_per_token']:.2f} | {r[pk]:.0f} | {best_pre / r[pk]:.2f}x | {r['prefill_ms']:.0f} |")
+                     f"{r['stack_decode_ms']:.1f} | {best / r['stack_decode_ms']:.2f}x | " + tail)
     sm = res.get("smollm2")
     if sm:
         L += ["", f"## SmolLM2-135M (wanda-pruned, greedy {sm['new_tokens']} tokens, prompt {sm['prompt_tokens']} tokens)", "",
@@ -470,18 +538,37 @@ NOTES = """## How it works and how to read this
 """
 
 
+def best_dense(rr: dict, key: str) -> float:
+    """The faster dense path's time in one thread count's rows ``rr`` (model -> row): torch's fp32 and bf16
+    modules and, where measured, the same dense models through the decode engine."""
+    return min(rr[k][key] for k in ("dense_fp32", "dense_bf16", "dense_fp32" + ENGINE_SUFFIX,
+                                    "dense_bf16" + ENGINE_SUFFIX) if k in rr and not math.isnan(rr[k][key]))
+
+
 def targets(res: dict) -> list[str]:
     out = []
     runs = res["stack"]["runs"]
 
     def sp(model, th, key="stack_decode_ms"):
         rr = {r["model"]: r for r in runs if r["threads"] == th}
-        best = min(rr["dense_fp32"][key], rr["dense_bf16"][key])
-        return best / rr[model][key]
+        return best_dense(rr, key) / rr[model][key]
+    models = {r["model"] for r in runs}
+    paths = ("",) + ((ENGINE_SUFFIX,) if "70% bfloat16" + ENGINE_SUFFIX in models else ())
     for model, th, goal in (("70% bfloat16", 1, 2.6), ("70% bfloat16", 2, 3.5), ("50% bfloat16", 1, 1.5),
                             ("2:4 bfloat16", 1, 1.5)):
-        got = sp(model, th)
-        out.append(f"{model} decode, {th} thread(s): {got:.2f}x (target {goal}x) - {'MET' if got >= goal else 'MISSED'}")
+        for path in paths:
+            got = sp(model + path, th)
+            out.append(f"{model + path} decode, {th} thread(s): {got:.2f}x (target {goal}x) - "
+                       f"{'MET' if got >= goal else 'MISSED'}")
+    # the dense bf16 GEMV at the measured read bandwidth: a baseline that a slow bf16 GEMV cannot inflate
+    dense_bf16_bytes = res["stack"]["bytes_per_token"]["dense_bf16"]
+    for th in sorted({r["threads"] for r in runs}):
+        floor_ms = dense_bf16_bytes / (res["bandwidth_GBps"][str(th)] * 1e9) * 1e3
+        rr = {r["model"]: r for r in runs if r["threads"] == th}
+        for path in paths:
+            got = floor_ms / rr["70% bfloat16" + path]["stack_decode_ms"]
+            out.append(f"70% bfloat16{path} decode vs the dense bf16 bandwidth floor ({floor_ms:.1f} ms), {th} "
+                       f"thread(s): {got:.2f}x (target 1.5x) - {'MET' if got >= 1.5 else 'MISSED'}")
     threads = sorted({r["threads"] for r in runs})
     key = "stack_prefill_ms" if "stack_prefill_ms" in runs[0] else "prefill_ms"
     for th in threads:
@@ -498,6 +585,9 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2, help="decoder layers in the LLaMA-7B-shaped stack (2-4)")
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--stack-only", action="store_true",
+                    help="only the bandwidth, the LLaMA-7B-shaped stack (where the targets are) and SmolLM2 unless "
+                         "skipped; no per-layer or crossover sections")
     ap.add_argument("--out", default=str(OUT / "inference"))
     ap.add_argument("--report-only", action="store_true", help="rewrite the .md from an existing .json")
     ap.add_argument("--resume-smollm2", action="store_true",
@@ -524,7 +614,9 @@ def main() -> int:
         return _finish(res, out, t0)
     reps = 3 if a.quick else 9
     t0 = time.time()
-    res: dict = {"command": "python " + " ".join(sys.argv), "machine": machine_info()}
+    from _provenance import provenance  # the command with the ISA-forcing variables that were set
+
+    res: dict = {"command": provenance(1, argv=sys.argv)["command"], "machine": machine_info()}
     try:
         res["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                     cwd=REPO).stdout.strip()
@@ -537,12 +629,13 @@ def main() -> int:
     def checkpoint() -> None:  # partial results survive a crash
         atomic_write_json(out.with_suffix(".partial.json"), res)
 
-    res["layers"] = layer_bench(SMOL_SHAPES + LLAMA_SHAPES, (1, 4, 16), (1, 2), reps)
-    checkpoint()
-    print("layers done", round(time.time() - t0), flush=True)
-    res["crossover"] = crossover_bench(1, reps)
-    checkpoint()
-    print("crossover done", round(time.time() - t0), flush=True)
+    if not a.stack_only:
+        res["layers"] = layer_bench(SMOL_SHAPES + LLAMA_SHAPES, (1, 4, 16), (1, 2), reps)
+        checkpoint()
+        print("layers done", round(time.time() - t0), flush=True)
+        res["crossover"] = crossover_bench(1, reps)
+        checkpoint()
+        print("crossover done", round(time.time() - t0), flush=True)
     res["stack"] = stack_bench(a.layers, (1, 2), max(3, reps // 2), 4 if a.quick else 8, 128)
     res["duration_s"] = time.time() - t0
     checkpoint()

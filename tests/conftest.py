@@ -100,3 +100,11 @@ def no_measured_thresholds(tmp_path, monkeypatch):
     thresholds.clear()
     yield
     thresholds.clear()
+
+
+@pytest.fixture
+def sparse_gemm_by_default(monkeypatch):
+    """This CPU counts as one where the zero-skipping bf16 GEMM is on by default (a Zen 4), whatever it is."""
+    from losa.inference import thresholds
+
+    monkeypatch.setattr(thresholds, "_this_cpu_sparse_gemm", lambda: True)

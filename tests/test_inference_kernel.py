@@ -286,8 +286,9 @@ def test_sparse_bf16_prefill_matches_exact_products(out_f, in_f, pattern, fmt, b
 
 
 @pytest.mark.skipif(not BF16_SPARSE_PREFILL, reason="zero-skipping bf16 prefill needs an AVX512-BF16 CPU")
-def test_sparse_prefill_is_chosen_by_density(monkeypatch):
-    """Layers sparser than SPARSE_PREFILL_MAX_DENSITY use it for large bf16 batches; denser ones do not."""
+def test_sparse_prefill_is_chosen_by_density(monkeypatch, sparse_gemm_by_default):
+    """Layers sparser than SPARSE_PREFILL_MAX_DENSITY use it for large bf16 batches; denser ones do not (on a CPU
+    where it is on by default)."""
     from losa.inference import sparse_linear as sl
     gen = torch.Generator().manual_seed(9)
     sparse = SparseLinear.from_dense(torch.randn(64, 96, generator=gen) * random_mask(64, 96, 0.8, gen), None, "bfloat16")
@@ -728,6 +729,40 @@ def test_never_in_the_cache_reads_as_no_batch_large_enough():
     thresholds.save({"sparse_gemm_batch_threshold": 64, "dense_batch_threshold": 4}, "avx512")
     assert thresholds.cached_thresholds(2) == {"dense_batch_threshold": 4}
     assert "rerun `losa bench-runtime`" in thresholds.advice(2)
+
+
+@pytest.mark.parametrize("fields,expected", [
+    ({"vendor_id": "AuthenticAMD", "cpu family": "25", "model": "17"}, True),  # Zen 4 (EPYC 9004)
+    ({"vendor_id": "AuthenticAMD", "cpu family": "26", "model": "2"}, False),  # Zen 5
+    ({"vendor_id": "GenuineIntel", "cpu family": "6", "model": "143"}, False),  # Sapphire Rapids (AMX)
+    ({"vendor_id": "AuthenticAMD", "cpu family": "x"}, False), ({}, False)])
+def test_sparse_gemm_default_per_cpu(fields, expected):
+    from losa.inference import thresholds
+
+    assert thresholds.sparse_gemm_by_default(fields) is expected
+
+
+@pytest.mark.skipif(not BF16_SPARSE_PREFILL, reason="zero-skipping bf16 prefill needs an AVX512-BF16 CPU")
+@pytest.mark.parametrize("default_on", [True, False])
+def test_unmeasured_cpu_takes_its_kinds_prefill_path(monkeypatch, default_on):
+    """Nothing cached: a 70 % bf16 layer's large batches take the zero-skipping GEMM only on CPUs where it is on
+    by default; a cached measurement overrides the default either way."""
+    from losa.inference import sparse_linear as sl
+    from losa.inference import thresholds
+
+    monkeypatch.setattr(thresholds, "_this_cpu_sparse_gemm", lambda: default_on)
+    gen = torch.Generator().manual_seed(22)
+    w = torch.randn(64, 96, generator=gen) * random_mask(64, 96, 0.7, gen)
+    calls = []
+    monkeypatch.setattr(sl._kernel, "load_kernel", lambda: _Spy(KERNEL, calls))
+    layer = SparseLinear.from_dense(w, None, "bfloat16")
+    assert layer.sparse_prefill is default_on
+    x = torch.randn(128, 96, generator=gen).bfloat16()
+    torch.testing.assert_close(layer(x).double(), F.linear(x.double(), w.bfloat16().double()), rtol=2e-2, atol=2e-2)
+    assert calls == (["sparse_mm_bf16"] if default_on else ["dense_mm"])
+    thresholds.save({"sparse_gemm_batch_threshold": 24 if not default_on else "never", "prefill_rows": [128, 256]},
+                    kmod.ISA_NAMES[kmod.best_isa()])
+    assert SparseLinear.from_dense(w, None, "bfloat16").sparse_prefill is not default_on
 
 
 @pytest.mark.skipif(not BF16_SPARSE_PREFILL, reason="zero-skipping bf16 prefill needs an AVX512-BF16 CPU")

@@ -45,7 +45,7 @@ def test_generate_matches_dense(family):
 
 
 @pytest.mark.parametrize("isa", [None, "avx2"])
-def test_bf16_model_computes_like_the_dense_bf16_model(monkeypatch, isa):
+def test_bf16_model_computes_like_the_dense_bf16_model(monkeypatch, isa, sparse_gemm_by_default):
     """A model converted to bf16 keeps bf16 activations through the sparse layers (decode and prefill).
 
     With ``isa="avx2"`` (forced; a CPU without native bf16) the layers widen bf16 inputs to float32 and the

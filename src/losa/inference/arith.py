@@ -200,26 +200,27 @@ def choose_arithmetic(isa: IsaInfo, requested: Requested = Requested()) -> Choic
                   reason="; ".join([why, *notes]), isa=isa.name, dtype_reason=dtype_why)
 
 
-def _cpu_model() -> str:
+def cpuinfo() -> dict[str, str]:
+    """The fields of the first processor block of ``/proc/cpuinfo`` (``{}`` where there is none, e.g. not Linux)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def _cpu_model() -> str:
+    return cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def _cpuinfo_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set(cpuinfo().get("flags", "").split())
 
 
 def detect_isa(use_kernel: bool = True) -> IsaInfo:

@@ -59,8 +59,9 @@ DENSE_XW_MAX_ROWS = 32
 #: LLaMA-7B shapes at 128 tokens (benchmarks/results/prefill_kernel*.md, three runs, 1 and 2 threads): 1.06-1.81x
 #: a dense bf16 GEMM at 80 % sparsity, 0.94-1.36x at 70 % (1.14-1.36x on 1 thread), 0.73-1.03x at 60 %, 0.59-0.84x
 #: at 50 % (decompress + GEMM: 0.91-1.01x at every sparsity). That was a Zen 4; where the CPU's own bf16 GEMM
-#: is faster (a Zen 5 at 70 %: results/runtime_thresholds_zen5.json, 1-256 rows) the tiles win at every batch size,
-#: which ``losa bench-runtime`` records as ``sparse_gemm_batch_threshold: "never"``.
+#: is faster (a Zen 5, a Xeon with AMX) the tiles win at every batch size, which ``losa bench-runtime`` records as
+#: ``sparse_gemm_batch_threshold: "never"``, and which is the default on CPUs not known to gain
+#: (``thresholds.SPARSE_GEMM_CPUS``).
 SPARSE_PREFILL_MAX_DENSITY = 0.35
 #: Such layers use that sparse GEMM above this many bf16 rows and the decompressed tiles up to it: at 24
 #: rows the tiles were 0.99-1.15x of dense bf16 and the sparse GEMM 0.82-0.98x, at 32 rows 1.00-1.08x vs
@@ -107,12 +108,12 @@ class SparseLinear(nn.Module):
         self._dense_cache: torch.Tensor | None = None
         #: set by :meth:`plan_decode` (LeanDecoder): decode steps call the row loop without the dispatch
         self.decode_plan: DecodePlan | None = None
-        #: large bf16 batches skip the zeros (see SPARSE_PREFILL_MAX_DENSITY) instead of decompressing
-        #: (unless ``losa bench-runtime`` found the decompressed tiles faster at every batch size on this CPU)
+        #: large bf16 batches skip the zeros (see SPARSE_PREFILL_MAX_DENSITY) instead of decompressing, where
+        #: ``losa bench-runtime`` measured that faster on this CPU or, unmeasured, on CPUs of its kind
+        #: (``thresholds.sparse_gemm_enabled``)
         self.sparse_prefill = (values.dtype == torch.bfloat16 and k is not None and _kernel.bf16_dot_available()
                                and self.nnz <= SPARSE_PREFILL_MAX_DENSITY * self.out_features * self.in_features
-                               and _thresholds.cached_thresholds(_kernel.best_isa()).get(
-                                   "sparse_gemm_batch_threshold") != _thresholds.NEVER)
+                               and _thresholds.sparse_gemm_enabled(_kernel.best_isa()))
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -34,6 +34,12 @@ ROWS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 PREFILL_ROWS = (128, 256)
 #: ``sparse_gemm_batch_threshold`` as layers read it when the cache says ``"never"``: no batch is large enough
 NEVER = 1 << 62
+#: CPUs (``vendor_id``, ``cpu family``) where the zero-skipping bf16 GEMM is on by default (nothing cached): AMD
+#: family 25 with AVX512-BF16, i.e. Zen 4, where it beat decompressed tiles + torch's bf16 GEMM at prompt sizes
+#: (benchmarks/results/prefill_kernel*.md). Elsewhere the tiles are the default: where torch's own bf16 GEMM is
+#: faster they won at every batch size (a Zen 5: results/runtime_thresholds_zen5.json; a Xeon with AMX, whose
+#: tile GEMM the decompressed tiles feed: results/runtime_thresholds_amx.json).
+SPARSE_GEMM_CPUS = frozenset({("AuthenticAMD", 25)})
 
 
 def cache_path() -> Path:
@@ -132,6 +138,47 @@ def cached_thresholds(isa: int) -> dict[str, int]:
         LosaError: the cache file exists but is not valid JSON.
     """
     return _cached(isa)
+
+
+def sparse_gemm_by_default(fields: dict[str, str] | None = None) -> bool:
+    """Whether this CPU runs the zero-skipping bf16 GEMM when ``losa bench-runtime`` has not measured it here.
+
+    Args:
+        fields: ``/proc/cpuinfo`` fields (``vendor_id``, ``cpu family``); None reads this machine's.
+
+    Returns:
+        True on the CPUs of :data:`SPARSE_GEMM_CPUS` (where it was measured to win), else False.
+    """
+    if fields is None:
+        return _this_cpu_sparse_gemm()
+    try:
+        return (fields.get("vendor_id", ""), int(fields.get("cpu family", "-1"))) in SPARSE_GEMM_CPUS
+    except ValueError:
+        return False
+
+
+@lru_cache(maxsize=1)
+def _this_cpu_sparse_gemm() -> bool:
+    from losa.inference.arith import cpuinfo
+
+    return sparse_gemm_by_default(cpuinfo())
+
+
+def sparse_gemm_enabled(isa: int) -> bool:
+    """Whether sparse-enough bf16 layers may run large batches through the zero-skipping GEMM on this CPU.
+
+    Args:
+        isa: the kernel's ISA code (``losa.inference.kernel.best_isa()``).
+
+    Returns:
+        The cached measurement's verdict where there is one (a threshold: True; ``"never"``: False), else
+        :func:`sparse_gemm_by_default`.
+
+    Raises:
+        LosaError: the cache file exists but is not valid JSON.
+    """
+    cached = cached_thresholds(isa).get("sparse_gemm_batch_threshold")
+    return sparse_gemm_by_default() if cached is None else cached != NEVER
 
 
 def clear() -> None:
