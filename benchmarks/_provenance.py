@@ -72,7 +72,7 @@ def commit() -> str:
 
 #: environment variables that force an ISA path (losa's kernel, torch's kernels): a row's command starts with
 #: the ones that were set, so that it says which path ran and runs again as shown
-FORCING_ENV = ("LOSA_SPARSE_ISA", "ATEN_CPU_CAPABILITY")
+FORCING_ENV = ("LOSA_SPARSE_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 
 def provenance(threads: int, model: str = SMOLLM2, argv: list[str] | None = None) -> dict[str, object]:
