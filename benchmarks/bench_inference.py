@@ -10,7 +10,8 @@ run's ``<out>.json``. Sections: memory bandwidth; per-layer
 GEMV at batch 1/4/16 (SmolLM2 and LLaMA-7B shapes, 0/50/60/70/80 % and 2:4); the sparse-vs-dense
 crossover batch; decode and prefill of a random LLaMA-7B-shaped decoder stack; SmolLM2-135M decode
 tokens/s and the bf16-values perplexity check. Every speed-up is a ratio of medians against the
-faster of torch's dense fp32 and bf16 ``F.linear`` measured in the same interleaved loop.
+faster of torch's dense fp32 and bf16 ``F.linear`` measured in the same interleaved loop (the stack's: against
+the fastest dense model, through transformers' modules or the C++ decode engine).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from losa.errors import LosaError
 from losa.inference import kernel as kmod
 from losa.inference import pack, sparsify_for_inference
 from losa.inference.formats import FORMAT_CODES
@@ -82,7 +84,9 @@ def machine_info() -> dict:
             "kernel_isa": kmod.ISA_NAMES[kmod.best_isa()] if k else "none (dense fallback)",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "loadavg_start": os.getloadavg(),
             "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
-            "LOSA_HUGEPAGES": os.environ.get("LOSA_HUGEPAGES", "1")}
+            "LOSA_HUGEPAGES": os.environ.get("LOSA_HUGEPAGES", "1"),
+            "bf16_prompt_path": ("zero-skipping GEMM on layers >= 65 % sparse" if k and kmod.bf16_dot_available()
+                                 and thresholds.sparse_gemm_enabled(kmod.best_isa()) else "decompressed tiles")}
 
 
 def bandwidth(threads: int, reps: int) -> float:
@@ -246,10 +250,12 @@ def engine_twin(model):
     from transformers import LlamaForCausalLM
 
     cfg = copy.deepcopy(model.config)
-    cfg.vocab_size = 8
+    cfg.vocab_size, cfg.num_hidden_layers = 8, 0  # no layers of its own to initialise and throw away
     with torch.device("cpu"):
         twin = LlamaForCausalLM(cfg).eval().to(model.dtype)
     twin.model.layers, twin.model.norm = model.model.layers, model.model.norm
+    twin.model.rotary_emb = model.model.rotary_emb
+    twin.config.num_hidden_layers = model.config.num_hidden_layers
     return twin
 
 
@@ -257,24 +263,28 @@ def engine_decode_fn(model, prompt_len: int, steps: int):
     """Like :func:`decode_fn` for the decoder stack, through the C++ decode engine (what ``losa generate`` runs).
 
     Build it before any :class:`StackTimer` hooks the layers (the engine refuses hooked models). Returns
-    (prefill s: nan, decode s per token, decoder-stack s per token: the same, stack prefill s: nan).
+    (prefill s: None, decode s per token, decoder-stack s per token: the same, stack prefill s: None).
+
+    Raises:
+        LosaError: the engine cannot run this model (the reason named).
     """
     from losa.inference.engine import DecodeEngine
 
     twin = engine_twin(model)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in twin.modules()), "build before StackTimer"
     eng = DecodeEngine(twin, prompt_len + steps + 1)
     with torch.inference_mode():
         out = twin(torch.randint(0, 8, (1, prompt_len)), use_cache=True, logits_to_keep=1)
     eng.load_prompt_cache(out.past_key_values)
     del out
 
-    def run() -> tuple[float, float, float, float]:
+    def run() -> tuple[float | None, float, float, float | None]:
         eng.pos, nxt = prompt_len, 1
         t = time.perf_counter()
         for _ in range(steps):
             nxt = int(eng.step(nxt).argmax())
         per_token = (time.perf_counter() - t) / steps
-        return float("nan"), per_token, per_token, float("nan")
+        return None, per_token, per_token, None
     run.engine = eng  # keeps the engine (and its cache) alive with the closure
     return run
 
@@ -303,9 +313,13 @@ def stack_bench(layers: int, threads, reps: int, steps: int, prompt_len: int) ->
         models[name] = m
         bytes_per_token[name] = s["sparse_bytes"]
     # the engine rows: the same weights decoded by the C++ engine (built before the timers hook the layers)
-    engine_fns = {k + ENGINE_SUFFIX: engine_decode_fn(m, prompt_len, steps) for k, m in models.items()}
-    for k in engine_fns:
-        bytes_per_token[k] = bytes_per_token[k[:-len(ENGINE_SUFFIX)]]
+    engine_fns = {}
+    for k, m in models.items():
+        try:
+            engine_fns[k + ENGINE_SUFFIX] = engine_decode_fn(m, prompt_len, steps)
+            bytes_per_token[k + ENGINE_SUFFIX] = bytes_per_token[k]
+        except LosaError as exc:  # the module rows still run; the report leaves the engine row out
+            print(f"no engine row for {k}: {exc}", file=sys.stderr)
     timers = {k: StackTimer(m) for k, m in models.items()}
     res = {"layers": layers, "vocab": 32000, "prompt_len": prompt_len, "decode_steps": steps,
            "bytes_per_token": bytes_per_token, "runs": []}
@@ -319,11 +333,11 @@ def stack_bench(layers: int, threads, reps: int, steps: int, prompt_len: int) ->
             for k, f in fns.items():
                 samples[k].append(f())
         for k, v in samples.items():
-            res["runs"].append({"threads": th, "model": k,
-                                "prefill_ms": statistics.median(x[0] for x in v) * 1e3,
-                                "decode_ms_per_token": statistics.median(x[1] for x in v) * 1e3,
-                                "stack_decode_ms": statistics.median(x[2] for x in v) * 1e3,
-                                "stack_prefill_ms": statistics.median(x[3] for x in v) * 1e3})
+            row = {"threads": th, "model": k}
+            for i, key in enumerate(("prefill_ms", "decode_ms_per_token", "stack_decode_ms", "stack_prefill_ms")):
+                if v[0][i] is not None:  # the engine rows time decode only
+                    row[key] = statistics.median(x[i] for x in v) * 1e3
+            res["runs"].append(row)
     return res
 
 
@@ -433,7 +447,10 @@ def write_markdown(res: dict, path: Path) -> None:
          f"Load average at start {tuple(round(x, 2) for x in m['loadavg_start'])}, at end "
          f"{tuple(round(x, 2) for x in res['loadavg_end'])}, duration {res['duration_s']:.0f} s.", ""]
     if "thresholds" in m:
-        L += [f"Dispatch thresholds: {m['thresholds']}.", ""]
+        L += [f"Dispatch thresholds: {m['thresholds']}."
+              + (f" bf16 prompts: {m['bf16_prompt_path']}." if "bf16_prompt_path" in m else ""), ""]
+    if res.get("rendered_at"):
+        L += [f"Report re-rendered from the JSON at commit {res['rendered_at']} (the measurements are the run's).", ""]
     if "THP_MEM_ALLOC_ENABLE" in m:
         L += [f"Huge pages: `THP_MEM_ALLOC_ENABLE={m['THP_MEM_ALLOC_ENABLE'] or '(unset)'}` (torch's allocator, so the "
               f"dense weights too), `LOSA_HUGEPAGES={m['LOSA_HUGEPAGES']}` (the sparse layers' packed buffers).", ""]
@@ -456,10 +473,11 @@ def write_markdown(res: dict, path: Path) -> None:
           "linears / read bandwidth (" + ", ".join(f"{stack_bandwidth(res, th):.1f} GB/s on {th} thread(s)"
                                                    for th in sorted({r["threads"] for r in s["runs"]}))
           + ": the larger of `sum`'s and what the fastest dense decode step read). Models: `P bfloat16` = the "
-          "model converted to bf16 (like `dense_bf16`) with bf16 values; `P float32` = a float32 model with float32 values. `(engine)` = the "
-          "same weights decoded by the C++ decode engine that `losa generate` uses (on a twin model that shares "
-          "the layers, with an 8-token vocabulary: its whole step is the stack plus a negligible head). `stack "
-          "speed-up` is against the fastest dense row, engine rows included.", "",
+          "model converted to bf16 (like `dense_bf16`) with bf16 values; `P float32` = a float32 model with float32 "
+          "values." + (" `(engine)` = the same weights decoded by the C++ decode engine that `losa generate` uses "
+                       "(on a twin model that shares the layers, with an 8-token vocabulary: its whole step is the "
+                       "stack plus a negligible head). `stack speed-up` is against the fastest dense row, engine "
+                       "rows included." if any(r["model"].endswith(ENGINE_SUFFIX) for r in s["runs"]) else ""), "",
           "| thr | model | bytes/token (stack) | floor ms | stack ms | stack speed-up | decode ms/token | tokens/s | "
           "stack prefill ms | stack prefill vs dense | prefill ms |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -527,10 +545,12 @@ NOTES = """## How it works and how to read this
 - **Prefill.** Above `DENSE_BATCH_THRESHOLD` rows the layer decompresses 256-row tiles into a cache-resident
   buffer (bf16 tiles by `vpexpandw` for a bf16 model, else fp32) and calls torch's GEMM on each tile (no
   dense copy of the weight is kept). The threshold is the crossover measured above; the tile size is the
-  fastest of the measured ones. Decompression is extra work that a dense layer does not do, so prefill can
-  at best tie with dense; the tiled GEMM itself runs as fast as one large one.
+  fastest of the measured ones. Decompression is extra work that a dense layer does not do, so this path can
+  at best tie with dense. Where it was measured faster (Zen 4, or `losa bench-runtime` on this CPU), bf16
+  prompts on layers >= 65 % sparse skip the zeros instead (the zero-skipping GEMM); the header says which ran.
 - **Floor.** bytes per token = compact bytes of every decoder linear (values + bitmask + row offsets);
-  floor ms = bytes / measured read bandwidth. A kernel at the floor would be memory-bound; where the
+  floor ms = bytes / read bandwidth (per-layer table: `sum`'s; stack: the larger of `sum`'s and what the
+  fastest dense decode step read). A kernel at the floor would be memory-bound; where the
   measured time is well above it, the kernel is bound by instructions (mask decode + expand + FMA per 16
   weights) rather than by memory, which is why 70 % and 80 % gain less than their byte ratio.
 - **2-thread numbers.** On this shared 2-core VM the second thread was usually descheduled by other jobs:
@@ -559,7 +579,7 @@ def stack_bandwidth(res: dict, th: int) -> float:
 def best_dense(rr: dict, key: str) -> float:
     """The faster dense path's time in one thread count's rows ``rr`` (model -> row): torch's fp32 and bf16
     modules and, where measured, the same dense models through the decode engine."""
-    return min(rr[k][key] for k in DENSE_MODELS if k in rr and not math.isnan(rr[k][key]))
+    return min(rr[k][key] for k in DENSE_MODELS if key in rr.get(k, {}) and not math.isnan(rr[k][key]))
 
 
 def targets(res: dict) -> list[str]:
@@ -610,10 +630,17 @@ def main() -> int:
     ap.add_argument("--resume-smollm2", action="store_true",
                     help="run only the SmolLM2 section (1 thread) on top of an existing .partial.json")
     a = ap.parse_args()
+    from _provenance import provenance  # the command with the ISA-forcing variables that were set
+
     out = Path(a.out)
     if a.report_only:
+        from _provenance import commit
+
         res = json.loads(out.with_suffix(".json").read_text())
-        res["targets"] = targets(res)
+        res["targets"] = targets(res)  # derived from the measurements: kept in step with the .md
+        if commit() != res["machine"].get("commit"):
+            res["rendered_at"] = commit()
+        atomic_write_json(out.with_suffix(".json"), res)
         write_markdown(res, out.with_suffix(".md"))
         return 0
     if out.with_suffix(".json").exists():
@@ -626,13 +653,11 @@ def main() -> int:
     if a.resume_smollm2:
         res = json.loads(out.with_suffix(".partial.json").read_text())
         t0 = time.time() - res.get("duration_s", 0.0)
-        res["command"] += " ; then: python " + " ".join(sys.argv)
+        res["command"] += " ; then: " + provenance(1, argv=sys.argv)["command"]
         res["smollm2"] = smollm2_bench((1,), 3, 32, a.data_dir)
         return _finish(res, out, t0)
     reps = 3 if a.quick else 9
     t0 = time.time()
-    from _provenance import provenance  # the command with the ISA-forcing variables that were set
-
     res: dict = {"command": provenance(1, argv=sys.argv)["command"], "machine": machine_info()}
     try:
         res["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

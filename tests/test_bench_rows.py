@@ -88,13 +88,16 @@ def test_provenance_command_names_the_forced_isa(monkeypatch):
     """A row measured with a forced ISA path says so in its command (and reruns as shown)."""
     import _provenance
 
-    monkeypatch.delenv("LOSA_SPARSE_ISA", raising=False)
-    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    for name in _provenance.FORCING_ENV:
+        monkeypatch.delenv(name, raising=False)
     assert _provenance.provenance(1, argv=["b.py", "--x", "a b"])["command"] == "python b.py --x 'a b'"
     monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     row = _provenance.provenance(2, argv=["b.py"])
     assert row["command"] == "LOSA_SPARSE_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 python b.py" and row["threads"] == 2
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # torch's libraries restricted too
+    assert _provenance.provenance(1, argv=["b.py"])["command"] == \
+        "LOSA_SPARSE_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python b.py"
 
 
 def test_run_sections_name_a_forced_isa_once():

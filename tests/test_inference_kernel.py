@@ -541,6 +541,8 @@ from losa.inference.arith import IsaInfo, Requested, choose_arithmetic  # noqa: 
 ISA_CASES = {  # name: (IsaInfo, expected auto (dtype, values, prefill, activations))
     "avx512-bf16-amx": (IsaInfo("avx512", native_bf16=True, amx=True), ("bfloat16", "bfloat16", "bfloat16", "bfloat16")),
     "avx512-bf16": (IsaInfo("avx512", native_bf16=True), ("bfloat16", "bfloat16", "bfloat16", "bfloat16")),
+    "avx512-bf16-zen4": (IsaInfo("avx512", native_bf16=True, sparse_gemm=True),
+                         ("bfloat16", "bfloat16", "bfloat16", "bfloat16")),
     "avx512": (IsaInfo("avx512"), ("float32", "bfloat16", "float32", "float32")),
     "avx2": (IsaInfo("avx2"), ("float32", "bfloat16", "float32", "float32")),
     "avx2-forced": (IsaInfo("avx2", forced="avx2"), ("float32", "bfloat16", "float32", "float32")),
@@ -560,6 +562,23 @@ def test_choose_arithmetic_auto_for_every_isa(case):
         assert "bf16 GEMM" not in c.prefill and "float32 GEMM" in c.prefill
     if isa.native_bf16:
         assert "bf16 GEMM" in c.prefill and ("AMX" in line) == isa.amx
+        # the start-up line names the prompt path this CPU takes: zero-skipping only where it is enabled
+        assert ("zero-skipping" in c.prefill) == isa.sparse_gemm and ("tiles" in c.prefill) != isa.sparse_gemm
+
+
+def test_cpuinfo_reads_the_first_processor_block(tmp_path):
+    from losa.inference.arith import cpuinfo
+    from losa.inference.thresholds import sparse_gemm_by_default
+
+    f = tmp_path / "cpuinfo"
+    f.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                 "model name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+                 "processor\t: 1\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n")
+    fields = cpuinfo(str(f))
+    assert fields["vendor_id"] == "AuthenticAMD" and fields["cpu family"] == "25"
+    assert fields["model name"] == "AMD EPYC 9R14" and "avx512_bf16" in fields["flags"].split()
+    assert sparse_gemm_by_default(fields) is True
+    assert cpuinfo(str(tmp_path / "missing")) == {}
 
 
 @pytest.mark.parametrize("case", list(ISA_CASES))
@@ -588,8 +607,8 @@ def test_dense_line_says_nothing_of_sparse_values(case):
     line = c.line(dense=True)
     assert line.startswith(f"arithmetic ({isa.name}): {c.dtype} model, dense layers (--dense: no sparse values) -- ")
     assert "values" not in line.split(" -- ")[1]
-    reason = {"avx512-bf16-amx": "native bf16", "avx512-bf16": "native bf16", "no-kernel": "float32 keeps the weights exact"
-              }.get(case, "no native bf16")  # by hand, per case
+    reason = {"avx512-bf16-amx": "native bf16", "avx512-bf16": "native bf16", "avx512-bf16-zen4": "native bf16",
+              "no-kernel": "float32 keeps the weights exact"}.get(case, "no native bf16")  # by hand, per case
     assert line.split(" -- ")[1].startswith(reason)
     native = case.startswith("avx512-bf16")
     bf16 = choose_arithmetic(isa, Requested("bfloat16")).line(dense=True)

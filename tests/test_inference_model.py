@@ -44,6 +44,25 @@ def test_generate_matches_dense(family):
     assert sparsify_for_inference(model)["replaced"] == 0  # idempotent
 
 
+def test_bf16_model_prompt_uses_tiles_where_zero_skipping_is_off(monkeypatch):
+    """On a CPU kind without the zero-skipping default (an AMX Xeon, a Zen 5) and nothing measured, no layer of a
+    70 % bf16 model takes it, and the prompt still matches the dense bf16 model."""
+    from losa.inference import thresholds
+
+    monkeypatch.setattr(thresholds, "_this_cpu_sparse_gemm", lambda: False)
+    model = make_tiny_model("llama", hidden=96)
+    prune_random(model, 0.7)
+    model.to(torch.bfloat16)
+    ids = torch.randint(3, 128, (1, 40))
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    summary = sparsify_for_inference(model, value_dtype="bfloat16")
+    assert summary["sparse_prefill_layers"] == 0 and summary["replaced"] > 0
+    with torch.no_grad():
+        out = model(ids).logits.float()
+    torch.testing.assert_close(out, ref, rtol=0.0, atol=0.03 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("isa", [None, "avx2"])
 def test_bf16_model_computes_like_the_dense_bf16_model(monkeypatch, isa, sparse_gemm_by_default):
     """A model converted to bf16 keeps bf16 activations through the sparse layers (decode and prefill).

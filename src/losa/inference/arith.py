@@ -8,7 +8,8 @@ The rules (numbers: benchmarks/results/avx2_decode.md, inference_bf16.md, prefil
 
 * **AVX-512 with AVX512-BF16** (Zen 4, Sapphire Rapids; AMX as well on the latter): a bf16 model with bf16
   values. Decode multiplies bf16 x bf16 with ``vdpbf16ps`` (1.4-1.9x the float32 loop), prompts run the
-  zero-skipping bf16 GEMM or torch's bf16 GEMM (oneDNN, AMX where present).
+  zero-skipping bf16 GEMM (where measured faster: Zen 4, or what ``losa bench-runtime`` found here) or torch's
+  bf16 GEMM on decompressed tiles (oneDNN, AMX where present).
 * **AVX2 only, or AVX-512 without BF16** (Zen 2/3, Haswell-Skylake, Ice Lake): a float32 model, bf16
   values, float32 activations. Decode is bound by the bytes it streams; bf16 values halve them and are
   widened exactly (the AVX2 loop does it with one byte shuffle). torch's bf16 GEMM has no hardware support
@@ -45,6 +46,9 @@ class IsaInfo:
         level: the sparse kernel's instruction set, after ``LOSA_SPARSE_ISA``: "scalar", "avx2" or "avx512".
         native_bf16: AVX512-BF16 usable at that level (hardware bf16 dot products; fast bf16 GEMMs).
         amx: AMX-BF16 present (reported only: torch's oneDNN uses it for bf16 GEMMs).
+        sparse_gemm: a bf16 prompt on layers >= 65 % sparse skips zeros (the zero-skipping GEMM) instead of
+            feeding decompressed tiles to torch's bf16 GEMM (:func:`losa.inference.thresholds.sparse_gemm_enabled`:
+            measured here, else the default of this kind of CPU); only with ``native_bf16``.
         kernel: whether the compiled kernel is available (else the dense fallback runs); assumed True when
             detected without it (``detect_isa(use_kernel=False)``, e.g. for a dense baseline).
         forced: the ``LOSA_SPARSE_ISA`` value when set, else None.
@@ -54,6 +58,7 @@ class IsaInfo:
     level: str
     native_bf16: bool = False
     amx: bool = False
+    sparse_gemm: bool = False
     kernel: bool = True
     forced: str | None = None
     cpu: str = ""
@@ -192,7 +197,8 @@ def choose_arithmetic(isa: IsaInfo, requested: Requested = Requested()) -> Choic
     if not isa.kernel:
         prefill = "float32 dense matmul"
     elif native and (dtype == "bfloat16" or prefill_dtype == "bfloat16"):
-        prefill = "bf16 GEMM" + (" (zero-skipping at >= 65 % sparsity)" if bf16_compute else "")
+        prefill = "bf16 GEMM" + (" (zero-skipping at >= 65 % sparsity)" if bf16_compute and isa.sparse_gemm else
+                                 " on decompressed tiles")
     else:
         prefill = "float32 GEMM on decompressed tiles"
     return Choice(dtype=dtype, value_dtype=value_dtype, prefill_dtype=prefill_dtype,
@@ -200,11 +206,11 @@ def choose_arithmetic(isa: IsaInfo, requested: Requested = Requested()) -> Choic
                   reason="; ".join([why, *notes]), isa=isa.name, dtype_reason=dtype_why)
 
 
-def cpuinfo() -> dict[str, str]:
-    """The fields of the first processor block of ``/proc/cpuinfo`` (``{}`` where there is none, e.g. not Linux)."""
+def cpuinfo(path: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The fields of the first processor block of ``path`` (``{}`` where there is none, e.g. not Linux)."""
     fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as fh:
+        with open(path) as fh:
             for line in fh:
                 if not line.strip():
                     break
@@ -260,5 +266,12 @@ def detect_isa(use_kernel: bool = True) -> IsaInfo:
                 raise LosaError(f"LOSA_SPARSE_ISA={forced!r} is not supported by this CPU (best: {best})")
             level = forced
         bf16 = "avx512_bf16" in flags
-    return IsaInfo(level=level, native_bf16=level == "avx512" and bf16, amx=amx and level == "avx512",
+    native_bf16 = level == "avx512" and bf16
+    if native_bf16 and k is not None:
+        from losa.inference import thresholds
+
+        sparse_gemm = thresholds.sparse_gemm_enabled(_kernel.best_isa())
+    else:
+        sparse_gemm = False
+    return IsaInfo(level=level, native_bf16=native_bf16, amx=amx and level == "avx512", sparse_gemm=sparse_gemm,
                    kernel=k is not None or not use_kernel, forced=forced, cpu=_cpu_model())

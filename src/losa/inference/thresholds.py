@@ -5,7 +5,8 @@ zero-skipping bf16 GEMM) depends on the CPU. The built-in thresholds in ``sparse
 one machine; ``losa bench-runtime`` measures the crossovers here in under a minute and caches them per CPU
 model and ISA level in ``$LOSA_CACHE_DIR/runtime_thresholds.json`` (default ``~/.cache/losa``). Layers use a
 cached value where one exists for the running CPU and ISA (``LOSA_SPARSE_ISA`` included), else the built-in
-default. An explicit ``dense_batch_threshold`` on a layer always wins.
+default; whether bf16 prompts take the zero-skipping GEMM at all defaults per kind of CPU
+(:func:`sparse_gemm_by_default`). An explicit ``dense_batch_threshold`` on a layer always wins.
 
 Keys of a cache entry: ``dense_batch_threshold`` (float32 activations: row loop up to this many rows, then
 tiles), ``dense_batch_threshold_bf16`` and ``sparse_gemm_batch_threshold`` (bf16 activations; native-bf16
@@ -91,7 +92,7 @@ def _cached(isa: int) -> dict:
     for name in KEYS:
         value = entry.get(name)
         if name == "sparse_gemm_batch_threshold" and _stale_sparse_gemm(entry):
-            continue  # the built-in default until losa bench-runtime measures again (advice() says so)
+            continue  # this kind of CPU's default until losa bench-runtime measures again (advice() says so)
         if name == "sparse_gemm_batch_threshold" and value == "never":
             out[name] = NEVER
         elif isinstance(value, int) and value >= 0:
@@ -117,8 +118,8 @@ def advice(isa: int) -> str | None:
         return ("batch-size thresholds are the built-in defaults; `losa bench-runtime` measures them on this CPU "
                 "(under a minute, cached)")
     if _stale_sparse_gemm(entry):
-        return ("the cached batch-size thresholds predate timing the sparse GEMM at prompt sizes, so its built-in "
-                "threshold applies; rerun `losa bench-runtime`")
+        return ("the cached batch-size thresholds predate timing the sparse GEMM at prompt sizes, so this kind of "
+                "CPU's default prompt path applies; rerun `losa bench-runtime`")
     return None
 
 
@@ -132,7 +133,7 @@ def cached_thresholds(isa: int) -> dict[str, int]:
         A dict with a subset of :data:`KEYS`, read once per process and ISA level (a later change of the file
         or of ``LOSA_CACHE_DIR`` is seen after :func:`clear`; :func:`save` clears). A cached ``"never"`` reads as
         :data:`NEVER`; the sparse GEMM threshold of an entry without ``prefill_rows`` (written before prompt
-        sizes were timed) is left out, so the built-in default applies.
+        sizes were timed) is left out, so this kind of CPU's default applies (:func:`sparse_gemm_enabled`).
 
     Raises:
         LosaError: the cache file exists but is not valid JSON.
@@ -172,7 +173,8 @@ def sparse_gemm_enabled(isa: int) -> bool:
 
     Returns:
         The cached measurement's verdict where there is one (a threshold: True; ``"never"``: False), else
-        :func:`sparse_gemm_by_default`.
+        :func:`sparse_gemm_by_default`. Says nothing about native bf16 (a Zen 3 is family 25 too): callers
+        check ``bf16_dot_available()`` first, as :class:`~losa.inference.SparseLinear` does.
 
     Raises:
         LosaError: the cache file exists but is not valid JSON.
