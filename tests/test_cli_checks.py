@@ -161,6 +161,8 @@ def test_compare_labels_an_older_report_without_fine_tuning_from_its_recipe():
                                                                      "--no-layerwise-sparsity (uniform sparsity); "
                                                                      "drop one of them"),
     (["--nm", "2:4", "--allocator", "owl", "--distill"], "--allocator has no effect with --nm without --mixed-nm"),
+    (["--nm", "2:4", "--no-layerwise-sparsity", "--distill"],
+     "--no-layerwise-sparsity has no effect with --nm without --mixed-nm"),
     (["--nm", "2:8", "--mixed-nm", "--allocator", "owl", "--owl-lambda", "0.1", "--distill"],
      "--owl-lambda has no effect with --mixed-nm"),
     (["--nm", "2:8", "--mixed-nm", "--nm-max-pairs", "1", "--delta", "0.05", "--distill"],

@@ -64,7 +64,9 @@ def refuse_ignored(args: argparse.Namespace, ignored: list[tuple[tuple[str, ...]
     Raises:
         LosaError: one line for the first reason, with every flag it applies to.
     """
-    options = {f.path: f.option for f in args.config_flags}
+    # a boolean switched off on the command line is named as typed (--no-x)
+    options = {f.path: "--no-" + f.option[2:] if getattr(args, f.dest, None) is False else f.option
+               for f in args.config_flags}
     for why in dict.fromkeys(w for _, w in ignored):
         names = [options.get(path, ".".join(path)) for path, w in ignored if w == why]
         line = f"{', '.join(names)} {'has' if len(names) == 1 else 'have'} no effect {why}"

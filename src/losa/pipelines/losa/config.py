@@ -163,7 +163,7 @@ class LoSAConfig(CalibrationConfig):
         if self.nm is not None and not self.mixed_nm:
             why = ("with --nm without --mixed-nm (every layer gets the same N:M pattern); drop it, or add --mixed-nm "
                    "with --allocator rmi or owl")
-            return [((f,), why) for f in ("allocator", *params) if f in given]
+            return [((f,), why) for f in ("allocator", "layerwise_sparsity", *params) if f in given]
         if alloc == "uniform":
             out: list[tuple[tuple[str, ...], str]] = []
             if self.allocator != "uniform" and "allocator" in given:  # --no-layerwise-sparsity overrides it
