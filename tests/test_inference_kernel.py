@@ -698,6 +698,8 @@ def test_bench_runtime_command_writes_the_cache(monkeypatch, capsys):
         assert set(entry["timings_ms"]["sparse_gemm_bf16"]) == {"1", "2", "4", "128", "256"}
         assert set(entry["timings_ms"]["loop_bf16"]) == {"1", "2", "4"}
     assert thresholds.cached_thresholds(kmod.best_isa())["dense_batch_threshold"] == entry["dense_batch_threshold"]
+    tiles = {int(t): ms for t, ms in entry["tile_rows_ms_at_128_rows"].items()}
+    assert set(tiles) == set(thresholds.TILE_ROWS) and tiles[entry["dense_tile_rows"]] == min(tiles.values())
     assert main(["bench-runtime", "--shape", "12"]) == 2
     assert "--shape '12' is not OUTxIN" in capsys.readouterr().err
     assert main(["bench-runtime", "--sparsity", "1.5"]) == 2
@@ -732,6 +734,51 @@ def test_crossovers_from_timings():
     assert crossovers(bf16(256), rows, (128, 256))["sparse_gemm_batch_threshold"] == 128
     assert crossovers(bf16(4), rows, (128, 256))["sparse_gemm_batch_threshold"] == 2
     assert crossovers(bf16(1), rows, (128, 256))["sparse_gemm_batch_threshold"] == 0
+
+
+def test_tile_rows_measured_else_per_cpu_default(monkeypatch):
+    """The tile height: the fastest measured (bench-runtime), else 512 rows for bf16 GEMMs on AMX, else 256."""
+    from losa.inference import sparse_linear as sl
+    from losa.inference import thresholds
+
+    assert thresholds.crossovers({"loop": {1: 1.0}, "tiles": {1: 2.0}}, [1], (),
+                                 {256: 3.0, 512: 2.0, 1024: 2.5})["dense_tile_rows"] == 512
+    monkeypatch.setattr(thresholds, "amx_present", lambda: True)
+    assert (sl.tile_rows({}, True), sl.tile_rows({}, False)) == (512, 256)
+    monkeypatch.setattr(thresholds, "amx_present", lambda: False)
+    assert (sl.tile_rows({}, True), sl.tile_rows({}, False)) == (256, 256)
+    assert sl.tile_rows({"dense_tile_rows": 1024}, True) == 1024
+    thresholds.save({"dense_tile_rows": 0, "dense_batch_threshold": 2}, kmod.ISA_NAMES[kmod.best_isa()])
+    assert thresholds.cached_thresholds(kmod.best_isa()) == {"dense_batch_threshold": 2}  # 0 rows is no height
+
+
+@pytest.mark.skipif(KERNEL is None, reason="needs the compiled kernel")
+def test_measured_tile_rows_reach_the_kernel(monkeypatch):
+    """A cached height is what the layer's prompt GEMM decompresses per tile; the result does not depend on it."""
+    from losa.inference import sparse_linear as sl
+    from losa.inference import thresholds
+
+    gen = torch.Generator().manual_seed(23)
+    w = torch.randn(300, 96, generator=gen) * random_mask(300, 96, 0.6, gen)
+    layer = SparseLinear.from_dense(w)
+    x = torch.randn(80, 96, generator=gen)
+    tiles = []
+
+    class TileSpy:
+        def __getattr__(self, name):
+            fn = getattr(KERNEL, name)
+            if name != "dense_mm":
+                return fn
+
+            def dense_mm(*a):
+                tiles.append(a[-2])
+                return fn(*a)
+            return dense_mm
+    monkeypatch.setattr(sl._kernel, "load_kernel", lambda: TileSpy())
+    for height in (64, 1024):
+        thresholds.save({"dense_tile_rows": height}, kmod.ISA_NAMES[kmod.best_isa()])
+        torch.testing.assert_close(layer(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert tiles == [64, 1024]
 
 
 def test_never_in_the_cache_reads_as_no_batch_large_enough():

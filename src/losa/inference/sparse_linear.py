@@ -69,6 +69,10 @@ SPARSE_PREFILL_MAX_DENSITY = 0.35
 SPARSE_GEMM_BATCH_THRESHOLD = 24
 #: Rows decompressed per dense tile in the prefill path (measured there: 256 ~ 1024 < 64 < whole matrix).
 DENSE_TILE_ROWS = 256
+#: The same for bf16 tiles on CPUs with AMX, whose tile GEMM gains from larger tiles (a Xeon with AMX, 128 rows,
+#: 11008x4096 at 70 %: 512 faster than 256 on 2 threads, level on 1; benchmarks/results/tile_rows_amx.md).
+#: ``losa bench-runtime`` measures the best size on the user's CPU (``dense_tile_rows``).
+DENSE_TILE_ROWS_AMX = 512
 
 
 class SparseLinear(nn.Module):
@@ -333,8 +337,24 @@ def sparse_matmul(x2: torch.Tensor, meta: torch.Tensor, values: torch.Tensor, ro
     else:
         bf16_gemm = native and (bf16_in or prefill_bf16)
         tiles = k.dense_mm_xw if bf16_gemm and rows <= DENSE_XW_MAX_ROWS else k.dense_mm
-        y = tiles(x2, *args, DENSE_TILE_ROWS, bf16_gemm)
+        y = tiles(x2, *args, tile_rows(measured, bf16_gemm), bf16_gemm)
     return y if y.dtype == x2.dtype else y.to(x2.dtype)
+
+
+def tile_rows(measured: dict[str, int], bf16_gemm: bool) -> int:
+    """Rows per decompressed tile: ``dense_tile_rows`` measured by ``losa bench-runtime`` on this CPU, else
+    :data:`DENSE_TILE_ROWS_AMX` for bf16 GEMMs on an AMX CPU and :data:`DENSE_TILE_ROWS` otherwise.
+
+    Args:
+        measured: this CPU's cached thresholds (:func:`losa.inference.thresholds.cached_thresholds`).
+        bf16_gemm: whether the tiles feed torch's bf16 GEMM (native bf16 only).
+
+    Returns:
+        The tile height in weight rows.
+    """
+    if "dense_tile_rows" in measured:
+        return measured["dense_tile_rows"]
+    return DENSE_TILE_ROWS_AMX if bf16_gemm and _thresholds.amx_present() else DENSE_TILE_ROWS
 
 
 @torch.library.custom_op("losa::sparse_matmul", mutates_args=())

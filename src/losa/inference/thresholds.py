@@ -22,17 +22,22 @@ import time
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 from losa.errors import LosaError
 
+_K = TypeVar("_K")
+
 CACHE_NAME = "runtime_thresholds.json"
-KEYS = ("dense_batch_threshold", "dense_batch_threshold_bf16", "sparse_gemm_batch_threshold")
+KEYS = ("dense_batch_threshold", "dense_batch_threshold_bf16", "sparse_gemm_batch_threshold", "dense_tile_rows")
 #: batch rows tried when measuring (the loop wins at 1 row everywhere; beyond 64 rows tiles always won)
 ROWS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 #: prompt-sized batches at which the zero-skipping bf16 GEMM is also timed against the decompressed tiles (it
 #: runs above its threshold at any batch size, so the choice must hold at prompt sizes too; where the CPU's own
 #: bf16 GEMM is fast the tiles win at every size: benchmarks/results/runtime_thresholds_zen5.json)
 PREFILL_ROWS = (128, 256)
+#: tile heights (weight rows per decompressed tile) tried at a 128-row prompt; the fastest is cached
+TILE_ROWS = (256, 512, 1024)
 #: ``sparse_gemm_batch_threshold`` as layers read it when the cache says ``"never"``: no batch is large enough
 NEVER = 1 << 62
 #: CPUs (``vendor_id``, ``cpu family``) where the zero-skipping bf16 GEMM is on by default (nothing cached): AMD
@@ -95,7 +100,7 @@ def _cached(isa: int) -> dict:
             continue  # this kind of CPU's default until losa bench-runtime measures again (advice() says so)
         if name == "sparse_gemm_batch_threshold" and value == "never":
             out[name] = NEVER
-        elif isinstance(value, int) and value >= 0:
+        elif isinstance(value, int) and value >= (1 if name == "dense_tile_rows" else 0):
             out[name] = value
     return out
 
@@ -159,6 +164,14 @@ def sparse_gemm_by_default(fields: dict[str, str] | None = None) -> bool:
 
 
 @lru_cache(maxsize=1)
+def amx_present() -> bool:
+    """Whether this CPU has AMX-BF16 (``/proc/cpuinfo`` flags; torch's oneDNN runs bf16 GEMMs on it)."""
+    from losa.inference.arith import _cpuinfo_flags
+
+    return "amx_bf16" in _cpuinfo_flags()
+
+
+@lru_cache(maxsize=1)
 def _this_cpu_sparse_gemm() -> bool:
     from losa.inference.arith import cpuinfo
 
@@ -201,10 +214,10 @@ def save(entry: dict, isa_name: str) -> Path:
     return path
 
 
-def _median_ms(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+def _median_ms(fns: dict[_K, Callable[[], object]], reps: int) -> dict[_K, float]:
     for f in fns.values():
         f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    times: dict[_K, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
             t0 = time.perf_counter()
@@ -223,7 +236,8 @@ def _last_win(rows: Sequence[int], fast: dict[int, float], slow: dict[int, float
     return best
 
 
-def crossovers(timings: dict[str, dict[int, float]], rows: Sequence[int], prefill_rows: Sequence[int] = ()) -> dict:
+def crossovers(timings: dict[str, dict[int, float]], rows: Sequence[int], prefill_rows: Sequence[int] = (),
+               tile_ms: dict[int, float] | None = None) -> dict:
     """The thresholds that :func:`measure`'s timings give.
 
     Args:
@@ -232,13 +246,14 @@ def crossovers(timings: dict[str, dict[int, float]], rows: Sequence[int], prefil
             (``rows`` and ``prefill_rows``).
         rows: the increasing row counts at which every path was timed.
         prefill_rows: the larger counts at which only the two bf16 GEMM paths were timed.
+        tile_ms: milliseconds of the tiles at a 128-row prompt per tile height (:data:`TILE_ROWS`), or None.
 
     Returns:
         ``dense_batch_threshold`` (and with bf16 timings ``dense_batch_threshold_bf16``): the largest count up to
         which the row loop beat the tiles at every count, at least 1 (decode: a whole-matrix decompression per
         token never wins); ``sparse_gemm_batch_threshold``: the largest count up to which the bf16 tiles beat
         the sparse GEMM at every count, ``"never"`` when they won at all of them, and ``prefill_rows`` (the
-        marker of an entry that timed prompt sizes).
+        marker of an entry that timed prompt sizes); with ``tile_ms``, ``dense_tile_rows``: the fastest height.
 
     Raises:
         KeyError: a path's timings are missing (``loop`` and ``tiles`` always; the bf16 paths with ``loop_bf16``).
@@ -250,6 +265,8 @@ def crossovers(timings: dict[str, dict[int, float]], rows: Sequence[int], prefil
         last = _last_win(every, timings["tiles_bf16"], timings["sparse_gemm_bf16"])
         entry["sparse_gemm_batch_threshold"] = "never" if last == every[-1] else last
         entry["prefill_rows"] = list(prefill_rows)
+    if tile_ms:
+        entry["dense_tile_rows"] = min(tile_ms, key=tile_ms.__getitem__)
     return entry
 
 
@@ -279,7 +296,7 @@ def measure(shape: tuple[int, int] = (4096, 4096), sparsity: float = 0.7, rows: 
 
     from losa.inference import kernel as _kernel
     from losa.inference.formats import FORMAT_CODES, pack
-    from losa.inference.sparse_linear import DENSE_TILE_ROWS, DENSE_XW_MAX_ROWS
+    from losa.inference.sparse_linear import DENSE_XW_MAX_ROWS
 
     k = _kernel.load_kernel()
     if k is None:
@@ -298,25 +315,34 @@ def measure(shape: tuple[int, int] = (4096, 4096), sparsity: float = 0.7, rows: 
     args = (p.meta, p.values, p.row_ptr, None, n, kk, FORMAT_CODES["bitmask"], isa)
     timings: dict[str, dict[int, float]] = {}
     with torch.inference_mode():
+        # first the tile height, at a prompt of 128 rows with the GEMM this CPU's prompts use; every tile below
+        # is then timed at that height
+        xt = torch.randn(128, kk, generator=gen)
+        xt = xt.bfloat16() if native else xt
+        tile_ms = _median_ms({t: lambda t=t: k.dense_mm(xt, *args, t, native) for t in TILE_ROWS}, reps)
+        tile = min(tile_ms, key=tile_ms.__getitem__)
+        if progress:
+            progress("tile rows at 128 rows: " + ", ".join(f"{t}: {ms:.3f} ms" for t, ms in tile_ms.items()))
         for r in [*rows, *(prefill_rows if native else ())]:
             x = torch.randn(r, kk, generator=gen)
             fns = {}
             if r in rows:
                 fns = {"loop": lambda x=x: k.spmm(x, *args),
-                       "tiles": lambda x=x: k.dense_mm(x, *args, DENSE_TILE_ROWS, False)}
+                       "tiles": lambda x=x: k.dense_mm(x, *args, tile, False)}
             if native:
                 xb = x.bfloat16()
                 tiles_bf16 = k.dense_mm_xw if r <= DENSE_XW_MAX_ROWS else k.dense_mm
                 if r in rows:
                     fns["loop_bf16"] = lambda xb=xb: k.spmm(xb, *args)
-                fns.update({"tiles_bf16": lambda xb=xb, f=tiles_bf16: f(xb, *args, DENSE_TILE_ROWS, True),
+                fns.update({"tiles_bf16": lambda xb=xb, f=tiles_bf16: f(xb, *args, tile, True),
                             "sparse_gemm_bf16": lambda xb=xb: k.sparse_mm_bf16(xb, *args[:-1])})
             for name, ms in _median_ms(fns, reps).items():
                 timings.setdefault(name, {})[r] = ms
             if progress:
                 progress(f"{r:3d} rows: " + ", ".join(f"{name} {t[r]:.3f} ms" for name, t in timings.items() if r in t))
-    entry = crossovers(timings, rows, prefill_rows if native else ())
+    entry = crossovers(timings, rows, prefill_rows if native else (), tile_ms)
     entry.update({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": torch.get_num_threads(),
                   "shape": f"{n}x{kk}", "sparsity": sparsity, "isa": _kernel.ISA_NAMES[isa],
-                  "timings_ms": {name: {str(r): round(v, 4) for r, v in t.items()} for name, t in timings.items()}})
+                  "timings_ms": {name: {str(r): round(v, 4) for r, v in t.items()} for name, t in timings.items()},
+                  "tile_rows_ms_at_128_rows": {str(t): round(v, 4) for t, v in tile_ms.items()}})
     return entry
