@@ -69,8 +69,9 @@ SPARSE_PREFILL_MAX_DENSITY = 0.35
 SPARSE_GEMM_BATCH_THRESHOLD = 24
 #: Rows decompressed per dense tile in the prefill path (measured there: 256 ~ 1024 < 64 < whole matrix).
 DENSE_TILE_ROWS = 256
-#: The same for bf16 tiles on CPUs with AMX, whose tile GEMM gains from larger tiles (a Xeon with AMX, 128 rows,
-#: 11008x4096 at 70 %: 512 faster than 256 on 2 threads, level on 1; benchmarks/results/tile_rows_amx.md).
+#: The same for bf16 tiles on CPUs with AMX, whose tile GEMM gains from larger tiles (a Xeon with AMX, 128-row
+#: prompts, LLaMA-7B shapes at 50 % and 70 %: 512 the fastest or level of 256/512/1024 on 1 and 2 threads;
+#: benchmarks/results/tile_rows.md).
 #: ``losa bench-runtime`` measures the best size on the user's CPU (``dense_tile_rows``).
 DENSE_TILE_ROWS_AMX = 512
 
