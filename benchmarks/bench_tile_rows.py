@@ -1,6 +1,7 @@
 """Prompt GEMM of one sparse layer: decompressed tiles of 256 / 512 / 1024 weight rows vs dense ``F.linear``.
 
     python benchmarks/bench_tile_rows.py                   # 11008x4096 and 4096x4096, 50 % and 70 %, 1 and 2 threads
+    python benchmarks/bench_tile_rows.py --stack           # the prompt of a 2-layer LLaMA-7B-shaped bf16 stack
 
 A bf16 model's prompt (bf16 inputs, bf16 values) on a native-bf16 CPU, or float32 inputs elsewhere (with
 ``LOSA_SPARSE_ISA=avx2``: the float32 tiles). Each layer decompresses ``tile`` rows at a time and multiplies them
@@ -14,6 +15,7 @@ from all rows. The choice it informs: ``DENSE_TILE_ROWS`` / ``DENSE_TILE_ROWS_AM
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ from _rows import read_jsonl, run_sections, save_rows
 from bench_inference import interleaved, keep_mask
 
 from losa.inference import kernel as kmod
+from losa.inference import sparsify_for_inference, thresholds
 from losa.inference.formats import FORMAT_CODES, pack
 from losa.utils.io import atomic_write_text
 
@@ -65,6 +68,55 @@ def measure(shapes: list[tuple[int, int]], patterns: list[str], threads: list[in
     return out
 
 
+def measure_stack(threads: list[int], rows: int, reps: int, tiles: tuple[int, ...] = (256, 512)) -> list[dict]:
+    """The whole prompt forward of a 2-layer LLaMA-7B-shaped bf16 model at 50 % and 70 %, per tile height.
+
+    The height reaches the layers through the threshold cache (``dense_tile_rows``, as ``losa bench-runtime``
+    writes it), in a temporary ``LOSA_CACHE_DIR``; heights alternate within each repetition.
+    """
+    import copy
+    import os
+    import tempfile
+
+    from bench_inference import llama_stack, prune_model
+
+    os.environ["LOSA_CACHE_DIR"] = tempfile.mkdtemp(prefix="losa-tiles-")
+    thresholds.clear()
+    isa = kmod.ISA_NAMES[kmod.best_isa()]
+    base = llama_stack(2, 32000)
+    models = {}
+    for pattern in ("70%", "50%"):
+        m = copy.deepcopy(base)
+        prune_model(m, pattern)
+        m.to(torch.bfloat16)
+        sparsify_for_inference(m, value_dtype="bfloat16")
+        models[pattern] = m
+    del base
+    ids = torch.randint(5, 1000, (1, rows))
+    run = time.strftime("%Y-%m-%dT%H:%M UTC", time.gmtime())
+    out = []
+    for th in threads:
+        torch.set_num_threads(th)
+        times: dict[tuple[str, int], list[float]] = {}
+        with torch.inference_mode():
+            for rep_ in range(reps + 1):  # the first round warms up
+                for tile in tiles:
+                    thresholds.save({"dense_tile_rows": tile}, isa)
+                    for pattern, m in models.items():
+                        t0 = time.perf_counter()
+                        m(ids, use_cache=True, logits_to_keep=1)
+                        if rep_:
+                            times.setdefault((pattern, tile), []).append((time.perf_counter() - t0) * 1e3)
+        for pattern in models:
+            ms = {t: statistics.median(times[(pattern, t)]) for t in tiles}
+            out.append({**provenance(th), "model": "random LLaMA-7B-shaped stack, 2 layers, bf16", "run": run,
+                        "kernel_isa": kmod.ISA_NAMES[kmod.best_isa()], "shape": "2-layer stack", "pattern": pattern,
+                        "rows": rows, "gemm": "bfloat16", "dense_ms": None,
+                        **{f"tiles_{t}_ms": round(v, 3) for t, v in ms.items()}, "fastest_tile": min(ms, key=ms.get)})
+            print(f"{th} thr stack {pattern}: " + ", ".join(f"{t}: {v:.0f} ms" for t, v in ms.items()), flush=True)
+    return out
+
+
 def render(src: Path, dst: Path) -> None:
     rows = read_jsonl(src)
     out = ["# Prompt GEMM of a sparse layer: tile height (benchmarks/bench_tile_rows.py)", "",
@@ -77,6 +129,12 @@ def render(src: Path, dst: Path) -> None:
                 "| threads | shape | pattern | dense ms | " + " | ".join(f"tiles {t} ms (x dense)" for t in TILES)
                 + " | fastest |", "|---|---|---|---|" + "---|" * len(TILES) + "---|"]
         for r in rs:
+            if r["dense_ms"] is None:  # --stack: the whole prompt forward, per height (no dense layer timed)
+                cells = [f"{r[f'tiles_{t}_ms']:.1f} ({r['tiles_256_ms'] / r[f'tiles_{t}_ms']:.2f}x of 256)"
+                         if f"tiles_{t}_ms" in r else "-" for t in TILES]
+                out.append(f"| {r['threads']} | {r['shape']} | {r['pattern']} | - | " + " | ".join(cells)
+                           + f" | {r['fastest_tile']} |")
+                continue
             cells = [f"{r[f'tiles_{t}_ms']:.2f} ({r['dense_ms'] / r[f'tiles_{t}_ms']:.2f}x)" for t in TILES]
             out.append(f"| {r['threads']} | {r['shape']} | {r['pattern']} | {r['dense_ms']:.2f} | " + " | ".join(cells)
                        + f" | {r['fastest_tile']} |")
@@ -90,12 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--out", default=str(RESULTS / "tile_rows.jsonl"))
+    ap.add_argument("--stack", action="store_true", help="time the prompt of a 2-layer LLaMA-7B-shaped bf16 stack "
+                                                         "at 256 and 512 rows instead of single layers")
     a = ap.parse_args(argv)
     if kmod.load_kernel() is None:
         print("the sparse kernel could not be built; nothing to benchmark", file=sys.stderr)
         return 1
-    rows = measure([(11008, 4096), (4096, 4096)], ["70%", "50%"], [int(t) for t in a.threads.split(",")], a.rows,
-                   a.reps)
+    threads = [int(t) for t in a.threads.split(",")]
+    if a.stack:
+        rows = measure_stack(threads, a.rows, min(a.reps, 5))
+    else:
+        rows = measure([(11008, 4096), (4096, 4096)], ["70%", "50%"], threads, a.rows, a.reps)
     save_rows(Path(a.out), rows, render)
     return 0
 
