@@ -126,7 +126,8 @@ def render(src: Path, dst: Path) -> None:
     for title, where, rs in run_sections(rows):
         out += [title, "", f"{where}, kernel ISA {rs[0]['kernel_isa']}, {rs[0]['rows']}-row prompt, "
                 f"{rs[0]['gemm']} GEMM.", "",
-                "| threads | shape | pattern | dense ms | " + " | ".join(f"tiles {t} ms (x dense)" for t in TILES)
+                "| threads | shape | pattern | dense ms | "
+                + " | ".join(f"tiles {t} ms (x {'256' if rs[0]['dense_ms'] is None else 'dense'})" for t in TILES)
                 + " | fastest |", "|---|---|---|---|" + "---|" * len(TILES) + "---|"]
         for r in rs:
             if r["dense_ms"] is None:  # --stack: the whole prompt forward, per height (no dense layer timed)
