@@ -12,8 +12,8 @@ Modes (each a separate copy of the model, timed interleaved: every repetition ru
   ``--decode-engine auto``, the default of ``losa generate``): the prompt through the model, then one engine call
   per token. Every other lean mode is timed with the engine off (``decode_engine="off"``).
 * ``bf16 model + engine`` (on CPUs with AVX512-BF16, where ``losa generate --dtype auto`` picks a bf16 model):
-  the model cast to bf16, pruned, bf16 values, decoded by the engine (bf16 inputs into the AVX512-BF16 loop, a
-  packed copy of the bf16 LM head).
+  the model cast to bf16, pruned, bf16 values, decoded by the engine (bf16 inputs into the AVX512-BF16 loops:
+  the sparse ones, and the dense one over the bf16 LM head's own weight; earlier rows: a packed copy of the head).
 * ``dense fp32 + engine`` (``--with-dense-engine``): the dense model decoded by the engine (float32 weights).
 * ``..., unplanned`` (``--with-unplanned``): the lean modes without the decode plans, for the before/after.
 * ``..., sdpa attention`` (``--with-sdpa``): the lean modes with transformers' ``sdpa`` attention instead of
@@ -197,8 +197,7 @@ def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bo
             b16 = copy.deepcopy(base).to(torch.bfloat16)
             prune_magnitude(b16, sp)
             sparsify_for_inference(b16, value_dtype="bfloat16")
-            modes[f"{tag} bf16 model + engine"] = {"model": b16, "sparsity": sp, "decoder": LeanDecoder(b16),
-                                                   "packed_head_copy": True}
+            modes[f"{tag} bf16 model + engine"] = {"model": b16, "sparsity": sp, "decoder": LeanDecoder(b16)}
         if with_overhead and compile_step:
             zero = copy.deepcopy(pruned)
             set_lm_head_dtype(zero, "bfloat16")
@@ -206,9 +205,8 @@ def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bo
             modes[f"{tag} overhead only + static + compile"] = {
                 "model": zero, "sparsity": sp, "decoder": LeanDecoder(zero, compile=True), "overhead": True}
     for m in modes.values():
+        # (a bf16 model's engine multiplies the bf16 head's own weight here: native bf16 has the AVX512-BF16 loop)
         m["bytes"] = bytes_per_token(m["model"])
-        if m.get("packed_head_copy"):  # the engine multiplies a packed copy of the bf16 head: one meta bit per weight
-            m["bytes"] += m["model"].get_output_embeddings().weight.numel() // 8
     return modes
 
 

@@ -242,11 +242,12 @@ def _rotary_tables(rotary: nn.Module, max_len: int, head_dim: int, dtype: torch.
 
 
 def _packed_copy(head: nn.Linear) -> tuple:
-    """A bf16 model's LM head as a packed copy (every weight kept) for the engine's bf16 row loop.
+    """A bf16 model's LM head as a packed copy (every weight kept), for CPUs without the AVX512-BF16 loop.
 
-    torch's bf16 matrix-vector product was several times slower than the packed loop on SmolLM2's LM head (the
-    largest matrix a decode step reads); the copy costs the head's bytes once more, plus one metadata bit per
-    weight.
+    There the engine's dense bf16 layers go through torch's bf16 matrix-vector product, several times slower
+    than the packed row loop (float32 arithmetic on the widened values) on SmolLM2's LM head, the largest
+    matrix a decode step reads; the copy costs the head's bytes once more, plus one metadata bit per weight.
+    Where the AVX512-BF16 loop runs, the engine multiplies the head's own weight in place instead.
 
     Returns:
         ``(meta, values, row_ptr, bias or None)`` for ``add_packed``.
@@ -263,8 +264,8 @@ def _packed_copy(head: nn.Linear) -> tuple:
 class DecodeEngine:
     """The C++ engine for one model and cache length (positions ``0 .. max_len - 1``).
 
-    The engine reads the model's buffers in place (no copy of the weights, except a bf16 model's LM head: see
-    :func:`_packed_copy`); it holds its own KV cache of ``2 x layers x kv_heads x max_len x head_dim``
+    The engine reads the model's buffers in place (no copy of the weights, except a bf16 model's LM head on a
+    CPU without AVX512-BF16: see :func:`_packed_copy`); it holds its own KV cache of ``2 x layers x kv_heads x max_len x head_dim``
     values in the model's dtype.
 
     Args:
@@ -301,9 +302,10 @@ class DecodeEngine:
                 _queue_linear(self._eng, getattr(getattr(layer, part), proj))
             self._eng.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach())
         head = model.get_output_embeddings()
-        #: a bf16 model's packed LM head copy (meta, values, row_ptr, bias), reused by a later engine of the model
+        #: a bf16 model's packed LM head copy (meta, values, row_ptr, bias), reused by a later engine of the model;
+        #: None where the AVX512-BF16 loop multiplies the head's own weight in place
         self.head_copy = None
-        if dtype == torch.bfloat16 and isinstance(head, nn.Linear):
+        if dtype == torch.bfloat16 and isinstance(head, nn.Linear) and not _kernel.native_bf16():
             self.head_copy = reuse.head_copy if reuse is not None and reuse.head_copy is not None else \
                 _packed_copy(head)
             self._eng.add_packed(*self.head_copy, head.out_features, head.in_features, FORMAT_CODES["bitmask"])

@@ -59,7 +59,8 @@ inline float round_bf16(float f) {
 }
 
 // One linear layer: the packed row loop (float32 inputs, and bf16 inputs where the AVX512-BF16 loop runs), or
-// a dense weight [N, K] (float32 or bf16, at::linear) for layers kept dense.
+// a dense weight [N, K] for layers kept dense (and a bf16 model's LM head): the AVX512-BF16 dense row loop for
+// bf16 weights where it runs, else at::linear (float32, or bf16 without AVX512-BF16).
 struct Linear {
   losa::GemvCall call;
   losa::GemvCallBf16 call16;
@@ -177,6 +178,8 @@ class DecodeEngine {
     l.n = weight.size(0);
     l.k = weight.size(1);
     if (bias.has_value() && bias->defined()) l.bias = bias->to(weight.scalar_type()).contiguous();
+    // bf16 weights: the AVX512-BF16 row loop over the weight in place where it runs (else at::linear)
+    if (bf16_) l.call16 = losa::prepare_dense_gemv_bf16(l.weight, bias, isa_);
     pending_.push_back(std::move(l));
   }
 

@@ -35,6 +35,11 @@ GemvCallBf16 prepare_gemv_bf16(const torch::Tensor& meta, const torch::Tensor& v
                                const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t fmt,
                                int64_t isa);
 
+// A dense bf16 weight [N, K] (contiguous, read in place) times bf16 inputs x [>= K] (raw bits): the AVX512-BF16
+// loop (bf16 products, float32 sums). An empty callable where it does not run (another ISA, no AVX512-BF16).
+GemvCallBf16 prepare_dense_gemv_bf16(const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+                                     int64_t isa);
+
 // Decode attention of one KV head, float32: G query rows q [G, D] over the first S cached positions of
 // k [S, D] and v [S, D]; out [G, D] is overwritten. scratch holds S floats. avx2: use the AVX2+FMA loops.
 void attend_f32(const float* q, const float* k, const float* v, int64_t G, int64_t S, int64_t D, float scale,

@@ -330,6 +330,32 @@ bool cpu_has_bf16dot() {
   return __builtin_cpu_supports("avx512bf16");
 }
 
+// Dense bf16 rows with bf16 inputs (a bf16 model's LM head or a layer kept dense, in the decode engine):
+// res[o] = sum_j w[o, j] x[j] for rows [o0, o1) of w [N, K] (row stride K, not padded); x holds >= K values.
+// The weights are read in place: no packed copy and no metadata. Per 64 inputs two vdpbf16ps into two
+// accumulators; the last K mod 32 inputs through masked loads (zeros past K in both operands).
+LOSA_AVX512BF16 void dense_rows_bf16dot(const uint16_t* w, const uint16_t* x, int64_t K, const float* bias, float* y,
+                                        int64_t o0, int64_t o1) {
+  const int64_t k64 = K / 64 * 64;
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint16_t* wo = w + o * K;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    int64_t k = 0;
+    for (; k < k64; k += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(wo + k) + 4096, _MM_HINT_T0);
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(wo + k), (__m512bh)_mm512_loadu_si512(x + k));
+      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(wo + k + 32), (__m512bh)_mm512_loadu_si512(x + k + 32));
+    }
+    for (; k < K; k += 32) {
+      const int64_t r = K - k;
+      const __mmask32 mk = r >= 32 ? 0xffffffffu : ((1u << r) - 1u);
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(mk, wo + k),
+                            (__m512bh)_mm512_maskz_loadu_epi16(mk, x + k));
+    }
+    y[o] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + (bias ? bias[o] : 0.f);
+  }
+}
+
 // ---------------------------------------------------------------- sparse prefill (bf16, AVX512-BF16)
 // Large bf16 batches at high sparsity skip the zeros instead of decompressing them: an outer-product
 // GEMM over the kept weights. For each output row, the kept weights are taken two at a time (w_a, w_b);
@@ -850,6 +876,27 @@ GemvCallBf16 prepare_gemv_bf16(const torch::Tensor& meta, const torch::Tensor& v
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     at::parallel_for(0, p.n, 16, [&](int64_t o0, int64_t o1) { gb(p, x, 1, p.k32, bp, y, o0, o1); });
   };
+}
+
+GemvCallBf16 prepare_dense_gemv_bf16(const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+                                     int64_t isa) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kBFloat16 && weight.is_contiguous() &&
+                  weight.device().is_cpu(), "weight must be a contiguous bfloat16 CPU tensor [N, K]");
+#if LOSA_BF16
+  if (isa != AVX512 || !cpu_has_bf16dot()) return {};
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const torch::Tensor b = float_bias(bias, n);
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  // the weight travels with the callable (read in place, not copied)
+  return [weight, b, w, n, k](const uint16_t* x, float* y) {
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    at::parallel_for(0, n, 16, [&](int64_t o0, int64_t o1) { dense_rows_bf16dot(w, x, k, bp, y, o0, o1); });
+  };
+#else
+  (void)bias;
+  (void)isa;
+  return {};
+#endif
 }
 
 }  // namespace losa
