@@ -50,7 +50,8 @@ def test_prune_refuses_an_existing_out_before_pruning(tiny_dir, tmp_path, capsys
     out = tmp_path / "p1"
     out.mkdir()
     rc = main(["prune", str(tiny_dir), "--method", "magnitude", "--eval", "none", "--out", str(out), "--quiet"])
-    _one_line_error(capsys, rc, f"output directory {out} already exists; pass --overwrite")
+    _one_line_error(capsys, rc, f"output directory {out} already exists; pass overwrite=True (--overwrite) or "
+                                "choose another --out")
     rc = main(["prune", str(tiny_dir), "--eval", "none", "--no-save", "--out", str(out), "--quiet"])
     _one_line_error(capsys, rc, "--out has no effect with --no-save")
 
@@ -70,12 +71,13 @@ def test_bad_out_path_or_device_fails_before_the_model_loads(cmd, case, tmp_path
     rc = main([cmd, "no-such-model", "--eval", "none", "--out", str(out), "--quiet", *extra])
     _one_line_error(capsys, rc, {"out is a file": f"--out {afile} is a file; give the path of a directory",
                                  "parent is a file": f"{afile} is a file, not a directory",
-                                 "bad device": "--device 'foo' is not a device; use auto, cpu, cuda or cuda:N"}[case])
+                                 "bad device": "device 'foo' is not a device; set device (--device) to auto, cpu, "
+                                               "cuda or cuda:N"}[case])
 
 @pytest.mark.parametrize("argv,msg", [
     (["--eval", "no_such_file.txt"], "--eval no_such_file.txt: no such file, and not wikitext2, c4 or ptb"),
     (["--eval-seqlen", "1000"], "evaluation window of 1000 tokens exceeds the model's context of 256 positions; "
-                                "set --eval-seqlen 256 or lower"),
+                                "set --eval-seqlen to 256 or lower"),
     (["--eval-seqlen", "0"], "--eval-seqlen 0 must be at least 2"),
     (["--max-windows", "0"], "--max-windows 0 must be at least 1"),
     (["--max-windows", "-1"], "--max-windows -1 must be at least 1"),
@@ -95,10 +97,12 @@ def test_prune_named_eval_dataset_missing_from_the_data_dir(tiny_dir, tmp_path, 
 
 
 @pytest.mark.parametrize("fields,msg", [
-    ({"atp_beta": 0.01}, "atp_beta only apply to allocator atp; add --allocator atp or drop --atp-beta"),
-    ({"atp_grid_points": 4}, "add --allocator atp or drop --atp-grid-points"),
+    ({"atp_beta": 0.01}, r"atp_beta only apply to allocator atp; add allocator='atp' \(--allocator atp\) or drop "
+                         r"atp_beta \(--atp-beta\)"),
+    ({"atp_grid_points": 4}, r"or drop atp_grid_points \(--atp-grid-points\)"),
     ({"allocator": "atp", "atp_beta": 0.01, "atp_grid_points": 4}, "a fixed atp_beta skips"),
-    ({"method": "magnitude", "nm": "2:4", "options": {"per_row": True}}, "drop --per-row or --nm"),
+    ({"method": "magnitude", "nm": "2:4", "options": {"per_row": True}},
+     r"drop options\['per_row'\] \(--per-row\) or nm \(--nm\)"),
 ])
 def test_prune_options_that_would_be_ignored_are_refused(fields, msg):
     with pytest.raises(LosaError, match=msg):
@@ -121,12 +125,14 @@ def test_run_without_fine_tuning_says_so_everywhere(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", str(tiny_dir), *SMALL_RUN, "--out", str(out), "--no-save"]) == 0
     log = capsys.readouterr().out
-    assert log.count("warning: no --finetune-data and no --distill: the adapters will not be fine-tuned") == 1
+    assert log.count("warning: no finetune_data (--finetune-data) and no finetune.distill (--distill): the "
+                     "adapters will not be fine-tuned") == 1
     assert "not fine-tuned" in log and "nan" not in log
     rep = json.loads((out / "report.json").read_text())
     assert rep["meta"]["notes"] and "will not be fine-tuned" in rep["meta"]["notes"][0]
     assert main(["report", str(out)]) == 0
-    assert "Warning: no --finetune-data and no --distill" in (out / "report.md").read_text()
+    assert "Warning: no finetune_data (--finetune-data) and no finetune.distill (--distill)" in (
+        out / "report.md").read_text()
     capsys.readouterr()
     assert main(["compare", str(out)]) == 0
     assert "Wanda + LoSA (no fine-tuning)" in capsys.readouterr().out
@@ -144,30 +150,39 @@ def test_compare_labels_an_older_report_without_fine_tuning_from_its_recipe():
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--lr", "0.01", "--epochs", "2"], "--lr, --epochs have no effect without --finetune-data or --distill"),
-    (["--max-examples", "8"], "--max-examples has no effect without --finetune-data or --distill"),
-    (["--finetune-data", "x.jsonl", "--temperature", "2"], "--temperature has no effect without --distill"),
-    (["--nm", "2:8", "--mixed-nm", "--no-layerwise-sparsity", "--distill"], "--mixed-nm has no effect with the "
-                                                                            "uniform allocator"),
-    (["--nm", "2:8", "--mixed-nm", "--allocator", "uniform", "--distill"], "use --allocator rmi or owl"),
-    (["--nm-max-pairs", "2", "--distill"], "--nm-max-pairs has no effect without --mixed-nm"),
+    (["--lr", "0.01", "--epochs", "2"], "--lr, --epochs have no effect without finetune_data (--finetune-data) or "
+                                        "finetune.distill (--distill)"),
+    (["--max-examples", "8"], "--max-examples has no effect without finetune_data (--finetune-data) or "
+                              "finetune.distill (--distill)"),
+    (["--finetune-data", "x.jsonl", "--temperature", "2"], "--temperature has no effect without finetune.distill "
+                                                           "(--distill); add finetune.distill=True (--distill)"),
+    (["--nm", "2:8", "--mixed-nm", "--no-layerwise-sparsity", "--distill"],
+     "--mixed-nm has no effect with layerwise_sparsity=False (--no-layerwise-sparsity) or allocator='uniform' "
+     "(--allocator uniform): the uniform allocator moves no layer's N"),
+    (["--nm", "2:8", "--mixed-nm", "--allocator", "uniform", "--distill"], "use allocator (--allocator) rmi or owl, "
+                                                                           "or drop mixed_nm (--mixed-nm)"),
+    (["--nm-max-pairs", "2", "--distill"], "--nm-max-pairs has no effect without mixed_nm (--mixed-nm); add "
+                                           "mixed_nm=True (--mixed-nm) or drop it"),
     (["--allocator", "owl", "--beta", "2", "--rmi-features", "outputs", "--distill"],
-     "--rmi-features, --beta have no effect with --allocator owl"),
-    (["--owl-lambda", "0.1", "--distill"], "--owl-lambda has no effect with --allocator rmi"),
-    (["--allocator", "owl", "--delta", "0.1", "--distill"], "--delta has no effect with --allocator owl (its band is "
-                                                            "--owl-lambda)"),
+     "--rmi-features, --beta have no effect with allocator='owl' (--allocator owl): only allocator='rmi' "
+     "(--allocator rmi) reads it"),
+    (["--owl-lambda", "0.1", "--distill"], "--owl-lambda has no effect with allocator='rmi' (--allocator rmi)"),
+    (["--allocator", "owl", "--delta", "0.1", "--distill"], "--delta has no effect with allocator='owl' (--allocator "
+                                                            "owl), whose band is owl_lambda (--owl-lambda)"),
     (["--no-layerwise-sparsity", "--beta", "2", "--distill"], "--beta has no effect with uniform sparsity"),
     (["--no-layerwise-sparsity", "--allocator", "owl", "--distill"], "--allocator has no effect with "
-                                                                     "--no-layerwise-sparsity (uniform sparsity); "
-                                                                     "drop one of them"),
-    (["--nm", "2:4", "--allocator", "owl", "--distill"], "--allocator has no effect with --nm without --mixed-nm"),
+                                                                     "layerwise_sparsity=False "
+                                                                     "(--no-layerwise-sparsity), i.e. uniform "
+                                                                     "sparsity; drop one of them"),
+    (["--nm", "2:4", "--allocator", "owl", "--distill"], "--allocator has no effect with nm (--nm) without mixed_nm "
+                                                         "(--mixed-nm)"),
     (["--nm", "2:4", "--no-layerwise-sparsity", "--distill"],
-     "--no-layerwise-sparsity has no effect with --nm without --mixed-nm"),
+     "--no-layerwise-sparsity has no effect with nm (--nm) without mixed_nm (--mixed-nm)"),
     (["--nm", "2:8", "--mixed-nm", "--allocator", "owl", "--owl-lambda", "0.1", "--distill"],
-     "--owl-lambda has no effect with --mixed-nm"),
+     "--owl-lambda has no effect with mixed_nm (--mixed-nm)"),
     (["--nm", "2:8", "--mixed-nm", "--nm-max-pairs", "1", "--delta", "0.05", "--distill"],
-     "--delta has no effect with --nm-max-pairs"),
-    (["--nm", "2:8", "--nm-max-dev", "2", "--distill"], "--nm-max-dev has no effect without --mixed-nm"),
+     "--delta has no effect with nm_max_pairs (--nm-max-pairs)"),
+    (["--nm", "2:8", "--nm-max-dev", "2", "--distill"], "--nm-max-dev has no effect without mixed_nm (--mixed-nm)"),
     (["--distill", "--max-grad-norm", "-1"], "max_grad_norm: Input should be greater than or equal to 0"),
     (["--distill", "--lr-scheduler", "bogus"], "lr_scheduler 'bogus' is not a transformers learning-rate schedule; "
                                                "choose one of linear, cosine"),
@@ -185,7 +200,7 @@ def test_run_bad_or_ignored_settings_fail_before_the_run(tmp_path, capsys, no_wo
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--fsdp is valid with GPUs")
 def test_run_fsdp_without_gpus_fails_at_start(capsys, no_work):
     rc = main(["run", "no-such-model", "--calib", "c4", "--distill", "--fsdp", "full_shard", "--quiet"])
-    _one_line_error(capsys, rc, "--fsdp needs GPUs")
+    _one_line_error(capsys, rc, "fsdp (--fsdp) needs GPUs")
 
 
 def test_valid_schedulers_and_no_clipping_are_accepted():
@@ -210,7 +225,7 @@ def test_resume_checks_the_state_before_any_work(tmp_path):
     calib = torch.randint(4, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     cfg = LoSAConfig(sparsity=0.5, steps=1, nsamples=4, seqlen=16, recon_nsamples=2, r_max=8, r_min=1,
                      omega_first=4, omega_last=6, device="cpu", calib="c4", finetune={"distill": True, "lr": 1e-3})
-    with pytest.raises(LosaError, match=r"--resume: .*none holds no finished LoSA step"):
+    with pytest.raises(LosaError, match=r"resume \(--resume\): .*none holds no finished LoSA step"):
         run(make_tiny_model("llama", layers=2), tok, cfg, out_dir=tmp_path / "none", resume=True, calib_ids=calib,
             progress=False)
     assert not (tmp_path / "none").exists()
@@ -234,7 +249,8 @@ def test_the_python_api_warns_about_a_run_without_fine_tuning(tmp_path):
     with pytest.warns(UserWarning) as w:
         rep = run(make_tiny_model("llama", layers=2), make_tiny_tokenizer(), cfg, calib_ids=calib, progress=False)
     messages = [str(x.message) for x in w]
-    assert any(m.startswith("no --finetune-data and no --distill") for m in messages)
+    assert any(m.startswith("no finetune_data (--finetune-data) and no finetune.distill (--distill)")
+               for m in messages)
     assert any(m.startswith("max_examples has no effect") for m in messages)
     assert rep.meta.notes and not rep.meta.fine_tuned
 
@@ -265,7 +281,8 @@ def test_check_output_dir_probes_an_existing_run_dir_itself(tmp_path, monkeypatc
     io.check_output_dir(out, "--out", exists_ok=True)
     io.check_output_dir(tmp_path / "new" / "run", "--out", exists_ok=False)
     assert probed == [out, tmp_path]
-    with pytest.raises(LosaError, match="already exists; pass --overwrite"):
+    with pytest.raises(LosaError, match=r"already exists; pass overwrite=True \(--overwrite\) or choose another "
+                                        "--out"):
         io.check_output_dir(out, "--out", exists_ok=False)
 
 
@@ -288,12 +305,13 @@ def test_run_refuses_an_existing_run_or_a_bad_resume_before_loading_the_model(tm
     done = tmp_path / "done"
     (done / "state").mkdir(parents=True)
     rc = main(["run", "no-such-model", "--eval", "none", "--out", str(done), "--quiet"])
-    _one_line_error(capsys, rc, f"{done} already holds a LoSA run; pass --resume")
+    _one_line_error(capsys, rc, f"{done} already holds a LoSA run; pass resume=True (--resume) to continue it or "
+                                "choose another out_dir (--out)")
     rc = main(["run", "no-such-model", "--eval", "none", "--out", str(tmp_path / "none"), "--resume", "--quiet"])
     _one_line_error(capsys, rc, "holds no finished LoSA step")
     # a flag refused now may have started a run with an older version: with --resume it is a warning, and
     # the resume check (against the recipe the run was started with) decides
-    with pytest.warns(UserWarning, match="--owl-lambda has no effect with --allocator rmi"):
+    with pytest.warns(UserWarning, match=r"--owl-lambda has no effect with allocator='rmi' \(--allocator rmi\)"):
         rc = main(["run", "no-such-model", "--eval", "none", "--out", str(tmp_path / "none"), "--resume",
                    "--distill", "--owl-lambda", "0.1", "--quiet"])
     _one_line_error(capsys, rc, "holds no finished LoSA step")
@@ -333,5 +351,5 @@ def test_evaluation_flags_without_evaluation_data_are_refused(cmd, tiny_dir, cap
 
 def test_run_refuses_sparsity_with_nm(tiny_dir, capsys, no_work):
     rc = main(["run", str(tiny_dir), "--nm", "2:4", "--sparsity", "0.7", "--eval", "none", "--quiet"])
-    _one_line_error(capsys, rc, "--sparsity has no effect with --nm (the N:M pattern sets the sparsity)")
+    _one_line_error(capsys, rc, "--sparsity has no effect with nm (--nm): the N:M pattern sets the sparsity")
     assert LoSAConfig(nm="2:4", sparsity=0.5).ignored_fields() == []  # the default value is not "set"

@@ -33,7 +33,7 @@ def test_prune_calibration_window_beyond_context(opt_dir, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert err == ("error: calibration window of 512 tokens exceeds the model's context of 256 positions; "
-                   "set --seqlen 256 or lower")
+                   "set seqlen (--seqlen) to 256 or lower")
 
 
 def test_engine_and_losa_refuse_long_windows():
@@ -41,7 +41,8 @@ def test_engine_and_losa_refuse_long_windows():
     ids = torch.randint(4, 128, (2, 300))
     with pytest.raises(LosaError, match="calibration window of 300 tokens exceeds the model's context of 256"):
         losa.prune(model, None, losa.PruneConfig(method="wanda"), calib_ids=ids, progress=False)
-    with pytest.raises(LosaError, match=r"fine-tuning example of 512 tokens .* set --max-length 256 or lower"):
+    with pytest.raises(LosaError, match=r"fine-tuning example of 512 tokens .* set finetune\.max_length \(--max-length\) to 256 or "
+                                        "lower"):
         losa.run(make_tiny_model("llama", layers=1), make_tiny_tokenizer(),
                  {"calib": "c4", "nsamples": 2, "seqlen": 16, "recon_nsamples": 2, "finetune": {"distill": True,
                                                                                                 "max_length": 512}},
@@ -50,7 +51,7 @@ def test_engine_and_losa_refuse_long_windows():
 
 def test_perplexity_window_beyond_context(opt_dir, capsys, data_dir):
     model = make_tiny_model("opt", layers=1)
-    with pytest.raises(LosaError, match=r"evaluation window of 1024 tokens .* set --seqlen 256 or lower"):
+    with pytest.raises(LosaError, match=r"evaluation window of 1024 tokens .* set seqlen \(--seqlen\) to 256 or lower"):
         perplexity_from_ids(model, torch.randint(4, 128, (4096,)), seqlen=1024, progress=False)
     rc = main(["eval", "ppl", str(opt_dir), "--datasets", "wikitext2", "--seqlen", "1024", "--data-dir", str(data_dir)])
-    assert rc == 2 and "set --seqlen 256 or lower" in capsys.readouterr().err
+    assert rc == 2 and "set seqlen (--seqlen) to 256 or lower" in capsys.readouterr().err

@@ -169,5 +169,5 @@ def test_trainer_fsdp_on_cpu_is_refused_not_silently_ignored(tmp_path):
     model = make_tiny_model("llama", layers=1)
     add_sparse_lora(model, SparseLoRAConfig(r_max=2, rank=2), mask_from_weights=False)
     examples = [{"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8]}] * 4
-    with pytest.raises(LosaError, match="--fsdp needs GPUs"):
+    with pytest.raises(LosaError, match=r"fsdp \(--fsdp\) needs GPUs"):
         finetune(model, examples, FinetuneConfig(batch_size=2, fsdp="full_shard auto_wrap"), 0, progress=False)

@@ -138,8 +138,8 @@ def test_flags_reach_nested_configs_and_pruner_options(tmp_path):
 
 
 def test_an_option_of_another_pruner_fails_in_one_line():
-    with pytest.raises(LosaError, match=r"option 'blocksize' does not apply to --method wanda \(it is an option of "
-                                        r"sparsegpt\)") as e:
+    with pytest.raises(LosaError, match=r"option 'blocksize' does not apply to method='wanda' \(--method wanda\): it "
+                                        r"is an option of sparsegpt; drop it") as e:
         losa.PruneConfig(method="wanda", options={"blocksize": 64})
     assert "\n" not in str(e.value)
     with pytest.raises(LosaError, match="no pruner has it"):

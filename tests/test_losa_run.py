@@ -157,7 +157,7 @@ def test_progress_bars_in_every_long_phase_and_quiet_turns_them_off(tmp_path, ca
 def test_resume_needs_state_moves_between_machines_and_checks_the_data(tmp_path, calib):
     data = _text_data(tmp_path / "ft.jsonl")
     tok = make_tiny_tokenizer()
-    with pytest.raises(LosaError, match=r"--resume: .* holds no finished LoSA step"):
+    with pytest.raises(LosaError, match=r"resume \(--resume\): .* holds no finished LoSA step"):
         run(make_tiny_model("llama", layers=2), tok, _cfg(finetune_data=data), out_dir=tmp_path / "empty",
             resume=True, calib_ids=calib, progress=False)
     ref = make_tiny_model("llama", layers=2)
@@ -222,7 +222,7 @@ def test_eval_every_step_and_report_from_a_real_run(tmp_path, data_dir):
 
 def test_mixed_nm_that_cannot_move_says_so(calib, tmp_path):
     model = make_tiny_model("llama", layers=4)
-    with pytest.warns(UserWarning, match="lets no layer move, so this run is uniform 4:8; pass --nm-max-pairs"):
+    with pytest.warns(UserWarning, match=r"lets no layer move, so this run is uniform 4:8; set nm_max_pairs \(--nm-max-pairs\)"):
         rep = run(model, make_tiny_tokenizer(), _cfg(nm="4:8", mixed_nm=True, steps=1), calib_ids=calib, progress=False)
     assert rep.steps[0].layer_target_sparsity == [0.5] * 4
     rep = run(make_tiny_model("llama", layers=4), make_tiny_tokenizer(),
@@ -271,7 +271,8 @@ def test_run_refuses_bad_inputs_before_any_work(tmp_path, calib, data_dir, monke
         (dict(step_eval=StepEval(["nope"], 32, 1, str(data_dir))),
          "step_eval.datasets nope: no such file, and not wikitext2, c4 or ptb"),
         (dict(step_eval=StepEval(["wikitext2"], 4096, 1, str(data_dir))),
-         "evaluation window of 4096 tokens exceeds the model's context of 256 positions; set step_eval.seqlen 256"),
+         "evaluation window of 4096 tokens exceeds the model's context of 256 positions; set step_eval.seqlen to 256 "
+         "or lower"),
         (dict(step_eval=StepEval(["wikitext2"], 32, 0, str(data_dir))), "max_windows must be at least 1, got 0"),
         (dict(tokenizer=None), "losa.run needs a tokenizer for the fine-tuning data"),
         (dict(config=PruneConfig()), "needs a LoSAConfig or a dict of its fields, got PruneConfig"),

@@ -40,7 +40,7 @@ def test_batch_size_below_one_is_a_clear_error(tmp_path, capsys):
     model = make_tiny_model("llama", layers=1)
     ids = torch.randint(3, 128, (23,), generator=torch.Generator().manual_seed(4))
     for bad in (0, -1):  # range() refused 0; -1 evaluated nothing and divided by zero
-        with pytest.raises(LosaError, match=f"got {bad}; set --batch-size 1 or more"):
+        with pytest.raises(LosaError, match=rf"got {bad}; set batch_size \(--batch-size\) to 1 or more"):
             perplexity_from_ids(model, ids, seqlen=5, batch_size=bad, progress=False)
         # the CLI refuses it before loading the model (the model path does not exist)
         assert main(["eval", "ppl", str(tmp_path / "missing"), "--batch-size", str(bad)]) == 2

@@ -219,7 +219,7 @@ def test_mixed_nm_unequal_layer_sizes_warns_and_falls_back_uncapped():
     assert [t.m for t in targets] == [8] * 4 and sparsities == [1 - n / 8 for n in ns]
     # with equal sizes the default cap applies: floor(delta*M*L/2) = 0 pairs at the default delta, so
     # nothing moves, and the user is told so in one line that names the flag
-    with pytest.warns(UserWarning, match=r"lets no layer move, so this run is uniform 4:8; pass --nm-max-pairs") as w:
+    with pytest.warns(UserWarning, match=r"lets no layer move, so this run is uniform 4:8; set nm_max_pairs \(--nm-max-pairs\)") as w:
         _, _, capped = _step_targets(cfg, 1, [100] * 4, cka, None)
     assert capped == [4, 4, 4, 4] and "\n" not in str(w[0].message)
     with warnings.catch_warnings():  # an explicit cap that moves layers: no warning

@@ -159,11 +159,13 @@ def test_cli_bad_device_is_one_line(tmp_path, capsys):
     from losa.utils.device import resolve_device
 
     for bad in ("foo", "cuda:x", ""):
-        with pytest.raises(losa.LosaError, match=f"--device '{bad}' is not a device; use auto, cpu, cuda or cuda:N"):
+        with pytest.raises(losa.LosaError, match=rf"device '{bad}' is not a device; set device \(--device\) to auto, "
+                                                 "cpu, cuda or cuda:N"):
             resolve_device(bad)
     assert resolve_device("cpu") == torch.device("cpu")
     assert main(["eval", "ppl", str(tmp_path / "missing"), "--device", "foo"]) == 2  # before loading the model
-    assert capsys.readouterr().err == "error: --device 'foo' is not a device; use auto, cpu, cuda or cuda:N\n"
+    assert capsys.readouterr().err == ("error: device 'foo' is not a device; set device (--device) to auto, cpu, "
+                                       "cuda or cuda:N\n")
 
 
 def test_inspect_help_and_patterns(tiny_dir, capsys):

@@ -157,7 +157,7 @@ def test_state_of_another_checkpoint_is_refused(tmp_path, calib):
     msg = str(e.value)
     assert "\n" not in msg
     assert "the model's weights differ from those the run" in msg and "14 of 14 modules" in msg
-    assert "load the same checkpoint or use a new --out" in msg
+    assert "load the same checkpoint or use a new out_dir (--out)" in msg
     # one weight changed in one module is enough (the whole weight is hashed)
     other = _model()
     with torch.no_grad():

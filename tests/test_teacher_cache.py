@@ -126,7 +126,8 @@ def test_cache_holds_the_models_own_top_k(tmp_path, family):
 
 def test_cache_errors(tmp_path):
     model = make_tiny_model("llama", seed=0, layers=1)
-    with pytest.raises(LosaError, match=r"teacher_topk 129 exceeds the vocabulary of 128 tokens; set --teacher-topk"):
+    with pytest.raises(LosaError, match=r"teacher_topk 129 exceeds the vocabulary of 128 tokens; set teacher_topk "
+                                        r"\(--teacher-topk\) to 128 or lower"):
         TeacherTopK.compute(model, _examples(2), tmp_path / "tc", VOCAB + 1)
     with pytest.raises(LosaError, match="missing or incomplete"):
         TeacherTopK(tmp_path / "nothing")
@@ -146,7 +147,8 @@ def test_cache_errors(tmp_path):
         finetune(student, _examples(2), cfg.model_copy(update={"teacher_topk": 8}), pad_id=0, teacher_cache=cache)
     with pytest.raises(LosaError, match="needs its 'teacher_index'"):
         finetune(student, _examples(2), cfg, pad_id=0, teacher_cache=cache)
-    with pytest.raises(LosaError, match="teacher_topk 4 only applies to distillation; add --distill"):
+    with pytest.raises(LosaError, match=r"teacher_topk 4 only applies to distillation; add distill=True \(--distill\) or "
+                                        r"drop teacher_topk \(--teacher-topk\)"):
         FinetuneConfig(teacher_topk=4)
 
 

@@ -150,7 +150,7 @@ def test_unreachable_hub_is_one_line_naming_offline_mode():
                 raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (OfflineModeIsEnabled)") from e
 
     with pytest.raises(LosaError, match=r"task\(s\) rte from the Hugging Face hub \(ConnectionError\); use "
-                                        r"--offline --data-dir DIR"):
+                                        r"offline=True \(--offline\) with data_dir \(--data-dir DIR\)"):
         zs._load_tasks(OfflineTaskManager(), ["rte"])
 
     class BrokenTaskManager:
@@ -166,7 +166,8 @@ def test_cli_bad_flags_fail_before_loading_model(tmp_path, capsys):
 
     missing = str(tmp_path / "missing")
     for flags, err in [(["--batch-size", "0"], "error: --batch-size must be >= 1, got 0\n"),
-                       (["--device", "foo"], "error: --device 'foo' is not a device; use auto, cpu, cuda or cuda:N\n"),
+                       (["--device", "foo"], "error: device 'foo' is not a device; set device (--device) to auto, "
+                                             "cpu, cuda or cuda:N\n"),
                        (["--out", str(tmp_path)], f"error: --out {tmp_path} is a directory; give the path of a file "
                                                   "(e.g. inside it)\n")]:
         assert main(["eval", "zeroshot", missing, "--tasks", "rte", *flags]) == 2

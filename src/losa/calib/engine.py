@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from losa.calib.chunked_mlp import chunked_gated_mlp
 from losa.calib.hooks import InputsCaptured, StatsComplete, act_on_first_input, capture_inputs, collect_inputs
 from losa.calib.visitor import LayerContext, LayerVisitor
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 from losa.models.linear import in_features
 from losa.models.offload import execution_device, onloaded
 from losa.models.registry import (
@@ -62,7 +62,7 @@ class LayerwiseEngine:
                  desc: str = "calibrating", stats_autocast: torch.dtype | None = None) -> None:
         if input_ids.ndim != 2 or input_ids.numel() == 0:
             raise LosaError("calibration input_ids must be a non-empty [nsamples, seqlen] tensor")
-        check_window(model, input_ids.shape[1], "calibration window", "--seqlen")
+        check_window(model, input_ids.shape[1], "calibration window", option("seqlen"))
         self.model = model
         self.spec: ArchSpec = get_arch(model)
         self.layers = get_decoder_layers(model, self.spec)

@@ -8,7 +8,7 @@ import random
 import torch
 
 from losa.data.sources import is_named, load_documents
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 from losa.models.offload import input_device
 from losa.models.registry import check_window
 
@@ -22,7 +22,7 @@ SELF_PROMPTS = (
 def _window_from_stream(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, what: str) -> torch.Tensor:
     if ids.numel() <= seqlen:
         raise LosaError(f"{what} has only {ids.numel()} tokens, too short for seqlen {seqlen}; "
-                        "use a shorter --seqlen or more text")
+                        f"use a shorter {option('seqlen')} or more text")
     rng = random.Random(seed)
     starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
     return torch.stack([ids[s:s + seqlen] for s in starts])
@@ -38,7 +38,8 @@ def _windows_from_documents(tokenizer, docs: list[str], nsamples: int, seqlen: i
     while len(out) < nsamples:
         attempts += 1
         if attempts > 200 * nsamples + 1000:
-            raise LosaError(f"{what}: too few documents longer than {seqlen} tokens; use a shorter --seqlen")
+            raise LosaError(f"{what}: too few documents longer than {seqlen} tokens; use a shorter "
+                            f"{option('seqlen')}")
         i = rng.randint(0, len(docs) - 1)
         if i not in cache:
             cache[i] = tokenizer(docs[i], return_tensors="pt").input_ids[0]
@@ -109,7 +110,7 @@ def check_calib_ids(model, calib_ids: torch.Tensor | None, min_rows: int = 1) ->
     if lo < 0 or hi >= vocab:
         raise LosaError(f"calib_ids hold token id {lo if lo < 0 else hi}, outside the model's vocabulary [0, {vocab}); "
                         "tokenize the calibration text with the model's own tokenizer")
-    check_window(model, calib_ids.shape[1], "calibration window", "calib_ids.shape[1] to")
+    check_window(model, calib_ids.shape[1], "calibration window", "calib_ids.shape[1]")
     return calib_ids.long()
 
 

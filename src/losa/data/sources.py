@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 
 NAMED_FILES: dict[str, dict[str, str]] = {
     "wikitext2": {
@@ -33,7 +33,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
         return None
     p = Path(d).expanduser()
     if not p.is_dir():
-        raise LosaError(f"data directory {p} does not exist; fix --data-dir / LOSA_DATA_DIR")
+        raise LosaError(f"data directory {p} does not exist; fix {option('data_dir')} / LOSA_DATA_DIR")
     return p
 
 
@@ -78,13 +78,13 @@ def load_documents(source: str, split: str = "test", data_dir: str | os.PathLike
         path = root / files[split]
         if not path.is_file():
             raise LosaError(f"{source} {split} split not found: {path} is missing; put the file there or "
-                            f"point --data-dir / LOSA_DATA_DIR at a directory that has it")
+                            f"point {option('data_dir')} / LOSA_DATA_DIR at a directory that has it")
         return _read_local(source, split, path)
     try:
         return _read_hub(source, split)
     except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
-        raise LosaError(f"{source} {split}: no --data-dir / LOSA_DATA_DIR given and the HF hub failed "
-                        f"({type(e).__name__}); pass --data-dir with a local copy") from None
+        raise LosaError(f"{source} {split}: no {option('data_dir')} / LOSA_DATA_DIR given and the HF hub failed "
+                        f"({type(e).__name__}); pass {option('data_dir')} with a local copy") from None
 
 
 def join_for_eval(source: str, docs: list[str]) -> str:
@@ -178,8 +178,8 @@ def check_eval_datasets(datasets: list[str], data_dir: str | None, flag: str) ->
         if is_named(d):
             path = root / NAMED_FILES[d][EVAL_SPLIT[d]] if root is not None else None
             if path is not None and not path.is_file():
-                raise LosaError(f"{flag} {d}: {path} is missing; put the file there, point the data dir "
-                                f"(--data-dir, data_dir=) at a directory that has it, or drop it from {flag}")
+                raise LosaError(f"{flag} {d}: {path} is missing; put the file there, point {option('data_dir')} "
+                                f"at a directory that has it, or drop it from {flag}")
         elif not Path(d).is_file():
             raise LosaError(f"{flag} {d}: no such file, and not wikitext2, c4 or ptb; check the name or path")
         elif Path(d).suffix not in TEXT_SUFFIXES + RECORD_SUFFIXES:  # what read_text_file reads

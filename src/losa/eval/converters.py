@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 
 Record = dict[str, Any]
 
@@ -214,10 +214,10 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     if data_dir is None:
         data_dir = os.environ.get("LOSA_DATA_DIR")
         if not data_dir:
-            raise LosaError("no offline data directory; pass --data-dir or set LOSA_DATA_DIR")
+            raise LosaError(f"no offline data directory; pass {option('data_dir')} or set LOSA_DATA_DIR")
     path = Path(data_dir).expanduser()
     if not path.is_dir():
-        raise LosaError(f"data directory {path} does not exist; pass --data-dir or set LOSA_DATA_DIR")
+        raise LosaError(f"data directory {path} does not exist; pass {option('data_dir')} or set LOSA_DATA_DIR")
     return path
 
 
@@ -230,7 +230,7 @@ def task_files(task: str, data_dir: str | os.PathLike | None) -> list[Path]:
     for rel, p in zip(TASK_SOURCES[task].files, paths):
         if not p.is_file():
             raise LosaError(f"task {task}: file {rel} not found in data directory {root} (looked for {p}); "
-                            "put it there or point --data-dir / LOSA_DATA_DIR at the right directory")
+                            f"put it there or point {option('data_dir')} / LOSA_DATA_DIR at the right directory")
     return paths
 
 

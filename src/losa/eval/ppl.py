@@ -12,9 +12,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from losa.data.sources import eval_text
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 from losa.models.offload import input_device
 from losa.models.registry import check_window
+
+#: how errors name the window length by default (:func:`losa.errors.option`)
+SEQLEN = option("seqlen")
 
 
 @dataclass
@@ -67,7 +70,7 @@ def check_max_windows(max_windows: int | None) -> None:
 @torch.no_grad()
 def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
                         batch_size: int = 1, progress: bool = True, desc: str = "perplexity",
-                        flag: str = "--seqlen") -> PerplexityResult:
+                        flag: str = SEQLEN) -> PerplexityResult:
     """Perplexity of ``model`` on a 1-D token stream ``ids``.
 
     The stream is cut into non-overlapping windows of ``seqlen`` tokens (the remainder is dropped);
@@ -85,7 +88,8 @@ def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int = 2048, max_window
         batch_size: windows per forward.
         progress: show a progress bar.
         desc: progress bar label.
-        flag: the command-line flag that sets ``seqlen`` (named in errors).
+        flag: what sets ``seqlen``, named in errors (default ``seqlen (--seqlen)``; a command passes
+            its own flag, e.g. ``--eval-seqlen``).
     Returns:
         A :class:`PerplexityResult`.
     Raises:
@@ -95,7 +99,8 @@ def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int = 2048, max_window
     if seqlen < 2:
         raise LosaError(f"seqlen must be >= 2, got {seqlen}")
     if batch_size < 1:
-        raise LosaError(f"batch size must be >= 1 window, got {batch_size}; set --batch-size 1 or more")
+        raise LosaError(f"batch size must be >= 1 window, got {batch_size}; set {option('batch_size')} to 1 or "
+                        "more")
     check_max_windows(max_windows)
     check_window(model, seqlen, "evaluation window", flag)
     n = ids.numel() // seqlen
@@ -103,7 +108,7 @@ def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int = 2048, max_window
         n = min(n, int(max_windows))
     if n < 1:
         raise LosaError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}; "
-                        "use a shorter --seqlen")
+                        f"use a shorter {flag}")
     windows = ids[: n * seqlen].view(n, seqlen)
     device = input_device(model)  # CPU for an offloaded model: its hooks move the ids
     was_training = model.training
@@ -127,7 +132,7 @@ def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int = 2048, max_window
 
 def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,
                batch_size: int = 1, data_dir: str | os.PathLike | None = None, progress: bool = True,
-               return_details: bool = False, flag: str = "--seqlen") -> float | PerplexityResult:
+               return_details: bool = False, flag: str = SEQLEN) -> float | PerplexityResult:
     """Perplexity on ``dataset`` (wikitext2/c4/ptb or a local text file).
 
     The evaluation text (WikiText-2 test rows joined by blank lines, C4 validation / PTB test joined
@@ -144,7 +149,8 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
         data_dir: directory with local copies of the datasets (default: ``$LOSA_DATA_DIR``, else the HF hub).
         progress: show a progress bar.
         return_details: return the full :class:`PerplexityResult` instead of the float.
-        flag: the command-line flag that sets ``seqlen`` (named in errors).
+        flag: what sets ``seqlen``, named in errors (default ``seqlen (--seqlen)``; a command passes
+            its own flag, e.g. ``--eval-seqlen``).
     Returns:
         The perplexity, or a :class:`PerplexityResult` with ``return_details``.
     Raises:

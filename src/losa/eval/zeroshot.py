@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 from losa.eval.converters import TASK_SOURCES, resolve_data_dir, task_files
 
 #: The tasks of the LoSA / Wanda / SparseGPT tables (plus PIQA), in the papers' column order.
@@ -87,7 +87,7 @@ def parse_tasks(spec: str | Sequence[str]) -> list[str]:
     if names == ["all"]:
         names = list(DEFAULT_TASKS)
     if not names:
-        raise LosaError("no zero-shot tasks given; pass e.g. --tasks piqa,arc_easy (or --tasks all)")
+        raise LosaError(f"no zero-shot tasks given; pass {option('tasks')}, e.g. piqa,arc_easy or all")
     return list(dict.fromkeys(names))
 
 
@@ -105,7 +105,8 @@ def check_local_tasks(tasks: Sequence[str], data_dir: str | os.PathLike | None) 
     unknown = [t for t in tasks if t not in TASK_SOURCES]
     if unknown:
         raise LosaError(f"no offline version of task(s) {', '.join(unknown)}; offline tasks are "
-                        f"{', '.join(TASK_SOURCES)} (use --online for other lm-eval tasks)")
+                        f"{', '.join(TASK_SOURCES)} (use {option('offline=False', '--online')} for other lm-eval "
+                        "tasks)")
     root = resolve_data_dir(data_dir)
     for t in tasks:
         task_files(t, root)
@@ -136,8 +137,9 @@ def _load_tasks(tm, names: Sequence[str]) -> dict[str, Any]:
         if cause is None:
             raise
         raise LosaError(f"could not download the datasets of task(s) {', '.join(names)} from the Hugging Face hub "
-                        f"({type(cause).__name__}); use --offline --data-dir DIR (local task files) or check the "
-                        "network (and HF_HUB_OFFLINE)") from None
+                        f"({type(cause).__name__}); use {option('offline=True', '--offline')} with "
+                        f"{option('data_dir', '--data-dir DIR')} (local task files) or check the network (and "
+                        "HF_HUB_OFFLINE)") from None
 
 
 def seeded_subset(n_docs: int, limit: int | None, seed: int, task: str) -> list[int] | None:
@@ -146,7 +148,7 @@ def seeded_subset(n_docs: int, limit: int | None, seed: int, task: str) -> list[
     Drawn by ``random.Random(f"{seed}:{task}")`` so that each task gets its own fixed subset.
     """
     if limit is not None and limit < 1:
-        raise LosaError(f"--limit must be a positive number of documents, got {limit}")
+        raise LosaError(f"{option('limit')} must be a positive number of documents, got {limit}")
     if limit is None or limit >= n_docs:
         return None
     return sorted(random.Random(f"{seed}:{task}").sample(range(n_docs), limit))
@@ -202,7 +204,7 @@ def run_zeroshot(model, tokenizer, tasks: Sequence[str] | str = DEFAULT_TASKS, l
     if tokenizer is None:
         raise LosaError("zero-shot evaluation needs a tokenizer; load the model from a directory that has one")
     if batch_size < 1:
-        raise LosaError(f"--batch-size must be >= 1, got {batch_size}")
+        raise LosaError(f"{option('batch_size')} must be >= 1, got {batch_size}")
     local = use_local_tasks(offline, data_dir)
     start = time.perf_counter()
     with progress_disabled(quiet), no_git_probe():

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 from losa.utils.config import LosaConfig
 
 #: transformers schedules that need what losa does not pass (an eval strategy or ``lr_scheduler_kwargs``)
@@ -72,8 +72,8 @@ class FinetuneConfig(LosaConfig):
     @model_validator(mode="after")
     def _teacher_topk(self) -> FinetuneConfig:
         if self.teacher_topk > 0 and not self.distill:
-            raise ValueError(f"teacher_topk {self.teacher_topk} only applies to distillation; add --distill or drop "
-                             "--teacher-topk")
+            raise ValueError(f"teacher_topk {self.teacher_topk} only applies to distillation; add "
+                             f"{option('distill=True', '--distill')} or drop {option('teacher_topk')}")
         return self
 
 
@@ -90,9 +90,11 @@ def check_environment(config: FinetuneConfig) -> None:
 
     use_cuda = torch.cuda.is_available()
     if config.fsdp and not use_cuda:
-        raise LosaError("--fsdp needs GPUs: accelerate shards only across GPU processes, and on the CPU the Trainer "
-                        "would silently fall back to plain data parallelism; drop --fsdp here")
+        raise LosaError(f"{option('fsdp')} needs GPUs: accelerate shards only across GPU processes, and on the "
+                        "CPU the Trainer would silently fall back to plain data parallelism; drop "
+                        f"{option('fsdp')} here")
     if config.deepspeed and importlib.util.find_spec("deepspeed") is None:
-        raise LosaError("--deepspeed needs the deepspeed package: pip install deepspeed (on a CUDA machine)")
+        raise LosaError(f"{option('deepspeed')} needs the deepspeed package: pip install deepspeed (on a CUDA "
+                        "machine)")
     if config.bf16 and use_cuda and not torch.cuda.is_bf16_supported():
-        raise LosaError("bf16 requested but this GPU does not support it; drop --bf16")
+        raise LosaError(f"bf16 requested but this GPU does not support it; drop {option('bf16=True', '--bf16')}")

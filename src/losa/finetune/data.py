@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -64,7 +64,8 @@ def load_records(source: str | Path, split: str = "train") -> list[dict[str, Any
     if p.is_dir():
         files = sorted([*p.glob("*.json"), *p.glob("*.jsonl")])
         if not files:
-            raise LosaError(f"no .json/.jsonl files in {p}; point --finetune-data at a file or directory of them")
+            raise LosaError(f"no .json/.jsonl files in {p}; point {option('finetune_data')} at a file or directory "
+                            "of them")
         return [r for f in files for r in _read_file(f)]
     if p.suffix in (".json", ".jsonl") or "/" not in str(source):
         raise LosaError(f"fine-tuning data {source} not found; give a .json/.jsonl path or a hub dataset 'org/name'")
@@ -95,7 +96,7 @@ def resolve_prompt_format(prompt_format: str, tokenizer: Any = None) -> str:
         return "chat" if has_template else "alpaca"
     if prompt_format == "chat" and not has_template:
         raise LosaError("prompt format 'chat' needs a tokenizer with a chat template, and this one has none; "
-                        "use --prompt-format alpaca or plain")
+                        f"set {option('prompt_format')} to alpaca or plain")
     return prompt_format
 
 

@@ -42,7 +42,7 @@ from torch import nn
 
 from losa.calib.engine import LayerwiseEngine
 from losa.calib.visitor import LayerContext, LayerVisitor
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 from losa.models.registry import get_decoder_layers
 from losa.utils.io import atomic_directory
 
@@ -69,7 +69,7 @@ class _TopKVisitor(LayerVisitor):
             logits = ctx.engine.head_logits(b, hidden)
             if self.k > logits.shape[-1]:
                 raise LosaError(f"teacher_topk {self.k} exceeds the vocabulary of {logits.shape[-1]} tokens; "
-                                f"set --teacher-topk {logits.shape[-1]} or lower")
+                                f"set {option('teacher_topk')} to {logits.shape[-1]} or lower")
             logp = torch.log_softmax(logits.float(), dim=-1)
             del logits
             values, ids = logp.topk(self.k, dim=-1)  # sorted, most likely first
@@ -90,7 +90,8 @@ class TeacherTopK:
         self.path = Path(path)
         meta_file = self.path / "meta.json"
         if not meta_file.is_file():
-            raise LosaError(f"teacher cache {self.path} missing or incomplete; rerun without --resume to recompute it")
+            raise LosaError(f"teacher cache {self.path} missing or incomplete; rerun without {option('resume')} to "
+                            "recompute it")
         meta = json.loads(meta_file.read_text())
         if meta.get("format") != FORMAT:
             raise LosaError(f"teacher cache {self.path} has format {meta.get('format')}, this losa reads {FORMAT}; "
@@ -174,12 +175,13 @@ class TeacherTopK:
         if not examples:
             raise LosaError("no fine-tuning examples to compute the teacher cache for; add data")
         if k < 1:
-            raise LosaError(f"teacher_topk must be ≥ 1 for a cache, got {k}; use --teacher-topk 64 (0 = no cache)")
+            raise LosaError(f"teacher_topk must be ≥ 1 for a cache, got {k}; set {option('teacher_topk')} to e.g. "
+                            "64 (0 = no cache)")
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         vocab = getattr(head, "out_features", None)
         if vocab is not None and k > vocab:
-            raise LosaError(f"teacher_topk {k} exceeds the vocabulary of {vocab} tokens; set --teacher-topk {vocab} "
-                            "or lower")
+            raise LosaError(f"teacher_topk {k} exceeds the vocabulary of {vocab} tokens; set "
+                            f"{option('teacher_topk')} to {vocab} or lower")
         lengths = np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)
         if lengths.min() < 1:
             raise LosaError("a fine-tuning example has no tokens; drop empty examples")

@@ -272,14 +272,15 @@ def check_window(model: nn.Module, length: int, what: str, flag: str) -> None:
         model: the model.
         length: window length in tokens.
         what: what the window is for, e.g. ``calibration window``.
-        flag: the flag that sets it, e.g. ``--seqlen``.
+        flag: what sets it, named in the fix: the parameter and its flag (:func:`losa.errors.option`, e.g.
+            ``seqlen (--seqlen)``), or a flag alone where only the command line sets it (``--eval-seqlen``).
     Raises:
-        LosaError: ``length`` > :func:`max_context`, naming the maximum and the flag.
+        LosaError: ``length`` > :func:`max_context`, naming the maximum and ``flag``.
     """
     limit = max_context(model)
     if limit is not None and length > limit:
         raise LosaError(f"{what} of {length} tokens exceeds the model's context of {limit} positions; "
-                        f"set {flag} {limit} or lower")
+                        f"set {flag} to {limit} or lower")
 
 
 def prompt_problem(prompt_tokens: int, max_new: int, context: int | None, limit: str,

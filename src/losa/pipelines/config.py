@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from losa.errors import option
 from losa.pruning.base import Pruner, available_pruners, check_options, get_pruner
 from losa.pruning.masks import parse_nm
 from losa.utils.config import PRUNER_OPTIONS, LosaConfig
@@ -61,8 +62,9 @@ class CalibrationConfig(LosaConfig):
     def _options(self) -> CalibrationConfig:
         check_options(self.method, self.options)
         if self.nm is not None and self.options.get("per_row"):
+            per_row = option("options['per_row']", "--per-row")
             raise ValueError("per_row applies to unstructured targets only (an N:M pattern keeps the largest N of "
-                             "every group); drop --per-row or --nm")
+                             f"every group); drop {per_row} or {option('nm')}")
         return self
 
     def pruner(self) -> Pruner:

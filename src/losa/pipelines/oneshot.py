@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from losa.calib.engine import LayerwiseEngine
 from losa.calib.visitor import LayerContext, LayerVisitor
 from losa.data.calibration import check_calib_ids, get_calibration, record_calib_ids
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 from losa.export.verify import SparsityReport, sparsity_report, verify_targets
 from losa.models.linear import get_weight, in_features, set_weight
 from losa.models.moe import unfused_experts
@@ -94,15 +94,16 @@ class PruneConfig(CalibrationConfig):
             for n in self.nm_n:
                 validate_nm(n, m)
         if self.nm is not None and "sparsity" in self.non_default_fields():
-            raise ValueError(f"sparsity (--sparsity) has no effect with nm (--nm): the {self.nm} pattern sets it; "
-                             "drop one of them")
+            raise ValueError(f"{option('sparsity')} has no effect with {option('nm')}: the {self.nm} pattern sets "
+                             "it; drop one of them")
         if self.allocator != "uniform" and (self.nm is not None or isinstance(self.sparsity, list)):
             raise ValueError(f"allocator={self.allocator} spreads one unstructured sparsity over the layers; it "
                              "cannot be combined with nm or a per-layer sparsity list")
         given = [f for f in ("atp_beta", "atp_grid_points") if f in self.non_default_fields()]
         if self.allocator != "atp" and given:
-            raise ValueError(f"{' and '.join(given)} only apply to allocator atp; add --allocator atp or drop "
-                             f"{' and '.join('--' + f.replace('_', '-') for f in given)}")
+            atp = option("allocator='atp'", "--allocator atp")
+            raise ValueError(f"{' and '.join(given)} only apply to allocator atp; add {atp} or drop "
+                             f"{' and '.join(option(f) for f in given)}")
         if self.atp_beta is not None and "atp_grid_points" in self.non_default_fields():
             raise ValueError("atp_grid_points sets the grid search, which a fixed atp_beta skips; drop one of them")
         return self
@@ -191,7 +192,7 @@ def _calibration(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: to
     """``calib_ids`` or, when None, the config's calibration windows ``[nsamples, seqlen]``."""
     if calib_ids is not None:
         return calib_ids
-    check_window(model, config.seqlen, "calibration window", "--seqlen")
+    check_window(model, config.seqlen, "calibration window", option("seqlen"))
     t = time.perf_counter()
     ids = get_calibration(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed, config.data_dir,
                           model=model, progress=progress)

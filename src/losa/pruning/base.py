@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 from losa.pruning.stats import InputStat
 from losa.pruning.target import Target
 from losa.utils.config import LosaConfig
@@ -113,7 +113,8 @@ def check_options(method: str, options: dict) -> None:
             continue
         owners = [n for n, c in pruner_classes().items() if key in c.Options.model_fields]
         where = f"it is an option of {' / '.join(owners)}" if owners else "no pruner has it"
-        raise LosaError(f"option {key!r} does not apply to --method {method} ({where}); drop it or change the method")
+        chosen = option(f"method={method!r}", f"--method {method}")
+        raise LosaError(f"option {key!r} does not apply to {chosen}: {where}; drop it or change the method")
 
 
 def get_pruner(name: str, options: PrunerOptions | dict | None = None) -> Pruner:

@@ -22,7 +22,7 @@ from types import ModuleType
 import torch
 from pydantic import Field
 
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 from losa.pruning.base import Pruner, PruneResult, PrunerOptions, register_pruner
 from losa.pruning.masks import num_pruned, smallest_per_row
 from losa.pruning.stats import HessianStat, InputStat
@@ -30,6 +30,8 @@ from losa.pruning.target import Target
 from losa.utils.cpp import KernelUnavailable, build_extension
 
 _SRC = Path(__file__).parent / "csrc" / "obs_block.cpp"
+#: the dampening option as errors name it (a config's ``options``, the command line's ``--percdamp``)
+PERCDAMP = option("options['percdamp']", "--percdamp")
 
 
 @lru_cache(maxsize=1)
@@ -84,14 +86,14 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float, overwrite: 
         if attempt == len(steps):
             raise LosaError(f"SparseGPT{_where(label)}: the calibration Hessian is not positive definite even with "
                             f"dampening {percdamp * (1 + added):.4g}·mean(diag H); use more calibration samples "
-                            "or raise --percdamp")
+                            f"or raise {PERCDAMP}")
         Hr.diagonal().add_(damp * steps[attempt])  # escalate dampening for ill-conditioned Hessians
         added += steps[attempt]
     if added:
         final = float(damp) * (1 + added)
         warnings.warn(f"SparseGPT{_where(label)}: Hessian not positive definite with percdamp {percdamp:g}; raised "
                       f"the dampening to {final:.6g} ({percdamp * (1 + added):.6g}·mean(diag H)), so this module's "
-                      "pruning differs from the requested --percdamp; use more calibration samples",
+                      f"pruning differs from the requested {PERCDAMP}; use more calibration samples",
                       RuntimeWarning, stacklevel=2)
     del Hr
     Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype, device=L.device), upper=False)
@@ -182,7 +184,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None, target: 
             W[:, i2:].addmm_(err1, Hinv[i1:i2, i2:], alpha=-1.0)
     W.masked_fill_(~keep, 0.0)
     if not torch.isfinite(W).all():
-        raise LosaError("SparseGPT produced non-finite weights; raise --percdamp or check the calibration data")
+        raise LosaError(f"SparseGPT produced non-finite weights; raise {PERCDAMP} or check the calibration data")
     return PruneResult(W.to(weight.dtype), keep)
 
 
@@ -219,7 +221,8 @@ class SparseGPTPruner(Pruner):
             LosaError: no calibration statistic, or an error of :func:`sparsegpt_prune`.
         """
         if stat is None or not hasattr(stat, "hessian"):
-            raise LosaError("sparsegpt needs calibration data; pass --calib (or use --method magnitude)")
+            fix = option("method='magnitude'", "--method magnitude")
+            raise LosaError(f"sparsegpt needs calibration data; pass {option('calib')}, or use {fix}")
         percdamp = self.options.percdamp
         # modules fed the same input share one statistic object: factor its Hessian once
         cache = stat.__dict__.setdefault("_hinv_cache", {})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 from losa.pruning.masks import validate_nm
 
 
@@ -18,7 +18,7 @@ class Target:
 
     def __post_init__(self) -> None:
         if (self.n is None) != (self.m is None):
-            raise LosaError("an N:M target needs both N and M (e.g. --nm 2:4)")
+            raise LosaError(f"an N:M target needs both n and m, e.g. Target(n=2, m=4) for {option('nm')} 2:4")
         if self.m is not None:
             validate_nm(self.n, self.m)  # type: ignore[arg-type]
             object.__setattr__(self, "sparsity", 1.0 - self.n / self.m)  # type: ignore[operator]

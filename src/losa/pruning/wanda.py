@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 from losa.pruning.base import Pruner, PruneResult, register_pruner
 from losa.pruning.magnitude import scores_to_mask
 from losa.pruning.stats import InputNormStat, InputStat
@@ -24,7 +24,8 @@ class WandaPruner(Pruner):
     def prune(self, weight: torch.Tensor, stat: InputStat | None, target: Target,
               label: str | None = None) -> PruneResult:
         if stat is None or not hasattr(stat, "sq_norm"):
-            raise LosaError("wanda needs calibration data; pass --calib (or use --method magnitude)")
+            fix = option("method='magnitude'", "--method magnitude")
+            raise LosaError(f"wanda needs calibration data; pass {option('calib')}, or use {fix}")
         norm = stat.sq_norm.sqrt().float()
         mask = scores_to_mask(wanda_scores(weight, norm), target, per_row=True)
         return PruneResult(weight * mask, mask)

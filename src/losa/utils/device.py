@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -28,12 +28,15 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise LosaError(f"--device {str(device)!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise LosaError(f"device {str(device)!r} is not a device; set {option('device')} to auto, cpu, cuda or "
+                        "cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LosaError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
+        raise LosaError(f"device {device!r} requested but CUDA is not available; set {option('device')} to cpu or "
+                        "auto")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise LosaError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} CUDA "
-                        f"device(s); use --device cuda:0 to cuda:{torch.cuda.device_count() - 1}, or auto")
+                        f"device(s); set {option('device')} to cuda:0 to cuda:{torch.cuda.device_count() - 1}, or "
+                        "auto")
     return dev
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -121,8 +121,8 @@ def check_output_dir(path: str | os.PathLike, flag: str, exists_ok: bool) -> Pat
 
 
 def _exists(path: Path, flag: str) -> LosaError:
-    return LosaError(f"output directory {path} already exists; pass --overwrite (overwrite=True) or choose another "
-                     f"{flag}")
+    return LosaError(f"output directory {path} already exists; pass {option('overwrite=True', '--overwrite')} or "
+                     f"choose another {flag}")
 
 
 def _check_writable(folder: Path, path: Path, flag: str) -> None:
@@ -163,7 +163,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise _exists(path, "--out")
+        raise _exists(path, option("out"))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:

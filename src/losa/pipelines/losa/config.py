@@ -6,14 +6,28 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 from losa.finetune.config import FinetuneConfig
 from losa.pipelines.config import CalibrationConfig
 from losa.pruning.masks import parse_nm
 
+#: how messages name the fine-tuning data and distillation (:func:`losa.errors.option`)
+FINETUNE_DATA, DISTILL = option("finetune_data"), option("finetune.distill", "--distill")
 #: what a run without fine-tuning data and without distillation says at its start (and records in its report)
-NO_FINETUNE_WARNING = ("no --finetune-data and no --distill: the adapters will not be fine-tuned (pruning, RMI "
-                       "sparsity and rank allocation only); add --distill or --finetune-data FILE")
+NO_FINETUNE_WARNING = (f"no {FINETUNE_DATA} and no {DISTILL}: the adapters will not be fine-tuned (pruning, RMI "
+                       f"sparsity and rank allocation only); add {option('finetune.distill=True', '--distill')} or "
+                       f"{option('finetune_data', '--finetune-data FILE')}")
+
+
+def _allocator(name: str) -> str:
+    """``allocator='name' (--allocator name)``: an allocator choice as messages name it."""
+    return option(f"allocator={name!r}", f"--allocator {name}")
+
+
+#: the settings :meth:`LoSAConfig.ignored_fields` names in its fixes
+_NM, _MIXED_NM, _ADD_MIXED_NM = option("nm"), option("mixed_nm"), option("mixed_nm=True", "--mixed-nm")
+_NO_LAYERWISE = option("layerwise_sparsity=False", "--no-layerwise-sparsity")
+_RMI_OR_OWL = f"{option('allocator')} rmi or owl"
 
 
 class LoSAConfig(CalibrationConfig):
@@ -136,22 +150,24 @@ class LoSAConfig(CalibrationConfig):
     def ignored_fields(self) -> list[tuple[tuple[str, ...], str]]:
         """Fields set to a value other than their default (:meth:`~losa.utils.config.LosaConfig.non_default_fields`,
         so a recipe that lists defaults is fine) that this recipe ignores,
-        as (field path, why and the fix), e.g. ``(("finetune", "lr"), "without --finetune-data or --distill")``."""
+        as (field path, why and the fix), e.g. ``(("finetune", "lr"), "without finetune_data (--finetune-data) or
+        ...")``; the fix names each setting as :func:`losa.errors.option` does."""
         out: list[tuple[tuple[str, ...], str]] = []
         ft_set = self.finetune.non_default_fields()
         if not self.finetunes:
-            why = "without --finetune-data or --distill (nothing is fine-tuned); add one of them or drop it"
+            why = f"without {FINETUNE_DATA} or {DISTILL}, so nothing is fine-tuned; add one of them or drop it"
             out += [(("finetune", f), why) for f in FinetuneConfig.model_fields if f in ft_set and f != "distill"]
             out += [(("max_examples",), why)] if "max_examples" in self.non_default_fields() else []
         elif not self.finetune.distill and "temperature" in ft_set:
-            out.append((("finetune", "temperature"), "without --distill; add --distill or drop it"))
+            out.append((("finetune", "temperature"),
+                        f"without {DISTILL}; add {option('finetune.distill=True', '--distill')} or drop it"))
         if self.mixed_nm and self.effective_allocator == "uniform":
-            out.append((("mixed_nm",), "with the uniform allocator (--no-layerwise-sparsity or --allocator uniform), "
-                                       "which moves no layer's N; use --allocator rmi or owl, or drop --mixed-nm"))
+            out.append((("mixed_nm",), f"with {_NO_LAYERWISE} or {_allocator('uniform')}: the uniform allocator "
+                                       f"moves no layer's N; use {_RMI_OR_OWL}, or drop {_MIXED_NM}"))
         if self.nm is not None and "sparsity" in self.non_default_fields():
-            out.append((("sparsity",), "with --nm (the N:M pattern sets the sparsity); drop it or --nm"))
+            out.append((("sparsity",), f"with {_NM}: the N:M pattern sets the sparsity; drop it or {_NM}"))
         if not self.mixed_nm:
-            out += [((f,), "without --mixed-nm; add --mixed-nm or drop it")
+            out += [((f,), f"without {_MIXED_NM}; add {_ADD_MIXED_NM} or drop it")
                     for f in ("nm_max_pairs", "nm_max_dev") if f in self.non_default_fields()]
         return out + self._ignored_allocator_fields()
 
@@ -161,27 +177,28 @@ class LoSAConfig(CalibrationConfig):
         params = ("rmi_features", "beta", "delta", "owl_m", "owl_lambda")
         alloc = self.effective_allocator
         if self.nm is not None and not self.mixed_nm:
-            why = ("with --nm without --mixed-nm (every layer gets the same N:M pattern); drop it, or add --mixed-nm "
-                   "with --allocator rmi or owl")
+            why = (f"with {_NM} without {_MIXED_NM}: every layer gets the same N:M pattern; drop it, or add "
+                   f"{_ADD_MIXED_NM} with {_RMI_OR_OWL}")
             return [((f,), why) for f in ("allocator", "layerwise_sparsity", *params) if f in given]
         if alloc == "uniform":
             out: list[tuple[tuple[str, ...], str]] = []
             if self.allocator != "uniform" and "allocator" in given:  # --no-layerwise-sparsity overrides it
-                out.append((("allocator",), "with --no-layerwise-sparsity (uniform sparsity); drop one of them"))
-            why = ("with uniform sparsity (--no-layerwise-sparsity or --allocator uniform); use layer-wise sparsity "
-                   "with --allocator rmi or owl, or drop it")
+                out.append((("allocator",), f"with {_NO_LAYERWISE}, i.e. uniform sparsity; drop one of them"))
+            why = (f"with uniform sparsity, from {_NO_LAYERWISE} or {_allocator('uniform')}; use layer-wise "
+                   f"sparsity with {_RMI_OR_OWL}, or drop it")
             return out + [((f,), why) for f in params if f in given]
         # delta: the band of unstructured RMI, and with mixed N:M the default cap on moved layer pairs
         delta_used = (self.nm_max_pairs is None) if self.mixed_nm else alloc == "rmi"
         other, unused = {"rmi": ("owl", ("owl_m", "owl_lambda")), "owl": ("rmi", ("rmi_features", "beta"))}[alloc]
-        out = [((f,), f"with --allocator {alloc} (only --allocator {other} reads it); use that or drop it")
+        out = [((f,), f"with {_allocator(alloc)}: only {_allocator(other)} reads it; use that or drop it")
                for f in unused if f in given]
         if self.mixed_nm and alloc == "owl" and "owl_lambda" in given:
-            out.append((("owl_lambda",), "with --mixed-nm (N moves by --nm-max-dev within the --nm-max-pairs cap); "
-                                         "drop it"))
+            out.append((("owl_lambda",), f"with {_MIXED_NM}: N moves by {option('nm_max_dev')} within the "
+                                         f"{option('nm_max_pairs')} cap; drop it"))
         if not delta_used and "delta" in given:
-            out.append((("delta",), "with --nm-max-pairs (it sets the moved layer pairs itself); drop one of them"
-                        if self.mixed_nm else "with --allocator owl (its band is --owl-lambda); use --owl-lambda"))
+            why = (f"with {option('nm_max_pairs')}, which sets the moved layer pairs itself; drop one of them"
+                   if self.mixed_nm else f"with {_allocator('owl')}, whose band is {option('owl_lambda')}; use that")
+            out.append((("delta",), why))
         return out
 
 

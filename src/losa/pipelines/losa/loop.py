@@ -32,7 +32,7 @@ from losa.allocation.mixed_nm import allocate_mixed_nm, pairs_for_delta
 from losa.allocation.schedule import rank_budget_at, sparsity_at
 from losa.calib.engine import LayerwiseEngine
 from losa.data.calibration import check_calib_ids, get_calibration, record_calib_ids
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 from losa.export.verify import sparsity_report, verify_targets
 from losa.finetune.config import check_environment
 from losa.finetune.data import load_records, split_for_steps, tokenize_records
@@ -122,8 +122,8 @@ def _step_targets(cfg: LoSAConfig, step: int, sizes: list[int], cka: np.ndarray 
                 pairs = pairs_for_delta(delta, m, len(sizes))
                 if pairs == 0:
                     warnings.warn(f"mixed N:M: the default cap (floor(delta*M*L/2) with delta={delta:g}, M={m}, "
-                                  f"L={len(sizes)}) lets no layer move, so this run is uniform {cfg.nm}; pass "
-                                  "--nm-max-pairs K to move K layer pairs (-1: no cap)", stacklevel=2)
+                                  f"L={len(sizes)}) lets no layer move, so this run is uniform {cfg.nm}; set "
+                                  f"{option('nm_max_pairs')} to K to move K layer pairs (-1: no cap)", stacklevel=2)
             ns = allocate_mixed_nm(n, m, imp, sizes, cfg.nm_max_dev, max_pairs=None if pairs < 0 else pairs)
         else:
             ns = [n] * len(sizes)
@@ -193,7 +193,8 @@ class StepEval:
         from losa.eval.ppl import perplexity
 
         return {d: float(perplexity(model, tokenizer, d, seqlen=self.seqlen, max_windows=self.max_windows,
-                                    data_dir=self.data_dir, progress=progress, flag="--eval-seqlen"))
+                                    data_dir=self.data_dir, progress=progress,
+                                    flag=option("step_eval.seqlen", "--eval-seqlen")))
                 for d in self.datasets}
 
 
@@ -267,9 +268,11 @@ def check_run_dir(out: Path | None, config: LoSAConfig, resume: bool) -> dict | 
             holds no finished step or one of another recipe (the differing fields are named).
     """
     if resume and out is None:
-        raise LosaError("--resume (resume=True) needs the --out directory (out_dir=) of the run to continue")
+        raise LosaError(f"{option('resume=True', '--resume')} needs {option('out_dir', '--out')}, the directory of "
+                        "the run to continue")
     if out is not None and out.exists() and not resume and (out / "state").exists():
-        raise LosaError(f"{out} already holds a LoSA run; pass --resume to continue it or choose another --out")
+        raise LosaError(f"{out} already holds a LoSA run; pass {option('resume=True', '--resume')} to continue it or "
+                        f"choose another {option('out_dir', '--out')}")
     return check_resume(out, config.model_dump()) if resume and out is not None else None
 
 
@@ -338,9 +341,10 @@ class LoSARun:
         """
         cfg, model = self.cfg, self.model
         check_window(model, cfg.seqlen if self.calib_ids is None else self.calib_ids.shape[1], "calibration window",
-                     "--seqlen")
+                     option("seqlen"))
         if cfg.finetunes:
-            check_window(model, cfg.finetune.max_length, "fine-tuning example", "--max-length")
+            check_window(model, cfg.finetune.max_length, "fine-tuning example",
+                         option("finetune.max_length", "--max-length"))
             check_environment(cfg.finetune)
         seed_everything(cfg.seed)
         if self.calib_ids is None:

@@ -30,7 +30,7 @@ from torch import nn
 
 from losa.calib.engine import LayerwiseEngine
 from losa.calib.visitor import LayerContext, LayerVisitor
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 from losa.models.registry import get_decoder_layers
 
 
@@ -59,7 +59,7 @@ class DenseTargets:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise LosaError(f"dense targets {self.path} missing; rerun without --resume to recompute them")
+            raise LosaError(f"dense targets {self.path} missing; rerun without {option('resume')} to recompute them")
         self.data = np.load(self.path, mmap_mode="r")
 
     @classmethod

@@ -60,7 +60,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 from losa.lora.bitmask import bits_at, pack_bits, unpack_bits
 from losa.lora.layer import SparseLoRALinear, bits
 from losa.lora.model import sparse_lora_modules
@@ -72,6 +72,8 @@ STATE_DIR = "state"
 STATE_FORMAT = 2
 #: original values per module kept in memory to cross-check ``base_edited`` at every save
 ORIGIN_SAMPLES = 256
+#: how errors name the settings of :func:`losa.run` (and ``losa run``) that resume a run
+RESUME, OUT_DIR = option("resume"), option("out_dir", "--out")
 
 
 def seed_everything(seed: int) -> None:
@@ -275,13 +277,13 @@ def check_resume(out_dir: str | Path, recipe: dict) -> dict:
     """
     d = Path(out_dir) / STATE_DIR
     if not (d / "state.json").is_file():
-        raise LosaError(f"--resume: {out_dir} holds no finished LoSA step (no {STATE_DIR}/state.json); run without "
-                        "--resume to start, or point --out at the run to continue")
+        raise LosaError(f"{RESUME}: {out_dir} holds no finished LoSA step (no {STATE_DIR}/state.json); run without "
+                        f"{RESUME} to start, or point {OUT_DIR} at the run to continue")
     meta = json.loads((d / "state.json").read_text())
     diff = _differing(_algorithm(meta["recipe"]), _algorithm(recipe))
     if diff:
-        raise LosaError(f"--resume: the recipe in {d} differs from this run's in {', '.join(diff)}; use the same "
-                        "settings or a new --out")
+        raise LosaError(f"{RESUME}: the recipe in {d} differs from this run's in {', '.join(diff)}; use the same "
+                        f"settings or a new {OUT_DIR}")
     return meta
 
 
@@ -293,8 +295,8 @@ def check_resume_data(out_dir: str | Path, meta: dict, data: dict[str, str]) -> 
     """
     for what in ("calibration", "finetune"):
         if meta.get("data", {}).get(what) != data[what]:
-            raise LosaError(f"--resume: the {what} data differ from the run in {Path(out_dir) / STATE_DIR} "
-                            "(fingerprint mismatch); use the same data or a new --out")
+            raise LosaError(f"{RESUME}: the {what} data differ from the run in {Path(out_dir) / STATE_DIR} "
+                            f"(fingerprint mismatch); use the same data or a new {OUT_DIR}")
 
 
 def load_state(out_dir: str | Path, model: nn.Module, recipe: dict, data: dict[str, str],
@@ -322,10 +324,11 @@ def load_state(out_dir: str | Path, model: nn.Module, recipe: dict, data: dict[s
     meta = check_resume(out_dir, recipe)
     check_resume_data(out_dir, meta, data)
     mods = sparse_lora_modules(model)
-    mismatch = LosaError(f"--resume: checkpoint in {d} does not match this model; use the same model or a new --out")
+    mismatch = LosaError(f"{RESUME}: checkpoint in {d} does not match this model; use the same model or a new "
+                         f"{OUT_DIR}")
     fmt = int(meta.get("format", 1))
     if fmt > STATE_FORMAT:
-        raise LosaError(f"--resume: the state in {d} was written by a newer losa (format {fmt}); upgrade losa to "
+        raise LosaError(f"{RESUME}: the state in {d} was written by a newer losa (format {fmt}); upgrade losa to "
                         "resume it")
     if fmt >= 2:
         if set(meta.get("origin", {})) != set(mods):
@@ -333,8 +336,9 @@ def load_state(out_dir: str | Path, model: nn.Module, recipe: dict, data: dict[s
         origin = origin or WeightOrigin.of(model)
         moved = [q for q in mods if meta["origin"][q] != origin.digests.get(q)]
         if moved:
-            raise LosaError(f"--resume: the model's weights differ from those the run in {d} started from ({len(moved)} "
-                            f"of {len(mods)} modules, e.g. {moved[0]}); load the same checkpoint or use a new --out")
+            raise LosaError(f"{RESUME}: the model's weights differ from those the run in {d} started from "
+                            f"({len(moved)} of {len(mods)} modules, e.g. {moved[0]}); load the same checkpoint or use a "
+                            f"new {OUT_DIR}")
     mask_key = "mask_bits" if fmt >= 2 else "mask"
     adapters = load_file(str(d / "adapters.safetensors"))
     if set(adapters) != {f"{q}.{k}" for q in mods for k in ("lora_A", "lora_B", "active_rank", mask_key)}:
@@ -356,7 +360,7 @@ def _restore(m: SparseLoRALinear, q: str, adapters: dict[str, torch.Tensor], sto
     w0 = get_weight(m.base).detach()
     for k, like in (("lora_A", m.lora_A), ("lora_B", m.lora_B)):
         if adapters[f"{q}.{k}"].shape != like.shape:
-            raise LosaError(f"--resume: {q}: stored adapter {k} {tuple(adapters[f'{q}.{k}'].shape)} != model's "
+            raise LosaError(f"{RESUME}: {q}: stored adapter {k} {tuple(adapters[f'{q}.{k}'].shape)} != model's "
                             f"{tuple(like.shape)}; use the same r_max and model")
     raw = adapters[f"{q}.{mask_key}"].to(w0.device)
     mask = unpack_mask(raw, w0.shape) if mask_key == "mask_bits" else raw.to(torch.bool)
