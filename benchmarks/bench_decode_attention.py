@@ -73,11 +73,11 @@ def step_rows(reps: int, prompts: tuple[int, ...]) -> list[dict]:
         for prompt in prompts:
             ids = torch.randint(5, 1000, (1, prompt), generator=torch.Generator().manual_seed(prompt))
             with torch.inference_mode():
-                caches = {k: mm.model(ids, use_cache=True).past_key_values for k, mm in (("sdpa", m), ("kernel", lean))}
+                caches = {k: mm.model(ids, use_cache=True).cache for k, mm in (("sdpa", m), ("kernel", lean))}
                 nxt = ids[:, -1:]
 
                 def step(mm, past, nxt=nxt):
-                    out = mm.model(nxt, past_key_values=past, use_cache=True)
+                    out = mm.model(nxt, cache=past, use_cache=True)
                     past.crop(-1)  # drop the new position: the same cache length at every call
                     return out
 

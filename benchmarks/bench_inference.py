@@ -228,12 +228,12 @@ def decode_fn(model, timer: StackTimer, prompt_len: int, steps: int):
             out = model(ids, use_cache=True, logits_to_keep=1)
             t_prefill = time.perf_counter() - t
             stack_prefill = timer.elapsed
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            past, nxt = out.cache, out.logits[:, -1:].argmax(-1)
             timer.elapsed = 0.0
             t = time.perf_counter()
             for _ in range(steps):
-                out = model(nxt, past_key_values=past, use_cache=True)
-                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = model(nxt, cache=past, use_cache=True)
+                past, nxt = out.cache, out.logits[:, -1:].argmax(-1)
             return t_prefill, (time.perf_counter() - t) / steps, timer.elapsed / steps, stack_prefill
     return run
 
@@ -275,7 +275,7 @@ def engine_decode_fn(model, prompt_len: int, steps: int):
     eng = DecodeEngine(twin, prompt_len + steps + 1)
     with torch.inference_mode():
         out = twin(torch.randint(0, 8, (1, prompt_len)), use_cache=True, logits_to_keep=1)
-    eng.load_prompt_cache(out.past_key_values)
+    eng.load_prompt_cache(out.cache)
     del out
 
     def run() -> tuple[float | None, float, float, float | None]:
@@ -576,27 +576,33 @@ def stack_bandwidth(res: dict, th: int) -> float:
     return max(res["bandwidth_GBps"][str(th)], achieved)
 
 
-def best_dense(rr: dict, key: str) -> float:
+def best_dense(rr: dict, key: str, engine: bool = True) -> float:
     """The faster dense path's time in one thread count's rows ``rr`` (model -> row): torch's fp32 and bf16
-    modules and, where measured, the same dense models through the decode engine."""
-    return min(rr[k][key] for k in DENSE_MODELS if key in rr.get(k, {}) and not math.isnan(rr[k][key]))
+    modules and, with ``engine`` and where measured, the same dense models through the decode engine."""
+    return min(rr[k][key] for k in DENSE_MODELS if key in rr.get(k, {}) and not math.isnan(rr[k][key])
+               and (engine or not k.endswith(ENGINE_SUFFIX)))
 
 
 def targets(res: dict) -> list[str]:
     out = []
     runs = res["stack"]["runs"]
 
-    def sp(model, th, key="stack_decode_ms"):
+    def sp(model, th, key="stack_decode_ms", engine=True):
         rr = {r["model"]: r for r in runs if r["threads"] == th}
-        return best_dense(rr, key) / rr[model][key]
+        return best_dense(rr, key, engine) / rr[model][key]
     models = {r["model"] for r in runs}
     paths = ("",) + ((ENGINE_SUFFIX,) if "70% bfloat16" + ENGINE_SUFFIX in models else ())
     for model, th, goal in (("70% bfloat16", 1, 2.6), ("70% bfloat16", 2, 3.5), ("50% bfloat16", 1, 1.5),
                             ("2:4 bfloat16", 1, 1.5)):
         for path in paths:
             got = sp(model + path, th)
-            out.append(f"{model + path} decode, {th} thread(s): {got:.2f}x (target {goal}x) - "
-                       f"{'MET' if got >= goal else 'MISSED'}")
+            line = f"{model + path} decode, {th} thread(s): {got:.2f}x (target {goal}x) - {'MET' if got >= goal else 'MISSED'}"
+            if path:  # the issue's baseline is torch's faster dense path; the engine's dense rows are stricter
+                mod = sp(model + path, th, engine=False)
+                line = (f"{model + path} decode, {th} thread(s): {mod:.2f}x torch's faster dense modules (target "
+                        f"{goal}x) - {'MET' if mod >= goal else 'MISSED'}; {got:.2f}x the fastest dense path with "
+                        f"the engine's dense rows - {'MET' if got >= goal else 'MISSED'}")
+            out.append(line)
     # the dense bf16 GEMV at the measured read bandwidth: a baseline that a slow bf16 GEMV cannot inflate
     dense_bf16_bytes = res["stack"]["bytes_per_token"]["dense_bf16"]
     for th in sorted({r["threads"] for r in runs}):

@@ -181,7 +181,7 @@ def test_lean_decoder_switches_sdpa_models_only_and_keeps_greedy_tokens(monkeypa
     with torch.inference_mode():
         out = lean.generate(ids, 12, do_sample=False, pad_token_id=0)
         # a decode step (1 token after an 8-token cache) gives sdpa's logits
-        kv = model(ids[:, :-1], use_cache=True).past_key_values
+        kv = model(ids[:, :-1], use_cache=True).cache
         step = model(ids[:, -1:], cache=kv).logits[:, -1]
     assert torch.equal(out, ref) and seen and set(seen) == {8, 7}  # the prompts only (8 and 7 tokens)
     torch.testing.assert_close(step, ref_logits[:, -1], rtol=1e-4, atol=1e-4)
