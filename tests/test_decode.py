@@ -228,11 +228,48 @@ def test_bf16_lm_head_greedy_matches_on_a_trained_margin():
     assert torch.equal(out.sequences[0, 6:6 + n], ref.sequences[0, 6:6 + n])
 
 
+@needs_kernel
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_bf16_model_head_is_multiplied_in_place_where_avx512_bf16_runs(isa, monkeypatch):
+    """A bf16 model's tied head: on a CPU with AVX512-BF16 the head keeps its own weight (no copy, the
+    embedding still shares it) and one-row logits equal a float64 product of the same bf16 values, rounded
+    to bf16 (at most one bf16 step apart where the float32 sums round differently); batches take F.linear.
+    Elsewhere (forced AVX2) the head stays an nn.Linear."""
+    from losa.inference import kernel as _kernel
+
+    if isa == "avx2":
+        if _kernel._cpu_isa() < 1:
+            pytest.skip("the CPU has no AVX2")
+        monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")
+    model = _tied_llama().to(torch.bfloat16)
+    emb = model.model.embed_tokens.weight
+    keys = set(model.state_dict())
+    if not _kernel.native_bf16():
+        assert not set_lm_head_dtype(model, "bfloat16") and isinstance(model.lm_head, torch.nn.Linear)
+        return
+    assert set_lm_head_dtype(model, "bfloat16") and not set_lm_head_dtype(model, "bfloat16")
+    head = model.get_output_embeddings()
+    assert isinstance(head, BF16LMHead) and head.in_place and head.weight is emb and head.values is None
+    assert set(model.state_dict()) == keys
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = head(x)
+        batch = head(x.expand(3, 1, 64))
+    want = (x.double() @ emb.detach().double().T).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == (1, 1, 160)
+    step = want.double().abs() * 2.0 ** -7  # one bf16 step (8 significant bits)
+    assert bool(((got.double() - want.double()).abs() <= step + 1e-30).all())
+    torch.testing.assert_close(batch, torch.nn.functional.linear(x.expand(3, 1, 64), emb.detach()))
+
+
 def test_lm_head_dtype_resolution():
     assert normalize_lm_head_dtype("BF16") == "bfloat16" and normalize_lm_head_dtype("fp32") == "float32"
     assert resolve_lm_head_dtype("auto", torch.float32, kernel=True) == "bfloat16"
     assert resolve_lm_head_dtype("auto", torch.float32, kernel=False) == "float32"
-    assert resolve_lm_head_dtype("auto", torch.bfloat16, kernel=True) == "float32"
+    # a bf16 model's head: in place through the dense AVX512-BF16 loop where the CPU has it, else as loaded
+    assert resolve_lm_head_dtype("auto", torch.bfloat16, kernel=True, native=True) == "bfloat16"
+    assert resolve_lm_head_dtype("auto", torch.bfloat16, kernel=True, native=False) == "float32"
+    assert resolve_lm_head_dtype("auto", torch.bfloat16, kernel=False, native=True) == "float32"
     assert resolve_lm_head_dtype("float32", torch.float32, kernel=True) == "float32"
     with pytest.raises(LosaError, match="needs the compiled sparse kernel"):
         resolve_lm_head_dtype("bfloat16", torch.float32, kernel=False)

@@ -181,6 +181,9 @@ def test_bf16_dense_rows_of_any_width_and_the_head_in_place(isa, monkeypatch):
     m32.load_state_dict({k: v.float() for k, v in m16.state_dict().items()})
     engine = _assert_bf16_engine_close(m16, m32)
     assert (engine.head_copy is None) == _kernel.native_bf16()
+    if set_lm_head_dtype(m16, "bfloat16"):  # the head as `losa generate` sets it there: multiplied in place
+        assert m16.get_output_embeddings().in_place and _kernel.native_bf16()
+        assert _assert_bf16_engine_close(m16, m32).head_copy is None
 
 
 def test_a_float16_model_is_not_decoded_by_the_engine():

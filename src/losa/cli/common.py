@@ -256,5 +256,8 @@ def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any
         head_request = "float32"  # the dense baseline stays as loaded unless asked
     head = resolve_lm_head_dtype(head_request, next(model.parameters()).dtype)
     if set_lm_head_dtype(model, head):
-        print("LM head: bf16 copy of its weights (float32 sums; the embedding keeps float32)")
+        if model.get_output_embeddings().in_place:
+            print("LM head: its bf16 weights through the AVX512-BF16 row loop (float32 sums; no copy)")
+        else:
+            print("LM head: bf16 copy of its weights (float32 sums; the embedding keeps float32)")
     return model, tok, mode, summary

@@ -8,6 +8,10 @@ around each layer (norms, rotary, cache updates, module calls). Two opt-ins cut 
   still shares it with the embedding, which is not touched) and gets a separate bf16 copy, multiplied by the
   compiled kernel with float32 activations and float32 sums (bf16 values are widened exactly, on every ISA).
   Half the bytes of the head; logits differ from the float32 head by bf16 rounding of the weights only.
+  A bf16 model's head on a CPU with AVX512-BF16 gets no copy: one-row calls (decode steps, a prompt's last
+  position) multiply its own weight with the kernel's dense AVX512-BF16 row loop instead of torch's bf16
+  matrix-vector product (benchmarks/results/lm_head.md); the logits are the same bf16 values up to the order
+  of the float32 sums.
 * **Decode plans** (every :class:`LeanDecoder`): each sparse layer's row-loop dispatch (ISA, thresholds) is
   fixed once (:meth:`SparseLinear.plan_decode`), so a decode step's few rows call the kernel's row loop
   directly instead of the Python dispatch of :func:`~losa.inference.sparse_linear.sparse_matmul`.
@@ -61,16 +65,25 @@ MIN_CACHE_LEN = 256
 
 
 class BF16LMHead(nn.Module):
-    """An LM head that multiplies by a bf16 copy of its weight (float32 activations, float32 sums).
+    """An LM head multiplied by losa's kernel in bf16 values (float32 sums).
 
-    The float32 ``weight`` stays a parameter of this module (the same tensor as before, so a tied embedding
-    still shares it and the state dict is unchanged); the packed bf16 copy lives in non-persistent buffers.
+    Two modes, by the head's weight:
+
+    * float32 weight: a packed bf16 copy of it (non-persistent buffers), multiplied with float32 activations;
+    * bf16 weight (a bf16 model, on a CPU with AVX512-BF16: :func:`~losa.inference.kernel.native_bf16`): no
+      copy (``in_place``); one-row calls go through the dense AVX512-BF16 row loop over the weight itself
+      (``y [1, V] = x [1, H] · Wᵀ``, bf16 products, float32 sums, rounded to bf16 like ``F.linear``), other
+      calls through ``F.linear``.
+
+    Either way ``weight`` stays a parameter of this module (the same tensor as before, so a tied embedding
+    still shares it and the state dict is unchanged).
 
     Args:
-        head: the model's ``nn.Linear`` output layer.
+        head: the model's ``nn.Linear`` output layer (float32, or bfloat16 on a CPU with AVX512-BF16).
 
     Raises:
-        LosaError: when ``head`` is not an ``nn.Linear`` or the compiled kernel is unavailable.
+        LosaError: when ``head`` is not an ``nn.Linear``, the compiled kernel is unavailable, or a bf16 head
+            on a CPU without AVX512-BF16.
     """
 
     def __init__(self, head: nn.Linear) -> None:
@@ -82,6 +95,16 @@ class BF16LMHead(nn.Module):
         self.out_features, self.in_features = head.out_features, head.in_features
         self.weight = head.weight
         self.bias = head.bias
+        #: a bf16 weight multiplied where it is (no copy): see the class docstring
+        self.in_place = head.weight.dtype == torch.bfloat16
+        self.decode_plan: DecodePlan | None = None
+        if self.in_place:
+            if not _kernel.native_bf16():
+                raise LosaError("a bf16 LM head is multiplied in place only on a CPU with AVX512-BF16; keep it "
+                                "as loaded (--lm-head-dtype float32)")
+            for name in ("meta", "values", "row_ptr", "bias32"):
+                self.register_buffer(name, None, persistent=False)
+            return
         w = head.weight.detach()
         packed = pack_dense(w, torch.bfloat16)
         self.register_buffer("meta", packed.meta, persistent=False)
@@ -89,22 +112,27 @@ class BF16LMHead(nn.Module):
         self.register_buffer("row_ptr", packed.row_ptr, persistent=False)
         self.register_buffer("bias32", None if head.bias is None else head.bias.detach().float().clone(),
                              persistent=False)
-        #: set by :meth:`plan_decode` (LeanDecoder): decode steps call the row loop without the dispatch
-        self.decode_plan: DecodePlan | None = None
+        # decode_plan is set by plan_decode (LeanDecoder): decode steps call the row loop without the dispatch
 
     def plan_decode(self) -> None:
         """Fix the row-loop dispatch (see :func:`~losa.inference.sparse_linear.plan_decode`)."""
-        self.decode_plan = plan_decode(self.values, False, None)
+        if not self.in_place:
+            self.decode_plan = plan_decode(self.values, False, None)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, values=bfloat16 (copy)"
+        how = "bfloat16 (in place)" if self.in_place else "bfloat16 (copy)"
+        return f"in_features={self.in_features}, out_features={self.out_features}, values={how}"
 
     def _apply(self, fn, recurse=True):
+        if self.in_place:  # the model's own weight: cast with the model (forward checks its dtype per call)
+            return super()._apply(fn, recurse)
         # like SparseLinear: the packed copy stays on the CPU in bf16 whatever the model is cast to
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``x · Wᵀ + b`` with ``W`` rounded to bf16, in the dtype of ``x``."""
+        if self.in_place:
+            return self._forward_in_place(x)
         x2 = x.reshape(-1, self.in_features)
         b = self._buffers
         y = planned_row_loop(self.decode_plan, x2, b["meta"], b["values"], b["row_ptr"], b["bias32"],
@@ -114,6 +142,16 @@ class BF16LMHead(nn.Module):
             y = fn(x2, b["meta"], b["values"], b["row_ptr"], b["bias32"], self.out_features, self.in_features,
                    FORMAT_CODES["bitmask"], -1, False, False, False)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _forward_in_place(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        x2 = x.reshape(-1, self.in_features)
+        if (x2.shape[0] != 1 or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or not w.is_contiguous()
+                or w.device.type != "cpu" or torch.compiler.is_compiling() or not _kernel.native_bf16()):
+            return nn.functional.linear(x, w, self.bias)
+        k = _kernel.load_kernel()
+        y = k.dense_gemv_bf16(x2, w.detach(), None if self.bias is None else self.bias.detach(), _kernel.best_isa())
+        return y.to(torch.bfloat16).view(*x.shape[:-1], self.out_features)
 
 
 def normalize_lm_head_dtype(value: str) -> str:
@@ -134,17 +172,20 @@ def normalize_lm_head_dtype(value: str) -> str:
     return v
 
 
-def resolve_lm_head_dtype(requested: str, model_dtype: torch.dtype, kernel: bool | None = None) -> str:
-    """The LM head precision to use: ``"float32"`` (as loaded) or ``"bfloat16"`` (a bf16 copy).
+def resolve_lm_head_dtype(requested: str, model_dtype: torch.dtype, kernel: bool | None = None,
+                          native: bool | None = None) -> str:
+    """The LM head to use: ``"float32"`` (as loaded) or ``"bfloat16"`` (:class:`BF16LMHead`).
 
-    ``auto`` picks bf16 for a float32 model where the compiled kernel runs (half the bytes of the largest
-    matrix decode streams; benchmarks/results/decode.md) and keeps the head as loaded otherwise (a bf16 or
-    float16 model's head is already half precision).
+    ``auto`` picks bf16 for a float32 model where the compiled kernel runs (a bf16 copy: half the bytes of the
+    largest matrix decode streams; benchmarks/results/decode.md), and for a bf16 model on a CPU with
+    AVX512-BF16 (its own weight through the kernel's dense bf16 row loop, faster than torch's bf16
+    matrix-vector product: benchmarks/results/lm_head.md); it keeps the head as loaded otherwise.
 
     Args:
         requested: "auto", "float32" or "bfloat16" (aliases fp32/bf16).
         model_dtype: the dtype the model was loaded in.
         kernel: whether the compiled kernel is available (default: ask :mod:`losa.inference.kernel`).
+        native: whether the CPU has the AVX512-BF16 loop (default: :func:`~losa.inference.kernel.native_bf16`).
 
     Returns:
         "float32" or "bfloat16".
@@ -156,7 +197,10 @@ def resolve_lm_head_dtype(requested: str, model_dtype: torch.dtype, kernel: bool
     if kernel is None:
         kernel = _kernel.kernel_available()
     if v == "auto":
-        return "bfloat16" if kernel and model_dtype == torch.float32 else "float32"
+        if native is None:
+            native = bool(kernel) and _kernel.native_bf16()
+        return "bfloat16" if kernel and (model_dtype == torch.float32 or
+                                         (model_dtype == torch.bfloat16 and native)) else "float32"
     if v == "bfloat16" and model_dtype == torch.float32 and not kernel:
         raise LosaError("--lm-head-dtype bfloat16 needs the compiled sparse kernel (a C++ compiler); "
                         "use --lm-head-dtype float32")
@@ -164,15 +208,17 @@ def resolve_lm_head_dtype(requested: str, model_dtype: torch.dtype, kernel: bool
 
 
 def set_lm_head_dtype(model: nn.Module, dtype: str) -> bool:
-    """Give a float32 model's LM head a bf16 copy (``dtype="bfloat16"``); the embedding is not changed.
+    """Make the LM head a :class:`BF16LMHead` (``dtype="bfloat16"``); the embedding is not changed.
+
+    A float32 head gets a bf16 copy; a bf16 head, on a CPU with AVX512-BF16, is multiplied in place.
 
     Args:
         model: a causal LM with ``get_output_embeddings`` / ``set_output_embeddings``.
         dtype: "float32" (nothing to do) or "bfloat16".
 
     Returns:
-        Whether the head was replaced (False for float32, for a head that is already not float32, or when
-        it already is a :class:`BF16LMHead`).
+        Whether the head was replaced (False for float32, for a head that is neither float32 nor bf16, for a
+        bf16 head on a CPU without AVX512-BF16, or when it already is a :class:`BF16LMHead`).
 
     Raises:
         LosaError: an unknown dtype, a model without an ``nn.Linear`` output layer, or no compiled kernel.
@@ -186,7 +232,7 @@ def set_lm_head_dtype(model: nn.Module, dtype: str) -> bool:
         return False
     if not isinstance(head, nn.Linear):
         raise LosaError(f"model {type(model).__name__} has no nn.Linear LM head; use --lm-head-dtype float32")
-    if head.weight.dtype != torch.float32:
+    if head.weight.dtype != torch.float32 and not (head.weight.dtype == torch.bfloat16 and _kernel.native_bf16()):
         return False
     model.set_output_embeddings(BF16LMHead(head))
     return True

@@ -202,7 +202,7 @@ def _queue_linear(eng: Any, m: nn.Module) -> None:
         b = m._buffers
         isa_fmt = (b["meta"], b["values"], b["row_ptr"], b["bias"], m.out_features, m.in_features,
                    FORMAT_CODES[m.fmt])
-    elif isinstance(m, BF16LMHead):
+    elif isinstance(m, BF16LMHead) and not m.in_place:  # in place: its bf16 weight, as a dense layer
         b = m._buffers
         isa_fmt = (b["meta"], b["values"], b["row_ptr"], b["bias32"], m.out_features, m.in_features,
                    FORMAT_CODES["bitmask"])

@@ -901,6 +901,21 @@ GemvCallBf16 prepare_dense_gemv_bf16(const torch::Tensor& weight, const c10::opt
 
 }  // namespace losa
 
+// y [1, N] float32 = x [1, K] (bf16) · Wᵀ (+ bias) for a dense bf16 weight W [N, K], read in place: the
+// AVX512-BF16 dense row loop (a bf16 model's LM head at batch 1; see prepare_dense_gemv_bf16).
+torch::Tensor dense_gemv_bf16(const torch::Tensor& x, const torch::Tensor& weight,
+                              const c10::optional<torch::Tensor>& bias, int64_t isa) {
+  TORCH_CHECK(weight.dim() == 2 && x.dim() == 2 && x.size(0) == 1 && x.size(1) == weight.size(1) &&
+                  x.scalar_type() == torch::kBFloat16 && x.device().is_cpu(),
+              "x must be a bfloat16 CPU tensor [1, K] for a weight [N, K]");
+  losa::GemvCallBf16 call = losa::prepare_dense_gemv_bf16(weight, bias, isa);
+  TORCH_CHECK(call, "the dense bf16 row loop needs AVX512-BF16 at the AVX-512 level");
+  torch::Tensor xc = x.contiguous();
+  auto y = torch::empty({1, weight.size(0)}, x.options().dtype(torch::kFloat32));
+  call(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), y.data_ptr<float>());
+  return y;
+}
+
 // spmm as a dispatcher op as well (namespace = the extension's name), returning x's dtype: torch.compile'd
 // decode steps call it straight from the generated code, without the Python custom op and dispatch of
 // sparse_matmul around it. The rounding of a bf16/fp16 result happens here, inside the opaque op, so the
@@ -923,6 +938,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_mm", &dense_mm, "tiled decompress + dense GEMM (float32 or bf16) for large batches");
   m.def("dense_mm_xw", &dense_mm_xw, "dense_mm with x · W_tileᵀ per tile (GEMM rows = batch rows)");
   m.def("decompress", &decompress, "dense float32 rows of a packed weight");
+  m.def("dense_gemv_bf16", &dense_gemv_bf16, "dense bf16 weight times one bf16 row, read in place (AVX512-BF16)");
   m.def("sparse_mm_bf16", &sparse_mm_bf16, "zero-skipping bf16 GEMM for large batches at high sparsity");
   m.def("cpu_has_bf16dot", &cpu_has_bf16dot, "whether the bf16-input loop (AVX512-BF16) runs on this CPU");
   m.def("hugepage_copy", &hugepage_copy, "copy a CPU tensor into transparent-huge-page memory (Linux)");

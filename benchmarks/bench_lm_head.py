@@ -1,0 +1,123 @@
+"""A bf16 model's LM head at batch 1: torch's bf16 ``F.linear`` against losa's dense AVX512-BF16 row loop.
+
+A bf16 model decodes one token per step, so its LM head (the largest matrix of a small model: SmolLM2-135M's
+49152 x 576 is 40 % of the bytes a 70 % sparse step reads) is a matrix-vector product. This times, on the
+head shapes of real models (random bf16 weights: the speed does not depend on the values), interleaved,
+median of ``--reps``:
+
+* ``torch``: ``F.linear`` on the bf16 weight (what a bf16 model's ``nn.Linear`` head runs);
+* ``in place``: :class:`~losa.inference.decode.BF16LMHead` over the same weight (``losa generate``'s head of a
+  bf16 model on a CPU with AVX512-BF16: the kernel's dense row loop, no copy);
+* ``packed copy``: the sparse row loop over a packed copy with every weight kept (the decode engine's head of
+  a bf16 model before it read the weight in place; one metadata bit per weight more).
+
+``speed`` = torch ms / in-place ms; ``GB/s`` = the weight's bytes / time; ``max rel err`` = the largest error
+of the in-place logits against a float64 product of the same bf16 values, over the largest logit. Rows go to
+results/lm_head.jsonl, rendered to lm_head.md. Needs a CPU with AVX512-BF16. Run:
+``python benchmarks/bench_lm_head.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import provenance  # noqa: E402
+from _rows import read_jsonl, run_sections, save_rows  # noqa: E402
+
+from losa.errors import LosaError  # noqa: E402
+from losa.inference import kernel as _kernel  # noqa: E402
+from losa.inference.decode import BF16LMHead  # noqa: E402
+from losa.inference.formats import FORMAT_CODES, pack_dense  # noqa: E402
+from losa.utils.io import atomic_write_text  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: (model whose LM head shape is timed, vocabulary V, hidden size H): the head is W [V, H]
+SHAPES = (("SmolLM2-135M", 49152, 576), ("Qwen2-0.5B", 151936, 896), ("LLaMA-2-7B", 32000, 4096),
+          ("Gemma-2B", 256000, 2048))
+
+
+def render(src: Path, dst: Path) -> None:
+    """Write the markdown of every row in ``src`` to ``dst``."""
+    out = ["# A bf16 model's LM head at batch 1: torch's bf16 F.linear vs losa's dense AVX512-BF16 row loop", "",
+           "Written by `benchmarks/bench_lm_head.py` (see its docstring): random bf16 weights in the head shapes "
+           "of the named models, one bf16 input row, the variants interleaved, medians. `speed` = torch / in "
+           "place (above 1: the kernel is faster); `vs packed` = packed copy / in place.", ""]
+    for title, where, rs in run_sections(read_jsonl(src)):
+        out += [title, "", f"{where}.", "",
+                "| threads | head shape (model) | MB | torch ms | in place ms | packed copy ms | in place GB/s | "
+                "speed | vs packed | max rel err |", "|---|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['threads']} | {r['vocab']} x {r['hidden']} ({r['head_of']}) | {r['mb']:.0f} | "
+                f"{r['torch_ms']:.2f} | {r['in_place_ms']:.2f} | {r['packed_ms']:.2f} | "
+                f"{r['mb'] / r['in_place_ms']:.1f} | {r['speed']:.2f}x | {r['vs_packed']:.2f}x | "
+                f"{r['max_rel_err']:.1e} |" for r in rs]
+        out.append("")
+    atomic_write_text(dst, "\n".join(out))
+
+
+def time_shape(model: str, vocab: int, hidden: int, threads: list[int], reps: int, meta: dict) -> list[dict]:
+    """Time the three variants on one head shape ``[vocab, hidden]`` (see the module docstring); one row per
+    thread count. ``meta`` holds the run's ``run`` stamp and ``argv``."""
+    k, isa = _kernel.load_kernel(), _kernel.best_isa()
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(vocab, hidden, generator=gen) * 0.02).to(torch.bfloat16)
+    x = torch.randn(1, hidden, generator=gen).to(torch.bfloat16)
+    head = torch.nn.Linear(hidden, vocab, bias=False, dtype=torch.bfloat16)
+    head.weight.data = weight
+    lean = BF16LMHead(head)
+    packed = pack_dense(weight, torch.bfloat16)
+    want = (x.double() @ weight.double().T).float()
+    variants = {"torch": lambda: torch.nn.functional.linear(x, weight), "in place": lambda: lean(x),
+                "packed": lambda: k.spmm(x, packed.meta, packed.values, packed.row_ptr, None, vocab, hidden,
+                                         FORMAT_CODES["bitmask"], isa)}
+    rows = []
+    with torch.inference_mode():
+        err = float((lean(x).float() - want).abs().max() / want.abs().max())
+        for th in threads:
+            torch.set_num_threads(th)
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            for _ in range(reps + 1):  # the first round warms up
+                for name, fn in variants.items():
+                    t = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t)
+            ms = {name: statistics.median(v[1:]) * 1e3 for name, v in times.items()}
+            rows.append({**provenance(th, f"random bf16 weights, {model}'s LM head shape", meta["argv"]),
+                         "run": meta["run"], "kernel_isa": _kernel.ISA_NAMES[isa], "head_of": model, "vocab": vocab,
+                         "hidden": hidden, "mb": weight.numel() * 2 / 1e6, "reps": reps, "torch_ms": ms["torch"],
+                         "in_place_ms": ms["in place"], "packed_ms": ms["packed"],
+                         "speed": ms["torch"] / ms["in place"], "vs_packed": ms["packed"] / ms["in place"],
+                         "max_rel_err": err})
+            print(f"{th} thr {model:14s} torch {ms['torch']:8.2f}  in place {ms['in place']:8.2f}  "
+                  f"packed {ms['packed']:8.2f} ms  speed {rows[-1]['speed']:.2f}x", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--out", default=str(RESULTS / "lm_head.jsonl"))
+    args = ap.parse_args(argv)
+    if args.reps < 1:
+        raise LosaError(f"--reps must be at least 1, got {args.reps}")
+    if not _kernel.native_bf16():
+        raise LosaError("the dense bf16 row loop needs a CPU with AVX512-BF16 (and no LOSA_SPARSE_ISA below avx512)")
+    run = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M UTC")
+    rows = []
+    for model, vocab, hidden in SHAPES:
+        rows += time_shape(model, vocab, hidden, [int(t) for t in args.threads.split(",")], args.reps,
+                           {"run": run, "argv": [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]})
+    save_rows(Path(args.out), rows, render)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
