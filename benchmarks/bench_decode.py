@@ -98,8 +98,8 @@ def bytes_per_token(model: torch.nn.Module) -> int:
     for mod in model.modules():
         if isinstance(mod, SparseLinear):
             total += mod.packed.nbytes()
-        elif isinstance(mod, BF16LMHead):
-            total += mod.values.numel() * 2 + mod.meta.numel()
+        elif isinstance(mod, BF16LMHead):  # its packed copy, or (in place) its bf16 weight
+            total += mod.weight.numel() * 2 if mod.in_place else mod.values.numel() * 2 + mod.meta.numel()
         elif isinstance(mod, torch.nn.Linear):
             total += mod.weight.numel() * mod.weight.element_size()
     return total
@@ -197,6 +197,7 @@ def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bo
             b16 = copy.deepcopy(base).to(torch.bfloat16)
             prune_magnitude(b16, sp)
             sparsify_for_inference(b16, value_dtype="bfloat16")
+            set_lm_head_dtype(b16, "bfloat16")  # as `losa generate --lm-head-dtype auto` does: in place here
             modes[f"{tag} bf16 model + engine"] = {"model": b16, "sparsity": sp, "decoder": LeanDecoder(b16)}
         if with_overhead and compile_step:
             zero = copy.deepcopy(pruned)

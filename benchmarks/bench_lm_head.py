@@ -12,7 +12,8 @@ median of ``--reps``:
   a bf16 model before it read the weight in place; one metadata bit per weight more).
 
 ``speed`` = torch ms / in-place ms; ``GB/s`` = the weight's bytes / time; ``max rel err`` = the largest error
-of the in-place logits against a float64 product of the same bf16 values, over the largest logit. Rows go to
+of the in-place logits against a float64 product of the same bf16 values, over the largest logit (the logits
+are rounded to bf16 like ``F.linear``'s, so up to about 2^-8 of a logit). Rows go to
 results/lm_head.jsonl, rendered to lm_head.md. Needs a CPU with AVX512-BF16. Run:
 ``python benchmarks/bench_lm_head.py``.
 """
