@@ -251,15 +251,57 @@ def test_bf16_model_head_is_multiplied_in_place_where_avx512_bf16_runs(isa, monk
     head = model.get_output_embeddings()
     assert isinstance(head, BF16LMHead) and head.in_place and head.weight is emb and head.values is None
     assert set(model.state_dict()) == keys
+    real, calls = _kernel.load_kernel(), []
+
+    class Spy:  # counts the kernel's dense bf16 calls (the rest of the kernel as it is)
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def dense_gemv_bf16(self, *a):
+            calls.append(a[0].shape)
+            return real.dense_gemv_bf16(*a)
+
+    monkeypatch.setattr(_kernel, "load_kernel", lambda: Spy())
     x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     with torch.inference_mode():
         got = head(x)
+        assert calls == [(1, 64)]  # one row: the kernel
         batch = head(x.expand(3, 1, 64))
+        assert calls == [(1, 64)]  # several rows: F.linear
     want = (x.double() @ emb.detach().double().T).to(torch.bfloat16)
     assert got.dtype == torch.bfloat16 and got.shape == (1, 1, 160)
     step = want.double().abs() * 2.0 ** -7  # one bf16 step (8 significant bits)
     assert bool(((got.double() - want.double()).abs() <= step + 1e-30).all())
     torch.testing.assert_close(batch, torch.nn.functional.linear(x.expand(3, 1, 64), emb.detach()))
+    # gradients: the kernel has no backward, so a call that needs one takes F.linear
+    xg = x.clone().requires_grad_(True)
+    assert head(xg).requires_grad and len(calls) == 1
+    # cast with the model: the head follows (a float32 F.linear), and asking again gives it a bf16 copy
+    model.float()
+    assert head.in_place and head.weight.dtype == torch.float32 and "float32 (in place)" in repr(head)
+    assert set_lm_head_dtype(model, "bfloat16")
+    head = model.get_output_embeddings()
+    assert not head.in_place and head.weight is model.model.embed_tokens.weight
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 31, 32, 33, 63, 64, 65, 96, 100, 129])
+def test_dense_bf16_row_loop_against_float64(k):
+    """The kernel's dense bf16 row loop (``dense_gemv_bf16``) for widths around its 32- and 64-input steps,
+    with and without a bias, against a float64 product of the same bf16 values."""
+    from losa.inference import kernel as _kernel
+
+    if not _kernel.native_bf16():
+        pytest.skip("the dense bf16 row loop needs AVX512-BF16")
+    gen = torch.Generator().manual_seed(k)
+    w = torch.randn(37, k, generator=gen).to(torch.bfloat16)
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(37, generator=gen)
+    for b in (None, bias):
+        got = _kernel.load_kernel().dense_gemv_bf16(x, w, b, _kernel.best_isa())
+        want = x.double() @ w.double().T + (0 if b is None else b.double())
+        assert got.dtype == torch.float32 and got.shape == (1, 37)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
 def test_lm_head_dtype_resolution():

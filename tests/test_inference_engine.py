@@ -184,6 +184,8 @@ def test_bf16_dense_rows_of_any_width_and_the_head_in_place(isa, monkeypatch):
     if set_lm_head_dtype(m16, "bfloat16"):  # the head as `losa generate` sets it there: multiplied in place
         assert m16.get_output_embeddings().in_place and _kernel.native_bf16()
         assert _assert_bf16_engine_close(m16, m32).head_copy is None
+        m16.lm_head.float()  # an in-place head no longer in the model's dtype: named, not a crash
+        assert "the LM head's weight is torch.float32" in engine_problem(m16)
 
 
 def test_a_float16_model_is_not_decoded_by_the_engine():

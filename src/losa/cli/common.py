@@ -157,10 +157,12 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "like a dense bf16 model and is about 2x faster with AVX512-BF16; ignored on CPUs without "
                         "native bf16 (default: auto = as the model: bf16 for a bf16 model, else float32)")
     p.add_argument("--lm-head-dtype", default="auto",
-                   help="auto, float32 or bfloat16: precision of the LM head's weights for a float32 model: bfloat16 multiplies a separate bf16 "
-                        "copy (float32 sums; a tied embedding is not changed), halving the head's bytes per token "
-                        "(default: auto = bfloat16 for a float32 model where the compiled kernel runs, else as "
-                        "loaded; measured in benchmarks/results/decode.md)")
+                   help="auto, float32 or bfloat16: the LM head. bfloat16 on a float32 model multiplies a separate bf16 "
+                        "copy (float32 sums; a tied embedding is not changed), halving the head's bytes per token; "
+                        "on a bf16 model (CPUs with AVX512-BF16) it multiplies the head's own weight with losa's "
+                        "kernel instead of torch's bf16 matrix-vector product (default: auto = bfloat16 for a "
+                        "float32 model where the compiled kernel runs and for a bf16 model on such a CPU, else as "
+                        "loaded; measured in benchmarks/results/decode.md and lm_head.md)")
     p.add_argument("--compile", action="store_true",
                    help="static KV cache and torch.compile of the decode step: less per-token overhead, but the "
                         "first generation of each cache size compiles first (worth it for serving and long outputs)")

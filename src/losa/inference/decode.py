@@ -95,10 +95,8 @@ class BF16LMHead(nn.Module):
         self.out_features, self.in_features = head.out_features, head.in_features
         self.weight = head.weight
         self.bias = head.bias
-        #: a bf16 weight multiplied where it is (no copy): see the class docstring
-        self.in_place = head.weight.dtype == torch.bfloat16
         self.decode_plan: DecodePlan | None = None
-        if self.in_place:
+        if head.weight.dtype == torch.bfloat16:  # no copy: see the in_place property
             if not _kernel.native_bf16():
                 raise LosaError("a bf16 LM head is multiplied in place only on a CPU with AVX512-BF16; keep it "
                                 "as loaded (--lm-head-dtype float32)")
@@ -114,13 +112,19 @@ class BF16LMHead(nn.Module):
                              persistent=False)
         # decode_plan is set by plan_decode (LeanDecoder): decode steps call the row loop without the dispatch
 
+    @property
+    def in_place(self) -> bool:
+        """Whether the head multiplies its own weight (no packed copy): a bf16 head built on an AVX512-BF16 CPU.
+        Its mode follows the weight: cast to float32 with the model, it computes a plain float32 ``F.linear``."""
+        return self._buffers.get("values") is None
+
     def plan_decode(self) -> None:
         """Fix the row-loop dispatch (see :func:`~losa.inference.sparse_linear.plan_decode`)."""
         if not self.in_place:
             self.decode_plan = plan_decode(self.values, False, None)
 
     def extra_repr(self) -> str:
-        how = "bfloat16 (in place)" if self.in_place else "bfloat16 (copy)"
+        how = f"{self.weight.dtype} (in place)".replace("torch.", "") if self.in_place else "bfloat16 (copy)"
         return f"in_features={self.in_features}, out_features={self.out_features}, values={how}"
 
     def _apply(self, fn, recurse=True):
@@ -130,7 +134,8 @@ class BF16LMHead(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``x · Wᵀ + b`` with ``W`` rounded to bf16, in the dtype of ``x``."""
+        """Logits ``x · Wᵀ + b`` with ``W`` in bf16 (the copy's rounding, or the bf16 weight itself), in the
+        dtype of ``x``; an in-place head whose weight was cast to another dtype computes ``F.linear``."""
         if self.in_place:
             return self._forward_in_place(x)
         x2 = x.reshape(-1, self.in_features)
@@ -146,8 +151,9 @@ class BF16LMHead(nn.Module):
     def _forward_in_place(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         x2 = x.reshape(-1, self.in_features)
+        grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)  # the kernel has no backward
         if (x2.shape[0] != 1 or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or not w.is_contiguous()
-                or w.device.type != "cpu" or torch.compiler.is_compiling() or not _kernel.native_bf16()):
+                or w.device.type != "cpu" or grad or torch.compiler.is_compiling() or not _kernel.native_bf16()):
             return nn.functional.linear(x, w, self.bias)
         k = _kernel.load_kernel()
         y = k.dense_gemv_bf16(x2, w.detach(), None if self.bias is None else self.bias.detach(), _kernel.best_isa())
@@ -229,7 +235,12 @@ def set_lm_head_dtype(model: nn.Module, dtype: str) -> bool:
         return False
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, BF16LMHead):
-        return False
+        if not (head.in_place and head.weight.dtype == torch.float32):
+            return False
+        # an in-place head of a model cast to float32 since: rebuild it as a float32 head's bf16 copy
+        plain = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+        plain.weight, plain.bias = head.weight, head.bias
+        head = plain
     if not isinstance(head, nn.Linear):
         raise LosaError(f"model {type(model).__name__} has no nn.Linear LM head; use --lm-head-dtype float32")
     if head.weight.dtype != torch.float32 and not (head.weight.dtype == torch.bfloat16 and _kernel.native_bf16()):

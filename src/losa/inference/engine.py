@@ -113,7 +113,10 @@ def engine_problem(model: nn.Module) -> str | None:
             if w is None or w.dtype != emb.dtype:
                 return f"layer {i} has no {norm}.weight in the model's dtype"
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, BF16LMHead) and (why := _linear_problem("the LM head", head, emb.dtype)) is not None:
+    if isinstance(head, BF16LMHead):  # its packed copy, or (in place) its weight as a dense layer
+        if head.in_place and (head.weight.dtype != emb.dtype or head.weight.device.type != "cpu"):
+            return f"the LM head's weight is {head.weight.dtype} on {head.weight.device.type}, the model {emb.dtype}"
+    elif (why := _linear_problem("the LM head", head, emb.dtype)) is not None:
         return why
     if (hooked := _hooked(model)) is not None:
         return f"{hooked} has forward hooks or its own forward (the engine would skip them)"
@@ -194,7 +197,8 @@ def _eps(norm: nn.Module) -> float:
 
 
 def _queue_linear(eng: Any, m: nn.Module) -> None:
-    """Queue ``m`` on the C++ engine: packed buffers for sparse layers and the bf16 head, else the weight."""
+    """Queue ``m`` on the C++ engine: packed buffers for sparse layers and a bf16 head's copy, else the weight
+    (dense layers and an in-place bf16 head)."""
     from losa.inference.decode import BF16LMHead
 
     isa_fmt = None

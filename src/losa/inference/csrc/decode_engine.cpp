@@ -179,7 +179,8 @@ class DecodeEngine {
     l.k = weight.size(1);
     if (bias.has_value() && bias->defined()) l.bias = bias->to(weight.scalar_type()).contiguous();
     // bf16 weights: the AVX512-BF16 row loop over the weight in place where it runs (else at::linear)
-    if (bf16_) l.call16 = losa::prepare_dense_gemv_bf16(l.weight, bias, isa_);
+    if (bf16_) l.call16 = losa::prepare_dense_gemv_bf16(l.weight, l.bias.defined() ? c10::optional<torch::Tensor>(l.bias)
+                                                                            : c10::nullopt, isa_);
     pending_.push_back(std::move(l));
   }
 

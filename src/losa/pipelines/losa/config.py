@@ -27,7 +27,7 @@ def _allocator(name: str) -> str:
 #: the settings :meth:`LoSAConfig.ignored_fields` names in its fixes
 _NM, _MIXED_NM, _ADD_MIXED_NM = option("nm"), option("mixed_nm"), option("mixed_nm=True", "--mixed-nm")
 _NO_LAYERWISE = option("layerwise_sparsity=False", "--no-layerwise-sparsity")
-_RMI_OR_OWL = f"{option('allocator')} rmi or owl"
+_RMI_OR_OWL = f"{_allocator('rmi')} or {_allocator('owl')}"
 
 
 class LoSAConfig(CalibrationConfig):
