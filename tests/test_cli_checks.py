@@ -159,8 +159,9 @@ def test_compare_labels_an_older_report_without_fine_tuning_from_its_recipe():
     (["--nm", "2:8", "--mixed-nm", "--no-layerwise-sparsity", "--distill"],
      "--mixed-nm has no effect with layerwise_sparsity=False (--no-layerwise-sparsity) or allocator='uniform' "
      "(--allocator uniform): the uniform allocator moves no layer's N"),
-    (["--nm", "2:8", "--mixed-nm", "--allocator", "uniform", "--distill"], "use allocator (--allocator) rmi or owl, "
-                                                                           "or drop mixed_nm (--mixed-nm)"),
+    (["--nm", "2:8", "--mixed-nm", "--allocator", "uniform", "--distill"], "use allocator='rmi' (--allocator rmi) or "
+                                                                           "allocator='owl' (--allocator owl), or drop "
+                                                                           "mixed_nm (--mixed-nm)"),
     (["--nm-max-pairs", "2", "--distill"], "--nm-max-pairs has no effect without mixed_nm (--mixed-nm); add "
                                            "mixed_nm=True (--mixed-nm) or drop it"),
     (["--allocator", "owl", "--beta", "2", "--rmi-features", "outputs", "--distill"],
