@@ -315,7 +315,7 @@ def test_lm_head_dtype_resolution():
     assert resolve_lm_head_dtype("float32", torch.float32, kernel=True) == "float32"
     with pytest.raises(LosaError, match="needs the compiled sparse kernel"):
         resolve_lm_head_dtype("bfloat16", torch.float32, kernel=False)
-    with pytest.raises(LosaError, match="--lm-head-dtype 'int4' is not supported"):
+    with pytest.raises(LosaError, match=r"\(--lm-head-dtype\) 'int4' is not supported"):
         resolve_lm_head_dtype("int4", torch.float32)
 
 
@@ -334,7 +334,7 @@ def test_cli_lm_head_flag_errors_are_one_line(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "tiny"), "--prompt", "hi", "--lm-head-dtype", "int8"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "--lm-head-dtype 'int8' is not supported" in err and len(err.splitlines()) == 1
+    assert "(--lm-head-dtype) 'int8' is not supported" in err and len(err.splitlines()) == 1
 
 
 @needs_kernel

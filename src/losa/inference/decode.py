@@ -55,6 +55,8 @@ from losa.inference.sparse_linear import (
 )
 
 LM_HEAD_DTYPES = ("auto", "float32", "bfloat16")
+#: how errors name the fix "keep the LM head as loaded", for the Python API and the command line
+_KEEP_HEAD = "set_lm_head_dtype(model, 'float32') (--lm-head-dtype float32)"
 #: how a compiled decode step calls its kernels: Inductor's C++ wrapper or its generated Python wrapper
 COMPILE_WRAPPERS = ("cpp", "python")
 _ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -91,15 +93,15 @@ class BF16LMHead(nn.Module):
         if not isinstance(head, nn.Linear):
             raise LosaError(f"the bf16 LM head needs an nn.Linear output layer, got {type(head).__name__}")
         if _kernel.load_kernel() is None:
-            raise LosaError("the bf16 LM head needs the compiled kernel; use --lm-head-dtype float32")
+            raise LosaError(f"the bf16 LM head needs the compiled kernel; keep the head as loaded: {_KEEP_HEAD}")
         self.out_features, self.in_features = head.out_features, head.in_features
         self.weight = head.weight
         self.bias = head.bias
         self.decode_plan: DecodePlan | None = None
         if head.weight.dtype == torch.bfloat16:  # no copy: see the in_place property
             if not _kernel.native_bf16():
-                raise LosaError("a bf16 LM head is multiplied in place only on a CPU with AVX512-BF16; keep it "
-                                "as loaded (--lm-head-dtype float32)")
+                raise LosaError(f"a bf16 LM head is multiplied in place only on a CPU with AVX512-BF16; keep it "
+                                f"as loaded: {_KEEP_HEAD}")
             for name in ("meta", "values", "row_ptr", "bias32"):
                 self.register_buffer(name, None, persistent=False)
             return
@@ -174,7 +176,8 @@ def normalize_lm_head_dtype(value: str) -> str:
     """
     v = _ALIASES.get(str(value).lower(), str(value).lower())
     if v not in LM_HEAD_DTYPES:
-        raise LosaError(f"--lm-head-dtype {value!r} is not supported; use one of {', '.join(LM_HEAD_DTYPES)}")
+        raise LosaError(f"LM head dtype (--lm-head-dtype) {value!r} is not supported; use one of "
+                        f"{', '.join(LM_HEAD_DTYPES)}")
     return v
 
 
@@ -208,8 +211,8 @@ def resolve_lm_head_dtype(requested: str, model_dtype: torch.dtype, kernel: bool
         return "bfloat16" if kernel and (model_dtype == torch.float32 or
                                          (model_dtype == torch.bfloat16 and native)) else "float32"
     if v == "bfloat16" and model_dtype == torch.float32 and not kernel:
-        raise LosaError("--lm-head-dtype bfloat16 needs the compiled sparse kernel (a C++ compiler); "
-                        "use --lm-head-dtype float32")
+        raise LosaError(f"a bfloat16 LM head (--lm-head-dtype bfloat16) needs the compiled sparse kernel (a C++ "
+                        f"compiler); keep the head as loaded: {_KEEP_HEAD}")
     return v
 
 
@@ -242,7 +245,7 @@ def set_lm_head_dtype(model: nn.Module, dtype: str) -> bool:
         plain.weight, plain.bias = head.weight, head.bias
         head = plain
     if not isinstance(head, nn.Linear):
-        raise LosaError(f"model {type(model).__name__} has no nn.Linear LM head; use --lm-head-dtype float32")
+        raise LosaError(f"model {type(model).__name__} has no nn.Linear LM head; keep the head as loaded: {_KEEP_HEAD}")
     if head.weight.dtype != torch.float32 and not (head.weight.dtype == torch.bfloat16 and _kernel.native_bf16()):
         return False
     model.set_output_embeddings(BF16LMHead(head))
@@ -321,7 +324,8 @@ class LeanDecoder:
         if self.compile:
             if _kernel.load_kernel() is None and any(isinstance(m, (SparseLinear, BF16LMHead))
                                                      for m in model.modules()):
-                raise LosaError("--compile needs the compiled sparse kernel (a C++ compiler); drop --compile")
+                raise LosaError("compile=True (--compile) needs the compiled sparse kernel (a C++ compiler); use "
+                                "compile=False (drop --compile)")
         for m in model.modules():  # decode steps call the kernel's row loop without the per-call dispatch
             if isinstance(m, (SparseLinear, BF16LMHead)):
                 m.plan_decode()
