@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                    "bytes_per_token": m["bytes"], "bandwidth_GBps": round(bw[th], 2),
                    "floor_ms": round(floor, 2), "x_floor": round(ms / floor, 2) if floor else None,
                    "greedy_same_as_before": same, "compile_s": round(compile_s[name], 1) if name in compile_s else None,
-                   "torch": torch.__version__}
+                   "torch": torch.__version__, "kernel_isa": _kernel.ISA_NAMES[_kernel.best_isa()]}
             rows.append(row)
             print(f"{th} thr  {name:40s} {ms:7.2f} ms/token  floor {floor:6.2f}", flush=True)
     append_rows(rows, load_start, Path(args.out), render)
@@ -367,7 +367,8 @@ def render(jsonl: Path, md: Path) -> None:
     for (date, commit, command, cpu, isa), rs in runs.items():
         r0 = rs[0]
         L += [f"## {date} UTC, commit {commit}", "",
-              f"`{command}` on {cpu} ({isa}), torch {r0.get('torch', '?')}, model: {r0['model']}; "
+              f"`{command}` on {cpu} ({isa}), torch {r0.get('torch', '?')}"
+              + (f", losa kernel ISA **{r0['kernel_isa']}**" if r0.get("kernel_isa") else "") + f", model: {r0['model']}; "
               f"{r0['new_tokens']} new tokens after a {r0['prompt_tokens']}-token prompt, best of {r0['reps']}.", "",
               f"Load average (1/5/15 min) at start {r0['loadavg_start']}, at end {r0['loadavg_end']} "
               "(2 CPU cores).", ""]

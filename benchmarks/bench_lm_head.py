@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import statistics
 import sys
 import time
@@ -52,7 +53,9 @@ def render(src: Path, dst: Path) -> None:
            "of the named models, one bf16 input row, the variants interleaved, medians. `speed` = torch / in "
            "place (above 1: the kernel is faster); `vs packed` = packed copy / in place.", ""]
     for title, where, rs in run_sections(read_jsonl(src)):
-        out += [title, "", f"{where}.", "",
+        load = (f" Load average (1/5/15 min) at start {rs[0]['loadavg_start']}, at end {rs[0]['loadavg_end']} "
+                "(2 CPU cores)." if "loadavg_start" in rs[0] else "")
+        out += [title, "", f"{where}.{load}", "",
                 "| threads | head shape (model) | MB | torch ms | in place ms | packed copy ms | in place GB/s | "
                 "speed | vs packed | max rel err |", "|---|---|---|---|---|---|---|---|---|---|"]
         out += [f"| {r['threads']} | {r['vocab']} x {r['hidden']} ({r['head_of']}) | {r['mb']:.0f} | "
@@ -112,10 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     if not _kernel.native_bf16():
         raise LosaError("the dense bf16 row loop needs a CPU with AVX512-BF16 (and no LOSA_SPARSE_ISA below avx512)")
     run = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M UTC")
+    load_start = [round(x, 2) for x in os.getloadavg()]
     rows = []
     for model, vocab, hidden in SHAPES:
         rows += time_shape(model, vocab, hidden, [int(t) for t in args.threads.split(",")], args.reps,
                            {"run": run, "argv": [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]})
+    load_end = [round(x, 2) for x in os.getloadavg()]
+    for r in rows:
+        r["loadavg_start"], r["loadavg_end"] = load_start, load_end
     save_rows(Path(args.out), rows, render)
     return 0
 
