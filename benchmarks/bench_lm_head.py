@@ -6,8 +6,9 @@ head shapes of real models (random bf16 weights: the speed does not depend on th
 median of ``--reps``:
 
 * ``torch``: ``F.linear`` on the bf16 weight (what a bf16 model's ``nn.Linear`` head runs);
-* ``in place``: :class:`~losa.inference.decode.BF16LMHead` over the same weight (``losa generate``'s head of a
-  bf16 model on a CPU with AVX512-BF16: the kernel's dense row loop, no copy);
+* ``in place``: the kernel's dense bf16 row loop over the same weight, no copy (``dense_gemv_bf16``: what the
+  decode engine runs for a bf16 model's head, and :class:`~losa.inference.decode.BF16LMHead`'s one-row calls
+  on heads narrower than ``KERNEL_HEAD_MAX_IN`` inputs, a cut taken from these rows);
 * ``packed copy``: the sparse row loop over a packed copy with every weight kept (the decode engine's head of
   a bf16 model before it read the weight in place; one metadata bit per weight more).
 
@@ -75,15 +76,17 @@ def time_shape(model: str, vocab: int, hidden: int, threads: list[int], reps: in
     x = torch.randn(1, hidden, generator=gen).to(torch.bfloat16)
     head = torch.nn.Linear(hidden, vocab, bias=False, dtype=torch.bfloat16)
     head.weight.data = weight
-    lean = BF16LMHead(head)
+    lean = BF16LMHead(head)  # (checks that this CPU runs the loop)
     packed = pack_dense(weight, torch.bfloat16)
     want = (x.double() @ weight.double().T).float()
-    variants = {"torch": lambda: torch.nn.functional.linear(x, weight), "in place": lambda: lean(x),
+    variants = {"torch": lambda: torch.nn.functional.linear(x, weight),
+                "in place": lambda: k.dense_gemv_bf16(x, weight, None, isa).to(torch.bfloat16),
                 "packed": lambda: k.spmm(x, packed.meta, packed.values, packed.row_ptr, None, vocab, hidden,
                                          FORMAT_CODES["bitmask"], isa)}
     rows = []
     with torch.inference_mode():
-        err = float((lean(x).float() - want).abs().max() / want.abs().max())
+        err = float((variants["in place"]().float() - want).abs().max() / want.abs().max())
+        assert lean.in_place
         for th in threads:
             torch.set_num_threads(th)
             times: dict[str, list[float]] = {name: [] for name in variants}

@@ -273,6 +273,11 @@ def test_bf16_model_head_is_multiplied_in_place_where_avx512_bf16_runs(isa, monk
     step = want.double().abs() * 2.0 ** -7  # one bf16 step (8 significant bits)
     assert bool(((got.double() - want.double()).abs() <= step + 1e-30).all())
     torch.testing.assert_close(batch, torch.nn.functional.linear(x.expand(3, 1, 64), emb.detach()))
+    wide = BF16LMHead(torch.nn.Linear(2048, 16, dtype=torch.bfloat16))  # wide heads keep F.linear (lm_head.md)
+    with torch.inference_mode():
+        xw = torch.randn(1, 2048).to(torch.bfloat16)
+        torch.testing.assert_close(wide(xw), torch.nn.functional.linear(xw, wide.weight, wide.bias))
+    assert len(calls) == 1 and wide.in_place
     # gradients: the kernel has no backward, so a call that needs one takes F.linear
     xg = x.clone().requires_grad_(True)
     assert head(xg).requires_grad and len(calls) == 1

@@ -9,9 +9,9 @@ around each layer (norms, rotary, cache updates, module calls). Two opt-ins cut 
   compiled kernel with float32 activations and float32 sums (bf16 values are widened exactly, on every ISA).
   Half the bytes of the head; logits differ from the float32 head by bf16 rounding of the weights only.
   A bf16 model's head on a CPU with AVX512-BF16 gets no copy: one-row calls (decode steps, a prompt's last
-  position) multiply its own weight with the kernel's dense AVX512-BF16 row loop instead of torch's bf16
-  matrix-vector product (benchmarks/results/lm_head.md); the logits are the same bf16 values up to the order
-  of the float32 sums.
+  position) of a narrow head multiply its own weight with the kernel's dense AVX512-BF16 row loop instead of
+  torch's bf16 matrix-vector product (:data:`KERNEL_HEAD_MAX_IN`, benchmarks/results/lm_head.md); the logits
+  are the same bf16 values up to the order of the float32 sums.
 * **Decode plans** (every :class:`LeanDecoder`): each sparse layer's row-loop dispatch (ISA, thresholds) is
   fixed once (:meth:`SparseLinear.plan_decode`), so a decode step's few rows call the kernel's row loop
   directly instead of the Python dispatch of :func:`~losa.inference.sparse_linear.sparse_matmul`.
@@ -55,6 +55,10 @@ from losa.inference.sparse_linear import (
 )
 
 LM_HEAD_DTYPES = ("auto", "float32", "bfloat16")
+#: an in-place bf16 head sends one-row calls to the kernel's dense bf16 loop only when narrower than this (inputs):
+#: on SmolLM2's and Qwen2-0.5B's heads (576, 896) the loop was 1.57-1.83x torch's bf16 F.linear in two runs, on
+#: LLaMA-2-7B's and Gemma-2B's (4096, 2048) 0.88-1.26x, so wide heads keep F.linear (benchmarks/results/lm_head.md)
+KERNEL_HEAD_MAX_IN = 2048
 #: how errors name the fix "keep the LM head as loaded", for the Python API and the command line
 _KEEP_HEAD = "set_lm_head_dtype(model, 'float32') (--lm-head-dtype float32)"
 #: how a compiled decode step calls its kernels: Inductor's C++ wrapper or its generated Python wrapper
@@ -73,9 +77,10 @@ class BF16LMHead(nn.Module):
 
     * float32 weight: a packed bf16 copy of it (non-persistent buffers), multiplied with float32 activations;
     * bf16 weight (a bf16 model, on a CPU with AVX512-BF16: :func:`~losa.inference.kernel.native_bf16`): no
-      copy (``in_place``); one-row calls go through the dense AVX512-BF16 row loop over the weight itself
-      (``y [1, V] = x [1, H] · Wᵀ``, bf16 products, float32 sums, rounded to bf16 like ``F.linear``), other
-      calls through ``F.linear``.
+      copy (``in_place``); one-row calls of heads narrower than :data:`KERNEL_HEAD_MAX_IN` go through the dense
+      AVX512-BF16 row loop over the weight itself (``y [1, V] = x [1, H] · Wᵀ``, bf16 products, float32 sums,
+      rounded to bf16 like ``F.linear``), other calls through ``F.linear``. The decode engine multiplies such
+      a head with the same loop at any width (no copy of it).
 
     Either way ``weight`` stays a parameter of this module (the same tensor as before, so a tied embedding
     still shares it and the state dict is unchanged).
@@ -154,8 +159,9 @@ class BF16LMHead(nn.Module):
         w = self.weight
         x2 = x.reshape(-1, self.in_features)
         grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)  # the kernel has no backward
-        if (x2.shape[0] != 1 or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or not w.is_contiguous()
-                or w.device.type != "cpu" or grad or torch.compiler.is_compiling() or not _kernel.native_bf16()):
+        if (x2.shape[0] != 1 or self.in_features >= KERNEL_HEAD_MAX_IN or x.dtype != torch.bfloat16
+                or w.dtype != torch.bfloat16 or not w.is_contiguous() or w.device.type != "cpu" or grad
+                or torch.compiler.is_compiling() or not _kernel.native_bf16()):
             return nn.functional.linear(x, w, self.bias)
         k = _kernel.load_kernel()
         y = k.dense_gemv_bf16(x2, w.detach(), None if self.bias is None else self.bias.detach(), _kernel.best_isa())
@@ -187,8 +193,9 @@ def resolve_lm_head_dtype(requested: str, model_dtype: torch.dtype, kernel: bool
 
     ``auto`` picks bf16 for a float32 model where the compiled kernel runs (a bf16 copy: half the bytes of the
     largest matrix decode streams; benchmarks/results/decode.md), and for a bf16 model on a CPU with
-    AVX512-BF16 (its own weight through the kernel's dense bf16 row loop, faster than torch's bf16
-    matrix-vector product: benchmarks/results/lm_head.md); it keeps the head as loaded otherwise.
+    AVX512-BF16 (no copy: a narrow head's one-row calls go through the kernel's dense bf16 row loop, faster
+    than torch's bf16 matrix-vector product there: benchmarks/results/lm_head.md); it keeps the head as
+    loaded otherwise.
 
     Args:
         requested: "auto", "float32" or "bfloat16" (aliases fp32/bf16).
