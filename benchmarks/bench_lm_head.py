@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import provenance  # noqa: E402
-from _rows import read_jsonl, run_sections, save_rows  # noqa: E402
+from _rows import read_jsonl, run_sections  # noqa: E402
+from bench_decode import append_rows  # noqa: E402
 
 from losa.errors import LosaError  # noqa: E402
 from losa.inference import kernel as _kernel  # noqa: E402
@@ -118,15 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     if not _kernel.native_bf16():
         raise LosaError("the dense bf16 row loop needs a CPU with AVX512-BF16 (and no LOSA_SPARSE_ISA below avx512)")
     run = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M UTC")
-    load_start = [round(x, 2) for x in os.getloadavg()]
+    load_start = os.getloadavg()
     rows = []
     for model, vocab, hidden in SHAPES:
         rows += time_shape(model, vocab, hidden, [int(t) for t in args.threads.split(",")], args.reps,
                            {"run": run, "argv": [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]})
-    load_end = [round(x, 2) for x in os.getloadavg()]
-    for r in rows:
-        r["loadavg_start"], r["loadavg_end"] = load_start, load_end
-    save_rows(Path(args.out), rows, render)
+    append_rows(rows, load_start, Path(args.out), render)  # stamps the load averages, appends, renders
     return 0
 
 
