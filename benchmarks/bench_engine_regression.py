@@ -62,12 +62,15 @@ def render(src: Path, dst: Path) -> None:
     rows = read_jsonl(src)
     out = ["# Decode engine on SmolLM2: current kernels vs an earlier commit's, same process", "",
            "Written by `benchmarks/bench_engine_regression.py`: one engine per extension on the same pruned "
-           "SmolLM2-135M-Instruct (dequantised from Q4_1), 64 greedy steps after the same prompt, interleaved, "
+           "SmolLM2-135M-Instruct (dequantised from Q4_1), 64 greedy steps after the same prompt (`cached positions`: "
+           "its length; blank in rows before the column existed: the 7-token prompt), interleaved, "
            "best of the repetitions; `speed` = base ms / current ms (above 1: the current build is faster).", ""]
     for title, where, rs in run_sections(rows, with_base=True):
         out += [title, "", f"{where}.", "",
-                "| threads | model | sparsity | base ms | current ms | speed |", "|---|---|---|---|---|---|"]
-        out += [f"| {r['threads']} | {r['model_dtype']} | {r['sparsity']:.0%} | {r['base_ms']:.2f} | "
+                "| threads | model | sparsity | cached positions | base ms | current ms | speed |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {r['threads']} | {r['model_dtype']} | {r['sparsity']:.0%} | {r.get('context', '')} | "
+                f"{r['base_ms']:.2f} | "
                 f"{r['current_ms']:.2f} | {r['speed']:.3f} |" for r in rs]
         out.append("")
     atomic_write_text(dst, "\n".join(out))
@@ -82,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparsities", default="0.5,0.7")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--context", type=int, default=0,
+                    help="cached positions before the timed steps: the prompt's tokens repeated to this length "
+                         "(default: the prompt alone); long contexts time the attention too")
     ap.add_argument("--out", default=str(HERE / "results" / "engine_regression.jsonl"))
     args = ap.parse_args(argv)
     if kmod.load_kernel() is None:
@@ -91,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--base {args.base} has no decode engine; give 7de7042 or a later commit")
     dense, tok = losa.load_model("smollm2-135m")
     ids = tok(PROMPT, return_tensors="pt").input_ids
+    if args.context > ids.shape[1]:
+        ids = ids.repeat(1, -(-args.context // ids.shape[1]))[:, :args.context]
+    max_len = ids.shape[1] + STEPS + 1
     rows, started = [], time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for sp in (float(s) for s in args.sparsities.split(",")):
         model = copy.deepcopy(dense).eval()
@@ -100,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         sparsify_for_inference(model, value_dtype="bfloat16")
         if args.dtype == "float32":
             set_lm_head_dtype(model, "bfloat16")
-        engines = {"base": engine_with(old, model, 256), "current": DecodeEngine(model, 256)}
+        engines = {"base": engine_with(old, model, max_len), "current": DecodeEngine(model, max_len)}
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)
             best = {k: float("inf") for k in engines}
@@ -111,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
                     for name, engine in engines.items():
                         best[name] = min(best[name], step_ms(engine, out.cache, first))
             row = {**provenance(threads, argv=[sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-                   "run": started, "base": base, "model_dtype": args.dtype, "sparsity": sp,
+                   "run": started, "base": base, "model_dtype": args.dtype, "sparsity": sp, "context": ids.shape[1],
                    "base_ms": round(best["base"], 3), "current_ms": round(best["current"], 3),
                    "speed": round(best["base"] / best["current"], 3)}
             rows.append(row)
-            print(f"{args.dtype} {sp:.0%} {threads} thr: base {row['base_ms']:.2f} ms, current "
+            print(f"{args.dtype} {sp:.0%} {threads} thr, {ids.shape[1]} cached: base {row['base_ms']:.2f} ms, current "
                   f"{row['current_ms']:.2f} ms, speed {row['speed']:.3f}", flush=True)
     save_rows(Path(args.out), rows, render)
     return 0

@@ -146,6 +146,27 @@ def test_kernel_static_cache_mask_and_head_sizes(d, float32_path, monkeypatch):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (9, 3), (8, 2)], ids=["mha", "gqa3", "gqa4"])
+def test_kernel_scores_far_below_the_maximum_and_long_caches(hq, hkv, float32_path, monkeypatch):
+    """Scores spread over hundreds (exp of a difference below -87 underflows: those weights must be exactly 0, not
+    the garbage of an out-of-range 2^n), over 1003 cached positions (position blocks of four with a tail), query
+    heads in pairs with an odd one out, against a float64 reference."""
+    g = torch.Generator().manual_seed(hq)
+    q = torch.randn(1, hq, 1, 32, generator=g) * 6
+    k = torch.randn(1, hkv, 1003, 32, generator=g) * 6
+    v = torch.randn(1, hkv, 1003, 32, generator=g)
+    m = torch.ones(1, 1, 1, 1003, dtype=torch.bool)
+    ref = _reference64(q, k, v, m, 1.0)
+    s = (q.double() @ k.double().repeat_interleave(hq // hkv, dim=1).transpose(-1, -2))
+    assert float((s.amax(-1) - s.amin(-1)).min()) > 200  # the spread the docstring promises
+    if float32_path != "torch":
+        _no_products(monkeypatch)
+    out, _ = decode_attention(_Attn(hq // hkv), q, k, v, m, scaling=1.0)
+    # float32 scores of a few hundred carry errors of about 1e-5 each, which the softmax passes on: torch's own
+    # float32 products miss the float64 reference by up to 1e-4 here
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-4)
+
+
 def test_prompts_and_unsupported_options_go_to_sdpa_unchanged():
     q, k, v = _qkv(6, 2, 5, 5)
     mod = _Attn(3)

@@ -75,6 +75,28 @@ def test_engine_on_the_avx2_path_matches_the_model_forward(monkeypatch):
                                        atol=1e-4 * float(ref[t].abs().max()))
 
 
+def test_rows_and_heads_split_over_more_threads_match_the_model_forward():
+    """Five threads for a layer of 4 query heads over 2 KV heads: chunk borders fall inside q/k/v's shared row
+    range and inside gate/up, and with 2048 cached positions each query head is a chunk of its own, so one KV
+    head's two query heads are attended on different threads."""
+    from transformers import DynamicCache
+
+    model = _model("llama", "bfloat16", "bfloat16", seed=5)
+    seq = torch.randint(3, 160, (1, 2052), generator=torch.Generator().manual_seed(5))
+    ref = _reference_logits(model, seq)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(5)
+    try:
+        engine = DecodeEngine(model, 2052)
+        with torch.inference_mode():
+            engine.load_prompt_cache(model(seq[:, :2048], cache=DynamicCache(config=model.config), use_cache=True).cache)
+            for t in range(2048, 2052):
+                torch.testing.assert_close(engine.step(int(seq[0, t])), ref[t], rtol=1e-4,
+                                           atol=1e-4 * float(ref[t].abs().max()))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
 def test_lean_decoder_with_the_engine_generates_what_generate_does(sample):
     model = _model("llama", "bfloat16", "bfloat16", seed=4)

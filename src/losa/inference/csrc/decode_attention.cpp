@@ -87,6 +87,164 @@ LOSA_ATTN_AVX2 void axpy_avx2(float a, const T* x, float* y, int64_t d) {
   for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load8(x + i), _mm256_loadu_ps(y + i)));
   for (; i < d; ++i) y[i] += a * widen(x[i]);
 }
+
+// exp(x) for 8 lanes of x <= 0 (scores minus their maximum): Cody-Waite reduction x = n ln2 + r and Cephes'
+// degree-6 polynomial for exp(r) (Moshier, Cephes expf; within 2 ulp of the exact value), times 2^n built in
+// the exponent bits. Lanes below -87 (exp < 1.7e-38, and -inf: positions not attended) are exactly 0.
+LOSA_ATTN_AVX2 inline __m256 exp8_nonpositive(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.f);
+  const __m256 dead = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(dead, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+// The four sums of a0..a3's lanes, in order.
+LOSA_ATTN_AVX2 inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// Scores of GN (1 or 2) query rows q [GN, D] (D a multiple of 8) against the keys of the n positions pos(i):
+// s[g][i] = scale · q[g] · k[pos(i)]. Four positions per pass share each q load, and each key load (widened once)
+// feeds the GN rows: 4·GN independent accumulators, reduced once per pass.
+template <int GN, typename T, typename Pos>
+LOSA_ATTN_AVX2 void scores_avx2(const float* q, const T* k, int64_t D, int64_t n, Pos pos, float scale, float* s0,
+                                float* s1) {
+  float* out[2] = {s0, s1};
+  const __m128 sc4 = _mm_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const T* kr[4] = {k + pos(i) * D, k + pos(i + 1) * D, k + pos(i + 2) * D, k + pos(i + 3) * D};
+    __m256 acc[GN][4];
+    for (int g = 0; g < GN; ++g)
+      for (int p = 0; p < 4; ++p) acc[g][p] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < D; c += 8) {
+      __m256 qv[GN];
+      for (int g = 0; g < GN; ++g) qv[g] = _mm256_loadu_ps(q + g * D + c);
+      for (int p = 0; p < 4; ++p) {
+        const __m256 kv = load8(kr[p] + c);
+        for (int g = 0; g < GN; ++g) acc[g][p] = _mm256_fmadd_ps(qv[g], kv, acc[g][p]);
+      }
+    }
+    for (int g = 0; g < GN; ++g)
+      _mm_storeu_ps(out[g] + i, _mm_mul_ps(hsum4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]), sc4));
+  }
+  for (; i < n; ++i)
+    for (int g = 0; g < GN; ++g) out[g][i] = dot_avx2(q + g * D, k + pos(i) * D, D) * scale;
+}
+
+// s[0:n] <- exp(s - max s) in place; returns the sum (n >= 1).
+LOSA_ATTN_AVX2 inline float softmax_numerators(float* s, int64_t n) {
+  __m256 mv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + i));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  float mx = _mm_cvtss_f32(m4);
+  for (; i < n; ++i) mx = s[i] > mx ? s[i] : mx;
+  if (mx == -std::numeric_limits<float>::infinity()) return 0.f;  // every score -inf: nothing attended
+  const __m256 mxv = _mm256_set1_ps(mx);
+  __m256 sum = _mm256_setzero_ps();
+  for (i = 0; i + 8 <= n; i += 8) {
+    const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + i), mxv));
+    _mm256_storeu_ps(s + i, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  float total = _mm_cvtss_f32(h);
+  for (; i < n; ++i) {
+    s[i] = std::exp(s[i] - mx);
+    total += s[i];
+  }
+  return total;
+}
+
+// out[g][c:c+8·NV] = inv[g] · Σ_i p[g][i] · v[pos(i)][c:c+8·NV] for GN rows: 8·NV outputs per row in registers
+// (no store per position), each value load (widened once) feeding the GN rows.
+template <int GN, int NV, typename T, typename Pos>
+LOSA_ATTN_AVX2 void pv_avx2(const float* const* p, const T* v, int64_t Dv, int64_t c, int64_t n, Pos pos,
+                            const float* inv, float* const* out) {
+  __m256 acc[GN][NV];
+  for (int g = 0; g < GN; ++g)
+    for (int t = 0; t < NV; ++t) acc[g][t] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const T* vr = v + pos(i) * Dv + c;
+    __m256 w[GN];
+    for (int g = 0; g < GN; ++g) w[g] = _mm256_broadcast_ss(p[g] + i);
+    for (int t = 0; t < NV; ++t) {
+      const __m256 vv = load8(vr + 8 * t);
+      for (int g = 0; g < GN; ++g) acc[g][t] = _mm256_fmadd_ps(w[g], vv, acc[g][t]);
+    }
+  }
+  for (int g = 0; g < GN; ++g) {
+    const __m256 iv = _mm256_set1_ps(inv[g]);
+    for (int t = 0; t < NV; ++t) _mm256_storeu_ps(out[g] + c + 8 * t, _mm256_mul_ps(acc[g][t], iv));
+  }
+}
+
+// attend() for AVX2 with D and Dv multiples of 8: query rows in pairs, scores of four positions per pass, a
+// vectorised softmax, and P·V with the outputs in registers. scratch: 3 S floats (two score rows, the indices of
+// the attended positions).
+template <typename T>
+LOSA_ATTN_AVX2 void attend_blocked(const float* q, const T* k, const T* v, const bool* keep, int64_t G, int64_t S,
+                                   int64_t D, int64_t Dv, float scale, float* out, float* scratch) {
+  int32_t* idx = reinterpret_cast<int32_t*>(scratch + 2 * S);
+  int64_t n = S;
+  if (keep) {
+    n = 0;
+    for (int64_t j = 0; j < S; ++j)
+      if (keep[j]) idx[n++] = static_cast<int32_t>(j);
+    if (n == 0) return;  // nothing attended: the rows stay 0
+  }
+  auto run = [&](auto pos) {
+    for (int64_t g0 = 0; g0 < G; g0 += 2) {
+      const int gn = G - g0 >= 2 ? 2 : 1;
+      float* s[2] = {scratch, scratch + S};
+      if (gn == 2) scores_avx2<2>(q + g0 * D, k, D, n, pos, scale, s[0], s[1]);
+      else scores_avx2<1>(q + g0 * D, k, D, n, pos, scale, s[0], s[1]);
+      float inv[2] = {0.f, 0.f};
+      bool any = false;
+      for (int g = 0; g < gn; ++g) {
+        const float sum = softmax_numerators(s[g], n);
+        if (sum > 0.f) {
+          inv[g] = 1.f / sum;
+          any = true;
+        } else {
+          std::fill(s[g], s[g] + n, 0.f);  // every score -inf: the row stays 0
+        }
+      }
+      if (!any) continue;
+      float* o[2] = {out + g0 * Dv, out + (g0 + 1) * Dv};
+      const float* pp[2] = {s[0], s[1]};
+      int64_t c = 0;
+      for (; c + 32 <= Dv; c += 32) {
+        if (gn == 2) pv_avx2<2, 4>(pp, v, Dv, c, n, pos, inv, o);
+        else pv_avx2<1, 4>(pp, v, Dv, c, n, pos, inv, o);
+      }
+      for (; c < Dv; c += 8) {
+        if (gn == 2) pv_avx2<2, 1>(pp, v, Dv, c, n, pos, inv, o);
+        else pv_avx2<1, 1>(pp, v, Dv, c, n, pos, inv, o);
+      }
+    }
+  };
+  if (keep) run([idx](int64_t i) { return static_cast<int64_t>(idx[i]); });
+  else run([](int64_t i) { return i; });
+}
 #endif
 
 // The dot product / axpy of the chosen ISA (AVX2 = true: AVX2+FMA; the scalar loops elsewhere).
@@ -107,10 +265,14 @@ inline void axpy(float a, const T* x, float* y, int64_t d) {
 }
 
 // One (batch, KV head): G query rows [G, D] against keys [S, D] and values [S, Dv]; out [G, Dv] (zeroed).
-// keep: S bytes (nonzero = attend) or nullptr. sc: scratch of S floats.
+// keep: S bytes (nonzero = attend) or nullptr. sc: scratch of losa::attend_scratch(S) floats.
 template <bool AVX2, typename T>
 void attend(const float* q, const T* k, const T* v, const bool* keep, int64_t G, int64_t S, int64_t D,
             int64_t Dv, float scale, float* out, float* sc) {
+#if LOSA_ATTN_X86
+  if constexpr (AVX2)
+    if (D % 8 == 0 && Dv % 8 == 0) return attend_blocked(q, k, v, keep, G, S, D, Dv, scale, out, sc);
+#endif
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   for (int64_t g = 0; g < G; ++g) {
     const float* qg = q + g * D;
@@ -170,7 +332,7 @@ torch::Tensor decode_attn(const torch::Tensor& q, const torch::Tensor& k, const 
     // S slots, attended or not), so that a small model's few heads stay on one thread
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, G * S * (D + Dv)));
     at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> sc(static_cast<size_t>(S));
+      std::vector<float> sc(static_cast<size_t>(losa::attend_scratch(S)));
       for (int64_t bh = begin; bh < end; ++bh)
         run(qp + bh * G * D, kp + bh * S * D, vp + bh * S * Dv, keep ? keep + (bh / H) * S : nullptr, G, S, D, Dv,
             float(scale), op + bh * G * Dv, sc.data());

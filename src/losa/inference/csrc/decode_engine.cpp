@@ -43,6 +43,10 @@ namespace {
 
 inline int64_t pad32(int64_t k) { return (k + 31) / 32 * 32; }
 
+// Attention work per thread chunk at least (multiply-adds over the cached positions): below it the heads stay on
+// one thread.
+constexpr int64_t kAttnGrain = int64_t{1} << 16;
+
 // float32 -> the nearest bf16 (ties to even), returned as float32; and its 16 bits
 inline uint32_t f32_bits(float f) {
   uint32_t u;
@@ -67,18 +71,21 @@ struct Linear {
   torch::Tensor weight, bias;
   int64_t n = 0, k = 0;
 
-  // x: float32 [K32] (zero padded); xb: the same values as bf16 bits, or nullptr (float32 model)
-  void run(const float* x, const uint16_t* xb, float* y) const {
+  // y[o0:o1] for x: float32 [K32] (zero padded); xb: the same values as bf16 bits, or nullptr (float32 model).
+  // Serial: the step splits rows over threads.
+  void rows(const float* x, const uint16_t* xb, float* y, int64_t o0, int64_t o1) const {
+    if (o0 >= o1) return;
     if (xb && call16) {
-      call16(xb, y);
+      call16(xb, y, o0, o1);
       return;
     }
     if (call) {
-      call(x, y);
+      call(x, y, o0, o1);
       return;
     }
-    // at::linear, as nn.Linear computes it (torch's bf16 matrix-vector product was slower than its linear)
-    auto yv = torch::from_blob(y, {1, n}, torch::kFloat32);
+    // at::linear on the rows' slice of the weight, as nn.Linear computes it (torch's bf16 matrix-vector product
+    // was slower than its linear); an ATen op inside at::parallel_for runs on the calling thread
+    auto yv = torch::from_blob(y + o0, {1, o1 - o0}, torch::kFloat32);
     torch::Tensor xv;
     if (weight.scalar_type() == torch::kBFloat16) {
       TORCH_CHECK(xb, "a bf16 dense weight needs bf16 inputs");
@@ -86,7 +93,8 @@ struct Linear {
     } else {
       xv = torch::from_blob(const_cast<float*>(x), {1, k}, torch::kFloat32);
     }
-    yv.copy_(at::linear(xv, weight, bias.defined() ? c10::optional<torch::Tensor>(bias) : c10::nullopt));
+    yv.copy_(at::linear(xv, weight.narrow(0, o0, o1 - o0),
+                        bias.defined() ? c10::optional<torch::Tensor>(bias.narrow(0, o0, o1 - o0)) : c10::nullopt));
   }
 };
 
@@ -249,16 +257,26 @@ class DecodeEngine {
     const float* sn = sin_.data_ptr<float>() + pos * D;
     const int64_t S = pos + 1;
     const int64_t layer_stride = nkv_ * max_len_ * D;
+    // Per layer five parallel phases (q/k/v, attention, o, gate/up, down), each one at::parallel_for over output
+    // rows (heads for the attention) that also does the elementwise work on its own rows (rounding, residual
+    // sums, SiLU ⊙ up); only the norms, rotary and cache writes run on one thread between them.
+    constexpr int64_t kGrain = 16;  // output rows per chunk at least (as the kernel's own row split)
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& L = layers_[li];
       rms_norm<B>(h.data(), L.in_norm.data_ptr<float>(), H, eps_, xn.data());
       if constexpr (B) to_bits(xn.data(), xnp, H);
-      L.q.run(xn.data(), xnp, q.data());
-      L.k.run(xn.data(), xnp, k.data());
-      L.v.run(xn.data(), xnp, v.data());
-      round_all<B>(q.data(), qd);
-      round_all<B>(k.data(), kd);
-      round_all<B>(v.data(), kd);
+      // q, k, v: one row range [0, qd + 2 kd) over the three projections (same input, same K)
+      at::parallel_for(0, qd + 2 * kd, kGrain, [&](int64_t a, int64_t b) {
+        const Linear* ls[3] = {&L.q, &L.k, &L.v};
+        float* ys[3] = {q.data(), k.data(), v.data()};
+        int64_t off = 0;
+        for (int i = 0; i < 3; ++i) {
+          const int64_t n = ls[i]->n, o0 = std::max<int64_t>(a - off, 0), o1 = std::min<int64_t>(b - off, n);
+          ls[i]->rows(xn.data(), xnp, ys[i], o0, o1);
+          if (o0 < o1) round_all<B>(ys[i] + o0, o1 - o0);
+          off += n;
+        }
+      });
       rope<B>(q.data(), nh_, D, cs, sn);
       rope<B>(k.data(), nkv_, D, cs, sn);
       using C = std::conditional_t<B, uint16_t, float>;  // cache element: bf16 bits or float32
@@ -275,42 +293,56 @@ class DecodeEngine {
           std::memcpy(vslot, v.data() + j * D, sizeof(float) * D);
         }
       }
-      // KV heads over threads, each chunk at least 1 << 18 multiply-adds (as decode_attn)
-      const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, G * S * 2 * D));
-      at::parallel_for(0, nkv_, grain, [&](int64_t j0, int64_t j1) {
-        std::vector<float> sc(static_cast<size_t>(S));
-        for (int64_t j = j0; j < j1; ++j) {
+      // query heads over threads, each chunk at least kAttnGrain multiply-adds; a chunk takes the query rows
+      // of each KV head it touches (a KV head's G query heads read its cache once per chunk)
+      const int64_t hgrain = std::max<int64_t>(1, kAttnGrain / std::max<int64_t>(1, S * 2 * D));
+      at::parallel_for(0, nh_, hgrain, [&](int64_t h0, int64_t h1) {
+        std::vector<float> sc(static_cast<size_t>(losa::attend_scratch(S)));
+        for (int64_t j = h0 / G; j * G < h1; ++j) {
+          const int64_t g0 = std::max(h0, j * G), g1 = std::min(h1, (j + 1) * G);
           if constexpr (B)
-            losa::attend_bf16(q.data() + j * G * D, K + j * max_len_ * D, V + j * max_len_ * D, G, S, D, scale_,
-                              attn.data() + j * G * D, sc.data(), avx2_);
+            losa::attend_bf16(q.data() + g0 * D, K + j * max_len_ * D, V + j * max_len_ * D, g1 - g0, S, D, scale_,
+                              attn.data() + g0 * D, sc.data(), avx2_);
           else
-            losa::attend_f32(q.data() + j * G * D, K + j * max_len_ * D, V + j * max_len_ * D, G, S, D, scale_,
-                             attn.data() + j * G * D, sc.data(), avx2_);
+            losa::attend_f32(q.data() + g0 * D, K + j * max_len_ * D, V + j * max_len_ * D, g1 - g0, S, D, scale_,
+                             attn.data() + g0 * D, sc.data(), avx2_);
         }
+        round_all<B>(attn.data() + h0 * D, (h1 - h0) * D);
+        if constexpr (B) to_bits(attn.data() + h0 * D, attnp + h0 * D, (h1 - h0) * D);
       });
-      round_all<B>(attn.data(), qd);
-      if constexpr (B) to_bits(attn.data(), attnp, qd);
-      L.o.run(attn.data(), attnp, tmp.data());
-      for (int64_t i = 0; i < H; ++i) h[i] = R<B>(h[i] + R<B>(tmp[i]));
+      // o, then the residual sum of its rows
+      at::parallel_for(0, H, kGrain, [&](int64_t a, int64_t b) {
+        L.o.rows(attn.data(), attnp, tmp.data(), a, b);
+        for (int64_t i = a; i < b; ++i) h[i] = R<B>(h[i] + R<B>(tmp[i]));
+      });
       rms_norm<B>(h.data(), L.post_norm.data_ptr<float>(), H, eps_, xn.data());
       if constexpr (B) to_bits(xn.data(), xnp, H);
+      // gate and up over the same rows, then SiLU(gate) ⊙ up of those rows
       const int64_t I = L.gate.n;
-      L.gate.run(xn.data(), xnp, g.data());
-      L.up.run(xn.data(), xnp, act.data());
-      for (int64_t i = 0; i < I; ++i) {  // SiLU(gate) ⊙ up
-        const float gi = R<B>(g[i]);
-        act[i] = R<B>(R<B>(gi / (1.f + std::exp(-gi))) * R<B>(act[i]));
-      }
+      at::parallel_for(0, I, kGrain, [&](int64_t a, int64_t b) {
+        L.gate.rows(xn.data(), xnp, g.data(), a, b);
+        L.up.rows(xn.data(), xnp, act.data(), a, b);
+        for (int64_t i = a; i < b; ++i) {
+          const float gi = R<B>(g[i]);
+          act[i] = R<B>(R<B>(gi / (1.f + std::exp(-gi))) * R<B>(act[i]));
+        }
+        if constexpr (B) to_bits(act.data() + a, actp + a, b - a);
+      });
       std::fill(act.begin() + I, act.end(), 0.f);
-      if constexpr (B) to_bits(act.data(), actp, Ip);
-      L.down.run(act.data(), actp, tmp.data());
-      for (int64_t i = 0; i < H; ++i) h[i] = R<B>(h[i] + R<B>(tmp[i]));
+      if constexpr (B) std::fill(actb.begin() + I, actb.end(), uint16_t{0});
+      at::parallel_for(0, H, kGrain, [&](int64_t a, int64_t b) {
+        L.down.rows(act.data(), actp, tmp.data(), a, b);
+        for (int64_t i = a; i < b; ++i) h[i] = R<B>(h[i] + R<B>(tmp[i]));
+      });
     }
     rms_norm<B>(h.data(), final_norm_.data_ptr<float>(), H, eps_, xn.data());
     if constexpr (B) to_bits(xn.data(), xnp, H);
     auto logits = torch::empty({head_.n}, torch::kFloat32);
-    head_.run(xn.data(), xnp, logits.data_ptr<float>());
-    round_all<B>(logits.data_ptr<float>(), head_.n);
+    float* lp = logits.data_ptr<float>();
+    at::parallel_for(0, head_.n, kGrain, [&](int64_t a, int64_t b) {
+      head_.rows(xn.data(), xnp, lp, a, b);
+      round_all<B>(lp + a, b - a);
+    });
     return logits;
   }
 

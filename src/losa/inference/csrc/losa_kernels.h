@@ -19,9 +19,10 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-// y[0:N] = W · x (+ bias) for one input row: x is float32 [K32] (K rounded up to 32, zero padded), y float32
-// [N]. Rows are split over torch's threads. The callable keeps the packed tensors alive.
-using GemvCall = std::function<void(const float* x, float* y)>;
+// y[o0:o1] = W[o0:o1] · x (+ bias) for one input row: x is float32 [K32] (K rounded up to 32, zero padded), y
+// float32 [N]; only output rows o0 <= o < o1 are computed, on the calling thread (callers split rows over
+// threads, e.g. inside at::parallel_for). The callable keeps the packed tensors alive.
+using GemvCall = std::function<void(const float* x, float* y, int64_t o0, int64_t o1)>;
 
 // The row loop of the packed weight (layout: sparse_linear.cpp) at ISA level `isa` (0 scalar, 1 AVX2,
 // 2 AVX-512); checks the layout like spmm does.
@@ -30,7 +31,7 @@ GemvCall prepare_gemv(const torch::Tensor& meta, const torch::Tensor& values, co
 
 // The same with bf16 inputs (raw bf16 bits, [K32], zero padded): the AVX512-BF16 loop (bf16 products, float32
 // sums). An empty callable where it does not run (float32 values, another ISA, no AVX512-BF16).
-using GemvCallBf16 = std::function<void(const uint16_t* x, float* y)>;
+using GemvCallBf16 = std::function<void(const uint16_t* x, float* y, int64_t o0, int64_t o1)>;
 GemvCallBf16 prepare_gemv_bf16(const torch::Tensor& meta, const torch::Tensor& values, const torch::Tensor& row_ptr,
                                const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t fmt,
                                int64_t isa);
@@ -41,7 +42,9 @@ GemvCallBf16 prepare_dense_gemv_bf16(const torch::Tensor& weight, const c10::opt
                                      int64_t isa);
 
 // Decode attention of one KV head, float32: G query rows q [G, D] over the first S cached positions of
-// k [S, D] and v [S, D]; out [G, D] is overwritten. scratch holds S floats. avx2: use the AVX2+FMA loops.
+// k [S, D] and v [S, D]; out [G, D] is overwritten. scratch holds attend_scratch(S) floats. avx2: use the AVX2+FMA
+// loops.
+inline int64_t attend_scratch(int64_t S) { return 3 * S; }
 void attend_f32(const float* q, const float* k, const float* v, int64_t G, int64_t S, int64_t D, float scale,
                 float* out, float* scratch, bool avx2);
 

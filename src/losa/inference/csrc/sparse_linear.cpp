@@ -859,9 +859,8 @@ GemvCall prepare_gemv(const torch::Tensor& meta, const torch::Tensor& values, co
   select(values, isa, fmt, g, e);
   const torch::Tensor b = float_bias(bias, n);
   // the tensors travel with the callable: the packed pointers stay valid as long as it lives
-  return [p, g, b, meta, values, row_ptr](const float* x, float* y) {
-    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-    at::parallel_for(0, p.n, 16, [&](int64_t o0, int64_t o1) { g(p, x, 1, p.k32, bp, y, o0, o1); });
+  return [p, g, b, meta, values, row_ptr](const float* x, float* y, int64_t o0, int64_t o1) {
+    g(p, x, 1, p.k32, b.defined() ? b.data_ptr<float>() : nullptr, y, o0, o1);
   };
 }
 
@@ -872,9 +871,8 @@ GemvCallBf16 prepare_gemv_bf16(const torch::Tensor& meta, const torch::Tensor& v
   GemvBf16Fn gb = select_bf16dot(values, isa, fmt);
   if (!gb) return {};
   const torch::Tensor b = float_bias(bias, n);
-  return [p, gb, b, meta, values, row_ptr](const uint16_t* x, float* y) {
-    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-    at::parallel_for(0, p.n, 16, [&](int64_t o0, int64_t o1) { gb(p, x, 1, p.k32, bp, y, o0, o1); });
+  return [p, gb, b, meta, values, row_ptr](const uint16_t* x, float* y, int64_t o0, int64_t o1) {
+    gb(p, x, 1, p.k32, b.defined() ? b.data_ptr<float>() : nullptr, y, o0, o1);
   };
 }
 
@@ -888,9 +886,8 @@ GemvCallBf16 prepare_dense_gemv_bf16(const torch::Tensor& weight, const c10::opt
   const torch::Tensor b = float_bias(bias, n);
   const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
   // the weight travels with the callable (read in place, not copied)
-  return [weight, b, w, n, k](const uint16_t* x, float* y) {
-    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-    at::parallel_for(0, n, 16, [&](int64_t o0, int64_t o1) { dense_rows_bf16dot(w, x, k, bp, y, o0, o1); });
+  return [weight, b, w, k](const uint16_t* x, float* y, int64_t o0, int64_t o1) {
+    dense_rows_bf16dot(w, x, k, b.defined() ? b.data_ptr<float>() : nullptr, y, o0, o1);
   };
 #else
   (void)bias;
@@ -912,7 +909,9 @@ torch::Tensor dense_gemv_bf16(const torch::Tensor& x, const torch::Tensor& weigh
   TORCH_CHECK(call, "the dense bf16 row loop needs AVX512-BF16 at the AVX-512 level");
   torch::Tensor xc = x.contiguous();
   auto y = torch::empty({1, weight.size(0)}, x.options().dtype(torch::kFloat32));
-  call(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), y.data_ptr<float>());
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, weight.size(0), 16, [&](int64_t o0, int64_t o1) { call(xp, yp, o0, o1); });
   return y;
 }
 
