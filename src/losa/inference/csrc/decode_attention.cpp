@@ -13,6 +13,13 @@
 // Why not two torch matmuls: a decode step's products are tiny (G x D times D x S per KV head) and the BLAS
 // call per product costs more than its arithmetic; a static cache also multiplies every unused slot. Here a
 // masked position costs a byte test. Measurements: benchmarks/bench_decode.py, results/decode.md.
+//
+// The AVX2 path (head sizes that are multiples of 8; also what AVX-512 CPUs run) is blocked: the attended
+// positions are listed once, scores are computed four positions at a time for two query rows (each key load
+// widened once, feeding both rows), the softmax numerators by a vectorised exp, and P·V keeps 32 outputs of two
+// rows in registers over all positions. It replaced a loop of one dot product and one axpy per (row, position)
+// (results/engine_regression.md, the rows with cached positions; splitting bf16 loads into even / odd elements
+// was also tried and was within 1.0-1.14x, not kept).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
