@@ -128,7 +128,7 @@ def test_fully_masked_row_gives_zeros_like_sdpa(no_fallback, float32_path):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("d", [64, 24, 20, 5], ids=["d64", "d24-8wide", "d20-tail", "d5"])
+@pytest.mark.parametrize("d", [64, 80, 24, 20, 5], ids=["d64", "d80-32+16", "d24-8wide", "d20-tail", "d5"])
 def test_kernel_static_cache_mask_and_head_sizes(d, float32_path, monkeypatch):
     """A static cache's mask ([B, 1, 1, S], broadcast over heads, most slots unused), a non-contiguous key
     cache, head sizes with a vector tail, against a float64 reference."""
@@ -147,24 +147,45 @@ def test_kernel_static_cache_mask_and_head_sizes(d, float32_path, monkeypatch):
 
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (9, 3), (8, 2)], ids=["mha", "gqa3", "gqa4"])
-def test_kernel_scores_far_below_the_maximum_and_long_caches(hq, hkv, float32_path, monkeypatch):
-    """Scores spread over hundreds (exp of a difference below -87 underflows: those weights must be exactly 0, not
-    the garbage of an out-of-range 2^n), over 1003 cached positions (position blocks of four with a tail), query
-    heads in pairs with an odd one out, against a float64 reference."""
-    g = torch.Generator().manual_seed(hq)
-    q = torch.randn(1, hq, 1, 32, generator=g) * 6
-    k = torch.randn(1, hkv, 1003, 32, generator=g) * 6
-    v = torch.randn(1, hkv, 1003, 32, generator=g)
+@pytest.mark.parametrize("d", [32, 40], ids=["d32", "d40-32+8"])
+@pytest.mark.parametrize("spread", [False, True], ids=["moderate", "spread"])
+def test_kernel_long_caches_and_far_below_the_maximum(hq, hkv, d, spread, float32_path, monkeypatch):
+    """1003 cached positions (position blocks of four with a tail of 3, exp in vectors of 8 with a tail), query
+    heads in pairs with an odd one out, head sizes in whole and partial 32-wide output chunks, against a float64
+    reference. `spread`: scores spread over hundreds, so exp of a difference falls below -80 (those weights must
+    be exactly 0, not the garbage of an out-of-range 2^n); `moderate`: scores of a few units, every position
+    weighs."""
+    g = torch.Generator().manual_seed(hq + d)
+    mult = 6.0 if spread else 1.0
+    q = torch.randn(1, hq, 1, d, generator=g) * mult
+    k = torch.randn(1, hkv, 1003, d, generator=g) * mult
+    v = torch.randn(1, hkv, 1003, d, generator=g)
     m = torch.ones(1, 1, 1, 1003, dtype=torch.bool)
-    ref = _reference64(q, k, v, m, 1.0)
-    s = (q.double() @ k.double().repeat_interleave(hq // hkv, dim=1).transpose(-1, -2))
-    assert float((s.amax(-1) - s.amin(-1)).min()) > 200  # the spread the docstring promises
+    scale = 1.0 if spread else d ** -0.5
+    ref = _reference64(q, k, v, m, scale)
+    s = (q.double() @ k.double().repeat_interleave(hq // hkv, dim=1).transpose(-1, -2)) * scale
+    if spread:
+        assert float((s.amax(-1) - s.amin(-1)).min()) > 200  # the spread the docstring promises
+    else:
+        assert float(torch.softmax(s, -1)[..., -3:].sum(-1).min()) > 1e-4  # the tail positions weigh
     if float32_path != "torch":
         _no_products(monkeypatch)
-    out, _ = decode_attention(_Attn(hq // hkv), q, k, v, m, scaling=1.0)
+    out, _ = decode_attention(_Attn(hq // hkv), q, k, v, m, scaling=scale)
     # float32 scores of a few hundred carry errors of about 1e-5 each, which the softmax passes on: torch's own
-    # float32 products miss the float64 reference by up to 1e-4 here
-    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-4)
+    # float32 products miss the float64 reference by up to 1e-4 there
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-4 if spread else 1e-5)
+
+
+def test_kernel_passes_a_nan_score_on_like_sdpa(float32_path):
+    """A NaN key gives NaN outputs for the query heads of its KV head (as torch's SDPA does, and as the plain loop
+    did), and the other heads stay exact."""
+    q, k, v = _qkv(6, 2, 1, 41)
+    k[:, 0, 5, 3] = float("nan")
+    m = torch.ones(2, 1, 1, 41, dtype=torch.bool)
+    out, _ = decode_attention(_Attn(3), q, k, v, m)
+    assert torch.isnan(out[:, :, :3]).all()
+    ref = _reference64(q[:, 3:], k[:, 1:], v[:, 1:], m, 0.25)
+    torch.testing.assert_close(out[:, :, 3:].double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_prompts_and_unsupported_options_go_to_sdpa_unchanged():

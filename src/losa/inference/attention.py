@@ -104,8 +104,10 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                 scores = scores.masked_fill(~attention_mask, float("-inf"))
             else:
                 scores = scores + attention_mask
-        # a fully masked row attends to nothing: 0, as sdpa (softmax of all -inf is NaN)
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # [B, H_kv, G, S]
+        # a fully masked row attends to nothing: 0, as sdpa (softmax of all -inf is NaN); a NaN score elsewhere
+        # stays NaN, as in sdpa and the kernel
+        probs = torch.softmax(scores, dim=-1)  # [B, H_kv, G, S]
+        probs = probs.masked_fill((scores == float("-inf")).all(-1, keepdim=True), 0.0)
         out = torch.matmul(probs, value)  # [B, H_kv, G, D]
     return out.reshape(b, hq, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 

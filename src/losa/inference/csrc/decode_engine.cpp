@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -294,18 +295,18 @@ class DecodeEngine {
         }
       }
       // query heads over threads, each chunk at least kAttnGrain multiply-adds; a chunk takes the query rows
-      // of each KV head it touches (a KV head's G query heads read its cache once per chunk)
+      // of each KV head it touches (the blocked attention reads a KV head's cache once per pair of those rows)
       const int64_t hgrain = std::max<int64_t>(1, kAttnGrain / std::max<int64_t>(1, S * 2 * D));
       at::parallel_for(0, nh_, hgrain, [&](int64_t h0, int64_t h1) {
-        std::vector<float> sc(static_cast<size_t>(losa::attend_scratch(S)));
+        std::unique_ptr<float[]> sc(new float[static_cast<size_t>(losa::attend_scratch(S))]);
         for (int64_t j = h0 / G; j * G < h1; ++j) {
           const int64_t g0 = std::max(h0, j * G), g1 = std::min(h1, (j + 1) * G);
           if constexpr (B)
             losa::attend_bf16(q.data() + g0 * D, K + j * max_len_ * D, V + j * max_len_ * D, g1 - g0, S, D, scale_,
-                              attn.data() + g0 * D, sc.data(), avx2_);
+                              attn.data() + g0 * D, sc.get(), avx2_);
           else
             losa::attend_f32(q.data() + g0 * D, K + j * max_len_ * D, V + j * max_len_ * D, g1 - g0, S, D, scale_,
-                             attn.data() + g0 * D, sc.data(), avx2_);
+                             attn.data() + g0 * D, sc.get(), avx2_);
         }
         round_all<B>(attn.data() + h0 * D, (h1 - h0) * D);
         if constexpr (B) to_bits(attn.data() + h0 * D, attnp + h0 * D, (h1 - h0) * D);
