@@ -18,8 +18,8 @@
 // positions are listed once, scores are computed four positions at a time for two query rows (each key load
 // widened once, feeding both rows), the softmax numerators by a vectorised exp, and P·V keeps 32 outputs of two
 // rows in registers over all positions. It replaced a loop of one dot product and one axpy per (row, position)
-// (results/engine_regression.md, the rows with cached positions; splitting bf16 loads into even / odd elements
-// was also tried and was within 1.0-1.14x, not kept).
+// (results/engine_regression.md, the rows with cached positions). Splitting bf16 loads into even / odd elements
+// (one load and two integer operations per 16 values) gained little in an uncommitted lab run and was not kept.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -119,8 +119,9 @@ LOSA_ATTN_AVX2 inline __m256 exp8_nonpositive(__m256 x) {
 }
 
 // Positions ahead whose key / value rows are prefetched: the cache streams from memory (each position is read
-// once per step), and the hardware prefetcher alone left the loop at 0.72-0.84x of a plain streaming read of the
-// same bytes (lab: 1.14-1.39x with 8-16 positions of software prefetch; results/engine_regression.md).
+// once per step), and with the hardware prefetcher alone the loop read it at 0.62-0.79x the speed of a plain
+// vector read of the same bytes; 16 positions of software prefetch: 1.16-1.48x (results/attention_lab.md), 8:
+// 1.12-1.31x.
 constexpr int64_t kPrefetch = 16;
 
 template <typename T>
