@@ -5,9 +5,9 @@
 //                                                            # size, repetitions
 //
 // Every layer's cache is read once per pass, as a decode step does (8 x 32 x 2048 x 128 bf16 keys and values are
-// 537 MB: far beyond the caches). Variants, timed interleaved (best of the repetitions): "A blocked" = the blocked
-// loop of csrc/decode_attention.cpp as of aca3976's parent (four positions per score pass, P·V in 32-output
-// chunks), "A pf8" / "A pf16" = the same with software prefetch of the key / value rows 8 or 16 positions ahead
+// 537 MB: far beyond the caches). Variants, timed interleaved (best of the repetitions): "A blocked" = a one-query-
+// row copy of the blocked loop of csrc/decode_attention.cpp (four positions per score pass, P·V in 32-output
+// chunks; no row pairs, no mask, S a multiple of 4; the exp cut off at -80 as in aca3976), "A pf8" / "A pf16" = the same with software prefetch of the key / value rows 8 or 16 positions ahead
 // (pf16 is what aca3976 ships), "R onepassV" = P·V over the whole head in one pass, "Z avx512" = 16-wide
 // AVX-512 scores and P·V, "sum" = a plain vector read of the same bytes (no arithmetic, no prefetch). GB/s =
 // cache bytes / time. Results: benchmarks/results/attention_lab.md.

@@ -176,16 +176,24 @@ def test_kernel_long_caches_and_far_below_the_maximum(hq, hkv, d, spread, float3
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-4 if spread else 1e-5)
 
 
-def test_kernel_passes_a_nan_score_on_like_sdpa(float32_path):
-    """A NaN key gives NaN outputs for the query heads of its KV head (as torch's SDPA does, and as the plain loop
-    did), and the other heads stay exact."""
+@pytest.mark.parametrize("where", ["key", "key-tail", "query"])
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "no-mask"])
+def test_kernel_passes_a_nan_score_on_like_sdpa(where, masked, float32_path):
+    """NaN scores give NaN outputs, as torch's SDPA does: a NaN key (inside the vectorised part or in the last
+    positions) for every query head of its KV head; a NaN query element (every score of that row NaN) for that
+    head alone, the other head of its pair staying exact. The other heads stay exact."""
     q, k, v = _qkv(6, 2, 1, 41)
-    k[:, 0, 5, 3] = float("nan")
-    m = torch.ones(2, 1, 1, 41, dtype=torch.bool)
+    if where == "query":
+        q[:, 1, 0, 3] = float("nan")  # query head 1: the second row of KV head 0's first pair
+        nan_heads, exact = [1], [0, 2, 3, 4, 5]
+    else:
+        k[:, 0, 5 if where == "key" else 40, 3] = float("nan")
+        nan_heads, exact = [0, 1, 2], [3, 4, 5]
+    m = torch.ones(2, 1, 1, 41, dtype=torch.bool) if masked else None
     out, _ = decode_attention(_Attn(3), q, k, v, m)
-    assert torch.isnan(out[:, :, :3]).all()
-    ref = _reference64(q[:, 3:], k[:, 1:], v[:, 1:], m, 0.25)
-    torch.testing.assert_close(out[:, :, 3:].double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.isnan(out[:, :, nan_heads]).all()
+    ref = _reference64(q, k, v, torch.ones(2, 1, 1, 41, dtype=torch.bool), 0.25)
+    torch.testing.assert_close(out[:, :, exact].double(), ref[:, :, exact], rtol=1e-5, atol=1e-5)
 
 
 def test_prompts_and_unsupported_options_go_to_sdpa_unchanged():

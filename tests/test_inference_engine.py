@@ -78,8 +78,8 @@ def test_engine_on_the_avx2_path_matches_the_model_forward(monkeypatch):
 def test_rows_and_heads_split_over_more_threads_match_the_model_forward():
     """Five threads for a layer of 4 query heads over 2 KV heads: chunk borders fall inside q/k/v's shared row
     range and inside gate/up, and with 2048 cached positions each query head is a chunk of its own, so one KV
-    head's two query heads are attended on different threads. (A float32 model with bf16 values: float32
-    arithmetic on both sides, hence the float32 tolerance of the other logits tests. The tiny config says 256
+    head's two query heads are attended on different threads. (A float32 model with bf16 values and a bf16 LM
+    head: float32 arithmetic on both sides, hence the float32 tolerance of the other logits tests. The tiny config says 256
     positions, but its default rotary embedding computes any position.)"""
     from transformers import DynamicCache
 

@@ -5,7 +5,8 @@
 //
 // For batch b, KV head h and query row g (one of the G query heads that share KV head h):
 //   s_j = scale · q[b,h,g,:] · K[b,h,j,:]           for every cache position j with mask[b,j] (all j without a mask)
-//   out[b,h,g,:] = Σ_j softmax(s)_j · V[b,h,j,:]     (0 when no position is attended, as sdpa's nan_to_num)
+//   out[b,h,g,:] = Σ_j softmax(s)_j · V[b,h,j,:]     (0 when no position is attended, as sdpa; NaN when a score
+//                                                      is NaN, as sdpa)
 // (Vaswani et al. 2017, eq. 1; GQA as Ainslie et al. 2023). float32 or bfloat16 q, k, v (all the same);
 // scores, probabilities and sums in float32, bf16 values widened exactly; the output rounded once to the
 // inputs' dtype (torch's SDPA rounds the exponentiated scores to bf16 before P·V: this is at least as accurate).
@@ -97,8 +98,8 @@ LOSA_ATTN_AVX2 void axpy_avx2(float a, const T* x, float* y, int64_t d) {
 
 // exp(x) for 8 lanes of x <= 0 (scores minus their maximum): Cody-Waite reduction x = n ln2 + r and Cephes'
 // degree-6 polynomial for exp(r) (Moshier, Cephes expf; within 2 ulp of the exact value), times 2^n built in
-// the exponent bits. Lanes below -80 (exp < 1.9e-35, and -inf) are exactly 0, so no weight is subnormal and
-// 2^n stays in range. (NaN lanes are not passed on: softmax_numerators sends rows with any NaN elsewhere.)
+// the exponent bits. Lanes below -80 (exp < 1.9e-35, and -inf) are exactly 0, so no weight from these lanes is
+// subnormal and 2^n stays in range (the few scores past the last 8 use std::exp). (NaN lanes are not passed on: softmax_numerators sends rows with any NaN elsewhere.)
 LOSA_ATTN_AVX2 inline __m256 exp8_nonpositive(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-80.f);
   const __m256 dead = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
@@ -119,9 +120,9 @@ LOSA_ATTN_AVX2 inline __m256 exp8_nonpositive(__m256 x) {
 }
 
 // Positions ahead whose key / value rows are prefetched: the cache streams from memory (each position is read
-// once per step), and with the hardware prefetcher alone the loop read it at 0.62-0.79x the speed of a plain
-// vector read of the same bytes; 16 positions of software prefetch: 1.16-1.48x (results/attention_lab.md), 8:
-// 1.12-1.31x.
+// once per step), and with the hardware prefetcher alone a one-query-row lab copy of this loop read it at
+// 0.62-0.79x the speed of a plain vector read of the same bytes; 16 positions of software prefetch: 1.16-1.48x
+// (results/attention_lab.md), 8: 1.12-1.31x; in the engine, results/engine_regression.md.
 constexpr int64_t kPrefetch = 16;
 
 template <typename T>
@@ -320,6 +321,7 @@ void attend_rows(const float* q, const T* k, const T* v, const bool* keep, int64
     const float* qg = q + g * D;
     float* og = out + g * Dv;
     float mx = kNegInf;
+    bool nan = false;
     for (int64_t j = 0; j < S; ++j) {
       if (keep && !keep[j]) {
         sc[j] = kNegInf;
@@ -328,6 +330,11 @@ void attend_rows(const float* q, const T* k, const T* v, const bool* keep, int64
       const float s = dot<AVX2>(qg, k + j * D, D) * scale;
       sc[j] = s;
       mx = s > mx ? s : mx;
+      nan = nan || std::isnan(s);
+    }
+    if (nan) {  // a NaN score makes the row NaN, as in SDPA (also when every score is NaN and mx never moved)
+      std::fill(og, og + Dv, std::numeric_limits<float>::quiet_NaN());
+      continue;
     }
     if (mx == kNegInf) continue;  // nothing attended (or every score -inf): the row stays 0
     float sum = 0.f;
