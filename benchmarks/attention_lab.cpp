@@ -63,9 +63,8 @@ A2 float softmax(float* s, int64_t n) {
 }
 // variant A: the blocked AVX2 loop, one query row; PF: prefetch distance in positions (0 = none)
 template <int PF>
-A2 void attend_a(const float* q, const uint16_t* k, const uint16_t* v, int64_t S, int64_t D, float* out, float* s) {
-  int64_t i = 0;
-  for (; i + 4 <= S; i += 4) {
+A2 void scores_a(const float* q, const uint16_t* k, int64_t S, int64_t D, float* s) {
+  for (int64_t i = 0; i + 4 <= S; i += 4) {
     if (PF) for (int p = 0; p < 4; ++p) for (int64_t b = 0; b < D * 2; b += 64) _mm_prefetch((const char*)(k + (i + PF + p) * D) + b, _MM_HINT_T0);
     const uint16_t* kr[4] = {k + i * D, k + (i + 1) * D, k + (i + 2) * D, k + (i + 3) * D};
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -75,6 +74,10 @@ A2 void attend_a(const float* q, const uint16_t* k, const uint16_t* v, int64_t S
     }
     _mm_storeu_ps(s + i, hsum4(acc[0], acc[1], acc[2], acc[3]));
   }
+}
+template <int PF>
+A2 void attend_a(const float* q, const uint16_t* k, const uint16_t* v, int64_t S, int64_t D, float* out, float* s) {
+  scores_a<PF>(q, k, S, D, s);
   const float inv = 1.f / softmax(s, S);
   for (int64_t c = 0; c < D; c += 32) {
     __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -88,16 +91,7 @@ A2 void attend_a(const float* q, const uint16_t* k, const uint16_t* v, int64_t S
 }
 // variant R: P·V over all of Dv at once (D=128: 16 accumulators... use two halves interleaved per row: 8+8) -> one pass over V
 A2 void attend_r(const float* q, const uint16_t* k, const uint16_t* v, int64_t S, int64_t D, float* out, float* s) {
-  int64_t i = 0;
-  for (; i + 4 <= S; i += 4) {
-    const uint16_t* kr[4] = {k + i * D, k + (i + 1) * D, k + (i + 2) * D, k + (i + 3) * D};
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t c = 0; c < D; c += 8) {
-      const __m256 qv = _mm256_loadu_ps(q + c);
-      for (int p = 0; p < 4; ++p) acc[p] = _mm256_fmadd_ps(qv, load8(kr[p] + c), acc[p]);
-    }
-    _mm_storeu_ps(s + i, hsum4(acc[0], acc[1], acc[2], acc[3]));
-  }
+  scores_a<0>(q, k, S, D, s);
   const float inv = 1.f / softmax(s, S);
   // whole row of V per position: 16 accumulators for D=128 (no spare registers: w from memory)
   __m256 a[16];

@@ -70,6 +70,14 @@ LOSA_ATTN_AVX2 inline __m256 load8(const uint16_t* p) {
       _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 
+// The sum of a's 8 lanes.
+LOSA_ATTN_AVX2 inline float hsum8(__m256 a) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
 template <typename T>
 LOSA_ATTN_AVX2 float dot_avx2(const float* a, const T* b, int64_t d) {
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
@@ -79,11 +87,7 @@ LOSA_ATTN_AVX2 float dot_avx2(const float* a, const T* b, int64_t d) {
     s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), s1);
   }
   for (; i + 8 <= d; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
-  s0 = _mm256_add_ps(s0, s1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  float s = _mm_cvtss_f32(h);
+  float s = hsum8(_mm256_add_ps(s0, s1));
   for (; i < d; ++i) s += a[i] * widen(b[i]);
   return s;
 }
@@ -197,10 +201,7 @@ LOSA_ATTN_AVX2 inline float softmax_numerators(float* s, int64_t n) {
     _mm256_storeu_ps(s + i, e);
     sum = _mm256_add_ps(sum, e);
   }
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  float total = _mm_cvtss_f32(h);
+  float total = hsum8(sum);
   for (; i < n; ++i) {
     s[i] = std::exp(s[i] - mx);
     total += s[i];
