@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from losa.utils.cpp import BUILD_LOCK, build_directory, build_lock
+from losa.utils.cpp import BUILD_LOCK, build_digest, build_directory, build_lock
 
 
 def _try_flock(path: Path) -> bool:
@@ -62,8 +62,40 @@ def test_lock_of_a_killed_builder_is_released(tmp_path):
 @pytest.mark.skipif(os.environ.get("LOSA_DISABLE_KERNEL") is not None, reason="kernels disabled")
 def test_kernel_loads_despite_a_stale_lock():
     """The real SparseGPT kernel, with torch's lock file planted as a killed build leaves it."""
-    (build_directory("losa_obs_kernel") / "lock").write_text("")
+    from losa.pruning.sparsegpt import _SRC
+
+    (build_directory("losa_obs_kernel", build_digest([_SRC])) / "lock").write_text("")
     code = "from losa.pruning.sparsegpt import obs_kernel; assert obs_kernel() is not None; print('ok')"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
     assert "left by an interrupted build" in res.stderr
+
+
+def test_each_distinct_build_has_its_own_directory(tmp_path, monkeypatch):
+    """Two checkouts with different sources (or headers) must not share, and so rebuild, one build directory;
+    identical files do share one, wherever they are."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "k.cpp").write_text("int f() { return 1; }\n")
+        (d / "k.h").write_text("#pragma once\n")
+    same = build_digest([a / "k.cpp"], [a / "k.h"])
+    assert build_digest([b / "k.cpp"], [b / "k.h"]) == same  # the same files in another checkout
+    (b / "k.cpp").write_text("int f() { return 2; }\n")
+    assert build_digest([b / "k.cpp"], [b / "k.h"]) != same
+    (b / "k.cpp").write_text("int f() { return 1; }\n")
+    (b / "k.h").write_text("#pragma once\n#define X 1\n")
+    assert build_digest([b / "k.cpp"], [b / "k.h"]) != same
+    assert build_digest([a / "k.cpp"]) != same  # the header is part of the build
+    d1, d2 = build_directory("losa_x", same), build_directory("losa_x", build_digest([b / "k.cpp"], [b / "k.h"]))
+    assert d1 != d2 and d1.parent == d2.parent == tmp_path / "ext" / "losa_x" and d1.is_dir() and d2.is_dir()
+
+
+@pytest.mark.skipif(os.environ.get("LOSA_DISABLE_KERNEL") is not None, reason="kernels disabled")
+def test_the_sparse_kernel_is_built_in_its_digest_directory():
+    from losa.inference import kernel
+
+    assert kernel.load_kernel() is not None
+    digest = build_digest(kernel._SRC, kernel._HEADERS)
+    assert (build_directory(kernel.KERNEL_NAME, digest) / f"{kernel.KERNEL_NAME}.so").exists()

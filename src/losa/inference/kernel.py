@@ -2,7 +2,8 @@
 
 The C++ source ships with the package (``csrc/sparse_linear.cpp``) and is compiled on first use with
 ``torch.utils.cpp_extension.load`` (ninja + the system C++ compiler; about a minute once, then cached in
-torch's extension directory, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). Where that is
+torch's extension directory, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, one subdirectory per
+distinct build: :func:`losa.utils.cpp.build_digest`). Where that is
 impossible (no compiler) :func:`load_kernel` returns ``None`` after one clear warning, and the sparse
 module falls back to a dense matmul with the same numbers.
 
@@ -29,6 +30,8 @@ from losa.utils.cpp import KernelUnavailable, build_extension
 #: build; csrc/losa_kernels.h declares what they share)
 _SRC = [Path(__file__).parent / "csrc" / name for name in ("sparse_linear.cpp", "decode_attention.cpp",
                                                               "decode_engine.cpp")]
+#: the header the sources share (part of the build's digest: losa.utils.cpp.build_digest)
+_HEADERS = [_SRC[0].parent / "losa_kernels.h"]
 #: extension name, also the namespace of its dispatcher op (``torch.ops.losa_sparse_kernels.spmm``)
 KERNEL_NAME = "losa_sparse_kernels"
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
@@ -37,7 +40,7 @@ _ISA_CODES = {v: k for k, v in ISA_NAMES.items()}
 
 @lru_cache(maxsize=1)
 def _build() -> ModuleType:
-    module = build_extension(KERNEL_NAME, _SRC, headers=[_SRC[0].parent / "losa_kernels.h"])
+    module = build_extension(KERNEL_NAME, _SRC, headers=_HEADERS)
     global _OP_NAMESPACE
     try:
         _register_fake(module.__name__)

@@ -1,8 +1,12 @@
 """Compile-on-first-use C++ extensions (torch.utils.cpp_extension + ninja), with a clean failure type.
 
 Builds are cached by torch (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), so only the
-first use on a machine pays the compile. Callers catch :class:`KernelUnavailable` and fall back to a
-pure-torch path with the same numbers.
+first use on a machine pays the compile. Each distinct build (sources, headers, flags, torch version) has its
+own directory, ``<extension>/<digest>``: two checkouts or installs of different losa versions on one machine
+each keep their build instead of recompiling over each other's whenever the other one has run (in one shared
+directory torch rebuilds whenever the sources differ from the last build, and a process that loads while the
+other one builds waits for it). Callers catch :class:`KernelUnavailable` and fall back to a pure-torch path
+with the same numbers.
 
 torch serialises builds with a ``lock`` file that a killed build leaves behind, after which every later
 load waits for it forever. Builds therefore also take an OS file lock (``flock``: released when its
@@ -28,20 +32,58 @@ class KernelUnavailable(RuntimeError):
     """A C++ kernel could not be compiled or loaded here."""
 
 
-def build_directory(name: str) -> Path:
-    """torch's build directory for extension ``name`` (created if missing)."""
+#: compiler and linker flags of every build (part of the build's digest)
+CFLAGS = ("-O3", "-fopenmp", "-std=c++17")
+LDFLAGS = ("-fopenmp",)
+
+
+def build_digest(sources: list[Path], headers: list[Path] | None = None) -> str:
+    """What identifies one build of an extension: a hash of its sources' and headers' names and contents,
+    the flags and torch's version (16 hex digits).
+
+    Args:
+        sources: the C++ files compiled.
+        headers: files they include (torch tracks only the sources; a changed header must rebuild too).
+
+    Returns:
+        The digest, the name of the build's directory under the extension's.
+    """
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for part in (torch.__version__, *CFLAGS, "|", *LDFLAGS):
+        h.update(part.encode() + b"\0")
+    for path in [*sources, *(headers or [])]:
+        h.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_directory(name: str, digest: str | None = None) -> Path:
+    """torch's build directory for extension ``name``, or its subdirectory ``digest`` (created if missing).
+
+    Args:
+        name: the extension's name.
+        digest: :func:`build_digest` of one build (None: the extension's own directory).
+
+    Returns:
+        The directory.
+    """
     from torch.utils import cpp_extension
 
     try:
-        return Path(cpp_extension._get_build_directory(name, verbose=False))
+        path = Path(cpp_extension._get_build_directory(name, verbose=False))
     except AttributeError:  # private helper gone in some torch version: same layout, CPU builds
         import sys
 
         root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
             cpp_extension.get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}_cpu")
         path = Path(root) / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    if digest is not None:
+        path = path / digest
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @contextlib.contextmanager
@@ -68,36 +110,35 @@ def build_lock(directory: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _header_flag(headers: list[Path] | None) -> list[str]:
-    if not headers:
-        return []
-    import hashlib
-
-    digest = hashlib.sha256(b"".join(Path(h).read_bytes() for h in headers)).hexdigest()[:16]
-    return [f"-DLOSA_HEADERS_SHA={digest}"]
-
-
 def build_extension(name: str, source: Path | list[Path], headers: list[Path] | None = None) -> ModuleType:
-    """Compile (once) and import ``source`` (one file or several) as extension ``name``; raises
-    :class:`KernelUnavailable`.
+    """Compile (once per :func:`build_digest`) and import ``source`` (one file or several) as extension ``name``.
 
-    torch rebuilds an extension when its sources or flags change, not its headers: the contents of ``headers``
-    go into a ``-D`` flag, so that changing one rebuilds too.
+    Args:
+        name: the extension's name (its module name, and the namespace of the operators it registers).
+        source: its C++ file(s).
+        headers: files the sources include, part of the digest.
+
+    Returns:
+        The imported extension module.
+
+    Raises:
+        KernelUnavailable: no compiler, ninja or headers, or the build failed (the message names the cause).
     """
     if os.environ.get("LOSA_DISABLE_KERNEL"):
         raise KernelUnavailable("LOSA_DISABLE_KERNEL is set")
     try:
         from torch.utils.cpp_extension import load
 
-        directory = build_directory(name)
+        sources = source if isinstance(source, list) else [source]
+        directory = build_directory(name, build_digest(sources, headers))
         if not (directory / f"{name}.so").exists():
             log.info("compiling the %s C++ kernel (once per machine, about a minute) ...", name)
         with build_lock(directory):
             return load(
                 name=name,
-                sources=[str(p) for p in (source if isinstance(source, list) else [source])],
-                extra_cflags=["-O3", "-fopenmp", "-std=c++17", *_header_flag(headers)],
-                extra_ldflags=["-fopenmp"],
+                sources=[str(p) for p in sources],
+                extra_cflags=list(CFLAGS),
+                extra_ldflags=list(LDFLAGS),
                 build_directory=str(directory),
                 verbose=bool(os.environ.get("LOSA_VERBOSE_BUILD")),
             )
