@@ -15,6 +15,9 @@ Modes (each a separate copy of the model, timed interleaved: every repetition ru
   the model cast to bf16, pruned, bf16 values, decoded by the engine (bf16 inputs into the AVX512-BF16 loops:
   the sparse ones, and the dense one over the bf16 LM head's own weight; earlier rows: a packed copy of the head).
 * ``dense fp32 + engine`` (``--with-dense-engine``): the dense model decoded by the engine (float32 weights).
+* ``..., generate loop`` (``--with-generate-loop``): the engine modes with Hugging Face ``generate``'s token loop
+  around the engine steps instead of the engine's own loop (:mod:`losa.inference.engine_loop`, what every
+  ``+ engine`` mode runs since it exists), for the before/after; the same model as the mode without the suffix.
 * ``..., unplanned`` (``--with-unplanned``): the lean modes without the decode plans, for the before/after.
 * ``..., sdpa attention`` (``--with-sdpa``): the lean modes with transformers' ``sdpa`` attention instead of
   losa's decode attention (:mod:`losa.inference.attention`, which every lean mode uses), for the before/after.
@@ -153,7 +156,7 @@ def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bo
                 with_unplanned: bool = False, with_overhead: bool = False,
                 with_sdpa: bool = False, with_python_wrapper: bool = False,
                 with_attention_products: bool = False, engine: bool = True,
-                with_dense_engine: bool = False) -> dict[str, dict]:
+                with_dense_engine: bool = False, with_generate_loop: bool = False) -> dict[str, dict]:
     """The models to time: name -> {"model", "decoder", "sparsity", "bytes"} (and "overhead": True for the
     overhead-only mode)."""
     # dense and "sparse before" are plain transformers generate: sdpa attention, no decode plans, no engine
@@ -193,12 +196,18 @@ def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bo
             if not dec.use_engine:
                 raise LosaError(f"the decode engine does not run here: {dec.engine_reason}")
             modes[f"{tag} lean bf16 head + engine"] = {"model": eng, "sparsity": sp, "decoder": dec}
+            if with_generate_loop:
+                modes[f"{tag} lean bf16 head + engine, generate loop"] = {
+                    "model": eng, "sparsity": sp, "decoder": LeanDecoder(eng, token_loop="generate")}
         if engine and _kernel.native_bf16():  # what `losa generate --dtype auto` runs on this CPU: a bf16 model
             b16 = copy.deepcopy(base).to(torch.bfloat16)
             prune_magnitude(b16, sp)
             sparsify_for_inference(b16, value_dtype="bfloat16")
             set_lm_head_dtype(b16, "bfloat16")  # as `losa generate --lm-head-dtype auto` does: in place here
             modes[f"{tag} bf16 model + engine"] = {"model": b16, "sparsity": sp, "decoder": LeanDecoder(b16)}
+            if with_generate_loop:
+                modes[f"{tag} bf16 model + engine, generate loop"] = {
+                    "model": b16, "sparsity": sp, "decoder": LeanDecoder(b16, token_loop="generate")}
         if with_overhead and compile_step:
             zero = copy.deepcopy(pruned)
             set_lm_head_dtype(zero, "bfloat16")
@@ -267,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="leave out the compiled mode")
     ap.add_argument("--no-engine", action="store_true", help="leave out the decode-engine mode")
     ap.add_argument("--with-dense-engine", action="store_true", help="also decode the dense model with the engine")
+    ap.add_argument("--with-generate-loop", action="store_true",
+                    help="also time the engine modes inside transformers' generate loop instead of the engine's own "
+                         "token loop (the before/after of losa.inference.engine_loop)")
     ap.add_argument("--with-unplanned", action="store_true",
                     help="also time the lean modes without the layers' decode plans (the full dispatch per call)")
     ap.add_argument("--with-overhead", action="store_true",
@@ -293,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     ids = tok(PROMPT, return_tensors="pt").input_ids
     modes = build_modes(base, [float(s) for s in args.sparsities.split(",")], not args.no_compile,
                         args.with_unplanned, args.with_overhead, args.with_sdpa, args.with_python_wrapper,
-                        args.with_attention_products, not args.no_engine, args.with_dense_engine)
+                        args.with_attention_products, not args.no_engine, args.with_dense_engine,
+                        args.with_generate_loop)
     bw = {t: bandwidth(t) for t in threads}
     print("bandwidth GB/s", bw, flush=True)
     gen_kw = generate_kwargs(tok, ids, args.tokens)

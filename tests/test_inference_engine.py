@@ -271,7 +271,7 @@ def test_cli_generate_says_whether_the_engine_decodes(tmp_path, capsys, monkeypa
     args = ["generate", str(tmp_path / "m"), "--prompt", "word5 word17", "--max-new-tokens", "4"]
     assert main(args) == 0
     on = capsys.readouterr().out
-    assert "decode engine: on" in on
+    assert "decode engine: on; token loop: engine" in on
     assert main([*args, "--decode-engine", "off"]) == 0
     off = capsys.readouterr().out
     assert "decode engine: off (asked)" in off

@@ -56,7 +56,8 @@ def run_generate(args: argparse.Namespace) -> int:
         dt = time.perf_counter() - t0
     new = out.shape[1] - ids.shape[1]
     print(tok.decode(out[0], skip_special_tokens=True))
-    print(f"decode engine: {decoder.last_engine}")
+    loop = f"; token loop: {decoder.last_loop}" if decoder.last_engine == "on" else ""
+    print(f"decode engine: {decoder.last_engine}{loop}")
     if args.compile:
         mode += f", compiled with the {args.compile_wrapper} wrapper (this call includes the compile)"
     print(f"[{mode}] {new} tokens in {dt:.2f} s ({new / dt:.1f} tokens/s, "

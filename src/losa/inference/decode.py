@@ -66,6 +66,9 @@ COMPILE_WRAPPERS = ("cpp", "python")
 _ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
 #: ``LeanDecoder(decode_engine=...)``: the C++ decode engine where it applies, or never
 DECODE_ENGINES = ("auto", "off")
+#: ``LeanDecoder(token_loop=...)``: with the engine, its own token loop for the calls it serves, or always
+#: ``generate``'s loop
+TOKEN_LOOPS = ("auto", "generate")
 #: smallest static cache length; longer ones are rounded up to the next power of two
 MIN_CACHE_LEN = 256
 
@@ -297,7 +300,10 @@ class LeanDecoder:
     :attr:`engine_reason` says whether the model can use it, :attr:`last_engine` whether the last call did and
     why not. The engine keeps its KV cache between calls (:meth:`release_engine` frees it); a model whose
     weights, dtype or modules change is checked again at the next call. Calls on one decoder are serialised
-    while the engine runs (it patches ``model.forward`` for the duration of the call).
+    while the engine runs. Plain calls (greedy, or sampling with temperature / top-k / top-p, with end-of-sequence
+    tokens, stopping criteria and streamers) run the engine's own token loop (:mod:`losa.inference.engine_loop`,
+    the same tokens without ``generate``'s per-token cost); other calls run ``generate`` with the engine attached
+    (it patches ``model.forward`` for the duration of the call). :attr:`last_loop` says which loop ran.
 
     Args:
         model: the (sparse) causal LM.
@@ -309,20 +315,25 @@ class LeanDecoder:
         compile_wrapper: with ``compile=True``, ``"cpp"`` (Inductor's C++ wrapper, built apart from the
             kernels) or ``"python"`` (Inductor's default generated Python wrapper).
         decode_engine: ``"auto"`` (the C++ decode engine where it applies) or ``"off"``.
+        token_loop: with the engine, ``"auto"`` (its own token loop for the calls it serves) or ``"generate"``
+            (always ``generate``'s loop; benchmarks use it for the before/after).
 
     Raises:
         LosaError: ``compile=True`` without the compiled kernel for a model with sparse layers, an unknown
-            ``compile_wrapper`` or ``decode_engine``, or an invalid ``LOSA_SPARSE_ISA`` / threshold cache while
-            planning.
+            ``compile_wrapper``, ``decode_engine`` or ``token_loop``, or an invalid ``LOSA_SPARSE_ISA`` /
+            threshold cache while planning.
     """
 
     def __init__(self, model: nn.Module, compile: bool = False, decode_attention: bool = True,
-                 compile_wrapper: str = "cpp", decode_engine: str = "auto") -> None:
+                 compile_wrapper: str = "cpp", decode_engine: str = "auto", token_loop: str = "auto") -> None:
         if compile_wrapper not in COMPILE_WRAPPERS:
             raise LosaError(f"compile wrapper {compile_wrapper!r} is not supported; use one of "
                             f"{', '.join(COMPILE_WRAPPERS)}")
         if decode_engine not in DECODE_ENGINES:
             raise LosaError(f"decode engine {decode_engine!r} is not supported; use one of {', '.join(DECODE_ENGINES)}")
+        if token_loop not in TOKEN_LOOPS:
+            raise LosaError(f"token loop {token_loop!r} is not supported; use one of {', '.join(TOKEN_LOOPS)}")
+        self.token_loop = token_loop
         self.model = model
         self.compile = bool(compile)
         self.compile_wrapper = compile_wrapper
@@ -342,6 +353,8 @@ class LeanDecoder:
         self._check_engine()
         #: "on" or "off (reason)" for the last :meth:`generate` call (None before the first)
         self.last_engine: str | None = None
+        #: "engine" (the engine's own token loop) or "generate (reason)" for the last call (None before the first)
+        self.last_loop: str | None = None
 
     def _check_engine(self) -> None:
         """(Re)decide whether the engine can decode the model as it is now (a changed model drops the engine)."""
@@ -425,6 +438,7 @@ class LeanDecoder:
 
         if self._signature is not None:  # decode_engine="auto" without compile
             from losa.inference.engine import attach, generate_problem, model_signature
+            from losa.inference.engine_loop import plan_loop, run_loop
 
             with self._engine_lock:
                 if model_signature(self.model) != self._signature:  # weights, dtype, modules or hooks changed
@@ -439,11 +453,18 @@ class LeanDecoder:
                         problem = str(e)
                 if engine is not None:
                     self.last_engine = "on"
+                    plan = plan_loop(self.model, kwargs) if self.token_loop == "auto" else "asked"
+                    if not isinstance(plan, str):
+                        self.last_loop = "engine"
+                        return run_loop(self.model, engine, input_ids, max_new_tokens, plan,
+                                        kwargs.get("attention_mask"))
+                    self.last_loop = f"generate ({plan})"
                     with attach(self.model, engine):
                         return self.model.generate(input_ids, max_new_tokens=max_new_tokens, **kwargs)
                 self.last_engine = problem if problem.startswith("off (") else f"off ({problem})"
         else:
             self.last_engine = self.engine_reason
+        self.last_loop = "generate (no decode engine)"
         try:
             return self.model.generate(input_ids, max_new_tokens=max_new_tokens,
                                        **self.generate_kwargs(input_ids, max_new_tokens), **kwargs)

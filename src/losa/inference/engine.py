@@ -181,11 +181,15 @@ def model_signature(model: nn.Module) -> tuple:
     """What the engine reads from ``model``, as identities: it changes when a weight, dtype or module is replaced
     or a hook is added."""
     parts: list = [type(model)]
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if "rotary_emb." not in name:  # dynamic rope types replace their frequencies in every forward
-            parts.append((name, t.data_ptr(), t.dtype, tuple(t.shape)))
-    for name, m in model.named_modules():  # hooks too: a hook added later switches the engine off
+    for name, m in model.named_modules():  # one walk: every call of LeanDecoder.generate pays it
+        # hooks too: a hook added later switches the engine off
         parts.append((name, type(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks)))
+        if "rotary_emb." in f"{name}.":  # dynamic rope types replace their frequencies in every forward
+            continue
+        for tensors in (m._parameters, m._buffers):
+            for key, t in tensors.items():
+                if t is not None:
+                    parts.append((key, t.data_ptr(), t.dtype, tuple(t.shape)))
     return tuple(parts)
 
 

@@ -358,11 +358,32 @@ class DecodeEngine {
   Linear head_;
 };
 
+// The index of the first largest element of x [n] (float32, contiguous), as torch.argmax gives it: the first
+// NaN if there is one, else the first position of the maximum. Greedy decoding picks the next token with it
+// (torch.argmax over a vocabulary's logits is a generic reduction that takes several times longer). Two passes:
+// the maximum and a NaN flag (both vectorised by the compiler), then the first element equal to it.
+int64_t first_argmax(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.numel() > 0,
+              "first_argmax takes a non-empty contiguous 1-D float32 tensor");
+  const float* p = x.data_ptr<float>();
+  const int64_t n = x.numel();
+  float m = p[0];
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    m = p[i] > m ? p[i] : m;
+    nan |= p[i] != p[i];
+  }
+  for (int64_t i = 0; i < n; ++i)
+    if (nan ? p[i] != p[i] : p[i] == m) return i;
+  return 0;  // not reached
+}
+
 }  // namespace
 
 namespace losa {
 
 void register_decode_engine(pybind11::module& m) {
+  m.def("first_argmax", &first_argmax, "index of the first maximum of a float32 vector (NaN first), as torch.argmax");
   namespace py = pybind11;
   py::class_<DecodeEngine>(m, "DecodeEngine", "one decode step of a LLaMA-style decoder in C++ (decode_engine.cpp)")
       .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t, double,
