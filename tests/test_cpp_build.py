@@ -72,21 +72,27 @@ def test_kernel_loads_despite_a_stale_lock():
 
 
 def test_each_distinct_build_has_its_own_directory(tmp_path, monkeypatch):
-    """Two checkouts with different sources (or headers) must not share, and so rebuild, one build directory;
-    identical files do share one, wherever they are."""
+    """Two checkouts must not share, and so rebuild, one build directory: not with other contents (sources or
+    headers), nor with the same contents at another path (ninja rebuilds when a source's path changes)."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.delenv("CXX", raising=False)
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
         d.mkdir()
         (d / "k.cpp").write_text("int f() { return 1; }\n")
         (d / "k.h").write_text("#pragma once\n")
     same = build_digest([a / "k.cpp"], [a / "k.h"])
-    assert build_digest([b / "k.cpp"], [b / "k.h"]) == same  # the same files in another checkout
+    assert build_digest([a / "k.cpp"], [a / "k.h"]) == same  # the same build: the same directory
+    assert build_digest([b / "k.cpp"], [b / "k.h"]) != same  # the same files in another checkout
+    other = build_digest([b / "k.cpp"], [b / "k.h"])
     (b / "k.cpp").write_text("int f() { return 2; }\n")
-    assert build_digest([b / "k.cpp"], [b / "k.h"]) != same
+    assert build_digest([b / "k.cpp"], [b / "k.h"]) != other
     (b / "k.cpp").write_text("int f() { return 1; }\n")
     (b / "k.h").write_text("#pragma once\n#define X 1\n")
-    assert build_digest([b / "k.cpp"], [b / "k.h"]) != same
+    assert build_digest([b / "k.cpp"], [b / "k.h"]) != other
+    monkeypatch.setenv("CXX", "clang++")  # another compiler
+    assert build_digest([a / "k.cpp"], [a / "k.h"]) != same
+    monkeypatch.delenv("CXX")
     assert build_digest([a / "k.cpp"]) != same  # the header is part of the build
     d1, d2 = build_directory("losa_x", same), build_directory("losa_x", build_digest([b / "k.cpp"], [b / "k.h"]))
     assert d1 != d2 and d1.parent == d2.parent == tmp_path / "ext" / "losa_x" and d1.is_dir() and d2.is_dir()

@@ -132,20 +132,69 @@ def test_stopping_criteria_and_streamers_see_what_generate_shows_them(stop_at, l
     assert [e[0] for e in log[1:-1]] == ["criterion", "put"] * (length - 5)  # each token: criteria, then streamer
 
 
-@pytest.mark.parametrize("option,reason", [
-    (dict(repetition_penalty=1.3), "generate option repetition_penalty=1.3"),
-    (dict(no_repeat_ngram_size=2), "generate option no_repeat_ngram_size=2"),
-    (dict(min_new_tokens=4, eos_token_id=7), "generate option min_new_tokens=4"),
-    (dict(do_sample=True, min_p=0.1), "generate option min_p=0.1"),
-    (dict(suppress_tokens=[5, 6]), "generate option suppress_tokens=[5, 6]"),
-    (dict(tokenizer=None), "generate option tokenizer"),
-], ids=["repetition-penalty", "no-repeat-ngram", "min-new-tokens", "min-p", "suppress-tokens", "extra-argument"])
-def test_options_the_loop_does_not_serve_run_generates_loop(option, reason):
+@pytest.mark.parametrize("option,reason,changes", [
+    (dict(repetition_penalty=0.05), "generate option repetition_penalty=0.05", True),  # favours the prompt's tokens
+    (dict(no_repeat_ngram_size=2), "generate option no_repeat_ngram_size=2", False),
+    (dict(min_new_tokens=4, eos_token_id=7), "generate option min_new_tokens=4", False),
+    (dict(do_sample=True, min_p=0.1), "generate option min_p=0.1", False),
+    (dict(suppress_tokens=[5, 6]), "generate option suppress_tokens=[5, 6]", False),
+    (dict(forced_eos_token_id=0), "generate option forced_eos_token_id=0", True),  # token 0 is not "unset"
+    (dict(tokenizer=None), "generate option tokenizer", False),
+], ids=["repetition-penalty", "no-repeat-ngram", "min-new-tokens", "min-p", "suppress-tokens", "forced-eos-0",
+        "extra-argument"])
+def test_options_the_loop_does_not_serve_run_generates_loop(option, reason, changes):
     model = _model(seed=4)
     ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
     got, ref, loop = _both(model, ids, 10, **{"eos_token_id": None, "do_sample": False, **option})
     assert loop.last_engine == "on" and loop.last_loop == f"generate ({reason})"
     assert torch.equal(got, ref)
+    if changes:  # the option reached generate: the tokens differ from the plain call's (which the loop serves)
+        plain, _, plain_loop = _both(model, ids, 10, eos_token_id=None, do_sample=False)
+        assert plain_loop.last_loop == "engine" and not torch.equal(got, plain)
+
+
+def test_a_stopping_criterion_of_generates_own_type_replaces_generates():
+    """generate uses a caller's EosTokenCriteria instead of its own (so it stops only at the caller's ids)."""
+    from transformers.generation.stopping_criteria import EosTokenCriteria
+
+    model = _model(seed=7)
+    ids = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(7))
+    free, _, _ = _both(model, ids, 12, eos_token_id=None, do_sample=False)
+    config_eos, caller_eos = int(free[0, 5 + 1]), int(free[0, 5 + 6])
+    got, ref, loop = _both(model, ids, 12, eos_token_id=config_eos, do_sample=False,
+                           stopping_criteria=[EosTokenCriteria(eos_token_id=caller_eos)])
+    assert loop.last_loop == "generate (a stopping criterion of generate's own type EosTokenCriteria)"
+    assert torch.equal(got, ref)
+
+
+def test_a_prompt_with_the_pad_token_and_no_mask_is_left_to_generate():
+    """generate infers padding from the pad token when no mask is given (the engine then refuses the padded
+    prompt, as before the loop); without a pad token in the prompt the loop runs."""
+    model = _model(seed=8)
+    dec, gen = LeanDecoder(model), LeanDecoder(model, token_loop="generate")
+    padded = torch.tensor([[0, 0, 9, 10, 11]])
+    with torch.inference_mode(), pytest.raises(LosaError, match="without padding"):
+        dec.generate(padded, 4, pad_token_id=0, eos_token_id=None, do_sample=False)
+    assert dec.last_loop == "generate (the prompt holds the pad token and no attention mask says whether it is padding)"
+    plain = torch.tensor([[8, 9, 10, 11]])
+    with torch.inference_mode():
+        got = dec.generate(plain, 4, pad_token_id=0, eos_token_id=None, do_sample=False)
+        ref = gen.generate(plain, 4, pad_token_id=0, eos_token_id=None, do_sample=False)
+    assert dec.last_loop == "engine" and torch.equal(got, ref)
+
+
+def test_the_loop_keeps_no_autograd_graph():
+    """Outside inference mode (direct API use) the prompt's graph must not stay alive in the engine's cache (a dense
+    model: its linears record autograd, the sparse kernels' outputs do not)."""
+    model = make_tiny_model("llama", hidden=64, vocab=VOCAB, seed=9)
+    assert any(p.requires_grad for p in model.parameters())
+    ids = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(9))
+    dec = LeanDecoder(model)
+    ref = LeanDecoder(model, token_loop="generate").generate(ids, 6, pad_token_id=0, eos_token_id=None,
+                                                             do_sample=False, attention_mask=torch.ones_like(ids))
+    got = dec.generate(ids, 6, pad_token_id=0, eos_token_id=None, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert dec.last_loop == "engine" and torch.equal(got, ref) and not got.requires_grad
+    assert dec._engine.k_cache.grad_fn is None and not dec._engine.k_cache.requires_grad
 
 
 def test_the_models_own_generation_config_counts_and_a_custom_processor_is_not_skipped():

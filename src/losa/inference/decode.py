@@ -453,7 +453,7 @@ class LeanDecoder:
                         problem = str(e)
                 if engine is not None:
                     self.last_engine = "on"
-                    plan = plan_loop(self.model, kwargs) if self.token_loop == "auto" else "asked"
+                    plan = plan_loop(self.model, input_ids, kwargs) if self.token_loop == "auto" else "asked"
                     if not isinstance(plan, str):
                         self.last_loop = "engine"
                         return run_loop(self.model, engine, input_ids, max_new_tokens, plan,

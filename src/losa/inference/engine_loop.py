@@ -58,14 +58,18 @@ class LoopPlan(NamedTuple):
 
 
 def _is_default(value: Any, default: Any) -> bool:
-    return value == default or (value in (None, False) and default in (None, False))
+    """Whether an option is at its default: both unset (None or False), or equal values of one type (``0`` is a
+    token id or a time limit that ``generate`` acts on, not an unset option)."""
+    unset = (value is None or value is False) and (default is None or default is False)
+    return unset or (type(value) is type(default) and value == default)
 
 
-def plan_loop(model: nn.Module, kwargs: dict[str, Any]) -> LoopPlan | str:
-    """How the loop runs ``model.generate(..., **kwargs)``, or why it cannot (then ``generate`` runs it).
+def plan_loop(model: nn.Module, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> LoopPlan | str:
+    """How the loop runs ``model.generate(input_ids, ..., **kwargs)``, or why it cannot (then ``generate`` runs it).
 
     Args:
         model: a model the decode engine serves (:func:`~losa.inference.engine.engine_problem`).
+        input_ids: the prompt ``(1, T)``.
         kwargs: the call's ``generate`` keywords besides the prompt and ``max_new_tokens``.
 
     Returns:
@@ -78,6 +82,12 @@ def plan_loop(model: nn.Module, kwargs: dict[str, Any]) -> LoopPlan | str:
         TemperatureLogitsWarper,
         TopKLogitsWarper,
         TopPLogitsWarper,
+    )
+    from transformers.generation.stopping_criteria import (
+        EosTokenCriteria,
+        MaxLengthCriteria,
+        MaxTimeCriteria,
+        StopStringCriteria,
     )
 
     options = {k: v for k, v in kwargs.items() if k not in _ARGUMENTS}
@@ -108,12 +118,20 @@ def plan_loop(model: nn.Module, kwargs: dict[str, Any]) -> LoopPlan | str:
             processors.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
         if config.top_p is not None and config.top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
-    eos = config.eos_token_id
-    eos = frozenset() if eos is None else frozenset(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    eos = frozenset() if config.eos_token_id is None else frozenset(
+        int(e) for e in torch.as_tensor(config.eos_token_id).flatten().tolist())
+    if kwargs.get("attention_mask") is None and config.pad_token_id is not None and \
+            config.pad_token_id not in eos and bool((input_ids == config.pad_token_id).any()):
+        return "the prompt holds the pad token and no attention mask says whether it is padding"
     criteria = kwargs.get("stopping_criteria")
+    # generate replaces its own criteria of these types with the caller's (the loop applies its own as well)
+    for c in criteria or ():
+        if isinstance(c, (MaxLengthCriteria, EosTokenCriteria, MaxTimeCriteria, StopStringCriteria)):
+            return f"a stopping criterion of generate's own type {type(c).__name__}"
     return LoopPlan(processors, eos, StoppingCriteriaList(criteria) if criteria else None, kwargs.get("streamer"))
 
 
+@torch.no_grad()  # as generate: no autograd graph of the prompt kept alive by the engine's cache
 def run_loop(model: nn.Module, engine: Any, input_ids: torch.Tensor, max_new_tokens: int, plan: LoopPlan,
              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids`` with ``engine`` (see the module's docstring).
@@ -138,7 +156,8 @@ def run_loop(model: nn.Module, engine: Any, input_ids: torch.Tensor, max_new_tok
     ids[:, :t] = input_ids
     if plan.streamer is not None:
         plan.streamer.put(input_ids.cpu())
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1,
+                return_dict=True)
     engine.pos = None
     engine.load_prompt_cache(out.cache)
     logits = out.logits[0, -1].to(dtype=torch.float32, copy=True)  # [V]

@@ -2,10 +2,10 @@
 
 Builds are cached by torch (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), so only the
 first use on a machine pays the compile. Each distinct build (sources, headers, flags, torch version) has its
-own directory, ``<extension>/<digest>``: two checkouts or installs of different losa versions on one machine
-each keep their build instead of recompiling over each other's whenever the other one has run (in one shared
-directory torch rebuilds whenever the sources differ from the last build, and a process that loads while the
-other one builds waits for it). Callers catch :class:`KernelUnavailable` and fall back to a pure-torch path
+own directory, ``<extension>/<digest>``: two checkouts or installs of losa on one machine each keep their build
+instead of recompiling over each other's whenever the other one has run (in one shared directory torch and
+ninja rebuild whenever the sources or their paths differ from the last build, and a process that loads while
+the other one builds waits for it). Old builds' directories are not removed. Callers catch :class:`KernelUnavailable` and fall back to a pure-torch path
 with the same numbers.
 
 torch serialises builds with a ``lock`` file that a killed build leaves behind, after which every later
@@ -38,8 +38,11 @@ LDFLAGS = ("-fopenmp",)
 
 
 def build_digest(sources: list[Path], headers: list[Path] | None = None) -> str:
-    """What identifies one build of an extension: a hash of its sources' and headers' names and contents,
-    the flags and torch's version (16 hex digits).
+    """What identifies one build of an extension (16 hex digits): a hash of its sources' and headers' absolute
+    paths and contents, the flags, the compiler named by ``$CXX``, and the torch and Python installs.
+
+    The paths count because ninja rebuilds when a source's path changes: two checkouts of the same code at
+    different places would otherwise share a directory and rebuild over each other.
 
     Args:
         sources: the C++ files compiled.
@@ -49,14 +52,17 @@ def build_digest(sources: list[Path], headers: list[Path] | None = None) -> str:
         The digest, the name of the build's directory under the extension's.
     """
     import hashlib
+    import sys
+    import sysconfig
 
     import torch
 
     h = hashlib.sha256()
-    for part in (torch.__version__, *CFLAGS, "|", *LDFLAGS):
+    for part in (torch.__version__, str(Path(torch.__file__).parent), sys.version, sysconfig.get_path("include"),
+                 os.environ.get("CXX", ""), *CFLAGS, "|", *LDFLAGS):
         h.update(part.encode() + b"\0")
     for path in [*sources, *(headers or [])]:
-        h.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes() + b"\0")
+        h.update(str(Path(path).resolve()).encode() + b"\0" + Path(path).read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
