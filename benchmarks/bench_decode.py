@@ -292,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--with-python-wrapper", action="store_true",
                     help="also time the compiled lean mode with Inductor's Python wrapper instead of its C++ wrapper "
                          "(the before/after of --compile-wrapper cpp)")
+    ap.add_argument("--only", default=None, metavar="REGEX",
+                    help="time only the modes whose name matches this regular expression (e.g. 'bf16 model \\+ "
+                         "engine' for the engine's before/after with more repetitions; `same` is left blank when the "
+                         "'sparse before' mode it compares with is not timed)")
     ap.add_argument("--out", default=str(RESULTS / "decode.jsonl"))
     args = ap.parse_args(argv)
     if args.tokens < 1 or args.reps < 1:
@@ -307,6 +311,16 @@ def main(argv: list[str] | None = None) -> int:
                         args.with_unplanned, args.with_overhead, args.with_sdpa, args.with_python_wrapper,
                         args.with_attention_products, not args.no_engine, args.with_dense_engine,
                         args.with_generate_loop)
+    if args.only is not None:
+        import re
+
+        try:
+            pattern = re.compile(args.only)
+        except re.error as e:
+            raise LosaError(f"--only {args.only!r} is not a regular expression ({e}); fix it") from None
+        modes = {k: v for k, v in modes.items() if pattern.search(k)}
+        if not modes:
+            raise LosaError(f"--only {args.only!r} matches no mode; modes are named like '70% bf16 model + engine'")
     bw = {t: bandwidth(t) for t in threads}
     print("bandwidth GB/s", bw, flush=True)
     gen_kw = generate_kwargs(tok, ids, args.tokens)
@@ -332,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, m in modes.items():
             ms = 1000 * best[name] / args.tokens
             floor = m["bytes"] / (bw[th] * 1e9) * 1000
-            ref = (modes[f"{round(m['sparsity'] * 100)}% sparse before"]["tokens"]
-                   if m["sparsity"] and not m.get("overhead") else None)
+            before = modes.get(f"{round(m['sparsity'] * 100)}% sparse before")
+            ref = before["tokens"] if before is not None and m["sparsity"] and not m.get("overhead") else None
             same = None if ref is None else bool(torch.equal(m["tokens"], ref))
             row = {**provenance(th, MODEL, [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
                    "mode": name, "sparsity": m["sparsity"], "new_tokens": args.tokens, "prompt_tokens": ids.shape[1],
