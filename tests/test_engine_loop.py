@@ -51,10 +51,26 @@ def test_first_argmax_is_torch_argmax():
     tie[[17, 40, 99]] = 3.0  # the first of equal maxima
     nan = torch.randn(64, generator=g)
     nan[[9, 30]] = float("nan")  # the first NaN, whatever the maximum
-    cases += [tie, torch.zeros(50), nan, torch.full((20,), float("-inf")), torch.tensor([float("nan")]),
+    tail = torch.randn(37, generator=g)
+    tail[35] = 9.0  # the maximum past the last full block of lanes
+    tail_nan = torch.randn(37, generator=g)
+    tail_nan[36] = float("nan")
+    late = torch.full((49152,), -1.0)
+    late[[40000, 49151]] = 2.0  # the first maximum in a late block
+    cases += [tail, tail_nan, late, tie, torch.zeros(50), nan, torch.full((20,), float("-inf")),
+              torch.tensor([float("nan")]),
               torch.tensor([1.0, float("inf"), float("inf"), 2.0]), torch.tensor([-5.0, float("-inf"), -7.0])]
     for x in cases:
-        assert k.first_argmax(x) == int(torch.argmax(x)), x
+        for isa in (0, 1):  # the portable loop and the SSE one
+            assert k.first_argmax(x, isa) == int(torch.argmax(x)), (isa, x)
+    rand = torch.Generator().manual_seed(1)  # short vectors of few distinct values, NaN, +-inf and +-0: brute force
+    pool = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0, 1.0, 2.0, 3.0])
+    for t in range(2000):
+        n = int(torch.randint(1, 40, (1,), generator=rand))
+        x = pool[torch.randint(0, 7, (n,), generator=rand)]
+        if t % 2:  # half of them with a NaN somewhere
+            x[int(torch.randint(0, n, (1,), generator=rand))] = float("nan")
+        assert k.first_argmax(x, 0) == k.first_argmax(x, 1) == int(torch.argmax(x)), x
     with pytest.raises(RuntimeError, match="contiguous 1-D float32"):
         k.first_argmax(torch.zeros(2, 3))
 

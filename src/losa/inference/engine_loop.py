@@ -16,7 +16,7 @@ sequence, so the tokens are the same:
   in :data:`SERVED` (repetition penalties, banned words, minimum lengths, stop strings, ...) sends the call to
   ``generate`` (:func:`loop_problem` names it);
 * greedy: the first maximum of the float32 logits (``torch.argmax``'s answer, NaN first), computed by the
-  kernel (``first_argmax``);
+  kernel (``first_argmax``: SSE on x86-64, a plain loop elsewhere and with ``LOSA_SPARSE_ISA=scalar``);
 * sampling: transformers' own warpers in ``generate``'s order (temperature, top-k, top-p), then
   ``softmax`` and ``torch.multinomial``, so a seed gives the same tokens;
 * it stops after ``max_new_tokens``, after an end-of-sequence token (kept in the output), or when a stopping
@@ -150,7 +150,7 @@ def run_loop(model: nn.Module, engine: Any, input_ids: torch.Tensor, max_new_tok
     Raises:
         LosaError: from the engine (a cache too short for the call).
     """
-    k = _kernel.load_kernel()
+    k, isa = _kernel.load_kernel(), _kernel.best_isa()
     t = input_ids.shape[1]
     ids = torch.empty(1, t + max_new_tokens, dtype=torch.long)
     ids[:, :t] = input_ids
@@ -165,7 +165,7 @@ def run_loop(model: nn.Module, engine: Any, input_ids: torch.Tensor, max_new_tok
     n = t
     for i in range(max_new_tokens):
         if plan.processors is None:
-            token = int(k.first_argmax(logits))
+            token = int(k.first_argmax(logits, isa))
         else:
             scores = plan.processors(ids[:, :n], logits.view(1, -1))
             token = int(torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1))

@@ -34,11 +34,19 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <type_traits>
 #include <vector>
 
 #include "losa_kernels.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LOSA_ENGINE_X86 1
+#else
+#define LOSA_ENGINE_X86 0
+#endif
 
 namespace {
 
@@ -358,15 +366,13 @@ class DecodeEngine {
   Linear head_;
 };
 
-// The index of the first largest element of x [n] (float32, contiguous), as torch.argmax gives it: the first
-// NaN if there is one, else the first position of the maximum. Greedy decoding picks the next token with it
-// (torch.argmax over a vocabulary's logits is a generic reduction that takes several times longer). Two passes:
-// the maximum and a NaN flag (both vectorised by the compiler), then the first element equal to it.
-int64_t first_argmax(const torch::Tensor& x) {
-  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.numel() > 0,
-              "first_argmax takes a non-empty contiguous 1-D float32 tensor");
-  const float* p = x.data_ptr<float>();
-  const int64_t n = x.numel();
+// The index of the first largest element of p [n], as torch.argmax gives it: the first NaN if there is one, else
+// the first position of the maximum. Greedy decoding picks the next token with it (torch.argmax over a
+// vocabulary's logits is a generic reduction that takes several times longer). Two passes: the maximum and a NaN
+// flag, then the first element equal to it (or the first NaN). On x86-64, SSE (every x86-64 CPU has it) with
+// four independent running maxima: one running maximum is a serial chain of compares, which compilers do not
+// vectorise for floats.
+int64_t first_argmax_scalar(const float* p, int64_t n) {
   float m = p[0];
   bool nan = false;
   for (int64_t i = 0; i < n; ++i) {
@@ -375,7 +381,54 @@ int64_t first_argmax(const torch::Tensor& x) {
   }
   for (int64_t i = 0; i < n; ++i)
     if (nan ? p[i] != p[i] : p[i] == m) return i;
+  return 0;  // not reached: some element is NaN or equals the maximum
+}
+
+#if LOSA_ENGINE_X86
+int64_t first_argmax_sse(const float* p, int64_t n) {
+  const __m128 ninf = _mm_set1_ps(-std::numeric_limits<float>::infinity());
+  __m128 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf, unord = _mm_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m128 a = _mm_loadu_ps(p + i), b = _mm_loadu_ps(p + i + 4), c = _mm_loadu_ps(p + i + 8),
+                 d = _mm_loadu_ps(p + i + 12);
+    m0 = _mm_max_ps(a, m0);  // a > m0 ? a : m0: a NaN leaves the maximum as it was
+    m1 = _mm_max_ps(b, m1);
+    m2 = _mm_max_ps(c, m2);
+    m3 = _mm_max_ps(d, m3);
+    unord = _mm_or_ps(unord, _mm_or_ps(_mm_cmpunord_ps(a, b), _mm_cmpunord_ps(c, d)));
+  }
+  float lanes[4];
+  _mm_storeu_ps(lanes, _mm_max_ps(_mm_max_ps(m0, m1), _mm_max_ps(m2, m3)));
+  float m = lanes[0];
+  for (float v : lanes) m = v > m ? v : m;
+  bool nan = _mm_movemask_ps(unord) != 0;
+  for (; i < n; ++i) {
+    m = p[i] > m ? p[i] : m;
+    nan |= p[i] != p[i];
+  }
+  const __m128 vm = _mm_set1_ps(m);
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    const __m128 v = _mm_loadu_ps(p + k);
+    const int bits = _mm_movemask_ps(nan ? _mm_cmpunord_ps(v, v) : _mm_cmpeq_ps(v, vm));
+    if (bits) return k + __builtin_ctz(static_cast<unsigned>(bits));
+  }
+  for (; k < n; ++k)
+    if (nan ? p[k] != p[k] : p[k] == m) return k;
   return 0;  // not reached
+}
+#endif
+
+// isa: the kernel's ISA level (0 = the portable scalar loop, as LOSA_SPARSE_ISA=scalar asks; above it SSE on x86-64).
+int64_t first_argmax(const torch::Tensor& x, int64_t isa) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.numel() > 0,
+              "first_argmax takes a non-empty contiguous 1-D float32 tensor");
+#if LOSA_ENGINE_X86
+  if (isa > 0) return first_argmax_sse(x.data_ptr<float>(), x.numel());
+#endif
+  (void)isa;
+  return first_argmax_scalar(x.data_ptr<float>(), x.numel());
 }
 
 }  // namespace
@@ -383,7 +436,8 @@ int64_t first_argmax(const torch::Tensor& x) {
 namespace losa {
 
 void register_decode_engine(pybind11::module& m) {
-  m.def("first_argmax", &first_argmax, "index of the first maximum of a float32 vector (NaN first), as torch.argmax");
+  m.def("first_argmax", &first_argmax, "index of the first maximum of a float32 vector (NaN first), as torch.argmax",
+        pybind11::arg("x"), pybind11::arg("isa") = 1);
   namespace py = pybind11;
   py::class_<DecodeEngine>(m, "DecodeEngine", "one decode step of a LLaMA-style decoder in C++ (decode_engine.cpp)")
       .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t, double,
