@@ -5,9 +5,11 @@ operations (norms, rotary, cache writes, attention, seven linears per layer) who
 their arithmetic. The engine runs the step in C++ on float32 buffers: the sparse row loops, RMSNorm, RoPE,
 the KV-cache write, the decode attention and SwiGLU back to back, then the LM head.
 
-It attaches to Hugging Face ``generate`` (:func:`attach`): the prompt still runs through the model's own
-forward (batched GEMMs), its KV cache is copied into the engine's, and every one-token step afterwards is an
-engine call, so sampling, stopping criteria and streaming stay ``generate``'s. Supported: one sequence, a
+The prompt still runs through the model's own forward (batched GEMMs), its KV cache is copied into the engine's,
+and every one-token step afterwards is an engine call: in the engine's own token loop for plain calls
+(:mod:`losa.inference.engine_loop`, the tokens of ``generate``), or attached to Hugging Face ``generate``
+(:func:`attach`) for calls with other generation options; sampling, stopping criteria and streaming behave as in
+``generate`` either way. Supported: one sequence, a
 float32 or bfloat16 model of a type in :data:`ENGINE_MODEL_TYPES` (LLaMA-style decoder layers: RMSNorm, rotary
 embedding, grouped-query attention, SwiGLU MLP) whose decoder linears are :class:`SparseLinear` or ``nn.Linear``
 in the model's dtype and whose LM head is a :class:`~losa.inference.decode.BF16LMHead` or an ``nn.Linear``.
