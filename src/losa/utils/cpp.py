@@ -1,12 +1,13 @@
 """Compile-on-first-use C++ extensions (torch.utils.cpp_extension + ninja), with a clean failure type.
 
 Builds are cached by torch (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), so only the
-first use on a machine pays the compile. Each distinct build (sources, headers, flags, torch version) has its
-own directory, ``<extension>/<digest>``: two checkouts or installs of losa on one machine each keep their build
-instead of recompiling over each other's whenever the other one has run (in one shared directory torch and
-ninja rebuild whenever the sources or their paths differ from the last build, and a process that loads while
-the other one builds waits for it). Old builds' directories are not removed. Callers catch :class:`KernelUnavailable` and fall back to a pure-torch path
-with the same numbers.
+first use on a machine pays the compile. Each distinct build (the sources' and headers' paths and contents,
+flags, compiler, torch and Python: :func:`build_digest`) has its own directory, ``<extension>/<digest>``: two
+checkouts or installs of losa on one machine each keep their build instead of recompiling over each other's
+whenever the other one has run (in one shared directory torch and ninja rebuild whenever the sources or their
+paths differ from the last build, and a process that loads while the other one builds waits for it). Old
+builds' directories are not removed. Callers catch :class:`KernelUnavailable` and fall back to a pure-torch
+path with the same numbers.
 
 torch serialises builds with a ``lock`` file that a killed build leaves behind, after which every later
 load waits for it forever. Builds therefore also take an OS file lock (``flock``: released when its
