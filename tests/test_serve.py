@@ -110,6 +110,22 @@ def test_seeded_sampling_is_reproducible(service):
     assert len(texts) >= 4 and texts != {greedy}
 
 
+@pytest.mark.parametrize("temperature", [0, 1.5], ids=["greedy", "sampled"])
+def test_the_engines_token_loop_answers_as_generates_loop(service, temperature):
+    """Requests run the decode engine's own token loop (with the server's stop watch as a stopping criterion);
+    generate's loop around the same engine gives the same completion for the same seed."""
+    req = {"prompt": PROMPT, "max_tokens": 10, "temperature": temperature, "seed": 5, "stop": "word40"}
+    got = service.completion(parse_request(CompletionRequest, req))["choices"][0]
+    assert service.decoder.last_engine == "on" and service.decoder.last_loop == "engine"
+    service.decoder.token_loop = "generate"
+    try:
+        ref = service.completion(parse_request(CompletionRequest, req))["choices"][0]
+        assert service.decoder.last_loop == "generate (asked)"
+    finally:
+        service.decoder.token_loop = "auto"
+    assert got == ref
+
+
 def test_chat_uses_template_and_default_max_tokens(service):
     res = service.chat(parse_request(ChatRequest, {"messages": [{"role": "user", "content": "word5 word17"}],
                                                    "temperature": 0}))
