@@ -233,3 +233,23 @@ def test_the_models_own_generation_config_counts_and_a_custom_processor_is_not_s
 def test_an_unknown_token_loop_is_a_clear_error():
     with pytest.raises(LosaError, match="token loop 'fast' is not supported; use one of auto, generate"):
         LeanDecoder(_model(seed=6), token_loop="fast")
+
+
+def test_a_transformers_without_the_option_merge_runs_generates_loop(monkeypatch):
+    """transformers >= 4.56 is allowed; where its private option merge is missing or differs, the loop steps aside."""
+    from losa.inference import engine_loop
+
+    def older(model, options):
+        raise TypeError("update() got an unexpected keyword argument 'defaults_only'")
+
+    model = _model(seed=10)
+    ids = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(10))
+    dec = LeanDecoder(model)
+    kw = dict(pad_token_id=0, eos_token_id=None, do_sample=False, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        ref = dec.generate(ids, 6, **kw)
+        assert dec.last_loop == "engine"
+        monkeypatch.setattr(engine_loop, "_merged_options", older)
+        got = dec.generate(ids, 6, **kw)
+    assert dec.last_loop == "generate (transformers' generation options could not be read (TypeError))"
+    assert torch.equal(got, ref)

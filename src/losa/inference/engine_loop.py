@@ -64,6 +64,17 @@ def _is_default(value: Any, default: Any) -> bool:
     return unset or (type(value) is type(default) and value == default)
 
 
+def _merged_options(model: nn.Module, options: dict[str, Any]) -> tuple[Any, dict[str, Any], Any]:
+    """transformers' own merge (private, transformers 5): the call's options > the model's generation config > the
+    library's defaults; returns (the merged ``GenerationConfig``, the keywords it did not take, the defaults)."""
+    from transformers import GenerationConfig
+
+    config, rest = model._prepare_generation_config(None, **options)
+    defaults = GenerationConfig()
+    defaults.update(**GenerationConfig._get_default_generation_params(), defaults_only=True)
+    return config, rest, defaults
+
+
 def plan_loop(model: nn.Module, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> LoopPlan | str:
     """How the loop runs ``model.generate(input_ids, ..., **kwargs)``, or why it cannot (then ``generate`` runs it).
 
@@ -76,7 +87,6 @@ def plan_loop(model: nn.Module, input_ids: torch.Tensor, kwargs: dict[str, Any])
         A :class:`LoopPlan`, or a short reason ("generate option repetition_penalty=1.2").
     """
     from transformers import (
-        GenerationConfig,
         LogitsProcessorList,
         StoppingCriteriaList,
         TemperatureLogitsWarper,
@@ -94,11 +104,9 @@ def plan_loop(model: nn.Module, input_ids: torch.Tensor, kwargs: dict[str, Any])
     if kwargs.get("logits_processor"):
         return "generate option logits_processor"
     options.pop("logits_processor", None)
-    try:  # transformers' merge: the call's options > the model's generation config > the library's defaults
-        config, rest = model._prepare_generation_config(None, **options)
-        defaults = GenerationConfig()
-        defaults.update(**GenerationConfig._get_default_generation_params(), defaults_only=True)
-    except (AttributeError, TypeError, ValueError) as e:
+    try:
+        config, rest, defaults = _merged_options(model, options)
+    except (AttributeError, TypeError, ValueError) as e:  # another transformers version: its own loop then
         return f"transformers' generation options could not be read ({type(e).__name__})"
     if rest:
         return f"generate option {sorted(rest)[0]}"
