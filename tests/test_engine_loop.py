@@ -155,9 +155,10 @@ def test_stopping_criteria_and_streamers_see_what_generate_shows_them(stop_at, l
     (dict(do_sample=True, min_p=0.1), "generate option min_p=0.1", False),
     (dict(suppress_tokens=[5, 6]), "generate option suppress_tokens=[5, 6]", False),
     (dict(forced_eos_token_id=0), "generate option forced_eos_token_id=0", True),  # token 0 is not "unset"
+    (dict(max_time=0.0), "generate option max_time=0.0", True),  # generate stops after the first token
     (dict(tokenizer=None), "generate option tokenizer", False),
 ], ids=["repetition-penalty", "no-repeat-ngram", "min-new-tokens", "min-p", "suppress-tokens", "forced-eos-0",
-        "extra-argument"])
+        "max-time-0", "extra-argument"])
 def test_options_the_loop_does_not_serve_run_generates_loop(option, reason, changes):
     model = _model(seed=4)
     ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
@@ -167,6 +168,15 @@ def test_options_the_loop_does_not_serve_run_generates_loop(option, reason, chan
     if changes:  # the option reached generate: the tokens differ from the plain call's (which the loop serves)
         plain, _, plain_loop = _both(model, ids, 10, eos_token_id=None, do_sample=False)
         assert plain_loop.last_loop == "engine" and not torch.equal(got, plain)
+
+
+def test_options_equal_to_their_defaults_are_served():
+    """An integer 1 is the default 1.0 (a generation_config.json may write it so): still the loop's call."""
+    model = _model(seed=11)
+    ids = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(11))
+    got, ref, loop = _both(model, ids, 6, eos_token_id=None, do_sample=False, repetition_penalty=1,
+                           length_penalty=1, diversity_penalty=0)
+    assert loop.last_loop == "engine" and torch.equal(got, ref)
 
 
 def test_a_stopping_criterion_of_generates_own_type_replaces_generates():

@@ -114,16 +114,20 @@ def test_seeded_sampling_is_reproducible(service):
 def test_the_engines_token_loop_answers_as_generates_loop(service, temperature):
     """Requests run the decode engine's own token loop (with the server's stop watch as a stopping criterion);
     generate's loop around the same engine gives the same completion for the same seed."""
-    req = {"prompt": PROMPT, "max_tokens": 10, "temperature": temperature, "seed": 5, "stop": "word40"}
-    got = service.completion(parse_request(CompletionRequest, req))["choices"][0]
+    req = {"prompt": PROMPT, "max_tokens": 10, "temperature": temperature, "seed": 5}
+    free = service.completion(parse_request(CompletionRequest, req))["choices"][0]["text"].split()
+    req["stop"] = free[2]  # a word of this very completion: the server's stop watch ends the loop there
+    res = service.completion(parse_request(CompletionRequest, req))
+    got = res["choices"][0]
+    assert got["finish_reason"] == "stop" and res["usage"]["completion_tokens"] < 10
     assert service.decoder.last_engine == "on" and service.decoder.last_loop == "engine"
     service.decoder.token_loop = "generate"
     try:
-        ref = service.completion(parse_request(CompletionRequest, req))["choices"][0]
+        ref_res = service.completion(parse_request(CompletionRequest, req))
         assert service.decoder.last_loop == "generate (asked)"
     finally:
         service.decoder.token_loop = "auto"
-    assert got == ref
+    assert got == ref_res["choices"][0] and res["usage"] == ref_res["usage"]
 
 
 def test_chat_uses_template_and_default_max_tokens(service):

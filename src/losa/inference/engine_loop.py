@@ -58,10 +58,13 @@ class LoopPlan(NamedTuple):
 
 
 def _is_default(value: Any, default: Any) -> bool:
-    """Whether an option is at its default: both unset (None or False), or equal values of one type (``0`` is a
-    token id or a time limit that ``generate`` acts on, not an unset option)."""
-    unset = (value is None or value is False) and (default is None or default is False)
-    return unset or (type(value) is type(default) and value == default)
+    """Whether an option is at its default: both unset (None or False), or equal values; ``0`` is not unset (it is
+    a token id or a time limit that ``generate`` acts on), while ``1`` equals ``1.0``."""
+    if (value is None or value is False) and (default is None or default is False):
+        return True
+    if isinstance(value, bool) or isinstance(default, bool) or value is None or default is None:
+        return value is default
+    return value == default
 
 
 def _merged_options(model: nn.Module, options: dict[str, Any]) -> tuple[Any, dict[str, Any], Any]:

@@ -136,7 +136,8 @@ def build_extension(name: str, source: Path | list[Path], headers: list[Path] | 
     try:
         from torch.utils.cpp_extension import load
 
-        sources = source if isinstance(source, list) else [source]
+        # resolved, as the digest hashes them: ninja must see one path per file (symlinked checkouts too)
+        sources = [Path(p).resolve() for p in (source if isinstance(source, list) else [source])]
         directory = build_directory(name, build_digest(sources, headers))
         if not (directory / f"{name}.so").exists():
             log.info("compiling the %s C++ kernel (once per machine, about a minute) ...", name)
