@@ -36,7 +36,8 @@ weights are kept). Greedy, a fixed prompt, exactly ``--tokens`` new tokens, best
 floor is the bytes one decoded token streams (packed sparse linears, LM head) over the read bandwidth measured
 as in bench_inference.py, before the timings and again after every repetition of each thread count, the best
 taken (the VM's speed swings within a run; the best time of each mode pairs with the best bandwidth); rows with
-``bandwidth_GBps_lowest`` (the ``GB/s low`` column) were measured so, earlier rows once, before the timings. Rows are appended to benchmarks/results/decode.jsonl and decode.md is rendered from all
+``bandwidth_GBps_lowest`` (the ``GB/s low`` column) were measured so, earlier rows once, before the timings.
+Rows are appended to benchmarks/results/decode.jsonl and decode.md is rendered from all
 rows. Run: ``PYTHONPATH=src python benchmarks/bench_decode.py``.
 """
 
@@ -348,7 +349,6 @@ def main(argv: list[str] | None = None) -> int:
                 best[name] = min(best[name], t)
             now = bandwidth(th, reps=2)  # the VM's speed swings: pair the best times with the best bandwidth
             bw[th], bw_low[th] = max(bw[th], now), min(bw_low[th], now)
-            torch.set_num_threads(th)
         print(f"bandwidth GB/s on {th} threads: {bw_low[th]:.1f}-{bw[th]:.1f} during the run", flush=True)
         for name, m in modes.items():
             ms = 1000 * best[name] / args.tokens
