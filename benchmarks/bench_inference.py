@@ -45,14 +45,18 @@ LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 PATTERNS = ["50%", "60%", "70%", "80%", "2:4"]
 
 
-def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved round-robin."""
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1,
+                between: Callable[[], object] | None = None) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved round-robin; ``between`` (untimed) runs before
+    every timed call, e.g. to evict the caches so that no function finds the previous one's data there."""
     for f in fns.values():
         for _ in range(warmup):
             f()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
+            if between is not None:
+                between()
             t = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t)

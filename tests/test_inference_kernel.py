@@ -286,7 +286,7 @@ def test_sparse_bf16_prefill_matches_exact_products(out_f, in_f, pattern, fmt, b
 
 
 @pytest.mark.skipif(not BF16_SPARSE_PREFILL, reason="zero-skipping bf16 prefill needs an AVX512-BF16 CPU")
-def test_sparse_prefill_is_chosen_by_density(monkeypatch, sparse_gemm_by_default):
+def test_sparse_prefill_is_chosen_by_density(monkeypatch, no_amx, sparse_gemm_by_default):
     """Layers sparser than SPARSE_PREFILL_MAX_DENSITY use it for large bf16 batches; denser ones do not (on a CPU
     where it is on by default)."""
     from losa.inference import sparse_linear as sl
@@ -329,6 +329,12 @@ def test_sparse_prefill_is_chosen_by_density(monkeypatch, sparse_gemm_by_default
     assert calls == ["spmm", "dense_mm_xw"]
 
 
+@pytest.fixture
+def no_amx(monkeypatch):
+    """The dispatch of a native-bf16 CPU without AMX, also on an AMX machine (the AMX kernel has tests of its own)."""
+    monkeypatch.setattr(kmod, "amx_available", lambda isa=None: False)
+
+
 class _Spy:
     """Records which kernel entry points a layer calls."""
 
@@ -337,7 +343,7 @@ class _Spy:
 
     def __getattr__(self, name):
         fn = getattr(self._k, name)
-        if name in ("sparse_mm_bf16", "dense_mm", "dense_mm_xw", "spmm"):
+        if name in ("sparse_mm_bf16", "dense_mm", "dense_mm_xw", "spmm", "amx_mm_bf16"):
             def wrapped(*a, **kw):
                 self._calls.append(name)
                 return fn(*a, **kw)
@@ -736,6 +742,47 @@ def test_crossovers_from_timings():
     assert crossovers(bf16(1), rows, (128, 256))["sparse_gemm_batch_threshold"] == 0
 
 
+def test_crossovers_with_amx_timings():
+    """With AMX timings the bf16 row loop hands over to the AMX kernel where that is faster, and the AMX kernel
+    runs while it beats the bf16 tiles at every count (prompt sizes included)."""
+    from losa.inference.thresholds import crossovers
+
+    rows, counts = (1, 2, 4, 8), (1, 2, 4, 8, 128, 256)
+    timings = {"loop": {r: 1.0 for r in rows}, "tiles": {r: 2.0 for r in rows},
+               "loop_bf16": {1: 1.0, 2: 1.5, 4: 3.0, 8: 6.0}, "tiles_bf16": {r: 4.0 for r in counts},
+               "sparse_gemm_bf16": {r: 9.0 for r in counts},
+               "amx_bf16": {1: 2.0, 2: 2.0, 4: 2.0, 8: 2.5, 128: 3.0, 256: 5.0}}
+    entry = crossovers(timings, rows, (128, 256))
+    # the loop beats the AMX kernel at 1 and 2 rows (not against the tiles at 4: the AMX kernel is what follows)
+    assert entry["dense_batch_threshold_bf16"] == 2
+    assert entry["amx_max_rows"] == 128  # loses to the tiles at 256
+    timings["amx_bf16"][1] = 9.0  # a loss at the first count: never
+    assert crossovers(timings, rows, (128, 256))["amx_max_rows"] == 0
+
+
+def test_cached_bf16_threshold_from_before_amx_is_not_used(monkeypatch):
+    """On an AMX CPU a cached bf16 row-loop threshold measured against the tiles only (no ``amx_max_rows``) is
+    left out, and ``advice`` says to measure again; on other CPUs it is used."""
+    from losa.inference import thresholds
+
+    isa = kmod.best_isa() if KERNEL is not None else 2
+    monkeypatch.setattr(thresholds, "cpu_key", lambda name: f"test cpu | {name}")
+    monkeypatch.setattr(kmod, "ISA_NAMES", {**kmod.ISA_NAMES})
+    thresholds.save({"dense_batch_threshold": 7, "dense_batch_threshold_bf16": 12, "prefill_rows": [128],
+                     "sparse_gemm_batch_threshold": "never"}, kmod.ISA_NAMES[isa])
+    for amx in (True, False):
+        monkeypatch.setattr(kmod, "amx_available", lambda isa=None, amx=amx: amx)
+        thresholds.clear()
+        cached = thresholds.cached_thresholds(isa)
+        assert cached["dense_batch_threshold"] == 7
+        assert ("dense_batch_threshold_bf16" in cached) is not amx
+        assert ("AMX" in (thresholds.advice(isa) or "")) is amx
+    thresholds.save({"dense_batch_threshold_bf16": 3, "amx_max_rows": 64}, kmod.ISA_NAMES[isa])
+    monkeypatch.setattr(kmod, "amx_available", lambda isa=None: True)
+    assert thresholds.cached_thresholds(isa) == {"dense_batch_threshold_bf16": 3, "amx_max_rows": 64}
+    assert thresholds.advice(isa) is None
+
+
 def test_tile_rows_measured_else_per_cpu_default(monkeypatch):
     """The tile height: the fastest measured (bench-runtime), else 512 rows for bf16 GEMMs on AMX, else 256."""
     from losa.inference import sparse_linear as sl
@@ -810,7 +857,7 @@ def test_sparse_gemm_default_per_cpu(fields, expected):
 
 @pytest.mark.skipif(not BF16_SPARSE_PREFILL, reason="zero-skipping bf16 prefill needs an AVX512-BF16 CPU")
 @pytest.mark.parametrize("default_on", [True, False])
-def test_unmeasured_cpu_takes_its_kinds_prefill_path(monkeypatch, default_on):
+def test_unmeasured_cpu_takes_its_kinds_prefill_path(monkeypatch, no_amx, default_on):
     """Nothing cached: a 70 % bf16 layer's large batches take the zero-skipping GEMM only on CPUs where it is on
     by default; a cached measurement overrides the default either way."""
     from losa.inference import sparse_linear as sl
@@ -832,7 +879,7 @@ def test_unmeasured_cpu_takes_its_kinds_prefill_path(monkeypatch, default_on):
 
 
 @pytest.mark.skipif(not BF16_SPARSE_PREFILL, reason="zero-skipping bf16 prefill needs an AVX512-BF16 CPU")
-def test_measured_sparse_gemm_threshold_drives_the_prefill(monkeypatch):
+def test_measured_sparse_gemm_threshold_drives_the_prefill(monkeypatch, no_amx):
     """A cached "never" keeps large bf16 batches on the decompressed tiles; a cached count moves the switch."""
     from losa.inference import sparse_linear as sl
     from losa.inference import thresholds
@@ -886,3 +933,92 @@ def test_one_row_decode_with_odd_and_even_output_rows(isa, n, k, x_dtype):
         code = {v: c for c, v in kmod.ISA_NAMES.items()}[isa]
         y = KERNEL.spmm(x, p.meta, p.values, p.row_ptr, b, n, k, FORMAT_CODES[fmt], code)
         torch.testing.assert_close(y, reference(x.float(), w, b, torch.bfloat16), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ AMX tiles kernel (CPUs with AMX-BF16)
+
+AMX = KERNEL is not None and bool(KERNEL.amx_available())
+needs_amx = pytest.mark.skipif(not AMX, reason="needs a CPU with AMX-BF16 (Sapphire Rapids or later)")
+
+
+def _products_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Worst-case error of float32 sums of exact bf16 products: K * 2^-24 * sum |x_j w_j| (recursive summation)."""
+    return x.shape[1] * 2.0 ** -24 * (x.double().abs() @ w.double().abs().t())
+
+
+@needs_amx
+@pytest.mark.parametrize("out_f,in_f,pattern,fmt", [(64, 96, 0.7, "bitmask"), (100, 70, 0.5, "bitmask"),
+                                                    (33, 2050, 0.6, "bitmask"), (96, 64, "2:4", "nm24"),
+                                                    (40, 96, "1:4", "nm14")])
+@pytest.mark.parametrize("batch", [1, 15, 16, 17, 32, 33, 100, 200])
+def test_amx_matches_exact_products(out_f, in_f, pattern, fmt, batch):
+    """The AMX kernel against float64 sums of the same bf16 products: float32 sums (with a bias) within the
+    summation bound, bf16 sums (without) within one bf16 rounding of it. Batches cover one and two token tiles
+    (the sums kept in tiles) and the chunked path beyond 32 rows (several input chunks at 2050 inputs)."""
+    gen = torch.Generator().manual_seed(batch * 131 + out_f)
+    w = (torch.randn(out_f, in_f, generator=gen) * random_mask(out_f, in_f, pattern, gen)).bfloat16()
+    p = pack(w, torch.bfloat16, fmt)
+    x = torch.randn(batch, in_f, generator=gen).bfloat16()
+    b = torch.randn(out_f, generator=gen)
+    exact = F.linear(x.double(), w.double())
+    bound = _products_bound(x, w)
+    y = KERNEL.amx_mm_bf16(x, p.meta, p.values, p.row_ptr, b, out_f, in_f, FORMAT_CODES[fmt])
+    assert y.dtype == torch.float32 and y.shape == (batch, out_f)
+    assert ((y.double() - exact - b.double()).abs() <= bound + 1e-6 * b.double().abs()).all()
+    yb = KERNEL.amx_mm_bf16(x, p.meta, p.values, p.row_ptr, None, out_f, in_f, FORMAT_CODES[fmt])
+    assert yb.dtype == torch.bfloat16
+    assert ((yb.double() - exact).abs() <= 2.0 ** -8 * exact.abs() + bound * 1.01).all()
+
+
+@needs_amx
+def test_amx_same_bits_on_any_thread_count():
+    """Each block of 32 weight rows is summed by one thread in a fixed order: 1 and 2 threads give the same bits."""
+    gen = torch.Generator().manual_seed(5)
+    w = (torch.randn(300, 1100, generator=gen) * random_mask(300, 1100, 0.7, gen)).bfloat16()
+    p = pack(w, torch.bfloat16, "bitmask")
+    before = torch.get_num_threads()
+    try:
+        for batch in (8, 70):
+            x = torch.randn(batch, 1100, generator=gen).bfloat16()
+            outs = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                outs.append(KERNEL.amx_mm_bf16(x, p.meta, p.values, p.row_ptr, None, 300, 1100, 0))
+            assert torch.equal(outs[0], outs[1])
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_amx
+def test_amx_runs_between_the_row_loop_and_the_large_batch_paths(monkeypatch):
+    """bf16 batches of a bf16 layer: the row loop up to AMX_ROW_LOOP_ROWS[_SMALL] rows, the AMX kernel up to
+    AMX_MAX_ROWS, the large-batch paths above; float32 inputs and a forced lower ISA never reach it."""
+    from losa.inference import sparse_linear as sl
+
+    gen = torch.Generator().manual_seed(17)
+    w = torch.randn(64, 96, generator=gen) * random_mask(64, 96, 0.5, gen)  # small, not sparse enough for sparse GEMM
+    layer = SparseLinear.from_dense(w, None, "bfloat16")
+    calls = []
+    monkeypatch.setattr(sl._kernel, "load_kernel", lambda: _Spy(KERNEL, calls))
+    small = sl.AMX_ROW_LOOP_ROWS_SMALL
+    for rows in (small, small + 1, sl.AMX_MAX_ROWS, sl.AMX_MAX_ROWS + 1):
+        x = torch.randn(rows, 96, generator=gen).bfloat16()
+        torch.testing.assert_close(layer(x).double(), F.linear(x.double(), w.bfloat16().double()), rtol=2e-2, atol=2e-2)
+    assert calls == ["spmm", "amx_mm_bf16", "amx_mm_bf16", "dense_mm"]
+    calls.clear()
+    layer(torch.randn(8, 96, generator=gen))  # float32 inputs: the float32 paths
+    assert calls == ["spmm"]
+    calls.clear()
+    monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")
+    assert not kmod.amx_available()
+    layer(torch.randn(8, 96, generator=gen).bfloat16())
+    assert "amx_mm_bf16" not in calls
+
+
+@pytest.mark.skipif(KERNEL is None or AMX, reason="checks the error on a CPU without AMX")
+def test_amx_kernel_says_what_it_needs_without_amx():
+    w = torch.randn(32, 64).bfloat16()
+    p = pack(w, torch.bfloat16, "bitmask")
+    with pytest.raises(RuntimeError, match="AMX"):
+        KERNEL.amx_mm_bf16(torch.randn(4, 64).bfloat16(), p.meta, p.values, p.row_ptr, None, 32, 64, 0)
+    assert not kmod.amx_available()

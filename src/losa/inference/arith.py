@@ -9,7 +9,8 @@ The rules (numbers: benchmarks/results/avx2_decode.md, inference_bf16.md, prefil
 * **AVX-512 with AVX512-BF16** (Zen 4, Sapphire Rapids; AMX as well on the latter): a bf16 model with bf16
   values. Decode multiplies bf16 x bf16 with ``vdpbf16ps`` (1.4-1.9x the float32 loop), prompts run the
   zero-skipping bf16 GEMM (where measured faster: Zen 4, or what ``losa bench-runtime`` found here) or torch's
-  bf16 GEMM on decompressed tiles (oneDNN, AMX where present).
+  bf16 GEMM on decompressed tiles (oneDNN, AMX where present). With AMX, batches of a few rows up to short
+  prompts run on AMX tiles fed straight from the expanded weights (amx_batch.md).
 * **AVX2 only, or AVX-512 without BF16** (Zen 2/3, Haswell-Skylake, Ice Lake): a float32 model, bf16
   values, float32 activations. Decode is bound by the bytes it streams; bf16 values halve them and are
   widened exactly (the AVX2 loop does it with one byte shuffle). torch's bf16 GEMM has no hardware support
@@ -45,7 +46,7 @@ class IsaInfo:
     Attributes:
         level: the sparse kernel's instruction set, after ``LOSA_SPARSE_ISA``: "scalar", "avx2" or "avx512".
         native_bf16: AVX512-BF16 usable at that level (hardware bf16 dot products; fast bf16 GEMMs).
-        amx: AMX-BF16 present (reported only: torch's oneDNN uses it for bf16 GEMMs).
+        amx: AMX-BF16 present (small bf16 batches run the AMX tiles kernel; torch's oneDNN uses it for bf16 GEMMs).
         sparse_gemm: a bf16 prompt on layers >= 65 % sparse skips zeros (the zero-skipping GEMM) instead of
             feeding decompressed tiles to torch's bf16 GEMM (:func:`losa.inference.thresholds.sparse_gemm_enabled`:
             measured here, else the default of this kind of CPU); only with ``native_bf16``.
@@ -164,7 +165,8 @@ def choose_arithmetic(isa: IsaInfo, requested: Requested = Requested()) -> Choic
         why = "no compiled kernel: dense fallback, float32 keeps the weights exact"
         auto = ("float32", "float32")
     elif native:
-        why = "native bf16: vdpbf16ps decode on bf16 values, bf16 prompt GEMMs" + (" (AMX)" if isa.amx else "")
+        why = ("native bf16: vdpbf16ps decode on bf16 values, bf16 prompt GEMMs"
+               + (" (AMX; AMX tiles for small batches)" if isa.amx else ""))
         auto = ("bfloat16", "bfloat16")
     elif isa.level == "scalar":
         why = "portable loop: float32 activations, bf16 values halve the weight bytes"

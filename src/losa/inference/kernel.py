@@ -172,6 +172,28 @@ def native_bf16(isa: int | None = None) -> bool:
     return (best_isa() if isa is None else isa) == _ISA_CODES["avx512"]
 
 
+@lru_cache(maxsize=1)
+def _cpu_has_amx() -> bool:
+    k = load_kernel()
+    return k is not None and bool(k.amx_available())
+
+
+def amx_available(isa: int | None = None) -> bool:
+    """Whether bf16 batches may run on the AMX tiles kernel (``amx_mm_bf16``) at ISA level ``isa``.
+
+    True on CPUs with AMX-BF16 (Sapphire Rapids and later Xeons) at the AVX-512 level with native bf16, where
+    Linux granted the process its tile state; False elsewhere and at a level forced lower with
+    ``LOSA_SPARSE_ISA``.
+
+    Args:
+        isa: the kernel's ISA code (default :func:`best_isa`).
+
+    Returns:
+        Whether the AMX kernel runs here.
+    """
+    return native_bf16(isa) and _cpu_has_amx()
+
+
 def bf16_dot_available() -> bool:
     """Whether bf16 inputs with bf16 values use the AVX512-BF16 loop here (else: float32 on widened inputs)."""
     return native_bf16()

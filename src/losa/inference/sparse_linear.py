@@ -67,6 +67,14 @@ SPARSE_PREFILL_MAX_DENSITY = 0.35
 #: rows the tiles were 0.99-1.15x of dense bf16 and the sparse GEMM 0.82-0.98x, at 32 rows 1.00-1.08x vs
 #: 1.01-1.15x (70 %, LLaMA-7B shapes; benchmarks/results/small_batch.md).
 SPARSE_GEMM_BATCH_THRESHOLD = 24
+#: CPUs with AMX (Sapphire Rapids and later Xeons) multiply bf16 batches on AMX tiles fed straight from the
+#: expanded weights (``amx_mm_bf16``), whose cost hardly grows with the rows up to 32. The row loop stays up to
+#: ``AMX_ROW_LOOP_ROWS`` rows (``AMX_ROW_LOOP_ROWS_SMALL`` for small layers), the AMX kernel runs above it up to
+#: ``AMX_MAX_ROWS`` rows, and larger batches keep the paths above. Measured against the row loop and the
+#: decompressed tiles on LLaMA-7B and SmolLM2 shapes, 1 and 2 threads (benchmarks/results/amx_batch.md).
+AMX_ROW_LOOP_ROWS = 4
+AMX_ROW_LOOP_ROWS_SMALL = 2
+AMX_MAX_ROWS = 128
 #: Rows decompressed per dense tile in the prefill path (measured there: 256 ~ 1024 < 64 < whole matrix).
 DENSE_TILE_ROWS = 256
 #: The same for bf16 tiles on CPUs with AMX, whose tile GEMM gains from larger tiles (a Xeon with AMX, 128-row
@@ -199,8 +207,9 @@ def row_loop_threshold(x_dtype: torch.dtype, values_dtype: torch.dtype, small: b
 
     The measured value of ``losa bench-runtime`` for this CPU and ISA where cached, else the built-in default
     (``DENSE_BATCH_THRESHOLD``, or ``DENSE_BATCH_THRESHOLD_BF16`` for bf16 inputs with bf16 values on a CPU
-    with native bf16). Small layers with bf16 inputs on such CPUs always use ``DENSE_BATCH_THRESHOLD_BF16_SMALL``
-    (``losa bench-runtime`` measures large layers only).
+    with native bf16, ``AMX_ROW_LOOP_ROWS`` where it also has AMX). Small layers with bf16 inputs on such CPUs
+    always use ``DENSE_BATCH_THRESHOLD_BF16_SMALL`` (``AMX_ROW_LOOP_ROWS_SMALL`` with AMX; ``losa bench-runtime``
+    measures large layers only).
 
     Args:
         x_dtype: dtype of the activations.
@@ -216,7 +225,10 @@ def row_loop_threshold(x_dtype: torch.dtype, values_dtype: torch.dtype, small: b
     """
     measured = _thresholds.cached_thresholds(isa)
     if x_dtype == torch.bfloat16 and values_dtype == torch.bfloat16 and _kernel.native_bf16(isa):
-        bf16_default = DENSE_BATCH_THRESHOLD_BF16_SMALL if small else DENSE_BATCH_THRESHOLD_BF16
+        if _kernel.amx_available(isa):
+            bf16_default = AMX_ROW_LOOP_ROWS_SMALL if small else AMX_ROW_LOOP_ROWS
+        else:
+            bf16_default = DENSE_BATCH_THRESHOLD_BF16_SMALL if small else DENSE_BATCH_THRESHOLD_BF16
         return bf16_default if small else measured.get("dense_batch_threshold_bf16", bf16_default)
     return measured.get("dense_batch_threshold", DENSE_BATCH_THRESHOLD)
 
@@ -332,6 +344,8 @@ def sparse_matmul(x2: torch.Tensor, meta: torch.Tensor, values: torch.Tensor, ro
     rows = x2.shape[0]
     if rows <= threshold:
         y = k.spmm(x2, *args)
+    elif bf16_in and rows <= measured.get("amx_max_rows", AMX_MAX_ROWS) and _kernel.amx_available(isa):
+        y = k.amx_mm_bf16(x2, *args[:-1])
     elif bf16_in and native and sparse_prefill and rows > measured.get("sparse_gemm_batch_threshold",
                                                                          SPARSE_GEMM_BATCH_THRESHOLD):
         y = k.sparse_mm_bf16(x2, *args[:-1])

@@ -10,7 +10,9 @@ default; whether bf16 prompts take the zero-skipping GEMM at all defaults per ki
 
 Keys of a cache entry: ``dense_batch_threshold`` (float32 activations: row loop up to this many rows, then
 tiles), ``dense_batch_threshold_bf16`` and ``sparse_gemm_batch_threshold`` (bf16 activations; native-bf16
-CPUs only), plus how they were measured (``date``, ``threads``, ``shape``, ``sparsity``, ``timings_ms``).
+CPUs only), ``amx_max_rows`` (CPUs with AMX: bf16 batches above the row loop's threshold and up to this many
+rows run on the AMX tiles kernel), plus how they were measured (``date``, ``threads``, ``shape``,
+``sparsity``, ``timings_ms``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from losa.errors import LosaError
 _K = TypeVar("_K")
 
 CACHE_NAME = "runtime_thresholds.json"
-KEYS = ("dense_batch_threshold", "dense_batch_threshold_bf16", "sparse_gemm_batch_threshold", "dense_tile_rows")
+KEYS = ("dense_batch_threshold", "dense_batch_threshold_bf16", "sparse_gemm_batch_threshold", "dense_tile_rows",
+        "amx_max_rows")
 #: batch rows tried when measuring (the loop wins at 1 row everywhere; beyond 64 rows tiles always won)
 ROWS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 #: prompt-sized batches at which the zero-skipping bf16 GEMM is also timed against the decompressed tiles (it
@@ -85,6 +88,14 @@ def _entry(isa: int) -> dict:
     return entry if isinstance(entry, dict) else {}
 
 
+def _stale_bf16_rows(entry: dict) -> bool:
+    """An entry written on an AMX CPU before the AMX kernel was timed (no ``amx_max_rows``): its bf16 row-loop
+    threshold was measured against the decompressed tiles, not against the AMX kernel that now follows the loop."""
+    from losa.inference import kernel as _kernel
+
+    return "dense_batch_threshold_bf16" in entry and "amx_max_rows" not in entry and _kernel.amx_available()
+
+
 def _stale_sparse_gemm(entry: dict) -> bool:
     """An entry written before the sparse GEMM was also timed at prompt sizes (no ``prefill_rows``): its
     threshold was the last batch measured, even where the tiles won at every size."""
@@ -98,6 +109,8 @@ def _cached(isa: int) -> dict:
         value = entry.get(name)
         if name == "sparse_gemm_batch_threshold" and _stale_sparse_gemm(entry):
             continue  # this kind of CPU's default until losa bench-runtime measures again (advice() says so)
+        if name == "dense_batch_threshold_bf16" and _stale_bf16_rows(entry):
+            continue  # the AMX default until measured again (advice() says so)
         if name == "sparse_gemm_batch_threshold" and value == "never":
             out[name] = NEVER
         elif isinstance(value, int) and value >= (1 if name == "dense_tile_rows" else 0):
@@ -125,6 +138,9 @@ def advice(isa: int) -> str | None:
     if _stale_sparse_gemm(entry):
         return ("the cached batch-size thresholds predate timing the sparse GEMM at prompt sizes, so this kind of "
                 "CPU's default prompt path applies; rerun `losa bench-runtime`")
+    if _stale_bf16_rows(entry):
+        return ("the cached batch-size thresholds predate the AMX kernel, so its default thresholds apply; rerun "
+                "`losa bench-runtime`")
     return None
 
 
@@ -243,15 +259,16 @@ def crossovers(timings: dict[str, dict[int, float]], rows: Sequence[int], prefil
     Args:
         timings: milliseconds per path and row count: ``loop`` and ``tiles`` at every count of ``rows``; where
             the CPU has native bf16 also ``loop_bf16`` (``rows``), ``tiles_bf16`` and ``sparse_gemm_bf16``
-            (``rows`` and ``prefill_rows``).
+            (``rows`` and ``prefill_rows``); where it has AMX also ``amx_bf16`` (``rows`` and ``prefill_rows``).
         rows: the increasing row counts at which every path was timed.
         prefill_rows: the larger counts at which only the two bf16 GEMM paths were timed.
         tile_ms: milliseconds of the tiles at a 128-row prompt per tile height (:data:`TILE_ROWS`), or None.
 
     Returns:
         ``dense_batch_threshold`` (and with bf16 timings ``dense_batch_threshold_bf16``): the largest count up to
-        which the row loop beat the tiles at every count, at least 1 (decode: a whole-matrix decompression per
-        token never wins); ``sparse_gemm_batch_threshold``: the largest count up to which the bf16 tiles beat
+        which the row loop beat the tiles (with AMX timings: the AMX kernel) at every count, at least 1 (decode: a
+        whole-matrix decompression per token never wins); with AMX timings ``amx_max_rows``: the largest count up
+        to which the AMX kernel beat the bf16 tiles at every count (0: never); ``sparse_gemm_batch_threshold``: the largest count up to which the bf16 tiles beat
         the sparse GEMM at every count, ``"never"`` when they won at all of them, and ``prefill_rows`` (the
         marker of an entry that timed prompt sizes); with ``tile_ms``, ``dense_tile_rows``: the fastest height.
 
@@ -260,8 +277,12 @@ def crossovers(timings: dict[str, dict[int, float]], rows: Sequence[int], prefil
     """
     entry: dict[str, int | str] = {"dense_batch_threshold": max(1, _last_win(rows, timings["loop"], timings["tiles"]))}
     if "loop_bf16" in timings:
-        entry["dense_batch_threshold_bf16"] = max(1, _last_win(rows, timings["loop_bf16"], timings["tiles_bf16"]))
         every = [*rows, *prefill_rows]
+        amx = timings.get("amx_bf16")
+        # with AMX the row loop hands over to the AMX kernel, which runs while it beats the tiles
+        entry["dense_batch_threshold_bf16"] = max(1, _last_win(rows, timings["loop_bf16"], amx or timings["tiles_bf16"]))
+        if amx:
+            entry["amx_max_rows"] = _last_win(every, amx, timings["tiles_bf16"])
         last = _last_win(every, timings["tiles_bf16"], timings["sparse_gemm_bf16"])
         entry["sparse_gemm_batch_threshold"] = "never" if last == every[-1] else last
         entry["prefill_rows"] = list(prefill_rows)
@@ -281,8 +302,8 @@ def measure(shape: tuple[int, int] = (4096, 4096), sparsity: float = 0.7, rows: 
         rows: batch row counts to time, increasing.
         reps: interleaved repeats per row count (medians).
         progress: called with one line per row count.
-        prefill_rows: larger row counts at which only the bf16 tiles and the zero-skipping sparse GEMM are
-            timed (native-bf16 CPUs only; those not above ``rows[-1]`` are left out).
+        prefill_rows: larger row counts at which only the bf16 tiles, the zero-skipping sparse GEMM and (with
+            AMX) the AMX kernel are timed (native-bf16 CPUs only; those not above ``rows[-1]`` are left out).
 
     Returns:
         The cache entry: :data:`KEYS` that apply here (the bf16 ones only on native-bf16 CPUs) and how they
@@ -306,6 +327,7 @@ def measure(shape: tuple[int, int] = (4096, 4096), sparsity: float = 0.7, rows: 
     prefill_rows = sorted(r for r in prefill_rows if r > rows[-1])
     isa = _kernel.best_isa()
     native = _kernel.native_bf16(isa)
+    amx = _kernel.amx_available(isa)
     n, kk = shape
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(n, kk, generator=gen)
@@ -336,6 +358,8 @@ def measure(shape: tuple[int, int] = (4096, 4096), sparsity: float = 0.7, rows: 
                     fns["loop_bf16"] = lambda xb=xb: k.spmm(xb, *args)
                 fns.update({"tiles_bf16": lambda xb=xb, f=tiles_bf16: f(xb, *args, tile, True),
                             "sparse_gemm_bf16": lambda xb=xb: k.sparse_mm_bf16(xb, *args[:-1])})
+                if amx:
+                    fns["amx_bf16"] = lambda xb=xb: k.amx_mm_bf16(xb, *args[:-1])
             for name, ms in _median_ms(fns, reps).items():
                 timings.setdefault(name, {})[r] = ms
             if progress:

@@ -44,6 +44,17 @@
 #else
 #define LOSA_BF16 0
 #endif
+// The AMX tile path needs GCC >= 11 (tile intrinsics in target attributes) and Linux (the tile state is
+// requested with arch_prctl); -DLOSA_NO_AMX leaves it out.
+#if LOSA_X86 && defined(__linux__) && !defined(LOSA_NO_AMX) && !defined(__clang__) && defined(__GNUC__) && \
+    __GNUC__ >= 11
+#define LOSA_AMX 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define LOSA_AMX 0
+#endif
 
 namespace {
 
@@ -653,6 +664,14 @@ torch::Tensor pad_input(const torch::Tensor& x, int64_t k, int64_t k32) {
 
 // ---------------------------------------------------------------- exported functions
 
+// the bias as float32 [N] (undefined without one)
+torch::Tensor float_bias(const c10::optional<torch::Tensor>& bias, int64_t n) {
+  if (!(bias.has_value() && bias->defined())) return {};
+  torch::Tensor b = bias->to(torch::kFloat32).contiguous();
+  TORCH_CHECK(b.numel() == n, "bias must have N elements");
+  return b;
+}
+
 // Sparse GEMV/GEMM for small batches: y [B, N] = x [B, K] · Wᵀ (+ bias).
 torch::Tensor spmm(const torch::Tensor& x, const torch::Tensor& meta, const torch::Tensor& values,
                    const torch::Tensor& row_ptr, const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k,
@@ -815,6 +834,295 @@ torch::Tensor sparse_mm_bf16(const torch::Tensor& x, const torch::Tensor& meta, 
 #endif
 }
 
+
+// ---------------------------------------------------------------- AMX bf16 tiles (small batches and prompts)
+// On CPUs with AMX (Sapphire Rapids and later Xeons) a tile multiply-add TDPBF16PS computes a 16 x 16 float32
+// block from 16 x 32 bf16 weights and 32 x 16 bf16 inputs. The weights are expanded 32 rows at a time into a
+// cache-resident buffer (vpexpandw, as for the decompressed tiles) and fed to the tiles straight from there:
+// no GEMM call per tile and no buffer larger than the L2. Unlike the vdpbf16ps row loop, whose work grows with
+// the batch rows, 16 (and 32) rows cost one tile multiply, so small batches cost about as much as one row.
+//   C (tiles 0-3) [16 weight rows x 16 tokens] float32 += A (tiles 4, 5) [16 weight rows x 32 inputs] bf16
+//                                                        x B (tiles 6, 7) [32 inputs x 16 tokens] bf16
+// B is in the tiles' pair-interleaved layout: row r of a tile holds inputs 2r and 2r+1 of each of 16 tokens,
+// prepared once per call (xv [token tile][input block][16 rows][16 tokens][2]). Inputs go in chunks of
+// kAmxChunk so that the chunk of xv the weight rows share stays in the L2; the float32 sums yT [N32, T16]
+// are stored after each chunk and loaded again for the next.
+#if LOSA_AMX
+#define LOSA_AMXFN \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,avx2,fma,popcnt,amx-tile,amx-bf16")))
+
+constexpr int64_t kAmxChunk = 1024;  // inputs per chunk (32 blocks): xv chunk of 128 tokens = 256 KiB
+
+// AMX-BF16 and AMX-TILE in CPUID, and the tile state granted by Linux (>= 5.16) for this process.
+bool amx_usable() {
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// yT[o, 16 tt .. 16 tt + 16 NT) for weight rows [ob, ob + 32) over input blocks [kb0, kb0 + nkb) of one chunk;
+// w holds the chunk's 32 expanded rows (row stride ldw elements); first: start from zero instead of yT.
+template <int NT>
+LOSA_AMXFN inline void amx_block(const uint16_t* w, int64_t ldw, const uint16_t* xv, int64_t nblk, int64_t kb0,
+                                 int64_t nkb, float* yT, int64_t ldy, int64_t ob, int64_t tt, bool first) {
+  float* c0 = yT + ob * ldy + 16 * tt;
+  float* c1 = c0 + 16 * ldy;
+  const int64_t sy = ldy * 4;
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(2);
+    if constexpr (NT == 2) { _tile_zero(1); _tile_zero(3); }
+  } else {
+    _tile_loadd(0, c0, sy);
+    _tile_loadd(2, c1, sy);
+    if constexpr (NT == 2) { _tile_loadd(1, c0 + 16, sy); _tile_loadd(3, c1 + 16, sy); }
+  }
+  const uint16_t* x0 = xv + (tt * nblk + kb0) * 512;
+  const uint16_t* x1 = x0 + nblk * 512;
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    _tile_loadd(4, w + 32 * kb, ldw * 2);
+    _tile_loadd(5, w + 16 * ldw + 32 * kb, ldw * 2);
+    _tile_loadd(6, x0 + 512 * kb, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    if constexpr (NT == 2) {
+      _tile_loadd(7, x1 + 512 * kb, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c0, sy);
+  _tile_stored(2, c1, sy);
+  if constexpr (NT == 2) { _tile_stored(1, c0 + 16, sy); _tile_stored(3, c1 + 16, sy); }
+}
+
+// The 32 weight rows [ob, ob + 32) (rows past N are zero) for input blocks [kb0, kb0 + nkb), bf16, into w
+// (row stride ldw); vp[o] is row o's next packed value and advances past the chunk. With several chunks a row's
+// part of a chunk is a short piece of its values, too short for the hardware prefetcher: each row prefetches the
+// piece of the same row of the next block (pf_bytes, the average piece).
+template <int F>
+LOSA_AMXFN void amx_expand(const Packed& p, int64_t* vp, int64_t ob, int64_t kb0, int64_t nkb, uint16_t* w,
+                           int64_t ldw, int64_t pf_bytes) {
+  const uint16_t* vals = static_cast<const uint16_t*>(p.values);
+  const int64_t meta_bytes = F == NM14 ? 2 : 4;
+  for (int64_t r = 0; r < 32; ++r) {
+    uint16_t* d = w + r * ldw;
+    const int64_t o = ob + r;
+    if (o >= p.n) {
+      std::memset(d, 0, nkb * 64);
+      continue;
+    }
+    if (pf_bytes > 0 && o + 32 < p.n) {
+      const char* q = reinterpret_cast<const char*>(vals + vp[o + 32]);
+      for (int64_t i = 0; i < pf_bytes; i += 64) _mm_prefetch(q + i, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p.meta + (o + 32) * p.stride + meta_bytes * kb0), _MM_HINT_T0);
+    }
+    const uint8_t* meta = p.meta + o * p.stride;
+    const uint16_t* v = vals + vp[o];
+    const uint16_t* v0 = v;
+    for (int64_t kb = kb0; kb < kb0 + nkb; ++kb)
+      _mm512_storeu_si512(reinterpret_cast<void*>(d + 32 * (kb - kb0)), expand32_bf16(block_mask<F>(meta, kb), v));
+    vp[o] += v - v0;
+  }
+}
+
+// The result of one block of 32 weight rows: y[t, ob + r] = yT[ob + r, t] (+ bias), rounded to bf16 (to nearest
+// even, as torch) or kept in float32, for the B tokens; 16 rows per gather.
+struct AmxOut {
+  void* y;
+  const float* bias;
+  int64_t B, n;
+  bool bf16;
+};
+
+LOSA_AMXFN void amx_write(const float* c, int64_t ldc, int64_t ob, const AmxOut& out) {
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(ldc)));
+  for (int64_t r0 = 0; r0 < 32 && ob + r0 < out.n; r0 += 16) {
+    const int64_t cnt = std::min<int64_t>(16, out.n - ob - r0);
+    const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1);
+    const __m512 b = out.bias ? _mm512_maskz_loadu_ps(m, out.bias + ob + r0) : _mm512_setzero_ps();
+    const float* col = c + r0 * ldc;
+    for (int64_t t = 0; t < out.B; ++t) {
+      const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(rows, col + t, 4), b);
+      if (out.bf16)
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out.y) + t * out.n + ob + r0, m,
+                                 (__m256i)_mm512_cvtneps_pbh(v));
+      else
+        _mm512_mask_storeu_ps(static_cast<float*>(out.y) + t * out.n + ob + r0, m, v);
+    }
+  }
+}
+
+LOSA_AMXFN inline void amx_config() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// Up to 32 tokens (NT token tiles): the four sums stay in tiles 0-3 over the whole input, and the weights are
+// expanded kAmxSub blocks of 32 inputs at a time into an L1-resident buffer that the tiles read right away.
+constexpr int64_t kAmxSub = 8;
+
+template <int F, int NT>
+LOSA_AMXFN void amx_rows_small(const Packed& p, const uint16_t* xv, const AmxOut& out, int64_t blk0, int64_t blk1) {
+  amx_config();
+  constexpr int64_t ldw = 32 * kAmxSub + 32;  // +64 bytes: rows in different cache sets
+  alignas(64) uint16_t w[32 * ldw];
+  alignas(64) float c[32 * 32];
+  const uint16_t* vals = static_cast<const uint16_t*>(p.values);
+  const int64_t nblk = p.k32 / 32;
+  const int64_t meta_bytes = F == NM14 ? 2 : 4;
+  for (int64_t b = blk0; b < blk1; ++b) {
+    const int64_t ob = 32 * b, rows = std::min<int64_t>(32, p.n - ob);
+    const uint16_t* v[32];
+    for (int64_t r = 0; r < rows; ++r) v[r] = vals + p.row_ptr[ob + r];
+    if (rows < 32) std::memset(w + rows * ldw, 0, sizeof(uint16_t) * (32 - rows) * ldw);
+    _tile_zero(0);
+    _tile_zero(2);
+    if constexpr (NT == 2) { _tile_zero(1); _tile_zero(3); }
+    for (int64_t s0 = 0; s0 < nblk; s0 += kAmxSub) {
+      const int64_t ns = std::min(kAmxSub, nblk - s0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const uint8_t* meta = p.meta + (ob + r) * p.stride;
+        _mm_prefetch(reinterpret_cast<const char*>(v[r]) + 1024, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(meta + meta_bytes * s0) + 256, _MM_HINT_T0);
+        uint16_t* d = w + r * ldw;
+        for (int64_t kb = 0; kb < ns; ++kb)
+          _mm512_storeu_si512(reinterpret_cast<void*>(d + 32 * kb), expand32_bf16(block_mask<F>(meta, s0 + kb), v[r]));
+      }
+      const uint16_t* x0 = xv + s0 * 512;
+      for (int64_t kb = 0; kb < ns; ++kb) {
+        _tile_loadd(4, w + 32 * kb, ldw * 2);
+        _tile_loadd(5, w + 16 * ldw + 32 * kb, ldw * 2);
+        _tile_loadd(6, x0 + 512 * kb, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+        if constexpr (NT == 2) {
+          _tile_loadd(7, x0 + nblk * 512 + 512 * kb, 64);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+    }
+    _tile_stored(0, c, 128);
+    _tile_stored(2, c + 16 * 32, 128);
+    if constexpr (NT == 2) { _tile_stored(1, c + 16, 128); _tile_stored(3, c + 16 * 32 + 16, 128); }
+    amx_write(c, 32, ob, out);
+  }
+  _tile_release();
+}
+
+template <int F>
+LOSA_AMXFN void amx_rows(const Packed& p, int64_t* vp, const uint16_t* xv, int64_t ntt, float* yT, int64_t ldy,
+                         int64_t kb0, int64_t nkb, int64_t pf_bytes, const AmxOut* out, int64_t blk0, int64_t blk1) {
+  amx_config();
+  const int64_t nblk = p.k32 / 32, ldw = 32 * nkb + 32;  // +64 bytes: rows in different cache sets
+  std::vector<uint16_t> w(32 * ldw);
+  for (int64_t b = blk0; b < blk1; ++b) {
+    const int64_t ob = 32 * b;
+    amx_expand<F>(p, vp, ob, kb0, nkb, w.data(), ldw, pf_bytes);
+    int64_t tt = 0;
+    for (; tt + 1 < ntt; tt += 2) amx_block<2>(w.data(), ldw, xv, nblk, kb0, nkb, yT, ldy, ob, tt, kb0 == 0);
+    if (tt < ntt) amx_block<1>(w.data(), ldw, xv, nblk, kb0, nkb, yT, ldy, ob, tt, kb0 == 0);
+    if (out) amx_write(yT + ob * ldy, ldy, ob, *out);
+  }
+  _tile_release();
+}
+#endif
+
+bool amx_available() {
+#if LOSA_AMX
+  return best_isa() == AVX512 && amx_usable();
+#else
+  return false;
+#endif
+}
+
+// y [B, N] = x [B, K] · Wᵀ (+ bias) on AMX tiles (bf16 values, bf16 inputs, float32 sums). Returns bf16 sums
+// without bias, float32 sums + bias with one (as sparse_mm_bf16).
+torch::Tensor amx_mm_bf16(const torch::Tensor& x, const torch::Tensor& meta, const torch::Tensor& values,
+                          const torch::Tensor& row_ptr, const c10::optional<torch::Tensor>& bias, int64_t n,
+                          int64_t k, int64_t fmt) {
+  Packed p = make_packed(meta, values, row_ptr, n, k, fmt);
+#if LOSA_AMX
+  TORCH_CHECK(values.dtype() == torch::kBFloat16 && x.dtype() == torch::kBFloat16 && amx_available(),
+              "amx_mm_bf16 needs bf16 values, bf16 inputs and a CPU with AMX-BF16");
+  torch::Tensor xp = pad_input(x, k, p.k32);
+  const int64_t B = xp.size(0), nblk = p.k32 / 32, ntt = (B + 15) / 16, ldy = 16 * ntt;
+  const int64_t n32 = (n + 31) / 32 * 32;
+  // xv[tt][kb][r][t] (pairs of bf16 as one uint32) = x[16 tt + t][32 kb + 2 r .. + 1]; zero past B
+  auto xv = torch::empty({ntt * nblk * 256}, xp.options().dtype(torch::kInt32));
+  const uint32_t* x32 = reinterpret_cast<const uint32_t*>(xp.data_ptr<at::BFloat16>());
+  uint32_t* v32 = reinterpret_cast<uint32_t*>(xv.data_ptr<int32_t>());
+  const int64_t ld32 = p.k32 / 2;
+  at::parallel_for(0, ntt * nblk, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t tt = i / nblk, kb = i % nblk;
+      uint32_t* d = v32 + i * 256;
+      for (int64_t t = 0; t < 16; ++t) {
+        const int64_t row = 16 * tt + t;
+        for (int64_t r = 0; r < 16; ++r) d[16 * r + t] = row < B ? x32[row * ld32 + 16 * kb + r] : 0u;
+      }
+    }
+  });
+  const bool has_bias = bias.has_value() && bias->defined();
+  const torch::Tensor bias32 = float_bias(bias, n);
+  auto y = torch::empty({B, n}, x.options().dtype(has_bias ? torch::kFloat32 : torch::kBFloat16));
+  const AmxOut out{y.data_ptr(), has_bias ? bias32.data_ptr<float>() : nullptr, B, n, !has_bias};
+  const uint16_t* xvp = reinterpret_cast<const uint16_t*>(v32);
+  if (ntt <= 2) {
+    at::parallel_for(0, n32 / 32, 1, [&](int64_t b0, int64_t b1) {
+      const bool two = ntt == 2;
+      switch (fmt) {
+        case BITMASK: two ? amx_rows_small<BITMASK, 2>(p, xvp, out, b0, b1) : amx_rows_small<BITMASK, 1>(p, xvp, out, b0, b1); break;
+        case NM24: two ? amx_rows_small<NM24, 2>(p, xvp, out, b0, b1) : amx_rows_small<NM24, 1>(p, xvp, out, b0, b1); break;
+        default: two ? amx_rows_small<NM14, 2>(p, xvp, out, b0, b1) : amx_rows_small<NM14, 1>(p, xvp, out, b0, b1);
+      }
+    });
+    return y;
+  }
+  auto yT = torch::empty({n32, ldy}, xp.options().dtype(torch::kFloat32));
+  std::vector<int64_t> vp(p.row_ptr, p.row_ptr + n);
+  float* ytp = yT.data_ptr<float>();
+  // inputs per chunk: the chunk of xv (1 KiB per token tile and block of 32 inputs) within 256 KiB
+  const int64_t chunk_blocks = std::max<int64_t>(8, std::min<int64_t>(nblk, 256 / ntt));
+  const double bytes_per_block = 2.0 * static_cast<double>(p.row_ptr[n]) / static_cast<double>(std::max<int64_t>(1, n * nblk));
+  for (int64_t kb0 = 0; kb0 < nblk; kb0 += chunk_blocks) {
+    const int64_t nkb = std::min(chunk_blocks, nblk - kb0);
+    const bool last = kb0 + nkb >= nblk;
+    const int64_t pf_bytes = nkb < nblk ? static_cast<int64_t>(bytes_per_block * nkb) + 64 : 0;
+    at::parallel_for(0, n32 / 32, 1, [&](int64_t b0, int64_t b1) {
+      const AmxOut* o = last ? &out : nullptr;
+      switch (fmt) {
+        case BITMASK: amx_rows<BITMASK>(p, vp.data(), xvp, ntt, ytp, ldy, kb0, nkb, pf_bytes, o, b0, b1); break;
+        case NM24: amx_rows<NM24>(p, vp.data(), xvp, ntt, ytp, ldy, kb0, nkb, pf_bytes, o, b0, b1); break;
+        default: amx_rows<NM14>(p, vp.data(), xvp, ntt, ytp, ldy, kb0, nkb, pf_bytes, o, b0, b1);
+      }
+    });
+  }
+  return y;
+#else
+  TORCH_CHECK(false, "amx_mm_bf16 needs AMX compiler support (GCC >= 11; built with LOSA_NO_AMX or another compiler)");
+#endif
+}
+
 int64_t cpu_isa() { return best_isa(); }
 
 
@@ -837,16 +1145,6 @@ torch::Tensor hugepage_copy(const torch::Tensor& t) {
 #endif
 }
 
-}  // namespace
-
-namespace {
-// the bias as float32 [N] (undefined without one)
-torch::Tensor float_bias(const c10::optional<torch::Tensor>& bias, int64_t n) {
-  if (!(bias.has_value() && bias->defined())) return {};
-  torch::Tensor b = bias->to(torch::kFloat32).contiguous();
-  TORCH_CHECK(b.numel() == n, "bias must have N elements");
-  return b;
-}
 }  // namespace
 
 namespace losa {
@@ -939,6 +1237,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decompress", &decompress, "dense float32 rows of a packed weight");
   m.def("dense_gemv_bf16", &dense_gemv_bf16, "dense bf16 weight times one bf16 row, read in place (AVX512-BF16)");
   m.def("sparse_mm_bf16", &sparse_mm_bf16, "zero-skipping bf16 GEMM for large batches at high sparsity");
+  m.def("amx_mm_bf16", &amx_mm_bf16, "bf16 sparse x dense on AMX tiles (small batches and prompts)");
+  m.def("amx_available", &amx_available, "whether the AMX tile path runs on this CPU (AMX-BF16, tile state granted)");
   m.def("cpu_has_bf16dot", &cpu_has_bf16dot, "whether the bf16-input loop (AVX512-BF16) runs on this CPU");
   m.def("hugepage_copy", &hugepage_copy, "copy a CPU tensor into transparent-huge-page memory (Linux)");
   losa::register_decode_engine(m);
