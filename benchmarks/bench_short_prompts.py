@@ -1,0 +1,127 @@
+"""Short prompts through a sparse bf16 SmolLM2 on a CPU with AMX: the AMX tiles kernel against the paths before it.
+
+A prompt of N tokens runs every linear of the model on N rows. On CPUs with AMX-BF16 the sparse layers of a bf16
+model take N = 5-128 rows (3-128 on small layers) through the AMX tiles kernel (``amx_mm_bf16``); before it they
+took the row loop up to 12 rows (16 on small layers) and decompressed tiles + torch's bf16 GEMM above. This times
+the whole prompt forward (``model(ids, logits_to_keep=1)``, no cache) of SmolLM2-135M-Instruct (dequantised from
+Q4_1, cast to bf16), interleaved, median of ``--reps``:
+
+* ``dense``: the dense bf16 model (torch's bf16 GEMMs: oneDNN on AMX);
+* ``S% amx``: pruned to S % (magnitude per output row; the speed depends on the sparsity, not on which weights)
+  and ``sparsify_for_inference(value_dtype="bfloat16")``, as ``losa generate`` runs it here;
+* ``S% no amx``: the same model with the AMX kernel switched off (``kernel.amx_available`` patched to False), i.e.
+  the dispatch of an AVX512-BF16 CPU without AMX.
+
+``x dense`` = dense ms / mode ms; ``amx gain`` = no-amx ms / amx ms. Rows go to results/short_prompts.jsonl,
+rendered to short_prompts.md. Needs a CPU with AMX-BF16. Run: ``python benchmarks/bench_short_prompts.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import SMOLLM2, provenance  # noqa: E402
+from _rows import read_jsonl, run_sections  # noqa: E402
+from bench_decode import append_rows, prune_magnitude  # noqa: E402
+
+import losa  # noqa: E402
+from losa.errors import LosaError  # noqa: E402
+from losa.inference import kernel as _kernel  # noqa: E402
+from losa.inference import sparsify_for_inference  # noqa: E402
+from losa.utils.io import atomic_write_text  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def render(src: Path, dst: Path) -> None:
+    """Write the markdown of every row in ``src`` to ``dst``."""
+    out = ["# Short prompts through a sparse bf16 SmolLM2: the AMX tiles kernel vs the paths before it", "",
+           "Written by `benchmarks/bench_short_prompts.py` (see its docstring): one prompt forward of N tokens "
+           "(no cache, logits of the last token), modes interleaved, medians. `x dense` = dense bf16 ms / mode ms; "
+           "`amx gain` = the same sparse model's ms with the AMX kernel switched off / with it.", ""]
+    for title, where, rs in run_sections(read_jsonl(src)):
+        load = (f" Load average (1/5/15 min) at start {rs[0]['loadavg_start']}, at end {rs[0]['loadavg_end']} "
+                "(2 CPU cores)." if "loadavg_start" in rs[0] else "")
+        out += [title, "", f"{where}. Model: {rs[0]['model']}.{load}", "",
+                "| threads | tokens | dense ms | sparsity | amx ms | no amx ms | amx x dense | no amx x dense | "
+                "amx gain |", "|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['threads']} | {r['tokens']} | {r['dense_ms']:.2f} | {r['sparsity']:.0%} | {r['amx_ms']:.2f} | "
+                f"{r['no_amx_ms']:.2f} | {r['dense_ms'] / r['amx_ms']:.2f}x | {r['dense_ms'] / r['no_amx_ms']:.2f}x | "
+                f"{r['no_amx_ms'] / r['amx_ms']:.2f}x |" for r in rs]
+        out.append("")
+    atomic_write_text(dst, "\n".join(out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--tokens", default="8,16,32,64,128", help="prompt lengths")
+    ap.add_argument("--sparsities", default="0.5,0.7")
+    ap.add_argument("--out", default=str(RESULTS / "short_prompts.jsonl"))
+    args = ap.parse_args(argv)
+    if args.reps < 1:
+        raise LosaError(f"--reps must be at least 1, got {args.reps}")
+    if not _kernel.amx_available():
+        raise LosaError("this benchmark compares the AMX kernel with the paths before it: it needs a CPU with AMX-BF16 "
+                        "(and no LOSA_SPARSE_ISA below avx512)")
+    run = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M UTC")
+    load_start = os.getloadavg()
+    argv_rec = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
+    base, _tok = losa.load_model("smollm2-135m")
+    base = base.to(torch.bfloat16).eval()
+    sparse = {}
+    for sp in (float(s) for s in args.sparsities.split(",")):
+        m = copy.deepcopy(base)
+        prune_magnitude(m, sp)
+        sparsify_for_inference(m, value_dtype="bfloat16")
+        sparse[sp] = m
+    gen = torch.Generator().manual_seed(0)
+    vocab = base.config.vocab_size
+    no_amx = mock.patch.object(_kernel, "amx_available", lambda isa=None: False)
+    rows = []
+    with torch.inference_mode():
+        for th in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(th)
+            for n in (int(t) for t in args.tokens.split(",")):
+                ids = torch.randint(0, vocab, (1, n), generator=gen)
+                modes = {"dense": (base, False)}
+                for sp, m in sparse.items():
+                    modes[f"{sp} amx"] = (m, False)
+                    modes[f"{sp} no amx"] = (m, True)
+                times: dict[str, list[float]] = {name: [] for name in modes}
+                for _ in range(args.reps + 1):  # the first round warms up
+                    for name, (m, off) in modes.items():
+                        if off:
+                            no_amx.start()
+                        try:
+                            t = time.perf_counter()
+                            m(ids, use_cache=False, logits_to_keep=1)
+                            times[name].append(time.perf_counter() - t)
+                        finally:
+                            if off:
+                                no_amx.stop()
+                ms = {name: statistics.median(v[1:]) * 1e3 for name, v in times.items()}
+                for sp in sparse:
+                    rows.append({**provenance(th, SMOLLM2 + ", bf16", argv_rec), "run": run, "tokens": n,
+                                 "sparsity": sp, "reps": args.reps, "dense_ms": ms["dense"],
+                                 "amx_ms": ms[f"{sp} amx"], "no_amx_ms": ms[f"{sp} no amx"]})
+                    print(f"{th} thr {n:4d} tokens {sp:.0%}: dense {ms['dense']:.2f}  amx {ms[f'{sp} amx']:.2f}  "
+                          f"no amx {ms[f'{sp} no amx']:.2f} ms", flush=True)
+    append_rows(rows, load_start, Path(args.out), render)  # stamps the load averages, appends, renders
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
