@@ -42,8 +42,8 @@ from losa.inference import kernel as kmod  # noqa: E402
 from losa.inference.formats import FORMAT_CODES  # noqa: E402
 from losa.inference.sparse_linear import (  # noqa: E402
     AMX_MAX_ROWS,
+    AMX_MAX_ROWS_SMALL,
     AMX_ROW_LOOP_ROWS,
-    AMX_ROW_LOOP_ROWS_SMALL,
     DENSE_BATCH_THRESHOLD_BF16,
     DENSE_BATCH_THRESHOLD_BF16_SMALL,
     DENSE_TILE_ROWS,
@@ -125,9 +125,9 @@ def chosen_path(r: dict, amx: bool = True) -> float:
     n, k = (int(v) for v in r["shape"].split("x"))
     small = n * k <= SMALL_LAYER_WEIGHTS
     if amx and "amx_x" in r:
-        if r["rows"] <= (AMX_ROW_LOOP_ROWS_SMALL if small else AMX_ROW_LOOP_ROWS):
+        if r["rows"] <= AMX_ROW_LOOP_ROWS:
             return r["loop_x"]
-        if r["rows"] <= AMX_MAX_ROWS:
+        if r["rows"] <= (AMX_MAX_ROWS_SMALL if small else AMX_MAX_ROWS):
             return r["amx_x"]
     elif r["rows"] <= (DENSE_BATCH_THRESHOLD_BF16_SMALL if small else DENSE_BATCH_THRESHOLD_BF16):
         return r["loop_x"]

@@ -991,8 +991,9 @@ def test_amx_same_bits_on_any_thread_count():
 
 @needs_amx
 def test_amx_runs_between_the_row_loop_and_the_large_batch_paths(monkeypatch):
-    """bf16 batches of a bf16 layer: the row loop up to AMX_ROW_LOOP_ROWS[_SMALL] rows, the AMX kernel up to
-    AMX_MAX_ROWS, the large-batch paths above; float32 inputs and a forced lower ISA never reach it."""
+    """bf16 batches of a bf16 layer: the row loop up to AMX_ROW_LOOP_ROWS rows, the AMX kernel up to AMX_MAX_ROWS
+    (AMX_MAX_ROWS_SMALL on a small layer), the large-batch paths above; float32 inputs and a forced lower ISA
+    never reach it."""
     from losa.inference import sparse_linear as sl
 
     gen = torch.Generator().manual_seed(17)
@@ -1000,11 +1001,18 @@ def test_amx_runs_between_the_row_loop_and_the_large_batch_paths(monkeypatch):
     layer = SparseLinear.from_dense(w, None, "bfloat16")
     calls = []
     monkeypatch.setattr(sl._kernel, "load_kernel", lambda: _Spy(KERNEL, calls))
-    small = sl.AMX_ROW_LOOP_ROWS_SMALL
-    for rows in (small, small + 1, sl.AMX_MAX_ROWS, sl.AMX_MAX_ROWS + 1):
+    loop, most = sl.AMX_ROW_LOOP_ROWS, sl.AMX_MAX_ROWS_SMALL
+    assert layer._small
+    for rows in (loop, loop + 1, most, most + 1):
         x = torch.randn(rows, 96, generator=gen).bfloat16()
         torch.testing.assert_close(layer(x).double(), F.linear(x.double(), w.bfloat16().double()), rtol=2e-2, atol=2e-2)
     assert calls == ["spmm", "amx_mm_bf16", "amx_mm_bf16", "dense_mm"]
+    calls.clear()
+    monkeypatch.setattr(sl, "SMALL_LAYER_WEIGHTS", 0)  # the same weights as a large layer: AMX_MAX_ROWS
+    large = SparseLinear.from_dense(w, None, "bfloat16")
+    for rows in (sl.AMX_MAX_ROWS, sl.AMX_MAX_ROWS + 1):
+        large(torch.randn(rows, 96, generator=gen).bfloat16())
+    assert calls == ["amx_mm_bf16", "dense_mm"]
     calls.clear()
     layer(torch.randn(8, 96, generator=gen))  # float32 inputs: the float32 paths
     assert calls == ["spmm"]

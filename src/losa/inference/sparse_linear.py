@@ -69,12 +69,13 @@ SPARSE_PREFILL_MAX_DENSITY = 0.35
 SPARSE_GEMM_BATCH_THRESHOLD = 24
 #: CPUs with AMX (Sapphire Rapids and later Xeons) multiply bf16 batches on AMX tiles fed straight from the
 #: expanded weights (``amx_mm_bf16``), whose cost hardly grows with the rows up to 32. The row loop stays up to
-#: ``AMX_ROW_LOOP_ROWS`` rows (``AMX_ROW_LOOP_ROWS_SMALL`` for small layers), the AMX kernel runs above it up to
-#: ``AMX_MAX_ROWS`` rows, and larger batches keep the paths above. Measured against the row loop and the
+#: ``AMX_ROW_LOOP_ROWS`` rows (it won at 2 and 4 rows, the AMX kernel from 8), the AMX kernel runs above it up to
+#: ``AMX_MAX_ROWS`` rows (``AMX_MAX_ROWS_SMALL`` on small layers, where it beat the decompressed tiles at every
+#: count up to 256), and larger batches keep the paths above. Measured against the row loop and the
 #: decompressed tiles on LLaMA-7B and SmolLM2 shapes, 1 and 2 threads (benchmarks/results/amx_batch.md).
 AMX_ROW_LOOP_ROWS = 4
-AMX_ROW_LOOP_ROWS_SMALL = 2
 AMX_MAX_ROWS = 128
+AMX_MAX_ROWS_SMALL = 256
 #: Rows decompressed per dense tile in the prefill path (measured there: 256 ~ 1024 < 64 < whole matrix).
 DENSE_TILE_ROWS = 256
 #: The same for bf16 tiles on CPUs with AMX, whose tile GEMM gains from larger tiles (a Xeon with AMX, 128-row
@@ -208,7 +209,7 @@ def row_loop_threshold(x_dtype: torch.dtype, values_dtype: torch.dtype, small: b
     The measured value of ``losa bench-runtime`` for this CPU and ISA where cached, else the built-in default
     (``DENSE_BATCH_THRESHOLD``, or ``DENSE_BATCH_THRESHOLD_BF16`` for bf16 inputs with bf16 values on a CPU
     with native bf16, ``AMX_ROW_LOOP_ROWS`` where it also has AMX). Small layers with bf16 inputs on such CPUs
-    always use ``DENSE_BATCH_THRESHOLD_BF16_SMALL`` (``AMX_ROW_LOOP_ROWS_SMALL`` with AMX; ``losa bench-runtime``
+    always use ``DENSE_BATCH_THRESHOLD_BF16_SMALL`` (``AMX_ROW_LOOP_ROWS`` with AMX; ``losa bench-runtime``
     measures large layers only).
 
     Args:
@@ -226,7 +227,7 @@ def row_loop_threshold(x_dtype: torch.dtype, values_dtype: torch.dtype, small: b
     measured = _thresholds.cached_thresholds(isa)
     if x_dtype == torch.bfloat16 and values_dtype == torch.bfloat16 and _kernel.native_bf16(isa):
         if _kernel.amx_available(isa):
-            bf16_default = AMX_ROW_LOOP_ROWS_SMALL if small else AMX_ROW_LOOP_ROWS
+            bf16_default = AMX_ROW_LOOP_ROWS
         else:
             bf16_default = DENSE_BATCH_THRESHOLD_BF16_SMALL if small else DENSE_BATCH_THRESHOLD_BF16
         return bf16_default if small else measured.get("dense_batch_threshold_bf16", bf16_default)
@@ -344,7 +345,8 @@ def sparse_matmul(x2: torch.Tensor, meta: torch.Tensor, values: torch.Tensor, ro
     rows = x2.shape[0]
     if rows <= threshold:
         y = k.spmm(x2, *args)
-    elif bf16_in and rows <= measured.get("amx_max_rows", AMX_MAX_ROWS) and _kernel.amx_available(isa):
+    elif (bf16_in and rows <= (AMX_MAX_ROWS_SMALL if small else measured.get("amx_max_rows", AMX_MAX_ROWS))
+          and _kernel.amx_available(isa)):
         y = k.amx_mm_bf16(x2, *args[:-1])
     elif bf16_in and native and sparse_prefill and rows > measured.get("sparse_gemm_batch_threshold",
                                                                          SPARSE_GEMM_BATCH_THRESHOLD):

@@ -844,14 +844,17 @@ torch::Tensor sparse_mm_bf16(const torch::Tensor& x, const torch::Tensor& meta, 
 //   C (tiles 0-3) [16 weight rows x 16 tokens] float32 += A (tiles 4, 5) [16 weight rows x 32 inputs] bf16
 //                                                        x B (tiles 6, 7) [32 inputs x 16 tokens] bf16
 // B is in the tiles' pair-interleaved layout: row r of a tile holds inputs 2r and 2r+1 of each of 16 tokens,
-// prepared once per call (xv [token tile][input block][16 rows][16 tokens][2]). Inputs go in chunks of
-// kAmxChunk so that the chunk of xv the weight rows share stays in the L2; the float32 sums yT [N32, T16]
-// are stored after each chunk and loaded again for the next.
+// prepared once per call (xv [token tile][input block][16 rows][16 tokens][2]).
+// Up to 32 tokens the sums stay in the tiles over the whole input (amx_rows_small). Above, inputs go in chunks
+// small enough that the chunk of xv all weight rows share stays in the L2, and the float32 sums yT [N32, T16]
+// are stored after each chunk and loaded again for the next (amx_rows).
+// What limits it (a lab on a Sapphire Rapids core): the expansion, bound by the memory like the row loop, and the
+// tile loads did not overlap in time, so a batch costs more than one row of the row loop, which therefore keeps
+// the smallest batches (SparseLinear's AMX_ROW_LOOP_ROWS; benchmarks/results/amx_batch.md).
+// Precision: bf16 products summed in float32 as by vdpbf16ps; TDPBF16PS treats bf16 denormals as zero.
 #if LOSA_AMX
 #define LOSA_AMXFN \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,avx2,fma,popcnt,amx-tile,amx-bf16")))
-
-constexpr int64_t kAmxChunk = 1024;  // inputs per chunk (32 blocks): xv chunk of 128 tokens = 256 KiB
 
 // AMX-BF16 and AMX-TILE in CPUID, and the tile state granted by Linux (>= 5.16) for this process.
 bool amx_usable() {
@@ -1049,7 +1052,7 @@ LOSA_AMXFN void amx_rows(const Packed& p, int64_t* vp, const uint16_t* xv, int64
 
 bool amx_available() {
 #if LOSA_AMX
-  return best_isa() == AVX512 && amx_usable();
+  return best_isa() == AVX512 && cpu_has_bf16dot() && amx_usable();
 #else
   return false;
 #endif
