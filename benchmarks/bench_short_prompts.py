@@ -1,8 +1,9 @@
 """Short prompts through a sparse bf16 SmolLM2 on a CPU with AMX: the AMX tiles kernel against the paths before it.
 
 A prompt of N tokens runs every linear of the model on N rows. On CPUs with AMX-BF16 the sparse layers of a bf16
-model take N = 5-128 rows (3-128 on small layers) through the AMX tiles kernel (``amx_mm_bf16``); before it they
-took the row loop up to 12 rows (16 on small layers) and decompressed tiles + torch's bf16 GEMM above. This times
+model take N = 5-128 rows (5-256 on small layers, as all of SmolLM2's are) through the AMX tiles kernel
+(``amx_mm_bf16``); before it they took the row loop up to 12 rows (16 on small layers) and decompressed tiles +
+torch's bf16 GEMM above. This times
 the whole prompt forward (``model(ids, logits_to_keep=1)``, no cache) of SmolLM2-135M-Instruct (dequantised from
 Q4_1, cast to bf16), interleaved, median of ``--reps``:
 

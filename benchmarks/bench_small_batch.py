@@ -64,11 +64,13 @@ PATHS = ["loop", "tiles_xw", "tiles_wx", "sparse_gemm", "amx", "layer"]
 #: bytes written before every timed call: a model's forward reads each layer's weights from memory (the model is
 #: larger than the caches), so no path may find its own or another path's data of the previous call cached
 EVICT_BYTES = 64 << 20
-_evict_buffer = torch.zeros(EVICT_BYTES // 4)
+_evict_buffer: list[torch.Tensor] = []
 
 
 def evict() -> None:
-    _evict_buffer.add_(1.0)
+    if not _evict_buffer:
+        _evict_buffer.append(torch.zeros(EVICT_BYTES // 4))
+    _evict_buffer[0].add_(1.0)
 
 
 def measure(dtype: torch.dtype, shapes, patterns, rows_list, threads, reps: int) -> list[dict]:

@@ -105,3 +105,36 @@ def test_the_sparse_kernel_is_built_in_its_digest_directory():
     assert kernel.load_kernel() is not None
     digest = build_digest(kernel._SRC, kernel._HEADERS)
     assert (build_directory(kernel.KERNEL_NAME, digest) / f"{kernel.KERNEL_NAME}.so").exists()
+
+
+def test_failed_build_is_retried_with_the_fallback_flags(tmp_path, monkeypatch):
+    """A build that fails (e.g. an assembler without the AMX instructions) runs once more with the fallback flags,
+    in a directory of its own; when both fail the error names both causes, and without fallback flags there is
+    no second build."""
+    import torch.utils.cpp_extension as ext
+
+    from losa.utils import cpp
+
+    (tmp_path / "k.cpp").write_text("int f() { return 1; }\n")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    calls = []
+
+    def fake_load(name, sources, extra_cflags, extra_ldflags, build_directory, verbose):
+        calls.append((list(extra_cflags), build_directory))
+        if "-DNO_X" not in extra_cflags:
+            raise RuntimeError("Error building extension 'k': unknown instruction")
+        return "module"
+
+    monkeypatch.setattr(ext, "load", fake_load)
+    assert cpp.build_extension("k", tmp_path / "k.cpp", fallback_cflags=("-DNO_X",)) == "module"
+    assert [c for c, _ in calls] == [list(cpp.CFLAGS), [*cpp.CFLAGS, "-DNO_X"]]
+    assert calls[0][1] != calls[1][1]  # the fallback build has its own digest directory
+    calls.clear()
+    with pytest.raises(cpp.KernelUnavailable, match="unknown instruction"):
+        cpp.build_extension("k", tmp_path / "k.cpp")
+    assert len(calls) == 1
+    calls.clear()
+    monkeypatch.setattr(ext, "load", lambda **kw: (calls.append(kw), (_ for _ in ()).throw(OSError("no g++")))[1])
+    with pytest.raises(cpp.KernelUnavailable, match="no g\\+\\+.*again with -DNO_X.*no g\\+\\+"):
+        cpp.build_extension("k", tmp_path / "k.cpp", fallback_cflags=("-DNO_X",))
+    assert len(calls) == 2

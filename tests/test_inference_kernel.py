@@ -141,7 +141,7 @@ def test_bf16_inputs_compute_like_a_dense_bf16_linear(monkeypatch, isa, out_f, i
     w = torch.randn(out_f, in_f, generator=gen) * random_mask(out_f, in_f, pattern, gen)
     b = torch.randn(out_f, generator=gen)
     layer = SparseLinear.from_dense(w, b, torch.bfloat16, fmt, dense_batch_threshold=8)
-    for batch in (1, 2, 3, 5, 8, 9, 13, 40):  # <= 8: sparse kernel, above: tiled decompress + bf16 GEMM
+    for batch in (1, 2, 3, 5, 8, 9, 13, 40):  # <= 8: sparse kernel, above: tiles + bf16 GEMM (AMX CPUs: AMX kernel)
         x = torch.randn(batch, in_f, generator=gen).bfloat16()
         y = layer(x)
         assert y.dtype == torch.bfloat16 and y.shape == (batch, out_f)
@@ -753,21 +753,26 @@ def test_crossovers_with_amx_timings():
                "sparse_gemm_bf16": {r: 9.0 for r in counts},
                "amx_bf16": {1: 2.0, 2: 2.0, 4: 2.0, 8: 2.5, 128: 3.0, 256: 5.0}}
     entry = crossovers(timings, rows, (128, 256))
-    # the loop beats the AMX kernel at 1 and 2 rows (not against the tiles at 4: the AMX kernel is what follows)
+    # the loop beats the AMX kernel at 1 and 2 rows (it beat the tiles at 4 too, but the AMX kernel follows it)
     assert entry["dense_batch_threshold_bf16"] == 2
     assert entry["amx_max_rows"] == 128  # loses to the tiles at 256
-    timings["amx_bf16"][1] = 9.0  # a loss at the first count: never
-    assert crossovers(timings, rows, (128, 256))["amx_max_rows"] == 0
+    timings["amx_bf16"][1] = 9.0  # a loss where the loop runs anyway does not count
+    assert crossovers(timings, rows, (128, 256))["amx_max_rows"] == 128
+    timings["amx_bf16"].update({4: 9.0, 8: 9.0})  # the loop now beats the AMX kernel at every row count
+    assert crossovers(timings, rows, (128, 256))["amx_max_rows"] == 128  # which takes over above them, at 128
+    timings["amx_bf16"][128] = 9.0
+    entry = crossovers(timings, rows, (128, 256))
+    # the AMX kernel never beats the tiles after the loop: off, and the loop is measured against the tiles
+    assert entry["amx_max_rows"] == 0 and entry["dense_batch_threshold_bf16"] == 4
 
 
 def test_cached_bf16_threshold_from_before_amx_is_not_used(monkeypatch):
-    """On an AMX CPU a cached bf16 row-loop threshold measured against the tiles only (no ``amx_max_rows``) is
-    left out, and ``advice`` says to measure again; on other CPUs it is used."""
+    """A cached bf16 row-loop threshold measured with the AMX kernel off (no ``amx_max_rows``) is left out where it
+    now runs, and one measured with it on is left out where it no longer runs; ``advice`` says to measure again."""
     from losa.inference import thresholds
 
     isa = kmod.best_isa() if KERNEL is not None else 2
     monkeypatch.setattr(thresholds, "cpu_key", lambda name: f"test cpu | {name}")
-    monkeypatch.setattr(kmod, "ISA_NAMES", {**kmod.ISA_NAMES})
     thresholds.save({"dense_batch_threshold": 7, "dense_batch_threshold_bf16": 12, "prefill_rows": [128],
                      "sparse_gemm_batch_threshold": "never"}, kmod.ISA_NAMES[isa])
     for amx in (True, False):
@@ -778,9 +783,12 @@ def test_cached_bf16_threshold_from_before_amx_is_not_used(monkeypatch):
         assert ("dense_batch_threshold_bf16" in cached) is not amx
         assert ("AMX" in (thresholds.advice(isa) or "")) is amx
     thresholds.save({"dense_batch_threshold_bf16": 3, "amx_max_rows": 64}, kmod.ISA_NAMES[isa])
-    monkeypatch.setattr(kmod, "amx_available", lambda isa=None: True)
-    assert thresholds.cached_thresholds(isa) == {"dense_batch_threshold_bf16": 3, "amx_max_rows": 64}
-    assert thresholds.advice(isa) is None
+    for amx in (True, False):
+        monkeypatch.setattr(kmod, "amx_available", lambda isa=None, amx=amx: amx)
+        thresholds.clear()
+        assert ("dense_batch_threshold_bf16" in thresholds.cached_thresholds(isa)) is amx
+        assert (thresholds.advice(isa) is None) is amx
+    assert thresholds.cached_thresholds(isa)["amx_max_rows"] == 64  # read, but used only where the kernel runs
 
 
 def test_tile_rows_measured_else_per_cpu_default(monkeypatch):
@@ -968,6 +976,9 @@ def test_amx_matches_exact_products(out_f, in_f, pattern, fmt, batch):
     yb = KERNEL.amx_mm_bf16(x, p.meta, p.values, p.row_ptr, None, out_f, in_f, FORMAT_CODES[fmt])
     assert yb.dtype == torch.bfloat16
     assert ((yb.double() - exact).abs() <= 2.0 ** -8 * exact.abs() + bound * 1.01).all()
+    if batch == 1:  # no rows: an empty result of the right shape and dtype
+        empty = KERNEL.amx_mm_bf16(x[:0], p.meta, p.values, p.row_ptr, b, out_f, in_f, FORMAT_CODES[fmt])
+        assert empty.shape == (0, out_f) and empty.dtype == torch.float32
 
 
 @needs_amx
@@ -1014,13 +1025,16 @@ def test_amx_runs_between_the_row_loop_and_the_large_batch_paths(monkeypatch):
         large(torch.randn(rows, 96, generator=gen).bfloat16())
     assert calls == ["amx_mm_bf16", "dense_mm"]
     calls.clear()
-    layer(torch.randn(8, 96, generator=gen))  # float32 inputs: the float32 paths
-    assert calls == ["spmm"]
+    rows = sl.DENSE_BATCH_THRESHOLD + 8  # above every row loop's threshold, within the AMX kernel's range
+    x = torch.randn(rows, 96, generator=gen)
+    torch.testing.assert_close(layer(x), reference(x, w, None, torch.bfloat16), rtol=1e-4, atol=1e-4)
+    assert calls == ["dense_mm"]  # float32 inputs: the float32 tiles
     calls.clear()
     monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")
     assert not kmod.amx_available()
-    layer(torch.randn(8, 96, generator=gen).bfloat16())
-    assert "amx_mm_bf16" not in calls
+    x = torch.randn(rows, 96, generator=gen).bfloat16()
+    torch.testing.assert_close(layer(x).double(), F.linear(x.double(), w.bfloat16().double()), rtol=2e-2, atol=2e-2)
+    assert calls == ["dense_mm"]  # no native bf16 at this level: widened to float32 for the float32 tiles
 
 
 @pytest.mark.skipif(KERNEL is None or AMX, reason="checks the error on a CPU without AMX")

@@ -46,7 +46,9 @@ class IsaInfo:
     Attributes:
         level: the sparse kernel's instruction set, after ``LOSA_SPARSE_ISA``: "scalar", "avx2" or "avx512".
         native_bf16: AVX512-BF16 usable at that level (hardware bf16 dot products; fast bf16 GEMMs).
-        amx: AMX-BF16 present (small bf16 batches run the AMX tiles kernel; torch's oneDNN uses it for bf16 GEMMs).
+        amx: AMX-BF16 present (torch's oneDNN uses it for bf16 GEMMs).
+        amx_tiles: the kernel's AMX tiles path runs here (:func:`losa.inference.kernel.amx_available`: AMX, a
+            kernel built with it, the tile state granted): small bf16 batches and short prompts use it.
         sparse_gemm: a bf16 prompt on layers >= 65 % sparse skips zeros (the zero-skipping GEMM) instead of
             feeding decompressed tiles to torch's bf16 GEMM (:func:`losa.inference.thresholds.sparse_gemm_enabled`:
             measured here, else the default of this kind of CPU); only with ``native_bf16``.
@@ -60,6 +62,7 @@ class IsaInfo:
     native_bf16: bool = False
     amx: bool = False
     sparse_gemm: bool = False
+    amx_tiles: bool = False
     kernel: bool = True
     forced: str | None = None
     cpu: str = ""
@@ -166,7 +169,7 @@ def choose_arithmetic(isa: IsaInfo, requested: Requested = Requested()) -> Choic
         auto = ("float32", "float32")
     elif native:
         why = ("native bf16: vdpbf16ps decode on bf16 values, bf16 prompt GEMMs"
-               + (" (AMX; AMX tiles for small batches)" if isa.amx else ""))
+               + (" (AMX)" if isa.amx else "") + ("; AMX tiles for small batches" if isa.amx_tiles else ""))
         auto = ("bfloat16", "bfloat16")
     elif isa.level == "scalar":
         why = "portable loop: float32 activations, bf16 values halve the weight bytes"
@@ -276,4 +279,5 @@ def detect_isa(use_kernel: bool = True) -> IsaInfo:
     else:
         sparse_gemm = False
     return IsaInfo(level=level, native_bf16=native_bf16, amx=amx and level == "avx512", sparse_gemm=sparse_gemm,
-                   kernel=k is not None or not use_kernel, forced=forced, cpu=_cpu_model())
+                   amx_tiles=k is not None and _kernel.amx_available(), kernel=k is not None or not use_kernel,
+                   forced=forced, cpu=_cpu_model())

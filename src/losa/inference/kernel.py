@@ -40,7 +40,8 @@ _ISA_CODES = {v: k for k, v in ISA_NAMES.items()}
 
 @lru_cache(maxsize=1)
 def _build() -> ModuleType:
-    module = build_extension(KERNEL_NAME, _SRC, headers=_HEADERS)
+    # an assembler too old for the AMX instructions fails the whole build: then build once more without that path
+    module = build_extension(KERNEL_NAME, _SRC, headers=_HEADERS, fallback_cflags=("-DLOSA_NO_AMX",))
     global _OP_NAMESPACE
     try:
         _register_fake(module.__name__)

@@ -2,7 +2,8 @@
 
 Small batches (decode) run the compiled sparse kernel; batches above ``dense_batch_threshold`` rows
 (prefill) decompress ``DENSE_TILE_ROWS`` rows at a time into a cache-resident buffer and run torch's
-dense GEMM on it, so no dense copy of the weight is ever kept.
+dense GEMM on it, so no dense copy of the weight is ever kept. On CPUs with AMX, bf16 batches between the
+row loop's threshold and ``AMX_MAX_ROWS`` run the kernel's AMX tiles path instead (see ``AMX_ROW_LOOP_ROWS``).
 
 Precision follows the input, as in a dense layer: float32 inputs compute in float32; bfloat16 inputs
 (a bf16 model) with bf16 values multiply in bf16 and sum in float32, like a dense bf16 ``F.linear``
@@ -102,8 +103,9 @@ class SparseLinear(nn.Module):
         self.prefill_dtype = resolve_value_dtype(prefill_dtype, 'prefill_dtype')
         self.out_features, self.in_features = packed.shape
         self.fmt = packed.fmt
-        #: rows above which the layer decompresses + runs a dense GEMM; None = the measured default for the
-        #: input dtype (DENSE_BATCH_THRESHOLD, or DENSE_BATCH_THRESHOLD_BF16[_SMALL] for bf16 inputs)
+        #: rows above which the layer leaves the row loop (decompressed tiles + dense GEMM, or the AMX kernel);
+        #: None = the measured default for the input dtype (DENSE_BATCH_THRESHOLD, or DENSE_BATCH_THRESHOLD_BF16[_SMALL]
+        #: for bf16 inputs, AMX_ROW_LOOP_ROWS on CPUs with AMX)
         self.dense_batch_threshold = None if dense_batch_threshold is None else int(dense_batch_threshold)
         self._small = self.out_features * self.in_features <= SMALL_LAYER_WEIGHTS
         self._bf16_threshold = DENSE_BATCH_THRESHOLD_BF16_SMALL if self._small else DENSE_BATCH_THRESHOLD_BF16

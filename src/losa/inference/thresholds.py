@@ -10,8 +10,8 @@ default; whether bf16 prompts take the zero-skipping GEMM at all defaults per ki
 
 Keys of a cache entry: ``dense_batch_threshold`` (float32 activations: row loop up to this many rows, then
 tiles), ``dense_batch_threshold_bf16`` and ``sparse_gemm_batch_threshold`` (bf16 activations; native-bf16
-CPUs only), ``amx_max_rows`` (CPUs with AMX: bf16 batches above the row loop's threshold and up to this many
-rows run on the AMX tiles kernel), plus how they were measured (``date``, ``threads``, ``shape``,
+CPUs only), ``amx_max_rows`` (CPUs with AMX: bf16 batches of large layers above the row loop's threshold and up
+to this many rows run on the AMX tiles kernel; small layers keep their default), plus how they were measured (``date``, ``threads``, ``shape``,
 ``sparsity``, ``timings_ms``).
 """
 
@@ -88,12 +88,13 @@ def _entry(isa: int) -> dict:
     return entry if isinstance(entry, dict) else {}
 
 
-def _stale_bf16_rows(entry: dict) -> bool:
-    """An entry written on an AMX CPU before the AMX kernel was timed (no ``amx_max_rows``): its bf16 row-loop
-    threshold was measured against the decompressed tiles, not against the AMX kernel that now follows the loop."""
+def _stale_bf16_rows(entry: dict, isa: int) -> bool:
+    """An entry whose bf16 row-loop threshold was measured against another path than the one that now follows the
+    loop: written without the AMX kernel (no ``amx_max_rows``) where it now runs, or with it where it no longer
+    does (a build without it, a level forced lower)."""
     from losa.inference import kernel as _kernel
 
-    return "dense_batch_threshold_bf16" in entry and "amx_max_rows" not in entry and _kernel.amx_available()
+    return "dense_batch_threshold_bf16" in entry and ("amx_max_rows" in entry) != _kernel.amx_available(isa)
 
 
 def _stale_sparse_gemm(entry: dict) -> bool:
@@ -109,7 +110,7 @@ def _cached(isa: int) -> dict:
         value = entry.get(name)
         if name == "sparse_gemm_batch_threshold" and _stale_sparse_gemm(entry):
             continue  # this kind of CPU's default until losa bench-runtime measures again (advice() says so)
-        if name == "dense_batch_threshold_bf16" and _stale_bf16_rows(entry):
+        if name == "dense_batch_threshold_bf16" and _stale_bf16_rows(entry, isa):
             continue  # the AMX default until measured again (advice() says so)
         if name == "sparse_gemm_batch_threshold" and value == "never":
             out[name] = NEVER
@@ -138,9 +139,9 @@ def advice(isa: int) -> str | None:
     if _stale_sparse_gemm(entry):
         return ("the cached batch-size thresholds predate timing the sparse GEMM at prompt sizes, so this kind of "
                 "CPU's default prompt path applies; rerun `losa bench-runtime`")
-    if _stale_bf16_rows(entry):
-        return ("the cached batch-size thresholds predate the AMX kernel, so its default thresholds apply; rerun "
-                "`losa bench-runtime`")
+    if _stale_bf16_rows(entry, isa):
+        return ("the cached bf16 batch-size threshold was measured with the AMX kernel on or off unlike now, so the "
+                "default applies; rerun `losa bench-runtime`")
     return None
 
 
@@ -266,9 +267,10 @@ def crossovers(timings: dict[str, dict[int, float]], rows: Sequence[int], prefil
 
     Returns:
         ``dense_batch_threshold`` (and with bf16 timings ``dense_batch_threshold_bf16``): the largest count up to
-        which the row loop beat the tiles (with AMX timings: the AMX kernel) at every count, at least 1 (decode: a
-        whole-matrix decompression per token never wins); with AMX timings ``amx_max_rows``: the largest count up
-        to which the AMX kernel beat the bf16 tiles at every count (0: never); ``sparse_gemm_batch_threshold``: the largest count up to which the bf16 tiles beat
+        which the row loop beat the tiles (with AMX timings: the AMX kernel, unless that never beat the tiles) at
+        every count, at least 1 (decode: a whole-matrix decompression per token never wins); with AMX timings
+        ``amx_max_rows``: the largest count up to which the AMX kernel beat the bf16 tiles at every count above the
+        loop's threshold (0: at none); ``sparse_gemm_batch_threshold``: the largest count up to which the bf16 tiles beat
         the sparse GEMM at every count, ``"never"`` when they won at all of them, and ``prefill_rows`` (the
         marker of an entry that timed prompt sizes); with ``tile_ms``, ``dense_tile_rows``: the fastest height.
 
@@ -279,10 +281,15 @@ def crossovers(timings: dict[str, dict[int, float]], rows: Sequence[int], prefil
     if "loop_bf16" in timings:
         every = [*rows, *prefill_rows]
         amx = timings.get("amx_bf16")
-        # with AMX the row loop hands over to the AMX kernel, which runs while it beats the tiles
-        entry["dense_batch_threshold_bf16"] = max(1, _last_win(rows, timings["loop_bf16"], amx or timings["tiles_bf16"]))
+        loop = max(1, _last_win(rows, timings["loop_bf16"], timings["tiles_bf16"]))
         if amx:
-            entry["amx_max_rows"] = _last_win(every, amx, timings["tiles_bf16"])
+            # with AMX the row loop hands over to the AMX kernel, which runs while it beats the tiles; where it
+            # never does, the tiles follow the loop as without AMX
+            amx_loop = max(1, _last_win(rows, timings["loop_bf16"], amx))
+            entry["amx_max_rows"] = _last_win([r for r in every if r > amx_loop], amx, timings["tiles_bf16"])
+            if entry["amx_max_rows"]:
+                loop = amx_loop
+        entry["dense_batch_threshold_bf16"] = loop
         last = _last_win(every, timings["tiles_bf16"], timings["sparse_gemm_bf16"])
         entry["sparse_gemm_batch_threshold"] = "never" if last == every[-1] else last
         entry["prefill_rows"] = list(prefill_rows)

@@ -38,9 +38,10 @@ CFLAGS = ("-O3", "-fopenmp", "-std=c++17")
 LDFLAGS = ("-fopenmp",)
 
 
-def build_digest(sources: list[Path], headers: list[Path] | None = None) -> str:
+def build_digest(sources: list[Path], headers: list[Path] | None = None, extra_cflags: tuple[str, ...] = ()) -> str:
     """What identifies one build of an extension (16 hex digits): a hash of its sources' and headers' absolute
-    paths and contents, the flags, the compiler named by ``$CXX``, and the torch and Python installs.
+    paths and contents, the flags (:data:`CFLAGS`, ``extra_cflags``, :data:`LDFLAGS`), the compiler named by
+    ``$CXX``, and the torch and Python installs.
 
     The paths count because ninja rebuilds when a source's path changes: two checkouts of the same code at
     different places would otherwise share a directory and rebuild over each other.
@@ -48,6 +49,7 @@ def build_digest(sources: list[Path], headers: list[Path] | None = None) -> str:
     Args:
         sources: the C++ files compiled.
         headers: files they include (torch tracks only the sources; a changed header must rebuild too).
+        extra_cflags: compiler flags of this build on top of :data:`CFLAGS`.
 
     Returns:
         The digest, the name of the build's directory under the extension's.
@@ -60,7 +62,7 @@ def build_digest(sources: list[Path], headers: list[Path] | None = None) -> str:
 
     h = hashlib.sha256()
     for part in (torch.__version__, str(Path(torch.__file__).parent), sys.version, sysconfig.get_path("include"),
-                 os.environ.get("CXX", ""), *CFLAGS, "|", *LDFLAGS):
+                 os.environ.get("CXX", ""), *CFLAGS, *extra_cflags, "|", *LDFLAGS):
         h.update(part.encode() + b"\0")
     for path in [*sources, *(headers or [])]:
         h.update(str(Path(path).resolve()).encode() + b"\0" + Path(path).read_bytes() + b"\0")
@@ -117,13 +119,16 @@ def build_lock(directory: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def build_extension(name: str, source: Path | list[Path], headers: list[Path] | None = None) -> ModuleType:
+def build_extension(name: str, source: Path | list[Path], headers: list[Path] | None = None,
+                    fallback_cflags: tuple[str, ...] = ()) -> ModuleType:
     """Compile (once per :func:`build_digest`) and import ``source`` (one file or several) as extension ``name``.
 
     Args:
         name: the extension's name (its module name, and the namespace of the operators it registers).
         source: its C++ file(s).
         headers: files the sources include, part of the digest.
+        fallback_cflags: flags for a second build when the first fails (e.g. ``-DLOSA_NO_AMX``, which leaves out
+            code an older assembler cannot build), in a directory of its own; empty: no second build.
 
     Returns:
         The imported extension module.
@@ -134,21 +139,34 @@ def build_extension(name: str, source: Path | list[Path], headers: list[Path] | 
     if os.environ.get("LOSA_DISABLE_KERNEL"):
         raise KernelUnavailable("LOSA_DISABLE_KERNEL is set")
     try:
-        from torch.utils.cpp_extension import load
-
-        # resolved, as the digest hashes them: ninja must see one path per file (symlinked checkouts too)
-        sources = [Path(p).resolve() for p in (source if isinstance(source, list) else [source])]
-        directory = build_directory(name, build_digest(sources, headers))
-        if not (directory / f"{name}.so").exists():
-            log.info("compiling the %s C++ kernel (once per machine, about a minute) ...", name)
-        with build_lock(directory):
-            return load(
-                name=name,
-                sources=[str(p) for p in sources],
-                extra_cflags=list(CFLAGS),
-                extra_ldflags=list(LDFLAGS),
-                build_directory=str(directory),
-                verbose=bool(os.environ.get("LOSA_VERBOSE_BUILD")),
-            )
+        return _build(name, source, headers, ())
     except Exception as exc:  # compiler missing, headers missing, ninja missing ...
-        raise KernelUnavailable(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}") from exc
+        first = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
+        if not fallback_cflags:
+            raise KernelUnavailable(first) from exc
+        log.warning("building the %s C++ kernel failed (%s); building it again with %s", name, first,
+                    " ".join(fallback_cflags))
+    try:
+        return _build(name, source, headers, tuple(fallback_cflags))
+    except Exception as exc:
+        raise KernelUnavailable(f"{first}; again with {' '.join(fallback_cflags)}: {type(exc).__name__}: "
+                                f"{str(exc).strip().splitlines()[-1:]}") from exc
+
+
+def _build(name: str, source: Path | list[Path], headers: list[Path] | None, extra: tuple[str, ...]) -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    # resolved, as the digest hashes them: ninja must see one path per file (symlinked checkouts too)
+    sources = [Path(p).resolve() for p in (source if isinstance(source, list) else [source])]
+    directory = build_directory(name, build_digest(sources, headers, extra))
+    if not (directory / f"{name}.so").exists():
+        log.info("compiling the %s C++ kernel (once per machine, about a minute) ...", name)
+    with build_lock(directory):
+        return load(
+            name=name,
+            sources=[str(p) for p in sources],
+            extra_cflags=[*CFLAGS, *extra],
+            extra_ldflags=list(LDFLAGS),
+            build_directory=str(directory),
+            verbose=bool(os.environ.get("LOSA_VERBOSE_BUILD")),
+        )

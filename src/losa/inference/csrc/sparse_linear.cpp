@@ -915,10 +915,11 @@ LOSA_AMXFN inline void amx_block(const uint16_t* w, int64_t ldw, const uint16_t*
 // The 32 weight rows [ob, ob + 32) (rows past N are zero) for input blocks [kb0, kb0 + nkb), bf16, into w
 // (row stride ldw); vp[o] is row o's next packed value and advances past the chunk. With several chunks a row's
 // part of a chunk is a short piece of its values, too short for the hardware prefetcher: each row prefetches the
-// piece of the same row of the next block (pf_bytes, the average piece).
+// piece of the same row of the next block (pf_bytes, the average piece) when this thread expands that block too
+// (another thread may be advancing its vp).
 template <int F>
 LOSA_AMXFN void amx_expand(const Packed& p, int64_t* vp, int64_t ob, int64_t kb0, int64_t nkb, uint16_t* w,
-                           int64_t ldw, int64_t pf_bytes) {
+                           int64_t ldw, int64_t pf_bytes, bool next_is_ours) {
   const uint16_t* vals = static_cast<const uint16_t*>(p.values);
   const int64_t meta_bytes = F == NM14 ? 2 : 4;
   for (int64_t r = 0; r < 32; ++r) {
@@ -928,7 +929,7 @@ LOSA_AMXFN void amx_expand(const Packed& p, int64_t* vp, int64_t ob, int64_t kb0
       std::memset(d, 0, nkb * 64);
       continue;
     }
-    if (pf_bytes > 0 && o + 32 < p.n) {
+    if (pf_bytes > 0 && next_is_ours && o + 32 < p.n) {
       const char* q = reinterpret_cast<const char*>(vals + vp[o + 32]);
       for (int64_t i = 0; i < pf_bytes; i += 64) _mm_prefetch(q + i, _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(p.meta + (o + 32) * p.stride + meta_bytes * kb0), _MM_HINT_T0);
@@ -940,10 +941,13 @@ LOSA_AMXFN void amx_expand(const Packed& p, int64_t* vp, int64_t ob, int64_t kb0
       _mm512_storeu_si512(reinterpret_cast<void*>(d + 32 * (kb - kb0)), expand32_bf16(block_mask<F>(meta, kb), v));
     vp[o] += v - v0;
   }
+  // GCC's tile-load intrinsics do not declare that they read memory: the stores above must not move past them
+  asm volatile("" ::: "memory");
 }
 
 // The result of one block of 32 weight rows: y[t, ob + r] = yT[ob + r, t] (+ bias), rounded to bf16 (to nearest
-// even, as torch) or kept in float32, for the B tokens; 16 rows per gather.
+// even, as torch, except that float32 denormal sums flush to zero) or kept in float32, for the B tokens; 16 rows
+// per gather.
 struct AmxOut {
   void* y;
   const float* bias;
@@ -976,6 +980,7 @@ LOSA_AMXFN inline void amx_config() {
     cfg.colsb[t] = 64;
     cfg.rows[t] = 16;
   }
+  asm volatile("" ::: "memory");  // the intrinsic declares only 8 of the config's 64 bytes as read
   _tile_loadconfig(&cfg);
 }
 
@@ -1010,6 +1015,7 @@ LOSA_AMXFN void amx_rows_small(const Packed& p, const uint16_t* xv, const AmxOut
         for (int64_t kb = 0; kb < ns; ++kb)
           _mm512_storeu_si512(reinterpret_cast<void*>(d + 32 * kb), expand32_bf16(block_mask<F>(meta, s0 + kb), v[r]));
       }
+      asm volatile("" ::: "memory");  // the expanded rows (and the zeroed ones) are in memory before the tile loads
       const uint16_t* x0 = xv + s0 * 512;
       for (int64_t kb = 0; kb < ns; ++kb) {
         _tile_loadd(4, w + 32 * kb, ldw * 2);
@@ -1040,7 +1046,7 @@ LOSA_AMXFN void amx_rows(const Packed& p, int64_t* vp, const uint16_t* xv, int64
   std::vector<uint16_t> w(32 * ldw);
   for (int64_t b = blk0; b < blk1; ++b) {
     const int64_t ob = 32 * b;
-    amx_expand<F>(p, vp, ob, kb0, nkb, w.data(), ldw, pf_bytes);
+    amx_expand<F>(p, vp, ob, kb0, nkb, w.data(), ldw, pf_bytes, b + 1 < blk1);
     int64_t tt = 0;
     for (; tt + 1 < ntt; tt += 2) amx_block<2>(w.data(), ldw, xv, nblk, kb0, nkb, yT, ldy, ob, tt, kb0 == 0);
     if (tt < ntt) amx_block<1>(w.data(), ldw, xv, nblk, kb0, nkb, yT, ldy, ob, tt, kb0 == 0);
@@ -1070,9 +1076,14 @@ torch::Tensor amx_mm_bf16(const torch::Tensor& x, const torch::Tensor& meta, con
   torch::Tensor xp = pad_input(x, k, p.k32);
   const int64_t B = xp.size(0), nblk = p.k32 / 32, ntt = (B + 15) / 16, ldy = 16 * ntt;
   const int64_t n32 = (n + 31) / 32 * 32;
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (B == 0 || n == 0 || nblk == 0) {  // no rows, no outputs, or no inputs: the bias (or zeros) alone
+    auto z = torch::zeros({B, n}, x.options().dtype(has_bias ? torch::kFloat32 : torch::kBFloat16));
+    return has_bias ? z + float_bias(bias, n) : z;
+  }
   // xv[tt][kb][r][t] (pairs of bf16 as one uint32) = x[16 tt + t][32 kb + 2 r .. + 1]; zero past B
   auto xv = torch::empty({ntt * nblk * 256}, xp.options().dtype(torch::kInt32));
-  const uint32_t* x32 = reinterpret_cast<const uint32_t*>(xp.data_ptr<at::BFloat16>());
+  const char* x8 = reinterpret_cast<const char*>(xp.data_ptr<at::BFloat16>());
   uint32_t* v32 = reinterpret_cast<uint32_t*>(xv.data_ptr<int32_t>());
   const int64_t ld32 = p.k32 / 2;
   at::parallel_for(0, ntt * nblk, 16, [&](int64_t i0, int64_t i1) {
@@ -1081,11 +1092,14 @@ torch::Tensor amx_mm_bf16(const torch::Tensor& x, const torch::Tensor& meta, con
       uint32_t* d = v32 + i * 256;
       for (int64_t t = 0; t < 16; ++t) {
         const int64_t row = 16 * tt + t;
-        for (int64_t r = 0; r < 16; ++r) d[16 * r + t] = row < B ? x32[row * ld32 + 16 * kb + r] : 0u;
+        for (int64_t r = 0; r < 16; ++r) {
+          uint32_t pair = 0;  // two bf16 inputs; memcpy: x may start at an odd bf16 offset
+          if (row < B) std::memcpy(&pair, x8 + 4 * (row * ld32 + 16 * kb + r), 4);
+          d[16 * r + t] = pair;
+        }
       }
     }
   });
-  const bool has_bias = bias.has_value() && bias->defined();
   const torch::Tensor bias32 = float_bias(bias, n);
   auto y = torch::empty({B, n}, x.options().dtype(has_bias ? torch::kFloat32 : torch::kBFloat16));
   const AmxOut out{y.data_ptr(), has_bias ? bias32.data_ptr<float>() : nullptr, B, n, !has_bias};
