@@ -72,3 +72,11 @@ def run_sections(rows: list[dict], with_base: bool = False) -> Iterator[tuple[st
     for (run, commit, base, cpu, gen, isa, cmd), rs in runs.items():
         title = f"## {run}, commit {commit}" + (f" vs base {base}" if with_base else "")
         yield title, f"`{cmd}` on {cpu}{f' ({gen})' if gen else ''} ({isa})", rs
+
+
+def load_sentence(row: dict) -> str:
+    """`` Load average (1/5/15 min) at start …, at end ….`` from a row stamped by the benchmark's ``append_rows``
+    (``loadavg_start``, ``loadavg_end``), or ``""`` for rows without the stamps."""
+    if "loadavg_start" not in row:
+        return ""
+    return f" Load average (1/5/15 min) at start {row['loadavg_start']}, at end {row['loadavg_end']}."

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import provenance  # noqa: E402
-from _rows import read_jsonl, run_sections  # noqa: E402
+from _rows import load_sentence, read_jsonl, run_sections  # noqa: E402
 from bench_decode import append_rows  # noqa: E402
 
 from losa.errors import LosaError  # noqa: E402
@@ -55,8 +55,7 @@ def render(src: Path, dst: Path) -> None:
            "of the named models, one bf16 input row, the variants interleaved, medians. `speed` = torch / in "
            "place (above 1: the kernel is faster); `vs packed` = packed copy / in place.", ""]
     for title, where, rs in run_sections(read_jsonl(src)):
-        load = (f" Load average (1/5/15 min) at start {rs[0]['loadavg_start']}, at end {rs[0]['loadavg_end']} "
-                "(2 CPU cores)." if "loadavg_start" in rs[0] else "")
+        load = load_sentence(rs[0])
         out += [title, "", f"{where}.{load}", "",
                 "| threads | head shape (model) | MB | torch ms | in place ms | packed copy ms | in place GB/s | "
                 "speed | vs packed | max rel err |", "|---|---|---|---|---|---|---|---|---|---|"]

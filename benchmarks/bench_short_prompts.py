@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import SMOLLM2, provenance  # noqa: E402
-from _rows import read_jsonl, run_sections  # noqa: E402
+from _rows import load_sentence, read_jsonl, run_sections  # noqa: E402
 from bench_decode import append_rows, prune_magnitude  # noqa: E402
 
 import losa  # noqa: E402
@@ -52,8 +52,7 @@ def render(src: Path, dst: Path) -> None:
            "(no cache, logits of the last token), modes interleaved, medians. `x dense` = dense bf16 ms / mode ms; "
            "`amx gain` = the same sparse model's ms with the AMX kernel switched off / with it.", ""]
     for title, where, rs in run_sections(read_jsonl(src)):
-        load = (f" Load average (1/5/15 min) at start {rs[0]['loadavg_start']}, at end {rs[0]['loadavg_end']} "
-                "(2 CPU cores)." if "loadavg_start" in rs[0] else "")
+        load = load_sentence(rs[0])
         out += [title, "", f"{where}. Model: {rs[0]['model']}.{load}", "",
                 "| threads | tokens | dense ms | sparsity | amx ms | no amx ms | amx x dense | no amx x dense | "
                 "amx gain |", "|---|---|---|---|---|---|---|---|---|"]

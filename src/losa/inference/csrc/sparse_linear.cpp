@@ -876,6 +876,22 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+// One block of 32 inputs: the sums (tiles 0 and 2, with NT = 2 also 1 and 3) += the two 16-row weight tiles at w
+// (row stride ldw elements) times the input tile at x0 (and x1).
+template <int NT>
+LOSA_AMXFN inline void amx_step(const uint16_t* w, int64_t ldw, const uint16_t* x0, const uint16_t* x1) {
+  _tile_loadd(4, w, ldw * 2);
+  _tile_loadd(5, w + 16 * ldw, ldw * 2);
+  _tile_loadd(6, x0, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(2, 5, 6);
+  if constexpr (NT == 2) {
+    _tile_loadd(7, x1, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
 // yT[o, 16 tt .. 16 tt + 16 NT) for weight rows [ob, ob + 32) over input blocks [kb0, kb0 + nkb) of one chunk;
 // w holds the chunk's 32 expanded rows (row stride ldw elements); first: start from zero instead of yT.
 template <int NT>
@@ -895,18 +911,7 @@ LOSA_AMXFN inline void amx_block(const uint16_t* w, int64_t ldw, const uint16_t*
   }
   const uint16_t* x0 = xv + (tt * nblk + kb0) * 512;
   const uint16_t* x1 = x0 + nblk * 512;
-  for (int64_t kb = 0; kb < nkb; ++kb) {
-    _tile_loadd(4, w + 32 * kb, ldw * 2);
-    _tile_loadd(5, w + 16 * ldw + 32 * kb, ldw * 2);
-    _tile_loadd(6, x0 + 512 * kb, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(2, 5, 6);
-    if constexpr (NT == 2) {
-      _tile_loadd(7, x1 + 512 * kb, 64);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-  }
+  for (int64_t kb = 0; kb < nkb; ++kb) amx_step<NT>(w + 32 * kb, ldw, x0 + 512 * kb, x1 + 512 * kb);
   _tile_stored(0, c0, sy);
   _tile_stored(2, c1, sy);
   if constexpr (NT == 2) { _tile_stored(1, c0 + 16, sy); _tile_stored(3, c1 + 16, sy); }
@@ -1017,18 +1022,7 @@ LOSA_AMXFN void amx_rows_small(const Packed& p, const uint16_t* xv, const AmxOut
       }
       asm volatile("" ::: "memory");  // the expanded rows (and the zeroed ones) are in memory before the tile loads
       const uint16_t* x0 = xv + s0 * 512;
-      for (int64_t kb = 0; kb < ns; ++kb) {
-        _tile_loadd(4, w + 32 * kb, ldw * 2);
-        _tile_loadd(5, w + 16 * ldw + 32 * kb, ldw * 2);
-        _tile_loadd(6, x0 + 512 * kb, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(2, 5, 6);
-        if constexpr (NT == 2) {
-          _tile_loadd(7, x0 + nblk * 512 + 512 * kb, 64);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-      }
+      for (int64_t kb = 0; kb < ns; ++kb) amx_step<NT>(w + 32 * kb, ldw, x0 + 512 * kb, x0 + nblk * 512 + 512 * kb);
     }
     _tile_stored(0, c, 128);
     _tile_stored(2, c + 16 * 32, 128);
