@@ -109,12 +109,13 @@ def test_the_sparse_kernel_is_built_in_its_digest_directory():
 
 def test_failed_build_is_retried_with_the_fallback_flags(tmp_path, monkeypatch):
     """A build that fails (e.g. an assembler without the AMX instructions) runs once more with the fallback flags,
-    in a directory of its own; when both fail the error names both causes, and without fallback flags there is
-    no second build."""
+    in a directory of its own, and later calls go straight to the fallback; when both fail the error names both
+    causes in order, and without fallback flags there is no second build."""
     import torch.utils.cpp_extension as ext
 
     from losa.utils import cpp
 
+    monkeypatch.delenv("LOSA_DISABLE_KERNEL", raising=False)
     (tmp_path / "k.cpp").write_text("int f() { return 1; }\n")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     calls = []
@@ -129,12 +130,23 @@ def test_failed_build_is_retried_with_the_fallback_flags(tmp_path, monkeypatch):
     assert cpp.build_extension("k", tmp_path / "k.cpp", fallback_cflags=("-DNO_X",)) == "module"
     assert [c for c, _ in calls] == [list(cpp.CFLAGS), [*cpp.CFLAGS, "-DNO_X"]]
     assert calls[0][1] != calls[1][1]  # the fallback build has its own digest directory
+    assert (Path(calls[0][1]) / cpp.BUILD_FAILED).read_text().find("unknown instruction") >= 0
+    calls.clear()
+    assert cpp.build_extension("k", tmp_path / "k.cpp", fallback_cflags=("-DNO_X",)) == "module"
+    assert [c for c, _ in calls] == [[*cpp.CFLAGS, "-DNO_X"]]  # the failed build is not tried again
     calls.clear()
     with pytest.raises(cpp.KernelUnavailable, match="unknown instruction"):
         cpp.build_extension("k", tmp_path / "k.cpp")
     assert len(calls) == 1
     calls.clear()
-    monkeypatch.setattr(ext, "load", lambda **kw: (calls.append(kw), (_ for _ in ()).throw(OSError("no g++")))[1])
-    with pytest.raises(cpp.KernelUnavailable, match="no g\\+\\+.*again with -DNO_X.*no g\\+\\+"):
+    (tmp_path / "k.cpp").write_text("int f() { return 2; }\n")  # a new digest: no failure recorded for it
+    errors = iter(["first: no g++", "second: still no g++"])
+
+    def failing(**kw):
+        calls.append(kw)
+        raise OSError(next(errors))
+
+    monkeypatch.setattr(ext, "load", failing)
+    with pytest.raises(cpp.KernelUnavailable, match="first: no g.*again with -DNO_X.*second: still no g"):
         cpp.build_extension("k", tmp_path / "k.cpp", fallback_cflags=("-DNO_X",))
     assert len(calls) == 2

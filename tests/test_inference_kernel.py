@@ -546,6 +546,8 @@ from losa.inference.arith import IsaInfo, Requested, choose_arithmetic  # noqa: 
 
 ISA_CASES = {  # name: (IsaInfo, expected auto (dtype, values, prefill, activations))
     "avx512-bf16-amx": (IsaInfo("avx512", native_bf16=True, amx=True), ("bfloat16", "bfloat16", "bfloat16", "bfloat16")),
+    "avx512-bf16-amx-tiles": (IsaInfo("avx512", native_bf16=True, amx=True, amx_tiles=True),
+                              ("bfloat16", "bfloat16", "bfloat16", "bfloat16")),
     "avx512-bf16": (IsaInfo("avx512", native_bf16=True), ("bfloat16", "bfloat16", "bfloat16", "bfloat16")),
     "avx512-bf16-zen4": (IsaInfo("avx512", native_bf16=True, sparse_gemm=True),
                          ("bfloat16", "bfloat16", "bfloat16", "bfloat16")),
@@ -568,6 +570,7 @@ def test_choose_arithmetic_auto_for_every_isa(case):
         assert "bf16 GEMM" not in c.prefill and "float32 GEMM" in c.prefill
     if isa.native_bf16:
         assert "bf16 GEMM" in c.prefill and ("AMX" in line) == isa.amx
+        assert ("AMX tiles" in line) == isa.amx_tiles and ("AMX tiles" in c.prefill) == isa.amx_tiles
         # the start-up line names the prompt path this CPU takes: zero-skipping only where it is enabled
         assert ("zero-skipping" in c.prefill) == isa.sparse_gemm and ("tiles" in c.prefill) != isa.sparse_gemm
 
@@ -613,7 +616,8 @@ def test_dense_line_says_nothing_of_sparse_values(case):
     line = c.line(dense=True)
     assert line.startswith(f"arithmetic ({isa.name}): {c.dtype} model, dense layers (--dense: no sparse values) -- ")
     assert "values" not in line.split(" -- ")[1]
-    reason = {"avx512-bf16-amx": "native bf16", "avx512-bf16": "native bf16", "avx512-bf16-zen4": "native bf16",
+    reason = {"avx512-bf16-amx": "native bf16", "avx512-bf16-amx-tiles": "native bf16", "avx512-bf16": "native bf16",
+              "avx512-bf16-zen4": "native bf16",
               "no-kernel": "float32 keeps the weights exact"}.get(case, "no native bf16")  # by hand, per case
     assert line.split(" -- ")[1].startswith(reason)
     native = case.startswith("avx512-bf16")
@@ -979,6 +983,12 @@ def test_amx_matches_exact_products(out_f, in_f, pattern, fmt, batch):
     if batch == 1:  # no rows: an empty result of the right shape and dtype
         empty = KERNEL.amx_mm_bf16(x[:0], p.meta, p.values, p.row_ptr, b, out_f, in_f, FORMAT_CODES[fmt])
         assert empty.shape == (0, out_f) and empty.dtype == torch.float32
+        empty = KERNEL.amx_mm_bf16(x[:0], p.meta, p.values, p.row_ptr, None, out_f, in_f, FORMAT_CODES[fmt])
+        assert empty.shape == (0, out_f) and empty.dtype == torch.bfloat16
+    # the same inputs starting at an odd bf16 offset of their storage
+    odd = torch.empty(batch * in_f + 1, dtype=torch.bfloat16)[1:].view(batch, in_f)
+    odd.copy_(x)
+    assert torch.equal(KERNEL.amx_mm_bf16(odd, p.meta, p.values, p.row_ptr, None, out_f, in_f, FORMAT_CODES[fmt]), yb)
 
 
 @needs_amx

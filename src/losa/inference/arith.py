@@ -47,11 +47,11 @@ class IsaInfo:
         level: the sparse kernel's instruction set, after ``LOSA_SPARSE_ISA``: "scalar", "avx2" or "avx512".
         native_bf16: AVX512-BF16 usable at that level (hardware bf16 dot products; fast bf16 GEMMs).
         amx: AMX-BF16 present (torch's oneDNN uses it for bf16 GEMMs).
-        amx_tiles: the kernel's AMX tiles path runs here (:func:`losa.inference.kernel.amx_available`: AMX, a
-            kernel built with it, the tile state granted): small bf16 batches and short prompts use it.
         sparse_gemm: a bf16 prompt on layers >= 65 % sparse skips zeros (the zero-skipping GEMM) instead of
             feeding decompressed tiles to torch's bf16 GEMM (:func:`losa.inference.thresholds.sparse_gemm_enabled`:
             measured here, else the default of this kind of CPU); only with ``native_bf16``.
+        amx_tiles: the kernel's AMX tiles path runs here (:func:`losa.inference.kernel.amx_available`: AMX, a
+            kernel built with it, the tile state granted): small bf16 batches and short prompts use it.
         kernel: whether the compiled kernel is available (else the dense fallback runs); assumed True when
             detected without it (``detect_isa(use_kernel=False)``, e.g. for a dense baseline).
         forced: the ``LOSA_SPARSE_ISA`` value when set, else None.
@@ -204,6 +204,8 @@ def choose_arithmetic(isa: IsaInfo, requested: Requested = Requested()) -> Choic
     elif native and (dtype == "bfloat16" or prefill_dtype == "bfloat16"):
         prefill = "bf16 GEMM" + (" (zero-skipping at >= 65 % sparsity)" if bf16_compute and isa.sparse_gemm else
                                  " on decompressed tiles")
+        if bf16_compute and isa.amx_tiles:
+            prefill = "AMX tiles for short prompts, then " + prefill
     else:
         prefill = "float32 GEMM on decompressed tiles"
     return Choice(dtype=dtype, value_dtype=value_dtype, prefill_dtype=prefill_dtype,

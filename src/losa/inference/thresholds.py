@@ -90,11 +90,15 @@ def _entry(isa: int) -> dict:
 
 def _stale_bf16_rows(entry: dict, isa: int) -> bool:
     """An entry whose bf16 row-loop threshold was measured against another path than the one that now follows the
-    loop: written without the AMX kernel (no ``amx_max_rows``) where it now runs, or with it where it no longer
-    does (a build without it, a level forced lower)."""
+    loop: written without the AMX kernel (no ``amx_max_rows``) where it now runs, or with it running after the loop
+    (``amx_max_rows`` > 0) where it no longer runs (a kernel built without it)."""
     from losa.inference import kernel as _kernel
 
-    return "dense_batch_threshold_bf16" in entry and ("amx_max_rows" in entry) != _kernel.amx_available(isa)
+    if "dense_batch_threshold_bf16" not in entry:
+        return False
+    if _kernel.amx_available(isa):
+        return "amx_max_rows" not in entry
+    return entry.get("amx_max_rows", 0) > 0
 
 
 def _stale_sparse_gemm(entry: dict) -> bool:
@@ -111,7 +115,7 @@ def _cached(isa: int) -> dict:
         if name == "sparse_gemm_batch_threshold" and _stale_sparse_gemm(entry):
             continue  # this kind of CPU's default until losa bench-runtime measures again (advice() says so)
         if name == "dense_batch_threshold_bf16" and _stale_bf16_rows(entry, isa):
-            continue  # the AMX default until measured again (advice() says so)
+            continue  # the default until measured again (advice() says so)
         if name == "sparse_gemm_batch_threshold" and value == "never":
             out[name] = NEVER
         elif isinstance(value, int) and value >= (1 if name == "dense_tile_rows" else 0):

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 #: our lock file in the build directory (torch's own is ``lock``)
 BUILD_LOCK = "losa-build.lock"
+#: left in a build's directory when that build failed and a fallback build replaced it: later processes go straight
+#: to the fallback instead of failing the same compilation again (its text is the first error)
+BUILD_FAILED = "losa-build-failed"
 
 
 class KernelUnavailable(RuntimeError):
@@ -128,7 +131,8 @@ def build_extension(name: str, source: Path | list[Path], headers: list[Path] | 
         source: its C++ file(s).
         headers: files the sources include, part of the digest.
         fallback_cflags: flags for a second build when the first fails (e.g. ``-DLOSA_NO_AMX``, which leaves out
-            code an older assembler cannot build), in a directory of its own; empty: no second build.
+            code an older assembler cannot build), in a directory of its own; empty: no second build. A first
+            build that failed is not tried again (:data:`BUILD_FAILED`) until its digest changes.
 
     Returns:
         The imported extension module.
@@ -138,26 +142,47 @@ def build_extension(name: str, source: Path | list[Path], headers: list[Path] | 
     """
     if os.environ.get("LOSA_DISABLE_KERNEL"):
         raise KernelUnavailable("LOSA_DISABLE_KERNEL is set")
+    failed = None
+    if fallback_cflags:
+        try:
+            failed = _failed_marker(name, source, headers)
+        except Exception:  # noqa: BLE001 - no torch or no build directory: the build below says why
+            failed = None
+    if failed is not None and failed.exists():
+        first = failed.read_text()
+    else:
+        try:
+            return _build(name, source, headers, ())
+        except Exception as exc:  # compiler missing, headers missing, ninja missing ...
+            first = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
+            if not fallback_cflags:
+                raise KernelUnavailable(first) from exc
+            log.warning("building the %s C++ kernel failed (%s); building it again with %s", name, first,
+                        " ".join(fallback_cflags))
     try:
-        return _build(name, source, headers, ())
-    except Exception as exc:  # compiler missing, headers missing, ninja missing ...
-        first = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
-        if not fallback_cflags:
-            raise KernelUnavailable(first) from exc
-        log.warning("building the %s C++ kernel failed (%s); building it again with %s", name, first,
-                    " ".join(fallback_cflags))
-    try:
-        return _build(name, source, headers, tuple(fallback_cflags))
+        module = _build(name, source, headers, tuple(fallback_cflags))
     except Exception as exc:
         raise KernelUnavailable(f"{first}; again with {' '.join(fallback_cflags)}: {type(exc).__name__}: "
                                 f"{str(exc).strip().splitlines()[-1:]}") from exc
+    if failed is not None and not failed.exists():
+        failed.write_text(first)
+    return module
+
+
+def _sources(source: Path | list[Path]) -> list[Path]:
+    # resolved, as the digest hashes them: ninja must see one path per file (symlinked checkouts too)
+    return [Path(p).resolve() for p in (source if isinstance(source, list) else [source])]
+
+
+def _failed_marker(name: str, source: Path | list[Path], headers: list[Path] | None) -> Path:
+    """:data:`BUILD_FAILED` in the directory of the build without extra flags."""
+    return build_directory(name, build_digest(_sources(source), headers)) / BUILD_FAILED
 
 
 def _build(name: str, source: Path | list[Path], headers: list[Path] | None, extra: tuple[str, ...]) -> ModuleType:
     from torch.utils.cpp_extension import load
 
-    # resolved, as the digest hashes them: ninja must see one path per file (symlinked checkouts too)
-    sources = [Path(p).resolve() for p in (source if isinstance(source, list) else [source])]
+    sources = _sources(source)
     directory = build_directory(name, build_digest(sources, headers, extra))
     if not (directory / f"{name}.so").exists():
         log.info("compiling the %s C++ kernel (once per machine, about a minute) ...", name)

@@ -877,11 +877,14 @@ struct alignas(64) TileConfig {
 };
 
 // One block of 32 inputs: the sums (tiles 0 and 2, with NT = 2 also 1 and 3) += the two 16-row weight tiles at w
-// (row stride ldw elements) times the input tile at x0 (and x1).
+// (row stride ldw elements) times the input tile at x0 (and x1). The tile intrinsics are macros that some GCC
+// versions expand without parentheses around their arguments: every argument is a plain name.
 template <int NT>
 LOSA_AMXFN inline void amx_step(const uint16_t* w, int64_t ldw, const uint16_t* x0, const uint16_t* x1) {
-  _tile_loadd(4, w, ldw * 2);
-  _tile_loadd(5, w + 16 * ldw, ldw * 2);
+  const uint16_t* w1 = w + 16 * ldw;
+  const int64_t sw = ldw * 2;
+  _tile_loadd(4, w, sw);
+  _tile_loadd(5, w1, sw);
   _tile_loadd(6, x0, 64);
   _tile_dpbf16ps(0, 4, 6);
   _tile_dpbf16ps(2, 5, 6);
@@ -897,8 +900,10 @@ LOSA_AMXFN inline void amx_step(const uint16_t* w, int64_t ldw, const uint16_t* 
 template <int NT>
 LOSA_AMXFN inline void amx_block(const uint16_t* w, int64_t ldw, const uint16_t* xv, int64_t nblk, int64_t kb0,
                                  int64_t nkb, float* yT, int64_t ldy, int64_t ob, int64_t tt, bool first) {
-  float* c0 = yT + ob * ldy + 16 * tt;
-  float* c1 = c0 + 16 * ldy;
+  float* c0 = yT + ob * ldy + 16 * tt;  // sums of rows 0-15 (tokens of tile tt, then tt + 1 at c0n)
+  float* c1 = c0 + 16 * ldy;            // rows 16-31
+  float* c0n = c0 + 16;
+  float* c1n = c1 + 16;
   const int64_t sy = ldy * 4;
   if (first) {
     _tile_zero(0);
@@ -907,14 +912,14 @@ LOSA_AMXFN inline void amx_block(const uint16_t* w, int64_t ldw, const uint16_t*
   } else {
     _tile_loadd(0, c0, sy);
     _tile_loadd(2, c1, sy);
-    if constexpr (NT == 2) { _tile_loadd(1, c0 + 16, sy); _tile_loadd(3, c1 + 16, sy); }
+    if constexpr (NT == 2) { _tile_loadd(1, c0n, sy); _tile_loadd(3, c1n, sy); }
   }
   const uint16_t* x0 = xv + (tt * nblk + kb0) * 512;
-  const uint16_t* x1 = x0 + nblk * 512;
+  const uint16_t* x1 = NT == 2 ? x0 + nblk * 512 : x0;  // (past xv's end with one token tile: not formed then)
   for (int64_t kb = 0; kb < nkb; ++kb) amx_step<NT>(w + 32 * kb, ldw, x0 + 512 * kb, x1 + 512 * kb);
   _tile_stored(0, c0, sy);
   _tile_stored(2, c1, sy);
-  if constexpr (NT == 2) { _tile_stored(1, c0 + 16, sy); _tile_stored(3, c1 + 16, sy); }
+  if constexpr (NT == 2) { _tile_stored(1, c0n, sy); _tile_stored(3, c1n, sy); }
 }
 
 // The 32 weight rows [ob, ob + 32) (rows past N are zero) for input blocks [kb0, kb0 + nkb), bf16, into w
@@ -1011,6 +1016,7 @@ LOSA_AMXFN void amx_rows_small(const Packed& p, const uint16_t* xv, const AmxOut
     _tile_zero(2);
     if constexpr (NT == 2) { _tile_zero(1); _tile_zero(3); }
     for (int64_t s0 = 0; s0 < nblk; s0 += kAmxSub) {
+      asm volatile("" ::: "memory");  // the tile loads of the previous sub-block read w before it is overwritten
       const int64_t ns = std::min(kAmxSub, nblk - s0);
       for (int64_t r = 0; r < rows; ++r) {
         const uint8_t* meta = p.meta + (ob + r) * p.stride;
@@ -1022,11 +1028,15 @@ LOSA_AMXFN void amx_rows_small(const Packed& p, const uint16_t* xv, const AmxOut
       }
       asm volatile("" ::: "memory");  // the expanded rows (and the zeroed ones) are in memory before the tile loads
       const uint16_t* x0 = xv + s0 * 512;
-      for (int64_t kb = 0; kb < ns; ++kb) amx_step<NT>(w + 32 * kb, ldw, x0 + 512 * kb, x0 + nblk * 512 + 512 * kb);
+      const uint16_t* x1 = NT == 2 ? x0 + nblk * 512 : x0;
+      for (int64_t kb = 0; kb < ns; ++kb) amx_step<NT>(w + 32 * kb, ldw, x0 + 512 * kb, x1 + 512 * kb);
     }
+    float* c1 = c + 16 * 32;  // rows 16-31; c0n, c1n: the second token tile
+    float* c0n = c + 16;
+    float* c1n = c1 + 16;
     _tile_stored(0, c, 128);
-    _tile_stored(2, c + 16 * 32, 128);
-    if constexpr (NT == 2) { _tile_stored(1, c + 16, 128); _tile_stored(3, c + 16 * 32 + 16, 128); }
+    _tile_stored(2, c1, 128);
+    if constexpr (NT == 2) { _tile_stored(1, c0n, 128); _tile_stored(3, c1n, 128); }
     amx_write(c, 32, ob, out);
   }
   _tile_release();
