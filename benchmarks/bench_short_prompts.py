@@ -13,6 +13,10 @@ Q4_1, cast to bf16), interleaved, median of ``--reps``:
 * ``S% no amx``: the same model with the AMX kernel switched off (``kernel.amx_available`` patched to False), i.e.
   the dispatch of an AVX512-BF16 CPU without AMX.
 
+``--batches B,...`` adds batched greedy generation, the other use of small batches: ``model.generate`` of B
+copies of a 16-token prompt, ``--new-tokens`` new tokens each (every decode step multiplies B rows; the time
+includes the prompt forward of 16 B rows), same modes, interleaved, median of ``--batch-reps``.
+
 ``x dense`` = dense ms / mode ms; ``amx gain`` = no-amx ms / amx ms. Rows go to results/short_prompts.jsonl,
 rendered to short_prompts.md. Needs a CPU with AMX-BF16. Run: ``python benchmarks/bench_short_prompts.py``.
 """
@@ -45,22 +49,49 @@ from losa.utils.io import atomic_write_text  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def size(row: dict) -> str:
+    """The prompt length, or ``B x T`` (batch, new tokens) for a batched-generation row."""
+    return str(row["tokens"]) if row.get("kind", "prompt") == "prompt" else f"{row['batch']} x {row['new_tokens']}"
+
+
 def render(src: Path, dst: Path) -> None:
     """Write the markdown of every row in ``src`` to ``dst``."""
     out = ["# Short prompts through a sparse bf16 SmolLM2: the AMX tiles kernel vs the paths before it", "",
            "Written by `benchmarks/bench_short_prompts.py` (see its docstring): one prompt forward of N tokens "
            "(no cache, logits of the last token), modes interleaved, medians. `x dense` = dense bf16 ms / mode ms; "
-           "`amx gain` = the same sparse model's ms with the AMX kernel switched off / with it.", ""]
+           "`amx gain` = the same sparse model's ms with the AMX kernel switched off / with it. `batch decode` rows: "
+           "greedy `generate` of B copies of a 16-token prompt, T new tokens each (prompt forward included).", ""]
     for title, where, rs in run_sections(read_jsonl(src)):
-        load = load_sentence(rs[0])
-        out += [title, "", f"{where}. Model: {rs[0]['model']}.{load}", "",
-                "| threads | tokens | dense ms | sparsity | amx ms | no amx ms | amx x dense | no amx x dense | "
-                "amx gain |", "|---|---|---|---|---|---|---|---|---|"]
-        out += [f"| {r['threads']} | {r['tokens']} | {r['dense_ms']:.2f} | {r['sparsity']:.0%} | {r['amx_ms']:.2f} | "
-                f"{r['no_amx_ms']:.2f} | {r['dense_ms'] / r['amx_ms']:.2f}x | {r['dense_ms'] / r['no_amx_ms']:.2f}x | "
-                f"{r['no_amx_ms'] / r['amx_ms']:.2f}x |" for r in rs]
-        out.append("")
+        out += [title, "", f"{where}. Model: {rs[0]['model']}.{load_sentence(rs[0])}", ""]
+        for kind, head in (("prompt", "tokens"), ("batch decode", "batch x new tokens")):
+            sel = [r for r in rs if r.get("kind", "prompt") == kind]
+            if not sel:
+                continue
+            out += [f"{kind}:", "", f"| threads | {head} | dense ms | sparsity | amx ms | no amx ms | amx x dense | "
+                    "no amx x dense | amx gain |", "|---|---|---|---|---|---|---|---|---|"]
+            out += [f"| {r['threads']} | {size(r)} | {r['dense_ms']:.2f} | {r['sparsity']:.0%} | {r['amx_ms']:.2f} | "
+                    f"{r['no_amx_ms']:.2f} | {r['dense_ms'] / r['amx_ms']:.2f}x | {r['dense_ms'] / r['no_amx_ms']:.2f}x | "
+                    f"{r['no_amx_ms'] / r['amx_ms']:.2f}x |" for r in sel]
+            out.append("")
     atomic_write_text(dst, "\n".join(out))
+
+
+def time_modes(modes: dict[str, tuple[torch.nn.Module, bool]], call, reps: int, no_amx) -> dict[str, float]:
+    """Median ms of ``call(model)`` per mode over ``reps`` interleaved rounds after one warm-up round; modes whose
+    flag is set run with ``no_amx`` (the patch that switches the AMX kernel off) started."""
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    for _ in range(reps + 1):  # the first round warms up
+        for name, (m, off) in modes.items():
+            if off:
+                no_amx.start()
+            try:
+                t = time.perf_counter()
+                call(m)
+                times[name].append(time.perf_counter() - t)
+            finally:
+                if off:
+                    no_amx.stop()
+    return {name: statistics.median(v[1:]) * 1e3 for name, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,10 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--tokens", default="8,16,32,64,128", help="prompt lengths")
     ap.add_argument("--sparsities", default="0.5,0.7")
+    ap.add_argument("--batches", default="", help="batch sizes of batched generation, e.g. 4,8,16 (default: none)")
+    ap.add_argument("--new-tokens", type=int, default=16, help="new tokens per sequence in batched generation")
+    ap.add_argument("--batch-reps", type=int, default=5)
     ap.add_argument("--out", default=str(RESULTS / "short_prompts.jsonl"))
     args = ap.parse_args(argv)
-    if args.reps < 1:
-        raise LosaError(f"--reps must be at least 1, got {args.reps}")
+    if args.reps < 1 or args.batch_reps < 1 or args.new_tokens < 1:
+        raise LosaError("--reps, --batch-reps and --new-tokens must be at least 1")
     if not _kernel.amx_available():
         raise LosaError("this benchmark compares the AMX kernel with the paths before it: it needs a CPU with AMX-BF16 "
                         "(and no LOSA_SPARSE_ISA below avx512)")
@@ -87,37 +121,32 @@ def main(argv: list[str] | None = None) -> int:
         prune_magnitude(m, sp)
         sparsify_for_inference(m, value_dtype="bfloat16")
         sparse[sp] = m
+    no_amx = mock.patch.object(_kernel, "amx_available", lambda isa=None: False)
     gen = torch.Generator().manual_seed(0)
     vocab = base.config.vocab_size
-    no_amx = mock.patch.object(_kernel, "amx_available", lambda isa=None: False)
+    modes = {"dense": (base, False)}
+    for sp, m in sparse.items():
+        modes[f"{sp} amx"] = (m, False)
+        modes[f"{sp} no amx"] = (m, True)
     rows = []
     with torch.inference_mode():
         for th in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(th)
-            for n in (int(t) for t in args.tokens.split(",")):
-                ids = torch.randint(0, vocab, (1, n), generator=gen)
-                modes = {"dense": (base, False)}
-                for sp, m in sparse.items():
-                    modes[f"{sp} amx"] = (m, False)
-                    modes[f"{sp} no amx"] = (m, True)
-                times: dict[str, list[float]] = {name: [] for name in modes}
-                for _ in range(args.reps + 1):  # the first round warms up
-                    for name, (m, off) in modes.items():
-                        if off:
-                            no_amx.start()
-                        try:
-                            t = time.perf_counter()
-                            m(ids, use_cache=False, logits_to_keep=1)
-                            times[name].append(time.perf_counter() - t)
-                        finally:
-                            if off:
-                                no_amx.stop()
-                ms = {name: statistics.median(v[1:]) * 1e3 for name, v in times.items()}
+            work = [({"tokens": n}, args.reps, lambda m, ids=torch.randint(0, vocab, (1, n), generator=gen):
+                     m(ids, use_cache=False, logits_to_keep=1)) for n in (int(t) for t in args.tokens.split(","))]
+            prompt = torch.randint(0, vocab, (1, 16), generator=gen)
+            work += [({"kind": "batch decode", "batch": b, "new_tokens": args.new_tokens}, args.batch_reps,
+                      lambda m, ids=prompt.expand(b, -1).contiguous(): m.generate(
+                          ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                          min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0))
+                     for b in (int(t) for t in args.batches.split(",") if t)]
+            for fields, reps, call in work:
+                ms = time_modes(modes, call, reps, no_amx)
                 for sp in sparse:
-                    rows.append({**provenance(th, SMOLLM2 + ", bf16", argv_rec), "run": run, "tokens": n,
-                                 "sparsity": sp, "reps": args.reps, "dense_ms": ms["dense"],
+                    rows.append({**provenance(th, SMOLLM2 + ", bf16", argv_rec), "run": run, "kind": "prompt",
+                                 **fields, "sparsity": sp, "reps": reps, "dense_ms": ms["dense"],
                                  "amx_ms": ms[f"{sp} amx"], "no_amx_ms": ms[f"{sp} no amx"]})
-                    print(f"{th} thr {n:4d} tokens {sp:.0%}: dense {ms['dense']:.2f}  amx {ms[f'{sp} amx']:.2f}  "
+                    print(f"{th} thr {size(rows[-1])} {sp:.0%}: dense {ms['dense']:.2f}  amx {ms[f'{sp} amx']:.2f}  "
                           f"no amx {ms[f'{sp} no amx']:.2f} ms", flush=True)
     append_rows(rows, load_start, Path(args.out), render)  # stamps the load averages, appends, renders
     return 0
