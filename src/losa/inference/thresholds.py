@@ -11,8 +11,8 @@ default; whether bf16 prompts take the zero-skipping GEMM at all defaults per ki
 Keys of a cache entry: ``dense_batch_threshold`` (float32 activations: row loop up to this many rows, then
 tiles), ``dense_batch_threshold_bf16`` and ``sparse_gemm_batch_threshold`` (bf16 activations; native-bf16
 CPUs only), ``amx_max_rows`` (CPUs with AMX: bf16 batches of large layers above the row loop's threshold and up
-to this many rows run on the AMX tiles kernel; small layers keep their default), plus how they were measured (``date``, ``threads``, ``shape``,
-``sparsity``, ``timings_ms``).
+to this many rows run on the AMX tiles kernel; small layers keep their default), plus how they were measured
+(``date``, ``threads``, ``shape``, ``sparsity``, ``timings_ms``).
 """
 
 from __future__ import annotations
@@ -274,9 +274,9 @@ def crossovers(timings: dict[str, dict[int, float]], rows: Sequence[int], prefil
         which the row loop beat the tiles (with AMX timings: the AMX kernel, unless that never beat the tiles) at
         every count, at least 1 (decode: a whole-matrix decompression per token never wins); with AMX timings
         ``amx_max_rows``: the largest count up to which the AMX kernel beat the bf16 tiles at every count above the
-        loop's threshold (0: at none); ``sparse_gemm_batch_threshold``: the largest count up to which the bf16 tiles beat
-        the sparse GEMM at every count, ``"never"`` when they won at all of them, and ``prefill_rows`` (the
-        marker of an entry that timed prompt sizes); with ``tile_ms``, ``dense_tile_rows``: the fastest height.
+        loop's threshold (0: at none); ``sparse_gemm_batch_threshold``: the largest count up to which the bf16
+        tiles beat the sparse GEMM at every count, ``"never"`` when they won at all of them, and ``prefill_rows``
+        (the marker of an entry that timed prompt sizes); with ``tile_ms``, ``dense_tile_rows``: the fastest height.
 
     Raises:
         KeyError: a path's timings are missing (``loop`` and ``tiles`` always; the bf16 paths with ``loop_bf16``).
