@@ -45,9 +45,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -159,24 +161,36 @@ def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bo
                 with_unplanned: bool = False, with_overhead: bool = False,
                 with_sdpa: bool = False, with_python_wrapper: bool = False,
                 with_attention_products: bool = False, engine: bool = True,
-                with_dense_engine: bool = False, with_generate_loop: bool = False) -> dict[str, dict]:
+                with_dense_engine: bool = False, with_generate_loop: bool = False,
+                keep: Callable[[str], object] | None = None) -> dict[str, dict]:
     """The models to time: name -> {"model", "decoder", "sparsity", "bytes"} (and "overhead": True for the
-    overhead-only mode)."""
+    overhead-only mode). With ``keep``, only the modes whose name it accepts are built (``--only``): the pruned
+    models behind the others are not made either."""
+    want = keep or (lambda name: True)
+    modes: dict[str, dict] = {}
     # dense and "sparse before" are plain transformers generate: sdpa attention, no decode plans, no engine
-    modes = {"dense fp32": {"model": base, "decoder": LeanDecoder(base, decode_attention=False, decode_engine="off"),
-                            "sparsity": 0.0}}
-    if with_dense_engine:
+    if want("dense fp32"):
+        modes["dense fp32"] = {"model": base, "sparsity": 0.0,
+                               "decoder": LeanDecoder(base, decode_attention=False, decode_engine="off")}
+    if with_dense_engine and want("dense fp32 + engine"):
         dense = copy.deepcopy(base)
         modes["dense fp32 + engine"] = {"model": dense, "decoder": LeanDecoder(dense), "sparsity": 0.0}
     for sp in sparsities:
-        pruned = copy.deepcopy(base)
-        prune_magnitude(pruned, sp)
-        sparsify_for_inference(pruned, value_dtype="bfloat16")
         tag = f"{round(sp * 100)}%"
+
+        @functools.lru_cache(maxsize=1)
+        def pruned_model(sp: float = sp) -> torch.nn.Module:  # built once, when a kept mode needs it
+            m = copy.deepcopy(base)
+            prune_magnitude(m, sp)
+            sparsify_for_inference(m, value_dtype="bfloat16")
+            return m
+
         lean = [("", False)] + ([(" + static + compile", True)] if compile_step else [])
-        modes[f"{tag} sparse before"] = {
-            "model": pruned, "decoder": unplanned(LeanDecoder(pruned, decode_attention=False, decode_engine="off")),
-            "sparsity": sp}
+        if want(f"{tag} sparse before"):
+            pruned = pruned_model()
+            modes[f"{tag} sparse before"] = {
+                "model": pruned, "decoder": unplanned(LeanDecoder(pruned, decode_attention=False, decode_engine="off")),
+                "sparsity": sp}
         for suffix, comp in lean:
             # (name suffix, drop the decode plans, decode attention, compile wrapper, attention as torch products)
             variants = ([("", False, True, "cpp", False)]
@@ -185,34 +199,41 @@ def build_modes(base: torch.nn.Module, sparsities: list[float], compile_step: bo
                         + ([(", sdpa attention", False, False, "cpp", False)] if with_sdpa else [])
                         + ([(", python wrapper", False, True, "python", False)] if with_python_wrapper and comp else []))
             for note, drop_plan, attention, wrapper, products in variants:
-                head = copy.deepcopy(pruned)
+                if not want(f"{tag} lean bf16 head{suffix}{note}"):
+                    continue
+                head = copy.deepcopy(pruned_model())
                 set_lm_head_dtype(head, "bfloat16")
                 dec = LeanDecoder(head, compile=comp, decode_attention=attention, compile_wrapper=wrapper,
                                   decode_engine="off")
                 modes[f"{tag} lean bf16 head{suffix}{note}"] = {
                     "model": head, "sparsity": sp, "decoder": unplanned(dec) if drop_plan else dec,
                     "attention_products": products}
-        if engine:
-            eng = copy.deepcopy(pruned)
+        engine_names = [f"{tag} lean bf16 head + engine"] + ([f"{tag} lean bf16 head + engine, generate loop"]
+                                                              if with_generate_loop else [])
+        if engine and any(want(name) for name in engine_names):
+            eng = copy.deepcopy(pruned_model())
             set_lm_head_dtype(eng, "bfloat16")
             dec = LeanDecoder(eng)
             if not dec.use_engine:
                 raise LosaError(f"the decode engine does not run here: {dec.engine_reason}")
-            modes[f"{tag} lean bf16 head + engine"] = {"model": eng, "sparsity": sp, "decoder": dec}
-            if with_generate_loop:
-                modes[f"{tag} lean bf16 head + engine, generate loop"] = {
-                    "model": eng, "sparsity": sp, "decoder": LeanDecoder(eng, token_loop="generate")}
-        if engine and _kernel.native_bf16():  # what `losa generate --dtype auto` runs on this CPU: a bf16 model
+            if want(engine_names[0]):
+                modes[engine_names[0]] = {"model": eng, "sparsity": sp, "decoder": dec}
+            if with_generate_loop and want(engine_names[1]):
+                modes[engine_names[1]] = {"model": eng, "sparsity": sp, "decoder": LeanDecoder(eng, token_loop="generate")}
+        b16_names = [f"{tag} bf16 model + engine"] + ([f"{tag} bf16 model + engine, generate loop"]
+                                                       if with_generate_loop else [])
+        # what `losa generate --dtype auto` runs on this CPU: a bf16 model
+        if engine and _kernel.native_bf16() and any(want(name) for name in b16_names):
             b16 = copy.deepcopy(base).to(torch.bfloat16)
             prune_magnitude(b16, sp)
             sparsify_for_inference(b16, value_dtype="bfloat16")
             set_lm_head_dtype(b16, "bfloat16")  # as `losa generate --lm-head-dtype auto` does: in place here
-            modes[f"{tag} bf16 model + engine"] = {"model": b16, "sparsity": sp, "decoder": LeanDecoder(b16)}
-            if with_generate_loop:
-                modes[f"{tag} bf16 model + engine, generate loop"] = {
-                    "model": b16, "sparsity": sp, "decoder": LeanDecoder(b16, token_loop="generate")}
-        if with_overhead and compile_step:
-            zero = copy.deepcopy(pruned)
+            if want(b16_names[0]):
+                modes[b16_names[0]] = {"model": b16, "sparsity": sp, "decoder": LeanDecoder(b16)}
+            if with_generate_loop and want(b16_names[1]):
+                modes[b16_names[1]] = {"model": b16, "sparsity": sp, "decoder": LeanDecoder(b16, token_loop="generate")}
+        if with_overhead and compile_step and want(f"{tag} overhead only + static + compile"):
+            zero = copy.deepcopy(pruned_model())
             set_lm_head_dtype(zero, "bfloat16")
             zero_weight_layers(zero)
             modes[f"{tag} overhead only + static + compile"] = {
@@ -310,20 +331,20 @@ def main(argv: list[str] | None = None) -> int:
     base, tok = losa.load_model("smollm2-135m")
     base.eval()
     ids = tok(PROMPT, return_tensors="pt").input_ids
-    modes = build_modes(base, [float(s) for s in args.sparsities.split(",")], not args.no_compile,
-                        args.with_unplanned, args.with_overhead, args.with_sdpa, args.with_python_wrapper,
-                        args.with_attention_products, not args.no_engine, args.with_dense_engine,
-                        args.with_generate_loop)
+    keep = None
     if args.only is not None:
         import re
 
         try:
-            pattern = re.compile(args.only)
+            keep = re.compile(args.only).search
         except re.error as e:
             raise LosaError(f"--only {args.only!r} is not a regular expression ({e}); fix it") from None
-        modes = {k: v for k, v in modes.items() if pattern.search(k)}
-        if not modes:
-            raise LosaError(f"--only {args.only!r} matches no mode; modes are named like '70% bf16 model + engine'")
+    modes = build_modes(base, [float(s) for s in args.sparsities.split(",")], not args.no_compile,
+                        args.with_unplanned, args.with_overhead, args.with_sdpa, args.with_python_wrapper,
+                        args.with_attention_products, not args.no_engine, args.with_dense_engine,
+                        args.with_generate_loop, keep=keep)
+    if not modes:
+        raise LosaError(f"--only {args.only!r} matches no mode; modes are named like '70% bf16 model + engine'")
     bw = {t: bandwidth(t) for t in threads}
     print("bandwidth GB/s", bw, flush=True)
     bw_low = dict(bw)
