@@ -142,48 +142,39 @@ def build_extension(name: str, source: Path | list[Path], headers: list[Path] | 
     """
     if os.environ.get("LOSA_DISABLE_KERNEL"):
         raise KernelUnavailable("LOSA_DISABLE_KERNEL is set")
-    failed = None
-    if fallback_cflags:
-        try:
-            failed = _failed_marker(name, source, headers)
-        except Exception:  # noqa: BLE001 - no torch or no build directory: the build below says why
-            failed = None
-    if failed is not None and failed.exists():
-        first = failed.read_text()
-    else:
-        try:
-            return _build(name, source, headers, ())
-        except Exception as exc:  # compiler missing, headers missing, ninja missing ...
-            first = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
-            if not fallback_cflags:
-                raise KernelUnavailable(first) from exc
-            log.warning("building the %s C++ kernel failed (%s); building it again with %s", name, first,
-                        " ".join(fallback_cflags))
+    # resolved, as the digest hashes them: ninja must see one path per file (symlinked checkouts too)
+    sources = [Path(p).resolve() for p in (source if isinstance(source, list) else [source])]
+    primary: Path | None = None
     try:
-        module = _build(name, source, headers, tuple(fallback_cflags))
+        primary = build_directory(name, build_digest(sources, headers))
+        if not (fallback_cflags and (primary / BUILD_FAILED).exists()):
+            return _build(name, sources, primary, ())
+        first = (primary / BUILD_FAILED).read_text()
+    except Exception as exc:  # compiler missing, headers missing, ninja missing ...
+        first = _cause(exc)
+        if not fallback_cflags:
+            raise KernelUnavailable(first) from exc
+        log.warning("building the %s C++ kernel failed (%s); building it again with %s", name, first,
+                    " ".join(fallback_cflags))
+    try:
+        extra = tuple(fallback_cflags)
+        module = _build(name, sources, build_directory(name, build_digest(sources, headers, extra)), extra)
     except Exception as exc:
-        raise KernelUnavailable(f"{first}; again with {' '.join(fallback_cflags)}: {type(exc).__name__}: "
-                                f"{str(exc).strip().splitlines()[-1:]}") from exc
-    if failed is not None and not failed.exists():
-        failed.write_text(first)
+        raise KernelUnavailable(f"{first}; again with {' '.join(fallback_cflags)}: {_cause(exc)}") from exc
+    if primary is not None and not (primary / BUILD_FAILED).exists():
+        (primary / BUILD_FAILED).write_text(first)
     return module
 
 
-def _sources(source: Path | list[Path]) -> list[Path]:
-    # resolved, as the digest hashes them: ninja must see one path per file (symlinked checkouts too)
-    return [Path(p).resolve() for p in (source if isinstance(source, list) else [source])]
+def _cause(exc: Exception) -> str:
+    """One line naming a failed build's cause: the exception type and the last line of its message."""
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
 
 
-def _failed_marker(name: str, source: Path | list[Path], headers: list[Path] | None) -> Path:
-    """:data:`BUILD_FAILED` in the directory of the build without extra flags."""
-    return build_directory(name, build_digest(_sources(source), headers)) / BUILD_FAILED
-
-
-def _build(name: str, source: Path | list[Path], headers: list[Path] | None, extra: tuple[str, ...]) -> ModuleType:
+def _build(name: str, sources: list[Path], directory: Path, extra: tuple[str, ...]) -> ModuleType:
+    """Compile ``sources`` with :data:`CFLAGS` and ``extra`` in ``directory`` (under its lock) and import them."""
     from torch.utils.cpp_extension import load
 
-    sources = _sources(source)
-    directory = build_directory(name, build_digest(sources, headers, extra))
     if not (directory / f"{name}.so").exists():
         log.info("compiling the %s C++ kernel (once per machine, about a minute) ...", name)
     with build_lock(directory):

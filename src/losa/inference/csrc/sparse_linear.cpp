@@ -307,6 +307,15 @@ LOSA_AVX512 inline __m512i expand32_bf16(uint32_t m, const uint16_t*& v) {
   return _mm512_maskz_expand_epi16(static_cast<__mmask32>(m), r);
 }
 
+// Blocks [kb0, kb0 + nkb) of one row (meta: the row's metadata) expanded to bf16 into d, 32 values per block;
+// v: the row's next packed value, advanced past those blocks.
+template <int F>
+LOSA_AVX512 inline void expand_blocks_bf16(const uint8_t* meta, int64_t kb0, int64_t nkb, const uint16_t*& v,
+                                           uint16_t* d) {
+  for (int64_t kb = 0; kb < nkb; ++kb)
+    _mm512_storeu_si512(reinterpret_cast<void*>(d + 32 * kb), expand32_bf16(block_mask<F>(meta, kb0 + kb), v));
+}
+
 #if LOSA_BF16
 // Row dot products with bf16 inputs: one vpexpandw and one vdpbf16ps (pairwise bf16 products summed
 // in float32) per 32 inputs and batch row, two blocks per step into two accumulators. 1.4-1.9x faster
@@ -609,9 +618,7 @@ LOSA_AVX512 void expand_rows_bf16_avx512(const Packed& p, uint16_t* dst, int64_t
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* meta = p.meta + o * p.stride;
     const uint16_t* v = vals + p.row_ptr[o];
-    uint16_t* d = dst + (o - o0) * ld;
-    for (int64_t k = 0; k < nblk; ++k)
-      _mm512_storeu_si512(reinterpret_cast<void*>(d + 32 * k), expand32_bf16(block_mask<F>(meta, k), v));
+    expand_blocks_bf16<F>(meta, 0, nblk, v, dst + (o - o0) * ld);
   }
 }
 #endif
@@ -946,10 +953,8 @@ LOSA_AMXFN void amx_expand(const Packed& p, int64_t* vp, int64_t ob, int64_t kb0
     }
     const uint8_t* meta = p.meta + o * p.stride;
     const uint16_t* v = vals + vp[o];
-    const uint16_t* v0 = v;
-    for (int64_t kb = kb0; kb < kb0 + nkb; ++kb)
-      _mm512_storeu_si512(reinterpret_cast<void*>(d + 32 * (kb - kb0)), expand32_bf16(block_mask<F>(meta, kb), v));
-    vp[o] += v - v0;
+    expand_blocks_bf16<F>(meta, kb0, nkb, v, d);
+    vp[o] = v - vals;
   }
   // GCC's tile-load intrinsics do not declare that they read memory: the stores above must not move past them
   asm volatile("" ::: "memory");
@@ -1022,9 +1027,7 @@ LOSA_AMXFN void amx_rows_small(const Packed& p, const uint16_t* xv, const AmxOut
         const uint8_t* meta = p.meta + (ob + r) * p.stride;
         _mm_prefetch(reinterpret_cast<const char*>(v[r]) + 1024, _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(meta + meta_bytes * s0) + 256, _MM_HINT_T0);
-        uint16_t* d = w + r * ldw;
-        for (int64_t kb = 0; kb < ns; ++kb)
-          _mm512_storeu_si512(reinterpret_cast<void*>(d + 32 * kb), expand32_bf16(block_mask<F>(meta, s0 + kb), v[r]));
+        expand_blocks_bf16<F>(meta, s0, ns, v[r], w + r * ldw);
       }
       asm volatile("" ::: "memory");  // the expanded rows (and the zeroed ones) are in memory before the tile loads
       const uint16_t* x0 = xv + s0 * 512;
