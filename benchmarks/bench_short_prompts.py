@@ -1,4 +1,4 @@
-"""Short prompts through a sparse bf16 SmolLM2 on a CPU with AMX: the AMX tiles kernel against the paths before it.
+"""Short prompts through a sparse SmolLM2 on a CPU with AMX: the AMX tiles kernel against the paths before it.
 
 A prompt of N tokens runs every linear of the model on N rows. On CPUs with AMX-BF16 the sparse layers of a bf16
 model take N = 5-128 rows (5-256 on small layers, as all of SmolLM2's are) through the AMX tiles kernel
@@ -7,11 +7,15 @@ torch's bf16 GEMM above. This times
 the whole prompt forward (``model(ids, logits_to_keep=1)``, no cache) of SmolLM2-135M-Instruct (dequantised from
 Q4_1, cast to bf16), interleaved, median of ``--reps``:
 
-* ``dense``: the dense bf16 model (torch's bf16 GEMMs: oneDNN on AMX);
+* ``dense``: the dense bf16 model (torch's bf16 GEMMs: oneDNN on AMX; the float32 model with ``--model-dtype float32``);
 * ``S% amx``: pruned to S % (magnitude per output row; the speed depends on the sparsity, not on which weights)
   and ``sparsify_for_inference(value_dtype="bfloat16")``, as ``losa generate`` runs it here;
 * ``S% no amx``: the same model with the AMX kernel switched off (``kernel.amx_available`` patched to False), i.e.
   the dispatch of an AVX512-BF16 CPU without AMX.
+
+``--model-dtype float32`` times a float32 model instead (the dense float32 model is the baseline) whose sparse layers
+keep bf16 values and run prompts through a bf16 GEMM (``prefill_dtype="bfloat16"``, ``losa generate --dtype float32
+--prefill-dtype bfloat16``): its prompts above the float32 row loop's threshold take the AMX kernel too.
 
 ``--batches B,...`` adds batched greedy generation, the other use of small batches: ``model.generate`` of B
 copies of a 16-token prompt, ``--new-tokens`` new tokens each (every decode step multiplies B rows; the time
@@ -56,9 +60,10 @@ def size(row: dict) -> str:
 
 def render(src: Path, dst: Path) -> None:
     """Write the markdown of every row in ``src`` to ``dst``."""
-    out = ["# Short prompts through a sparse bf16 SmolLM2: the AMX tiles kernel vs the paths before it", "",
+    out = ["# Short prompts through a sparse SmolLM2: the AMX tiles kernel vs the paths before it", "",
            "Written by `benchmarks/bench_short_prompts.py` (see its docstring): one prompt forward of N tokens "
-           "(no cache, logits of the last token), modes interleaved, medians. `x dense` = dense bf16 ms / mode ms; "
+           "(no cache, logits of the last token), modes interleaved, medians. `x dense` = the dense model's ms (same "
+           "dtype as the sparse one: see each section's model) / mode ms; "
            "`amx gain` = the same sparse model's ms with the AMX kernel switched off / with it. `batch decode` rows: "
            "greedy `generate` of B copies of a 16-token prompt, T new tokens each (prompt forward included).", ""]
     for title, where, rs in run_sections(read_jsonl(src)):
@@ -103,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="", help="batch sizes of batched generation, e.g. 4,8,16 (default: none)")
     ap.add_argument("--new-tokens", type=int, default=16, help="new tokens per sequence in batched generation")
     ap.add_argument("--batch-reps", type=int, default=5)
+    ap.add_argument("--model-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="bfloat16: a bf16 model; float32: a float32 model with bf16 values and a bf16 prompt GEMM")
     ap.add_argument("--out", default=str(RESULTS / "short_prompts.jsonl"))
     args = ap.parse_args(argv)
     if args.reps < 1 or args.batch_reps < 1 or args.new_tokens < 1:
@@ -114,12 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     argv_rec = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
     base, _tok = losa.load_model("smollm2-135m")
-    base = base.to(torch.bfloat16).eval()
+    f32 = args.model_dtype == "float32"
+    base = (base.float() if f32 else base.to(torch.bfloat16)).eval()
+    model_id = SMOLLM2 + (", float32 model, bf16 values, bf16 prompt GEMM" if f32 else ", bf16")
     sparse = {}
     for sp in (float(s) for s in args.sparsities.split(",")):
         m = copy.deepcopy(base)
         prune_magnitude(m, sp)
-        sparsify_for_inference(m, value_dtype="bfloat16")
+        sparsify_for_inference(m, value_dtype="bfloat16", prefill_dtype="bfloat16" if f32 else "float32")
         sparse[sp] = m
     no_amx = mock.patch.object(_kernel, "amx_available", lambda isa=None: False)
     gen = torch.Generator().manual_seed(0)
@@ -143,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             for fields, reps, call in work:
                 ms = time_modes(modes, call, reps, no_amx)
                 for sp in sparse:
-                    rows.append({**provenance(th, SMOLLM2 + ", bf16", argv_rec), "run": run, "kind": "prompt",
+                    rows.append({**provenance(th, model_id, argv_rec), "run": run, "kind": "prompt",
                                  **fields, "sparsity": sp, "reps": reps, "dense_ms": ms["dense"],
                                  "amx_ms": ms[f"{sp} amx"], "no_amx_ms": ms[f"{sp} no amx"]})
                     print(f"{th} thr {size(rows[-1])} {sp:.0%}: dense {ms['dense']:.2f}  amx {ms[f'{sp} amx']:.2f}  "

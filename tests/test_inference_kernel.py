@@ -597,10 +597,13 @@ def test_choose_arithmetic_explicit_requests(case):
     c = choose_arithmetic(isa, Requested("bf16", "float32", "auto"))  # explicit requests are kept ...
     assert (c.dtype, c.value_dtype, c.activations) == ("bfloat16", "float32", "float32")
     assert ("widen" in c.reason) == (not native)
+    assert "AMX tiles" not in c.prefill  # the AMX kernel needs bf16 values
     c = choose_arithmetic(isa, Requested("float32", "bfloat16", "bfloat16"))
     # ... except a bf16 prompt GEMM without native bf16
     assert c.prefill_dtype == ("bfloat16" if native else "float32")
     assert ("ignored" in c.reason) == (not native)
+    # a float32 model's bf16 prompt GEMM on bf16 values: short prompts on AMX tiles where the kernel runs them
+    assert ("AMX tiles for short prompts" in c.prefill) == (native and isa.amx_tiles)
     c = choose_arithmetic(isa, Requested("float32"))  # an explicit float32 model keeps float32 prompts
     assert c.prefill_dtype == "float32" and c.activations == "float32"
     c = choose_arithmetic(isa, Requested("float16", "bfloat16"))
@@ -1013,8 +1016,8 @@ def test_amx_same_bits_on_any_thread_count():
 @needs_amx
 def test_amx_runs_between_the_row_loop_and_the_large_batch_paths(monkeypatch):
     """bf16 batches of a bf16 layer: the row loop up to AMX_ROW_LOOP_ROWS rows, the AMX kernel up to AMX_MAX_ROWS
-    (AMX_MAX_ROWS_SMALL on a small layer), the large-batch paths above; float32 inputs and a forced lower ISA
-    never reach it."""
+    (AMX_MAX_ROWS_SMALL on a small layer), the large-batch paths above; float32 inputs reach it only with a bf16
+    prompt GEMM (``prefill_dtype="bfloat16"``) and bf16 values, and a forced lower ISA never."""
     from losa.inference import sparse_linear as sl
 
     gen = torch.Generator().manual_seed(17)
@@ -1039,6 +1042,26 @@ def test_amx_runs_between_the_row_loop_and_the_large_batch_paths(monkeypatch):
     x = torch.randn(rows, 96, generator=gen)
     torch.testing.assert_close(layer(x), reference(x, w, None, torch.bfloat16), rtol=1e-4, atol=1e-4)
     assert calls == ["dense_mm"]  # float32 inputs: the float32 tiles
+    calls.clear()
+    # float32 inputs with a bf16 prompt GEMM: the AMX kernel on inputs rounded to bf16, its output rounded to bf16
+    # and the bias added in float32, as the bf16 tiles compute it; float32 values keep the tiles
+    b = torch.randn(64, generator=gen)
+    want = F.linear(x.bfloat16().double(), w.bfloat16().double()).bfloat16().double() + b.double()
+    for vdtype, path in (("bfloat16", "amx_mm_bf16"), ("float32", "dense_mm_xw")):  # (bf16 tiles, x · Wᵀ)
+        bf16_prompt = SparseLinear.from_dense(w, b, vdtype, prefill_dtype="bfloat16")
+        y = bf16_prompt(x)
+        assert y.dtype == torch.float32 and calls == [path]
+        torch.testing.assert_close(y.double(), want, rtol=1e-2, atol=2e-2 * 96**0.5)
+        calls.clear()
+    # the AMX kernel's result and the bf16 tiles' differ by the float32 summation order and one bf16 rounding each
+    amx_y = SparseLinear.from_dense(w, b, "bfloat16", prefill_dtype="bfloat16")(x).double() - b.double()
+    real = kmod.amx_available
+    monkeypatch.setattr(kmod, "amx_available", lambda isa=None: False)
+    tiles_y = SparseLinear.from_dense(w, b, "bfloat16", prefill_dtype="bfloat16")(x).double() - b.double()
+    monkeypatch.setattr(kmod, "amx_available", real)
+    assert calls == ["amx_mm_bf16", "dense_mm_xw"]
+    bound = 2 * _products_bound(x.bfloat16(), w.bfloat16()) + 1e-5 * (1 + b.double().abs())
+    assert ((amx_y - tiles_y).abs() <= 2.0 ** -7 * amx_y.abs().maximum(tiles_y.abs()) + bound).all()
     calls.clear()
     monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")
     assert not kmod.amx_available()

@@ -51,7 +51,8 @@ class IsaInfo:
             feeding decompressed tiles to torch's bf16 GEMM (:func:`losa.inference.thresholds.sparse_gemm_enabled`:
             measured here, else the default of this kind of CPU); only with ``native_bf16``.
         amx_tiles: the kernel's AMX tiles path runs here (:func:`losa.inference.kernel.amx_available`: AMX, a
-            kernel built with it, the tile state granted): small bf16 batches and short prompts use it.
+            kernel built with it, the tile state granted): small bf16 batches and short prompts of bf16 values
+            use it (a float32 model's prompts with a bf16 prompt GEMM too).
         kernel: whether the compiled kernel is available (else the dense fallback runs); assumed True when
             detected without it (``detect_isa(use_kernel=False)``, e.g. for a dense baseline).
         forced: the ``LOSA_SPARSE_ISA`` value when set, else None.
@@ -204,7 +205,7 @@ def choose_arithmetic(isa: IsaInfo, requested: Requested = Requested()) -> Choic
     elif native and (dtype == "bfloat16" or prefill_dtype == "bfloat16"):
         prefill = "bf16 GEMM" + (" (zero-skipping at >= 65 % sparsity)" if bf16_compute and isa.sparse_gemm else
                                  " on decompressed tiles")
-        if bf16_compute and isa.amx_tiles:
+        if isa.amx_tiles and value_dtype == "bfloat16":  # bf16 values: the AMX kernel takes short prompts
             prefill = "AMX tiles for short prompts, then " + prefill
     else:
         prefill = "float32 GEMM on decompressed tiles"

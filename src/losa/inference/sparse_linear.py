@@ -3,7 +3,8 @@
 Small batches (decode) run the compiled sparse kernel; batches above ``dense_batch_threshold`` rows
 (prefill) decompress ``DENSE_TILE_ROWS`` rows at a time into a cache-resident buffer and run torch's
 dense GEMM on it, so no dense copy of the weight is ever kept. On CPUs with AMX, bf16 batches between the
-row loop's threshold and ``AMX_MAX_ROWS`` run the kernel's AMX tiles path instead (see ``AMX_ROW_LOOP_ROWS``).
+row loop's threshold and ``AMX_MAX_ROWS`` run the kernel's AMX tiles path instead (see ``AMX_ROW_LOOP_ROWS``), as do
+float32 batches of bf16 values with ``prefill_dtype="bfloat16"``.
 
 Precision follows the input, as in a dense layer: float32 inputs compute in float32; bfloat16 inputs
 (a bf16 model) with bf16 values multiply in bf16 and sum in float32, like a dense bf16 ``F.linear``
@@ -74,6 +75,8 @@ SPARSE_GEMM_BATCH_THRESHOLD = 24
 #: ``AMX_MAX_ROWS`` rows (``AMX_MAX_ROWS_SMALL`` on small layers, where it beat the decompressed tiles at every
 #: count up to 256), and larger batches keep the paths above. Measured against the row loop and the
 #: decompressed tiles on LLaMA-7B and SmolLM2 shapes, 1 and 2 threads (benchmarks/results/amx_batch.md).
+#: float32 inputs with ``prefill_dtype="bfloat16"`` (bf16 values) take the AMX kernel above their own row-loop
+#: threshold up to the same counts, rounded to bf16 as for the bf16 tiles.
 AMX_ROW_LOOP_ROWS = 4
 AMX_MAX_ROWS = 128
 AMX_MAX_ROWS_SMALL = 256
@@ -345,11 +348,17 @@ def sparse_matmul(x2: torch.Tensor, meta: torch.Tensor, values: torch.Tensor, ro
     if threshold < 0:
         threshold = row_loop_threshold(x2.dtype, values.dtype, small, isa)
     rows = x2.shape[0]
+    # the AMX kernel takes bf16 values with bf16 inputs, or other inputs rounded to bf16 for a bf16 prompt GEMM
+    amx_in = values.dtype == torch.bfloat16 and (x2.dtype == torch.bfloat16 or prefill_bf16)
     if rows <= threshold:
         y = k.spmm(x2, *args)
-    elif (bf16_in and rows <= (AMX_MAX_ROWS_SMALL if small else measured.get("amx_max_rows", AMX_MAX_ROWS))
+    elif (amx_in and rows <= (AMX_MAX_ROWS_SMALL if small else measured.get("amx_max_rows", AMX_MAX_ROWS))
           and _kernel.amx_available(isa)):
-        y = k.amx_mm_bf16(x2, *args[:-1])
+        if bf16_in:
+            y = k.amx_mm_bf16(x2, *args[:-1])
+        else:  # as the bf16 tiles: activations and the GEMM's output rounded to bf16, the bias added in float32
+            y = k.amx_mm_bf16(x2.to(torch.bfloat16), meta, values, row_ptr, None, out_features, in_features, fmt_code)
+            y = y.float() if bias is None else y.float() + bias
     elif bf16_in and native and sparse_prefill and rows > measured.get("sparse_gemm_batch_threshold",
                                                                          SPARSE_GEMM_BATCH_THRESHOLD):
         y = k.sparse_mm_bf16(x2, *args[:-1])
