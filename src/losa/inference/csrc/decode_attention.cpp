@@ -239,20 +239,13 @@ void attend_rows(const float* q, const T* k, const T* v, const bool* keep, int64
 
 // attend() for AVX2 with D and Dv multiples of 8: query rows in pairs, scores of four positions per pass, a
 // vectorised softmax, and P·V with the outputs in registers. scratch: 2 S floats (two score rows). A row with a
-// NaN or +inf score goes through attend_rows (the plain loop), which passes them on.
+// NaN or +inf score goes through attend_rows (the plain loop), which passes them on. With a mask (keep), ix lists
+// the n attended positions in order (the batch row's, listed once for all its heads); without, n = S.
 template <typename T>
-LOSA_ATTN_AVX2 void attend_blocked(const float* q, const T* k, const T* v, const bool* keep, int64_t G, int64_t S,
-                                   int64_t D, int64_t Dv, float scale, float* out, float* scratch) {
-  std::vector<int32_t> idx;  // the attended positions, when a mask says which
-  int64_t n = S;
-  if (keep) {
-    idx.reserve(static_cast<size_t>(S));
-    for (int64_t j = 0; j < S; ++j)
-      if (keep[j]) idx.push_back(static_cast<int32_t>(j));
-    n = static_cast<int64_t>(idx.size());
-    if (n == 0) return;  // nothing attended: the rows stay 0
-  }
-  const int32_t* ix = idx.data();
+LOSA_ATTN_AVX2 void attend_blocked(const float* q, const T* k, const T* v, const bool* keep, const int32_t* ix,
+                                   int64_t n, int64_t G, int64_t S, int64_t D, int64_t Dv, float scale, float* out,
+                                   float* scratch) {
+  if (n == 0) return;  // nothing attended: the rows stay 0
   auto run = [&](auto pos) {
     for (int64_t g0 = 0; g0 < G; g0 += 2) {
       const int gn = G - g0 >= 2 ? 2 : 1;
@@ -351,15 +344,17 @@ void attend_rows(const float* q, const T* k, const T* v, const bool* keep, int64
 }
 
 // One (batch, KV head): G query rows [G, D] against keys [S, D] and values [S, Dv]; out [G, Dv] (zeroed).
-// keep: S bytes (nonzero = attend) or nullptr. sc: scratch of losa::attend_scratch(S) floats. The blocked AVX2
-// loop where it applies, else the plain one.
+// keep: S bytes (nonzero = attend) or nullptr; ix: the n positions keep sets, in order (nullptr and n = S without
+// keep). sc: scratch of losa::attend_scratch(S) floats. The blocked AVX2 loop where it applies, else the plain one.
 template <bool AVX2, typename T>
-void attend(const float* q, const T* k, const T* v, const bool* keep, int64_t G, int64_t S, int64_t D,
-            int64_t Dv, float scale, float* out, float* sc) {
+void attend(const float* q, const T* k, const T* v, const bool* keep, const int32_t* ix, int64_t n, int64_t G,
+            int64_t S, int64_t D, int64_t Dv, float scale, float* out, float* sc) {
 #if LOSA_ATTN_X86
   if constexpr (AVX2)
-    if (D % 8 == 0 && Dv % 8 == 0) return attend_blocked(q, k, v, keep, G, S, D, Dv, scale, out, sc);
+    if (D % 8 == 0 && Dv % 8 == 0) return attend_blocked(q, k, v, keep, ix, n, G, S, D, Dv, scale, out, sc);
 #endif
+  (void)ix;
+  (void)n;
   attend_rows<AVX2, T>(q, k, v, keep, G, S, D, Dv, scale, out, sc);
 }
 
@@ -378,11 +373,18 @@ torch::Tensor decode_attn(const torch::Tensor& q, const torch::Tensor& k, const 
   const auto qc = q.to(torch::kFloat).contiguous(), kc = k.contiguous(), vc = v.contiguous();
   torch::Tensor mc;
   const bool* keep = nullptr;
+  std::vector<int32_t> pos;  // per batch row, the attended positions in order (listed once for all its heads)
+  std::vector<int64_t> count;
   if (mask.has_value()) {
     TORCH_CHECK(mask->scalar_type() == torch::kBool && mask->dim() == 2 && mask->size(0) == B && mask->size(1) == S,
                 "decode_attn: the mask must be bool [B, S]");
     mc = mask->contiguous();
     keep = mc.data_ptr<bool>();
+    pos.resize(static_cast<size_t>(B * S));
+    count.assign(static_cast<size_t>(B), 0);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < S; ++j)
+        if (keep[b * S + j]) pos[b * S + count[b]++] = static_cast<int32_t>(j);
   }
   auto out = torch::zeros({B, H, G, Dv}, q.options().dtype(torch::kFloat));
   const bool avx2 = losa::attention_avx2(isa);
@@ -396,9 +398,12 @@ torch::Tensor decode_attn(const torch::Tensor& q, const torch::Tensor& k, const 
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, G * S * (D + Dv)));
     at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> sc(static_cast<size_t>(losa::attend_scratch(S)));
-      for (int64_t bh = begin; bh < end; ++bh)
-        run(qp + bh * G * D, kp + bh * S * D, vp + bh * S * Dv, keep ? keep + (bh / H) * S : nullptr, G, S, D, Dv,
-            float(scale), op + bh * G * Dv, sc.data());
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H;
+        run(qp + bh * G * D, kp + bh * S * D, vp + bh * S * Dv, keep ? keep + b * S : nullptr,
+            keep ? pos.data() + b * S : nullptr, keep ? count[b] : S, G, S, D, Dv, float(scale), op + bh * G * Dv,
+            sc.data());
+      }
     });
   };
   if (dt == torch::kFloat) {
@@ -417,15 +422,15 @@ namespace losa {
 void attend_f32(const float* q, const float* k, const float* v, int64_t G, int64_t S, int64_t D, float scale,
                 float* out, float* scratch, bool avx2) {
   std::fill(out, out + G * D, 0.f);
-  if (avx2) attend<true, float>(q, k, v, nullptr, G, S, D, D, scale, out, scratch);
-  else attend<false, float>(q, k, v, nullptr, G, S, D, D, scale, out, scratch);
+  if (avx2) attend<true, float>(q, k, v, nullptr, nullptr, S, G, S, D, D, scale, out, scratch);
+  else attend<false, float>(q, k, v, nullptr, nullptr, S, G, S, D, D, scale, out, scratch);
 }
 
 void attend_bf16(const float* q, const uint16_t* k, const uint16_t* v, int64_t G, int64_t S, int64_t D, float scale,
                  float* out, float* scratch, bool avx2) {
   std::fill(out, out + G * D, 0.f);
-  if (avx2) attend<true, uint16_t>(q, k, v, nullptr, G, S, D, D, scale, out, scratch);
-  else attend<false, uint16_t>(q, k, v, nullptr, G, S, D, D, scale, out, scratch);
+  if (avx2) attend<true, uint16_t>(q, k, v, nullptr, nullptr, S, G, S, D, D, scale, out, scratch);
+  else attend<false, uint16_t>(q, k, v, nullptr, nullptr, S, G, S, D, D, scale, out, scratch);
 }
 
 bool attention_avx2(int64_t isa) {
