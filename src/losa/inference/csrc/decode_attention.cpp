@@ -100,28 +100,9 @@ LOSA_ATTN_AVX2 void axpy_avx2(float a, const T* x, float* y, int64_t d) {
   for (; i < d; ++i) y[i] += a * widen(x[i]);
 }
 
-// exp(x) for 8 lanes of x <= 0 (scores minus their maximum): Cody-Waite reduction x = n ln2 + r and Cephes'
-// degree-6 polynomial for exp(r) (Moshier, Cephes expf; within 2 ulp of the exact value), times 2^n built in
-// the exponent bits. Lanes below -80 (exp < 1.9e-35, and -inf) are exactly 0, so no weight from these lanes is
-// subnormal and 2^n stays in range (the few scores past the last 8 use std::exp). (NaN lanes are not passed on: softmax_numerators sends rows with any NaN elsewhere.)
-LOSA_ATTN_AVX2 inline __m256 exp8_nonpositive(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-80.f);
-  const __m256 dead = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, lo);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(dead, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
-}
+// exp of the scores minus their maximum: losa::exp8_nonpositive (losa_kernels.h); the few scores past the last 8
+// use std::exp. (NaN lanes are not passed on: softmax_numerators sends rows with any NaN elsewhere.)
+using losa::exp8_nonpositive;
 
 // Positions ahead whose key / value rows are prefetched: the cache streams from memory (each position is read
 // once per step), and with the hardware prefetcher alone a one-query-row lab copy of this loop read it at

@@ -331,10 +331,9 @@ class DecodeEngine {
       at::parallel_for(0, I, kGrain, [&](int64_t a, int64_t b) {
         L.gate.rows(xn.data(), xnp, g.data(), a, b);
         L.up.rows(xn.data(), xnp, act.data(), a, b);
-        for (int64_t i = a; i < b; ++i) {
-          const float gi = R<B>(g[i]);
-          act[i] = R<B>(R<B>(gi / (1.f + std::exp(-gi))) * R<B>(act[i]));
-        }
+        round_all<B>(g.data() + a, b - a);
+        losa::silu_inplace(g.data() + a, b - a, avx2_);  // vector exp: a scalar std::exp per row was visible
+        for (int64_t i = a; i < b; ++i) act[i] = R<B>(R<B>(g[i]) * R<B>(act[i]));
         if constexpr (B) to_bits(act.data() + a, actp + a, b - a);
       });
       std::fill(act.begin() + I, act.end(), 0.f);

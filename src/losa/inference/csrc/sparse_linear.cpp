@@ -353,7 +353,9 @@ bool cpu_has_bf16dot() {
 // Dense bf16 rows with bf16 inputs (a bf16 model's LM head or a layer kept dense, in the decode engine):
 // res[o] = sum_j w[o, j] x[j] for rows [o0, o1) of w [N, K] (row stride K, not padded); x holds >= K values.
 // The weights are read in place: no packed copy and no metadata. Per 64 inputs two vdpbf16ps into two
-// accumulators; the last K mod 32 inputs through masked loads (zeros past K in both operands).
+// accumulators; the last K mod 32 inputs through masked loads (zeros past K in both operands). Both cache lines
+// of each step are prefetched 4 KiB ahead (one line per step left the other to the hardware prefetcher, slower:
+// benchmarks/dense_rows_lab.cpp, results/dense_rows_lab.md).
 LOSA_AVX512BF16 void dense_rows_bf16dot(const uint16_t* w, const uint16_t* x, int64_t K, const float* bias, float* y,
                                         int64_t o0, int64_t o1) {
   const int64_t k64 = K / 64 * 64;
@@ -363,6 +365,7 @@ LOSA_AVX512BF16 void dense_rows_bf16dot(const uint16_t* w, const uint16_t* x, in
     int64_t k = 0;
     for (; k < k64; k += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(wo + k) + 4096, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wo + k) + 4096 + 64, _MM_HINT_T0);
       a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(wo + k), (__m512bh)_mm512_loadu_si512(x + k));
       a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(wo + k + 32), (__m512bh)_mm512_loadu_si512(x + k + 32));
     }
@@ -1254,6 +1257,15 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
 }
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) { m.impl("spmm", &spmm_as_input); }
 
+// SiLU of a float32 tensor as the decode engine computes it (losa::silu_inplace: the vector form where
+// losa::attention_avx2(isa)), for tests against a float64 reference.
+torch::Tensor silu_f32(const torch::Tensor& x, int64_t isa) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.device().is_cpu(), "silu_f32 takes a float32 CPU tensor");
+  torch::Tensor y = x.contiguous().clone();
+  losa::silu_inplace(y.data_ptr<float>(), y.numel(), losa::attention_avx2(isa));
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spmm", &spmm, "sparse y = x W^T + b for small batches");
   m.def("dense_mm", &dense_mm, "tiled decompress + dense GEMM (float32 or bf16) for large batches");
@@ -1265,6 +1277,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_available", &amx_available, "whether the AMX tile path runs on this CPU (AMX-BF16, tile state granted)");
   m.def("cpu_has_bf16dot", &cpu_has_bf16dot, "whether the bf16-input loop (AVX512-BF16) runs on this CPU");
   m.def("hugepage_copy", &hugepage_copy, "copy a CPU tensor into transparent-huge-page memory (Linux)");
+  m.def("silu_f32", &silu_f32, "SiLU of a float32 tensor as the decode engine computes it (isa: vector form on AVX2)");
   losa::register_decode_engine(m);
   m.def("cpu_isa", &cpu_isa, "best ISA level: 0 scalar, 1 AVX2+FMA+F16C, 2 AVX-512 (F/BW/VL/VBMI2)");
 }
