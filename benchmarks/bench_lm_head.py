@@ -17,6 +17,16 @@ of the in-place logits against a float64 product of the same bf16 values, over t
 are rounded to bf16 like ``F.linear``'s, so up to about 2^-8 of a logit). Rows go to
 results/lm_head.jsonl, rendered to lm_head.md. Needs a CPU with AVX512-BF16. Run:
 ``python benchmarks/bench_lm_head.py``.
+
+``--inputs float32`` times a float32 model's head instead (any CPU; ``LOSA_SPARSE_ISA`` picks the kernel's level):
+
+* ``torch``: ``F.linear`` on the float32 weight (the head as loaded);
+* ``in place``: the kernel's dense row loop over the bf16 copy of :class:`~losa.inference.decode.BF16LMHead`
+  with float32 inputs (``dense_gemv_f32x``: the decode engine's head, and the copy's one-row calls);
+* ``packed copy``: the sparse row loop over the same copy as packed (what both ran before).
+
+``max rel err`` is then against a float64 product of the bf16-rounded weights and the float32 inputs. Rows go to
+results/lm_head_f32.jsonl, rendered to lm_head_f32.md.
 """
 
 from __future__ import annotations
@@ -50,10 +60,15 @@ SHAPES = (("SmolLM2-135M", 49152, 576), ("Qwen2-0.5B", 151936, 896), ("LLaMA-2-7
 
 def render(src: Path, dst: Path) -> None:
     """Write the markdown of every row in ``src`` to ``dst``."""
-    out = ["# A bf16 model's LM head at batch 1: torch's bf16 F.linear vs losa's dense AVX512-BF16 row loop", "",
-           "Written by `benchmarks/bench_lm_head.py` (see its docstring): random bf16 weights in the head shapes "
-           "of the named models, one bf16 input row, the variants interleaved, medians. `speed` = torch / in "
-           "place (above 1: the kernel is faster); `vs packed` = packed copy / in place.", ""]
+    f32 = read_jsonl(src)[0].get("inputs") == "float32"
+    out = [("# A float32 model's LM head at batch 1: torch's float32 F.linear vs losa's dense row loop over the "
+            "bf16 copy" if f32 else
+            "# A bf16 model's LM head at batch 1: torch's bf16 F.linear vs losa's dense AVX512-BF16 row loop"), "",
+           "Written by `benchmarks/bench_lm_head.py` (see its docstring): random weights in the head shapes "
+           f"of the named models, one {'float32' if f32 else 'bf16'} input row, the variants interleaved, medians. "
+           "`speed` = torch / in place (above 1: the kernel is faster); `vs packed` = packed copy / in place."
+           + (" `in place` = the dense row loop over the head's bf16 copy; `MB` and `GB/s` count that copy's "
+              "bytes." if f32 else ""), ""]
     for title, where, rs in run_sections(read_jsonl(src)):
         load = load_sentence(rs[0])
         out += [title, "", f"{where}.{load}", "",
@@ -67,26 +82,29 @@ def render(src: Path, dst: Path) -> None:
     atomic_write_text(dst, "\n".join(out))
 
 
-def time_shape(model: str, vocab: int, hidden: int, threads: list[int], reps: int, meta: dict) -> list[dict]:
+def time_shape(model: str, vocab: int, hidden: int, threads: list[int], reps: int, meta: dict,
+               f32: bool = False) -> list[dict]:
     """Time the three variants on one head shape ``[vocab, hidden]`` (see the module docstring); one row per
-    thread count. ``meta`` holds the run's ``run`` stamp and ``argv``."""
+    thread count. ``meta`` holds the run's ``run`` stamp and ``argv``; ``f32``: a float32 model's head."""
     k, isa = _kernel.load_kernel(), _kernel.best_isa()
     gen = torch.Generator().manual_seed(0)
-    weight = (torch.randn(vocab, hidden, generator=gen) * 0.02).to(torch.bfloat16)
-    x = torch.randn(1, hidden, generator=gen).to(torch.bfloat16)
-    head = torch.nn.Linear(hidden, vocab, bias=False, dtype=torch.bfloat16)
+    weight = (torch.randn(vocab, hidden, generator=gen) * 0.02).to(torch.float32 if f32 else torch.bfloat16)
+    x = torch.randn(1, hidden, generator=gen).to(weight.dtype)
+    head = torch.nn.Linear(hidden, vocab, bias=False, dtype=weight.dtype)
     head.weight.data = weight
     lean = BF16LMHead(head)  # (checks that this CPU runs the loop)
     packed = pack_dense(weight, torch.bfloat16)
-    want = (x.double() @ weight.double().T).float()
-    variants = {"torch": lambda: torch.nn.functional.linear(x, weight),
-                "in place": lambda: k.dense_gemv_bf16(x, weight, None, isa).to(torch.bfloat16),
+    copy = lean.dense_copy() if f32 else weight  # the bf16 matrix the dense loop reads
+    want = (x.double() @ copy.double().T).float()
+    dense = ((lambda: k.dense_gemv_f32x(x, copy, None, isa)) if f32 else
+             (lambda: k.dense_gemv_bf16(x, weight, None, isa).to(torch.bfloat16)))
+    variants = {"torch": lambda: torch.nn.functional.linear(x, weight), "in place": dense,
                 "packed": lambda: k.spmm(x, packed.meta, packed.values, packed.row_ptr, None, vocab, hidden,
                                          FORMAT_CODES["bitmask"], isa)}
     rows = []
     with torch.inference_mode():
         err = float((variants["in place"]().float() - want).abs().max() / want.abs().max())
-        assert lean.in_place
+        assert lean.in_place != f32
         for th in threads:
             torch.set_num_threads(th)
             times: dict[str, list[float]] = {name: [] for name in variants}
@@ -96,9 +114,10 @@ def time_shape(model: str, vocab: int, hidden: int, threads: list[int], reps: in
                     fn()
                     times[name].append(time.perf_counter() - t)
             ms = {name: statistics.median(v[1:]) * 1e3 for name, v in times.items()}
-            rows.append({**provenance(th, f"random bf16 weights, {model}'s LM head shape", meta["argv"]),
+            what = "random float32 weights (bf16 copy)" if f32 else "random bf16 weights"
+            rows.append({**provenance(th, f"{what}, {model}'s LM head shape", meta["argv"]),
                          "run": meta["run"], "kernel_isa": _kernel.ISA_NAMES[isa], "head_of": model, "vocab": vocab,
-                         "hidden": hidden, "mb": weight.numel() * 2 / 1e6, "reps": reps, "torch_ms": ms["torch"],
+                         "inputs": "float32" if f32 else "bfloat16", "hidden": hidden, "mb": copy.numel() * 2 / 1e6, "reps": reps, "torch_ms": ms["torch"],
                          "in_place_ms": ms["in place"], "packed_ms": ms["packed"],
                          "speed": ms["torch"] / ms["in place"], "vs_packed": ms["packed"] / ms["in place"],
                          "max_rel_err": err})
@@ -111,19 +130,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--out", default=str(RESULTS / "lm_head.jsonl"))
+    ap.add_argument("--inputs", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="bfloat16: a bf16 model's head; float32: a float32 model's head and its bf16 copy")
+    ap.add_argument("--out", default=None, help="default: results/lm_head.jsonl (lm_head_f32.jsonl for float32)")
     args = ap.parse_args(argv)
+    f32 = args.inputs == "float32"
+    out = Path(args.out) if args.out else RESULTS / ("lm_head_f32.jsonl" if f32 else "lm_head.jsonl")
     if args.reps < 1:
         raise LosaError(f"--reps must be at least 1, got {args.reps}")
-    if not _kernel.native_bf16():
+    if _kernel.load_kernel() is None:
+        raise LosaError("the LM head loops need the compiled kernel (a C++ compiler and ninja)")
+    if not f32 and not _kernel.native_bf16():
         raise LosaError("the dense bf16 row loop needs a CPU with AVX512-BF16 (and no LOSA_SPARSE_ISA below avx512)")
     run = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M UTC")
     load_start = os.getloadavg()
     rows = []
     for model, vocab, hidden in SHAPES:
         rows += time_shape(model, vocab, hidden, [int(t) for t in args.threads.split(",")], args.reps,
-                           {"run": run, "argv": [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]})
-    append_rows(rows, load_start, Path(args.out), render)  # stamps the load averages, appends, renders
+                           {"run": run, "argv": [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]}, f32)
+    append_rows(rows, load_start, out, render)  # stamps the load averages, appends, renders
     return 0
 
 

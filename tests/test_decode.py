@@ -195,8 +195,11 @@ def test_bf16_lm_head_rounds_only_the_head_and_keeps_the_embedding():
         head = model.get_output_embeddings()
         assert isinstance(head, BF16LMHead) and head.weight is emb
         got = head(hidden)
+        one = head(hidden[:1, -1:])  # a decode step's one row: the dense row loop over the copy
         logits = model(ids).logits
+    assert torch.equal(head.dense_copy(), emb.detach().bfloat16())  # the copy as a dense matrix: the rounded weight
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one, want[:1, -1:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)  # bf16 rounding of the weights only
     torch.testing.assert_close(logits, got)
     assert emb.dtype == torch.float32 and torch.equal(emb.detach(), before)
@@ -307,6 +310,28 @@ def test_dense_bf16_row_loop_against_float64(k):
         want = x.double() @ w.double().T + (0 if b is None else b.double())
         assert got.dtype == torch.float32 and got.shape == (1, 37)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 7, 8, 9, 31, 32, 33, 72, 100, 576])
+def test_dense_row_loop_with_float32_inputs_against_float64(k):
+    """The kernel's dense row loop over bf16 weights with float32 inputs (``dense_gemv_f32x``: a float32 model's
+    bf16 head copy, a bf16 model's dense layers without AVX512-BF16) at every ISA level this CPU has, widths
+    around its 8-, 16- and 32-input steps, with and without a bias, against the float64 product of the same
+    values: float32 sums within the recursive-summation bound K * 2^-24 * sum |w x|."""
+    from losa.inference import kernel as _kernel
+
+    gen = torch.Generator().manual_seed(k)
+    w = torch.randn(37, k, generator=gen).to(torch.bfloat16)
+    x = torch.randn(1, k, generator=gen)
+    bias = torch.randn(37, generator=gen)
+    bound = (k + 1) * 2.0 ** -24 * (x.double().abs() @ w.double().abs().T)
+    for isa in range(_kernel._cpu_isa() + 1):
+        for b in (None, bias):
+            got = _kernel.load_kernel().dense_gemv_f32x(x, w, b, isa)
+            want = x.double() @ w.double().T + (0 if b is None else b.double())
+            assert got.dtype == torch.float32 and got.shape == (1, 37)
+            assert bool(((got.double() - want).abs() <= bound + 2.0 ** -24 * want.abs()).all()), (isa, b is None)
 
 
 def test_lm_head_dtype_resolution():

@@ -78,7 +78,9 @@ class BF16LMHead(nn.Module):
 
     Two modes, by the head's weight:
 
-    * float32 weight: a packed bf16 copy of it (non-persistent buffers), multiplied with float32 activations;
+    * float32 weight: a packed bf16 copy of it (non-persistent buffers; every weight kept, so its values are also
+      the dense bf16 matrix, :meth:`dense_copy`), multiplied with float32 activations: one-row calls (decode
+      steps) by the kernel's dense row loop over that matrix, other calls by the packed paths;
     * bf16 weight (a bf16 model, on a CPU with AVX512-BF16: :func:`~losa.inference.kernel.native_bf16`): no
       copy (``in_place``); one-row calls of heads narrower than :data:`KERNEL_HEAD_MAX_IN` go through the dense
       AVX512-BF16 row loop over the weight itself (``y [1, V] = x [1, H] · Wᵀ``, bf16 products, float32 sums,
@@ -122,6 +124,17 @@ class BF16LMHead(nn.Module):
                              persistent=False)
         # decode_plan is set by plan_decode (LeanDecoder): decode steps call the row loop without the dispatch
 
+    def dense_copy(self) -> torch.Tensor:
+        """The bf16 copy as a dense ``[out_features, in_features]`` weight: the packed values keep every weight in
+        row order (:func:`~losa.inference.formats.pack_dense`), so they are that matrix (a view, no copy).
+
+        Raises:
+            LosaError: for an in-place head (it has no copy: use ``weight``).
+        """
+        if self.in_place:
+            raise LosaError("an in-place bf16 LM head has no copy; its weight is the head's own")
+        return self.values[: self.out_features * self.in_features].view(self.out_features, self.in_features)
+
     @property
     def in_place(self) -> bool:
         """Whether the head multiplies its own weight (no packed copy): a bf16 head built on an AVX512-BF16 CPU.
@@ -150,6 +163,10 @@ class BF16LMHead(nn.Module):
             return self._forward_in_place(x)
         x2 = x.reshape(-1, self.in_features)
         b = self._buffers
+        if x2.shape[0] == 1 and x2.dtype == torch.float32 and not torch.compiler.is_compiling():
+            # a decode step: the dense row loop over the copy (no per-group expansion, no metadata to read)
+            y = _kernel.load_kernel().dense_gemv_f32x(x2, self.dense_copy(), b["bias32"], _kernel.best_isa())
+            return y.view(*x.shape[:-1], self.out_features)
         y = planned_row_loop(self.decode_plan, x2, b["meta"], b["values"], b["row_ptr"], b["bias32"],
                              self.out_features, self.in_features, FORMAT_CODES["bitmask"])
         if y is None:
@@ -385,11 +402,11 @@ class LeanDecoder:
         from losa.inference.engine import DecodeEngine, sliding_window
 
         if self._engine is None or self._engine.max_len < needed:
-            old, self._engine = self._engine, None  # free the old cache first (its head copy is reused)
+            self._engine = None  # free the old cache first
             length = cache_length(needed, self.context)
             if (window := sliding_window(self.model)) is not None:
                 length = min(length, window)
-            self._engine = DecodeEngine(self.model, length, reuse=old)
+            self._engine = DecodeEngine(self.model, length)
         return self._engine
 
     def generate_kwargs(self, input_ids: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from torch import nn
 
 from losa.errors import LosaError
 from losa.inference import kernel as _kernel
-from losa.inference.formats import FORMAT_CODES, pack_dense
+from losa.inference.formats import FORMAT_CODES
 from losa.inference.sparse_linear import SparseLinear
 
 #: ``config.model_type`` values whose decoder layers the engine computes (LLaMA-style: RMSNorm, RoPE, GQA, SwiGLU)
@@ -203,21 +203,16 @@ def _eps(norm: nn.Module) -> float:
 
 
 def _queue_linear(eng: Any, m: nn.Module) -> None:
-    """Queue ``m`` on the C++ engine: packed buffers for sparse layers and a bf16 head's copy, else the weight
-    (dense layers and an in-place bf16 head)."""
+    """Queue ``m`` on the C++ engine: packed buffers for sparse layers, else a dense weight (read in place): the
+    weight of a dense layer or an in-place bf16 head, the bf16 copy of a float32 model's :class:`BF16LMHead`."""
     from losa.inference.decode import BF16LMHead
 
-    isa_fmt = None
     if isinstance(m, SparseLinear):
         b = m._buffers
-        isa_fmt = (b["meta"], b["values"], b["row_ptr"], b["bias"], m.out_features, m.in_features,
-                   FORMAT_CODES[m.fmt])
-    elif isinstance(m, BF16LMHead) and not m.in_place:  # in place: its bf16 weight, as a dense layer
-        b = m._buffers
-        isa_fmt = (b["meta"], b["values"], b["row_ptr"], b["bias32"], m.out_features, m.in_features,
-                   FORMAT_CODES["bitmask"])
-    if isa_fmt is not None:
-        eng.add_packed(*isa_fmt)
+        eng.add_packed(b["meta"], b["values"], b["row_ptr"], b["bias"], m.out_features, m.in_features,
+                       FORMAT_CODES[m.fmt])
+    elif isinstance(m, BF16LMHead) and not m.in_place:  # its copy keeps every weight: the values are W [N, K]
+        eng.add_dense(m.dense_copy(), m._buffers["bias32"])
     else:
         eng.add_dense(m.weight.detach(), None if m.bias is None else m.bias.detach())
 
@@ -251,44 +246,22 @@ def _rotary_tables(rotary: nn.Module, max_len: int, head_dim: int, dtype: torch.
     return cos.float().contiguous(), sin.float().contiguous()
 
 
-def _packed_copy(head: nn.Linear) -> tuple:
-    """A bf16 model's LM head as a packed copy (every weight kept), for CPUs without the AVX512-BF16 loop.
-
-    There the engine's dense bf16 layers go through torch's bf16 matrix-vector product, several times slower
-    than the packed row loop (float32 arithmetic on the widened values) on SmolLM2's LM head, the largest
-    matrix a decode step reads; the copy costs the head's bytes once more, plus one metadata bit per weight.
-    Where the AVX512-BF16 loop runs, the engine multiplies the head's own weight in place instead.
-
-    Returns:
-        ``(meta, values, row_ptr, bias or None)`` for ``add_packed``.
-    """
-    k = _kernel.load_kernel()
-    with torch.inference_mode(False), torch.no_grad():
-        packed = pack_dense(head.weight, torch.bfloat16)
-        meta, values = packed.meta, packed.values
-        if _kernel.hugepages_enabled():
-            meta, values = k.hugepage_copy(meta), k.hugepage_copy(values)
-        return meta, values, packed.row_ptr, None if head.bias is None else head.bias.detach().float().clone()
-
-
 class DecodeEngine:
     """The C++ engine for one model and cache length (positions ``0 .. max_len - 1``).
 
-    The engine reads the model's buffers in place (no copy of the weights, except a bf16 model's LM head on a
-    CPU without AVX512-BF16: see :func:`_packed_copy`); it holds its own KV cache of ``2 x layers x kv_heads x max_len x head_dim``
-    values in the model's dtype.
+    The engine reads the model's buffers in place (no copy of the weights); it holds its own KV cache of
+    ``2 x layers x kv_heads x max_len x head_dim`` values in the model's dtype.
 
     Args:
         model: a float32 or bfloat16 causal LM that :func:`engine_problem` accepts.
         max_len: positions the cache holds (prompt + new tokens); at most the model's sliding window.
-        reuse: an earlier engine of the same model whose bf16 LM head copy can be shared (a longer cache).
 
     Raises:
         LosaError: when :func:`engine_problem` names a reason, ``max_len`` < 1, or ``max_len`` exceeds the
             model's sliding window.
     """
 
-    def __init__(self, model: nn.Module, max_len: int, reuse: DecodeEngine | None = None) -> None:
+    def __init__(self, model: nn.Module, max_len: int) -> None:
         if (why := engine_problem(model)) is not None:
             raise LosaError(f"the decode engine cannot run this model: {why}")
         if max_len < 1:
@@ -311,16 +284,9 @@ class DecodeEngine:
             for part, proj in _PROJ:
                 _queue_linear(self._eng, getattr(getattr(layer, part), proj))
             self._eng.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach())
-        head = model.get_output_embeddings()
-        #: a bf16 model's packed LM head copy (meta, values, row_ptr, bias), reused by a later engine of the model;
-        #: None where the AVX512-BF16 loop multiplies the head's own weight in place
-        self.head_copy = None
-        if dtype == torch.bfloat16 and isinstance(head, nn.Linear) and not _kernel.native_bf16():
-            self.head_copy = reuse.head_copy if reuse is not None and reuse.head_copy is not None else \
-                _packed_copy(head)
-            self._eng.add_packed(*self.head_copy, head.out_features, head.in_features, FORMAT_CODES["bitmask"])
-        else:
-            _queue_linear(self._eng, head)
+        # the head's weight in place (a bf16 one through the AVX512-BF16 loop where it runs, else the float32-input
+        # loop on the widened weights), or a float32 model's bf16 copy of it
+        _queue_linear(self._eng, model.get_output_embeddings())
         self._eng.set_head()
         # ordinary tensors even when built inside torch.inference_mode, so that later generations outside it can
         # still copy a prompt's cache in

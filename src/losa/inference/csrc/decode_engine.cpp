@@ -72,8 +72,9 @@ inline float round_bf16(float f) {
 }
 
 // One linear layer: the packed row loop (float32 inputs, and bf16 inputs where the AVX512-BF16 loop runs), or
-// a dense weight [N, K] for layers kept dense (and a bf16 model's LM head): the AVX512-BF16 dense row loop for
-// bf16 weights where it runs, else at::linear (float32, or bf16 without AVX512-BF16).
+// a dense weight [N, K] for layers kept dense and the LM head: bf16 weights (a bf16 model's, or a float32
+// model's bf16 head copy) through the AVX512-BF16 dense row loop where it runs, else the float32-input dense
+// loop on the widened weights; float32 weights through at::linear.
 struct Linear {
   losa::GemvCall call;
   losa::GemvCallBf16 call16;
@@ -92,16 +93,10 @@ struct Linear {
       call(x, y, o0, o1);
       return;
     }
-    // at::linear on the rows' slice of the weight, as nn.Linear computes it (torch's bf16 matrix-vector product
-    // was slower than its linear); an ATen op inside at::parallel_for runs on the calling thread
+    // a float32 dense weight: at::linear on the rows' slice, as nn.Linear computes it; an ATen op inside
+    // at::parallel_for runs on the calling thread
     auto yv = torch::from_blob(y + o0, {1, o1 - o0}, torch::kFloat32);
-    torch::Tensor xv;
-    if (weight.scalar_type() == torch::kBFloat16) {
-      TORCH_CHECK(xb, "a bf16 dense weight needs bf16 inputs");
-      xv = torch::from_blob(const_cast<uint16_t*>(xb), {1, k}, torch::kBFloat16);
-    } else {
-      xv = torch::from_blob(const_cast<float*>(x), {1, k}, torch::kFloat32);
-    }
+    auto xv = torch::from_blob(const_cast<float*>(x), {1, k}, torch::kFloat32);
     yv.copy_(at::linear(xv, weight.narrow(0, o0, o1 - o0),
                         bias.defined() ? c10::optional<torch::Tensor>(bias.narrow(0, o0, o1 - o0)) : c10::nullopt));
   }
@@ -187,17 +182,28 @@ class DecodeEngine {
     pending_.push_back(std::move(l));
   }
 
+  // A dense weight in the model's dtype, or a bf16 weight in a float32 model (a bf16 LM head copy); the bias in
+  // the weight's dtype (float32 for a bf16 copy).
   void add_dense(torch::Tensor weight, c10::optional<torch::Tensor> bias) {
-    TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == (bf16_ ? torch::kBFloat16 : torch::kFloat32),
-                "a dense weight must be [N, K] in the model's dtype (float32 or bfloat16)");
+    const bool b16 = weight.scalar_type() == torch::kBFloat16;
+    TORCH_CHECK(weight.dim() == 2 && (b16 || (!bf16_ && weight.scalar_type() == torch::kFloat32)),
+                "a dense weight must be [N, K] in the model's dtype (float32 or bfloat16), or bfloat16 in a "
+                "float32 model");
     Linear l;
     l.weight = weight.contiguous();
     l.n = weight.size(0);
     l.k = weight.size(1);
-    if (bias.has_value() && bias->defined()) l.bias = bias->to(weight.scalar_type()).contiguous();
-    // bf16 weights: the AVX512-BF16 row loop over the weight in place where it runs (else at::linear)
-    if (bf16_) l.call16 = losa::prepare_dense_gemv_bf16(l.weight, l.bias.defined() ? c10::optional<torch::Tensor>(l.bias)
-                                                                            : c10::nullopt, isa_);
+    const bool has_bias = bias.has_value() && bias->defined();
+    if (b16) {
+      // bf16 weights, read in place: the AVX512-BF16 loop for a bf16 model's bf16 inputs where it runs, and the
+      // float32-input loop on the widened weights (a float32 model, or a CPU without AVX512-BF16)
+      const c10::optional<torch::Tensor> bias32 =
+          has_bias ? c10::optional<torch::Tensor>(bias->to(torch::kFloat32).contiguous()) : c10::nullopt;
+      if (bf16_) l.call16 = losa::prepare_dense_gemv_bf16(l.weight, bias32, isa_);
+      l.call = losa::prepare_dense_gemv_f32x(l.weight, bias32, isa_);
+    } else if (has_bias) {
+      l.bias = bias->to(torch::kFloat32).contiguous();  // float32 weights: at::linear
+    }
     pending_.push_back(std::move(l));
   }
 

@@ -50,6 +50,10 @@ GemvCallBf16 prepare_gemv_bf16(const torch::Tensor& meta, const torch::Tensor& v
 GemvCallBf16 prepare_dense_gemv_bf16(const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
                                      int64_t isa);
 
+// A dense bf16 weight [N, K] (contiguous, read in place) times float32 inputs x [>= K]: each weight widened
+// exactly, float32 products and sums, at ISA level `isa` (AVX-512, AVX2 or the scalar loop; never empty).
+GemvCall prepare_dense_gemv_f32x(const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias, int64_t isa);
+
 // Decode attention of one KV head, float32: G query rows q [G, D] over the first S cached positions of
 // k [S, D] and v [S, D]; out [G, D] is overwritten. scratch holds attend_scratch(S) floats. avx2: use the AVX2+FMA
 // loops.

@@ -496,6 +496,77 @@ bool cpu_has_bf16dot() { return false; }
 bool cpu_has_bf16dot() { return false; }
 #endif  // LOSA_X86
 
+// ---------------------------------------------------------------- dense bf16 rows, float32 inputs
+// res[o] = sum_j w[o, j] x[j] (+ bias[o]) for rows [o0, o1) of a dense bf16 weight w [N, K] (row stride K) and
+// float32 inputs x [>= K]: a float32 model's bf16 LM head copy, and a bf16 model's dense layers where the
+// AVX512-BF16 loop does not run (x then holds bf16 values). Each weight widened exactly (a shift), float32
+// products and sums. The packed row loop on an all-ones bitmask did the same with a per-group expansion and
+// one metadata bit per weight more to read (1.09-1.14x slower, forced AVX2 on the AMX Xeon:
+// results/dense_rows_lab.md).
+inline void dense_rows_f32x_scalar(const uint16_t* w, const float* x, int64_t K, const float* bias, float* y,
+                                   int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint16_t* wo = w + o * K;
+    float s = 0.f;
+    for (int64_t k = 0; k < K; ++k) s += losa::bf16_to_float(wo[k]) * x[k];
+    y[o] = s + (bias ? bias[o] : 0.f);
+  }
+}
+
+#if LOSA_X86
+// AVX2: 8 weights per vpmovzxwd + shift, four accumulators per 32 inputs; the last K mod 8 inputs scalar.
+LOSA_AVX2 void dense_rows_f32x_avx2(const uint16_t* w, const float* x, int64_t K, const float* bias, float* y,
+                                    int64_t o0, int64_t o1) {
+  const int64_t k32 = K / 32 * 32, k8 = K / 8 * 8;
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint16_t* wo = w + o * K;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t k = 0;
+    for (; k < k32; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(wo + k) + 3072, _MM_HINT_T0);  // one cache line per step
+      for (int q = 0; q < 4; ++q) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wo + k + 8 * q));
+        const __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+        acc[q] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k + 8 * q), acc[q]);
+      }
+    }
+    for (; k < k8; k += 8) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wo + k));
+      acc[0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)),
+                               _mm256_loadu_ps(x + k), acc[0]);
+    }
+    float s = hsum256(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    for (; k < K; ++k) s += losa::bf16_to_float(wo[k]) * x[k];
+    y[o] = s + (bias ? bias[o] : 0.f);
+  }
+}
+
+// AVX-512: 16 weights per vpmovzxwd + shift, two accumulators per 32 inputs; the last K mod 32 through masks.
+LOSA_AVX512 void dense_rows_f32x_avx512(const uint16_t* w, const float* x, int64_t K, const float* bias, float* y,
+                                        int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint16_t* wo = w + o * K;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(wo + k) + 4096, _MM_HINT_T0);
+      const __m512i r0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wo + k)));
+      const __m512i r1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wo + k + 16)));
+      a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(r0, 16)), _mm512_loadu_ps(x + k), a0);
+      a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(r1, 16)), _mm512_loadu_ps(x + k + 16), a1);
+    }
+    for (; k < K; k += 16) {
+      const int64_t r = K - k;
+      const __mmask16 mk = r >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << r) - 1u);
+      const __m512i raw = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, wo + k));
+      a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)), _mm512_maskz_loadu_ps(mk, x + k), a0);
+    }
+    y[o] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + (bias ? bias[o] : 0.f);
+  }
+}
+#endif
+
+
 template <int ISA, int F, int BT, typename V>
 inline void row_dot(const uint8_t* meta, const V* v, const float* x, int64_t ldx, int64_t nblk, float* res) {
 #if LOSA_X86
@@ -654,6 +725,17 @@ GemvBf16Fn select_bf16dot(const torch::Tensor& values, int64_t isa, int64_t fmt)
   }
 #endif
   return nullptr;
+}
+
+using DenseF32xFn = void (*)(const uint16_t*, const float*, int64_t, const float*, float*, int64_t, int64_t);
+
+DenseF32xFn select_dense_f32x(int64_t isa) {
+  TORCH_CHECK(isa >= SCALAR && isa <= best_isa(), "ISA level ", isa, " is not supported by this CPU");
+#if LOSA_X86
+  if (isa == AVX512) return dense_rows_f32x_avx512;
+  if (isa == AVX2) return dense_rows_f32x_avx2;
+#endif
+  return dense_rows_f32x_scalar;
 }
 
 void select(const torch::Tensor& values, int64_t isa, int64_t fmt, GemvFn& g, ExpandFn& e) {
@@ -1221,7 +1303,35 @@ GemvCallBf16 prepare_dense_gemv_bf16(const torch::Tensor& weight, const c10::opt
 #endif
 }
 
+GemvCall prepare_dense_gemv_f32x(const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias, int64_t isa) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kBFloat16 && weight.is_contiguous() &&
+                  weight.device().is_cpu(), "weight must be a contiguous bfloat16 CPU tensor [N, K]");
+  const DenseF32xFn fn = select_dense_f32x(isa);
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const torch::Tensor b = float_bias(bias, n);
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  return [weight, b, w, k, fn](const float* x, float* y, int64_t o0, int64_t o1) {
+    fn(w, x, k, b.defined() ? b.data_ptr<float>() : nullptr, y, o0, o1);
+  };
+}
+
 }  // namespace losa
+
+// y [1, N] float32 = x [1, K] (float32) · Wᵀ (+ bias) for a dense bf16 weight W [N, K], read in place (each
+// weight widened exactly, float32 products and sums): see prepare_dense_gemv_f32x.
+torch::Tensor dense_gemv_f32x(const torch::Tensor& x, const torch::Tensor& weight,
+                              const c10::optional<torch::Tensor>& bias, int64_t isa) {
+  TORCH_CHECK(weight.dim() == 2 && x.dim() == 2 && x.size(0) == 1 && x.size(1) == weight.size(1) &&
+                  x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
+              "x must be a float32 CPU tensor [1, K] for a weight [N, K]");
+  losa::GemvCall call = losa::prepare_dense_gemv_f32x(weight, bias, isa);
+  torch::Tensor xc = x.contiguous();
+  auto y = torch::empty({1, weight.size(0)}, x.options());
+  const float* xp = xc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, weight.size(0), 16, [&](int64_t o0, int64_t o1) { call(xp, yp, o0, o1); });
+  return y;
+}
 
 // y [1, N] float32 = x [1, K] (bf16) · Wᵀ (+ bias) for a dense bf16 weight W [N, K], read in place: the
 // AVX512-BF16 dense row loop (a bf16 model's LM head at batch 1; see prepare_dense_gemv_bf16).
@@ -1272,6 +1382,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_mm_xw", &dense_mm_xw, "dense_mm with x · W_tileᵀ per tile (GEMM rows = batch rows)");
   m.def("decompress", &decompress, "dense float32 rows of a packed weight");
   m.def("dense_gemv_bf16", &dense_gemv_bf16, "dense bf16 weight times one bf16 row, read in place (AVX512-BF16)");
+  m.def("dense_gemv_f32x", &dense_gemv_f32x, "dense bf16 weight times one float32 row, read in place");
   m.def("sparse_mm_bf16", &sparse_mm_bf16, "zero-skipping bf16 GEMM for large batches at high sparsity");
   m.def("amx_mm_bf16", &amx_mm_bf16, "bf16 sparse x dense on AMX tiles (small batches and prompts)");
   m.def("amx_available", &amx_available, "whether the AMX tile path runs on this CPU (AMX-BF16, tile state granted)");
