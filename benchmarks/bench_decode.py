@@ -106,8 +106,9 @@ def bytes_per_token(model: torch.nn.Module) -> int:
     for mod in model.modules():
         if isinstance(mod, SparseLinear):
             total += mod.packed.nbytes()
-        elif isinstance(mod, BF16LMHead):  # its packed copy, or (in place) its bf16 weight
-            total += mod.weight.numel() * 2 if mod.in_place else mod.values.numel() * 2 + mod.meta.numel()
+        elif isinstance(mod, BF16LMHead):  # its bf16 weight or copy, read as a dense matrix (rows before
+            # commit add11df also counted the copy's metadata, one bit per weight, which its packed loop read)
+            total += mod.out_features * mod.in_features * 2
         elif isinstance(mod, torch.nn.Linear):
             total += mod.weight.numel() * mod.weight.element_size()
     return total

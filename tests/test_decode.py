@@ -178,7 +178,9 @@ def test_spmm_dispatcher_op_passes_opcheck_and_rounds_to_the_input_dtype(dtype):
 
 
 @needs_kernel
-def test_bf16_lm_head_rounds_only_the_head_and_keeps_the_embedding():
+def test_bf16_lm_head_rounds_only_the_head_and_keeps_the_embedding(monkeypatch):
+    from losa.inference import kernel as _kernel
+
     model = _tied_llama()
     prune_random(model)
     sparsify_for_inference(model, value_dtype="bfloat16")
@@ -195,7 +197,20 @@ def test_bf16_lm_head_rounds_only_the_head_and_keeps_the_embedding():
         head = model.get_output_embeddings()
         assert isinstance(head, BF16LMHead) and head.weight is emb
         got = head(hidden)
-        one = head(hidden[:1, -1:])  # a decode step's one row: the dense row loop over the copy
+        real, calls = _kernel.load_kernel(), []
+
+        class Spy:  # records the kernel's dense float32-input row loop calls (the rest of the kernel as it is)
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def dense_gemv_f32x(self, *a):
+                calls.append(tuple(a[0].shape))
+                return real.dense_gemv_f32x(*a)
+
+        with monkeypatch.context() as mp:
+            mp.setattr(_kernel, "load_kernel", lambda: Spy())
+            one = head(hidden[:1, -1:])  # a decode step's one row: the dense row loop over the copy
+        assert calls == [(1, 64)]
         logits = model(ids).logits
     assert torch.equal(head.dense_copy(), emb.detach().bfloat16())  # the copy as a dense matrix: the rounded weight
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

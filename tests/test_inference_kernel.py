@@ -530,9 +530,12 @@ def test_avx2_path_contains_no_avx512_instruction():
             funcs[name] = []
         elif name is not None:
             funcs[name].append(line)
-    avx2_path = re.compile(r"row_avx2<|expand_avx2<|gemv_rows<1,|expand_rows<1,|expand_group|hsum256|table_row<")
+    avx2_path = re.compile(r"row_avx2<|expand_avx2<|gemv_rows<1,|expand_rows<1,|expand_group|hsum256|table_row<|"
+                           r"dense_rows_f32x_avx2|silu_avx2|scores_avx2<|pv_avx2<|attend_blocked<|dot_avx2<|"
+                           r"axpy_avx2<|softmax_numerators")
     checked = {n: body for n, body in funcs.items() if avx2_path.search(n)}
     assert any("row_avx2<0, 1, unsigned short>" in n for n in checked)  # the batch-1 bf16 loop itself
+    assert any("dense_rows_f32x_avx2" in n for n in checked)  # the dense loop over bf16 weights (LM heads)
     assert any("gemv_rows<1, 0, unsigned short, float>" in n for n in checked)
     offenders = {n: lines[:3] for n, body in checked.items() if (lines := _evex_or_avx512_lines(body))}
     assert not offenders

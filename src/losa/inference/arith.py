@@ -188,7 +188,7 @@ def choose_arithmetic(isa: IsaInfo, requested: Requested = Requested()) -> Choic
     else:
         dtype_why = f"--dtype {dtype} as given"
     if dtype == "bfloat16" and not native:  # only ever asked for: auto picks bf16 with native bf16 only
-        notes.append("bf16 model without native bf16: sparse layers widen to float32, dense parts stay slow "
+        notes.append("bf16 model without native bf16: sparse layers widen to float32, dense GEMMs stay slow "
                      "(--dtype auto picks float32)")
         dtype_why += "; without native bf16 its GEMMs are slow (--dtype auto picks float32)"
     if value_dtype == "auto":

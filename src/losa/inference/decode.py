@@ -122,11 +122,15 @@ class BF16LMHead(nn.Module):
         self.register_buffer("row_ptr", packed.row_ptr, persistent=False)
         self.register_buffer("bias32", None if head.bias is None else head.bias.detach().float().clone(),
                              persistent=False)
-        # decode_plan is set by plan_decode (LeanDecoder): decode steps call the row loop without the dispatch
+        # decode_plan is set by plan_decode (LeanDecoder): compiled decode steps and few-row calls call the row
+        # loop without the dispatch (eager one-row calls take the dense row loop over dense_copy())
 
     def dense_copy(self) -> torch.Tensor:
         """The bf16 copy as a dense ``[out_features, in_features]`` weight: the packed values keep every weight in
         row order (:func:`~losa.inference.formats.pack_dense`), so they are that matrix (a view, no copy).
+
+        Returns:
+            bf16 ``[out_features, in_features]``, a view of ``values`` (the weight rounded to bf16).
 
         Raises:
             LosaError: for an in-place head (it has no copy: use ``weight``).

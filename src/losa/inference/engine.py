@@ -115,7 +115,7 @@ def engine_problem(model: nn.Module) -> str | None:
             if w is None or w.dtype != emb.dtype:
                 return f"layer {i} has no {norm}.weight in the model's dtype"
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(head, BF16LMHead):  # its packed copy, or (in place) its weight as a dense layer
+    if isinstance(head, BF16LMHead):  # a dense layer either way: its bf16 copy, or (in place) its weight
         if head.in_place and (head.weight.dtype != emb.dtype or head.weight.device.type != "cpu"):
             return f"the LM head's weight is {head.weight.dtype} on {head.weight.device.type}, the model {emb.dtype}"
     elif (why := _linear_problem("the LM head", head, emb.dtype)) is not None:

@@ -501,8 +501,8 @@ bool cpu_has_bf16dot() { return false; }
 // float32 inputs x [>= K]: a float32 model's bf16 LM head copy, and a bf16 model's dense layers where the
 // AVX512-BF16 loop does not run (x then holds bf16 values). Each weight widened exactly (a shift), float32
 // products and sums. The packed row loop on an all-ones bitmask did the same with a per-group expansion and
-// one metadata bit per weight more to read (1.09-1.14x slower, forced AVX2 on the AMX Xeon:
-// results/dense_rows_lab.md).
+// one metadata bit per weight more to read: 1.05-1.20x slower on LM head shapes (AVX-512), 1.02-1.17x with
+// AVX2 forced (the AMX Xeon; results/lm_head_f32.md).
 inline void dense_rows_f32x_scalar(const uint16_t* w, const float* x, int64_t K, const float* bias, float* y,
                                    int64_t o0, int64_t o1) {
   for (int64_t o = o0; o < o1; ++o) {
