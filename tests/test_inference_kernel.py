@@ -543,6 +543,35 @@ def test_avx2_path_contains_no_avx512_instruction():
     assert avx512 and _evex_or_avx512_lines(avx512[0])
 
 
+@needs_kernel
+@pytest.mark.skipif(KERNEL is None or KERNEL.cpu_isa() < 2, reason="needs the AVX-512 level")
+@pytest.mark.parametrize("fmt,pattern", [("bitmask", 0.7), ("bitmask", 0.3), ("nm24", "2:4"), ("nm14", "1:4")])
+def test_both_bf16_expansions_of_the_avx512_float32_loop(fmt, pattern):
+    """The AVX-512 float32-input loops expand bf16 values either by widening first or by vpexpandw first (chosen by
+    CPU vendor): both give the reference's values, and the same bits as each other (same products, same order),
+    in the row loop (batches 1 and 3) and in the decompression of the prompt path."""
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(70, 200, generator=gen) * random_mask(70, 200, pattern, gen)
+    layer = SparseLinear.from_dense(w, None, "bfloat16", fmt)
+    outs = []
+    try:
+        for mode in (0, 1):
+            KERNEL.set_bf16_expand(mode)
+            assert bool(KERNEL.bf16_expand16()) == (mode == 1)
+            got = []
+            for rows in (1, 3):
+                x = torch.randn(rows, 200, generator=torch.Generator().manual_seed(rows))
+                y = KERNEL.spmm(x, layer.meta, layer.values, layer.row_ptr, None, 70, 200, FORMAT_CODES[fmt], 2)
+                torch.testing.assert_close(y, reference(x, w, None, torch.bfloat16), rtol=1e-4, atol=1e-4)
+                got.append(y)
+            dense = KERNEL.decompress(layer.meta, layer.values, layer.row_ptr, 70, 200, FORMAT_CODES[fmt], 2, 0, 70)
+            assert torch.equal(dense, w.bfloat16().float())  # exact: the bf16-rounded weights, zeros in place
+            outs.append(got)
+    finally:
+        KERNEL.set_bf16_expand(-1)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
 # ------------------------------------------------------------------ per-CPU arithmetic (pure)
 
 from losa.inference.arith import IsaInfo, Requested, choose_arithmetic  # noqa: E402

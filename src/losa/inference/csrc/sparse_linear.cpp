@@ -21,6 +21,7 @@
 #include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -97,6 +98,23 @@ Tables make_tables() {
 const Tables T = make_tables();
 
 inline int64_t meta_stride(int fmt, int64_t k32) { return fmt == NM14 ? k32 / 16 : k32 / 8; }
+
+// The AVX-512 float32-input loops' bf16 expansion (see expand32): -1 by CPU vendor; 0 widen first; 1 vpexpandw first.
+std::atomic<int> g_bf16_expand{-1};  // -1: by vendor; 0: widen first; 1: vpexpandw first
+
+bool bf16_expand16() {
+  const int mode = g_bf16_expand.load(std::memory_order_relaxed);
+  if (mode >= 0) return mode == 1;
+#if LOSA_X86
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return intel;
+#else
+  return false;
+#endif
+}
 
 struct Packed {
   const uint8_t* meta;
@@ -240,10 +258,21 @@ LOSA_AVX2 void expand_avx2(const uint8_t* meta, const V* v, int64_t nblk, float*
 // ---------------------------------------------------------------- AVX-512 (F, BW, VBMI2) path
 #define LOSA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,popcnt")))
 
+// How bf16 values are expanded into float32 lanes on the AVX-512 level (float32 inputs): widen first, then two
+// vexpandps (W16 = false), or one vpexpandw of 32 bf16 lanes, then widen each half (W16 = true). Which is faster
+// depends on the CPU: on a Zen 4 widening first won (variant W of results/kernel_variants.md); on the AMX Xeon
+// (Intel) the vpexpandw form was 1.4-1.7x faster in a lab with huge pages (results/kernel_variants_intel.md). So
+// vpexpandw first on Intel CPUs, widen first elsewhere; set_bf16_expand() overrides (tests, benchmarks).
 // Expand the next popcount(m) packed values into the 32 lanes set in m, as two float32 vectors.
-template <typename V>
+template <typename V, bool W16 = false>
 LOSA_AVX512 inline void expand32(uint32_t m, const V*& v, __m512& lo, __m512& hi) {
-  if constexpr (sizeof(V) == 4) {
+  if constexpr (sizeof(V) == 2 && W16) {
+    __m512i r = _mm512_loadu_si512(reinterpret_cast<const void*>(v));
+    asm("" : "+v"(r));  // the register form of vpexpandw (its memory form is microcoded on Zen 4)
+    const __m512i e = _mm512_maskz_expand_epi16(static_cast<__mmask32>(m), r);
+    lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(e)), 16));
+    hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(e, 1)), 16));
+  } else if constexpr (sizeof(V) == 4) {
     const float* f = reinterpret_cast<const float*>(v);
     uint32_t m0 = m & 0xffff, m1 = m >> 16;
     int c0 = _mm_popcnt_u32(m0);
@@ -253,7 +282,7 @@ LOSA_AVX512 inline void expand32(uint32_t m, const V*& v, __m512& lo, __m512& hi
     lo = _mm512_maskz_expand_ps(static_cast<__mmask16>(m0), r0);
     hi = _mm512_maskz_expand_ps(static_cast<__mmask16>(m1), r1);
   } else {
-    // widen first, then expand 32-bit lanes: vpexpandw followed by a widen is slower (kernel lab, variant W)
+    // widen first, then expand 32-bit lanes (see bf16_expand16)
     uint32_t m0 = m & 0xffff, m1 = m >> 16;
     int c0 = _mm_popcnt_u32(m0);
     __m512 r0 = _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -266,7 +295,7 @@ LOSA_AVX512 inline void expand32(uint32_t m, const V*& v, __m512& lo, __m512& hi
   v += _mm_popcnt_u32(m);
 }
 
-template <int F, int BT, typename V>
+template <int F, int BT, typename V, bool W16 = false>
 LOSA_AVX512 void row_avx512(const uint8_t* meta, const V* v, const float* x, int64_t ldx, int64_t nblk,
                             float* res) {
   __m512 a0[BT], a1[BT];
@@ -277,7 +306,7 @@ LOSA_AVX512 void row_avx512(const uint8_t* meta, const V* v, const float* x, int
     _mm_prefetch(reinterpret_cast<const char*>(v + 1024), _MM_HINT_T0);
     if ((k & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(meta + (F == NM14 ? 2 : 4) * k + 512), _MM_HINT_T0);
     __m512 w0, w1;
-    expand32(block_mask<F>(meta, k), v, w0, w1);
+    expand32<V, W16>(block_mask<F>(meta, k), v, w0, w1);
     const float* xk = x + 32 * k;
     for (int b = 0; b < BT; ++b) {
       a0[b] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xk + b * ldx), a0[b]);
@@ -287,11 +316,11 @@ LOSA_AVX512 void row_avx512(const uint8_t* meta, const V* v, const float* x, int
   for (int b = 0; b < BT; ++b) res[b] = _mm512_reduce_add_ps(_mm512_add_ps(a0[b], a1[b]));
 }
 
-template <int F, typename V>
+template <int F, typename V, bool W16 = false>
 LOSA_AVX512 void expand_avx512(const uint8_t* meta, const V* v, int64_t nblk, float* dst) {
   for (int64_t k = 0; k < nblk; ++k) {
     __m512 lo, hi;
-    expand32(block_mask<F>(meta, k), v, lo, hi);
+    expand32<V, W16>(block_mask<F>(meta, k), v, lo, hi);
     _mm512_storeu_ps(dst + 32 * k, lo);
     _mm512_storeu_ps(dst + 32 * k + 16, hi);
   }
@@ -570,7 +599,11 @@ LOSA_AVX512 void dense_rows_f32x_avx512(const uint16_t* w, const float* x, int64
 template <int ISA, int F, int BT, typename V>
 inline void row_dot(const uint8_t* meta, const V* v, const float* x, int64_t ldx, int64_t nblk, float* res) {
 #if LOSA_X86
-  if constexpr (ISA == AVX512) return row_avx512<F, BT, V>(meta, v, x, ldx, nblk, res);
+  if constexpr (ISA == AVX512) {
+    if constexpr (sizeof(V) == 2)
+      if (bf16_expand16()) return row_avx512<F, BT, V, true>(meta, v, x, ldx, nblk, res);
+    return row_avx512<F, BT, V>(meta, v, x, ldx, nblk, res);
+  }
   if constexpr (ISA == AVX2) return row_avx2<F, BT, V>(meta, v, x, ldx, nblk, res);
 #endif
   row_scalar<F, BT, V>(meta, v, x, ldx, nblk, res);
@@ -588,7 +621,11 @@ inline void row_dot(const uint8_t* meta, const V* v, const uint16_t* x, int64_t 
 template <int ISA, int F, typename V>
 inline void expand_row(const uint8_t* meta, const V* v, int64_t nblk, float* dst) {
 #if LOSA_X86
-  if constexpr (ISA == AVX512) return expand_avx512<F, V>(meta, v, nblk, dst);
+  if constexpr (ISA == AVX512) {
+    if constexpr (sizeof(V) == 2)
+      if (bf16_expand16()) return expand_avx512<F, V, true>(meta, v, nblk, dst);
+    return expand_avx512<F, V>(meta, v, nblk, dst);
+  }
   if constexpr (ISA == AVX2) return expand_avx2<F, V>(meta, v, nblk, dst);
 #endif
   expand_scalar<F, V>(meta, v, nblk, dst);
@@ -1386,6 +1423,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_mm_bf16", &sparse_mm_bf16, "zero-skipping bf16 GEMM for large batches at high sparsity");
   m.def("amx_mm_bf16", &amx_mm_bf16, "bf16 sparse x dense on AMX tiles (small batches and prompts)");
   m.def("amx_available", &amx_available, "whether the AMX tile path runs on this CPU (AMX-BF16, tile state granted)");
+  m.def("set_bf16_expand", [](int64_t mode) { g_bf16_expand.store(static_cast<int>(mode)); },
+        "how the AVX-512 float32-input loops expand bf16 values: -1 by CPU vendor (default), 0 widen first, "
+        "1 vpexpandw first (for tests and benchmarks)");
+  m.def("bf16_expand16", &bf16_expand16, "whether the AVX-512 float32-input loops expand bf16 values with vpexpandw");
   m.def("cpu_has_bf16dot", &cpu_has_bf16dot, "whether the bf16-input loop (AVX512-BF16) runs on this CPU");
   m.def("hugepage_copy", &hugepage_copy, "copy a CPU tensor into transparent-huge-page memory (Linux)");
   m.def("silu_f32", &silu_f32, "SiLU of a float32 tensor as the decode engine computes it (isa: vector form on AVX2)");
