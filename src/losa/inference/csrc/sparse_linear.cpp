@@ -261,8 +261,9 @@ LOSA_AVX2 void expand_avx2(const uint8_t* meta, const V* v, int64_t nblk, float*
 // How bf16 values are expanded into float32 lanes on the AVX-512 level (float32 inputs): widen first, then two
 // vexpandps (W16 = false), or one vpexpandw of 32 bf16 lanes, then widen each half (W16 = true). Which is faster
 // depends on the CPU: on a Zen 4 widening first won (variant W of results/kernel_variants.md); on the AMX Xeon
-// (Intel) the vpexpandw form was 1.4-1.7x faster in a lab with huge pages (results/kernel_variants_intel.md). So
-// vpexpandw first on Intel CPUs, widen first elsewhere; set_bf16_expand() overrides (tests, benchmarks).
+// (Intel) the vpexpandw form was 1.07-1.43x faster on SmolLM2 and LLaMA-7B layers, 1 and 2 threads
+// (results/bf16_expand.md). So vpexpandw first on Intel CPUs, widen first elsewhere; set_bf16_expand() overrides
+// (tests, benchmarks/bench_bf16_expand.py).
 // Expand the next popcount(m) packed values into the 32 lanes set in m, as two float32 vectors.
 template <typename V, bool W16 = false>
 LOSA_AVX512 inline void expand32(uint32_t m, const V*& v, __m512& lo, __m512& hi) {
