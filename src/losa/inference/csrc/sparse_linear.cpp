@@ -597,21 +597,18 @@ LOSA_AVX512 void dense_rows_f32x_avx512(const uint16_t* w, const float* x, int64
 #endif
 
 
-template <int ISA, int F, int BT, typename V>
+// W16: the vpexpandw-first expansion of bf16 values on the AVX-512 level (chosen once per call: see pick)
+template <int ISA, int F, int BT, typename V, bool W16 = false>
 inline void row_dot(const uint8_t* meta, const V* v, const float* x, int64_t ldx, int64_t nblk, float* res) {
 #if LOSA_X86
-  if constexpr (ISA == AVX512) {
-    if constexpr (sizeof(V) == 2)
-      if (bf16_expand16()) return row_avx512<F, BT, V, true>(meta, v, x, ldx, nblk, res);
-    return row_avx512<F, BT, V>(meta, v, x, ldx, nblk, res);
-  }
+  if constexpr (ISA == AVX512) return row_avx512<F, BT, V, W16>(meta, v, x, ldx, nblk, res);
   if constexpr (ISA == AVX2) return row_avx2<F, BT, V>(meta, v, x, ldx, nblk, res);
 #endif
   row_scalar<F, BT, V>(meta, v, x, ldx, nblk, res);
 }
 
-// bf16 inputs (bf16 values only; selected only where the CPU has AVX512-BF16).
-template <int ISA, int F, int BT, typename V>
+// bf16 inputs (bf16 values only; selected only where the CPU has AVX512-BF16; W16 plays no part).
+template <int ISA, int F, int BT, typename V, bool W16 = false>
 inline void row_dot(const uint8_t* meta, const V* v, const uint16_t* x, int64_t ldx, int64_t nblk, float* res) {
 #if LOSA_BF16
   if constexpr (ISA == AVX512 && sizeof(V) == 2) return row_bf16dot<F, BT>(meta, v, x, ldx, nblk, res);
@@ -619,14 +616,10 @@ inline void row_dot(const uint8_t* meta, const V* v, const uint16_t* x, int64_t 
   TORCH_CHECK(false, "bf16-input row loop needs bf16 values and AVX512-BF16");
 }
 
-template <int ISA, int F, typename V>
+template <int ISA, int F, typename V, bool W16 = false>
 inline void expand_row(const uint8_t* meta, const V* v, int64_t nblk, float* dst) {
 #if LOSA_X86
-  if constexpr (ISA == AVX512) {
-    if constexpr (sizeof(V) == 2)
-      if (bf16_expand16()) return expand_avx512<F, V, true>(meta, v, nblk, dst);
-    return expand_avx512<F, V>(meta, v, nblk, dst);
-  }
+  if constexpr (ISA == AVX512) return expand_avx512<F, V, W16>(meta, v, nblk, dst);
   if constexpr (ISA == AVX2) return expand_avx2<F, V>(meta, v, nblk, dst);
 #endif
   expand_scalar<F, V>(meta, v, nblk, dst);
@@ -634,7 +627,7 @@ inline void expand_row(const uint8_t* meta, const V* v, int64_t nblk, float* dst
 
 // y[b, o] = sum_j W[o, j] x[b, j] (+ bias[o]) for rows o in [o0, o1); x is [B, ldx] with zero padding,
 // float32 (X = float) or bf16 (X = uint16_t).
-template <int ISA, int F, typename V, typename X = float>
+template <int ISA, int F, typename V, typename X = float, bool W16 = false>
 void gemv_rows(const Packed& p, const X* x, int64_t B, int64_t ldx, const float* bias, float* y,
                int64_t o0, int64_t o1) {
   const V* vals = static_cast<const V*>(p.values);
@@ -651,40 +644,44 @@ void gemv_rows(const Packed& p, const X* x, int64_t B, int64_t ldx, const float*
     while (b < B) {
       const X* xb = x + b * ldx;
       int64_t r = B - b, bt;
-      if (kEight && r >= 8) { row_dot<ISA, F, kEight ? 8 : 4, V>(meta, v, xb, ldx, nblk, res); bt = kEight ? 8 : 4; }
-      else if (r >= 4) { row_dot<ISA, F, 4, V>(meta, v, xb, ldx, nblk, res); bt = 4; }
-      else if (r >= 2) { row_dot<ISA, F, 2, V>(meta, v, xb, ldx, nblk, res); bt = 2; }
-      else { row_dot<ISA, F, 1, V>(meta, v, xb, ldx, nblk, res); bt = 1; }
+      if (kEight && r >= 8) { row_dot<ISA, F, kEight ? 8 : 4, V, W16>(meta, v, xb, ldx, nblk, res); bt = kEight ? 8 : 4; }
+      else if (r >= 4) { row_dot<ISA, F, 4, V, W16>(meta, v, xb, ldx, nblk, res); bt = 4; }
+      else if (r >= 2) { row_dot<ISA, F, 2, V, W16>(meta, v, xb, ldx, nblk, res); bt = 2; }
+      else { row_dot<ISA, F, 1, V, W16>(meta, v, xb, ldx, nblk, res); bt = 1; }
       for (int64_t t = 0; t < bt; ++t) y[(b + t) * p.n + o] = res[t] + bo;
       b += bt;
     }
   }
 }
 
-template <int ISA, int F, typename V>
+template <int ISA, int F, typename V, bool W16 = false>
 void expand_rows(const Packed& p, float* dst, int64_t ld, int64_t o0, int64_t o1) {
   const V* vals = static_cast<const V*>(p.values);
   for (int64_t o = o0; o < o1; ++o)
-    expand_row<ISA, F, V>(p.meta + o * p.stride, vals + p.row_ptr[o], p.k32 / 32, dst + (o - o0) * ld);
+    expand_row<ISA, F, V, W16>(p.meta + o * p.stride, vals + p.row_ptr[o], p.k32 / 32, dst + (o - o0) * ld);
 }
 
 using GemvFn = void (*)(const Packed&, const float*, int64_t, int64_t, const float*, float*, int64_t, int64_t);
 using ExpandFn = void (*)(const Packed&, float*, int64_t, int64_t, int64_t);
 using GemvBf16Fn = void (*)(const Packed&, const uint16_t*, int64_t, int64_t, const float*, float*, int64_t, int64_t);
 
-template <int ISA, typename V>
+template <int ISA, typename V, bool W16 = false>
 void pick(int fmt, GemvFn& g, ExpandFn& e) {
   switch (fmt) {
-    case BITMASK: g = gemv_rows<ISA, BITMASK, V>; e = expand_rows<ISA, BITMASK, V>; break;
-    case NM24: g = gemv_rows<ISA, NM24, V>; e = expand_rows<ISA, NM24, V>; break;
-    default: g = gemv_rows<ISA, NM14, V>; e = expand_rows<ISA, NM14, V>; break;
+    case BITMASK: g = gemv_rows<ISA, BITMASK, V, float, W16>; e = expand_rows<ISA, BITMASK, V, W16>; break;
+    case NM24: g = gemv_rows<ISA, NM24, V, float, W16>; e = expand_rows<ISA, NM24, V, W16>; break;
+    default: g = gemv_rows<ISA, NM14, V, float, W16>; e = expand_rows<ISA, NM14, V, W16>; break;
   }
 }
 
 template <typename V>
 void pick_isa(int isa, int fmt, GemvFn& g, ExpandFn& e) {
 #if LOSA_X86
-  if (isa == AVX512) return pick<AVX512, V>(fmt, g, e);
+  // bf16 values: the expansion is read here, once per call (or per engine layer, when the engine is built)
+  if (isa == AVX512) {
+    if (sizeof(V) == 2 && bf16_expand16()) return pick<AVX512, V, true>(fmt, g, e);
+    return pick<AVX512, V>(fmt, g, e);
+  }
   if (isa == AVX2) return pick<AVX2, V>(fmt, g, e);
 #endif
   pick<SCALAR, V>(fmt, g, e);
@@ -1426,7 +1423,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_available", &amx_available, "whether the AMX tile path runs on this CPU (AMX-BF16, tile state granted)");
   m.def("set_bf16_expand", [](int64_t mode) { g_bf16_expand.store(static_cast<int>(mode)); },
         "how the AVX-512 float32-input loops expand bf16 values: -1 by CPU vendor (default), 0 widen first, "
-        "1 vpexpandw first (for tests and benchmarks)");
+        "1 vpexpandw first (for tests and benchmarks; read when a call starts and when a decode engine is built)");
   m.def("bf16_expand16", &bf16_expand16, "whether the AVX-512 float32-input loops expand bf16 values with vpexpandw");
   m.def("cpu_has_bf16dot", &cpu_has_bf16dot, "whether the bf16-input loop (AVX512-BF16) runs on this CPU");
   m.def("hugepage_copy", &hugepage_copy, "copy a CPU tensor into transparent-huge-page memory (Linux)");
