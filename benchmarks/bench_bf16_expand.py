@@ -7,7 +7,10 @@ two ways to do it (``csrc/sparse_linear.cpp``, ``expand32``): widen 16 values to
 each half (``vpexpandw first``). It picks by CPU vendor; ``set_bf16_expand`` overrides, which this script uses to
 time both in one run on the same packed layers (random weights, magnitude-pruned per row; the speed depends on
 the sparsity, not on which weights), batch 1, best of ``--reps``, alternating. Both give the same bits (checked).
-Shapes: SmolLM2-135M's MLP and LLaMA-7B's. Rows go to results/bf16_expand.jsonl, rendered to bf16_expand.md.
+Shapes: SmolLM2-135M's MLP and LLaMA-7B's. ``--engine`` adds whole decode steps of SmolLM2-135M-Instruct
+(dequantised from Q4_1; a float32 model, magnitude-pruned, bf16 values, the bf16 LM head copy): two decode engines
+of the same model, built under either expansion, ``--tokens`` steps each, alternating, best of ``--reps``.
+Rows go to results/bf16_expand.jsonl, rendered to bf16_expand.md.
 Needs the AVX-512 level (F/BW/VL/VBMI2). Run: ``python benchmarks/bench_bf16_expand.py``.
 """
 
@@ -51,9 +54,64 @@ def render(src: Path, dst: Path) -> None:
                 "| threads | layer | shape | sparsity | widen first us | vpexpandw first us | speed |",
                 "|---|---|---|---|---|---|---|"]
         out += [f"| {r['threads']} | {r['layer']} | {r['out']} x {r['in']} | {r['sparsity']:.0%} | {r['widen_us']:.0f} | "
-                f"{r['expand16_us']:.0f} | {r['widen_us'] / r['expand16_us']:.2f}x |" for r in rs]
+                f"{r['expand16_us']:.0f} | {r['widen_us'] / r['expand16_us']:.2f}x |" for r in rs if "layer" in r]
+        steps = [r for r in rs if r.get("kind") == "engine step"]
+        if steps:
+            out += ["", "Whole decode steps (the decode engine):", "",
+                    "| threads | model | sparsity | widen first ms/token | vpexpandw first ms/token | speed |",
+                    "|---|---|---|---|---|---|"]
+            out += [f"| {r['threads']} | {r['model']} | {r['sparsity']:.0%} | {r['widen_ms']:.2f} | "
+                    f"{r['expand16_ms']:.2f} | {r['widen_ms'] / r['expand16_ms']:.2f}x |" for r in steps]
         out.append("")
     atomic_write_text(dst, "\n".join(out))
+
+
+def engine_rows(args: argparse.Namespace, run: str, argv_rec: list[str], default16: bool) -> list[dict]:
+    """Decode steps of SmolLM2 (float32 model, bf16 values, bf16 head copy) by two engines built under either
+    expansion, alternating; one row per sparsity and thread count."""
+    import copy
+
+    from _provenance import SMOLLM2
+    from bench_decode import prune_magnitude
+
+    import losa
+    from losa.inference import sparsify_for_inference
+    from losa.inference.decode import set_lm_head_dtype
+    from losa.inference.engine import DecodeEngine
+
+    k = _kernel.load_kernel()
+    base, _tok = losa.load_model("smollm2-135m")
+    rows = []
+    for sp in (float(s) for s in args.sparsities.split(",")):
+        model = copy.deepcopy(base)
+        prune_magnitude(model, sp)
+        sparsify_for_inference(model, value_dtype="bfloat16")
+        set_lm_head_dtype(model, "bfloat16")
+        engines = {}
+        for mode in (0, 1):
+            k.set_bf16_expand(mode)  # read as the engine prepares each layer's row loop
+            engines[mode] = DecodeEngine(model, args.tokens)
+        k.set_bf16_expand(-1)
+        for th in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(th)
+            best = {0: float("inf"), 1: float("inf")}
+            logits = {}
+            for _ in range(args.reps + 1):  # the first round warms up (its times count too: best of all)
+                for mode, eng in engines.items():
+                    t = time.perf_counter()
+                    for pos in range(args.tokens):
+                        out = eng._eng.step(100 + pos, pos)
+                    best[mode] = min(best[mode], (time.perf_counter() - t) / args.tokens)
+                    logits[mode] = out
+            if not torch.equal(logits[0], logits[1]):
+                raise LosaError(f"the two engines' logits differ at {sp:.0%}: a kernel bug")
+            rows.append({**provenance(th, SMOLLM2 + ", float32 model, bf16 values, bf16 head copy", argv_rec),
+                         "run": run, "kind": "engine step", "sparsity": sp, "reps": args.reps,
+                         "tokens": args.tokens, "default_expand16": default16, "widen_ms": best[0] * 1e3,
+                         "expand16_ms": best[1] * 1e3})
+            print(f"{th} thr engine {sp:.0%}: widen first {best[0] * 1e3:.2f} ms, vpexpandw first "
+                  f"{best[1] * 1e3:.2f} ms ({best[0] / best[1]:.2f}x)", flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--sparsities", default="0.5,0.7")
+    ap.add_argument("--engine", action="store_true", help="also time SmolLM2 decode steps with the decode engine")
+    ap.add_argument("--tokens", type=int, default=128, help="decode steps per engine timing")
     ap.add_argument("--out", default=str(RESULTS / "bf16_expand.jsonl"))
     args = ap.parse_args(argv)
     k = _kernel.load_kernel()
@@ -104,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "expand16_us": best[1] * 1e6})
                     print(f"{th} thr {name} {sp:.0%}: widen first {best[0] * 1e6:.0f} us, vpexpandw first "
                           f"{best[1] * 1e6:.0f} us ({best[0] / best[1]:.2f}x)", flush=True)
+        if args.engine:
+            rows += engine_rows(args, run, argv_rec, default16)
     finally:
         k.set_bf16_expand(-1)
     append_rows(rows, load_start, Path(args.out), render)  # stamps the load averages, appends, renders
