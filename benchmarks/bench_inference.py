@@ -539,7 +539,8 @@ NOTES = """## How it works and how to read this
 - **Kernel.** Per block of 32 inputs: one 32-bit lane mask, expand the next popcount(mask) packed values
   into lanes, multiply-add against the activations; each expanded vector is reused for up to 8 batch rows;
   rows are split over `torch.get_num_threads()` threads. Float32 activations: bf16 values are widened to
-  fp32 and expanded with the register form of `vexpandps` (AVX-512 F/BW/VL/VBMI2), then FMA. bf16
+  fp32 and expanded with the register form of `vexpandps` (AVX-512 F/BW/VL/VBMI2), then FMA; on Intel CPUs
+  since 3bd5696 one `vpexpandw` of 32 bf16 values first, then the widen (results/bf16_expand.md). bf16
   activations (a bf16 model) with bf16 values: one register-form `vpexpandw` of 32 values and one
   `vdpbf16ps` per block (AVX512-BF16; bf16 products summed in float32, as a dense bf16 layer), 1.4-1.9x
   faster (benchmarks/results/kernel_variants.md, X1+pf). AVX2+FMA+F16C CPUs (Zen 3, Haswell): per 8 inputs

@@ -570,6 +570,8 @@ def test_both_bf16_expansions_of_the_avx512_float32_loop(fmt, pattern):
     finally:
         KERNEL.set_bf16_expand(-1)
     assert all(torch.equal(a, b) for a, b in zip(*outs))
+    with pytest.raises(RuntimeError, match="set_bf16_expand takes -1"):
+        KERNEL.set_bf16_expand(2)
 
 
 # ------------------------------------------------------------------ per-CPU arithmetic (pure)

@@ -260,10 +260,11 @@ LOSA_AVX2 void expand_avx2(const uint8_t* meta, const V* v, int64_t nblk, float*
 
 // How bf16 values are expanded into float32 lanes on the AVX-512 level (float32 inputs): widen first, then two
 // vexpandps (W16 = false), or one vpexpandw of 32 bf16 lanes, then widen each half (W16 = true). Which is faster
-// depends on the CPU: on a Zen 4 widening first won (variant W of results/kernel_variants.md); on the AMX Xeon
-// (Intel) the vpexpandw form was 1.07-1.43x faster on SmolLM2 and LLaMA-7B layers, 1 and 2 threads
-// (results/bf16_expand.md). So vpexpandw first on Intel CPUs, widen first elsewhere; set_bf16_expand() overrides
-// (tests, benchmarks/bench_bf16_expand.py).
+// depends on the CPU. On the AMX Xeon (Intel) this vpexpandw form was 1.05-1.43x faster on SmolLM2 and LLaMA-7B
+// layers, 1 and 2 threads (results/bf16_expand.md). On a Zen 4, a vpexpandw-first variant that widened with
+// unpacks against zero lost to widening first (variant W of results/kernel_variants.md); this exact form has not
+// been timed on AMD, nor on an Ice Lake. So vpexpandw first on Intel CPUs, widen first elsewhere;
+// set_bf16_expand() overrides (tests, benchmarks/bench_bf16_expand.py).
 // Expand the next popcount(m) packed values into the 32 lanes set in m, as two float32 vectors.
 template <typename V, bool W16 = false>
 LOSA_AVX512 inline void expand32(uint32_t m, const V*& v, __m512& lo, __m512& hi) {
@@ -597,7 +598,7 @@ LOSA_AVX512 void dense_rows_f32x_avx512(const uint16_t* w, const float* x, int64
 #endif
 
 
-// W16: the vpexpandw-first expansion of bf16 values on the AVX-512 level (chosen once per call: see pick)
+// W16: the vpexpandw-first expansion of bf16 values on the AVX-512 level (chosen once per call: see pick_isa)
 template <int ISA, int F, int BT, typename V, bool W16 = false>
 inline void row_dot(const uint8_t* meta, const V* v, const float* x, int64_t ldx, int64_t nblk, float* res) {
 #if LOSA_X86
@@ -1421,7 +1422,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_mm_bf16", &sparse_mm_bf16, "zero-skipping bf16 GEMM for large batches at high sparsity");
   m.def("amx_mm_bf16", &amx_mm_bf16, "bf16 sparse x dense on AMX tiles (small batches and prompts)");
   m.def("amx_available", &amx_available, "whether the AMX tile path runs on this CPU (AMX-BF16, tile state granted)");
-  m.def("set_bf16_expand", [](int64_t mode) { g_bf16_expand.store(static_cast<int>(mode)); },
+  m.def("set_bf16_expand", [](int64_t mode) {
+          TORCH_CHECK(mode >= -1 && mode <= 1, "set_bf16_expand takes -1 (by vendor), 0 or 1, got ", mode);
+          g_bf16_expand.store(static_cast<int>(mode));
+        },
         "how the AVX-512 float32-input loops expand bf16 values: -1 by CPU vendor (default), 0 widen first, "
         "1 vpexpandw first (for tests and benchmarks; read when a call starts and when a decode engine is built)");
   m.def("bf16_expand16", &bf16_expand16, "whether the AVX-512 float32-input loops expand bf16 values with vpexpandw");
