@@ -23,6 +23,25 @@ needs_kernel = pytest.mark.skipif(not kernel_available(), reason="needs the comp
 pytestmark = pytest.mark.usefixtures("no_measured_thresholds")
 
 
+def _spy_kernel(mp: pytest.MonkeyPatch, name: str) -> list:
+    """Patch ``load_kernel`` (through ``mp``) so that calls of the kernel's entry point ``name`` are recorded (the
+    shape of their first argument) and run as before; the rest of the kernel as it is. Returns the record."""
+    from losa.inference import kernel as _kernel
+
+    real, calls = _kernel.load_kernel(), []
+
+    def recorded(*a):
+        calls.append(tuple(a[0].shape))
+        return getattr(real, name)(*a)
+
+    class Spy:
+        def __getattr__(self, attr):
+            return recorded if attr == name else getattr(real, attr)
+
+    mp.setattr(_kernel, "load_kernel", lambda: Spy())
+    return calls
+
+
 def _tied_llama():
     model = make_tiny_model("llama", hidden=64, vocab=160)
     model.config.tie_word_embeddings = True
@@ -179,8 +198,6 @@ def test_spmm_dispatcher_op_passes_opcheck_and_rounds_to_the_input_dtype(dtype):
 
 @needs_kernel
 def test_bf16_lm_head_rounds_only_the_head_and_keeps_the_embedding(monkeypatch):
-    from losa.inference import kernel as _kernel
-
     model = _tied_llama()
     prune_random(model)
     sparsify_for_inference(model, value_dtype="bfloat16")
@@ -197,18 +214,8 @@ def test_bf16_lm_head_rounds_only_the_head_and_keeps_the_embedding(monkeypatch):
         head = model.get_output_embeddings()
         assert isinstance(head, BF16LMHead) and head.weight is emb
         got = head(hidden)
-        real, calls = _kernel.load_kernel(), []
-
-        class Spy:  # records the kernel's dense float32-input row loop calls (the rest of the kernel as it is)
-            def __getattr__(self, name):
-                return getattr(real, name)
-
-            def dense_gemv_f32x(self, *a):
-                calls.append(tuple(a[0].shape))
-                return real.dense_gemv_f32x(*a)
-
         with monkeypatch.context() as mp:
-            mp.setattr(_kernel, "load_kernel", lambda: Spy())
+            calls = _spy_kernel(mp, "dense_gemv_f32x")
             one = head(hidden[:1, -1:])  # a decode step's one row: the dense row loop over the copy
         assert calls == [(1, 64)]
         logits = model(ids).logits
@@ -269,17 +276,7 @@ def test_bf16_model_head_is_multiplied_in_place_where_avx512_bf16_runs(isa, monk
     head = model.get_output_embeddings()
     assert isinstance(head, BF16LMHead) and head.in_place and head.weight is emb and head.values is None
     assert set(model.state_dict()) == keys
-    real, calls = _kernel.load_kernel(), []
-
-    class Spy:  # counts the kernel's dense bf16 calls (the rest of the kernel as it is)
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def dense_gemv_bf16(self, *a):
-            calls.append(a[0].shape)
-            return real.dense_gemv_bf16(*a)
-
-    monkeypatch.setattr(_kernel, "load_kernel", lambda: Spy())
+    calls = _spy_kernel(monkeypatch, "dense_gemv_bf16")
     x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     with torch.inference_mode():
         got = head(x)

@@ -169,7 +169,8 @@ class BF16LMHead(nn.Module):
         b = self._buffers
         if x2.shape[0] == 1 and x2.dtype == torch.float32 and not torch.compiler.is_compiling():
             # a decode step: the dense row loop over the copy (no per-group expansion, no metadata to read)
-            y = _kernel.load_kernel().dense_gemv_f32x(x2, self.dense_copy(), b["bias32"], _kernel.best_isa())
+            isa = self.decode_plan.isa if self.decode_plan is not None else _kernel.best_isa()  # planned: no env read
+            y = _kernel.load_kernel().dense_gemv_f32x(x2, self.dense_copy(), b["bias32"], isa)
             return y.view(*x.shape[:-1], self.out_features)
         y = planned_row_loop(self.decode_plan, x2, b["meta"], b["values"], b["row_ptr"], b["bias32"],
                              self.out_features, self.in_features, FORMAT_CODES["bitmask"])
