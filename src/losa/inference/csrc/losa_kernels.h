@@ -68,6 +68,9 @@ void attend_bf16(const float* q, const uint16_t* k, const uint16_t* v, int64_t G
 // Whether the AVX2+FMA attention loops may run at ISA level `isa` on this CPU.
 bool attention_avx2(int64_t isa);
 
+// SiLU of one value in torch's form, x / (1 + exp(-x)): the scalar path and the vector path's tail.
+inline float silu1(float x) { return x / (1.f + std::exp(-x)); }
+
 #if LOSA_SIMD_X86
 // exp(x) for 8 lanes of x <= 0: Cody-Waite reduction x = n ln2 + r and Cephes' degree-6 polynomial for exp(r)
 // (Moshier, Cephes expf; within 2 ulp of the exact value), times 2^n built in the exponent bits. Lanes below -80
@@ -105,7 +108,7 @@ LOSA_SIMD_AVX2 inline __m256 silu8(__m256 x) {
 LOSA_SIMD_AVX2 inline void silu_avx2(float* x, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, silu8(_mm256_loadu_ps(x + i)));
-  for (; i < n; ++i) x[i] = x[i] / (1.f + std::exp(-x[i]));
+  for (; i < n; ++i) x[i] = silu1(x[i]);
 }
 #endif
 
@@ -117,7 +120,7 @@ inline void silu_inplace(float* x, int64_t n, bool avx2) {
   if (avx2) return silu_avx2(x, n);
 #endif
   (void)avx2;
-  for (int64_t i = 0; i < n; ++i) x[i] = x[i] / (1.f + std::exp(-x[i]));
+  for (int64_t i = 0; i < n; ++i) x[i] = silu1(x[i]);
 }
 
 // Registers the DecodeEngine class (decode_engine.cpp) on the extension's Python module.
