@@ -10,9 +10,13 @@ median of ``--reps``:
   decode engine runs for a bf16 model's head, and :class:`~losa.inference.decode.BF16LMHead`'s one-row calls
   on heads narrower than ``KERNEL_HEAD_MAX_IN`` inputs, a cut taken from these rows);
 * ``packed copy``: the sparse row loop over a packed copy with every weight kept (the decode engine's head of
-  a bf16 model before it read the weight in place; one metadata bit per weight more).
+  a bf16 model before it read the weight in place; one metadata bit per weight more);
+* ``huge pages``: the ``in place`` loop over a copy of the weight in transparent-huge-page memory (the kernel's
+  ``hugepage_copy``), where :class:`~losa.inference.decode.BF16LMHead` keeps the weight (``LOSA_HUGEPAGES``,
+  default on); ``in place`` reads torch's own memory (4 KiB pages).
 
-``speed`` = torch ms / in-place ms; ``GB/s`` = the weight's bytes / time; ``max rel err`` = the largest error
+``speed`` = torch ms / in-place ms (both on torch's memory); ``vs 4 KiB`` = in-place ms / huge-pages ms;
+``GB/s`` = the weight's bytes / time; ``max rel err`` = the largest error
 of the in-place logits against a float64 product of the same bf16 values, over the largest logit (the logits
 are rounded to bf16 like ``F.linear``'s, so up to about 2^-8 of a logit). Rows go to
 results/lm_head.jsonl, rendered to lm_head.md. Needs a CPU with AVX512-BF16. Run:
@@ -23,7 +27,8 @@ results/lm_head.jsonl, rendered to lm_head.md. Needs a CPU with AVX512-BF16. Run
 * ``torch``: ``F.linear`` on the float32 weight (the head as loaded);
 * ``in place``: the kernel's dense row loop over the bf16 copy of :class:`~losa.inference.decode.BF16LMHead`
   with float32 inputs (``dense_gemv_f32x``: the decode engine's head, and the copy's one-row calls);
-* ``packed copy``: the sparse row loop over the same copy as packed (what both ran before).
+* ``packed copy``: the sparse row loop over the same copy as packed (what both ran before);
+* ``huge pages``: the ``in place`` loop over the copy in huge-page memory (where the module keeps it).
 
 ``max rel err`` is then against a float64 product of the bf16-rounded weights and the float32 inputs. Rows go to
 results/lm_head_f32.jsonl, rendered to lm_head_f32.md.
@@ -58,6 +63,11 @@ SHAPES = (("SmolLM2-135M", 49152, 576), ("Qwen2-0.5B", 151936, 896), ("LLaMA-2-7
           ("Gemma-2B", 256000, 2048))
 
 
+def _opt(row: dict, key: str, fmt: str) -> str:
+    """``fmt`` of ``row[key]``, or blank for rows from before that column."""
+    return fmt.format(row[key]) if key in row else ""
+
+
 def render(src: Path, dst: Path) -> None:
     """Write the markdown of every row in ``src`` to ``dst``."""
     f32 = read_jsonl(src)[0].get("inputs") == "float32"
@@ -66,18 +76,20 @@ def render(src: Path, dst: Path) -> None:
             "# A bf16 model's LM head at batch 1: torch's bf16 F.linear vs losa's dense AVX512-BF16 row loop"), "",
            "Written by `benchmarks/bench_lm_head.py` (see its docstring): random weights in the head shapes "
            f"of the named models, one {'float32' if f32 else 'bf16'} input row, the variants interleaved, medians. "
-           "`speed` = torch / in place (above 1: the kernel is faster); `vs packed` = packed copy / in place."
+           "`speed` = torch / in place (above 1: the kernel is faster); `vs packed` = packed copy / in place; "
+           "`vs 4 KiB` = in place (torch's memory, 4 KiB pages) / the same loop on huge pages (blank: not timed)."
            + (" `in place` = the dense row loop over the head's bf16 copy; `MB` and `GB/s` count that copy's "
               "bytes." if f32 else ""), ""]
     for title, where, rs in run_sections(read_jsonl(src)):
         load = load_sentence(rs[0])
         out += [title, "", f"{where}.{load}", "",
-                "| threads | head shape (model) | MB | torch ms | in place ms | packed copy ms | in place GB/s | "
-                "speed | vs packed | max rel err |", "|---|---|---|---|---|---|---|---|---|---|"]
+                "| threads | head shape (model) | MB | torch ms | in place ms | packed copy ms | huge pages ms | "
+                "in place GB/s | speed | vs packed | vs 4 KiB | max rel err |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         out += [f"| {r['threads']} | {r['vocab']} x {r['hidden']} ({r['head_of']}) | {r['mb']:.0f} | "
                 f"{r['torch_ms']:.2f} | {r['in_place_ms']:.2f} | {r['packed_ms']:.2f} | "
-                f"{r['mb'] / r['in_place_ms']:.1f} | {r['speed']:.2f}x | {r['vs_packed']:.2f}x | "
-                f"{r['max_rel_err']:.1e} |" for r in rs]
+                f"{_opt(r, 'huge_ms', '{:.2f}')} | {r['mb'] / r['in_place_ms']:.1f} | {r['speed']:.2f}x | "
+                f"{r['vs_packed']:.2f}x | {_opt(r, 'vs_4k', '{:.2f}x')} | {r['max_rel_err']:.1e} |" for r in rs]
         out.append("")
     atomic_write_text(dst, "\n".join(out))
 
@@ -94,13 +106,18 @@ def time_shape(model: str, vocab: int, hidden: int, threads: list[int], reps: in
     head.weight.data = weight
     lean = BF16LMHead(head)  # (checks that this CPU runs the loop)
     packed = pack_dense(weight, torch.bfloat16)
-    copy = lean.dense_copy() if f32 else weight  # the bf16 matrix the dense loop reads
+    # the bf16 matrix the dense loop reads, in torch's memory (the packed values are every weight in row order)
+    copy = packed.values[: vocab * hidden].view(vocab, hidden) if f32 else weight
+    assert torch.equal(copy, lean.dense_copy() if f32 else lean.weight)
+    huge = k.hugepage_copy(copy)  # the same values on huge pages, where BF16LMHead keeps them
     want = (x.double() @ copy.double().T).float()
     dense = ((lambda: k.dense_gemv_f32x(x, copy, None, isa)) if f32 else
              (lambda: k.dense_gemv_bf16(x, weight, None, isa).to(torch.bfloat16)))
     variants = {"torch": lambda: torch.nn.functional.linear(x, weight), "in place": dense,
                 "packed": lambda: k.spmm(x, packed.meta, packed.values, packed.row_ptr, None, vocab, hidden,
-                                         FORMAT_CODES["bitmask"], isa)}
+                                         FORMAT_CODES["bitmask"], isa),
+                "huge pages": ((lambda: k.dense_gemv_f32x(x, huge, None, isa)) if f32 else
+                               (lambda: k.dense_gemv_bf16(x, huge, None, isa).to(torch.bfloat16)))}
     rows = []
     with torch.inference_mode():
         err = float((variants["in place"]().float() - want).abs().max() / want.abs().max())
@@ -118,11 +135,13 @@ def time_shape(model: str, vocab: int, hidden: int, threads: list[int], reps: in
             rows.append({**provenance(th, f"{what}, {model}'s LM head shape", meta["argv"]),
                          "run": meta["run"], "kernel_isa": _kernel.ISA_NAMES[isa], "head_of": model, "vocab": vocab,
                          "inputs": "float32" if f32 else "bfloat16", "hidden": hidden, "mb": copy.numel() * 2 / 1e6, "reps": reps, "torch_ms": ms["torch"],
-                         "in_place_ms": ms["in place"], "packed_ms": ms["packed"],
+                         "in_place_ms": ms["in place"], "packed_ms": ms["packed"], "huge_ms": ms["huge pages"],
                          "speed": ms["torch"] / ms["in place"], "vs_packed": ms["packed"] / ms["in place"],
+                         "vs_4k": ms["in place"] / ms["huge pages"],
                          "max_rel_err": err})
             print(f"{th} thr {model:14s} torch {ms['torch']:8.2f}  in place {ms['in place']:8.2f}  "
-                  f"packed {ms['packed']:8.2f} ms  speed {rows[-1]['speed']:.2f}x", flush=True)
+                  f"packed {ms['packed']:8.2f}  huge pages {ms['huge pages']:8.2f} ms  speed {rows[-1]['speed']:.2f}x  "
+                  f"vs 4 KiB {rows[-1]['vs_4k']:.2f}x", flush=True)
     return rows
 
 

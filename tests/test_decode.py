@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from conftest import make_tiny_model, prune_random
@@ -229,6 +231,45 @@ def test_bf16_lm_head_rounds_only_the_head_and_keeps_the_embedding(monkeypatch):
     assert not set_lm_head_dtype(make_tiny_model("llama"), "float32")
     with pytest.raises(LosaError, match="not supported"):
         set_lm_head_dtype(model, "int8")
+
+
+@needs_kernel
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are a Linux feature")
+def test_bf16_lm_head_weights_move_into_huge_page_memory(monkeypatch):
+    """Decode streams the whole head every token: the bf16 copy of a float32 head, and (AVX512-BF16 CPUs) an
+    in-place bf16 weight, sit in huge-page memory (the kernel's hugepage_copy: 2 MiB-aligned); the in-place
+    weight stays the same parameter (a tied embedding follows it) with the same values. LOSA_HUGEPAGES=0 leaves
+    the in-place weight where it was. Logits do not change."""
+    from losa.inference import kernel as _kernel
+
+    huge_page = 2 << 20
+    lin = torch.nn.Linear(1024, 1100)  # its bf16 copy is 2.2 MB: above hugepage_copy's 2 MiB minimum
+    x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setenv("LOSA_HUGEPAGES", "0")
+    plain = BF16LMHead(lin)
+    monkeypatch.setenv("LOSA_HUGEPAGES", "1")
+    huge = BF16LMHead(lin)
+    assert huge.values.data_ptr() % huge_page == 0 and huge.dense_copy().data_ptr() == huge.values.data_ptr()
+    assert torch.equal(huge.values, plain.values) and huge.weight is lin.weight
+    with torch.inference_mode():
+        torch.testing.assert_close(huge(x), x.double().matmul(lin.weight.detach().bfloat16().double().T).float()
+                                   + lin.bias.detach(), rtol=1e-5, atol=1e-5)
+        assert torch.equal(huge(x), plain(x))
+    if not _kernel.native_bf16():
+        return
+    emb = torch.nn.Embedding(1100, 1024, dtype=torch.bfloat16)
+    tied = torch.nn.Linear(1024, 1100, bias=False, dtype=torch.bfloat16)
+    tied.weight = emb.weight
+    values, where = emb.weight.detach().clone(), emb.weight.data_ptr()
+    monkeypatch.setenv("LOSA_HUGEPAGES", "0")
+    assert BF16LMHead(tied).weight.data_ptr() == where  # off: left in place
+    monkeypatch.setenv("LOSA_HUGEPAGES", "1")
+    head = BF16LMHead(tied)
+    assert head.weight is emb.weight and emb.weight.data_ptr() % huge_page == 0 and emb.weight.data_ptr() != where
+    assert torch.equal(emb.weight.detach(), values)
+    xb = x.to(torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(head(xb), torch.nn.functional.linear(xb, values), rtol=1e-2, atol=1e-2)
 
 
 @needs_kernel

@@ -82,7 +82,7 @@ class BF16LMHead(nn.Module):
       the dense bf16 matrix, :meth:`dense_copy`), multiplied with float32 activations: one-row calls (decode
       steps) by the kernel's dense row loop over that matrix, other calls by the packed paths;
     * bf16 weight (a bf16 model, on a CPU with AVX512-BF16: :func:`~losa.inference.kernel.native_bf16`): no
-      copy (``in_place``); one-row calls of heads narrower than :data:`KERNEL_HEAD_MAX_IN` go through the dense
+      copy (``in_place``; the weight's storage is moved into huge-page memory, same values); one-row calls of heads narrower than :data:`KERNEL_HEAD_MAX_IN` go through the dense
       AVX512-BF16 row loop over the weight itself (``y [1, V] = x [1, H] · Wᵀ``, bf16 products, float32 sums,
       rounded to bf16 like ``F.linear``), other calls through ``F.linear``. The decode engine multiplies such
       a head with the same loop at any width (no copy of it).
@@ -114,11 +114,14 @@ class BF16LMHead(nn.Module):
                                 f"as loaded: {_KEEP_HEAD}")
             for name in ("meta", "values", "row_ptr", "bias32"):
                 self.register_buffer(name, None, persistent=False)
+            # the same values moved into huge-page memory (the same parameter, so a tied embedding follows): decode
+            # streams the whole head every token (benchmarks/results/head_hugepages.md)
+            self.weight.data = _kernel.hugepage_memory(self.weight.data)
             return
         w = head.weight.detach()
         packed = pack_dense(w, torch.bfloat16)
         self.register_buffer("meta", packed.meta, persistent=False)
-        self.register_buffer("values", packed.values, persistent=False)
+        self.register_buffer("values", _kernel.hugepage_memory(packed.values), persistent=False)
         self.register_buffer("row_ptr", packed.row_ptr, persistent=False)
         self.register_buffer("bias32", None if head.bias is None else head.bias.detach().float().clone(),
                              persistent=False)

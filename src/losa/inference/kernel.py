@@ -22,8 +22,12 @@ from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from losa.errors import LosaError
+
+if TYPE_CHECKING:
+    import torch
 from losa.utils.cpp import KernelUnavailable, build_extension
 
 #: the extension's sources: the sparse kernels, the decode attention and the decode engine (one extension, one
@@ -201,5 +205,27 @@ def bf16_dot_available() -> bool:
 
 
 def hugepages_enabled() -> bool:
-    """Whether sparse layers put their packed buffers in huge-page memory (``LOSA_HUGEPAGES``, default on)."""
+    """Whether the runtime puts the weights decode streams (sparse layers' packed buffers, the bf16 LM head) in
+    huge-page memory (``LOSA_HUGEPAGES``, default on)."""
     return os.environ.get("LOSA_HUGEPAGES", "1") not in ("0", "false", "no", "")
+
+
+def hugepage_memory(t: torch.Tensor) -> torch.Tensor:
+    """``t`` copied into transparent-huge-page memory, where that is on and possible.
+
+    Decode reads each weight once per token; on 4 KiB pages every page of it is a TLB miss, and torch's allocator
+    never asks for huge pages (with THP in its common "madvise" mode). The kernel's ``hugepage_copy`` allocates
+    2 MiB-aligned memory, advises it and copies ``t`` there (benchmarks/results/head_hugepages.md measures what
+    that is worth on an LM head).
+
+    Args:
+        t: any tensor.
+
+    Returns:
+        A copy of ``t`` (same dtype, shape and values) in huge-page memory when the compiled kernel is loaded,
+        :func:`hugepages_enabled`, and ``t`` is a contiguous CPU tensor of at least 2 MiB on Linux; else ``t``.
+    """
+    k = load_kernel()
+    if k is None or not hugepages_enabled():
+        return t
+    return k.hugepage_copy(t)

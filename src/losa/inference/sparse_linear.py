@@ -112,12 +112,9 @@ class SparseLinear(nn.Module):
         self.dense_batch_threshold = None if dense_batch_threshold is None else int(dense_batch_threshold)
         self._small = self.out_features * self.in_features <= SMALL_LAYER_WEIGHTS
         self._bf16_threshold = DENSE_BATCH_THRESHOLD_BF16_SMALL if self._small else DENSE_BATCH_THRESHOLD_BF16
-        k = _kernel.load_kernel()
-        meta, values = packed.meta, packed.values
-        if k is not None and _kernel.hugepages_enabled():  # fewer TLB misses when decode streams them
-            meta, values = k.hugepage_copy(meta), k.hugepage_copy(values)
-        self.register_buffer("meta", meta)
-        self.register_buffer("values", values)
+        # fewer TLB misses when decode streams them
+        self.register_buffer("meta", _kernel.hugepage_memory(packed.meta))
+        self.register_buffer("values", _kernel.hugepage_memory(packed.values))
         self.register_buffer("row_ptr", packed.row_ptr)
         if bias is not None:
             bias = bias.detach().to("cpu", torch.float32).clone()
@@ -130,7 +127,8 @@ class SparseLinear(nn.Module):
         #: large bf16 batches skip the zeros (see SPARSE_PREFILL_MAX_DENSITY) instead of decompressing, where
         #: ``losa bench-runtime`` measured that faster on this CPU or, unmeasured, on CPUs of its kind
         #: (``thresholds.sparse_gemm_enabled``)
-        self.sparse_prefill = (values.dtype == torch.bfloat16 and k is not None and _kernel.bf16_dot_available()
+        self.sparse_prefill = (packed.values.dtype == torch.bfloat16 and _kernel.kernel_available()
+                               and _kernel.bf16_dot_available()
                                and self.nnz <= SPARSE_PREFILL_MAX_DENSITY * self.out_features * self.in_features
                                and _thresholds.sparse_gemm_enabled(_kernel.best_isa()))
 
