@@ -2,8 +2,8 @@
 
 A bf16 model decodes one token per step, so its LM head (the largest matrix of a small model: SmolLM2-135M's
 49152 x 576 is 40 % of the bytes a 70 % sparse step reads) is a matrix-vector product. This times, on the
-head shapes of real models (random bf16 weights: the speed does not depend on the values), interleaved,
-median of ``--reps``:
+head shapes of real models (random bf16 weights: the speed does not depend on the values), interleaved
+(every other round in reverse order), median of ``--reps``:
 
 * ``torch``: ``F.linear`` on the bf16 weight (what a bf16 model's ``nn.Linear`` head runs);
 * ``in place``: the kernel's dense bf16 row loop over the same weight, no copy (``dense_gemv_bf16``: what the
@@ -75,7 +75,8 @@ def render(src: Path, dst: Path) -> None:
             "bf16 copy" if f32 else
             "# A bf16 model's LM head at batch 1: torch's bf16 F.linear vs losa's dense AVX512-BF16 row loop"), "",
            "Written by `benchmarks/bench_lm_head.py` (see its docstring): random weights in the head shapes "
-           f"of the named models, one {'float32' if f32 else 'bf16'} input row, the variants interleaved, medians. "
+           f"of the named models, one {'float32' if f32 else 'bf16'} input row, the variants interleaved (every "
+           "other round in reverse order since the huge-pages column came in), medians. "
            "`speed` = torch / in place (above 1: the kernel is faster); `vs packed` = packed copy / in place; "
            "`vs 4 KiB` = in place (torch's memory, 4 KiB pages) / the same loop on huge pages (blank: not timed)."
            + (" `in place` = the dense row loop over the head's bf16 copy; `MB` and `GB/s` count that copy's "
@@ -125,8 +126,10 @@ def time_shape(model: str, vocab: int, hidden: int, threads: list[int], reps: in
         for th in threads:
             torch.set_num_threads(th)
             times: dict[str, list[float]] = {name: [] for name in variants}
-            for _ in range(reps + 1):  # the first round warms up
-                for name, fn in variants.items():
+            for rep in range(reps + 1):  # the first round warms up
+                # every other round in reverse order: no variant always runs right after the same one (the VM's
+                # L3 is large enough to hold a head, so what ran just before matters)
+                for name, fn in (list(variants.items()) if rep % 2 == 0 else list(variants.items())[::-1]):
                     t = time.perf_counter()
                     fn()
                     times[name].append(time.perf_counter() - t)
