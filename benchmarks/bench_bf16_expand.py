@@ -71,6 +71,7 @@ def engine_rows(args: argparse.Namespace, run: str, argv_rec: list[str], default
     expansion, alternating; one row per sparsity and thread count."""
     import copy
 
+    from _engine_ab import alternate_steps
     from _provenance import SMOLLM2
     from bench_decode import prune_magnitude
 
@@ -94,15 +95,7 @@ def engine_rows(args: argparse.Namespace, run: str, argv_rec: list[str], default
         k.set_bf16_expand(-1)
         for th in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(th)
-            best = {0: float("inf"), 1: float("inf")}
-            logits = {}
-            for _ in range(args.reps + 1):  # the first round warms up (its times count too: best of all)
-                for mode, eng in engines.items():
-                    t = time.perf_counter()
-                    for pos in range(args.tokens):
-                        out = eng._eng.step(100 + pos, pos)
-                    best[mode] = min(best[mode], (time.perf_counter() - t) / args.tokens)
-                    logits[mode] = out
+            best, logits = alternate_steps(engines, args.reps, args.tokens)
             if not torch.equal(logits[0], logits[1]):
                 raise LosaError(f"the two engines' logits differ at {sp:.0%}: a kernel bug")
             rows.append({**provenance(th, SMOLLM2 + ", float32 model, bf16 values, bf16 head copy", argv_rec),

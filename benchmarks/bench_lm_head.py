@@ -32,6 +32,13 @@ results/lm_head.jsonl, rendered to lm_head.md. Needs a CPU with AVX512-BF16. Run
 
 ``max rel err`` is then against a float64 product of the bf16-rounded weights and the float32 inputs. Rows go to
 results/lm_head_f32.jsonl, rendered to lm_head_f32.md.
+
+``--engine`` times whole decode steps of SmolLM2-135M-Instruct (dequantised from Q4_1, magnitude-pruned per output
+row, bf16 values) instead: per sparsity and model dtype (a float32 model with its head's bf16 copy; on CPUs with
+AVX512-BF16 also the bf16 model, head in place) two models built the same way except that one's head stays on
+4 KiB pages (``LOSA_HUGEPAGES=0`` while its ``BF16LMHead`` is made) and the other's goes to huge pages (the
+default), each decoded by its own decode engine, alternating, best of ``--reps`` (``--tokens`` steps each). The
+sparse layers are on huge pages in both. Rows go to results/lm_head_engine.jsonl, rendered to lm_head_engine.md.
 """
 
 from __future__ import annotations
@@ -95,6 +102,75 @@ def render(src: Path, dst: Path) -> None:
     atomic_write_text(dst, "\n".join(out))
 
 
+def render_engine(src: Path, dst: Path) -> None:
+    """Write the markdown of the ``--engine`` rows in ``src`` to ``dst``."""
+    out = ["# Decode steps of SmolLM2-135M with the LM head on 4 KiB pages vs huge pages (the decode engine)", "",
+           "Written by `benchmarks/bench_lm_head.py --engine` (see its docstring): two engines of the same pruned "
+           "model, alternating, best time per step; they differ only in where the head's weight lives. `speed` = "
+           "4 KiB / huge pages (above 1: huge pages faster).", ""]
+    for title, where, rs in run_sections(read_jsonl(src)):
+        out += [title, "", f"{where}.{load_sentence(rs[0])}", "",
+                "| threads | model | sparsity | head | 4 KiB ms/step | huge pages ms/step | speed |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {r['threads']} | {r['model_dtype']} | {r['sparsity']:.0%} | {r['head']} | {r['small_ms']:.2f} | "
+                f"{r['huge_ms']:.2f} | {r['small_ms'] / r['huge_ms']:.2f}x |" for r in rs]
+        out.append("")
+    atomic_write_text(dst, "\n".join(out))
+
+
+def engine_rows(args: argparse.Namespace, run: str, argv_rec: list[str]) -> list[dict]:
+    """SmolLM2 decode steps, the head on 4 KiB pages vs huge pages (see the module docstring); one row per
+    sparsity, model dtype and thread count."""
+    import copy
+
+    from _engine_ab import alternate_steps
+    from _provenance import SMOLLM2
+    from bench_decode import prune_magnitude
+
+    import losa
+    from losa.inference import sparsify_for_inference
+    from losa.inference.decode import set_lm_head_dtype
+    from losa.inference.engine import DecodeEngine
+
+    base, _tok = losa.load_model("smollm2-135m")
+    dtypes = [torch.float32] + ([torch.bfloat16] if _kernel.native_bf16() else [])
+    before = os.environ.get("LOSA_HUGEPAGES")
+    rows = []
+    for sp in (float(s) for s in args.sparsities.split(",")):
+        for dtype in dtypes:
+            engines = {}
+            for mem, env in (("4 KiB", "0"), ("huge pages", "1")):
+                model = copy.deepcopy(base)
+                prune_magnitude(model, sp)
+                sparsify_for_inference(model, value_dtype="bfloat16")  # huge pages for the sparse layers in both
+                model = model.to(dtype)
+                os.environ["LOSA_HUGEPAGES"] = env
+                try:
+                    set_lm_head_dtype(model, "bfloat16")
+                finally:
+                    if before is None:
+                        os.environ.pop("LOSA_HUGEPAGES")
+                    else:
+                        os.environ["LOSA_HUGEPAGES"] = before
+                head = model.get_output_embeddings()
+                engines[mem] = DecodeEngine(model, args.tokens)
+            what = "in place" if head.in_place else "bf16 copy"
+            for th in (int(t) for t in args.threads.split(",")):
+                torch.set_num_threads(th)
+                best, logits = alternate_steps(engines, args.reps, args.tokens)
+                if not torch.equal(logits["4 KiB"], logits["huge pages"]):
+                    raise LosaError(f"the two engines' logits differ at {sp:.0%}: the head's values changed")
+                name = str(dtype).replace("torch.", "")
+                rows.append({**provenance(th, f"{SMOLLM2}, {name} model, bf16 values, bf16 head ({what})",
+                                          argv_rec),
+                             "run": run, "kind": "engine step", "model_dtype": name, "head": what, "sparsity": sp,
+                             "reps": args.reps, "tokens": args.tokens, "small_ms": best["4 KiB"] * 1e3,
+                             "huge_ms": best["huge pages"] * 1e3})
+                print(f"{th} thr engine {name} {sp:.0%}: 4 KiB {best['4 KiB'] * 1e3:.2f} ms, huge pages "
+                      f"{best['huge pages'] * 1e3:.2f} ms ({best['4 KiB'] / best['huge pages']:.2f}x)", flush=True)
+    return rows
+
+
 def time_shape(model: str, vocab: int, hidden: int, threads: list[int], reps: int, meta: dict,
                f32: bool = False) -> list[dict]:
     """Time the three variants on one head shape ``[vocab, hidden]`` (see the module docstring); one row per
@@ -154,22 +230,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--inputs", choices=("bfloat16", "float32"), default="bfloat16",
                     help="bfloat16: a bf16 model's head; float32: a float32 model's head and its bf16 copy")
-    ap.add_argument("--out", default=None, help="default: results/lm_head.jsonl (lm_head_f32.jsonl for float32)")
+    ap.add_argument("--engine", action="store_true",
+                    help="time whole SmolLM2 decode steps with the head on 4 KiB pages vs huge pages instead")
+    ap.add_argument("--sparsities", default="0.5,0.7", help="with --engine: the models' sparsities")
+    ap.add_argument("--tokens", type=int, default=128, help="with --engine: decode steps per engine and round")
+    ap.add_argument("--out", default=None, help="default: results/lm_head.jsonl (lm_head_f32.jsonl for float32, "
+                                                "lm_head_engine.jsonl with --engine)")
     args = ap.parse_args(argv)
     f32 = args.inputs == "float32"
-    out = Path(args.out) if args.out else RESULTS / ("lm_head_f32.jsonl" if f32 else "lm_head.jsonl")
     if args.reps < 1:
         raise LosaError(f"--reps must be at least 1, got {args.reps}")
     if _kernel.load_kernel() is None:
         raise LosaError("the LM head loops need the compiled kernel (a C++ compiler and ninja)")
+    run = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M UTC")
+    argv_rec = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
+    if args.engine:
+        load_start = os.getloadavg()
+        rows = engine_rows(args, run, argv_rec)
+        append_rows(rows, load_start, Path(args.out) if args.out else RESULTS / "lm_head_engine.jsonl",
+                    render_engine)
+        return 0
+    out = Path(args.out) if args.out else RESULTS / ("lm_head_f32.jsonl" if f32 else "lm_head.jsonl")
     if not f32 and not _kernel.native_bf16():
         raise LosaError("the dense bf16 row loop needs a CPU with AVX512-BF16 (and no LOSA_SPARSE_ISA below avx512)")
-    run = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M UTC")
     load_start = os.getloadavg()
     rows = []
     for model, vocab, hidden in SHAPES:
         rows += time_shape(model, vocab, hidden, [int(t) for t in args.threads.split(",")], args.reps,
-                           {"run": run, "argv": [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]}, f32)
+                           {"run": run, "argv": argv_rec}, f32)
     append_rows(rows, load_start, out, render)  # stamps the load averages, appends, renders
     return 0
 
