@@ -115,7 +115,7 @@ class BF16LMHead(nn.Module):
             for name in ("meta", "values", "row_ptr", "bias32"):
                 self.register_buffer(name, None, persistent=False)
             # the same values moved into huge-page memory (the same parameter, so a tied embedding follows): decode
-            # streams the whole head every token (benchmarks/results/head_hugepages.md)
+            # streams the whole head every token (benchmarks/results/lm_head.md, lm_head_engine.md)
             self.weight.data = _kernel.hugepage_memory(self.weight.data)
             return
         w = head.weight.detach()

@@ -214,9 +214,10 @@ def hugepage_memory(t: torch.Tensor) -> torch.Tensor:
     """``t`` copied into transparent-huge-page memory, where that is on and possible.
 
     Decode reads each weight once per token; on 4 KiB pages every page of it is a TLB miss, and torch's allocator
-    never asks for huge pages (with THP in its common "madvise" mode). The kernel's ``hugepage_copy`` allocates
-    2 MiB-aligned memory, advises it and copies ``t`` there (benchmarks/results/head_hugepages.md measures what
-    that is worth on an LM head).
+    never asks for huge pages (with THP in its common "madvise" mode, unless ``THP_MEM_ALLOC_ENABLE=1``). The
+    kernel's ``hugepage_copy`` allocates 2 MiB-aligned memory, advises it and copies ``t`` there. What that is
+    worth on LM heads: benchmarks/results/lm_head.md and lm_head_f32.md (the head loops on both memories) and
+    lm_head_engine.md (whole SmolLM2 decode steps).
 
     Args:
         t: any tensor.
