@@ -38,7 +38,7 @@ row, bf16 values) instead: per sparsity and model dtype (a float32 model with it
 AVX512-BF16 also the bf16 model, head in place) two models built the same way except that one's head stays on
 4 KiB pages (``LOSA_HUGEPAGES=0`` while its ``BF16LMHead`` is made) and the other's goes to huge pages (the
 default), each decoded by its own decode engine, alternating, best of ``--reps`` (``--tokens`` steps each). The
-sparse layers are on huge pages in both. Rows go to results/lm_head_engine.jsonl, rendered to lm_head_engine.md.
+sparse layers are on huge pages in both (with ``--all-weights``: only in the second). Rows go to results/lm_head_engine.jsonl, rendered to lm_head_engine.md.
 """
 
 from __future__ import annotations
@@ -106,14 +106,16 @@ def render_engine(src: Path, dst: Path) -> None:
     """Write the markdown of the ``--engine`` rows in ``src`` to ``dst``."""
     out = ["# Decode steps of SmolLM2-135M with the LM head on 4 KiB pages vs huge pages (the decode engine)", "",
            "Written by `benchmarks/bench_lm_head.py --engine` (see its docstring): two engines of the same pruned "
-           "model, alternating, best time per step; they differ only in where the head's weight lives. `speed` = "
+           "model, alternating, best time per step; they differ only in where the head's weight lives (with "
+           "`--all-weights`: the sparse layers' packed buffers too, `pages differ for`). `speed` = "
            "4 KiB / huge pages (above 1: huge pages faster).", ""]
     for title, where, rs in run_sections(read_jsonl(src)):
         out += [title, "", f"{where}.{load_sentence(rs[0])}", "",
-                "| threads | model | sparsity | head | 4 KiB ms/step | huge pages ms/step | speed |",
-                "|---|---|---|---|---|---|---|"]
-        out += [f"| {r['threads']} | {r['model_dtype']} | {r['sparsity']:.0%} | {r['head']} | {r['small_ms']:.2f} | "
-                f"{r['huge_ms']:.2f} | {r['small_ms'] / r['huge_ms']:.2f}x |" for r in rs]
+                "| threads | model | sparsity | head | pages differ for | 4 KiB ms/step | huge pages ms/step | speed |",
+                "|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['threads']} | {r['model_dtype']} | {r['sparsity']:.0%} | {r['head']} | "
+                f"{r.get('pages_for', 'head')} | {r['small_ms']:.2f} | {r['huge_ms']:.2f} | "
+                f"{r['small_ms'] / r['huge_ms']:.2f}x |" for r in rs]
         out.append("")
     atomic_write_text(dst, "\n".join(out))
 
@@ -142,14 +144,16 @@ def engine_rows(args: argparse.Namespace, run: str, argv_rec: list[str]) -> list
             for mem, env in (("4 KiB", "0"), ("huge pages", "1")):
                 model = copy.deepcopy(base)
                 prune_magnitude(model, sp)
-                sparsify_for_inference(model, value_dtype="bfloat16")  # huge pages for the sparse layers in both
-                model = model.to(dtype)
-                os.environ["LOSA_HUGEPAGES"] = env
                 try:
+                    if args.all_weights:
+                        os.environ["LOSA_HUGEPAGES"] = env
+                    sparsify_for_inference(model, value_dtype="bfloat16")  # else: the same pages in both
+                    model = model.to(dtype)
+                    os.environ["LOSA_HUGEPAGES"] = env
                     set_lm_head_dtype(model, "bfloat16")
                 finally:
                     if before is None:
-                        os.environ.pop("LOSA_HUGEPAGES")
+                        os.environ.pop("LOSA_HUGEPAGES", None)
                     else:
                         os.environ["LOSA_HUGEPAGES"] = before
                 head = model.get_output_embeddings()
@@ -164,6 +168,7 @@ def engine_rows(args: argparse.Namespace, run: str, argv_rec: list[str]) -> list
                 rows.append({**provenance(th, f"{SMOLLM2}, {name} model, bf16 values, bf16 head ({what})",
                                           argv_rec),
                              "run": run, "kind": "engine step", "model_dtype": name, "head": what, "sparsity": sp,
+                             "pages_for": "head and sparse layers" if args.all_weights else "head",
                              "reps": args.reps, "tokens": args.tokens, "small_ms": best["4 KiB"] * 1e3,
                              "huge_ms": best["huge pages"] * 1e3})
                 print(f"{th} thr engine {name} {sp:.0%}: 4 KiB {best['4 KiB'] * 1e3:.2f} ms, huge pages "
@@ -234,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="time whole SmolLM2 decode steps with the head on 4 KiB pages vs huge pages instead")
     ap.add_argument("--sparsities", default="0.5,0.7", help="with --engine: the models' sparsities")
     ap.add_argument("--tokens", type=int, default=128, help="with --engine: decode steps per engine and round")
+    ap.add_argument("--all-weights", action="store_true",
+                    help="with --engine: the 4 KiB model's sparse layers on 4 KiB pages too (LOSA_HUGEPAGES=0)")
     ap.add_argument("--out", default=None, help="default: results/lm_head.jsonl (lm_head_f32.jsonl for float32, "
                                                 "lm_head_engine.jsonl with --engine)")
     args = ap.parse_args(argv)
