@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -18,6 +19,7 @@ from losa.inference.decode import (
     resolve_lm_head_dtype,
     set_lm_head_dtype,
 )
+from losa.inference.kernel import native_bf16
 
 needs_kernel = pytest.mark.skipif(not kernel_available(), reason="needs the compiled sparse kernel")
 
@@ -233,30 +235,39 @@ def test_bf16_lm_head_rounds_only_the_head_and_keeps_the_embedding(monkeypatch):
         set_lm_head_dtype(model, "int8")
 
 
-@needs_kernel
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are a Linux feature")
-def test_bf16_lm_head_weights_move_into_huge_page_memory(monkeypatch):
-    """Decode streams the whole head every token: the bf16 copy of a float32 head, and (AVX512-BF16 CPUs) an
-    in-place bf16 weight, sit in huge-page memory (the kernel's hugepage_copy: 2 MiB-aligned); the in-place
-    weight stays the same parameter (a tied embedding follows it) with the same values. LOSA_HUGEPAGES=0 leaves
-    the in-place weight where it was. Logits do not change."""
-    from losa.inference import kernel as _kernel
+_HUGE_PAGE = 2 << 20  # hugepage_copy's alignment
+needs_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages: Linux")
 
-    huge_page = 2 << 20
+
+@needs_kernel
+@needs_linux
+def test_bf16_lm_head_copy_is_made_in_huge_page_memory(monkeypatch):
+    """Decode streams the whole head every token: a float32 head's bf16 copy sits in huge-page memory (the
+    kernel's hugepage_copy: 2 MiB-aligned), in torch's memory with LOSA_HUGEPAGES=0; logits do not change."""
     lin = torch.nn.Linear(1024, 1100)  # its bf16 copy is 2.2 MB: above hugepage_copy's 2 MiB minimum
     x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(0))
     monkeypatch.setenv("LOSA_HUGEPAGES", "0")
     plain = BF16LMHead(lin)
     monkeypatch.setenv("LOSA_HUGEPAGES", "1")
     huge = BF16LMHead(lin)
-    assert huge.values.data_ptr() % huge_page == 0 and huge.dense_copy().data_ptr() == huge.values.data_ptr()
-    assert torch.equal(huge.values, plain.values) and huge.weight is lin.weight
+    assert huge.values.data_ptr() % _HUGE_PAGE == 0 and huge.weight is lin.weight
+    if not os.environ.get("THP_MEM_ALLOC_ENABLE"):  # (torch's own allocator would align to 2 MiB then)
+        assert plain.values.data_ptr() % _HUGE_PAGE != 0
+    assert torch.equal(huge.values, plain.values)
     with torch.inference_mode():
         torch.testing.assert_close(huge(x), x.double().matmul(lin.weight.detach().bfloat16().double().T).float()
                                    + lin.bias.detach(), rtol=1e-5, atol=1e-5)
         assert torch.equal(huge(x), plain(x))
-    if not _kernel.native_bf16():
-        return
+
+
+@needs_kernel
+@needs_linux
+@pytest.mark.skipif(not kernel_available() or not native_bf16(), reason="an in-place bf16 head needs a CPU with AVX512-BF16")
+@pytest.mark.parametrize("inference_mode", [False, True])
+def test_in_place_bf16_head_moves_into_huge_page_memory(monkeypatch, inference_mode):
+    """An in-place bf16 head's storage moves into huge-page memory: the same parameter (a tied embedding
+    follows it, requires_grad kept), the same values, a normal tensor even when the head is made in inference
+    mode (so the model still trains); LOSA_HUGEPAGES=0 leaves it where it was."""
     emb = torch.nn.Embedding(1100, 1024, dtype=torch.bfloat16)
     tied = torch.nn.Linear(1024, 1100, bias=False, dtype=torch.bfloat16)
     tied.weight = emb.weight
@@ -264,12 +275,16 @@ def test_bf16_lm_head_weights_move_into_huge_page_memory(monkeypatch):
     monkeypatch.setenv("LOSA_HUGEPAGES", "0")
     assert BF16LMHead(tied).weight.data_ptr() == where  # off: left in place
     monkeypatch.setenv("LOSA_HUGEPAGES", "1")
-    head = BF16LMHead(tied)
-    assert head.weight is emb.weight and emb.weight.data_ptr() % huge_page == 0 and emb.weight.data_ptr() != where
-    assert torch.equal(emb.weight.detach(), values)
-    xb = x.to(torch.bfloat16)
+    with torch.inference_mode(inference_mode):
+        head = BF16LMHead(tied)
+    assert head.weight is emb.weight and emb.weight.data_ptr() % _HUGE_PAGE == 0 and emb.weight.data_ptr() != where
+    assert torch.equal(emb.weight.detach(), values) and emb.weight.requires_grad
+    assert not emb.weight.is_inference()
+    x = torch.randn(2, 1024, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     with torch.inference_mode():
-        torch.testing.assert_close(head(xb), torch.nn.functional.linear(xb, values), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(head(x[:1]), torch.nn.functional.linear(x[:1], values), rtol=1e-2, atol=1e-2)
+    head(x).float().sum().backward()  # several rows: F.linear, with a gradient for the moved weight
+    torch.testing.assert_close(emb.weight.grad.float(), x.float().sum(0).expand(1100, -1), rtol=1e-2, atol=1e-2)
 
 
 @needs_kernel

@@ -56,8 +56,8 @@ from losa.inference.sparse_linear import (
 
 LM_HEAD_DTYPES = ("auto", "float32", "bfloat16")
 #: an in-place bf16 head sends one-row calls to the kernel's dense bf16 loop only when narrower than this (inputs):
-#: on SmolLM2's and Qwen2-0.5B's heads (576, 896) the loop was 1.57-1.83x torch's bf16 F.linear in two runs, on
-#: LLaMA-2-7B's and Gemma-2B's (4096, 2048) 0.88-1.26x, so wide heads keep F.linear (benchmarks/results/lm_head.md)
+#: on SmolLM2's and Qwen2-0.5B's heads (576, 896 inputs) the loop beat torch's bf16 F.linear in every run, on
+#: LLaMA-2-7B's and Gemma-2B's (4096, 2048) not reliably, so wide heads keep F.linear (benchmarks/results/lm_head.md)
 KERNEL_HEAD_MAX_IN = 2048
 #: how errors name the fix "keep the LM head as loaded", for the Python API and the command line
 _KEEP_HEAD = "set_lm_head_dtype(model, 'float32') (--lm-head-dtype float32)"
@@ -82,13 +82,18 @@ class BF16LMHead(nn.Module):
       the dense bf16 matrix, :meth:`dense_copy`), multiplied with float32 activations: one-row calls (decode
       steps) by the kernel's dense row loop over that matrix, other calls by the packed paths;
     * bf16 weight (a bf16 model, on a CPU with AVX512-BF16: :func:`~losa.inference.kernel.native_bf16`): no
-      copy (``in_place``; the weight's storage is moved into huge-page memory, same values); one-row calls of heads narrower than :data:`KERNEL_HEAD_MAX_IN` go through the dense
+      copy (``in_place``); one-row calls of heads narrower than :data:`KERNEL_HEAD_MAX_IN` go through the dense
       AVX512-BF16 row loop over the weight itself (``y [1, V] = x [1, H] · Wᵀ``, bf16 products, float32 sums,
       rounded to bf16 like ``F.linear``), other calls through ``F.linear``. The decode engine multiplies such
       a head with the same loop at any width (no copy of it).
 
-    Either way ``weight`` stays a parameter of this module (the same tensor as before, so a tied embedding
-    still shares it and the state dict is unchanged).
+    Either way ``weight`` stays a parameter of this module (the same ``Parameter`` object as before, so a tied
+    embedding still shares it and the state dict is unchanged). Where huge pages are on
+    (:func:`~losa.inference.kernel.hugepage_memory`), the bf16 copy is made in huge-page memory, and an in-place
+    weight's storage is moved there (``weight.data`` replaced by a copy of the same values: the head needs twice
+    its memory for a moment; a view or ``state_dict`` tensor taken before no longer shares memory with the
+    model, nor does a separate parameter that shared the storage; a weight mapped from a file becomes process
+    memory; a later cast of the model allocates ordinary memory again).
 
     Args:
         head: the model's ``nn.Linear`` output layer (float32, or bfloat16 on a CPU with AVX512-BF16).
@@ -115,8 +120,11 @@ class BF16LMHead(nn.Module):
             for name in ("meta", "values", "row_ptr", "bias32"):
                 self.register_buffer(name, None, persistent=False)
             # the same values moved into huge-page memory (the same parameter, so a tied embedding follows): decode
-            # streams the whole head every token (benchmarks/results/lm_head.md, lm_head_engine.md)
-            self.weight.data = _kernel.hugepage_memory(self.weight.data)
+            # streams the whole head every token. The head loops ran faster there on the large heads and not on
+            # SmolLM2's (benchmarks/results/lm_head.md), and whole SmolLM2 steps showed no difference
+            # (lm_head_engine.md). Outside inference mode, so that the parameter stays a normal tensor.
+            with torch.inference_mode(False):
+                self.weight.data = _kernel.hugepage_memory(self.weight.data)
             return
         w = head.weight.detach()
         packed = pack_dense(w, torch.bfloat16)
@@ -254,7 +262,8 @@ def resolve_lm_head_dtype(requested: str, model_dtype: torch.dtype, kernel: bool
 def set_lm_head_dtype(model: nn.Module, dtype: str) -> bool:
     """Make the LM head a :class:`BF16LMHead` (``dtype="bfloat16"``); the embedding is not changed.
 
-    A float32 head gets a bf16 copy; a bf16 head, on a CPU with AVX512-BF16, is multiplied in place.
+    A float32 head gets a bf16 copy; a bf16 head, on a CPU with AVX512-BF16, is multiplied in place, its storage
+    moved into huge-page memory (see :class:`BF16LMHead`).
 
     Args:
         model: a causal LM with ``get_output_embeddings`` / ``set_output_embeddings``.

@@ -10,8 +10,9 @@ module falls back to a dense matmul with the same numbers.
 The instruction set is chosen at run time by the kernel (``__builtin_cpu_supports``); set
 ``LOSA_SPARSE_ISA`` to ``scalar``, ``avx2`` or ``avx512`` to force a lower level (tests use this to
 check every path). A level forced below AVX-512 also behaves as a CPU without native bf16
-(:func:`native_bf16`): ``LOSA_SPARSE_ISA=avx2`` on an AVX-512 machine runs what an AVX2-only CPU would. The packed buffers of large layers are copied into transparent-huge-page memory on
-Linux (``LOSA_HUGEPAGES=0`` turns that off).
+(:func:`native_bf16`): ``LOSA_SPARSE_ISA=avx2`` on an AVX-512 machine runs what an AVX2-only CPU would. The
+weights decode streams (the packed buffers of large sparse layers, the bf16 LM head) are put in
+transparent-huge-page memory on Linux (:func:`hugepage_memory`; ``LOSA_HUGEPAGES=0`` turns that off).
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from losa.errors import LosaError
+from losa.utils.cpp import KernelUnavailable, build_extension
 
 if TYPE_CHECKING:
     import torch
-from losa.utils.cpp import KernelUnavailable, build_extension
 
 #: the extension's sources: the sparse kernels, the decode attention and the decode engine (one extension, one
 #: build; csrc/losa_kernels.h declares what they share)
@@ -220,7 +221,7 @@ def hugepage_memory(t: torch.Tensor) -> torch.Tensor:
     lm_head_engine.md (whole SmolLM2 decode steps).
 
     Args:
-        t: any tensor.
+        t: any tensor (the first call may build the kernel: :func:`load_kernel`).
 
     Returns:
         A copy of ``t`` (same dtype, shape and values) in huge-page memory when the compiled kernel is loaded,
