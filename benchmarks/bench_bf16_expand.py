@@ -9,7 +9,8 @@ time both in one run on the same packed layers (random weights, magnitude-pruned
 the sparsity, not on which weights), batch 1, best of ``--reps``, alternating. Both give the same bits (checked).
 Shapes: SmolLM2-135M's MLP and LLaMA-7B's. ``--engine`` adds whole decode steps of SmolLM2-135M-Instruct
 (dequantised from Q4_1; a float32 model, magnitude-pruned, bf16 values, the bf16 LM head copy): two decode engines
-of the same model, built under either expansion, ``--tokens`` steps each, alternating, best of ``--reps``.
+of the same model, built under either expansion, ``--tokens`` steps each, alternating (every other round in
+reverse order since commit cb9d741; the same order every round before), best of ``--reps``.
 Rows go to results/bf16_expand.jsonl, rendered to bf16_expand.md.
 Needs the AVX-512 level (F/BW/VL/VBMI2). Run: ``python benchmarks/bench_bf16_expand.py``.
 """

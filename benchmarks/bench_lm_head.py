@@ -75,6 +75,11 @@ def _opt(row: dict, key: str, fmt: str) -> str:
     return fmt.format(row[key]) if key in row else ""
 
 
+def _thp_sentence(row: dict) -> str:
+    """`` Transparent huge pages: MODE.`` for rows that recorded it (``thp``), else ``""``."""
+    return f" Transparent huge pages: {row['thp']}." if "thp" in row else ""
+
+
 def render(src: Path, dst: Path) -> None:
     """Write the markdown of every row in ``src`` to ``dst``."""
     f32 = read_jsonl(src)[0].get("inputs") == "float32"
@@ -89,7 +94,7 @@ def render(src: Path, dst: Path) -> None:
            + (" `in place` = the dense row loop over the head's bf16 copy; `MB` and `GB/s` count that copy's "
               "bytes." if f32 else ""), ""]
     for title, where, rs in run_sections(read_jsonl(src)):
-        load = load_sentence(rs[0])
+        load = load_sentence(rs[0]) + _thp_sentence(rs[0])
         out += [title, "", f"{where}.{load}", "",
                 "| threads | head shape (model) | MB | torch ms | in place ms | packed copy ms | huge pages ms | "
                 "in place GB/s | speed | vs packed | vs 4 KiB | max rel err |",
@@ -102,6 +107,26 @@ def render(src: Path, dst: Path) -> None:
     atomic_write_text(dst, "\n".join(out))
 
 
+def thp_mode() -> str:
+    """The kernel's transparent-huge-page mode (the bracketed word of /sys/kernel/mm/transparent_hugepage/enabled,
+    e.g. ``madvise``), with torch's ``THP_MEM_ALLOC_ENABLE`` when set (then torch's own tensors get huge pages
+    too, and the 4 KiB arms are not on 4 KiB pages); ``unknown`` off Linux."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        mode = text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        mode = "unknown"
+    torch_thp = os.environ.get("THP_MEM_ALLOC_ENABLE")
+    return mode + (f", THP_MEM_ALLOC_ENABLE={torch_thp}" if torch_thp else "")
+
+
+def _check_huge(huge: torch.Tensor, small: torch.Tensor, what: str) -> None:
+    """Refuse to time a 'huge pages' arm that is not a separate copy from hugepage_copy (2 MiB-aligned)."""
+    if huge.data_ptr() == small.data_ptr() or huge.data_ptr() % (2 << 20):
+        raise LosaError(f"{what} is not in huge-page memory (LOSA_HUGEPAGES=0, or not Linux): nothing to compare; "
+                        "unset LOSA_HUGEPAGES")
+
+
 def render_engine(src: Path, dst: Path) -> None:
     """Write the markdown of the ``--engine`` rows in ``src`` to ``dst``."""
     out = ["# Decode steps of SmolLM2-135M with the LM head on 4 KiB pages vs huge pages (the decode engine)", "",
@@ -110,7 +135,7 @@ def render_engine(src: Path, dst: Path) -> None:
            "`--all-weights`: the sparse layers' packed buffers too, `pages differ for`). `speed` = "
            "4 KiB / huge pages (above 1: huge pages faster).", ""]
     for title, where, rs in run_sections(read_jsonl(src)):
-        out += [title, "", f"{where}.{load_sentence(rs[0])}", "",
+        out += [title, "", f"{where}.{load_sentence(rs[0])}{_thp_sentence(rs[0])}", "",
                 "| threads | model | sparsity | head | pages differ for | 4 KiB ms/step | huge pages ms/step | speed |",
                 "|---|---|---|---|---|---|---|---|"]
         out += [f"| {r['threads']} | {r['model_dtype']} | {r['sparsity']:.0%} | {r['head']} | "
@@ -140,14 +165,13 @@ def engine_rows(args: argparse.Namespace, run: str, argv_rec: list[str]) -> list
     rows = []
     for sp in (float(s) for s in args.sparsities.split(",")):
         for dtype in dtypes:
-            engines = {}
+            engines, heads = {}, {}
             for mem, env in (("4 KiB", "0"), ("huge pages", "1")):
                 model = copy.deepcopy(base)
                 prune_magnitude(model, sp)
                 try:
-                    if args.all_weights:
-                        os.environ["LOSA_HUGEPAGES"] = env
-                    sparsify_for_inference(model, value_dtype="bfloat16")  # else: the same pages in both
+                    os.environ["LOSA_HUGEPAGES"] = env if args.all_weights else "1"
+                    sparsify_for_inference(model, value_dtype="bfloat16")  # else: huge pages in both
                     model = model.to(dtype)
                     os.environ["LOSA_HUGEPAGES"] = env
                     set_lm_head_dtype(model, "bfloat16")
@@ -157,7 +181,11 @@ def engine_rows(args: argparse.Namespace, run: str, argv_rec: list[str]) -> list
                     else:
                         os.environ["LOSA_HUGEPAGES"] = before
                 head = model.get_output_embeddings()
+                heads[mem] = (head.dense_copy() if not head.in_place else head.weight).detach()
                 engines[mem] = DecodeEngine(model, args.tokens)
+            _check_huge(heads["huge pages"], heads["4 KiB"], "the second engine's head")
+            if not args.all_weights and heads["4 KiB"].data_ptr() % (2 << 20) == 0:
+                raise LosaError("the first engine's head is 2 MiB-aligned: not torch's 4 KiB pages")
             what = "in place" if head.in_place else "bf16 copy"
             for th in (int(t) for t in args.threads.split(",")):
                 torch.set_num_threads(th)
@@ -168,7 +196,7 @@ def engine_rows(args: argparse.Namespace, run: str, argv_rec: list[str]) -> list
                 rows.append({**provenance(th, f"{SMOLLM2}, {name} model, bf16 values, bf16 head ({what})",
                                           argv_rec),
                              "run": run, "kind": "engine step", "model_dtype": name, "head": what, "sparsity": sp,
-                             "pages_for": "head and sparse layers" if args.all_weights else "head",
+                             "pages_for": "head and sparse layers" if args.all_weights else "head", "thp": thp_mode(),
                              "reps": args.reps, "tokens": args.tokens, "small_ms": best["4 KiB"] * 1e3,
                              "huge_ms": best["huge pages"] * 1e3})
                 print(f"{th} thr engine {name} {sp:.0%}: 4 KiB {best['4 KiB'] * 1e3:.2f} ms, huge pages "
@@ -178,7 +206,7 @@ def engine_rows(args: argparse.Namespace, run: str, argv_rec: list[str]) -> list
 
 def time_shape(model: str, vocab: int, hidden: int, threads: list[int], reps: int, meta: dict,
                f32: bool = False) -> list[dict]:
-    """Time the three variants on one head shape ``[vocab, hidden]`` (see the module docstring); one row per
+    """Time the variants on one head shape ``[vocab, hidden]`` (see the module docstring); one row per
     thread count. ``meta`` holds the run's ``run`` stamp and ``argv``; ``f32``: a float32 model's head."""
     k, isa = _kernel.load_kernel(), _kernel.best_isa()
     gen = torch.Generator().manual_seed(0)
@@ -190,8 +218,10 @@ def time_shape(model: str, vocab: int, hidden: int, threads: list[int], reps: in
     packed = pack_dense(weight, torch.bfloat16)
     # the bf16 matrix the dense loop reads, in torch's memory (the packed values are every weight in row order)
     copy = packed.values[: vocab * hidden].view(vocab, hidden) if f32 else weight
-    assert torch.equal(copy, lean.dense_copy() if f32 else lean.weight)
-    huge = k.hugepage_copy(copy)  # the same values on huge pages, where BF16LMHead keeps them
+    # the memory BF16LMHead holds: the copy made there, or the weight moved there (`weight` is the old storage)
+    huge = (lean.dense_copy() if f32 else lean.weight).detach()
+    assert torch.equal(copy, huge)
+    _check_huge(huge, copy, f"{model}'s head")
     want = (x.double() @ copy.double().T).float()
     dense = ((lambda: k.dense_gemv_f32x(x, copy, None, isa)) if f32 else
              (lambda: k.dense_gemv_bf16(x, weight, None, isa).to(torch.bfloat16)))
@@ -222,7 +252,7 @@ def time_shape(model: str, vocab: int, hidden: int, threads: list[int], reps: in
                          "in_place_ms": ms["in place"], "packed_ms": ms["packed"], "huge_ms": ms["huge pages"],
                          "speed": ms["torch"] / ms["in place"], "vs_packed": ms["packed"] / ms["in place"],
                          "vs_4k": ms["in place"] / ms["huge pages"],
-                         "max_rel_err": err})
+                         "max_rel_err": err, "thp": thp_mode()})
             print(f"{th} thr {model:14s} torch {ms['torch']:8.2f}  in place {ms['in place']:8.2f}  "
                   f"packed {ms['packed']:8.2f}  huge pages {ms['huge pages']:8.2f} ms  speed {rows[-1]['speed']:.2f}x  "
                   f"vs 4 KiB {rows[-1]['vs_4k']:.2f}x", flush=True)
@@ -245,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                                                 "lm_head_engine.jsonl with --engine)")
     args = ap.parse_args(argv)
     f32 = args.inputs == "float32"
-    if args.reps < 1:
-        raise LosaError(f"--reps must be at least 1, got {args.reps}")
+    if args.reps < 1 or args.tokens < 1:
+        raise LosaError(f"--reps and --tokens must be at least 1, got {args.reps} and {args.tokens}")
     if _kernel.load_kernel() is None:
         raise LosaError("the LM head loops need the compiled kernel (a C++ compiler and ninja)")
     run = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M UTC")
@@ -270,4 +300,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except LosaError as exc:  # bad input or a machine that cannot run it: one line, no traceback
+        sys.exit(f"bench_lm_head.py: {exc}")
