@@ -288,6 +288,31 @@ def test_in_place_bf16_head_moves_into_huge_page_memory(monkeypatch, inference_m
 
 
 @needs_kernel
+@needs_linux
+@pytest.mark.skipif(not kernel_available() or not native_bf16(), reason="an in-place bf16 head needs a CPU with AVX512-BF16")
+def test_a_decoder_follows_a_head_moved_into_huge_pages():
+    """A LeanDecoder whose engine was built on the bf16 head as loaded rebuilds it after set_lm_head_dtype moved
+    the tied head into huge-page memory (the engine would otherwise hold the old storage), and decodes the same
+    tokens as decoding without the engine."""
+    model = make_tiny_model("llama", hidden=64, vocab=17000, seed=4)  # a 2.2 MB bf16 head: above 2 MiB
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model = model.to(torch.bfloat16)
+    dec = LeanDecoder(model)
+    ids = torch.randint(3, 17000, (1, 5), generator=torch.Generator().manual_seed(0))
+    kw = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    with torch.inference_mode():
+        before = dec.generate(ids, 6, **kw)
+        built, where = dec._engine, model.lm_head.weight.data_ptr()
+        assert dec.last_engine == "on" and set_lm_head_dtype(model, "bfloat16")
+        assert model.lm_head.weight.data_ptr() != where and model.lm_head.weight.data_ptr() % _HUGE_PAGE == 0
+        after = dec.generate(ids, 6, **kw)
+        ref = LeanDecoder(model, decode_engine="off").generate(ids, 6, **kw)
+    assert dec.last_engine == "on" and dec._engine is not built  # rebuilt on the moved head
+    assert torch.equal(after, ref) and torch.equal(after, before)
+
+
+@needs_kernel
 def test_bf16_lm_head_greedy_matches_on_a_trained_margin():
     """Greedy tokens with the bf16 head equal the float32 head's where the top logits are well apart."""
     model = make_tiny_model("llama", hidden=64, seed=1)
