@@ -237,6 +237,8 @@ def test_bf16_lm_head_rounds_only_the_head_and_keeps_the_embedding(monkeypatch):
 
 _HUGE_PAGE = 2 << 20  # hugepage_copy's alignment
 needs_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages: Linux")
+needs_native_bf16 = pytest.mark.skipif(not kernel_available() or not native_bf16(),
+                                       reason="an in-place bf16 head needs a CPU with AVX512-BF16")
 
 
 @needs_kernel
@@ -262,7 +264,7 @@ def test_bf16_lm_head_copy_is_made_in_huge_page_memory(monkeypatch):
 
 @needs_kernel
 @needs_linux
-@pytest.mark.skipif(not kernel_available() or not native_bf16(), reason="an in-place bf16 head needs a CPU with AVX512-BF16")
+@needs_native_bf16
 @pytest.mark.parametrize("inference_mode", [False, True])
 def test_in_place_bf16_head_moves_into_huge_page_memory(monkeypatch, inference_mode):
     """An in-place bf16 head's storage moves into huge-page memory: the same parameter (a tied embedding
@@ -289,7 +291,7 @@ def test_in_place_bf16_head_moves_into_huge_page_memory(monkeypatch, inference_m
 
 @needs_kernel
 @needs_linux
-@pytest.mark.skipif(not kernel_available() or not native_bf16(), reason="an in-place bf16 head needs a CPU with AVX512-BF16")
+@needs_native_bf16
 def test_a_decoder_follows_a_head_moved_into_huge_pages():
     """A LeanDecoder whose engine was built on the bf16 head as loaded rebuilds it after set_lm_head_dtype moved
     the tied head into huge-page memory (the engine would otherwise hold the old storage), and decodes the same
