@@ -474,8 +474,17 @@ def test_cli_generate_with_bf16_head_and_compile(tmp_path, capsys):
     losa.save_checkpoint(model, make_tiny_tokenizer(), tmp_path / "m", {"recipe": {}})
     path = str(tmp_path / "m")
     assert main(["generate", path, "--prompt", "word5 word17", "--max-new-tokens", "4", "--dtype", "float32"]) == 0
-    auto = capsys.readouterr().out
-    assert "LM head: bf16 copy" in auto
+    auto, bars = capsys.readouterr()
+    assert "LM head: bf16 copy" in auto and "Loading weights" in bars  # transformers' progress bar
+    import transformers
+
+    try:
+        assert main(["generate", path, "--prompt", "word5 word17", "--max-new-tokens", "4", "--dtype", "float32",
+                     "--quiet"]) == 0
+    finally:
+        transformers.utils.logging.enable_progress_bar()  # --quiet turned them off for the whole process
+    quiet = capsys.readouterr()
+    assert "%|" not in quiet.err and quiet.out == auto.replace(auto.splitlines()[-1], quiet.out.splitlines()[-1])
     assert main(["generate", path, "--prompt", "word5 word17", "--max-new-tokens", "4", "--dtype", "float32",
                  "--lm-head-dtype", "float32", "--compile"]) == 0
     out = capsys.readouterr().out

@@ -157,6 +157,27 @@ def test_bf16_inputs_compute_like_a_dense_bf16_linear(monkeypatch, isa, out_f, i
                                rtol=1e-5, atol=1e-5 * in_f**0.5)
 
 
+@pytest.mark.parametrize("value,on", [("1", True), ("on", True), ("TRUE", True), (" yes ", True), ("0", False),
+                                      ("off", False), ("False", False), ("no", False), ("", False), (None, True)])
+def test_hugepages_setting_is_read_as_documented(monkeypatch, value, on):
+    if value is None:
+        monkeypatch.delenv("LOSA_HUGEPAGES", raising=False)
+    else:
+        monkeypatch.setenv("LOSA_HUGEPAGES", value)
+    assert kmod.hugepages_enabled() is on
+
+
+def test_a_mistyped_hugepages_setting_is_an_error(monkeypatch, capsys):
+    monkeypatch.setenv("LOSA_HUGEPAGES", "banana")
+    with pytest.raises(LosaError, match="LOSA_HUGEPAGES='banana' is not understood; use 1 .* or 0"):
+        kmod.hugepages_enabled()
+    from losa.cli import main
+
+    assert main(["generate", "smollm2-135m", "--prompt", "hi", "--max-new-tokens", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: LOSA_HUGEPAGES='banana'") and err.count("\n") == 1  # before any loading
+
+
 @needs_kernel
 def test_hugepage_copy_keeps_contents(monkeypatch):
     big = torch.randint(0, 255, (3 << 20,), dtype=torch.uint8)  # 3 MiB: copied into huge-page memory

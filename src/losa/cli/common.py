@@ -157,7 +157,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "like a dense bf16 model and is about 2x faster with AVX512-BF16; ignored on CPUs without "
                         "native bf16 (default: auto = as the model: bf16 for a bf16 model, else float32)")
     p.add_argument("--lm-head-dtype", default="auto",
-                   help="auto, float32 or bfloat16: the LM head. bfloat16 on a float32 model multiplies a separate bf16 "
+                   help="auto, float32 or bfloat16: the LM head. float32 keeps the head as loaded (a bf16 model's head "
+                        "stays bf16, multiplied by torch). bfloat16 on a float32 model multiplies a separate bf16 "
                         "copy (float32 sums; a tied embedding is not changed), halving the head's bytes per token; "
                         "on a bf16 model (CPUs with AVX512-BF16) it multiplies the head's own weight with losa's "
                         "kernel instead of torch's bf16 matrix-vector product (default: auto = bfloat16 for a "
@@ -178,6 +179,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compact", default=None,
                    help="a compact checkpoint written by losa.inference.save_sparse to load into MODEL")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    add_quiet_arg(p)
 
 
 def use_stored_value_dtype(args: argparse.Namespace) -> None:
@@ -223,6 +225,7 @@ def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any
 
     use_stored_value_dtype(args)
     head_request = normalize_lm_head_dtype(getattr(args, "lm_head_dtype", "auto"))  # bad flags fail before loading
+    _kernel.hugepages_enabled()  # and a bad LOSA_HUGEPAGES
     if args.threads is not None:
         if args.threads < 1:
             raise LosaError(f"--threads {args.threads} must be at least 1")

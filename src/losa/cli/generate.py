@@ -61,5 +61,6 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.compile:
         mode += f", compiled with the {args.compile_wrapper} wrapper (this call includes the compile)"
     print(f"[{mode}] {new} tokens in {dt:.2f} s ({new / dt:.1f} tokens/s, "
-          f"prompt {ids.shape[1]} tokens, {torch.get_num_threads()} threads)")
+          f"prompt {ids.shape[1]} token{'s' if ids.shape[1] != 1 else ''}, {torch.get_num_threads()} "
+          f"thread{'s' if torch.get_num_threads() != 1 else ''})")
     return 0

@@ -58,7 +58,7 @@ def _read(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, dict], dict
 
     path = Path(path)
     if not path.is_file():
-        raise LosaError(f"compact checkpoint {path} not found; write one with losa.inference.save_sparse")
+        raise LosaError(f"compact checkpoint {path} not found; write one with losa.inference.save_sparse or `losa generate ... --save-compact FILE`")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -205,10 +205,24 @@ def bf16_dot_available() -> bool:
     return native_bf16()
 
 
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
 def hugepages_enabled() -> bool:
     """Whether the runtime puts the weights decode streams (sparse layers' packed buffers, the bf16 LM head) in
-    huge-page memory (``LOSA_HUGEPAGES``, default on)."""
-    return os.environ.get("LOSA_HUGEPAGES", "1") not in ("0", "false", "no", "")
+    huge-page memory (``LOSA_HUGEPAGES``, default on).
+
+    Returns:
+        False for ``LOSA_HUGEPAGES`` = 0, false, no, off or empty (any case); True when unset or 1, true, yes, on.
+
+    Raises:
+        LosaError: any other value (a typo would otherwise silently mean one or the other).
+    """
+    value = os.environ.get("LOSA_HUGEPAGES", "1").strip().lower()
+    if value not in _ON + _OFF:
+        raise LosaError(f"LOSA_HUGEPAGES={os.environ['LOSA_HUGEPAGES']!r} is not understood; use 1 (huge pages for "
+                        "the weights decode streams, the default) or 0 (torch's ordinary pages)")
+    return value in _ON
 
 
 def hugepage_memory(t: torch.Tensor) -> torch.Tensor:
