@@ -462,8 +462,17 @@ def test_cli_lm_head_flag_errors_are_one_line(tmp_path, capsys):
     assert "(--lm-head-dtype) 'int8' is not supported" in err and len(err.splitlines()) == 1
 
 
+@pytest.fixture
+def progress_bars_back():
+    """transformers' progress bars on again after the test (``--quiet`` turns them off for the whole process)."""
+    yield
+    import transformers
+
+    transformers.utils.logging.enable_progress_bar()
+
+
 @needs_kernel
-def test_cli_generate_with_bf16_head_and_compile(tmp_path, capsys):
+def test_cli_generate_with_bf16_head_and_compile(tmp_path, capsys, progress_bars_back):
     from conftest import make_tiny_tokenizer
 
     import losa
@@ -476,16 +485,43 @@ def test_cli_generate_with_bf16_head_and_compile(tmp_path, capsys):
     assert main(["generate", path, "--prompt", "word5 word17", "--max-new-tokens", "4", "--dtype", "float32"]) == 0
     auto, bars = capsys.readouterr()
     assert "LM head: bf16 copy" in auto and "Loading weights" in bars  # transformers' progress bar
-    import transformers
-
-    try:
-        assert main(["generate", path, "--prompt", "word5 word17", "--max-new-tokens", "4", "--dtype", "float32",
-                     "--quiet"]) == 0
-    finally:
-        transformers.utils.logging.enable_progress_bar()  # --quiet turned them off for the whole process
+    assert main(["generate", path, "--prompt", "word5 word17", "--max-new-tokens", "4", "--dtype", "float32",
+                 "--quiet"]) == 0
     quiet = capsys.readouterr()
     assert "%|" not in quiet.err and quiet.out == auto.replace(auto.splitlines()[-1], quiet.out.splitlines()[-1])
     assert main(["generate", path, "--prompt", "word5 word17", "--max-new-tokens", "4", "--dtype", "float32",
                  "--lm-head-dtype", "float32", "--compile"]) == 0
     out = capsys.readouterr().out
     assert "LM head" not in out and "compiled" in out
+
+
+def test_cli_generate_sampling_flags(tmp_path, capsys, progress_bars_back):
+    """--top-k 1 samples the greedy token every step; --seed makes a sample repeatable; the flags need --sample
+    and their ranges are checked, each in one line."""
+    from conftest import make_tiny_tokenizer
+
+    import losa
+    from losa.cli import main
+
+    model = make_tiny_model("llama", seed=5, hidden=64)
+    prune_random(model)
+    losa.save_checkpoint(model, make_tiny_tokenizer(), tmp_path / "m", {"recipe": {}})
+    base = ["generate", str(tmp_path / "m"), "--prompt", "word5 word17", "--max-new-tokens", "8", "--dtype",
+            "float32", "--quiet"]
+
+    def text(*extra: str) -> str:
+        assert main([*base, *extra]) == 0
+        out = capsys.readouterr().out.splitlines()
+        return out[out.index(next(line for line in out if line.startswith("decode engine:"))) - 1]
+
+    greedy = text()
+    assert text("--sample", "--top-k", "1", "--seed", "3") == greedy
+    assert text("--sample", "--temperature", "1.5", "--seed", "7") == text("--sample", "--temperature", "1.5",
+                                                                             "--seed", "7")
+    for bad, why in ((["--temperature", "0.5"], "only apply to sampling; add --sample"),
+                     (["--sample", "--temperature", "0"], "--temperature 0.0 must be above 0"),
+                     (["--sample", "--top-k", "0"], "--top-k 0 must be at least 1"),
+                     (["--sample", "--top-p", "1.5"], "--top-p 1.5 must be in (0, 1]")):
+        assert main([*base, *bad]) == 2
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1

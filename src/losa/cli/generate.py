@@ -19,7 +19,44 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_runtime_args(p)
     p.add_argument("--save-compact", default=None, help="write the sparsified model to this .safetensors file")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="with --sample: divide the logits by this before sampling (> 0; default: the model's "
+                        "generation config, else 1)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="with --sample: sample among the k most likely tokens only (>= 1; default: the model's "
+                        "generation config)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="with --sample: sample among the most likely tokens whose probabilities sum to p "
+                        "(0 < p <= 1; default: the model's generation config)")
+    p.add_argument("--seed", type=int, default=None, help="with --sample: seed torch's generator (repeatable samples)")
     p.set_defaults(func=run_generate)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, float | int]:
+    """The ``generate`` keyword arguments of ``--temperature``, ``--top-k`` and ``--top-p`` (those given).
+
+    Args:
+        args: the parsed ``losa generate`` arguments.
+
+    Returns:
+        ``temperature`` / ``top_k`` / ``top_p`` for the flags given (transformers' sampling warpers, which the
+        decode engine's token loop applies too).
+
+    Raises:
+        LosaError: a value out of range, or a sampling flag without ``--sample``.
+    """
+    given = {flag: v for flag, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                     ("--top-p", args.top_p), ("--seed", args.seed)) if v is not None}
+    if given and not args.sample:
+        raise LosaError(f"{', '.join(given)} only apply to sampling; add --sample (greedy decoding ignores them)")
+    if args.temperature is not None and not args.temperature > 0:
+        raise LosaError(f"--temperature {args.temperature} must be above 0 (greedy decoding: drop --sample)")
+    if args.top_k is not None and args.top_k < 1:
+        raise LosaError(f"--top-k {args.top_k} must be at least 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise LosaError(f"--top-p {args.top_p} must be in (0, 1]")
+    names = {"--temperature": "temperature", "--top-k": "top_k", "--top-p": "top_p"}
+    return {names[flag]: v for flag, v in given.items() if flag in names}
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -32,6 +69,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise LosaError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    sampling = sampling_kwargs(args)
     if args.save_compact:
         if not args.sparse:
             raise LosaError("--save-compact writes the sparse layers; drop --dense")
@@ -49,10 +87,13 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.save_compact:
         save_sparse(model, args.save_compact)
         print(f"wrote {args.save_compact}")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
     with torch.inference_mode():
         t0 = time.perf_counter()
         out = decoder.generate(ids, args.max_new_tokens, do_sample=args.sample, attention_mask=torch.ones_like(ids),
-                               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+                               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                               **sampling)
         dt = time.perf_counter() - t0
     new = out.shape[1] - ids.shape[1]
     print(tok.decode(out[0], skip_special_tokens=True))
