@@ -142,3 +142,24 @@ def test_corrupt_tokenizer_is_an_error_and_a_missing_one_is_not(tmp_path):
     model.save_pretrained(weights_only)
     _, tok = losa.load_model(str(weights_only))
     assert tok is None
+
+
+def test_model_names_that_cannot_load_fail_before_anything_slow(tmp_path, capsys, monkeypatch):
+    """A missing path, a directory without config.json and a typo of a built-in alias are one-line errors
+    before any network or weights (losa generate prints nothing else first); hub-like names pass the check."""
+    from losa.cli import main
+    from losa.models.loading import check_model_name
+
+    (tmp_path / "empty").mkdir()
+    cases = {str(tmp_path / "nope"): "does not exist; check the path",
+             str(tmp_path / "empty"): "directory without config.json",
+             "smollm2-135": "did you mean 'smollm2-135m'?",
+             "SmolLM2-135M ": "did you mean 'smollm2-135m'?"}
+    for name, why in cases.items():
+        with pytest.raises(LosaError, match=why.replace("?", r"\?")):
+            check_model_name(name)
+        assert main(["generate", name, "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("error: ") and why in err and err.count("\n") == 1
+    for ok in ("smollm2-135m", "gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct", "x.gguf"):
+        check_model_name(ok)  # aliases, hub ids (checked by the hub later) and GGUF paths (checked on load)

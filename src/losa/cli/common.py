@@ -222,10 +222,12 @@ def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any
     from losa.inference import load_sparse, sparsify_for_inference, thresholds
     from losa.inference.arith import Requested, choose_arithmetic, detect_isa
     from losa.inference.decode import normalize_lm_head_dtype, resolve_lm_head_dtype, set_lm_head_dtype
+    from losa.models.loading import check_model_name
 
     use_stored_value_dtype(args)
     head_request = normalize_lm_head_dtype(getattr(args, "lm_head_dtype", "auto"))  # bad flags fail before loading
     _kernel.hugepages_enabled()  # and a bad LOSA_HUGEPAGES
+    check_model_name(args.model)  # and a missing model, before the arithmetic line
     if args.threads is not None:
         if args.threads < 1:
             raise LosaError(f"--threads {args.threads} must be at least 1")

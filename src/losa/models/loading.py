@@ -349,15 +349,12 @@ def load_model(name: str | os.PathLike, dtype: str | torch.dtype = "float32", ch
         raise LosaError("load_model takes dtype= (transformers 5 renamed torch_dtype); pass dtype=... instead")
     torch_dtype = parse_dtype(dtype)
     name = str(name)
+    check_model_name(name)
     if name in ALIASES:
         model, tok = _load_alias(name, torch_dtype, **kwargs)
     elif name.endswith(".gguf"):
         model, tok = _load_gguf_cached(name, torch_dtype, **kwargs)
     else:
-        if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-            raise LosaError(f"model path {name} does not exist; check the path")
-        if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
-            raise LosaError(f"{name} is a directory without config.json; point at a Hugging Face model directory")
         model, tok = _load_hf(name, torch_dtype, **kwargs)
     if check_arch:
         get_arch(model)
@@ -365,6 +362,35 @@ def load_model(name: str | os.PathLike, dtype: str | torch.dtype = "float32", ch
         tok.pad_token = tok.eos_token
     model.eval()
     return model, tok
+
+
+def check_model_name(name: str) -> None:
+    """Fail fast on a model name that cannot load, before anything slow (no network, no weights read).
+
+    Args:
+        name: what :func:`load_model` takes: a built-in alias, a ``.gguf`` path, a local model directory or a
+            hub id.
+
+    Raises:
+        LosaError: a path that does not exist (a name starting with ``.``, ``/`` or ``~``, or with more than
+            one ``/``); a directory without ``config.json``; a name that is not a local path, has no ``/`` and
+            is one typo away from a built-in alias (it would otherwise go to the hub: for ``smollm2-135`` the
+            error says ``did you mean 'smollm2-135m'``).
+    """
+    import difflib
+
+    name = str(name)
+    if name in ALIASES or name.endswith(".gguf"):
+        return
+    if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise LosaError(f"model path {name} does not exist; check the path")
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        raise LosaError(f"{name} is a directory without config.json; point at a Hugging Face model directory")
+    if not os.path.exists(name) and "/" not in name:
+        close = difflib.get_close_matches(name.lower(), list(ALIASES), n=1, cutoff=0.85)
+        if close:
+            raise LosaError(f"model {name!r} is neither a local path nor a built-in alias; did you mean "
+                            f"{close[0]!r}? (hub ids are usually 'org/name')")
 
 
 def model_config(name: str) -> object:
