@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -177,3 +178,26 @@ def test_inspect_help_and_patterns(tiny_dir, capsys):
     out = capsys.readouterr().out
     assert "no N:4 pattern: some group of 4 has no zero" in out and "no N:8 pattern" in out
     assert "4:4" not in out and "8:8" not in out
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through tempfile (files 0600, folders 0700); what they leave gets the mode a plain
+    open()/mkdir() would (0644 / 0755 under umask 022), so a checkpoint can be shared like any other files."""
+    import stat
+
+    from conftest import make_tiny_model, make_tiny_tokenizer
+
+    import losa
+    from losa.utils.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        losa.save_checkpoint(make_tiny_model("llama"), make_tiny_tokenizer(), tmp_path / "ckpt", {"recipe": {}})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ckpt").rglob("*") if p.is_file()}
+    assert "model.safetensors" in modes and "losa.json" in modes
+    assert set(modes.values()) == {0o644}, modes

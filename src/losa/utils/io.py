@@ -15,6 +15,19 @@ from typing import Any
 from losa.errors import LosaError, option
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(directory: bool) -> int:
+    """The mode ``open()`` / ``mkdir()`` would give a new file / directory here (0666 / 0777 less the umask):
+    ``tempfile`` makes its files 0600 and its directories 0700, which the rename would otherwise keep."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``.
 
@@ -34,6 +47,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except OSError as e:
         raise _write_error(path, e) from None
     try:
+        os.chmod(tmp, _usual_mode(directory=False))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -159,7 +173,8 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     """Yield a temp directory beside ``path``; on success it is renamed to ``path``.
 
     If the block raises, the temp directory is removed and ``path`` is untouched. An existing
-    ``path`` is replaced only with ``overwrite=True`` (moved aside first, deleted after the rename).
+    ``path`` is replaced only with ``overwrite=True`` (moved aside first, deleted after the rename). Its folders
+    and files get the modes a plain ``mkdir()`` / ``open()`` gives (0777 / 0666 less the umask).
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -168,6 +183,13 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield tmp
+        # the usual modes for what it holds: tempfile made the folder 0700, and writers that go through a temp
+        # file of their own (safetensors via transformers' save_pretrained) leave 0600 files
+        for folder, _dirs, files in os.walk(tmp):
+            os.chmod(folder, _usual_mode(directory=True))
+            for name in files:
+                if not os.path.islink(os.path.join(folder, name)):
+                    os.chmod(os.path.join(folder, name), _usual_mode(directory=False))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
