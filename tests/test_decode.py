@@ -462,17 +462,8 @@ def test_cli_lm_head_flag_errors_are_one_line(tmp_path, capsys):
     assert "(--lm-head-dtype) 'int8' is not supported" in err and len(err.splitlines()) == 1
 
 
-@pytest.fixture
-def progress_bars_back():
-    """transformers' progress bars on again after the test (``--quiet`` turns them off for the whole process)."""
-    yield
-    import transformers
-
-    transformers.utils.logging.enable_progress_bar()
-
-
 @needs_kernel
-def test_cli_generate_with_bf16_head_and_compile(tmp_path, capsys, progress_bars_back):
+def test_cli_generate_with_bf16_head_and_compile(tmp_path, capsys):
     from conftest import make_tiny_tokenizer
 
     import losa
@@ -484,10 +475,14 @@ def test_cli_generate_with_bf16_head_and_compile(tmp_path, capsys, progress_bars
     path = str(tmp_path / "m")
     assert main(["generate", path, "--prompt", "word5 word17", "--max-new-tokens", "4", "--dtype", "float32"]) == 0
     auto, bars = capsys.readouterr()
-    assert "LM head: bf16 copy" in auto and "Loading weights" in bars  # transformers' progress bar
+    import transformers
+
+    shown = transformers.utils.logging.is_progress_bar_enabled()  # off where HF_HUB_DISABLE_PROGRESS_BARS is set
+    assert "LM head: bf16 copy" in auto and ("Loading weights" in bars) == shown  # transformers' progress bar
     assert main(["generate", path, "--prompt", "word5 word17", "--max-new-tokens", "4", "--dtype", "float32",
                  "--quiet"]) == 0
     quiet = capsys.readouterr()
+    assert transformers.utils.logging.is_progress_bar_enabled() == shown  # --quiet is per call
     assert "%|" not in quiet.err and quiet.out == auto.replace(auto.splitlines()[-1], quiet.out.splitlines()[-1])
     assert main(["generate", path, "--prompt", "word5 word17", "--max-new-tokens", "4", "--dtype", "float32",
                  "--lm-head-dtype", "float32", "--compile"]) == 0
@@ -495,7 +490,7 @@ def test_cli_generate_with_bf16_head_and_compile(tmp_path, capsys, progress_bars
     assert "LM head" not in out and "compiled" in out
 
 
-def test_cli_generate_sampling_flags(tmp_path, capsys, progress_bars_back):
+def test_cli_generate_sampling_flags(tmp_path, capsys):
     """--top-k 1 samples the greedy token every step; --seed makes a sample repeatable; the flags need --sample
     and their ranges are checked, each in one line."""
     from conftest import make_tiny_tokenizer
@@ -518,7 +513,9 @@ def test_cli_generate_sampling_flags(tmp_path, capsys, progress_bars_back):
     assert text("--sample", "--top-k", "1", "--seed", "3") == greedy
     assert text("--sample", "--temperature", "1.5", "--seed", "7") == text("--sample", "--temperature", "1.5",
                                                                              "--seed", "7")
-    for bad, why in ((["--temperature", "0.5"], "only apply to sampling; add --sample"),
+    for bad, why in ((["--temperature", "0.5"], "--temperature only applies to sampling; add --sample (greedy "
+                                                "decoding ignores it)"),
+                     (["--top-k", "3", "--seed", "1"], "--top-k, --seed only apply to sampling"),
                      (["--sample", "--temperature", "0"], "--temperature 0.0 must be above 0"),
                      (["--sample", "--top-k", "0"], "--top-k 0 must be at least 1"),
                      (["--sample", "--top-p", "1.5"], "--top-p 1.5 must be in (0, 1]")):

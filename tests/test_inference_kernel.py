@@ -620,7 +620,7 @@ def test_choose_arithmetic_auto_for_every_isa(case):
     c = choose_arithmetic(isa, Requested())
     assert (c.dtype, c.value_dtype, c.prefill_dtype, c.activations) == (dtype, values, prefill, act)
     line = c.line()
-    assert "\n" not in line and c.reason in line and c.isa in line and "as given" not in line
+    assert "\n" not in line and c.reason in line and c.isa in line and "as set" not in line
     if act == "float32" and isa.kernel:  # no native bf16: the prompt never goes through a bf16 GEMM
         assert "bf16 GEMM" not in c.prefill and "float32 GEMM" in c.prefill
     if isa.native_bf16:
@@ -653,7 +653,7 @@ def test_choose_arithmetic_explicit_requests(case):
     assert (c.dtype, c.value_dtype, c.activations) == ("bfloat16", "float32", "float32")
     assert ("widen" in c.reason) == (not native)
     # the line tells the flags given from what auto would pick on this CPU
-    assert c.reason.startswith("--dtype bf16, --value-dtype float32 as given; auto on this CPU: ")
+    assert c.reason.startswith("--dtype bf16, --value-dtype float32 as set; auto on this CPU: ")
     assert "AMX tiles" not in c.prefill  # the AMX kernel needs bf16 values
     c = choose_arithmetic(isa, Requested("float32", "bfloat16", "bfloat16"))
     # ... except a bf16 prompt GEMM without native bf16

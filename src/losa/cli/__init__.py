@@ -48,12 +48,33 @@ def _quiet_libraries(progress: bool = True) -> None:
         pass
 
 
+def _progress_bars_enabled() -> bool | None:
+    """Whether transformers shows progress bars (None without transformers)."""
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover
+        return None
+    return transformers.utils.logging.is_progress_bar_enabled()
+
+
+def _restore_progress_bars(enabled: bool | None) -> None:
+    if enabled is None:
+        return
+    import transformers
+
+    if enabled:
+        transformers.utils.logging.enable_progress_bar()
+    else:
+        transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    bars = _progress_bars_enabled()
     _quiet_libraries(progress=not getattr(args, "quiet", False))
     try:
         return int(args.func(args) or 0)
@@ -63,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _restore_progress_bars(bars)  # --quiet is per call (main runs more than once in one process: tests, API)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -48,7 +48,9 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, float | int]:
     given = {flag: v for flag, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
                                      ("--top-p", args.top_p), ("--seed", args.seed)) if v is not None}
     if given and not args.sample:
-        raise LosaError(f"{', '.join(given)} only apply to sampling; add --sample (greedy decoding ignores them)")
+        one = len(given) == 1
+        raise LosaError(f"{', '.join(given)} only appl{'ies' if one else 'y'} to sampling; add --sample (greedy "
+                        f"decoding ignores {'it' if one else 'them'})")
     if args.temperature is not None and not args.temperature > 0:
         raise LosaError(f"--temperature {args.temperature} must be above 0 (greedy decoding: drop --sample)")
     if args.top_k is not None and args.top_k < 1:

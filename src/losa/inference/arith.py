@@ -209,12 +209,13 @@ def choose_arithmetic(isa: IsaInfo, requested: Requested = Requested()) -> Choic
             prefill = "AMX tiles for short prompts, then " + prefill
     else:
         prefill = "float32 GEMM on decompressed tiles"
-    # flags given explicitly: `why` is then what auto would do on this CPU, not a description of this run
+    # dtypes set explicitly (by flags, or by what a --compact file stores): `why` is then what auto would do on
+    # this CPU, not a description of this run
     given = [f"{flag} {v}" for flag, v in (("--dtype", requested.dtype), ("--value-dtype", requested.value_dtype),
                                              ("--prefill-dtype", requested.prefill_dtype))
              if _ALIASES.get(str(v).lower(), str(v).lower()) != "auto"]
     if given:
-        why = f"{', '.join(given)} as given; auto on this CPU: {why}"
+        why = f"{', '.join(given)} as set; auto on this CPU: {why}"
     return Choice(dtype=dtype, value_dtype=value_dtype, prefill_dtype=prefill_dtype,
                   activations="bfloat16" if bf16_compute else "float32", prefill=prefill,
                   reason="; ".join([why, *notes]), isa=isa.name, dtype_reason=dtype_why)

@@ -99,8 +99,8 @@ class BF16LMHead(nn.Module):
         head: the model's ``nn.Linear`` output layer (float32, or bfloat16 on a CPU with AVX512-BF16).
 
     Raises:
-        LosaError: when ``head`` is not an ``nn.Linear``, the compiled kernel is unavailable, or a bf16 head
-            on a CPU without AVX512-BF16.
+        LosaError: when ``head`` is not an ``nn.Linear``, the compiled kernel is unavailable, a bf16 head
+            on a CPU without AVX512-BF16, or a ``LOSA_HUGEPAGES`` value that is not understood.
     """
 
     def __init__(self, head: nn.Linear) -> None:

@@ -240,6 +240,9 @@ def hugepage_memory(t: torch.Tensor) -> torch.Tensor:
     Returns:
         A copy of ``t`` (same dtype, shape and values) in huge-page memory when the compiled kernel is loaded,
         :func:`hugepages_enabled`, and ``t`` is a contiguous CPU tensor of at least 2 MiB on Linux; else ``t``.
+
+    Raises:
+        LosaError: a ``LOSA_HUGEPAGES`` value that is not understood (:func:`hugepages_enabled`).
     """
     k = load_kernel()
     if k is None or not hugepages_enabled():

@@ -95,6 +95,11 @@ class SparseLinear(nn.Module):
     ``value_dtype`` (``torch.float32`` or ``torch.bfloat16``) is the precision of the stored weights;
     bfloat16 inputs compute in bf16 (products) with float32 sums; other inputs in float32.
     ``prefill_dtype`` is the precision of the large-batch GEMM for float32 inputs. Inference only.
+
+    Raises:
+        LosaError: a negative ``dense_batch_threshold``, an unknown ``prefill_dtype``, a bias of the wrong
+            shape, or a ``LOSA_HUGEPAGES`` value that is not understood (the packed buffers go to huge-page
+            memory: :func:`~losa.inference.kernel.hugepage_memory`).
     """
 
     def __init__(self, packed: Packed, bias: torch.Tensor | None = None,

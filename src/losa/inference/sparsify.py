@@ -133,7 +133,8 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
     Raises:
         LosaError: ``min_sparsity`` outside [0, 1], an unknown value / prefill dtype or format, a negative
             ``dense_batch_threshold``, settings that differ from an earlier call's on the same model, a model
-            offloaded by accelerate, or a device other than CPU (and CUDA 2:4).
+            offloaded by accelerate, a device other than CPU (and CUDA 2:4), or a ``LOSA_HUGEPAGES`` value
+            that is not understood (:func:`~losa.inference.kernel.hugepages_enabled`).
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise LosaError(f"min_sparsity={min_sparsity} is outside [0, 1]; use e.g. 0.25")

@@ -16,7 +16,12 @@ from losa.errors import LosaError, option
 
 
 def _umask() -> int:
-    """The process umask (read by setting it and putting it back)."""
+    """The process umask: from /proc/self/status on Linux (no change to it), else by setting it and putting it
+    back (for that moment another thread's new files would get 022)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -47,11 +52,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except OSError as e:
         raise _write_error(path, e) from None
     try:
-        os.chmod(tmp, _usual_mode(directory=False))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        with contextlib.suppress(OSError):  # a nicety: some filesystems (vfat, some network mounts) refuse it
+            os.chmod(tmp, _usual_mode(directory=False))
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
@@ -185,11 +191,13 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         yield tmp
         # the usual modes for what it holds: tempfile made the folder 0700, and writers that go through a temp
         # file of their own (safetensors via transformers' save_pretrained) leave 0600 files
-        for folder, _dirs, files in os.walk(tmp):
-            os.chmod(folder, _usual_mode(directory=True))
-            for name in files:
-                if not os.path.islink(os.path.join(folder, name)):
-                    os.chmod(os.path.join(folder, name), _usual_mode(directory=False))
+        dir_mode, file_mode = _usual_mode(directory=True), _usual_mode(directory=False)
+        with contextlib.suppress(OSError):  # a nicety: some filesystems (vfat, some network mounts) refuse it
+            for folder, _dirs, files in os.walk(tmp):
+                os.chmod(folder, dir_mode)
+                for name in files:
+                    if not os.path.islink(os.path.join(folder, name)):
+                        os.chmod(os.path.join(folder, name), file_mode)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
