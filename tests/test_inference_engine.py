@@ -294,16 +294,16 @@ def test_cli_generate_says_whether_the_engine_decodes(tmp_path, capsys, monkeypa
     monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")  # float32 model on every CPU: the engine applies
     args = ["generate", str(tmp_path / "m"), "--prompt", "word5 word17", "--max-new-tokens", "4"]
     assert main(args) == 0
-    on = capsys.readouterr().out
-    assert "decode engine: on; token loop: engine" in on
+    on = capsys.readouterr()
+    assert "decode engine: on; token loop: engine" in on.err  # status lines on stderr, the text alone on stdout
     assert main([*args, "--decode-engine", "off"]) == 0
-    off = capsys.readouterr().out
-    assert "decode engine: off (asked)" in off
-    assert on.splitlines()[-3] == off.splitlines()[-3]  # the same greedy text either way
+    off = capsys.readouterr()
+    assert "decode engine: off (asked)" in off.err
+    assert on.out == off.out and on.out.strip()  # the same greedy text either way
     assert main([*args, "--dtype", "bfloat16"]) == 0
-    assert "decode engine: on" in capsys.readouterr().out
+    assert "decode engine: on" in capsys.readouterr().err
     assert main([*args, "--dtype", "float16"]) == 0
-    assert "decode engine: off (the model is torch.float16" in capsys.readouterr().out
+    assert "decode engine: off (the model is torch.float16" in capsys.readouterr().err
 
 
 def test_a_static_prompt_cache_loads_only_its_filled_positions():

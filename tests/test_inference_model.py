@@ -202,7 +202,7 @@ def test_cli_generate_picks_the_arithmetic_per_cpu(tmp_path, capsys, monkeypatch
     path = _tiny_checkpoint(tmp_path)
     monkeypatch.setenv("LOSA_SPARSE_ISA", "avx2")  # an AVX2-only CPU: float32 model, bf16 values
     assert main(["generate", path, "--prompt", "word5 word17", "--max-new-tokens", "3"]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # the status lines
     lines = [ln for ln in out.splitlines() if ln.startswith("arithmetic")]
     assert len(lines) == 1 and "AVX2 (forced by LOSA_SPARSE_ISA)" in lines[0]
     assert "float32 model, bfloat16 values, float32 activations" in lines[0] and "no native bf16" in lines[0]
@@ -214,11 +214,11 @@ def test_cli_generate_picks_the_arithmetic_per_cpu(tmp_path, capsys, monkeypatch
 
         thresholds.save({"dense_batch_threshold": 8}, "avx2")
         assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "2"]) == 0
-        assert hint not in capsys.readouterr().out
+        assert hint not in capsys.readouterr().err
     # explicit flags are kept; a bf16 prompt GEMM without native bf16 is not
     assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "2", "--dtype", "bf16",
                  "--value-dtype", "float32", "--prefill-dtype", "bfloat16"]) == 0
-    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("arithmetic")][0]
+    line = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("arithmetic")][0]
     assert "bfloat16 model, float32 values" in line and "--prefill-dtype bfloat16 ignored" in line
     assert main(["generate", path, "--prompt", "word5", "--dtype", "int4"]) == 2
     assert "--dtype 'int4' is not supported" in capsys.readouterr().err
@@ -226,7 +226,7 @@ def test_cli_generate_picks_the_arithmetic_per_cpu(tmp_path, capsys, monkeypatch
     from losa.inference.kernel import native_bf16
 
     assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "2", "--dense"]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert ("bfloat16 model" if native_bf16() else "float32 model") in out and "[dense]" in out
     assert "dense layers (--dense: no sparse values)" in out and "values" not in out.split("dense layers")[0]
 
@@ -348,16 +348,17 @@ def test_cli_compact_file_keeps_its_stored_value_dtype_and_says_so(tmp_path, cap
     save_sparse(model, tmp_path / "c.safetensors")
     assert stored_value_dtype(tmp_path / "c.safetensors") == "bfloat16"
     compact = ["--compact", str(tmp_path / "c.safetensors")]
+    capsys.readouterr()  # (the progress bars of the loads above)
     assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "2", *compact,
                  "--value-dtype", "float32"]) == 0
-    out = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().err.splitlines()  # status lines
     assert out[0] == (f"warning: --value-dtype float32 ignored: {tmp_path / 'c.safetensors'} stores bfloat16 values "
                       "and they are used as stored (to change it, save the file again from the pruned checkpoint "
                       "with --save-compact and --value-dtype float32)")
     assert "float32 model, bfloat16 values" in out[1] and out[1].startswith("arithmetic")
     assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "2", *compact, "--value-dtype",
                  "bfloat16"]) == 0
-    assert not capsys.readouterr().out.startswith("warning")
+    assert not capsys.readouterr().err.startswith("warning")
     assert main(["generate", path, "--prompt", "word5", *compact, "--dense"]) == 2
     assert last_line(capsys.readouterr().err) == "error: --compact loads sparse layers; drop --dense"
     (tmp_path / "junk.safetensors").write_bytes(b"junk")

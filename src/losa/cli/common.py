@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 from typing import Any
 
@@ -137,6 +138,12 @@ def dump(obj: object) -> str:
     return json.dumps(obj, indent=2, default=str)
 
 
+def status(line: str) -> None:
+    """Print a status line of the runtime commands (what was chosen, loaded, timed) to stderr: stdout carries
+    only what the command produces (``losa generate``'s text), so ``> out.txt`` captures just that."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """Flags of the commands that run a model with the sparse CPU runtime (generate, serve)."""
     mode = p.add_mutually_exclusive_group()
@@ -203,13 +210,14 @@ def use_stored_value_dtype(args: argparse.Namespace) -> None:
     if stored not in ("float32", "bfloat16"):
         return
     if args.value_dtype not in ("auto", stored):
-        print(f"warning: --value-dtype {args.value_dtype} ignored: {args.compact} stores {stored} values and "
+        status(f"warning: --value-dtype {args.value_dtype} ignored: {args.compact} stores {stored} values and "
               f"they are used as stored (to change it, save the file again from the pruned checkpoint with --save-compact and --value-dtype {args.value_dtype})")
     args.value_dtype = stored
 
 
 def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any, str, dict | None]:
-    """Load ``args.model`` and swap in the sparse layers as the runtime flags say; prints what it did.
+    """Load ``args.model`` and swap in the sparse layers as the runtime flags say; prints what it did (to stderr:
+    :func:`status`).
 
     ``auto`` dtypes are chosen for this CPU by :func:`losa.inference.arith.choose_arithmetic` (one printed
     line says what and why); ``--lm-head-dtype`` by :func:`losa.inference.decode.resolve_lm_head_dtype`. Returns ``(model, tokenizer, mode, summary)`` with mode "sparse" or "dense" and
@@ -235,7 +243,7 @@ def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any
     choice = choose_arithmetic(detect_isa(use_kernel=args.sparse),
                                Requested(args.dtype, getattr(args, "value_dtype", "auto"),
                                          getattr(args, "prefill_dtype", "auto")))
-    print(choice.line(dense=not args.sparse))
+    status(choice.line(dense=not args.sparse))
     model, tok = losa.load_model(args.model, dtype=choice.dtype)
     if tok is None:
         raise LosaError(f"model {args.model} has no tokenizer; {purpose} needs one")
@@ -247,24 +255,24 @@ def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any
         summary = sparsify_for_inference(model, value_dtype=choice.value_dtype, prefill_dtype=choice.prefill_dtype)
         if summary["replaced"] == 0:
             mode = "dense"
-            print(f"note: no pruned layer found (sparsity < 25 %); {purpose} with dense layers")
+            status(f"note: no pruned layer found (sparsity < 25 %); {purpose} with dense layers")
         else:
-            print(f"sparse layers: {summary['replaced']} ({summary['value_dtype']} values, "
+            status(f"sparse layers: {summary['replaced']} ({summary['value_dtype']} values, "
                   f"{summary['compute']} compute, {summary['prefill_dtype']} prefill for float32 inputs, "
                   f"{summary['sparse_bytes'] / 2**20:.1f} MiB instead of {summary['dense_bytes'] / 2**20:.1f} MiB)")
             if summary["sparse_prefill_layers"] and summary["compute"].startswith("bf16"):
-                print(f"  {summary['sparse_prefill_layers']} of them skip zeros in the prompt GEMM too "
+                status(f"  {summary['sparse_prefill_layers']} of them skip zeros in the prompt GEMM too "
                       "(>= 65 % sparse; the others decompress tiles for a dense bf16 GEMM)")
     if mode == "sparse" and _kernel.load_kernel() is not None:
         hint = thresholds.advice(_kernel.best_isa())
         if hint:
-            print(f"note: {hint}")
+            status(f"note: {hint}")
     if not args.sparse and head_request == "auto":
         head_request = "float32"  # the dense baseline stays as loaded unless asked
     head = resolve_lm_head_dtype(head_request, next(model.parameters()).dtype)
     if set_lm_head_dtype(model, head):
         if model.get_output_embeddings().in_place:
-            print("LM head: its bf16 weights through the AVX512-BF16 row loop (float32 sums; no copy)")
+            status("LM head: its bf16 weights through the AVX512-BF16 row loop (float32 sums; no copy)")
         else:
-            print("LM head: bf16 copy of its weights (float32 sums; the embedding keeps float32)")
+            status("LM head: bf16 copy of its weights (float32 sums; the embedding keeps float32)")
     return model, tok, mode, summary

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import time
 
-from losa.cli.common import add_model_arg, add_runtime_args, load_runtime_model
+from losa.cli.common import add_model_arg, add_runtime_args, load_runtime_model, status
 from losa.errors import LosaError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text with the sparse inference runtime",
                        description="Load a (pruned) model, swap its pruned linears for sparse CPU kernels "
-                                   "and generate. Prints the text and the decode speed.")
+                                   "and generate. Prints the text to stdout; what was chosen and the decode speed "
+                                   "go to stderr.")
     add_model_arg(p)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
@@ -88,7 +89,7 @@ def run_generate(args: argparse.Namespace) -> int:
                           decode_engine=args.decode_engine)
     if args.save_compact:
         save_sparse(model, args.save_compact)
-        print(f"wrote {args.save_compact}")
+        status(f"wrote {args.save_compact}")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     with torch.inference_mode():
@@ -100,10 +101,10 @@ def run_generate(args: argparse.Namespace) -> int:
     new = out.shape[1] - ids.shape[1]
     print(tok.decode(out[0], skip_special_tokens=True))
     loop = f"; token loop: {decoder.last_loop}" if decoder.last_engine == "on" else ""
-    print(f"decode engine: {decoder.last_engine}{loop}")
+    status(f"decode engine: {decoder.last_engine}{loop}")
     if args.compile:
         mode += f", compiled with the {args.compile_wrapper} wrapper (this call includes the compile)"
-    print(f"[{mode}] {new} tokens in {dt:.2f} s ({new / dt:.1f} tokens/s, "
+    status(f"[{mode}] {new} tokens in {dt:.2f} s ({new / dt:.1f} tokens/s, "
           f"prompt {ids.shape[1]} token{'s' if ids.shape[1] != 1 else ''}, {torch.get_num_threads()} "
           f"thread{'s' if torch.get_num_threads() != 1 else ''})")
     return 0
