@@ -35,26 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries(progress: bool = True) -> None:
+def _quiet_libraries(progress: bool = True) -> bool | None:
+    """Quiet the libraries' logs (and their progress bars unless ``progress``); returns whether transformers
+    showed progress bars before (None without transformers), for :func:`_restore_progress_bars`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         import transformers
-
-        transformers.logging.set_verbosity_error()
-        if not progress:
-            transformers.utils.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def _progress_bars_enabled() -> bool | None:
-    """Whether transformers shows progress bars (None without transformers)."""
-    try:
-        import transformers
     except ImportError:  # pragma: no cover
         return None
-    return transformers.utils.logging.is_progress_bar_enabled()
+    before = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
+    return before
 
 
 def _restore_progress_bars(enabled: bool | None) -> None:
@@ -74,8 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
-    bars = _progress_bars_enabled()
-    _quiet_libraries(progress=not getattr(args, "quiet", False))
+    bars = _quiet_libraries(progress=not getattr(args, "quiet", False))
     try:
         return int(args.func(args) or 0)
     except LosaError as e:

@@ -211,7 +211,7 @@ def use_stored_value_dtype(args: argparse.Namespace) -> None:
         return
     if args.value_dtype not in ("auto", stored):
         status(f"warning: --value-dtype {args.value_dtype} ignored: {args.compact} stores {stored} values and "
-              f"they are used as stored (to change it, save the file again from the pruned checkpoint with --save-compact and --value-dtype {args.value_dtype})")
+               f"they are used as stored (to change it, save the file again from the pruned checkpoint with --save-compact and --value-dtype {args.value_dtype})")
     args.value_dtype = stored
 
 
@@ -258,11 +258,11 @@ def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any
             status(f"note: no pruned layer found (sparsity < 25 %); {purpose} with dense layers")
         else:
             status(f"sparse layers: {summary['replaced']} ({summary['value_dtype']} values, "
-                  f"{summary['compute']} compute, {summary['prefill_dtype']} prefill for float32 inputs, "
-                  f"{summary['sparse_bytes'] / 2**20:.1f} MiB instead of {summary['dense_bytes'] / 2**20:.1f} MiB)")
+                   f"{summary['compute']} compute, {summary['prefill_dtype']} prefill for float32 inputs, "
+                   f"{summary['sparse_bytes'] / 2**20:.1f} MiB instead of {summary['dense_bytes'] / 2**20:.1f} MiB)")
             if summary["sparse_prefill_layers"] and summary["compute"].startswith("bf16"):
                 status(f"  {summary['sparse_prefill_layers']} of them skip zeros in the prompt GEMM too "
-                      "(>= 65 % sparse; the others decompress tiles for a dense bf16 GEMM)")
+                       "(>= 65 % sparse; the others decompress tiles for a dense bf16 GEMM)")
     if mode == "sparse" and _kernel.load_kernel() is not None:
         hint = thresholds.advice(_kernel.best_isa())
         if hint:

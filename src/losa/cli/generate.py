@@ -104,7 +104,7 @@ def run_generate(args: argparse.Namespace) -> int:
     status(f"decode engine: {decoder.last_engine}{loop}")
     if args.compile:
         mode += f", compiled with the {args.compile_wrapper} wrapper (this call includes the compile)"
+    prompt, threads = ids.shape[1], torch.get_num_threads()
     status(f"[{mode}] {new} tokens in {dt:.2f} s ({new / dt:.1f} tokens/s, "
-          f"prompt {ids.shape[1]} token{'s' if ids.shape[1] != 1 else ''}, {torch.get_num_threads()} "
-          f"thread{'s' if torch.get_num_threads() != 1 else ''})")
+           f"prompt {prompt} token{'s' if prompt != 1 else ''}, {threads} thread{'s' if threads != 1 else ''})")
     return 0

@@ -163,6 +163,12 @@ def choose_arithmetic(isa: IsaInfo, requested: Requested = Requested()) -> Choic
     dtype = _norm(requested.dtype, MODEL_DTYPES, "--dtype")
     value_dtype = _norm(requested.value_dtype, VALUE_DTYPES, "--value-dtype")
     prefill_dtype = _norm(requested.prefill_dtype, VALUE_DTYPES, "--prefill-dtype")
+    # dtypes set explicitly (by flags, or by what a --compact file stores): the reason is then what auto would do
+    # on this CPU, not a description of this run
+    given = [f"{flag} {raw}" for flag, raw, v in (("--dtype", requested.dtype, dtype),
+                                                  ("--value-dtype", requested.value_dtype, value_dtype),
+                                                  ("--prefill-dtype", requested.prefill_dtype, prefill_dtype))
+             if v != "auto"]
     native = isa.kernel and isa.level == "avx512" and isa.native_bf16
     notes: list[str] = []
     if not isa.kernel:
@@ -209,11 +215,6 @@ def choose_arithmetic(isa: IsaInfo, requested: Requested = Requested()) -> Choic
             prefill = "AMX tiles for short prompts, then " + prefill
     else:
         prefill = "float32 GEMM on decompressed tiles"
-    # dtypes set explicitly (by flags, or by what a --compact file stores): `why` is then what auto would do on
-    # this CPU, not a description of this run
-    given = [f"{flag} {v}" for flag, v in (("--dtype", requested.dtype), ("--value-dtype", requested.value_dtype),
-                                             ("--prefill-dtype", requested.prefill_dtype))
-             if _ALIASES.get(str(v).lower(), str(v).lower()) != "auto"]
     if given:
         why = f"{', '.join(given)} as set; auto on this CPU: {why}"
     return Choice(dtype=dtype, value_dtype=value_dtype, prefill_dtype=prefill_dtype,
