@@ -222,7 +222,8 @@ LOSA_AVX2 void row_avx2(const uint8_t* meta, const V* v, const float* x, int64_t
     for (int a = 0; a < NA; ++a) acc[b][a] = _mm256_setzero_ps();
   for (int64_t k = 0; k < nblk; ++k) {
     // software prefetch 3 KiB ahead of the value stream: 1.19x on a DRAM-resident LLaMA layer, 0.93x on an
-    // L2-resident one; 1.5-6 KiB within noise (benchmarks/avx2_variants.cpp, results/avx2_variants.md)
+    // L2-resident one; 1.5-6 KiB within noise (benchmarks/avx2_variants.cpp, results/avx2_variants.md); 6 KiB on
+    // layers streamed from memory: 70 % 1.00-1.05x, 50 % and 2:4 0.97-1.01x (kernel_regression.md), not taken
     _mm_prefetch(reinterpret_cast<const char*>(v) + 3072, _MM_HINT_T0);
     const uint32_t m = block_mask<F>(meta, k);
     const V* vq[4] = {v, v + _mm_popcnt_u32(m & 0xffu), v + _mm_popcnt_u32(m & 0xffffu),
