@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 from conftest import make_tiny_model, prune_random
@@ -383,6 +386,38 @@ def test_concurrent_generations_on_one_decoder_are_serialised():
         t.join()
     assert not errors and all(torch.equal(o, r) for o, r in zip(outs, refs))
     assert "forward" not in vars(model)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages: Linux")
+def test_the_kv_cache_is_in_huge_page_memory_and_decodes_the_same(monkeypatch):
+    """Every step reads the filled cache like a weight: the engine's KV cache sits in huge-page memory (the kernel's
+    2 MiB-aligned buffers) when it is 2 MiB or more, in torch's memory with LOSA_HUGEPAGES=0, and both engines
+    give the model's own logits."""
+    from transformers import DynamicCache
+
+    model = _model("llama", "bfloat16", "bfloat16", seed=3)
+    cfg = model.config
+    per_position = cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    max_len = -(-(2 << 20) // per_position) + 8  # a float32 cache of just over 2 MiB
+    monkeypatch.setenv("LOSA_HUGEPAGES", "0")
+    plain = DecodeEngine(model, max_len)
+    monkeypatch.setenv("LOSA_HUGEPAGES", "1")
+    huge = DecodeEngine(model, max_len)
+    assert huge.k_cache.nbytes >= 2 << 20
+    assert huge.k_cache.data_ptr() % (2 << 20) == 0 and huge.v_cache.data_ptr() % (2 << 20) == 0
+    assert not huge.k_cache.any() and not huge.v_cache.any()
+    if not os.environ.get("THP_MEM_ALLOC_ENABLE"):  # (torch's own allocator would align to 2 MiB then)
+        assert plain.k_cache.data_ptr() % (2 << 20) != 0
+    seq = torch.randint(3, 160, (1, 12), generator=torch.Generator().manual_seed(2))
+    ref = _reference_logits(model, seq)
+    with torch.inference_mode():
+        for engine in (plain, huge):
+            out = model(seq[:, :5], cache=DynamicCache(config=cfg), use_cache=True)
+            engine.load_prompt_cache(out.cache)
+            for t in range(5, 12):
+                torch.testing.assert_close(engine.step(int(seq[0, t])), ref[t], rtol=1e-4,
+                                           atol=1e-4 * float(ref[t].abs().max()))
+    assert torch.equal(huge.k_cache, plain.k_cache) and torch.equal(huge.v_cache, plain.v_cache)
 
 
 def test_an_engine_built_in_inference_mode_works_outside_it():

@@ -250,7 +250,9 @@ class DecodeEngine:
     """The C++ engine for one model and cache length (positions ``0 .. max_len - 1``).
 
     The engine reads the model's buffers in place (no copy of the weights); it holds its own KV cache of
-    ``2 x layers x kv_heads x max_len x head_dim`` values in the model's dtype.
+    ``2 x layers x kv_heads x max_len x head_dim`` values in the model's dtype, in transparent-huge-page memory
+    where that is on (:func:`losa.inference.kernel.hugepages_enabled`): every step reads the whole filled part of
+    it, as it reads a weight.
 
     Args:
         model: a float32 or bfloat16 causal LM that :func:`engine_problem` accepts.
@@ -291,7 +293,8 @@ class DecodeEngine:
         # ordinary tensors even when built inside torch.inference_mode, so that later generations outside it can
         # still copy a prompt's cache in
         with torch.inference_mode(False), torch.no_grad():
-            self.k_cache, self.v_cache = self._eng.allocate_cache()  # [layers, kv_heads, max_len, head_dim]
+            # [layers, kv_heads, max_len, head_dim] each
+            self.k_cache, self.v_cache = self._eng.allocate_cache(hugepages=_kernel.hugepages_enabled())
         self.max_len = int(max_len)
         self.num_layers = len(base.layers)
         #: next position to decode (None until a prompt's cache has been loaded)

@@ -209,8 +209,8 @@ _ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
 def hugepages_enabled() -> bool:
-    """Whether the runtime puts the weights decode streams (sparse layers' packed buffers, the bf16 LM head) in
-    huge-page memory (``LOSA_HUGEPAGES``, default on).
+    """Whether the runtime puts the weights decode streams (sparse layers' packed buffers, the bf16 LM head) and the
+    decode engine's KV cache in huge-page memory (``LOSA_HUGEPAGES``, default on).
 
     Returns:
         False for ``LOSA_HUGEPAGES`` = 0, false, no, off or empty (any case); True when unset or 1, true, yes, on.

@@ -235,12 +235,14 @@ class DecodeEngine {
 
   // Allocate the KV cache, [layers, num_kv_heads, max_len, head_dim] each in the model's dtype (a bf16 model's
   // keys and values are bf16 values: stored as such, half the bytes); returns (K, V), sharing memory.
-  std::vector<torch::Tensor> allocate_cache() {
+  // hugepages: the cache in transparent-huge-page memory (hugepage_zeros), read every step like a weight
+  std::vector<torch::Tensor> allocate_cache(bool hugepages) {
     TORCH_CHECK(!layers_.empty() && head_.n > 0, "add the layers and the head first");
     const int64_t L = static_cast<int64_t>(layers_.size());
     const auto dt = bf16_ ? torch::kBFloat16 : torch::kFloat32;
-    kc_ = torch::zeros({L, nkv_, max_len_, D_}, dt);
-    vc_ = torch::zeros({L, nkv_, max_len_, D_}, dt);
+    const std::vector<int64_t> shape{L, nkv_, max_len_, D_};
+    kc_ = hugepages ? losa::hugepage_zeros(shape, dt) : torch::zeros(shape, dt);
+    vc_ = hugepages ? losa::hugepage_zeros(shape, dt) : torch::zeros(shape, dt);
     return {kc_, vc_};
   }
 
@@ -451,7 +453,7 @@ void register_decode_engine(pybind11::module& m) {
       .def("add_dense", &DecodeEngine::add_dense)
       .def("add_layer", &DecodeEngine::add_layer)
       .def("set_head", &DecodeEngine::set_head)
-      .def("allocate_cache", &DecodeEngine::allocate_cache)
+      .def("allocate_cache", &DecodeEngine::allocate_cache, py::arg("hugepages") = false)
       .def("step", &DecodeEngine::step, py::call_guard<py::gil_scoped_release>());
 }
 

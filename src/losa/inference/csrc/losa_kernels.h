@@ -68,6 +68,10 @@ void attend_bf16(const float* q, const uint16_t* k, const uint16_t* v, int64_t G
 // Whether the AVX2+FMA attention loops may run at ISA level `isa` on this CPU.
 bool attention_avx2(int64_t isa);
 
+// A zero-filled CPU tensor in transparent-huge-page memory where the OS gives it (Linux, >= 2 MiB; see
+// hugepage_copy in sparse_linear.cpp), else torch::zeros: for buffers read like weights, e.g. the KV cache.
+torch::Tensor hugepage_zeros(at::IntArrayRef sizes, at::ScalarType dtype);
+
 // SiLU of one value in torch's form, x / (1 + exp(-x)): the scalar path and the vector path's tail.
 inline float silu1(float x) { return x / (1.f + std::exp(-x)); }
 

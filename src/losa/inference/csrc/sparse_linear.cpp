@@ -1272,28 +1272,47 @@ torch::Tensor amx_mm_bf16(const torch::Tensor& x, const torch::Tensor& meta, con
 int64_t cpu_isa() { return best_isa(); }
 
 
-// A copy of `t` in memory backed by transparent huge pages (Linux, tensors of >= 2 MiB; else `t` itself).
-// The decode loop streams each weight once per token; with 4 KiB pages every 4 KiB of values is a TLB
-// miss, and with THP in "madvise" mode (the common default) torch's allocator never asks for huge pages.
-// The buffer is 2 MiB-aligned and only whole 2 MiB pages inside it are advised, so no memory is wasted.
-torch::Tensor hugepage_copy(const torch::Tensor& t) {
+// 2 MiB-aligned memory of n bytes with its whole 2 MiB pages advised for transparent huge pages (Linux, n >= 2
+// MiB), or nullptr (smaller, another OS, or no memory): the caller then keeps torch's own memory. The decode loop
+// streams each weight once per token; with 4 KiB pages every 4 KiB of values is a TLB miss, and with THP in
+// "madvise" mode (the common default) torch's allocator never asks for huge pages. Only whole 2 MiB pages inside
+// the buffer are advised, so no memory is wasted. Freed with std::free.
+void* hugepage_buffer(size_t n) {
 #if defined(__linux__)
   constexpr size_t kHuge = size_t(2) << 20;
-  const size_t n = t.nbytes();
-  if (!t.is_contiguous() || !t.device().is_cpu() || n < kHuge) return t;
   void* p = nullptr;
-  if (posix_memalign(&p, kHuge, n) != 0) return t;
+  if (n < kHuge || posix_memalign(&p, kHuge, n) != 0) return nullptr;
   madvise(p, n / kHuge * kHuge, MADV_HUGEPAGE);  // advice only: ignored where THP is off
-  std::memcpy(p, t.data_ptr(), n);
-  return torch::from_blob(p, t.sizes(), [](void* q) { std::free(q); }, t.options());
+  return p;
 #else
-  return t;
+  (void)n;
+  return nullptr;
 #endif
+}
+
+// A copy of `t` in huge-page memory (hugepage_buffer; contiguous CPU tensors of >= 2 MiB, else `t` itself).
+torch::Tensor hugepage_copy(const torch::Tensor& t) {
+  if (!t.is_contiguous() || !t.device().is_cpu()) return t;
+  void* p = hugepage_buffer(t.nbytes());
+  if (p == nullptr) return t;
+  std::memcpy(p, t.data_ptr(), t.nbytes());
+  return torch::from_blob(p, t.sizes(), [](void* q) { std::free(q); }, t.options());
 }
 
 }  // namespace
 
 namespace losa {
+
+torch::Tensor hugepage_zeros(at::IntArrayRef sizes, at::ScalarType dtype) {
+  const auto options = torch::TensorOptions().dtype(dtype);
+  int64_t numel = 1;
+  for (int64_t d : sizes) numel *= d;
+  const size_t n = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  void* p = hugepage_buffer(n);
+  if (p == nullptr) return torch::zeros(sizes, options);
+  std::memset(p, 0, n);
+  return torch::from_blob(p, sizes, [](void* q) { std::free(q); }, options);
+}
 
 GemvCall prepare_gemv(const torch::Tensor& meta, const torch::Tensor& values, const torch::Tensor& row_ptr,
                       const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t fmt, int64_t isa) {
