@@ -122,17 +122,18 @@ LOSA_ATTN_AVX2 inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-// Scores of GN (1 or 2) query rows q [GN, D] (D a multiple of 8) against the keys of the n positions pos(i):
-// s[g][i] = scale · q[g] · k[pos(i)]. Four positions per pass share each q load, and each key load (widened once)
-// feeds the GN rows: 4·GN independent accumulators, reduced once per pass.
+// Scores of GN (1 or 2) query rows q [GN, D] (D a multiple of 8) against the keys of positions pos(i), i in
+// [i0, i1): s[g][i] = scale · q[g] · k[pos(i)]. Four positions per pass share each q load, and each key load (widened
+// once) feeds the GN rows: 4·GN independent accumulators, reduced once per pass. pf: prefetch the keys kPrefetch
+// positions ahead (up to n, the last position + 1), for the call that reads this range first.
 template <int GN, typename T, typename Pos>
-LOSA_ATTN_AVX2 void scores_avx2(const float* q, const T* k, int64_t D, int64_t n, Pos pos, float scale, float* s0,
-                                float* s1) {
+LOSA_ATTN_AVX2 void scores_avx2(const float* q, const T* k, int64_t D, int64_t i0, int64_t i1, int64_t n, bool pf,
+                                Pos pos, float scale, float* s0, float* s1) {
   float* out[2] = {s0, s1};
   const __m128 sc4 = _mm_set1_ps(scale);
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    if (i + kPrefetch + 4 <= n)
+  int64_t i = i0;
+  for (; i + 4 <= i1; i += 4) {
+    if (pf && i + kPrefetch + 4 <= n)
       for (int p = 0; p < 4; ++p) prefetch_row(k + pos(i + kPrefetch + p) * D, D);
     const T* kr[4] = {k + pos(i) * D, k + pos(i + 1) * D, k + pos(i + 2) * D, k + pos(i + 3) * D};
     __m256 acc[GN][4];
@@ -149,7 +150,7 @@ LOSA_ATTN_AVX2 void scores_avx2(const float* q, const T* k, int64_t D, int64_t n
     for (int g = 0; g < GN; ++g)
       _mm_storeu_ps(out[g] + i, _mm_mul_ps(hsum4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]), sc4));
   }
-  for (; i < n; ++i)
+  for (; i < i1; ++i)
     for (int g = 0; g < GN; ++g) out[g][i] = dot_avx2(q + g * D, k + pos(i) * D, D) * scale;
 }
 
@@ -190,16 +191,17 @@ LOSA_ATTN_AVX2 inline float softmax_numerators(float* s, int64_t n) {
   return total;
 }
 
-// out[g][c:c+8·NV] = inv[g] · Σ_i p[g][i] · v[pos(i)][c:c+8·NV] for GN rows: 8·NV outputs per row in registers
-// (no store per position), each value load (widened once) feeding the GN rows.
+// out[g][c:c+8·NV] += Σ_{i in [i0, i1)} p[g][i] · v[pos(i)][c:c+8·NV] for GN rows: 8·NV outputs per row in
+// registers over the range (one load and store of them per call), each value load (widened once) feeding the GN
+// rows. pf: prefetch whole value rows kPrefetch positions ahead (up to n), for the call that reads the range first.
 template <int GN, int NV, typename T, typename Pos>
-LOSA_ATTN_AVX2 void pv_avx2(const float* const* p, const T* v, int64_t Dv, int64_t c, int64_t n, Pos pos,
-                            const float* inv, float* const* out) {
+LOSA_ATTN_AVX2 void pv_avx2(const float* const* p, const T* v, int64_t Dv, int64_t c, int64_t i0, int64_t i1,
+                            int64_t n, bool pf, Pos pos, float* const* out) {
   __m256 acc[GN][NV];
   for (int g = 0; g < GN; ++g)
-    for (int t = 0; t < NV; ++t) acc[g][t] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; ++i) {
-    if (c == 0 && i + kPrefetch < n) prefetch_row(v + pos(i + kPrefetch) * Dv, Dv);  // the first pass over V
+    for (int t = 0; t < NV; ++t) acc[g][t] = _mm256_loadu_ps(out[g] + c + 8 * t);
+  for (int64_t i = i0; i < i1; ++i) {
+    if (pf && i + kPrefetch < n) prefetch_row(v + pos(i + kPrefetch) * Dv, Dv);
     const T* vr = v + pos(i) * Dv + c;
     __m256 w[GN];
     for (int g = 0; g < GN; ++g) w[g] = _mm256_broadcast_ss(p[g] + i);
@@ -208,62 +210,88 @@ LOSA_ATTN_AVX2 void pv_avx2(const float* const* p, const T* v, int64_t Dv, int64
       for (int g = 0; g < GN; ++g) acc[g][t] = _mm256_fmadd_ps(w[g], vv, acc[g][t]);
     }
   }
-  for (int g = 0; g < GN; ++g) {
-    const __m256 iv = _mm256_set1_ps(inv[g]);
-    for (int t = 0; t < NV; ++t) _mm256_storeu_ps(out[g] + c + 8 * t, _mm256_mul_ps(acc[g][t], iv));
-  }
+  for (int g = 0; g < GN; ++g)
+    for (int t = 0; t < NV; ++t) _mm256_storeu_ps(out[g] + c + 8 * t, acc[g][t]);
 }
 
 template <bool AVX2, typename T>
 void attend_rows(const float* q, const T* k, const T* v, const bool* keep, int64_t G, int64_t S, int64_t D,
                  int64_t Dv, float scale, float* out, float* sc);
 
+// Positions per block of the blocked loop: a block's key (or value) rows, at most kBlockBytes, come from memory
+// once, for the first query row pair (and, in P·V, its first column chunk), and from L1 for the others; a multiple
+// of 4 (the scores' pass), at least 4.
+constexpr int64_t kBlockBytes = 16 << 10;
+inline int64_t block_positions(int64_t row_bytes) {
+  return std::max<int64_t>(4, kBlockBytes / std::max<int64_t>(1, row_bytes) / 4 * 4);
+}
+
 // attend() for AVX2 with D and Dv multiples of 8: query rows in pairs, scores of four positions per pass, a
-// vectorised softmax, and P·V with the outputs in registers. scratch: 2 S floats (two score rows). A row with a
-// NaN or +inf score goes through attend_rows (the plain loop), which passes them on. With a mask (keep), ix lists
-// the n attended positions in order (the batch row's, listed once for all its heads); without, n = S.
+// vectorised softmax, and P·V with the outputs in registers; both products go over the positions a block at a
+// time with every row pair inside the block, so that each KV head's keys and values stream from memory once per
+// call whatever the number of query rows (G) and the head size. scratch: losa::attend_scratch(S, G) floats (a
+// score row per query row). A row with a NaN or +inf score goes through attend_rows (the plain loop), which passes
+// them on. With a mask (keep), ix lists the n attended positions in order (the batch row's, listed once for all
+// its heads); without, n = S. out [G, Dv] must be zero on entry.
 template <typename T>
 LOSA_ATTN_AVX2 void attend_blocked(const float* q, const T* k, const T* v, const bool* keep, const int32_t* ix,
                                    int64_t n, int64_t G, int64_t S, int64_t D, int64_t Dv, float scale, float* out,
                                    float* scratch) {
   if (n == 0) return;  // nothing attended: the rows stay 0
+  const int64_t bk = block_positions(D * static_cast<int64_t>(sizeof(T)));
+  const int64_t bv = block_positions(Dv * static_cast<int64_t>(sizeof(T)));
+  std::vector<float> inv(static_cast<size_t>(G), 0.f);
+  std::vector<char> plain(static_cast<size_t>(G), 0);
   auto run = [&](auto pos) {
-    for (int64_t g0 = 0; g0 < G; g0 += 2) {
-      const int gn = G - g0 >= 2 ? 2 : 1;
-      float* s[2] = {scratch, scratch + S};
-      if (gn == 2) scores_avx2<2>(q + g0 * D, k, D, n, pos, scale, s[0], s[1]);
-      else scores_avx2<1>(q + g0 * D, k, D, n, pos, scale, s[0], s[1]);
-      float inv[2] = {0.f, 0.f};
-      bool plain[2] = {false, false}, any = false;
-      for (int g = 0; g < gn; ++g) {
-        const float sum = softmax_numerators(s[g], n);
-        plain[g] = sum < 0.f;
-        if (sum > 0.f) {
-          inv[g] = 1.f / sum;
-          any = true;
-        } else {
-          std::fill(s[g], s[g] + n, 0.f);  // every score -inf (the row stays 0), or left to the plain loop
-        }
+    // scores of every row (row g in scratch + g S)
+    for (int64_t i0 = 0; i0 < n; i0 += bk) {
+      const int64_t i1 = std::min(n, i0 + bk);
+      for (int64_t g0 = 0; g0 < G; g0 += 2) {
+        float* s0 = scratch + g0 * S;
+        if (G - g0 >= 2) scores_avx2<2>(q + g0 * D, k, D, i0, i1, n, g0 == 0, pos, scale, s0, s0 + S);
+        else scores_avx2<1>(q + g0 * D, k, D, i0, i1, n, g0 == 0, pos, scale, s0, s0);
       }
-      float* o[2] = {out + g0 * Dv, out + (g0 + 1) * Dv};
-      if (any) {
-        const float* pp[2] = {s[0], s[1]};
-        int64_t c = 0;
-        for (; c + 32 <= Dv; c += 32) {
-          if (gn == 2) pv_avx2<2, 4>(pp, v, Dv, c, n, pos, inv, o);
-          else pv_avx2<1, 4>(pp, v, Dv, c, n, pos, inv, o);
-        }
-        for (; c < Dv; c += 8) {
-          if (gn == 2) pv_avx2<2, 1>(pp, v, Dv, c, n, pos, inv, o);
-          else pv_avx2<1, 1>(pp, v, Dv, c, n, pos, inv, o);
-        }
-      }
-      for (int g = 0; g < gn; ++g)
-        if (plain[g]) {  // (its scratch row is free now)
-          std::fill(o[g], o[g] + Dv, 0.f);
-          attend_rows<true, T>(q + (g0 + g) * D, k, v, keep, 1, S, D, Dv, scale, o[g], s[g]);
-        }
     }
+    bool any = false;
+    for (int64_t g = 0; g < G; ++g) {
+      float* sg = scratch + g * S;
+      const float sum = softmax_numerators(sg, n);
+      plain[g] = sum < 0.f;
+      if (sum > 0.f) {
+        inv[g] = 1.f / sum;
+        any = true;
+      } else {
+        std::fill(sg, sg + n, 0.f);  // every score -inf (the row stays 0), or left to the plain loop
+      }
+    }
+    if (any) {
+      for (int64_t i0 = 0; i0 < n; i0 += bv) {
+        const int64_t i1 = std::min(n, i0 + bv);
+        for (int64_t g0 = 0; g0 < G; g0 += 2) {
+          const bool two = G - g0 >= 2;
+          const float* pp[2] = {scratch + g0 * S, scratch + (two ? g0 + 1 : g0) * S};
+          float* o[2] = {out + g0 * Dv, out + (two ? g0 + 1 : g0) * Dv};
+          int64_t c = 0;
+          for (; c + 32 <= Dv; c += 32) {
+            const bool pf = g0 == 0 && c == 0;
+            if (two) pv_avx2<2, 4>(pp, v, Dv, c, i0, i1, n, pf, pos, o);
+            else pv_avx2<1, 4>(pp, v, Dv, c, i0, i1, n, pf, pos, o);
+          }
+          for (; c < Dv; c += 8) {
+            const bool pf = g0 == 0 && c == 0;
+            if (two) pv_avx2<2, 1>(pp, v, Dv, c, i0, i1, n, pf, pos, o);
+            else pv_avx2<1, 1>(pp, v, Dv, c, i0, i1, n, pf, pos, o);
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < Dv; ++c) out[g * Dv + c] *= inv[g];
+    }
+    for (int64_t g = 0; g < G; ++g)
+      if (plain[g]) {
+        std::fill(out + g * Dv, out + (g + 1) * Dv, 0.f);
+        attend_rows<true, T>(q + g * D, k, v, keep, 1, S, D, Dv, scale, out + g * Dv, scratch + g * S);
+      }
   };
   if (keep) run([ix](int64_t i) { return static_cast<int64_t>(ix[i]); });
   else run([](int64_t i) { return i; });
@@ -326,7 +354,7 @@ void attend_rows(const float* q, const T* k, const T* v, const bool* keep, int64
 
 // One (batch, KV head): G query rows [G, D] against keys [S, D] and values [S, Dv]; out [G, Dv] (zeroed).
 // keep: S bytes (nonzero = attend) or nullptr; ix: the n positions keep sets, in order (nullptr and n = S without
-// keep). sc: scratch of losa::attend_scratch(S) floats. The blocked AVX2 loop where it applies, else the plain one.
+// keep). sc: scratch of losa::attend_scratch(S, G) floats. The blocked AVX2 loop where it applies, else the plain one.
 template <bool AVX2, typename T>
 void attend(const float* q, const T* k, const T* v, const bool* keep, const int32_t* ix, int64_t n, int64_t G,
             int64_t S, int64_t D, int64_t Dv, float scale, float* out, float* sc) {
@@ -378,7 +406,7 @@ torch::Tensor decode_attn(const torch::Tensor& q, const torch::Tensor& k, const 
     // S slots, attended or not), so that a small model's few heads stay on one thread
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, G * S * (D + Dv)));
     at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> sc(static_cast<size_t>(losa::attend_scratch(S)));
+      std::vector<float> sc(static_cast<size_t>(losa::attend_scratch(S, G)));
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / H;
         run(qp + bh * G * D, kp + bh * S * D, vp + bh * S * Dv, keep ? keep + b * S : nullptr,

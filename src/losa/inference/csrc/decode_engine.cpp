@@ -311,10 +311,10 @@ class DecodeEngine {
         }
       }
       // query heads over threads, each chunk at least kAttnGrain multiply-adds; a chunk takes the query rows
-      // of each KV head it touches (the blocked attention reads a KV head's cache once per pair of those rows)
+      // of each KV head it touches (the blocked attention reads a KV head's cache once per call, for all those rows)
       const int64_t hgrain = std::max<int64_t>(1, kAttnGrain / std::max<int64_t>(1, S * 2 * D));
       at::parallel_for(0, nh_, hgrain, [&](int64_t h0, int64_t h1) {
-        std::unique_ptr<float[]> sc(new float[static_cast<size_t>(losa::attend_scratch(S))]);
+        std::unique_ptr<float[]> sc(new float[static_cast<size_t>(losa::attend_scratch(S, G))]);
         for (int64_t j = h0 / G; j * G < h1; ++j) {
           const int64_t g0 = std::max(h0, j * G), g1 = std::min(h1, (j + 1) * G);
           if constexpr (B)

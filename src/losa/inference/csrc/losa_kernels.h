@@ -5,6 +5,7 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -55,9 +56,9 @@ GemvCallBf16 prepare_dense_gemv_bf16(const torch::Tensor& weight, const c10::opt
 GemvCall prepare_dense_gemv_f32x(const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias, int64_t isa);
 
 // Decode attention of one KV head, float32: G query rows q [G, D] over the first S cached positions of
-// k [S, D] and v [S, D]; out [G, D] is overwritten. scratch holds attend_scratch(S) floats. avx2: use the AVX2+FMA
+// k [S, D] and v [S, D]; out [G, D] is overwritten. scratch holds attend_scratch(S, G) floats. avx2: use the AVX2+FMA
 // loops.
-inline int64_t attend_scratch(int64_t S) { return 2 * S; }
+inline int64_t attend_scratch(int64_t S, int64_t G) { return std::max<int64_t>(G, 2) * S; }
 void attend_f32(const float* q, const float* k, const float* v, int64_t G, int64_t S, int64_t D, float scale,
                 float* out, float* scratch, bool avx2);
 
