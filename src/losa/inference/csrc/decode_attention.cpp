@@ -18,7 +18,9 @@
 // The AVX2 path (head sizes that are multiples of 8; also what AVX-512 CPUs run) is blocked: the attended
 // positions are listed once, scores are computed four positions at a time for two query rows (each key load
 // widened once, feeding both rows), the softmax numerators by a vectorised exp, and P·V keeps 32 outputs of two
-// rows in registers over all positions. It replaced a loop of one dot product and one axpy per (row, position)
+// rows in registers. Both products go over the positions a block at a time (at most 16 KiB of key or value rows)
+// with every query row pair and output chunk inside the block, so a KV head's cache streams from memory once per
+// call. It replaced a loop of one dot product and one axpy per (row, position)
 // (results/engine_regression.md, the rows with cached positions). Splitting bf16 loads into even / odd elements
 // (one load and two integer operations per 16 values) gained little in an uncommitted lab run and was not kept.
 #include <torch/extension.h>
