@@ -24,10 +24,11 @@ def no_fallback(monkeypatch):
     monkeypatch.setattr(attention, "_sdpa", lambda: fail)
 
 
-@pytest.fixture(params=["kernel", "kernel-scalar", "torch"])
+@pytest.fixture(params=["kernel", "kernel-avx2", "kernel-scalar", "torch"])
 def float32_path(request, monkeypatch):
-    """The decode path under test: the compiled kernel (AVX2 where the CPU has it, and its portable scalar loop)
-    or torch's (two products for float32, SDPA for bf16)."""
+    """The decode path under test: the compiled kernel (at the CPU's best level: AVX-512 where it has it, else
+    AVX2), its AVX2 level (forced, so AVX-512 machines test it too), its portable scalar loop, or torch's (two
+    products for float32, SDPA for bf16)."""
     from losa.inference import kernel
 
     if request.param == "torch":
@@ -35,7 +36,8 @@ def float32_path(request, monkeypatch):
     else:
         if not kernel.kernel_available():
             pytest.skip("needs the compiled kernel")
-        monkeypatch.setitem(attention._KERNEL, "isa", 0 if request.param == "kernel-scalar" else kernel.best_isa())
+        isa = {"kernel-scalar": 0, "kernel-avx2": min(1, kernel.best_isa())}.get(request.param, kernel.best_isa())
+        monkeypatch.setitem(attention._KERNEL, "isa", isa)
     return request.param
 
 

@@ -552,16 +552,17 @@ def test_avx2_path_contains_no_avx512_instruction():
         elif name is not None:
             funcs[name].append(line)
     avx2_path = re.compile(r"row_avx2<|expand_avx2<|gemv_rows<1,|expand_rows<1,|expand_group|hsum256|table_row<|"
-                           r"dense_rows_f32x_avx2|silu_avx2|scores_avx2<|pv_avx2<|attend_blocked<|dot_avx2<|"
-                           r"axpy_avx2<|softmax_numerators")
+                           r"dense_rows_f32x_avx2|silu_avx2|attn_avx2::|Vec8::|dot_avx2<|axpy_avx2<")
     checked = {n: body for n, body in funcs.items() if avx2_path.search(n)}
     assert any("row_avx2<0, 1, unsigned short>" in n for n in checked)  # the batch-1 bf16 loop itself
     assert any("dense_rows_f32x_avx2" in n for n in checked)  # the dense loop over bf16 weights (LM heads)
     assert any("gemv_rows<1, 0, unsigned short, float" in n for n in checked)
+    assert any("attn_avx2::attend_blocked<unsigned short>" in n for n in checked)  # the decode attention's loop
     offenders = {n: lines[:3] for n, body in checked.items() if (lines := _evex_or_avx512_lines(body))}
     assert not offenders
-    avx512 = [body for n, body in funcs.items() if "row_avx512<0, 1, unsigned short" in n]  # (either expansion)
-    assert avx512 and _evex_or_avx512_lines(avx512[0])
+    for name in ("row_avx512<0, 1, unsigned short", "attn_avx512::attend_blocked<unsigned short>"):
+        bodies = [body for n, body in funcs.items() if name in n]  # (either expansion; .cold parts too)
+        assert any(_evex_or_avx512_lines(body) for body in bodies), name
 
 
 @needs_kernel
@@ -1134,3 +1135,19 @@ def test_amx_kernel_says_what_it_needs_without_amx():
     with pytest.raises(RuntimeError, match="AMX"):
         KERNEL.amx_mm_bf16(torch.randn(4, 64).bfloat16(), p.meta, p.values, p.row_ptr, None, 32, 64, 0)
     assert not kmod.amx_available()
+
+
+def test_the_package_data_ships_every_kernel_source_and_header():
+    """A wheel install compiles the kernel from the files it ships: every source and header the build reads
+    (losa.inference.kernel) matches a package-data pattern of pyproject.toml, so none is left out of the wheel."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["losa"]
+    package = root / "src" / "losa"
+    needed = [p.resolve().relative_to(package).as_posix() for p in kmod._SRC + kmod._HEADERS]
+    assert "inference/csrc/decode_attention_blocked.h" in needed
+    missing = [p for p in needed if not any(fnmatch.fnmatch(p, pat) for pat in patterns)]
+    assert not missing

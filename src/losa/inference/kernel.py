@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 #: build; csrc/losa_kernels.h declares what they share)
 _SRC = [Path(__file__).parent / "csrc" / name for name in ("sparse_linear.cpp", "decode_attention.cpp",
                                                               "decode_engine.cpp")]
-#: the header the sources share (part of the build's digest: losa.utils.cpp.build_digest)
-_HEADERS = [_SRC[0].parent / "losa_kernels.h"]
+#: the headers the sources include (part of the build's digest: losa.utils.cpp.build_digest)
+_HEADERS = [_SRC[0].parent / name for name in ("losa_kernels.h", "decode_attention_blocked.h")]
 #: extension name, also the namespace of its dispatcher op (``torch.ops.losa_sparse_kernels.spmm``)
 KERNEL_NAME = "losa_sparse_kernels"
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}

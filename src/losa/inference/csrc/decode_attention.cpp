@@ -15,14 +15,15 @@
 // call per product costs more than its arithmetic; a static cache also multiplies every unused slot. Here a
 // masked position costs a byte test. Measurements: benchmarks/bench_decode.py, results/decode.md.
 //
-// The AVX2 path (head sizes that are multiples of 8; also what AVX-512 CPUs run) is blocked: the attended
-// positions are listed once, scores are computed four positions at a time for two query rows (each key load
-// widened once, feeding both rows), the softmax numerators by a vectorised exp, and P·V keeps 32 outputs of two
-// rows in registers. Both products go over the positions a block at a time (at most 16 KiB of key or value rows)
-// with every query row pair and output chunk inside the block, so a KV head's cache streams from memory once per
-// call. It replaced a loop of one dot product and one axpy per (row, position)
-// (results/engine_regression.md, the rows with cached positions). Splitting bf16 loads into even / odd elements
-// (one load and two integer operations per 16 values) gained little in an uncommitted lab run and was not kept.
+// The vector paths (head sizes that are multiples of 8 for AVX2, of 16 for AVX-512F: decode_attention_blocked.h,
+// compiled once per width) are blocked: the attended positions are listed once, scores are computed four positions
+// at a time for two query rows (each key load widened once, feeding both rows), the softmax numerators by a
+// vectorised exp, and P·V keeps four vectors of outputs of two rows in registers. Both products go over the
+// positions a block at a time (at most 16 KiB of key or value rows) with every query row pair and output chunk
+// inside the block, so a KV head's cache streams from memory once per call. It replaced a loop of one dot product
+// and one axpy per (row, position) (results/engine_regression.md, the rows with cached positions). Splitting bf16
+// loads into even / odd elements (one load and two integer operations per 16 values) gained little in an
+// uncommitted lab run and was not kept.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -118,104 +119,6 @@ inline void prefetch_row(const T* row, int64_t d) {
   for (int64_t b = 0; b < d * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
 }
 
-// The four sums of a0..a3's lanes, in order.
-LOSA_ATTN_AVX2 inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
-// Scores of GN (1 or 2) query rows q [GN, D] (D a multiple of 8) against the keys of positions pos(i), i in
-// [i0, i1): s[g][i] = scale · q[g] · k[pos(i)]. Four positions per pass share each q load, and each key load (widened
-// once) feeds the GN rows: 4·GN independent accumulators, reduced once per pass. pf: prefetch the keys kPrefetch
-// positions ahead (up to n, the last position + 1), for the call that reads this range first.
-template <int GN, typename T, typename Pos>
-LOSA_ATTN_AVX2 void scores_avx2(const float* q, const T* k, int64_t D, int64_t i0, int64_t i1, int64_t n, bool pf,
-                                Pos pos, float scale, float* s0, float* s1) {
-  float* out[2] = {s0, s1};
-  const __m128 sc4 = _mm_set1_ps(scale);
-  int64_t i = i0;
-  for (; i + 4 <= i1; i += 4) {
-    if (pf && i + kPrefetch + 4 <= n)
-      for (int p = 0; p < 4; ++p) prefetch_row(k + pos(i + kPrefetch + p) * D, D);
-    const T* kr[4] = {k + pos(i) * D, k + pos(i + 1) * D, k + pos(i + 2) * D, k + pos(i + 3) * D};
-    __m256 acc[GN][4];
-    for (int g = 0; g < GN; ++g)
-      for (int p = 0; p < 4; ++p) acc[g][p] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < D; c += 8) {
-      __m256 qv[GN];
-      for (int g = 0; g < GN; ++g) qv[g] = _mm256_loadu_ps(q + g * D + c);
-      for (int p = 0; p < 4; ++p) {
-        const __m256 kv = load8(kr[p] + c);
-        for (int g = 0; g < GN; ++g) acc[g][p] = _mm256_fmadd_ps(qv[g], kv, acc[g][p]);
-      }
-    }
-    for (int g = 0; g < GN; ++g)
-      _mm_storeu_ps(out[g] + i, _mm_mul_ps(hsum4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]), sc4));
-  }
-  for (; i < i1; ++i)
-    for (int g = 0; g < GN; ++g) out[g][i] = dot_avx2(q + g * D, k + pos(i) * D, D) * scale;
-}
-
-// s[0:n] <- exp(s - max s) in place; returns the sum (n >= 1), 0 when every score is -inf (nothing to attend),
-// or -1 (s unchanged) when a score is NaN or +inf: the caller then runs the plain loop, which passes those on as
-// torch does.
-LOSA_ATTN_AVX2 inline float softmax_numerators(float* s, int64_t n) {
-  __m256 mv = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), nan = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 x = _mm256_loadu_ps(s + i);
-    mv = _mm256_max_ps(mv, x);
-    nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-  }
-  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
-  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-  float mx = _mm_cvtss_f32(m4);
-  bool bad = _mm256_movemask_ps(nan) != 0;
-  for (; i < n; ++i) {
-    mx = s[i] > mx ? s[i] : mx;
-    bad = bad || std::isnan(s[i]);
-  }
-  if (bad || mx == std::numeric_limits<float>::infinity()) return -1.f;
-  if (mx == -std::numeric_limits<float>::infinity()) return 0.f;  // every score -inf: nothing attended
-  const __m256 mxv = _mm256_set1_ps(mx);
-  __m256 sum = _mm256_setzero_ps();
-  for (i = 0; i + 8 <= n; i += 8) {
-    const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + i), mxv));
-    _mm256_storeu_ps(s + i, e);
-    sum = _mm256_add_ps(sum, e);
-  }
-  float total = hsum8(sum);
-  for (; i < n; ++i) {
-    s[i] = std::exp(s[i] - mx);
-    total += s[i];
-  }
-  return total;
-}
-
-// out[g][c:c+8·NV] += Σ_{i in [i0, i1)} p[g][i] · v[pos(i)][c:c+8·NV] for GN rows: 8·NV outputs per row in
-// registers over the range (one load and store of them per call), each value load (widened once) feeding the GN
-// rows. pf: prefetch whole value rows kPrefetch positions ahead (up to n), for the call that reads the range first.
-template <int GN, int NV, typename T, typename Pos>
-LOSA_ATTN_AVX2 void pv_avx2(const float* const* p, const T* v, int64_t Dv, int64_t c, int64_t i0, int64_t i1,
-                            int64_t n, bool pf, Pos pos, float* const* out) {
-  __m256 acc[GN][NV];
-  for (int g = 0; g < GN; ++g)
-    for (int t = 0; t < NV; ++t) acc[g][t] = _mm256_loadu_ps(out[g] + c + 8 * t);
-  for (int64_t i = i0; i < i1; ++i) {
-    if (pf && i + kPrefetch < n) prefetch_row(v + pos(i + kPrefetch) * Dv, Dv);
-    const T* vr = v + pos(i) * Dv + c;
-    __m256 w[GN];
-    for (int g = 0; g < GN; ++g) w[g] = _mm256_broadcast_ss(p[g] + i);
-    for (int t = 0; t < NV; ++t) {
-      const __m256 vv = load8(vr + 8 * t);
-      for (int g = 0; g < GN; ++g) acc[g][t] = _mm256_fmadd_ps(w[g], vv, acc[g][t]);
-    }
-  }
-  for (int g = 0; g < GN; ++g)
-    for (int t = 0; t < NV; ++t) _mm256_storeu_ps(out[g] + c + 8 * t, acc[g][t]);
-}
-
 template <bool AVX2, typename T>
 void attend_rows(const float* q, const T* k, const T* v, const bool* keep, int64_t G, int64_t S, int64_t D,
                  int64_t Dv, float scale, float* out, float* sc);
@@ -228,76 +131,108 @@ inline int64_t block_positions(int64_t row_bytes) {
   return std::max<int64_t>(4, kBlockBytes / std::max<int64_t>(1, row_bytes) / 4 * 4);
 }
 
-// attend() for AVX2 with D and Dv multiples of 8: query rows in pairs, scores of four positions per pass, a
-// vectorised softmax, and P·V with the outputs in registers; both products go over the positions a block at a
-// time with every row pair inside the block, so that each KV head's keys and values stream from memory once per
-// call whatever the number of query rows (G) and the head size. scratch: losa::attend_scratch(S, G) floats (a
-// score row per query row). A row with a NaN or +inf score goes through attend_rows (the plain loop), which passes
-// them on. With a mask (keep), ix lists the n attended positions in order (the batch row's, listed once for all
-// its heads); without, n = S. out [G, Dv] must be zero on entry.
-template <typename T>
-LOSA_ATTN_AVX2 void attend_blocked(const float* q, const T* k, const T* v, const bool* keep, const int32_t* ix,
-                                   int64_t n, int64_t G, int64_t S, int64_t D, int64_t Dv, float scale, float* out,
-                                   float* scratch) {
-  if (n == 0) return;  // nothing attended: the rows stay 0
-  const int64_t bk = block_positions(D * static_cast<int64_t>(sizeof(T)));
-  const int64_t bv = block_positions(Dv * static_cast<int64_t>(sizeof(T)));
-  std::vector<float> inv(static_cast<size_t>(G), 0.f);
-  std::vector<char> plain(static_cast<size_t>(G), 0);
-  auto run = [&](auto pos) {
-    // scores of every row (row g in scratch + g S)
-    for (int64_t i0 = 0; i0 < n; i0 += bk) {
-      const int64_t i1 = std::min(n, i0 + bk);
-      for (int64_t g0 = 0; g0 < G; g0 += 2) {
-        float* s0 = scratch + g0 * S;
-        if (G - g0 >= 2) scores_avx2<2>(q + g0 * D, k, D, i0, i1, n, g0 == 0, pos, scale, s0, s0 + S);
-        else scores_avx2<1>(q + g0 * D, k, D, i0, i1, n, g0 == 0, pos, scale, s0, s0);
-      }
-    }
-    bool any = false;
-    for (int64_t g = 0; g < G; ++g) {
-      float* sg = scratch + g * S;
-      const float sum = softmax_numerators(sg, n);
-      plain[g] = sum < 0.f;
-      if (sum > 0.f) {
-        inv[g] = 1.f / sum;
-        any = true;
-      } else {
-        std::fill(sg, sg + n, 0.f);  // every score -inf (the row stays 0), or left to the plain loop
-      }
-    }
-    if (any) {
-      for (int64_t i0 = 0; i0 < n; i0 += bv) {
-        const int64_t i1 = std::min(n, i0 + bv);
-        for (int64_t g0 = 0; g0 < G; g0 += 2) {
-          const bool two = G - g0 >= 2;
-          const float* pp[2] = {scratch + g0 * S, scratch + (two ? g0 + 1 : g0) * S};
-          float* o[2] = {out + g0 * Dv, out + (two ? g0 + 1 : g0) * Dv};
-          int64_t c = 0;
-          for (; c + 32 <= Dv; c += 32) {
-            const bool pf = g0 == 0 && c == 0;
-            if (two) pv_avx2<2, 4>(pp, v, Dv, c, i0, i1, n, pf, pos, o);
-            else pv_avx2<1, 4>(pp, v, Dv, c, i0, i1, n, pf, pos, o);
-          }
-          for (; c < Dv; c += 8) {
-            const bool pf = g0 == 0 && c == 0;
-            if (two) pv_avx2<2, 1>(pp, v, Dv, c, i0, i1, n, pf, pos, o);
-            else pv_avx2<1, 1>(pp, v, Dv, c, i0, i1, n, pf, pos, o);
-          }
-        }
-      }
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t c = 0; c < Dv; ++c) out[g * Dv + c] *= inv[g];
-    }
-    for (int64_t g = 0; g < G; ++g)
-      if (plain[g]) {
-        std::fill(out + g * Dv, out + (g + 1) * Dv, 0.f);
-        attend_rows<true, T>(q + g * D, k, v, keep, 1, S, D, Dv, scale, out + g * Dv, scratch + g * S);
-      }
-  };
-  if (keep) run([ix](int64_t i) { return static_cast<int64_t>(ix[i]); });
-  else run([](int64_t i) { return i; });
-}
+
+// The lane operations the blocked loop (decode_attention_blocked.h) is written against, for each vector width.
+// AVX2: 8 float32 lanes, AVX2+FMA only.
+struct Vec8 {
+  using V = __m256;
+  using Flag = __m256;
+  static constexpr int W = 8;
+  LOSA_ATTN_AVX2 static V zero() { return _mm256_setzero_ps(); }
+  LOSA_ATTN_AVX2 static V set1(float f) { return _mm256_set1_ps(f); }
+  LOSA_ATTN_AVX2 static V loadf(const float* p) { return _mm256_loadu_ps(p); }
+  LOSA_ATTN_AVX2 static V load(const float* p) { return _mm256_loadu_ps(p); }
+  LOSA_ATTN_AVX2 static V load(const uint16_t* p) { return load8(p); }
+  LOSA_ATTN_AVX2 static void storef(float* p, V a) { _mm256_storeu_ps(p, a); }
+  LOSA_ATTN_AVX2 static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  LOSA_ATTN_AVX2 static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  LOSA_ATTN_AVX2 static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  LOSA_ATTN_AVX2 static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  LOSA_ATTN_AVX2 static V exp_nonpositive(V x) { return exp8_nonpositive(x); }
+  LOSA_ATTN_AVX2 static Flag no_nan() { return _mm256_setzero_ps(); }
+  LOSA_ATTN_AVX2 static Flag nan_seen(Flag f, V x) { return _mm256_or_ps(f, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); }
+  LOSA_ATTN_AVX2 static bool any(Flag f) { return _mm256_movemask_ps(f) != 0; }
+  LOSA_ATTN_AVX2 static float hsum(V a) { return hsum8(a); }
+  LOSA_ATTN_AVX2 static float hmax(V a) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  }
+  LOSA_ATTN_AVX2 static __m128 sums4(V a0, V a1, V a2, V a3) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  }
+};
+
+#define LOSA_ATTN_AVX512 __attribute__((target("avx512f,avx2,fma")))
+
+// AVX-512F: 16 float32 lanes (the same arithmetic per lane; sums reduced in another order than Vec8's).
+struct Vec16 {
+  using V = __m512;
+  using Flag = __mmask16;
+  static constexpr int W = 16;
+  LOSA_ATTN_AVX512 static V zero() { return _mm512_setzero_ps(); }
+  LOSA_ATTN_AVX512 static V set1(float f) { return _mm512_set1_ps(f); }
+  LOSA_ATTN_AVX512 static V loadf(const float* p) { return _mm512_loadu_ps(p); }
+  LOSA_ATTN_AVX512 static V load(const float* p) { return _mm512_loadu_ps(p); }
+  LOSA_ATTN_AVX512 static V load(const uint16_t* p) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  }
+  LOSA_ATTN_AVX512 static void storef(float* p, V a) { _mm512_storeu_ps(p, a); }
+  LOSA_ATTN_AVX512 static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  LOSA_ATTN_AVX512 static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  LOSA_ATTN_AVX512 static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  LOSA_ATTN_AVX512 static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  // the two halves through the AVX2 exp (the softmax is a small part of the step)
+  LOSA_ATTN_AVX512 static V exp_nonpositive(V x) {
+    const __m256 lo = exp8_nonpositive(_mm512_castps512_ps256(x));
+    const __m256 hi = exp8_nonpositive(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
+  }
+  LOSA_ATTN_AVX512 static Flag no_nan() { return 0; }
+  LOSA_ATTN_AVX512 static Flag nan_seen(Flag f, V x) { return f | _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q); }
+  LOSA_ATTN_AVX512 static bool any(Flag f) { return f != 0; }
+  LOSA_ATTN_AVX512 static __m256 halves(V a) {
+    return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+  }
+  LOSA_ATTN_AVX512 static float hsum(V a) { return hsum8(halves(a)); }
+  LOSA_ATTN_AVX512 static float hmax(V a) { return _mm512_reduce_max_ps(a); }
+  LOSA_ATTN_AVX512 static __m128 sums4(V a0, V a1, V a2, V a3) {
+    return Vec8::sums4(halves(a0), halves(a1), halves(a2), halves(a3));
+  }
+};
+
+// The blocked loop twice: attn_avx2::attend_blocked (8 lanes, compiled for AVX2+FMA only: what
+// LOSA_SPARSE_ISA=avx2 and AVX2-only CPUs run; tests/test_inference_kernel.py checks its code has no AVX-512
+// instruction) and attn_avx512::attend_blocked (16 lanes, AVX-512F), each under its own target pragma.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace attn_avx2 {
+using Vec = Vec8;
+#include "decode_attention_blocked.h"
+}  // namespace attn_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+#endif
+namespace attn_avx512 {
+using Vec = Vec16;
+#include "decode_attention_blocked.h"
+}  // namespace attn_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
 #endif
 
 // The dot product / axpy of the chosen ISA (AVX2 = true: AVX2+FMA; the scalar loops elsewhere).
@@ -356,21 +291,32 @@ void attend_rows(const float* q, const T* k, const T* v, const bool* keep, int64
 
 // One (batch, KV head): G query rows [G, D] against keys [S, D] and values [S, Dv]; out [G, Dv] (zeroed).
 // keep: S bytes (nonzero = attend) or nullptr; ix: the n positions keep sets, in order (nullptr and n = S without
-// keep). sc: scratch of losa::attend_scratch(S, G) floats. The blocked AVX2 loop where it applies, else the plain one.
-template <bool AVX2, typename T>
+// keep). sc: scratch of losa::attend_scratch(S, G) floats. LEVEL (losa::attention_level): 2 the 16-lane blocked loop
+// where D and Dv are multiples of 16, 1 (or 2 otherwise) the 8-lane one where they are multiples of 8, else the
+// plain loop (AVX2 dot products and axpys from level 1, scalar at 0).
+template <int LEVEL, typename T>
 void attend(const float* q, const T* k, const T* v, const bool* keep, const int32_t* ix, int64_t n, int64_t G,
             int64_t S, int64_t D, int64_t Dv, float scale, float* out, float* sc) {
 #if LOSA_ATTN_X86
-  if constexpr (AVX2)
-    if (D % 8 == 0 && Dv % 8 == 0) return attend_blocked(q, k, v, keep, ix, n, G, S, D, Dv, scale, out, sc);
+  if constexpr (LEVEL >= 2)
+    if (D % 16 == 0 && Dv % 16 == 0)
+      return attn_avx512::attend_blocked(q, k, v, keep, ix, n, G, S, D, Dv, scale, out, sc);
+  if constexpr (LEVEL >= 1)
+    if (D % 8 == 0 && Dv % 8 == 0) return attn_avx2::attend_blocked(q, k, v, keep, ix, n, G, S, D, Dv, scale, out, sc);
 #endif
   (void)ix;
   (void)n;
-  attend_rows<AVX2, T>(q, k, v, keep, G, S, D, Dv, scale, out, sc);
+  attend_rows<(LEVEL >= 1), T>(q, k, v, keep, G, S, D, Dv, scale, out, sc);
+}
+
+// attend<LEVEL, T> for a run-time level
+template <typename T>
+auto attend_at(int level) {
+  return level >= 2 ? attend<2, T> : level == 1 ? attend<1, T> : attend<0, T>;
 }
 
 // q [B, H, G, D], k [B, H, S, D], v [B, H, S, Dv], all float32 or all bfloat16; mask None or bool [B, S];
-// isa 0 scalar, >= 1 AVX2+FMA. Returns [B, H, G, Dv] in the dtype of q.
+// isa: the kernel's level (0 scalar, 1 AVX2+FMA, 2 AVX-512; losa::attention_level). Returns [B, H, G, Dv] in the dtype of q.
 torch::Tensor decode_attn(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                           const c10::optional<torch::Tensor>& mask, double scale, int64_t isa) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attn: q, k, v must be 4-D");
@@ -398,12 +344,12 @@ torch::Tensor decode_attn(const torch::Tensor& q, const torch::Tensor& k, const 
         if (keep[b * S + j]) pos[b * S + count[b]++] = static_cast<int32_t>(j);
   }
   auto out = torch::zeros({B, H, G, Dv}, q.options().dtype(torch::kFloat));
-  const bool avx2 = losa::attention_avx2(isa);
+  const int level = losa::attention_level(isa);
   const float* qp = qc.data_ptr<float>();
   float* op = out.data_ptr<float>();
   auto all_heads = [&](auto* kp, auto* vp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
-    const auto run = avx2 ? attend<true, T> : attend<false, T>;
+    const auto run = attend_at<T>(level);
     // (batch, KV head) pairs over torch's threads, each chunk at least 1 << 18 multiply-adds (counted over all
     // S slots, attended or not), so that a small model's few heads stay on one thread
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, G * S * (D + Dv)));
@@ -431,27 +377,28 @@ torch::Tensor decode_attn(const torch::Tensor& q, const torch::Tensor& k, const 
 namespace losa {
 
 void attend_f32(const float* q, const float* k, const float* v, int64_t G, int64_t S, int64_t D, float scale,
-                float* out, float* scratch, bool avx2) {
+                float* out, float* scratch, int level) {
   std::fill(out, out + G * D, 0.f);
-  if (avx2) attend<true, float>(q, k, v, nullptr, nullptr, S, G, S, D, D, scale, out, scratch);
-  else attend<false, float>(q, k, v, nullptr, nullptr, S, G, S, D, D, scale, out, scratch);
+  attend_at<float>(level)(q, k, v, nullptr, nullptr, S, G, S, D, D, scale, out, scratch);
 }
 
 void attend_bf16(const float* q, const uint16_t* k, const uint16_t* v, int64_t G, int64_t S, int64_t D, float scale,
-                 float* out, float* scratch, bool avx2) {
+                 float* out, float* scratch, int level) {
   std::fill(out, out + G * D, 0.f);
-  if (avx2) attend<true, uint16_t>(q, k, v, nullptr, nullptr, S, G, S, D, D, scale, out, scratch);
-  else attend<false, uint16_t>(q, k, v, nullptr, nullptr, S, G, S, D, D, scale, out, scratch);
+  attend_at<uint16_t>(level)(q, k, v, nullptr, nullptr, S, G, S, D, D, scale, out, scratch);
 }
 
-bool attention_avx2(int64_t isa) {
+int attention_level(int64_t isa) {
 #if LOSA_ATTN_X86
-  return isa >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  (void)isa;
-  return false;
+  if (isa >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return 2;
+  if (isa >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
 #endif
+  (void)isa;
+  return 0;
 }
+
+bool attention_avx2(int64_t isa) { return attention_level(isa) >= 1; }
 
 }  // namespace losa
 

@@ -156,7 +156,8 @@ class DecodeEngine {
                int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale, int64_t isa)
       : embed_(embed.contiguous()), cos_(cos.contiguous()), sin_(sin.contiguous()),
         final_norm_(final_norm.to(torch::kFloat32).contiguous()), nh_(num_heads), nkv_(num_kv_heads),
-        D_(head_dim), eps_(float(eps)), scale_(float(scale)), isa_(isa), avx2_(losa::attention_avx2(isa)) {
+        D_(head_dim), eps_(float(eps)), scale_(float(scale)), isa_(isa), attn_level_(losa::attention_level(isa)),
+        avx2_(attn_level_ >= 1) {
     TORCH_CHECK(embed_.dim() == 2 && (embed_.scalar_type() == torch::kFloat32 ||
                                       embed_.scalar_type() == torch::kBFloat16),
                 "embed must be float32 or bfloat16 [V, H]");
@@ -319,10 +320,10 @@ class DecodeEngine {
           const int64_t g0 = std::max(h0, j * G), g1 = std::min(h1, (j + 1) * G);
           if constexpr (B)
             losa::attend_bf16(q.data() + g0 * D, K + j * max_len_ * D, V + j * max_len_ * D, g1 - g0, S, D, scale_,
-                              attn.data() + g0 * D, sc.get(), avx2_);
+                              attn.data() + g0 * D, sc.get(), attn_level_);
           else
             losa::attend_f32(q.data() + g0 * D, K + j * max_len_ * D, V + j * max_len_ * D, g1 - g0, S, D, scale_,
-                             attn.data() + g0 * D, sc.get(), avx2_);
+                             attn.data() + g0 * D, sc.get(), attn_level_);
         }
         round_all<B>(attn.data() + h0 * D, (h1 - h0) * D);
         if constexpr (B) to_bits(attn.data() + h0 * D, attnp + h0 * D, (h1 - h0) * D);
@@ -366,6 +367,7 @@ class DecodeEngine {
   int64_t nh_, nkv_, D_;
   float eps_, scale_;
   int64_t isa_;
+  int attn_level_;
   bool avx2_, bf16_ = false;
   int64_t H_ = 0, I_ = 0, max_len_ = 0;
   std::vector<Layer> layers_;

@@ -56,17 +56,20 @@ GemvCallBf16 prepare_dense_gemv_bf16(const torch::Tensor& weight, const c10::opt
 GemvCall prepare_dense_gemv_f32x(const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias, int64_t isa);
 
 // Decode attention of one KV head, float32: G query rows q [G, D] over the first S cached positions of
-// k [S, D] and v [S, D]; out [G, D] is overwritten. scratch holds attend_scratch(S, G) floats. avx2: use the AVX2+FMA
-// loops.
+// k [S, D] and v [S, D]; out [G, D] is overwritten. scratch holds attend_scratch(S, G) floats. level: the loops of
+// attention_level (0 scalar, 1 AVX2+FMA, 2 AVX-512F).
 inline int64_t attend_scratch(int64_t S, int64_t G) { return std::max<int64_t>(G, 2) * S; }
 void attend_f32(const float* q, const float* k, const float* v, int64_t G, int64_t S, int64_t D, float scale,
-                float* out, float* scratch, bool avx2);
+                float* out, float* scratch, int level);
 
 // The same over a bf16 cache (raw bf16 bits k [S, D], v [S, D]; widened exactly, float32 arithmetic).
 void attend_bf16(const float* q, const uint16_t* k, const uint16_t* v, int64_t G, int64_t S, int64_t D, float scale,
-                 float* out, float* scratch, bool avx2);
+                 float* out, float* scratch, int level);
 
-// Whether the AVX2+FMA attention loops may run at ISA level `isa` on this CPU.
+// The attention loops that run at the kernel's ISA level `isa` on this CPU: 2 the AVX-512F loops (head sizes that
+// are multiples of 16), 1 the AVX2+FMA loops, 0 the scalar ones.
+int attention_level(int64_t isa);
+// Whether the AVX2+FMA loops (the attention's, SiLU's) may run at ISA level `isa` on this CPU (attention_level >= 1).
 bool attention_avx2(int64_t isa);
 
 // A zero-filled CPU tensor in transparent-huge-page memory where the OS gives it (Linux, >= 2 MiB; see
