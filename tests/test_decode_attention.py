@@ -130,7 +130,7 @@ def test_fully_masked_row_gives_zeros_like_sdpa(no_fallback, float32_path):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("d", [64, 80, 24, 20, 5], ids=["d64", "d80-32+16", "d24-8wide", "d20-tail", "d5"])
+@pytest.mark.parametrize("d", [64, 80, 24, 20, 5], ids=["d64", "d80-chunk+tail", "d24-8wide", "d20-tail", "d5"])
 def test_kernel_static_cache_mask_and_head_sizes(d, float32_path, monkeypatch):
     """A static cache's mask ([B, 1, 1, S], broadcast over heads, most slots unused), a non-contiguous key
     cache, head sizes with a vector tail, against a float64 reference."""
@@ -149,12 +149,13 @@ def test_kernel_static_cache_mask_and_head_sizes(d, float32_path, monkeypatch):
 
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (9, 3), (8, 2)], ids=["mha", "gqa3", "gqa4"])
-@pytest.mark.parametrize("d", [32, 40], ids=["d32", "d40-32+8"])
+@pytest.mark.parametrize("d", [32, 40, 80], ids=["d32", "d40-8wide-tail", "d80-16wide-tail"])
 @pytest.mark.parametrize("spread", [False, True], ids=["moderate", "spread"])
 def test_kernel_long_caches_and_far_below_the_maximum(hq, hkv, d, spread, float32_path, monkeypatch):
-    """1003 cached positions (position blocks of four with a tail of 3, exp in vectors of 8 with a tail), query
-    heads in pairs with an odd one out, head sizes in whole and partial 32-wide output chunks, against a float64
-    reference. `spread`: scores spread over hundreds, so exp of a difference falls below -80 (those weights must
+    """1003 cached positions (several position blocks, passes of four with a tail of 3, exp in whole vectors with a
+    tail), query heads in pairs with an odd one out, head sizes in whole and partial output chunks of four vectors
+    (d40: 8 lanes only, the AVX2 loop even at the AVX-512 level; d80: 64 + 16 at 16 lanes, 64 + 16 at 8), against
+    a float64 reference. `spread`: scores spread over hundreds, so exp of a difference falls below -80 (those weights must
     be exactly 0, not the garbage of an out-of-range 2^n); `moderate`: scores of a few units, every position
     weighs."""
     g = torch.Generator().manual_seed(hq + d)

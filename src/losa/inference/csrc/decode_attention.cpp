@@ -15,15 +15,15 @@
 // call per product costs more than its arithmetic; a static cache also multiplies every unused slot. Here a
 // masked position costs a byte test. Measurements: benchmarks/bench_decode.py, results/decode.md.
 //
-// The vector paths (head sizes that are multiples of 8 for AVX2, of 16 for AVX-512F: decode_attention_blocked.h,
-// compiled once per width) are blocked: the attended positions are listed once, scores are computed four positions
-// at a time for two query rows (each key load widened once, feeding both rows), the softmax numerators by a
-// vectorised exp, and P·V keeps four vectors of outputs of two rows in registers. Both products go over the
-// positions a block at a time (at most 16 KiB of key or value rows) with every query row pair and output chunk
-// inside the block, so a KV head's cache streams from memory once per call. It replaced a loop of one dot product
-// and one axpy per (row, position) (results/engine_regression.md, the rows with cached positions). Splitting bf16
-// loads into even / odd elements (one load and two integer operations per 16 values) gained little in an
-// uncommitted lab run and was not kept.
+// The vector paths (head sizes that are multiples of 8 for AVX2; of 16 for AVX-512F, where other multiples of 8
+// take the AVX2 loop: decode_attention_blocked.h, compiled once per width) are blocked: the attended positions are
+// listed once, scores are computed four positions at a time for two query rows (each key load widened once, feeding
+// both rows), the softmax numerators by a vectorised exp, and P·V keeps four vectors of outputs of two rows in
+// registers. Both products go over the positions a block at a time (at most 16 KiB of key or value rows) with every
+// query row pair and output chunk inside the block, so a KV head's cache streams from memory once per call. It
+// replaced a loop of one dot product and one axpy per (row, position) (results/engine_regression.md, the rows with
+// cached positions; the 16-lane loop: the rows of 2026-12-04). Splitting bf16 loads into even / odd elements (one
+// load and two integer operations per 16 values) gained little in an uncommitted lab run and was not kept.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -103,8 +103,8 @@ LOSA_ATTN_AVX2 void axpy_avx2(float a, const T* x, float* y, int64_t d) {
   for (; i < d; ++i) y[i] += a * widen(x[i]);
 }
 
-// exp of the scores minus their maximum: losa::exp8_nonpositive (losa_kernels.h); the few scores past the last 8
-// use std::exp. (NaN lanes are not passed on: softmax_numerators sends rows with any NaN elsewhere.)
+// exp of the scores minus their maximum: losa::exp8_nonpositive (losa_kernels.h; 16 lanes as two halves); the few
+// scores past the last whole vector use std::exp. (NaN lanes are not passed on: softmax_numerators sends rows with any NaN elsewhere.)
 using losa::exp8_nonpositive;
 
 // Positions ahead whose key / value rows are prefetched: the cache streams from memory (each position is read

@@ -1,11 +1,11 @@
 // The blocked decode attention of decode_attention.cpp, written once against a vector type and included there
 // twice: in namespace attn_avx2 with 8 float32 lanes (AVX2+FMA only, what AVX2-only CPUs run) and in namespace
-// attn_avx512 with 16 lanes (AVX-512F), each under its own target pragma. Not a standalone header: the including
-// file provides `Vec` (the lane operations below), kPrefetch, prefetch_row, block_positions, attend_rows and the
-// standard headers.
+// attn_avx512 with 16 lanes (AVX-512F), each under its own target pragma. Not a standalone header (and so no include
+// guard): the including file provides `Vec` (the lane operations below), kPrefetch, prefetch_row, block_positions,
+// attend_rows, <immintrin.h> (scores stores 4 sums at a time as __m128) and the standard headers.
 //
 // Vec: static constexpr int W (lanes); type V; zero(), set1(f), loadf(const float*), load(const T*) (float32, or
-// bf16 widened exactly), storef(float*, V), fmadd(a, b, c), add, sub, mul, max; exp_nonpositive(V) (lanes <= 0);
+// bf16 widened exactly), storef(float*, V), fmadd(a, b, c), add, sub, max; exp_nonpositive(V) (lanes <= 0);
 // type Flag with no_nan(), nan_seen(Flag, V) (flags a NaN lane), any(Flag); hsum(V), hmax(V) -> float;
 // sums4(a0, a1, a2, a3) -> __m128 (the four lane sums, in order).
 

@@ -69,7 +69,7 @@ void attend_bf16(const float* q, const uint16_t* k, const uint16_t* v, int64_t G
 // The attention loops that run at the kernel's ISA level `isa` on this CPU: 2 the AVX-512F loops (head sizes that
 // are multiples of 16), 1 the AVX2+FMA loops, 0 the scalar ones.
 int attention_level(int64_t isa);
-// Whether the AVX2+FMA loops (the attention's, SiLU's) may run at ISA level `isa` on this CPU (attention_level >= 1).
+// Whether the AVX2+FMA loops (SiLU's) may run at ISA level `isa` on this CPU (attention_level >= 1).
 bool attention_avx2(int64_t isa);
 
 // A zero-filled CPU tensor in transparent-huge-page memory where the OS gives it (Linux, >= 2 MiB; see
