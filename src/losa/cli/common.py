@@ -181,8 +181,11 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-engine", default="auto", choices=["auto", "off"],
                    help="auto: decode one prompt of a float32 or bfloat16 LLaMA-style model (LLaMA, Mistral, Qwen2) with the C++ "
                         "decode engine, one call per token (the prompt itself runs through the model); off: "
-                        "transformers' decode steps. --compile uses the compiled step instead (default: auto; "
-                        "measured in benchmarks/results/decode.md)")
+                        "transformers' decode steps. --compile uses the compiled step instead. A bfloat16 model's "
+                        "logits from the engine differ from the modules' by bf16 rounding (the same roundings, sums "
+                        "in another order), so greedy text can part ways where two tokens nearly tie; a float32 "
+                        "model's agree to float32 rounding (default: auto; measured in "
+                        "benchmarks/results/decode.md)")
     p.add_argument("--compact", default=None,
                    help="a compact checkpoint written by losa.inference.save_sparse to load into MODEL")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
@@ -257,8 +260,10 @@ def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any
             mode = "dense"
             status(f"note: no pruned layer found (sparsity < 25 %); {purpose} with dense layers")
         else:
+            # the prefill dtype applies to a float32 model's prompts (a bf16 model's run in bf16)
+            prefill = (f"{summary['prefill_dtype']} prefill, " if choice.dtype == "float32" else "")
             status(f"sparse layers: {summary['replaced']} ({summary['value_dtype']} values, "
-                   f"{summary['compute']} compute, {summary['prefill_dtype']} prefill for float32 inputs, "
+                   f"{summary['compute']} compute, {prefill}"
                    f"{summary['sparse_bytes'] / 2**20:.1f} MiB instead of {summary['dense_bytes'] / 2**20:.1f} MiB)")
             if summary["sparse_prefill_layers"] and summary["compute"].startswith("bf16"):
                 status(f"  {summary['sparse_prefill_layers']} of them skip zeros in the prompt GEMM too "

@@ -306,7 +306,8 @@ def prompt_problem(prompt_tokens: int, max_new: int, context: int | None, limit:
         return f"{which} is empty after tokenization; give some text"
     if context is None or prompt_tokens + max_new <= context:
         return None
-    return (f"{which} ({prompt_tokens} tokens) + {limit} ({max_new}) exceeds the model's context of {context} "
+    noun = "token" if prompt_tokens == 1 else "tokens"
+    return (f"{which} ({prompt_tokens} {noun}) + {limit} ({max_new}) exceeds the model's context of {context} "
             f"tokens; shorten the prompt or lower {limit}")
 
 
