@@ -104,7 +104,8 @@ LOSA_ATTN_AVX2 void axpy_avx2(float a, const T* x, float* y, int64_t d) {
 }
 
 // exp of the scores minus their maximum: losa::exp8_nonpositive (losa_kernels.h; 16 lanes as two halves); the few
-// scores past the last whole vector use std::exp. (NaN lanes are not passed on: softmax_numerators sends rows with any NaN elsewhere.)
+// scores past the last whole vector use std::exp. (NaN lanes are not passed on: softmax_numerators sends rows with
+// any NaN elsewhere.)
 using losa::exp8_nonpositive;
 
 // Positions ahead whose key / value rows are prefetched: the cache streams from memory (each position is read
@@ -140,7 +141,6 @@ struct Vec8 {
   static constexpr int W = 8;
   LOSA_ATTN_AVX2 static V zero() { return _mm256_setzero_ps(); }
   LOSA_ATTN_AVX2 static V set1(float f) { return _mm256_set1_ps(f); }
-  LOSA_ATTN_AVX2 static V loadf(const float* p) { return _mm256_loadu_ps(p); }
   LOSA_ATTN_AVX2 static V load(const float* p) { return _mm256_loadu_ps(p); }
   LOSA_ATTN_AVX2 static V load(const uint16_t* p) { return load8(p); }
   LOSA_ATTN_AVX2 static void storef(float* p, V a) { _mm256_storeu_ps(p, a); }
@@ -173,7 +173,6 @@ struct Vec16 {
   static constexpr int W = 16;
   LOSA_ATTN_AVX512 static V zero() { return _mm512_setzero_ps(); }
   LOSA_ATTN_AVX512 static V set1(float f) { return _mm512_set1_ps(f); }
-  LOSA_ATTN_AVX512 static V loadf(const float* p) { return _mm512_loadu_ps(p); }
   LOSA_ATTN_AVX512 static V load(const float* p) { return _mm512_loadu_ps(p); }
   LOSA_ATTN_AVX512 static V load(const uint16_t* p) {
     return _mm512_castsi512_ps(
@@ -184,18 +183,17 @@ struct Vec16 {
   LOSA_ATTN_AVX512 static V add(V a, V b) { return _mm512_add_ps(a, b); }
   LOSA_ATTN_AVX512 static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   LOSA_ATTN_AVX512 static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  // lanes 8..15 of a
+  LOSA_ATTN_AVX512 static __m256 upper(V a) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)); }
   // the two halves through the AVX2 exp (the softmax is a small part of the step)
   LOSA_ATTN_AVX512 static V exp_nonpositive(V x) {
-    const __m256 lo = exp8_nonpositive(_mm512_castps512_ps256(x));
-    const __m256 hi = exp8_nonpositive(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    const __m256 lo = exp8_nonpositive(_mm512_castps512_ps256(x)), hi = exp8_nonpositive(upper(x));
     return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
   }
   LOSA_ATTN_AVX512 static Flag no_nan() { return 0; }
   LOSA_ATTN_AVX512 static Flag nan_seen(Flag f, V x) { return f | _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q); }
   LOSA_ATTN_AVX512 static bool any(Flag f) { return f != 0; }
-  LOSA_ATTN_AVX512 static __m256 halves(V a) {
-    return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-  }
+  LOSA_ATTN_AVX512 static __m256 halves(V a) { return _mm256_add_ps(_mm512_castps512_ps256(a), upper(a)); }
   LOSA_ATTN_AVX512 static float hsum(V a) { return hsum8(halves(a)); }
   LOSA_ATTN_AVX512 static float hmax(V a) { return _mm512_reduce_max_ps(a); }
   LOSA_ATTN_AVX512 static __m128 sums4(V a0, V a1, V a2, V a3) {
@@ -316,7 +314,8 @@ auto attend_at(int level) {
 }
 
 // q [B, H, G, D], k [B, H, S, D], v [B, H, S, Dv], all float32 or all bfloat16; mask None or bool [B, S];
-// isa: the kernel's level (0 scalar, 1 AVX2+FMA, 2 AVX-512; losa::attention_level). Returns [B, H, G, Dv] in the dtype of q.
+// isa: the kernel's level (0 scalar, 1 AVX2+FMA, 2 AVX-512; losa::attention_level). Returns [B, H, G, Dv] in the
+// dtype of q.
 torch::Tensor decode_attn(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                           const c10::optional<torch::Tensor>& mask, double scale, int64_t isa) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attn: q, k, v must be 4-D");

@@ -4,8 +4,8 @@
 // guard): the including file provides `Vec` (the lane operations below), kPrefetch, prefetch_row, block_positions,
 // attend_rows, <immintrin.h> (scores stores 4 sums at a time as __m128) and the standard headers.
 //
-// Vec: static constexpr int W (lanes); type V; zero(), set1(f), loadf(const float*), load(const T*) (float32, or
-// bf16 widened exactly), storef(float*, V), fmadd(a, b, c), add, sub, max; exp_nonpositive(V) (lanes <= 0);
+// Vec: static constexpr int W (lanes); type V; zero(), set1(f), load(const float*) and load(const uint16_t*) (bf16
+// widened exactly), storef(float*, V), fmadd(a, b, c), add, sub, max; exp_nonpositive(V) (lanes <= 0);
 // type Flag with no_nan(), nan_seen(Flag, V) (flags a NaN lane), any(Flag); hsum(V), hmax(V) -> float;
 // sums4(a0, a1, a2, a3) -> __m128 (the four lane sums, in order).
 
@@ -30,7 +30,7 @@ void scores(const float* q, const T* k, int64_t D, int64_t i0, int64_t i1, int64
       for (int p = 0; p < 4; ++p) acc[g][p] = Vec::zero();
     for (int64_t c = 0; c < D; c += W) {
       V qv[GN];
-      for (int g = 0; g < GN; ++g) qv[g] = Vec::loadf(q + g * D + c);
+      for (int g = 0; g < GN; ++g) qv[g] = Vec::load(q + g * D + c);
       for (int p = 0; p < 4; ++p) {
         const V kv = Vec::load(kr[p] + c);
         for (int g = 0; g < GN; ++g) acc[g][p] = Vec::fmadd(qv[g], kv, acc[g][p]);
@@ -43,7 +43,7 @@ void scores(const float* q, const T* k, int64_t D, int64_t i0, int64_t i1, int64
     const T* kr = k + pos(i) * D;
     for (int g = 0; g < GN; ++g) {
       V a = Vec::zero();
-      for (int64_t c = 0; c < D; c += W) a = Vec::fmadd(Vec::loadf(q + g * D + c), Vec::load(kr + c), a);
+      for (int64_t c = 0; c < D; c += W) a = Vec::fmadd(Vec::load(q + g * D + c), Vec::load(kr + c), a);
       out[g][i] = Vec::hsum(a) * scale;
     }
   }
@@ -60,7 +60,7 @@ inline float softmax_numerators(float* s, int64_t n) {
   typename Vec::Flag nan = Vec::no_nan();
   int64_t i = 0;
   for (; i + W <= n; i += W) {
-    const V x = Vec::loadf(s + i);
+    const V x = Vec::load(s + i);
     mv = Vec::max(mv, x);
     nan = Vec::nan_seen(nan, x);
   }
@@ -75,7 +75,7 @@ inline float softmax_numerators(float* s, int64_t n) {
   const V mxv = Vec::set1(mx);
   V sum = Vec::zero();
   for (i = 0; i + W <= n; i += W) {
-    const V e = Vec::exp_nonpositive(Vec::sub(Vec::loadf(s + i), mxv));
+    const V e = Vec::exp_nonpositive(Vec::sub(Vec::load(s + i), mxv));
     Vec::storef(s + i, e);
     sum = Vec::add(sum, e);
   }
@@ -97,7 +97,7 @@ void pv(const float* const* p, const T* v, int64_t Dv, int64_t c, int64_t i0, in
   constexpr int W = Vec::W;
   V acc[GN][NV];
   for (int g = 0; g < GN; ++g)
-    for (int t = 0; t < NV; ++t) acc[g][t] = Vec::loadf(out[g] + c + W * t);
+    for (int t = 0; t < NV; ++t) acc[g][t] = Vec::load(out[g] + c + W * t);
   for (int64_t i = i0; i < i1; ++i) {
     if (pf && i + kPrefetch < n) prefetch_row(v + pos(i + kPrefetch) * Dv, Dv);
     const T* vr = v + pos(i) * Dv + c;
