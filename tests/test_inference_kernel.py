@@ -917,6 +917,22 @@ def test_never_in_the_cache_reads_as_no_batch_large_enough():
     assert "rerun `losa bench-runtime`" in thresholds.advice(2)
 
 
+def test_thresholds_in_use_are_named_with_their_thread_count():
+    """``losa generate`` / ``serve`` print which measured thresholds apply, and say when they were measured at
+    another thread count than the run's (the new-user trial saw nothing printed and 2-thread values used at 1)."""
+    from losa.inference import thresholds
+
+    assert thresholds.in_use(2, 1) is None  # nothing cached: advice() speaks instead
+    thresholds.save({"dense_batch_threshold": 12, "sparse_gemm_batch_threshold": "never", "prefill_rows": [128],
+                     "date": "2026-12-04 06:22 UTC", "threads": 2}, "avx512")
+    line = thresholds.in_use(2, 2)
+    assert line == ("batch-size thresholds measured on this CPU by losa bench-runtime (2026-12-04 06:22 UTC, "
+                    "2 threads): dense_batch_threshold=12, sparse_gemm_batch_threshold=never")
+    assert thresholds.in_use(2, 1) == line + ("; this run uses 1 thread: `losa bench-runtime --threads 1` measures "
+                                              "them for that (the crossovers move with the thread count)")
+    assert thresholds.in_use(1, 2) is None  # another ISA level's entry
+
+
 @pytest.mark.parametrize("fields,expected", [
     ({"vendor_id": "AuthenticAMD", "cpu family": "25", "model": "17"}, True),  # Zen 4 (EPYC 9004)
     ({"vendor_id": "AuthenticAMD", "cpu family": "26", "model": "2"}, False),  # Zen 5

@@ -334,6 +334,51 @@ def test_cli_generate_save_compact_errors(tmp_path, capsys):
     assert (tmp_path / "c.safetensors").is_file()
 
 
+def test_cli_compact_writes_the_file_generate_loads(tmp_path, capsys):
+    """``losa compact`` writes a pruned checkpoint as a compact file without generating (the new-user trial found
+    that only ``generate --save-compact`` did, with a prompt); with float32 values and model its logits are the
+    pruned dense model's. An existing file is refused unless ``--overwrite``, in both commands."""
+    import losa
+    from losa.cli import main
+
+    path = _tiny_checkpoint(tmp_path)
+    out = tmp_path / "c.safetensors"
+    exact = ["--dtype", "float32", "--value-dtype", "float32"]
+    assert main(["compact", path, "--out", str(out), *exact]) == 0
+    assert last_line(capsys.readouterr().err).startswith(f"wrote {out} (")
+    dense, _ = losa.load_model(path)  # the pruned checkpoint, dense layers: the reference
+    base = make_tiny_model("llama", seed=9, hidden=64)  # same architecture, other weights: all replaced from the file
+    load_sparse(base, out)
+    assert sum(isinstance(m, SparseLinear) for m in base.modules()) == 7 * len(base.model.layers)
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(base(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+    # a finished file is not replaced silently
+    assert main(["compact", path, "--out", str(out), *exact]) == 2
+    assert last_line(capsys.readouterr().err) == (f"error: --out {out} already exists; choose another path or pass "
+                                                  "--overwrite to replace it")
+    assert main(["generate", path, "--prompt", "word5", "--save-compact", str(out)]) == 2
+    assert last_line(capsys.readouterr().err) == (f"error: --save-compact {out} already exists; choose another path "
+                                                  "or delete it first to replace it")
+    before = out.stat().st_mtime_ns
+    assert main(["compact", path, "--out", str(out), "--overwrite", "--value-dtype", "bfloat16"]) == 0
+    assert out.stat().st_mtime_ns != before and capsys.readouterr().err.count("bfloat16 values") >= 1
+    # the file given where a model goes: the one-line hint names --compact (the trial got a hub-lookup error)
+    for cmd in (["inspect", str(out)], ["generate", str(out), "--prompt", "word5"], ["eval", "ppl", str(out)]):
+        assert main(cmd) == 2
+        assert last_line(capsys.readouterr().err) == (
+            f"error: {out} is a losa compact file, not a model: load it into the model it was pruned from with "
+            f"`losa generate MODEL --compact {out}` (or losa serve), or give the pruned checkpoint")
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert main(["inspect", str(tmp_path / "notes.txt")]) == 2
+    assert last_line(capsys.readouterr().err) == (f"error: {tmp_path / 'notes.txt'} is a file; give a model directory "
+                                                  "with config.json, a .gguf file, a hub id or a built-in alias")
+    make_tiny_model("llama").save_pretrained(tmp_path / "dense")
+    assert main(["compact", str(tmp_path / "dense"), "--out", str(tmp_path / "d.safetensors")]) == 2
+    assert "has no pruned layer" in last_line(capsys.readouterr().err)
+    assert not (tmp_path / "d.safetensors").exists()
+
+
 def test_cli_compact_file_keeps_its_stored_value_dtype_and_says_so(tmp_path, capsys, monkeypatch):
     """``--value-dtype`` cannot change a compact file's values: the arithmetic line names the stored dtype and a
     different request is a one-line warning."""
@@ -353,12 +398,18 @@ def test_cli_compact_file_keeps_its_stored_value_dtype_and_says_so(tmp_path, cap
                  "--value-dtype", "float32"]) == 0
     out = capsys.readouterr().err.splitlines()  # status lines
     assert out[0] == (f"warning: --value-dtype float32 ignored: {tmp_path / 'c.safetensors'} stores bfloat16 values "
-                      "and they are used as stored (to change it, save the file again from the pruned checkpoint "
-                      "with --save-compact and --value-dtype float32)")
+                      "and they are used as stored (to change it, write the file again: losa compact CHECKPOINT "
+                      "--value-dtype float32)")
     assert "float32 model, bfloat16 values" in out[1] and out[1].startswith("arithmetic")
-    assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "2", *compact, "--value-dtype",
-                 "bfloat16"]) == 0
-    assert not capsys.readouterr().err.startswith("warning")
+    # the file set the values' dtype, not a flag; the sparse layers it holds are counted as after sparsifying
+    assert f"-- bfloat16 values as stored in {tmp_path / 'c.safetensors'}; auto on this CPU:" in out[1]
+    n_linear = 7 * len(model.model.layers)  # q, k, v, o, gate, up, down per layer, all pruned 60 %
+    assert [line for line in out if line.startswith("sparse layers:")][0].startswith(
+        f"sparse layers: {n_linear} (bfloat16 values, float32 compute, float32 prefill, ")
+    for args in ([], ["--value-dtype", "bfloat16"]):
+        assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "2", *compact, *args]) == 0
+        err = capsys.readouterr().err
+        assert not err.startswith("warning") and "--value-dtype" not in err.splitlines()[0]
     assert main(["generate", path, "--prompt", "word5", *compact, "--dense"]) == 2
     assert last_line(capsys.readouterr().err) == "error: --compact loads sparse layers; drop --dense"
     (tmp_path / "junk.safetensors").write_bytes(b"junk")

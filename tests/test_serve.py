@@ -174,6 +174,7 @@ def test_stream_with_stop_string(service):
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": "x", "logprobs": 3}, "logprobs is not supported"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "up to 4"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, 'stream_options is only allowed with "stream": true'),
     ([1, 2], "JSON object"),
 ])
 def test_bad_completion_requests(body, fragment):
@@ -643,4 +644,6 @@ def test_cli_serve_sigterm_stops_cleanly_with_status_0(tmp_path, capsys, monkeyp
     finally:
         signal.signal(signal.SIGTERM, outer)
     assert built[0].socket.fileno() == -1  # closed
-    assert capsys.readouterr().out.splitlines()[-1] == "stopped" and not leaked
+    printed = capsys.readouterr()
+    assert printed.err.splitlines()[-1] == "stopped" and not leaked
+    assert printed.out == ""  # every status line goes to stderr, like generate's

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from losa.errors import LosaError
 
 #: command modules, in help order; a module that is absent (optional feature) is skipped
-COMMAND_MODULES = ("prune", "eval", "inspect", "run", "generate", "serve", "report", "bench_runtime")
+COMMAND_MODULES = ("prune", "eval", "inspect", "run", "generate", "serve", "compact", "report", "bench_runtime")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench-runtime", help="measure the sparse runtime's batch-size thresholds on this CPU",
                        description="Time the sparse row loop, decompressed tiles + dense GEMM, (on CPUs with "
                                    "AVX512-BF16) the zero-skipping bf16 GEMM and (on CPUs with AMX) the AMX tiles "
-                                   "kernel on a random 70 %%-sparse layer at 1-64 batch rows (there the bf16 paths "
+                                   "kernel on a random 70 %-sparse layer at 1-64 batch rows (there the bf16 paths "
                                    "also at 128 and 256 rows, prompt sizes), and cache the crossovers for this CPU model and ISA level "
                                    "(LOSA_SPARSE_ISA included) in $LOSA_CACHE_DIR/runtime_thresholds.json "
                                    "(default ~/.cache/losa). Sparse layers use them from then on. Under a minute.")

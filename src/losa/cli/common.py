@@ -20,6 +20,26 @@ def add_model_arg(p: argparse.ArgumentParser, default: str | None = DEFAULT_MODE
     p.add_argument("--dtype", default="float32", help="weight dtype to load: float32, bfloat16, float16")
 
 
+def check_model_arg(name: str) -> None:
+    """:func:`losa.models.loading.check_model_name`, plus the command that loads a losa compact file given as the
+    model (a file name users try after ``losa compact``).
+
+    Args:
+        name: the MODEL argument.
+    Raises:
+        LosaError: a compact file (naming ``--compact``), or what ``check_model_name`` refuses.
+    """
+    import os
+
+    from losa.export.compact import is_compact_file
+    from losa.models.loading import check_model_name
+
+    if os.path.isfile(name) and is_compact_file(name):
+        raise LosaError(f"{name} is a losa compact file, not a model: load it into the model it was pruned from "
+                        f"with `losa generate MODEL --compact {name}` (or losa serve), or give the pruned checkpoint")
+    check_model_name(name)
+
+
 def add_data_dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None,
                    help="directory with wikitext-2-raw/, c4/, ptb/ ... (default: $LOSA_DATA_DIR, else the HF hub)")
@@ -214,17 +234,32 @@ def use_stored_value_dtype(args: argparse.Namespace) -> None:
         return
     if args.value_dtype not in ("auto", stored):
         status(f"warning: --value-dtype {args.value_dtype} ignored: {args.compact} stores {stored} values and "
-               f"they are used as stored (to change it, save the file again from the pruned checkpoint with --save-compact and --value-dtype {args.value_dtype})")
+               f"they are used as stored (to change it, write the file again: losa compact CHECKPOINT --value-dtype {args.value_dtype})")
     args.value_dtype = stored
 
 
-def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any, str, dict | None]:
+def load_runtime_model(args: argparse.Namespace, purpose: str,
+                       needs_tokenizer: bool = True) -> tuple[Any, Any, str, dict | None]:
     """Load ``args.model`` and swap in the sparse layers as the runtime flags say; prints what it did (to stderr:
     :func:`status`).
 
     ``auto`` dtypes are chosen for this CPU by :func:`losa.inference.arith.choose_arithmetic` (one printed
-    line says what and why); ``--lm-head-dtype`` by :func:`losa.inference.decode.resolve_lm_head_dtype`. Returns ``(model, tokenizer, mode, summary)`` with mode "sparse" or "dense" and
-    the :func:`~losa.inference.sparsify_for_inference` summary (None when nothing was sparsified here).
+    line says what and why); ``--lm-head-dtype`` by :func:`losa.inference.decode.resolve_lm_head_dtype`.
+
+    Args:
+        args: the parsed runtime flags (``model``, ``dtype``, ``value_dtype``, ``prefill_dtype``, ``lm_head_dtype``,
+            ``sparse``, ``compact``, ``threads``).
+        purpose: what the model is loaded for, as the notes name it (e.g. "generation").
+        needs_tokenizer: refuse a model without a tokenizer.
+
+    Returns:
+        ``(model, tokenizer, mode, summary)``: mode "sparse" or "dense"; the
+        :func:`~losa.inference.sparsify_for_inference` summary, or for a ``--compact`` file
+        :func:`~losa.inference.sparsify.sparse_summary`'s (None with ``--dense``).
+
+    Raises:
+        LosaError: a bad flag or ``LOSA_HUGEPAGES``, a model that cannot load, a missing tokenizer (when needed)
+            or an unreadable compact file.
     """
     import torch
 
@@ -233,29 +268,31 @@ def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any
     from losa.inference import load_sparse, sparsify_for_inference, thresholds
     from losa.inference.arith import Requested, choose_arithmetic, detect_isa
     from losa.inference.decode import normalize_lm_head_dtype, resolve_lm_head_dtype, set_lm_head_dtype
-    from losa.models.loading import check_model_name
-
+    from losa.inference.sparsify import sparse_summary
     use_stored_value_dtype(args)
     head_request = normalize_lm_head_dtype(getattr(args, "lm_head_dtype", "auto"))  # bad flags fail before loading
     _kernel.hugepages_enabled()  # and a bad LOSA_HUGEPAGES
-    check_model_name(args.model)  # and a missing model, before the arithmetic line
+    check_model_arg(args.model)  # and a missing model, before the arithmetic line
     if args.threads is not None:
         if args.threads < 1:
             raise LosaError(f"--threads {args.threads} must be at least 1")
         torch.set_num_threads(args.threads)
     choice = choose_arithmetic(detect_isa(use_kernel=args.sparse),
                                Requested(args.dtype, getattr(args, "value_dtype", "auto"),
-                                         getattr(args, "prefill_dtype", "auto")))
+                                         getattr(args, "prefill_dtype", "auto"),
+                                         stored_in=args.compact if args.sparse else None))
     status(choice.line(dense=not args.sparse))
     model, tok = losa.load_model(args.model, dtype=choice.dtype)
-    if tok is None:
+    if tok is None and needs_tokenizer:
         raise LosaError(f"model {args.model} has no tokenizer; {purpose} needs one")
     model.eval()
     mode, summary = ("sparse" if args.sparse else "dense"), None
     if args.compact:  # --dense was refused by use_stored_value_dtype
         load_sparse(model, args.compact, prefill_dtype=choice.prefill_dtype)
+        summary = sparse_summary(model)
     elif args.sparse:
         summary = sparsify_for_inference(model, value_dtype=choice.value_dtype, prefill_dtype=choice.prefill_dtype)
+    if summary is not None:
         if summary["replaced"] == 0:
             mode = "dense"
             status(f"note: no pruned layer found (sparsity < 25 %); {purpose} with dense layers")
@@ -272,6 +309,9 @@ def load_runtime_model(args: argparse.Namespace, purpose: str) -> tuple[Any, Any
         hint = thresholds.advice(_kernel.best_isa())
         if hint:
             status(f"note: {hint}")
+        used = thresholds.in_use(_kernel.best_isa(), torch.get_num_threads())
+        if used:
+            status(used)
     if not args.sparse and head_request == "auto":
         head_request = "float32"  # the dense baseline stays as loaded unless asked
     head = resolve_lm_head_dtype(head_request, next(model.parameters()).dtype)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from losa.cli.common import add_data_dir_arg, add_model_arg, add_quiet_arg, check_window_flags
+from losa.cli.common import (
+    add_data_dir_arg,
+    add_model_arg,
+    add_quiet_arg,
+    check_model_arg,
+    check_window_flags,
+)
 from losa.data.sources import check_eval_datasets
 from losa.errors import LosaError
 
@@ -50,6 +56,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.out:
         check_output_file(args.out, "--out")
+    check_model_arg(args.model)
     model, tok = losa.load_model(args.model, dtype=args.dtype)
     model.to(device)
     results = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from losa.cli.common import add_data_dir_arg, add_model_arg, add_quiet_arg
+from losa.cli.common import add_data_dir_arg, add_model_arg, add_quiet_arg, check_model_arg
 from losa.errors import LosaError
 
 
@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.out:
         check_output_file(args.out, "--out")
+    check_model_arg(args.model)
     if use_local_tasks(args.offline, args.data_dir):
         check_local_tasks(tasks, args.data_dir)
     with progress_disabled(args.quiet):

@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     add_runtime_args(p)
-    p.add_argument("--save-compact", default=None, help="write the sparsified model to this .safetensors file")
+    p.add_argument("--save-compact", default=None,
+                   help="also write the sparsified model to this new .safetensors file (losa compact writes one "
+                        "without generating)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=None,
                    help="with --sample: divide the logits by this before sampling (> 0; default: the model's "
@@ -76,7 +78,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.save_compact:
         if not args.sparse:
             raise LosaError("--save-compact writes the sparse layers; drop --dense")
-        check_output_file(args.save_compact, "--save-compact")
+        check_output_file(args.save_compact, "--save-compact", exists_ok=False)
     model, tok, mode, _ = load_runtime_model(args, "generation")
     ids = tok(args.prompt, return_tensors="pt").input_ids
     problem = prompt_problem(ids.shape[1], args.max_new_tokens, max_context(model), "--max-new-tokens", "--prompt")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from losa.cli.common import add_model_arg
+from losa.cli.common import add_model_arg, check_model_arg
 from losa.pruning.masks import parse_nm
 
 
@@ -29,6 +29,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     nm = parse_nm(args.nm) if args.nm else None
     if args.json_out:
         check_output_file(args.json_out, "--json")
+    check_model_arg(args.model)
     model, _ = losa.load_model(args.model, dtype=args.dtype)
     rep = sparsity_report(model, nm)
     print(f"{'layer':>5}  {'params':>12}  {'sparsity':>8}")

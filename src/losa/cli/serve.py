@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 
-from losa.cli.common import add_model_arg, add_runtime_args, load_runtime_model
+from losa.cli.common import add_model_arg, add_runtime_args, load_runtime_model, status
 from losa.errors import LosaError
 
 #: environment variable holding the API key when --api-key is not given
@@ -121,9 +121,10 @@ def run_serve(args: argparse.Namespace) -> int:
     server = build_server(args)
     settings = server.app.state.settings
     limits = f"timeout {settings.request_timeout:g} s" if settings.request_timeout else "no timeout"
-    print(f"serving {server.app.state.model} on {server.url} (POST /v1/completions, /v1/chat/completions; "
-          f"GET /v1/models, /health; {limits}, up to {settings.max_queue} waiting"
-          f"{', API key required' if settings.api_key else ''}); Ctrl-C stops", flush=True)
+    # status lines go to stderr with the load's (and uvicorn's log): stdout stays empty
+    status(f"serving {server.app.state.model} on {server.url} (POST /v1/completions, /v1/chat/completions; "
+           f"GET /v1/models, /health; {limits}, up to {settings.max_queue} waiting"
+           f"{', API key required' if settings.api_key else ''}); Ctrl-C stops")
     # uvicorn handles SIGINT/SIGTERM while it runs, then raises the signal again under the handler it found:
     # SIGINT's is KeyboardInterrupt; SIGTERM's default would kill the process (status 143) after the clean stop
     main_thread = threading.current_thread() is threading.main_thread()
@@ -131,7 +132,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         server.serve_forever()
     except (KeyboardInterrupt, _Terminated):
-        print("stopped")
+        status("stopped")
     except SystemExit as e:  # uvicorn exits this way when startup fails, after logging why
         raise LosaError("the server failed to start; see the message above") from e
     finally:

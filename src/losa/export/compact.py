@@ -58,7 +58,7 @@ def _read(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, dict], dict
 
     path = Path(path)
     if not path.is_file():
-        raise LosaError(f"compact checkpoint {path} not found; write one with losa.inference.save_sparse or `losa generate ... --save-compact FILE`")
+        raise LosaError(f"compact checkpoint {path} not found; write one with `losa compact CHECKPOINT --out FILE` (or losa.inference.save_sparse)")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -72,8 +72,25 @@ def _read(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, dict], dict
         raise
     except Exception as e:  # noqa: BLE001 - a broken header or tensor: one line
         raise LosaError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); give a file "
-                        "written by save_sparse (losa generate --save-compact)") from None
+                        "written by save_sparse (losa compact)") from None
     return info, data, None if dtype is None else _VALUE_DTYPES.get(dtype, dtype.lower())
+
+
+def is_compact_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a safetensors file written by :func:`save_sparse` (its header has the metadata key).
+
+    Args:
+        path: any path.
+    Returns:
+        True for a readable compact file; False for anything else (missing, unreadable, other files).
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return _KEY in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - not a safetensors file at all
+        return False
 
 
 def stored_value_dtype(path: str | os.PathLike) -> str | None:

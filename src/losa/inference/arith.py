@@ -91,11 +91,14 @@ class Requested:
         dtype: model dtype: "auto", "float32", "bfloat16" or "float16" (aliases fp32/bf16/fp16 accepted).
         value_dtype: stored precision of the sparse weights: "auto", "float32" or "bfloat16".
         prefill_dtype: precision of the prompt GEMM for float32 activations: "auto", "float32" or "bfloat16".
+        stored_in: the compact file whose stored values fix ``value_dtype`` (named in the reason instead of a
+            ``--value-dtype`` flag the user did not give), or None.
     """
 
     dtype: str = "auto"
     value_dtype: str = "auto"
     prefill_dtype: str = "auto"
+    stored_in: str | None = None
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,9 @@ def choose_arithmetic(isa: IsaInfo, requested: Requested = Requested()) -> Choic
     given = [f"{flag} {raw}" for flag, raw, v in (("--dtype", requested.dtype, dtype),
                                                   ("--value-dtype", requested.value_dtype, value_dtype),
                                                   ("--prefill-dtype", requested.prefill_dtype, prefill_dtype))
-             if v != "auto"]
+             if v != "auto" and not (flag == "--value-dtype" and requested.stored_in)]
+    stored = (f"{value_dtype} values as stored in {requested.stored_in}"
+              if requested.stored_in and value_dtype != "auto" else "")
     native = isa.kernel and isa.level == "avx512" and isa.native_bf16
     notes: list[str] = []
     if not isa.kernel:
@@ -215,8 +220,9 @@ def choose_arithmetic(isa: IsaInfo, requested: Requested = Requested()) -> Choic
             prefill = "AMX tiles for short prompts, then " + prefill
     else:
         prefill = "float32 GEMM on decompressed tiles"
-    if given:
-        why = f"{', '.join(given)} as set; auto on this CPU: {why}"
+    if given or stored:
+        set_here = [f"{', '.join(given)} as set"] if given else []
+        why = f"{'; '.join(set_here + ([stored] if stored else []))}; auto on this CPU: {why}"
     return Choice(dtype=dtype, value_dtype=value_dtype, prefill_dtype=prefill_dtype,
                   activations="bfloat16" if bf16_compute else "float32", prefill=prefill,
                   reason="; ".join([why, *notes]), isa=isa.name, dtype_reason=dtype_why)

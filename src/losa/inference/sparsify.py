@@ -69,6 +69,30 @@ class SparsifySummary(TypedDict):
     sparse_prefill_layers: int  #: layers whose large bf16 batches skip zeros (SPARSE_PREFILL_MAX_DENSITY)
 
 
+def sparse_summary(model: nn.Module) -> SparsifySummary:
+    """The :class:`SparsifySummary` of the sparse layers a model already has (e.g. after
+    :func:`~losa.export.compact.load_sparse`), as :func:`sparsify_for_inference` would have reported them.
+
+    Args:
+        model: any module; its :class:`SparseLinear` layers are counted.
+
+    Returns:
+        The summary; ``dense_bytes`` is what the layers' weights take dense in the model's dtype, ``kept_dense`` is
+        0 (a compact file does not say which layers it left dense), ``value_dtype`` / ``prefill_dtype`` are the
+        first layer's ("float32" without sparse layers).
+    """
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    dtype = next(model.parameters()).dtype
+    vdtype = layers[0].value_dtype if layers else torch.float32
+    return {"replaced": len(layers), "kept_dense": 0,
+            "dense_bytes": sum(m.out_features * m.in_features for m in layers) * dtype.itemsize,
+            "sparse_bytes": sum(m.packed.nbytes() for m in layers), "device": "cpu",
+            "value_dtype": str(vdtype).replace("torch.", ""),
+            "prefill_dtype": str(layers[0].prefill_dtype if layers else torch.float32).replace("torch.", ""),
+            "compute": _compute_description(dtype, vdtype),
+            "sparse_prefill_layers": sum(int(m.sparse_prefill) for m in layers)}
+
+
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(full name, module)`` of every linear to consider: the decoder layers' prunable linears of a
     registered Hugging Face family (experts unfused for good), else every ``nn.Linear`` / ``Conv1D`` of

@@ -149,6 +149,35 @@ def advice(isa: int) -> str | None:
     return None
 
 
+def in_use(isa: int, threads: int) -> str | None:
+    """One line saying that thresholds measured by ``losa bench-runtime`` are in use, or None when none are.
+
+    Args:
+        isa: the kernel's ISA code (``losa.inference.kernel.best_isa()``).
+        threads: the threads this run uses (``torch.get_num_threads()``).
+
+    Returns:
+        Which thresholds apply, when and at how many threads they were measured, and, when that thread count
+        differs from ``threads``, the command that measures them at this one (the crossovers move with the
+        thread count; one entry per CPU model and ISA level is kept); None without usable cached thresholds.
+
+    Raises:
+        LosaError: the cache file exists but is not valid JSON.
+    """
+    used = _cached(isa)
+    if not used:
+        return None
+    entry = _entry(isa)
+    names = ", ".join(f"{k}={'never' if v == NEVER else v}" for k, v in used.items())
+    measured = entry.get("threads")
+    line = (f"batch-size thresholds measured on this CPU by losa bench-runtime ({entry.get('date', 'undated')}, "
+            f"{measured if measured is not None else '?'} thread{'s' if measured != 1 else ''}): {names}")
+    if isinstance(measured, int) and measured != threads:
+        line += (f"; this run uses {threads} thread{'s' if threads != 1 else ''}: `losa bench-runtime --threads "
+                 f"{threads}` measures them for that (the crossovers move with the thread count)")
+    return line
+
+
 def cached_thresholds(isa: int) -> dict[str, int]:
     """The thresholds measured on this CPU at ISA level ``isa`` (0/1/2), or ``{}`` when none are cached.
 

@@ -373,7 +373,8 @@ def check_model_name(name: str) -> None:
 
     Raises:
         LosaError: a path that does not exist (a name starting with ``.``, ``/`` or ``~``, or with more than
-            one ``/``); a directory without ``config.json``; a name that is not a local path, has no ``/`` and
+            one ``/``); a file other than ``.gguf``; a directory
+            without ``config.json``; a name that is not a local path, has no ``/`` and
             is one typo away from a built-in alias (it would otherwise go to the hub: for ``smollm2-135`` the
             error says ``did you mean 'smollm2-135m'``).
     """
@@ -384,6 +385,9 @@ def check_model_name(name: str) -> None:
         return
     if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise LosaError(f"model path {name} does not exist; check the path")
+    if os.path.isfile(name):
+        raise LosaError(f"{name} is a file; give a model directory with config.json, a .gguf file, a hub id or a "
+                        "built-in alias")
     if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
         raise LosaError(f"{name} is a directory without config.json; point at a Hugging Face model directory")
     if not os.path.exists(name) and "/" not in name:

@@ -92,7 +92,8 @@ def _kind(path: Path, flag: str) -> str | None:
                         "path") from None
 
 
-def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+def check_output_file(path: str | os.PathLike, flag: str, exists_ok: bool = True,
+                      overwrite_flag: str | None = None) -> Path:
     """Fail before any work when ``path`` cannot become an output file of :func:`atomic_write_bytes`.
 
     The path must not be a directory; its nearest existing parent must be a directory where files can be
@@ -101,14 +102,21 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     Args:
         path: the output file the command will write.
         flag: the option that gave it, e.g. ``--out`` (named in the error).
+        exists_ok: whether an existing file may be replaced (False for a finished artifact, e.g. a model file).
+        overwrite_flag: the option that allows replacing it (named in the error), or None when there is none.
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     Raises:
-        LosaError: ``path`` is a directory, a parent is a file, or a folder cannot be accessed or written.
+        LosaError: ``path`` is a directory, exists while ``exists_ok`` is False, a parent is a file, or a folder
+            cannot be accessed or written.
     """
     path = Path(path)
-    if _kind(path, flag) == "dir":
+    kind = _kind(path, flag)
+    if kind == "dir":
         raise LosaError(f"{flag} {path} is a directory; give the path of a file (e.g. inside it)")
+    if kind == "file" and not exists_ok:
+        how = f"pass {overwrite_flag} to replace it" if overwrite_flag else "delete it first to replace it"
+        raise LosaError(f"{flag} {path} already exists; choose another path or {how}")
     _check_writable(next((p for p in path.parents if _kind(p, flag)), Path(".")), path, flag)
     return path
 
