@@ -761,7 +761,7 @@ def test_bench_runtime_command_writes_the_cache(monkeypatch, capsys):
     assert "cached for" in out and str(thresholds.cache_path()) in out
     data = json.loads(thresholds.cache_path().read_text())
     (key, entry), = data.items()
-    assert key == thresholds.cpu_key(kmod.ISA_NAMES[kmod.best_isa()])
+    assert key == thresholds.cpu_key(kmod.ISA_NAMES[kmod.best_isa()], 1) and key.endswith(" | 1 thread")
     assert entry["shape"] == "96x256" and entry["threads"] == 1 and set(entry["timings_ms"]["loop"]) == {"1", "2", "4"}
     assert 1 <= entry["dense_batch_threshold"] <= 4
     assert ("sparse_gemm_batch_threshold" in entry) == kmod.native_bf16()
@@ -837,7 +837,7 @@ def test_cached_bf16_threshold_from_before_amx_is_not_used(monkeypatch):
     from losa.inference import thresholds
 
     isa = kmod.best_isa() if KERNEL is not None else 2
-    monkeypatch.setattr(thresholds, "cpu_key", lambda name: f"test cpu | {name}")
+    monkeypatch.setattr(thresholds, "cpu_key", lambda name, threads=None: f"test cpu | {name}")
     thresholds.save({"dense_batch_threshold": 7, "dense_batch_threshold_bf16": 12, "prefill_rows": [128],
                      "sparse_gemm_batch_threshold": "never"}, kmod.ISA_NAMES[isa])
     for amx in (True, False):
@@ -928,9 +928,16 @@ def test_thresholds_in_use_are_named_with_their_thread_count():
     line = thresholds.in_use(2, 2)
     assert line == ("batch-size thresholds measured on this CPU by losa bench-runtime (2026-12-04 06:22 UTC, "
                     "2 threads): dense_batch_threshold=12, sparse_gemm_batch_threshold=never")
-    assert thresholds.in_use(2, 1) == line + ("; this run uses 1 thread: `losa bench-runtime --threads 1` measures "
-                                              "them for that (the crossovers move with the thread count)")
+    assert thresholds.in_use(2, 1) == line + ("; none measured at this run's 1 thread: `losa bench-runtime --threads "
+                                              "1` measures them (the crossovers move with the thread count)")
     assert thresholds.in_use(1, 2) is None  # another ISA level's entry
+    # each thread count keeps its own; a count never measured takes the nearest one's
+    thresholds.save({"dense_batch_threshold": 5, "date": "d1", "threads": 1}, "avx512")
+    thresholds.save({"dense_batch_threshold": 30, "date": "d8", "threads": 8}, "avx512")
+    assert [thresholds.cached_thresholds(2, t)["dense_batch_threshold"] for t in (1, 2, 3, 6, 16)] == [5, 12, 12, 30, 30]
+    assert thresholds.in_use(2, 1).startswith("batch-size thresholds measured on this CPU by losa bench-runtime (d1, 1 "
+                                              "thread): dense_batch_threshold=5") and "none" not in thresholds.in_use(2, 1)
+    assert thresholds.cached_thresholds(1, 2) == {}
 
 
 @pytest.mark.parametrize("fields,expected", [

@@ -12,8 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Time the sparse row loop, decompressed tiles + dense GEMM, (on CPUs with "
                                    "AVX512-BF16) the zero-skipping bf16 GEMM and (on CPUs with AMX) the AMX tiles "
                                    "kernel on a random 70 %-sparse layer at 1-64 batch rows (there the bf16 paths "
-                                   "also at 128 and 256 rows, prompt sizes), and cache the crossovers for this CPU model and ISA level "
-                                   "(LOSA_SPARSE_ISA included) in $LOSA_CACHE_DIR/runtime_thresholds.json "
+                                   "also at 128 and 256 rows, prompt sizes), and cache the crossovers for this CPU model, ISA level "
+                                   "(LOSA_SPARSE_ISA included) and thread count in $LOSA_CACHE_DIR/runtime_thresholds.json "
                                    "(default ~/.cache/losa). Sparse layers use them from then on. Under a minute.")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads to measure with (default: torch's choice; use what you will run with)")
@@ -69,5 +69,5 @@ def run_bench_runtime(args: argparse.Namespace) -> int:
         print(f"thresholds: {found} (not written: --dry-run)")
         return 0
     path = thresholds.save(entry, isa.level)
-    print(f"thresholds: {found}; cached for '{thresholds.cpu_key(isa.level)}' in {path}")
+    print(f"thresholds: {found}; cached for '{thresholds.cpu_key(isa.level, entry['threads'])}' in {path}")
     return 0

@@ -3,9 +3,9 @@
 Which path is fastest for a batch of rows (the sparse row loop, decompressed tiles + dense GEMM, the
 zero-skipping bf16 GEMM) depends on the CPU. The built-in thresholds in ``sparse_linear.py`` were measured on
 one machine; ``losa bench-runtime`` measures the crossovers here in under a minute and caches them per CPU
-model and ISA level in ``$LOSA_CACHE_DIR/runtime_thresholds.json`` (default ``~/.cache/losa``). Layers use a
-cached value where one exists for the running CPU and ISA (``LOSA_SPARSE_ISA`` included), else the built-in
-default; whether bf16 prompts take the zero-skipping GEMM at all defaults per kind of CPU
+model, ISA level and thread count in ``$LOSA_CACHE_DIR/runtime_thresholds.json`` (default ``~/.cache/losa``).
+Layers use a cached value where one exists for the running CPU and ISA (``LOSA_SPARSE_ISA`` included), measured
+at the thread count they run with or else at the nearest one measured, else the built-in default; whether bf16 prompts take the zero-skipping GEMM at all defaults per kind of CPU
 (:func:`sparse_gemm_by_default`). An explicit ``dense_batch_threshold`` on a layer always wins.
 
 Keys of a cache entry: ``dense_batch_threshold`` (float32 activations: row loop up to this many rows, then
@@ -60,11 +60,20 @@ def cache_path() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "losa" / CACHE_NAME
 
 
-def cpu_key(isa_name: str) -> str:
-    """Cache key: the CPU model name and the ISA level the kernel runs at, e.g. ``"AMD EPYC 7763 | avx2"``."""
+def cpu_key(isa_name: str, threads: int | None = None) -> str:
+    """Cache key: the CPU model name, the ISA level the kernel runs at and the thread count measured with, e.g.
+    ``"AMD EPYC 7763 | avx2 | 2 threads"`` (``threads`` None: the key of entries written before thread counts were
+    keyed, ``"AMD EPYC 7763 | avx2"``)."""
     from losa.inference.arith import _cpu_model
 
-    return f"{_cpu_model()} | {isa_name}"
+    key = f"{_cpu_model()} | {isa_name}"
+    return key if threads is None else f"{key} | {threads} thread{'s' if threads != 1 else ''}"
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _read(path: Path) -> dict:
@@ -79,13 +88,26 @@ def _read(path: Path) -> dict:
     return data
 
 
-@lru_cache(maxsize=8)
-def _entry(isa: int) -> dict:
-    # read once per process and ISA level (forward calls this per layer and token); clear() rereads
+@lru_cache(maxsize=16)
+def _entry(isa: int, threads: int) -> dict:
+    """The entry measured on this CPU and ISA level at ``threads`` threads, else the one measured at the nearest
+    thread count (an entry without a thread count, written before they were keyed, counts as measured at its
+    ``threads`` field), else ``{}``. Read once per process, ISA level and thread count (forward calls this per
+    layer and token); :func:`clear` rereads."""
     from losa.inference.kernel import ISA_NAMES
 
-    entry = _read(cache_path()).get(cpu_key(ISA_NAMES[isa]))
-    return entry if isinstance(entry, dict) else {}
+    data = _read(cache_path())
+    base = cpu_key(ISA_NAMES[isa])
+    exact = data.get(cpu_key(ISA_NAMES[isa], threads))
+    if isinstance(exact, dict):
+        return exact
+    others = [v for k, v in data.items() if isinstance(v, dict) and (k == base or k.startswith(base + " | "))]
+
+    def distance(entry: dict) -> int:
+        measured = entry.get("threads")
+        return abs(measured - threads) if isinstance(measured, int) else 0
+
+    return min(others, key=distance) if others else {}
 
 
 def _stale_bf16_rows(entry: dict, isa: int) -> bool:
@@ -107,9 +129,9 @@ def _stale_sparse_gemm(entry: dict) -> bool:
     return "sparse_gemm_batch_threshold" in entry and "prefill_rows" not in entry
 
 
-@lru_cache(maxsize=8)
-def _cached(isa: int) -> dict:
-    entry, out = _entry(isa), {}
+@lru_cache(maxsize=16)
+def _cached(isa: int, threads: int) -> dict:
+    entry, out = _entry(isa, threads), {}
     for name in KEYS:
         value = entry.get(name)
         if name == "sparse_gemm_batch_threshold" and _stale_sparse_gemm(entry):
@@ -123,11 +145,12 @@ def _cached(isa: int) -> dict:
     return out
 
 
-def advice(isa: int) -> str | None:
+def advice(isa: int, threads: int | None = None) -> str | None:
     """What to run when the cache has no usable thresholds for this CPU and ISA level, or None.
 
     Args:
         isa: the kernel's ISA code (``losa.inference.kernel.best_isa()``).
+        threads: the thread count the thresholds are for (None: ``torch.get_num_threads()``).
 
     Returns:
         One line naming ``losa bench-runtime`` when nothing is cached here or when the cached entry predates the
@@ -136,7 +159,7 @@ def advice(isa: int) -> str | None:
     Raises:
         LosaError: the cache file exists but is not valid JSON.
     """
-    entry = _entry(isa)
+    entry = _entry(isa, threads or _threads())
     if not entry:
         return ("batch-size thresholds are the built-in defaults; `losa bench-runtime` measures them on this CPU "
                 "(under a minute, cached)")
@@ -157,35 +180,37 @@ def in_use(isa: int, threads: int) -> str | None:
         threads: the threads this run uses (``torch.get_num_threads()``).
 
     Returns:
-        Which thresholds apply, when and at how many threads they were measured, and, when that thread count
-        differs from ``threads``, the command that measures them at this one (the crossovers move with the
-        thread count; one entry per CPU model and ISA level is kept); None without usable cached thresholds.
+        Which thresholds apply, when and at how many threads they were measured, and, when none were measured at
+        ``threads`` (those of the nearest thread count apply), the command that measures them at this one (the
+        crossovers move with the thread count; each count's are kept); None without usable cached thresholds.
 
     Raises:
         LosaError: the cache file exists but is not valid JSON.
     """
-    used = _cached(isa)
+    used = _cached(isa, threads)
     if not used:
         return None
-    entry = _entry(isa)
+    entry = _entry(isa, threads)
     names = ", ".join(f"{k}={'never' if v == NEVER else v}" for k, v in used.items())
     measured = entry.get("threads")
     line = (f"batch-size thresholds measured on this CPU by losa bench-runtime ({entry.get('date', 'undated')}, "
             f"{measured if measured is not None else '?'} thread{'s' if measured != 1 else ''}): {names}")
     if isinstance(measured, int) and measured != threads:
-        line += (f"; this run uses {threads} thread{'s' if threads != 1 else ''}: `losa bench-runtime --threads "
-                 f"{threads}` measures them for that (the crossovers move with the thread count)")
+        line += (f"; none measured at this run's {threads} thread{'s' if threads != 1 else ''}: `losa bench-runtime "
+                 f"--threads {threads}` measures them (the crossovers move with the thread count)")
     return line
 
 
-def cached_thresholds(isa: int) -> dict[str, int]:
+def cached_thresholds(isa: int, threads: int | None = None) -> dict[str, int]:
     """The thresholds measured on this CPU at ISA level ``isa`` (0/1/2), or ``{}`` when none are cached.
 
     Args:
         isa: the kernel's ISA code (``losa.inference.kernel.best_isa()``).
+        threads: the thread count they are for (None: ``torch.get_num_threads()``, what the caller runs with);
+            where none were measured at it, those of the nearest thread count measured apply.
 
     Returns:
-        A dict with a subset of :data:`KEYS`, read once per process and ISA level (a later change of the file
+        A dict with a subset of :data:`KEYS`, read once per process, ISA level and thread count (a later change of the file
         or of ``LOSA_CACHE_DIR`` is seen after :func:`clear`; :func:`save` clears). A cached ``"never"`` reads as
         :data:`NEVER`; the sparse GEMM threshold of an entry without ``prefill_rows`` (written before prompt
         sizes were timed) is left out, so this kind of CPU's default applies (:func:`sparse_gemm_enabled`).
@@ -193,7 +218,7 @@ def cached_thresholds(isa: int) -> dict[str, int]:
     Raises:
         LosaError: the cache file exists but is not valid JSON.
     """
-    return _cached(isa)
+    return _cached(isa, threads or _threads())
 
 
 def sparse_gemm_by_default(fields: dict[str, str] | None = None) -> bool:
@@ -253,12 +278,14 @@ def clear() -> None:
 
 
 def save(entry: dict, isa_name: str) -> Path:
-    """Store ``entry`` for this CPU and ISA level in the cache file; returns its path."""
+    """Store ``entry`` for this CPU, ISA level and its ``threads`` (when the entry has that field) in the cache file,
+    beside the entries of other thread counts; returns its path."""
     from losa.utils.io import atomic_write_json
 
     path = cache_path()
     data = _read(path)
-    data[cpu_key(isa_name)] = entry
+    threads = entry.get("threads")
+    data[cpu_key(isa_name, threads if isinstance(threads, int) else None)] = entry
     atomic_write_json(path, data)
     clear()
     return path
