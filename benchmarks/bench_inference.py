@@ -70,7 +70,7 @@ def keep_mask(w: torch.Tensor, pattern: str) -> torch.Tensor:
     return unstructured_mask(score, float(pattern.rstrip("%")) / 100, per_row=True)
 
 
-def machine_info() -> dict:
+def machine_info(threads: tuple[int, ...] = (1, 2)) -> dict:
     from _provenance import commit
     from _provenance import cpu as cpu_info
 
@@ -78,8 +78,12 @@ def machine_info() -> dict:
 
     from losa.inference import thresholds
 
-    measured = {key: ("never" if v == thresholds.NEVER else v)
-                for key, v in thresholds.cached_thresholds(kmod.best_isa()).items()} if k else {}
+    # the cached thresholds in use at each thread count the benchmark runs (each count has its own entry)
+    measured = {f"{t} thread{'s' if t != 1 else ''}": {key: ("never" if v == thresholds.NEVER else v)
+                                                      for key, v in thresholds.cached_thresholds(kmod.best_isa(),
+                                                                                                 t).items()}
+                for t in threads} if k else {}
+    measured = {t: v for t, v in measured.items() if v}
     return {"cpu": host["cpu"], "cpu_generation": host.get("cpu_generation", ""), "commit": commit(),
             "thresholds": measured or ("built-in defaults (no losa bench-runtime cache for this CPU)" if k
                                        else "none (the kernel is not built)"),

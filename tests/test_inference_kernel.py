@@ -935,6 +935,9 @@ def test_thresholds_in_use_are_named_with_their_thread_count():
     thresholds.save({"dense_batch_threshold": 5, "date": "d1", "threads": 1}, "avx512")
     thresholds.save({"dense_batch_threshold": 30, "date": "d8", "threads": 8}, "avx512")
     assert [thresholds.cached_thresholds(2, t)["dense_batch_threshold"] for t in (1, 2, 3, 6, 16)] == [5, 12, 12, 30, 30]
+    thresholds.save({"dense_batch_threshold": 20, "threads": 4}, "avx512")  # 6 is as near to 4 as to 8: the lower
+    thresholds.save({"dense_batch_threshold": 99}, "avx512")  # no thread count (a hand-made entry): the farthest
+    assert [thresholds.cached_thresholds(2, t)["dense_batch_threshold"] for t in (3, 6, 7)] == [12, 20, 30]
     assert thresholds.in_use(2, 1).startswith("batch-size thresholds measured on this CPU by losa bench-runtime (d1, 1 "
                                               "thread): dense_batch_threshold=5") and "none" not in thresholds.in_use(2, 1)
     assert thresholds.cached_thresholds(1, 2) == {}

@@ -9,6 +9,7 @@ from conftest import make_tiny_model, make_tiny_tokenizer, prune_random
 from losa.errors import LosaError
 from losa.inference import SparseLinear, load_sparse, save_sparse, sparsify_for_inference
 from losa.inference.formats import PAD
+from losa.inference.sparsify import sparse_summary
 from losa.models.linear import get_weight, is_prunable, set_weight
 from losa.models.registry import get_decoder_layers, linear_modules
 
@@ -122,12 +123,15 @@ def test_compact_checkpoint_roundtrip_and_size(tmp_path, value_dtype):
     model = make_tiny_model("llama", layers=2, hidden=128, vocab=64)
     prune_random(model, 0.7)
     save_model(model, str(tmp_path / "dense.safetensors"))
-    sparsify_for_inference(model, value_dtype=value_dtype)
+    summary = sparsify_for_inference(model, value_dtype=value_dtype)
     expected = dense_weights(model)
     path = save_sparse(model, tmp_path / "sparse.safetensors")
 
     fresh = make_tiny_model("llama", layers=2, hidden=128, vocab=64, seed=7)  # different weights
     load_sparse(fresh, path)
+    # the loaded layers are counted as sparsifying counted them (the status line of a --compact load)
+    assert sparse_summary(fresh) == summary and summary["replaced"] == 7 * 2
+    assert summary["dense_bytes"] == sum(w.numel() for w in expected.values()) * 4
     got = dense_weights(fresh)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
     ids = torch.randint(3, 64, (1, 6))
@@ -340,6 +344,7 @@ def test_cli_compact_writes_the_file_generate_loads(tmp_path, capsys):
     pruned dense model's. An existing file is refused unless ``--overwrite``, in both commands."""
     import losa
     from losa.cli import main
+    from losa.export.compact import stored_value_dtype
 
     path = _tiny_checkpoint(tmp_path)
     out = tmp_path / "c.safetensors"
@@ -360,11 +365,13 @@ def test_cli_compact_writes_the_file_generate_loads(tmp_path, capsys):
     assert main(["generate", path, "--prompt", "word5", "--save-compact", str(out)]) == 2
     assert last_line(capsys.readouterr().err) == (f"error: --save-compact {out} already exists; choose another path "
                                                   "or delete it first to replace it")
-    before = out.stat().st_mtime_ns
+    assert stored_value_dtype(out) == "float32"
     assert main(["compact", path, "--out", str(out), "--overwrite", "--value-dtype", "bfloat16"]) == 0
-    assert out.stat().st_mtime_ns != before and capsys.readouterr().err.count("bfloat16 values") >= 1
+    assert stored_value_dtype(out) == "bfloat16"
+    capsys.readouterr()
     # the file given where a model goes: the one-line hint names --compact (the trial got a hub-lookup error)
-    for cmd in (["inspect", str(out)], ["generate", str(out), "--prompt", "word5"], ["eval", "ppl", str(out)]):
+    for cmd in (["inspect", str(out)], ["generate", str(out), "--prompt", "word5"], ["eval", "ppl", str(out)],
+                ["prune", str(out), "--method", "magnitude", "--no-save"], ["run", str(out), "--out", str(tmp_path / "r")]):
         assert main(cmd) == 2
         assert last_line(capsys.readouterr().err) == (
             f"error: {out} is a losa compact file, not a model: load it into the model it was pruned from with "
@@ -399,7 +406,7 @@ def test_cli_compact_file_keeps_its_stored_value_dtype_and_says_so(tmp_path, cap
     out = capsys.readouterr().err.splitlines()  # status lines
     assert out[0] == (f"warning: --value-dtype float32 ignored: {tmp_path / 'c.safetensors'} stores bfloat16 values "
                       "and they are used as stored (to change it, write the file again: losa compact CHECKPOINT "
-                      "--value-dtype float32)")
+                      "--out FILE --value-dtype float32)")
     assert "float32 model, bfloat16 values" in out[1] and out[1].startswith("arithmetic")
     # the file set the values' dtype, not a flag; the sparse layers it holds are counted as after sparsifying
     assert f"-- bfloat16 values as stored in {tmp_path / 'c.safetensors'}; auto on this CPU:" in out[1]

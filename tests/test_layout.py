@@ -85,10 +85,16 @@ def test_every_help_text_renders_percent_signs_once():
     new-user trial's bench-runtime --help). Every command's rendered help has single percent signs."""
     from losa.cli import build_parser
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.choices and "prune" in a.choices)
-    bad = [name for name, p in sub.choices.items() if "%%" in p.format_help()]
-    assert len(sub.choices) >= 9 and not bad, bad
+    def commands(parser, prefix=""):  # every (sub)command's parser, nested ones (eval ppl) included
+        for action in parser._actions:
+            if isinstance(action.choices, dict):
+                for name, sub in action.choices.items():
+                    yield f"{prefix}{name}", sub
+                    yield from commands(sub, f"{prefix}{name} ")
+
+    found = dict(commands(build_parser()))
+    bad = [name for name, p in found.items() if "%%" in p.format_help()]
+    assert {"compact", "bench-runtime", "eval ppl", "eval zeroshot"} <= set(found) and not bad, bad
 
 
 # ---------------------------------------------------------------------------------------------- configs

@@ -174,7 +174,7 @@ def test_stream_with_stop_string(service):
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": "x", "logprobs": 3}, "logprobs is not supported"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "up to 4"),
-    ({"prompt": "x", "stream_options": {"include_usage": True}}, 'stream_options is only allowed with "stream": true'),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, 'stream_options.include_usage needs "stream": true'),
     ([1, 2], "JSON object"),
 ])
 def test_bad_completion_requests(body, fragment):

@@ -234,12 +234,12 @@ def use_stored_value_dtype(args: argparse.Namespace) -> None:
         return
     if args.value_dtype not in ("auto", stored):
         status(f"warning: --value-dtype {args.value_dtype} ignored: {args.compact} stores {stored} values and "
-               f"they are used as stored (to change it, write the file again: losa compact CHECKPOINT --value-dtype {args.value_dtype})")
+               f"they are used as stored (to change it, write the file again: losa compact CHECKPOINT --out FILE --value-dtype {args.value_dtype})")
     args.value_dtype = stored
 
 
 def load_runtime_model(args: argparse.Namespace, purpose: str,
-                       needs_tokenizer: bool = True) -> tuple[Any, Any, str, dict | None]:
+                       to_run: bool = True) -> tuple[Any, Any, str, dict | None]:
     """Load ``args.model`` and swap in the sparse layers as the runtime flags say; prints what it did (to stderr:
     :func:`status`).
 
@@ -250,7 +250,8 @@ def load_runtime_model(args: argparse.Namespace, purpose: str,
         args: the parsed runtime flags (``model``, ``dtype``, ``value_dtype``, ``prefill_dtype``, ``lm_head_dtype``,
             ``sparse``, ``compact``, ``threads``).
         purpose: what the model is loaded for, as the notes name it (e.g. "generation").
-        needs_tokenizer: refuse a model without a tokenizer.
+        to_run: the model runs here (False: it is only written, ``losa compact``): a tokenizer is required and the
+            notes on what runs (no pruned layer, batch-size thresholds) are printed.
 
     Returns:
         ``(model, tokenizer, mode, summary)``: mode "sparse" or "dense"; the
@@ -283,7 +284,7 @@ def load_runtime_model(args: argparse.Namespace, purpose: str,
                                          stored_in=args.compact if args.sparse else None))
     status(choice.line(dense=not args.sparse))
     model, tok = losa.load_model(args.model, dtype=choice.dtype)
-    if tok is None and needs_tokenizer:
+    if tok is None and to_run:
         raise LosaError(f"model {args.model} has no tokenizer; {purpose} needs one")
     model.eval()
     mode, summary = ("sparse" if args.sparse else "dense"), None
@@ -295,7 +296,8 @@ def load_runtime_model(args: argparse.Namespace, purpose: str,
     if summary is not None:
         if summary["replaced"] == 0:
             mode = "dense"
-            status(f"note: no pruned layer found (sparsity < 25 %); {purpose} with dense layers")
+            if to_run:
+                status(f"note: no pruned layer found (sparsity < 25 %); {purpose} with dense layers")
         else:
             # the prefill dtype applies to a float32 model's prompts (a bf16 model's run in bf16)
             prefill = (f"{summary['prefill_dtype']} prefill, " if choice.dtype == "float32" else "")
@@ -305,7 +307,7 @@ def load_runtime_model(args: argparse.Namespace, purpose: str,
             if summary["sparse_prefill_layers"] and summary["compute"].startswith("bf16"):
                 status(f"  {summary['sparse_prefill_layers']} of them skip zeros in the prompt GEMM too "
                        "(>= 65 % sparse; the others decompress tiles for a dense bf16 GEMM)")
-    if mode == "sparse" and _kernel.load_kernel() is not None:
+    if to_run and mode == "sparse" and _kernel.load_kernel() is not None:
         hint = thresholds.advice(_kernel.best_isa())
         if hint:
             status(f"note: {hint}")

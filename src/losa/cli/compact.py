@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--value-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="stored precision of the sparse weights (default: auto = bfloat16 where the compiled kernel "
-                        "runs: half the bytes; float32 keeps them exact)")
+                        "runs: half the bytes; float32 with --dtype float32 keeps them exact: --dtype auto loads a "
+                        "bf16 model on CPUs with AVX512-BF16)")
     p.set_defaults(dtype="auto")
     next(a for a in p._actions if a.dest == "dtype").help = (
         "dtype of the other weights in the file (embedding, norms): auto, float32, bfloat16, float16 (default: auto "
@@ -54,7 +55,7 @@ def run_compact(args: argparse.Namespace) -> int:
     from losa.utils.io import check_output_file
 
     check_output_file(args.out, "--out", exists_ok=args.overwrite, overwrite_flag="--overwrite")
-    model, _, mode, summary = load_runtime_model(args, "compacting", needs_tokenizer=False)
+    model, _, mode, summary = load_runtime_model(args, "compacting", to_run=False)
     if mode == "dense":
         from losa.errors import LosaError
 

@@ -9,6 +9,7 @@ from losa.cli.common import (
     add_model_arg,
     add_quiet_arg,
     add_recipe_args,
+    check_model_arg,
     config_from_args,
     eval_settings,
 )
@@ -64,6 +65,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
     calib = (f"calibration {cfg.calib} {cfg.nsamples}x{cfg.seqlen} seed {cfg.seed}"
              if get_pruner(cfg.method).stat is not None else "no calibration needed")
+    check_model_arg(args.model)
     print(f"losa prune: {args.model} | {cfg.describe()} | {calib}")
     model, tok = losa.load_model(args.model, dtype=args.dtype)
     if datasets:

@@ -11,6 +11,7 @@ from losa.cli.common import (
     add_model_arg,
     add_quiet_arg,
     add_recipe_args,
+    check_model_arg,
     config_from_args,
     eval_settings,
     refuse_ignored,
@@ -66,6 +67,7 @@ def run_losa(args: argparse.Namespace) -> int:
         raise LosaError("--eval-every-step needs perplexity data: pass --data-dir (or --eval with a text file)")
     if cfg.finetunes:
         check_environment(cfg.finetune)
+    check_model_arg(args.model)
     print(f"losa run: {args.model} | {cfg.method} S={cfg.target_sparsity:.2f} T={cfg.steps} allocator="
           f"{cfg.effective_allocator} ranks={'allocated' if cfg.rank_allocation else 'uniform'} -> {out}")
     if not cfg.finetunes:

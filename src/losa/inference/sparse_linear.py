@@ -262,8 +262,9 @@ def plan_decode(values: torch.Tensor, small: bool, threshold: int | None) -> Dec
     :class:`~losa.inference.decode.LeanDecoder` therefore plans each layer once: steps with few rows then
     call the kernel's row loop directly (:func:`planned_row_loop`), from a compiled graph as the dispatcher
     op ``losa_sparse_kernels::spmm``; larger batches keep the full dispatch. A later change of
-    ``LOSA_SPARSE_ISA``, of the threshold cache (after :func:`losa.inference.thresholds.clear`) or of the
-    layer's ``dense_batch_threshold`` is seen after planning again (``plan_decode()`` on the layer);
+    ``LOSA_SPARSE_ISA``, of the threshold cache (after :func:`losa.inference.thresholds.clear`), of torch's
+    thread count (which selects the cached thresholds) or of the layer's ``dense_batch_threshold`` is seen after
+    planning again (``plan_decode()`` on the layer);
     ``layer.decode_plan = None`` removes the plan.
 
     Args:

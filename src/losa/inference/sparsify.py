@@ -83,14 +83,27 @@ def sparse_summary(model: nn.Module) -> SparsifySummary:
     """
     layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
     dtype = next(model.parameters()).dtype
-    vdtype = layers[0].value_dtype if layers else torch.float32
-    return {"replaced": len(layers), "kept_dense": 0,
-            "dense_bytes": sum(m.out_features * m.in_features for m in layers) * dtype.itemsize,
-            "sparse_bytes": sum(m.packed.nbytes() for m in layers), "device": "cpu",
-            "value_dtype": str(vdtype).replace("torch.", ""),
-            "prefill_dtype": str(layers[0].prefill_dtype if layers else torch.float32).replace("torch.", ""),
-            "compute": _compute_description(dtype, vdtype),
-            "sparse_prefill_layers": sum(int(m.sparse_prefill) for m in layers)}
+    summary = _empty_summary(dtype, layers[0].value_dtype if layers else torch.float32,
+                             layers[0].prefill_dtype if layers else torch.float32, "cpu")
+    for m in layers:
+        _count(summary, m, m.out_features * m.in_features * dtype.itemsize)
+    return summary
+
+
+def _empty_summary(model_dtype: torch.dtype, vdtype: torch.dtype, prefill_dtype: torch.dtype,
+                   device: str) -> SparsifySummary:
+    """A :class:`SparsifySummary` with nothing counted yet."""
+    return {"replaced": 0, "kept_dense": 0, "dense_bytes": 0, "sparse_bytes": 0, "device": device,
+            "value_dtype": str(vdtype).replace("torch.", ""), "prefill_dtype": str(prefill_dtype).replace("torch.", ""),
+            "compute": _compute_description(model_dtype, vdtype), "sparse_prefill_layers": 0}
+
+
+def _count(summary: SparsifySummary, layer: SparseLinear, dense_bytes: int) -> None:
+    """Add one CPU sparse layer (whose dense weight took ``dense_bytes``) to ``summary``."""
+    summary["replaced"] += 1
+    summary["dense_bytes"] += dense_bytes
+    summary["sparse_bytes"] += layer.packed.nbytes()
+    summary["sparse_prefill_layers"] += int(layer.sparse_prefill)
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -169,10 +182,8 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
         raise LosaError("sparsify_for_inference needs every weight in memory, and this model is offloaded by "
                         "accelerate; load it without offloading (no device_map with max_memory/offload_folder)")
     device = next(model.parameters()).device
-    summary: SparsifySummary = {"replaced": 0, "kept_dense": 0, "dense_bytes": 0, "sparse_bytes": 0, "device": device.type,
-               "value_dtype": str(vdtype).replace("torch.", ""),
-               "prefill_dtype": str(resolve_value_dtype(prefill_dtype, 'prefill_dtype')).replace("torch.", ""),
-               "compute": _compute_description(next(model.parameters()).dtype, vdtype), "sparse_prefill_layers": 0}
+    summary = _empty_summary(next(model.parameters()).dtype, vdtype, resolve_value_dtype(prefill_dtype, "prefill_dtype"),
+                             device.type)
     for name, mod in _candidates(model):
         w = get_weight(mod).detach()
         sparsity = float((w == 0).float().mean())
@@ -189,11 +200,8 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
             raise LosaError(f"sparse inference supports CPU (and CUDA 2:4), not {device.type}; move the model to CPU")
         bias = getattr(mod, "bias", None)
         new = SparseLinear.from_dense(w, bias, vdtype, fmt, dense_batch_threshold, prefill_dtype)
-        summary["dense_bytes"] += w.numel() * w.element_size()
-        summary["sparse_bytes"] += new.packed.nbytes()
         replace_module(model, name, new)
-        summary["replaced"] += 1
-        summary["sparse_prefill_layers"] += int(new.sparse_prefill)
+        _count(summary, new, w.numel() * w.element_size())
     if device.type == "cuda" and summary["replaced"] == 0:
         log.warning("no 2:4 fp16/bf16 layer found: CUDA semi-structured sparsity needs 2:4 masks and a "
                     "half-precision model (load with dtype='bfloat16')")

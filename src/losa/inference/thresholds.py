@@ -92,8 +92,9 @@ def _read(path: Path) -> dict:
 def _entry(isa: int, threads: int) -> dict:
     """The entry measured on this CPU and ISA level at ``threads`` threads, else the one measured at the nearest
     thread count (an entry without a thread count, written before they were keyed, counts as measured at its
-    ``threads`` field), else ``{}``. Read once per process, ISA level and thread count (forward calls this per
-    layer and token); :func:`clear` rereads."""
+    ``threads`` field; one without that field counts as the farthest), else ``{}``; between two counts equally
+    near, the lower. Read once per process, ISA level and thread count (forward calls this per layer and token);
+    :func:`clear` rereads."""
     from losa.inference.kernel import ISA_NAMES
 
     data = _read(cache_path())
@@ -103,9 +104,9 @@ def _entry(isa: int, threads: int) -> dict:
         return exact
     others = [v for k, v in data.items() if isinstance(v, dict) and (k == base or k.startswith(base + " | "))]
 
-    def distance(entry: dict) -> int:
+    def distance(entry: dict) -> tuple[int, int]:
         measured = entry.get("threads")
-        return abs(measured - threads) if isinstance(measured, int) else 0
+        return (abs(measured - threads), measured) if isinstance(measured, int) else (1 << 30, 0)
 
     return min(others, key=distance) if others else {}
 

@@ -99,7 +99,7 @@ class SamplingFields(BaseModel):
         if extra.get("best_of") not in (None, 1):
             raise ValueError("best_of is not supported by losa serve; drop it from the request")
         if self.include_usage and not self.stream:  # would be ignored: OpenAI's API refuses it too
-            raise ValueError('stream_options is only allowed with "stream": true; set stream or drop stream_options')
+            raise ValueError('stream_options.include_usage needs "stream": true; set stream or drop stream_options')
         return self
 
     @property
