@@ -344,13 +344,18 @@ def test_cli_compact_writes_the_file_generate_loads(tmp_path, capsys):
     pruned dense model's. An existing file is refused unless ``--overwrite``, in both commands."""
     import losa
     from losa.cli import main
-    from losa.export.compact import stored_value_dtype
+    from losa.export.compact import compact_source_model, stored_value_dtype
 
-    path = _tiny_checkpoint(tmp_path)
+    model = make_tiny_model("llama", seed=4, hidden=64)
+    prune_random(model, 0.6)
+    path = str(tmp_path / "m")  # as losa prune writes it: losa.json names the model it was pruned from
+    losa.save_checkpoint(model, make_tiny_tokenizer(), path, {"source_model": "tiny-base", "recipe": {}})
     out = tmp_path / "c.safetensors"
     exact = ["--dtype", "float32", "--value-dtype", "float32"]
     assert main(["compact", path, "--out", str(out), *exact]) == 0
-    assert last_line(capsys.readouterr().err).startswith(f"wrote {out} (")
+    wrote = last_line(capsys.readouterr().err)
+    assert wrote.startswith(f"wrote {out} (") and f"load it with `losa generate tiny-base --compact {out}`" in wrote
+    assert compact_source_model(out) == "tiny-base"
     dense, _ = losa.load_model(path)  # the pruned checkpoint, dense layers: the reference
     base = make_tiny_model("llama", seed=9, hidden=64)  # same architecture, other weights: all replaced from the file
     load_sparse(base, out)
@@ -374,16 +379,34 @@ def test_cli_compact_writes_the_file_generate_loads(tmp_path, capsys):
                 ["prune", str(out), "--method", "magnitude", "--no-save"], ["run", str(out), "--out", str(tmp_path / "r")]):
         assert main(cmd) == 2
         assert last_line(capsys.readouterr().err) == (
-            f"error: {out} is a losa compact file, not a model: load it into the model it was pruned from with "
-            f"`losa generate MODEL --compact {out}` (or losa serve), or give the pruned checkpoint")
+            f"error: {out} is a losa compact file, not a model: load it into tiny-base with "
+            f"`losa generate tiny-base --compact {out}` (or losa serve), or give the pruned checkpoint")
+    # and the other way round: a checkpoint directory or a plain safetensors file given to --compact
+    assert main(["generate", path, "--prompt", "word5", "--compact", path]) == 2
+    assert last_line(capsys.readouterr().err) == (
+        f"error: compact checkpoint {path} is a directory (a model checkpoint?): give it as MODEL, or write a compact "
+        f"file from it with `losa compact {path} --out FILE`")
+    assert main(["generate", path, "--prompt", "word5", "--compact", f"{path}/model.safetensors"]) == 2
+    assert last_line(capsys.readouterr().err).endswith(
+        "no 'losa_sparse' metadata); write one from the pruned checkpoint with `losa compact CHECKPOINT --out FILE`")
     (tmp_path / "notes.txt").write_text("not a model")
     assert main(["inspect", str(tmp_path / "notes.txt")]) == 2
     assert last_line(capsys.readouterr().err) == (f"error: {tmp_path / 'notes.txt'} is a file; give a model directory "
                                                   "with config.json, a .gguf file, a hub id or a built-in alias")
     make_tiny_model("llama").save_pretrained(tmp_path / "dense")
     assert main(["compact", str(tmp_path / "dense"), "--out", str(tmp_path / "d.safetensors")]) == 2
-    assert "has no pruned layer" in last_line(capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert "has no pruned layer" in last_line(err) and "note:" not in err  # no 'compacting with dense layers' note
     assert not (tmp_path / "d.safetensors").exists()
+    # float32 values of a bf16 model 30 % sparse: 0.7 x 4 bytes + 1 bit per weight > 2 bytes dense
+    light = make_tiny_model("llama", seed=4, hidden=64)
+    prune_random(light, 0.3)
+    light.save_pretrained(tmp_path / "light")
+    assert main(["compact", str(tmp_path / "light"), "--out", str(tmp_path / "l.safetensors"), "--dtype", "bfloat16",
+                 "--value-dtype", "float32"]) == 0
+    assert ("warning: the sparse layers are not smaller than the dense ones; their float32 values are twice the "
+            "model's bf16 weights: --value-dtype bfloat16 halves them (exact for a bf16 model)") in capsys.readouterr().err
+    assert compact_source_model(tmp_path / "l.safetensors") == str(tmp_path / "light")  # no losa.json: itself
 
 
 def test_cli_compact_file_keeps_its_stored_value_dtype_and_says_so(tmp_path, capsys, monkeypatch):

@@ -61,7 +61,8 @@ def run_bench_runtime(args: argparse.Namespace) -> int:
         if min(rows) < 1 or list(rows) != sorted(set(rows)):
             raise LosaError(f"--rows {args.rows!r} must be increasing positive integers, e.g. 1,4,16")
     isa = detect_isa()
-    print(f"measuring on {isa.cpu} ({isa.name}), {torch.get_num_threads()} threads, {shape[0]}x{shape[1]} "
+    threads = torch.get_num_threads()
+    print(f"measuring on {isa.cpu} ({isa.name}), {threads} thread{'s' if threads != 1 else ''}, {shape[0]}x{shape[1]} "
           f"at {args.sparsity:.0%}", flush=True)
     entry = thresholds.measure(shape, args.sparsity, rows, reps=args.reps, progress=lambda line: print(line, flush=True))
     found = ", ".join(f"{key}={entry[key]}" for key in thresholds.KEYS if key in entry)

@@ -31,13 +31,34 @@ def check_model_arg(name: str) -> None:
     """
     import os
 
-    from losa.export.compact import is_compact_file
+    from losa.export.compact import compact_source_model, is_compact_file
     from losa.models.loading import check_model_name
 
     if os.path.isfile(name) and is_compact_file(name):
-        raise LosaError(f"{name} is a losa compact file, not a model: load it into the model it was pruned from "
-                        f"with `losa generate MODEL --compact {name}` (or losa serve), or give the pruned checkpoint")
+        base = compact_source_model(name)
+        into = f"into {base}" if base else "into the model it was pruned from"
+        raise LosaError(f"{name} is a losa compact file, not a model: load it {into} with `losa generate "
+                        f"{base or 'MODEL'} --compact {name}` (or losa serve), or give the pruned checkpoint")
     check_model_name(name)
+
+
+def source_model(name: str) -> str:
+    """The model a compact file written from ``name`` loads into: the ``source_model`` of a losa checkpoint's
+    ``losa.json`` (what it was pruned from), else ``name`` itself.
+
+    Args:
+        name: the MODEL argument (a losa checkpoint directory, any other model).
+    Returns:
+        The base model's name as the user gave it to ``losa prune`` / ``losa run``, or ``name``.
+    """
+    import os
+
+    try:
+        with open(os.path.join(name, "losa.json")) as fh:
+            found = json.load(fh).get("source_model")
+    except (OSError, ValueError, AttributeError):
+        return name
+    return found if isinstance(found, str) and found else name
 
 
 def add_data_dir_arg(p: argparse.ArgumentParser) -> None:
@@ -304,6 +325,11 @@ def load_runtime_model(args: argparse.Namespace, purpose: str,
             status(f"sparse layers: {summary['replaced']} ({summary['value_dtype']} values, "
                    f"{summary['compute']} compute, {prefill}"
                    f"{summary['sparse_bytes'] / 2**20:.1f} MiB instead of {summary['dense_bytes'] / 2**20:.1f} MiB)")
+            if summary["sparse_bytes"] >= summary["dense_bytes"]:
+                wider = summary["value_dtype"] == "float32" and choice.dtype != "float32"
+                status("warning: the sparse layers are not smaller than the dense ones" +
+                       ("; their float32 values are twice the model's bf16 weights: --value-dtype bfloat16 halves "
+                        "them (exact for a bf16 model)" if wider else " at this sparsity"))
             if summary["sparse_prefill_layers"] and summary["compute"].startswith("bf16"):
                 status(f"  {summary['sparse_prefill_layers']} of them skip zeros in the prompt GEMM too "
                        "(>= 65 % sparse; the others decompress tiles for a dense bf16 GEMM)")

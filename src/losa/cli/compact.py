@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from losa.cli.common import add_model_arg, add_quiet_arg, load_runtime_model, status
+from losa.cli.common import add_model_arg, add_quiet_arg, load_runtime_model, source_model, status
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "pruned weights. `losa generate BASE --compact FILE` and `losa serve BASE "
                                    "--compact FILE` load it into the base model it was pruned from.")
     add_model_arg(p, default=None)
-    next(a for a in p._actions if a.dest == "model").help = "the pruned checkpoint: a local HF directory or hub id"
+    next(a for a in p._actions if a.dest == "model").help = ("the pruned checkpoint: a local HF directory (losa prune's "
+                                                             "output), hub id or .gguf file")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--value-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -61,8 +62,10 @@ def run_compact(args: argparse.Namespace) -> int:
 
         raise LosaError(f"{args.model} has no pruned layer (sparsity < 25 %) to store sparse; prune it first "
                         "(losa prune) and compact the checkpoint that writes")
-    path = save_sparse(model, args.out)
+    base = source_model(args.model)
+    path = save_sparse(model, args.out, source_model=base)
     status(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB: {summary['replaced']} sparse layers with "
            f"{summary['value_dtype']} values, the rest {str(next(model.parameters()).dtype).replace('torch.', '')}); "
-           f"load it with `losa generate BASE --compact {path}` (BASE: the model {args.model} was pruned from)")
+           f"load it with `losa generate {base} --compact {path}` (or any model of the same architecture: every "
+           "weight comes from the file)")
     return 0

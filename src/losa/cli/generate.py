@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from losa.cli.common import add_model_arg, add_runtime_args, load_runtime_model, status
+from losa.cli.common import add_model_arg, add_runtime_args, load_runtime_model, source_model, status
 from losa.errors import LosaError
 
 
@@ -90,7 +90,7 @@ def run_generate(args: argparse.Namespace) -> int:
     decoder = LeanDecoder(model, compile=args.compile, compile_wrapper=args.compile_wrapper,
                           decode_engine=args.decode_engine)
     if args.save_compact:
-        save_sparse(model, args.save_compact)
+        save_sparse(model, args.save_compact, source_model=source_model(args.model))
         status(f"wrote {args.save_compact}")
     if args.seed is not None:
         torch.manual_seed(args.seed)

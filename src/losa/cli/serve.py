@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_runtime_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 = all)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 = any free port)")
-    p.add_argument("--model-name", default=None, help="model id reported to clients (default: MODEL)")
+    p.add_argument("--model-name", default=None,
+                   help="model id reported to clients (default: MODEL, or the --compact file's name without .safetensors)")
     p.add_argument("--max-tokens", type=int, default=256,
                    help="default max_tokens of chat requests that set none (default: 256; completions: 16)")
     p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
@@ -87,7 +88,9 @@ def build_server(args: argparse.Namespace):
         raise LosaError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); check --host/--port") from None
     try:
         model, tok, mode, summary = load_runtime_model(args, "serving")
-        service = GenerationService(model, tok, args.model_name or args.model, default_max_tokens=args.max_tokens,
+        name = args.model_name or (os.path.basename(args.compact).removesuffix(".safetensors") if args.compact
+                                   else args.model)
+        service = GenerationService(model, tok, name, default_max_tokens=args.max_tokens,
                                     compile=args.compile, compile_wrapper=args.compile_wrapper,
                                     decode_engine=args.decode_engine)
     except BaseException:

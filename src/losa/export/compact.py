@@ -24,10 +24,22 @@ from losa.models.registry import replace_module
 from losa.utils.io import atomic_write_bytes
 
 _KEY = "losa_sparse"
+_SOURCE_KEY = "losa_source_model"
 
 
-def save_sparse(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model`` (after :func:`sparsify_for_inference`) to ``path`` (a ``.safetensors`` file)."""
+def save_sparse(model: nn.Module, path: str | os.PathLike, source_model: str | None = None) -> Path:
+    """Write ``model`` (after :func:`sparsify_for_inference`) to ``path`` (a ``.safetensors`` file), atomically.
+
+    Args:
+        model: a model with :class:`SparseLinear` layers.
+        path: the file to write (replaced if it exists).
+        source_model: the model the file loads into (the base the checkpoint was pruned from), recorded in the
+            header so that tools can name it (:func:`compact_source_model`); None records nothing.
+    Returns:
+        ``path``.
+    Raises:
+        LosaError: the model has no sparse layers; the file cannot be written.
+    """
     from safetensors.torch import save
 
     sparse = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
@@ -43,7 +55,8 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> Path:
         seen.add(ptr)
         tensors[key] = t.detach().contiguous().cpu()
     path = Path(path)
-    atomic_write_bytes(path, save(tensors, metadata={_KEY: json.dumps(info)}))
+    meta = {_KEY: json.dumps(info), **({_SOURCE_KEY: str(source_model)} if source_model else {})}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
     return path
 
 
@@ -57,13 +70,17 @@ def _read(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, dict], dict
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise LosaError(f"compact checkpoint {path} is a directory (a model checkpoint?): give it as MODEL, or write a "
+                        f"compact file from it with `losa compact {path} --out FILE`")
     if not path.is_file():
         raise LosaError(f"compact checkpoint {path} not found; write one with `losa compact CHECKPOINT --out FILE` (or losa.inference.save_sparse)")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if _KEY not in meta:
-                raise LosaError(f"{path} is not a losa compact checkpoint (no '{_KEY}' metadata); use save_sparse")
+                raise LosaError(f"{path} is not a losa compact checkpoint (no '{_KEY}' metadata); write one from the "
+                                "pruned checkpoint with `losa compact CHECKPOINT --out FILE`")
             info = json.loads(meta[_KEY])
             name = next(iter(info), None)
             dtype = None if name is None else f.get_slice(f"{name}.values").get_dtype()
@@ -91,6 +108,18 @@ def is_compact_file(path: str | os.PathLike) -> bool:
             return _KEY in (f.metadata() or {})
     except Exception:  # noqa: BLE001 - not a safetensors file at all
         return False
+
+
+def compact_source_model(path: str | os.PathLike) -> str | None:
+    """The model a compact file loads into, as recorded by :func:`save_sparse` (``losa compact`` records the
+    pruned checkpoint's source model), or None when the file records none or is not a readable compact file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(_SOURCE_KEY)
+    except Exception:  # noqa: BLE001 - not a safetensors file at all
+        return None
 
 
 def stored_value_dtype(path: str | os.PathLike) -> str | None:

@@ -173,6 +173,6 @@ def parse_request(cls: type[SamplingFields], body: Any) -> Any:
         return cls.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "body"
+        where = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
-        raise RequestError(f"invalid request: {where}: {msg}") from None
+        raise RequestError(f"invalid request: {where}: {msg}" if where else f"invalid request: {msg}") from None
