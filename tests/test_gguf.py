@@ -101,3 +101,22 @@ def test_any_gguf_is_converted_once_keyed_by_its_content(tmp_path, monkeypatch):
     write_tiny_gguf(make_tiny_model("llama", layers=2, seed=1), path)  # the file changes: converted again
     losa.load_model(str(path))
     assert len(calls) == 2
+
+
+def test_gguf_conversion_bar_follows_quiet(tmp_path, capsys):
+    """``--quiet`` (transformers' progress bars off) also silences the dequantisation bar, which transformers
+    draws with plain tqdm (the new-user trial saw it under --quiet); with bars on it is drawn as before."""
+    import transformers
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(make_tiny_model("llama", seed=3), path)
+    before = transformers.utils.logging.is_progress_bar_enabled()
+    try:
+        for enabled in (True, False):
+            (transformers.utils.logging.enable_progress_bar if enabled
+             else transformers.utils.logging.disable_progress_bar)()
+            capsys.readouterr()
+            load_gguf(path)
+            assert ("de-quantizing GGUF tensors" in capsys.readouterr().err) is enabled
+    finally:
+        (transformers.utils.logging.enable_progress_bar if before else transformers.utils.logging.disable_progress_bar)()

@@ -8,10 +8,12 @@ converted once into a safetensors cache (``$LOSA_CACHE_DIR``, default ``~/.cache
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -94,6 +96,28 @@ def alias_gguf_path(alias: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _gguf_progress_follows_transformers() -> Iterator[None]:
+    """transformers' GGUF dequantisation draws its bar with plain tqdm, which ignores
+    ``transformers.utils.logging.disable_progress_bar()`` (what ``--quiet`` calls); while this is active it draws
+    with transformers' own tqdm, which follows that switch. Nothing changes where the module has no ``tqdm``."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - another transformers layout
+        yield
+        return
+    if not hasattr(gguf_utils, "tqdm"):  # pragma: no cover
+        yield
+        return
+    plain = gguf_utils.tqdm
+    gguf_utils.tqdm = hf_logging.tqdm
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = plain
+
+
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """Dequantise a GGUF file through transformers and return a plain, trainable, savable model.
 
@@ -116,7 +140,8 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     except Exception as e:  # tokenizer-less GGUF files exist (e.g. in tests)
         log.warning("no tokenizer in %s (%s); continuing without one", path, e)
         tok = None
-    q = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    with _gguf_progress_follows_transformers():
+        q = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     config = q.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
