@@ -344,7 +344,8 @@ def test_cli_compact_writes_the_file_generate_loads(tmp_path, capsys):
     pruned dense model's. An existing file is refused unless ``--overwrite``, in both commands."""
     import losa
     from losa.cli import main
-    from losa.export.compact import compact_source_model, stored_value_dtype
+    from losa.export.compact import compact_source_model, stored_dense_dtype, stored_value_dtype
+    from losa.inference.arith import choose_arithmetic, detect_isa
 
     model = make_tiny_model("llama", seed=4, hidden=64)
     prune_random(model, 0.6)
@@ -355,7 +356,12 @@ def test_cli_compact_writes_the_file_generate_loads(tmp_path, capsys):
     assert main(["compact", path, "--out", str(out), *exact]) == 0
     wrote = last_line(capsys.readouterr().err)
     assert wrote.startswith(f"wrote {out} (") and f"load it with `losa generate tiny-base --compact {out}`" in wrote
-    assert compact_source_model(out) == "tiny-base"
+    assert compact_source_model(out) == "tiny-base" and stored_dense_dtype(out) == "float32"
+    # loaded with --dtype auto: where auto picks a bf16 model (native bf16), a note says the float32 weights round
+    auto_bf16 = choose_arithmetic(detect_isa()).dtype == "bfloat16"
+    assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "1", "--compact", str(out)]) == 0
+    assert (f"note: {out} stores its other weights in float32; --dtype auto runs a bfloat16 model on this CPU, which "
+            "rounds them (--dtype float32 keeps them as stored)" in capsys.readouterr().err) is auto_bf16
     dense, _ = losa.load_model(path)  # the pruned checkpoint, dense layers: the reference
     base = make_tiny_model("llama", seed=9, hidden=64)  # same architecture, other weights: all replaced from the file
     load_sparse(base, out)
@@ -371,8 +377,9 @@ def test_cli_compact_writes_the_file_generate_loads(tmp_path, capsys):
     assert last_line(capsys.readouterr().err) == (f"error: --save-compact {out} already exists; choose another path "
                                                   "or delete it first to replace it")
     assert stored_value_dtype(out) == "float32"
-    assert main(["compact", path, "--out", str(out), "--overwrite", "--value-dtype", "bfloat16"]) == 0
-    assert stored_value_dtype(out) == "bfloat16"
+    assert main(["compact", path, "--out", str(out), "--overwrite", "--value-dtype", "bfloat16", "--dtype",
+                 "bfloat16"]) == 0
+    assert stored_value_dtype(out) == "bfloat16" and stored_dense_dtype(out) == "bfloat16"
     capsys.readouterr()
     # the file given where a model goes: the one-line hint names --compact (the trial got a hub-lookup error)
     for cmd in (["inspect", str(out)], ["generate", str(out), "--prompt", "word5"], ["eval", "ppl", str(out)],

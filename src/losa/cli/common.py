@@ -304,6 +304,13 @@ def load_runtime_model(args: argparse.Namespace, purpose: str,
                                          getattr(args, "prefill_dtype", "auto"),
                                          stored_in=args.compact if args.sparse else None))
     status(choice.line(dense=not args.sparse))
+    if args.compact and args.dtype == "auto":
+        from losa.export.compact import stored_dense_dtype
+
+        dense = stored_dense_dtype(args.compact)
+        if dense == "float32" and choice.dtype != "float32":
+            status(f"note: {args.compact} stores its other weights in float32; --dtype auto runs a {choice.dtype} "
+                   "model on this CPU, which rounds them (--dtype float32 keeps them as stored)")
     model, tok = losa.load_model(args.model, dtype=choice.dtype)
     if tok is None and to_run:
         raise LosaError(f"model {args.model} has no tokenizer; {purpose} needs one")

@@ -122,6 +122,28 @@ def compact_source_model(path: str | os.PathLike) -> str | None:
         return None
 
 
+def stored_dense_dtype(path: str | os.PathLike) -> str | None:
+    """The dtype of the tensors a compact file stores dense (embedding, norms, dense layers; the model's dtype when
+    it was saved), read from its header.
+
+    Args:
+        path: a file written by :func:`save_sparse`.
+    Returns:
+        The dtype name ("float32", "bfloat16", "float16"), or None when every tensor belongs to a sparse layer.
+    Raises:
+        LosaError: the file is missing, not a safetensors file, or not a losa compact checkpoint.
+    """
+    from safetensors import safe_open
+
+    info = _read(path, tensors=False)[0]
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            if not any(key.startswith(name + ".") for name in info):
+                dtype = f.get_slice(key).get_dtype()
+                return _VALUE_DTYPES.get(dtype, dtype.lower())
+    return None
+
+
 def stored_value_dtype(path: str | os.PathLike) -> str | None:
     """The dtype of the sparse values stored in a compact file (``"bfloat16"``, ``"float32"``), read from
     its header without loading tensors; :func:`load_sparse` keeps it.
