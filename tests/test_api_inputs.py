@@ -120,6 +120,35 @@ def test_load_sparse_into_any_module_and_bad_files(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(LosaError, match="is not a readable safetensors file"):
         load_sparse(net(1), tmp_path / "bad.safetensors")
+    # a file cut short after its header: the header reads, the tensors do not (one line, not safetensors' error)
+    whole = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(whole[: len(whole) - 100])
+    with pytest.raises(LosaError, match="cut.safetensors is not a readable safetensors file"):
+        load_sparse(net(1), tmp_path / "cut.safetensors")
+
+
+def test_compact_header_reads_what_save_sparse_wrote(tmp_path):
+    """The header, read without tensors, names the sparse modules, the recorded source model and both dtypes as
+    save_sparse stored them; any other file (plain safetensors, garbage, a directory, nothing) is not compact."""
+    from safetensors.torch import save_file
+
+    from losa.export.compact import compact_header, is_compact_file
+    from losa.inference import save_sparse
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 16))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand_like(model[0].weight) > 0.7)
+    sparsify_for_inference(model, value_dtype="bfloat16")
+    model[1:].to(torch.float16)  # the dense tensors in another dtype than the values
+    save_sparse(model, tmp_path / "m.safetensors", source_model="org/base")
+    h = compact_header(tmp_path / "m.safetensors")
+    assert h is not None and list(h.modules) == ["0"] and h.modules["0"]["shape"] == [64, 32]
+    assert (h.source_model, h.value_dtype) == ("org/base", "bfloat16")
+    assert h.dense_dtype == "float16"
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    for other in ("plain.safetensors", "junk.safetensors", "missing.safetensors", "."):
+        assert compact_header(tmp_path / other) is None and not is_compact_file(tmp_path / other)
 
 
 def test_sparsity_report_nm_argument_forms():

@@ -29,13 +29,13 @@ def check_model_arg(name: str) -> None:
     Raises:
         LosaError: a compact file (naming ``--compact``), or what ``check_model_name`` refuses.
     """
-    import os
 
-    from losa.export.compact import compact_source_model, is_compact_file
+    from losa.export.compact import compact_header
     from losa.models.loading import check_model_name
 
-    if os.path.isfile(name) and is_compact_file(name):
-        base = compact_source_model(name)
+    header = compact_header(name)
+    if header is not None:
+        base = header.source_model
         into = f"into {base}" if base else "into the model it was pruned from"
         raise LosaError(f"{name} is a losa compact file, not a model: load it {into} with `losa generate "
                         f"{base or 'MODEL'} --compact {name}` (or losa serve), or give the pruned checkpoint")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,37 +61,89 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, source_model: str | N
     return path
 
 
-#: safetensors dtype names of the stored sparse values
-_VALUE_DTYPES = {"BF16": "bfloat16", "F32": "float32", "F16": "float16"}
+#: safetensors dtype names -> torch dtype names
+_DTYPES = {"BF16": "bfloat16", "F32": "float32", "F16": "float16"}
 
 
-def _read(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, dict], dict[str, torch.Tensor], str | None]:
-    """The ``losa_sparse`` entries of a compact file, its tensors (when ``tensors``) and the stored dtype
-    of the first sparse module's values; every failure to read it is one ``LosaError`` line."""
+@dataclass(frozen=True)
+class CompactHeader:
+    """What the header of a compact file says, read without loading any tensor.
+
+    Attributes:
+        modules: the ``losa_sparse`` entries: sparse module name -> ``{"shape": [out, in], "fmt": ...}``.
+        source_model: the model the file loads into, as :func:`save_sparse` recorded it (None: not recorded).
+        value_dtype: dtype of the first sparse module's values ("bfloat16", "float32"; None: no sparse module).
+        dense_dtype: dtype of the first tensor outside the sparse modules (embedding, norms, dense layers: the
+            model's dtype when it was saved; None: every tensor belongs to a sparse module).
+    """
+
+    modules: dict[str, dict]
+    source_model: str | None
+    value_dtype: str | None
+    dense_dtype: str | None
+
+
+def _parse_header(path: Path) -> CompactHeader | None:
+    """The header of a safetensors file as a :class:`CompactHeader`, None when it has no ``losa_sparse``
+    metadata. Raises whatever safetensors raises for a file it cannot read."""
     from safetensors import safe_open
 
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if _KEY not in meta:
+            return None
+        modules = json.loads(meta[_KEY])
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    name = next(iter(modules), None)
+    dense = next((d for k, d in dtypes.items() if not any(k.startswith(n + ".") for n in modules)), None)
+    return CompactHeader(modules, meta.get(_SOURCE_KEY), None if name is None else _dtype(dtypes[f"{name}.values"]),
+                         None if dense is None else _dtype(dense))
+
+
+def _dtype(name: str) -> str:
+    return _DTYPES.get(name, name.lower())
+
+
+def compact_header(path: str | os.PathLike) -> CompactHeader | None:
+    """The header of ``path`` if it is a compact file written by :func:`save_sparse`, read without its tensors.
+
+    Args:
+        path: any path.
+    Returns:
+        The :class:`CompactHeader`; None for anything else (missing, a directory, unreadable, other files).
+    """
+    try:
+        return _parse_header(Path(path)) if os.path.isfile(path) else None
+    except Exception:  # noqa: BLE001 - not a safetensors file at all
+        return None
+
+
+def read_compact_header(path: str | os.PathLike) -> CompactHeader:
+    """The header of a compact file; every reason it is not one is one ``LosaError`` line naming the fix.
+
+    Args:
+        path: a file written by :func:`save_sparse`.
+    Returns:
+        The :class:`CompactHeader`.
+    Raises:
+        LosaError: the file is missing or a directory, not a safetensors file, or not a losa compact checkpoint.
+    """
     path = Path(path)
     if path.is_dir():
         raise LosaError(f"compact checkpoint {path} is a directory (a model checkpoint?): give it as MODEL, or write a "
                         f"compact file from it with `losa compact {path} --out FILE`")
     if not path.is_file():
-        raise LosaError(f"compact checkpoint {path} not found; write one with `losa compact CHECKPOINT --out FILE` (or losa.inference.save_sparse)")
+        raise LosaError(f"compact checkpoint {path} not found; write one with `losa compact CHECKPOINT --out FILE` "
+                        "(or losa.inference.save_sparse)")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if _KEY not in meta:
-                raise LosaError(f"{path} is not a losa compact checkpoint (no '{_KEY}' metadata); write one from the "
-                                "pruned checkpoint with `losa compact CHECKPOINT --out FILE`")
-            info = json.loads(meta[_KEY])
-            name = next(iter(info), None)
-            dtype = None if name is None else f.get_slice(f"{name}.values").get_dtype()
-            data = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
-    except LosaError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a broken header or tensor: one line
+        header = _parse_header(path)
+    except Exception as e:  # noqa: BLE001 - a broken header: one line
         raise LosaError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); give a file "
                         "written by save_sparse (losa compact)") from None
-    return info, data, None if dtype is None else _VALUE_DTYPES.get(dtype, dtype.lower())
+    if header is None:
+        raise LosaError(f"{path} is not a losa compact checkpoint (no '{_KEY}' metadata); write one from the "
+                        "pruned checkpoint with `losa compact CHECKPOINT --out FILE`")
+    return header
 
 
 def is_compact_file(path: str | os.PathLike) -> bool:
@@ -101,25 +154,14 @@ def is_compact_file(path: str | os.PathLike) -> bool:
     Returns:
         True for a readable compact file; False for anything else (missing, unreadable, other files).
     """
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return _KEY in (f.metadata() or {})
-    except Exception:  # noqa: BLE001 - not a safetensors file at all
-        return False
+    return compact_header(path) is not None
 
 
 def compact_source_model(path: str | os.PathLike) -> str | None:
     """The model a compact file loads into, as recorded by :func:`save_sparse` (``losa compact`` records the
     pruned checkpoint's source model), or None when the file records none or is not a readable compact file."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get(_SOURCE_KEY)
-    except Exception:  # noqa: BLE001 - not a safetensors file at all
-        return None
+    header = compact_header(path)
+    return None if header is None else header.source_model
 
 
 def stored_dense_dtype(path: str | os.PathLike) -> str | None:
@@ -133,15 +175,7 @@ def stored_dense_dtype(path: str | os.PathLike) -> str | None:
     Raises:
         LosaError: the file is missing, not a safetensors file, or not a losa compact checkpoint.
     """
-    from safetensors import safe_open
-
-    info = _read(path, tensors=False)[0]
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            if not any(key.startswith(name + ".") for name in info):
-                dtype = f.get_slice(key).get_dtype()
-                return _VALUE_DTYPES.get(dtype, dtype.lower())
-    return None
+    return read_compact_header(path).dense_dtype
 
 
 def stored_value_dtype(path: str | os.PathLike) -> str | None:
@@ -155,7 +189,7 @@ def stored_value_dtype(path: str | os.PathLike) -> str | None:
     Raises:
         LosaError: the file is missing, not a safetensors file, or not a losa compact checkpoint.
     """
-    return _read(path, tensors=False)[2]
+    return read_compact_header(path).value_dtype
 
 
 def load_sparse(model: nn.Module, path: str | os.PathLike, prefill_dtype: str | torch.dtype = "float32") -> nn.Module:
@@ -174,9 +208,16 @@ def load_sparse(model: nn.Module, path: str | os.PathLike, prefill_dtype: str | 
         LosaError: the file is missing, unreadable or not a compact checkpoint; a module or tensor of the
             file is not in the model or has another shape (another model or size).
     """
+    from safetensors.torch import load_file
+
     from losa.models.registry import supported_model_types
 
-    info, tensors, _ = _read(path, tensors=True)
+    info = read_compact_header(path).modules
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - a truncated or corrupt tensor: one line
+        raise LosaError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); give a file "
+                        "written by save_sparse (losa compact)") from None
     if getattr(getattr(model, "config", None), "model_type", None) in supported_model_types():
         unfuse_experts(model)  # sparsify_for_inference saved the experts unfused (one linear per expert matrix)
     for name, spec in info.items():
