@@ -180,6 +180,17 @@ def test_run_needs_two_calibration_windows():
                  LoSAConfig(nsamples=2, seqlen=16, recon_nsamples=1, device="cpu"), calib_ids=ids, progress=False)
 
 
+def test_run_checks_the_finetune_data_path_before_calibration(monkeypatch, tmp_path):
+    """A fine-tuning data path that does not exist fails before the calibration text is read or generated."""
+    def boom(*a, **k):
+        raise AssertionError("calibration started before the data path was checked")
+
+    monkeypatch.setattr("losa.pipelines.losa.loop.get_calibration", boom)
+    with pytest.raises(LosaError, match="fine-tuning data .*nope.jsonl not found"):
+        losa.run(make_tiny_model("llama", seed=0, layers=1), make_tiny_tokenizer(),
+                 LoSAConfig(finetune_data=str(tmp_path / "nope.jsonl"), device="cpu"), progress=False)
+
+
 def test_assigning_an_invalid_config_value_is_one_line_and_keeps_the_old_value():
     """Assignments are validated like construction: a LosaError (not pydantic's), the field unchanged."""
     from losa.lora.config import SparseLoRAConfig

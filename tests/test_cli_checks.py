@@ -190,10 +190,14 @@ def test_compare_labels_an_older_report_without_fine_tuning_from_its_recipe():
     (["--distill", "--lr-scheduler", "reduce_lr_on_plateau"], "needs an eval strategy"),
     (["--distill", "--eval-every-step", "--eval", "typo"], "--eval typo: no such file"),
     (["--distill", "--eval-seqlen", "0"], "--eval-seqlen 0 must be at least 2"),
+    # a wrong fine-tuning data path fails before the model loads (the trial waited for calibration first)
+    (["--finetune-data", "missing.jsonl"], "fine-tuning data missing.jsonl not found; give a .json/.jsonl path"),
+    (["--finetune-data", "empty"], "no .json/.jsonl files in empty; point finetune_data (--finetune-data) at"),
 ])
 def test_run_bad_or_ignored_settings_fail_before_the_run(tmp_path, capsys, no_work, monkeypatch, argv, msg):
     monkeypatch.chdir(tmp_path)  # the x.jsonl above is a name only: the run never starts
     (tmp_path / "x.jsonl").write_text('{"text": "word4 word5"}\n')
+    (tmp_path / "empty").mkdir()
     rc = main(["run", "no-such-model", "--calib", "c4", "--quiet", *argv])
     _one_line_error(capsys, rc, msg)
 

@@ -46,6 +46,7 @@ def run_losa(args: argparse.Namespace) -> int:
     import losa
     from losa.eval.ppl import perplexity
     from losa.finetune.config import check_environment
+    from losa.finetune.data import check_records_source
     from losa.models.registry import check_window
     from losa.pipelines.losa.loop import StepEval, check_run_dir, run
     from losa.report.schema import save_report
@@ -67,6 +68,8 @@ def run_losa(args: argparse.Namespace) -> int:
         raise LosaError("--eval-every-step needs perplexity data: pass --data-dir (or --eval with a text file)")
     if cfg.finetunes:
         check_environment(cfg.finetune)
+    if cfg.finetune_data is not None:
+        check_records_source(cfg.finetune_data)
     check_model_arg(args.model)
     print(f"losa run: {args.model} | {cfg.method} S={cfg.target_sparsity:.2f} T={cfg.steps} allocator="
           f"{cfg.effective_allocator} ranks={'allocated' if cfg.rank_allocation else 'uniform'} -> {out}")

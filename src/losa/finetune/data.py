@@ -56,19 +56,47 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
     return data
 
 
-def load_records(source: str | Path, split: str = "train") -> list[dict[str, Any]]:
-    """Records from a local file/directory, else from the HF hub (``datasets.load_dataset``)."""
+def check_records_source(source: str | Path) -> list[Path] | None:
+    """Check a fine-tuning data source without reading it, so that a wrong path fails before any work.
+
+    Args:
+        source: a ``.json``/``.jsonl`` file, a directory of them, or a hub dataset name ``org/name``.
+    Returns:
+        The local files to read, or None for a hub dataset (checked when it is loaded).
+    Raises:
+        LosaError: a directory without ``.json``/``.jsonl`` files; a path that does not exist and is not a hub
+            dataset name (a ``.json``/``.jsonl`` name, or no ``/``).
+    """
     p = Path(source).expanduser()
     if p.is_file():
-        return _read_file(p)
+        return [p]
     if p.is_dir():
         files = sorted([*p.glob("*.json"), *p.glob("*.jsonl")])
         if not files:
             raise LosaError(f"no .json/.jsonl files in {p}; point {option('finetune_data')} at a file or directory "
                             "of them")
-        return [r for f in files for r in _read_file(f)]
+        return files
     if p.suffix in (".json", ".jsonl") or "/" not in str(source):
         raise LosaError(f"fine-tuning data {source} not found; give a .json/.jsonl path or a hub dataset 'org/name'")
+    return None
+
+
+def load_records(source: str | Path, split: str = "train") -> list[dict[str, Any]]:
+    """Records from a local file/directory, else from the HF hub (``datasets.load_dataset``).
+
+    Args:
+        source: a ``.json``/``.jsonl`` file (an array, or ``{"data": [...]}``), a directory of them, or a hub
+            dataset name ``org/name`` (used only when no such local path exists).
+        split: the hub dataset's split.
+    Returns:
+        The records (dicts) in file order.
+    Raises:
+        LosaError: what :func:`check_records_source` raises; a file that is not valid JSON/JSONL or holds no
+            array; a hub dataset that cannot be loaded.
+    """
+    files = check_records_source(source)
+    if files is not None:
+        return [r for f in files for r in _read_file(f)]
     try:
         import datasets
 

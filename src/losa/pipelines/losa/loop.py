@@ -35,7 +35,7 @@ from losa.data.calibration import check_calib_ids, get_calibration, record_calib
 from losa.errors import LosaError, option
 from losa.export.verify import sparsity_report, verify_targets
 from losa.finetune.config import check_environment
-from losa.finetune.data import load_records, split_for_steps, tokenize_records
+from losa.finetune.data import check_records_source, load_records, split_for_steps, tokenize_records
 from losa.finetune.teacher import CACHE_DIR as TEACHER_CACHE_DIR
 from losa.finetune.teacher import TeacherTopK
 from losa.lora.bitmask import count_bits
@@ -307,6 +307,8 @@ class LoSARun:
                  step_eval: StepEval | None = None) -> None:
         calib_ids = check_calib_ids(model, calib_ids, min_rows=2)  # RMI / CKA compares layers over >= 2 windows
         _check_tokenizer(tokenizer, config, calib_ids, step_eval)
+        if config.finetune_data is not None:  # a wrong path fails now, not after calibration and pruning
+            check_records_source(config.finetune_data)
         if step_eval is not None:
             step_eval.check(model)
         self.recipe = config.model_dump()
