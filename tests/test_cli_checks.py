@@ -121,6 +121,45 @@ def test_calib_help_states_the_command_line_default():
 
 
 # --------------------------------------------------------------------------------------------- run
+def test_run_prints_each_step_as_it_ends_and_says_how_to_resume(tiny_dir, tmp_path, capsys, monkeypatch):
+    """A step's line is printed when the step is saved (not at the end: the trial's --quiet run showed nothing for
+    11 minutes); Ctrl-C says what was kept and how to continue; --resume says where it continues; a finished run
+    resumed again does nothing (it used to redo the merge and the evaluation)."""
+    from losa.pipelines.losa.loop import LoSARun
+
+    step = LoSARun.step
+
+    def step_then_stop_at(stop):
+        def wrapped(self, t):
+            if t == stop:
+                raise KeyboardInterrupt
+            return step(self, t)
+        return wrapped
+
+    out = tmp_path / "run"
+    argv = ["run", str(tiny_dir), *SMALL_RUN, "--steps", "2", "--out", str(out)]
+    monkeypatch.setattr(LoSARun, "step", step_then_stop_at(1))
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip().endswith(
+        f"interrupted; no step had finished, so there is nothing to resume; rerun the same command (--out {out})")
+    monkeypatch.setattr(LoSARun, "step", step_then_stop_at(2))
+    assert main(argv) == 130  # the same command: nothing was saved, so it is not refused
+    log = capsys.readouterr()
+    assert "  step 1/2: S_t=0.4375 " in log.out and "step 2/2" not in log.out  # 0.5 - 0.5 (1 - 1/2)^3
+    assert log.err.strip().endswith(f"interrupted; steps 1-1 are saved in {out}; add --resume to the same command to "
+                                    "continue from step 2")
+    monkeypatch.setattr(LoSARun, "step", step)
+    assert main([*argv, "--resume"]) == 0
+    log = capsys.readouterr().out
+    assert f"  resuming after step 1/2 saved in {out / 'state'}" in log
+    assert "  step 1/2:" not in log and "  step 2/2: S_t=0.5000 " in log
+    report = (out / "report.json").read_text()
+    assert main([*argv, "--resume"]) == 0
+    assert f"  {out} holds the finished run (all 2 steps, report.json, model/): nothing to do" in (
+        capsys.readouterr().out)
+    assert (out / "report.json").read_text() == report
+
+
 def test_run_without_fine_tuning_says_so_everywhere(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", str(tiny_dir), *SMALL_RUN, "--out", str(out), "--no-save"]) == 0

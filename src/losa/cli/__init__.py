@@ -69,13 +69,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 1
     bars = _quiet_libraries(progress=not getattr(args, "quiet", False))
+    try:  # results appear line by line when stdout is a pipe or a file (long runs print as they go)
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    except (AttributeError, ValueError):  # replaced by an object without it
+        pass
     try:
         return int(args.func(args) or 0)
     except LosaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command may say what was kept and how to continue
+        print(f"interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr)
         return 130
     finally:
         _restore_progress_bars(bars)  # --quiet is per call (main runs more than once in one process: tests, API)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from losa.cli.common import (
 )
 from losa.errors import LosaError
 from losa.pipelines.losa.config import NO_FINETUNE_WARNING, LoSAConfig
+from losa.report.schema import StepRecord
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,7 +64,7 @@ def run_losa(args: argparse.Namespace) -> int:
     datasets, eval_seqlen = eval_settings(args, cfg.seqlen, cfg.data_dir)
     eval_flag = "--eval-seqlen" if args.eval_seqlen is not None else "--seqlen"
     check_output_dir(out, "--out", exists_ok=True)
-    check_run_dir(out, cfg, args.resume)  # an existing run is refused, or checked for --resume, before any work
+    resumed = check_run_dir(out, cfg, args.resume)  # an existing run is refused, or checked for --resume, first
     resolve_device(cfg.device)
     if args.eval_every_step and not datasets:
         raise LosaError("--eval-every-step needs perplexity data: pass --data-dir (or --eval with a text file)")
@@ -73,6 +75,14 @@ def run_losa(args: argparse.Namespace) -> int:
     check_model_arg(args.model)
     print(f"losa run: {args.model} | {cfg.method} S={cfg.target_sparsity:.2f} T={cfg.steps} allocator="
           f"{cfg.effective_allocator} ranks={'allocated' if cfg.rank_allocation else 'uniform'} -> {out}")
+    if resumed is not None:
+        done = int(resumed["step"])
+        if done >= cfg.steps and _finished(out, datasets, args.no_save):
+            print(f"  {out} holds the finished run (all {cfg.steps} steps, report.json"
+                  f"{'' if args.no_save else ', model/'}): nothing to do; `losa report {out}` shows it")
+            return 0
+        print(f"  resuming after step {done}/{cfg.steps} saved in {out / 'state'}" if done < cfg.steps else
+              f"  all {cfg.steps} steps are saved in {out / 'state'}: merging, verifying, evaluating and saving")
     if not cfg.finetunes:
         print(f"warning: {NO_FINETUNE_WARNING}")
     step_eval = StepEval(datasets, eval_seqlen, args.max_windows, cfg.data_dir) if args.eval_every_step else None
@@ -81,16 +91,14 @@ def run_losa(args: argparse.Namespace) -> int:
         check_window(model, eval_seqlen, "evaluation window", eval_flag)
     with warnings.catch_warnings():  # printed above, as one line
         warnings.filterwarnings("ignore", message=re.escape(NO_FINETUNE_WARNING))
-        report = run(model, tok, cfg, out_dir=out, resume=args.resume, progress=progress, model_name=args.model,
-                     step_eval=step_eval)
+        try:
+            report = run(model, tok, cfg, out_dir=out, resume=args.resume, progress=progress, model_name=args.model,
+                         step_eval=step_eval, on_step=lambda s: _print_step(s, cfg.steps) if is_main() else None)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(_resume_hint(out)) from None
     if not is_main():  # the other processes of a multi-process run: the main one reports and saves
         barrier()
         return 0
-    for s in report.steps:
-        ppl = "".join(f" {d} ppl={v:.3f}" for d, v in s.ppl.items())
-        loss = f"final train loss={s.train_loss[-1]:.4f}" if s.train_loss else "not fine-tuned"
-        print(f"  step {s.step}: S_t={s.target_sparsity:.4f} ranks sum={sum(s.ranks or [])} {loss}{ppl} "
-              f"({s.wall_time_s:.1f}s)")
     print(f"  verified: merged model sparsity {report.results.sparsity:.4f} (target {cfg.target_sparsity:.4f})")
     for d in datasets:
         ppl = perplexity(model, tok, d, seqlen=eval_seqlen, max_windows=args.max_windows, flag=eval_flag,
@@ -104,3 +112,35 @@ def run_losa(args: argparse.Namespace) -> int:
         print(f"  saved merged model to {out / 'model'}")
     barrier()
     return 0
+
+
+def _print_step(s: StepRecord, steps: int) -> None:
+    """One line per finished step, printed (and flushed) as soon as the step is checkpointed."""
+    ppl = "".join(f" {d} ppl={v:.3f}" for d, v in s.ppl.items())
+    loss = f"final train loss={s.train_loss[-1]:.4f}" if s.train_loss else "not fine-tuned"
+    print(f"  step {s.step}/{steps}: S_t={s.target_sparsity:.4f} ranks sum={sum(s.ranks or [])} {loss}{ppl} "
+          f"({s.wall_time_s:.1f}s, saved)", flush=True)
+
+
+def _resume_hint(out: Path) -> str:
+    """What an interrupted run left: the steps to ``--resume`` from, or nothing to resume."""
+    from losa.pipelines.losa.state import STATE_DIR
+
+    try:
+        done = int(json.loads((out / STATE_DIR / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return f"no step had finished, so there is nothing to resume; rerun the same command (--out {out})"
+    return f"steps 1-{done} are saved in {out}; add --resume to the same command to continue from step {done + 1}"
+
+
+def _finished(out: Path, datasets: list[str], no_save: bool) -> bool:
+    """Whether ``out`` holds a run that got to its end: a verified final report with every requested perplexity,
+    and the merged model unless ``--no-save``."""
+    from losa.report.schema import load_run
+
+    try:
+        results = load_run(out).results
+    except LosaError:
+        return False
+    return (results.sparsity is not None and all(d in results.ppl for d in datasets)
+            and (no_save or (out / "model" / "losa.json").is_file()))

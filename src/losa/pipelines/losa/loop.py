@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -509,7 +510,8 @@ class LoSARun:
 
 def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, out_dir: str | Path | None = None,
         resume: bool = False, progress: bool = True, calib_ids: torch.Tensor | None = None,
-        model_name: str | None = None, step_eval: StepEval | None = None) -> RunReport:
+        model_name: str | None = None, step_eval: StepEval | None = None,
+        on_step: Callable[[StepRecord], None] | None = None) -> RunReport:
     """Run LoSA on ``model`` in place (it ends merged and sparse, every parameter's ``requires_grad`` as before).
 
     LoSA (Huang et al., ICLR 2025, Algorithm 1): for t = 1..T prune to S_t = S − S(1 − t/T)³ with
@@ -531,6 +533,9 @@ def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, ou
             report records ``n`` and ``seqlen`` as ``nsamples`` and ``seqlen``, and ``calib`` as ``calib_ids``).
         model_name: recorded in the report (default: the model's ``_name_or_path``).
         step_eval: perplexity measured after every step, recorded in ``report.json`` (``StepRecord.ppl``).
+        on_step: called in every process with each step's :class:`~losa.report.schema.StepRecord` as soon as the
+            step is finished and checkpointed (e.g. to print progress); not called for the steps a resumed run
+            restored.
     Returns:
         the :class:`~losa.report.schema.RunReport`.
     Raises:
@@ -569,6 +574,8 @@ def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, ou
             job.setup()
             for step in range(job.first_step, cfg.steps + 1):
                 job.step(step)
+                if on_step is not None:
+                    on_step(_step_record(job.rows[-1]))
             return job.finish()
     finally:
         for n, p in model.named_parameters():  # by name: after a failure the adapters may still wrap the weights
@@ -601,12 +608,17 @@ def _pattern(cfg: LoSAConfig) -> str:
     return f"mixed {cfg.nm}" if cfg.mixed_nm else cfg.nm
 
 
+def _step_record(r: dict) -> StepRecord:
+    """The report's record of one step from its state row (:meth:`StepResult.to_row`)."""
+    return StepRecord(step=r["step"], target_sparsity=r["sparsity_target"], layer_target_sparsity=r["layer_sparsity"],
+                      layer_achieved_sparsity=r["layer_achieved"], cka=r["cka"], recon_error_before=r["recon_errors"],
+                      recon_error_after=r["recon_errors_after"], ranks=r["ranks"], train_loss=r["train_losses"],
+                      wall_time_s=r["times"]["total_s"], ppl=r.get("ppl") or {})
+
+
 def _report(cfg: LoSAConfig, rows: list[dict], final: FinalResults | None, model_name: str,
             recorded: dict[str, Any]) -> RunReport:
-    steps = [StepRecord(step=r["step"], target_sparsity=r["sparsity_target"], layer_target_sparsity=r["layer_sparsity"],
-                        layer_achieved_sparsity=r["layer_achieved"], cka=r["cka"], recon_error_before=r["recon_errors"],
-                        recon_error_after=r["recon_errors_after"], ranks=r["ranks"], train_loss=r["train_losses"],
-                        wall_time_s=r["times"]["total_s"], ppl=r.get("ppl") or {}) for r in rows]
+    steps = [_step_record(r) for r in rows]
     meta = RunMeta(model=model_name, method=cfg.method, finetune="losa", sparsity=cfg.target_sparsity,
                    pattern=_pattern(cfg), config=recorded,
                    notes=[] if cfg.finetunes else [NO_FINETUNE_WARNING],
