@@ -90,6 +90,16 @@ def test_prune_eval_settings_fail_before_pruning(tiny_dir, tmp_path, capsys, no_
     _one_line_error(capsys, rc, msg)
 
 
+def test_mixed_nm_whose_mean_n_is_not_the_pattern_s_is_refused(tiny_dir, capsys, no_work):
+    """--nm 2:8 --nm-n 3,4 would prune to a mean 3.5:8 (56 % sparse) while the run is labelled 2:8 (75 %)."""
+    rc = main(["prune", str(tiny_dir), "--method", "magnitude", "--nm", "2:8", "--nm-n", "3,4", "--quiet"])
+    _one_line_error(capsys, rc, "nm_n (--nm-n) averages N=3.5 over its 2 layers, but nm (--nm) 2:8 has N=2: mixed N:M "
+                                "keeps the mean N of its pattern (the same sparsity); give N values averaging 2")
+    rc = main(["prune", str(tiny_dir), "--method", "magnitude", "--nm", "2:8", "--nm-n", "3,5", "--quiet"])
+    _one_line_error(capsys, rc, "give N values averaging 2 or nm (--nm) 4:8")
+    assert losa.PruneConfig(nm="2:8", nm_n=[1, 3]).nm_n == [1, 3]
+
+
 def test_prune_named_eval_dataset_missing_from_the_data_dir(tiny_dir, tmp_path, capsys, no_work):
     rc = main(["prune", str(tiny_dir), "--method", "magnitude", "--no-save", "--quiet", "--data-dir", str(tmp_path),
                "--eval", "ptb"])

@@ -148,8 +148,8 @@ def test_flags_reach_nested_configs_and_pruner_options(tmp_path):
     cfg = config_from_args(args)
     assert (cfg.steps, cfg.finetune.epochs, cfg.finetune.lr, cfg.finetune.seed, cfg.finetune.bf16) == (3, 2, 0.01, 7, False)
     assert cfg.pruner().options.blocksize == 32 and cfg.pruner().options.percdamp == 0.01
-    args = build_parser().parse_args(["prune", "--nm-n", "1,2", "--nm", "2:4", "--calib", "c4"])
-    assert config_from_args(args).nm_n == [1, 2]
+    args = build_parser().parse_args(["prune", "--nm-n", "1,3", "--nm", "2:4", "--calib", "c4"])
+    assert config_from_args(args).nm_n == [1, 3]
     args = build_parser().parse_args(["prune", "--sparsity", "0.3,0.6", "--calib", "c4"])
     assert config_from_args(args).sparsity == [0.3, 0.6]
 

@@ -38,7 +38,8 @@ class PruneConfig(CalibrationConfig):
 
     Args:
         sparsity: unstructured sparsity in ``[0, 1)``, one value or one per decoder layer.
-        nm_n: mixed N:M, one N per decoder layer (M from ``nm``).
+        nm_n: mixed N:M, one N per decoder layer (M from ``nm``), averaging the N of ``nm`` (so the model is as
+            sparse as ``nm``).
         sequential: calibration pass order, ``auto``, ``layer`` or ``module``.
         offload: keep the model on the CPU and move one decoder layer at a time to the device
             (None: when the model does not fit).
@@ -50,13 +51,15 @@ class PruneConfig(CalibrationConfig):
     Raises:
         LosaError: an unknown key or out-of-range value, a sparsity outside ``[0, 1)``, an unknown
             method or pruner option, an invalid ``nm``, a missing calibration file, ``nm_n`` without
-            ``nm`` or with an N invalid for its M, ``stats_precision`` other than ``model`` with
+            ``nm``, with an N invalid for its M or
+            with a mean N other than ``nm``'s, ``stats_precision`` other than ``model`` with
             ``sequential="module"``, ``atp_beta`` / ``atp_grid_points`` set without ``allocator="atp"``, or both set.
     """
 
     sparsity: float | list[float] = Field(0.5, description="unstructured sparsity in [0, 1): one value, or one "
                                                            "per decoder layer (comma-separated)")
-    nm_n: list[int] | None = Field(None, description="mixed N:M: one N per decoder layer (M from --nm)")
+    nm_n: list[int] | None = Field(None, description="mixed N:M: one N per decoder layer, averaging the N of --nm "
+                                                     "(M from --nm)")
     sequential: Literal["auto", "layer", "module"] = Field(
         "auto", description="layer: statistics from the unpruned layer, then a second pass to propagate (as "
                             "llm-compressor); module: one pass, each linear pruned at its first call (true "
@@ -90,9 +93,15 @@ class PruneConfig(CalibrationConfig):
         if self.nm_n is not None:
             if self.nm is None:
                 raise ValueError("nm_n (per-layer N) needs nm to give M, e.g. nm: '2:8'")
-            m = parse_nm(self.nm)[1]
-            for n in self.nm_n:
-                validate_nm(n, m)
+            n, m = parse_nm(self.nm)
+            for k in self.nm_n:
+                validate_nm(k, m)
+            mean = sum(self.nm_n) / max(len(self.nm_n), 1)
+            if sum(self.nm_n) != n * len(self.nm_n):  # the run would be labelled {nm} but be more or less sparse
+                other = f" or {option('nm')} {int(mean)}:{m}" if mean.is_integer() else ""
+                raise ValueError(f"{option('nm_n')} averages N={mean:g} over its {len(self.nm_n)} layers, but "
+                                 f"{option('nm')} {self.nm} has N={n}: mixed N:M keeps the mean N of its pattern "
+                                 f"(the same sparsity); give N values averaging {n}{other}")
         if self.nm is not None and "sparsity" in self.non_default_fields():
             raise ValueError(f"{option('sparsity')} has no effect with {option('nm')}: the {self.nm} pattern sets "
                              "it; drop one of them")
