@@ -210,6 +210,7 @@ def test_eval_every_step_and_report_from_a_real_run(tmp_path, data_dir):
     assert all(np.isfinite(s["ppl"]["wikitext2"]) and s["ppl"]["wikitext2"] > 1 for s in rep["steps"])
     # the last step's perplexity is the final model's (the merge is exact)
     assert rep["results"]["ppl"]["wikitext2"] == pytest.approx(rep["steps"][-1]["ppl"]["wikitext2"], rel=1e-3)
+    assert rep["results"]["ppl_settings"] == {"seqlen": 32, "max_windows": 2}  # compare warns when runs differ
     assert main(["report", str(out)]) == 0
     md = (out / "report.md").read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)

@@ -186,3 +186,76 @@ def test_cli_report_and_compare(tmp_path, capsys):
     assert out_csv.read_text() == compare([WANDA, DENSE])[1]
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _prune_run(tmp_path, name, **results):
+    """A copy of the Wanda fixture with its losa.json's results (and source model / recipe) changed."""
+    d = tmp_path / name
+    shutil.copytree(WANDA, d)
+    (d / "zeroshot.json").unlink()
+    manifest = json.loads((d / "losa.json").read_text())
+    manifest["source_model"] = results.pop("model", manifest["source_model"])
+    manifest["recipe"].update(results.pop("recipe", {}))
+    manifest["nm"] = results.pop("nm", manifest["nm"])
+    manifest["results"].update(results)
+    (d / "losa.json").write_text(json.dumps(manifest))
+    return d
+
+
+def test_compare_says_when_perplexity_windows_differ_and_tells_rows_apart(tmp_path):
+    """The trial mixed runs evaluated at other windows in one table without a word: now a warning and a column
+    say so; two rows that would read the same get a Run column; a recorded --compare-dense perplexity is the
+    Dense row; runs of different models get a Model column; a mixed N:M run is labelled mixed."""
+    a = _prune_run(tmp_path, "a", ppl={"wikitext2": 40.0}, dense_ppl={"wikitext2": 30.0}, eval_seqlen=512,
+                   max_windows=None)
+    b = _prune_run(tmp_path, "b", ppl={"wikitext2": 38.0}, eval_seqlen=256, max_windows=40)
+    with pytest.warns(UserWarning, match=r"measured with different windows \(256 tokens, first 40 windows; 512 "
+                                         r"tokens, all windows\): they are not comparable"):
+        md, text = compare([a, b])
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert list(rows[0])[:5] == ["Run", "Sparsity", "Method", "WikiText-2 ppl", "ppl windows"]
+    assert [(r["Run"], r["Method"], r["WikiText-2 ppl"], r["ppl windows"]) for r in rows] == [
+        ("a (--compare-dense)", "Dense", "30.00", "512 tokens, all windows"),
+        ("a", "Wanda", "40.00", "512 tokens, all windows"), ("b", "Wanda", "38.00", "256 tokens, first 40 windows")]
+    assert md_tables(md)[0] == rows
+    c = _prune_run(tmp_path, "c", ppl={"wikitext2": 41.0}, eval_seqlen=512, max_windows=None, model="other-model",
+                   recipe={"nm": "2:8", "nm_n": [1, 3, 2, 2, 2, 2, 2, 2]}, nm=[2, 8])
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")  # same windows: no warning
+        _, text = compare([a, c])
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert list(rows[0])[:3] == ["Model", "Sparsity", "Method"] and "ppl windows" not in rows[0]
+    assert [(r["Model"], r["Sparsity"], r["Method"]) for r in rows] == [
+        ("smollm2-135m", "0%", "Dense"), ("smollm2-135m", "50%", "Wanda"), ("other-model", "mixed 2:8", "Wanda")]
+
+
+def test_cli_compare_prints_the_windows_warning_as_one_line(tmp_path):
+    """The command line shows a warning as one 'warning: ...' line (not Python's file:line: UserWarning format)."""
+    import subprocess
+    import sys
+
+    a = _prune_run(tmp_path, "a", ppl={"wikitext2": 40.0}, eval_seqlen=512, max_windows=None)
+    b = _prune_run(tmp_path, "b", ppl={"wikitext2": 38.0}, eval_seqlen=512, max_windows=40)
+    res = subprocess.run([sys.executable, "-m", "losa", "compare", str(a), str(b)], capture_output=True,
+                         text=True, check=True)
+    assert res.stderr == ("warning: the perplexities were measured with different windows (512 tokens, all windows; "
+                          "512 tokens, first 40 windows): they are not comparable; evaluate every run with the same "
+                          "--eval-seqlen and --max-windows (losa eval)\n")
+    assert "| ppl windows |" in res.stdout.splitlines()[0]
+
+
+def test_report_of_a_prune_dir_says_what_it_has(tmp_path):
+    """A prune directory's report is titled as one, shows the --compare-dense row and how the perplexity was
+    measured, and does not mention zero-shot accuracy when there is none (trial findings)."""
+    d = _prune_run(tmp_path, "p", ppl={"wikitext2": 40.0}, dense_ppl={"wikitext2": 30.0}, eval_seqlen=256,
+                   max_windows=40)
+    md = write_report(d)[0].read_text()
+    assert md.startswith("# losa prune report: smollm2-135m\n")
+    results = md_tables(md)[0]
+    assert [(r["Model"], r["WikiText-2 ppl"], r["Sparsity (%)"]) for r in results] == [
+        ("dense", "30.00", "0.00"), ("pruned", "40.00", "49.95")]
+    assert "Perplexity (lower is better, 256 tokens, first 40 windows); Sparsity is the verified overall sparsity." in md
+    assert "zero-shot" not in md
+    assert write_report(LOSA, tmp_path / "l")[0].read_text().startswith("# losa run report: ")

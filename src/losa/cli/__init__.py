@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from losa.errors import LosaError
@@ -62,6 +63,11 @@ def _restore_progress_bars(enabled: bool | None) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -69,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 1
     bars = _quiet_libraries(progress=not getattr(args, "quiet", False))
+    formatwarning = warnings.formatwarning  # a warning is one "warning: ..." line, not Python's file:line format
+    warnings.formatwarning = _one_line_warning
     try:  # results appear line by line when stdout is a pipe or a file (long runs print as they go)
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     except (AttributeError, ValueError):  # replaced by an object without it
@@ -82,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr)
         return 130
     finally:
+        warnings.formatwarning = formatwarning
         _restore_progress_bars(bars)  # --quiet is per call (main runs more than once in one process: tests, API)
 
 

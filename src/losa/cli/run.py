@@ -19,7 +19,7 @@ from losa.cli.common import (
 )
 from losa.errors import LosaError
 from losa.pipelines.losa.config import NO_FINETUNE_WARNING, LoSAConfig
-from losa.report.schema import StepRecord
+from losa.report.schema import PplSettings, StepRecord
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -100,6 +100,8 @@ def run_losa(args: argparse.Namespace) -> int:
         barrier()
         return 0
     print(f"  verified: merged model sparsity {report.results.sparsity:.4f} (target {cfg.target_sparsity:.4f})")
+    if datasets:
+        report.results.ppl_settings = PplSettings(seqlen=eval_seqlen, max_windows=args.max_windows)
     for d in datasets:
         ppl = perplexity(model, tok, d, seqlen=eval_seqlen, max_windows=args.max_windows, flag=eval_flag,
                          data_dir=cfg.data_dir, progress=progress)

@@ -81,7 +81,24 @@ def results_table(report: RunReport, metric: str = "acc") -> Table | None:
         row.append(fmt_pct(r.zeroshot_mean(metric)))  # type: ignore[arg-type]
     header.append("Sparsity (%)")
     row.append(fmt_pct(r.sparsity))
-    return Table(header, [row])
+    if not r.dense_ppl:
+        return Table(header, [row])
+    # losa prune --compare-dense: the unpruned model's perplexity, measured the same way, in a row above
+    dense = [fmt_ppl(r.dense_ppl.get(d)) for d in ppl_keys] + ["-"] * (len(header) - len(ppl_keys) - 1) + ["0.00"]
+    return Table(["Model", *header], [["dense", *dense], ["pruned", *row]])
+
+
+def _results_caption(report: RunReport) -> str:
+    """What the results table shows: only the kinds of result it has, and how the perplexity was measured."""
+    r = report.results
+    parts = []
+    if r.ppl:
+        how = f", {r.ppl_settings.label()}" if r.ppl_settings is not None else ""
+        parts.append(f"Perplexity (lower is better{how})")
+    if r.zeroshot:
+        parts += ["zero-shot accuracy in % (lm-eval acc)", "Mean is the average over the listed tasks"]
+    parts.append("Sparsity is the verified overall sparsity")
+    return "; ".join(parts) + "."
 
 
 def steps_table(report: RunReport) -> Table | None:
@@ -104,8 +121,9 @@ def steps_table(report: RunReport) -> Table | None:
 def build_blocks(report: RunReport, assets: Path) -> list[Block]:
     m = report.meta
     label = m.finetune_label
+    kind = "run" if report.steps or m.finetune != "none" else "prune" if m.method != "dense" else "evaluation"
     blocks: list[Block] = [
-        Heading(f"losa run report: {m.model}", 1),
+        Heading(f"losa {kind} report: {m.model}", 1),
         Para(f"Method: {m.method}{label}; target sparsity {fmt_pct(m.sparsity)}% ({m.pattern})"
              + (f"; created {m.created}" if m.created else "") + "."),
         *[Para(f"Warning: {note}.") for note in m.notes],
@@ -113,8 +131,7 @@ def build_blocks(report: RunReport, assets: Path) -> list[Block]:
     table = results_table(report)
     blocks.append(Heading("Results"))
     if table:
-        blocks += [table, Para("Perplexity (lower is better); zero-shot accuracy in % (lm-eval acc); Mean is "
-                                "the average over the listed tasks; Sparsity is the verified overall sparsity.")]
+        blocks += [table, Para(_results_caption(report))]
     else:
         blocks.append(Para("No perplexity or zero-shot results recorded."))
     st = steps_table(report)

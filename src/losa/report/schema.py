@@ -109,10 +109,25 @@ class StepRecord(_Model):
         return self
 
 
+class PplSettings(_Model):
+    """How perplexities were measured (``losa.eval.ppl.perplexity``): values measured with other settings are not
+    comparable."""
+
+    seqlen: int  # window length in tokens
+    max_windows: int | None = None  # only the first N windows; None: every window of the test set
+
+    def label(self) -> str:
+        """E.g. ``"512 tokens, all windows"`` or ``"512 tokens, first 40 windows"``."""
+        return f"{self.seqlen} tokens, " + ("all windows" if self.max_windows is None
+                                             else f"first {self.max_windows} windows")
+
+
 class FinalResults(_Model):
     """Results of the finished model."""
 
     ppl: dict[str, float] = Field(default_factory=dict)  # dataset (e.g. "wikitext2") -> perplexity
+    ppl_settings: PplSettings | None = None  # how ``ppl`` (and ``dense_ppl``) were measured; None: not recorded
+    dense_ppl: dict[str, float] = Field(default_factory=dict)  # the unpruned model's (losa prune --compare-dense)
     zeroshot: dict[str, TaskScore] = Field(default_factory=dict)
     sparsity: Fraction | None = None  # verified overall sparsity of the prunable linear layers
     layer_target_sparsity: list[Fraction] = Field(default_factory=list)
@@ -176,13 +191,18 @@ def report_from_manifest(manifest: dict[str, Any], zeroshot: dict[str, Any] | No
     recipe = manifest.get("recipe", {})
     sp = manifest.get("sparsity", {})
     nm = manifest.get("nm")
-    pattern = f"{nm[0]}:{nm[1]}" if nm else ("mixed N:M" if recipe.get("nm_n") else "unstructured")
-    target = recipe.get("sparsity") if isinstance(recipe.get("sparsity"), (int, float)) else None
-    if target is None and nm:
-        target = 1 - nm[0] / nm[1]
+    pattern = (f"{'mixed ' if recipe.get('nm_n') else ''}{nm[0]}:{nm[1]}" if nm
+               else ("mixed N:M" if recipe.get("nm_n") else "unstructured"))
+    # an N:M pattern sets the sparsity (the recipe's sparsity field then holds its unused default)
+    target = (1 - nm[0] / nm[1] if nm
+              else recipe.get("sparsity") if isinstance(recipe.get("sparsity"), (int, float)) else None)
     results = manifest.get("results", {})
+    seqlen = results.get("eval_seqlen")
     final = FinalResults(
         ppl={k: float(v) for k, v in (results.get("ppl") or {}).items()},
+        ppl_settings=(PplSettings(seqlen=seqlen, max_windows=results.get("max_windows"))
+                      if isinstance(seqlen, int) and (results.get("ppl") or results.get("dense_ppl")) else None),
+        dense_ppl={k: float(v) for k, v in (results.get("dense_ppl") or {}).items()},
         zeroshot=zeroshot_from_result(zeroshot) if zeroshot else {
             t: TaskScore(**v) for t, v in (results.get("zeroshot") or {}).items()},
         sparsity=sp.get("overall"),

@@ -9,11 +9,13 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from losa.errors import LosaError
 from losa.report.render import PPL_NAMES, TASK_NAMES, fmt_pct, fmt_ppl, ordered
-from losa.report.schema import RunReport, load_run
+from losa.report.schema import FinalResults, RunMeta, RunReport, load_run
 
 _FT_ORDER = {"none": 0, "lora": 1, "losa": 2}
 _METHOD_NAMES = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "dense": "Dense"}
@@ -36,8 +38,7 @@ def sparsity_label(report: RunReport) -> str:
 
 def _sort_key(report: RunReport) -> tuple:
     m = report.meta
-    dense = m.method == "dense" or m.sparsity == 0
-    return (not dense, m.sparsity, m.pattern, m.method, _FT_ORDER[m.finetune])
+    return (not _is_dense(report), m.sparsity, m.pattern, m.method, _FT_ORDER[m.finetune], m.model)
 
 
 def _score(report: RunReport, task: str, metric: str) -> float | None:
@@ -47,26 +48,83 @@ def _score(report: RunReport, task: str, metric: str) -> float | None:
     return s.acc_norm if metric == "acc_norm" and s.acc_norm is not None else s.acc
 
 
+def _is_dense(report: RunReport) -> bool:
+    return report.meta.method == "dense" or report.meta.sparsity == 0
+
+
+def _with_dense_rows(entries: list[tuple[Path, RunReport]]) -> list[tuple[Path | str, RunReport]]:
+    """``entries`` plus a Dense row from each run's ``dense_ppl`` (``losa prune --compare-dense``) for a model
+    and perplexity setting that no dense run among ``entries`` covers (one row per model and setting)."""
+    def key(r: RunReport) -> tuple[str, str | None]:
+        return r.meta.model, None if r.results.ppl_settings is None else r.results.ppl_settings.label()
+
+    covered = {key(r) for _, r in entries if _is_dense(r)}
+    out: list[tuple[Path | str, RunReport]] = list(entries)
+    for d, r in entries:
+        if r.results.dense_ppl and key(r) not in covered:
+            covered.add(key(r))
+            dense = RunReport(meta=RunMeta(model=r.meta.model, method="dense"),
+                              results=FinalResults(ppl=dict(r.results.dense_ppl),
+                                                   ppl_settings=r.results.ppl_settings))
+            out.append((f"{d.name} (--compare-dense)", dense))
+    return out
+
+
 def compare(run_dirs: Sequence[str | os.PathLike], metric: str = "acc") -> tuple[str, str]:
-    """Markdown and CSV tables of ``run_dirs`` (zero-shot ``metric``: acc, or acc_norm where defined)."""
+    """Markdown and CSV tables of ``run_dirs`` in the layout of pruning papers.
+
+    Rows: Dense first (a dense run, else the dense perplexity a run recorded with ``--compare-dense``), then by
+    sparsity and pattern the one-shot method, "+ LoRA" and "+ LoSA". Columns: WikiText-2 perplexity (else the
+    first dataset measured), each zero-shot task's accuracy (%) and their mean. A "Model" column is added when the
+    runs are of different models, a "Run" column (the directory's name) when two rows would read the same, and a
+    "ppl windows" column when the perplexities were measured with different windows (a warning then says that
+    they are not comparable).
+
+    Args:
+        run_dirs: directories written by ``losa run`` (report.json) or ``losa prune`` (losa.json).
+        metric: zero-shot metric: ``acc``, or ``acc_norm`` (acc where a task has none).
+    Returns:
+        (markdown table, CSV text) with the same cells.
+    Raises:
+        LosaError: no directory, an unknown metric, a directory that is not a run.
+    """
     if not run_dirs:
         raise LosaError("compare needs at least one run directory")
     if metric not in ("acc", "acc_norm"):
         raise LosaError(f"unknown metric {metric!r}; use acc or acc_norm")
-    reports = sorted((load_run(d) for d in run_dirs), key=_sort_key)
+    entries = _with_dense_rows([(Path(d), load_run(d)) for d in run_dirs])
+    entries.sort(key=lambda e: _sort_key(e[1]))
+    reports = [r for _, r in entries]
     ppl_keys = ordered(sorted({d for r in reports for d in r.results.ppl}), PPL_NAMES)
     ppl_keys = [d for d in ppl_keys if d == "wikitext2"] or ppl_keys[:1]
     tasks = ordered(sorted({t for r in reports for t in r.results.zeroshot}), TASK_NAMES)
-    header = ["Sparsity", "Method", *[f"{PPL_NAMES.get(d, d)} ppl" for d in ppl_keys],
-              *[TASK_NAMES.get(t, t) for t in tasks], "Mean"]
+    models = {r.meta.model for r in reports}
+    labels = [(r.meta.model, sparsity_label(r), row_label(r)) for r in reports]
+    # settings that are not recorded (reports from before they were) are unknown, not different
+    windows = {r.results.ppl_settings.label() for r in reports
+               if r.results.ppl_settings is not None and any(d in r.results.ppl for d in ppl_keys)}
+    extra = [("Model", len(models) > 1), ("Run", len(set(labels)) < len(labels)), ("ppl windows", len(windows) > 1)]
+    if len(windows) > 1:
+        warnings.warn(f"the perplexities were measured with different windows ({'; '.join(sorted(windows))}): "
+                      "they are not comparable; evaluate every run with the same --eval-seqlen and --max-windows "
+                      "(losa eval)", stacklevel=2)
+    header = [name for name, shown in extra[:2] if shown] + ["Sparsity", "Method"]
+    header += [f"{PPL_NAMES.get(d, d)} ppl" for d in ppl_keys] + ["ppl windows"] * extra[2][1]
+    header += [*[TASK_NAMES.get(t, t) for t in tasks], "Mean"]
     rows: list[list[str]] = []
-    for r in reports:
+    for d, r in entries:
         # the mean covers only the columns shown, and only when the run has all of them
         vals = [_score(r, t, metric) for t in tasks]
         mean = sum(vals) / len(vals) if vals and all(v is not None for v in vals) else None  # type: ignore[arg-type]
-        rows.append([sparsity_label(r), row_label(r), *[fmt_ppl(r.results.ppl.get(d)) for d in ppl_keys],
-                     *[fmt_pct(v) for v in vals], fmt_pct(mean)])
-    md = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+        settings = r.results.ppl_settings
+        row = [r.meta.model] * extra[0][1] + [d.name if isinstance(d, Path) else d] * extra[1][1]
+        row += [sparsity_label(r), row_label(r), *[fmt_ppl(r.results.ppl.get(k)) for k in ppl_keys]]
+        if extra[2][1]:
+            row.append("-" if not any(k in r.results.ppl for k in ppl_keys)
+                       else "not recorded" if settings is None else settings.label())
+        rows.append(row + [*[fmt_pct(v) for v in vals], fmt_pct(mean)])
+    numeric = {*(f"{PPL_NAMES.get(d, d)} ppl" for d in ppl_keys), *(TASK_NAMES.get(t, t) for t in tasks), "Mean"}
+    md = ["| " + " | ".join(header) + " |", "|" + "".join("---:|" if h in numeric else "---|" for h in header)]
     md += ["| " + " | ".join(row) + " |" for row in rows]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
