@@ -233,7 +233,7 @@ def test_compare_labels_an_older_report_without_fine_tuning_from_its_recipe():
     (["--nm", "2:8", "--mixed-nm", "--nm-max-pairs", "1", "--delta", "0.05", "--distill"],
      "--delta has no effect with nm_max_pairs (--nm-max-pairs)"),
     (["--nm", "2:8", "--nm-max-dev", "2", "--distill"], "--nm-max-dev has no effect without mixed_nm (--mixed-nm)"),
-    (["--distill", "--max-grad-norm", "-1"], "max_grad_norm: Input should be greater than or equal to 0"),
+    (["--distill", "--max-grad-norm", "-1"], "invalid config: max_grad_norm: -1 must be at least 0"),
     (["--distill", "--lr-scheduler", "bogus"], "lr_scheduler 'bogus' is not a transformers learning-rate schedule; "
                                                "choose one of linear, cosine"),
     (["--distill", "--lr-scheduler", "reduce_lr_on_plateau"], "needs an eval strategy"),

@@ -60,6 +60,15 @@ class LosaConfig(BaseModel):
                 if getattr(self, f) != type(self).model_fields[f].get_default(call_default_factory=True)}
 
 
+#: pydantic's number-bound error types: (its context key, what the value must be)
+_BOUNDS = {"greater_than_equal": ("ge", "must be at least"), "greater_than": ("gt", "must be greater than"),
+           "less_than_equal": ("le", "must be at most"), "less_than": ("lt", "must be less than")}
+
+
+def _num(v: Any) -> Any:
+    return f"{v:g}" if isinstance(v, float) else v
+
+
 def validation_message(err: ValidationError) -> str:
     """A pydantic error as one line: ``invalid config: field: message; …`` (no field for a check across fields).
 
@@ -72,8 +81,11 @@ def validation_message(err: ValidationError) -> str:
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
         msg = str(e["msg"]).removeprefix("Value error, ")
+        bound = _BOUNDS.get(e.get("type", ""))
         if e.get("type") == "extra_forbidden":
             msg = "unknown option; check the spelling (see --help for the valid names)"
+        elif bound is not None and bound[0] in e.get("ctx", {}):  # pydantic's "Input should be ..." in plain words
+            msg = f"{_num(e.get('input'))} {bound[1]} {_num(e['ctx'][bound[0]])}"
         parts.append(f"{loc}: {msg}" if loc else msg)  # a check across fields names its fields itself
     return "invalid config: " + "; ".join(parts)
 
