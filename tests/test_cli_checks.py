@@ -394,13 +394,17 @@ def test_eval_ppl_bad_settings_fail_before_loading(argv, msg, tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("cmd", ["prune", "run"])
-def test_evaluation_flags_without_evaluation_data_are_refused(cmd, tiny_dir, capsys, no_work):
+def test_evaluation_flags_without_evaluation_data_are_refused(cmd, tiny_dir, capsys, no_work, monkeypatch):
     rc = main([cmd, str(tiny_dir), "--eval", "none", "--max-windows", "4", "--eval-seqlen", "32", "--quiet"])
-    _one_line_error(capsys, rc, "--eval-seqlen, --max-windows have no effect without evaluation data (--eval none); "
-                                "pass --data-dir or --eval FILE, or drop --eval-seqlen and --max-windows")
+    _one_line_error(capsys, rc, "--eval-seqlen, --max-windows have no effect with --eval none; drop --eval-seqlen "
+                                "and --max-windows, or evaluate with --eval wikitext2 (c4, ptb) or --eval FILE")
     if cmd == "prune":
         rc = main([cmd, str(tiny_dir), "--eval", "none", "--compare-dense", "--quiet"])
-        _one_line_error(capsys, rc, "--compare-dense has no effect without evaluation data (--eval none)")
+        _one_line_error(capsys, rc, "--compare-dense has no effect with --eval none")
+    monkeypatch.delenv("LOSA_DATA_DIR", raising=False)
+    rc = main([cmd, str(tiny_dir), "--max-windows", "4", "--quiet"])
+    _one_line_error(capsys, rc, "--max-windows has no effect without evaluation data (no data dir, so no default "
+                                "--eval); pass --data-dir or --eval FILE, or drop --max-windows")
 
 
 def test_run_refuses_sparsity_with_nm(tiny_dir, capsys, no_work):

@@ -160,9 +160,12 @@ def eval_settings(args: argparse.Namespace, seqlen: int, data_dir: str | None) -
         given = [f for f, v in (("--eval-seqlen", args.eval_seqlen), ("--max-windows", args.max_windows),
                                 ("--compare-dense", getattr(args, "compare_dense", False))) if v]
         if given:
-            why = "--eval none" if args.eval is not None else "no data dir, so no default --eval"
-            raise LosaError(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "
-                            f"evaluation data ({why}); pass --data-dir or --eval FILE, or drop {' and '.join(given)}")
+            verb, drop = ("has" if len(given) == 1 else "have"), " and ".join(given)
+            if args.eval is not None:
+                raise LosaError(f"{', '.join(given)} {verb} no effect with --eval none; drop {drop}, or evaluate "
+                                "with --eval wikitext2 (c4, ptb) or --eval FILE")
+            raise LosaError(f"{', '.join(given)} {verb} no effect without evaluation data (no data dir, so no "
+                            f"default --eval); pass --data-dir or --eval FILE, or drop {drop}")
     check_eval_datasets(datasets, data_dir, "--eval")
     return datasets, args.eval_seqlen if args.eval_seqlen is not None else seqlen
 
