@@ -131,6 +131,18 @@ def test_calib_help_states_the_command_line_default():
 
 
 # --------------------------------------------------------------------------------------------- run
+def test_run_records_each_layer_s_n_for_inspect(tiny_dir, tmp_path, capsys):
+    """The merged model of an N:M run records N per decoder layer, which losa inspect checks without --nm."""
+    out = tmp_path / "run"
+    argv = [a for a in SMALL_RUN if a not in ("--sparsity", "0.5")]
+    assert main(["run", str(tiny_dir), *argv, "--nm", "2:4", "--out", str(out)]) == 0
+    assert json.loads((out / "model" / "losa.json").read_text())["nm_n"] == [2, 2]
+    capsys.readouterr()
+    assert main(["inspect", str(out / "model")]) == 0
+    log = capsys.readouterr().out
+    assert "checking the 2:4 pattern recorded in" in log and "2:4 pattern: satisfied by every module" in log
+
+
 def test_run_prints_each_step_as_it_ends_and_says_how_to_resume(tiny_dir, tmp_path, capsys, monkeypatch):
     """A step's line is printed when the step is saved (not at the end: the trial's --quiet run showed nothing for
     11 minutes); Ctrl-C says what was kept and how to continue; --resume says where it continues; a finished run

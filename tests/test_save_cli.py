@@ -89,6 +89,33 @@ def test_cli_recipe_yaml(tiny_dir, tmp_path, capsys):
     assert "satisfied by every module" in capsys.readouterr().out
 
 
+def test_inspect_checks_the_pattern_the_checkpoint_records(tiny_dir, tmp_path, capsys):
+    """Without --nm, inspect checks the (mixed) N:M pattern recorded in losa.json, per layer for mixed N:M (the
+    trial's mixed checkpoint was reported as 'no N:8 pattern'); a record the weights do not satisfy exits 1."""
+    from losa.cli.inspect import recorded_pattern
+
+    out = tmp_path / "mixed"
+    assert main(["prune", str(tiny_dir), "--method", "magnitude", "--nm", "2:8", "--nm-n", "1,3", "--eval", "none",
+                 "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert log.startswith(f"checking the mixed 2:8 pattern recorded in {out}/losa.json (--nm checks another)\n")
+    assert "mixed 2:8 pattern: satisfied by every module" in log
+    manifest = json.loads((out / "losa.json").read_text())
+    manifest["recipe"]["nm_n"] = [3, 1]  # layer 1 holds 3 non-zeros per group of 8: not 1:8
+    (out / "losa.json").write_text(json.dumps(manifest))
+    assert main(["inspect", str(out)]) == 1
+    assert "mixed 2:8 pattern: VIOLATED in" in capsys.readouterr().out
+    # a LoSA run's merged model records its per-layer N beside the recipe; without it mixed N:M is not checked
+    run_model = tmp_path / "run"
+    run_model.mkdir()
+    (run_model / "losa.json").write_text(json.dumps({"recipe": {"nm": "2:8", "mixed_nm": True}, "nm_n": [2, 2, 1, 3]}))
+    assert recorded_pattern(str(run_model)) == ("mixed 2:8", [(2, 8), (2, 8), (1, 8), (3, 8)])
+    (run_model / "losa.json").write_text(json.dumps({"recipe": {"nm": "2:8", "mixed_nm": True}}))
+    assert recorded_pattern(str(run_model)) is None and recorded_pattern(str(tiny_dir)) is None
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["--sparsity", "1.2"], "outside [0, 1)"),
     (["--nm", "4:4"], "1 <= N < M"),

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 from losa.cli.common import add_model_arg, check_model_arg
+from losa.errors import LosaError
 from losa.pruning.masks import parse_nm
 
 
@@ -26,10 +29,14 @@ def run_inspect(args: argparse.Namespace) -> int:
     from losa.export.verify import sparsity_report
     from losa.utils.io import atomic_write_json, check_output_file
 
-    nm = parse_nm(args.nm) if args.nm else None
+    nm: tuple[int, int] | list[tuple[int, int]] | None = parse_nm(args.nm) if args.nm else None
+    label = args.nm
     if args.json_out:
         check_output_file(args.json_out, "--json")
     check_model_arg(args.model)
+    if nm is None and (recorded := recorded_pattern(args.model)) is not None:
+        label, nm = recorded
+        print(f"checking the {label} pattern recorded in {args.model}/losa.json (--nm checks another)")
     model, _ = losa.load_model(args.model, dtype=args.dtype)
     rep = sparsity_report(model, nm)
     print(f"{'layer':>5}  {'params':>12}  {'sparsity':>8}")
@@ -44,7 +51,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     if nm is not None:
         bad = [n for n, m in rep.modules.items() if not m.nm_ok]
         ok = not bad
-        print(f"{args.nm} pattern: {'satisfied by every module' if ok else f'VIOLATED in {len(bad)} modules'}")
+        print(f"{label} pattern: {'satisfied by every module' if ok else f'VIOLATED in {len(bad)} modules'}")
     else:
         for m_ in (4, 8):
             counts = [m.max_nonzeros_per_group[str(m_)] for m in rep.modules.values()]
@@ -60,3 +67,26 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(f"overall sparsity {rep.overall:.4f} is below --min-sparsity {args.min_sparsity}")
         ok = False
     return 0 if ok else 1
+
+
+def recorded_pattern(model: str) -> tuple[str, tuple[int, int] | list[tuple[int, int]]] | None:
+    """The N:M pattern a losa checkpoint records in its ``losa.json`` (written by ``losa prune`` / ``losa run``).
+
+    Args:
+        model: the MODEL argument (any name; only a directory with a ``losa.json`` records a pattern).
+    Returns:
+        (label, pattern): ``("2:4", (2, 4))``, or for mixed N:M ``("mixed 2:8", [(n_l, 8) per decoder layer])``;
+        None when nothing is recorded (no losa.json, unstructured, or a mixed N:M run without its per-layer N).
+    """
+    try:
+        with open(os.path.join(model, "losa.json")) as fh:
+            manifest = json.load(fh)
+        recipe = manifest.get("recipe") or {}
+        n, m = parse_nm(recipe["nm"])
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, LosaError):
+        return None
+    per_layer = recipe.get("nm_n") or manifest.get("nm_n")  # prune's recipe; the merged model of a run
+    if per_layer:
+        mixed = recipe.get("mixed_nm") or len(set(per_layer)) > 1
+        return f"{'mixed ' if mixed else ''}{n}:{m}", [(int(k), m) for k in per_layer]
+    return None if recipe.get("mixed_nm") else (f"{n}:{m}", (n, m))

@@ -92,4 +92,6 @@ def run_prune(args: argparse.Namespace) -> int:
                                 "max_windows": args.max_windows}}
         losa.save_checkpoint(model, tok, out, manifest, overwrite=args.overwrite)
         print(f"  saved checkpoint to {out} (losa.json holds the recipe and per-module sparsity)")
+    else:
+        print("  not saved (--no-save)")
     return 0

@@ -51,6 +51,7 @@ def run_losa(args: argparse.Namespace) -> int:
     from losa.finetune.data import check_records_source
     from losa.models.registry import check_window
     from losa.pipelines.losa.loop import StepEval, check_run_dir, run
+    from losa.pruning.masks import parse_nm
     from losa.report.schema import save_report
     from losa.utils.device import resolve_device
     from losa.utils.dist import barrier, is_main
@@ -109,9 +110,14 @@ def run_losa(args: argparse.Namespace) -> int:
         print(f"  {d} perplexity: {ppl:.3f}")
     save_report(report, out)
     if not args.no_save:
-        losa.save_checkpoint(model, tok, out / "model", {"source_model": args.model, "recipe": cfg.model_dump(),
-                                                         "results": {"ppl": report.results.ppl}}, overwrite=True)
+        manifest = {"source_model": args.model, "recipe": cfg.model_dump(), "results": {"ppl": report.results.ppl}}
+        if cfg.nm is not None:  # N per decoder layer (mixed N:M moves it), checked by losa inspect
+            m = parse_nm(cfg.nm)[1]
+            manifest["nm_n"] = [round((1 - s) * m) for s in report.results.layer_target_sparsity]
+        losa.save_checkpoint(model, tok, out / "model", manifest, overwrite=True)
         print(f"  saved merged model to {out / 'model'}")
+    else:
+        print(f"  merged model not saved (--no-save); the report is in {out}")
     barrier()
     return 0
 
