@@ -144,12 +144,14 @@ def test_progress_bars_in_every_long_phase_and_quiet_turns_them_off(tmp_path, ca
     (tmp_path / "none" / "c4" / "c4_train_part0.jsonl").write_text(
         "\n".join(json.dumps({"text": " ".join(f"word{(i + j) % 100 + 4}" for j in range(40))}) for i in range(20)))
     assert main([*argv, "--out", str(tmp_path / "a")]) == 0
-    err = capfd.readouterr().err
+    out, err = capfd.readouterr()
     for phase in ("dense targets", "RMI grams", "pruning", "reconstruction errors"):
         assert phase in err, phase
-    segments = re.split(r"[\r\n]", err)
-    # the Trainer's bar has no description: it starts with the percentage (every losa bar has a "desc: ")
-    assert any(re.match(r"^\s*\d+%\|", seg) for seg in segments), "the fine-tuning bar is on"
+    # the fine-tuning bar is labelled with the step and shows the loss; the Trainer's own bar (no label) and its
+    # per-step log dicts ({'loss': ...} on stdout) are gone
+    assert re.search(r"step 1/1: fine-tuning: 100%\|[^\r\n]*, loss=\d+\.\d{4}\]", err), err[-2000:]
+    assert not any(re.match(r"^\s*\d+%\|", seg) for seg in re.split(r"[\r\n]", err))
+    assert "{'loss'" not in out and "'grad_norm'" not in out and "'loss'" not in err
     assert main([*argv, "--out", str(tmp_path / "b"), "--quiet"]) == 0
     assert "%|" not in capfd.readouterr().err
 

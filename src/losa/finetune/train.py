@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from losa.errors import LosaError
@@ -198,6 +199,32 @@ class _LossRecorder(TrainerCallback):
             self.losses.append(float(logs["loss"]))
 
 
+class _ProgressBar(TrainerCallback):
+    """One labelled bar over the optimiser steps with the last loss beside it (the Trainer's own bar has no label
+    and prints every step's log dict on stdout); drawn by the main process only."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar: tqdm | None = None
+
+    def on_train_begin(self, args, state, control, **kw):  # noqa: D102
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, desc=self.desc, unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kw):  # noqa: D102
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kw):  # noqa: D102
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+    def on_train_end(self, args, state, control, **kw):  # noqa: D102
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def _checkpointing(model: nn.Module, on: bool) -> None:
     """Activation (gradient) checkpointing on or off, through transformers' current API when it has one."""
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
@@ -213,7 +240,8 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
 
 def finetune(model: nn.Module, examples: Sequence[dict[str, Any]], config: FinetuneConfig, pad_id: int,
              teacher: nn.Module | None = None, optimizer_state: dict | None = None,
-             progress: bool = True, teacher_cache: TeacherTopK | None = None) -> dict[str, Any]:
+             progress: bool = True, teacher_cache: TeacherTopK | None = None,
+             desc: str = "fine-tuning") -> dict[str, Any]:
     """Train the trainable parameters of ``model`` on tokenized ``examples`` with transformers' Trainer.
 
     The loss of each optimizer step is the per-token mean over all its micro-batches (label loss over
@@ -228,10 +256,12 @@ def finetune(model: nn.Module, examples: Sequence[dict[str, Any]], config: Finet
         pad_id: padding token id for the collator.
         teacher: the dense model for ``config.distill`` with ``teacher_topk = 0``.
         optimizer_state: an AdamW state dict to resume from.
-        progress: show the Trainer's progress bar and its per-step log lines; False: neither (the losses
-            are still recorded and returned; warnings and errors still go to the log).
+        progress: show a progress bar over the optimiser steps, labelled ``desc``, with the last loss; False:
+            none (the losses are still recorded and returned; warnings and errors still go to the log). The
+            Trainer's per-step log dicts are never printed.
         teacher_cache: the dense model's cached top-k distributions for ``config.distill`` with
             ``teacher_topk = k > 0`` (:meth:`losa.finetune.teacher.TeacherTopK.compute`).
+        desc: the progress bar's label.
     Returns:
         ``losses`` (one per optimizer step), ``steps``, ``train_loss``, ``tokens`` and ``optimizer_state``.
     Raises:
@@ -269,16 +299,16 @@ def finetune(model: nn.Module, examples: Sequence[dict[str, Any]], config: Finet
             weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
             lr_scheduler_type=config.lr_scheduler, optim="adamw_torch", max_grad_norm=config.max_grad_norm,
             logging_steps=1, save_strategy="no", report_to="none", remove_unused_columns=False,
-            seed=config.seed, data_seed=config.seed, bf16=bf16, use_cpu=not use_cuda, disable_tqdm=not progress,
+            seed=config.seed, data_seed=config.seed, bf16=bf16, use_cpu=not use_cuda, disable_tqdm=True,
             dataloader_num_workers=0, ddp_find_unused_parameters=world_size() > 1 or None,
             fsdp=config.fsdp, fsdp_config=config.fsdp_config, deepspeed=config.deepspeed,
         )
         trainer = _LosaTrainer(model=model, args=args, train_dataset=list(examples),
                                data_collator=Collator(pad_id, teacher_cache if cached else None),
-                               callbacks=[recorder], teacher=None if cached or not config.distill else teacher,
+                               callbacks=[recorder, *([_ProgressBar(desc)] if progress else [])],
+                               teacher=None if cached or not config.distill else teacher,
                                cached_teacher=cached, temperature=config.temperature)
-        if not progress:  # without its bar (disable_tqdm) the Trainer prints every step's log dict on stdout
-            trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(PrinterCallback)  # without its bar (disable_tqdm) it prints each step's log dict
         if optimizer_state is not None:
             trainer.create_optimizer()
             trainer.optimizer.load_state_dict(optimizer_state)

@@ -441,7 +441,7 @@ class LoSARun:
         if self.slices[step - 1]:
             ftc = cfg.finetune.model_copy(update={"seed": cfg.finetune.seed + cfg.seed * 1000 + step})
             ft = finetune(model, self.slices[step - 1], ftc, self.pad_id, teacher=self.teacher, progress=self.progress,
-                          teacher_cache=self.teacher_cache)
+                          teacher_cache=self.teacher_cache, desc=f"step {step}/{cfg.steps}: fine-tuning")
         broadcast_tensors([p for w in wrappers for p in (w.lora_A, w.lora_B)])  # data-parallel replicas agree
         times["finetune_s"] = time.perf_counter() - t
         t = time.perf_counter()
