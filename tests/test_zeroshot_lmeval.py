@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -69,6 +70,12 @@ def test_progress_disabled_turns_every_tqdm_off_and_restores():
     assert not tqdm(range(3), disable=False).disable
     with zs.progress_disabled(False):
         assert not tqdm(range(3), disable=False).disable
+        # lm-eval's INFO lines are hidden with the bars on too (a trial found them noisy); warnings still show
+        assert not logging.getLogger("lm_eval").isEnabledFor(logging.INFO)
+        assert logging.getLogger("lm_eval").isEnabledFor(logging.WARNING)
+    with zs.progress_disabled(True):
+        assert not logging.getLogger("lm_eval").isEnabledFor(logging.WARNING)
+    assert logging.getLogger("lm_eval").level == logging.NOTSET  # restored
 
 
 def test_bad_input_is_a_clear_error(smollm2, data_dir, tmp_path):
@@ -182,3 +189,15 @@ def test_no_git_probe_keeps_git_quiet_and_restores():
     with zs.no_git_probe():
         assert evaluator.get_git_commit_hash() is None
     assert evaluator.get_git_commit_hash is original
+
+
+def test_table_says_which_tasks_the_acc_norm_mean_takes_acc_for():
+    """lm-eval has no acc_norm for boolq: the acc_norm mean takes its acc, and the table says so."""
+    from losa.eval.zeroshot import format_table, task_mean
+
+    tasks = {"boolq": {"acc": 0.6, "acc_norm": None, "n": 10}, "piqa": {"acc": 0.7, "acc_norm": 0.8, "n": 10}}
+    table = format_table({"tasks": tasks, "mean": task_mean(tasks)})
+    assert "| **mean** | 65.00 | 70.00* | |" in table  # (0.6 + 0.8) / 2
+    assert table.endswith("\\* the acc_norm mean takes acc for boolq (no acc_norm in lm-eval)")
+    tasks["boolq"]["acc_norm"] = 0.5
+    assert "*" not in format_table({"tasks": tasks, "mean": task_mean(tasks)}).replace("**mean**", "")

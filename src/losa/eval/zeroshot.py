@@ -36,10 +36,9 @@ _TQDM_DISABLE_POS = 10  # index of ``disable`` among tqdm.__init__'s positional 
 
 @contextlib.contextmanager
 def progress_disabled(disabled: bool = True) -> Iterator[None]:
-    """Within the block, every tqdm bar (lm-eval, datasets, transformers) is created disabled."""
-    if not disabled:
-        yield
-        return
+    """Within the block, lm-eval logs warnings and errors only (its INFO lines, one per task and phase, are noise
+    beside the progress bars), and with ``disabled`` every tqdm bar (lm-eval, datasets, transformers) is created
+    disabled and lm-eval logs errors only."""
     import tqdm.std
 
     original = tqdm.std.tqdm.__init__
@@ -54,8 +53,9 @@ def progress_disabled(disabled: bool = True) -> Iterator[None]:
 
     lm_log = logging.getLogger("lm_eval")
     old_level = lm_log.level
-    tqdm.std.tqdm.__init__ = quiet_init
-    lm_log.setLevel(logging.ERROR)
+    if disabled:
+        tqdm.std.tqdm.__init__ = quiet_init
+    lm_log.setLevel(logging.ERROR if disabled else logging.WARNING)
     try:
         yield
     finally:
@@ -236,7 +236,8 @@ def run_zeroshot(model, tokenizer, tasks: Sequence[str] | str = DEFAULT_TASKS, l
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A markdown table of a :func:`run_zeroshot` result (acc, acc_norm, n per task, then the mean)."""
+    """A markdown table of a :func:`run_zeroshot` result (acc, acc_norm, n per task, then the mean; a footnote names
+    the tasks whose acc the acc_norm mean takes because lm-eval defines no acc_norm for them)."""
     def f(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.2f}"
 
@@ -244,7 +245,11 @@ def format_table(result: dict[str, Any]) -> str:
     for t, v in result["tasks"].items():
         lines.append(f"| {t} | {f(v['acc'])} | {f(v['acc_norm'])} | {v['n']} |")
     m = result["mean"]
-    lines.append(f"| **mean** | {f(m['acc'])} | {f(m['acc_norm'])} | |")
+    fallback = [t for t, v in result["tasks"].items() if v["acc_norm"] is None]
+    mark = "*" if fallback and m["acc_norm"] is not None else ""
+    lines.append(f"| **mean** | {f(m['acc'])} | {f(m['acc_norm'])}{mark} | |")
+    if mark:  # the mean of acc_norm takes acc where lm-eval defines no acc_norm
+        lines.append(f"\n\\* the acc_norm mean takes acc for {', '.join(fallback)} (no acc_norm in lm-eval)")
     return "\n".join(lines)
 
 
