@@ -51,6 +51,13 @@ CASES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def no_probe(request, monkeypatch):
+    """The tests below fake transformers' downloads; the quick hub probe before them is tested on its own."""
+    if "probe" not in request.node.name:
+        monkeypatch.setattr("losa.models.loading._probe_hub", lambda name: None)
+
+
 def _check(exc_info, pattern: str) -> None:
     msg = str(exc_info.value)
     assert "\n" not in msg, msg
@@ -163,3 +170,57 @@ def test_model_names_that_cannot_load_fail_before_anything_slow(tmp_path, capsys
         assert out == "" and err.startswith("error: ") and why in err and err.count("\n") == 1
     for ok in ("smollm2-135m", "gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct", "x.gguf"):
         check_model_name(ok)  # aliases, hub ids (checked by the hub later) and GGUF paths (checked on load)
+
+
+@pytest.mark.parametrize("case", ["refused", "repo-404", "private-401"])
+def test_hub_probe_reports_at_once_before_any_download(monkeypatch, case):
+    """An unreachable hub used to take about 50 s of huggingface_hub's retries per load; one quick request
+    now reports it (and a missing or refused repo) before transformers downloads anything."""
+    import huggingface_hub
+    from transformers import AutoModelForCausalLM
+
+    make, _, pattern = CASES[case]
+    asked = []
+
+    def info(name, timeout=None, **kw):
+        asked.append((name, timeout))
+        raise make()
+
+    def download(cls, *a, **k):
+        raise AssertionError("transformers downloaded after the probe failed")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", info)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(download))
+    with pytest.raises(LosaError, match="model config") as exc_info:
+        losa.load_model("org/name")
+    _check(exc_info, pattern)
+    assert asked == [("org/name", 10)]
+
+
+def test_hub_probe_skipped_offline_and_passes_on_an_answer(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from losa.models.loading import _probe_hub
+
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: object())  # the hub answers
+    _probe_hub("org/name")
+
+    def unreachable(*a, **k):
+        raise httpx2.ConnectError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _probe_hub("org/name")  # offline mode: transformers reads the cache, nothing is probed
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(LosaError, match="could not reach the Hugging Face hub"):
+        _probe_hub("org/name")
+    # an answer other than the ones _hub_error names (here a server error) leaves the download to report
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: (_ for _ in ()).throw(_http_error(500, None)))
+    _probe_hub("org/name")
+    model = make_tiny_model("llama", layers=1)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: (model, {"missing_keys": set()})))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(lambda cls, *a, **k: make_tiny_tokenizer()))
+    assert losa.load_model("org/name")[0] is model

@@ -304,8 +304,35 @@ def _has_tokenizer_files(name: str) -> bool:
     return any(os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES)
 
 
+def _probe_hub(name: str) -> None:
+    """One quick request for a hub id that is not cached, before transformers downloads it: on a machine that
+    cannot reach the hub, huggingface_hub retries every file with backoff (about 25 s each, 50 s in all), so that
+    failure (and a missing or refused repo) is reported at once. Offline mode and cached ids are not probed; any
+    other answer leaves the download to report what it finds.
+
+    Raises:
+        LosaError: the hub cannot be reached, refuses the repo, or has no such repo (as :func:`_hub_error` says).
+    """
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or os.path.exists(name):
+        return
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return  # cached: transformers can load it without the hub
+    except Exception:  # noqa: BLE001 - not a valid repo id: the load below says so
+        return
+    try:
+        model_info(name, timeout=10)
+    except Exception as e:  # noqa: BLE001 - only the failures _hub_error names are reported here
+        err = _hub_error(name, "model config", e)
+        if err is not None:
+            raise err from None
+
+
 def _load_hf(name: str, dtype: torch.dtype, **kwargs):
     kwargs.pop("output_loading_info", None)  # always asked for: missing weights are refused below
+    _probe_hub(name)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, output_loading_info=True, **kwargs)
     except Exception as e:
