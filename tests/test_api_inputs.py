@@ -120,7 +120,7 @@ def test_load_sparse_into_any_module_and_bad_files(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(LosaError, match="is not a readable safetensors file"):
         load_sparse(net(1), tmp_path / "bad.safetensors")
-    # a file cut short after its header: the header reads, the tensors do not (one line, not safetensors' error)
+    # a file cut short (a copy that stopped): one line, not safetensors' error
     whole = (tmp_path / "m.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(whole[: len(whole) - 100])
     with pytest.raises(LosaError, match="cut.safetensors is not a readable safetensors file"):
@@ -178,6 +178,12 @@ def test_run_needs_two_calibration_windows():
     with pytest.raises(LosaError, match="calib_ids has 1 window\\(s\\); this needs at least 2"):
         losa.run(make_tiny_model("llama", seed=0, layers=1), make_tiny_tokenizer(),
                  LoSAConfig(nsamples=2, seqlen=16, recon_nsamples=1, device="cpu"), calib_ids=ids, progress=False)
+
+
+def test_a_hub_dataset_name_is_left_to_the_hub():
+    from losa.finetune.data import check_records_source
+
+    assert check_records_source("tatsu-lab/alpaca") is None  # exactly 'org/name': loaded from the hub later
 
 
 def test_run_checks_the_finetune_data_path_before_calibration(monkeypatch, tmp_path):

@@ -94,7 +94,8 @@ def test_mixed_nm_whose_mean_n_is_not_the_pattern_s_is_refused(tiny_dir, capsys,
     """--nm 2:8 --nm-n 3,4 would prune to a mean 3.5:8 (56 % sparse) while the run is labelled 2:8 (75 %)."""
     rc = main(["prune", str(tiny_dir), "--method", "magnitude", "--nm", "2:8", "--nm-n", "3,4", "--quiet"])
     _one_line_error(capsys, rc, "nm_n (--nm-n) averages N=3.5 over its 2 layers, but nm (--nm) 2:8 has N=2: mixed N:M "
-                                "keeps the mean N of its pattern (the same sparsity); give N values averaging 2")
+                                "keeps the mean N of its pattern (its sparsity, for layers of one size); give N values "
+                                "averaging 2")
     rc = main(["prune", str(tiny_dir), "--method", "magnitude", "--nm", "2:8", "--nm-n", "3,5", "--quiet"])
     _one_line_error(capsys, rc, "give N values averaging 2 or nm (--nm) 4:8")
     assert losa.PruneConfig(nm="2:8", nm_n=[1, 3]).nm_n == [1, 3]
@@ -168,13 +169,28 @@ def test_run_prints_each_step_as_it_ends_and_says_how_to_resume(tiny_dir, tmp_pa
     assert main(argv) == 130  # the same command: nothing was saved, so it is not refused
     log = capsys.readouterr()
     assert "  step 1/2: S_t=0.4375 " in log.out and "step 2/2" not in log.out  # 0.5 - 0.5 (1 - 1/2)^3
-    assert log.err.strip().endswith(f"interrupted; steps 1-1 are saved in {out}; add --resume to the same command to "
-                                    "continue from step 2")
+    assert log.err.strip().endswith(f"interrupted; steps 1-1 are saved in {out}; run the same command with --resume "
+                                    "to continue from step 2")
     monkeypatch.setattr(LoSARun, "step", step)
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(losa, "save_checkpoint", stop)  # interrupted after the merge, while saving the model
+    assert main([*argv, "--resume"]) == 130
+    log = capsys.readouterr()
+    assert f"  resuming after step 1/2 saved in {out / 'state'}" in log.out
+    assert "  step 1/2:" not in log.out and "  step 2/2: S_t=0.5000 " in log.out
+    assert log.err.strip().endswith(f"interrupted; all 2 steps are saved in {out}; run the same command with --resume "
+                                    "to merge, verify, evaluate and save")
+    monkeypatch.undo()  # save_checkpoint and the step again as they are
+    def no_targets(*a, **k):
+        raise AssertionError("dense targets computed for a run with no step left")
+
+    monkeypatch.setattr("losa.pipelines.losa.loop.DenseTargets.compute", no_targets)  # only merging is left to do
     assert main([*argv, "--resume"]) == 0
     log = capsys.readouterr().out
-    assert f"  resuming after step 1/2 saved in {out / 'state'}" in log
-    assert "  step 1/2:" not in log and "  step 2/2: S_t=0.5000 " in log
+    assert f"  all 2 steps are saved in {out / 'state'}: merging, verifying and saving" in log  # no eval datasets
+    assert "  step 2/2:" not in log and "saved merged model" in log
     report = (out / "report.json").read_text()
     assert main([*argv, "--resume"]) == 0
     assert f"  {out} holds the finished run (all 2 steps, report.json, model/): nothing to do" in (
@@ -254,6 +270,9 @@ def test_compare_labels_an_older_report_without_fine_tuning_from_its_recipe():
     # a wrong fine-tuning data path fails before the model loads (the trial waited for calibration first)
     (["--finetune-data", "missing.jsonl"], "fine-tuning data missing.jsonl not found; give a .json/.jsonl path"),
     (["--finetune-data", "empty"], "no .json/.jsonl files in empty; point finetune_data (--finetune-data) at"),
+    (["--finetune-data", "./data/train"], "fine-tuning data ./data/train not found"),  # a path, not 'org/name'
+    (["--finetune-data", "/no/such/dir"], "fine-tuning data /no/such/dir not found"),
+    (["--finetune-data", "a/b/c"], "fine-tuning data a/b/c not found"),
 ])
 def test_run_bad_or_ignored_settings_fail_before_the_run(tmp_path, capsys, no_work, monkeypatch, argv, msg):
     monkeypatch.chdir(tmp_path)  # the x.jsonl above is a name only: the run never starts
@@ -423,3 +442,11 @@ def test_run_refuses_sparsity_with_nm(tiny_dir, capsys, no_work):
     rc = main(["run", str(tiny_dir), "--nm", "2:4", "--sparsity", "0.7", "--eval", "none", "--quiet"])
     _one_line_error(capsys, rc, "--sparsity has no effect with nm (--nm): the N:M pattern sets the sparsity")
     assert LoSAConfig(nm="2:4", sparsity=0.5).ignored_fields() == []  # the default value is not "set"
+
+
+def test_cli_warnings_are_one_line_and_other_categories_keep_their_source():
+    from losa.cli import _one_line_warning
+
+    assert _one_line_warning(UserWarning("x happened"), UserWarning, "/a/b/loop.py", 12) == "warning: x happened\n"
+    assert _one_line_warning(FutureWarning("old API"), FutureWarning, "/site/lib/mod.py", 3) == (
+        "warning (FutureWarning from mod.py:3): old API\n")

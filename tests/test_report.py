@@ -241,8 +241,8 @@ def test_cli_compare_prints_the_windows_warning_as_one_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "losa", "compare", str(a), str(b)], capture_output=True,
                          text=True, check=True)
     assert res.stderr == ("warning: the perplexities were measured with different windows (512 tokens, all windows; "
-                          "512 tokens, first 40 windows): they are not comparable; evaluate every run with the same "
-                          "--eval-seqlen and --max-windows (losa eval)\n")
+                          "512 tokens, first 40 windows): they are not comparable; rerun losa prune / losa run with the "
+                          "same --eval-seqlen and --max-windows\n")
     assert "| ppl windows |" in res.stdout.splitlines()[0]
 
 

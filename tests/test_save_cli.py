@@ -112,6 +112,11 @@ def test_inspect_checks_the_pattern_the_checkpoint_records(tiny_dir, tmp_path, c
     run_model.mkdir()
     (run_model / "losa.json").write_text(json.dumps({"recipe": {"nm": "2:8", "mixed_nm": True}, "nm_n": [2, 2, 1, 3]}))
     assert recorded_pattern(str(run_model)) == ("mixed 2:8", [(2, 8), (2, 8), (1, 8), (3, 8)])
+    manifest["recipe"]["nm_n"] = [1, 3, 2]  # a record for another depth: one line naming the file and --nm
+    (out / "losa.json").write_text(json.dumps(manifest))
+    assert main(["inspect", str(out)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{out}/losa.json records N for 3 decoder layers but the model "
+                                                    "has 2; check a pattern with --nm instead")
     (run_model / "losa.json").write_text(json.dumps({"recipe": {"nm": "2:8", "mixed_nm": True}}))
     assert recorded_pattern(str(run_model)) is None and recorded_pattern(str(tiny_dir)) is None
 

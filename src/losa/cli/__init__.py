@@ -65,7 +65,8 @@ def _restore_progress_bars(enabled: bool | None) -> None:
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                       line: str | None = None) -> str:
-    return f"warning: {message}\n"
+    kind = "" if category is UserWarning else f" ({category.__name__} from {os.path.basename(filename)}:{lineno})"
+    return f"warning{kind}: {message}\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     import losa
     from losa.export.verify import sparsity_report
+    from losa.models.registry import get_decoder_layers
     from losa.utils.io import atomic_write_json, check_output_file
 
     nm: tuple[int, int] | list[tuple[int, int]] | None = parse_nm(args.nm) if args.nm else None
@@ -38,6 +39,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         label, nm = recorded
         print(f"checking the {label} pattern recorded in {args.model}/losa.json (--nm checks another)")
     model, _ = losa.load_model(args.model, dtype=args.dtype)
+    if isinstance(nm, list) and len(nm) != (layers := len(get_decoder_layers(model))):
+        raise LosaError(f"{args.model}/losa.json records N for {len(nm)} decoder layers but the model has {layers}; "
+                        "check a pattern with --nm instead")
     rep = sparsity_report(model, nm)
     print(f"{'layer':>5}  {'params':>12}  {'sparsity':>8}")
     for row in rep.layers:
@@ -83,10 +87,10 @@ def recorded_pattern(model: str) -> tuple[str, tuple[int, int] | list[tuple[int,
             manifest = json.load(fh)
         recipe = manifest.get("recipe") or {}
         n, m = parse_nm(recipe["nm"])
+        per_layer = [int(k) for k in recipe.get("nm_n") or manifest.get("nm_n") or []]  # prune; a run's model
     except (OSError, ValueError, AttributeError, KeyError, TypeError, LosaError):
         return None
-    per_layer = recipe.get("nm_n") or manifest.get("nm_n")  # prune's recipe; the merged model of a run
     if per_layer:
         mixed = recipe.get("mixed_nm") or len(set(per_layer)) > 1
-        return f"{'mixed ' if mixed else ''}{n}:{m}", [(int(k), m) for k in per_layer]
+        return f"{'mixed ' if mixed else ''}{n}:{m}", [(k, m) for k in per_layer]
     return None if recipe.get("mixed_nm") else (f"{n}:{m}", (n, m))

@@ -46,13 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_losa(args: argparse.Namespace) -> int:
     import losa
-    from losa.eval.ppl import perplexity
     from losa.finetune.config import check_environment
     from losa.finetune.data import check_records_source
     from losa.models.registry import check_window
     from losa.pipelines.losa.loop import StepEval, check_run_dir, run
-    from losa.pruning.masks import parse_nm
-    from losa.report.schema import save_report
     from losa.utils.device import resolve_device
     from losa.utils.dist import barrier, is_main
     from losa.utils.io import check_output_dir
@@ -76,35 +73,51 @@ def run_losa(args: argparse.Namespace) -> int:
     check_model_arg(args.model)
     print(f"losa run: {args.model} | {cfg.method} S={cfg.target_sparsity:.2f} T={cfg.steps} allocator="
           f"{cfg.effective_allocator} ranks={'allocated' if cfg.rank_allocation else 'uniform'} -> {out}")
+    settings = PplSettings(seqlen=eval_seqlen, max_windows=args.max_windows) if datasets else None
     if resumed is not None:
         done = int(resumed["step"])
-        if done >= cfg.steps and _finished(out, datasets, args.no_save):
-            print(f"  {out} holds the finished run (all {cfg.steps} steps, report.json"
-                  f"{'' if args.no_save else ', model/'}): nothing to do; `losa report {out}` shows it")
+        if done >= cfg.steps and _finished(out, datasets, settings, args.no_save):
+            if is_main():
+                print(f"  {out} holds the finished run (all {cfg.steps} steps, report.json"
+                      f"{'' if args.no_save else ', model/'}): nothing to do; `losa report {out}` shows it")
             return 0
-        print(f"  resuming after step {done}/{cfg.steps} saved in {out / 'state'}" if done < cfg.steps else
-              f"  all {cfg.steps} steps are saved in {out / 'state'}: merging, verifying, evaluating and saving")
+        rest = f"merging, verifying{', evaluating' if datasets else ''} and saving"
+        if is_main():
+            print(f"  resuming after step {done}/{cfg.steps} saved in {out / 'state'}" if done < cfg.steps else
+                  f"  all {cfg.steps} steps are saved in {out / 'state'}: {rest}")
     if not cfg.finetunes:
         print(f"warning: {NO_FINETUNE_WARNING}")
     step_eval = StepEval(datasets, eval_seqlen, args.max_windows, cfg.data_dir) if args.eval_every_step else None
     model, tok = losa.load_model(args.model, dtype=args.dtype)
     if datasets:
         check_window(model, eval_seqlen, "evaluation window", eval_flag)
-    with warnings.catch_warnings():  # printed above, as one line
-        warnings.filterwarnings("ignore", message=re.escape(NO_FINETUNE_WARNING))
-        try:
+    try:  # Ctrl-C anywhere from here on: say what is saved and how to continue
+        with warnings.catch_warnings():  # printed above, as one line
+            warnings.filterwarnings("ignore", message=re.escape(NO_FINETUNE_WARNING))
             report = run(model, tok, cfg, out_dir=out, resume=args.resume, progress=progress, model_name=args.model,
                          step_eval=step_eval, on_step=lambda s: _print_step(s, cfg.steps) if is_main() else None)
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(_resume_hint(out)) from None
-    if not is_main():  # the other processes of a multi-process run: the main one reports and saves
-        barrier()
-        return 0
+        if is_main():  # the other processes of a multi-process run: the main one reports and saves
+            _finish(args, cfg, model, tok, report, out, datasets, settings, progress)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_resume_hint(out, cfg.steps)) from None
+    barrier()
+    return 0
+
+
+def _finish(args: argparse.Namespace, cfg: LoSAConfig, model, tok, report, out: Path, datasets: list[str],
+            settings: PplSettings | None, progress: bool) -> None:
+    """The main process's end of a run: the verified sparsity, the perplexities, report.json, the merged model."""
+    import losa
+    from losa.eval.ppl import perplexity
+    from losa.pruning.masks import parse_nm
+    from losa.report.schema import save_report
+
     print(f"  verified: merged model sparsity {report.results.sparsity:.4f} (target {cfg.target_sparsity:.4f})")
-    if datasets:
-        report.results.ppl_settings = PplSettings(seqlen=eval_seqlen, max_windows=args.max_windows)
+    report.results.ppl_settings = settings
+    eval_flag = "--eval-seqlen" if args.eval_seqlen is not None else "--seqlen"
     for d in datasets:
-        ppl = perplexity(model, tok, d, seqlen=eval_seqlen, max_windows=args.max_windows, flag=eval_flag,
+        assert settings is not None
+        ppl = perplexity(model, tok, d, seqlen=settings.seqlen, max_windows=args.max_windows, flag=eval_flag,
                          data_dir=cfg.data_dir, progress=progress)
         report.results.ppl[d] = float(ppl)
         print(f"  {d} perplexity: {ppl:.3f}")
@@ -118,8 +131,6 @@ def run_losa(args: argparse.Namespace) -> int:
         print(f"  saved merged model to {out / 'model'}")
     else:
         print(f"  merged model not saved (--no-save); the report is in {out}")
-    barrier()
-    return 0
 
 
 def _print_step(s: StepRecord, steps: int) -> None:
@@ -130,7 +141,7 @@ def _print_step(s: StepRecord, steps: int) -> None:
           f"({s.wall_time_s:.1f}s, saved)", flush=True)
 
 
-def _resume_hint(out: Path) -> str:
+def _resume_hint(out: Path, steps: int) -> str:
     """What an interrupted run left: the steps to ``--resume`` from, or nothing to resume."""
     from losa.pipelines.losa.state import STATE_DIR
 
@@ -138,17 +149,20 @@ def _resume_hint(out: Path) -> str:
         done = int(json.loads((out / STATE_DIR / "state.json").read_text())["step"])
     except (OSError, ValueError, KeyError):
         return f"no step had finished, so there is nothing to resume; rerun the same command (--out {out})"
-    return f"steps 1-{done} are saved in {out}; add --resume to the same command to continue from step {done + 1}"
+    if done >= steps:
+        return (f"all {steps} steps are saved in {out}; run the same command with --resume to merge, verify, "
+                "evaluate and save")
+    return f"steps 1-{done} are saved in {out}; run the same command with --resume to continue from step {done + 1}"
 
 
-def _finished(out: Path, datasets: list[str], no_save: bool) -> bool:
-    """Whether ``out`` holds a run that got to its end: a verified final report with every requested perplexity,
-    and the merged model unless ``--no-save``."""
+def _finished(out: Path, datasets: list[str], settings: PplSettings | None, no_save: bool) -> bool:
+    """Whether ``out`` holds a run that got to its end: a verified final report with every requested perplexity
+    measured with these window settings, and the merged model unless ``--no-save``."""
     from losa.report.schema import load_run
 
     try:
         results = load_run(out).results
     except LosaError:
         return False
-    return (results.sparsity is not None and all(d in results.ppl for d in datasets)
-            and (no_save or (out / "model" / "losa.json").is_file()))
+    evaluated = not datasets or (all(d in results.ppl for d in datasets) and results.ppl_settings == settings)
+    return results.sparsity is not None and evaluated and (no_save or (out / "model" / "losa.json").is_file())

@@ -65,7 +65,8 @@ def check_records_source(source: str | Path) -> list[Path] | None:
         The local files to read, or None for a hub dataset (checked when it is loaded).
     Raises:
         LosaError: a directory without ``.json``/``.jsonl`` files; a path that does not exist and is not a hub
-            dataset name (a ``.json``/``.jsonl`` name, or no ``/``).
+            dataset name ``org/name`` (a ``.json``/``.jsonl`` name, a name starting with ``/``, ``.`` or ``~``, or
+            not exactly one ``/``).
     """
     p = Path(source).expanduser()
     if p.is_file():
@@ -76,7 +77,9 @@ def check_records_source(source: str | Path) -> list[Path] | None:
             raise LosaError(f"no .json/.jsonl files in {p}; point {option('finetune_data')} at a file or directory "
                             "of them")
         return files
-    if p.suffix in (".json", ".jsonl") or "/" not in str(source):
+    text = str(source)
+    local = text.startswith(("/", ".", "~")) or text.count("/") != 1  # a hub dataset is exactly 'org/name'
+    if p.suffix in (".json", ".jsonl") or local:
         raise LosaError(f"fine-tuning data {source} not found; give a .json/.jsonl path or a hub dataset 'org/name'")
     return None
 

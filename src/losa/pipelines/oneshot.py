@@ -101,7 +101,7 @@ class PruneConfig(CalibrationConfig):
                 other = f" or {option('nm')} {int(mean)}:{m}" if mean.is_integer() else ""
                 raise ValueError(f"{option('nm_n')} averages N={mean:g} over its {len(self.nm_n)} layers, but "
                                  f"{option('nm')} {self.nm} has N={n}: mixed N:M keeps the mean N of its pattern "
-                                 f"(the same sparsity); give N values averaging {n}{other}")
+                                 f"(its sparsity, for layers of one size); give N values averaging {n}{other}")
         if self.nm is not None and "sparsity" in self.non_default_fields():
             raise ValueError(f"{option('sparsity')} has no effect with {option('nm')}: the {self.nm} pattern sets "
                              "it; drop one of them")

@@ -106,8 +106,8 @@ def compare(run_dirs: Sequence[str | os.PathLike], metric: str = "acc") -> tuple
     extra = [("Model", len(models) > 1), ("Run", len(set(labels)) < len(labels)), ("ppl windows", len(windows) > 1)]
     if len(windows) > 1:
         warnings.warn(f"the perplexities were measured with different windows ({'; '.join(sorted(windows))}): "
-                      "they are not comparable; evaluate every run with the same --eval-seqlen and --max-windows "
-                      "(losa eval)", stacklevel=2)
+                      "they are not comparable; rerun losa prune / losa run with the same --eval-seqlen and "
+                      "--max-windows", stacklevel=2)
     header = [name for name, shown in extra[:2] if shown] + ["Sparsity", "Method"]
     header += [f"{PPL_NAMES.get(d, d)} ppl" for d in ppl_keys] + ["ppl windows"] * extra[2][1]
     header += [*[TASK_NAMES.get(t, t) for t in tasks], "Mean"]

@@ -66,7 +66,7 @@ _BOUNDS = {"greater_than_equal": ("ge", "must be at least"), "greater_than": ("g
 
 
 def _num(v: Any) -> Any:
-    return f"{v:g}" if isinstance(v, float) else v
+    return f"{v:.12g}" if isinstance(v, float) else v  # -1.0 as -1; never rounded onto the bound
 
 
 def validation_message(err: ValidationError) -> str:

@@ -365,7 +365,9 @@ class LoSARun:
         self.teacher_s = 0.0
         train_examples: list[dict[str, Any]] = examples
         k = cfg.finetune.teacher_topk
-        if cfg.finetune.distill and examples and k > 0:  # the dense model's top-k, once, before any pruning
+        # a resumed run whose T steps are all saved only merges and verifies: no teacher, no dense targets
+        self.all_done = self.resume_meta is not None and int(self.resume_meta["step"]) >= cfg.steps
+        if cfg.finetune.distill and examples and k > 0 and not self.all_done:  # the dense model's top-k, once, before any pruning
             cache_dir = self.out / TEACHER_CACHE_DIR
             t = time.perf_counter()
             if is_main() and not (self.resume and TeacherTopK.matches(cache_dir, examples, k)):
@@ -374,18 +376,19 @@ class LoSARun:
             self.teacher_s = time.perf_counter() - t
             self.teacher_cache = TeacherTopK(cache_dir)
             train_examples = [{**e, "teacher_index": i} for i, e in enumerate(examples)]
-        elif cfg.finetune.distill and examples:
+        elif cfg.finetune.distill and examples and not self.all_done:
             self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self.slices = (split_for_steps(train_examples, cfg.steps, seed=cfg.seed) if examples
                        else [[] for _ in range(cfg.steps)])
         self.sizes = layer_sizes(model)
         targets_path = self.out / "dense_targets.npy"
         t = time.perf_counter()
-        if is_main() and not (self.resume and targets_path.is_file()):
+        if is_main() and not self.all_done and not (self.resume and targets_path.is_file()):
             DenseTargets.compute(model, self.recon_ids, targets_path, cfg.calib_batch(), cfg.device, self.progress)
         barrier()
         self.dense_s = time.perf_counter() - t
-        self.dense = DenseTargets(targets_path)
+        if not self.all_done:
+            self.dense = DenseTargets(targets_path)
         init_rank = int(round(min(max(cfg.omega_first, cfg.r_min), cfg.r_max)))
         add_sparse_lora(model, SparseLoRAConfig(r_max=cfg.r_max, rank=init_rank, alpha=cfg.lora_alpha,
                                                 init_seed=cfg.seed))
@@ -528,7 +531,7 @@ def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, ou
         out_dir: run directory: ``state/`` (resume), ``report.json`` after every step, ``details.json``
             (per-step extras: Ω_t, N per layer, OWL ratios, timings). None: a temporary directory.
         resume: continue the run in ``out_dir`` from its last finished step.
-        progress: progress bars and the fine-tuning's per-step loss lines (False: neither; warnings still show).
+        progress: progress bars (False: none; warnings still show).
         calib_ids: ``[n, seqlen]`` integer token ids overriding the calibration source of the config (the
             report records ``n`` and ``seqlen`` as ``nsamples`` and ``seqlen``, and ``calib`` as ``calib_ids``).
         model_name: recorded in the report (default: the model's ``_name_or_path``).
