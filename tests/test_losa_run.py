@@ -213,6 +213,14 @@ def test_eval_every_step_and_report_from_a_real_run(tmp_path, data_dir):
     # the last step's perplexity is the final model's (the merge is exact)
     assert rep["results"]["ppl"]["wikitext2"] == pytest.approx(rep["steps"][-1]["ppl"]["wikitext2"], rel=1e-3)
     assert rep["results"]["ppl_settings"] == {"seqlen": 32, "max_windows": 2}  # compare warns when runs differ
+    # resumed when finished: nothing to do with the same windows; other windows are evaluated (and recorded)
+    argv = ["run", str(d), "--finetune-data", data, "--sparsity", "0.6", "--steps", "2", "--nsamples", "4",
+            "--seqlen", "16", "--recon-nsamples", "2", "--batch-size", "4", "--max-length", "24",
+            "--data-dir", str(data_dir), "--eval-seqlen", "32", "--out", str(out), "--quiet", "--no-save", "--resume"]
+    assert main([*argv, "--max-windows", "2"]) == 0
+    assert json.loads((out / "report.json").read_text()) == rep
+    assert main([*argv, "--max-windows", "1"]) == 0
+    assert json.loads((out / "report.json").read_text())["results"]["ppl_settings"] == {"seqlen": 32, "max_windows": 1}
     assert main(["report", str(out)]) == 0
     md = (out / "report.md").read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
