@@ -252,3 +252,11 @@ def test_mixed_nm_keeps_its_allocation_across_steps_and_a_resume(tmp_path, tiny_
     ns = [[round(4 * (1 - s)) for s in step.layer_target_sparsity] for step in rep.steps]
     assert len(ns) == 3 and ns[0] == ns[1] == ns[2] and sorted(ns[0]) == [1, 2, 2, 3]
     assert rep.results.sparsity == pytest.approx(0.5, abs=1e-9)
+
+
+def test_recon_nsamples_default_follows_a_small_calibration_set():
+    """The README's LoSA example runs with --nsamples 8: the default of 16 reconstruction windows is capped at
+    the calibration windows (the trial's copy of it failed); a value the user sets above them is refused."""
+    assert LoSAConfig(nsamples=8).recon_nsamples == 8 and LoSAConfig().recon_nsamples == 16
+    with pytest.raises(LosaError, match=r"recon_nsamples \(--recon-nsamples\) 12 > nsamples \(--nsamples\) 8"):
+        LoSAConfig(nsamples=8, recon_nsamples=12)

@@ -58,7 +58,8 @@ class LoSAConfig(CalibrationConfig):
     Raises:
         LosaError: an unknown key or out-of-range value, sparsity outside ``(0, 1)``, ``steps < 1``,
             ``r_min > r_max``, ``omega_first``/``omega_last`` outside ``[r_min, r_max]``, ``mixed_nm``
-            without ``nm``, ``recon_nsamples > nsamples``, or an invalid calibration field.
+            without ``nm``, ``recon_nsamples > nsamples`` when both are set (an unset ``recon_nsamples`` is
+            capped at ``nsamples``), or an invalid calibration field.
     """
 
     sparsity: float = Field(0.5, description="final unstructured sparsity S, reached at step T by the cubic "
@@ -91,7 +92,8 @@ class LoSAConfig(CalibrationConfig):
     r_max: int = Field(16, ge=1, description="adapter capacity: the largest LoRA rank of a layer")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; the adapter scale is alpha / r_max")
     nsamples: int = Field(128, ge=2, description="calibration windows (RMI Grams and pruning statistics)")
-    recon_nsamples: int = Field(16, ge=1, description="calibration windows used for reconstruction errors")
+    recon_nsamples: int = Field(16, ge=1, description="calibration windows used for reconstruction errors "
+                                                      "(default: 16, at most --nsamples)")
     recon_error: Literal["global", "channel"] = Field(
         "global", description="reconstruction error of a layer: global (one ratio over the residual stream) or "
                               "channel (the ratio per hidden channel, averaged; see "
@@ -128,7 +130,12 @@ class LoSAConfig(CalibrationConfig):
         if self.mixed_nm and self.nm is None:
             raise ValueError("mixed_nm needs nm to give M and the mean N, e.g. nm: '2:8'")
         if self.recon_nsamples > self.nsamples:
-            raise ValueError(f"recon_nsamples={self.recon_nsamples} > nsamples={self.nsamples}; lower it")
+            if "recon_nsamples" not in self.model_fields_set:  # the default follows a small calibration set
+                self.__dict__["recon_nsamples"] = self.nsamples
+            else:
+                raise ValueError(f"{option('recon_nsamples')} {self.recon_nsamples} > {option('nsamples')} "
+                                 f"{self.nsamples}: the reconstruction windows are among the calibration windows; "
+                                 "lower it")
         return self
 
     @property
