@@ -170,6 +170,14 @@ def test_model_names_that_cannot_load_fail_before_anything_slow(tmp_path, capsys
         assert out == "" and err.startswith("error: ") and why in err and err.count("\n") == 1
     for ok in ("smollm2-135m", "gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct", "x.gguf"):
         check_model_name(ok)  # aliases, hub ids (checked by the hub later) and GGUF paths (checked on load)
+    # 'runs/nothere' where runs/ is a local directory is a path, not a hub id (the trial got the network hint)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "r" / "model").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "model" / "config.json").write_text("{}")
+    with pytest.raises(LosaError, match=r"^model path runs/nothere does not exist; check the path$"):
+        check_model_name("runs/nothere")
+    with pytest.raises(LosaError, match=r"^runs/r is a losa run directory; its merged model is runs/r/model$"):
+        check_model_name("runs/r")
 
 
 @pytest.mark.parametrize("case", ["refused", "repo-404", "private-401"])

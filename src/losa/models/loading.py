@@ -424,9 +424,9 @@ def check_model_name(name: str) -> None:
             hub id.
 
     Raises:
-        LosaError: a path that does not exist (a name starting with ``.``, ``/`` or ``~``, or with more than
-            one ``/``); a file other than ``.gguf``; a directory
-            without ``config.json``; a name that is not a local path, has no ``/`` and
+        LosaError: a path that does not exist (a name starting with ``.``, ``/`` or ``~``, with more than
+            one ``/``, or ``dir/name`` where ``dir`` is a local directory); a file other than ``.gguf``; a
+            directory without ``config.json`` (a losa run directory: naming its ``model/``); a name that is not a local path, has no ``/`` and
             is one typo away from a built-in alias (it would otherwise go to the hub: for ``smollm2-135`` the
             error says ``did you mean 'smollm2-135m'``).
     """
@@ -435,12 +435,16 @@ def check_model_name(name: str) -> None:
     name = str(name)
     if name in ALIASES or name.endswith(".gguf"):
         return
-    if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+    local = name.startswith((".", "/", "~")) or name.count("/") > 1 or (  # 'runs/x' with a local runs/: a path
+        name.count("/") == 1 and os.path.isdir(name.split("/", 1)[0]))
+    if not os.path.exists(name) and local:
         raise LosaError(f"model path {name} does not exist; check the path")
     if os.path.isfile(name):
         raise LosaError(f"{name} is a file; give a model directory with config.json, a .gguf file, a hub id or a "
                         "built-in alias")
     if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        if os.path.isfile(os.path.join(name, "model", "config.json")):  # a losa run directory
+            raise LosaError(f"{name} is a losa run directory; its merged model is {os.path.join(name, 'model')}")
         raise LosaError(f"{name} is a directory without config.json; point at a Hugging Face model directory")
     if not os.path.exists(name) and "/" not in name:
         close = difflib.get_close_matches(name.lower(), list(ALIASES), n=1, cutoff=0.85)
