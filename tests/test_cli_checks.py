@@ -450,3 +450,15 @@ def test_cli_warnings_are_one_line_and_other_categories_keep_their_source():
     assert _one_line_warning(UserWarning("x happened"), UserWarning, "/a/b/loop.py", 12) == "warning: x happened\n"
     assert _one_line_warning(FutureWarning("old API"), FutureWarning, "/site/lib/mod.py", 3) == (
         "warning (FutureWarning from mod.py:3): old API\n")
+
+
+def test_prune_names_the_calibration_window_and_a_mixed_default_out(tiny_dir, tmp_path, capsys, no_work, monkeypatch):
+    """--seqlen beyond the context is the calibration window's error (it also sets the evaluation window, whose
+    error the trial got); a mixed N:M prune's default directory differs from the uniform one's."""
+    from losa.cli.prune import _default_out
+
+    rc = main(["prune", str(tiny_dir), "--method", "wanda", "--seqlen", "300", "--eval", "none", "--no-save",
+               "--quiet"])
+    _one_line_error(capsys, rc, "calibration window of 300 tokens exceeds the model's context of 256 positions")
+    mixed, uniform = (_default_out("m", losa.PruneConfig(nm="2:8", nm_n=n)) for n in ([1, 3], None))
+    assert (mixed.name, uniform.name) == ("m-wanda-mixed2of8", "m-wanda-2of8")

@@ -259,3 +259,11 @@ def test_report_of_a_prune_dir_says_what_it_has(tmp_path):
     assert "Perplexity (lower is better, 256 tokens, first 40 windows); Sparsity is the verified overall sparsity." in md
     assert "zero-shot" not in md
     assert write_report(LOSA, tmp_path / "l")[0].read_text().startswith("# losa run report: ")
+
+
+def test_cli_report_to_an_unwritable_dir_is_one_line(capsys):
+    from losa.cli import main
+
+    assert main(["report", str(DENSE), "--out-dir", "/proc/losa-report"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out-dir /proc/losa-report: cannot create files in /proc") and err.count("\n") == 1

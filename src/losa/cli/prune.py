@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _default_out(model: str, cfg: PruneConfig) -> Path:
-    tag = cfg.nm.replace(":", "of") if cfg.nm else (f"{round(cfg.sparsity * 100)}" if isinstance(cfg.sparsity, float)
+    tag = ("mixed" if cfg.nm_n else "") + cfg.nm.replace(":", "of") if cfg.nm else (f"{round(cfg.sparsity * 100)}" if isinstance(cfg.sparsity, float)
                                                     else "layerwise")
     return Path("runs") / f"{Path(model).name.removesuffix('.gguf')}-{cfg.method}-{tag}"
 
@@ -68,6 +68,8 @@ def run_prune(args: argparse.Namespace) -> int:
     check_model_arg(args.model)
     print(f"losa prune: {args.model} | {cfg.describe()} | {calib}")
     model, tok = losa.load_model(args.model, dtype=args.dtype)
+    if get_pruner(cfg.method).stat is not None:  # the calibration window first: --seqlen sets both by default
+        check_window(model, cfg.seqlen, "calibration window", "--seqlen")
     if datasets:
         check_window(model, eval_seqlen, "evaluation window", eval_flag)
 
