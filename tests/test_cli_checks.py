@@ -3,6 +3,8 @@ and a run that fine-tunes nothing says so (in its log, report.json, losa report 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -142,6 +144,11 @@ def test_run_records_each_layer_s_n_for_inspect(tiny_dir, tmp_path, capsys):
     assert main(["inspect", str(out / "model")]) == 0
     log = capsys.readouterr().out
     assert "checking the 2:4 pattern recorded in" in log and "2:4 pattern: satisfied by every module" in log
+    # the merged model's directory reads as the LoSA run it came from (the trial's compare called it a prune)
+    from losa.report import compare
+
+    rows = list(csv.DictReader(io.StringIO(compare([out / "model"])[1])))
+    assert [(r["Sparsity"], r["Method"]) for r in rows] == [("2:4", "Wanda + LoSA (no fine-tuning)")]
 
 
 def test_run_prints_each_step_as_it_ends_and_says_how_to_resume(tiny_dir, tmp_path, capsys, monkeypatch):

@@ -267,3 +267,20 @@ def test_cli_report_to_an_unwritable_dir_is_one_line(capsys):
     assert main(["report", str(DENSE), "--out-dir", "/proc/losa-report"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --out-dir /proc/losa-report: cannot create files in /proc") and err.count("\n") == 1
+
+
+def test_an_unfinished_run_says_so_in_compare_and_report(tmp_path):
+    """A run stopped after step 1 of 8 has no verified final model: its row and its report say it is unfinished
+    (the trial's compare showed it like a finished run)."""
+    d = tmp_path / "stopped"
+    shutil.copytree(LOSA, d)
+    data = json.loads((d / "report.json").read_text())
+    steps = data["meta"]["config"]["steps"]
+    data["steps"] = data["steps"][:1]
+    data["results"] = {}
+    (d / "report.json").write_text(json.dumps(data))
+    rows = list(csv.DictReader(io.StringIO(compare([d])[1])))
+    assert rows[0]["Method"] == f"Wanda + LoSA (unfinished: 1/{steps} steps)"
+    md = write_report(d, tmp_path / "r")[0].read_text()
+    assert f"Unfinished: 1/{steps} steps are saved; run the same `losa run` command with --resume" in md
+    assert "unfinished" not in compare([LOSA])[1]

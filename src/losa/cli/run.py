@@ -123,7 +123,10 @@ def _finish(args: argparse.Namespace, cfg: LoSAConfig, model, tok, report, out: 
         print(f"  {d} perplexity: {ppl:.3f}")
     save_report(report, out)
     if not args.no_save:
-        manifest = {"source_model": args.model, "recipe": cfg.model_dump(), "results": {"ppl": report.results.ppl}}
+        manifest = {"source_model": args.model, "finetune": "losa", "recipe": cfg.model_dump(),
+                    "sparsity": {"overall": report.results.sparsity},
+                    "results": {"ppl": report.results.ppl, "eval_seqlen": settings and settings.seqlen,
+                                "max_windows": args.max_windows}}
         if cfg.nm is not None:  # N per decoder layer (mixed N:M moves it), checked by losa inspect
             m = parse_nm(cfg.nm)[1]
             manifest["nm_n"] = [round((1 - s) * m) for s in report.results.layer_target_sparsity]

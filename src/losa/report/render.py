@@ -128,6 +128,10 @@ def build_blocks(report: RunReport, assets: Path) -> list[Block]:
              + (f"; created {m.created}" if m.created else "") + "."),
         *[Para(f"Warning: {note}.") for note in m.notes],
     ]
+    part = report.unfinished()
+    if part:
+        blocks.append(Para(f"Unfinished: {part} are saved; run the same `losa run` command with --resume to "
+                           "continue (the model is merged, verified and evaluated at the end)."))
     table = results_table(report)
     blocks.append(Heading("Results"))
     if table:

@@ -149,6 +149,13 @@ class RunReport(_Model):
     steps: list[StepRecord] = Field(default_factory=list)
     results: FinalResults = Field(default_factory=FinalResults)
 
+    def unfinished(self) -> str | None:
+        """``"k/T steps"`` for a losa run that has not reached its end (no verified final sparsity), else None."""
+        total = self.meta.config.get("steps")
+        if self.meta.finetune != "losa" or self.results.sparsity is not None or not isinstance(total, int):
+            return None
+        return f"{len(self.steps)}/{total} steps"
+
     def layer_sparsity(self) -> tuple[list[float], list[float]]:
         """(target, achieved) per layer of the final model: the results, else the last step's."""
         r = self.results
@@ -187,11 +194,15 @@ def zeroshot_from_result(data: dict[str, Any]) -> dict[str, TaskScore]:
 
 
 def report_from_manifest(manifest: dict[str, Any], zeroshot: dict[str, Any] | None = None) -> RunReport:
-    """A :class:`RunReport` from a one-shot prune checkpoint's ``losa.json``."""
+    """A :class:`RunReport` from a checkpoint's ``losa.json``: a one-shot prune, or the merged model of a losa run."""
     recipe = manifest.get("recipe", {})
     sp = manifest.get("sparsity", {})
     nm = manifest.get("nm")
-    pattern = (f"{'mixed ' if recipe.get('nm_n') else ''}{nm[0]}:{nm[1]}" if nm
+    if not nm and isinstance(recipe.get("nm"), str):  # the merged model of a losa run records the recipe's nm only
+        n_str, _, m_str = recipe["nm"].partition(":")
+        nm = [int(n_str), int(m_str)] if n_str.isdigit() and m_str.isdigit() else None
+    mixed = recipe.get("nm_n") or recipe.get("mixed_nm")
+    pattern = (f"{'mixed ' if mixed else ''}{nm[0]}:{nm[1]}" if nm
                else ("mixed N:M" if recipe.get("nm_n") else "unstructured"))
     # an N:M pattern sets the sparsity (the recipe's sparsity field then holds its unused default)
     target = (1 - nm[0] / nm[1] if nm
@@ -209,8 +220,11 @@ def report_from_manifest(manifest: dict[str, Any], zeroshot: dict[str, Any] | No
         layer_target_sparsity=list(manifest.get("layer_targets") or []),
         layer_achieved_sparsity=[row["sparsity"] for row in sp.get("layers", [])],
     )
+    # the merged model of a losa run (its losa.json says so; older ones: a recipe with LoSA's schedule fields)
+    losa_run = manifest.get("finetune") == "losa" or {"steps", "omega_first"} <= recipe.keys()
     meta = RunMeta(model=str(manifest.get("source_model", "unknown")), method=str(recipe.get("method", "unknown")),
-                   finetune="none", sparsity=target if target is not None else (sp.get("overall") or 0.0),
+                   finetune="losa" if losa_run else "none",
+                   sparsity=target if target is not None else (sp.get("overall") or 0.0),
                    pattern=pattern, config=recipe, created=manifest.get("created"),
                    versions=manifest.get("versions", {}))
     return RunReport(meta=meta, results=final)

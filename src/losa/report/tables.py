@@ -26,7 +26,8 @@ def row_label(report: RunReport) -> str:
     if m.method == "dense" or m.sparsity == 0:
         return "Dense"
     base = _METHOD_NAMES.get(m.method, m.method)
-    return base + m.finetune_label
+    part = report.unfinished()
+    return base + m.finetune_label + (f" (unfinished: {part})" if part else "")
 
 
 def sparsity_label(report: RunReport) -> str:
