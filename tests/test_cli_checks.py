@@ -469,3 +469,20 @@ def test_prune_names_the_calibration_window_and_a_mixed_default_out(tiny_dir, tm
     _one_line_error(capsys, rc, "calibration window of 300 tokens exceeds the model's context of 256 positions")
     mixed, uniform = (_default_out("m", losa.PruneConfig(nm="2:8", nm_n=n)) for n in ([1, 3], None))
     assert (mixed.name, uniform.name) == ("m-wanda-mixed2of8", "m-wanda-2of8")
+
+
+@pytest.mark.parametrize("argv,err", [
+    (["prune", "m", "--sparsty", "0.5"],
+     "error: unrecognized arguments: --sparsty 0.5 (did you mean --sparsity?); see `losa prune --help`"),
+    (["eval", "ppl", "m", "--eval-seqlen", "5"],
+     "error: unrecognized arguments: --eval-seqlen 5 (did you mean --seqlen?); see `losa eval ppl --help`"),
+    (["run", "m", "--prompt-format", "alpacca"],
+     "error: argument --prompt-format: invalid choice: 'alpacca' (choose from 'auto', 'alpaca', 'chat', 'plain'); "
+     "see `losa run --help`"),
+    (["inspect", "m", "--zzz"], "error: unrecognized arguments: --zzz; see `losa inspect --help`"),
+])
+def test_argument_errors_are_one_line_from_the_command_with_a_suggestion(capsys, argv, err):
+    """A typo in a flag was reported by the top-level parser after its usage block, with no suggestion (trial)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err == err + "\n"

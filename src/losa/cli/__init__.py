@@ -9,6 +9,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import NoReturn
 
 from losa.errors import LosaError
 
@@ -16,10 +17,43 @@ from losa.errors import LosaError
 COMMAND_MODULES = ("prune", "eval", "inspect", "run", "generate", "serve", "compact", "report", "bench_runtime")
 
 
+class LosaArgumentParser(argparse.ArgumentParser):
+    """argparse with losa's one-line errors: ``error: MESSAGE (did you mean --x?); see `losa CMD --help```
+    instead of the usage block, for every command (subcommands are built with this class too)."""
+
+    def error(self, message: str) -> NoReturn:  # noqa: D102
+        self.exit(2, f"error: {message}{_did_you_mean(self, message)}; see `{self.prog} --help`\n")
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, message: str) -> str:
+    """`` (did you mean --sparsity?)`` for a misspelled option named in an 'unrecognized arguments' error."""
+    import difflib
+
+    if not message.startswith("unrecognized arguments:"):
+        return ""
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    guesses = [(w, difflib.get_close_matches(w.split("=", 1)[0], known, n=1, cutoff=0.75))
+               for w in message.split(":", 1)[1].split() if w.startswith("--")]
+    found = [(w.split("=", 1)[0], g[0]) for w, g in guesses if g]
+    if len(found) == 1:
+        return f" (did you mean {found[0][1]}?)"
+    return f" (did you mean {', '.join(f'{g} for {w}' for w, g in found)}?)" if found else ""
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command's own parser for ``args`` (``losa eval ppl``'s for ``eval ppl``), else ``parser``."""
+    while True:
+        action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        name = getattr(args, action.dest, None) if action is not None else None
+        if action is None or name not in action.choices:
+            return parser
+        parser = action.choices[name]
+
+
 def build_parser() -> argparse.ArgumentParser:
     import losa
 
-    parser = argparse.ArgumentParser(
+    parser = LosaArgumentParser(
         prog="losa",
         description="Make LLMs sparse without losing quality: one-shot pruning, LoSA, evaluation, sparse inference.",
     )
@@ -71,7 +105,9 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the command that was given them (its help, its options to suggest)
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
