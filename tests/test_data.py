@@ -130,3 +130,62 @@ def test_user_calib_ids_are_checked_before_pruning():
     assert same.dtype == torch.int64 and torch.equal(same, good)
     assert losa.prune(model, None, losa.PruneConfig(method="wanda", sparsity=0.5), calib_ids=good.int(),
                       progress=False).sparsity.overall == pytest.approx(0.5, abs=0.01)
+
+
+def test_unreachable_hub_for_a_named_dataset_fails_at_once(monkeypatch):
+    """Without a data dir, an unreachable hub used to cost half a minute of printed retries (trial): one quick
+    request reports it before datasets downloads anything; offline mode leaves it to the datasets cache."""
+    import datasets
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from losa.data.sources import load_documents
+
+    httpx2 = pytest.importorskip("httpx2")
+    monkeypatch.delenv("LOSA_DATA_DIR", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def unreachable(*a, **k):
+        raise httpx2.ConnectError("[Errno -2] Name or service not known")
+
+    def download(*a, **k):
+        raise AssertionError("datasets downloaded after the probe failed")
+
+    monkeypatch.setattr(huggingface_hub, "repo_info", unreachable)
+    monkeypatch.setattr(datasets, "load_dataset", download)
+    with pytest.raises(LosaError, match=r"^wikitext2 test: no data_dir \(--data-dir\) / LOSA_DATA_DIR given and the "
+                                        r"HF hub failed \(ConnectError\); pass data_dir"):
+        load_documents("wikitext2", "test")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # not probed: the (failing) download is what reports
+    with pytest.raises(LosaError, match=r"HF hub failed \(AssertionError\)"):
+        load_documents("wikitext2", "test")
+
+
+def test_eval_uses_the_data_dir_a_checkpoint_recorded(tmp_path, monkeypatch, capsys):
+    import argparse
+    import json
+
+    from losa.cli.common import recorded_data_dir
+
+    monkeypatch.delenv("LOSA_DATA_DIR", raising=False)
+    ckpt, data = tmp_path / "ckpt", tmp_path / "data"
+    ckpt.mkdir()
+    data.mkdir()
+    (ckpt / "losa.json").write_text(json.dumps({"recipe": {"data_dir": str(data)}}))
+    args = argparse.Namespace(model=str(ckpt), data_dir=None)
+    recorded_data_dir(args)
+    assert args.data_dir == str(data)
+    assert capsys.readouterr().err == f"data dir: {data} (recorded in {ckpt}/losa.json; --data-dir overrides)\n"
+    given = argparse.Namespace(model=str(ckpt), data_dir="/elsewhere")
+    recorded_data_dir(given)
+    assert given.data_dir == "/elsewhere"
+    monkeypatch.setenv("LOSA_DATA_DIR", "/env")
+    env = argparse.Namespace(model=str(ckpt), data_dir=None)
+    recorded_data_dir(env)
+    assert env.data_dir is None  # $LOSA_DATA_DIR is the user's choice too
+    monkeypatch.delenv("LOSA_DATA_DIR")
+    (ckpt / "losa.json").write_text(json.dumps({"recipe": {"data_dir": str(tmp_path / "gone")}}))
+    moved = argparse.Namespace(model=str(ckpt), data_dir=None)
+    recorded_data_dir(moved)
+    assert moved.data_dir is None

@@ -42,6 +42,19 @@ def check_model_arg(name: str) -> None:
     check_model_name(name)
 
 
+def checkpoint_manifest(name: str) -> dict:
+    """The ``losa.json`` of a losa checkpoint (written by ``losa prune`` / ``losa run``), or ``{}`` for any other
+    model (no such file, unreadable, not a JSON object)."""
+    import os
+
+    try:
+        with open(os.path.join(name, "losa.json")) as fh:
+            manifest = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
 def source_model(name: str) -> str:
     """The model a compact file written from ``name`` loads into: the ``source_model`` of a losa checkpoint's
     ``losa.json`` (what it was pruned from), else ``name`` itself.
@@ -51,14 +64,26 @@ def source_model(name: str) -> str:
     Returns:
         The base model's name as the user gave it to ``losa prune`` / ``losa run``, or ``name``.
     """
+    found = checkpoint_manifest(name).get("source_model")
+    return found if isinstance(found, str) and found else name
+
+
+def recorded_data_dir(args: argparse.Namespace) -> None:
+    """Without ``--data-dir`` and ``$LOSA_DATA_DIR``, evaluate a losa checkpoint with the data directory its
+    recipe recorded (when it still exists), saying so on stderr; otherwise leave ``args.data_dir`` as given.
+
+    Args:
+        args: the command's arguments (``model``, ``data_dir``); ``args.data_dir`` may be set.
+    """
     import os
 
-    try:
-        with open(os.path.join(name, "losa.json")) as fh:
-            found = json.load(fh).get("source_model")
-    except (OSError, ValueError, AttributeError):
-        return name
-    return found if isinstance(found, str) and found else name
+    if args.data_dir is not None or os.environ.get("LOSA_DATA_DIR"):
+        return
+    recipe = checkpoint_manifest(args.model).get("recipe")
+    found = recipe.get("data_dir") if isinstance(recipe, dict) else None
+    if isinstance(found, str) and os.path.isdir(found):
+        args.data_dir = found
+        status(f"data dir: {found} (recorded in {os.path.join(args.model, 'losa.json')}; --data-dir overrides)")
 
 
 def add_data_dir_arg(p: argparse.ArgumentParser) -> None:

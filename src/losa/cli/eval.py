@@ -11,6 +11,7 @@ from losa.cli.common import (
     add_quiet_arg,
     check_model_arg,
     check_window_flags,
+    recorded_data_dir,
 )
 from losa.data.sources import check_eval_datasets
 from losa.errors import LosaError
@@ -52,6 +53,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     datasets = [x.strip() for x in args.datasets.split(",") if x.strip()]
     if not datasets:
         raise LosaError("--datasets is empty; name at least one of wikitext2, c4, ptb or a text file")
+    recorded_data_dir(args)
     check_eval_datasets(datasets, args.data_dir, "--datasets")
     device = resolve_device(args.device)
     if args.out:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
-from losa.cli.common import add_model_arg, check_model_arg
+from losa.cli.common import add_model_arg, check_model_arg, checkpoint_manifest
 from losa.errors import LosaError
 from losa.pruning.masks import parse_nm
 
@@ -82,9 +80,8 @@ def recorded_pattern(model: str) -> tuple[str, tuple[int, int] | list[tuple[int,
         (label, pattern): ``("2:4", (2, 4))``, or for mixed N:M ``("mixed 2:8", [(n_l, 8) per decoder layer])``;
         None when nothing is recorded (no losa.json, unstructured, or a mixed N:M run without its per-layer N).
     """
+    manifest = checkpoint_manifest(model)
     try:
-        with open(os.path.join(model, "losa.json")) as fh:
-            manifest = json.load(fh)
         recipe = manifest.get("recipe") or {}
         n, m = parse_nm(recipe["nm"])
         per_layer = [int(k) for k in recipe.get("nm_n") or manifest.get("nm_n") or []]  # prune; a run's model

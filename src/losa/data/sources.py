@@ -54,9 +54,31 @@ def _read_local(source: str, split: str, path: Path) -> list[str]:
     return read_text_file(path)
 
 
+#: the hub dataset repos of the named datasets
+_HUB_REPOS = {"wikitext2": "wikitext", "ptb": "ptb_text_only", "c4": "allenai/c4"}
+
+
+def _probe_hub(source: str) -> None:
+    """One quick request before ``datasets`` downloads: an unreachable hub fails at once (``datasets`` and
+    huggingface_hub retry every request with backoff, printing each retry, for half a minute and more).
+    Offline mode is not probed (``datasets`` then reads its cache)."""
+    from huggingface_hub import constants, repo_info
+
+    from losa.models.loading import hub_unreachable
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return
+    try:
+        repo_info(_HUB_REPOS[source], repo_type="dataset", timeout=10)
+    except Exception as e:  # noqa: BLE001 - only an unreachable hub stops here; the download reports the rest
+        if hub_unreachable(e) is not None:
+            raise
+
+
 def _read_hub(source: str, split: str) -> list[str]:
     from datasets import load_dataset
 
+    _probe_hub(source)
     if source == "wikitext2":
         return list(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
     if source == "ptb":
@@ -84,7 +106,8 @@ def load_documents(source: str, split: str = "test", data_dir: str | os.PathLike
         return _read_hub(source, split)
     except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
         raise LosaError(f"{source} {split}: no {option('data_dir')} / LOSA_DATA_DIR given and the HF hub failed "
-                        f"({type(e).__name__}); pass {option('data_dir')} with a local copy") from None
+                        f"({type(e).__name__}); pass {option('data_dir')} with a local copy (or set "
+                        "HF_DATASETS_OFFLINE=1 to read a cached download)") from None
 
 
 def join_for_eval(source: str, docs: list[str]) -> str:
