@@ -176,7 +176,7 @@ def test_run_prints_each_step_as_it_ends_and_says_how_to_resume(tiny_dir, tmp_pa
     assert main(argv) == 130  # the same command: nothing was saved, so it is not refused
     log = capsys.readouterr()
     assert "  step 1/2: S_t=0.4375 " in log.out and "step 2/2" not in log.out  # 0.5 - 0.5 (1 - 1/2)^3
-    assert log.err.strip().endswith(f"interrupted; steps 1-1 are saved in {out}; run the same command with --resume "
+    assert log.err.strip().endswith(f"interrupted; step 1 is saved in {out}; run the same command with --resume "
                                     "to continue from step 2")
     monkeypatch.setattr(LoSARun, "step", step)
     def stop(*a, **k):
@@ -223,14 +223,15 @@ def test_run_without_fine_tuning_says_so_everywhere(tiny_dir, tmp_path, capsys):
 
 
 def test_compare_labels_an_older_report_without_fine_tuning_from_its_recipe():
-    from losa.report.schema import RunMeta, RunReport
+    from losa.report.schema import FinalResults, RunMeta, RunReport
     from losa.report.tables import row_label
 
     cfg = LoSAConfig(calib="c4").model_dump(mode="json")
     meta = RunMeta(model="m", method="wanda", finetune="losa", sparsity=0.5, config=cfg)  # no notes field then
-    assert row_label(RunReport(meta=meta)) == "Wanda + LoSA (no fine-tuning)"
+    done = FinalResults(sparsity=0.5)  # a finished run (an unfinished one says so too)
+    assert row_label(RunReport(meta=meta, results=done)) == "Wanda + LoSA (no fine-tuning)"
     cfg["finetune"]["distill"] = True
-    assert row_label(RunReport(meta=meta.model_copy(update={"config": cfg}))) == "Wanda + LoSA"
+    assert row_label(RunReport(meta=meta.model_copy(update={"config": cfg}), results=done)) == "Wanda + LoSA"
 
 
 @pytest.mark.parametrize("argv,msg", [

@@ -102,6 +102,10 @@ def test_inspect_checks_the_pattern_the_checkpoint_records(tiny_dir, tmp_path, c
     log = capsys.readouterr().out
     assert log.startswith(f"checking the mixed 2:8 pattern recorded in {out}/losa.json (--nm checks another)\n")
     assert "mixed 2:8 pattern: satisfied by every module" in log
+    assert main(["inspect", str(out), "--nm", "2:8"]) == 1  # layer 1 keeps 3 of 8: not 2:8 everywhere
+    log = capsys.readouterr().out
+    assert log.startswith(f"note: {out}/losa.json records the mixed 2:8 pattern; --nm 2:8 checks 2:8 on every layer")
+    assert "2:8 pattern: VIOLATED in" in log
     manifest = json.loads((out / "losa.json").read_text())
     manifest["recipe"]["nm_n"] = [3, 1]  # layer 1 holds 3 non-zeros per group of 8: not 1:8
     (out / "losa.json").write_text(json.dumps(manifest))

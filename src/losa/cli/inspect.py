@@ -33,9 +33,13 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.json_out:
         check_output_file(args.json_out, "--json")
     check_model_arg(args.model)
-    if nm is None and (recorded := recorded_pattern(args.model)) is not None:
+    recorded = recorded_pattern(args.model)
+    if nm is None and recorded is not None:
         label, nm = recorded
         print(f"checking the {label} pattern recorded in {args.model}/losa.json (--nm checks another)")
+    elif recorded is not None and recorded[0] != args.nm:
+        print(f"note: {args.model}/losa.json records the {recorded[0]} pattern; --nm {args.nm} checks {args.nm} on "
+              "every layer (without --nm the recorded one is checked)")
     model, _ = losa.load_model(args.model, dtype=args.dtype)
     if isinstance(nm, list) and len(nm) != (layers := len(get_decoder_layers(model))):
         raise LosaError(f"{args.model}/losa.json records N for {len(nm)} decoder layers but the model has {layers}; "

@@ -155,7 +155,8 @@ def _resume_hint(out: Path, steps: int) -> str:
     if done >= steps:
         return (f"all {steps} steps are saved in {out}; run the same command with --resume to merge, verify, "
                 "evaluate and save")
-    return f"steps 1-{done} are saved in {out}; run the same command with --resume to continue from step {done + 1}"
+    saved = "step 1 is" if done == 1 else f"steps 1-{done} are"
+    return f"{saved} saved in {out}; run the same command with --resume to continue from step {done + 1}"
 
 
 def _finished(out: Path, datasets: list[str], settings: PplSettings | None, no_save: bool) -> bool:

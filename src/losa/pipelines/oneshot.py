@@ -123,7 +123,8 @@ class PruneConfig(CalibrationConfig):
             n, m = parse_nm(self.nm)
             ns = self.nm_n if self.nm_n is not None else [n] * num_layers
             if len(ns) != num_layers:
-                raise LosaError(f"nm_n has {len(ns)} entries but the model has {num_layers} decoder layers")
+                raise LosaError(f"{option('nm_n')} has {len(ns)} entries but the model has {num_layers} decoder "
+                                "layers; give one N per layer")
             return [Target(n=int(k), m=m) for k in ns]
         if isinstance(self.sparsity, list):
             if len(self.sparsity) != num_layers:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,13 @@ def results_table(report: RunReport, metric: str = "acc") -> Table | None:
     return Table(["Model", *header], [["dense", *dense], ["pruned", *row]])
 
 
+def _config_value(v: object) -> str:
+    """A recipe value as the report shows it: "-" for unset, nested settings as compact JSON."""
+    if v is None:
+        return "-"
+    return json.dumps(v, separators=(", ", ": ")) if isinstance(v, (dict, list)) else str(v)
+
+
 def _results_caption(report: RunReport) -> str:
     """What the results table shows: only the kinds of result it has, and how the perplexity was measured."""
     r = report.results
@@ -146,7 +154,7 @@ def build_blocks(report: RunReport, assets: Path) -> list[Block]:
         if path is not None:
             blocks += [Heading(title), Image(title, path)]
     if m.config:
-        rows = [[str(k), str(v)] for k, v in sorted(m.config.items())]
+        rows = [[str(k), _config_value(v)] for k, v in sorted(m.config.items())]
         blocks += [Heading("Configuration"), Table(["key", "value"], rows)]
     return blocks
 
