@@ -95,7 +95,7 @@ def run_losa(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():  # printed above, as one line
             warnings.filterwarnings("ignore", message=re.escape(NO_FINETUNE_WARNING))
             report = run(model, tok, cfg, out_dir=out, resume=args.resume, progress=progress, model_name=args.model,
-                         step_eval=step_eval, on_step=lambda s: _print_step(s, cfg.steps) if is_main() else None)
+                         step_eval=step_eval, on_step=lambda s: _print_step(s, cfg.steps, cfg.finetune.distill) if is_main() else None)
         if is_main():  # the other processes of a multi-process run: the main one reports and saves
             _finish(args, cfg, model, tok, report, out, datasets, settings, progress)
     except KeyboardInterrupt:
@@ -136,11 +136,13 @@ def _finish(args: argparse.Namespace, cfg: LoSAConfig, model, tok, report, out: 
         print(f"  merged model not saved (--no-save); the report is in {out}")
 
 
-def _print_step(s: StepRecord, steps: int) -> None:
+def _print_step(s: StepRecord, steps: int, distill: bool) -> None:
     """One line per finished step, printed (and flushed) as soon as the step is checkpointed."""
     ppl = "".join(f" {d} ppl={v:.3f}" for d, v in s.ppl.items())
-    loss = f"final train loss={s.train_loss[-1]:.4f}" if s.train_loss else "not fine-tuned"
-    print(f"  step {s.step}/{steps}: S_t={s.target_sparsity:.4f} ranks sum={sum(s.ranks or [])} {loss}{ppl} "
+    kind = "distillation (KL)" if distill else "train"  # not comparable with a label loss
+    loss = f"final {kind} loss={s.train_loss[-1]:.4f}" if s.train_loss else "not fine-tuned"
+    rank = f"mean rank={sum(s.ranks) / len(s.ranks):.2f}" if s.ranks else "no ranks"
+    print(f"  step {s.step}/{steps}: S_t={s.target_sparsity:.4f} {rank} {loss}{ppl} "
           f"({s.wall_time_s:.1f}s, saved)", flush=True)
 
 
