@@ -13,7 +13,7 @@ from losa.cli.common import (
     config_from_args,
     eval_settings,
 )
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 from losa.pipelines.oneshot import PruneConfig
 
 
@@ -69,7 +69,7 @@ def run_prune(args: argparse.Namespace) -> int:
     print(f"losa prune: {args.model} | {cfg.describe()} | {calib}")
     model, tok = losa.load_model(args.model, dtype=args.dtype)
     if get_pruner(cfg.method).stat is not None:  # the calibration window first: --seqlen sets both by default
-        check_window(model, cfg.seqlen, "calibration window", "--seqlen")
+        check_window(model, cfg.seqlen, "calibration window", option("seqlen"))
     if datasets:
         check_window(model, eval_seqlen, "evaluation window", eval_flag)
 
