@@ -487,3 +487,24 @@ def test_argument_errors_are_one_line_from_the_command_with_a_suggestion(capsys,
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and capsys.readouterr().err == err + "\n"
+
+
+def test_run_compare_dense_records_the_dense_perplexity_for_compare(tiny_dir, tmp_path, capsys):
+    """losa run --compare-dense measures the unpruned model's perplexity first (the trial found only prune had it),
+    records it beside the merged model's and compare shows it as the Dense row."""
+    from losa.report import compare
+
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(f"word{(i * 7) % 50 + 4}" for i in range(600)))
+    out = tmp_path / "run"
+    argv = [a for a in SMALL_RUN if a not in ("--eval", "none")]
+    assert main(["run", str(tiny_dir), *argv, "--eval", str(text), "--eval-seqlen", "32", "--compare-dense",
+                 "--out", str(out), "--no-save"]) == 0
+    log = capsys.readouterr().out
+    results = json.loads((out / "report.json").read_text())["results"]
+    model, tok = losa.load_model(str(tiny_dir))  # the dense model, measured here on its own
+    want = float(losa.perplexity(model, tok, str(text), seqlen=32))
+    assert results["dense_ppl"][str(text)] == pytest.approx(want, rel=1e-5)
+    assert f"  dense {text} perplexity: {want:.3f}" in log and f"  merged {text} perplexity: " in log
+    rows = list(csv.DictReader(io.StringIO(compare([out])[1])))
+    assert [r["Method"] for r in rows] == ["Dense", "Wanda + LoSA (no fine-tuning)"]

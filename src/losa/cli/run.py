@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every-step", action="store_true",
                    help="also measure the --eval perplexities (wikitext2 by default) after every step; recorded "
                         "per step in report.json and plotted by losa report")
+    p.add_argument("--compare-dense", action="store_true",
+                   help="also measure the dense model's --eval perplexities first (losa compare's Dense row)")
     p.add_argument("--no-save", action="store_true", help="do not write the merged model to <out>/model")
     add_quiet_arg(p)
     p.set_defaults(func=run_losa)
@@ -76,7 +78,7 @@ def run_losa(args: argparse.Namespace) -> int:
     settings = PplSettings(seqlen=eval_seqlen, max_windows=args.max_windows) if datasets else None
     if resumed is not None:
         done = int(resumed["step"])
-        if done >= cfg.steps and _finished(out, datasets, settings, args.no_save):
+        if done >= cfg.steps and _finished(out, datasets, settings, args.no_save, args.compare_dense):
             if is_main():
                 print(f"  {out} holds the finished run (all {cfg.steps} steps, report.json"
                       f"{'' if args.no_save else ', model/'}): nothing to do; `losa report {out}` shows it")
@@ -91,41 +93,52 @@ def run_losa(args: argparse.Namespace) -> int:
     model, tok = losa.load_model(args.model, dtype=args.dtype)
     if datasets:
         check_window(model, eval_seqlen, "evaluation window", eval_flag)
+    dense = _perplexities(args, cfg, model, tok, datasets, settings, "dense") if args.compare_dense and is_main() else {}
     try:  # Ctrl-C anywhere from here on: say what is saved and how to continue
         with warnings.catch_warnings():  # printed above, as one line
             warnings.filterwarnings("ignore", message=re.escape(NO_FINETUNE_WARNING))
             report = run(model, tok, cfg, out_dir=out, resume=args.resume, progress=progress, model_name=args.model,
                          step_eval=step_eval, on_step=lambda s: _print_step(s, cfg.steps, cfg.finetune.distill) if is_main() else None)
         if is_main():  # the other processes of a multi-process run: the main one reports and saves
-            _finish(args, cfg, model, tok, report, out, datasets, settings, progress)
+            report.results.dense_ppl = dense
+            _finish(args, cfg, model, tok, report, out, datasets, settings)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_resume_hint(out, cfg.steps)) from None
     barrier()
     return 0
 
 
+def _perplexities(args: argparse.Namespace, cfg: LoSAConfig, model, tok, datasets: list[str],
+                  settings: PplSettings | None, tag: str) -> dict[str, float]:
+    """The ``--eval`` perplexities of ``model`` (``tag``: "dense" or "merged"), each printed as it is measured."""
+    from losa.eval.ppl import perplexity
+
+    out: dict[str, float] = {}
+    for d in datasets:
+        assert settings is not None
+        out[d] = float(perplexity(model, tok, d, seqlen=settings.seqlen, max_windows=args.max_windows,
+                                  flag="--eval-seqlen" if args.eval_seqlen is not None else "--seqlen",
+                                  data_dir=cfg.data_dir, progress=not args.quiet))
+        print(f"  {tag} {d} perplexity: {out[d]:.3f}", flush=True)
+    return out
+
+
 def _finish(args: argparse.Namespace, cfg: LoSAConfig, model, tok, report, out: Path, datasets: list[str],
-            settings: PplSettings | None, progress: bool) -> None:
+            settings: PplSettings | None) -> None:
     """The main process's end of a run: the verified sparsity, the perplexities, report.json, the merged model."""
     import losa
-    from losa.eval.ppl import perplexity
     from losa.pruning.masks import parse_nm
     from losa.report.schema import save_report
 
     print(f"  verified: merged model sparsity {report.results.sparsity:.4f} (target {cfg.target_sparsity:.4f})")
     report.results.ppl_settings = settings
-    eval_flag = "--eval-seqlen" if args.eval_seqlen is not None else "--seqlen"
-    for d in datasets:
-        assert settings is not None
-        ppl = perplexity(model, tok, d, seqlen=settings.seqlen, max_windows=args.max_windows, flag=eval_flag,
-                         data_dir=cfg.data_dir, progress=progress)
-        report.results.ppl[d] = float(ppl)
-        print(f"  {d} perplexity: {ppl:.3f}")
+    report.results.ppl = _perplexities(args, cfg, model, tok, datasets, settings, "merged")
     save_report(report, out)
     if not args.no_save:
         manifest = {"source_model": args.model, "finetune": "losa", "recipe": cfg.model_dump(),
                     "sparsity": {"overall": report.results.sparsity},
-                    "results": {"ppl": report.results.ppl, "eval_seqlen": settings and settings.seqlen,
+                    "results": {"ppl": report.results.ppl, "dense_ppl": report.results.dense_ppl,
+                                "eval_seqlen": settings and settings.seqlen,
                                 "max_windows": args.max_windows}}
         if cfg.nm is not None:  # N per decoder layer (mixed N:M moves it), checked by losa inspect
             m = parse_nm(cfg.nm)[1]
@@ -161,14 +174,17 @@ def _resume_hint(out: Path, steps: int) -> str:
     return f"{saved} saved in {out}; run the same command with --resume to continue from step {done + 1}"
 
 
-def _finished(out: Path, datasets: list[str], settings: PplSettings | None, no_save: bool) -> bool:
+def _finished(out: Path, datasets: list[str], settings: PplSettings | None, no_save: bool,
+              compare_dense: bool = False) -> bool:
     """Whether ``out`` holds a run that got to its end: a verified final report with every requested perplexity
-    measured with these window settings, and the merged model unless ``--no-save``."""
+    (and the dense ones with ``--compare-dense``) measured with these window settings, and the merged model unless
+    ``--no-save``."""
     from losa.report.schema import load_run
 
     try:
         results = load_run(out).results
     except LosaError:
         return False
-    evaluated = not datasets or (all(d in results.ppl for d in datasets) and results.ppl_settings == settings)
+    evaluated = not datasets or (all(d in results.ppl for d in datasets) and results.ppl_settings == settings
+                                 and (not compare_dense or all(d in results.dense_ppl for d in datasets)))
     return results.sparsity is not None and evaluated and (no_save or (out / "model" / "losa.json").is_file())
