@@ -124,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # a command may say what was kept and how to continue
-        print(f"interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr)
+        first = "\n" if sys.stderr.isatty() else ""  # a terminal's cursor may sit at the end of a progress bar
+        print(f"{first}interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr)
         return 130
     finally:
         warnings.formatwarning = formatwarning
