@@ -201,3 +201,26 @@ def test_table_says_which_tasks_the_acc_norm_mean_takes_acc_for():
     assert table.endswith("\\* the acc_norm mean takes acc for boolq (no acc_norm in lm-eval)")
     tasks["boolq"]["acc_norm"] = 0.5
     assert "*" not in format_table({"tasks": tasks, "mean": task_mean(tasks)}).replace("**mean**", "")
+
+
+def test_lm_eval_warnings_about_losa_s_integration_are_dropped_others_kept():
+    """lm-eval warns on every run that losa's tasks use custom datasets and that the model is an object: nothing
+    a user can act on (trial finding); any other lm-eval warning still shows."""
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Collect()
+    logging.getLogger().addHandler(handler)
+    try:
+        with zs.progress_disabled(False):
+            log = logging.getLogger("lm_eval.api.task")
+            log.warning("rte: Custom kwargs can be passed to `--metadata` in console (as json string)")
+            log.warning("`pretrained` model kwarg is not of type `str`. Many other model arguments may be ignored.")
+            log.warning("something the user should see")
+        logging.getLogger("lm_eval.api.task").warning("rte: Custom kwargs can be passed to `--metadata` later")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert seen == ["something the user should see", "rte: Custom kwargs can be passed to `--metadata` later"]

@@ -56,11 +56,24 @@ def progress_disabled(disabled: bool = True) -> Iterator[None]:
     if disabled:
         tqdm.std.tqdm.__init__ = quiet_init
     lm_log.setLevel(logging.ERROR if disabled else logging.WARNING)
+    handlers = [h for h in logging.getLogger().handlers] + list(lm_log.handlers)
+    for h in handlers:
+        h.addFilter(_drop_integration_warnings)
     try:
         yield
     finally:
         tqdm.std.tqdm.__init__ = original
         lm_log.setLevel(old_level)
+        for h in handlers:
+            h.removeFilter(_drop_integration_warnings)
+
+
+#: lm-eval warnings about how losa drives it (its own task files, a model object), never the user's to act on
+_INTEGRATION_WARNINGS = ("Custom kwargs can be passed to `--metadata`", "`pretrained` model kwarg is not of type")
+
+
+def _drop_integration_warnings(record: logging.LogRecord) -> bool:
+    return not (record.name.startswith("lm_eval") and any(w in record.getMessage() for w in _INTEGRATION_WARNINGS))
 
 
 @contextlib.contextmanager
