@@ -470,6 +470,7 @@ def test_prune_names_the_calibration_window_and_a_mixed_default_out(tiny_dir, tm
     _one_line_error(capsys, rc, "calibration window of 300 tokens exceeds the model's context of 256 positions")
     mixed, uniform = (_default_out("m", losa.PruneConfig(nm="2:8", nm_n=n)) for n in ([1, 3], None))
     assert (mixed.name, uniform.name) == ("m-wanda-mixed2of8", "m-wanda-2of8")
+    assert _default_out("m", losa.PruneConfig(allocator="atp")).name == "m-wanda-50-atp"
 
 
 @pytest.mark.parametrize("argv,err", [

@@ -55,7 +55,7 @@ CASES = {
 def no_probe(request, monkeypatch):
     """The tests below fake transformers' downloads; the quick hub probe before them is tested on its own."""
     if "probe" not in request.node.name:
-        monkeypatch.setattr("losa.models.loading._probe_hub", lambda name: None)
+        monkeypatch.setattr("losa.models.loading._probe_hub", lambda *a, **k: None)
 
 
 def _check(exc_info, pattern: str) -> None:
@@ -174,6 +174,9 @@ def test_model_names_that_cannot_load_fail_before_anything_slow(tmp_path, capsys
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "r" / "model").mkdir(parents=True)
     (tmp_path / "runs" / "r" / "model" / "config.json").write_text("{}")
+    (tmp_path / "runs" / "r" / "report.json").write_text("{}")
+    (tmp_path / "Qwen" / "other").mkdir(parents=True)  # a local folder named like a hub org: still a hub id
+    check_model_name("Qwen/Qwen2.5-0.5B")
     with pytest.raises(LosaError, match=r"^model path runs/nothere does not exist; check the path$"):
         check_model_name("runs/nothere")
     with pytest.raises(LosaError, match=r"^runs/r is a losa run directory; its merged model is runs/r/model$"):
@@ -190,8 +193,11 @@ def test_hub_probe_reports_at_once_before_any_download(monkeypatch, case):
     make, _, pattern = CASES[case]
     asked = []
 
-    def info(name, timeout=None, **kw):
+    seen = []
+
+    def info(name, timeout=None, token=None, revision=None):
         asked.append((name, timeout))
+        seen.append((token, revision))
         raise make()
 
     def download(cls, *a, **k):
@@ -203,6 +209,16 @@ def test_hub_probe_reports_at_once_before_any_download(monkeypatch, case):
         losa.load_model("org/name")
     _check(exc_info, pattern)
     assert asked == [("org/name", 10)]
+    # a token and a revision reach the probe; a load from its own cache (or local files only) is not probed
+    asked.clear()
+    seen.clear()
+    with pytest.raises(LosaError):
+        losa.load_model("org/name", token="hf_x", revision="v2")
+    assert asked == [("org/name", 10)] and seen == [("hf_x", "v2")]
+    for kw in ({"local_files_only": True}, {"cache_dir": "/somewhere"}):
+        with pytest.raises(AssertionError, match="transformers downloaded"):
+            losa.load_model("org/name", **kw)
+    assert len(asked) == 1
 
 
 def test_hub_probe_skipped_offline_and_passes_on_an_answer(monkeypatch):

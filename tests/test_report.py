@@ -281,6 +281,12 @@ def test_an_unfinished_run_says_so_in_compare_and_report(tmp_path):
     (d / "report.json").write_text(json.dumps(data))
     rows = list(csv.DictReader(io.StringIO(compare([d])[1])))
     assert rows[0]["Method"] == f"Wanda + LoSA (unfinished: 1/{steps} steps)"
+    # the merged model of a run from before losa.json recorded its sparsity: finished, not "0/T steps"
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    recipe = {"method": "wanda", "sparsity": 0.5, "nm": None, "steps": 5, "omega_first": 8, "finetune": {}}
+    (merged / "losa.json").write_text(json.dumps({"source_model": "m", "recipe": recipe, "results": {"ppl": {}}}))
+    assert [r["Method"] for r in csv.DictReader(io.StringIO(compare([merged])[1]))] == ["Wanda + LoSA (no fine-tuning)"]
     md = write_report(d, tmp_path / "r")[0].read_text()
     assert f"Unfinished: 1/{steps} steps are saved; run the same `losa run` command with --resume" in md
     assert "unfinished" not in compare([LOSA])[1]

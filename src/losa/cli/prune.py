@@ -38,8 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _default_out(model: str, cfg: PruneConfig) -> Path:
-    tag = ("mixed" if cfg.nm_n else "") + cfg.nm.replace(":", "of") if cfg.nm else (f"{round(cfg.sparsity * 100)}" if isinstance(cfg.sparsity, float)
-                                                    else "layerwise")
+    if cfg.nm:
+        tag = ("mixed" if cfg.nm_n else "") + cfg.nm.replace(":", "of")
+    else:
+        tag = f"{round(cfg.sparsity * 100)}" if isinstance(cfg.sparsity, float) else "layerwise"
+        tag += "-atp" if cfg.allocator == "atp" else ""  # not the uniform prune's directory
     return Path("runs") / f"{Path(model).name.removesuffix('.gguf')}-{cfg.method}-{tag}"
 
 

@@ -304,7 +304,7 @@ def _has_tokenizer_files(name: str) -> bool:
     return any(os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES)
 
 
-def _probe_hub(name: str) -> None:
+def _probe_hub(name: str, token: str | bool | None = None, revision: str | None = None) -> None:
     """One quick request for a hub id that is not cached, before transformers downloads it: on a machine that
     cannot reach the hub, huggingface_hub retries every file with backoff (about 25 s each, 50 s in all), so that
     failure (and a missing or refused repo) is reported at once. Offline mode and cached ids are not probed; any
@@ -318,12 +318,12 @@ def _probe_hub(name: str) -> None:
     if constants.HF_HUB_OFFLINE or os.path.exists(name):
         return
     try:
-        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
             return  # cached: transformers can load it without the hub
     except Exception:  # noqa: BLE001 - not a valid repo id: the load below says so
         return
     try:
-        model_info(name, timeout=10)
+        model_info(name, timeout=10, token=token, revision=revision)
     except Exception as e:  # noqa: BLE001 - only the failures _hub_error names are reported here
         err = _hub_error(name, "model config", e)
         if err is not None:
@@ -332,7 +332,8 @@ def _probe_hub(name: str) -> None:
 
 def _load_hf(name: str, dtype: torch.dtype, **kwargs):
     kwargs.pop("output_loading_info", None)  # always asked for: missing weights are refused below
-    _probe_hub(name)
+    if not kwargs.get("local_files_only") and kwargs.get("cache_dir") is None:  # else: their own cache, offline
+        _probe_hub(name, kwargs.get("token"), kwargs.get("revision"))
     try:
         model, info = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, output_loading_info=True, **kwargs)
     except Exception as e:
@@ -416,6 +417,17 @@ def load_model(name: str | os.PathLike, dtype: str | torch.dtype = "float32", ch
     return model, tok
 
 
+def _holds_checkpoints(folder: str) -> bool:
+    """Whether local ``folder`` holds losa outputs (a sub-folder with losa.json or report.json), so that
+    ``folder/name`` is a path to one more of them rather than a hub id ``org/name``."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return False
+    return any(e.is_dir() and any(os.path.isfile(os.path.join(e.path, f)) for f in ("losa.json", "report.json"))
+               for e in entries)
+
+
 def check_model_name(name: str) -> None:
     """Fail fast on a model name that cannot load, before anything slow (no network, no weights read).
 
@@ -425,7 +437,7 @@ def check_model_name(name: str) -> None:
 
     Raises:
         LosaError: a path that does not exist (a name starting with ``.``, ``/`` or ``~``, with more than
-            one ``/``, or ``dir/name`` where ``dir`` is a local directory); a file other than ``.gguf``; a
+            one ``/``, or ``dir/name`` where ``dir`` is a local folder of losa outputs); a file other than ``.gguf``; a
             directory without ``config.json`` (a losa run directory: naming its ``model/``); a name that is not a local path, has no ``/`` and
             is one typo away from a built-in alias (it would otherwise go to the hub: for ``smollm2-135`` the
             error says ``did you mean 'smollm2-135m'``).
@@ -435,8 +447,8 @@ def check_model_name(name: str) -> None:
     name = str(name)
     if name in ALIASES or name.endswith(".gguf"):
         return
-    local = name.startswith((".", "/", "~")) or name.count("/") > 1 or (  # 'runs/x' with a local runs/: a path
-        name.count("/") == 1 and os.path.isdir(name.split("/", 1)[0]))
+    local = name.startswith((".", "/", "~")) or name.count("/") > 1 or (  # 'runs/x' beside losa's runs: a path
+        name.count("/") == 1 and _holds_checkpoints(name.split("/", 1)[0]))
     if not os.path.exists(name) and local:
         raise LosaError(f"model path {name} does not exist; check the path")
     if os.path.isfile(name):

@@ -152,7 +152,9 @@ class RunReport(_Model):
     def unfinished(self) -> str | None:
         """``"k/T steps"`` for a losa run that has not reached its end (no verified final sparsity), else None."""
         total = self.meta.config.get("steps")
-        if self.meta.finetune != "losa" or self.results.sparsity is not None or not isinstance(total, int):
+        # a run writes report.json after each step; a merged model's losa.json (no steps) exists only at the end
+        if (self.meta.finetune != "losa" or self.results.sparsity is not None or not isinstance(total, int)
+                or not self.steps):
             return None
         return f"{len(self.steps)}/{total} steps"
 

@@ -26,8 +26,10 @@ def row_label(report: RunReport) -> str:
     if m.method == "dense" or m.sparsity == 0:
         return "Dense"
     base = _METHOD_NAMES.get(m.method, m.method)
-    part = report.unfinished()
-    return base + m.finetune_label + (f" (unfinished: {part})" if part else "")
+    label, part = base + m.finetune_label, report.unfinished()
+    if part is None:
+        return label
+    return label[:-1] + f"; unfinished: {part})" if label.endswith(")") else f"{label} (unfinished: {part})"
 
 
 def sparsity_label(report: RunReport) -> str:
