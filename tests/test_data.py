@@ -134,58 +134,73 @@ def test_user_calib_ids_are_checked_before_pruning():
 
 def test_unreachable_hub_for_a_named_dataset_fails_at_once(monkeypatch):
     """Without a data dir, an unreachable hub used to cost half a minute of printed retries (trial): one quick
-    request reports it before datasets downloads anything; offline mode leaves it to the datasets cache."""
+    request finds it, then only datasets' cache is read (offline mode) before the failure is reported; a probe
+    that got an answer is not repeated; offline mode is not probed."""
     import datasets
     import huggingface_hub
-    from huggingface_hub import constants
 
-    from losa.data.sources import load_documents
+    from losa.data import sources
 
-    httpx2 = pytest.importorskip("httpx2")
     monkeypatch.delenv("LOSA_DATA_DIR", raising=False)
-    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(sources, "_hub_reached", set())
+    probes, loads = [], []
 
     def unreachable(*a, **k):
-        raise httpx2.ConnectError("[Errno -2] Name or service not known")
+        probes.append(a)
+        raise ConnectionError("[Errno -2] Name or service not known")
 
-    def download(*a, **k):
-        raise AssertionError("datasets downloaded after the probe failed")
+    def load(*a, **k):  # datasets' cache has nothing: it fails in offline mode, and may not go online at all
+        loads.append(datasets.config.HF_HUB_OFFLINE)
+        raise FileNotFoundError("not in the cache")
 
-    monkeypatch.setattr(huggingface_hub, "repo_info", unreachable)
-    monkeypatch.setattr(datasets, "load_dataset", download)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", unreachable)
+    monkeypatch.setattr(datasets, "load_dataset", load)
     with pytest.raises(LosaError, match=r"^wikitext2 test: no data_dir \(--data-dir\) / LOSA_DATA_DIR given and the "
-                                        r"HF hub failed \(ConnectError\); pass data_dir"):
+                                        r"HF hub failed \(ConnectionError\); pass data_dir"):
         load_documents("wikitext2", "test")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # not probed: the (failing) download is what reports
-    with pytest.raises(LosaError, match=r"HF hub failed \(AssertionError\)"):
-        load_documents("wikitext2", "test")
+    assert len(probes) == 1 and loads == [True] and datasets.config.HF_HUB_OFFLINE is False
+    # cached: the offline read succeeds
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: {"text": ["cached row"]})
+    assert load_documents("wikitext2", "test") == ["cached row"]
+    # the hub answers: probed once per repo, then the download goes on
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda *a, **k: probes.append(a))
+    probes.clear()
+    load_documents("wikitext2", "test")
+    load_documents("wikitext2", "test")
+    assert len(probes) == 1
 
 
 def test_eval_uses_the_data_dir_a_checkpoint_recorded(tmp_path, monkeypatch, capsys):
+    """eval ppl of a losa checkpoint without --data-dir / $LOSA_DATA_DIR reads its named datasets from the data dir
+    the checkpoint recorded, only when that directory (absolute, as prune and run now record it) holds them all."""
     import argparse
     import json
 
-    from losa.cli.common import recorded_data_dir
+    from losa.cli.common import recipe_for_manifest, recorded_data_dir
+    from losa.data.sources import NAMED_FILES
 
     monkeypatch.delenv("LOSA_DATA_DIR", raising=False)
     ckpt, data = tmp_path / "ckpt", tmp_path / "data"
     ckpt.mkdir()
-    data.mkdir()
+    (data / NAMED_FILES["wikitext2"]["test"]).parent.mkdir(parents=True)
+    (data / NAMED_FILES["wikitext2"]["test"]).write_text("x")
     (ckpt / "losa.json").write_text(json.dumps({"recipe": {"data_dir": str(data)}}))
-    args = argparse.Namespace(model=str(ckpt), data_dir=None)
-    recorded_data_dir(args)
-    assert args.data_dir == str(data)
+
+    def resolved(datasets, data_dir=None):
+        args = argparse.Namespace(model=str(ckpt), data_dir=data_dir)
+        recorded_data_dir(args, datasets)
+        return args.data_dir
+
+    assert resolved(["wikitext2"]) == str(data)
     assert capsys.readouterr().err == f"data dir: {data} (recorded in {ckpt}/losa.json; --data-dir overrides)\n"
-    given = argparse.Namespace(model=str(ckpt), data_dir="/elsewhere")
-    recorded_data_dir(given)
-    assert given.data_dir == "/elsewhere"
-    monkeypatch.setenv("LOSA_DATA_DIR", "/env")
-    env = argparse.Namespace(model=str(ckpt), data_dir=None)
-    recorded_data_dir(env)
-    assert env.data_dir is None  # $LOSA_DATA_DIR is the user's choice too
+    assert resolved(["wikitext2", "c4"]) is None  # c4 is not there: the hub, as without a recorded dir
+    assert resolved(["notes.txt"]) is None  # a file needs no data dir
+    assert resolved(["wikitext2"], "/elsewhere") == "/elsewhere"
+    monkeypatch.setenv("LOSA_DATA_DIR", "")  # set, even empty: the user's choice
+    assert resolved(["wikitext2"]) is None
     monkeypatch.delenv("LOSA_DATA_DIR")
-    (ckpt / "losa.json").write_text(json.dumps({"recipe": {"data_dir": str(tmp_path / "gone")}}))
-    moved = argparse.Namespace(model=str(ckpt), data_dir=None)
-    recorded_data_dir(moved)
-    assert moved.data_dir is None
+    (ckpt / "losa.json").write_text(json.dumps({"recipe": {"data_dir": "data"}}))  # relative: unknown base
+    monkeypatch.chdir(tmp_path)
+    assert resolved(["wikitext2"]) is None
+    assert recipe_for_manifest({"data_dir": "data", "seed": 0}) == {"data_dir": str(data), "seed": 0}

@@ -68,20 +68,47 @@ def source_model(name: str) -> str:
     return found if isinstance(found, str) and found else name
 
 
-def recorded_data_dir(args: argparse.Namespace) -> None:
-    """Without ``--data-dir`` and ``$LOSA_DATA_DIR``, evaluate a losa checkpoint with the data directory its
-    recipe recorded (when it still exists), saying so on stderr; otherwise leave ``args.data_dir`` as given.
+def recipe_for_manifest(recipe: dict) -> dict:
+    """A recipe as a checkpoint's losa.json records it: ``data_dir`` as an absolute path (so that
+    :func:`recorded_data_dir` finds it from any working directory).
 
     Args:
-        args: the command's arguments (``model``, ``data_dir``); ``args.data_dir`` may be set.
+        recipe: the config as a mapping (``model_dump``).
+    Returns:
+        A copy with ``data_dir`` made absolute (``~`` expanded) when it is set.
     """
     import os
 
-    if args.data_dir is not None or os.environ.get("LOSA_DATA_DIR"):
+    out = dict(recipe)
+    if isinstance(out.get("data_dir"), str) and out["data_dir"]:
+        out["data_dir"] = os.path.abspath(os.path.expanduser(out["data_dir"]))
+    return out
+
+
+def recorded_data_dir(args: argparse.Namespace, datasets: list[str]) -> None:
+    """Without ``--data-dir`` and ``$LOSA_DATA_DIR``, evaluate a losa checkpoint's named ``datasets`` with the data
+    directory its recipe recorded, when that directory still holds every one of them (else the hub, as before),
+    saying so on stderr; otherwise leave ``args.data_dir`` as given.
+
+    Args:
+        args: the command's arguments (``model``, ``data_dir``); ``args.data_dir`` may be set.
+        datasets: the perplexity datasets to evaluate (names and files; files need no data dir).
+    """
+    import os
+
+    from losa.data.sources import EVAL_SPLIT, NAMED_FILES, is_named
+
+    named = [d for d in datasets if is_named(d)]
+    if args.data_dir is not None or "LOSA_DATA_DIR" in os.environ or not named:
         return
     recipe = checkpoint_manifest(args.model).get("recipe")
     found = recipe.get("data_dir") if isinstance(recipe, dict) else None
-    if isinstance(found, str) and os.path.isdir(found):
+    if not isinstance(found, str) or not found:
+        return
+    found = os.path.expanduser(found)
+    if not os.path.isabs(found):  # recorded as typed: relative to where the checkpoint was written, unknown here
+        return
+    if all(os.path.isfile(os.path.join(found, NAMED_FILES[d][EVAL_SPLIT[d]])) for d in named):
         args.data_dir = found
         status(f"data dir: {found} (recorded in {os.path.join(args.model, 'losa.json')}; --data-dir overrides)")
 

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--device", default="auto", help="auto | cpu | cuda")
     pp.add_argument("--out", help="write the results to this JSON file")
     add_data_dir_arg(pp)
+    next(a for a in pp._actions if a.dest == "data_dir").help = (
+        "directory with wikitext-2-raw/, c4/, ptb/ ... (default: $LOSA_DATA_DIR, else the one a losa checkpoint "
+        "recorded when it holds the datasets, else the HF hub)")
     add_quiet_arg(pp)
     pp.set_defaults(func=run_ppl)
     try:
@@ -53,7 +56,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     datasets = [x.strip() for x in args.datasets.split(",") if x.strip()]
     if not datasets:
         raise LosaError("--datasets is empty; name at least one of wikitext2, c4, ptb or a text file")
-    recorded_data_dir(args)
+    recorded_data_dir(args, datasets)
     check_eval_datasets(datasets, args.data_dir, "--datasets")
     device = resolve_device(args.device)
     if args.out:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from losa.cli.common import add_data_dir_arg, add_model_arg, add_quiet_arg, check_model_arg, recorded_data_dir
+from losa.cli.common import add_data_dir_arg, add_model_arg, add_quiet_arg, check_model_arg
 from losa.errors import LosaError
 
 
@@ -56,7 +56,6 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         check_output_file(args.out, "--out")
     check_model_arg(args.model)
-    recorded_data_dir(args)
     if use_local_tasks(args.offline, args.data_dir):
         check_local_tasks(tasks, args.data_dir)
     with progress_disabled(args.quiet):

@@ -12,6 +12,7 @@ from losa.cli.common import (
     check_model_arg,
     config_from_args,
     eval_settings,
+    recipe_for_manifest,
 )
 from losa.errors import LosaError, option
 from losa.pipelines.oneshot import PruneConfig
@@ -91,7 +92,7 @@ def run_prune(args: argparse.Namespace) -> int:
           f"in {len(sp.layers)} layers; prune time {report.timings['total_s']:.1f}s")
     pruned = ppl_all("pruned")
     if not args.no_save:
-        manifest = {"source_model": args.model, "recipe": report.recipe, "nm": report.nm and list(report.nm),
+        manifest = {"source_model": args.model, "recipe": recipe_for_manifest(report.recipe), "nm": report.nm and list(report.nm),
                     "layer_targets": report.targets, "sparsity": sp.model_dump(), "timings": report.timings,
                     "results": {"ppl": pruned, "dense_ppl": dense, "eval_seqlen": eval_seqlen,
                                 "max_windows": args.max_windows}}

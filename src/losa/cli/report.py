@@ -28,8 +28,8 @@ def run_report(args: argparse.Namespace) -> int:
     from losa.report.render import write_report
     from losa.utils.io import check_output_dir
 
-    if args.out_dir:
-        check_output_dir(args.out_dir, "--out-dir", exists_ok=True)
+    check_output_dir(args.out_dir or args.run_dir, "--out-dir" if args.out_dir else "RUN_DIR (the default --out-dir)",
+                     exists_ok=True)
     md, html = write_report(args.run_dir, args.out_dir)
     print(f"wrote {md} and {html}")
     return 0

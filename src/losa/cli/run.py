@@ -15,6 +15,7 @@ from losa.cli.common import (
     check_model_arg,
     config_from_args,
     eval_settings,
+    recipe_for_manifest,
     refuse_ignored,
 )
 from losa.errors import LosaError
@@ -135,7 +136,7 @@ def _finish(args: argparse.Namespace, cfg: LoSAConfig, model, tok, report, out: 
     report.results.ppl = _perplexities(args, cfg, model, tok, datasets, settings, "merged")
     save_report(report, out)
     if not args.no_save:
-        manifest = {"source_model": args.model, "finetune": "losa", "recipe": cfg.model_dump(),
+        manifest = {"source_model": args.model, "finetune": "losa", "recipe": recipe_for_manifest(cfg.model_dump()),
                     "sparsity": {"overall": report.results.sparsity},
                     "results": {"ppl": report.results.ppl, "dense_ppl": report.results.dense_ppl,
                                 "eval_seqlen": settings and settings.seqlen,

@@ -56,35 +56,57 @@ def _read_local(source: str, split: str, path: Path) -> list[str]:
 
 #: the hub dataset repos of the named datasets
 _HUB_REPOS = {"wikitext2": "wikitext", "ptb": "ptb_text_only", "c4": "allenai/c4"}
+_hub_reached: set[str] = set()  # repos whose probe got an answer in this process: not probed again
 
 
-def _probe_hub(source: str) -> None:
-    """One quick request before ``datasets`` downloads: an unreachable hub fails at once (``datasets`` and
-    huggingface_hub retry every request with backoff, printing each retry, for half a minute and more).
-    Offline mode is not probed (``datasets`` then reads its cache)."""
-    from huggingface_hub import constants, repo_info
+def _unreachable(source: str) -> BaseException | None:
+    """One quick request (a file's metadata) before ``datasets`` downloads: the network failure when the hub
+    cannot be reached (``datasets`` and huggingface_hub would retry every request with backoff, printing each
+    retry, for half a minute and more), else None. Offline mode and repos already reached are not probed."""
+    import datasets
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     from losa.models.loading import hub_unreachable
 
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return
+    repo = _HUB_REPOS[source]
+    if datasets.config.HF_HUB_OFFLINE or repo in _hub_reached:
+        return None
     try:
-        repo_info(_HUB_REPOS[source], repo_type="dataset", timeout=10)
-    except Exception as e:  # noqa: BLE001 - only an unreachable hub stops here; the download reports the rest
+        get_hf_file_metadata(hf_hub_url(repo, "README.md", repo_type="dataset"), timeout=10)
+    except Exception as e:  # noqa: BLE001 - only an unreachable hub matters here; the download reports the rest
         if hub_unreachable(e) is not None:
-            raise
+            return e
+    _hub_reached.add(repo)
+    return None
 
 
-def _read_hub(source: str, split: str) -> list[str]:
+def _load_hub(source: str, split: str) -> list[str]:
     from datasets import load_dataset
 
-    _probe_hub(source)
     if source == "wikitext2":
         return list(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
     if source == "ptb":
         return list(load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"])
     files = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
     return list(load_dataset("allenai/c4", data_files={split: files[split]}, split=split)["text"])
+
+
+def _read_hub(source: str, split: str) -> list[str]:
+    """A named dataset split from the hub; when the hub cannot be reached, from ``datasets``' cache (offline
+    mode) if it has it, else the network failure is raised at once."""
+    import datasets
+
+    err = _unreachable(source)
+    if err is None:
+        return _load_hub(source, split)
+    offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True  # what HF_DATASETS_OFFLINE=1 does: read a cached download
+    try:
+        return _load_hub(source, split)
+    except Exception:  # noqa: BLE001 - not cached: the hub's failure is the one to report
+        raise err from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
 
 
 def load_documents(source: str, split: str = "test", data_dir: str | os.PathLike | None = None) -> list[str]:
@@ -106,8 +128,7 @@ def load_documents(source: str, split: str = "test", data_dir: str | os.PathLike
         return _read_hub(source, split)
     except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
         raise LosaError(f"{source} {split}: no {option('data_dir')} / LOSA_DATA_DIR given and the HF hub failed "
-                        f"({type(e).__name__}); pass {option('data_dir')} with a local copy (or set "
-                        "HF_DATASETS_OFFLINE=1 to read a cached download)") from None
+                        f"({type(e).__name__}); pass {option('data_dir')} with a local copy") from None
 
 
 def join_for_eval(source: str, docs: list[str]) -> str:

@@ -92,8 +92,8 @@ class LoSAConfig(CalibrationConfig):
     r_max: int = Field(16, ge=1, description="adapter capacity: the largest LoRA rank of a layer")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; the adapter scale is alpha / r_max")
     nsamples: int = Field(128, ge=2, description="calibration windows (RMI Grams and pruning statistics)")
-    recon_nsamples: int = Field(16, ge=1, description="calibration windows used for reconstruction errors "
-                                                      "(default: 16, at most --nsamples)")
+    recon_nsamples: int = Field(16, ge=1, description="calibration windows used for reconstruction errors",
+                                json_schema_extra={"default_help": "16, at most --nsamples"})
     recon_error: Literal["global", "channel"] = Field(
         "global", description="reconstruction error of a layer: global (one ratio over the residual stream) or "
                               "channel (the ratio per hidden channel, averaged; see "
