@@ -290,3 +290,21 @@ def test_an_unfinished_run_says_so_in_compare_and_report(tmp_path):
     md = write_report(d, tmp_path / "r")[0].read_text()
     assert f"Unfinished: 1/{steps} steps are saved; run the same `losa run` command with --resume" in md
     assert "unfinished" not in compare([LOSA])[1]
+
+
+def test_compare_says_when_zero_shot_items_differ(tmp_path):
+    """A run scored on --limit 100 items per task beside one scored on all items: a warning and a column (the trial's
+    subsets sat beside full-set numbers without a word); the report's caption says how many items."""
+    a = _prune_run(tmp_path, "a", ppl={"wikitext2": 40.0}, eval_seqlen=512)
+    b = _prune_run(tmp_path, "b", ppl={"wikitext2": 41.0}, eval_seqlen=512, model="other")
+    tasks = json.loads((WANDA / "zeroshot.json").read_text())
+    (a / "zeroshot.json").write_text(json.dumps(tasks))  # the fixture's config: limit 100
+    tasks["config"]["limit"] = None
+    (b / "zeroshot.json").write_text(json.dumps(tasks))
+    with pytest.warns(UserWarning, match=r"zero-shot accuracies were measured on different items \(100 items per "
+                                         r"task; all items\): they are not comparable"):
+        _, text = compare([a, b])
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [(r["Model"], r["zero-shot items"]) for r in rows] == [("other", "all items"),
+                                                                  ("smollm2-135m", "100 items per task")]
+    assert "(lm-eval acc, 100 items per task)" in write_report(a, tmp_path / "r")[0].read_text()

@@ -104,7 +104,8 @@ def _results_caption(report: RunReport) -> str:
         how = f", {r.ppl_settings.label()}" if r.ppl_settings is not None else ""
         parts.append(f"Perplexity (lower is better{how})")
     if r.zeroshot:
-        parts += ["zero-shot accuracy in % (lm-eval acc)", "Mean is the average over the listed tasks"]
+        items = f", {r.zeroshot_items}" if r.zeroshot_items else ""
+        parts += [f"zero-shot accuracy in % (lm-eval acc{items})", "Mean is the average over the listed tasks"]
     parts.append("Sparsity is the verified overall sparsity")
     return "; ".join(parts) + "."
 

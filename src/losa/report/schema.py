@@ -128,6 +128,7 @@ class FinalResults(_Model):
     ppl: dict[str, float] = Field(default_factory=dict)  # dataset (e.g. "wikitext2") -> perplexity
     ppl_settings: PplSettings | None = None  # how ``ppl`` (and ``dense_ppl``) were measured; None: not recorded
     dense_ppl: dict[str, float] = Field(default_factory=dict)  # the unpruned model's (losa prune --compare-dense)
+    zeroshot_items: str | None = None  # "all items" or "N items per task" (--limit); None: not recorded
     zeroshot: dict[str, TaskScore] = Field(default_factory=dict)
     sparsity: Fraction | None = None  # verified overall sparsity of the prunable linear layers
     layer_target_sparsity: list[Fraction] = Field(default_factory=list)
@@ -195,6 +196,15 @@ def zeroshot_from_result(data: dict[str, Any]) -> dict[str, TaskScore]:
             for t, v in data.get("tasks", {}).items()}
 
 
+def zeroshot_items(data: dict[str, Any]) -> str | None:
+    """How many items per task a ``zeroshot.json`` scored: ``"all items"``, ``"N items per task"`` (``--limit``),
+    or None when its config does not say."""
+    config = data.get("config")
+    if not isinstance(config, dict) or "limit" not in config:
+        return None
+    return "all items" if config["limit"] is None else f"{config['limit']} items per task"
+
+
 def report_from_manifest(manifest: dict[str, Any], zeroshot: dict[str, Any] | None = None) -> RunReport:
     """A :class:`RunReport` from a checkpoint's ``losa.json``: a one-shot prune, or the merged model of a losa run."""
     recipe = manifest.get("recipe", {})
@@ -216,6 +226,7 @@ def report_from_manifest(manifest: dict[str, Any], zeroshot: dict[str, Any] | No
         ppl_settings=(PplSettings(seqlen=seqlen, max_windows=results.get("max_windows"))
                       if isinstance(seqlen, int) and (results.get("ppl") or results.get("dense_ppl")) else None),
         dense_ppl={k: float(v) for k, v in (results.get("dense_ppl") or {}).items()},
+        zeroshot_items=zeroshot_items(zeroshot) if zeroshot else None,
         zeroshot=zeroshot_from_result(zeroshot) if zeroshot else {
             t: TaskScore(**v) for t, v in (results.get("zeroshot") or {}).items()},
         sparsity=sp.get("overall"),
@@ -246,6 +257,7 @@ def load_run(run_dir: str | os.PathLike) -> RunReport:
             report = RunReport.model_validate(_read_json(report_path))
             if zeroshot and not report.results.zeroshot:
                 report.results.zeroshot = zeroshot_from_result(zeroshot)
+                report.results.zeroshot_items = zeroshot_items(zeroshot)
             return report
         if manifest_path.is_file():
             return report_from_manifest(_read_json(manifest_path), zeroshot)

@@ -79,9 +79,10 @@ def compare(run_dirs: Sequence[str | os.PathLike], metric: str = "acc") -> tuple
     Rows: Dense first (a dense run, else the dense perplexity a run recorded with ``--compare-dense``), then by
     sparsity and pattern the one-shot method, "+ LoRA" and "+ LoSA". Columns: WikiText-2 perplexity (else the
     first dataset measured), each zero-shot task's accuracy (%) and their mean. A "Model" column is added when the
-    runs are of different models, a "Run" column (the directory's name) when two rows would read the same, and a
-    "ppl windows" column when the perplexities were measured with different windows (a warning then says that
-    they are not comparable).
+    runs are of different models, a "Run" column (the directory's name) when two rows would read the same, a
+    "ppl windows" column when the perplexities were measured with different windows and a "zero-shot items" column
+    when the accuracies were measured on different items (``--limit``; a warning then says that they are not
+    comparable).
 
     Args:
         run_dirs: directories written by ``losa run`` (report.json) or ``losa prune`` (losa.json).
@@ -106,14 +107,20 @@ def compare(run_dirs: Sequence[str | os.PathLike], metric: str = "acc") -> tuple
     # settings that are not recorded (reports from before they were) are unknown, not different
     windows = {r.results.ppl_settings.label() for r in reports
                if r.results.ppl_settings is not None and any(d in r.results.ppl for d in ppl_keys)}
-    extra = [("Model", len(models) > 1), ("Run", len(set(labels)) < len(labels)), ("ppl windows", len(windows) > 1)]
+    items = {r.results.zeroshot_items for r in reports if r.results.zeroshot and r.results.zeroshot_items}
+    extra = [("Model", len(models) > 1), ("Run", len(set(labels)) < len(labels)), ("ppl windows", len(windows) > 1),
+             ("zero-shot items", len(items) > 1)]
+    if len(items) > 1:
+        warnings.warn(f"the zero-shot accuracies were measured on different items ({'; '.join(sorted(items))}): "
+                      "they are not comparable; rerun losa eval zeroshot with the same --limit (none: all items)",
+                      stacklevel=2)
     if len(windows) > 1:
         warnings.warn(f"the perplexities were measured with different windows ({'; '.join(sorted(windows))}): "
                       "they are not comparable; rerun losa prune / losa run with the same --eval-seqlen and "
                       "--max-windows", stacklevel=2)
     header = [name for name, shown in extra[:2] if shown] + ["Sparsity", "Method"]
     header += [f"{PPL_NAMES.get(d, d)} ppl" for d in ppl_keys] + ["ppl windows"] * extra[2][1]
-    header += [*[TASK_NAMES.get(t, t) for t in tasks], "Mean"]
+    header += [*[TASK_NAMES.get(t, t) for t in tasks], "Mean"] + ["zero-shot items"] * extra[3][1]
     rows: list[list[str]] = []
     for d, r in entries:
         # the mean covers only the columns shown, and only when the run has all of them
@@ -125,7 +132,10 @@ def compare(run_dirs: Sequence[str | os.PathLike], metric: str = "acc") -> tuple
         if extra[2][1]:
             row.append("-" if not any(k in r.results.ppl for k in ppl_keys)
                        else "not recorded" if settings is None else settings.label())
-        rows.append(row + [*[fmt_pct(v) for v in vals], fmt_pct(mean)])
+        row += [*[fmt_pct(v) for v in vals], fmt_pct(mean)]
+        if extra[3][1]:
+            row.append(r.results.zeroshot_items or ("-" if not r.results.zeroshot else "not recorded"))
+        rows.append(row)
     numeric = {*(f"{PPL_NAMES.get(d, d)} ppl" for d in ppl_keys), *(TASK_NAMES.get(t, t) for t in tasks), "Mean"}
     md = ["| " + " | ".join(header) + " |", "|" + "".join("---:|" if h in numeric else "---|" for h in header)]
     md += ["| " + " | ".join(row) + " |" for row in rows]
