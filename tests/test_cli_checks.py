@@ -399,7 +399,7 @@ def test_run_refuses_an_existing_run_or_a_bad_resume_before_loading_the_model(tm
     (done / "state").mkdir(parents=True)
     rc = main(["run", "no-such-model", "--eval", "none", "--out", str(done), "--quiet"])
     _one_line_error(capsys, rc, f"{done} already holds a LoSA run; pass resume=True (--resume) to continue it or "
-                                "choose another out_dir (--out)")
+                                f"choose another out_dir (--out) (or delete {done} to start it over)")
     rc = main(["run", "no-such-model", "--eval", "none", "--out", str(tmp_path / "none"), "--resume", "--quiet"])
     _one_line_error(capsys, rc, "holds no finished LoSA step")
     # a flag refused now may have started a run with an older version: with --resume it is a warning, and

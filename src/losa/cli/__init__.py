@@ -32,8 +32,10 @@ def _did_you_mean(parser: argparse.ArgumentParser, message: str) -> str:
     if not message.startswith("unrecognized arguments:"):
         return ""
     known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    words = message.split(":", 1)[1].split()
+    words = words[: words.index("--")] if "--" in words else words  # after "--" every word is a positional
     guesses = [(w, difflib.get_close_matches(w.split("=", 1)[0], known, n=1, cutoff=0.75))
-               for w in message.split(":", 1)[1].split() if w.startswith("--")]
+               for w in words if w.startswith("--")]
     found = [(w.split("=", 1)[0], g[0]) for w, g in guesses if g]
     if len(found) == 1:
         return f" (did you mean {found[0][1]}?)"

@@ -273,7 +273,7 @@ def check_run_dir(out: Path | None, config: LoSAConfig, resume: bool) -> dict | 
                         "the run to continue")
     if out is not None and out.exists() and not resume and (out / "state").exists():
         raise LosaError(f"{out} already holds a LoSA run; pass {option('resume=True', '--resume')} to continue it or "
-                        f"choose another {option('out_dir', '--out')}")
+                        f"choose another {option('out_dir', '--out')} (or delete {out} to start it over)")
     return check_resume(out, config.model_dump()) if resume and out is not None else None
 
 
