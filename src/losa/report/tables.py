@@ -120,7 +120,7 @@ def compare(run_dirs: Sequence[str | os.PathLike], metric: str = "acc") -> tuple
                       "--max-windows", stacklevel=2)
     header = [name for name, shown in extra[:2] if shown] + ["Sparsity", "Method"]
     header += [f"{PPL_NAMES.get(d, d)} ppl" for d in ppl_keys] + ["ppl windows"] * extra[2][1]
-    header += [*[TASK_NAMES.get(t, t) for t in tasks], "Mean"] + ["zero-shot items"] * extra[3][1]
+    header += [*[TASK_NAMES.get(t, t) for t in tasks], *["Mean"] * bool(tasks)] + ["zero-shot items"] * extra[3][1]
     rows: list[list[str]] = []
     for d, r in entries:
         # the mean covers only the columns shown, and only when the run has all of them
@@ -132,7 +132,7 @@ def compare(run_dirs: Sequence[str | os.PathLike], metric: str = "acc") -> tuple
         if extra[2][1]:
             row.append("-" if not any(k in r.results.ppl for k in ppl_keys)
                        else "not recorded" if settings is None else settings.label())
-        row += [*[fmt_pct(v) for v in vals], fmt_pct(mean)]
+        row += [*[fmt_pct(v) for v in vals], *[fmt_pct(mean)] * bool(tasks)]  # no Mean without zero-shot tasks
         if extra[3][1]:
             row.append(r.results.zeroshot_items or ("-" if not r.results.zeroshot else "not recorded"))
         rows.append(row)
