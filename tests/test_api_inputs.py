@@ -213,3 +213,40 @@ def test_assigning_an_invalid_config_value_is_one_line_and_keeps_the_old_value()
     with pytest.raises(LosaError, match="rank 20 exceeds capacity r_max=16"):  # a check across fields
         lora.rank = 20
     assert lora.rank == 8 and lora.model_fields_set == {"rank", "r_max"}
+
+
+def test_a_run_that_raises_leaves_no_adapters_and_prune_says_what_the_model_is(tmp_path):
+    """API trial: a losa.run stopped by an error left 210 adapter wrappers behind, which perplexity, save_checkpoint
+    and prune then used without a word (prune warned about experts on a dense model). Now the adapters are merged
+    (the model is a plain, partly pruned model); prune refuses adapters and a sparsified model by name, and says
+    when a model comes out sparser than its target."""
+    from losa.inference import sparsify_for_inference
+    from losa.lora import SparseLoRAConfig, add_sparse_lora
+    from losa.lora.model import sparse_lora_modules
+
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        raise Stop
+
+    model, tok = make_tiny_model("llama", seed=0, layers=2), make_tiny_tokenizer()
+    ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = LoSAConfig(sparsity=0.5, steps=2, nsamples=4, seqlen=16, recon_nsamples=2, r_max=8, r_min=1,
+                     omega_first=4, omega_last=4, device="cpu")
+    with pytest.warns(UserWarning), pytest.raises(Stop):
+        losa.run(model, tok, cfg, calib_ids=ids, progress=False, on_step=stop)
+    assert not sparse_lora_modules(model)
+    assert all(type(m).__name__ == "Linear" for n, m in model.named_modules() if n.endswith("q_proj"))
+    assert 0.3 < losa.sparsity_report(model).overall < 0.5  # pruned to step 1's S_t, adapters merged
+    add_sparse_lora(model, SparseLoRAConfig(r_max=4, rank=2))
+    with pytest.raises(LosaError, match=r"holds sparse LoRA adapters; merge them with losa.lora.merge_and_unload"):
+        losa.prune(model, tok, losa.PruneConfig(method="magnitude"), progress=False)
+    dense = make_tiny_model("llama", seed=0, layers=2)
+    losa.prune(dense, tok, losa.PruneConfig(method="magnitude", sparsity=0.5), progress=False)
+    with pytest.warns(UserWarning, match=r"came out 50.00% sparse, above the 30.00% target: it was already sparser"):
+        losa.prune(dense, tok, losa.PruneConfig(method="magnitude", sparsity=0.3), progress=False)
+    sparsify_for_inference(dense)
+    with pytest.raises(LosaError, match=r"holds sparse runtime layers \(losa.sparsify_for_inference\): prune or "
+                                        r"inspect the checkpoint before sparsifying it"):
+        losa.sparsity_report(dense)

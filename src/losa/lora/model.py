@@ -51,7 +51,8 @@ def add_sparse_lora(model: nn.Module, config: SparseLoRAConfig, masks: dict[str,
             architecture is unsupported, or a mask is not shaped like its weight.
     """
     if sparse_lora_modules(model):
-        raise LosaError("model already has sparse LoRA adapters; merge_and_unload() them first")
+        raise LosaError("model already has sparse LoRA adapters; merge them first with "
+                        "losa.lora.merge_and_unload(model)")
     spec = get_arch(model)
     gen = torch.Generator().manual_seed(config.init_seed)
     for p in model.parameters():

@@ -183,8 +183,17 @@ def linear_modules(layer: nn.Module, spec: ArchSpec | None = None) -> dict[str, 
         if name and is_prunable(mod) and not any(fnmatch.fnmatch(name, p) for p in exclude)
     }
     if not out:
-        raise LosaError(f"decoder layer {type(layer).__name__} has no linear sublayers to prune")
+        raise _nothing_to_prune(layer)
     return out
+
+
+def _nothing_to_prune(layer: nn.Module) -> LosaError:
+    """The error for a decoder layer without prunable linears, naming why when losa itself made it so."""
+    kinds = {type(m).__name__ for m in layer.modules()}
+    if "SparseLinear" in kinds:
+        return LosaError(f"decoder layer {type(layer).__name__} holds sparse runtime layers "
+                         "(losa.sparsify_for_inference): prune or inspect the checkpoint before sparsifying it")
+    return LosaError(f"decoder layer {type(layer).__name__} has no linear sublayers to prune")
 
 
 def prunable_weights(layer: nn.Module, spec: ArchSpec | None = None) -> dict[str, torch.Tensor]:
@@ -213,7 +222,7 @@ def prunable_weights(layer: nn.Module, spec: ArchSpec | None = None) -> dict[str
         elif is_prunable(mod) and not any(fnmatch.fnmatch(name, p) for p in exclude):
             out[name] = get_weight(mod)
     if not out:
-        raise LosaError(f"decoder layer {type(layer).__name__} has no linear sublayers to prune")
+        raise _nothing_to_prune(layer)
     return out
 
 

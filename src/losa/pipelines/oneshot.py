@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -278,6 +279,11 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     elif not isinstance(config, PruneConfig):
         raise LosaError(f"prune takes a PruneConfig or a dict of its fields, not {type(config).__name__}"
                         + ("; a LoSAConfig is run by losa.run" if type(config).__name__ == "LoSAConfig" else ""))
+    from losa.lora.model import sparse_lora_modules
+
+    if sparse_lora_modules(model):  # e.g. left by a LoSA run of an older version, or added by hand
+        raise LosaError("the model holds sparse LoRA adapters; merge them with losa.lora.merge_and_unload(model) "
+                        "before pruning")
     t0 = time.perf_counter()
     if get_arch(model).experts is not None and is_offloaded(model):
         raise LosaError("pruning a mixture-of-experts model whose weights accelerate offloads is not supported; "
@@ -288,6 +294,11 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     report = sparsity_report(model, [t.pattern for t in targets])  # on the fused model: every expert matrix counts
     if config.verify:
         verify_targets(report, targets)
+    target = config.sparsity if config.nm is None and isinstance(config.sparsity, float) else None
+    if target is not None and config.allocator == "uniform" and report.overall > target + 0.01:
+        warnings.warn(f"the model came out {report.overall:.2%} sparse, above the {target:.2%} target: it was "
+                      "already sparser (pruning only removes weights); prune the dense checkpoint for this target",
+                      stacklevel=2)
     timings["total_s"] = time.perf_counter() - t0
     return PruneReport(recipe=record_calib_ids(config.model_dump(), calib_ids), allocation=allocation, targets=[t.sparsity for t in targets],
                        nm=parse_nm(config.nm) if config.nm else None, sparsity=report, sequential=sequential,

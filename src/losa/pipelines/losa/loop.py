@@ -549,6 +549,10 @@ def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, ou
             differs from the one being resumed.
         SparsityVerificationError: the merged model misses a layer's target.
 
+    A run that raises (or is interrupted) leaves ``model`` with its adapters merged, i.e. pruned and adapted as
+    far as the run got, as plain modules; continue from the last saved step with ``resume=True`` on a freshly
+    loaded model.
+
     Without ``finetune_data`` and without ``finetune.distill`` nothing is fine-tuned (pruning, RMI
     sparsity and rank allocation only): a warning says so and the report records it
     (``meta.notes``); fields the recipe sets but ignores (:meth:`LoSAConfig.ignored_fields`) are warned
@@ -574,12 +578,17 @@ def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, ou
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}  # the adapters freeze the weights
     try:
         with unfused_experts(model):  # each expert matrix pruned and adapted on its own; fused back at the end
-            job.setup()
-            for step in range(job.first_step, cfg.steps + 1):
-                job.step(step)
-                if on_step is not None:
-                    on_step(_step_record(job.rows[-1]))
-            return job.finish()
+            try:
+                job.setup()
+                for step in range(job.first_step, cfg.steps + 1):
+                    job.step(step)
+                    if on_step is not None:
+                        on_step(_step_record(job.rows[-1]))
+                return job.finish()
+            except BaseException:  # an error or Ctrl-C: no adapter wrappers left behind (see Raises)
+                if sparse_lora_modules(model):
+                    merge_and_unload(model)
+                raise
     finally:
         for n, p in model.named_parameters():  # by name: after a failure the adapters may still wrap the weights
             if n in requires_grad:
