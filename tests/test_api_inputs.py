@@ -250,3 +250,24 @@ def test_a_run_that_raises_leaves_no_adapters_and_prune_says_what_the_model_is(t
     with pytest.raises(LosaError, match=r"holds sparse runtime layers \(losa.sparsify_for_inference\): prune or "
                                         r"inspect the checkpoint before sparsifying it"):
         losa.sparsity_report(dense)
+
+
+def test_perplexity_and_step_eval_inputs_are_checked_in_one_line():
+    """API trial: swapped arguments and a str / float window reached torch; a dict step_eval an AttributeError."""
+    from losa.pipelines.losa import StepEval
+
+    model, tok = make_tiny_model("llama", seed=0, layers=1), make_tiny_tokenizer()
+    cases = [((tok, model), {}, r"perplexity takes \(model, tokenizer, ...\), got \(.*, LlamaForCausalLM\)"),
+             ((model, tok), {"seqlen": "64"}, "seqlen must be an int number of tokens, got '64'"),
+             ((model, tok), {"seqlen": 256.0}, "seqlen must be an int number of tokens, got 256.0"),
+             ((model, tok), {"max_windows": 3.5}, "max_windows must be an int or None, got 3.5"),
+             ((model, tok), {"max_windows": True}, "max_windows must be an int or None, got True")]
+    for args, kw, msg in cases:
+        with pytest.raises(LosaError, match=msg):
+            losa.perplexity(*args, dataset="none.txt", **kw)
+    cfg = LoSAConfig(sparsity=0.5, steps=1, nsamples=2, seqlen=16, recon_nsamples=1, device="cpu")
+    with pytest.raises(LosaError, match="step_eval: unknown field"):
+        losa.run(model, tok, cfg, step_eval={"dataset": "x"}, progress=False)
+    with pytest.raises(LosaError, match="no such file"), pytest.warns(UserWarning):  # a dict is a StepEval
+        losa.run(model, tok, cfg, step_eval={"datasets": ["none.txt"], "seqlen": 16}, progress=False)
+    assert StepEval(["a.txt"], 16).seqlen == 16

@@ -63,6 +63,8 @@ def check_max_windows(max_windows: int | None) -> None:
     Raises:
         LosaError: ``max_windows`` below 1.
     """
+    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int)):
+        raise LosaError(f"max_windows must be an int or None, got {max_windows!r}")
     if max_windows is not None and max_windows < 1:
         raise LosaError(f"max_windows must be at least 1, got {max_windows}; pass None to evaluate every window")
 
@@ -154,11 +156,16 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
     Returns:
         The perplexity, or a :class:`PerplexityResult` with ``return_details``.
     Raises:
-        LosaError: no tokenizer, ``max_windows < 1``, the dataset text cannot be found or read, or as
+        LosaError: no tokenizer, model and tokenizer swapped or not a module, ``seqlen`` or ``max_windows`` not an
+            int, ``max_windows < 1``, the dataset text cannot be found or read, or as
             :func:`perplexity_from_ids`.
     """
-    if tokenizer is None:
-        raise LosaError("perplexity needs a tokenizer; load the model with one")
+    if not isinstance(model, torch.nn.Module) or not callable(tokenizer):
+        raise LosaError(f"perplexity takes (model, tokenizer, ...), got ({type(model).__name__}, "
+                        f"{type(tokenizer).__name__}); pass what losa.load_model returns, in that order"
+                        if tokenizer is not None else "perplexity needs a tokenizer; load the model with one")
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int):
+        raise LosaError(f"seqlen must be an int number of tokens, got {seqlen!r}")
     check_max_windows(max_windows)  # before reading and tokenising the text
     check_window(model, seqlen, "evaluation window", flag)  # before reading and tokenising the text
     text = eval_text(dataset, data_dir)

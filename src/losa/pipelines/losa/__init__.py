@@ -8,5 +8,6 @@
 from losa.utils.lazy import lazy_attributes
 
 __getattr__, __dir__ = lazy_attributes(__name__, {"LoSAConfig": "losa.pipelines.losa.config",
-                                                  "run": "losa.pipelines.losa.loop"})
-__all__ = ["LoSAConfig", "run"]
+                                                  "run": "losa.pipelines.losa.loop",
+                                                  "StepEval": "losa.pipelines.losa.loop"})
+__all__ = ["LoSAConfig", "StepEval", "run"]

@@ -513,7 +513,7 @@ class LoSARun:
 
 def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, out_dir: str | Path | None = None,
         resume: bool = False, progress: bool = True, calib_ids: torch.Tensor | None = None,
-        model_name: str | None = None, step_eval: StepEval | None = None,
+        model_name: str | None = None, step_eval: StepEval | dict | None = None,
         on_step: Callable[[StepRecord], None] | None = None) -> RunReport:
     """Run LoSA on ``model`` in place (it ends merged and sparse, every parameter's ``requires_grad`` as before).
 
@@ -535,7 +535,8 @@ def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, ou
         calib_ids: ``[n, seqlen]`` integer token ids overriding the calibration source of the config (the
             report records ``n`` and ``seqlen`` as ``nsamples`` and ``seqlen``, and ``calib`` as ``calib_ids``).
         model_name: recorded in the report (default: the model's ``_name_or_path``).
-        step_eval: perplexity measured after every step, recorded in ``report.json`` (``StepRecord.ppl``).
+        step_eval: perplexity measured after every step, recorded in ``report.json`` (``StepRecord.ppl``): a
+            :class:`StepEval` or a dict of its fields (``{"datasets": ["wikitext2"], "seqlen": 512}``).
         on_step: called in every process with each step's :class:`~losa.report.schema.StepRecord` as soon as the
             step is finished and checkpointed (e.g. to print progress); not called for the steps a resumed run
             restored.
@@ -565,6 +566,15 @@ def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, ou
         raise LosaError(f"losa.run needs a LoSAConfig or a dict of its fields, got {type(config).__name__}; pass "
                         f"losa.LoSAConfig(...){f' ({hint})' if hint else ''}")
     cfg = build_config(LoSAConfig, config) if isinstance(config, dict) else (config or LoSAConfig())
+    if isinstance(step_eval, dict):  # the fields of StepEval, as a config is a dict of its fields
+        unknown = sorted(set(step_eval) - {f.name for f in dataclasses.fields(StepEval)})
+        if unknown:
+            raise LosaError(f"step_eval: unknown field(s) {', '.join(unknown)}; StepEval has datasets, seqlen, "
+                            "max_windows, data_dir")
+        step_eval = StepEval(**step_eval)
+    elif step_eval is not None and not isinstance(step_eval, StepEval):
+        raise LosaError(f"step_eval must be a StepEval (losa.pipelines.losa.StepEval) or a dict of its fields, got "
+                        f"{type(step_eval).__name__}")
     if not cfg.finetunes:
         warnings.warn(NO_FINETUNE_WARNING, stacklevel=2)
     ignored: dict[str, list[str]] = {}
