@@ -271,3 +271,20 @@ def test_perplexity_and_step_eval_inputs_are_checked_in_one_line():
     with pytest.raises(LosaError, match="no such file"), pytest.warns(UserWarning):  # a dict is a StepEval
         losa.run(model, tok, cfg, step_eval={"datasets": ["none.txt"], "seqlen": 16}, progress=False)
     assert StepEval(["a.txt"], 16).seqlen == 16
+
+
+def test_an_unknown_config_key_names_the_field_meant():
+    """API trial: 'sparsty: unknown option; ... see --help' told a Python user nothing; lr belongs to finetune."""
+    from losa.utils.config import build_config
+
+    cases = [(lambda: losa.PruneConfig(sparsty=0.5), "sparsty: unknown option of PruneConfig; did you mean 'sparsity'?"),
+             (lambda: LoSAConfig(lr=1e-3), "lr: unknown option of LoSAConfig; did you mean 'finetune.lr'?"),
+             (lambda: LoSAConfig(finetune={"lrr": 1e-3}), "lrr: unknown option of FinetuneConfig; did you mean 'lr'?"),
+             (lambda: losa.PruneConfig(xyz=1), "xyz: unknown option of PruneConfig; check the spelling "
+                                               "(help(PruneConfig) or --help lists them)"),
+             (lambda: build_config(losa.PruneConfig, {"nsample": 8}),  # a YAML recipe's mapping
+              "nsample: unknown option of PruneConfig; did you mean 'nsamples'?")]
+    for make, msg in cases:
+        with pytest.raises(LosaError) as e:
+            make()
+        assert str(e.value) == f"invalid config: {msg}"

@@ -34,13 +34,12 @@ class LosaConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as e:
-            raise LosaError(validation_message(e)) from None
+            raise LosaError(validation_message(e, type(self))) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
         # assignments are validated too (validate_assignment): the same one-line LosaError as construction
         if name not in type(self).model_fields and not name.startswith("_"):
-            raise LosaError(f"invalid config: {name}: unknown option of {type(self).__name__}; check the spelling "
-                            "(see --help for the valid names)")
+            raise LosaError(f"invalid config: {name}: {_unknown(type(self), (name,))}")
         before, fields_set = self.__dict__.get(name), set(self.__pydantic_fields_set__)
         try:
             super().__setattr__(name, value)
@@ -48,7 +47,7 @@ class LosaConfig(BaseModel):
             # a check across fields (a model validator) runs after the value is stored: put the old one back
             self.__dict__[name] = before
             object.__setattr__(self, "__pydantic_fields_set__", fields_set)
-            raise (LosaError(validation_message(e)) if isinstance(e, ValidationError) else e) from None
+            raise (LosaError(validation_message(e, type(self))) if isinstance(e, ValidationError) else e) from None
 
     def non_default_fields(self) -> set[str]:
         """Fields given a value other than their default (a recipe that lists defaults sets nothing).
@@ -69,11 +68,32 @@ def _num(v: Any) -> Any:
     return f"{v:.12g}" if isinstance(v, float) else v  # -1.0 as -1; never rounded onto the bound
 
 
-def validation_message(err: ValidationError) -> str:
+def _unknown(cls: type[BaseModel] | None, loc: tuple) -> str:
+    """The message for a key that is no field: of which config, and the field meant where one is close (a
+    misspelling, or a field of a nested config: ``lr`` -> ``finetune.lr``)."""
+    import difflib
+
+    model = cls
+    for part in loc[:-1]:  # the nested config the key was given to
+        ann = getattr(model.model_fields.get(str(part)), "annotation", None) if model is not None else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    if model is None:
+        return "unknown option; check the spelling (see --help for the valid names)"
+    key = str(loc[-1])
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.7)
+    nested = [f"{n}.{key}" for n, f in model.model_fields.items()
+              if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) and key in f.annotation.model_fields]
+    guess = close[0] if close else (nested[0] if nested else None)
+    hint = f"did you mean {guess!r}?" if guess else f"check the spelling (help({model.__name__}) or --help lists them)"
+    return f"unknown option of {model.__name__}; {hint}"
+
+
+def validation_message(err: ValidationError, cls: type[BaseModel] | None = None) -> str:
     """A pydantic error as one line: ``invalid config: field: message; …`` (no field for a check across fields).
 
     Args:
         err: the pydantic validation error.
+        cls: the config class validated (names the config of an unknown key and suggests the field meant).
     Returns:
         the message, prefixed ``invalid config:``.
     """
@@ -83,7 +103,7 @@ def validation_message(err: ValidationError) -> str:
         msg = str(e["msg"]).removeprefix("Value error, ")
         bound = _BOUNDS.get(e.get("type", ""))
         if e.get("type") == "extra_forbidden":
-            msg = "unknown option; check the spelling (see --help for the valid names)"
+            msg = _unknown(cls, tuple(e["loc"]))
         elif bound is not None and bound[0] in e.get("ctx", {}):  # pydantic's "Input should be ..." in plain words
             msg = f"{_num(e.get('input'))} {bound[1]} {_num(e['ctx'][bound[0]])}"
         parts.append(f"{loc}: {msg}" if loc else msg)  # a check across fields names its fields itself
@@ -106,7 +126,7 @@ def build_config(cls: type[C], values: dict[str, Any] | C | None = None) -> C:
     try:
         return cls(**(values or {}))
     except ValidationError as e:
-        raise LosaError(validation_message(e)) from None
+        raise LosaError(validation_message(e, cls)) from None
 
 
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
