@@ -288,3 +288,15 @@ def test_an_unknown_config_key_names_the_field_meant():
         with pytest.raises(LosaError) as e:
             make()
         assert str(e.value) == f"invalid config: {msg}"
+
+
+def test_nm_as_a_tuple_and_a_compact_file_given_to_load_model(tmp_path):
+    """API trial: PruneConfig(nm=(2, 4)) said 'Input should be a valid string' (sparsity_report takes the tuple);
+    load_model on a compact file did not name load_sparse."""
+    assert losa.PruneConfig(nm=(2, 4)).nm == "2:4"
+    with pytest.raises(LosaError, match=r"nm 2.5 is not an N:M pattern; write it as '2:4' \(or \(2, 4\)\)"):
+        losa.PruneConfig(nm=2.5)
+    (tmp_path / "m.sparse.safetensors").write_bytes(b"x")
+    with pytest.raises(LosaError, match=r"is a safetensors file, not a model: a losa compact file loads into its "
+                                        r"base model with losa.inference.load_sparse\(model, path\)"):
+        losa.load_model(str(tmp_path / "m.sparse.safetensors"))

@@ -110,7 +110,7 @@ def test_prune_named_eval_dataset_missing_from_the_data_dir(tiny_dir, tmp_path, 
 
 
 @pytest.mark.parametrize("fields,msg", [
-    ({"atp_beta": 0.01}, r"atp_beta only apply to allocator atp; add allocator='atp' \(--allocator atp\) or drop "
+    ({"atp_beta": 0.01}, r"atp_beta only applies to allocator atp; add allocator='atp' \(--allocator atp\) or drop "
                          r"atp_beta \(--atp-beta\)"),
     ({"atp_grid_points": 4}, r"or drop atp_grid_points \(--atp-grid-points\)"),
     ({"allocator": "atp", "atp_beta": 0.01, "atp_grid_points": 4}, "a fixed atp_beta skips"),

@@ -123,7 +123,7 @@ def test_config_errors(tmp_path):
         LoSAConfig(r_min=8, r_max=4)
     with pytest.raises(LosaError, match="steps T=0"):
         LoSAConfig(steps=0)
-    with pytest.raises(LosaError, match=r"sparsity: sparsity 1.0 is outside \(0, 1\) \(a LoSA run prunes"):
+    with pytest.raises(LosaError, match=r"sparsity: sparsity 1.0 is outside \(0, 1\): a LoSA target is above 0 and below 1"):
         LoSAConfig(sparsity=1.0)
     with pytest.raises(LosaError, match="mixed_nm needs nm"):
         LoSAConfig(mixed_nm=True)

@@ -452,6 +452,10 @@ def check_model_name(name: str) -> None:
     if not os.path.exists(name) and local:
         raise LosaError(f"model path {name} does not exist; check the path")
     if os.path.isfile(name):
+        if name.endswith(".safetensors"):  # a compact file of losa.inference.save_sparse / losa compact
+            raise LosaError(f"{name} is a safetensors file, not a model: a losa compact file loads into its base "
+                            "model with losa.inference.load_sparse(model, path) (CLI: --compact); else give the "
+                            "model directory")
         raise LosaError(f"{name} is a file; give a model directory with config.json, a .gguf file, a hub id or a "
                         "built-in alias")
     if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):

@@ -71,11 +71,15 @@ class CalibrationConfig(LosaConfig):
         """The configured pruner (its options validated by its own ``Options`` class)."""
         return get_pruner(self.method, self.options)
 
-    @field_validator("nm")
+    @field_validator("nm", mode="before")
     @classmethod
-    def _nm(cls, v: str | None) -> str | None:
-        if v is not None:
+    def _nm(cls, v: object) -> object:
+        if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, int) for x in v):
+            v = f"{v[0]}:{v[1]}"  # (2, 4) as sparsity_report takes it
+        if isinstance(v, str):
             parse_nm(v)
+        elif v is not None:
+            raise ValueError(f"nm {v!r} is not an N:M pattern; write it as '2:4' (or (2, 4))")
         return v
 
     def stats_autocast(self) -> Any:

@@ -112,7 +112,7 @@ class PruneConfig(CalibrationConfig):
         given = [f for f in ("atp_beta", "atp_grid_points") if f in self.non_default_fields()]
         if self.allocator != "atp" and given:
             atp = option("allocator='atp'", "--allocator atp")
-            raise ValueError(f"{' and '.join(given)} only apply to allocator atp; add {atp} or drop "
+            raise ValueError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to allocator atp; add {atp} or drop "
                              f"{' and '.join(option(f) for f in given)}")
         if self.atp_beta is not None and "atp_grid_points" in self.non_default_fields():
             raise ValueError("atp_grid_points sets the grid search, which a fixed atp_beta skips; drop one of them")

@@ -108,7 +108,7 @@ class LoSAConfig(CalibrationConfig):
     @classmethod
     def _sparsity(cls, v: float) -> float:
         if not 0.0 < v < 1.0:
-            raise ValueError(f"sparsity {v} is outside (0, 1) (a LoSA run prunes: 0 is not a target); use e.g. 0.5 "
+            raise ValueError(f"sparsity {v} is outside (0, 1): a LoSA target is above 0 and below 1; use e.g. 0.5 "
                              "for 50 %")
         return v
 
