@@ -44,7 +44,8 @@ class LayerSparsity(BaseModel):
 
 
 class SparsityReport(BaseModel):
-    """Per-module, per-layer and overall sparsity of a model's decoder layers (``losa.json`` holds it)."""
+    """Per-module, per-layer and overall sparsity of a model's decoder layers (``losa prune`` records it in the
+    checkpoint's ``losa.json``; ``losa.save_checkpoint`` writes only the manifest it is given)."""
 
     modules: dict[str, ModuleSparsity]
     layers: list[LayerSparsity]

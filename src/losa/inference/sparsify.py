@@ -167,6 +167,17 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
     ``model.generate`` keeps working (KV cache included). Called again on a sparsified model it converts
     the layers still dense, with the settings of the first call (other settings raise ``LosaError``).
 
+    Args:
+        model: a pruned model (any ``nn.Module``), on the CPU (or CUDA for 2:4); modified in place.
+        value_dtype: precision of the stored non-zero values, "float32" (exact) or "bfloat16" (half the bytes).
+        fmt: index format of the kept positions, "auto", "bitmask", "nm24" or "nm14".
+        min_sparsity: fraction of zeros in ``[0, 1]`` from which a linear is converted (others stay dense).
+        dense_batch_threshold: rows of a batch above which a layer decompresses tiles for a dense GEMM
+            (None: the value measured on this CPU by ``losa bench-runtime``, else the built-in default).
+        prefill_dtype: precision of the large-batch GEMM for float32 activations, "float32" or "bfloat16".
+    Returns:
+        The summary above (a dict; ``replaced`` 0 means no linear reached ``min_sparsity``: nothing changed).
+
     Raises:
         LosaError: ``min_sparsity`` outside [0, 1], an unknown value / prefill dtype or format, a negative
             ``dense_batch_threshold``, settings that differ from an earlier call's on the same model, a model

@@ -45,6 +45,10 @@ class PruneConfig(CalibrationConfig):
         offload: keep the model on the CPU and move one decoder layer at a time to the device
             (None: when the model does not fit).
         verify: verify every module's sparsity / N:M pattern after pruning.
+        allocator: layer-wise sparsity of an unstructured float target, "uniform" or "atp" (ATP, Huang et al.
+            ICML 2025: sparsity rising linearly with depth, mean kept at ``sparsity``).
+        atp_beta: ATP's sparsity step between consecutive layers (None: grid search on the calibration loss).
+        atp_grid_points: beta values the ATP grid search tries (>= 2).
         method, options, nm, calib, nsamples, seqlen, seed, data_dir, calib_batch_size,
             stats_precision, device: the calibration fields of :class:`CalibrationConfig`.
     Returns:
@@ -222,6 +226,8 @@ class PruneReport(BaseModel):
         sparsity: measured sparsity per module (with layer index and name), per layer and overall.
         sequential: the calibration pass order used (``none`` for data-free pruners).
         timings: seconds per phase (``calibration_data_s``, ``prune_s``, ``total_s``).
+        allocation: the layer-wise allocator's choice (ATP: ``beta`` and the calibration loss of every beta
+            tried; empty for uniform targets).
     Returns:
         The report (on construction).
     Raises:
