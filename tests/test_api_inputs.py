@@ -300,3 +300,19 @@ def test_nm_as_a_tuple_and_a_compact_file_given_to_load_model(tmp_path):
     with pytest.raises(LosaError, match=r"is a safetensors file, not a model: a losa compact file loads into its "
                                         r"base model with losa.inference.load_sparse\(model, path\)"):
         losa.load_model(str(tmp_path / "m.sparse.safetensors"))
+
+
+def test_save_checkpoint_refuses_what_it_could_not_write_back(tmp_path):
+    """API trial: a manifest could overwrite the recorded versions / creation time, an unserialisable value was a
+    bare TypeError, and a model with adapter wrappers saved a checkpoint load_model could not read."""
+    from losa.lora import SparseLoRAConfig, add_sparse_lora
+
+    model, tok = make_tiny_model("llama", seed=0, layers=1), make_tiny_tokenizer()
+    for manifest, msg in (({"versions": "mine"}, r"manifest key\(s\) versions are recorded by losa itself"),
+                          ({"note": object()}, r"manifest\['note'\] cannot be written to losa.json")):
+        with pytest.raises(LosaError, match=msg):
+            losa.save_checkpoint(model, tok, tmp_path / "c", manifest)
+        assert not (tmp_path / "c").exists()
+    add_sparse_lora(model, SparseLoRAConfig(r_max=4, rank=2), mask_from_weights=False)
+    with pytest.raises(LosaError, match=r"holds sparse LoRA adapters; merge them with losa.lora.merge_and_unload"):
+        losa.save_checkpoint(model, tok, tmp_path / "c")

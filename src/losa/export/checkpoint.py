@@ -33,13 +33,19 @@ def save_checkpoint(model, tokenizer, out: str | os.PathLike, manifest: dict | N
         LosaError: ``out`` exists and ``overwrite`` is False; the model holds the runtime's sparse layers
             (:func:`losa.sparsify_for_inference`), which ``save_pretrained`` cannot write in a form
             ``load_model`` reads (save them with :func:`losa.inference.save_sparse`, or save before sparsifying).
-        TypeError: a manifest value is not JSON serialisable.
+            The model holds sparse LoRA adapters (merge them first); the manifest sets ``created`` or
+            ``versions``, or a value JSON cannot hold (named), all before anything is written.
     """
     from losa.inference.sparse_linear import SparseLinear
+    from losa.lora.model import sparse_lora_modules
 
     if any(isinstance(m, SparseLinear) for m in model.modules()):
         raise LosaError("the model holds sparse runtime layers (sparsify_for_inference); save them with "
                         "losa.inference.save_sparse, or save the checkpoint before sparsifying")
+    if sparse_lora_modules(model):  # save_pretrained would write wrapper keys that load_model cannot read
+        raise LosaError("the model holds sparse LoRA adapters; merge them with losa.lora.merge_and_unload(model) "
+                        "before saving")
+    _check_manifest(manifest or {})
     out = Path(out)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -49,3 +55,20 @@ def save_checkpoint(model, tokenizer, out: str | os.PathLike, manifest: dict | N
                 "versions": versions(), **(manifest or {})}
         atomic_write_json(tmp / MANIFEST, data)
     return out
+
+
+def _check_manifest(manifest: dict) -> None:
+    """Refuse, before anything is written, the keys losa records itself and values that JSON cannot hold."""
+    import json
+
+    from losa.utils.io import _json_default
+
+    own = sorted({"created", "versions"} & set(manifest))
+    if own:
+        raise LosaError(f"manifest key(s) {', '.join(own)} are recorded by losa itself; use other key names")
+    for key, value in manifest.items():
+        try:
+            json.dumps(value, default=_json_default)
+        except (TypeError, ValueError) as e:
+            raise LosaError(f"manifest[{key!r}] cannot be written to losa.json ({e}); give JSON values "
+                            "(numbers, strings, lists, dicts; tensors, paths and pydantic models are converted)") from None
