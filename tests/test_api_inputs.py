@@ -316,3 +316,18 @@ def test_save_checkpoint_refuses_what_it_could_not_write_back(tmp_path):
     add_sparse_lora(model, SparseLoRAConfig(r_max=4, rank=2), mask_from_weights=False)
     with pytest.raises(LosaError, match=r"holds sparse LoRA adapters; merge them with losa.lora.merge_and_unload"):
         losa.save_checkpoint(model, tok, tmp_path / "c")
+
+
+def test_sparsify_for_inference_of_an_unpruned_model_says_so():
+    """API trial: an unpruned model came back unchanged without a word (only replaced: 0 in the summary)."""
+    import warnings as w
+
+    model = make_tiny_model("llama", seed=0, layers=1)
+    with pytest.warns(UserWarning, match=r"no linear layer is sparse enough to convert \(min_sparsity=0.25\): "
+                                         r"nothing was converted; prune the model first"):
+        assert sparsify_for_inference(model)["replaced"] == 0
+    losa.prune(model, make_tiny_tokenizer(), losa.PruneConfig(method="magnitude", sparsity=0.5), progress=False)
+    with w.catch_warnings():
+        w.simplefilter("error")
+        assert sparsify_for_inference(model)["replaced"] > 0
+        assert sparsify_for_inference(model)["replaced"] == 0  # called again: already converted, no warning

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 from typing import Any
@@ -375,7 +376,12 @@ def load_runtime_model(args: argparse.Namespace, purpose: str,
         load_sparse(model, args.compact, prefill_dtype=choice.prefill_dtype)
         summary = sparse_summary(model)
     elif args.sparse:
-        summary = sparsify_for_inference(model, value_dtype=choice.value_dtype, prefill_dtype=choice.prefill_dtype)
+        from losa.inference.sparsify import NOTHING_SPARSE
+
+        with warnings.catch_warnings():  # said below as a note, in the command's words
+            warnings.filterwarnings("ignore", message=re.escape(NOTHING_SPARSE))
+            summary = sparsify_for_inference(model, value_dtype=choice.value_dtype,
+                                             prefill_dtype=choice.prefill_dtype)
     if summary is not None:
         if summary["replaced"] == 0:
             mode = "dense"

@@ -10,6 +10,7 @@ expert matrix is a linear of its own that is counted and converted like any othe
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import TypedDict
 
 import torch
@@ -30,6 +31,8 @@ from losa.models.registry import (
 )
 
 log = logging.getLogger(__name__)
+#: the start of the warning for a model with no linear sparse enough to convert (the CLI words it itself)
+NOTHING_SPARSE = "no linear layer is sparse enough to convert"
 
 
 def _semi_structured(mod: nn.Module) -> bool:
@@ -216,4 +219,7 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
     if device.type == "cuda" and summary["replaced"] == 0:
         log.warning("no 2:4 fp16/bf16 layer found: CUDA semi-structured sparsity needs 2:4 masks and a "
                     "half-precision model (load with dtype='bfloat16')")
+    elif summary["replaced"] == 0 and not any(isinstance(m, SparseLinear) for m in model.modules()):
+        warnings.warn(f"{NOTHING_SPARSE} (min_sparsity={min_sparsity:g}): nothing was converted; prune the model "
+                      "first (losa.prune)", stacklevel=2)
     return summary
