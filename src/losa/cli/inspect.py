@@ -89,7 +89,7 @@ def recorded_pattern(model: str) -> tuple[str, tuple[int, int] | list[tuple[int,
         recipe = manifest.get("recipe") or {}
         n, m = parse_nm(recipe["nm"])
         per_layer = [int(k) for k in recipe.get("nm_n") or manifest.get("nm_n") or []]  # prune; a run's model
-    except (OSError, ValueError, AttributeError, KeyError, TypeError, LosaError):
+    except (ValueError, AttributeError, KeyError, TypeError, LosaError):
         return None
     if per_layer:
         mixed = recipe.get("mixed_nm") or len(set(per_layer)) > 1

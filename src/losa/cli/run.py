@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import warnings
 from pathlib import Path
@@ -162,11 +161,10 @@ def _print_step(s: StepRecord, steps: int, distill: bool) -> None:
 
 def _resume_hint(out: Path, steps: int) -> str:
     """What an interrupted run left: the steps to ``--resume`` from, or nothing to resume."""
-    from losa.pipelines.losa.state import STATE_DIR
+    from losa.pipelines.losa.state import saved_step
 
-    try:
-        done = int(json.loads((out / STATE_DIR / "state.json").read_text())["step"])
-    except (OSError, ValueError, KeyError):
+    done = saved_step(out)
+    if done is None:
         return f"no step had finished, so there is nothing to resume; rerun the same command (--out {out})"
     if done >= steps:
         return (f"all {steps} steps are saved in {out}; run the same command with --resume to merge, verify, "

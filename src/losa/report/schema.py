@@ -211,8 +211,12 @@ def report_from_manifest(manifest: dict[str, Any], zeroshot: dict[str, Any] | No
     sp = manifest.get("sparsity", {})
     nm = manifest.get("nm")
     if not nm and isinstance(recipe.get("nm"), str):  # the merged model of a losa run records the recipe's nm only
-        n_str, _, m_str = recipe["nm"].partition(":")
-        nm = [int(n_str), int(m_str)] if n_str.isdigit() and m_str.isdigit() else None
+        from losa.pruning.masks import parse_nm
+
+        try:
+            nm = list(parse_nm(recipe["nm"]))
+        except LosaError:
+            nm = None
     mixed = recipe.get("nm_n") or recipe.get("mixed_nm")
     pattern = (f"{'mixed ' if mixed else ''}{nm[0]}:{nm[1]}" if nm
                else ("mixed N:M" if recipe.get("nm_n") else "unstructured"))

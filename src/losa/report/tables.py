@@ -23,7 +23,7 @@ _METHOD_NAMES = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "Spars
 
 def row_label(report: RunReport) -> str:
     m = report.meta
-    if m.method == "dense" or m.sparsity == 0:
+    if _is_dense(report):
         return "Dense"
     base = _METHOD_NAMES.get(m.method, m.method)
     label, part = base + m.finetune_label, report.unfinished()
@@ -34,7 +34,7 @@ def row_label(report: RunReport) -> str:
 
 def sparsity_label(report: RunReport) -> str:
     m = report.meta
-    if m.method == "dense" or m.sparsity == 0:
+    if _is_dense(report):
         return "0%"
     return m.pattern if m.pattern != "unstructured" else f"{100 * m.sparsity:.0f}%"
 

@@ -567,10 +567,10 @@ def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, ou
                         f"losa.LoSAConfig(...){f' ({hint})' if hint else ''}")
     cfg = build_config(LoSAConfig, config) if isinstance(config, dict) else (config or LoSAConfig())
     if isinstance(step_eval, dict):  # the fields of StepEval, as a config is a dict of its fields
-        unknown = sorted(set(step_eval) - {f.name for f in dataclasses.fields(StepEval)})
+        fields = [f.name for f in dataclasses.fields(StepEval)]
+        unknown = sorted(set(step_eval) - set(fields))
         if unknown:
-            raise LosaError(f"step_eval: unknown field(s) {', '.join(unknown)}; StepEval has datasets, seqlen, "
-                            "max_windows, data_dir")
+            raise LosaError(f"step_eval: unknown field(s) {', '.join(unknown)}; StepEval has {', '.join(fields)}")
         step_eval = StepEval(**step_eval)
     elif step_eval is not None and not isinstance(step_eval, StepEval):
         raise LosaError(f"step_eval must be a StepEval (losa.pipelines.losa.StepEval) or a dict of its fields, got "

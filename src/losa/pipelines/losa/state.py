@@ -263,6 +263,14 @@ def _differing(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
+def saved_step(out_dir: str | Path) -> int | None:
+    """The last finished step saved in ``out_dir``'s state, or None when none is (no or unreadable state.json)."""
+    try:
+        return int(json.loads((Path(out_dir) / STATE_DIR / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def check_resume(out_dir: str | Path, recipe: dict) -> dict:
     """The state of the run in ``out_dir`` to resume with ``recipe``, checked before any work: there is a
     finished step, and its algorithm (the recipe without placement fields) is this one.
