@@ -203,6 +203,14 @@ def test_run_prints_each_step_as_it_ends_and_says_how_to_resume(tiny_dir, tmp_pa
     assert f"  {out} holds the finished run (all 2 steps, report.json, model/): nothing to do" in (
         capsys.readouterr().out)
     assert (out / "report.json").read_text() == report
+    data = tmp_path / "other.json"  # a finished run resumed with data it was not made with: said, not silent
+    data.write_text(json.dumps([{"instruction": "say hi", "input": "", "output": "hi"}]))
+    assert main([*argv, "--resume", "--finetune-data", str(data)]) == 0
+    log = capsys.readouterr()
+    assert "nothing to do" in log.out and log.err == (
+        f"warning: the finished run in {out} was made with no --finetune-data; this command's --finetune-data {data} "
+        "was not used (a new --out starts a run with it)\n")
+    assert (out / "report.json").read_text() == report
 
 
 def test_run_without_fine_tuning_says_so_everywhere(tiny_dir, tmp_path, capsys):
@@ -482,6 +490,9 @@ def test_prune_names_the_calibration_window_and_a_mixed_default_out(tiny_dir, tm
      "error: argument --prompt-format: invalid choice: 'alpacca' (choose from 'auto', 'alpaca', 'chat', 'plain'); "
      "see `losa run --help`"),
     (["inspect", "m", "--zzz"], "error: unrecognized arguments: --zzz; see `losa inspect --help`"),
+    (["--quiet", "prune", "m"],  # a command's option before the command (it was blamed on `losa prune`)
+     "error: --quiet before the command: put command options after it (`losa prune --quiet ...`); see `losa --help`"),
+    (["--zzz"], "error: unrecognized arguments: --zzz; see `losa --help`"),
 ])
 def test_argument_errors_are_one_line_from_the_command_with_a_suggestion(capsys, argv, err):
     """A typo in a flag was reported by the top-level parser after its usage block, with no suggestion (trial)."""

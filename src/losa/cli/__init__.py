@@ -108,6 +108,11 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((i for i, w in enumerate(words) if not w.startswith("-")), len(words))
+    if extra and words[:command] and getattr(args, "command", None):  # `losa --quiet prune m`
+        early = " ".join(words[:command])
+        parser.error(f"{early} before the command: put command options after it (`losa {args.command} {early} ...`)")
     if extra:  # reported by the command that was given them (its help, its options to suggest)
         _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):

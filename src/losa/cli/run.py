@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from losa.cli.common import (
     add_model_arg,
@@ -82,6 +84,11 @@ def run_losa(args: argparse.Namespace) -> int:
             if is_main():
                 print(f"  {out} holds the finished run (all {cfg.steps} steps, report.json"
                       f"{'' if args.no_save else ', model/'}): nothing to do; `losa report {out}` shows it")
+                for flag, was, now in _other_data(resumed["recipe"], cfg):
+                    print(f"warning: the finished run in {out} was made with "
+                          f"{f'{flag} {was}' if was is not None else f'no {flag}'}; this command's "
+                          f"{f'{flag} {now}' if now is not None else f'lack of {flag}'} was not used (a new --out "
+                          f"starts a run with it)", file=sys.stderr)
             return 0
         rest = f"merging, verifying{', evaluating' if datasets else ''} and saving"
         if is_main():
@@ -171,6 +178,19 @@ def _resume_hint(out: Path, steps: int) -> str:
                 "evaluate and save")
     saved = "step 1 is" if done == 1 else f"steps 1-{done} are"
     return f"{saved} saved in {out}; run the same command with --resume to continue from step {done + 1}"
+
+
+def _other_data(recorded: dict, cfg: LoSAConfig) -> list[tuple[str, Any, Any]]:
+    """(flag, recorded, given) for each data path of a finished run's recipe that this command names otherwise
+    (the resume check skips these placement fields, as data may move; a finished run is not rerun to compare
+    fingerprints)."""
+    def same(a: Any, b: Any) -> bool:
+        return a == b or (a is not None and b is not None and Path(a).exists() and Path(b).exists()
+                          and Path(a).resolve() == Path(b).resolve())
+
+    return [(flag, recorded.get(field), getattr(cfg, field))
+            for field, flag in (("finetune_data", "--finetune-data"), ("data_dir", "--data-dir"))
+            if not same(recorded.get(field), getattr(cfg, field))]
 
 
 def _finished(out: Path, datasets: list[str], settings: PplSettings | None, no_save: bool,
