@@ -329,3 +329,27 @@ def test_run_restores_requires_grad_records_the_calib_ids_used_and_prints_nothin
         run(model, make_tiny_tokenizer(), cfg, calib_ids=calib, progress=False)
     assert not model.model.embed_tokens.weight.requires_grad
     assert model.model.norm.weight.requires_grad and model.model.layers[0].input_layernorm.weight.requires_grad
+
+
+def test_losa_on_a_multimodal_gemma3_checkpoint(tmp_path, calib):
+    """Gemma 3 4B-27B checkpoints are Gemma3ForConditionalGeneration, whose hidden size sits in text_config:
+    the dense targets read it from there (the trial's run failed with an AttributeError there); the decoder
+    layers of the language model end as sparse as asked."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    text = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=256, sliding_window=32)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = AutoConfig.for_model("gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                               image_token_index=127, boi_token_index=125, eoi_token_index=126)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    assert not hasattr(model.config, "hidden_size")  # the case of the trial
+    data = _text_data(tmp_path / "ft.jsonl")
+    rep = run(model, make_tiny_tokenizer(), _cfg(steps=1, finetune_data=data), out_dir=tmp_path / "run",
+              calib_ids=calib, progress=False)
+    w = torch.cat([get_weight(m).flatten() for layer in get_decoder_layers(model)
+                   for m in linear_modules(layer, get_arch(model)).values()])
+    assert float((w == 0).float().mean()) == pytest.approx(0.6, abs=0.01) and rep.results.sparsity == pytest.approx(
+        0.6, abs=0.01)

@@ -70,7 +70,7 @@ class DenseTargets:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         n_layers = len(get_decoder_layers(model))
-        hidden = getattr(model.config, "hidden_size", None) or model.config.n_embd
+        hidden = model.config.get_text_config().hidden_size  # a multimodal model (Gemma 3) keeps it in text_config
         tmp = path.with_name(f".{path.name}.partial.npy")
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(n_layers, len(ids), ids.shape[1], hidden))
         LayerwiseEngine(model, ids, device=device, batch_size=batch_size, progress=progress,
