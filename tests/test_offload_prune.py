@@ -157,3 +157,13 @@ def test_perplexity_of_an_offloaded_model_matches_the_model_in_memory(checkpoint
     got = perplexity(_offloaded(checkpoint, tmp_path / "off"), tok, str(text), seqlen=32, max_windows=3,
                      progress=False)
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_losa_run_refuses_an_offloaded_model_before_any_work(checkpoint, tmp_path):
+    """losa.run on an offloaded model failed deep in torch ("Cannot copy out of meta tensor") (trial)."""
+    model = _offloaded(checkpoint, tmp_path / "offload")
+    with pytest.raises(LosaError, match=r"^losa.run needs every weight in memory .* offloaded by accelerate; load it "
+                                        r"without CPU/disk offloading"):
+        losa.run(model, make_tiny_tokenizer(), {"sparsity": 0.5, "steps": 1, "device": "cpu"},
+                 out_dir=tmp_path / "run", calib_ids=_calib_ids(), progress=False)
+    assert not (tmp_path / "run").exists()

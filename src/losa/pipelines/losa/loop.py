@@ -45,6 +45,7 @@ from losa.lora.layer import SparseLoRALinear
 from losa.lora.model import add_sparse_lora, merge_and_unload, set_layer_ranks, sparse_lora_modules
 from losa.lora.ranks import allocate_ranks
 from losa.models.moe import unfused_experts
+from losa.models.offload import is_offloaded
 from losa.models.registry import check_window, get_decoder_layers, layer_sizes
 from losa.pipelines.config import CalibrationConfig
 from losa.pipelines.losa.config import NO_FINETUNE_WARNING, LoSAConfig, check_finetune_size
@@ -575,6 +576,11 @@ def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, ou
     elif step_eval is not None and not isinstance(step_eval, StepEval):
         raise LosaError(f"step_eval must be a StepEval (losa.pipelines.losa.StepEval) or a dict of its fields, got "
                         f"{type(step_eval).__name__}")
+    if is_offloaded(model):  # before any work (it failed deep in torch, copying out of a meta tensor)
+        raise LosaError("losa.run needs every weight in memory (it adapts and fine-tunes them), and this model is "
+                        "offloaded by accelerate; load it without CPU/disk offloading (no device_map with "
+                        "max_memory/offload_folder), or spread it over several GPUs (torchrun, --fsdp); losa.prune "
+                        "prunes an offloaded model one layer at a time")
     if not cfg.finetunes:
         warnings.warn(NO_FINETUNE_WARNING, stacklevel=2)
     ignored: dict[str, list[str]] = {}
