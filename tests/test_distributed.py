@@ -71,7 +71,7 @@ def test_two_processes_agree_with_one(workdir):
         "adapters.safetensors", "state.json", "weights.safetensors"]
 
 
-def test_resume_under_two_processes(workdir):
+def test_resume_under_two_processes(workdir, capsys):
     if not (workdir / "two").is_dir():
         _torchrun(workdir, "run", "tiny", *ARGS, "--batch-size", "4", "--out", "two")
     # a run stopped after its first step (as if killed during step 2), in two processes
@@ -90,11 +90,29 @@ def test_resume_under_two_processes(workdir):
         "job.step(1)\n")
     _torchrun(workdir, str(script), *ARGS, "--batch-size", "4", "--out", "resumed", python=True)
     state = json.loads((workdir / "resumed" / "state" / "state.json").read_text())
-    assert state["step"] == 1
+    assert state["step"] == 1 and state["processes"] == 2
+    shutil.copytree(workdir / "resumed", workdir / "resumed_one")
     _torchrun(workdir, "run", "tiny", *ARGS, "--batch-size", "4", "--out", "resumed", "--resume")
     a, b = _weights(workdir / "two"), _weights(workdir / "resumed")
     for k in a:
         assert (a[k] == b[k]).all(), k  # bit for bit the uninterrupted two-process run
+    # the same run continued in one process: refused at half the global batch (it used to go on silently, with
+    # twice the optimizer steps), continued with the grad_accum that keeps it (it used to be refused)
+    cwd = Path.cwd()
+    try:
+        os.chdir(workdir)
+        argv = ["run", "tiny", *ARGS, "--batch-size", "4", "--out", "resumed_one", "--resume"]
+        assert main(argv) == 2
+        assert capsys.readouterr().err == (
+            "error: resume (--resume): the run in resumed_one/state fine-tunes with a global batch of 8 examples "
+            "(batch size 4 x grad_accum 1 x 2 processes), this one with 4 (4 x 1 x 1); pass finetune.grad_accum "
+            "(--grad-accum) 2 to keep it\n")
+        assert main([*argv, "--grad-accum", "2"]) == 0
+    finally:
+        os.chdir(cwd)
+    one = _weights(workdir / "resumed_one")
+    for k in a:  # data-parallel averaging and accumulation both halve exactly: the same up to float order
+        assert ((one[k] == 0) == (a[k] == 0)).all() and (one[k] - a[k]).abs().max() <= 1e-6, k
 
 
 FSDP_SCRIPT = '''

@@ -245,3 +245,29 @@ def test_base_edited_tracks_every_change_of_a_kept_weight():
         m3.lora_B.normal_(generator=g)
     m3.set_rank(1)  # the dropped components' trained update is folded into W
     assert m3.base_edited
+
+
+def test_a_resume_under_another_number_of_processes_keeps_the_global_batch(tmp_path):
+    """The global batch (batch_size x grad_accum x processes) is what a resume must keep: 2 processes x 4 become
+    1 process x 4 x grad_accum 2 (refused as a differing grad_accum before), and 1 process x 4 alone is refused
+    (it went on silently with twice the optimizer steps). A state written before the process count was recorded
+    keeps the strict recipe check."""
+    from losa.pipelines.losa.state import check_resume
+
+    def recipe(batch_size: int, grad_accum: int) -> dict:
+        return LoSAConfig(finetune={"batch_size": batch_size, "grad_accum": grad_accum}).model_dump()
+
+    (tmp_path / "state").mkdir()
+    meta = {"step": 1, "recipe": json.loads(json.dumps(recipe(4, 1))), "processes": 2}
+    (tmp_path / "state" / "state.json").write_text(json.dumps(meta))
+    assert check_resume(tmp_path, recipe(4, 2), processes=1)["step"] == 1
+    assert check_resume(tmp_path, recipe(2, 1), processes=4)["step"] == 1
+    with pytest.raises(LosaError, match=r"global batch of 8 examples \(batch size 4 x grad_accum 1 x 2 processes\), "
+                                        r"this one with 4 \(4 x 1 x 1\); pass .*--grad-accum\) 2 to keep it$"):
+        check_resume(tmp_path, recipe(4, 1), processes=1)
+    with pytest.raises(LosaError, match=r"this one with 9 \(3 x 3 x 1\); run it with 2 processes$"):
+        check_resume(tmp_path, recipe(3, 3), processes=1)  # 8 is no multiple of 3: no grad_accum keeps it
+    del meta["processes"]
+    (tmp_path / "state" / "state.json").write_text(json.dumps(meta))
+    with pytest.raises(LosaError, match=r"differs from this run's in finetune.grad_accum;"):
+        check_resume(tmp_path, recipe(4, 2), processes=1)

@@ -65,6 +65,7 @@ from losa.lora.bitmask import bits_at, pack_bits, unpack_bits
 from losa.lora.layer import SparseLoRALinear, bits
 from losa.lora.model import sparse_lora_modules
 from losa.models.linear import get_weight, set_weight
+from losa.utils.dist import world_size
 from losa.utils.io import atomic_directory
 
 STATE_DIR = "state"
@@ -241,7 +242,7 @@ def save_state(out_dir: str | Path, model: nn.Module, step: int, recipe: dict, r
             adapters[f"{q}.active_rank"] = m.active_rank.detach().cpu().reshape(1)
             adapters[f"{q}.mask_bits"] = _module_mask_bits(m)
     meta = {"format": STATE_FORMAT, "step": step, "recipe": recipe, "data": data, "origin": origin.digests,
-            "rows": rows}
+            "rows": rows, "processes": world_size()}  # with the recipe's batch: the global batch (check_resume)
     with atomic_directory(out / STATE_DIR, overwrite=True) as tmp:
         save_file(weights, str(tmp / "weights.safetensors"))
         save_file(adapters, str(tmp / "adapters.safetensors"))
@@ -271,28 +272,53 @@ def saved_step(out_dir: str | Path) -> int | None:
         return None
 
 
-def check_resume(out_dir: str | Path, recipe: dict) -> dict:
+def check_resume(out_dir: str | Path, recipe: dict, processes: int | None = None) -> dict:
     """The state of the run in ``out_dir`` to resume with ``recipe``, checked before any work: there is a
-    finished step, and its algorithm (the recipe without placement fields) is this one.
+    finished step, its algorithm (the recipe without placement fields) is this one, and so is its global
+    fine-tuning batch (``batch_size × grad_accum × processes``: a run may resume under another number of
+    processes, or another per-device batch, with the ``grad_accum`` that keeps it).
 
     Args:
         out_dir: the run directory.
         recipe: this run's LoSAConfig as a mapping.
+        processes: this run's number of processes (None: :func:`losa.utils.dist.world_size`).
     Returns:
         the state's ``state.json`` as a mapping.
     Raises:
-        LosaError: no finished step in ``out_dir``; the recipes differ (naming every differing field).
+        LosaError: no finished step in ``out_dir``; the recipes differ (naming every differing field); the
+            global batch differs (naming the ``grad_accum`` that keeps it, where one does).
     """
     d = Path(out_dir) / STATE_DIR
     if not (d / "state.json").is_file():
         raise LosaError(f"{RESUME}: {out_dir} holds no finished LoSA step (no {STATE_DIR}/state.json); run without "
                         f"{RESUME} to start, or point {OUT_DIR} at the run to continue")
     meta = json.loads((d / "state.json").read_text())
-    diff = _differing(_algorithm(meta["recipe"]), _algorithm(recipe))
+    old, new = _algorithm(meta["recipe"]), _algorithm(recipe)
+    saved_processes = meta.get("processes")  # absent from older states: grad_accum must then match
+    batch = ("finetune.batch_size", "finetune.grad_accum")  # free while their global batch is kept (below)
+    diff = [f for f in _differing(old, new) if not (f in batch and saved_processes is not None)]
     if diff:
         raise LosaError(f"{RESUME}: the recipe in {d} differs from this run's in {', '.join(diff)}; use the same "
                         f"settings or a new {OUT_DIR}")
+    if saved_processes is not None:
+        _check_global_batch(d, old["finetune"], int(saved_processes), new["finetune"],
+                            world_size() if processes is None else processes)
     return meta
+
+
+def _check_global_batch(d: Path, old: dict, old_processes: int, new: dict, processes: int) -> None:
+    """Fail when the global fine-tuning batch of a resumed run (``old``: the saved recipe's ``finetune``) is
+    not this run's: the rest of the run would take other optimizer steps than the run it continues."""
+    was, now = (f["batch_size"] * f["grad_accum"] * n for f, n in ((old, old_processes), (new, processes)))
+    if was == now:
+        return
+    per_step = new["batch_size"] * processes
+    fix = (f"pass {option('finetune.grad_accum', '--grad-accum')} {was // per_step} to keep it" if was % per_step == 0
+           else f"run it with {old_processes} process{'es' if old_processes > 1 else ''}")
+    raise LosaError(f"{RESUME}: the run in {d} fine-tunes with a global batch of {was} examples (batch size "
+                    f"{old['batch_size']} x grad_accum {old['grad_accum']} x {old_processes} process"
+                    f"{'es' if old_processes > 1 else ''}), this one with {now} ({new['batch_size']} x "
+                    f"{new['grad_accum']} x {processes}); {fix}")
 
 
 def check_resume_data(out_dir: str | Path, meta: dict, data: dict[str, str]) -> None:
