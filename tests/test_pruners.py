@@ -106,6 +106,19 @@ def test_sparsegpt_beats_magnitude_reconstruction():
         assert torch.equal(sg.weight == 0, ~sg.mask)
 
 
+@pytest.mark.parametrize("shape,sparsity,blocksize", [((7, 64), 0.63, 16), ((5, 70), 0.63, 16), ((9, 48), 0.55, 128)])
+def test_sparsegpt_prunes_exactly_round_numel_times_s_per_matrix(shape, sparsity, blocksize):
+    """The README's exact target holds for SparseGPT too: round(numel·s) zeros per matrix, whatever the blocks
+    (each block rounded its own count: 7x64 at 0.63 in blocks of 16 gave 4 x round(70.56) = 284, not 282)."""
+    rows, cols = shape
+    W = _rand(rows, cols, seed=7)
+    hs = HessianStat(cols)
+    hs.update(_rand(256, cols, seed=8))
+    res = sparsegpt_prune(W, hs.hessian, Target(sparsity=sparsity), blocksize=blocksize)
+    want = int(rows * cols * sparsity + 0.5)  # by hand: 282, 221, 238 (one block)
+    assert int((~res.mask).sum()) == want and int((res.weight == 0).sum()) == want
+
+
 def _naive_obs_nm(W, H, n, m, percdamp=0.01):
     """Column-by-column OBS, no blocks, no lazy updates: the textbook form SparseGPT batches."""
     W = W.double().clone()

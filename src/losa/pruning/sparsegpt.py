@@ -173,7 +173,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None, target: 
         U1 = Hinv[i1:i2, i1:i2]
         prune1 = torch.zeros_like(W1, dtype=torch.bool)
         if not target.is_nm:
-            k = num_pruned(W1.numel(), target.sparsity)
+            # this block's share of the matrix's round(numel·s): the shares add up to it exactly (rounding
+            # each block alone missed it by up to a weight per block)
+            k = num_pruned(rows * i2, target.sparsity) - num_pruned(rows * i1, target.sparsity)
             if k:
                 sal = (W1.square() / U1.diagonal().square().unsqueeze(0)).flatten()
                 prune1.view(-1).copy_(~smallest_per_row(sal.unsqueeze(0), k).squeeze(0))
