@@ -249,6 +249,19 @@ def test_an_idle_expert_is_pruned_by_magnitude_with_a_warning(method, sequential
         assert torch.equal(w.reshape(-1)[keep], w0.reshape(-1)[keep])
 
 
+def test_a_losa_run_names_idle_experts_as_prune_does(tmp_path):
+    """LoSA's pruning step counted an idle expert's matrices as experts ("3 expert(s) … (mlp.experts.3.gate_proj,
+    …); their 3 matrices", trial): it names the expert once, as losa.prune does."""
+    model = make_moe("mixtral")
+    starve_expert(model)
+    with pytest.warns(UserWarning) as seen:
+        losa.run(model, None, {"sparsity": 0.5, "steps": 1, "device": "cpu", "nsamples": 4, "seqlen": 16,
+                               "recon_nsamples": 2}, calib_ids=calib_ids(), progress=False)
+    idle = [str(w.message) for w in seen if str(w.message).startswith("decoder layer 0:")]  # layer 1 routes freely
+    assert idle and set(idle) == {"decoder layer 0: 1 expert(s) got no calibration tokens (mlp.experts.3); their 3 "
+                                  "matrices were pruned by magnitude instead of wanda"}
+
+
 # ------------------------------------------------------------------------------------------ (e) save / reload
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_pruned_checkpoint_reloads_with_its_zeros(tmp_path, family):

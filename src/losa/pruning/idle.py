@@ -4,6 +4,7 @@ magnitude instead, and the visitor warns once per decoder layer naming the idle 
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 
@@ -45,6 +46,8 @@ def warn_idle(index: int, names: Sequence[str], method: str) -> None:
     """
     if not names:
         return
-    experts = list(dict.fromkeys(n.rpartition(".")[0] or n for n in names))
+    # the expert is the name up to its index (a LoSA run names the adapter's base: mlp.experts.3.up_proj.base)
+    experts = list(dict.fromkeys(m.group(1) if (m := re.match(r"(.*experts\.\d+)\.", n)) else n.rpartition(".")[0]
+                                 or n for n in names))
     warnings.warn(f"decoder layer {index}: {len(experts)} expert(s) got no calibration tokens ({', '.join(experts)}); "
                   f"their {len(names)} matrices were pruned by magnitude instead of {method}", stacklevel=3)
