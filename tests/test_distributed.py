@@ -49,7 +49,10 @@ def _weights(run: Path) -> dict:
 
 
 def test_two_processes_agree_with_one(workdir):
-    _torchrun(workdir, "run", "tiny", *ARGS, "--batch-size", "4", "--out", "two")
+    proc = _torchrun(workdir, "run", "tiny", *ARGS, "--batch-size", "4", "--out", "two")
+    # one process speaks (the trial saw every line, bar and DDP's unused-parameters note twice)
+    assert proc.stdout.count("losa run: tiny |") == 1 and proc.stdout.count("  step 2/2: ") == 1, proc.stdout
+    assert "find_unused_parameters" not in proc.stderr, proc.stderr[-2000:]
     cwd = Path.cwd()
     try:  # the same global batch in one process: 4 examples x 2 accumulation steps
         os.chdir(workdir)
@@ -69,6 +72,27 @@ def test_two_processes_agree_with_one(workdir):
     assert sorted(p.name for p in (workdir / "two").iterdir()) == ["details.json", "model", "report.json", "state"]
     assert sorted(p.name for p in (workdir / "two" / "state").iterdir()) == [
         "adapters.safetensors", "state.json", "weights.safetensors"]
+
+
+def test_two_processes_with_rank_zero_adapters(workdir):
+    """Data-parallel training is told about unused parameters only when an adapter sits at rank 0 (its forward
+    skips it): such a run still trains (DDP would stop on the parameters without gradients otherwise)."""
+    make_tiny_model("llama", layers=6).save_pretrained(workdir / "tiny6")
+    make_tiny_tokenizer().save_pretrained(workdir / "tiny6")
+    _torchrun(workdir, "run", "tiny6", *ARGS, "--batch-size", "4", "--r-min", "0", "--r-max", "8", "--omega-first", "1",
+              "--omega-last", "1", "--out", "rank0")
+    steps = json.loads((workdir / "rank0" / "report.json").read_text())["steps"]
+    assert all(0 in s["ranks"] and s["train_loss"] for s in steps), [s["ranks"] for s in steps]
+
+
+def test_prune_refuses_several_processes_in_one_line(workdir):
+    """Under torchrun every process pruned and wrote the same --out (trial)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "--no-python", LOSA, "prune", "tiny",
+                           "--calib", "c4.txt", "--nsamples", "2", "--seqlen", "16", "--eval", "none", "--no-save"],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and not (workdir / "runs").exists()
+    assert proc.stderr.count("error: losa prune runs in one process") == 1, proc.stderr[-2000:]
 
 
 def test_resume_under_two_processes(workdir, capsys):

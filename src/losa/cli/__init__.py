@@ -118,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
-    bars = _quiet_libraries(progress=not getattr(args, "quiet", False))
+    # one set of library bars (model loading) for a multi-process run: the main process's
+    bars = _quiet_libraries(progress=not getattr(args, "quiet", False) and os.environ.get("RANK", "0") == "0")
     formatwarning = warnings.formatwarning  # a warning is one "warning: ..." line, not Python's file:line format
     warnings.formatwarning = _one_line_warning
     try:  # results appear line by line when stdout is a pipe or a file (long runs print as they go)

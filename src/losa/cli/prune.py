@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from losa.cli.common import (
@@ -52,8 +53,15 @@ def run_prune(args: argparse.Namespace) -> int:
     from losa.eval.ppl import perplexity
     from losa.models.registry import check_window
     from losa.utils.device import resolve_device
+    from losa.utils.dist import launched_distributed
     from losa.utils.io import check_output_dir
 
+    if launched_distributed():  # every process would prune and write the same --out
+        if os.environ.get("RANK", "0") != "0":
+            return 2  # the main process says why
+        raise LosaError("losa prune runs in one process (it moves one decoder layer at a time to the GPU: "
+                        "--offload); start it without torchrun / accelerate launch, which serve losa run's "
+                        "fine-tuning")
     cfg = config_from_args(args)
     progress = not args.quiet
     # everything that can be checked without the model, before it is loaded, calibrated and pruned

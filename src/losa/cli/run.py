@@ -61,7 +61,7 @@ def run_losa(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     refuse_ignored(args, cfg.ignored_fields(), warn_only=args.resume)  # a run started before a check must resume
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.model).name.removesuffix('.gguf')}-losa"
-    progress = not args.quiet
+    progress = not args.quiet and is_main()  # one set of bars for a multi-process run
     # everything that can be checked without the model, before it is loaded, calibrated and pruned
     datasets, eval_seqlen = eval_settings(args, cfg.seqlen, cfg.data_dir)
     eval_flag = "--eval-seqlen" if args.eval_seqlen is not None else "--seqlen"
@@ -75,7 +75,8 @@ def run_losa(args: argparse.Namespace) -> int:
     if cfg.finetune_data is not None:
         check_records_source(cfg.finetune_data)
     check_model_arg(args.model)
-    print(f"losa run: {args.model} | {cfg.method} S={cfg.target_sparsity:.2f} T={cfg.steps} allocator="
+    say = print if is_main() else (lambda *a, **k: None)  # the other processes of a multi-process run are silent
+    say(f"losa run: {args.model} | {cfg.method} S={cfg.target_sparsity:.2f} T={cfg.steps} allocator="
           f"{cfg.effective_allocator} ranks={'allocated' if cfg.rank_allocation else 'uniform'} -> {out}")
     settings = PplSettings(seqlen=eval_seqlen, max_windows=args.max_windows) if datasets else None
     if resumed is not None:
@@ -95,7 +96,7 @@ def run_losa(args: argparse.Namespace) -> int:
             print(f"  resuming after step {done}/{cfg.steps} saved in {out / 'state'}" if done < cfg.steps else
                   f"  all {cfg.steps} steps are saved in {out / 'state'}: {rest}")
     if not cfg.finetunes:
-        print(f"warning: {NO_FINETUNE_WARNING}")
+        say(f"warning: {NO_FINETUNE_WARNING}")
     step_eval = StepEval(datasets, eval_seqlen, args.max_windows, cfg.data_dir) if args.eval_every_step else None
     model, tok = losa.load_model(args.model, dtype=args.dtype)
     if datasets:
@@ -110,6 +111,8 @@ def run_losa(args: argparse.Namespace) -> int:
             report.results.dense_ppl = dense
             _finish(args, cfg, model, tok, report, out, datasets, settings)
     except KeyboardInterrupt:
+        if not is_main():  # the main process says what was kept
+            return 130
         raise KeyboardInterrupt(_resume_hint(out, cfg.steps)) from None
     barrier()
     return 0
