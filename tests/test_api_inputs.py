@@ -283,7 +283,10 @@ def test_an_unknown_config_key_names_the_field_meant():
              (lambda: losa.PruneConfig(xyz=1), "xyz: unknown option of PruneConfig; check the spelling "
                                                "(help(PruneConfig) or --help lists them)"),
              (lambda: build_config(losa.PruneConfig, {"nsample": 8}),  # a YAML recipe's mapping
-              "nsample: unknown option of PruneConfig; did you mean 'nsamples'?")]
+              "nsample: unknown option of PruneConfig; did you mean 'nsamples'?"),
+             (lambda: build_config(losa.PruneConfig, {"method": "sparsegpt", "blocksize": 64}),  # trial: 'spelling'
+              "blocksize: unknown option of PruneConfig; it is an option of sparsegpt: give it under 'options' "
+              "(options: {blocksize: …})")]
     for make, msg in cases:
         with pytest.raises(LosaError) as e:
             make()

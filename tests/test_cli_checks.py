@@ -481,6 +481,38 @@ def test_prune_names_the_calibration_window_and_a_mixed_default_out(tiny_dir, tm
     assert _default_out("m", losa.PruneConfig(allocator="atp")).name == "m-wanda-50-atp"
 
 
+def test_prune_saves_before_evaluating_and_records_the_perplexity_after(tiny_dir, tmp_path, capsys, monkeypatch):
+    """The checkpoint is written before the pruned model's evaluation, which on a large model takes long: Ctrl-C or
+    an error there kept nothing (trial); a finished evaluation is recorded in losa.json, as the prune printed it."""
+    import losa.eval.ppl as ppl
+
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(f"word{(i * 7) % 50 + 4}" for i in range(600)))
+    argv = ["prune", str(tiny_dir), "--calib", "self", "--nsamples", "2", "--seqlen", "16", "--eval", str(text),
+            "--eval-seqlen", "32", "--quiet"]
+    measure = ppl.perplexity
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ppl, "perplexity", stopped)
+    out = tmp_path / "stopped"
+    assert main([*argv, "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip() == (f"interrupted; the pruned model is saved in {out}, without its "
+                                               f"perplexity; `losa eval ppl {out}` measures it")
+    model, _ = losa.load_model(str(out))  # a whole checkpoint, half of its weights zero
+    assert losa.sparsity_report(model).overall == pytest.approx(0.5, abs=1e-3)
+    assert json.loads((out / "losa.json").read_text())["results"]["ppl"] == {}
+    monkeypatch.setattr(ppl, "perplexity", measure)
+    out = tmp_path / "done"
+    assert main([*argv, "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    recorded = json.loads((out / "losa.json").read_text())["results"]["ppl"][str(text)]
+    want = float(measure(*losa.load_model(str(out)), str(text), seqlen=32, progress=False))  # measured here again
+    assert recorded == pytest.approx(want, rel=1e-6) and f"perplexity (seqlen 32, windows all): {recorded:.3f}" in log
+    assert log.index("saved checkpoint to") < log.index("pruned ") and f"perplexities recorded in {out}" in log
+
+
 @pytest.mark.parametrize("argv,err", [
     (["prune", "m", "--sparsty", "0.5"],
      "error: unrecognized arguments: --sparsty 0.5 (did you mean --sparsity?); see `losa prune --help`"),

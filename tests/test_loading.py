@@ -88,6 +88,24 @@ def test_hub_errors_through_transformers(monkeypatch, case):
     _check(exc_info, pattern)
 
 
+def test_a_missing_path_under_a_local_folder_is_named_as_a_path_before_the_hub(monkeypatch, tmp_path):
+    """``models/nonexistent`` beside a local ``models/`` folder was reported as a network error only (trial)."""
+    from transformers import AutoModelForCausalLM
+
+    def fail(cls, *args, **kwargs):
+        raise CASES["refused"][0]()
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(fail))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org").mkdir()
+    with pytest.raises(LosaError, match=r"^model path org/name does not exist \(the folder org/ does\); as a hub "
+                                        r"id: could not reach the Hugging Face hub for 'org/name'"):
+        losa.load_model("org/name")
+    (tmp_path / "org").rmdir()
+    with pytest.raises(LosaError, match=r"^could not reach the Hugging Face hub for 'org/name'"):
+        losa.load_model("org/name")
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_hub_errors_raised_directly_by_the_loaders(monkeypatch, case):
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -135,6 +135,16 @@ def test_finetune_set_too_small(tmp_path, tiny_model, calib):
         run(model, CharTokenizer(), _cfg(_data(tmp_path, n=6), steps=5), calib_ids=calib, progress=False)
 
 
+def test_too_few_distillation_windows_name_max_examples():
+    """Without data, distillation trains on max_examples windows: 'add data' was no fix (trial)."""
+    from losa.pipelines.losa.config import check_finetune_size
+
+    cfg = LoSAConfig(steps=2, max_examples=3, finetune={"distill": True, "batch_size": 4})
+    with pytest.raises(LosaError, match=r"^distillation has 3 examples .* too few for 2 steps × batch size 4; raise "
+                                        r"max_examples \(--max-examples\) to at least 8, or lower"):
+        check_finetune_size(3, cfg)
+
+
 def _owl_ratios_by_hand(model, calib, m: float) -> list[float]:
     """OWL outlier ratio of every decoder layer of a dense model, computed independently of losa: inputs
     captured with forward hooks on the whole-model forward, Wanda scores |W_ij|·‖X_j‖₂, the fraction of a

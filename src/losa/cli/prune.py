@@ -51,6 +51,7 @@ def _default_out(model: str, cfg: PruneConfig) -> Path:
 def run_prune(args: argparse.Namespace) -> int:
     import losa
     from losa.eval.ppl import perplexity
+    from losa.export.checkpoint import MANIFEST, update_manifest
     from losa.models.registry import check_window
     from losa.utils.device import resolve_device
     from losa.utils.dist import launched_distributed
@@ -98,14 +99,23 @@ def run_prune(args: argparse.Namespace) -> int:
     sp = report.sparsity
     print(f"  verified: overall sparsity {sp.overall:.4f} over {len(sp.modules)} linear modules "
           f"in {len(sp.layers)} layers; prune time {report.timings['total_s']:.1f}s")
-    pruned = ppl_all("pruned")
-    if not args.no_save:
+    results = {"ppl": {}, "dense_ppl": dense, "eval_seqlen": eval_seqlen, "max_windows": args.max_windows}
+    if not args.no_save:  # saved before the evaluation: a long prune is kept if the evaluation fails or is stopped
         manifest = {"source_model": args.model, "recipe": recipe_for_manifest(report.recipe), "nm": report.nm and list(report.nm),
                     "layer_targets": report.targets, "sparsity": sp.model_dump(), "timings": report.timings,
-                    "results": {"ppl": pruned, "dense_ppl": dense, "eval_seqlen": eval_seqlen,
-                                "max_windows": args.max_windows}}
+                    "results": results}
         losa.save_checkpoint(model, tok, out, manifest, overwrite=args.overwrite)
         print(f"  saved checkpoint to {out} (losa.json holds the recipe and per-module sparsity)")
-    else:
+    try:
+        results["ppl"] = ppl_all("pruned")
+    except (KeyboardInterrupt, LosaError) as e:  # say that the pruned model is kept, and how to evaluate it
+        if args.no_save:
+            raise
+        kept = f"the pruned model is saved in {out}, without its perplexity; `losa eval ppl {out}` measures it"
+        raise (KeyboardInterrupt(kept) if isinstance(e, KeyboardInterrupt) else LosaError(f"{e} ({kept})")) from None
+    if args.no_save:
         print("  not saved (--no-save)")
+    elif datasets:
+        update_manifest(out, {"results": results})
+        print(f"  perplexities recorded in {out / MANIFEST}")
     return 0

@@ -57,6 +57,28 @@ def save_checkpoint(model, tokenizer, out: str | os.PathLike, manifest: dict | N
     return out
 
 
+def update_manifest(out: str | os.PathLike, entries: dict) -> None:
+    """Replace top-level entries of the ``losa.json`` of the checkpoint ``out`` (atomically), e.g. results measured
+    after the checkpoint was saved.
+
+    Args:
+        out: a checkpoint written by :func:`save_checkpoint`.
+        entries: JSON-serialisable entries; ``created`` and ``versions`` stay as written.
+    Raises:
+        LosaError: ``out`` has no readable ``losa.json``; ``entries`` sets ``created``/``versions`` or holds a
+            value JSON cannot hold.
+    """
+    import json
+
+    _check_manifest(entries)
+    path = Path(out) / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LosaError(f"cannot update {path}: {e}") from None
+    atomic_write_json(path, {**data, **entries})
+
+
 def _check_manifest(manifest: dict) -> None:
     """Refuse, before anything is written, the keys losa records itself and values that JSON cannot hold."""
     import json

@@ -248,8 +248,18 @@ def _hub_error(name: str, what: str, err: BaseException) -> LosaError | None:
 
     Auth failures (gated or private repos, HTTP 401/403), missing repos/files (404) and network
     failures (offline, connection refused, nothing cached) get different messages naming their fix;
-    anything else gives None.
+    anything else gives None. A name ``dir/x`` whose ``dir`` is a local folder is first said to be a missing
+    path (``models/x`` with a typo in ``x`` is one more often than a hub id).
     """
+    found = _hub_failure(name, what, err)
+    folder = name.split("/", 1)[0]
+    if found is not None and name.count("/") == 1 and os.path.isdir(folder):
+        return LosaError(f"model path {name} does not exist (the folder {folder}/ does); as a hub id: {found}")
+    return found
+
+
+def _hub_failure(name: str, what: str, err: BaseException) -> LosaError | None:
+    """:func:`_hub_error` for a name that is a hub id only."""
     from huggingface_hub import errors as hub
 
     chain = _cause_chain(err)

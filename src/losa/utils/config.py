@@ -85,6 +85,13 @@ def _unknown(cls: type[BaseModel] | None, loc: tuple) -> str:
               if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) and key in f.annotation.model_fields]
     guess = close[0] if close else (nested[0] if nested else None)
     hint = f"did you mean {guess!r}?" if guess else f"check the spelling (help({model.__name__}) or --help lists them)"
+    holder = next((n for n, f in model.model_fields.items() if (f.json_schema_extra or {}).get(PRUNER_OPTIONS)), None)
+    if holder is not None and guess is None:  # a pruner's own option given beside the method (YAML: blocksize: 64)
+        from losa.pruning.base import pruner_classes
+
+        owners = [n for n, c in pruner_classes().items() if key in c.Options.model_fields]
+        if owners:
+            hint = f"it is an option of {' / '.join(owners)}: give it under {holder!r} ({holder}: {{{key}: …}})"
     return f"unknown option of {model.__name__}; {hint}"
 
 

@@ -212,6 +212,10 @@ class LoSAConfig(CalibrationConfig):
 
 def check_finetune_size(num_examples: int, config: LoSAConfig) -> None:
     need = config.steps * config.finetune.batch_size
+    if num_examples < need and config.finetune_data is None:  # label-free distillation: max_examples windows
+        raise LosaError(f"distillation has {num_examples} examples (windows of the calibration source), too few for "
+                        f"{config.steps} steps × batch size {config.finetune.batch_size}; raise "
+                        f"{option('max_examples')} to at least {need}, or lower steps or the batch size")
     if num_examples < need:
         raise LosaError(f"fine-tuning set has {num_examples} usable examples, too few for {config.steps} steps × "
                         f"batch size {config.finetune.batch_size} (records whose prompt fills max_length are dropped); add data, "
