@@ -44,7 +44,7 @@ def _default_out(model: str, cfg: PruneConfig) -> Path:
         tag = ("mixed" if cfg.nm_n else "") + cfg.nm.replace(":", "of")
     else:
         tag = f"{round(cfg.sparsity * 100)}" if isinstance(cfg.sparsity, float) else "layerwise"
-        tag += "-atp" if cfg.allocator == "atp" else ""  # not the uniform prune's directory
+        tag += f"-{cfg.allocator}" if cfg.allocator != "uniform" else ""  # not the uniform prune's directory
     return Path("runs") / f"{Path(model).name.removesuffix('.gguf')}-{cfg.method}-{tag}"
 
 
@@ -97,12 +97,17 @@ def run_prune(args: argparse.Namespace) -> int:
     dense = ppl_all("dense") if args.compare_dense else {}
     report = losa.prune(model, tok, cfg, progress=progress)
     sp = report.sparsity
+    if report.allocation:  # the layer-wise allocator's choice
+        beta = f", beta={report.allocation['beta']:.4g}" if "beta" in report.allocation else ""
+        print(f"  layer-wise sparsity ({report.allocation['method']}{beta}): {min(report.targets):.4f} to "
+              f"{max(report.targets):.4f} over {len(report.targets)} layers (per layer in losa.json)")
     print(f"  verified: overall sparsity {sp.overall:.4f} over {len(sp.modules)} linear modules "
           f"in {len(sp.layers)} layers; prune time {report.timings['total_s']:.1f}s")
     results = {"ppl": {}, "dense_ppl": dense, "eval_seqlen": eval_seqlen, "max_windows": args.max_windows}
     if not args.no_save:  # saved before the evaluation: a long prune is kept if the evaluation fails or is stopped
         manifest = {"source_model": args.model, "recipe": recipe_for_manifest(report.recipe), "nm": report.nm and list(report.nm),
-                    "layer_targets": report.targets, "sparsity": sp.model_dump(), "timings": report.timings,
+                    "layer_targets": report.targets, "allocation": report.allocation, "sparsity": sp.model_dump(),
+                    "timings": report.timings,
                     "results": results}
         losa.save_checkpoint(model, tok, out, manifest, overwrite=args.overwrite)
         print(f"  saved checkpoint to {out} (losa.json holds the recipe and per-module sparsity)")

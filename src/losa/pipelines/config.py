@@ -16,6 +16,20 @@ from losa.utils.config import PRUNER_OPTIONS, LosaConfig
 AUTO_BATCH_TOKENS = 1024
 
 
+class AllocatorParams(LosaConfig):
+    """The parameters of the RMI and OWL layer-wise sparsity allocators, shared by one-shot pruning and LoSA
+    (:mod:`losa.allocation.allocators`)."""
+
+    rmi_features: Literal["inputs", "outputs"] = Field("inputs", description="RMI: compare the layers' inputs or "
+                                                                             "outputs by linear CKA")
+    beta: float = Field(1.0, gt=0, description="RMI: temperature of the importance softmax")
+    delta: float | None = Field(None, ge=0, description="RMI: band ±delta of per-layer sparsity around the target "
+                                                        "(default: the official schedule, "
+                                                        "losa.allocation.default_delta)")
+    owl_m: float = Field(5.0, gt=0, description="OWL: a weight is an outlier above M times its layer's mean score")
+    owl_lambda: float = Field(0.08, ge=0, description="OWL: the band ±lambda of per-layer sparsity")
+
+
 class CalibrationConfig(LosaConfig):
     """Fields and checks shared by every recipe that prunes with calibration data (one-shot and LoSA)."""
 

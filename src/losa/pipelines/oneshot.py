@@ -20,8 +20,8 @@ from losa.export.verify import SparsityReport, sparsity_report, verify_targets
 from losa.models.linear import get_weight, in_features, set_weight
 from losa.models.moe import unfused_experts
 from losa.models.offload import is_offloaded, onloaded
-from losa.models.registry import check_window, get_arch, get_decoder_layers, linear_modules
-from losa.pipelines.config import CalibrationConfig
+from losa.models.registry import check_window, get_arch, get_decoder_layers, layer_sizes, linear_modules
+from losa.pipelines.config import AllocatorParams, CalibrationConfig
 from losa.pruning.base import Pruner
 from losa.pruning.idle import prune_weight, warn_idle
 from losa.pruning.masks import parse_nm, validate_nm
@@ -30,8 +30,12 @@ from losa.pruning.target import Target
 from losa.utils.config import build_config
 from losa.utils.device import activation_budget, resolve_device
 
+#: the fields only an allocator reads, by allocator
+ALLOCATOR_PARAMS = {"atp": ("atp_beta", "atp_grid_points"), "owl": ("owl_m", "owl_lambda"),
+                    "rmi": ("rmi_features", "beta", "delta")}
 
-class PruneConfig(CalibrationConfig):
+
+class PruneConfig(AllocatorParams, CalibrationConfig):
     """One-shot pruning recipe.
 
     ``sparsity`` is a float (all layers) or a list with one value per decoder layer. ``nm`` ("2:4")
@@ -45,10 +49,15 @@ class PruneConfig(CalibrationConfig):
         offload: keep the model on the CPU and move one decoder layer at a time to the device
             (None: when the model does not fit).
         verify: verify every module's sparsity / N:M pattern after pruning.
-        allocator: layer-wise sparsity of an unstructured float target, "uniform" or "atp" (ATP, Huang et al.
-            ICML 2025: sparsity rising linearly with depth, mean kept at ``sparsity``).
+        allocator: layer-wise sparsity of an unstructured float target, with the parameter-weighted mean kept
+            at ``sparsity``: "uniform"; "atp" (ATP, Huang et al. ICML 2025: sparsity rising linearly with
+            depth); "owl" (OWL, Yin et al. ICML 2024: layers with more outlier Wanda scores pruned less, within
+            ``±owl_lambda``); "rmi" (LoSA's Representation Mutual Information, Huang et al. ICLR 2025 Eq. 4-5:
+            layers whose inputs the others share least, by linear CKA, pruned less, within ``±delta``). OWL and
+            RMI score the dense model in one calibration pass before pruning.
         atp_beta: ATP's sparsity step between consecutive layers (None: grid search on the calibration loss).
         atp_grid_points: beta values the ATP grid search tries (>= 2).
+        rmi_features, beta, delta, owl_m, owl_lambda: the RMI and OWL parameters of :class:`AllocatorParams`.
         method, options, nm, calib, nsamples, seqlen, seed, data_dir, calib_batch_size,
             stats_precision, device: the calibration fields of :class:`CalibrationConfig`.
     Returns:
@@ -58,7 +67,8 @@ class PruneConfig(CalibrationConfig):
             method or pruner option, an invalid ``nm``, a missing calibration file, ``nm_n`` without
             ``nm``, with an N invalid for its M or
             with a mean N other than ``nm``'s, ``stats_precision`` other than ``model`` with
-            ``sequential="module"``, ``atp_beta`` / ``atp_grid_points`` set without ``allocator="atp"``, or both set.
+            ``sequential="module"``, an allocator's parameter set with another allocator (``atp_beta`` without
+            ``allocator="atp"``, ``owl_lambda`` without ``"owl"``, …), ``atp_beta`` with ``atp_grid_points``.
     """
 
     sparsity: float | list[float] = Field(0.5, description="unstructured sparsity in [0, 1): one value, or one "
@@ -73,9 +83,10 @@ class PruneConfig(CalibrationConfig):
     offload: bool | None = Field(None, description="keep the model on the CPU and move one decoder layer at a time "
                                                    "to the device (default: when the model does not fit)")
     verify: bool = Field(True, description="verify every module's sparsity / N:M pattern after pruning")
-    allocator: Literal["uniform", "atp"] = Field(
-        "uniform", description="layer-wise sparsity of an unstructured target: uniform, or atp (sparsity rising "
-                               "linearly with depth, ATP, Huang et al. ICML 2025)")
+    allocator: Literal["uniform", "atp", "owl", "rmi"] = Field(
+        "uniform", description="layer-wise sparsity of an unstructured target: uniform, atp (sparsity rising "
+                               "linearly with depth, ATP), owl (outlier-weighted, OWL) or rmi (Representation "
+                               "Mutual Information by linear CKA, LoSA)")
     atp_beta: float | None = Field(None, ge=0, description="ATP: the sparsity step between consecutive layers "
                                                            "(default: grid search on the calibration loss)")
     atp_grid_points: int = Field(8, ge=2, description="ATP: beta values tried by the grid search, from 0 to the "
@@ -113,11 +124,12 @@ class PruneConfig(CalibrationConfig):
         if self.allocator != "uniform" and (self.nm is not None or isinstance(self.sparsity, list)):
             raise ValueError(f"allocator={self.allocator} spreads one unstructured sparsity over the layers; it "
                              "cannot be combined with nm or a per-layer sparsity list")
-        given = [f for f in ("atp_beta", "atp_grid_points") if f in self.non_default_fields()]
-        if self.allocator != "atp" and given:
-            atp = option("allocator='atp'", "--allocator atp")
-            raise ValueError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to allocator atp; add {atp} or drop "
-                             f"{' and '.join(option(f) for f in given)}")
+        for owner, params in ALLOCATOR_PARAMS.items():
+            given = [f for f in params if f in self.non_default_fields()]
+            if self.allocator != owner and given:
+                chosen = option(f"allocator='{owner}'", f"--allocator {owner}")
+                raise ValueError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to allocator "
+                                 f"{owner}; add {chosen} or drop {' and '.join(option(f) for f in given)}")
         if self.atp_beta is not None and "atp_grid_points" in self.non_default_fields():
             raise ValueError("atp_grid_points sets the grid search, which a fixed atp_beta skips; drop one of them")
         return self
@@ -311,6 +323,31 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
                        timings=timings)
 
 
+def _scored_sparsities(model: nn.Module, config: PruneConfig, calib_ids: torch.Tensor, progress: bool
+                       ) -> tuple[list[float], dict[str, Any]]:
+    """Per-layer sparsities from the dense model's OWL outlier ratios or RMI (linear CKA between the layers'
+    inputs or outputs), measured in one calibration pass; returns them and the allocator's record (its
+    scores)."""
+    from losa.allocation.allocators import allocate
+    from losa.allocation.cka import GramAccumulator
+    from losa.pipelines.losa.visitors import RMIVisitor
+
+    owl = config.allocator == "owl"
+    n_layers = len(get_decoder_layers(model))
+    visitor = RMIVisitor(GramAccumulator(n_layers, len(calib_ids)), config.rmi_features,
+                         owl_m=config.owl_m if owl else None, grams=not owl)
+    LayerwiseEngine(model, calib_ids, device=config.device, batch_size=config.calib_batch(calib_ids.shape[1]),
+                    offload=config.offload, progress=progress, desc=f"{config.allocator.upper()} scores").run(visitor)
+    target, sizes = float(config.sparsity), layer_sizes(model)  # type: ignore[arg-type]
+    if owl:
+        ratios = [visitor.outlier_ratios[i] for i in range(n_layers)]
+        s = allocate("owl", target, sizes, outlier_ratios=ratios, lam=config.owl_lambda)
+        return [float(x) for x in s], {"method": "owl", "outlier_ratios": ratios}
+    cka = visitor.acc.cka().numpy()
+    s = allocate("rmi", target, sizes, cka=cka, beta=config.beta, delta=config.delta)
+    return [float(x) for x in s], {"method": "rmi", "cka": cka.tolist()}
+
+
 def _prune(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None, progress: bool,
            visitor: PruneVisitor | None
            ) -> tuple[list[Target], Literal["none", "layer", "module"], dict[str, float], dict[str, Any]]:
@@ -327,6 +364,12 @@ def _prune(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: torch.Te
 
         t = time.perf_counter()
         sparsities, allocation = atp_sparsities(model, tokenizer, config, calib_ids, progress)
+        timings["allocation_s"] = time.perf_counter() - t
+        targets = [Target(sparsity=x) for x in sparsities]
+    elif config.allocator in ("owl", "rmi"):
+        calib_ids = _calibration(model, tokenizer, config, calib_ids, timings, progress)
+        t = time.perf_counter()
+        sparsities, allocation = _scored_sparsities(model, config, calib_ids, progress)
         timings["allocation_s"] = time.perf_counter() - t
         targets = [Target(sparsity=x) for x in sparsities]
     else:

@@ -26,6 +26,9 @@ def row_label(report: RunReport) -> str:
     if _is_dense(report):
         return "Dense"
     base = _METHOD_NAMES.get(m.method, m.method)
+    alloc = m.config.get("allocator")
+    if m.finetune == "none" and alloc in ("atp", "owl", "rmi"):  # a one-shot prune's layer-wise sparsity
+        base += f" + {alloc.upper()}"
     label, part = base + m.finetune_label, report.unfinished()
     if part is None:
         return label

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from losa.errors import LosaError, option
 from losa.finetune.config import FinetuneConfig
-from losa.pipelines.config import CalibrationConfig
+from losa.pipelines.config import AllocatorParams, CalibrationConfig
 from losa.pruning.masks import parse_nm
 
 #: how messages name the fine-tuning data and distillation (:func:`losa.errors.option`)
@@ -30,7 +30,7 @@ _NO_LAYERWISE = option("layerwise_sparsity=False", "--no-layerwise-sparsity")
 _RMI_OR_OWL = f"{_allocator('rmi')} or {_allocator('owl')}"
 
 
-class LoSAConfig(CalibrationConfig):
+class LoSAConfig(AllocatorParams, CalibrationConfig):
     """LoSA recipe. Ablation switches (paper names): ``layerwise_sparsity=False`` (no LSR: uniform
     sparsity), ``rank_allocation=False`` (no SRA: every layer gets rank Ω_t), ``steps=1`` (no DSA).
 
@@ -77,13 +77,6 @@ class LoSAConfig(CalibrationConfig):
     allocator: Literal["rmi", "owl", "uniform"] = Field(
         "rmi", description="layer-wise sparsity allocator: rmi (Representation Mutual Information, linear CKA), "
                            "owl (outlier-weighted) or uniform")
-    rmi_features: Literal["inputs", "outputs"] = Field("inputs", description="RMI: compare the layers' inputs or "
-                                                                             "outputs by linear CKA")
-    beta: float = Field(1.0, gt=0, description="RMI: temperature of the importance softmax")
-    delta: float | None = Field(None, ge=0, description="band ±delta of per-layer sparsity around S_t (default: the "
-                                                        "official schedule, losa.allocation.default_delta)")
-    owl_m: float = Field(5.0, gt=0, description="OWL: a weight is an outlier above M times its layer's mean score")
-    owl_lambda: float = Field(0.08, ge=0, description="OWL: the band ±lambda of per-layer sparsity")
     rank_allocation: bool = Field(True, description="LoRA ranks proportional to each layer's reconstruction error "
                                                     "(off = every layer gets Omega_t, the SRA ablation)")
     omega_first: float = Field(6.0, gt=0, description="mean LoRA rank Omega_1 at step 1 (linear to Omega_T)")

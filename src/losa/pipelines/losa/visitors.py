@@ -41,6 +41,7 @@ class RMIVisitor(LayerVisitor):
     owl_m: float | None = None
     wrappers: dict[int, SparseLoRALinear] = field(default_factory=dict)
     outlier_ratios: dict[int, float] = field(default_factory=dict)
+    grams: bool = True  #: accumulate the Grams (off: OWL's outlier ratios only)
 
     def before_layer(self, index: int, linears: dict[str, nn.Module]) -> None:
         if self.owl_m is not None:  # OWL scores the merged weights: merge, so the base modules (and hooks) run
@@ -57,7 +58,7 @@ class RMIVisitor(LayerVisitor):
         # assemble the full [n, ...] block one sequence chunk at a time to bound the float64 copy.
         _, seq, hidden = feats[0].shape
         step = max(1, (1 << 24) // max(1, self.acc.n * hidden))
-        for s in range(0, seq, step):
+        for s in range(0, seq, step) if self.grams else ():
             self.acc.update(ctx.index, torch.cat([f[:, s:s + step] for f in feats], 0))
         if self.owl_m is not None:
             scores = [wanda_scores(get_weight(m).detach(), ctx.stats[n].norm).reshape(-1)
