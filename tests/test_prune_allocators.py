@@ -108,3 +108,24 @@ def test_prune_cli_with_owl_records_and_labels_it(tmp_path, capsys):
 def test_allocator_parameters_need_their_allocator(fields, msg):
     with pytest.raises(LosaError, match=msg):
         losa.PruneConfig(**fields)
+
+
+@pytest.mark.parametrize("allocator", ["owl", "rmi"])
+def test_one_shot_allocation_equals_a_one_step_losa_run_without_fine_tuning(allocator):
+    """Two code paths, one algorithm: the one-shot prune's layer targets and masks are those of losa.run with T=1
+    and nothing fine-tuned (how benchmarks/bench_losa.py measured the OWL and RMI baselines)."""
+    import warnings
+
+    calib = _calib()
+    extra = {"owl_m": 2.0} if allocator == "owl" else {}
+    a, b = make_tiny_model("llama", layers=4), make_tiny_model("llama", layers=4)
+    one_shot = losa.prune(a, None, {"sparsity": 0.6, "allocator": allocator, "device": "cpu", **extra},
+                          calib_ids=calib, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nothing is fine-tuned, as intended
+        run = losa.run(b, None, {"sparsity": 0.6, "allocator": allocator, "steps": 1, "device": "cpu", "nsamples": 8,
+                                 "seqlen": 32, "recon_nsamples": 2, **extra}, calib_ids=calib, progress=False)
+    assert one_shot.targets == run.steps[-1].layer_target_sparsity
+    for la, lb in zip(get_decoder_layers(a), get_decoder_layers(b)):
+        for (name, x), y in zip(linear_modules(la).items(), linear_modules(lb).values()):
+            assert torch.equal(get_weight(x) == 0, get_weight(y) == 0), name
