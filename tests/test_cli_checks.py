@@ -513,6 +513,17 @@ def test_prune_saves_before_evaluating_and_records_the_perplexity_after(tiny_dir
     assert log.index("saved checkpoint to") < log.index("pruned ") and f"perplexities recorded in {out}" in log
 
 
+def test_prune_of_a_model_without_tokenizer_files_names_the_fix(tmp_path, capsys):
+    """'calibration needs a tokenizer; load the model with one' gave a command-line user no way on (trial)."""
+    d = tmp_path / "notok"
+    make_tiny_model("llama", layers=2).save_pretrained(d)  # weights and config only
+    capsys.readouterr()
+    rc = main(["prune", str(d), "--calib", "self", "--nsamples", "2", "--seqlen", "16", "--eval", "none", "--no-save",
+               "--quiet"])
+    _one_line_error(capsys, rc, "calibration needs a tokenizer, and the model was loaded without one (no tokenizer "
+                                "files beside its weights); copy the original model's tokenizer files into its directory")
+
+
 @pytest.mark.parametrize("argv,err", [
     (["prune", "m", "--sparsty", "0.5"],
      "error: unrecognized arguments: --sparsty 0.5 (did you mean --sparsity?); see `losa prune --help`"),

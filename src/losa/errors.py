@@ -33,3 +33,9 @@ def option(param: str, flag: str | None = None) -> str:
         ``option("out_dir", "--out")`` is ``"out_dir (--out)"``.
     """
     return f"{param} ({flag if flag is not None else '--' + param.replace('_', '-')})"
+
+
+#: the fix for a model loaded without a tokenizer (a directory without tokenizer files), after "X needs a tokenizer"
+NO_TOKENIZER_FIX = ("the model was loaded without one (no tokenizer files beside its weights); copy the original "
+                    "model's tokenizer files into its directory "
+                    "(AutoTokenizer.from_pretrained(original).save_pretrained(dir)), or pass a tokenizer from Python")

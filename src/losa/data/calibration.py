@@ -8,7 +8,7 @@ import random
 import torch
 
 from losa.data.sources import is_named, load_documents
-from losa.errors import LosaError, option
+from losa.errors import NO_TOKENIZER_FIX, LosaError, option
 from losa.models.offload import input_device
 from losa.models.registry import check_window
 
@@ -136,7 +136,7 @@ def get_calibration(tokenizer, source: str = "c4", nsamples: int = 128, seqlen: 
     if nsamples < 1 or seqlen < 2:
         raise LosaError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
     if tokenizer is None:
-        raise LosaError("calibration needs a tokenizer; load the model with one")
+        raise LosaError(f"calibration needs a tokenizer, and {NO_TOKENIZER_FIX}")
     if source == "self":
         if model is None:
             raise LosaError("'self' calibration needs the model to generate text")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from losa.data.sources import eval_text
-from losa.errors import LosaError, option
+from losa.errors import NO_TOKENIZER_FIX, LosaError, option
 from losa.models.offload import input_device
 from losa.models.registry import check_window
 
@@ -163,7 +163,7 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
     if not isinstance(model, torch.nn.Module) or not callable(tokenizer):
         raise LosaError(f"perplexity takes (model, tokenizer, ...), got ({type(model).__name__}, "
                         f"{type(tokenizer).__name__}); pass what losa.load_model returns, in that order"
-                        if tokenizer is not None else "perplexity needs a tokenizer; load the model with one")
+                        if tokenizer is not None else f"perplexity needs a tokenizer, and {NO_TOKENIZER_FIX}")
     if isinstance(seqlen, bool) or not isinstance(seqlen, int):
         raise LosaError(f"seqlen must be an int number of tokens, got {seqlen!r}")
     check_max_windows(max_windows)  # before reading and tokenising the text

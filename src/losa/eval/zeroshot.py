@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from losa.errors import LosaError, option
+from losa.errors import NO_TOKENIZER_FIX, LosaError, option
 from losa.eval.converters import TASK_SOURCES, resolve_data_dir, task_files
 
 #: The tasks of the LoSA / Wanda / SparseGPT tables (plus PIQA), in the papers' column order.
@@ -215,7 +215,7 @@ def run_zeroshot(model, tokenizer, tasks: Sequence[str] | str = DEFAULT_TASKS, l
 
     names = parse_tasks(tasks)
     if tokenizer is None:
-        raise LosaError("zero-shot evaluation needs a tokenizer; load the model from a directory that has one")
+        raise LosaError(f"zero-shot evaluation needs a tokenizer, and {NO_TOKENIZER_FIX}")
     if batch_size < 1:
         raise LosaError(f"{option('batch_size')} must be >= 1, got {batch_size}")
     local = use_local_tasks(offline, data_dir)
