@@ -115,7 +115,9 @@ def get_arch(model: nn.Module) -> ArchSpec:
             )
         raise LosaError(
             f"unsupported architecture model_type={model_type!r} ({type(model).__name__}); supported: "
-            f"{', '.join(supported_model_types())}. Add it with losa.models.register_arch(ArchSpec(...))"
+            f"{', '.join(supported_model_types())}. A family of the usual layout (model.layers of attention and MLP "
+            "linears) is added from Python with losa.models.register_arch(ArchSpec(...)) before losa.prune / "
+            "losa.run (README: Design, Adding things); the command line knows the built-in ones"
         )
     check_experts(model, spec)
     return spec
