@@ -528,7 +528,8 @@ def test_prune_of_a_model_without_tokenizer_files_names_the_fix(tmp_path, capsys
     (["prune", "m", "--sparsty", "0.5"],
      "error: unrecognized arguments: --sparsty 0.5 (did you mean --sparsity?); see `losa prune --help`"),
     (["eval", "ppl", "m", "--eval-seqlen", "5"],
-     "error: unrecognized arguments: --eval-seqlen 5 (did you mean --seqlen?); see `losa eval ppl --help`"),
+     "error: unrecognized arguments: --eval-seqlen 5 [--eval-seqlen is an option of `losa prune` and `losa run`] "
+     "(did you mean --seqlen?); see `losa eval ppl --help`"),
     (["run", "m", "--prompt-format", "alpacca"],
      "error: argument --prompt-format: invalid choice: 'alpacca' (choose from 'auto', 'alpaca', 'chat', 'plain'); "
      "see `losa run --help`"),
@@ -536,6 +537,12 @@ def test_prune_of_a_model_without_tokenizer_files_names_the_fix(tmp_path, capsys
     (["--quiet", "prune", "m"],  # a command's option before the command (it was blamed on `losa prune`)
      "error: --quiet before the command: put command options after it (`losa prune --quiet ...`); see `losa --help`"),
     (["--zzz"], "error: unrecognized arguments: --zzz; see `losa --help`"),
+    (["run", "m", "--nm-n", "1,3"],  # another command's option (trial: only "did you mean --nm?")
+     "error: unrecognized arguments: --nm-n 1,3 [--nm-n is an option of `losa prune`] (did you mean --nm?); see "
+     "`losa run --help`"),
+    (["eval", "ppl", "m", "--tasks", "boolq"],
+     "error: unrecognized arguments: --tasks boolq [--tasks is an option of `losa eval zeroshot`]; see "
+     "`losa eval ppl --help`"),
 ])
 def test_argument_errors_are_one_line_from_the_command_with_a_suggestion(capsys, argv, err):
     """A typo in a flag was reported by the top-level parser after its usage block, with no suggestion (trial)."""

@@ -42,6 +42,25 @@ def _did_you_mean(parser: argparse.ArgumentParser, message: str) -> str:
     return f" (did you mean {', '.join(f'{g} for {w}' for w, g in found)}?)" if found else ""
 
 
+def _other_commands(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> str:
+    """`` [--nm-n is an option of `losa prune`]`` for unknown flags that another command has (``losa run --nm-n``)."""
+    own = _command_parser(parser, args)
+    if own is parser:
+        return ""
+
+    def parsers(p: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        return [p] + [q for a in subs for c in dict.fromkeys(a.choices.values()) for q in parsers(c)]
+
+    notes = []
+    for flag in dict.fromkeys(w.split("=", 1)[0] for w in extra if w.startswith("--")):
+        owners = [f"`{p.prog}`" for p in parsers(parser)
+                  if p is not own and p is not parser and any(flag in a.option_strings for a in p._actions)]
+        if owners:
+            notes.append(f"{flag} is an option of {' and '.join(owners)}")
+    return f" [{'; '.join(notes)}]" if notes else ""
+
+
 def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
     """The (sub)command's own parser for ``args`` (``losa eval ppl``'s for ``eval ppl``), else ``parser``."""
     while True:
@@ -114,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         early = " ".join(words[:command])
         parser.error(f"{early} before the command: put command options after it (`losa {args.command} {early} ...`)")
     if extra:  # reported by the command that was given them (its help, its options to suggest)
-        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}"
+                                            f"{_other_commands(parser, args, extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 1

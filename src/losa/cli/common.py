@@ -392,7 +392,7 @@ def load_runtime_model(args: argparse.Namespace, purpose: str,
             prefill = (f"{summary['prefill_dtype']} prefill, " if choice.dtype == "float32" else "")
             status(f"sparse layers: {summary['replaced']} ({summary['value_dtype']} values, "
                    f"{summary['compute']} compute, {prefill}"
-                   f"{summary['sparse_bytes'] / 2**20:.1f} MiB instead of {summary['dense_bytes'] / 2**20:.1f} MiB)")
+                   f"{_mib(summary['sparse_bytes'])} instead of {_mib(summary['dense_bytes'])})")
             if summary["sparse_bytes"] >= summary["dense_bytes"]:
                 wider = summary["value_dtype"] == "float32" and choice.dtype != "float32"
                 status("warning: the sparse layers are not smaller than the dense ones" +
@@ -417,3 +417,8 @@ def load_runtime_model(args: argparse.Namespace, purpose: str,
         else:
             status("LM head: bf16 copy of its weights (float32 sums; the embedding keeps float32)")
     return model, tok, mode, summary
+
+
+def _mib(n: int) -> str:
+    """A size in MiB with three significant digits (a tiny model's 0.09 vs 0.14 MiB stays visible)."""
+    return f"{n / 2**20:.3g} MiB"

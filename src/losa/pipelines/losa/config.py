@@ -84,7 +84,7 @@ class LoSAConfig(AllocatorParams, CalibrationConfig):
     r_min: int = Field(2, ge=0, description="smallest LoRA rank of a layer")
     r_max: int = Field(16, ge=1, description="adapter capacity: the largest LoRA rank of a layer")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; the adapter scale is alpha / r_max")
-    nsamples: int = Field(128, ge=2, description="calibration windows (RMI Grams and pruning statistics)")
+    nsamples: int = Field(128, description="calibration windows (RMI Grams and pruning statistics; at least 2)")
     recon_nsamples: int = Field(16, ge=1, description="calibration windows used for reconstruction errors",
                                 json_schema_extra={"default_help": "16, at most --nsamples"})
     recon_error: Literal["global", "channel"] = Field(
@@ -103,6 +103,14 @@ class LoSAConfig(AllocatorParams, CalibrationConfig):
         if not 0.0 < v < 1.0:
             raise ValueError(f"sparsity {v} is outside (0, 1): a LoSA target is above 0 and below 1; use e.g. 0.5 "
                              "for 50 %")
+        return v
+
+    @field_validator("nsamples")
+    @classmethod
+    def _nsamples(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(f"{v} must be at least 2: RMI compares the layers by linear CKA across calibration "
+                             "windows, which needs two")
         return v
 
     @field_validator("steps")
