@@ -331,8 +331,12 @@ def test_cli_generate_save_compact_errors(tmp_path, capsys):
     assert last_line(capsys.readouterr().err).startswith(f"error: --save-compact {tmp_path} is a directory")
     make_tiny_model("llama").save_pretrained(tmp_path / "dense")
     make_tiny_tokenizer().save_pretrained(tmp_path / "dense")
-    assert main(["generate", str(tmp_path / "dense"), "--prompt", "word5", "--save-compact", str(tmp_path / "c")]) == 2
-    assert "no pruned layer" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    assert main(["generate", path, "--prompt", "word5", "--save-compact", str(tmp_path / "c.bin")]) == 2
+    assert last_line(capsys.readouterr().err) == (f"error: --save-compact {tmp_path / 'c.bin'}: the file is written in "
+                                                  f"the safetensors format; name it {tmp_path / 'c.safetensors'}")
+    assert main(["generate", str(tmp_path / "dense"), "--prompt", "word5", "--save-compact",
+                 str(tmp_path / "c.safetensors")]) == 2
+    assert "no pruned layer" in capsys.readouterr().err and not (tmp_path / "c.safetensors").exists()
     assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "1", "--save-compact",
                  str(tmp_path / "c.safetensors")]) == 0
     assert (tmp_path / "c.safetensors").is_file()

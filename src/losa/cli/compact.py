@@ -55,7 +55,7 @@ def run_compact(args: argparse.Namespace) -> int:
     from losa.inference import save_sparse
     from losa.utils.io import check_output_file
 
-    check_output_file(args.out, "--out", exists_ok=args.overwrite, overwrite_flag="--overwrite")
+    check_output_file(args.out, "--out", exists_ok=args.overwrite, overwrite_flag="--overwrite", suffix=".safetensors")
     model, _, mode, summary = load_runtime_model(args, "compacting", to_run=False)
     if mode == "dense":
         from losa.errors import LosaError

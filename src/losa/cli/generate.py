@@ -78,7 +78,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.save_compact:
         if not args.sparse:
             raise LosaError("--save-compact writes the sparse layers; drop --dense")
-        check_output_file(args.save_compact, "--save-compact", exists_ok=False)
+        check_output_file(args.save_compact, "--save-compact", exists_ok=False, suffix=".safetensors")
     model, tok, mode, _ = load_runtime_model(args, "generation")
     ids = tok(args.prompt, return_tensors="pt").input_ids
     problem = prompt_problem(ids.shape[1], args.max_new_tokens, max_context(model), "--max-new-tokens", "--prompt")

@@ -93,7 +93,7 @@ def _kind(path: Path, flag: str) -> str | None:
 
 
 def check_output_file(path: str | os.PathLike, flag: str, exists_ok: bool = True,
-                      overwrite_flag: str | None = None) -> Path:
+                      overwrite_flag: str | None = None, suffix: str | None = None) -> Path:
     """Fail before any work when ``path`` cannot become an output file of :func:`atomic_write_bytes`.
 
     The path must not be a directory; its nearest existing parent must be a directory where files can be
@@ -104,11 +104,12 @@ def check_output_file(path: str | os.PathLike, flag: str, exists_ok: bool = True
         flag: the option that gave it, e.g. ``--out`` (named in the error).
         exists_ok: whether an existing file may be replaced (False for a finished artifact, e.g. a model file).
         overwrite_flag: the option that allows replacing it (named in the error), or None when there is none.
+        suffix: the file name's required ending (e.g. ``.safetensors``: the name says the format), or None.
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     Raises:
-        LosaError: ``path`` is a directory, exists while ``exists_ok`` is False, a parent is a file, or a folder
-            cannot be accessed or written.
+        LosaError: ``path`` is a directory, exists while ``exists_ok`` is False, a parent is a file, a folder
+            cannot be accessed or written, or the name lacks ``suffix``.
     """
     path = Path(path)
     kind = _kind(path, flag)
@@ -117,6 +118,9 @@ def check_output_file(path: str | os.PathLike, flag: str, exists_ok: bool = True
     if kind == "file" and not exists_ok:
         how = f"pass {overwrite_flag} to replace it" if overwrite_flag else "delete it first to replace it"
         raise LosaError(f"{flag} {path} already exists; choose another path or {how}")
+    if suffix is not None and path.suffix != suffix:
+        raise LosaError(f"{flag} {path}: the file is written in the {suffix.lstrip('.')} format; name it "
+                        f"{path.with_suffix(suffix) if path.suffix else path.name + suffix}")
     _check_writable(next((p for p in path.parents if _kind(p, flag)), Path(".")), path, flag)
     return path
 
