@@ -167,3 +167,34 @@ def test_losa_run_refuses_an_offloaded_model_before_any_work(checkpoint, tmp_pat
         losa.run(model, make_tiny_tokenizer(), {"sparsity": 0.5, "steps": 1, "device": "cpu"},
                  out_dir=tmp_path / "run", calib_ids=_calib_ids(), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_prune_and_eval_from_the_command_line_with_offloading(checkpoint, tmp_path, capsys):
+    """--max-memory / --offload-folder reach accelerate's device map from the command line (only Python could):
+    the saved checkpoint is the in-memory prune's, weight for weight, and eval ppl measures what it measures in
+    memory; weights sent to disk without a folder, and a malformed budget, are one-line errors before pruning."""
+    from losa.cli import main
+
+    make_tiny_tokenizer().save_pretrained(checkpoint)
+    common = ["--calib", "self", "--nsamples", "4", "--seqlen", "32", "--eval", "none", "--quiet"]
+    assert main(["prune", str(checkpoint), *common, "--out", str(tmp_path / "mem")]) == 0
+    assert main(["prune", str(checkpoint), *common, "--max-memory", "cpu=100KB", "--offload-folder",
+                 str(tmp_path / "off"), "--out", str(tmp_path / "disk")]) == 0
+    log = capsys.readouterr().out
+    assert f"  accelerate's device map: the whole model on disk (offload folder {tmp_path / 'off'})" in log
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / d, dtype=torch.float32) for d in ("mem", "disk"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(f"word{(i * 7) % 50 + 4}" for i in range(400)))
+    ppl = []
+    for extra in ([], ["--max-memory", "cpu=100KB", "--offload-folder", str(tmp_path / "off2")]):
+        assert main(["eval", "ppl", str(tmp_path / "disk"), "--datasets", str(text), "--seqlen", "32", "--quiet",
+                     *extra]) == 0
+        ppl.append(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ppl[0] == ppl[1] and "perplexity" in ppl[0]
+    rc = main(["prune", str(checkpoint), *common, "--max-memory", "cpu=100KB", "--no-save"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == ("error: the model does not fit in --max-memory cpu=100KB: 1 of its modules go "
+                                       "to disk, which needs --offload-folder DIR")
+    rc = main(["prune", str(checkpoint), *common, "--max-memory", "cpu=100", "--no-save"])
+    assert rc == 2 and capsys.readouterr().err.startswith("error: --max-memory entry 'cpu=100' is not DEVICE=SIZE")

@@ -102,6 +102,8 @@ def _quiet_libraries(progress: bool = True) -> bool | None:
         return None
     before = transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
+    # accelerate's note on offloaded parameters: the commands say where the device map put the model
+    logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
     if not progress:
         transformers.utils.logging.disable_progress_bar()
     return before

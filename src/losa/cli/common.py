@@ -422,3 +422,64 @@ def load_runtime_model(args: argparse.Namespace, purpose: str,
 def _mib(n: int) -> str:
     """A size in MiB with three significant digits (a tiny model's 0.09 vs 0.14 MiB stays visible)."""
     return f"{n / 2**20:.3g} MiB"
+
+
+_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
+
+
+def add_offload_args(p: argparse.ArgumentParser) -> None:
+    """``--max-memory`` / ``--offload-folder``: load a model larger than memory with accelerate's offloading."""
+    p.add_argument("--max-memory", metavar="DEV=SIZE,...", default=None,
+                   help="load with accelerate's device map under these budgets, e.g. 0=70GiB,cpu=200GiB (GPU index "
+                        "or cpu); what does not fit goes to --offload-folder, and losa onloads one decoder layer at "
+                        "a time (README: Models larger than memory)")
+    p.add_argument("--offload-folder", metavar="DIR", default=None,
+                   help="folder for the weights that fit nowhere in --max-memory (disk offloading; implies the "
+                        "device map); it is kept after the run")
+
+
+def offload_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``load_model``'s accelerate arguments from ``--max-memory`` / ``--offload-folder`` (none without them).
+
+    Raises:
+        LosaError: a ``--max-memory`` entry that is not ``DEVICE=SIZE`` with a GPU index or ``cpu`` and a size such
+            as ``70GiB``.
+    """
+    if args.max_memory is None and args.offload_folder is None:
+        return {}
+    budgets: dict[int | str, str] = {}
+    for item in (args.max_memory or "").split(","):
+        if not item.strip():
+            continue
+        dev, _, size = (x.strip() for x in item.partition("="))
+        if not (dev.isdigit() or dev == "cpu") or not _SIZE.match(size):
+            raise LosaError(f"--max-memory entry {item.strip()!r} is not DEVICE=SIZE; use e.g. 0=70GiB,cpu=200GiB "
+                            "(a GPU index or cpu, and a size in B, KB, MB, GB, TB or KiB, MiB, GiB, TiB)")
+        budgets[int(dev) if dev.isdigit() else dev] = size
+    out: dict[str, Any] = {"device_map": "auto"}
+    if budgets:
+        out["max_memory"] = budgets
+    if args.offload_folder is not None:
+        out["offload_folder"] = args.offload_folder
+    return out
+
+
+def offload_note(model, args: argparse.Namespace) -> str | None:
+    """What accelerate's device map put where (None for a model loaded without one), checked first.
+
+    Raises:
+        LosaError: weights went to disk without ``--offload-folder`` (pruned values could not be written back).
+    """
+    from collections import Counter
+
+    placed = Counter(str(v) for v in (getattr(model, "hf_device_map", None) or {}).values())
+    if not placed:
+        return None
+    if "disk" in placed and args.offload_folder is None:
+        raise LosaError(f"the model does not fit in --max-memory {args.max_memory}: {placed['disk']} of its modules "
+                        "go to disk, which needs --offload-folder DIR")
+    name = {d: f"GPU {d}" if d.isdigit() else d for d in placed}
+    where = (f"the whole model on {name[next(iter(placed))]}" if list(model.hf_device_map) == [""] else
+             ", ".join(f"{n} module{'s' if n > 1 else ''} on {name[d]}" for d, n in sorted(placed.items())))
+    folder = f" (offload folder {args.offload_folder})" if "disk" in placed else ""
+    return f"  accelerate's device map: {where}{folder}; losa onloads one decoder layer at a time"

@@ -8,9 +8,12 @@ import importlib
 from losa.cli.common import (
     add_data_dir_arg,
     add_model_arg,
+    add_offload_args,
     add_quiet_arg,
     check_model_arg,
     check_window_flags,
+    offload_kwargs,
+    offload_note,
     recorded_data_dir,
 )
 from losa.data.sources import check_eval_datasets
@@ -24,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description="Standard protocol: join the test rows, tokenize once, non-overlapping "
                                      "windows of --seqlen, exp(mean token NLL).")
     add_model_arg(pp)
+    add_offload_args(pp)
     pp.add_argument("--datasets", default="wikitext2", help="comma-separated: wikitext2, c4, ptb or file paths")
     pp.add_argument("--seqlen", type=int, default=2048, help="window length (default: 2048)")
     pp.add_argument("--max-windows", type=int, default=None, help="only the first N windows")
@@ -62,8 +66,12 @@ def run_ppl(args: argparse.Namespace) -> int:
     if args.out:
         check_output_file(args.out, "--out")
     check_model_arg(args.model)
-    model, tok = losa.load_model(args.model, dtype=args.dtype)
-    model.to(device)
+    offload = offload_kwargs(args)
+    model, tok = losa.load_model(args.model, dtype=args.dtype, **offload)
+    if (note := offload_note(model, args)) is not None:
+        print(note)
+    else:  # accelerate placed an offloaded model's layers
+        model.to(device)
     results = {}
     for d in datasets:
         r = perplexity(model, tok, d, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size,

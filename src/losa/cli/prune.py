@@ -8,11 +8,14 @@ from pathlib import Path
 
 from losa.cli.common import (
     add_model_arg,
+    add_offload_args,
     add_quiet_arg,
     add_recipe_args,
     check_model_arg,
     config_from_args,
     eval_settings,
+    offload_kwargs,
+    offload_note,
     recipe_for_manifest,
 )
 from losa.errors import LosaError, option
@@ -25,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "perplexity and save an HF checkpoint with losa.json. Every PruneConfig field "
                                    "is a flag; without a data dir, calibration text is self-generated.")
     add_model_arg(p)
+    add_offload_args(p)
     add_recipe_args(p, PruneConfig)
     p.add_argument("--eval", default=None,
                    help="comma-separated perplexity datasets after pruning (default: wikitext2 when a data dir "
@@ -64,6 +68,7 @@ def run_prune(args: argparse.Namespace) -> int:
                         "--offload); start it without torchrun / accelerate launch, which serve losa run's "
                         "fine-tuning")
     cfg = config_from_args(args)
+    offload = offload_kwargs(args)
     progress = not args.quiet
     # everything that can be checked without the model, before it is loaded, calibrated and pruned
     datasets, eval_seqlen = eval_settings(args, cfg.seqlen, cfg.data_dir)
@@ -80,7 +85,9 @@ def run_prune(args: argparse.Namespace) -> int:
              if get_pruner(cfg.method).stat is not None else "no calibration needed")
     check_model_arg(args.model)
     print(f"losa prune: {args.model} | {cfg.describe()} | {calib}")
-    model, tok = losa.load_model(args.model, dtype=args.dtype)
+    model, tok = losa.load_model(args.model, dtype=args.dtype, **offload)
+    if (note := offload_note(model, args)) is not None:
+        print(note)
     if get_pruner(cfg.method).stat is not None:  # the calibration window first: --seqlen sets both by default
         check_window(model, cfg.seqlen, "calibration window", option("seqlen"))
     if datasets:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import warnings
 from pathlib import Path
 
 from losa.errors import LosaError
+from losa.models.offload import is_offloaded
 from losa.utils.io import atomic_directory, atomic_write_json
 from losa.utils.versions import versions
 
@@ -47,8 +49,12 @@ def save_checkpoint(model, tokenizer, out: str | os.PathLike, manifest: dict | N
                         "before saving")
     _check_manifest(manifest or {})
     out = Path(out)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+    offloaded = is_offloaded(model)
+    with atomic_directory(out, overwrite=overwrite) as tmp, warnings.catch_warnings():
+        # an offloaded model is written a shard at a time, each shard onloaded whole: small shards for a model
+        # that did not fit in memory (transformers' default is 50GB, and it warns to check the memory for it)
+        warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+        model.save_pretrained(tmp, safe_serialization=True, **({"max_shard_size": "2GB"} if offloaded else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         data = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
