@@ -271,3 +271,19 @@ def test_a_resume_under_another_number_of_processes_keeps_the_global_batch(tmp_p
     (tmp_path / "state" / "state.json").write_text(json.dumps(meta))
     with pytest.raises(LosaError, match=r"differs from this run's in finetune.grad_accum;"):
         check_resume(tmp_path, recipe(4, 2), processes=1)
+
+
+def test_a_run_saved_before_a_field_existed_resumes(tmp_path):
+    """A state.json written before lora_dropout / lora_target_modules existed lacks them: the run used what their
+    defaults do, so it resumes (it was refused as a differing recipe); a value other than the default is not."""
+    from losa.pipelines.losa.state import check_resume
+
+    old = json.loads(json.dumps(LoSAConfig().model_dump()))
+    for key in ("lora_dropout", "lora_target_modules"):
+        del old[key]
+    del old["finetune"]["grad_accum"]
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "state.json").write_text(json.dumps({"step": 1, "recipe": old}))
+    assert check_resume(tmp_path, LoSAConfig().model_dump(), processes=1)["step"] == 1
+    with pytest.raises(LosaError, match=r"differs from this run's in lora_dropout;"):
+        check_resume(tmp_path, LoSAConfig(lora_dropout=0.1).model_dump(), processes=1)

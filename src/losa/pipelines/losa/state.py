@@ -264,6 +264,12 @@ def _differing(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
+def _filled(defaults: dict, recipe: dict) -> dict:
+    """``recipe`` with the fields it lacks (nested too) taken from ``defaults``."""
+    return {**defaults, **{k: _filled(defaults[k], v) if isinstance(v, dict) and isinstance(defaults.get(k), dict)
+                           else v for k, v in recipe.items()}}
+
+
 def saved_step(out_dir: str | Path) -> int | None:
     """The last finished step saved in ``out_dir``'s state, or None when none is (no or unreadable state.json)."""
     try:
@@ -293,7 +299,11 @@ def check_resume(out_dir: str | Path, recipe: dict, processes: int | None = None
         raise LosaError(f"{RESUME}: {out_dir} holds no finished LoSA step (no {STATE_DIR}/state.json); run without "
                         f"{RESUME} to start, or point {OUT_DIR} at the run to continue")
     meta = json.loads((d / "state.json").read_text())
-    old, new = _algorithm(meta["recipe"]), _algorithm(recipe)
+    from losa.pipelines.losa.config import LoSAConfig
+
+    # a field added to losa after the run was saved ran with its default (new fields keep the old behaviour)
+    old = _filled(_algorithm(LoSAConfig().model_dump()), _algorithm(meta["recipe"]))
+    new = _algorithm(recipe)
     saved_processes = meta.get("processes")  # absent from older states: grad_accum must then match
     batch = ("finetune.batch_size", "finetune.grad_accum")  # free while their global batch is kept (below)
     diff = [f for f in _differing(old, new) if not (f in batch and saved_processes is not None)]
