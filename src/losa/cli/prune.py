@@ -107,7 +107,8 @@ def run_prune(args: argparse.Namespace) -> int:
     if report.allocation:  # the layer-wise allocator's choice
         beta = f", beta={report.allocation['beta']:.4g}" if "beta" in report.allocation else ""
         print(f"  layer-wise sparsity ({report.allocation['method']}{beta}): {min(report.targets):.4f} to "
-              f"{max(report.targets):.4f} over {len(report.targets)} layers (per layer in losa.json)")
+              f"{max(report.targets):.4f} over {len(report.targets)} layers"
+              f"{'' if args.no_save else ' (per layer in losa.json)'}")
     print(f"  verified: overall sparsity {sp.overall:.4f} over {len(sp.modules)} linear modules "
           f"in {len(sp.layers)} layers; prune time {report.timings['total_s']:.1f}s")
     results = {"ppl": {}, "dense_ppl": dense, "eval_seqlen": eval_seqlen, "max_windows": args.max_windows}
