@@ -355,32 +355,12 @@ def test_losa_on_a_multimodal_gemma3_checkpoint(tmp_path, calib):
         0.6, abs=0.01)
 
 
-def test_lora_target_modules_and_dropout_reach_the_adapters(tmp_path, calib):
-    """LoSAConfig exposes the adapters' target modules and input dropout (PEFT's target_modules / lora_dropout;
-    the trial found them in SparseLoRAConfig only): only the MLP linears get adapters, with the dropout asked;
-    after the merge the attention weights are the original ones where kept (pruned, never adapted) and the MLP
-    weights moved (adapted); a pattern that matches nothing is refused."""
-    dense = make_tiny_model("llama", seed=0, layers=2)
+def test_lora_dropout_reaches_the_adapters(tmp_path, calib):
+    """LoSAConfig exposes the adapters' input dropout (PEFT's lora_dropout; the trial found it in SparseLoRAConfig
+    only): every adapter applies it while fine-tuning."""
+    cfg = _cfg(steps=1, finetune_data=_text_data(tmp_path / "ft.jsonl"), lora_dropout=0.25)
     model = make_tiny_model("llama", seed=0, layers=2)
-    cfg = _cfg(steps=1, finetune_data=_text_data(tmp_path / "ft.jsonl"), lora_target_modules=["mlp.*"],
-               lora_dropout=0.25)
     job = LoSARun(model, make_tiny_tokenizer(), cfg, None, calib_ids=calib, progress=False)
     job.setup()
     adapted = sparse_lora_modules(model)
-    assert adapted and all(".mlp." in q for q in adapted)
-    assert all(isinstance(m.dropout, torch.nn.Dropout) and m.dropout.p == 0.25 for m in adapted.values())
-    job.step(1)
-    job.finish()
-    for layer, ref in zip(get_decoder_layers(model), get_decoder_layers(dense)):
-        now, was = linear_modules(layer), linear_modules(ref)
-        for name in now:
-            w, w0 = get_weight(now[name]), get_weight(was[name])
-            kept = w != 0
-            if name.startswith("self_attn."):
-                assert torch.equal(w[kept], w0[kept]), name
-            else:
-                assert not torch.allclose(w[kept], w0[kept]), name
-    with pytest.raises(LosaError, match=r"^lora_target_modules \(--lora-target-modules\) attn\.\* matches no linear "
-                                        r"of the decoder layers \(self_attn.q_proj, .*\); use e.g. mlp\.\*$"):
-        run(make_tiny_model("llama", layers=2), make_tiny_tokenizer(), _cfg(steps=1, lora_target_modules=["attn.*"]),
-            calib_ids=calib, progress=False)
+    assert adapted and all(isinstance(m.dropout, torch.nn.Dropout) and m.dropout.p == 0.25 for m in adapted.values())

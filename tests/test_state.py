@@ -274,13 +274,12 @@ def test_a_resume_under_another_number_of_processes_keeps_the_global_batch(tmp_p
 
 
 def test_a_run_saved_before_a_field_existed_resumes(tmp_path):
-    """A state.json written before lora_dropout / lora_target_modules existed lacks them: the run used what their
-    defaults do, so it resumes (it was refused as a differing recipe); a value other than the default is not."""
+    """A state.json written before lora_dropout existed lacks it: the run used what its default does, so it resumes
+    (it was refused as a differing recipe); a value other than the default is not."""
     from losa.pipelines.losa.state import check_resume
 
     old = json.loads(json.dumps(LoSAConfig().model_dump()))
-    for key in ("lora_dropout", "lora_target_modules"):
-        del old[key]
+    del old["lora_dropout"]
     del old["finetune"]["grad_accum"]
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "state.json").write_text(json.dumps({"step": 1, "recipe": old}))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import fnmatch
 import shutil
 import tempfile
 import time
@@ -47,7 +46,7 @@ from losa.lora.model import add_sparse_lora, merge_and_unload, set_layer_ranks, 
 from losa.lora.ranks import allocate_ranks
 from losa.models.moe import unfused_experts
 from losa.models.offload import is_offloaded
-from losa.models.registry import check_window, get_decoder_layers, layer_sizes, linear_modules
+from losa.models.registry import check_window, get_decoder_layers, layer_sizes
 from losa.pipelines.config import CalibrationConfig
 from losa.pipelines.losa.config import NO_FINETUNE_WARNING, LoSAConfig, check_finetune_size
 from losa.pipelines.losa.recon import DenseTargets, reconstruction_errors
@@ -347,10 +346,6 @@ class LoSARun:
         cfg, model = self.cfg, self.model
         check_window(model, cfg.seqlen if self.calib_ids is None else self.calib_ids.shape[1], "calibration window",
                      option("seqlen"))
-        names = [n for layer in get_decoder_layers(model) for n in linear_modules(layer)]
-        if not any(fnmatch.fnmatch(n, p) for n in names for p in cfg.lora_target_modules):  # before any work
-            raise LosaError(f"{option('lora_target_modules')} {','.join(cfg.lora_target_modules)} matches no linear "
-                            f"of the decoder layers ({', '.join(dict.fromkeys(names))}); use e.g. mlp.*")
         if cfg.finetunes:
             check_window(model, cfg.finetune.max_length, "fine-tuning example",
                          option("finetune.max_length", "--max-length"))
@@ -397,8 +392,7 @@ class LoSARun:
             self.dense = DenseTargets(targets_path)
         init_rank = int(round(min(max(cfg.omega_first, cfg.r_min), cfg.r_max)))
         add_sparse_lora(model, SparseLoRAConfig(r_max=cfg.r_max, rank=init_rank, alpha=cfg.lora_alpha,
-                                                dropout=cfg.lora_dropout,
-                                                target_modules=tuple(cfg.lora_target_modules), init_seed=cfg.seed))
+                                                dropout=cfg.lora_dropout, init_seed=cfg.seed))
         self.wrappers = {id(m.base): m for m in sparse_lora_modules(model).values()}
         # the original weights (nothing is pruned yet): the state stores only what differs from them
         self.origin = WeightOrigin.of(model) if self.write or self.resume else None
