@@ -85,6 +85,20 @@ def test_two_processes_with_rank_zero_adapters(workdir):
     assert all(0 in s["ranks"] and s["train_loss"] for s in steps), [s["ranks"] for s in steps]
 
 
+def test_two_processes_with_an_expert_no_token_reaches(workdir):
+    """An expert that a batch does not reach leaves its adapters without gradients: data-parallel training of a
+    mixture-of-experts model is told so (review: it stopped with 'Expected to have finished reduction')."""
+    from test_moe import make_moe, starve_expert
+
+    model = make_moe("mixtral")
+    starve_expert(model)
+    model.save_pretrained(workdir / "moe")
+    make_tiny_tokenizer().save_pretrained(workdir / "moe")
+    _torchrun(workdir, "run", "moe", *ARGS, "--batch-size", "4", "--out", "moe-run")
+    steps = json.loads((workdir / "moe-run" / "report.json").read_text())["steps"]
+    assert len(steps) == 2 and all(s["train_loss"] for s in steps)
+
+
 def test_prune_refuses_several_processes_in_one_line(workdir):
     """Under torchrun every process pruned and wrote the same --out (trial)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

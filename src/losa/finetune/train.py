@@ -112,12 +112,15 @@ def _reduce(kl: torch.Tensor, attention_mask: torch.Tensor | None, t: float, red
     return total * (t * t) if reduction == "sum" else total / count * (t * t)
 
 
-def _rank_zero_adapters(model: nn.Module) -> bool:
-    """Whether an adapter of ``model`` is at rank 0: its forward skips the adapter, whose parameters then get no
-    gradient, which data-parallel training must be told (else it is told for nothing, and warns on every rank)."""
+def _unused_parameters_possible(model: nn.Module) -> bool:
+    """Whether a forward of ``model`` may leave trainable parameters without a gradient, which data-parallel
+    training must be told (else it is told for nothing, and warns on every rank): an adapter at rank 0 (its
+    forward skips it), or routed experts (an expert no token of the batch reaches is skipped)."""
     from losa.lora.layer import SparseLoRALinear
+    from losa.models.experts import UnfusedExperts
 
-    return any(isinstance(m, SparseLoRALinear) and not m.merged and m.rank == 0 for m in model.modules())
+    return any((isinstance(m, SparseLoRALinear) and not m.merged and m.rank == 0) or isinstance(m, UnfusedExperts)
+               for m in model.modules())
 
 
 class _LosaTrainer(Trainer):
@@ -308,7 +311,7 @@ def finetune(model: nn.Module, examples: Sequence[dict[str, Any]], config: Finet
             lr_scheduler_type=config.lr_scheduler, optim="adamw_torch", max_grad_norm=config.max_grad_norm,
             logging_steps=1, save_strategy="no", report_to="none", remove_unused_columns=False,
             seed=config.seed, data_seed=config.seed, bf16=bf16, use_cpu=not use_cuda, disable_tqdm=True,
-            dataloader_num_workers=0, ddp_find_unused_parameters=world_size() > 1 and _rank_zero_adapters(model),
+            dataloader_num_workers=0, ddp_find_unused_parameters=world_size() > 1 and _unused_parameters_possible(model),
             fsdp=config.fsdp, fsdp_config=config.fsdp_config, deepspeed=config.deepspeed,
         )
         trainer = _LosaTrainer(model=model, args=args, train_dataset=list(examples),
