@@ -198,3 +198,24 @@ def test_prune_and_eval_from_the_command_line_with_offloading(checkpoint, tmp_pa
                                        "to disk, which needs --offload-folder DIR")
     rc = main(["prune", str(checkpoint), *common, "--max-memory", "cpu=100", "--no-save"])
     assert rc == 2 and capsys.readouterr().err.startswith("error: --max-memory entry 'cpu=100' is not DEVICE=SIZE")
+
+
+def test_max_memory_budgets_are_bytes_and_name_real_devices(monkeypatch):
+    """Budgets go to accelerate in bytes, computed here (accelerate refused TB and read a lowercase gb as
+    gigabits, review); a GPU the machine does not have is named before loading."""
+    import argparse
+
+    from losa.cli.common import offload_kwargs
+
+    def budgets(text: str) -> dict:
+        return offload_kwargs(argparse.Namespace(max_memory=text, offload_folder=None))["max_memory"]
+
+    assert budgets("cpu=1TB") == {"cpu": 10**12} and budgets("cpu=70gb") == {"cpu": 70 * 10**9}
+    assert budgets("cpu=1.5KiB") == {"cpu": 1536} and budgets("cpu=512 MiB") == {"cpu": 512 * 2**20}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert budgets("0=70GiB, 1=70GiB, cpu=200GiB") == {0: 70 * 2**30, 1: 70 * 2**30, "cpu": 200 * 2**30}
+    with pytest.raises(LosaError, match=r"^--max-memory names GPU 2, and this machine has 2 GPUs; give budgets"):
+        budgets("2=10GiB")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(LosaError, match=r"^--max-memory names GPU 0, and this machine has no GPUs"):
+        budgets("0=10GiB")

@@ -424,15 +424,16 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.3g} MiB"
 
 
-_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)$", re.IGNORECASE)
 
 
 def add_offload_args(p: argparse.ArgumentParser) -> None:
     """``--max-memory`` / ``--offload-folder``: load a model larger than memory with accelerate's offloading."""
     p.add_argument("--max-memory", metavar="DEV=SIZE,...", default=None,
                    help="load with accelerate's device map under these budgets, e.g. 0=70GiB,cpu=200GiB (GPU index "
-                        "or cpu); what does not fit goes to --offload-folder, and losa onloads one decoder layer at "
-                        "a time (README: Models larger than memory)")
+                        "or cpu; sizes in bytes: KB, MB, GB, TB = 10^3.., KiB, MiB, GiB, TiB = 2^10..); what does not "
+                        "fit goes to --offload-folder, and losa onloads one decoder layer at a time (README: Models "
+                        "larger than memory)")
     p.add_argument("--offload-folder", metavar="DIR", default=None,
                    help="folder for the weights that fit nowhere in --max-memory (disk offloading; implies the "
                         "device map); it is kept after the run")
@@ -447,15 +448,24 @@ def offload_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """
     if args.max_memory is None and args.offload_folder is None:
         return {}
-    budgets: dict[int | str, str] = {}
+    import torch
+
+    budgets: dict[int | str, int] = {}  # in bytes: accelerate reads some units otherwise (lowercase gb as bits)
     for item in (args.max_memory or "").split(","):
         if not item.strip():
             continue
         dev, _, size = (x.strip() for x in item.partition("="))
-        if not (dev.isdigit() or dev == "cpu") or not _SIZE.match(size):
+        m = _SIZE.match(size)
+        if not (dev.isdigit() or dev == "cpu") or m is None:
             raise LosaError(f"--max-memory entry {item.strip()!r} is not DEVICE=SIZE; use e.g. 0=70GiB,cpu=200GiB "
                             "(a GPU index or cpu, and a size in B, KB, MB, GB, TB or KiB, MiB, GiB, TiB)")
-        budgets[int(dev) if dev.isdigit() else dev] = size
+        if dev.isdigit() and int(dev) >= torch.cuda.device_count():
+            raise LosaError(f"--max-memory names GPU {dev}, and this machine has {torch.cuda.device_count() or 'no'} "
+                            f"GPU{'' if torch.cuda.device_count() == 1 else 's'}; give budgets for its devices (cpu "
+                            "without a GPU)")
+        unit = m.group(2).upper()
+        scale = 1 if unit == "B" else (1024 if "I" in unit else 1000) ** ("KMGT".index(unit[0]) + 1)
+        budgets[int(dev) if dev.isdigit() else dev] = int(float(m.group(1)) * scale)
     out: dict[str, Any] = {"device_map": "auto"}
     if budgets:
         out["max_memory"] = budgets
