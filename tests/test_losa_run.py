@@ -331,10 +331,8 @@ def test_run_restores_requires_grad_records_the_calib_ids_used_and_prints_nothin
     assert model.model.norm.weight.requires_grad and model.model.layers[0].input_layernorm.weight.requires_grad
 
 
-def test_losa_on_a_multimodal_gemma3_checkpoint(tmp_path, calib):
-    """Gemma 3 4B-27B checkpoints are Gemma3ForConditionalGeneration, whose hidden size sits in text_config:
-    the dense targets read it from there (the trial's run failed with an AttributeError there); the decoder
-    layers of the language model end as sparse as asked."""
+def _tiny_gemma3_multimodal():
+    """A tiny random Gemma3ForConditionalGeneration (what Gemma 3 4B-27B checkpoints are)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     text = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
@@ -344,7 +342,14 @@ def test_losa_on_a_multimodal_gemma3_checkpoint(tmp_path, calib):
     cfg = AutoConfig.for_model("gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4,
                                image_token_index=127, boi_token_index=125, eoi_token_index=126)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def test_losa_on_a_multimodal_gemma3_checkpoint(tmp_path, calib):
+    """Gemma 3's multimodal checkpoints keep the hidden size in text_config: the dense targets read it from there
+    (the trial's run failed with an AttributeError there); the decoder layers of the language model end as sparse
+    as asked. SparseGPT's one-shot batch sizing read it too (review)."""
+    model = _tiny_gemma3_multimodal()
     assert not hasattr(model.config, "hidden_size")  # the case of the trial
     data = _text_data(tmp_path / "ft.jsonl")
     rep = run(model, make_tiny_tokenizer(), _cfg(steps=1, finetune_data=data), out_dir=tmp_path / "run",
@@ -364,3 +369,15 @@ def test_lora_dropout_reaches_the_adapters(tmp_path, calib):
     job.setup()
     adapted = sparse_lora_modules(model)
     assert adapted and all(isinstance(m.dropout, torch.nn.Dropout) and m.dropout.p == 0.25 for m in adapted.values())
+
+
+def test_sparsegpt_one_shot_on_a_multimodal_gemma3_checkpoint(calib):
+    import losa
+
+    model = _tiny_gemma3_multimodal()
+    rep = losa.prune(model, None, {"method": "sparsegpt", "sparsity": 0.5, "device": "cpu"}, calib_ids=calib,
+                     progress=False)
+    w = torch.cat([get_weight(m).flatten() for layer in get_decoder_layers(model)
+                   for m in linear_modules(layer, get_arch(model)).values()])
+    assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=1e-3) and rep.sparsity.overall == pytest.approx(
+        0.5, abs=1e-3)

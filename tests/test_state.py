@@ -267,6 +267,10 @@ def test_a_resume_under_another_number_of_processes_keeps_the_global_batch(tmp_p
         check_resume(tmp_path, recipe(4, 1), processes=1)
     with pytest.raises(LosaError, match=r"this one with 9 \(3 x 3 x 1\); run it with 2 processes$"):
         check_resume(tmp_path, recipe(3, 3), processes=1)  # 8 is no multiple of 3: no grad_accum keeps it
+    meta["step"] = 5  # all of LoSAConfig's default 5 steps saved: nothing left to fine-tune, any batch will do
+    (tmp_path / "state" / "state.json").write_text(json.dumps(meta))
+    assert check_resume(tmp_path, recipe(4, 1), processes=1)["step"] == 5
+    meta["step"] = 1
     del meta["processes"]
     (tmp_path / "state" / "state.json").write_text(json.dumps(meta))
     with pytest.raises(LosaError, match=r"differs from this run's in finetune.grad_accum;"):

@@ -210,7 +210,7 @@ def _use_single_pass(config: PruneConfig, pruner: Pruner, model: nn.Module, laye
     widths = [max(get_weight(m).shape) for m in linear_modules(layers[0], get_arch(model)).values()]
     itemsize = next(model.parameters()).element_size()
     # the widest activation, a few of them alive at once, plus the kept layer inputs and outputs
-    need = calib_ids.numel() * (6 * max(widths, default=1) + 2 * model.config.hidden_size) * max(itemsize, 4)
+    need = calib_ids.numel() * (6 * max(widths, default=1) + 2 * model.config.get_text_config().hidden_size) * max(itemsize, 4)
     return need <= activation_budget(resolve_device(config.device))
 
 

@@ -310,7 +310,7 @@ def check_resume(out_dir: str | Path, recipe: dict, processes: int | None = None
     if diff:
         raise LosaError(f"{RESUME}: the recipe in {d} differs from this run's in {', '.join(diff)}; use the same "
                         f"settings or a new {OUT_DIR}")
-    if saved_processes is not None:
+    if saved_processes is not None and int(meta["step"]) < int(new["steps"]):  # else nothing is left to train
         _check_global_batch(d, old["finetune"], int(saved_processes), new["finetune"],
                             world_size() if processes is None else processes)
     return meta
