@@ -535,7 +535,11 @@ def test_prune_of_a_model_without_tokenizer_files_names_the_fix(tmp_path, capsys
      "see `losa run --help`"),
     (["inspect", "m", "--zzz"], "error: unrecognized arguments: --zzz; see `losa inspect --help`"),
     (["--quiet", "prune", "m"],  # a command's option before the command (it was blamed on `losa prune`)
-     "error: --quiet before the command: put command options after it (`losa prune --quiet ...`); see `losa --help`"),
+     "error: --quiet before the command: put command options after it (`losa prune --quiet ...`); see "
+     "`losa prune --help`"),
+    (["eval", "--quiet", "ppl", "m"],  # and before a subcommand (review: it named --quiet as eval ppl's unknown)
+     "error: --quiet before the command: put command options after it (`losa eval ppl --quiet ...`); see "
+     "`losa eval ppl --help`"),
     (["--zzz"], "error: unrecognized arguments: --zzz; see `losa --help`"),
     (["run", "m", "--nm-n", "1,3"],  # another command's option (trial: only "did you mean --nm?")
      "error: unrecognized arguments: --nm-n 1,3 [--nm-n is an option of `losa prune`] (did you mean --nm?); see "

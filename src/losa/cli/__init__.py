@@ -42,6 +42,19 @@ def _did_you_mean(parser: argparse.ArgumentParser, message: str) -> str:
     return f" (did you mean {', '.join(f'{g} for {w}' for w, g in found)}?)" if found else ""
 
 
+def _early_options(parser: argparse.ArgumentParser, words: list[str]) -> tuple[list[str], argparse.ArgumentParser]:
+    """The option words given before a (sub)command's name, and the innermost command's parser."""
+    early: list[str] = []
+    at = 0
+    while (sub := next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)) is not None:
+        name = next((k for k in range(at, len(words)) if not words[k].startswith("-")), None)
+        if name is None or words[name] not in sub.choices:
+            break
+        early += words[at:name]
+        parser, at = sub.choices[words[name]], name + 1
+    return early, parser
+
+
 def _other_commands(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> str:
     """`` [--nm-n is an option of `losa prune`]`` for unknown flags that another command has (``losa run --nm-n``)."""
     own = _command_parser(parser, args)
@@ -54,6 +67,8 @@ def _other_commands(parser: argparse.ArgumentParser, args: argparse.Namespace, e
 
     notes = []
     for flag in dict.fromkeys(w.split("=", 1)[0] for w in extra if w.startswith("--")):
+        if any(flag in a.option_strings for a in own._actions):  # its own (given in the wrong place)
+            continue
         owners = [f"`{p.prog}`" for p in parsers(parser)
                   if p is not own and p is not parser and any(flag in a.option_strings for a in p._actions)]
         if owners:
@@ -129,11 +144,10 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    words = list(sys.argv[1:] if argv is None else argv)
-    command = next((i for i, w in enumerate(words) if not w.startswith("-")), len(words))
-    if extra and words[:command] and getattr(args, "command", None):  # `losa --quiet prune m`
-        early = " ".join(words[:command])
-        parser.error(f"{early} before the command: put command options after it (`losa {args.command} {early} ...`)")
+    early, own = _early_options(parser, list(sys.argv[1:] if argv is None else argv))
+    if extra and early and own is not parser:  # `losa --quiet prune m`, `losa eval --quiet ppl m`
+        own.error(f"{' '.join(early)} before the command: put command options after it "
+                  f"(`{own.prog} {' '.join(early)} ...`)")
     if extra:  # reported by the command that was given them (its help, its options to suggest)
         _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}"
                                             f"{_other_commands(parser, args, extra)}")
