@@ -492,17 +492,23 @@ def test_prune_saves_before_evaluating_and_records_the_perplexity_after(tiny_dir
             "--eval-seqlen", "32", "--quiet"]
     measure = ppl.perplexity
 
-    def stopped(*a, **k):
-        raise KeyboardInterrupt
+    second = tmp_path / "second.txt"
+    second.write_text(text.read_text())
+
+    def stopped(model, tok, d, **k):  # the first dataset is measured, Ctrl-C during the second
+        if d == str(second):
+            raise KeyboardInterrupt
+        return measure(model, tok, d, **k)
 
     monkeypatch.setattr(ppl, "perplexity", stopped)
     out = tmp_path / "stopped"
-    assert main([*argv, "--out", str(out)]) == 130
-    assert capsys.readouterr().err.strip() == (f"interrupted; the pruned model is saved in {out}, without its "
+    two = [a if a != str(text) else f"{text},{second}" for a in argv]
+    assert main([*two, "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip() == (f"interrupted; the pruned model is saved in {out}, without its {second} "
                                                f"perplexity; `losa eval ppl {out}` measures it")
     model, _ = losa.load_model(str(out))  # a whole checkpoint, half of its weights zero
     assert losa.sparsity_report(model).overall == pytest.approx(0.5, abs=1e-3)
-    assert json.loads((out / "losa.json").read_text())["results"]["ppl"] == {}
+    assert list(json.loads((out / "losa.json").read_text())["results"]["ppl"]) == [str(text)]  # the one measured
     monkeypatch.setattr(ppl, "perplexity", measure)
     out = tmp_path / "done"
     assert main([*argv, "--out", str(out)]) == 0

@@ -92,6 +92,7 @@ def test_prune_cli_with_owl_records_and_labels_it(tmp_path, capsys):
     lo, hi = min(manifest["layer_targets"]), max(manifest["layer_targets"])
     assert f"  layer-wise sparsity (owl): {lo:.4f} to {hi:.4f} over 4 layers" in log and lo < 0.6 < hi
     assert manifest["allocation"]["method"] == "owl" and len(manifest["allocation"]["outlier_ratios"]) == 4
+    assert "| wanda 60% (owl layer-wise) | calibration self 4x16" in log
     from losa.cli.prune import _default_out
     from losa.report import compare
 
@@ -104,6 +105,10 @@ def test_prune_cli_with_owl_records_and_labels_it(tmp_path, capsys):
     ({"allocator": "owl", "beta": 2.0}, r"beta only applies to allocator rmi"),
     ({"allocator": "rmi", "owl_m": 3.0}, r"owl_m only applies to allocator owl"),
     ({"allocator": "owl", "nm": "2:4"}, r"allocator=owl spreads one unstructured sparsity over the layers"),
+    ({"allocator": "atp", "beta": 0.5}, r"beta only applies to allocator rmi; .* \(ATP's step is atp_beta "
+                                        r"\(--atp-beta\)\)"),
+    ({"allocator": "rmi", "nsamples": 1}, r"allocator rmi compares the layers by linear CKA .* needs nsamples "
+                                          r"\(--nsamples\) 2 or more, got 1"),
 ])
 def test_allocator_parameters_need_their_allocator(fields, msg):
     with pytest.raises(LosaError, match=msg):

@@ -474,7 +474,7 @@ def offload_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def offload_note(model, args: argparse.Namespace) -> str | None:
+def offload_note(model: Any, args: argparse.Namespace) -> str | None:
     """What accelerate's device map put where (None for a model loaded without one), checked first.
 
     Raises:

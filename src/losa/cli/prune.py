@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from losa.cli.common import (
@@ -82,7 +83,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from losa.pruning import get_pruner
 
     calib = (f"calibration {cfg.calib} {cfg.nsamples}x{cfg.seqlen} seed {cfg.seed}"
-             if get_pruner(cfg.method).stat is not None else "no calibration needed")
+             if get_pruner(cfg.method).stat is not None or cfg.allocator != "uniform" else "no calibration needed")
     check_model_arg(args.model)
     print(f"losa prune: {args.model} | {cfg.describe()} | {calib}")
     model, tok = losa.load_model(args.model, dtype=args.dtype, **offload)
@@ -93,15 +94,16 @@ def run_prune(args: argparse.Namespace) -> int:
     if datasets:
         check_window(model, eval_seqlen, "evaluation window", eval_flag)
 
-    def ppl_all(tag: str) -> dict[str, float]:
-        res = {}
-        for d in datasets:
+    def ppl_all(tag: str, res: dict[str, float], record=None) -> dict[str, float]:
+        for d in datasets:  # res: filled as each dataset is measured; record: called after each one
             res[d] = perplexity(model, tok, d, seqlen=eval_seqlen, max_windows=args.max_windows, flag=eval_flag,
                                 data_dir=cfg.data_dir, progress=progress)
             print(f"  {tag} {d} perplexity (seqlen {eval_seqlen}, windows {args.max_windows or 'all'}): {res[d]:.3f}")
+            if record is not None:
+                record()
         return res
 
-    dense = ppl_all("dense") if args.compare_dense else {}
+    dense = ppl_all("dense", {}) if args.compare_dense else {}
     report = losa.prune(model, tok, cfg, progress=progress)
     sp = report.sparsity
     if report.allocation:  # the layer-wise allocator's choice
@@ -119,16 +121,25 @@ def run_prune(args: argparse.Namespace) -> int:
                     "results": results}
         losa.save_checkpoint(model, tok, out, manifest, overwrite=args.overwrite)
         print(f"  saved checkpoint to {out} (losa.json holds the recipe and per-module sparsity)")
+    def record() -> None:  # each perplexity goes into losa.json as soon as it is measured
+        update_manifest(out, {"results": results})
+
     try:
-        results["ppl"] = ppl_all("pruned")
-    except (KeyboardInterrupt, LosaError) as e:  # say that the pruned model is kept, and how to evaluate it
+        ppl_all("pruned", results["ppl"], None if args.no_save else record)
+    except BaseException as e:  # say that the pruned model is kept, and how to evaluate it
         if args.no_save:
             raise
-        kept = f"the pruned model is saved in {out}, without its perplexity; `losa eval ppl {out}` measures it"
-        raise (KeyboardInterrupt(kept) if isinstance(e, KeyboardInterrupt) else LosaError(f"{e} ({kept})")) from None
+        missing = [d for d in datasets if d not in results["ppl"]]
+        kept = (f"the pruned model is saved in {out}, without its {', '.join(missing)} perplexity; "
+                f"`losa eval ppl {out}` measures it")
+        if isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt(kept) from None
+        if isinstance(e, LosaError):
+            raise LosaError(f"{e} ({kept})") from None
+        print(f"note: {kept}", file=sys.stderr)  # an unexpected error (e.g. out of memory) keeps its traceback
+        raise
     if args.no_save:
         print("  not saved (--no-save)")
     elif datasets:
-        update_manifest(out, {"results": results})
         print(f"  perplexities recorded in {out / MANIFEST}")
     return 0

@@ -87,9 +87,8 @@ def run_losa(args: argparse.Namespace) -> int:
                       f"{'' if args.no_save else ', model/'}): nothing to do; `losa report {out}` shows it")
                 for flag, was, now in _other_data(resumed["recipe"], cfg):
                     print(f"warning: the finished run in {out} was made with "
-                          f"{f'{flag} {was}' if was is not None else f'no {flag}'}; this command's "
-                          f"{f'{flag} {now}' if now is not None else f'lack of {flag}'} was not used (a new --out "
-                          f"starts a run with it)", file=sys.stderr)
+                          f"{f'{flag} {was}' if was is not None else f'no {flag}'}; this command's {flag} {now} was "
+                          f"not used (a new --out starts a run with it)", file=sys.stderr)
             return 0
         rest = f"merging, verifying{', evaluating' if datasets else ''} and saving"
         if is_main():
@@ -191,9 +190,9 @@ def _other_data(recorded: dict, cfg: LoSAConfig) -> list[tuple[str, Any, Any]]:
         return a == b or (a is not None and b is not None and Path(a).exists() and Path(b).exists()
                           and Path(a).resolve() == Path(b).resolve())
 
-    return [(flag, recorded.get(field), getattr(cfg, field))
+    return [(flag, recorded.get(field), getattr(cfg, field))  # a flag left out of the resume changes nothing
             for field, flag in (("finetune_data", "--finetune-data"), ("data_dir", "--data-dir"))
-            if not same(recorded.get(field), getattr(cfg, field))]
+            if getattr(cfg, field) is not None and not same(recorded.get(field), getattr(cfg, field))]
 
 
 def _finished(out: Path, datasets: list[str], settings: PplSettings | None, no_save: bool,

@@ -18,7 +18,18 @@ AUTO_BATCH_TOKENS = 1024
 
 class AllocatorParams(LosaConfig):
     """The parameters of the RMI and OWL layer-wise sparsity allocators, shared by one-shot pruning and LoSA
-    (:mod:`losa.allocation.allocators`)."""
+    (:mod:`losa.allocation.allocators`).
+
+    Args:
+        rmi_features: RMI (LoSA, Huang et al. ICLR 2025, Eq. 4-5) compares the layers' ``inputs`` or ``outputs``
+            by linear CKA over the calibration windows.
+        beta: RMI's softmax temperature over the layers' importances (> 0).
+        delta: RMI's band: each layer's sparsity within ``target ± delta`` (None: :func:`default_delta`).
+        owl_m: OWL (Yin et al. ICML 2024): a Wanda score above ``owl_m`` times its layer's mean is an outlier.
+        owl_lambda: OWL's band: each layer's sparsity within ``target ± owl_lambda``.
+    Raises:
+        LosaError: a value out of range (on construction).
+    """
 
     rmi_features: Literal["inputs", "outputs"] = Field("inputs", description="RMI: compare the layers' inputs or "
                                                                              "outputs by linear CKA")

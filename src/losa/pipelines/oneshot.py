@@ -128,8 +128,13 @@ class PruneConfig(AllocatorParams, CalibrationConfig):
             given = [f for f in params if f in self.non_default_fields()]
             if self.allocator != owner and given:
                 chosen = option(f"allocator='{owner}'", f"--allocator {owner}")
+                atp = (f" (ATP's step is {option('atp_beta')})" if self.allocator == "atp" and "beta" in given
+                       else "")
                 raise ValueError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to allocator "
-                                 f"{owner}; add {chosen} or drop {' and '.join(option(f) for f in given)}")
+                                 f"{owner}; add {chosen} or drop {' and '.join(option(f) for f in given)}{atp}")
+        if self.allocator == "rmi" and self.nsamples < 2:
+            raise ValueError(f"allocator rmi compares the layers by linear CKA across calibration windows, which needs "
+                             f"{option('nsamples')} 2 or more, got {self.nsamples}")
         if self.atp_beta is not None and "atp_grid_points" in self.non_default_fields():
             raise ValueError("atp_grid_points sets the grid search, which a fixed atp_beta skips; drop one of them")
         return self
@@ -154,7 +159,8 @@ class PruneConfig(AllocatorParams, CalibrationConfig):
         if self.nm is not None:
             return f"{self.method} {'mixed ' if self.nm_n else ''}{self.nm}"
         s = self.sparsity
-        return f"{self.method} {s:.0%}" if isinstance(s, float) else f"{self.method} per-layer"
+        alloc = f" ({self.allocator} layer-wise)" if self.allocator != "uniform" else ""
+        return f"{self.method} {s:.0%}{alloc}" if isinstance(s, float) else f"{self.method} per-layer"
 
 
 @dataclass

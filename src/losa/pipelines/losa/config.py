@@ -111,8 +111,8 @@ class LoSAConfig(AllocatorParams, CalibrationConfig):
     @classmethod
     def _nsamples(cls, v: int) -> int:
         if v < 2:
-            raise ValueError(f"{v} must be at least 2: RMI compares the layers by linear CKA across calibration "
-                             "windows, which needs two")
+            raise ValueError(f"{v} must be at least 2: a LoSA run needs two calibration windows or more (its RMI "
+                             "allocation compares the layers by linear CKA across windows)")
         return v
 
     @field_validator("steps")
