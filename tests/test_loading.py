@@ -266,3 +266,16 @@ def test_hub_probe_skipped_offline_and_passes_on_an_answer(monkeypatch):
                         classmethod(lambda cls, *a, **k: (model, {"missing_keys": set()})))
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(lambda cls, *a, **k: make_tiny_tokenizer()))
     assert losa.load_model("org/name")[0] is model
+
+
+@pytest.mark.parametrize("name", ["float32", "float", "bfloat16", "float16", "half"])
+def test_dtype_names_are_torch_s_own(name):
+    """--dtype takes torch's names for its dtypes, 'half' and 'float' included (the trial's --dtype half was
+    refused); a non-floating dtype is refused in one line."""
+    import torch
+
+    from losa.models.loading import parse_dtype
+
+    assert parse_dtype(name) is getattr(torch, name)
+    with pytest.raises(LosaError, match=r"^unknown dtype 'float64'; use one of float32, fp32, float, bfloat16"):
+        parse_dtype("float64")

@@ -34,8 +34,8 @@ ALIASES: dict[str, tuple[str, str, str]] = {
     ),
 }
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
 def cache_dir() -> Path:
@@ -56,7 +56,7 @@ def cache_dir() -> Path:
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """A torch dtype from its name (float32/fp32, bfloat16/bf16, float16/fp16) or passed through.
+    """A torch dtype from its name (float32/fp32/float, bfloat16/bf16, float16/fp16/half) or passed through.
 
     Args:
         dtype: a name or a ``torch.dtype``.
