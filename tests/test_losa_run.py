@@ -360,15 +360,39 @@ def test_losa_on_a_multimodal_gemma3_checkpoint(tmp_path, calib):
         0.6, abs=0.01)
 
 
-def test_lora_dropout_reaches_the_adapters(tmp_path, calib):
-    """LoSAConfig exposes the adapters' input dropout (PEFT's lora_dropout; the trial found it in SparseLoRAConfig
-    only): every adapter applies it while fine-tuning."""
-    cfg = _cfg(steps=1, finetune_data=_text_data(tmp_path / "ft.jsonl"), lora_dropout=0.25)
+def test_lora_target_modules_and_dropout_reach_the_adapters(tmp_path, calib):
+    """LoSAConfig exposes PEFT's target_modules and lora_dropout (the trial found them in SparseLoRAConfig only):
+    only the MLP adapters are trained, with the dropout asked; the attention linears are pruned to the same
+    targets and come out as the original weights where kept (never adapted); a pattern matching nothing is
+    refused before any work."""
+    dense = make_tiny_model("llama", seed=0, layers=2)
     model = make_tiny_model("llama", seed=0, layers=2)
+    cfg = _cfg(steps=1, finetune_data=_text_data(tmp_path / "ft.jsonl"), lora_target_modules=["mlp.*"],
+               lora_dropout=0.25)
     job = LoSARun(model, make_tiny_tokenizer(), cfg, None, calib_ids=calib, progress=False)
     job.setup()
-    adapted = sparse_lora_modules(model)
-    assert adapted and all(isinstance(m.dropout, torch.nn.Dropout) and m.dropout.p == 0.25 for m in adapted.values())
+    adapters = sparse_lora_modules(model)
+    trained = {q for q, m in adapters.items() if m.lora_A.requires_grad}
+    assert trained == {q for q in adapters if ".mlp." in q} and trained
+    assert all(isinstance(m.dropout, torch.nn.Dropout) and m.dropout.p == 0.25 for m in adapters.values())
+    job.step(1)
+    assert all(m.rank == 0 for q, m in adapters.items() if q not in trained)  # rank allocation skips them
+    rep = job.finish()
+    targets = rep.steps[-1].layer_target_sparsity
+    for i, (layer, ref) in enumerate(zip(get_decoder_layers(model), get_decoder_layers(dense))):
+        now, was = linear_modules(layer), linear_modules(ref)
+        for name in now:
+            w, w0 = get_weight(now[name]), get_weight(was[name])
+            kept = w != 0
+            assert float((~kept).float().mean()) >= targets[i] - 1 / w.shape[1] - 1e-6, name  # pruned alike
+            if name.startswith("self_attn."):
+                assert torch.equal(w[kept], w0[kept]), name
+            else:
+                assert not torch.allclose(w[kept], w0[kept]), name
+    with pytest.raises(LosaError, match=r"^target modules attn\.\* match no linear of the decoder layers "
+                                        r"\(self_attn.q_proj, .*\); use e.g. mlp\.\*$"):
+        LoSARun(make_tiny_model("llama", layers=2), make_tiny_tokenizer(), _cfg(steps=1, lora_target_modules=["attn.*"]),
+                None, calib_ids=calib, progress=False).setup()
 
 
 def test_sparsegpt_one_shot_on_a_multimodal_gemma3_checkpoint(calib):

@@ -119,8 +119,8 @@ def _unused_parameters_possible(model: nn.Module) -> bool:
     from losa.lora.layer import SparseLoRALinear
     from losa.models.experts import UnfusedExperts
 
-    return any((isinstance(m, SparseLoRALinear) and not m.merged and m.rank == 0) or isinstance(m, UnfusedExperts)
-               for m in model.modules())
+    return any((isinstance(m, SparseLoRALinear) and not m.merged and m.rank == 0 and m.lora_A.requires_grad)
+               or isinstance(m, UnfusedExperts) for m in model.modules())
 
 
 class _LosaTrainer(Trainer):

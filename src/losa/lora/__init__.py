@@ -6,6 +6,7 @@ from losa.lora.layer import SparseLoRALinear
 from losa.lora.model import (
     adapter_state_dict,
     add_sparse_lora,
+    freeze_adapters,
     load_adapter_state_dict,
     load_adapters,
     lora_parameters,
@@ -20,6 +21,7 @@ __all__ = [
     "SparseLoRALinear",
     "adapter_state_dict",
     "add_sparse_lora",
+    "freeze_adapters",
     "load_adapter_state_dict",
     "load_adapters",
     "lora_parameters",

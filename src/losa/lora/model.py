@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -104,8 +105,58 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in sparse_lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
 
 
+def freeze_adapters(model: nn.Module, target_modules: Sequence[str]) -> int:
+    """Freeze at rank 0 every adapter whose module (named relative to its decoder layer, e.g. ``mlp.down_proj``)
+    matches none of the glob patterns ``target_modules``: it adds nothing, is not trained (``requires_grad``
+    off) and keeps rank 0 in :func:`set_layer_ranks`, while its mask still follows pruning and is saved with the
+    others (LoSA's ``lora_target_modules``).
+
+    Args:
+        model: a model with adapters from :func:`add_sparse_lora`, of a registered architecture.
+        target_modules: the glob patterns of the adapters that stay trainable.
+    Returns:
+        How many adapters were frozen.
+    Raises:
+        LosaError: no adapter matches ``target_modules`` (the message lists the module names).
+    """
+    names: list[str] = []
+    frozen = 0
+    for layer in get_decoder_layers(model):
+        for name, m in layer.named_modules():
+            if not isinstance(m, SparseLoRALinear):
+                continue
+            names.append(name)
+            if not any(fnmatch.fnmatch(name, pat) for pat in target_modules):
+                m.set_rank(0)
+                m.lora_A.requires_grad_(False)
+                m.lora_B.requires_grad_(False)
+                m.frozen = True
+                frozen += 1
+    if frozen == len(names):
+        raise _no_target(target_modules, names)
+    return frozen
+
+
+def check_target_modules(model: nn.Module, target_modules: Sequence[str]) -> None:
+    """Fail before any work when the glob patterns ``target_modules`` match no prunable linear of ``model``'s
+    decoder layers (names relative to the layer, e.g. ``mlp.down_proj``).
+
+    Raises:
+        LosaError: no match (the message lists the names).
+    """
+    names = [n for layer in get_decoder_layers(model) for n in linear_modules(layer)]
+    if not any(fnmatch.fnmatch(n, pat) for n in names for pat in target_modules):
+        raise _no_target(target_modules, names)
+
+
+def _no_target(target_modules: Sequence[str], names: list[str]) -> LosaError:
+    return LosaError(f"target modules {', '.join(target_modules)} match no linear of the decoder layers "
+                     f"({', '.join(dict.fromkeys(names))}); use e.g. mlp.*")
+
+
 def set_layer_ranks(model: nn.Module, ranks: list[int], generator: torch.Generator | None = None) -> None:
-    """Give every adapter of decoder layer l the rank ``ranks[l]``.
+    """Give every adapter of decoder layer l the rank ``ranks[l]`` (adapters frozen by :func:`freeze_adapters`
+    keep rank 0).
 
     Used by LoSA's sparsity-aware rank allocation; see :meth:`SparseLoRALinear.set_rank` for what
     happens to ranks that leave or join the active set.
@@ -125,7 +176,7 @@ def set_layer_ranks(model: nn.Module, ranks: list[int], generator: torch.Generat
         raise LosaError(f"got {len(ranks)} ranks for {len(layers)} decoder layers")
     for r, layer in zip(ranks, layers):
         for m in layer.modules():
-            if isinstance(m, SparseLoRALinear):
+            if isinstance(m, SparseLoRALinear) and not getattr(m, "frozen", False):  # frozen: freeze_adapters
                 m.set_rank(int(r), generator)
 
 

@@ -49,6 +49,9 @@ class LoSAConfig(AllocatorParams, CalibrationConfig):
             rank Ω_1 to Ω_T, per-layer bounds ``[r_min, r_max]``), adapter capacity ``r_max`` and
             scale ``lora_alpha / r_max``.
         lora_dropout: the adapters' input dropout in fine-tuning (:class:`~losa.lora.SparseLoRAConfig`).
+        lora_target_modules: glob patterns (PEFT's ``target_modules``, relative to the decoder layer) of the
+            linears whose adapters are trained; the others are pruned to the same targets and keep a frozen
+            adapter at rank 0 (:func:`losa.lora.freeze_adapters`), so they stay in the resume state.
         nsamples, recon_nsamples: calibration windows, and those used for reconstruction errors.
         finetune_data, max_examples, finetune: fine-tuning data, its size cap and
             :class:`FinetuneConfig`.
@@ -86,6 +89,10 @@ class LoSAConfig(AllocatorParams, CalibrationConfig):
     r_max: int = Field(16, ge=1, description="adapter capacity: the largest LoRA rank of a layer")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; the adapter scale is alpha / r_max")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input while fine-tuning")
+    lora_target_modules: list[str] = Field(["*"], description="glob patterns, relative to the decoder layer (e.g. "
+                                                              "mlp.*), of the linears whose adapters are trained; the "
+                                                              "others are pruned alike and keep a frozen rank-0 "
+                                                              "adapter (default: all)")
     nsamples: int = Field(128, description="calibration windows (RMI Grams and pruning statistics; at least 2)")
     recon_nsamples: int = Field(16, ge=1, description="calibration windows used for reconstruction errors",
                                 json_schema_extra={"default_help": "16, at most --nsamples"})
@@ -168,7 +175,8 @@ class LoSAConfig(AllocatorParams, CalibrationConfig):
         if not self.finetunes:
             why = f"without {FINETUNE_DATA} or {DISTILL}, so nothing is fine-tuned; add one of them or drop it"
             out += [(("finetune", f), why) for f in FinetuneConfig.model_fields if f in ft_set and f != "distill"]
-            out += [((f,), why) for f in ("max_examples", "lora_dropout") if f in self.non_default_fields()]
+            out += [((f,), why) for f in ("max_examples", "lora_dropout", "lora_target_modules")
+                    if f in self.non_default_fields()]
         elif not self.finetune.distill and "temperature" in ft_set:
             out.append((("finetune", "temperature"),
                         f"without {DISTILL}; add {option('finetune.distill=True', '--distill')} or drop it"))

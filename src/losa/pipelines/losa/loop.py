@@ -42,7 +42,14 @@ from losa.finetune.teacher import TeacherTopK
 from losa.lora.bitmask import count_bits
 from losa.lora.config import SparseLoRAConfig
 from losa.lora.layer import SparseLoRALinear
-from losa.lora.model import add_sparse_lora, merge_and_unload, set_layer_ranks, sparse_lora_modules
+from losa.lora.model import (
+    add_sparse_lora,
+    check_target_modules,
+    freeze_adapters,
+    merge_and_unload,
+    set_layer_ranks,
+    sparse_lora_modules,
+)
 from losa.lora.ranks import allocate_ranks
 from losa.models.moe import unfused_experts
 from losa.models.offload import is_offloaded
@@ -346,6 +353,7 @@ class LoSARun:
         cfg, model = self.cfg, self.model
         check_window(model, cfg.seqlen if self.calib_ids is None else self.calib_ids.shape[1], "calibration window",
                      option("seqlen"))
+        check_target_modules(model, cfg.lora_target_modules)
         if cfg.finetunes:
             check_window(model, cfg.finetune.max_length, "fine-tuning example",
                          option("finetune.max_length", "--max-length"))
@@ -393,6 +401,8 @@ class LoSARun:
         init_rank = int(round(min(max(cfg.omega_first, cfg.r_min), cfg.r_max)))
         add_sparse_lora(model, SparseLoRAConfig(r_max=cfg.r_max, rank=init_rank, alpha=cfg.lora_alpha,
                                                 dropout=cfg.lora_dropout, init_seed=cfg.seed))
+        if cfg.lora_target_modules != ["*"]:  # the other linears: pruned, saved and restored alike, not adapted
+            freeze_adapters(model, cfg.lora_target_modules)
         self.wrappers = {id(m.base): m for m in sparse_lora_modules(model).values()}
         # the original weights (nothing is pruned yet): the state stores only what differs from them
         self.origin = WeightOrigin.of(model) if self.write or self.resume else None
