@@ -547,6 +547,7 @@ def test_prune_of_a_model_without_tokenizer_files_names_the_fix(tmp_path, capsys
      "error: --quiet before the command: put command options after it (`losa eval ppl --quiet ...`); see "
      "`losa eval ppl --help`"),
     (["--zzz"], "error: unrecognized arguments: --zzz; see `losa --help`"),
+    (["--zzz", "prune", "m"], "error: unrecognized arguments: --zzz; see `losa prune --help`"),  # no command has it
     (["run", "m", "--nm-n", "1,3"],  # another command's option (trial: only "did you mean --nm?")
      "error: unrecognized arguments: --nm-n 1,3 [--nm-n is an option of `losa prune`] (did you mean --nm?); see "
      "`losa run --help`"),

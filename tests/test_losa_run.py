@@ -389,7 +389,8 @@ def test_lora_target_modules_and_dropout_reach_the_adapters(tmp_path, calib):
                 assert torch.equal(w[kept], w0[kept]), name
             else:
                 assert not torch.allclose(w[kept], w0[kept]), name
-    with pytest.raises(LosaError, match=r"^target modules attn\.\* match no linear of the decoder layers "
+    with pytest.raises(LosaError, match=r"^lora_target_modules \(--lora-target-modules\) attn\.\* matches no linear of "
+                                        r"the decoder layers "
                                         r"\(self_attn.q_proj, .*\); use e.g. mlp\.\*$"):
         LoSARun(make_tiny_model("llama", layers=2), make_tiny_tokenizer(), _cfg(steps=1, lora_target_modules=["attn.*"]),
                 None, calib_ids=calib, progress=False).setup()

@@ -233,3 +233,30 @@ def test_merge_equals_adapter_forward_other_families(tiny_model, family):
         w = model.get_submodule(q).weight
         w = w.T if family == "gpt2" else w
         assert torch.all(w[~mask] == 0)
+
+
+def test_freeze_adapters_keeps_untrained_ones_as_drawn_and_folds_trained_ones(tiny_model):
+    """freeze_adapters: adapters outside the patterns go to rank 0 without a gradient and stay there through
+    set_layer_ranks; an untrained one keeps its A (no draw from the global RNG), a trained one's update is folded
+    into W, so the model computes the same function; lora_parameters lists only the trainable ones."""
+    from losa.lora import freeze_adapters, lora_parameters
+
+    model = tiny_model("llama", seed=0, layers=2)
+    mods = add_sparse_lora(model, SparseLoRAConfig(r_max=8, rank=4, alpha=16))
+    q0 = mods["model.layers.0.self_attn.q_proj"]
+    a_before = q0.lora_A.detach().clone()
+    k1 = mods["model.layers.1.self_attn.k_proj"]
+    with torch.no_grad():
+        k1.lora_B.normal_(generator=torch.Generator().manual_seed(1))  # as if trained
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(ids).logits
+    assert freeze_adapters(model, ["mlp.*"]) == 8  # 4 attention projections x 2 layers
+    assert torch.equal(q0.lora_A, a_before) and q0.rank == 0 and not q0.lora_A.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)  # k1 folded into W
+    set_layer_ranks(model, [6, 6])
+    assert {q for q, m in mods.items() if m.rank == 6} == {q for q in mods if ".mlp." in q}
+    assert len(lora_parameters(model)) == 2 * 6  # A and B of the 3 MLP projections in 2 layers
+    with pytest.raises(LosaError, match=r"^target_modules attn\.\* matches no linear"):
+        freeze_adapters(model, ["attn.*"])

@@ -145,7 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     early, own = _early_options(parser, list(sys.argv[1:] if argv is None else argv))
-    if extra and early and own is not parser:  # `losa --quiet prune m`, `losa eval --quiet ppl m`
+    owns = {o for a in own._actions for o in a.option_strings}
+    if (extra and early and own is not parser  # `losa --quiet prune m`, `losa eval --quiet ppl m`
+            and all(w.split("=", 1)[0] in owns for w in early if w.startswith("-"))):
         own.error(f"{' '.join(early)} before the command: put command options after it "
                   f"(`{own.prog} {' '.join(early)} ...`)")
     if extra:  # reported by the command that was given them (its help, its options to suggest)

@@ -18,7 +18,8 @@ DEFAULT_MODEL = "smollm2-135m"
 def add_model_arg(p: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL) -> None:
     p.add_argument("model", nargs="?" if default else None, default=default,
                    help=f"local HF directory, hub id, .gguf file or built-in alias (default: {default})")
-    p.add_argument("--dtype", default="float32", help="weight dtype to load: float32, bfloat16, float16")
+    p.add_argument("--dtype", default="float32", help="weight dtype to load: float32 (fp32, float), bfloat16 (bf16), "
+                                                     "float16 (fp16, half)")
 
 
 def check_model_arg(name: str) -> None:

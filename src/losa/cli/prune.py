@@ -131,7 +131,9 @@ def run_prune(args: argparse.Namespace) -> int:
             raise
         missing = [d for d in datasets if d not in results["ppl"]]
         kept = (f"the pruned model is saved in {out}, without its {', '.join(missing)} perplexity; "
-                f"`losa eval ppl {out}` measures it")
+                f"`losa eval ppl {out}` measures it" if missing else
+                f"the pruned model is saved in {out}; its perplexities were measured (above) but not all recorded "
+                "in its losa.json")
         if isinstance(e, KeyboardInterrupt):
             raise KeyboardInterrupt(kept) from None
         if isinstance(e, LosaError):

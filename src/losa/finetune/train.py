@@ -120,7 +120,8 @@ def _unused_parameters_possible(model: nn.Module) -> bool:
     from losa.models.experts import UnfusedExperts
 
     return any((isinstance(m, SparseLoRALinear) and not m.merged and m.rank == 0 and m.lora_A.requires_grad)
-               or isinstance(m, UnfusedExperts) for m in model.modules())
+               or (isinstance(m, UnfusedExperts) and any(p.requires_grad for p in m.parameters()))
+               for m in model.modules())
 
 
 class _LosaTrainer(Trainer):

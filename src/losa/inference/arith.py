@@ -36,7 +36,7 @@ from losa.errors import LosaError
 ISA_LEVELS = ("scalar", "avx2", "avx512")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 VALUE_DTYPES = ("auto", "float32", "bfloat16")
-_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 
 @dataclass(frozen=True)

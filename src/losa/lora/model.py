@@ -97,19 +97,21 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     Args:
         model: a model with adapters from :func:`add_sparse_lora`.
     Returns:
-        ``[A, B]`` of every adapter in model order: ``lora_A`` ``[r_max, in]`` and ``lora_B``
-        ``[out, r_max]``, float32, at full capacity (inactive ranks included).
+        ``[A, B]`` of every adapter in model order, except those :func:`freeze_adapters` froze: ``lora_A``
+        ``[r_max, in]`` and ``lora_B`` ``[out, r_max]``, float32, at full capacity (inactive ranks included).
     Raises:
         Nothing of its own.
     """
-    return [p for m in sparse_lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
+    return [p for m in sparse_lora_modules(model).values() for p in (m.lora_A, m.lora_B) if p.requires_grad]
 
 
 def freeze_adapters(model: nn.Module, target_modules: Sequence[str]) -> int:
     """Freeze at rank 0 every adapter whose module (named relative to its decoder layer, e.g. ``mlp.down_proj``)
     matches none of the glob patterns ``target_modules``: it adds nothing, is not trained (``requires_grad``
     off) and keeps rank 0 in :func:`set_layer_ranks`, while its mask still follows pruning and is saved with the
-    others (LoSA's ``lora_target_modules``).
+    others (LoSA's ``lora_target_modules``). An adapter that was already trained has its update folded into the
+    weight under the mask first, as :meth:`SparseLoRALinear.set_rank` does; an untrained one (``B = 0``) keeps
+    its ``A`` (no random draw).
 
     Args:
         model: a model with adapters from :func:`add_sparse_lora`, of a registered architecture.
@@ -127,30 +129,37 @@ def freeze_adapters(model: nn.Module, target_modules: Sequence[str]) -> int:
                 continue
             names.append(name)
             if not any(fnmatch.fnmatch(name, pat) for pat in target_modules):
-                m.set_rank(0)
+                if bool(m.lora_B.detach().any()):
+                    m.set_rank(0)  # folds the trained update into W
+                else:
+                    m.active_rank.fill_(0)
                 m.lora_A.requires_grad_(False)
                 m.lora_B.requires_grad_(False)
                 m.frozen = True
                 frozen += 1
     if frozen == len(names):
-        raise _no_target(target_modules, names)
+        raise _no_target("target_modules", target_modules, names)
     return frozen
 
 
-def check_target_modules(model: nn.Module, target_modules: Sequence[str]) -> None:
+def check_target_modules(model: nn.Module, target_modules: Sequence[str], what: str = "target_modules") -> None:
     """Fail before any work when the glob patterns ``target_modules`` match no prunable linear of ``model``'s
     decoder layers (names relative to the layer, e.g. ``mlp.down_proj``).
 
+    Args:
+        model: a causal LM of a registered architecture.
+        target_modules: glob patterns.
+        what: the setting that gave them, as the message names it.
     Raises:
         LosaError: no match (the message lists the names).
     """
     names = [n for layer in get_decoder_layers(model) for n in linear_modules(layer)]
     if not any(fnmatch.fnmatch(n, pat) for n in names for pat in target_modules):
-        raise _no_target(target_modules, names)
+        raise _no_target(what, target_modules, names)
 
 
-def _no_target(target_modules: Sequence[str], names: list[str]) -> LosaError:
-    return LosaError(f"target modules {', '.join(target_modules)} match no linear of the decoder layers "
+def _no_target(what: str, target_modules: Sequence[str], names: list[str]) -> LosaError:
+    return LosaError(f"{what} {','.join(target_modules)} matches no linear of the decoder layers "
                      f"({', '.join(dict.fromkeys(names))}); use e.g. mlp.*")
 
 

@@ -353,7 +353,7 @@ class LoSARun:
         cfg, model = self.cfg, self.model
         check_window(model, cfg.seqlen if self.calib_ids is None else self.calib_ids.shape[1], "calibration window",
                      option("seqlen"))
-        check_target_modules(model, cfg.lora_target_modules)
+        check_target_modules(model, cfg.lora_target_modules, option("lora_target_modules"))
         if cfg.finetunes:
             check_window(model, cfg.finetune.max_length, "fine-tuning example",
                          option("finetune.max_length", "--max-length"))
