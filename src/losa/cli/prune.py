@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from losa.cli.common import (
@@ -94,7 +95,7 @@ def run_prune(args: argparse.Namespace) -> int:
     if datasets:
         check_window(model, eval_seqlen, "evaluation window", eval_flag)
 
-    def ppl_all(tag: str, res: dict[str, float], record=None) -> dict[str, float]:
+    def ppl_all(tag: str, res: dict[str, float], record: Callable[[], None] | None = None) -> dict[str, float]:
         for d in datasets:  # res: filled as each dataset is measured; record: called after each one
             res[d] = perplexity(model, tok, d, seqlen=eval_seqlen, max_windows=args.max_windows, flag=eval_flag,
                                 data_dir=cfg.data_dir, progress=progress)
