@@ -49,8 +49,10 @@ def checkpoint_manifest(name: str) -> dict:
     model (no such file, unreadable, not a JSON object)."""
     import os
 
+    from losa.export.checkpoint import MANIFEST
+
     try:
-        with open(os.path.join(name, "losa.json")) as fh:
+        with open(os.path.join(name, MANIFEST)) as fh:
             manifest = json.load(fh)
     except (OSError, ValueError):
         return {}
@@ -188,6 +190,11 @@ def check_window_flags(seqlen: int | None, seqlen_flag: str, max_windows: int | 
                         + (f"; {seqlen_hint}" if seqlen_hint else ""))
     if max_windows is not None and max_windows < 1:
         raise LosaError(f"--max-windows {max_windows} must be at least 1; omit it to evaluate every window")
+
+
+def eval_flag(args: argparse.Namespace) -> str:
+    """The option that set the evaluation window, as errors name it: ``--eval-seqlen`` if given, else ``--seqlen``."""
+    return "--eval-seqlen" if args.eval_seqlen is not None else "--seqlen"
 
 
 def eval_settings(args: argparse.Namespace, seqlen: int, data_dir: str | None) -> tuple[list[str], int]:
@@ -460,10 +467,9 @@ def offload_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         if not (dev.isdigit() or dev == "cpu") or m is None:
             raise LosaError(f"--max-memory entry {item.strip()!r} is not DEVICE=SIZE; use e.g. 0=70GiB,cpu=200GiB "
                             "(a GPU index or cpu, and a size in B, KB, MB, GB, TB or KiB, MiB, GiB, TiB)")
-        if dev.isdigit() and int(dev) >= torch.cuda.device_count():
-            raise LosaError(f"--max-memory names GPU {dev}, and this machine has {torch.cuda.device_count() or 'no'} "
-                            f"GPU{'' if torch.cuda.device_count() == 1 else 's'}; give budgets for its devices (cpu "
-                            "without a GPU)")
+        if dev.isdigit() and int(dev) >= (gpus := torch.cuda.device_count()):
+            raise LosaError(f"--max-memory names GPU {dev}, and this machine has {gpus or 'no'} "
+                            f"GPU{'' if gpus == 1 else 's'}; give budgets for its devices (cpu without a GPU)")
         unit = m.group(2).upper()
         scale = 1 if unit == "B" else (1024 if "I" in unit else 1000) ** ("KMGT".index(unit[0]) + 1)
         budgets[int(dev) if dev.isdigit() else dev] = int(float(m.group(1)) * scale)

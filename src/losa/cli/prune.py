@@ -15,6 +15,7 @@ from losa.cli.common import (
     add_recipe_args,
     check_model_arg,
     config_from_args,
+    eval_flag,
     eval_settings,
     offload_kwargs,
     offload_note,
@@ -74,7 +75,7 @@ def run_prune(args: argparse.Namespace) -> int:
     progress = not args.quiet
     # everything that can be checked without the model, before it is loaded, calibrated and pruned
     datasets, eval_seqlen = eval_settings(args, cfg.seqlen, cfg.data_dir)
-    eval_flag = "--eval-seqlen" if args.eval_seqlen is not None else "--seqlen"
+    window_flag = eval_flag(args)
     if args.no_save and (args.out or args.overwrite):
         raise LosaError(f"{'--out' if args.out else '--overwrite'} has no effect with --no-save; drop one of them")
     out = Path(args.out) if args.out else _default_out(args.model, cfg)
@@ -93,11 +94,11 @@ def run_prune(args: argparse.Namespace) -> int:
     if get_pruner(cfg.method).stat is not None:  # the calibration window first: --seqlen sets both by default
         check_window(model, cfg.seqlen, "calibration window", option("seqlen"))
     if datasets:
-        check_window(model, eval_seqlen, "evaluation window", eval_flag)
+        check_window(model, eval_seqlen, "evaluation window", window_flag)
 
     def ppl_all(tag: str, res: dict[str, float], record: Callable[[], None] | None = None) -> dict[str, float]:
         for d in datasets:  # res: filled as each dataset is measured; record: called after each one
-            res[d] = perplexity(model, tok, d, seqlen=eval_seqlen, max_windows=args.max_windows, flag=eval_flag,
+            res[d] = perplexity(model, tok, d, seqlen=eval_seqlen, max_windows=args.max_windows, flag=window_flag,
                                 data_dir=cfg.data_dir, progress=progress)
             print(f"  {tag} {d} perplexity (seqlen {eval_seqlen}, windows {args.max_windows or 'all'}): {res[d]:.3f}")
             if record is not None:

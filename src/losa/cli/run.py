@@ -15,6 +15,7 @@ from losa.cli.common import (
     add_recipe_args,
     check_model_arg,
     config_from_args,
+    eval_flag,
     eval_settings,
     recipe_for_manifest,
     refuse_ignored,
@@ -64,7 +65,7 @@ def run_losa(args: argparse.Namespace) -> int:
     progress = not args.quiet and is_main()  # one set of bars for a multi-process run
     # everything that can be checked without the model, before it is loaded, calibrated and pruned
     datasets, eval_seqlen = eval_settings(args, cfg.seqlen, cfg.data_dir)
-    eval_flag = "--eval-seqlen" if args.eval_seqlen is not None else "--seqlen"
+    window_flag = eval_flag(args)
     check_output_dir(out, "--out", exists_ok=True)
     resumed = check_run_dir(out, cfg, args.resume)  # an existing run is refused, or checked for --resume, first
     resolve_device(cfg.device)
@@ -99,7 +100,7 @@ def run_losa(args: argparse.Namespace) -> int:
     step_eval = StepEval(datasets, eval_seqlen, args.max_windows, cfg.data_dir) if args.eval_every_step else None
     model, tok = losa.load_model(args.model, dtype=args.dtype)
     if datasets:
-        check_window(model, eval_seqlen, "evaluation window", eval_flag)
+        check_window(model, eval_seqlen, "evaluation window", window_flag)
     dense = _perplexities(args, cfg, model, tok, datasets, settings, "dense") if args.compare_dense and is_main() else {}
     try:  # Ctrl-C anywhere from here on: say what is saved and how to continue
         with warnings.catch_warnings():  # printed above, as one line
@@ -126,7 +127,7 @@ def _perplexities(args: argparse.Namespace, cfg: LoSAConfig, model, tok, dataset
     for d in datasets:
         assert settings is not None
         out[d] = float(perplexity(model, tok, d, seqlen=settings.seqlen, max_windows=args.max_windows,
-                                  flag="--eval-seqlen" if args.eval_seqlen is not None else "--seqlen",
+                                  flag=eval_flag(args),
                                   data_dir=cfg.data_dir, progress=not args.quiet))
         print(f"  {tag} {d} perplexity: {out[d]:.3f}", flush=True)
     return out
