@@ -54,8 +54,8 @@ def commit() -> str:
                                 "--", ".", ":(exclude)benchmarks/results"],
                                capture_output=True, text=True, check=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    except (OSError, subprocess.CalledProcessError):  # no git (a copy of the tree): the commit the caller names
+        return os.environ.get("LOSA_COMMIT", "unknown")
 
 
 #: environment variables that force an ISA path (losa's kernel, torch's kernels): a row's command starts with

@@ -1,4 +1,4 @@
-"""One prepared GPU check of LoSA at the scale users run it (run it once on a lent GPU, ~5 minutes).
+"""One prepared GPU check of LoSA at the scale users run it (run it once on a lent GPU, under 7 minutes).
 
 On a LLaMA-7B-shaped random-weight bf16 model (32 decoder layers by default):
 
@@ -7,9 +7,14 @@ On a LLaMA-7B-shaped random-weight bf16 model (32 decoder layers by default):
    verified sparsity; wall time and peak GPU memory of every phase;
 2. one-shot Wanda with layer onload (``offload=True``: the model stays in host memory and one decoder
    layer at a time comes to the GPU): peak GPU memory against the model's size;
-3. the 2:4 semi-structured decode path (``benchmarks/gpu_check_24.py``).
+3. one-shot SparseGPT of the whole model on the GPU: wall time and peak memory;
+4. the 2:4 semi-structured path (``benchmarks/gpu_check_24.py``): a pruned model's logits and greedy tokens
+   against the dense model's, and each LLaMA-7B layer shape's speed-up over dense ``F.linear``.
 
-Writes one JSON and one markdown file; exits 1 if a correctness check fails, 2 without CUDA.
+Writes one JSON and one markdown file after every section (a failing section is recorded with its error and
+the next one runs; sections not started within ``--budget-s`` are skipped); exits 1 if a section failed or a
+correctness check did not hold, 2 without CUDA. Without git (a copy of the tree) the commit is read from
+``LOSA_COMMIT``.
 
 Run on the device machine (its image has torch, transformers, accelerate, peft; carry the wheels of
 pydantic, pydantic-core, annotated-types, typing-inspection and gguf as the device README says):
@@ -26,6 +31,7 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -176,19 +182,65 @@ def onload_prune(args, device: str, meter: PhaseMeter) -> dict:
 
 
 def render(res: dict) -> str:
+    v = res["versions"]
     lines = ["# GPU check: LoSA on a LLaMA-7B-shaped random bf16 model", "",
-             f"{res['provenance']['date']}, commit {res['provenance']['commit']}, {res['device_name']}; "
+             f"{res['provenance']['date']}, commit {res['provenance']['commit']}, {res['device_name']} "
+             f"(torch {v['torch']}, transformers {v['transformers']}, CUDA {v['cuda']}); "
              f"{res['args']['layers']} decoder layers, calibration {res['args']['nsamples']}x{res['args']['seqlen']}, "
              f"{res['args']['ft_examples']} fine-tuning examples of {res['args']['ft_length']} tokens.", "",
+             f"Command: `{res['provenance']['command']}`", "",
              "| phase | calls | wall s | peak GPU memory GiB |", "|---|---|---|---|"]
     for name, row in res["phases"].items():
         lines.append(f"| {name} | {row['calls']} | {row['s']:.1f} | {row['peak_gib']:.2f} |")
-    lines += ["", f"- LoSA step: verified sparsity {res['losa']['sparsity']:.4f}, ok={res['losa']['ok']}",
-              f"- layer onload: model {res['onload']['model_gib']:.1f} GiB in host memory, GPU peak "
-              f"{res['onload']['peak_gib']:.2f} GiB, ok={res['onload']['ok']}"]
+    lines.append("")
+    if "losa" in res:
+        lines.append(f"- LoSA step: verified sparsity {res['losa']['sparsity']:.4f}, ok={res['losa']['ok']}")
+    if "onload" in res:
+        lines.append(f"- layer onload: model {res['onload']['model_gib']:.1f} GiB in host memory, GPU peak "
+                     f"{res['onload']['peak_gib']:.2f} GiB, ok={res['onload']['ok']}")
+    if "sparsegpt" in res:
+        lines.append(f"- one-shot SparseGPT: sparsity {res['sparsegpt']['sparsity']:.4f}, ok={res['sparsegpt']['ok']}")
     if "semi_structured" in res:
-        lines.append(f"- 2:4 semi-structured path: ok={res['semi_structured'].get('ok')}")
+        m = res["semi_structured"]
+        lines.append(f"- 2:4 semi-structured model: logits max rel. error {m['logit_rel_err']:.2e}, "
+                     f"{m['tokens_equal']}/{m['tokens_total']} greedy tokens equal, generate "
+                     f"{m['generate_dense_s']:.2f} s dense vs {m['generate_sparse_s']:.2f} s 2:4, ok={m['ok']}")
+    if "semi_structured_layers" in res:
+        lines += ["", "| dtype | shape | batch | max rel. error | 2:4 speed-up vs dense F.linear |", "|---|---|---|---|---|"]
+        for r in res["semi_structured_layers"]["rows"]:
+            shape = "x".join(map(str, r["shape"]))
+            if "error" in r:
+                lines.append(f"| {r['dtype']} | {shape} | {r['batch']} | {r['error']} | |")
+            else:
+                lines.append(f"| {r['dtype']} | {shape} | {r['batch']} | {r['rel_err']:.1e} | {r['speedup']:.2f}x |")
+    for key in res["skipped"]:
+        lines.append(f"- {key}: skipped (past --budget-s)")
+    for key, err in res["errors"].items():
+        lines += [f"- {key}: FAILED", "", "```", err.rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def sparsegpt_oneshot(args, device: str, meter: PhaseMeter) -> dict:
+    """One-shot SparseGPT 50 % of the whole model held on the accelerator (the path users take when it fits)."""
+    import losa
+
+    shape = SMOKE if args.smoke else LLAMA7B
+    model = build_model(shape, args.layers, device, torch.bfloat16)
+    calib = torch.randint(4, shape["vocab_size"], (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(2))
+    with meter.phase("one-shot SparseGPT, model on the GPU"):
+        rep = losa.prune(model, None, losa.PruneConfig(method="sparsegpt", sparsity=0.5, device=device),
+                         calib_ids=calib, progress=False)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"ok": abs(rep.sparsity.overall - 0.5) < 1e-3, "sparsity": rep.sparsity.overall}
+
+
+def write(res: dict, out: Path, name: str) -> None:
+    """The JSON and markdown so far (after every section, so that a run stopped at its time limit keeps them)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / f"{name}.md").write_text(render(res))
 
 
 def main() -> int:
@@ -198,6 +250,8 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--ft-examples", type=int, default=64)
     ap.add_argument("--ft-length", type=int, default=256)
+    ap.add_argument("--budget-s", type=float, default=420.0,
+                    help="sections not started within this many seconds of the start are skipped")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, measures nothing")
     args = ap.parse_args()
@@ -209,21 +263,41 @@ def main() -> int:
         return 2
     device = "cuda" if cuda else "cpu"
     meter = PhaseMeter(cuda)
+    import transformers
+
     res: dict = {"provenance": provenance(torch.get_num_threads(), "random LLaMA-7B-shaped bf16"),
-                 "device_name": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "args": vars(args)}
-    res["losa"] = losa_step(args, device, meter)
-    res["onload"] = onload_prune(args, device, meter)
+                 "device_name": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "args": vars(args),
+                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                              "cuda": torch.version.cuda}, "phases": meter.rows, "errors": {}, "skipped": []}
+    out, name = Path(args.out), "gpu_check_smoke" if args.smoke else "gpu_check"
+    sections = [("losa", lambda: losa_step(args, device, meter)),
+                ("onload", lambda: onload_prune(args, device, meter)),
+                ("sparsegpt", lambda: sparsegpt_oneshot(args, device, meter))]
     if cuda:
         import gpu_check_24
 
-        res["semi_structured"], _ = gpu_check_24.model_check()
-    res["phases"] = meter.rows
-    ok = res["losa"]["ok"] and res["onload"]["ok"] and res.get("semi_structured", {}).get("ok", True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "gpu_check_smoke" if args.smoke else "gpu_check"
-    (out / f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
-    (out / f"{name}.md").write_text(render(res))
+        def semi_structured() -> dict:
+            check, ok = gpu_check_24.model_check()
+            return check | {"ok": ok}
+
+        def semi_structured_layers() -> dict:
+            rows, ok = gpu_check_24.layer_checks()
+            return {"rows": rows, "ok": ok}
+
+        sections += [("semi_structured", semi_structured), ("semi_structured_layers", semi_structured_layers)]
+    start = time.perf_counter()
+    for key, fn in sections:
+        if time.perf_counter() - start > args.budget_s:
+            res["skipped"].append(key)
+            continue
+        print(f"== {key}", flush=True)
+        try:
+            res[key] = fn()
+        except Exception as e:  # noqa: BLE001 - one failing section must not lose the others' results
+            res["errors"][key] = "".join(traceback.format_exception(e)[-6:])
+            print(res["errors"][key], flush=True)
+        write(res, out, name)
+    ok = not res["errors"] and all(res[k].get("ok", True) for k, _ in sections if k in res)
     print(render(res))
     return 0 if ok else 1
 
