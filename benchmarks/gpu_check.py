@@ -202,9 +202,12 @@ def render(res: dict) -> str:
         lines.append(f"- one-shot SparseGPT: sparsity {res['sparsegpt']['sparsity']:.4f}, ok={res['sparsegpt']['ok']}")
     if "semi_structured" in res:
         m = res["semi_structured"]
-        lines.append(f"- 2:4 semi-structured model: logits max rel. error {m['logit_rel_err']:.2e}, "
-                     f"{m['tokens_equal']}/{m['tokens_total']} greedy tokens equal, generate "
-                     f"{m['generate_dense_s']:.2f} s dense vs {m['generate_sparse_s']:.2f} s 2:4, ok={m['ok']}")
+        if "auto" in m:
+            lines.append(f"- 2:4 model, `sparsify_for_inference` (semi_structured='auto'): {m['auto']['replaced']} "
+                         f"linears converted, {m['auto']['semi_structured_slower']} kept dense as not faster")
+        lines.append(f"- 2:4 semi-structured model (every linear converted): logits max rel. error "
+                     f"{m['logit_rel_err']:.2e}, {m['tokens_equal']}/{m['tokens_total']} greedy tokens equal, "
+                     f"generate {m['generate_dense_s']:.2f} s dense vs {m['generate_sparse_s']:.2f} s 2:4, ok={m['ok']}")
     if "semi_structured_layers" in res:
         lines += ["", "| dtype | shape | batch | max rel. error | 2:4 speed-up vs dense F.linear |", "|---|---|---|---|---|"]
         for r in res["semi_structured_layers"]["rows"]:

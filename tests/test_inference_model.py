@@ -173,8 +173,11 @@ def test_cuda_semi_structured_24():
     model = model.cuda()
     ids = torch.randint(3, 128, (1, 32), device="cuda")
     ref = model(ids).logits
-    summary = sparsify_for_inference(model)
-    assert summary["device"] == "cuda" and summary["replaced"] > 0
+    n_linear = sum(len(linear_modules(layer)) for layer in get_decoder_layers(model))
+    auto = sparsify_for_inference(model)  # converts the shapes measured faster on this GPU
+    assert auto["device"] == "cuda" and auto["replaced"] + auto["semi_structured_slower"] == n_linear
+    rest = sparsify_for_inference(model, semi_structured="always")  # the rest, so that the sparse path runs
+    assert auto["replaced"] + rest["replaced"] == n_linear and rest["semi_structured_slower"] == 0
     torch.testing.assert_close(model(ids).logits, ref, rtol=2e-2, atol=2e-2)
 
 

@@ -2,7 +2,8 @@
 
 On the CPU every pruned linear inside the decoder layers becomes a :class:`SparseLinear`. On CUDA,
 2:4 layers get PyTorch's semi-structured sparse weight (``torch.sparse.to_sparse_semi_structured``,
-fp16/bf16 tensor cores) and other layers stay dense. The LM head and embeddings are never touched.
+fp16/bf16 tensor cores) where it is measured faster than the dense one on that GPU (:mod:`losa.inference.cuda24`),
+and other layers stay dense. The LM head and embeddings are never touched.
 Fused mixture-of-experts weights are unfused for good first (:func:`losa.models.unfuse_experts`), so each
 expert matrix is a linear of its own that is counted and converted like any other.
 """
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 
 from losa.errors import LosaError
-from losa.inference.formats import nm_fits, resolve_value_dtype
+from losa.inference.cuda24 import DECISION_BATCHES, SemiStructuredChooser, check_mode, is_converted
+from losa.inference.formats import resolve_value_dtype
 from losa.inference.sparse_linear import SparseLinear
 from losa.models.linear import get_weight, is_prunable
 from losa.models.moe import unfuse_experts
@@ -35,19 +37,6 @@ log = logging.getLogger(__name__)
 NOTHING_SPARSE = "no linear layer is sparse enough to convert"
 
 
-def _semi_structured(mod: nn.Module) -> bool:
-    """Give a CUDA 2:4 ``nn.Linear`` a semi-structured sparse weight; False if it does not qualify."""
-    w = mod.weight
-    if not isinstance(mod, nn.Linear) or w.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if not nm_fits(w.detach() != 0, 2, 4):
-        return False
-    from torch.sparse import to_sparse_semi_structured
-
-    mod.weight = nn.Parameter(to_sparse_semi_structured(w.detach()), requires_grad=False)
-    return True
-
-
 def _compute_description(model_dtype: torch.dtype, vdtype: torch.dtype) -> str:
     """Which arithmetic the CPU sparse layers use for activations of ``model_dtype``."""
     if model_dtype == torch.bfloat16 and vdtype == torch.bfloat16:
@@ -62,7 +51,8 @@ class SparsifySummary(TypedDict):
     """What :func:`sparsify_for_inference` did (a typed mapping, so ``summary["replaced"]`` keeps working)."""
 
     replaced: int  #: linears now sparse (CPU: SparseLinear; CUDA: 2:4 semi-structured)
-    kept_dense: int  #: linears below ``min_sparsity`` (or not 2:4 on CUDA), left as they were
+    kept_dense: int  #: linears below ``min_sparsity`` (or, on CUDA, not 2:4 or not faster sparse), left as they were
+    semi_structured_slower: int  #: CUDA 2:4 linears kept dense because the semi-structured form was not faster
     dense_bytes: int  #: bytes of the replaced CPU weights before
     sparse_bytes: int  #: bytes of their packed form
     device: str  #: "cpu" or "cuda"
@@ -96,7 +86,7 @@ def sparse_summary(model: nn.Module) -> SparsifySummary:
 def _empty_summary(model_dtype: torch.dtype, vdtype: torch.dtype, prefill_dtype: torch.dtype,
                    device: str) -> SparsifySummary:
     """A :class:`SparsifySummary` with nothing counted yet."""
-    return {"replaced": 0, "kept_dense": 0, "dense_bytes": 0, "sparse_bytes": 0, "device": device,
+    return {"replaced": 0, "kept_dense": 0, "semi_structured_slower": 0, "dense_bytes": 0, "sparse_bytes": 0, "device": device,
             "value_dtype": str(vdtype).replace("torch.", ""), "prefill_dtype": str(prefill_dtype).replace("torch.", ""),
             "compute": _compute_description(model_dtype, vdtype), "sparse_prefill_layers": 0}
 
@@ -150,7 +140,8 @@ def _check_settings_of_converted(model: nn.Module, value_dtype: torch.dtype, fmt
 def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "float32", fmt: str = "auto",
                            min_sparsity: float = 0.25,
                            dense_batch_threshold: int | None = None,
-                           prefill_dtype: str | torch.dtype = "float32") -> SparsifySummary:
+                           prefill_dtype: str | torch.dtype = "float32",
+                           semi_structured: str = "auto") -> SparsifySummary:
     """Replace, in place, every decoder linear with sparsity >= ``min_sparsity`` by a sparse module.
 
     Works on any ``nn.Module``: for a registered Hugging Face family the decoder layers' prunable
@@ -178,11 +169,16 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
         dense_batch_threshold: rows of a batch above which a layer decompresses tiles for a dense GEMM
             (None: the value measured on this CPU by ``losa bench-runtime``, else the built-in default).
         prefill_dtype: precision of the large-batch GEMM for float32 activations, "float32" or "bfloat16".
+        semi_structured: CUDA only: "auto" gives a 2:4 fp16/bf16 linear PyTorch's semi-structured weight where
+            that is measured faster than dense on this GPU for its shape at a decode step's and a prompt's batch
+            (each distinct shape timed once; :mod:`losa.inference.cuda24`), "always" converts every 2:4 linear,
+            "never" none.
     Returns:
         The summary above (a dict; ``replaced`` 0 means no linear reached ``min_sparsity``: nothing changed).
 
     Raises:
-        LosaError: ``min_sparsity`` outside [0, 1], an unknown value / prefill dtype or format, a negative
+        LosaError: ``min_sparsity`` outside [0, 1], an unknown value / prefill dtype, format or
+            ``semi_structured`` mode, a negative
             ``dense_batch_threshold``, settings that differ from an earlier call's on the same model, a model
             offloaded by accelerate, a device other than CPU (and CUDA 2:4), or a ``LOSA_HUGEPAGES`` value
             that is not understood (:func:`~losa.inference.kernel.hugepages_enabled`).
@@ -190,6 +186,7 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
     if not 0.0 <= min_sparsity <= 1.0:
         raise LosaError(f"min_sparsity={min_sparsity} is outside [0, 1]; use e.g. 0.25")
     vdtype = resolve_value_dtype(value_dtype)
+    chooser = SemiStructuredChooser(check_mode(semi_structured))
     _check_settings_of_converted(model, vdtype, fmt, dense_batch_threshold,
                                  resolve_value_dtype(prefill_dtype, "prefill_dtype"))
     if is_offloaded(model):
@@ -199,16 +196,15 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
     summary = _empty_summary(next(model.parameters()).dtype, vdtype, resolve_value_dtype(prefill_dtype, "prefill_dtype"),
                              device.type)
     for name, mod in _candidates(model):
+        if is_converted(mod):  # a semi-structured weight from an earlier call
+            continue
         w = get_weight(mod).detach()
         sparsity = float((w == 0).float().mean())
         if sparsity < min_sparsity:
             summary["kept_dense"] += 1
             continue
         if device.type == "cuda":
-            if _semi_structured(mod):
-                summary["replaced"] += 1
-            else:
-                summary["kept_dense"] += 1
+            summary["replaced" if chooser.apply(mod) else "kept_dense"] += 1
             continue
         if device.type != "cpu":
             raise LosaError(f"sparse inference supports CPU (and CUDA 2:4), not {device.type}; move the model to CPU")
@@ -216,7 +212,14 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
         new = SparseLinear.from_dense(w, bias, vdtype, fmt, dense_batch_threshold, prefill_dtype)
         replace_module(model, name, new)
         _count(summary, new, w.numel() * w.element_size())
-    if device.type == "cuda" and summary["replaced"] == 0:
+    summary["semi_structured_slower"] = chooser.slower
+    if chooser.slower:
+        log.warning("%d 2:4 linear(s) kept dense: PyTorch's semi-structured sparse weight was not faster than the dense "
+                    "one on this GPU at %s-row batches (%s); semi_structured='always' converts them anyway",
+                    chooser.slower, "- and ".join(map(str, DECISION_BATCHES)),
+                    "; ".join(f"{'x'.join(map(str, k[0]))}: " + ", ".join(f"{s:.2f}x at {b}" for b, s in v.items())
+                              for k, v in chooser.measured.items()))
+    elif device.type == "cuda" and summary["replaced"] == 0:
         log.warning("no 2:4 fp16/bf16 layer found: CUDA semi-structured sparsity needs 2:4 masks and a "
                     "half-precision model (load with dtype='bfloat16')")
     elif summary["replaced"] == 0 and not any(isinstance(m, SparseLinear) for m in model.modules()):
