@@ -17,7 +17,8 @@ correctness check did not hold, 2 without CUDA. Without git (a copy of the tree)
 ``LOSA_COMMIT``.
 
 Run on the device machine (its image has torch, transformers, accelerate, peft; carry the wheels of
-pydantic, pydantic-core, annotated-types, typing-inspection and gguf as the device README says):
+pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions and gguf as the device README
+says; results/gpu_check.md names the versions that worked):
 
     PYTHONPATH=src python3 benchmarks/gpu_check.py --out $OUT
 
@@ -87,28 +88,39 @@ def word_tokenizer(vocab: int):
 
 
 class PhaseMeter:
-    """Wall time and peak accelerator memory of named phases (wrapping the functions that run them)."""
+    """Wall time and peak accelerator memory of named phases (wrapping the functions that run them). Phases
+    nest: an inner phase resets the peak counter, so the peak seen so far is credited to the enclosing phases
+    first, and an inner phase's peak is theirs too."""
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
         self.rows: dict[str, dict] = {}
+        self.active: list[str] = []
+
+    def _credit(self, names: list[str]) -> None:
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        for name in names:
+            self.rows[name]["peak_gib"] = max(self.rows[name]["peak_gib"], peak)
 
     @contextmanager
     def phase(self, name: str):
+        row = self.rows.setdefault(name, {"s": 0.0, "peak_gib": 0.0, "calls": 0})
         if self.cuda:
             torch.cuda.synchronize()
+            self._credit(self.active)
             torch.cuda.reset_peak_memory_stats()
+        self.active.append(name)
         t = time.perf_counter()
         try:
             yield
         finally:
             if self.cuda:
                 torch.cuda.synchronize()
-            row = self.rows.setdefault(name, {"s": 0.0, "peak_gib": 0.0, "calls": 0})
             row["s"] += time.perf_counter() - t
             row["calls"] += 1
             if self.cuda:
-                row["peak_gib"] = max(row["peak_gib"], torch.cuda.max_memory_allocated() / 2**30)
+                self._credit(self.active)
+            self.active.pop()
 
     def wrap(self, owner, attr: str, name: str) -> None:
         fn = getattr(owner, attr)
