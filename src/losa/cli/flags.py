@@ -103,7 +103,7 @@ def _help(info: FieldInfo) -> str:
     default = info.get_default(call_default_factory=True)
     if isinstance(default, BaseModel | dict) or info.json_schema_extra or default is None:
         return text.replace("%", "%%")
-    shown = ",".join(map(str, default)) if isinstance(default, list | tuple) else default
+    shown = (",".join(map(str, default)) or "none") if isinstance(default, list | tuple) else default
     return f"{text} (default: {shown})".replace("%", "%%")
 
 

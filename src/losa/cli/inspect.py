@@ -26,6 +26,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     import losa
     from losa.export.verify import sparsity_report
     from losa.models.registry import get_decoder_layers
+    from losa.pruning.ignore import is_ignored
     from losa.utils.io import atomic_write_json, check_output_file
 
     nm: tuple[int, int] | list[tuple[int, int]] | None = parse_nm(args.nm) if args.nm else None
@@ -55,7 +56,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"overall sparsity: {rep.overall:.4f} ({rep.numel:,} weights in decoder linear layers)")
     ok = True
     if nm is not None:
-        bad = [n for n, m in rep.modules.items() if not m.nm_ok]
+        ignore = recorded_ignore(args.model)
+        bad = [n for n, m in rep.modules.items() if not m.nm_ok and not is_ignored(ignore, m.layer, m.module)]
+        if ignore:
+            left = sum(is_ignored(ignore, m.layer, m.module) for m in rep.modules.values())
+            print(f"{left} modules left dense by the recorded ignore patterns ({','.join(ignore)}) are not checked")
         ok = not bad
         print(f"{label} pattern: {'satisfied by every module' if ok else f'VIOLATED in {len(bad)} modules'}")
     else:
@@ -73,6 +78,13 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(f"overall sparsity {rep.overall:.4f} is below --min-sparsity {args.min_sparsity}")
         ok = False
     return 0 if ok else 1
+
+
+def recorded_ignore(model: str) -> list[str]:
+    """The ``ignore`` patterns (linears left dense) that a ``losa prune`` checkpoint records in its ``losa.json``;
+    empty for any other model."""
+    ignore = (checkpoint_manifest(model).get("recipe") or {}).get("ignore") or []
+    return [p for p in ignore if isinstance(p, str)] if isinstance(ignore, list) else []
 
 
 def recorded_pattern(model: str) -> tuple[str, tuple[int, int] | list[tuple[int, int]]] | None:

@@ -52,6 +52,7 @@ def _default_out(model: str, cfg: PruneConfig) -> Path:
     else:
         tag = f"{round(cfg.sparsity * 100)}" if isinstance(cfg.sparsity, float) else "layerwise"
         tag += f"-{cfg.allocator}" if cfg.allocator != "uniform" else ""  # not the uniform prune's directory
+    tag += "-ignore" if cfg.ignore else ""  # not the directory of the prune that leaves nothing dense
     return Path("runs") / f"{Path(model).name.removesuffix('.gguf')}-{cfg.method}-{tag}"
 
 
@@ -115,6 +116,12 @@ def run_prune(args: argparse.Namespace) -> int:
               f"{'' if args.no_save else ' (per layer in losa.json)'}")
     print(f"  verified: overall sparsity {sp.overall:.4f} over {len(sp.modules)} linear modules "
           f"in {len(sp.layers)} layers; prune time {report.timings['total_s']:.1f}s")
+    if cfg.ignore:
+        from losa.pruning.ignore import is_ignored
+
+        kept = sum(is_ignored(cfg.ignore, m.layer, m.module) for m in sp.modules.values())
+        print(f"  left dense (--ignore {','.join(cfg.ignore)}): {kept} of {len(sp.modules)} linear modules; "
+              "the others are at their target")
     results = {"ppl": {}, "dense_ppl": dense, "eval_seqlen": eval_seqlen, "max_windows": args.max_windows}
     if not args.no_save:  # saved before the evaluation: a long prune is kept if the evaluation fails or is stopped
         manifest = {"source_model": args.model, "recipe": recipe_for_manifest(report.recipe), "nm": report.nm and list(report.nm),

@@ -134,18 +134,25 @@ def sparsity_report(model: nn.Module, nm: NMArg | Sequence[NMArg] = None) -> Spa
     return SparsityReport(modules=modules, layers=layer_rows, overall=zeros / max(total, 1), numel=total)
 
 
-def verify_targets(report: SparsityReport, targets: Sequence[Target], tol: float | None = None) -> None:
+def verify_targets(report: SparsityReport, targets: Sequence[Target], tol: float | None = None,
+                   ignore: Sequence[str] = ()) -> None:
     """Fail loudly when a module misses its layer's target sparsity or N:M pattern.
 
     Args:
         report: from :func:`sparsity_report` (with the targets' N:M patterns checked).
         targets: one target per decoder layer.
         tol: allowed shortfall in sparsity (default: one weight per row, ``1 / in_features``).
+        ignore: glob patterns of the linears left dense (``PruneConfig.ignore``, :mod:`losa.pruning.ignore`),
+            which are not checked.
     Raises:
         SparsityVerificationError: naming the first three modules that miss (and how many more).
     """
+    from losa.pruning.ignore import is_ignored
+
     failures = []
     for name, rep in report.modules.items():
+        if is_ignored(ignore, rep.layer, rep.module):
+            continue
         t = targets[rep.layer]
         slack = tol if tol is not None else 1.0 / rep.shape[1] + 1e-6
         if rep.sparsity < t.sparsity - slack:

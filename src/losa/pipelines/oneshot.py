@@ -24,6 +24,7 @@ from losa.models.registry import check_window, get_arch, get_decoder_layers, lay
 from losa.pipelines.config import AllocatorParams, CalibrationConfig
 from losa.pruning.base import Pruner
 from losa.pruning.idle import prune_weight, warn_idle
+from losa.pruning.ignore import check_ignore, is_ignored
 from losa.pruning.masks import parse_nm, validate_nm
 from losa.pruning.stats import InputStat
 from losa.pruning.target import Target
@@ -56,6 +57,10 @@ class PruneConfig(AllocatorParams, CalibrationConfig):
             layers whose inputs the others share least, by linear CKA, pruned less, within ``±delta``). OWL and
             RMI score the dense model in one calibration pass before pruning.
         atp_beta: ATP's sparsity step between consecutive layers (None: grid search on the calibration loss).
+        ignore: glob patterns of linears left dense (llm-compressor's ``ignore``), matched against the name inside
+            the decoder layer (``mlp.down_proj``) and with the layer index in front (``0.self_attn.*``); see
+            :mod:`losa.pruning.ignore`. The others are pruned to their layer's target, so the model as a whole
+            is less sparse than ``sparsity``; a pattern that matches nothing is refused.
         atp_grid_points: beta values the ATP grid search tries (>= 2).
         rmi_features, beta, delta, owl_m, owl_lambda: the RMI and OWL parameters of :class:`AllocatorParams`.
         method, options, nm, calib, nsamples, seqlen, seed, data_dir, calib_batch_size,
@@ -68,7 +73,8 @@ class PruneConfig(AllocatorParams, CalibrationConfig):
             ``nm``, with an N invalid for its M or
             with a mean N other than ``nm``'s, ``stats_precision`` other than ``model`` with
             ``sequential="module"``, an allocator's parameter set with another allocator (``atp_beta`` without
-            ``allocator="atp"``, ``owl_lambda`` without ``"owl"``, …), ``atp_beta`` with ``atp_grid_points``.
+            ``allocator="atp"``, ``owl_lambda`` without ``"owl"``, …), ``atp_beta`` with ``atp_grid_points``, an empty
+            ``ignore`` pattern.
     """
 
     sparsity: float | list[float] = Field(0.5, description="unstructured sparsity in [0, 1): one value, or one "
@@ -91,6 +97,9 @@ class PruneConfig(AllocatorParams, CalibrationConfig):
                                                            "(default: grid search on the calibration loss)")
     atp_grid_points: int = Field(8, ge=2, description="ATP: beta values tried by the grid search, from 0 to the "
                                                       "largest that keeps every layer in [0, 1)")
+    ignore: list[str] = Field(default_factory=list, description="glob patterns of linears left dense, matched "
+                                                                "inside the decoder layer (mlp.down_proj) and with "
+                                                                "the layer index in front (0.self_attn.*)")
 
     @field_validator("sparsity")
     @classmethod
@@ -99,6 +108,13 @@ class PruneConfig(AllocatorParams, CalibrationConfig):
             if not 0.0 <= s < 1.0:
                 raise ValueError(f"sparsity {s} is outside [0, 1); use e.g. 0.5 for 50 %")
         return v
+
+    @field_validator("ignore")
+    @classmethod
+    def _ignore(cls, v: list[str]) -> list[str]:
+        if any(not p.strip() for p in v):
+            raise ValueError("ignore holds an empty pattern; give glob patterns such as mlp.down_proj or 0.*")
+        return list(dict.fromkeys(p.strip() for p in v))
 
     @model_validator(mode="after")
     def _mixed(self) -> PruneConfig:
@@ -156,11 +172,13 @@ class PruneConfig(AllocatorParams, CalibrationConfig):
         return [Target(sparsity=float(self.sparsity))] * num_layers
 
     def describe(self) -> str:
+        """A one-line label of the recipe, e.g. ``wanda 50% (owl layer-wise)``, ``sparsegpt 2:4``."""
+        dense = f", {','.join(self.ignore)} left dense" if self.ignore else ""
         if self.nm is not None:
-            return f"{self.method} {'mixed ' if self.nm_n else ''}{self.nm}"
+            return f"{self.method} {'mixed ' if self.nm_n else ''}{self.nm}{dense}"
         s = self.sparsity
         alloc = f" ({self.allocator} layer-wise)" if self.allocator != "uniform" else ""
-        return f"{self.method} {s:.0%}{alloc}" if isinstance(s, float) else f"{self.method} per-layer"
+        return (f"{self.method} {s:.0%}{alloc}" if isinstance(s, float) else f"{self.method} per-layer") + dense
 
 
 @dataclass
@@ -175,6 +193,8 @@ class PruneVisitor(LayerVisitor):
     single_pass: bool = False
     #: ``ctx.outputs`` is not read (the layer is recomputed after pruning), so statistics passes stop early
     needs_outputs: bool = False
+    #: glob patterns of linears left dense (:mod:`losa.pruning.ignore`)
+    ignore: tuple[str, ...] = ()
 
     def stats_for(self, index: int, linears: dict[str, nn.Module]) -> dict[str, InputStat]:
         if self.pruner.stat is None:
@@ -194,7 +214,10 @@ class PruneVisitor(LayerVisitor):
         self.prune_module(index, name, mod, stat)
 
     def prune_module(self, index: int, name: str, mod: nn.Module, stat: InputStat | None) -> bool:
-        """Prune one module to layer ``index``'s target; returns whether it had no tokens (pruned by magnitude)."""
+        """Prune one module to layer ``index``'s target (unless ``ignore`` leaves it dense); returns whether it had
+        no tokens (pruned by magnitude)."""
+        if is_ignored(self.ignore, index, name):
+            return False
         res, idle = prune_weight(self.pruner, get_weight(mod).detach(), stat, self.targets[index],
                                  label=f"layer {index} {name}")
         set_weight(mod, res.weight)
@@ -293,7 +316,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
         LosaError: invalid config (or not a PruneConfig or mapping), unsupported model (or MoE family whose
             experts cannot be pruned, or an offloaded MoE model), calibration data missing, ``calib_ids`` not
             a 2-D integer tensor of ids in the model's vocabulary, a model dispatched across several
-            compute devices or to another device than ``config.device``.
+            compute devices or to another device than ``config.device``, an ``ignore`` pattern that matches no
+            linear or patterns that leave nothing to prune.
         SparsityVerificationError: a module misses its target (with ``verify``).
     """
     if config is None:
@@ -313,11 +337,12 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
         raise LosaError("pruning a mixture-of-experts model whose weights accelerate offloads is not supported; "
                         "load it without CPU/disk offloading (no device_map with max_memory/offload_folder)")
     calib_ids = check_calib_ids(model, calib_ids)  # before any work: 2-D integer ids within the vocabulary
+    check_ignore(model, config.ignore)
     with unfused_experts(model):
         targets, sequential, timings, allocation = _prune(model, tokenizer, config, calib_ids, progress, visitor)
     report = sparsity_report(model, [t.pattern for t in targets])  # on the fused model: every expert matrix counts
     if config.verify:
-        verify_targets(report, targets)
+        verify_targets(report, targets, ignore=config.ignore)
     target = config.sparsity if config.nm is None and isinstance(config.sparsity, float) else None
     if target is not None and config.allocator == "uniform" and report.overall > target + 0.01:
         warnings.warn(f"the model came out {report.overall:.2%} sparse, above the {target:.2%} target: it was "
@@ -381,6 +406,7 @@ def _prune(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: torch.Te
     else:
         targets = config.layer_targets(len(layers))
     visitor = visitor or PruneVisitor(pruner, targets)
+    visitor.ignore = tuple(config.ignore)
     sequential: Literal["none", "layer", "module"] = "none"  # data-free pruners need no calibration pass
     if pruner.stat is None:  # data-free: no calibration pass needed
         for i, layer in enumerate(tqdm(layers, desc=f"pruning ({config.method})", unit="layer", disable=not progress)):
