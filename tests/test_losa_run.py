@@ -396,6 +396,40 @@ def test_lora_target_modules_and_dropout_reach_the_adapters(tmp_path, calib):
                 None, calib_ids=calib, progress=False).setup()
 
 
+def test_ignore_leaves_linears_dense_through_every_step(tmp_path, calib):
+    """LoSAConfig.ignore (shared with PruneConfig): the named linears are never pruned. Without fine-tuning they
+    come out as the dense weights bit for bit; with it their adapters train unmasked and merge into weights that
+    stay dense; the other linears reach their layer targets, and the final verification passes."""
+    ignore = ["mlp.down_proj", "1.self_attn.o_proj"]
+
+    def left_dense(key: str) -> bool:  # the patterns above, by hand
+        return key.endswith(".mlp.down_proj") or key == "1.self_attn.o_proj"
+
+    dense = _module_sparsities(make_tiny_model("llama", seed=0, layers=2))
+    ref = {f"{i}.{n}": get_weight(m).detach().clone() for i, layer in
+           enumerate(get_decoder_layers(make_tiny_model("llama", seed=0, layers=2)))
+           for n, m in linear_modules(layer).items()}
+    for finetune_data in (None, _text_data(tmp_path / "ft.jsonl")):
+        model = make_tiny_model("llama", seed=0, layers=2)
+        rep = run(model, make_tiny_tokenizer(), _cfg(ignore=ignore, finetune_data=finetune_data), None,
+                  calib_ids=calib, progress=False)
+        targets = rep.steps[-1].layer_target_sparsity
+        got = _module_sparsities(model)
+        assert sum(map(left_dense, got)) == 3
+        for key, s in got.items():
+            w = get_weight(linear_modules(get_decoder_layers(model)[int(key[0])])[key[2:]])
+            if left_dense(key):
+                assert s == dense[key] == 0.0, key
+                if finetune_data is None:
+                    assert torch.equal(w, ref[key]), key
+            else:
+                assert s >= targets[int(key[0])] - 1 / w.shape[1] - 1e-6, key
+        assert rep.results.sparsity < 0.6
+    with pytest.raises(LosaError, match="ignore pattern 'mlp.dwn' matches no linear"):
+        LoSARun(make_tiny_model("llama", layers=2), make_tiny_tokenizer(), _cfg(ignore=["mlp.dwn"]), None,
+                calib_ids=calib, progress=False).setup()
+
+
 def test_sparsegpt_one_shot_on_a_multimodal_gemma3_checkpoint(calib):
     import losa
 

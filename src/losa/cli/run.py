@@ -78,7 +78,8 @@ def run_losa(args: argparse.Namespace) -> int:
     check_model_arg(args.model)
     say = print if is_main() else (lambda *a, **k: None)  # the other processes of a multi-process run are silent
     say(f"losa run: {args.model} | {cfg.method} S={cfg.target_sparsity:.2f} T={cfg.steps} allocator="
-          f"{cfg.effective_allocator} ranks={'allocated' if cfg.rank_allocation else 'uniform'} -> {out}")
+          f"{cfg.effective_allocator} ranks={'allocated' if cfg.rank_allocation else 'uniform'}"
+          f"{' left dense=' + ','.join(cfg.ignore) if cfg.ignore else ''} -> {out}")
     settings = PplSettings(seqlen=eval_seqlen, max_windows=args.max_windows) if datasets else None
     if resumed is not None:
         done = int(resumed["step"])

@@ -42,7 +42,13 @@ class AllocatorParams(LosaConfig):
 
 
 class CalibrationConfig(LosaConfig):
-    """Fields and checks shared by every recipe that prunes with calibration data (one-shot and LoSA)."""
+    """Fields and checks shared by every recipe that prunes with calibration data (one-shot and LoSA).
+
+    ``ignore`` (llm-compressor's name) lists glob patterns of linears left dense, matched against the name inside
+    the decoder layer (``mlp.down_proj``, ``mlp.experts.*.down_proj``) and with the layer index in front
+    (``0.self_attn.*``; :mod:`losa.pruning.ignore`). The other linears are pruned to their layer's target, so the
+    model as a whole is less sparse than the target; a pattern that matches no linear is refused before any work.
+    """
 
     method: str = Field("wanda", description="pruning method: a registered pruner (magnitude, wanda, sparsegpt)")
     options: dict[str, Any] = Field(default_factory=dict, json_schema_extra={PRUNER_OPTIONS: True},
@@ -66,6 +72,16 @@ class CalibrationConfig(LosaConfig):
                              "model's dtype); reduced precision is faster but worse at high sparsity "
                              "(benchmarks/results/prune_stats.md)")
     device: str = Field("auto", description="compute device: auto, cpu, cuda or cuda:N")
+    ignore: list[str] = Field(default_factory=list, description="glob patterns of linears left dense, matched "
+                                                                "inside the decoder layer (mlp.down_proj) and with "
+                                                                "the layer index in front (0.self_attn.*)")
+
+    @field_validator("ignore")
+    @classmethod
+    def _ignore(cls, v: list[str]) -> list[str]:
+        if any(not p.strip() for p in v):
+            raise ValueError("ignore holds an empty pattern; give glob patterns such as mlp.down_proj or 0.*")
+        return list(dict.fromkeys(p.strip() for p in v))
 
     @field_validator("method")
     @classmethod

@@ -57,14 +57,11 @@ class PruneConfig(AllocatorParams, CalibrationConfig):
             layers whose inputs the others share least, by linear CKA, pruned less, within ``±delta``). OWL and
             RMI score the dense model in one calibration pass before pruning.
         atp_beta: ATP's sparsity step between consecutive layers (None: grid search on the calibration loss).
-        ignore: glob patterns of linears left dense (llm-compressor's ``ignore``), matched against the name inside
-            the decoder layer (``mlp.down_proj``) and with the layer index in front (``0.self_attn.*``); see
-            :mod:`losa.pruning.ignore`. The others are pruned to their layer's target, so the model as a whole
-            is less sparse than ``sparsity``; a pattern that matches nothing is refused.
         atp_grid_points: beta values the ATP grid search tries (>= 2).
         rmi_features, beta, delta, owl_m, owl_lambda: the RMI and OWL parameters of :class:`AllocatorParams`.
-        method, options, nm, calib, nsamples, seqlen, seed, data_dir, calib_batch_size,
-            stats_precision, device: the calibration fields of :class:`CalibrationConfig`.
+        method, options, nm, ignore, calib, nsamples, seqlen, seed, data_dir, calib_batch_size,
+            stats_precision, device: the calibration fields of :class:`CalibrationConfig` (``ignore``: glob
+            patterns of linears left dense, so the model as a whole is less sparse than ``sparsity``).
     Returns:
         The validated config (on construction).
     Raises:
@@ -97,9 +94,6 @@ class PruneConfig(AllocatorParams, CalibrationConfig):
                                                            "(default: grid search on the calibration loss)")
     atp_grid_points: int = Field(8, ge=2, description="ATP: beta values tried by the grid search, from 0 to the "
                                                       "largest that keeps every layer in [0, 1)")
-    ignore: list[str] = Field(default_factory=list, description="glob patterns of linears left dense, matched "
-                                                                "inside the decoder layer (mlp.down_proj) and with "
-                                                                "the layer index in front (0.self_attn.*)")
 
     @field_validator("sparsity")
     @classmethod
@@ -108,13 +102,6 @@ class PruneConfig(AllocatorParams, CalibrationConfig):
             if not 0.0 <= s < 1.0:
                 raise ValueError(f"sparsity {s} is outside [0, 1); use e.g. 0.5 for 50 %")
         return v
-
-    @field_validator("ignore")
-    @classmethod
-    def _ignore(cls, v: list[str]) -> list[str]:
-        if any(not p.strip() for p in v):
-            raise ValueError("ignore holds an empty pattern; give glob patterns such as mlp.down_proj or 0.*")
-        return list(dict.fromkeys(p.strip() for p in v))
 
     @model_validator(mode="after")
     def _mixed(self) -> PruneConfig:

@@ -55,8 +55,9 @@ class LoSAConfig(AllocatorParams, CalibrationConfig):
         nsamples, recon_nsamples: calibration windows, and those used for reconstruction errors.
         finetune_data, max_examples, finetune: fine-tuning data, its size cap and
             :class:`FinetuneConfig`.
-        method, options, nm, calib, seqlen, seed, data_dir, calib_batch_size, stats_precision,
-            device: the calibration fields of :class:`CalibrationConfig`.
+        method, options, nm, ignore, calib, seqlen, seed, data_dir, calib_batch_size, stats_precision,
+            device: the calibration fields of :class:`CalibrationConfig` (``ignore``: glob patterns of linears
+            left dense at every step; their adapters still train, unmasked, and merge into dense weights).
     Returns:
         The validated config (on construction).
     Raises:

@@ -67,6 +67,7 @@ from losa.pipelines.losa.state import (
     seed_everything,
 )
 from losa.pipelines.losa.visitors import AdapterPruneVisitor, RMIVisitor
+from losa.pruning.ignore import check_ignore
 from losa.pruning.masks import parse_nm
 from losa.pruning.target import Target
 from losa.report.schema import FinalResults, RunMeta, RunReport, StepRecord, save_report
@@ -354,6 +355,7 @@ class LoSARun:
         check_window(model, cfg.seqlen if self.calib_ids is None else self.calib_ids.shape[1], "calibration window",
                      option("seqlen"))
         check_target_modules(model, cfg.lora_target_modules, option("lora_target_modules"))
+        check_ignore(model, cfg.ignore)
         if cfg.finetunes:
             check_window(model, cfg.finetune.max_length, "fine-tuning example",
                          option("finetune.max_length", "--max-length"))
@@ -437,7 +439,7 @@ class LoSARun:
         LayerwiseEngine(model, self.calib_ids, device=cfg.device, batch_size=cfg.calib_batch(), progress=self.progress,
                         desc=f"step {step}/{cfg.steps}: pruning ({cfg.method})",
                         stats_autocast=cfg.stats_autocast()).run(
-            AdapterPruneVisitor(self.pruner, targets, self.wrappers))
+            AdapterPruneVisitor(self.pruner, targets, self.wrappers, ignore=tuple(cfg.ignore)))
         wrappers = list(self.wrappers.values())
         broadcast_tensors([t for w in wrappers for t in (w.base.weight, w.mask_bits)])  # every rank: rank 0's masks
         times["prune_s"] = time.perf_counter() - t
@@ -489,7 +491,7 @@ class LoSARun:
         final_targets = self.final_targets
         assert final_targets is not None
         rep = sparsity_report(self.model, [tg.pattern for tg in final_targets])
-        verify_targets(rep, final_targets)
+        verify_targets(rep, final_targets, ignore=self.cfg.ignore)
         final = FinalResults(sparsity=rep.overall, layer_target_sparsity=[tg.sparsity for tg in final_targets],
                              layer_achieved_sparsity=[r.sparsity for r in rep.layers])
         report = _report(self.cfg, self.rows, final, self.model_name, self.recorded)

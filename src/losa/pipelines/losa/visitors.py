@@ -20,6 +20,7 @@ from losa.lora.layer import SparseLoRALinear
 from losa.models.linear import get_weight, in_features, set_weight
 from losa.pruning.base import Pruner
 from losa.pruning.idle import prune_weight, warn_idle
+from losa.pruning.ignore import is_ignored
 from losa.pruning.stats import InputNormStat, InputStat
 from losa.pruning.target import Target
 from losa.pruning.wanda import wanda_scores
@@ -79,6 +80,7 @@ class AdapterPruneVisitor(LayerVisitor):
     targets: list[Target]
     wrappers: dict[int, SparseLoRALinear]
     needs_outputs: bool = False  #: the layer is recomputed after pruning
+    ignore: tuple[str, ...] = ()  #: glob patterns of linears left dense (:mod:`losa.pruning.ignore`)
 
     def before_layer(self, index: int, linears: dict[str, nn.Module]) -> None:
         _merge_layer(linears, self.wrappers)  # the calibration forward now runs the merged weights
@@ -91,12 +93,18 @@ class AdapterPruneVisitor(LayerVisitor):
     def visit(self, ctx: LayerContext) -> None:
         idle = []
         for name, mod in ctx.linears.items():
+            w = self.wrappers.get(id(mod))
+            # an adapter's base linear is named inside its wrapper (mlp.down_proj.base); ignore names the wrapper
+            wrapped = name.removesuffix(".base") if w is not None else name
+            if is_ignored(self.ignore, ctx.index, wrapped):  # left dense: the merge is undone bit for bit
+                if w is not None and w.merged:
+                    w.unmerge()
+                continue
             res, no_tokens = prune_weight(self.pruner, get_weight(mod).detach(), ctx.stats.get(name),
                                           self.targets[ctx.index],
                                           label=f"layer {ctx.index} {name}")
             if no_tokens:  # an expert no calibration token was routed to: pruned by magnitude
                 idle.append(name)
-            w = self.wrappers.get(id(mod))
             if w is not None:
                 w.unmerge(res.weight, res.mask)
             else:
