@@ -41,11 +41,14 @@ def cpu() -> dict[str, str]:
 
 
 def commit() -> str:
-    """The short commit of the checkout, or ``unknown``.
+    """The short commit of the checkout: ``$LOSA_COMMIT`` when set (a copy of the tree, as on a device machine,
+    whose git metadata may be missing or stale), else git's, else ``unknown``.
 
     ``+dirty`` marks uncommitted changes to tracked files outside ``benchmarks/results/``: the rows a
     benchmark appends there while it runs do not change the code that later rows of the same run import.
     """
+    if os.environ.get("LOSA_COMMIT"):
+        return os.environ["LOSA_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -54,8 +57,8 @@ def commit() -> str:
                                 "--", ".", ":(exclude)benchmarks/results"],
                                capture_output=True, text=True, check=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):  # no git (a copy of the tree): the commit the caller names
-        return os.environ.get("LOSA_COMMIT", "unknown")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 #: environment variables that force an ISA path (losa's kernel, torch's kernels): a row's command starts with

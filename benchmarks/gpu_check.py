@@ -12,9 +12,9 @@ On a LLaMA-7B-shaped random-weight bf16 model (32 decoder layers by default):
    against the dense model's, and each LLaMA-7B layer shape's speed-up over dense ``F.linear``.
 
 Writes one JSON and one markdown file after every section (a failing section is recorded with its error and
-the next one runs; sections not started within ``--budget-s`` are skipped); exits 1 if a section failed or a
-correctness check did not hold, 2 without CUDA. Without git (a copy of the tree) the commit is read from
-``LOSA_COMMIT``.
+the next one runs; sections not started within ``--budget-s`` are skipped and recorded as such); exits 1 if a
+section failed or a correctness check did not hold, 2 without CUDA, 3 if sections were skipped.
+``LOSA_COMMIT``, when set, names the commit (a device machine's copy of the tree may carry stale git metadata).
 
 Run on the device machine (its image has torch, transformers, accelerate, peft; carry the wheels of
 pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions and gguf as the device README
@@ -133,6 +133,21 @@ class PhaseMeter:
 
 
 def losa_step(args, device: str, meter: PhaseMeter) -> dict:
+    """One LoSA step (:func:`_losa_step`) with its phases timed; the timing patches are undone even if it fails."""
+    from losa.calib import engine
+    from losa.pipelines.losa import loop, recon
+
+    saved = [(o, a, getattr(o, a)) for o, a in ((loop, "_rmi_pass"), (loop, "reconstruction_errors"),
+                                                (recon.DenseTargets, "compute"), (loop, "finetune"),
+                                                (engine.LayerwiseEngine, "run"))]
+    try:
+        return _losa_step(args, device, meter)
+    finally:
+        for owner, attr, original in saved:
+            setattr(owner, attr, original)
+
+
+def _losa_step(args, device: str, meter: PhaseMeter) -> dict:
     import losa
     from losa.calib import engine
     from losa.pipelines.losa import loop, recon
@@ -312,9 +327,12 @@ def main() -> int:
             res["errors"][key] = "".join(traceback.format_exception(e)[-6:])
             print(res["errors"][key], flush=True)
         write(res, out, name)
+    write(res, out, name)  # the sections skipped after the last one that ran are recorded too
     ok = not res["errors"] and all(res[k].get("ok", True) for k, _ in sections if k in res)
     print(render(res))
-    return 0 if ok else 1
+    if res["skipped"]:
+        print(f"skipped past --budget-s {args.budget_s:g}: {', '.join(res['skipped'])}")
+    return (0 if not res["skipped"] else 3) if ok else 1
 
 
 if __name__ == "__main__":

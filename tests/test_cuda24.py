@@ -45,7 +45,7 @@ def test_unknown_mode_is_one_line_error():
 ])
 def test_auto_converts_only_when_faster_at_every_batch(monkeypatch, speedups, converted):
     done = []
-    monkeypatch.setattr(cuda24, "convert", done.append)
+    monkeypatch.setattr(cuda24, "convert", lambda m: done.append(m) or True)
     chooser = cuda24.SemiStructuredChooser("auto", measure=lambda w: speedups)
     lin = linear_24(8, 16)
     assert chooser.apply(lin) is converted
@@ -54,7 +54,7 @@ def test_auto_converts_only_when_faster_at_every_batch(monkeypatch, speedups, co
 
 
 def test_auto_times_each_shape_once_and_fixed_modes_never(monkeypatch):
-    monkeypatch.setattr(cuda24, "convert", lambda m: None)
+    monkeypatch.setattr(cuda24, "convert", lambda m: True)
     timed = []
 
     def measure(w):
@@ -71,3 +71,9 @@ def test_auto_times_each_shape_once_and_fixed_modes_never(monkeypatch):
     for mode, expect in (("always", True), ("never", False)):
         fixed = cuda24.SemiStructuredChooser(mode, measure=lambda w: pytest.fail("timed in a fixed mode"))
         assert fixed.apply(linear_24(8, 16)) is expect and fixed.slower == 0
+
+
+def test_a_weight_pytorch_refuses_stays_dense_and_is_counted(monkeypatch):
+    monkeypatch.setattr(cuda24, "convert", lambda m: False)  # what convert returns when torch raises
+    chooser = cuda24.SemiStructuredChooser("always")
+    assert not chooser.apply(linear_24(8, 16)) and chooser.refused == 1 and chooser.slower == 0

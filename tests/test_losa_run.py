@@ -400,7 +400,7 @@ def test_ignore_leaves_linears_dense_through_every_step(tmp_path, calib):
     """LoSAConfig.ignore (shared with PruneConfig): the named linears are never pruned. Without fine-tuning they
     come out as the dense weights bit for bit; with it their adapters train unmasked and merge into weights that
     stay dense; the other linears reach their layer targets, and the final verification passes."""
-    ignore = ["mlp.down_proj", "1.self_attn.o_proj"]
+    ignore = ["mlp.down_proj", "model.layers.1.self_attn.o_proj"]  # a full name too
 
     def left_dense(key: str) -> bool:  # the patterns above, by hand
         return key.endswith(".mlp.down_proj") or key == "1.self_attn.o_proj"

@@ -61,6 +61,10 @@ def test_bad_patterns_fail_before_any_work():
         losa.prune(model, None, {"method": "magnitude", "ignore": ["mlp.dwn_proj"]}, progress=False)
     with pytest.raises(LosaError, match="nothing would be pruned"):
         losa.prune(model, None, {"method": "magnitude", "ignore": ["*"]}, progress=False)
+    with pytest.raises(LosaError, match="regular expression"):
+        losa.prune(model, None, {"method": "magnitude", "ignore": ["re:.*down_proj"]}, progress=False)
+    with pytest.raises(LosaError, match="lm_head, which is outside the decoder layers"):
+        losa.prune(model, None, {"method": "magnitude", "ignore": ["lm_head"]}, progress=False)
     with pytest.raises(LosaError, match="empty pattern"):
         losa.PruneConfig(ignore=[" "])
     assert all(torch.equal(w, before[k]) for k, w in weights(model).items())
@@ -101,3 +105,63 @@ def test_moe_expert_matrices_by_pattern():
     by_hand |= {f"model.layers.1.mlp.experts.0.{p}" for p in ("gate_proj", "up_proj")}
     assert dense == by_hand
     assert all(r.sparsity == pytest.approx(0.5) for n, r in rep.sparsity.modules.items() if n not in by_hand)
+
+
+@pytest.mark.parametrize("sequential", ["module", "layer"])
+def test_sparsegpt_full_names_and_a_gate_left_dense_beside_its_pruned_twin(sequential):
+    """Full names as losa inspect prints them; gate_proj left dense while up_proj (fed the same input, sharing its
+    statistic in module mode) is pruned; no Hessian is built for the ignored linear."""
+    from losa.pruning.sparsegpt import SparseGPTPruner
+
+    model = make_tiny_model("llama", seed=7)
+    dense = weights(model)
+    built = []
+    stat = SparseGPTPruner.stat
+
+    @staticmethod
+    def counting(in_features, device=None):
+        built.append(in_features)
+        return stat(in_features, device=device)
+
+    ids = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(2))
+    ignore = ["model.layers.1.mlp.gate_proj", "model.layers.0.self_attn.o_proj"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SparseGPTPruner, "stat", counting)
+        rep = losa.prune(model, None, losa.PruneConfig(method="sparsegpt", sparsity=0.5, sequential=sequential,
+                                                       device="cpu", ignore=ignore), calib_ids=ids, progress=False)
+    assert len(built) == 2 * 7 - 2
+    for (i, name), w in weights(model).items():
+        if (i, name) in ((1, "mlp.gate_proj"), (0, "self_attn.o_proj")):
+            assert torch.equal(w, dense[(i, name)])
+        else:
+            assert rep.sparsity.modules[f"model.layers.{i}.{name}"].sparsity == pytest.approx(0.5, abs=1e-3)
+
+
+def test_custom_visitor_patterns_are_kept_and_verified():
+    from losa.pipelines.oneshot import PruneVisitor
+
+    model = make_tiny_model("llama", seed=3)
+    dense = weights(model)
+    cfg = losa.PruneConfig(method="magnitude", ignore=["mlp.down_proj"])
+    visitor = PruneVisitor(cfg.pruner(), cfg.layer_targets(2), ignore=("mlp.up_proj",))
+    losa.prune(model, None, cfg, progress=False, visitor=visitor)
+    assert visitor.ignore == ("mlp.up_proj", "mlp.down_proj")
+    for (i, name), w in weights(model).items():
+        assert torch.equal(w, dense[(i, name)]) is (name in ("mlp.up_proj", "mlp.down_proj")), name
+
+
+def test_cli_typo_fails_before_the_dense_evaluation_and_yaml_takes_a_string(tmp_path, capsys, monkeypatch):
+    import losa.eval.ppl
+
+    src = tmp_path / "tiny"
+    make_tiny_model("llama", layers=2).save_pretrained(src)
+    make_tiny_tokenizer().save_pretrained(src)
+    text = tmp_path / "t.txt"
+    text.write_text("word " * 600)
+    capsys.readouterr()  # the tiny model's own save bars
+    monkeypatch.setattr(losa.eval.ppl, "perplexity", lambda *a, **k: pytest.fail("evaluated before the check"))
+    assert main(["prune", str(src), "--method", "magnitude", "--ignore", "mlp.dwn_proj", "--compare-dense",
+                 "--eval", str(text), "--no-save", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "'mlp.dwn_proj' matches no linear" in err and len(err.strip().splitlines()) == 1
+    assert losa.PruneConfig(ignore="mlp.down_proj, 0.*").ignore == ["mlp.down_proj", "0.*"]

@@ -81,8 +81,8 @@ def _argparse_type(tp: Any) -> dict[str, Any]:
         return {"choices": list(args)}
     if tp in (int, float, str):
         return {"type": tp}
-    if origin in (list, tuple) and args and args[0] in (int, float, str):
-        return {"type": _list_of(args[0]), "metavar": "A,B,..."}
+    if origin in (list, tuple) and args and args[0] in (int, float, str):  # repeated, the flag adds to its list
+        return {"type": _list_of(args[0]), "metavar": "A,B,...", "action": "extend"}
     if origin in (typing.Union, types.UnionType):
         scalars = [a for a in args if a in (int, float, str)]
         lists = [a for a in args if typing.get_origin(a) is list]

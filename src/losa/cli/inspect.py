@@ -26,7 +26,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     import losa
     from losa.export.verify import sparsity_report
     from losa.models.registry import get_decoder_layers
-    from losa.pruning.ignore import is_ignored
+    from losa.pruning.ignore import module_ignored
     from losa.utils.io import atomic_write_json, check_output_file
 
     nm: tuple[int, int] | list[tuple[int, int]] | None = parse_nm(args.nm) if args.nm else None
@@ -40,7 +40,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(f"checking the {label} pattern recorded in {args.model}/losa.json (--nm checks another)")
     elif recorded is not None and recorded[0] != args.nm:
         print(f"note: {args.model}/losa.json records the {recorded[0]} pattern; --nm {args.nm} checks {args.nm} on "
-              "every layer (without --nm the recorded one is checked)")
+              "every layer (without --nm the recorded one is checked; linears its ignore patterns left dense are "
+              "skipped either way)")
     model, _ = losa.load_model(args.model, dtype=args.dtype)
     if isinstance(nm, list) and len(nm) != (layers := len(get_decoder_layers(model))):
         raise LosaError(f"{args.model}/losa.json records N for {len(nm)} decoder layers but the model has {layers}; "
@@ -49,17 +50,18 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"{'layer':>5}  {'params':>12}  {'sparsity':>8}")
     for row in rep.layers:
         print(f"{row.layer:>5}  {row.numel:>12,}  {row.sparsity:>8.4f}")
+    ignore = recorded_ignore(args.model) if nm is not None else []
     if args.modules:
         for name, m in rep.modules.items():
             extra = f"  {m.nm} {'ok' if m.nm_ok else 'VIOLATED'}" if m.nm else ""
+            extra = "  left dense (ignore)" if module_ignored(ignore, m) else extra
             print(f"  {name:<48} {str(tuple(m.shape)):>14}  {m.sparsity:.4f}{extra}")
     print(f"overall sparsity: {rep.overall:.4f} ({rep.numel:,} weights in decoder linear layers)")
     ok = True
     if nm is not None:
-        ignore = recorded_ignore(args.model)
-        bad = [n for n, m in rep.modules.items() if not m.nm_ok and not is_ignored(ignore, m.layer, m.module)]
+        bad = [n for n, m in rep.modules.items() if not m.nm_ok and not module_ignored(ignore, m)]
         if ignore:
-            left = sum(is_ignored(ignore, m.layer, m.module) for m in rep.modules.values())
+            left = sum(module_ignored(ignore, m) for m in rep.modules.values())
             print(f"{left} modules left dense by the recorded ignore patterns ({','.join(ignore)}) are not checked")
         ok = not bad
         print(f"{label} pattern: {'satisfied by every module' if ok else f'VIOLATED in {len(bad)} modules'}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 from collections.abc import Callable
@@ -52,7 +53,8 @@ def _default_out(model: str, cfg: PruneConfig) -> Path:
     else:
         tag = f"{round(cfg.sparsity * 100)}" if isinstance(cfg.sparsity, float) else "layerwise"
         tag += f"-{cfg.allocator}" if cfg.allocator != "uniform" else ""  # not the uniform prune's directory
-    tag += "-ignore" if cfg.ignore else ""  # not the directory of the prune that leaves nothing dense
+    if cfg.ignore:  # a directory per set of patterns, not the one of the prune that leaves nothing dense
+        tag += "-ignore" + hashlib.sha1(",".join(cfg.ignore).encode()).hexdigest()[:6]
     return Path("runs") / f"{Path(model).name.removesuffix('.gguf')}-{cfg.method}-{tag}"
 
 
@@ -90,6 +92,9 @@ def run_prune(args: argparse.Namespace) -> int:
     check_model_arg(args.model)
     print(f"losa prune: {args.model} | {cfg.describe()} | {calib}")
     model, tok = losa.load_model(args.model, dtype=args.dtype, **offload)
+    from losa.pruning.ignore import check_ignore
+
+    check_ignore(model, cfg.ignore)  # before the dense evaluation of --compare-dense
     if (note := offload_note(model, args)) is not None:
         print(note)
     if get_pruner(cfg.method).stat is not None:  # the calibration window first: --seqlen sets both by default
@@ -117,9 +122,9 @@ def run_prune(args: argparse.Namespace) -> int:
     print(f"  verified: overall sparsity {sp.overall:.4f} over {len(sp.modules)} linear modules "
           f"in {len(sp.layers)} layers; prune time {report.timings['total_s']:.1f}s")
     if cfg.ignore:
-        from losa.pruning.ignore import is_ignored
+        from losa.pruning.ignore import module_ignored
 
-        kept = sum(is_ignored(cfg.ignore, m.layer, m.module) for m in sp.modules.values())
+        kept = sum(module_ignored(cfg.ignore, m) for m in sp.modules.values())
         print(f"  left dense (--ignore {','.join(cfg.ignore)}): {kept} of {len(sp.modules)} linear modules; "
               "the others are at their target")
     results = {"ppl": {}, "dense_ppl": dense, "eval_seqlen": eval_seqlen, "max_windows": args.max_windows}

@@ -100,7 +100,8 @@ def sparsity_report(model: nn.Module, nm: NMArg | Sequence[NMArg] = None) -> Spa
 
     Weights offloaded by accelerate are onloaded one decoder layer at a time.
     Fused mixture-of-experts tensors count as their expert matrices (``mlp.experts.<e>.gate_proj`` ...,
-    see :func:`~losa.models.registry.prunable_weights`), so experts left dense fail :func:`verify_targets`.
+    see :func:`~losa.models.registry.prunable_weights`), so experts left dense fail :func:`verify_targets`
+    (unless its ``ignore`` patterns name them).
 
     Args:
         model: a model of a registered architecture.
@@ -147,11 +148,11 @@ def verify_targets(report: SparsityReport, targets: Sequence[Target], tol: float
     Raises:
         SparsityVerificationError: naming the first three modules that miss (and how many more).
     """
-    from losa.pruning.ignore import is_ignored
+    from losa.pruning.ignore import module_ignored
 
     failures = []
     for name, rep in report.modules.items():
-        if is_ignored(ignore, rep.layer, rep.module):
+        if module_ignored(ignore, rep):
             continue
         t = targets[rep.layer]
         slack = tol if tol is not None else 1.0 / rep.shape[1] + 1e-6

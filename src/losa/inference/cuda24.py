@@ -54,11 +54,21 @@ def is_converted(mod: nn.Module) -> bool:
     return isinstance(getattr(mod, "weight", None), SparseSemiStructuredTensor)
 
 
-def convert(mod: nn.Linear) -> None:
-    """Give ``mod`` (see :func:`qualifies`) PyTorch's semi-structured sparse weight, in place."""
+def convert(mod: nn.Linear) -> bool:
+    """Give ``mod`` (see :func:`qualifies`) PyTorch's semi-structured sparse weight, in place.
+
+    Returns:
+        False, leaving ``mod`` as it was, where PyTorch refuses the weight (a shape its kernels do not take, a GPU
+        without them).
+    """
     from torch.sparse import to_sparse_semi_structured
 
-    mod.weight = nn.Parameter(to_sparse_semi_structured(mod.weight.detach()), requires_grad=False)
+    try:
+        sparse = to_sparse_semi_structured(mod.weight.detach())
+    except RuntimeError:
+        return False
+    mod.weight = nn.Parameter(sparse, requires_grad=False)
+    return True
 
 
 def _cuda_ms(fn: Callable[[], object], reps: int) -> list[float]:
@@ -83,13 +93,17 @@ def measure_speedups(weight: torch.Tensor, batches: tuple[int, ...] = DECISION_B
         batches: rows of the random inputs, shape ``(batch, in_features)``, in the weight's dtype.
         reps: timed calls of each form per batch after three warm-up calls, interleaved in pairs.
     Returns:
-        ``{batch: dense median ms / semi-structured median ms}``; 0.0 for a batch the sparse form fails on.
+        ``{batch: dense median ms / semi-structured median ms}``; 0.0 for a batch the sparse form fails on (every
+        batch where PyTorch refuses the weight).
     """
     from torch.sparse import to_sparse_semi_structured
 
-    sparse = to_sparse_semi_structured(weight.detach())
+    try:
+        sparse = to_sparse_semi_structured(weight.detach())
+    except RuntimeError:  # a shape or GPU that the semi-structured kernels do not take
+        return dict.fromkeys(batches, 0.0)
     out: dict[int, float] = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.cuda.device(weight.device):  # events on the weight's own GPU
         for b in batches:
             x = torch.randn(b, weight.shape[1], device=weight.device, dtype=weight.dtype)
             try:
@@ -114,6 +128,7 @@ class SemiStructuredChooser:
         mode: one of :data:`SEMI_STRUCTURED_MODES`.
         measured: ``{(shape, dtype, device): {batch: speed-up}}`` of the shapes timed so far.
         slower: layers that qualified but were kept dense because the sparse form was not faster.
+        refused: layers that qualified but whose weight PyTorch refused to convert (kept dense).
     """
 
     def __init__(self, mode: str = "auto",
@@ -121,7 +136,7 @@ class SemiStructuredChooser:
         self.mode = check_mode(mode)
         self.measure = measure
         self.measured: dict[tuple, dict[int, float]] = {}
-        self.slower = 0
+        self.slower = self.refused = 0
 
     def faster(self, weight: torch.Tensor) -> bool:
         """Whether the semi-structured form of ``weight`` is faster than the dense one at every batch."""
@@ -141,5 +156,7 @@ class SemiStructuredChooser:
         if self.mode == "auto" and not self.faster(mod.weight):
             self.slower += 1
             return False
-        convert(mod)
+        if not convert(mod):
+            self.refused += 1
+            return False
         return True

@@ -154,8 +154,8 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
     The layers compute in the precision of their inputs: in a bf16 model (``model.to(torch.bfloat16)``)
     with bf16 values they multiply in bf16 and sum in float32, like dense bf16 layers, and decode up to
     ~1.9x faster than with float32 activations on CPUs with AVX512-BF16. Returns a summary:
-    ``{"replaced", "kept_dense", "dense_bytes", "sparse_bytes", "device", "value_dtype", "prefill_dtype",
-    "compute", "sparse_prefill_layers"}`` (bytes are over the replaced CPU layers; ``compute`` says which
+    ``{"replaced", "kept_dense", "semi_structured_slower", "dense_bytes", "sparse_bytes", "device", "value_dtype",
+    "prefill_dtype", "compute", "sparse_prefill_layers"}`` (bytes are over the replaced CPU layers; ``compute`` says which
     arithmetic the layers use for this model's activations; ``sparse_prefill_layers`` counts the layers that
     run large bf16 batches through the zero-skipping sparse GEMM, see ``SPARSE_PREFILL_MAX_DENSITY``).
     ``model.generate`` keeps working (KV cache included). Called again on a sparsified model it converts
@@ -195,8 +195,10 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
     device = next(model.parameters()).device
     summary = _empty_summary(next(model.parameters()).dtype, vdtype, resolve_value_dtype(prefill_dtype, "prefill_dtype"),
                              device.type)
+    converted_before = 0
     for name, mod in _candidates(model):
         if is_converted(mod):  # a semi-structured weight from an earlier call
+            converted_before += 1
             continue
         w = get_weight(mod).detach()
         sparsity = float((w == 0).float().mean())
@@ -219,10 +221,15 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
                     chooser.slower, "- and ".join(map(str, DECISION_BATCHES)),
                     "; ".join(f"{'x'.join(map(str, k[0]))}: " + ", ".join(f"{s:.2f}x at {b}" for b, s in v.items())
                               for k, v in chooser.measured.items()))
-    elif device.type == "cuda" and summary["replaced"] == 0:
+    if chooser.refused:
+        log.warning("%d 2:4 linear(s) kept dense: PyTorch refused their semi-structured weight (a shape or GPU its "
+                    "kernels do not take)", chooser.refused)
+    if device.type == "cuda" and summary["replaced"] == 0 and not (chooser.slower or chooser.refused
+                                                                     or converted_before):
         log.warning("no 2:4 fp16/bf16 layer found: CUDA semi-structured sparsity needs 2:4 masks and a "
                     "half-precision model (load with dtype='bfloat16')")
-    elif summary["replaced"] == 0 and not any(isinstance(m, SparseLinear) for m in model.modules()):
+    elif (device.type != "cuda" and summary["replaced"] == 0
+          and not any(isinstance(m, SparseLinear) for m in model.modules())):
         warnings.warn(f"{NOTHING_SPARSE} (min_sparsity={min_sparsity:g}): nothing was converted; prune the model "
                       "first (losa.prune)", stacklevel=2)
     return summary

@@ -76,6 +76,11 @@ class CalibrationConfig(LosaConfig):
                                                                 "inside the decoder layer (mlp.down_proj) and with "
                                                                 "the layer index in front (0.self_attn.*)")
 
+    @field_validator("ignore", mode="before")
+    @classmethod
+    def _ignore_text(cls, v: object) -> object:
+        return v.split(",") if isinstance(v, str) else v  # a recipe's `ignore: mlp.down_proj,0.*`
+
     @field_validator("ignore")
     @classmethod
     def _ignore(cls, v: list[str]) -> list[str]:

@@ -180,13 +180,18 @@ class PruneVisitor(LayerVisitor):
     single_pass: bool = False
     #: ``ctx.outputs`` is not read (the layer is recomputed after pruning), so statistics passes stop early
     needs_outputs: bool = False
-    #: glob patterns of linears left dense (:mod:`losa.pruning.ignore`)
+    #: glob patterns of linears left dense (:mod:`losa.pruning.ignore`), and the decoder layers' path for full names
     ignore: tuple[str, ...] = ()
+    layers_path: str = ""
+
+    def ignored(self, index: int, name: str) -> bool:
+        return is_ignored(self.ignore, index, name, self.layers_path)
 
     def stats_for(self, index: int, linears: dict[str, nn.Module]) -> dict[str, InputStat]:
         if self.pruner.stat is None:
             return {}
-        return {name: self.pruner.stat(in_features(mod), device=mod.weight.device) for name, mod in linears.items()}
+        return {name: self.pruner.stat(in_features(mod), device=mod.weight.device) for name, mod in linears.items()
+                if not self.ignored(index, name)}  # no statistic (a SparseGPT Hessian) for a linear left dense
 
     def visit(self, ctx: LayerContext) -> None:
         idle = []
@@ -203,7 +208,7 @@ class PruneVisitor(LayerVisitor):
     def prune_module(self, index: int, name: str, mod: nn.Module, stat: InputStat | None) -> bool:
         """Prune one module to layer ``index``'s target (unless ``ignore`` leaves it dense); returns whether it had
         no tokens (pruned by magnitude)."""
-        if is_ignored(self.ignore, index, name):
+        if self.ignored(index, name):
             return False
         res, idle = prune_weight(self.pruner, get_weight(mod).detach(), stat, self.targets[index],
                                  label=f"layer {index} {name}")
@@ -274,6 +279,11 @@ class PruneReport(BaseModel):
     timings: dict[str, float] = Field(description="seconds per phase (calibration_data_s, prune_s, total_s)")
 
 
+def merged_ignore(visitor: PruneVisitor | None, config: PruneConfig) -> tuple[str, ...]:
+    """The patterns of linears left dense: a custom visitor's own and the config's."""
+    return tuple(dict.fromkeys((*(visitor.ignore if visitor is not None else ()), *config.ignore)))
+
+
 def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = None,
           calib_ids: torch.Tensor | None = None, progress: bool = True,
           visitor: PruneVisitor | None = None) -> PruneReport:
@@ -296,7 +306,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
         config: :class:`PruneConfig` or a mapping of its fields (default: Wanda 50 %).
         calib_ids: ``[nsamples, seqlen]`` token ids overriding the calibration source of the config.
         progress: progress bars.
-        visitor: a custom :class:`PruneVisitor` (e.g. one that keeps the masks).
+        visitor: a custom :class:`PruneVisitor` (e.g. one that keeps the masks); its ``ignore`` patterns are
+            added to the config's.
     Returns:
         the typed :class:`PruneReport`.
     Raises:
@@ -324,12 +335,13 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
         raise LosaError("pruning a mixture-of-experts model whose weights accelerate offloads is not supported; "
                         "load it without CPU/disk offloading (no device_map with max_memory/offload_folder)")
     calib_ids = check_calib_ids(model, calib_ids)  # before any work: 2-D integer ids within the vocabulary
-    check_ignore(model, config.ignore)
+    ignore = merged_ignore(visitor, config)
+    check_ignore(model, ignore)
     with unfused_experts(model):
         targets, sequential, timings, allocation = _prune(model, tokenizer, config, calib_ids, progress, visitor)
     report = sparsity_report(model, [t.pattern for t in targets])  # on the fused model: every expert matrix counts
     if config.verify:
-        verify_targets(report, targets, ignore=config.ignore)
+        verify_targets(report, targets, ignore=ignore)
     target = config.sparsity if config.nm is None and isinstance(config.sparsity, float) else None
     if target is not None and config.allocator == "uniform" and report.overall > target + 0.01:
         warnings.warn(f"the model came out {report.overall:.2%} sparse, above the {target:.2%} target: it was "
@@ -393,7 +405,7 @@ def _prune(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: torch.Te
     else:
         targets = config.layer_targets(len(layers))
     visitor = visitor or PruneVisitor(pruner, targets)
-    visitor.ignore = tuple(config.ignore)
+    visitor.ignore, visitor.layers_path = merged_ignore(visitor, config), spec.layers_path
     sequential: Literal["none", "layer", "module"] = "none"  # data-free pruners need no calibration pass
     if pruner.stat is None:  # data-free: no calibration pass needed
         for i, layer in enumerate(tqdm(layers, desc=f"pruning ({config.method})", unit="layer", disable=not progress)):

@@ -53,7 +53,7 @@ from losa.lora.model import (
 from losa.lora.ranks import allocate_ranks
 from losa.models.moe import unfused_experts
 from losa.models.offload import is_offloaded
-from losa.models.registry import check_window, get_decoder_layers, layer_sizes
+from losa.models.registry import check_window, get_arch, get_decoder_layers, layer_sizes
 from losa.pipelines.config import CalibrationConfig
 from losa.pipelines.losa.config import NO_FINETUNE_WARNING, LoSAConfig, check_finetune_size
 from losa.pipelines.losa.recon import DenseTargets, reconstruction_errors
@@ -439,7 +439,8 @@ class LoSARun:
         LayerwiseEngine(model, self.calib_ids, device=cfg.device, batch_size=cfg.calib_batch(), progress=self.progress,
                         desc=f"step {step}/{cfg.steps}: pruning ({cfg.method})",
                         stats_autocast=cfg.stats_autocast()).run(
-            AdapterPruneVisitor(self.pruner, targets, self.wrappers, ignore=tuple(cfg.ignore)))
+            AdapterPruneVisitor(self.pruner, targets, self.wrappers, ignore=tuple(cfg.ignore),
+                                layers_path=get_arch(model).layers_path))
         wrappers = list(self.wrappers.values())
         broadcast_tensors([t for w in wrappers for t in (w.base.weight, w.mask_bits)])  # every rank: rank 0's masks
         times["prune_s"] = time.perf_counter() - t

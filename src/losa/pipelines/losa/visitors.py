@@ -81,6 +81,12 @@ class AdapterPruneVisitor(LayerVisitor):
     wrappers: dict[int, SparseLoRALinear]
     needs_outputs: bool = False  #: the layer is recomputed after pruning
     ignore: tuple[str, ...] = ()  #: glob patterns of linears left dense (:mod:`losa.pruning.ignore`)
+    layers_path: str = ""  #: the decoder layers' path in the model, for full names in ``ignore``
+
+    def ignored(self, index: int, name: str, mod: nn.Module) -> bool:
+        # an adapter's base linear is named inside its wrapper (mlp.down_proj.base); ignore names the wrapper
+        wrapped = name.removesuffix(".base") if id(mod) in self.wrappers else name
+        return is_ignored(self.ignore, index, wrapped, self.layers_path)
 
     def before_layer(self, index: int, linears: dict[str, nn.Module]) -> None:
         _merge_layer(linears, self.wrappers)  # the calibration forward now runs the merged weights
@@ -88,15 +94,14 @@ class AdapterPruneVisitor(LayerVisitor):
     def stats_for(self, index: int, linears: dict[str, nn.Module]) -> dict[str, InputStat]:
         if self.pruner.stat is None:
             return {}
-        return {n: self.pruner.stat(in_features(m), device=get_weight(m).device) for n, m in linears.items()}
+        return {n: self.pruner.stat(in_features(m), device=get_weight(m).device) for n, m in linears.items()
+                if not self.ignored(index, n, m)}
 
     def visit(self, ctx: LayerContext) -> None:
         idle = []
         for name, mod in ctx.linears.items():
             w = self.wrappers.get(id(mod))
-            # an adapter's base linear is named inside its wrapper (mlp.down_proj.base); ignore names the wrapper
-            wrapped = name.removesuffix(".base") if w is not None else name
-            if is_ignored(self.ignore, ctx.index, wrapped):  # left dense: the merge is undone bit for bit
+            if self.ignored(ctx.index, name, mod):  # left dense: the merge is undone bit for bit
                 if w is not None and w.merged:
                     w.unmerge()
                 continue
