@@ -27,18 +27,12 @@ import torch.nn.functional as F
 
 
 def cuda_time(fn, reps: int = 20) -> float:
+    """Median milliseconds of ``fn`` on the GPU after three warm-up calls."""
+    from losa.inference.cuda24 import cuda_ms
+
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+    return statistics.median(cuda_ms(fn, reps))
 
 
 def mask_24(w: torch.Tensor) -> torch.Tensor:

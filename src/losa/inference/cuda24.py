@@ -71,7 +71,7 @@ def convert(mod: nn.Linear) -> bool:
     return True
 
 
-def _cuda_ms(fn: Callable[[], object], reps: int) -> list[float]:
+def cuda_ms(fn: Callable[[], object], reps: int) -> list[float]:
     """Milliseconds of each of ``reps`` calls of ``fn`` on the current CUDA stream (CUDA events)."""
     out = []
     for _ in range(reps):
@@ -114,8 +114,8 @@ def measure_speedups(weight: torch.Tensor, batches: tuple[int, ...] = DECISION_B
                 continue
             dense_ms, sparse_ms = [], []
             for _ in range(reps):
-                dense_ms += _cuda_ms(lambda x=x: F.linear(x, weight), 1)
-                sparse_ms += _cuda_ms(lambda x=x: F.linear(x, sparse), 1)
+                dense_ms += cuda_ms(lambda x=x: F.linear(x, weight), 1)
+                sparse_ms += cuda_ms(lambda x=x: F.linear(x, sparse), 1)
             out[b] = statistics.median(dense_ms) / statistics.median(sparse_ms)
     return out
 
