@@ -77,3 +77,9 @@ def test_a_weight_pytorch_refuses_stays_dense_and_is_counted(monkeypatch):
     monkeypatch.setattr(cuda24, "convert", lambda m: False)  # what convert returns when torch raises
     chooser = cuda24.SemiStructuredChooser("always")
     assert not chooser.apply(linear_24(8, 16)) and chooser.refused == 1 and chooser.slower == 0
+
+
+def test_auto_counts_a_weight_pytorch_refuses_as_refused_not_slower(monkeypatch):
+    monkeypatch.setattr(cuda24, "convert", lambda m: pytest.fail("converted a refused weight"))
+    chooser = cuda24.SemiStructuredChooser("auto", measure=lambda w: None)  # what measure_speedups returns then
+    assert not chooser.apply(linear_24(8, 16)) and chooser.refused == 1 and chooser.slower == 0

@@ -430,6 +430,18 @@ def test_ignore_leaves_linears_dense_through_every_step(tmp_path, calib):
                 calib_ids=calib, progress=False).setup()
 
 
+def test_mixed_nm_with_a_layer_left_dense_keeps_the_pattern_on_the_rest(calib):
+    """Mixed N:M keeps the parameter-weighted mean N over the linears it prunes: with layer 1 left dense entirely,
+    layer 0 (the only one pruned) must be exactly 2:4, not made denser to pay for a layer that is never pruned."""
+    model = make_tiny_model("llama", seed=0, layers=2)
+    rep = run(model, make_tiny_tokenizer(), _cfg(ignore=["1.*"], nm="2:4", mixed_nm=True, nm_max_pairs=-1,
+                                                 allocator="owl", steps=1), None, calib_ids=calib, progress=False)
+    assert rep.steps[-1].layer_target_sparsity[0] == pytest.approx(0.5)
+    for name, m in linear_modules(get_decoder_layers(model)[0]).items():
+        w = get_weight(m)
+        assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all(), name
+
+
 def test_sparsegpt_one_shot_on_a_multimodal_gemma3_checkpoint(calib):
     import losa
 

@@ -65,6 +65,8 @@ def test_bad_patterns_fail_before_any_work():
         losa.prune(model, None, {"method": "magnitude", "ignore": ["re:.*down_proj"]}, progress=False)
     with pytest.raises(LosaError, match="lm_head, which is outside the decoder layers"):
         losa.prune(model, None, {"method": "magnitude", "ignore": ["lm_head"]}, progress=False)
+    with pytest.raises(LosaError, match=r"names model.layers.0.self_attn, a module .* e.g. \*.self_attn.\*"):
+        losa.prune(model, None, {"method": "magnitude", "ignore": ["*.self_attn"]}, progress=False)
     with pytest.raises(LosaError, match="empty pattern"):
         losa.PruneConfig(ignore=[" "])
     assert all(torch.equal(w, before[k]) for k, w in weights(model).items())
@@ -144,8 +146,9 @@ def test_custom_visitor_patterns_are_kept_and_verified():
     dense = weights(model)
     cfg = losa.PruneConfig(method="magnitude", ignore=["mlp.down_proj"])
     visitor = PruneVisitor(cfg.pruner(), cfg.layer_targets(2), ignore=("mlp.up_proj",))
-    losa.prune(model, None, cfg, progress=False, visitor=visitor)
-    assert visitor.ignore == ("mlp.up_proj", "mlp.down_proj")
+    rep = losa.prune(model, None, cfg, progress=False, visitor=visitor)
+    assert visitor.ignore == ("mlp.up_proj",)  # the caller's visitor keeps its own patterns
+    assert rep.recipe["ignore"] == ["mlp.up_proj", "mlp.down_proj"]  # the recipe records what was left dense
     for (i, name), w in weights(model).items():
         assert torch.equal(w, dense[(i, name)]) is (name in ("mlp.up_proj", "mlp.down_proj")), name
 
@@ -165,3 +168,36 @@ def test_cli_typo_fails_before_the_dense_evaluation_and_yaml_takes_a_string(tmp_
     err = capsys.readouterr().err
     assert "'mlp.dwn_proj' matches no linear" in err and len(err.strip().splitlines()) == 1
     assert losa.PruneConfig(ignore="mlp.down_proj, 0.*").ignore == ["mlp.down_proj", "0.*"]
+    assert losa.PruneConfig(ignore="mlp.down_proj,").ignore == ["mlp.down_proj"]  # as the flag reads it
+
+
+def test_owl_allocation_weighs_only_the_pruned_linears():
+    """With ignore, the layer-wise allocator keeps its parameter-weighted mean over the linears it prunes: the
+    pruned linears as a whole are at the target, counted from the weights."""
+    model = make_tiny_model("llama", seed=11)
+    ids = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(3))
+    losa.prune(model, None, losa.PruneConfig(method="wanda", sparsity=0.5, allocator="owl", owl_m=1.5,
+                                             ignore=["1.mlp.*"]), calib_ids=ids, progress=False)
+    pruned = [w for (i, n), w in weights(model).items() if not (i == 1 and n.startswith("mlp."))]
+    zeros = sum(int((w == 0).sum()) for w in pruned)
+    assert zeros / sum(w.numel() for w in pruned) == pytest.approx(0.5, abs=2e-3)
+
+
+def test_allocators_skip_a_layer_left_dense_entirely():
+    """A layer of size 0 takes no part: the others get what the allocator gives them alone, and it gets the target."""
+    import numpy as np
+
+    from losa.allocation.allocators import allocate, allocate_live
+
+    got = allocate_live("owl", 0.5, [10, 0, 30], outlier_ratios=[0.1, 0.9, 0.3], lam=0.08)
+    alone = allocate("owl", 0.5, [10, 30], outlier_ratios=[0.1, 0.3], lam=0.08)
+    assert got[1] == 0.5 and np.allclose(got[[0, 2]], alone)
+    cka = np.array([[1.0, 0.2, 0.7], [0.2, 1.0, 0.4], [0.7, 0.4, 1.0]])
+    got = allocate_live("rmi", 0.5, [10, 0, 10], cka=cka, beta=1.0, delta=0.05)
+    assert np.allclose(got[[0, 2]], allocate("rmi", 0.5, [10, 10], cka=cka[np.ix_([0, 2], [0, 2])], beta=1.0,
+                                             delta=0.05))
+    model = make_tiny_model("llama", seed=11)  # end to end: the first layer left dense, OWL over the second
+    ids = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(3))
+    rep = losa.prune(model, None, losa.PruneConfig(method="wanda", sparsity=0.5, allocator="owl", ignore=["0.*"]),
+                     calib_ids=ids, progress=False)
+    assert rep.sparsity.layers[0].sparsity == 0.0 and rep.sparsity.layers[1].sparsity == pytest.approx(0.5, abs=2e-3)

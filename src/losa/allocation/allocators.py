@@ -46,6 +46,44 @@ def allocate(name: str, target: float, sizes: Sequence[float], **kwargs) -> np.n
     return get_allocator(name)(target, sizes, **kwargs)
 
 
+#: the allocators' keyword arguments with one entry per layer (``cka``: one row and one column per layer)
+_PER_LAYER = ("outlier_ratios",)
+
+
+def live_layers(sizes: Sequence[float]) -> list[int]:
+    """The indices of the layers with something to prune (size > 0; a layer that ``ignore`` leaves dense
+    entirely has size 0)."""
+    return [i for i, z in enumerate(sizes) if z > 0]
+
+
+def allocate_live(name: str, target: float, sizes: Sequence[float], **kwargs) -> np.ndarray:
+    """:func:`allocate` over the layers with a positive size only; a layer of size 0 (nothing to prune) gets
+    ``target``, which it never reaches and which does not count in the parameter-weighted mean.
+
+    Args:
+        name, target: as :func:`allocate`.
+        sizes: prunable parameters per layer, ``[L]``, zeros allowed (not all).
+        kwargs: the allocator's arguments; ``cka`` (``[L, L]``) and ``outlier_ratios`` (``[L]``) are cut to the
+            layers with a positive size.
+    Returns:
+        Per-layer sparsity, ``[L]``.
+    Raises:
+        LosaError: what :func:`allocate` raises (every size 0 included).
+    """
+    live = live_layers(sizes)
+    if len(live) == len(sizes) or not live:
+        return allocate(name, target, sizes, **kwargs)
+    sub = dict(kwargs)
+    if sub.get("cka") is not None:
+        sub["cka"] = np.asarray(sub["cka"])[np.ix_(live, live)]
+    for k in _PER_LAYER:
+        if sub.get(k) is not None:
+            sub[k] = [sub[k][i] for i in live]
+    out = np.full(len(sizes), float(target))
+    out[live] = allocate(name, target, [sizes[i] for i in live], **sub)
+    return out
+
+
 def default_delta(target: float) -> float:
     """Half-width δ of the per-layer sparsity band around ``target``.
 

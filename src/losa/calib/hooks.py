@@ -84,9 +84,9 @@ def act_on_first_input(modules: Mapping[str, nn.Module], stats: dict[str, InputS
     handles = []
 
     def first(name: str, mod: nn.Module, x) -> None:
-        seen.add(name)
         if name not in stats:  # a module without a statistic (left dense), primed by a chunked forward
             return
+        seen.add(name)
         stat = stats[name]
         prev = last.get("stat")
         if last.get("x") is x and type(prev) is type(stat) and prev.in_features == stat.in_features:  # type: ignore[union-attr]

@@ -50,7 +50,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"{'layer':>5}  {'params':>12}  {'sparsity':>8}")
     for row in rep.layers:
         print(f"{row.layer:>5}  {row.numel:>12,}  {row.sparsity:>8.4f}")
-    ignore = recorded_ignore(args.model) if nm is not None else []
+    ignore = recorded_ignore(args.model)
     if args.modules:
         for name, m in rep.modules.items():
             extra = f"  {m.nm} {'ok' if m.nm_ok else 'VIOLATED'}" if m.nm else ""
@@ -83,8 +83,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def recorded_ignore(model: str) -> list[str]:
-    """The ``ignore`` patterns (linears left dense) that a ``losa prune`` checkpoint records in its ``losa.json``;
-    empty for any other model."""
+    """The ``ignore`` patterns (linears left dense) that a ``losa prune`` or ``losa run`` checkpoint records in its
+    ``losa.json``; empty for any other model."""
     ignore = (checkpoint_manifest(model).get("recipe") or {}).get("ignore") or []
     return [p for p in ignore if isinstance(p, str)] if isinstance(ignore, list) else []
 

@@ -20,7 +20,7 @@ from losa.cli.common import (
     recipe_for_manifest,
     refuse_ignored,
 )
-from losa.errors import LosaError
+from losa.errors import LosaError, option
 from losa.pipelines.losa.config import NO_FINETUNE_WARNING, LoSAConfig
 from losa.report.schema import PplSettings, StepRecord
 
@@ -102,6 +102,11 @@ def run_losa(args: argparse.Namespace) -> int:
     model, tok = losa.load_model(args.model, dtype=args.dtype)
     if datasets:
         check_window(model, eval_seqlen, "evaluation window", window_flag)
+    from losa.lora.model import check_target_modules
+    from losa.pruning.ignore import check_ignore
+
+    check_target_modules(model, cfg.lora_target_modules, option("lora_target_modules"))  # before --compare-dense
+    check_ignore(model, cfg.ignore)
     dense = _perplexities(args, cfg, model, tok, datasets, settings, "dense") if args.compare_dense and is_main() else {}
     try:  # Ctrl-C anywhere from here on: say what is saved and how to continue
         with warnings.catch_warnings():  # printed above, as one line
@@ -138,10 +143,14 @@ def _finish(args: argparse.Namespace, cfg: LoSAConfig, model, tok, report, out: 
             settings: PplSettings | None) -> None:
     """The main process's end of a run: the verified sparsity, the perplexities, report.json, the merged model."""
     import losa
+    from losa.pruning.ignore import check_ignore
     from losa.pruning.masks import parse_nm
     from losa.report.schema import save_report
 
-    print(f"  verified: merged model sparsity {report.results.sparsity:.4f} (target {cfg.target_sparsity:.4f})")
+    dense_note = (f"; {check_ignore(model, cfg.ignore)} linear modules left dense (--ignore {','.join(cfg.ignore)})"
+                  if cfg.ignore else "")
+    print(f"  verified: merged model sparsity {report.results.sparsity:.4f} (target {cfg.target_sparsity:.4f})"
+          f"{dense_note}")
     report.results.ppl_settings = settings
     report.results.ppl = _perplexities(args, cfg, model, tok, datasets, settings, "merged")
     save_report(report, out)

@@ -143,8 +143,8 @@ def verify_targets(report: SparsityReport, targets: Sequence[Target], tol: float
         report: from :func:`sparsity_report` (with the targets' N:M patterns checked).
         targets: one target per decoder layer.
         tol: allowed shortfall in sparsity (default: one weight per row, ``1 / in_features``).
-        ignore: glob patterns of the linears left dense (``PruneConfig.ignore``, :mod:`losa.pruning.ignore`),
-            which are not checked.
+        ignore: glob patterns of the linears left dense (``ignore`` of ``PruneConfig`` / ``LoSAConfig``,
+            :mod:`losa.pruning.ignore`), which are not checked.
     Raises:
         SparsityVerificationError: naming the first three modules that miss (and how many more).
     """

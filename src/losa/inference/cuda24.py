@@ -85,7 +85,7 @@ def cuda_ms(fn: Callable[[], object], reps: int) -> list[float]:
 
 
 def measure_speedups(weight: torch.Tensor, batches: tuple[int, ...] = DECISION_BATCHES,
-                     reps: int = 10) -> dict[int, float]:
+                     reps: int = 10) -> dict[int, float] | None:
     """Speed-up of the semi-structured ``F.linear`` over the dense one for ``weight`` on its GPU.
 
     Args:
@@ -93,15 +93,15 @@ def measure_speedups(weight: torch.Tensor, batches: tuple[int, ...] = DECISION_B
         batches: rows of the random inputs, shape ``(batch, in_features)``, in the weight's dtype.
         reps: timed calls of each form per batch after three warm-up calls, interleaved in pairs.
     Returns:
-        ``{batch: dense median ms / semi-structured median ms}``; 0.0 for a batch the sparse form fails on (every
-        batch where PyTorch refuses the weight).
+        ``{batch: dense median ms / semi-structured median ms}``, 0.0 for a batch the sparse form fails on; None
+        where PyTorch refuses to convert the weight.
     """
     from torch.sparse import to_sparse_semi_structured
 
     try:
         sparse = to_sparse_semi_structured(weight.detach())
     except RuntimeError:  # a shape or GPU that the semi-structured kernels do not take
-        return dict.fromkeys(batches, 0.0)
+        return None
     out: dict[int, float] = {}
     with torch.inference_mode(), torch.cuda.device(weight.device):  # events on the weight's own GPU
         for b in batches:
@@ -132,18 +132,20 @@ class SemiStructuredChooser:
     """
 
     def __init__(self, mode: str = "auto",
-                 measure: Callable[[torch.Tensor], dict[int, float]] = measure_speedups) -> None:
+                 measure: Callable[[torch.Tensor], dict[int, float] | None] = measure_speedups) -> None:
         self.mode = check_mode(mode)
         self.measure = measure
-        self.measured: dict[tuple, dict[int, float]] = {}
+        self.measured: dict[tuple, dict[int, float] | None] = {}
         self.slower = self.refused = 0
 
-    def faster(self, weight: torch.Tensor) -> bool:
-        """Whether the semi-structured form of ``weight`` is faster than the dense one at every batch."""
+    def faster(self, weight: torch.Tensor) -> bool | None:
+        """Whether the semi-structured form of ``weight`` is faster than the dense one at every batch; None where
+        PyTorch refuses to convert it."""
         key = (tuple(weight.shape), weight.dtype, weight.device)
         if key not in self.measured:
             self.measured[key] = self.measure(weight)
-        return all(s > 1.0 for s in self.measured[key].values())
+        speedups = self.measured[key]
+        return None if speedups is None else all(s > 1.0 for s in speedups.values())
 
     def apply(self, mod: nn.Module) -> bool:
         """Convert ``mod`` if it qualifies and the mode (or the timing) says so.
@@ -153,10 +155,11 @@ class SemiStructuredChooser:
         """
         if self.mode == "never" or not qualifies(mod):
             return False
-        if self.mode == "auto" and not self.faster(mod.weight):
+        faster = self.faster(mod.weight) if self.mode == "auto" else True
+        if faster is False:
             self.slower += 1
             return False
-        if not convert(mod):
+        if faster is None or not convert(mod):
             self.refused += 1
             return False
         return True

@@ -53,6 +53,7 @@ class SparsifySummary(TypedDict):
     replaced: int  #: linears now sparse (CPU: SparseLinear; CUDA: 2:4 semi-structured)
     kept_dense: int  #: linears below ``min_sparsity`` (or, on CUDA, not 2:4 or not faster sparse), left as they were
     semi_structured_slower: int  #: CUDA 2:4 linears kept dense because the semi-structured form was not faster
+    semi_structured_refused: int  #: CUDA 2:4 linears kept dense because PyTorch refused their semi-structured form
     dense_bytes: int  #: bytes of the replaced CPU weights before
     sparse_bytes: int  #: bytes of their packed form
     device: str  #: "cpu" or "cuda"
@@ -86,7 +87,7 @@ def sparse_summary(model: nn.Module) -> SparsifySummary:
 def _empty_summary(model_dtype: torch.dtype, vdtype: torch.dtype, prefill_dtype: torch.dtype,
                    device: str) -> SparsifySummary:
     """A :class:`SparsifySummary` with nothing counted yet."""
-    return {"replaced": 0, "kept_dense": 0, "semi_structured_slower": 0, "dense_bytes": 0, "sparse_bytes": 0, "device": device,
+    return {"replaced": 0, "kept_dense": 0, "semi_structured_slower": 0, "semi_structured_refused": 0, "dense_bytes": 0, "sparse_bytes": 0, "device": device,
             "value_dtype": str(vdtype).replace("torch.", ""), "prefill_dtype": str(prefill_dtype).replace("torch.", ""),
             "compute": _compute_description(model_dtype, vdtype), "sparse_prefill_layers": 0}
 
@@ -154,8 +155,8 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
     The layers compute in the precision of their inputs: in a bf16 model (``model.to(torch.bfloat16)``)
     with bf16 values they multiply in bf16 and sum in float32, like dense bf16 layers, and decode up to
     ~1.9x faster than with float32 activations on CPUs with AVX512-BF16. Returns a summary:
-    ``{"replaced", "kept_dense", "semi_structured_slower", "dense_bytes", "sparse_bytes", "device", "value_dtype",
-    "prefill_dtype", "compute", "sparse_prefill_layers"}`` (bytes are over the replaced CPU layers; ``compute`` says which
+    ``{"replaced", "kept_dense", "semi_structured_slower", "semi_structured_refused", "dense_bytes", "sparse_bytes",
+    "device", "value_dtype", "prefill_dtype", "compute", "sparse_prefill_layers"}`` (bytes are over the replaced CPU layers; ``compute`` says which
     arithmetic the layers use for this model's activations; ``sparse_prefill_layers`` counts the layers that
     run large bf16 batches through the zero-skipping sparse GEMM, see ``SPARSE_PREFILL_MAX_DENSITY``).
     ``model.generate`` keeps working (KV cache included). Called again on a sparsified model it converts
@@ -214,13 +215,13 @@ def sparsify_for_inference(model: nn.Module, value_dtype: str | torch.dtype = "f
         new = SparseLinear.from_dense(w, bias, vdtype, fmt, dense_batch_threshold, prefill_dtype)
         replace_module(model, name, new)
         _count(summary, new, w.numel() * w.element_size())
-    summary["semi_structured_slower"] = chooser.slower
+    summary["semi_structured_slower"], summary["semi_structured_refused"] = chooser.slower, chooser.refused
     if chooser.slower:
         log.warning("%d 2:4 linear(s) kept dense: PyTorch's semi-structured sparse weight was not faster than the dense "
                     "one on this GPU at %s-row batches (%s); semi_structured='always' converts them anyway",
                     chooser.slower, "- and ".join(map(str, DECISION_BATCHES)),
                     "; ".join(f"{'x'.join(map(str, k[0]))}: " + ", ".join(f"{s:.2f}x at {b}" for b, s in v.items())
-                              for k, v in chooser.measured.items()))
+                              for k, v in chooser.measured.items() if v is not None))
     if chooser.refused:
         log.warning("%d 2:4 linear(s) kept dense: PyTorch refused their semi-structured weight (a shape or GPU its "
                     "kernels do not take)", chooser.refused)

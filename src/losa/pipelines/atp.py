@@ -15,10 +15,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from losa.allocation.allocators import allocate, atp_grid
+from losa.allocation.allocators import allocate_live, atp_grid, live_layers
 from losa.eval.ppl import perplexity_from_ids
 from losa.models.linear import get_weight, set_weight
-from losa.models.registry import get_arch, get_decoder_layers, layer_sizes, linear_modules
+from losa.models.registry import get_arch, get_decoder_layers, linear_modules
+from losa.pruning.ignore import pruned_sizes
 
 if TYPE_CHECKING:  # pragma: no cover
     from losa.pipelines.oneshot import PruneConfig
@@ -47,7 +48,7 @@ def atp_sparsities(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: 
     from losa.pipelines.oneshot import prune
 
     target = float(config.sparsity)  # type: ignore[arg-type]
-    sizes = layer_sizes(model)
+    sizes = pruned_sizes(model, config.ignore)
     info: dict[str, Any] = {"method": "atp"}
     if config.atp_beta is not None:
         beta = float(config.atp_beta)
@@ -57,10 +58,10 @@ def atp_sparsities(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: 
         saved = [get_weight(m).detach().to("cpu", copy=True) for m in mods]
         losses: dict[float, float] = {}
         try:
-            for beta in tqdm(atp_grid(target, sizes, config.atp_grid_points), desc="ATP grid search", unit="beta",
+            for beta in tqdm(atp_grid(target, [sizes[i] for i in live_layers(sizes)], config.atp_grid_points), desc="ATP grid search", unit="beta",
                              disable=not progress):
                 trial = config.model_copy(update={"allocator": "uniform", "verify": False, "sparsity": [
-                    float(x) for x in allocate("atp", target, sizes, beta=beta)]})
+                    float(x) for x in allocate_live("atp", target, sizes, beta=beta)]})
                 prune(model, tokenizer, trial, calib_ids=calib_ids, progress=False)
                 losses[beta] = calibration_loss(model, calib_ids)
                 for m, w in zip(mods, saved):
@@ -71,4 +72,4 @@ def atp_sparsities(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: 
         beta = min(losses, key=losses.__getitem__)
         info["grid"] = {f"{b:.6g}": v for b, v in losses.items()}
     info["beta"] = beta
-    return [float(x) for x in allocate("atp", target, sizes, beta=beta)], info
+    return [float(x) for x in allocate_live("atp", target, sizes, beta=beta)], info

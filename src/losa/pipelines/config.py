@@ -45,9 +45,11 @@ class CalibrationConfig(LosaConfig):
     """Fields and checks shared by every recipe that prunes with calibration data (one-shot and LoSA).
 
     ``ignore`` (llm-compressor's name) lists glob patterns of linears left dense, matched against the name inside
-    the decoder layer (``mlp.down_proj``, ``mlp.experts.*.down_proj``) and with the layer index in front
-    (``0.self_attn.*``; :mod:`losa.pruning.ignore`). The other linears are pruned to their layer's target, so the
-    model as a whole is less sparse than the target; a pattern that matches no linear is refused before any work.
+    the decoder layer (``mlp.down_proj``, ``mlp.experts.*.down_proj``), with the layer index in front
+    (``0.self_attn.*``) and against the full name (``model.layers.0.self_attn.o_proj``; :mod:`losa.pruning.ignore`).
+    The other linears are pruned to their layer's target, and the layer-wise allocators weigh only them, so the
+    model as a whole is less sparse than the target; a pattern that matches no linear is refused before the model
+    is calibrated or evaluated.
     """
 
     method: str = Field("wanda", description="pruning method: a registered pruner (magnitude, wanda, sparsegpt)")
@@ -73,13 +75,14 @@ class CalibrationConfig(LosaConfig):
                              "(benchmarks/results/prune_stats.md)")
     device: str = Field("auto", description="compute device: auto, cpu, cuda or cuda:N")
     ignore: list[str] = Field(default_factory=list, description="glob patterns of linears left dense, matched "
-                                                                "inside the decoder layer (mlp.down_proj) and with "
-                                                                "the layer index in front (0.self_attn.*)")
+                                                                "inside the decoder layer (mlp.down_proj), with the "
+                                                                "layer index in front (0.self_attn.*) or as full "
+                                                                "names (model.layers.0.mlp.up_proj)")
 
     @field_validator("ignore", mode="before")
     @classmethod
     def _ignore_text(cls, v: object) -> object:
-        return v.split(",") if isinstance(v, str) else v  # a recipe's `ignore: mlp.down_proj,0.*`
+        return [p for p in v.split(",") if p.strip()] if isinstance(v, str) else v  # `ignore: mlp.down_proj,0.*`
 
     @field_validator("ignore")
     @classmethod

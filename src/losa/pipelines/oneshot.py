@@ -20,11 +20,11 @@ from losa.export.verify import SparsityReport, sparsity_report, verify_targets
 from losa.models.linear import get_weight, in_features, set_weight
 from losa.models.moe import unfused_experts
 from losa.models.offload import is_offloaded, onloaded
-from losa.models.registry import check_window, get_arch, get_decoder_layers, layer_sizes, linear_modules
+from losa.models.registry import check_window, get_arch, get_decoder_layers, linear_modules
 from losa.pipelines.config import AllocatorParams, CalibrationConfig
 from losa.pruning.base import Pruner
 from losa.pruning.idle import prune_weight, warn_idle
-from losa.pruning.ignore import check_ignore, is_ignored
+from losa.pruning.ignore import check_ignore, is_ignored, pruned_sizes
 from losa.pruning.masks import parse_nm, validate_nm
 from losa.pruning.stats import InputStat
 from losa.pruning.target import Target
@@ -337,8 +337,13 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     calib_ids = check_calib_ids(model, calib_ids)  # before any work: 2-D integer ids within the vocabulary
     ignore = merged_ignore(visitor, config)
     check_ignore(model, ignore)
-    with unfused_experts(model):
-        targets, sequential, timings, allocation = _prune(model, tokenizer, config, calib_ids, progress, visitor)
+    own = visitor.ignore if visitor is not None else ()
+    try:  # the visitor runs with the merged patterns; the caller's keeps its own
+        with unfused_experts(model):
+            targets, sequential, timings, allocation = _prune(model, tokenizer, config, calib_ids, progress, visitor)
+    finally:
+        if visitor is not None:
+            visitor.ignore = own
     report = sparsity_report(model, [t.pattern for t in targets])  # on the fused model: every expert matrix counts
     if config.verify:
         verify_targets(report, targets, ignore=ignore)
@@ -348,7 +353,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
                       "already sparser (pruning only removes weights); prune the dense checkpoint for this target",
                       stacklevel=2)
     timings["total_s"] = time.perf_counter() - t0
-    return PruneReport(recipe=record_calib_ids(config.model_dump(), calib_ids), allocation=allocation, targets=[t.sparsity for t in targets],
+    recipe = record_calib_ids(config.model_dump(), calib_ids) | {"ignore": list(ignore)}  # a visitor's own too
+    return PruneReport(recipe=recipe, allocation=allocation, targets=[t.sparsity for t in targets],
                        nm=parse_nm(config.nm) if config.nm else None, sparsity=report, sequential=sequential,
                        timings=timings)
 
@@ -358,7 +364,7 @@ def _scored_sparsities(model: nn.Module, config: PruneConfig, calib_ids: torch.T
     """Per-layer sparsities from the dense model's OWL outlier ratios or RMI (linear CKA between the layers'
     inputs or outputs), measured in one calibration pass; returns them and the allocator's record (its
     scores)."""
-    from losa.allocation.allocators import allocate
+    from losa.allocation.allocators import allocate_live
     from losa.allocation.cka import GramAccumulator
     from losa.pipelines.losa.visitors import RMIVisitor
 
@@ -368,13 +374,13 @@ def _scored_sparsities(model: nn.Module, config: PruneConfig, calib_ids: torch.T
                          owl_m=config.owl_m if owl else None, grams=not owl)
     LayerwiseEngine(model, calib_ids, device=config.device, batch_size=config.calib_batch(calib_ids.shape[1]),
                     offload=config.offload, progress=progress, desc=f"{config.allocator.upper()} scores").run(visitor)
-    target, sizes = float(config.sparsity), layer_sizes(model)  # type: ignore[arg-type]
+    target, sizes = float(config.sparsity), pruned_sizes(model, config.ignore)  # type: ignore[arg-type]
     if owl:
         ratios = [visitor.outlier_ratios[i] for i in range(n_layers)]
-        s = allocate("owl", target, sizes, outlier_ratios=ratios, lam=config.owl_lambda)
+        s = allocate_live("owl", target, sizes, outlier_ratios=ratios, lam=config.owl_lambda)
         return [float(x) for x in s], {"method": "owl", "outlier_ratios": ratios}
     cka = visitor.acc.cka().numpy()
-    s = allocate("rmi", target, sizes, cka=cka, beta=config.beta, delta=config.delta)
+    s = allocate_live("rmi", target, sizes, cka=cka, beta=config.beta, delta=config.delta)
     return [float(x) for x in s], {"method": "rmi", "cka": cka.tolist()}
 
 

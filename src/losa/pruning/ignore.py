@@ -64,9 +64,14 @@ def check_ignore(model: nn.Module, patterns: Sequence[str]) -> int:
         if p.startswith("re:"):
             raise LosaError(f"ignore pattern {p!r} is a regular expression (llm-compressor's re:); losa takes glob "
                             f"patterns such as mlp.down_proj, *.down_proj or 0.self_attn.*")
-        outside = [n for n, _ in model.named_modules() if n and fnmatch.fnmatchcase(n, p)]
-        if outside:
-            raise LosaError(f"ignore pattern {p!r} names {outside[0]}, which is outside the decoder layers: losa "
+        named = [n for n, _ in model.named_modules() if n and fnmatch.fnmatchcase(n, p)]
+        inside = [n for n in named if n.startswith(f"{spec.layers_path}.")]
+        if inside:
+            raise LosaError(f"ignore pattern {p!r} names {inside[0]}, a module of the decoder layers that is not a "
+                            f"prunable linear (a block, a norm or a router, which losa never prunes); for the linears "
+                            f"inside a block end the pattern in .*, e.g. {p}.*")
+        if named:
+            raise LosaError(f"ignore pattern {p!r} names {named[0]}, which is outside the decoder layers: losa "
                             "prunes only the decoder layers' linears (never the LM head or the embeddings), so "
                             "drop it")
         raise LosaError(f"ignore pattern {p!r} matches no linear of the decoder layers ({_collapsed([n for _, n in names])};"
@@ -83,3 +88,14 @@ def module_ignored(patterns: Sequence[str], module) -> bool:
     inside the layer and its full ``name``)."""
     return is_ignored(patterns, module.layer, module.module) or any(fnmatch.fnmatchcase(module.name, p)
                                                                    for p in patterns)
+
+
+def pruned_sizes(model: nn.Module, patterns: Sequence[str]) -> list[int]:
+    """The prunable weights of every decoder layer that ``patterns`` leave to prune, ``[L]``: the weights of the
+    layer-wise allocators (RMI, OWL, ATP, mixed N:M), so that their parameter-weighted mean is over the linears
+    actually pruned (a layer left dense entirely weighs 0). Without patterns, :func:`~losa.models.registry.layer_sizes`.
+    """
+    spec = get_arch(model)
+    return [sum(w.numel() for n, w in prunable_weights(layer, spec).items()
+                if not is_ignored(patterns, i, n, spec.layers_path))
+            for i, layer in enumerate(get_decoder_layers(model, spec))]

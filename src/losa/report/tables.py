@@ -29,7 +29,7 @@ def row_label(report: RunReport) -> str:
     alloc = m.config.get("allocator")
     if m.finetune == "none" and alloc in ("atp", "owl", "rmi"):  # a one-shot prune's layer-wise sparsity
         base += f" + {alloc.upper()}"
-    if ignore := m.config.get("ignore"):  # linears a one-shot prune left dense: the model is less sparse
+    if ignore := m.config.get("ignore"):  # linears the prune or the LoSA run left dense: the model is less sparse
         base += f" ({','.join(map(str, ignore))} dense)"
     label, part = base + m.finetune_label, report.unfinished()
     if part is None:

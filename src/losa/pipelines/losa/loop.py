@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from losa.allocation.allocators import allocate, default_delta, rmi_importance
+from losa.allocation.allocators import allocate_live, default_delta, live_layers, rmi_importance
 from losa.allocation.cka import GramAccumulator
 from losa.allocation.mixed_nm import allocate_mixed_nm, pairs_for_delta
 from losa.allocation.schedule import rank_budget_at, sparsity_at
@@ -53,7 +53,7 @@ from losa.lora.model import (
 from losa.lora.ranks import allocate_ranks
 from losa.models.moe import unfused_experts
 from losa.models.offload import is_offloaded
-from losa.models.registry import check_window, get_arch, get_decoder_layers, layer_sizes
+from losa.models.registry import check_window, get_arch, get_decoder_layers
 from losa.pipelines.config import CalibrationConfig
 from losa.pipelines.losa.config import NO_FINETUNE_WARNING, LoSAConfig, check_finetune_size
 from losa.pipelines.losa.recon import DenseTargets, reconstruction_errors
@@ -67,7 +67,7 @@ from losa.pipelines.losa.state import (
     seed_everything,
 )
 from losa.pipelines.losa.visitors import AdapterPruneVisitor, RMIVisitor
-from losa.pruning.ignore import check_ignore
+from losa.pruning.ignore import check_ignore, pruned_sizes
 from losa.pruning.masks import parse_nm
 from losa.pruning.target import Target
 from losa.report.schema import FinalResults, RunMeta, RunReport, StepRecord, save_report
@@ -120,21 +120,26 @@ def _step_targets(cfg: LoSAConfig, step: int, sizes: list[int], cka: np.ndarray 
         if first_n is not None:
             ns = list(first_n)
         elif cfg.mixed_nm and alloc != "uniform":
-            imp = rmi_importance(cka, cfg.beta) if cka is not None else np.asarray(outliers)
+            live = live_layers(sizes)  # a layer that ignore leaves dense entirely keeps N and takes no part
+            imp = rmi_importance(cka[np.ix_(live, live)], cfg.beta) if cka is not None else np.asarray(outliers)[live]
+            live_sizes = [sizes[i] for i in live]
             pairs = cfg.nm_max_pairs
-            if pairs is None and len(set(sizes)) > 1:
+            if pairs is None and len(set(live_sizes)) > 1:
                 warnings.warn("mixed N:M over decoder layers of different sizes: the default cap on moved layers "
                               "needs equal sizes, so every layer may move N by up to nm_max_dev (delta is not used)",
                               stacklevel=2)
                 pairs = -1
             elif pairs is None:
                 delta = cfg.delta if cfg.delta is not None else default_delta(1.0 - n / m)
-                pairs = pairs_for_delta(delta, m, len(sizes))
+                pairs = pairs_for_delta(delta, m, len(live))
                 if pairs == 0:
                     warnings.warn(f"mixed N:M: the default cap (floor(delta*M*L/2) with delta={delta:g}, M={m}, "
-                                  f"L={len(sizes)}) lets no layer move, so this run is uniform {cfg.nm}; set "
+                                  f"L={len(live)}) lets no layer move, so this run is uniform {cfg.nm}; set "
                                   f"{option('nm_max_pairs')} to K to move K layer pairs (-1: no cap)", stacklevel=2)
-            ns = allocate_mixed_nm(n, m, imp, sizes, cfg.nm_max_dev, max_pairs=None if pairs < 0 else pairs)
+            ns = [n] * len(sizes)
+            for i, k in zip(live, allocate_mixed_nm(n, m, imp, live_sizes, cfg.nm_max_dev,
+                                                    max_pairs=None if pairs < 0 else pairs)):
+                ns[i] = k
         else:
             ns = [n] * len(sizes)
         return [Target(n=k, m=m) for k in ns], [1.0 - k / m for k in ns], ns
@@ -143,7 +148,7 @@ def _step_targets(cfg: LoSAConfig, step: int, sizes: list[int], cka: np.ndarray 
         kw = {"cka": cka, "beta": cfg.beta, "delta": cfg.delta}
     elif alloc == "owl":
         kw = {"outlier_ratios": outliers, "lam": cfg.owl_lambda}
-    s = [float(x) for x in allocate(alloc, s_t, sizes, **kw)]
+    s = [float(x) for x in allocate_live(alloc, s_t, sizes, **kw)]
     return [Target(sparsity=x) for x in s], s, None
 
 
@@ -391,7 +396,7 @@ class LoSARun:
             self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self.slices = (split_for_steps(train_examples, cfg.steps, seed=cfg.seed) if examples
                        else [[] for _ in range(cfg.steps)])
-        self.sizes = layer_sizes(model)
+        self.sizes = pruned_sizes(model, cfg.ignore)
         targets_path = self.out / "dense_targets.npy"
         t = time.perf_counter()
         if is_main() and not self.all_done and not (self.resume and targets_path.is_file()):
@@ -560,8 +565,9 @@ def run(model: nn.Module, tokenizer, config: LoSAConfig | dict | None = None, ou
         LosaError: invalid config (or not a LoSAConfig or mapping), ``calib_ids`` not a 2-D integer tensor of
             ids in the model's vocabulary, no tokenizer for text the run tokenises, a ``step_eval`` with a
             missing dataset or an invalid window or window cap (all before any work), ``resume`` without
-            ``out_dir``, an existing run in ``out_dir``, too little fine-tuning data, or a recipe that
-            differs from the one being resumed.
+            ``out_dir``, an existing run in ``out_dir``, too little fine-tuning data, a recipe that
+            differs from the one being resumed, ``lora_target_modules`` or ``ignore`` patterns that match no
+            linear (or an ``ignore`` that leaves nothing to prune).
         SparsityVerificationError: the merged model misses a layer's target.
 
     A run that raises (or is interrupted) leaves ``model`` with its adapters merged, i.e. pruned and adapted as

@@ -74,7 +74,8 @@ class RMIVisitor(LayerVisitor):
 @dataclass
 class AdapterPruneVisitor(LayerVisitor):
     """Per decoder layer: merge its adapters, prune the merged weights to the layer's target, unmerge
-    with the new masks. ``wrappers`` maps ``id(base linear)`` to its :class:`SparseLoRALinear`."""
+    with the new masks. ``wrappers`` maps ``id(base linear)`` to its :class:`SparseLoRALinear`. Linears that
+    ``ignore`` names are left dense: their merge is undone bit for bit and their masks stay as they were."""
 
     pruner: Pruner
     targets: list[Target]
