@@ -57,6 +57,8 @@ def test_wanda_nm_ignore_verifies_the_pruned_linears_only():
 def test_bad_patterns_fail_before_any_work():
     model = make_tiny_model("llama")
     before = weights(model)
+    with pytest.raises(LosaError, match="'down_proj' matches no linear .*for every down_proj write \\*.down_proj"):
+        losa.prune(model, None, {"method": "magnitude", "ignore": ["down_proj"]}, progress=False)
     with pytest.raises(LosaError, match="'mlp.dwn_proj' matches no linear"):
         losa.prune(model, None, {"method": "magnitude", "ignore": ["mlp.dwn_proj"]}, progress=False)
     with pytest.raises(LosaError, match="nothing would be pruned"):
@@ -80,14 +82,22 @@ def test_cli_ignore_is_recorded_and_inspect_checks_the_rest(tmp_path, capsys):
     assert main(["prune", str(src), "--method", "magnitude", "--nm", "2:4", "--ignore", ",".join(IGNORE),
                  "--eval", "none", "--out", str(out), "--quiet"]) == 0
     said = capsys.readouterr().out
-    assert "left dense (--ignore mlp.down_proj,0.self_attn.*): 6 of 14 linear modules" in said
+    assert "left dense (ignore mlp.down_proj,0.self_attn.*): 6 of 14 linear modules" in said
     manifest = json.loads((out / "losa.json").read_text())
     assert manifest["recipe"]["ignore"] == IGNORE
-    assert main(["inspect", str(out)]) == 0
+    assert main(["inspect", str(out), "--json", str(tmp_path / "i.json")]) == 0
     said = capsys.readouterr().out
-    assert "6 modules left dense by the recorded ignore patterns" in said and "satisfied by every module" in said
+    assert "6 modules left dense by the recorded ignore patterns" in said
+    assert "satisfied by every module checked" in said
+    inspected = json.loads((tmp_path / "i.json").read_text())
+    assert inspected["ignore"] == IGNORE
+    assert sorted(m["nm_ok"] is None for m in inspected["modules"].values()) == [False] * 8 + [True] * 6
+    zeros = sum(m["zeros"] for m in inspected["modules"].values())
+    overall = zeros / sum(m["numel"] for m in inspected["modules"].values())  # below 50 %: six linears are dense
     assert main(["compare", str(out)]) == 0
-    assert "Magnitude (mlp.down_proj,0.self_attn.* dense)" in capsys.readouterr().out
+    table = capsys.readouterr().out  # labelled by the sparsity reached, the pruned linears' pattern beside it
+    assert "Magnitude (mlp.down_proj,0.self_attn.* dense)" in table
+    assert f"{100 * overall:.0f}% (2:4 of the pruned linears)" in table
     manifest["recipe"]["ignore"] = []  # without the record, the dense linears violate 2:4
     (out / "losa.json").write_text(json.dumps(manifest))
     assert main(["inspect", str(out)]) == 1

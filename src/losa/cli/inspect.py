@@ -51,20 +51,26 @@ def run_inspect(args: argparse.Namespace) -> int:
     for row in rep.layers:
         print(f"{row.layer:>5}  {row.numel:>12,}  {row.sparsity:>8.4f}")
     ignore = recorded_ignore(args.model)
+    for m in rep.modules.values():
+        if module_ignored(ignore, m):
+            m.nm_ok = None  # left dense on purpose: not checked
     if args.modules:
         for name, m in rep.modules.items():
             extra = f"  {m.nm} {'ok' if m.nm_ok else 'VIOLATED'}" if m.nm else ""
             extra = "  left dense (ignore)" if module_ignored(ignore, m) else extra
             print(f"  {name:<48} {str(tuple(m.shape)):>14}  {m.sparsity:.4f}{extra}")
-    print(f"overall sparsity: {rep.overall:.4f} ({rep.numel:,} weights in decoder linear layers)")
+    print(f"overall sparsity: {rep.overall:.4f} ({rep.numel:,} weights in decoder linear layers)"
+          + (f"; linears left dense on purpose (ignore {','.join(ignore)}): "
+             f"{sum(module_ignored(ignore, m) for m in rep.modules.values())}" if ignore else ""))
     ok = True
     if nm is not None:
-        bad = [n for n, m in rep.modules.items() if not m.nm_ok and not module_ignored(ignore, m)]
-        if ignore:
-            left = sum(module_ignored(ignore, m) for m in rep.modules.values())
+        bad = [n for n, m in rep.modules.items() if m.nm_ok is False]
+        left = sum(module_ignored(ignore, m) for m in rep.modules.values())
+        if left:
             print(f"{left} modules left dense by the recorded ignore patterns ({','.join(ignore)}) are not checked")
         ok = not bad
-        print(f"{label} pattern: {'satisfied by every module' if ok else f'VIOLATED in {len(bad)} modules'}")
+        every = "every module checked" if left else "every module"
+        print(f"{label} pattern: {f'satisfied by {every}' if ok else f'VIOLATED in {len(bad)} modules'}")
     else:
         for m_ in (4, 8):
             counts = [m.max_nonzeros_per_group[str(m_)] for m in rep.modules.values()]
@@ -74,8 +80,8 @@ def run_inspect(args: argparse.Namespace) -> int:
                 print(f"no N:{m_} pattern: some group of {m_} has no zero")
             else:  # only N:M with 1 <= N < M is a pattern (--nm refuses the others)
                 print(f"at most {max(counts)} non-zeros in any group of {m_} (satisfies {max(max(counts), 1)}:{m_})")
-    if args.json_out:
-        atomic_write_json(args.json_out, rep.model_dump())
+    if args.json_out:  # with the recorded ignore patterns; their modules' nm_ok is null (not checked)
+        atomic_write_json(args.json_out, rep.model_dump() | {"ignore": ignore})
     if args.min_sparsity is not None and rep.overall < args.min_sparsity:
         print(f"overall sparsity {rep.overall:.4f} is below --min-sparsity {args.min_sparsity}")
         ok = False

@@ -125,7 +125,7 @@ def run_prune(args: argparse.Namespace) -> int:
         from losa.pruning.ignore import module_ignored
 
         kept = sum(module_ignored(cfg.ignore, m) for m in sp.modules.values())
-        print(f"  left dense (--ignore {','.join(cfg.ignore)}): {kept} of {len(sp.modules)} linear modules; "
+        print(f"  left dense (ignore {','.join(cfg.ignore)}): {kept} of {len(sp.modules)} linear modules; "
               "the others are at their target")
     results = {"ppl": {}, "dense_ppl": dense, "eval_seqlen": eval_seqlen, "max_windows": args.max_windows}
     if not args.no_save:  # saved before the evaluation: a long prune is kept if the evaluation fails or is stopped

@@ -147,7 +147,7 @@ def _finish(args: argparse.Namespace, cfg: LoSAConfig, model, tok, report, out: 
     from losa.pruning.masks import parse_nm
     from losa.report.schema import save_report
 
-    dense_note = (f"; {check_ignore(model, cfg.ignore)} linear modules left dense (--ignore {','.join(cfg.ignore)})"
+    dense_note = (f"; {check_ignore(model, cfg.ignore)} linear modules left dense (ignore {','.join(cfg.ignore)})"
                   if cfg.ignore else "")
     print(f"  verified: merged model sparsity {report.results.sparsity:.4f} (target {cfg.target_sparsity:.4f})"
           f"{dense_note}")

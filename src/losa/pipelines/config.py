@@ -82,6 +82,8 @@ class CalibrationConfig(LosaConfig):
     @field_validator("ignore", mode="before")
     @classmethod
     def _ignore_text(cls, v: object) -> object:
+        if v is None:  # a bare `ignore:` in a recipe
+            return []
         return [p for p in v.split(",") if p.strip()] if isinstance(v, str) else v  # `ignore: mlp.down_proj,0.*`
 
     @field_validator("ignore")

@@ -74,8 +74,12 @@ def check_ignore(model: nn.Module, patterns: Sequence[str]) -> int:
             raise LosaError(f"ignore pattern {p!r} names {named[0]}, which is outside the decoder layers: losa "
                             "prunes only the decoder layers' linears (never the LM head or the embeddings), so "
                             "drop it")
-        raise LosaError(f"ignore pattern {p!r} matches no linear of the decoder layers ({_collapsed([n for _, n in names])};"
-                        f" or with the layer index in front, e.g. 0.self_attn.*); fix or drop it")
+        inner = [n for _, n in names]
+        leaf = [n for n in inner if n.endswith(f".{p}")]
+        hint = (f"for every {p} write *.{p}" if leaf else
+                f"or with the layer index in front, e.g. 0.{inner[0].split('.')[0]}.*")
+        raise LosaError(f"ignore pattern {p!r} matches no linear of the decoder layers ({_collapsed(inner)}; {hint}); "
+                        "fix or drop it")
     ignored = sum(is_ignored(patterns, i, n, spec.layers_path) for i, n in names)
     if ignored == len(names):
         raise LosaError(f"ignore {','.join(patterns)} leaves every linear of the decoder layers dense: nothing would "

@@ -137,6 +137,11 @@ def build_blocks(report: RunReport, assets: Path) -> list[Block]:
              + (f"; created {m.created}" if m.created else "") + "."),
         *[Para(f"Warning: {note}.") for note in m.notes],
     ]
+    if ignore := m.config.get("ignore"):
+        achieved = report.results.sparsity
+        blocks.append(Para(f"Linears left dense (ignore {', '.join(map(str, ignore))}): the targets apply to the "
+                           "pruned linears, the achieved sparsities count every linear"
+                           + (f" (the whole model: {fmt_pct(achieved)}%)" if achieved is not None else "") + "."))
     part = report.unfinished()
     if part:
         blocks.append(Para(f"Unfinished: {part} are saved; run the same `losa run` command with --resume to "

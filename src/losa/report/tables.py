@@ -41,7 +41,10 @@ def sparsity_label(report: RunReport) -> str:
     m = report.meta
     if _is_dense(report):
         return "0%"
-    return m.pattern if m.pattern != "unstructured" else f"{100 * m.sparsity:.0f}%"
+    label = m.pattern if m.pattern != "unstructured" else f"{100 * m.sparsity:.0f}%"
+    if m.config.get("ignore") and report.results.sparsity is not None:  # the model is less sparse than its target
+        return f"{100 * report.results.sparsity:.0f}% ({label} of the pruned linears)"
+    return label
 
 
 def _sort_key(report: RunReport) -> tuple:

@@ -125,9 +125,11 @@ def _step_targets(cfg: LoSAConfig, step: int, sizes: list[int], cka: np.ndarray 
             live_sizes = [sizes[i] for i in live]
             pairs = cfg.nm_max_pairs
             if pairs is None and len(set(live_sizes)) > 1:
-                warnings.warn("mixed N:M over decoder layers of different sizes: the default cap on moved layers "
-                              "needs equal sizes, so every layer may move N by up to nm_max_dev (delta is not used)",
-                              stacklevel=2)
+                why = (" (the ignore patterns leave them different numbers of weights to prune)" if cfg.ignore
+                       else "")
+                warnings.warn(f"mixed N:M over decoder layers of different sizes{why}: the default cap on moved "
+                              "layers needs equal sizes, so every layer may move N by up to nm_max_dev (delta is not "
+                              "used)", stacklevel=2)
                 pairs = -1
             elif pairs is None:
                 delta = cfg.delta if cfg.delta is not None else default_delta(1.0 - n / m)
