@@ -337,8 +337,8 @@ def test_resume_checks_the_state_before_any_work(tmp_path):
     old["finetune"].update(lr=1e-2, teacher_topk=4)
     (done / "state" / "state.json").write_text(json.dumps({"format": 2, "step": 1, "recipe": old, "rows": []}))
     before = sorted(p.relative_to(done) for p in done.rglob("*"))
-    with pytest.raises(LosaError, match=r"differs from this run's in finetune\.lr, finetune\.teacher_topk; use the "
-                                        "same settings"):
+    with pytest.raises(LosaError, match=r"differs from this run's in finetune\.lr \(saved 0\.01, now 0\.001\), "
+                                        r"finetune\.teacher_topk \(saved 4, now 0\); use the same settings"):
         run(make_tiny_model("llama", layers=2), tok, cfg, out_dir=done, resume=True, calib_ids=calib, progress=False)
     assert sorted(p.relative_to(done) for p in done.rglob("*")) == before
 

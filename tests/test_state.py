@@ -273,7 +273,7 @@ def test_a_resume_under_another_number_of_processes_keeps_the_global_batch(tmp_p
     meta["step"] = 1
     del meta["processes"]
     (tmp_path / "state" / "state.json").write_text(json.dumps(meta))
-    with pytest.raises(LosaError, match=r"differs from this run's in finetune.grad_accum;"):
+    with pytest.raises(LosaError, match=r"differs from this run's in finetune.grad_accum \(saved 1, now 2\);"):
         check_resume(tmp_path, recipe(4, 2), processes=1)
 
 
@@ -288,5 +288,5 @@ def test_a_run_saved_before_a_field_existed_resumes(tmp_path):
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "state.json").write_text(json.dumps({"step": 1, "recipe": old}))
     assert check_resume(tmp_path, LoSAConfig().model_dump(), processes=1)["step"] == 1
-    with pytest.raises(LosaError, match=r"differs from this run's in lora_dropout;"):
+    with pytest.raises(LosaError, match=r"differs from this run's in lora_dropout \(saved 0\.0, now 0\.1\);"):
         check_resume(tmp_path, LoSAConfig(lora_dropout=0.1).model_dump(), processes=1)

@@ -264,6 +264,19 @@ def _differing(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
+def _value_at(recipe: Any, path: str) -> Any:
+    """The value at a dotted path of :func:`_differing` (None where a level is missing)."""
+    for key in path.split("."):
+        recipe = recipe.get(key) if isinstance(recipe, dict) else None
+    return recipe
+
+
+def _shown(value: Any, width: int = 40) -> str:
+    """``value`` for a one-line message, cut to ``width`` characters."""
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def _filled(defaults: dict, recipe: dict) -> dict:
     """``recipe`` with the fields it lacks (nested too) taken from ``defaults``."""
     return {**defaults, **{k: _filled(defaults[k], v) if isinstance(v, dict) and isinstance(defaults.get(k), dict)
@@ -308,7 +321,8 @@ def check_resume(out_dir: str | Path, recipe: dict, processes: int | None = None
     batch = ("finetune.batch_size", "finetune.grad_accum")  # free while their global batch is kept (below)
     diff = [f for f in _differing(old, new) if not (f in batch and saved_processes is not None)]
     if diff:
-        raise LosaError(f"{RESUME}: the recipe in {d} differs from this run's in {', '.join(diff)}; use the same "
+        shown = ", ".join(f"{f} (saved {_shown(_value_at(old, f))}, now {_shown(_value_at(new, f))})" for f in diff)
+        raise LosaError(f"{RESUME}: the recipe in {d} differs from this run's in {shown}; use the same "
                         f"settings or a new {OUT_DIR}")
     if saved_processes is not None and int(meta["step"]) < int(new["steps"]):  # else nothing is left to train
         _check_global_batch(d, old["finetune"], int(saved_processes), new["finetune"],
