@@ -51,21 +51,20 @@ def run_inspect(args: argparse.Namespace) -> int:
     for row in rep.layers:
         print(f"{row.layer:>5}  {row.numel:>12,}  {row.sparsity:>8.4f}")
     ignore = recorded_ignore(args.model)
-    for m in rep.modules.values():
-        if module_ignored(ignore, m):
-            m.nm_ok = None  # left dense on purpose: not checked
+    dense = {n for n, m in rep.modules.items() if module_ignored(ignore, m)}  # left dense on purpose
+    for n in dense:
+        rep.modules[n].nm_ok = None  # not checked
     if args.modules:
         for name, m in rep.modules.items():
             extra = f"  {m.nm} {'ok' if m.nm_ok else 'VIOLATED'}" if m.nm else ""
-            extra = "  left dense (ignore)" if module_ignored(ignore, m) else extra
+            extra = "  left dense (ignore)" if name in dense else extra
             print(f"  {name:<48} {str(tuple(m.shape)):>14}  {m.sparsity:.4f}{extra}")
     print(f"overall sparsity: {rep.overall:.4f} ({rep.numel:,} weights in decoder linear layers)"
-          + (f"; linears left dense on purpose (ignore {','.join(ignore)}): "
-             f"{sum(module_ignored(ignore, m) for m in rep.modules.values())}" if ignore else ""))
+          + (f"; linears left dense on purpose (ignore {','.join(ignore)}): {len(dense)}" if ignore else ""))
     ok = True
     if nm is not None:
         bad = [n for n, m in rep.modules.items() if m.nm_ok is False]
-        left = sum(module_ignored(ignore, m) for m in rep.modules.values())
+        left = len(dense)
         if left:
             print(f"{left} modules left dense by the recorded ignore patterns ({','.join(ignore)}) are not checked")
         ok = not bad

@@ -94,7 +94,7 @@ def run_prune(args: argparse.Namespace) -> int:
     model, tok = losa.load_model(args.model, dtype=args.dtype, **offload)
     from losa.pruning.ignore import check_ignore
 
-    check_ignore(model, cfg.ignore)  # before the dense evaluation of --compare-dense
+    left_dense = check_ignore(model, cfg.ignore)  # before the dense evaluation of --compare-dense
     if (note := offload_note(model, args)) is not None:
         print(note)
     if get_pruner(cfg.method).stat is not None:  # the calibration window first: --seqlen sets both by default
@@ -122,10 +122,7 @@ def run_prune(args: argparse.Namespace) -> int:
     print(f"  verified: overall sparsity {sp.overall:.4f} over {len(sp.modules)} linear modules "
           f"in {len(sp.layers)} layers; prune time {report.timings['total_s']:.1f}s")
     if cfg.ignore:
-        from losa.pruning.ignore import module_ignored
-
-        kept = sum(module_ignored(cfg.ignore, m) for m in sp.modules.values())
-        print(f"  left dense (ignore {','.join(cfg.ignore)}): {kept} of {len(sp.modules)} linear modules; "
+        print(f"  left dense (ignore {','.join(cfg.ignore)}): {left_dense} of {len(sp.modules)} linear modules; "
               "the others are at their target")
     results = {"ppl": {}, "dense_ppl": dense, "eval_seqlen": eval_seqlen, "max_windows": args.max_windows}
     if not args.no_save:  # saved before the evaluation: a long prune is kept if the evaluation fails or is stopped

@@ -106,7 +106,7 @@ def run_losa(args: argparse.Namespace) -> int:
     from losa.pruning.ignore import check_ignore
 
     check_target_modules(model, cfg.lora_target_modules, option("lora_target_modules"))  # before --compare-dense
-    check_ignore(model, cfg.ignore)
+    left_dense = check_ignore(model, cfg.ignore)
     dense = _perplexities(args, cfg, model, tok, datasets, settings, "dense") if args.compare_dense and is_main() else {}
     try:  # Ctrl-C anywhere from here on: say what is saved and how to continue
         with warnings.catch_warnings():  # printed above, as one line
@@ -115,7 +115,7 @@ def run_losa(args: argparse.Namespace) -> int:
                          step_eval=step_eval, on_step=lambda s: _print_step(s, cfg.steps, cfg.finetune.distill) if is_main() else None)
         if is_main():  # the other processes of a multi-process run: the main one reports and saves
             report.results.dense_ppl = dense
-            _finish(args, cfg, model, tok, report, out, datasets, settings)
+            _finish(args, cfg, model, tok, report, out, datasets, settings, left_dense)
     except KeyboardInterrupt:
         if not is_main():  # the main process says what was kept
             return 130
@@ -140,15 +140,14 @@ def _perplexities(args: argparse.Namespace, cfg: LoSAConfig, model, tok, dataset
 
 
 def _finish(args: argparse.Namespace, cfg: LoSAConfig, model, tok, report, out: Path, datasets: list[str],
-            settings: PplSettings | None) -> None:
-    """The main process's end of a run: the verified sparsity, the perplexities, report.json, the merged model."""
+            settings: PplSettings | None, left_dense: int = 0) -> None:
+    """The main process's end of a run: the verified sparsity (and the ``left_dense`` linears that ``ignore``
+    names), the perplexities, report.json, the merged model."""
     import losa
-    from losa.pruning.ignore import check_ignore
     from losa.pruning.masks import parse_nm
     from losa.report.schema import save_report
 
-    dense_note = (f"; {check_ignore(model, cfg.ignore)} linear modules left dense (ignore {','.join(cfg.ignore)})"
-                  if cfg.ignore else "")
+    dense_note = f"; {left_dense} linear modules left dense (ignore {','.join(cfg.ignore)})" if cfg.ignore else ""
     print(f"  verified: merged model sparsity {report.results.sparsity:.4f} (target {cfg.target_sparsity:.4f})"
           f"{dense_note}")
     report.results.ppl_settings = settings

@@ -17,6 +17,7 @@ A decoder layer with 3-D parameters anywhere else (or in a non-standard layout) 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -322,8 +323,21 @@ def prompt_problem(prompt_tokens: int, max_new: int, context: int | None, limit:
             f"tokens; shorten the prompt or lower {limit}")
 
 
-def layer_sizes(model: nn.Module) -> list[int]:
-    """Prunable weights of every decoder layer, ``[L]`` (every expert matrix included; the weights of the
-    layer-wise sparsity allocators)."""
+def layer_sizes(model: nn.Module, ignore: Sequence[str] = ()) -> list[int]:
+    """Prunable weights of every decoder layer, ``[L]`` (every expert matrix included): the weights of the
+    layer-wise sparsity allocators (RMI, OWL, ATP, mixed N:M).
+
+    Args:
+        model: a causal LM of a registered architecture.
+        ignore: glob patterns of linears left dense (:mod:`losa.pruning.ignore`), not counted, so that the
+            allocators' parameter-weighted mean is over the linears actually pruned (a layer left dense entirely
+            weighs 0).
+    Returns:
+        One parameter count per decoder layer.
+    """
+    from losa.pruning.ignore import is_ignored
+
     spec = get_arch(model)
-    return [sum(w.numel() for w in prunable_weights(layer, spec).values()) for layer in get_decoder_layers(model, spec)]
+    return [sum(w.numel() for n, w in prunable_weights(layer, spec).items()
+                if not is_ignored(ignore, i, n, spec.layers_path))
+            for i, layer in enumerate(get_decoder_layers(model, spec))]

@@ -18,8 +18,7 @@ from tqdm.auto import tqdm
 from losa.allocation.allocators import allocate_live, atp_grid, live_layers
 from losa.eval.ppl import perplexity_from_ids
 from losa.models.linear import get_weight, set_weight
-from losa.models.registry import get_arch, get_decoder_layers, linear_modules
-from losa.pruning.ignore import pruned_sizes
+from losa.models.registry import get_arch, get_decoder_layers, layer_sizes, linear_modules
 
 if TYPE_CHECKING:  # pragma: no cover
     from losa.pipelines.oneshot import PruneConfig
@@ -48,7 +47,7 @@ def atp_sparsities(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: 
     from losa.pipelines.oneshot import prune
 
     target = float(config.sparsity)  # type: ignore[arg-type]
-    sizes = pruned_sizes(model, config.ignore)
+    sizes = layer_sizes(model, config.ignore)
     info: dict[str, Any] = {"method": "atp"}
     if config.atp_beta is not None:
         beta = float(config.atp_beta)

@@ -20,11 +20,11 @@ from losa.export.verify import SparsityReport, sparsity_report, verify_targets
 from losa.models.linear import get_weight, in_features, set_weight
 from losa.models.moe import unfused_experts
 from losa.models.offload import is_offloaded, onloaded
-from losa.models.registry import check_window, get_arch, get_decoder_layers, linear_modules
+from losa.models.registry import check_window, get_arch, get_decoder_layers, layer_sizes, linear_modules
 from losa.pipelines.config import AllocatorParams, CalibrationConfig
 from losa.pruning.base import Pruner
 from losa.pruning.idle import prune_weight, warn_idle
-from losa.pruning.ignore import check_ignore, is_ignored, pruned_sizes
+from losa.pruning.ignore import check_ignore, is_ignored
 from losa.pruning.masks import parse_nm, validate_nm
 from losa.pruning.stats import InputStat
 from losa.pruning.target import Target
@@ -279,11 +279,6 @@ class PruneReport(BaseModel):
     timings: dict[str, float] = Field(description="seconds per phase (calibration_data_s, prune_s, total_s)")
 
 
-def merged_ignore(visitor: PruneVisitor | None, config: PruneConfig) -> tuple[str, ...]:
-    """The patterns of linears left dense: a custom visitor's own and the config's."""
-    return tuple(dict.fromkeys((*(visitor.ignore if visitor is not None else ()), *config.ignore)))
-
-
 def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = None,
           calib_ids: torch.Tensor | None = None, progress: bool = True,
           visitor: PruneVisitor | None = None) -> PruneReport:
@@ -335,12 +330,13 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
         raise LosaError("pruning a mixture-of-experts model whose weights accelerate offloads is not supported; "
                         "load it without CPU/disk offloading (no device_map with max_memory/offload_folder)")
     calib_ids = check_calib_ids(model, calib_ids)  # before any work: 2-D integer ids within the vocabulary
-    ignore = merged_ignore(visitor, config)
-    check_ignore(model, ignore)
     own = visitor.ignore if visitor is not None else ()
+    ignore = tuple(dict.fromkeys((*own, *config.ignore)))  # a custom visitor's patterns and the config's
+    check_ignore(model, ignore)
     try:  # the visitor runs with the merged patterns; the caller's keeps its own
         with unfused_experts(model):
-            targets, sequential, timings, allocation = _prune(model, tokenizer, config, calib_ids, progress, visitor)
+            targets, sequential, timings, allocation = _prune(model, tokenizer, config, calib_ids, progress, visitor,
+                                                              ignore)
     finally:
         if visitor is not None:
             visitor.ignore = own
@@ -374,7 +370,7 @@ def _scored_sparsities(model: nn.Module, config: PruneConfig, calib_ids: torch.T
                          owl_m=config.owl_m if owl else None, grams=not owl)
     LayerwiseEngine(model, calib_ids, device=config.device, batch_size=config.calib_batch(calib_ids.shape[1]),
                     offload=config.offload, progress=progress, desc=f"{config.allocator.upper()} scores").run(visitor)
-    target, sizes = float(config.sparsity), pruned_sizes(model, config.ignore)  # type: ignore[arg-type]
+    target, sizes = float(config.sparsity), layer_sizes(model, config.ignore)  # type: ignore[arg-type]
     if owl:
         ratios = [visitor.outlier_ratios[i] for i in range(n_layers)]
         s = allocate_live("owl", target, sizes, outlier_ratios=ratios, lam=config.owl_lambda)
@@ -385,10 +381,11 @@ def _scored_sparsities(model: nn.Module, config: PruneConfig, calib_ids: torch.T
 
 
 def _prune(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None, progress: bool,
-           visitor: PruneVisitor | None
+           visitor: PruneVisitor | None, ignore: tuple[str, ...] = ()
            ) -> tuple[list[Target], Literal["none", "layer", "module"], dict[str, float], dict[str, Any]]:
-    """The pruning passes of :func:`prune` (on a model whose experts are unfused): returns the per-layer
-    targets, the pass order used, the timings and the allocator's choice."""
+    """The pruning passes of :func:`prune` (on a model whose experts are unfused), leaving the linears that
+    ``ignore`` names dense: returns the per-layer targets, the pass order used, the timings and the allocator's
+    choice."""
     spec = get_arch(model)
     layers = get_decoder_layers(model, spec)
     pruner = config.pruner()
@@ -411,7 +408,7 @@ def _prune(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: torch.Te
     else:
         targets = config.layer_targets(len(layers))
     visitor = visitor or PruneVisitor(pruner, targets)
-    visitor.ignore, visitor.layers_path = merged_ignore(visitor, config), spec.layers_path
+    visitor.ignore, visitor.layers_path = ignore, spec.layers_path
     sequential: Literal["none", "layer", "module"] = "none"  # data-free pruners need no calibration pass
     if pruner.stat is None:  # data-free: no calibration pass needed
         for i, layer in enumerate(tqdm(layers, desc=f"pruning ({config.method})", unit="layer", disable=not progress)):

@@ -93,13 +93,3 @@ def module_ignored(patterns: Sequence[str], module) -> bool:
     return is_ignored(patterns, module.layer, module.module) or any(fnmatch.fnmatchcase(module.name, p)
                                                                    for p in patterns)
 
-
-def pruned_sizes(model: nn.Module, patterns: Sequence[str]) -> list[int]:
-    """The prunable weights of every decoder layer that ``patterns`` leave to prune, ``[L]``: the weights of the
-    layer-wise allocators (RMI, OWL, ATP, mixed N:M), so that their parameter-weighted mean is over the linears
-    actually pruned (a layer left dense entirely weighs 0). Without patterns, :func:`~losa.models.registry.layer_sizes`.
-    """
-    spec = get_arch(model)
-    return [sum(w.numel() for n, w in prunable_weights(layer, spec).items()
-                if not is_ignored(patterns, i, n, spec.layers_path))
-            for i, layer in enumerate(get_decoder_layers(model, spec))]

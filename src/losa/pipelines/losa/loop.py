@@ -53,7 +53,7 @@ from losa.lora.model import (
 from losa.lora.ranks import allocate_ranks
 from losa.models.moe import unfused_experts
 from losa.models.offload import is_offloaded
-from losa.models.registry import check_window, get_arch, get_decoder_layers
+from losa.models.registry import check_window, get_arch, get_decoder_layers, layer_sizes
 from losa.pipelines.config import CalibrationConfig
 from losa.pipelines.losa.config import NO_FINETUNE_WARNING, LoSAConfig, check_finetune_size
 from losa.pipelines.losa.recon import DenseTargets, reconstruction_errors
@@ -67,7 +67,7 @@ from losa.pipelines.losa.state import (
     seed_everything,
 )
 from losa.pipelines.losa.visitors import AdapterPruneVisitor, RMIVisitor
-from losa.pruning.ignore import check_ignore, pruned_sizes
+from losa.pruning.ignore import check_ignore
 from losa.pruning.masks import parse_nm
 from losa.pruning.target import Target
 from losa.report.schema import FinalResults, RunMeta, RunReport, StepRecord, save_report
@@ -398,7 +398,7 @@ class LoSARun:
             self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self.slices = (split_for_steps(train_examples, cfg.steps, seed=cfg.seed) if examples
                        else [[] for _ in range(cfg.steps)])
-        self.sizes = pruned_sizes(model, cfg.ignore)
+        self.sizes = layer_sizes(model, cfg.ignore)
         targets_path = self.out / "dense_targets.npy"
         t = time.perf_counter()
         if is_main() and not self.all_done and not (self.resume and targets_path.is_file()):
