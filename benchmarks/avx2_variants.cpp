@@ -6,7 +6,9 @@
 // Every function is compiled for AVX2/FMA/F16C/POPCNT only (T2), BMI2 added for N6/N7/N10 (T2B): on an AVX-512
 // machine this runs what an AVX2-only CPU would. Variants are timed interleaved (medians); 'vsZ' = Z's time /
 // variant's time. Results: benchmarks/results/avx2_variants.md. The shipped loop (row_avx2 in
-// src/losa/inference/csrc/sparse_linear.cpp) is N4<1536>.
+// src/losa/inference/csrc/sparse_linear.cpp) is N4<1536>. N11-N13 (2026-12-04) try to take the address work off
+// the vector loads' path: offsets and table rows decoded ahead with vector instructions (N11, N11p packed), the mask
+// read two blocks ahead (N12), the next block's controls and values loaded into registers ahead (N13).
 #include <immintrin.h>
 #include <cstdint>
 #include <cstdio>
@@ -235,6 +237,114 @@ T2B float rowN10(const uint8_t* meta, const uint16_t* v, const float* x, int64_t
   }
   return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
+// N11: the scalar work per group done ahead with vector instructions: for 16 groups (4 blocks, 128 inputs) at a
+// time, byte popcounts (a nibble vpshufb) and their in-register prefix sum give every group's value offset, and
+// vpmovzxbw + vpsllw its table row; both go to a small stack array that the vector loop reads with plain loads
+// (2 scalar loads per group instead of about 10 scalar instructions). Blocks past the last whole chunk: N4.
+template <int PF, bool PACK>
+T2 float rowN11(const uint8_t* meta, const uint16_t* v, const float* x, int64_t nblk) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  const __m128i lut = _mm_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4), low4 = _mm_set1_epi8(0x0f);
+  alignas(32) uint16_t rows[16];
+  alignas(16) uint8_t offs[16];
+  alignas(32) uint32_t desc[16];
+  const int64_t nch = nblk / 4;
+  for (int64_t c = 0; c < nch; ++c) {
+    if (PF) { _mm_prefetch((const char*)(v + PF), _MM_HINT_T0); _mm_prefetch((const char*)(v + PF + 32), _MM_HINT_T0); }
+    const __m128i mb = _mm_loadu_si128((const __m128i*)(meta + 16 * c));
+    const __m128i cnt = _mm_add_epi8(_mm_shuffle_epi8(lut, _mm_and_si128(mb, low4)),
+                                     _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(mb, 4), low4)));
+    __m128i s = _mm_add_epi8(cnt, _mm_slli_si128(cnt, 1));
+    s = _mm_add_epi8(s, _mm_slli_si128(s, 2));
+    s = _mm_add_epi8(s, _mm_slli_si128(s, 4));
+    s = _mm_add_epi8(s, _mm_slli_si128(s, 8));
+    const __m128i ex = _mm_sub_epi8(s, cnt);
+    const __m256i r16 = _mm256_slli_epi16(_mm256_cvtepu8_epi16(mb), 5);
+    const __m256i o16 = _mm256_cvtepu8_epi16(_mm_add_epi8(ex, ex));  // byte offsets (<= 240)
+    if (PACK) {
+      // lanes: unpacklo/hi interleave within 128-bit halves; fix the order with a permute of 64-bit quarters
+      const __m256i r = _mm256_permute4x64_epi64(r16, 0xd8), o = _mm256_permute4x64_epi64(o16, 0xd8);
+      _mm256_store_si256((__m256i*)desc, _mm256_unpacklo_epi16(r, o));
+      _mm256_store_si256((__m256i*)(desc + 8), _mm256_unpackhi_epi16(r, o));
+    } else {
+      _mm256_store_si256((__m256i*)rows, r16);
+      _mm_store_si128((__m128i*)offs, _mm_add_epi8(ex, ex));
+    }
+    const float* xk = x + 128 * c;
+    const char* vb = (const char*)v;
+#define G(g, A)                                                                                          \
+  if (PACK) {                                                                                            \
+    const uint32_t d = desc[g];                                                                          \
+    A = _mm256_fmadd_ps(exo((const uint16_t*)(vb + (d >> 16)), d & 0xffff), _mm256_loadu_ps(xk + 8 * g), A); \
+  } else {                                                                                               \
+    A = _mm256_fmadd_ps(exo((const uint16_t*)(vb + offs[g]), rows[g]), _mm256_loadu_ps(xk + 8 * g), A);  \
+  }
+    G(0, a0) G(1, a1) G(2, a2) G(3, a3) G(4, a0) G(5, a1) G(6, a2) G(7, a3)
+    G(8, a0) G(9, a1) G(10, a2) G(11, a3) G(12, a0) G(13, a1) G(14, a2) G(15, a3)
+#undef G
+    v += _mm_extract_epi8(s, 15);
+  }
+  for (int64_t k = 4 * nch; k < nblk; ++k) {
+    uint32_t m; memcpy(&m, meta + 4 * k, 4);
+    const float* xk = x + 32 * k;
+    int o1 = _mm_popcnt_u32(m & 0xff), o2 = _mm_popcnt_u32(m & 0xffff), o3 = _mm_popcnt_u32(m & 0xffffff);
+    a0 = _mm256_fmadd_ps(exo(v, (m << 5) & 0x1fe0), _mm256_loadu_ps(xk), a0);
+    a1 = _mm256_fmadd_ps(exo(v + o1, (m >> 3) & 0x1fe0), _mm256_loadu_ps(xk + 8), a1);
+    a2 = _mm256_fmadd_ps(exo(v + o2, (m >> 11) & 0x1fe0), _mm256_loadu_ps(xk + 16), a2);
+    a3 = _mm256_fmadd_ps(exo(v + o3, (m >> 19) & 0x1fe0), _mm256_loadu_ps(xk + 24), a3);
+    v += _mm_popcnt_u32(m);
+  }
+  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+// N12: N4 with the block mask read two blocks ahead (so the table and value addresses do not wait on a fresh load)
+T2 float rowN12(const uint8_t* meta, const uint16_t* v, const float* x, int64_t nblk) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  uint32_t m0 = 0, m1 = 0;
+  if (nblk > 0) memcpy(&m0, meta, 4);
+  if (nblk > 1) memcpy(&m1, meta + 4, 4);
+  for (int64_t k = 0; k < nblk; ++k) {
+    uint32_t m2 = 0;
+    if (k + 2 < nblk) memcpy(&m2, meta + 4 * (k + 2), 4);
+    const uint32_t m = m0; m0 = m1; m1 = m2;
+    const float* xk = x + 32 * k;
+    int o1 = _mm_popcnt_u32(m & 0xff), o2 = _mm_popcnt_u32(m & 0xffff), o3 = _mm_popcnt_u32(m & 0xffffff);
+    a0 = _mm256_fmadd_ps(exo(v, (m << 5) & 0x1fe0), _mm256_loadu_ps(xk), a0);
+    a1 = _mm256_fmadd_ps(exo(v + o1, (m >> 3) & 0x1fe0), _mm256_loadu_ps(xk + 8), a1);
+    a2 = _mm256_fmadd_ps(exo(v + o2, (m >> 11) & 0x1fe0), _mm256_loadu_ps(xk + 16), a2);
+    a3 = _mm256_fmadd_ps(exo(v + o3, (m >> 19) & 0x1fe0), _mm256_loadu_ps(xk + 24), a3);
+    v += _mm_popcnt_u32(m);
+  }
+  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+// N13: software-pipelined: the next block's four table controls and value vectors are loaded into registers
+// while the current block's are shuffled and multiplied
+T2 static inline __m256i ctl(uint32_t off32) { return _mm256_load_si256((const __m256i*)((const char*)T.shuf + off32)); }
+T2 static inline __m256i raw(const uint16_t* v) { return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)v)); }
+T2 float rowN13(const uint8_t* meta, const uint16_t* v, const float* x, int64_t nblk) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  if (nblk == 0) return 0.f;
+  uint32_t m; memcpy(&m, meta, 4);
+  __m256i c0 = ctl((m << 5) & 0x1fe0), c1 = ctl((m >> 3) & 0x1fe0), c2 = ctl((m >> 11) & 0x1fe0), c3 = ctl((m >> 19) & 0x1fe0);
+  __m256i r0 = raw(v), r1 = raw(v + _mm_popcnt_u32(m & 0xff)), r2 = raw(v + _mm_popcnt_u32(m & 0xffff)),
+          r3 = raw(v + _mm_popcnt_u32(m & 0xffffff));
+  v += _mm_popcnt_u32(m);
+  for (int64_t k = 0; k < nblk; ++k) {
+    const float* xk = x + 32 * k;
+    const __m256 w0 = _mm256_castsi256_ps(_mm256_shuffle_epi8(r0, c0)), w1 = _mm256_castsi256_ps(_mm256_shuffle_epi8(r1, c1)),
+                 w2 = _mm256_castsi256_ps(_mm256_shuffle_epi8(r2, c2)), w3 = _mm256_castsi256_ps(_mm256_shuffle_epi8(r3, c3));
+    uint32_t n = 0;
+    if (k + 1 < nblk) memcpy(&n, meta + 4 * (k + 1), 4);  // the last pass loads row 0 / the zero padding
+    c0 = ctl((n << 5) & 0x1fe0); c1 = ctl((n >> 3) & 0x1fe0); c2 = ctl((n >> 11) & 0x1fe0); c3 = ctl((n >> 19) & 0x1fe0);
+    r0 = raw(v); r1 = raw(v + _mm_popcnt_u32(n & 0xff)); r2 = raw(v + _mm_popcnt_u32(n & 0xffff));
+    r3 = raw(v + _mm_popcnt_u32(n & 0xffffff));
+    v += _mm_popcnt_u32(n);
+    a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xk), a0);
+    a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xk + 8), a1);
+    a2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xk + 16), a2);
+    a3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xk + 24), a3);
+  }
+  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
 int main(int argc, char** argv) {
   int64_t N = atoll(argv[1]), K = atoll(argv[2]); double sp = atof(argv[3]); int reps = atoi(argv[4]);
   int64_t nblk = K / 32, stride = K / 8;
@@ -257,7 +367,8 @@ int main(int argc, char** argv) {
   V vs[] = {{"Z", rowZ}, {"N1", rowN1<false>}, {"N1pf", rowN1<true>}, {"N3pf", rowN3<true>},
             {"N4_768", rowN4<768>}, {"N4_1536", rowN4<1536>}, {"N4_3072", rowN4<3072>}, {"N6_1536", rowN6<1536>},
             {"N7_1536", rowN7<1536>}, {"N8_1536", rowN8<1536>}, {"N9", rowN9}, {"N10_1536", rowN10<1536>},
-            {"N10_0", rowN10<0>}, {"N4_0", rowN4<0>}};
+            {"N10_0", rowN10<0>}, {"N4_0", rowN4<0>}, {"N11_0", rowN11<0, false>},
+            {"N11_1536", rowN11<1536, false>}, {"N11p_0", rowN11<0, true>}, {"N11p_1536", rowN11<1536, true>}, {"N12", rowN12}, {"N13", rowN13}};
   int nv = sizeof(vs) / sizeof(vs[0]);
   std::vector<float> y(N);
   std::vector<std::vector<double>> t(nv);
