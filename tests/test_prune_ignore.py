@@ -211,3 +211,23 @@ def test_allocators_skip_a_layer_left_dense_entirely():
     rep = losa.prune(model, None, losa.PruneConfig(method="wanda", sparsity=0.5, allocator="owl", ignore=["0.*"]),
                      calib_ids=ids, progress=False)
     assert rep.sparsity.layers[0].sparsity == 0.0 and rep.sparsity.layers[1].sparsity == pytest.approx(0.5, abs=2e-3)
+
+
+def test_hand_written_per_layer_targets_of_a_layer_left_dense_are_named_in_a_warning():
+    model = make_tiny_model("llama", seed=12)  # two decoder layers; the first left dense entirely
+    with pytest.warns(UserWarning, match=r"1 decoder layer\(s\) dense entirely, so their sparsity entries are not "
+                                         r"applied \(layer 0: 0\.7\)"):
+        rep = losa.prune(model, None, losa.PruneConfig(method="magnitude", sparsity=[0.7, 0.5], ignore=["0.*"]),
+                         progress=False)
+    assert rep.sparsity.layers[0].sparsity == 0.0 and rep.sparsity.layers[1].sparsity == pytest.approx(0.5, abs=2e-3)
+    ids = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(4))
+    with pytest.warns(UserWarning, match=r"their nm_n entries are not applied \(layer 1: 3\)"):
+        losa.prune(make_tiny_model("llama", seed=12), None,
+                   losa.PruneConfig(method="wanda", nm="2:4", nm_n=[1, 3], ignore=["1.*"]), calib_ids=ids,
+                   progress=False)
+    import warnings
+
+    with warnings.catch_warnings():  # a layer only partly left dense keeps its entry: no warning
+        warnings.simplefilter("error")
+        losa.prune(make_tiny_model("llama", seed=12), None,
+                   losa.PruneConfig(method="magnitude", sparsity=[0.7, 0.5], ignore=["0.mlp.*"]), progress=False)

@@ -279,6 +279,20 @@ class PruneReport(BaseModel):
     timings: dict[str, float] = Field(description="seconds per phase (calibration_data_s, prune_s, total_s)")
 
 
+def _warn_unused_layer_targets(model: nn.Module, config: PruneConfig, ignore: tuple[str, ...]) -> None:
+    """Warn when a hand-written per-layer target (a ``sparsity`` list or ``nm_n``) belongs to a decoder layer that
+    ``ignore`` leaves dense entirely: that target is not applied, and the mean the user computed includes it."""
+    per_layer = config.nm_n if config.nm is not None else config.sparsity
+    if not ignore or not isinstance(per_layer, list):
+        return
+    dense = [i for i, size in enumerate(layer_sizes(model, ignore)) if size == 0]
+    if dense and len(per_layer) == len(get_decoder_layers(model)):  # a wrong length is refused later, in one line
+        what = "nm_n" if config.nm is not None else "sparsity"
+        shown = ", ".join(f"layer {i}: {per_layer[i]}" for i in dense[:8]) + (", ..." if len(dense) > 8 else "")
+        warnings.warn(f"ignore leaves {len(dense)} decoder layer(s) dense entirely, so their {what} entries are not "
+                      f"applied ({shown})", stacklevel=3)
+
+
 def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = None,
           calib_ids: torch.Tensor | None = None, progress: bool = True,
           visitor: PruneVisitor | None = None) -> PruneReport:
@@ -333,6 +347,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruneConfig | dict | None = 
     own = visitor.ignore if visitor is not None else ()
     ignore = tuple(dict.fromkeys((*own, *config.ignore)))  # a custom visitor's patterns and the config's
     check_ignore(model, ignore)
+    _warn_unused_layer_targets(model, config, ignore)
     try:  # the visitor runs with the merged patterns; the caller's keeps its own
         with unfused_experts(model):
             targets, sequential, timings, allocation = _prune(model, tokenizer, config, calib_ids, progress, visitor,
