@@ -57,7 +57,9 @@ def test_grid_search_picks_the_beta_with_the_lowest_calibration_loss():
                      calib_ids=ids, progress=False)
     sizes = [sum(p.numel() for n, p in layer.named_parameters() if n.endswith("proj.weight"))
              for layer in base.model.layers]
-    bmax = min((1 - 1e-6 - 0.6) / 1.5, 0.6 / 1.5)  # equal layers: offsets -1.5 .. 1.5
+    # equal layers: offsets -1.5 .. 1.5; the deepest layer keeps one weight in 64 (hidden 64: the narrowest
+    # linears' inputs), so that no row of it loses every weight
+    bmax = min((1 - 1 / 64 - 0.6) / 1.5, 0.6 / 1.5)
     expected = {}
     for beta in np.linspace(0, bmax, 4):  # independent: the paper's formula, a fresh copy, a hand-written NLL
         trial = copy.deepcopy(base)
@@ -71,6 +73,11 @@ def test_grid_search_picks_the_beta_with_the_lowest_calibration_loss():
         match = min(got, key=lambda b: abs(b - beta))
         assert got[match] == pytest.approx(loss, rel=1e-5)
     assert float(np.dot(rep.targets, sizes) / sum(sizes)) == pytest.approx(0.6, abs=1e-9)
+    top = copy.deepcopy(base)  # the grid's last point prunes the deepest layer to 63 of 64 inputs, not all of them
+    losa.prune(top, None, losa.PruneConfig(method="wanda", sparsity=[0.6 - bmax * 1.5 + bmax * i for i in range(4)]),
+               calib_ids=ids, progress=False)
+    assert all((m.weight != 0).sum(1).min() >= 1 for m in top.model.layers[3].modules()
+               if isinstance(m, torch.nn.Linear))
     # the trial prunes were undone: the final model equals pruning a fresh copy at the chosen beta
     fresh = copy.deepcopy(base)
     losa.prune(fresh, None, losa.PruneConfig(method="wanda", sparsity=0.6, allocator="atp", atp_beta=best),

@@ -48,6 +48,21 @@ def _one_line_error(capsys, rc: int, msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- prune
+def test_a_conflict_with_a_recipe_key_says_the_recipe_sets_it(tmp_path, capsys, no_work):
+    """The trial passed --nm over a recipe with sparsity: the error named --sparsity, which it never typed."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: sparsegpt\nsparsity: 0.6\noptions: {blocksize: 64}\n")
+    rc = main(["prune", "no-such-model", "--recipe", str(recipe), "--nm", "2:4", "--no-save"])
+    _one_line_error(capsys, rc, f"sparsity (--sparsity) has no effect with nm (--nm): the 2:4 pattern sets it; drop "
+                                f"one of them (sparsity is set by the recipe {recipe})")
+    rc = main(["prune", "no-such-model", "--recipe", str(recipe), "--method", "wanda", "--no-save"])
+    _one_line_error(capsys, rc, f"it is an option of sparsegpt; drop it or change the method (options.blocksize is "
+                                f"set by the recipe {recipe})")
+    rc = main(["prune", "no-such-model", "--recipe", str(recipe), "--nm", "2:4", "--sparsity", "0.7", "--no-save"])
+    err = capsys.readouterr().err  # typed on the command line: no recipe note
+    assert rc == 2 and "drop one of them" in err and "set by the recipe" not in err
+
+
 def test_prune_refuses_an_existing_out_before_pruning(tiny_dir, tmp_path, capsys, no_work):
     out = tmp_path / "p1"
     out.mkdir()
@@ -283,6 +298,11 @@ def test_compare_labels_an_older_report_without_fine_tuning_from_its_recipe():
     (["--distill", "--lr-scheduler", "reduce_lr_on_plateau"], "needs an eval strategy"),
     (["--distill", "--eval-every-step", "--eval", "typo"], "--eval typo: no such file"),
     (["--distill", "--eval-seqlen", "0"], "--eval-seqlen 0 must be at least 2"),
+    (["--distill", "--eval", "none", "--eval-every-step"], "--eval-every-step has no effect with --eval none; drop "
+                                                           "--eval-every-step, or evaluate with --eval wikitext2"),
+    (["--distill", "--fsdp-config", "fsdp.json"], "invalid config: fsdp_config (--fsdp-config) has no effect "
+                                                  "without fsdp (--fsdp)"),
+    (["--distill", "--delta", "0.6"], "delta (--delta) 0.6 lets a layer reach sparsity 1.1 around the 0.5 target"),
     # a wrong fine-tuning data path fails before the model loads (the trial waited for calibration first)
     (["--finetune-data", "missing.jsonl"], "fine-tuning data missing.jsonl not found; give a .json/.jsonl path"),
     (["--finetune-data", "empty"], "no .json/.jsonl files in empty; point finetune_data (--finetune-data) at"),

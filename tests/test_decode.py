@@ -518,7 +518,10 @@ def test_cli_generate_sampling_flags(tmp_path, capsys):
                      (["--top-k", "3", "--seed", "1"], "--top-k, --seed only apply to sampling"),
                      (["--sample", "--temperature", "0"], "--temperature 0.0 must be above 0"),
                      (["--sample", "--top-k", "0"], "--top-k 0 must be at least 1"),
-                     (["--sample", "--top-p", "1.5"], "--top-p 1.5 must be in (0, 1]")):
+                     (["--sample", "--top-p", "1.5"], "--top-p 1.5 must be in (0, 1]"),
+                     (["--prompt", ""], "error: --prompt is empty; give some text"),
+                     (["--compile-wrapper", "python"], "--compile-wrapper python only applies to the compiled decode "
+                                                       "step; add --compile or drop it")):
         assert main([*base, *bad]) == 2
         err = capsys.readouterr().err
         assert why in err and err.count("\n") == 1

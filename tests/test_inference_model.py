@@ -85,8 +85,9 @@ def test_bf16_model_computes_like_the_dense_bf16_model(monkeypatch, isa, sparse_
         ref = model(ids).logits.float()
         ref_step = model(ids[:, :1]).logits.float()
     summary = sparsify_for_inference(model, value_dtype="bfloat16")
-    assert summary["compute"].startswith("bf16 products, float32 sums")
     from losa.inference.kernel import bf16_dot_available
+    assert summary["compute"] == ("bf16 products, float32 sums (AVX512-BF16)" if bf16_dot_available() else
+                                  "float32 on the widened bf16 inputs (exact products, float32 sums; no AVX512-BF16)")
     if bf16_dot_available():  # every layer is ~70 % sparse: all of them skip zeros in the prompt GEMM
         assert summary["sparse_prefill_layers"] == summary["replaced"] > 0
     else:
@@ -214,7 +215,7 @@ def test_cli_generate_picks_the_arithmetic_per_cpu(tmp_path, capsys, monkeypatch
     lines = [ln for ln in out.splitlines() if ln.startswith("arithmetic")]
     assert len(lines) == 1 and "AVX2 (forced by LOSA_SPARSE_ISA)" in lines[0]
     assert "float32 model, bfloat16 values, float32 activations" in lines[0] and "no native bf16" in lines[0]
-    assert "sparse layers: 14 (bfloat16 values, float32 compute, float32 prefill" in out
+    assert "sparse layers: 14 (bfloat16 values; compute: float32; float32 prefill; " in out
     hint = "`losa bench-runtime` measures them on this CPU"
     if load_kernel() is not None:  # no thresholds measured here (no_measured_thresholds): the hint names the fix
         assert hint in out
@@ -389,6 +390,14 @@ def test_cli_compact_writes_the_file_generate_loads(tmp_path, capsys):
                  "bfloat16"]) == 0
     assert stored_value_dtype(out) == "bfloat16" and stored_dense_dtype(out) == "bfloat16"
     capsys.readouterr()
+    # --overwrite never replaces a file of the checkpoint being compacted (the trial lost its model that way)
+    weights = tmp_path / "m" / "model.safetensors"
+    before = weights.read_bytes()
+    assert main(["compact", path, "--out", str(weights), "--overwrite"]) == 2
+    assert last_line(capsys.readouterr().err) == (f"error: --out {weights} is a file of the checkpoint being compacted "
+                                                  f"({path}): replacing it would lose the model; write the compact "
+                                                  "file elsewhere")
+    assert weights.read_bytes() == before
     # the file given where a model goes: the one-line hint names --compact (the trial got a hub-lookup error)
     for cmd in (["inspect", str(out)], ["generate", str(out), "--prompt", "word5"], ["eval", "ppl", str(out)],
                 ["prune", str(out), "--method", "magnitude", "--no-save"], ["run", str(out), "--out", str(tmp_path / "r")]):
@@ -450,7 +459,7 @@ def test_cli_compact_file_keeps_its_stored_value_dtype_and_says_so(tmp_path, cap
     assert f"-- bfloat16 values as stored in {tmp_path / 'c.safetensors'}; auto on this CPU:" in out[1]
     n_linear = 7 * len(model.model.layers)  # q, k, v, o, gate, up, down per layer, all pruned 60 %
     assert [line for line in out if line.startswith("sparse layers:")][0].startswith(
-        f"sparse layers: {n_linear} (bfloat16 values, float32 compute, float32 prefill, ")
+        f"sparse layers: {n_linear} (bfloat16 values; compute: float32; float32 prefill; ")
     for args in ([], ["--value-dtype", "bfloat16"]):
         assert main(["generate", path, "--prompt", "word5", "--max-new-tokens", "2", *compact, *args]) == 0
         err = capsys.readouterr().err

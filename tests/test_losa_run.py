@@ -231,6 +231,39 @@ def test_eval_every_step_and_report_from_a_real_run(tmp_path, data_dir):
         assert img.std() > 10 and (img < 128).mean() > 0.005, rel
 
 
+def test_a_resume_that_would_measure_the_per_step_perplexity_otherwise_is_refused(tmp_path, calib, data_dir,
+                                                                                 monkeypatch):
+    """Killed in step 2's evaluation after step 1 was saved with its perplexity: a resume with another window or
+    window cap would put two measurements in one per-step curve, so it is refused; the same settings resume."""
+    from losa.pipelines.losa.loop import StepEval
+
+    tok, cfg, out = make_tiny_tokenizer(), _cfg(), tmp_path / "run"
+    real, calls = StepEval.__call__, {"n": 0}
+
+    def dying(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(StepEval, "__call__", dying)
+    first = {"datasets": ["wikitext2"], "seqlen": 32, "max_windows": 2, "data_dir": str(data_dir)}
+    with pytest.raises(KeyboardInterrupt):
+        run(make_tiny_model("llama", layers=2), tok, cfg, out_dir=out, calib_ids=calib, progress=False,
+            step_eval=first)
+    monkeypatch.setattr(StepEval, "__call__", real)
+    for change, shown in (({"seqlen": 16}, "16-token windows, the first 2 windows"),
+                          ({"max_windows": 3}, "32-token windows, the first 3 windows"),
+                          ({"max_windows": None}, "32-token windows, all windows")):
+        with pytest.raises(LosaError, match=r"measured on wikitext2, 32-token windows, the first 2 windows, but this "
+                                            rf"run's per-step evaluation is wikitext2, {shown}; one report would mix"):
+            run(make_tiny_model("llama", layers=2), tok, cfg, out_dir=out, resume=True, calib_ids=calib,
+                progress=False, step_eval=first | change)
+    rep = run(make_tiny_model("llama", layers=2), tok, cfg, out_dir=out, resume=True, calib_ids=calib, progress=False,
+              step_eval=first)
+    assert [sorted(s.ppl) for s in rep.steps] == [["wikitext2"], ["wikitext2"]]
+
+
 def test_mixed_nm_that_cannot_move_says_so(calib, tmp_path):
     model = make_tiny_model("llama", layers=4)
     with pytest.warns(UserWarning, match=r"lets no layer move, so this run is uniform 4:8; set nm_max_pairs \(--nm-max-pairs\)"):

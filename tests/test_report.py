@@ -142,6 +142,18 @@ def test_compare_two_runs_paper_layout():
     assert md_tables(md)[0] == rows  # markdown and CSV carry the same cells
 
 
+def test_compare_a_run_given_twice_is_one_row_and_acc_norm_without_zero_shot_warns(tmp_path):
+    with pytest.warns(UserWarning, match="1 run directory given more than once; each run is one row"):
+        _, twice = compare([WANDA, DENSE, Path(str(WANDA) + "/")])
+    assert twice == compare([WANDA, DENSE])[1]
+    no_zs = tmp_path / "wanda"  # the same prune before losa eval zeroshot added its accuracies
+    shutil.copytree(WANDA, no_zs)
+    (no_zs / "zeroshot.json").unlink()
+    assert not load_run(no_zs).results.zeroshot
+    with pytest.warns(UserWarning, match="metric acc_norm chooses the zero-shot accuracy, and no run has"):
+        compare([no_zs], metric="acc_norm")
+
+
 def test_compare_orders_method_lora_losa_and_acc_norm():
     md, text = compare([LOSA, DENSE, WANDA], metric="acc_norm")
     rows = list(csv.DictReader(io.StringIO(text)))

@@ -274,3 +274,36 @@ def test_recon_nsamples_default_follows_a_small_calibration_set():
     assert LoSAConfig(nsamples=8).recon_nsamples == 8 and LoSAConfig().recon_nsamples == 16
     with pytest.raises(LosaError, match=r"recon_nsamples \(--recon-nsamples\) 12 > nsamples \(--nsamples\) 8"):
         LoSAConfig(nsamples=8, recon_nsamples=12)
+
+
+def test_owl_band_narrows_at_an_early_step_below_lambda():
+    """S=0.5, T=20: S_1 = 0.5 - 0.5 * 0.95^3 ≈ 0.0713 is below owl_lambda 0.08, which OWL's symmetric band cannot
+    span (a layer would go below 0); that step's band is S_1 wide, its layers in [0, 2 S_1], mean S_1."""
+    from losa.pipelines.losa.loop import _step_targets
+
+    cfg = LoSAConfig(allocator="owl", steps=20, sparsity=0.5, nsamples=4, seqlen=16, recon_nsamples=2, device="cpu")
+    s1 = 0.5 - 0.5 * (1 - 1 / 20) ** 3
+    sizes = [100, 100, 200]
+    _, s, _ = _step_targets(cfg, 1, sizes, None, [0.01, 0.05, 0.03])
+    assert min(s) == pytest.approx(0.0, abs=1e-12) and max(s) <= 2 * s1 + 1e-12  # least outliers: most pruned
+    assert sum(x * n for x, n in zip(s, sizes)) / sum(sizes) == pytest.approx(s1)
+    _, s, _ = _step_targets(cfg, 20, sizes, None, [0.01, 0.05, 0.03])  # the last step keeps the full band
+    assert max(s) == pytest.approx(0.58) and sum(x * n for x, n in zip(s, sizes)) / sum(sizes) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"allocator": "rmi", "delta": 0.6}, r"delta \(--delta\) 0\.6 lets a layer reach sparsity 1\.1 around the 0\.5 "
+                                         r"target: every layer must stay below 1; use delta \(--delta\) below 0\.5"),
+    ({"allocator": "owl", "owl_lambda": 0.6}, r"owl_lambda \(--owl-lambda\) 0\.6 spans -0\.1 to 1\.1 around the 0\.5 "
+                                              r"target: OWL's band must stay inside \[0, 1\); use owl_lambda "
+                                              r"\(--owl-lambda\) below 0\.5"),
+    ({"allocator": "owl", "owl_lambda": 0.3, "sparsity": 0.7}, r"below 0\.3"),
+])
+def test_a_band_that_leaves_0_1_is_refused_when_the_config_is_built(fields, message):
+    from losa.pipelines.oneshot import PruneConfig
+
+    for cls in (PruneConfig, LoSAConfig):
+        with pytest.raises(LosaError, match=message):
+            cls(**{"sparsity": 0.5, "nsamples": 4} | fields)
+    PruneConfig(allocator="rmi", delta=0.49, sparsity=0.5)  # inside: fine
+    LoSAConfig(allocator="owl", owl_lambda=0.3, sparsity=0.5, nsamples=4)

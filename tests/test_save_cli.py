@@ -65,6 +65,10 @@ def test_cli_prune_inspect_eval(tiny_dir, tmp_path, capsys, data_dir):
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["overall"] == pytest.approx(0.6, abs=1e-3)
     assert main(["inspect", str(out), "--min-sparsity", "0.7"]) == 1
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--min-sparsity", "1.5"]) == 2  # a percentage or a typo, before the model loads
+    assert capsys.readouterr().err.strip() == ("error: --min-sparsity 1.5 is outside [0, 1]; give a fraction, e.g. "
+                                               "0.5 for 50 %")
     # Wanda with calibration from a local text file, then perplexity on the same file
     rc = main(["prune", str(tiny_dir), "--method", "wanda", "--sparsity", "0.5", "--calib", str(text),
                "--nsamples", "4", "--seqlen", "32", "--eval", str(text), "--max-windows", "3", "--compare-dense",

@@ -209,9 +209,16 @@ def _depth_offsets(p: np.ndarray) -> np.ndarray:
     return idx - float(w @ idx)
 
 
-def atp_beta_max(target: float, sizes: Sequence[float]) -> float:
-    """The largest β that keeps every ATP layer sparsity within [0, 1) (strictly below 1 by 1e-6).
+def atp_beta_max(target: float, sizes: Sequence[float], s_max: float = 1.0 - 1e-6) -> float:
+    """The largest β that keeps every ATP layer sparsity within [0, ``s_max``] (default: strictly below 1 by 1e-6).
 
+    Args:
+        target: S, the mean sparsity.
+        sizes: parameters per decoder layer, ``[L]``.
+        s_max: the highest sparsity the deepest layer may reach (a grid search passes ``1 - 1/K`` for the
+            narrowest linear's K inputs, so that no row loses every weight).
+    Returns:
+        β ≥ 0 (0 for one layer, or when ``s_max`` is not above ``target``).
     Raises:
         LosaError: invalid target or sizes.
     """
@@ -219,7 +226,7 @@ def atp_beta_max(target: float, sizes: Sequence[float]) -> float:
     off = _depth_offsets(p)
     if p.size == 1:
         return 0.0
-    up = (1.0 - 1e-6 - target) / off.max()  # the deepest layer must stay below 1
+    up = (min(s_max, 1.0 - 1e-6) - target) / off.max()  # the deepest layer must stay at or below s_max
     down = target / -off.min()  # the first layer must stay at or above 0
     return float(max(0.0, min(up, down)))
 

@@ -143,10 +143,22 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from losa.cli.flags import config_values
     from losa.utils.config import build_config, load_recipe
 
-    values = config_values(args, args.config_flags, load_recipe(args.recipe) if args.recipe else {})
+    recipe = load_recipe(args.recipe) if args.recipe else {}
+    values = config_values(args, args.config_flags, recipe)
     if "calib" not in values:
         values["calib"] = "c4" if data_available(values.get("data_dir")) else "self"
-    return build_config(args.config_class, values)
+    try:
+        return build_config(args.config_class, values)
+    except LosaError as e:  # a field the user did not type on the command line: say that the recipe sets it
+        flags = config_values(args, args.config_flags, {})
+        named = [(k, k) for k in recipe if k not in flags] + [  # nested: options.blocksize, finetune.lr
+            (f"{k}.{sub}", sub) for k, v in recipe.items() if isinstance(v, dict)
+            for sub in v if sub not in (flags.get(k) or {})]
+        keys = [label for label, word in named if re.search(rf"\b{re.escape(word)}\b", str(e))]
+        if not keys:
+            raise
+        raise LosaError(f"{e} ({', '.join(keys)} {'is' if len(keys) == 1 else 'are'} set by the recipe "
+                        f"{args.recipe})") from None
 
 
 def refuse_ignored(args: argparse.Namespace, ignored: list[tuple[tuple[str, ...], str]],
@@ -212,14 +224,15 @@ def eval_settings(args: argparse.Namespace, seqlen: int, data_dir: str | None) -
     Raises:
         LosaError: an unknown dataset or missing file, a named dataset missing from the data dir,
             ``--eval-seqlen`` below 2 or ``--max-windows`` below 1, or evaluation flags (``--eval-seqlen``,
-            ``--max-windows``, ``--compare-dense``) without any dataset to evaluate.
+            ``--max-windows``, ``--compare-dense``, ``--eval-every-step``) without any dataset to evaluate.
     """
     evals = args.eval if args.eval is not None else ("wikitext2" if data_available(data_dir) else "none")
     datasets = [] if evals == "none" else [d.strip() for d in evals.split(",") if d.strip()]
     check_window_flags(args.eval_seqlen, "--eval-seqlen", args.max_windows, "omit it to use --seqlen")
     if not datasets:  # nothing is evaluated: the evaluation flags would do nothing
         given = [f for f, v in (("--eval-seqlen", args.eval_seqlen), ("--max-windows", args.max_windows),
-                                ("--compare-dense", getattr(args, "compare_dense", False))) if v]
+                                ("--compare-dense", getattr(args, "compare_dense", False)),
+                                ("--eval-every-step", getattr(args, "eval_every_step", False))) if v]
         if given:
             verb, drop = ("has" if len(given) == 1 else "have"), " and ".join(given)
             if args.eval is not None:
@@ -279,7 +292,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="static KV cache and torch.compile of the decode step: less per-token overhead, but the "
                         "first generation of each cache size compiles first (worth it for serving and long outputs)")
-    p.add_argument("--compile-wrapper", default="cpp", choices=["cpp", "python"],
+    p.add_argument("--compile-wrapper", default=None, choices=["cpp", "python"],
                    help="with --compile: how the compiled step calls its kernels: cpp = Inductor's C++ wrapper (less "
                         "per-token overhead, a longer first compile), python = Inductor's generated Python wrapper "
                         "(default: cpp; measured in benchmarks/results/decode.md)")
@@ -358,6 +371,9 @@ def load_runtime_model(args: argparse.Namespace, purpose: str,
     use_stored_value_dtype(args)
     head_request = normalize_lm_head_dtype(getattr(args, "lm_head_dtype", "auto"))  # bad flags fail before loading
     _kernel.hugepages_enabled()  # and a bad LOSA_HUGEPAGES
+    if getattr(args, "compile_wrapper", None) is not None and not args.compile:
+        raise LosaError(f"--compile-wrapper {args.compile_wrapper} only applies to the compiled decode step; add "
+                        "--compile or drop it")
     check_model_arg(args.model)  # and a missing model, before the arithmetic line
     if args.threads is not None:
         if args.threads < 1:
@@ -397,15 +413,17 @@ def load_runtime_model(args: argparse.Namespace, purpose: str,
                 status(f"note: no pruned layer found (sparsity < 25 %); {purpose} with dense layers")
         else:
             # the prefill dtype applies to a float32 model's prompts (a bf16 model's run in bf16)
-            prefill = (f"{summary['prefill_dtype']} prefill, " if choice.dtype == "float32" else "")
-            status(f"sparse layers: {summary['replaced']} ({summary['value_dtype']} values, "
-                   f"{summary['compute']} compute, {prefill}"
+            prefill = (f"{summary['prefill_dtype']} prefill; " if choice.dtype == "float32" else "")
+            status(f"sparse layers: {summary['replaced']} ({summary['value_dtype']} values; compute: "
+                   f"{summary['compute']}; {prefill}"
                    f"{_mib(summary['sparse_bytes'])} instead of {_mib(summary['dense_bytes'])})")
             if summary["sparse_bytes"] >= summary["dense_bytes"]:
                 wider = summary["value_dtype"] == "float32" and choice.dtype != "float32"
+                halve = ("write the file again with `losa compact CHECKPOINT --out FILE --value-dtype bfloat16`, "
+                         "which halves them" if args.compact else "--value-dtype bfloat16 halves them")
                 status("warning: the sparse layers are not smaller than the dense ones" +
-                       ("; their float32 values are twice the model's bf16 weights: --value-dtype bfloat16 halves "
-                        "them (exact for a bf16 model)" if wider else " at this sparsity"))
+                       (f"; their float32 values are twice the model's bf16 weights: {halve} (exact for a bf16 "
+                        "model)" if wider else " at this sparsity"))
             if summary["sparse_prefill_layers"] and summary["compute"].startswith("bf16"):
                 status(f"  {summary['sparse_prefill_layers']} of them skip zeros in the prompt GEMM too "
                        "(>= 65 % sparse; the others decompress tiles for a dense bf16 GEMM)")

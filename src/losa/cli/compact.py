@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from losa.cli.common import add_model_arg, add_quiet_arg, load_runtime_model, source_model, status
 
@@ -49,13 +50,20 @@ def run_compact(args: argparse.Namespace) -> int:
         0 once the file is written.
 
     Raises:
-        LosaError: an ``--out`` that is a directory, exists (without ``--overwrite``) or cannot be written; a model
+        LosaError: an ``--out`` that is a directory, exists (without ``--overwrite``; with it too when it is a file of
+            the input checkpoint) or cannot be written; a model
             that cannot load or has no pruned layer.
     """
     from losa.inference import save_sparse
     from losa.utils.io import check_output_file
 
     check_output_file(args.out, "--out", exists_ok=args.overwrite, overwrite_flag="--overwrite", suffix=".safetensors")
+    src, out = Path(args.model).resolve(), Path(args.out).resolve()
+    if out.exists() and (out == src or (src.is_dir() and src in out.parents)):  # --overwrite must not eat the input
+        from losa.errors import LosaError
+
+        raise LosaError(f"--out {args.out} is a file of the checkpoint being compacted ({args.model}): replacing it "
+                        "would lose the model; write the compact file elsewhere")
     model, _, mode, summary = load_runtime_model(args, "compacting", to_run=False)
     if mode == "dense":
         from losa.errors import LosaError

@@ -16,7 +16,7 @@ from losa.cli.common import (
     offload_note,
     recorded_data_dir,
 )
-from losa.data.sources import check_eval_datasets
+from losa.data.sources import check_eval_datasets, fetch_eval_datasets
 from losa.errors import LosaError
 
 
@@ -66,6 +66,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     if args.out:
         check_output_file(args.out, "--out")
     check_model_arg(args.model)
+    fetch_eval_datasets(datasets, args.data_dir, "--datasets")
     offload = offload_kwargs(args)
     model, tok = losa.load_model(args.model, dtype=args.dtype, **offload)
     if (note := offload_note(model, args)) is not None:

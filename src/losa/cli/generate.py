@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from losa.cli.common import add_model_arg, add_runtime_args, load_runtime_model, source_model, status
@@ -74,6 +75,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise LosaError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    if not args.prompt:  # before the model loads (a tokenizer may still find nothing in other text: checked below)
+        raise LosaError("--prompt is empty; give some text")
     sampling = sampling_kwargs(args)
     if args.save_compact:
         if not args.sparse:
@@ -87,11 +90,13 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.save_compact and mode == "dense":
         raise LosaError("--save-compact: the model has no pruned layer (sparsity < 25 %) to store sparse; "
                         "prune it first (losa prune) or drop --save-compact")
-    decoder = LeanDecoder(model, compile=args.compile, compile_wrapper=args.compile_wrapper,
+    decoder = LeanDecoder(model, compile=args.compile, compile_wrapper=args.compile_wrapper or "cpp",
                           decode_engine=args.decode_engine)
     if args.save_compact:
-        save_sparse(model, args.save_compact, source_model=source_model(args.model))
-        status(f"wrote {args.save_compact}")
+        base = source_model(args.model)
+        path = save_sparse(model, args.save_compact, source_model=base)
+        status(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB) before generating; load it with "
+               f"`losa generate {base} --compact {path}`")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     with torch.inference_mode():
@@ -105,7 +110,7 @@ def run_generate(args: argparse.Namespace) -> int:
     loop = f"; token loop: {decoder.last_loop}" if decoder.last_engine == "on" else ""
     status(f"decode engine: {decoder.last_engine}{loop}")
     if args.compile:
-        mode += f", compiled with the {args.compile_wrapper} wrapper (this call includes the compile)"
+        mode += f", compiled with the {args.compile_wrapper or 'cpp'} wrapper (this call includes the compile)"
     prompt, threads = ids.shape[1], torch.get_num_threads()
     status(f"[{mode}] {new} tokens in {dt:.2f} s ({new / dt:.1f} tokens/s, "
            f"prompt {prompt} token{'s' if prompt != 1 else ''}, {threads} thread{'s' if threads != 1 else ''})")

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Per-module, per-layer and overall sparsity of the decoder's linear layers.")
     add_model_arg(p, default=None)
     next(a for a in p._actions if a.dest == "model").help = "local HF directory, hub id, .gguf file or built-in alias"
-    p.add_argument("--nm", help="check this N:M pattern (e.g. 2:4) on every module")
+    p.add_argument("--nm", help="check this N:M pattern (e.g. 2:4) on every module; a violation exits with "
+                                "status 1")
     p.add_argument("--modules", action="store_true", help="list every module, not only layers")
     p.add_argument("--json", dest="json_out", help="also write the full report to this JSON file")
     p.add_argument("--min-sparsity", type=float, default=None,
@@ -29,6 +30,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     from losa.pruning.ignore import module_ignored
     from losa.utils.io import atomic_write_json, check_output_file
 
+    if args.min_sparsity is not None and not 0.0 <= args.min_sparsity <= 1.0:
+        raise LosaError(f"--min-sparsity {args.min_sparsity} is outside [0, 1]; give a fraction, e.g. 0.5 for 50 %")
     nm: tuple[int, int] | list[tuple[int, int]] | None = parse_nm(args.nm) if args.nm else None
     label = args.nm
     if args.json_out:

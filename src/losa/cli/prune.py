@@ -22,6 +22,7 @@ from losa.cli.common import (
     offload_note,
     recipe_for_manifest,
 )
+from losa.data.sources import fetch_eval_datasets
 from losa.errors import LosaError, option
 from losa.pipelines.oneshot import PruneConfig
 
@@ -90,6 +91,7 @@ def run_prune(args: argparse.Namespace) -> int:
     calib = (f"calibration {cfg.calib} {cfg.nsamples}x{cfg.seqlen} seed {cfg.seed}"
              if get_pruner(cfg.method).stat is not None or cfg.allocator != "uniform" else "no calibration needed")
     check_model_arg(args.model)
+    fetch_eval_datasets(datasets, cfg.data_dir, "--eval")  # without a data dir: from the hub now, not after pruning
     print(f"losa prune: {args.model} | {cfg.describe()} | {calib}")
     model, tok = losa.load_model(args.model, dtype=args.dtype, **offload)
     from losa.pruning.ignore import check_ignore
@@ -119,7 +121,7 @@ def run_prune(args: argparse.Namespace) -> int:
         print(f"  layer-wise sparsity ({report.allocation['method']}{beta}): {min(report.targets):.4f} to "
               f"{max(report.targets):.4f} over {len(report.targets)} layers"
               f"{'' if args.no_save else ' (per layer in losa.json)'}")
-    print(f"  verified: overall sparsity {sp.overall:.4f} over {len(sp.modules)} linear modules "
+    print(f"  {'verified' if cfg.verify else 'not verified (--no-verify)'}: overall sparsity {sp.overall:.4f} over {len(sp.modules)} linear modules "
           f"in {len(sp.layers)} layers; prune time {report.timings['total_s']:.1f}s")
     if cfg.ignore:
         print(f"  left dense (ignore {','.join(cfg.ignore)}): {left_dense} of {len(sp.modules)} linear modules; "

@@ -20,6 +20,7 @@ from losa.cli.common import (
     recipe_for_manifest,
     refuse_ignored,
 )
+from losa.data.sources import fetch_eval_datasets
 from losa.errors import LosaError, option
 from losa.pipelines.losa.config import NO_FINETUNE_WARNING, LoSAConfig
 from losa.report.schema import PplSettings, StepRecord
@@ -69,13 +70,12 @@ def run_losa(args: argparse.Namespace) -> int:
     check_output_dir(out, "--out", exists_ok=True)
     resumed = check_run_dir(out, cfg, args.resume)  # an existing run is refused, or checked for --resume, first
     resolve_device(cfg.device)
-    if args.eval_every_step and not datasets:
-        raise LosaError("--eval-every-step needs perplexity data: pass --data-dir (or --eval with a text file)")
     if cfg.finetunes:
         check_environment(cfg.finetune)
     if cfg.finetune_data is not None:
         check_records_source(cfg.finetune_data)
     check_model_arg(args.model)
+    fetch_eval_datasets(datasets, cfg.data_dir, "--eval")  # without a data dir: from the hub now, not after the run
     say = print if is_main() else (lambda *a, **k: None)  # the other processes of a multi-process run are silent
     say(f"losa run: {args.model} | {cfg.method} S={cfg.target_sparsity:.2f} T={cfg.steps} allocator="
           f"{cfg.effective_allocator} ranks={'allocated' if cfg.rank_allocation else 'uniform'}"

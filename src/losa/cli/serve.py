@@ -91,7 +91,7 @@ def build_server(args: argparse.Namespace):
         name = args.model_name or (os.path.basename(args.compact).removesuffix(".safetensors") if args.compact
                                    else args.model)
         service = GenerationService(model, tok, name, default_max_tokens=args.max_tokens,
-                                    compile=args.compile, compile_wrapper=args.compile_wrapper,
+                                    compile=args.compile, compile_wrapper=args.compile_wrapper or "cpp",
                                     decode_engine=args.decode_engine)
     except BaseException:
         sock.close()

@@ -207,7 +207,8 @@ def read_text_file(path: Path) -> list[str]:
 
 def check_eval_datasets(datasets: list[str], data_dir: str | None, flag: str) -> None:
     """Check perplexity datasets before any work: a named one (wikitext2, c4, ptb) is in the data dir
-    when there is one (without, it comes from the hub when evaluated), a path is a readable text file.
+    when there is one (without, :func:`fetch_eval_datasets` gets it from the hub once the local checks have passed),
+    a path is a readable text file.
 
     Args:
         datasets: names or file paths.
@@ -229,3 +230,24 @@ def check_eval_datasets(datasets: list[str], data_dir: str | None, flag: str) ->
         elif Path(d).suffix not in TEXT_SUFFIXES + RECORD_SUFFIXES:  # what read_text_file reads
             raise LosaError(f"{flag} {d}: unsupported file type {Path(d).suffix!r}; use .txt, .json or .jsonl")
 
+
+
+def fetch_eval_datasets(datasets: list[str], data_dir: str | None, flag: str) -> None:
+    """Without a data dir, fetch the named perplexity datasets from the hub now (``datasets`` caches them for the
+    evaluation), so that an unreachable hub fails before a model is pruned or trained, not after.
+
+    Args:
+        datasets: names or file paths (the files are checked by :func:`check_eval_datasets`).
+        data_dir: the data directory (None: ``LOSA_DATA_DIR`` or none; with one, nothing is fetched).
+        flag: the option that named them, for the message.
+    Raises:
+        LosaError: a named dataset the hub (or ``datasets``' cache) cannot give.
+    """
+    if resolve_data_dir(data_dir) is not None:
+        return
+    for d in datasets:
+        if is_named(d):
+            try:
+                load_documents(d, EVAL_SPLIT[d])
+            except LosaError as e:
+                raise LosaError(f"{flag} {e}") from None

@@ -3,6 +3,7 @@ importing a recipe does not import transformers' Trainer)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -74,6 +75,13 @@ class FinetuneConfig(LosaConfig):
         if self.teacher_topk > 0 and not self.distill:
             raise ValueError(f"teacher_topk {self.teacher_topk} only applies to distillation; add "
                              f"{option('distill=True', '--distill')} or drop {option('teacher_topk')}")
+        if self.fsdp_config is not None:
+            flag = option("fsdp_config")
+            if not self.fsdp:
+                raise ValueError(f"{flag} has no effect without {option('fsdp')}: the FSDP options configure FSDP; add "
+                                 f"{option('fsdp')} 'full_shard auto_wrap' or drop {flag}")
+            if not Path(self.fsdp_config).is_file():
+                raise ValueError(f"{flag} {self.fsdp_config}: no such file; give the JSON file of FSDP options")
         return self
 
 

@@ -43,7 +43,9 @@ def _compute_description(model_dtype: torch.dtype, vdtype: torch.dtype) -> str:
         from losa.inference.kernel import bf16_dot_available, kernel_available
 
         fast = kernel_available() and bf16_dot_available()
-        return "bf16 products, float32 sums" + (" (AVX512-BF16)" if fast else " (float32 loop on widened inputs)")
+        # without AVX512-BF16 the inputs are widened to float32 inside the layer, as the arithmetic line says
+        return ("bf16 products, float32 sums (AVX512-BF16)" if fast else
+                "float32 on the widened bf16 inputs (exact products, float32 sums; no AVX512-BF16)")
     return "float32"
 
 

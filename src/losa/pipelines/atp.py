@@ -15,10 +15,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from losa.allocation.allocators import allocate_live, atp_grid, live_layers
+from losa.allocation.allocators import allocate_live, atp_beta_max, atp_grid, live_layers
 from losa.eval.ppl import perplexity_from_ids
 from losa.models.linear import get_weight, set_weight
-from losa.models.registry import get_arch, get_decoder_layers, layer_sizes, linear_modules
+from losa.models.registry import get_arch, get_decoder_layers, layer_sizes, linear_modules, prunable_weights
+from losa.pruning.ignore import is_ignored
 
 if TYPE_CHECKING:  # pragma: no cover
     from losa.pipelines.oneshot import PruneConfig
@@ -55,10 +56,17 @@ def atp_sparsities(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: 
         spec = get_arch(model)
         mods = [m for layer in get_decoder_layers(model, spec) for m in linear_modules(layer, spec).values()]
         saved = [get_weight(m).detach().to("cpu", copy=True) for m in mods]
+        live = [sizes[i] for i in live_layers(sizes)]
+        # the grid's top β leaves the deepest layer one weight in K for the narrowest pruned linear (K inputs);
+        # the allocator's own bound (just below 1) would zero whole rows once the pruner rounds to whole weights
+        k_min = min(w.shape[-1] for i, layer in enumerate(get_decoder_layers(model, spec))
+                    for n, w in prunable_weights(layer, spec).items() if not is_ignored(config.ignore, i, n,
+                                                                                        spec.layers_path))
+        top = atp_beta_max(target, live, s_max=1.0 - 1.0 / k_min)
         losses: dict[float, float] = {}
         try:
-            for beta in tqdm(atp_grid(target, [sizes[i] for i in live_layers(sizes)], config.atp_grid_points), desc="ATP grid search", unit="beta",
-                             disable=not progress):
+            for beta in tqdm(atp_grid(target, live, config.atp_grid_points, beta_max=top), desc="ATP grid search",
+                             unit="beta", disable=not progress):
                 trial = config.model_copy(update={"allocator": "uniform", "verify": False, "sparsity": [
                     float(x) for x in allocate_live("atp", target, sizes, beta=beta)]})
                 prune(model, tokenizer, trial, calib_ids=calib_ids, progress=False)

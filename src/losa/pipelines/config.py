@@ -26,7 +26,8 @@ class AllocatorParams(LosaConfig):
         beta: RMI's softmax temperature over the layers' importances (> 0).
         delta: RMI's band: each layer's sparsity within ``target ± delta`` (None: :func:`default_delta`).
         owl_m: OWL (Yin et al. ICML 2024): a Wanda score above ``owl_m`` times its layer's mean is an outlier.
-        owl_lambda: OWL's band: each layer's sparsity within ``target ± owl_lambda``.
+        owl_lambda: OWL's band: each layer's sparsity within ``target ± owl_lambda`` (a LoSA step whose target
+            S_t is below it uses ``S_t``).
     Raises:
         LosaError: a value out of range (on construction).
     """
@@ -38,7 +39,31 @@ class AllocatorParams(LosaConfig):
                                                         "(default: the official schedule, "
                                                         "losa.allocation.default_delta)")
     owl_m: float = Field(5.0, gt=0, description="OWL: a weight is an outlier above M times its layer's mean score")
-    owl_lambda: float = Field(0.08, ge=0, description="OWL: the band ±lambda of per-layer sparsity")
+    owl_lambda: float = Field(0.08, ge=0, description="OWL: the band ±lambda of per-layer sparsity (in LoSA, "
+                                                      "narrowed to S_t at an early step whose target is below it)")
+
+
+def check_band(allocator: str, target: float, delta: float | None, owl_lambda: float) -> None:
+    """Check, before any calibration, that the layer-wise band ``target ± delta`` (RMI) or ``target ± owl_lambda``
+    (OWL) keeps every layer's sparsity in [0, 1).
+
+    Args:
+        allocator: the allocator in use (only ``rmi`` and ``owl`` have a band).
+        target: the unstructured sparsity the band is centred on (a fraction).
+        delta: RMI's half-width (None: :func:`losa.allocation.default_delta`, always inside).
+        owl_lambda: OWL's half-width.
+    Raises:
+        ValueError: RMI's ``target + delta`` reaches 1, or OWL's band leaves [0, 1) (OWL's band is symmetric, so
+            ``owl_lambda`` above ``target`` too), naming the option to lower and its largest valid value.
+    """
+    if allocator == "rmi" and delta is not None and target + delta >= 1.0:
+        raise ValueError(f"{option('delta')} {delta:g} lets a layer reach sparsity {target + delta:g} around the "
+                         f"{target:g} target: every layer must stay below 1; use {option('delta')} below "
+                         f"{1.0 - target:.4g}")
+    if allocator == "owl" and (target + owl_lambda >= 1.0 or owl_lambda > target):
+        raise ValueError(f"{option('owl_lambda')} {owl_lambda:g} spans {target - owl_lambda:g} to "
+                         f"{target + owl_lambda:g} around the {target:g} target: OWL's band must stay inside [0, 1); "
+                         f"use {option('owl_lambda')} below {min(target, 1.0 - target):.4g}")
 
 
 class CalibrationConfig(LosaConfig):

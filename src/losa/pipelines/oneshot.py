@@ -21,7 +21,7 @@ from losa.models.linear import get_weight, in_features, set_weight
 from losa.models.moe import unfused_experts
 from losa.models.offload import is_offloaded, onloaded
 from losa.models.registry import check_window, get_arch, get_decoder_layers, layer_sizes, linear_modules
-from losa.pipelines.config import AllocatorParams, CalibrationConfig
+from losa.pipelines.config import AllocatorParams, CalibrationConfig, check_band
 from losa.pruning.base import Pruner
 from losa.pruning.idle import prune_weight, warn_idle
 from losa.pruning.ignore import check_ignore, is_ignored
@@ -93,7 +93,8 @@ class PruneConfig(AllocatorParams, CalibrationConfig):
     atp_beta: float | None = Field(None, ge=0, description="ATP: the sparsity step between consecutive layers "
                                                            "(default: grid search on the calibration loss)")
     atp_grid_points: int = Field(8, ge=2, description="ATP: beta values tried by the grid search, from 0 to the "
-                                                      "largest that keeps every layer in [0, 1)")
+                                                      "largest that leaves the most pruned layer one weight in K "
+                                                      "(K: the narrowest pruned linear's inputs)")
 
     @field_validator("sparsity")
     @classmethod
@@ -135,6 +136,8 @@ class PruneConfig(AllocatorParams, CalibrationConfig):
                        else "")
                 raise ValueError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to allocator "
                                  f"{owner}; add {chosen} or drop {' and '.join(option(f) for f in given)}{atp}")
+        if isinstance(self.sparsity, float) and self.nm is None:
+            check_band(self.allocator, self.sparsity, self.delta, self.owl_lambda)
         if self.allocator == "rmi" and self.nsamples < 2:
             raise ValueError(f"allocator rmi compares the layers by linear CKA across calibration windows, which needs "
                              f"{option('nsamples')} 2 or more, got {self.nsamples}")
@@ -165,7 +168,7 @@ class PruneConfig(AllocatorParams, CalibrationConfig):
             return f"{self.method} {'mixed ' if self.nm_n else ''}{self.nm}{dense}"
         s = self.sparsity
         alloc = f" ({self.allocator} layer-wise)" if self.allocator != "uniform" else ""
-        return (f"{self.method} {s:.0%}{alloc}" if isinstance(s, float) else f"{self.method} per-layer") + dense
+        return (f"{self.method} {100 * s:.4g}%{alloc}" if isinstance(s, float) else f"{self.method} per-layer") + dense
 
 
 @dataclass

@@ -99,17 +99,28 @@ def compare(run_dirs: Sequence[str | os.PathLike], metric: str = "acc") -> tuple
         (markdown table, CSV text) with the same cells.
     Raises:
         LosaError: no directory, an unknown metric, a directory that is not a run.
+    Warns:
+        UserWarning: a directory given twice (compared once), ``acc_norm`` without zero-shot results, accuracies
+            measured on different items.
     """
     if not run_dirs:
         raise LosaError("compare needs at least one run directory")
     if metric not in ("acc", "acc_norm"):
         raise LosaError(f"unknown metric {metric!r}; use acc or acc_norm")
+    unique = list(dict.fromkeys(Path(d).resolve() for d in run_dirs))
+    if len(unique) < len(run_dirs):  # a shell glob and a name, or a typo: one row per run
+        warnings.warn(f"{len(run_dirs) - len(unique)} run director{'y' if len(run_dirs) - len(unique) == 1 else 'ies'} "
+                      "given more than once; each run is one row", stacklevel=2)
+        run_dirs = [next(d for d in run_dirs if Path(d).resolve() == u) for u in unique]
     entries = _with_dense_rows([(Path(d), load_run(d)) for d in run_dirs])
     entries.sort(key=lambda e: _sort_key(e[1]))
     reports = [r for _, r in entries]
     ppl_keys = ordered(sorted({d for r in reports for d in r.results.ppl}), PPL_NAMES)
     ppl_keys = [d for d in ppl_keys if d == "wikitext2"] or ppl_keys[:1]
     tasks = ordered(sorted({t for r in reports for t in r.results.zeroshot}), TASK_NAMES)
+    if metric != "acc" and not tasks:
+        warnings.warn(f"metric {metric} chooses the zero-shot accuracy, and no run has zero-shot results "
+                      "(losa eval zeroshot RUN_DIR adds them)", stacklevel=2)
     models = {r.meta.model for r in reports}
     labels = [(r.meta.model, sparsity_label(r), row_label(r)) for r in reports]
     # settings that are not recorded (reports from before they were) are unknown, not different

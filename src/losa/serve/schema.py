@@ -118,10 +118,16 @@ class CompletionRequest(SamplingFields):
 
     prompt: str | list[str]
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _prompt(cls, v: str | list[str]) -> list[str]:
+    def _prompt(cls, v: Any) -> list[str]:
         prompts = [v] if isinstance(v, str) else v
+        if isinstance(prompts, list) and prompts and all(
+                isinstance(p, int) or (isinstance(p, list) and all(isinstance(t, int) for t in p)) for p in prompts):
+            raise ValueError("token-id prompts are not supported; send the prompt as text (a string or a list of "
+                             "strings)")
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("give the prompt as a string or a list of strings")
         if not prompts:
             raise ValueError("prompt is an empty list; give a string or a list of strings")
         return prompts

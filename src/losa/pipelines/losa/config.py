@@ -8,14 +8,14 @@ from pydantic import Field, field_validator, model_validator
 
 from losa.errors import LosaError, option
 from losa.finetune.config import FinetuneConfig
-from losa.pipelines.config import AllocatorParams, CalibrationConfig
+from losa.pipelines.config import AllocatorParams, CalibrationConfig, check_band
 from losa.pruning.masks import parse_nm
 
 #: how messages name the fine-tuning data and distillation (:func:`losa.errors.option`)
 FINETUNE_DATA, DISTILL = option("finetune_data"), option("finetune.distill", "--distill")
 #: what a run without fine-tuning data and without distillation says at its start (and records in its report)
-NO_FINETUNE_WARNING = (f"no {FINETUNE_DATA} and no {DISTILL}: the adapters will not be fine-tuned (pruning, RMI "
-                       f"sparsity and rank allocation only); add {option('finetune.distill=True', '--distill')} or "
+NO_FINETUNE_WARNING = (f"no {FINETUNE_DATA} and no {DISTILL}: the adapters will not be fine-tuned (pruning, "
+                       f"layer-wise sparsity and rank allocation only); add {option('finetune.distill=True', '--distill')} or "
                        f"{option('finetune_data', '--finetune-data FILE')}")
 
 
@@ -68,7 +68,8 @@ class LoSAConfig(AllocatorParams, CalibrationConfig):
     """
 
     sparsity: float = Field(0.5, description="final unstructured sparsity S, reached at step T by the cubic "
-                                             "schedule S_t = S - S(1 - t/T)^3 (ignored with --nm)")
+                                             "schedule S_t = S - S(1 - t/T)^3 (not with --nm, whose pattern "
+                                             "sets it)")
     mixed_nm: bool = Field(False, description="mixed N:M: per-layer N from the allocator's layer importances (RMI, "
                                               "or OWL outlier ratios) with the mean N of --nm exact")
     nm_max_dev: int = Field(1, ge=0, description="mixed N:M: the most a layer's N may move from the mean N")
@@ -93,7 +94,7 @@ class LoSAConfig(AllocatorParams, CalibrationConfig):
     lora_target_modules: list[str] = Field(["*"], description="glob patterns, relative to the decoder layer (e.g. "
                                                               "mlp.*), of the linears whose adapters are trained; the "
                                                               "others are pruned alike and keep a frozen rank-0 "
-                                                              "adapter (default: all)")
+                                                              "adapter")
     nsamples: int = Field(128, description="calibration windows (RMI Grams and pruning statistics; at least 2)")
     recon_nsamples: int = Field(16, ge=1, description="calibration windows used for reconstruction errors",
                                 json_schema_extra={"default_help": "16, at most --nsamples"})
@@ -140,6 +141,8 @@ class LoSAConfig(AllocatorParams, CalibrationConfig):
                 raise ValueError(f"{name}={om} outside [r_min, r_max] = [{self.r_min}, {self.r_max}]; adjust it")
         if self.mixed_nm and self.nm is None:
             raise ValueError("mixed_nm needs nm to give M and the mean N, e.g. nm: '2:8'")
+        if self.nm is None:  # the band around the final target holds every step's smaller one
+            check_band(self.effective_allocator, self.sparsity, self.delta, self.owl_lambda)
         if self.recon_nsamples > self.nsamples:
             if "recon_nsamples" not in self.model_fields_set:  # the default follows a small calibration set
                 self.__dict__["recon_nsamples"] = self.nsamples

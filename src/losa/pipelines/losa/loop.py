@@ -149,7 +149,9 @@ def _step_targets(cfg: LoSAConfig, step: int, sizes: list[int], cka: np.ndarray 
     if alloc == "rmi":
         kw = {"cka": cka, "beta": cfg.beta, "delta": cfg.delta}
     elif alloc == "owl":
-        kw = {"outlier_ratios": outliers, "lam": cfg.owl_lambda}
+        # OWL's band is symmetric: at an early step whose S_t is below owl_lambda it narrows to S_t (no layer
+        # below 0); the final step's band was checked against the config's target when the config was built
+        kw = {"outlier_ratios": outliers, "lam": min(cfg.owl_lambda, s_t)}
     s = [float(x) for x in allocate_live(alloc, s_t, sizes, **kw)]
     return [Target(sparsity=x) for x in s], s, None
 
@@ -197,14 +199,20 @@ class StepEval:
             LosaError: a named dataset missing from the data directory, a missing or unreadable file,
                 ``seqlen`` below 2 or beyond the model's context, or ``max_windows`` below 1.
         """
-        from losa.data.sources import check_eval_datasets
+        from losa.data.sources import check_eval_datasets, fetch_eval_datasets
         from losa.eval.ppl import check_max_windows
 
         check_eval_datasets(self.datasets, self.data_dir, "step_eval.datasets")
+        fetch_eval_datasets(self.datasets, self.data_dir, "step_eval.datasets")  # no data dir: the hub, now
         if self.seqlen < 2:
             raise LosaError(f"step_eval.seqlen must be at least 2 tokens, got {self.seqlen}")
         check_window(model, self.seqlen, "evaluation window", "step_eval.seqlen")
         check_max_windows(self.max_windows)
+
+    def settings(self) -> dict[str, Any]:
+        """What the perplexities are measured on (datasets, window length, window cap), recorded with each step's
+        perplexities so that a resumed run cannot mix two measurements in one report."""
+        return {"datasets": list(self.datasets), "seqlen": self.seqlen, "max_windows": self.max_windows}
 
     def __call__(self, model: nn.Module, tokenizer, progress: bool = False) -> dict[str, float]:
         from losa.eval.ppl import perplexity
@@ -236,10 +244,30 @@ class StepResult:
     finetune_tokens: int
     times: dict[str, float]  #: seconds per phase
     ppl: dict[str, float] = field(default_factory=dict)  #: perplexity after the step (with a StepEval)
+    ppl_settings: dict[str, Any] | None = None  #: what ``ppl`` was measured on (:meth:`StepEval.settings`)
 
     def to_row(self) -> dict[str, Any]:
         """The JSON row (``details.json``, ``state.json``)."""
         return dataclasses.asdict(self)
+
+
+def _describe_eval(settings: dict[str, Any]) -> str:
+    windows = "all windows" if settings["max_windows"] is None else f"the first {settings['max_windows']} windows"
+    return f"{','.join(settings['datasets'])}, {settings['seqlen']}-token windows, {windows}"
+
+
+def _check_step_eval_resumed(rows: list[dict], step_eval: StepEval) -> None:
+    """Fail before any work when the saved steps' perplexities were measured otherwise than ``step_eval`` would
+    measure the next ones: one report would plot two measurements as one curve (states saved before the settings
+    were recorded are not checked)."""
+    saved = next((r["ppl_settings"] for r in rows if r.get("ppl") and r.get("ppl_settings")), None)
+    if saved is not None and saved != step_eval.settings():
+        raise LosaError(f"{option('resume')}: the saved steps' perplexities were measured on {_describe_eval(saved)}, "
+                        f"but this run's per-step evaluation is {_describe_eval(step_eval.settings())}; one report "
+                        f"would mix them: resume with the same {option('step_eval.datasets', '--eval')}, "
+                        f"{option('step_eval.seqlen', '--eval-seqlen')} and "
+                        f"{option('step_eval.max_windows', '--max-windows')}, or start a new "
+                        f"{option('out_dir', '--out')}")
 
 
 def _check_tokenizer(tokenizer, config: LoSAConfig, calib_ids: torch.Tensor | None,
@@ -315,8 +343,8 @@ class LoSARun:
         LosaError: ``calib_ids`` not a 2-D integer tensor of ids in the model's vocabulary; no tokenizer
             for text the run tokenises; a ``step_eval`` whose datasets, window or window cap are invalid;
             ``resume`` without ``out``; ``out`` already holds a run and ``resume`` is not set;
-            ``resume`` and ``out`` holds no finished step or one of another recipe (all checked before
-            anything is computed or written).
+            ``resume`` and ``out`` holds no finished step or one of another recipe, or steps whose perplexities
+            were measured otherwise than ``step_eval`` (all checked before anything is computed or written).
     """
 
     def __init__(self, model: nn.Module, tokenizer, config: LoSAConfig, out: Path | None, resume: bool = False,
@@ -332,6 +360,8 @@ class LoSARun:
         self.recorded = _recorded_config(config, calib_ids)  # the recipe in the report
         # the state to resume, checked before anything is computed or written into ``out``
         self.resume_meta = check_run_dir(out, config, resume)
+        if self.resume_meta is not None and step_eval is not None and int(self.resume_meta["step"]) < config.steps:
+            _check_step_eval_resumed(self.resume_meta["rows"], step_eval)
         self.model, self.tokenizer, self.cfg = model, tokenizer, config
         # a run without out_dir cannot be resumed, so it skips the checkpoint; only the main process writes
         self.write = out is not None and is_main()
@@ -482,7 +512,8 @@ class LoSARun:
                             nm_n=nm_n, cka=None if cka is None else cka.tolist(), outlier_ratios=outliers,
                             recon_errors=errors, recon_errors_after=errors_after, omega=omega, ranks=ranks,
                             train_losses=ft["losses"], train_loss=ft["train_loss"], finetune_steps=ft["steps"],
-                            finetune_tokens=ft["tokens"], times=times, ppl=ppl)
+                            finetune_tokens=ft["tokens"], times=times, ppl=ppl,
+                            ppl_settings=self.step_eval.settings() if self.step_eval is not None else None)
         self.rows.append(result.to_row())
         if self.write:
             assert self.origin is not None
