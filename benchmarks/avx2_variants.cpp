@@ -240,7 +240,7 @@ T2B float rowN10(const uint8_t* meta, const uint16_t* v, const float* x, int64_t
 // N11: the scalar work per group done ahead with vector instructions: for 16 groups (4 blocks, 128 inputs) at a
 // time, byte popcounts (a nibble vpshufb) and their in-register prefix sum give every group's value offset, and
 // vpmovzxbw + vpsllw its table row; both go to a small stack array that the vector loop reads with plain loads
-// (2 scalar loads per group instead of about 10 scalar instructions). Blocks past the last whole chunk: N4.
+// (2 scalar loads per group instead of about 10 scalar instructions). Blocks past the last whole chunk: rowN4.
 template <int PF, bool PACK>
 T2 float rowN11(const uint8_t* meta, const uint16_t* v, const float* x, int64_t nblk) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -284,17 +284,8 @@ T2 float rowN11(const uint8_t* meta, const uint16_t* v, const float* x, int64_t 
 #undef G
     v += _mm_extract_epi8(s, 15);
   }
-  for (int64_t k = 4 * nch; k < nblk; ++k) {
-    uint32_t m; memcpy(&m, meta + 4 * k, 4);
-    const float* xk = x + 32 * k;
-    int o1 = _mm_popcnt_u32(m & 0xff), o2 = _mm_popcnt_u32(m & 0xffff), o3 = _mm_popcnt_u32(m & 0xffffff);
-    a0 = _mm256_fmadd_ps(exo(v, (m << 5) & 0x1fe0), _mm256_loadu_ps(xk), a0);
-    a1 = _mm256_fmadd_ps(exo(v + o1, (m >> 3) & 0x1fe0), _mm256_loadu_ps(xk + 8), a1);
-    a2 = _mm256_fmadd_ps(exo(v + o2, (m >> 11) & 0x1fe0), _mm256_loadu_ps(xk + 16), a2);
-    a3 = _mm256_fmadd_ps(exo(v + o3, (m >> 19) & 0x1fe0), _mm256_loadu_ps(xk + 24), a3);
-    v += _mm_popcnt_u32(m);
-  }
-  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  const float tail = nblk > 4 * nch ? rowN4<0>(meta + 16 * nch, v, x + 128 * nch, nblk - 4 * nch) : 0.f;
+  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + tail;
 }
 // N12: N4 with the block mask read two blocks ahead (so the table and value addresses do not wait on a fresh load)
 T2 float rowN12(const uint8_t* meta, const uint16_t* v, const float* x, int64_t nblk) {
