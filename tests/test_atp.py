@@ -73,6 +73,7 @@ def test_grid_search_picks_the_beta_with_the_lowest_calibration_loss():
         match = min(got, key=lambda b: abs(b - beta))
         assert got[match] == pytest.approx(loss, rel=1e-5)
     assert float(np.dot(rep.targets, sizes) / sum(sizes)) == pytest.approx(0.6, abs=1e-9)
+    assert max(float(b) for b in rep.allocation["grid"]) == pytest.approx(bmax, rel=1e-5)
     top = copy.deepcopy(base)  # the grid's last point prunes the deepest layer to 63 of 64 inputs, not all of them
     losa.prune(top, None, losa.PruneConfig(method="wanda", sparsity=[0.6 - bmax * 1.5 + bmax * i for i in range(4)]),
                calib_ids=ids, progress=False)

@@ -471,7 +471,8 @@ def test_evaluation_flags_without_evaluation_data_are_refused(cmd, tiny_dir, cap
     monkeypatch.delenv("LOSA_DATA_DIR", raising=False)
     rc = main([cmd, str(tiny_dir), "--max-windows", "4", "--quiet"])
     _one_line_error(capsys, rc, "--max-windows has no effect without evaluation data (no data dir, so no default "
-                                "--eval); pass --data-dir or --eval FILE, or drop --max-windows")
+                                "--eval); pass --data-dir, --eval FILE or --eval wikitext2 (from the HF hub), or drop "
+                                "--max-windows")
 
 
 def test_run_refuses_sparsity_with_nm(tiny_dir, capsys, no_work):

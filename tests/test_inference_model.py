@@ -394,10 +394,17 @@ def test_cli_compact_writes_the_file_generate_loads(tmp_path, capsys):
     weights = tmp_path / "m" / "model.safetensors"
     before = weights.read_bytes()
     assert main(["compact", path, "--out", str(weights), "--overwrite"]) == 2
-    assert last_line(capsys.readouterr().err) == (f"error: --out {weights} is a file of the checkpoint being compacted "
+    assert last_line(capsys.readouterr().err) == (f"error: --out {weights} is a weight file of the checkpoint being compacted "
                                                   f"({path}): replacing it would lose the model; write the compact "
                                                   "file elsewhere")
     assert weights.read_bytes() == before
+    other = tmp_path / "m" / "sparse.safetensors"  # another file there (an earlier compact file) may be replaced
+    assert main(["compact", path, "--out", str(other), *exact]) == 0
+    assert main(["compact", path, "--out", str(other), "--overwrite", *exact]) == 0
+    link = tmp_path / "link.safetensors"  # a link to the weights is the weights
+    link.symlink_to(weights)
+    assert main(["compact", path, "--out", str(link), "--overwrite"]) == 2 and weights.read_bytes() == before
+    capsys.readouterr()
     # the file given where a model goes: the one-line hint names --compact (the trial got a hub-lookup error)
     for cmd in (["inspect", str(out)], ["generate", str(out), "--prompt", "word5"], ["eval", "ppl", str(out)],
                 ["prune", str(out), "--method", "magnitude", "--no-save"], ["run", str(out), "--out", str(tmp_path / "r")]):

@@ -298,6 +298,8 @@ def test_owl_band_narrows_at_an_early_step_below_lambda():
                                               r"target: OWL's band must stay inside \[0, 1\); use owl_lambda "
                                               r"\(--owl-lambda\) below 0\.5"),
     ({"allocator": "owl", "owl_lambda": 0.3, "sparsity": 0.7}, r"below 0\.3"),
+    ({"allocator": "owl", "owl_lambda": 0.3, "sparsity": 0.2}, r"spans -0\.1 to 0\.5 .* use owl_lambda \(--owl-lambda\) "
+                                                               r"at most 0\.2$"),
 ])
 def test_a_band_that_leaves_0_1_is_refused_when_the_config_is_built(fields, message):
     from losa.pipelines.oneshot import PruneConfig

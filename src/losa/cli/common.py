@@ -154,7 +154,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         named = [(k, k) for k in recipe if k not in flags] + [  # nested: options.blocksize, finetune.lr
             (f"{k}.{sub}", sub) for k, v in recipe.items() if isinstance(v, dict)
             for sub in v if sub not in (flags.get(k) or {})]
-        keys = [label for label, word in named if re.search(rf"\b{re.escape(word)}\b", str(e))]
+        # the name as a word of its own: not inside --nm-n, step_eval.seqlen or finetune.distill
+        keys = [label for label, word in named if re.search(rf"(?<![\w.-]){re.escape(word)}(?![\w-])", str(e))]
         if not keys:
             raise
         raise LosaError(f"{e} ({', '.join(keys)} {'is' if len(keys) == 1 else 'are'} set by the recipe "
@@ -239,7 +240,7 @@ def eval_settings(args: argparse.Namespace, seqlen: int, data_dir: str | None) -
                 raise LosaError(f"{', '.join(given)} {verb} no effect with --eval none; drop {drop}, or evaluate "
                                 "with --eval wikitext2 (c4, ptb) or --eval FILE")
             raise LosaError(f"{', '.join(given)} {verb} no effect without evaluation data (no data dir, so no "
-                            f"default --eval); pass --data-dir or --eval FILE, or drop {drop}")
+                            f"default --eval); pass --data-dir, --eval FILE or --eval wikitext2 (from the HF hub), or drop {drop}")
     check_eval_datasets(datasets, data_dir, "--eval")
     return datasets, args.eval_seqlen if args.eval_seqlen is not None else seqlen
 

@@ -40,6 +40,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    threads=None)
 
 
+def _input_weights(model: str, out: str) -> bool:
+    """Whether ``out`` is (or links to) a weight file that loading ``model`` reads: ``model*.safetensors`` in its
+    directory. Other files there (an earlier compact file, say) may be replaced with ``--overwrite``."""
+    src, dst = Path(model), Path(out)
+    if not dst.exists() or not src.is_dir():
+        return False
+    return any(p.name.startswith("model") and p.suffix == ".safetensors" and
+               (p.absolute() == dst.absolute() or os.path.samefile(p, dst)) for p in src.iterdir())
+
+
 def run_compact(args: argparse.Namespace) -> int:
     """Sparsify ``args.model`` and save it with :func:`losa.inference.save_sparse`.
 
@@ -58,12 +68,11 @@ def run_compact(args: argparse.Namespace) -> int:
     from losa.utils.io import check_output_file
 
     check_output_file(args.out, "--out", exists_ok=args.overwrite, overwrite_flag="--overwrite", suffix=".safetensors")
-    src, out = Path(args.model).resolve(), Path(args.out).resolve()
-    if out.exists() and (out == src or (src.is_dir() and src in out.parents)):  # --overwrite must not eat the input
+    if _input_weights(args.model, args.out):  # --overwrite must not eat the checkpoint it reads
         from losa.errors import LosaError
 
-        raise LosaError(f"--out {args.out} is a file of the checkpoint being compacted ({args.model}): replacing it "
-                        "would lose the model; write the compact file elsewhere")
+        raise LosaError(f"--out {args.out} is a weight file of the checkpoint being compacted ({args.model}): "
+                        "replacing it would lose the model; write the compact file elsewhere")
     model, _, mode, summary = load_runtime_model(args, "compacting", to_run=False)
     if mode == "dense":
         from losa.errors import LosaError

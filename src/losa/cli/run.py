@@ -55,7 +55,7 @@ def run_losa(args: argparse.Namespace) -> int:
     from losa.finetune.config import check_environment
     from losa.finetune.data import check_records_source
     from losa.models.registry import check_window
-    from losa.pipelines.losa.loop import StepEval, check_run_dir, run
+    from losa.pipelines.losa.loop import StepEval, check_run_dir, check_step_eval_resumed, run
     from losa.utils.device import resolve_device
     from losa.utils.dist import barrier, is_main
     from losa.utils.io import check_output_dir
@@ -69,13 +69,14 @@ def run_losa(args: argparse.Namespace) -> int:
     window_flag = eval_flag(args)
     check_output_dir(out, "--out", exists_ok=True)
     resumed = check_run_dir(out, cfg, args.resume)  # an existing run is refused, or checked for --resume, first
+    if resumed is not None and args.eval_every_step and int(resumed["step"]) < cfg.steps:  # before the model loads
+        check_step_eval_resumed(resumed["rows"], StepEval(datasets, eval_seqlen, args.max_windows, cfg.data_dir))
     resolve_device(cfg.device)
     if cfg.finetunes:
         check_environment(cfg.finetune)
     if cfg.finetune_data is not None:
         check_records_source(cfg.finetune_data)
     check_model_arg(args.model)
-    fetch_eval_datasets(datasets, cfg.data_dir, "--eval")  # without a data dir: from the hub now, not after the run
     say = print if is_main() else (lambda *a, **k: None)  # the other processes of a multi-process run are silent
     say(f"losa run: {args.model} | {cfg.method} S={cfg.target_sparsity:.2f} T={cfg.steps} allocator="
           f"{cfg.effective_allocator} ranks={'allocated' if cfg.rank_allocation else 'uniform'}"
@@ -96,6 +97,7 @@ def run_losa(args: argparse.Namespace) -> int:
         if is_main():
             print(f"  resuming after step {done}/{cfg.steps} saved in {out / 'state'}" if done < cfg.steps else
                   f"  all {cfg.steps} steps are saved in {out / 'state'}: {rest}")
+    fetch_eval_datasets(datasets, cfg.data_dir, "--eval")  # without a data dir: from the hub now, not after the run
     if not cfg.finetunes:
         say(f"warning: {NO_FINETUNE_WARNING}")
     step_eval = StepEval(datasets, eval_seqlen, args.max_windows, cfg.data_dir) if args.eval_every_step else None

@@ -9,6 +9,7 @@ ever used. Cost: one prune and one forward over the calibration windows per grid
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,7 +46,7 @@ def atp_sparsities(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: 
     Raises:
         LosaError: an invalid β or target (from the allocator or the pruner).
     """
-    from losa.pipelines.oneshot import prune
+    from losa.pipelines.oneshot import UNUSED_LAYER_TARGETS, prune
 
     target = float(config.sparsity)  # type: ignore[arg-type]
     sizes = layer_sizes(model, config.ignore)
@@ -57,8 +58,9 @@ def atp_sparsities(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: 
         mods = [m for layer in get_decoder_layers(model, spec) for m in linear_modules(layer, spec).values()]
         saved = [get_weight(m).detach().to("cpu", copy=True) for m in mods]
         live = [sizes[i] for i in live_layers(sizes)]
-        # the grid's top β leaves the deepest layer one weight in K for the narrowest pruned linear (K inputs);
-        # the allocator's own bound (just below 1) would zero whole rows once the pruner rounds to whole weights
+        # the grid's top β leaves the deepest layer one weight in K for the narrowest pruned linear (K inputs: one
+        # per row for the per-row pruners); the allocator's own bound (just below 1) would zero whole layers once
+        # the pruner rounds to whole weights
         k_min = min(w.shape[-1] for i, layer in enumerate(get_decoder_layers(model, spec))
                     for n, w in prunable_weights(layer, spec).items() if not is_ignored(config.ignore, i, n,
                                                                                         spec.layers_path))
@@ -69,7 +71,9 @@ def atp_sparsities(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: 
                              unit="beta", disable=not progress):
                 trial = config.model_copy(update={"allocator": "uniform", "verify": False, "sparsity": [
                     float(x) for x in allocate_live("atp", target, sizes, beta=beta)]})
-                prune(model, tokenizer, trial, calib_ids=calib_ids, progress=False)
+                with warnings.catch_warnings():  # the trial's list is ATP's own: a dense layer's entry is expected
+                    warnings.filterwarnings("ignore", message=UNUSED_LAYER_TARGETS)
+                    prune(model, tokenizer, trial, calib_ids=calib_ids, progress=False)
                 losses[beta] = calibration_loss(model, calib_ids)
                 for m, w in zip(mods, saved):
                     set_weight(m, w)

@@ -61,9 +61,10 @@ def check_band(allocator: str, target: float, delta: float | None, owl_lambda: f
                          f"{target:g} target: every layer must stay below 1; use {option('delta')} below "
                          f"{1.0 - target:.4g}")
     if allocator == "owl" and (target + owl_lambda >= 1.0 or owl_lambda > target):
+        limit = (f"below {1.0 - target:.4g}" if 1.0 - target <= target else f"at most {target:.4g}")
         raise ValueError(f"{option('owl_lambda')} {owl_lambda:g} spans {target - owl_lambda:g} to "
                          f"{target + owl_lambda:g} around the {target:g} target: OWL's band must stay inside [0, 1); "
-                         f"use {option('owl_lambda')} below {min(target, 1.0 - target):.4g}")
+                         f"use {option('owl_lambda')} {limit}")
 
 
 class CalibrationConfig(LosaConfig):

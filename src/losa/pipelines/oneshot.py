@@ -282,6 +282,10 @@ class PruneReport(BaseModel):
     timings: dict[str, float] = Field(description="seconds per phase (calibration_data_s, prune_s, total_s)")
 
 
+#: the start of the warning for hand-written per-layer targets of layers that ``ignore`` leaves dense
+UNUSED_LAYER_TARGETS = "ignore leaves"
+
+
 def _warn_unused_layer_targets(model: nn.Module, config: PruneConfig, ignore: tuple[str, ...]) -> None:
     """Warn when a hand-written per-layer target (a ``sparsity`` list or ``nm_n``) belongs to a decoder layer that
     ``ignore`` leaves dense entirely: that target is not applied, and the mean the user computed includes it."""
@@ -292,7 +296,7 @@ def _warn_unused_layer_targets(model: nn.Module, config: PruneConfig, ignore: tu
     if dense and len(per_layer) == len(get_decoder_layers(model)):  # a wrong length is refused later, in one line
         what = "nm_n" if config.nm is not None else "sparsity"
         shown = ", ".join(f"layer {i}: {per_layer[i]}" for i in dense[:8]) + (", ..." if len(dense) > 8 else "")
-        warnings.warn(f"ignore leaves {len(dense)} decoder layer(s) dense entirely, so their {what} entries are not "
+        warnings.warn(f"{UNUSED_LAYER_TARGETS} {len(dense)} decoder layer(s) dense entirely, so their {what} entries are not "
                       f"applied ({shown})", stacklevel=3)
 
 

@@ -107,10 +107,12 @@ def compare(run_dirs: Sequence[str | os.PathLike], metric: str = "acc") -> tuple
         raise LosaError("compare needs at least one run directory")
     if metric not in ("acc", "acc_norm"):
         raise LosaError(f"unknown metric {metric!r}; use acc or acc_norm")
-    unique = list(dict.fromkeys(Path(d).resolve() for d in run_dirs))
+    resolved = [Path(d).resolve() for d in run_dirs]
+    unique = list(dict.fromkeys(resolved))
     if len(unique) < len(run_dirs):  # a shell glob and a name, or a typo: one row per run
-        warnings.warn(f"{len(run_dirs) - len(unique)} run director{'y' if len(run_dirs) - len(unique) == 1 else 'ies'} "
-                      "given more than once; each run is one row", stacklevel=2)
+        twice = sum(resolved.count(u) > 1 for u in unique)
+        warnings.warn(f"{twice} run director{'y' if twice == 1 else 'ies'} given more than once; each run is one "
+                      "row", stacklevel=2)
         run_dirs = [next(d for d in run_dirs if Path(d).resolve() == u) for u in unique]
     entries = _with_dense_rows([(Path(d), load_run(d)) for d in run_dirs])
     entries.sort(key=lambda e: _sort_key(e[1]))

@@ -196,23 +196,32 @@ class StepEval:
         Args:
             model: the model to evaluate (its context bounds ``seqlen``).
         Raises:
-            LosaError: a named dataset missing from the data directory, a missing or unreadable file,
-                ``seqlen`` below 2 or beyond the model's context, or ``max_windows`` below 1.
+            LosaError: a named dataset missing from the data directory (or, without one, that the hub cannot
+                give: it is fetched last, after the local checks), a missing or unreadable file, ``seqlen`` below
+                2 or beyond the model's context, or ``max_windows`` below 1.
         """
         from losa.data.sources import check_eval_datasets, fetch_eval_datasets
         from losa.eval.ppl import check_max_windows
 
         check_eval_datasets(self.datasets, self.data_dir, "step_eval.datasets")
-        fetch_eval_datasets(self.datasets, self.data_dir, "step_eval.datasets")  # no data dir: the hub, now
         if self.seqlen < 2:
             raise LosaError(f"step_eval.seqlen must be at least 2 tokens, got {self.seqlen}")
         check_window(model, self.seqlen, "evaluation window", "step_eval.seqlen")
         check_max_windows(self.max_windows)
+        fetch_eval_datasets(self.datasets, self.data_dir, "step_eval.datasets")  # no data dir: the hub, now
 
     def settings(self) -> dict[str, Any]:
-        """What the perplexities are measured on (datasets, window length, window cap), recorded with each step's
-        perplexities so that a resumed run cannot mix two measurements in one report."""
-        return {"datasets": list(self.datasets), "seqlen": self.seqlen, "max_windows": self.max_windows}
+        """What the perplexities are measured on, recorded with each step's perplexities so that a resumed run
+        cannot mix two measurements in one report.
+
+        Returns:
+            ``{"datasets": sorted names and absolute file paths, "seqlen": tokens, "max_windows": int or None}``
+            (the order of the datasets and how a file is spelled do not change the measurement).
+        """
+        from losa.data.sources import is_named
+
+        datasets = sorted(d if is_named(d) else str(Path(d).absolute()) for d in self.datasets)
+        return {"datasets": datasets, "seqlen": self.seqlen, "max_windows": self.max_windows}
 
     def __call__(self, model: nn.Module, tokenizer, progress: bool = False) -> dict[str, float]:
         from losa.eval.ppl import perplexity
@@ -256,10 +265,17 @@ def _describe_eval(settings: dict[str, Any]) -> str:
     return f"{','.join(settings['datasets'])}, {settings['seqlen']}-token windows, {windows}"
 
 
-def _check_step_eval_resumed(rows: list[dict], step_eval: StepEval) -> None:
+def check_step_eval_resumed(rows: list[dict], step_eval: StepEval) -> None:
     """Fail before any work when the saved steps' perplexities were measured otherwise than ``step_eval`` would
-    measure the next ones: one report would plot two measurements as one curve (states saved before the settings
-    were recorded are not checked)."""
+    measure the next ones: one report would plot two measurements as one curve.
+
+    Args:
+        rows: the saved state's step rows (``state.json``'s ``rows``); rows of states saved before the settings
+            were recorded (no ``ppl_settings``) are not checked.
+        step_eval: the per-step evaluation of the resumed run.
+    Raises:
+        LosaError: the saved and the new settings differ (both are named).
+    """
     saved = next((r["ppl_settings"] for r in rows if r.get("ppl") and r.get("ppl_settings")), None)
     if saved is not None and saved != step_eval.settings():
         raise LosaError(f"{option('resume')}: the saved steps' perplexities were measured on {_describe_eval(saved)}, "
@@ -361,7 +377,7 @@ class LoSARun:
         # the state to resume, checked before anything is computed or written into ``out``
         self.resume_meta = check_run_dir(out, config, resume)
         if self.resume_meta is not None and step_eval is not None and int(self.resume_meta["step"]) < config.steps:
-            _check_step_eval_resumed(self.resume_meta["rows"], step_eval)
+            check_step_eval_resumed(self.resume_meta["rows"], step_eval)
         self.model, self.tokenizer, self.cfg = model, tokenizer, config
         # a run without out_dir cannot be resumed, so it skips the checkpoint; only the main process writes
         self.write = out is not None and is_main()
