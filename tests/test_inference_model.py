@@ -319,7 +319,7 @@ def test_cli_generate_checks_the_prompt_and_context_first(tmp_path, capsys):
             "error: --prompt (2 tokens) + --max-new-tokens (300) exceeds the model's context of 256 tokens; shorten the "
             "prompt or lower --max-new-tokens")
         assert main(["generate", path, "--prompt", "", "--dense"]) == 2
-        assert last_line(capsys.readouterr().err) == "error: --prompt is empty after tokenization; give some text"
+        assert last_line(capsys.readouterr().err) == "error: --prompt is empty; give some text"
     assert main(["generate", path, "--prompt", "word1", "--max-new-tokens", "255", "--dense"]) == 0  # fits exactly
 
 
