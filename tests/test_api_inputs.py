@@ -37,7 +37,9 @@ def test_load_model_refuses_a_checkpoint_that_lacks_weights(tmp_path):
     state = load_file(weights)
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, weights, metadata={"format": "pt"})
-    with pytest.raises(LosaError, match=r"lacks 1 weight\(s\) of the model \(e.g. model.layers.1.mlp.up_proj.weight\)"):
+    with pytest.raises(LosaError, match=r"lacks 1 weight\(s\) of the model \(e.g. model.layers.1.mlp.up_proj.weight\); "
+                                        r"the checkpoint is incomplete or of another model class than the causal LM "
+                                        r"LlamaForCausalLM it was loaded as"):
         losa.load_model(tmp_path / "m")
     sparse = _pruned()
     sparsify_for_inference(sparse)

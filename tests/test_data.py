@@ -93,6 +93,10 @@ def test_errors(tmp_path, data_dir):
     short.write_text("tiny")
     with pytest.raises(LosaError, match="too short for seqlen 64"):
         get_calibration(CharTok(), str(short), 2, 64)
+    empty = tmp_path / "empty.txt"  # said as such (it read "has only 1 tokens": the BOS token)
+    empty.write_text("")
+    with pytest.raises(LosaError, match=r"empty.txt holds no text \(an empty file\?\)"):
+        get_calibration(CharTok(), str(empty), 2, 8)
     with pytest.raises(LosaError, match="wiki.train.raw is missing"):
         get_calibration(CharTok(), "wikitext2", 2, 8, data_dir=data_dir)
     with pytest.raises(LosaError, match="does not exist"):

@@ -20,6 +20,8 @@ SELF_PROMPTS = (
 
 
 def _window_from_stream(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, what: str) -> torch.Tensor:
+    if ids.numel() <= 1:  # nothing, or a BOS token alone
+        raise LosaError(f"{what} holds no text (an empty file?); give a calibration source with text")
     if ids.numel() <= seqlen:
         raise LosaError(f"{what} has only {ids.numel()} tokens, too short for seqlen {seqlen}; "
                         f"use a shorter {option('seqlen')} or more text")

@@ -364,8 +364,9 @@ def _load_hf(name: str, dtype: torch.dtype, **kwargs):
     if missing:  # transformers would initialise them at random and only log it
         sparse = any(k.endswith((".meta", ".values", ".row_ptr")) for k in info.get("unexpected_keys") or ())
         fix = ("it holds sparse layers of losa.sparsify_for_inference: read it with losa.inference.load_sparse "
-               "(written by losa.inference.save_sparse)" if sparse else "the checkpoint is incomplete or of another model class; "
-               "re-save it with save_pretrained / losa.save_checkpoint")
+               "(written by losa.inference.save_sparse)" if sparse else "the checkpoint is incomplete or of another model class "
+               f"than the causal LM {type(model).__name__} it was loaded as; re-save it with save_pretrained / "
+               "losa.save_checkpoint")
         raise LosaError(f"{name} lacks {len(missing)} weight(s) of the model (e.g. {missing[0]}); {fix}")
     try:
         tok = AutoTokenizer.from_pretrained(name)
