@@ -119,6 +119,17 @@ T2 static inline __m256 exo(const uint16_t* v, uint32_t off32) {
   __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)v));
   return _mm256_castsi256_ps(_mm256_shuffle_epi8(raw, _mm256_load_si256((const __m256i*)((const char*)T.shuf + off32))));
 }
+// one block of 32 inputs of N4 (and N12): group offsets from prefix popcounts of the mask m, four accumulators;
+// returns the value pointer of the next block
+T2 static inline const uint16_t* block4(uint32_t m, const uint16_t* v, const float* xk, __m256& a0, __m256& a1,
+                                       __m256& a2, __m256& a3) {
+    int o1 = _mm_popcnt_u32(m & 0xff), o2 = _mm_popcnt_u32(m & 0xffff), o3 = _mm_popcnt_u32(m & 0xffffff);
+    a0 = _mm256_fmadd_ps(exo(v, (m << 5) & 0x1fe0), _mm256_loadu_ps(xk), a0);
+    a1 = _mm256_fmadd_ps(exo(v + o1, (m >> 3) & 0x1fe0), _mm256_loadu_ps(xk + 8), a1);
+    a2 = _mm256_fmadd_ps(exo(v + o2, (m >> 11) & 0x1fe0), _mm256_loadu_ps(xk + 16), a2);
+    a3 = _mm256_fmadd_ps(exo(v + o3, (m >> 19) & 0x1fe0), _mm256_loadu_ps(xk + 24), a3);
+    return v + _mm_popcnt_u32(m);
+}
 template <int PF>
 T2 float rowN4(const uint8_t* meta, const uint16_t* v, const float* x, int64_t nblk) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -126,12 +137,7 @@ T2 float rowN4(const uint8_t* meta, const uint16_t* v, const float* x, int64_t n
     if (PF) _mm_prefetch((const char*)(v + PF), _MM_HINT_T0);
     uint32_t m; memcpy(&m, meta + 4 * k, 4);
     const float* xk = x + 32 * k;
-    int o1 = _mm_popcnt_u32(m & 0xff), o2 = _mm_popcnt_u32(m & 0xffff), o3 = _mm_popcnt_u32(m & 0xffffff);
-    a0 = _mm256_fmadd_ps(exo(v, (m << 5) & 0x1fe0), _mm256_loadu_ps(xk), a0);
-    a1 = _mm256_fmadd_ps(exo(v + o1, (m >> 3) & 0x1fe0), _mm256_loadu_ps(xk + 8), a1);
-    a2 = _mm256_fmadd_ps(exo(v + o2, (m >> 11) & 0x1fe0), _mm256_loadu_ps(xk + 16), a2);
-    a3 = _mm256_fmadd_ps(exo(v + o3, (m >> 19) & 0x1fe0), _mm256_loadu_ps(xk + 24), a3);
-    v += _mm_popcnt_u32(m);
+    v = block4(m, v, xk, a0, a1, a2, a3);
   }
   return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
@@ -298,12 +304,7 @@ T2 float rowN12(const uint8_t* meta, const uint16_t* v, const float* x, int64_t 
     if (k + 2 < nblk) memcpy(&m2, meta + 4 * (k + 2), 4);
     const uint32_t m = m0; m0 = m1; m1 = m2;
     const float* xk = x + 32 * k;
-    int o1 = _mm_popcnt_u32(m & 0xff), o2 = _mm_popcnt_u32(m & 0xffff), o3 = _mm_popcnt_u32(m & 0xffffff);
-    a0 = _mm256_fmadd_ps(exo(v, (m << 5) & 0x1fe0), _mm256_loadu_ps(xk), a0);
-    a1 = _mm256_fmadd_ps(exo(v + o1, (m >> 3) & 0x1fe0), _mm256_loadu_ps(xk + 8), a1);
-    a2 = _mm256_fmadd_ps(exo(v + o2, (m >> 11) & 0x1fe0), _mm256_loadu_ps(xk + 16), a2);
-    a3 = _mm256_fmadd_ps(exo(v + o3, (m >> 19) & 0x1fe0), _mm256_loadu_ps(xk + 24), a3);
-    v += _mm_popcnt_u32(m);
+    v = block4(m, v, xk, a0, a1, a2, a3);
   }
   return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }

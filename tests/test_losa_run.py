@@ -252,10 +252,10 @@ def test_a_resume_that_would_measure_the_per_step_perplexity_otherwise_is_refuse
         run(make_tiny_model("llama", layers=2), tok, cfg, out_dir=out, calib_ids=calib, progress=False,
             step_eval=first)
     monkeypatch.setattr(StepEval, "__call__", real)
-    for change, shown in (({"seqlen": 16}, "16-token windows, the first 2 windows"),
-                          ({"max_windows": 3}, "32-token windows, the first 3 windows"),
-                          ({"max_windows": None}, "32-token windows, all windows")):
-        with pytest.raises(LosaError, match=r"measured on wikitext2, 32-token windows, the first 2 windows, but this "
+    for change, shown in (({"seqlen": 16}, "16 tokens, first 2 windows"),
+                          ({"max_windows": 3}, "32 tokens, first 3 windows"),
+                          ({"max_windows": None}, "32 tokens, all windows")):
+        with pytest.raises(LosaError, match=r"measured on wikitext2, 32 tokens, first 2 windows, but this "
                                             rf"run's per-step evaluation is wikitext2, {shown}; one report would mix"):
             run(make_tiny_model("llama", layers=2), tok, cfg, out_dir=out, resume=True, calib_ids=calib,
                 progress=False, step_eval=first | change)

@@ -232,6 +232,9 @@ def check_eval_datasets(datasets: list[str], data_dir: str | None, flag: str) ->
 
 
 
+_fetched: set[str] = set()  # named eval datasets fetched from the hub by this process
+
+
 def fetch_eval_datasets(datasets: list[str], data_dir: str | None, flag: str) -> None:
     """Without a data dir, fetch the named perplexity datasets from the hub now (``datasets`` caches them for the
     evaluation), so that an unreachable hub fails before a model is pruned or trained, not after.
@@ -246,8 +249,9 @@ def fetch_eval_datasets(datasets: list[str], data_dir: str | None, flag: str) ->
     if resolve_data_dir(data_dir) is not None:
         return
     for d in datasets:
-        if is_named(d):
+        if is_named(d) and d not in _fetched:  # losa run fetches, then its StepEval.check: once per process
             try:
                 load_documents(d, EVAL_SPLIT[d])
             except LosaError as e:
                 raise LosaError(f"{flag} {e}") from None
+            _fetched.add(d)

@@ -17,7 +17,7 @@ A decoder layer with 3-D parameters anywhere else (or in a non-standard layout) 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -323,6 +323,25 @@ def prompt_problem(prompt_tokens: int, max_new: int, context: int | None, limit:
             f"tokens; shorten the prompt or lower {limit}")
 
 
+def pruned_weights(model: nn.Module, ignore: Sequence[str] = ()) -> Iterator[tuple[int, str, torch.Tensor]]:
+    """The prunable weights that pruning changes: :func:`prunable_weights` of every decoder layer without those
+    that ``ignore`` leaves dense (:mod:`losa.pruning.ignore`).
+
+    Args:
+        model: a causal LM of a registered architecture.
+        ignore: glob patterns of linears left dense.
+    Returns:
+        ``(layer index, name inside the layer, weight view [out, in])`` in layer and module order.
+    """
+    from losa.pruning.ignore import is_ignored
+
+    spec = get_arch(model)
+    for i, layer in enumerate(get_decoder_layers(model, spec)):
+        for n, w in prunable_weights(layer, spec).items():
+            if not is_ignored(ignore, i, n, spec.layers_path):
+                yield i, n, w
+
+
 def layer_sizes(model: nn.Module, ignore: Sequence[str] = ()) -> list[int]:
     """Prunable weights of every decoder layer, ``[L]`` (every expert matrix included): the weights of the
     layer-wise sparsity allocators (RMI, OWL, ATP, mixed N:M).
@@ -335,9 +354,7 @@ def layer_sizes(model: nn.Module, ignore: Sequence[str] = ()) -> list[int]:
     Returns:
         One parameter count per decoder layer.
     """
-    from losa.pruning.ignore import is_ignored
-
-    spec = get_arch(model)
-    return [sum(w.numel() for n, w in prunable_weights(layer, spec).items()
-                if not is_ignored(ignore, i, n, spec.layers_path))
-            for i, layer in enumerate(get_decoder_layers(model, spec))]
+    sizes = [0] * len(get_decoder_layers(model))
+    for i, _, w in pruned_weights(model, ignore):
+        sizes[i] += w.numel()
+    return sizes

@@ -19,8 +19,7 @@ from tqdm.auto import tqdm
 from losa.allocation.allocators import allocate_live, atp_beta_max, atp_grid, live_layers
 from losa.eval.ppl import perplexity_from_ids
 from losa.models.linear import get_weight, set_weight
-from losa.models.registry import get_arch, get_decoder_layers, layer_sizes, linear_modules, prunable_weights
-from losa.pruning.ignore import is_ignored
+from losa.models.registry import get_arch, get_decoder_layers, layer_sizes, linear_modules, pruned_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     from losa.pipelines.oneshot import PruneConfig
@@ -61,9 +60,7 @@ def atp_sparsities(model: nn.Module, tokenizer, config: PruneConfig, calib_ids: 
         # the grid's top β leaves the deepest layer one weight in K for the narrowest pruned linear (K inputs: one
         # per row for the per-row pruners); the allocator's own bound (just below 1) would zero whole layers once
         # the pruner rounds to whole weights
-        k_min = min(w.shape[-1] for i, layer in enumerate(get_decoder_layers(model, spec))
-                    for n, w in prunable_weights(layer, spec).items() if not is_ignored(config.ignore, i, n,
-                                                                                        spec.layers_path))
+        k_min = min(w.shape[-1] for _, _, w in pruned_weights(model, config.ignore))
         top = atp_beta_max(target, live, s_max=1.0 - 1.0 / k_min)
         losses: dict[float, float] = {}
         try:

@@ -70,7 +70,7 @@ from losa.pipelines.losa.visitors import AdapterPruneVisitor, RMIVisitor
 from losa.pruning.ignore import check_ignore
 from losa.pruning.masks import parse_nm
 from losa.pruning.target import Target
-from losa.report.schema import FinalResults, RunMeta, RunReport, StepRecord, save_report
+from losa.report.schema import FinalResults, PplSettings, RunMeta, RunReport, StepRecord, save_report
 from losa.utils.config import build_config
 from losa.utils.dist import barrier, broadcast_object, broadcast_tensors, is_main
 from losa.utils.io import atomic_write_json
@@ -261,8 +261,8 @@ class StepResult:
 
 
 def _describe_eval(settings: dict[str, Any]) -> str:
-    windows = "all windows" if settings["max_windows"] is None else f"the first {settings['max_windows']} windows"
-    return f"{','.join(settings['datasets'])}, {settings['seqlen']}-token windows, {windows}"
+    windows = PplSettings(seqlen=settings["seqlen"], max_windows=settings["max_windows"]).label()
+    return f"{','.join(settings['datasets'])}, {windows}"
 
 
 def check_step_eval_resumed(rows: list[dict], step_eval: StepEval) -> None:
@@ -277,9 +277,10 @@ def check_step_eval_resumed(rows: list[dict], step_eval: StepEval) -> None:
         LosaError: the saved and the new settings differ (both are named).
     """
     saved = next((r["ppl_settings"] for r in rows if r.get("ppl") and r.get("ppl_settings")), None)
-    if saved is not None and saved != step_eval.settings():
+    now = step_eval.settings()
+    if saved is not None and saved != now:
         raise LosaError(f"{option('resume')}: the saved steps' perplexities were measured on {_describe_eval(saved)}, "
-                        f"but this run's per-step evaluation is {_describe_eval(step_eval.settings())}; one report "
+                        f"but this run's per-step evaluation is {_describe_eval(now)}; one report "
                         f"would mix them: resume with the same {option('step_eval.datasets', '--eval')}, "
                         f"{option('step_eval.seqlen', '--eval-seqlen')} and "
                         f"{option('step_eval.max_windows', '--max-windows')}, or start a new "
